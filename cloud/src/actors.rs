@@ -1,0 +1,272 @@
+//! The cloud's actors: the ledger on its own thread, and the link that serves the hubs over MQTT.
+
+use std::time::Instant;
+
+use actix::prelude::*;
+use mqtt::{LinkEvent, QoS};
+use protocol::{
+    AccountView, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, KeyEntry,
+    LedgerTotals, OpenAccount, TransferView,
+};
+use telemetry::PaymentMetrics;
+
+use crate::{error::LedgerError, ledger::Ledger};
+
+/// Owns the ledger database. Runs on a dedicated thread (a `SyncArbiter` of one) because every
+/// operation ends in a disk flush; one thread also serialises all writes.
+pub struct LedgerActor {
+    ledger: Ledger,
+}
+
+impl LedgerActor {
+    /// Wraps an opened ledger.
+    pub fn new(ledger: Ledger) -> Self {
+        LedgerActor { ledger }
+    }
+}
+
+impl Actor for LedgerActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Carry out a hub's request against the ledger.
+#[derive(Message)]
+#[rtype(result = "CloudReplyBody")]
+pub struct ApplyHubRequest(pub HubRequest);
+
+impl Handler<ApplyHubRequest> for LedgerActor {
+    type Result = MessageResult<ApplyHubRequest>;
+
+    fn handle(&mut self, msg: ApplyHubRequest, _: &mut Self::Context) -> Self::Result {
+        let HubRequest { store_id, body, .. } = msg.0;
+        let reply = match body {
+            HubRequestBody::Authorize(request) => {
+                self.ledger.authorize(&store_id, &request).map(|decision| {
+                    CloudReplyBody::Authorized {
+                        payment_id: request.payment_id,
+                        decision,
+                    }
+                })
+            }
+            HubRequestBody::Void(request) => {
+                self.ledger
+                    .void(&store_id, &request)
+                    .map(|reversed| CloudReplyBody::Voided {
+                        payment_id: request.payment_id,
+                        reversed,
+                    })
+            }
+            HubRequestBody::KeySync { after_version } => self
+                .ledger
+                .keys_after(after_version)
+                .map(|(entries, more)| CloudReplyBody::Keys(KeyBatch { entries, more })),
+        };
+        MessageResult(reply.unwrap_or_else(|error| {
+            tracing::error!(%error, store_id, "ledger operation failed");
+            CloudReplyBody::Error {
+                detail: error.to_string(),
+            }
+        }))
+    }
+}
+
+/// Open an account.
+#[derive(Message)]
+#[rtype(result = "Result<Option<KeyEntry>, LedgerError>")]
+pub struct OpenAccountCmd(pub OpenAccount);
+
+impl Handler<OpenAccountCmd> for LedgerActor {
+    type Result = Result<Option<KeyEntry>, LedgerError>;
+    fn handle(&mut self, msg: OpenAccountCmd, _: &mut Self::Context) -> Self::Result {
+        self.ledger.open_account(&msg.0)
+    }
+}
+
+/// Read-only questions about the ledger.
+#[derive(Message)]
+#[rtype(result = "Result<LedgerAnswer, LedgerError>")]
+pub enum LedgerQuery {
+    /// One account.
+    Account(String),
+    /// All accounts.
+    Accounts,
+    /// All transfers.
+    Transfers,
+    /// Totals per currency.
+    Totals,
+}
+
+/// Answers to [`LedgerQuery`].
+pub enum LedgerAnswer {
+    /// One account, if it exists.
+    Account(Option<AccountView>),
+    /// All accounts.
+    Accounts(Vec<AccountView>),
+    /// All transfers.
+    Transfers(Vec<TransferView>),
+    /// Totals per currency.
+    Totals(Vec<LedgerTotals>),
+}
+
+impl Handler<LedgerQuery> for LedgerActor {
+    type Result = Result<LedgerAnswer, LedgerError>;
+    fn handle(&mut self, msg: LedgerQuery, _: &mut Self::Context) -> Self::Result {
+        Ok(match msg {
+            LedgerQuery::Account(id) => LedgerAnswer::Account(self.ledger.account(&id)?),
+            LedgerQuery::Accounts => LedgerAnswer::Accounts(self.ledger.accounts()?),
+            LedgerQuery::Transfers => LedgerAnswer::Transfers(self.ledger.transfers()?),
+            LedgerQuery::Totals => LedgerAnswer::Totals(self.ledger.totals()?),
+        })
+    }
+}
+
+/// Mailbox bound of the hub link: link events wait in the MQTT client beyond this.
+pub const HUB_LINK_MAILBOX: usize = 64;
+
+/// Serves the hubs: takes their requests off MQTT, applies them to the ledger, publishes replies,
+/// and broadcasts account key changes.
+pub struct HubLinkActor {
+    client: mqtt::Client,
+    ledger: Addr<LedgerActor>,
+    metrics: PaymentMetrics,
+    connected: prometheus::IntGauge,
+}
+
+impl HubLinkActor {
+    /// A link over an MQTT client whose event loop the caller drives into this actor.
+    pub fn new(
+        client: mqtt::Client,
+        ledger: Addr<LedgerActor>,
+        metrics: PaymentMetrics,
+        connected: prometheus::IntGauge,
+    ) -> Self {
+        HubLinkActor {
+            client,
+            ledger,
+            metrics,
+            connected,
+        }
+    }
+}
+
+impl Actor for HubLinkActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(HUB_LINK_MAILBOX);
+    }
+}
+
+/// Something happened on the MQTT link.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LinkEventMsg(pub LinkEvent);
+
+impl Handler<LinkEventMsg> for HubLinkActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: LinkEventMsg, _: &mut Self::Context) -> Self::Result {
+        let client = self.client.clone();
+        match msg.0 {
+            LinkEvent::Connected => {
+                self.connected.set(1);
+                tracing::info!("cloud connected to broker");
+                Box::pin(async move {
+                    if let Err(error) = client
+                        .subscribe(protocol::topics::cloud_requests_filter(), QoS::AtLeastOnce)
+                        .await
+                    {
+                        tracing::warn!(%error, "subscribing to hub requests failed");
+                    }
+                })
+            }
+            LinkEvent::Disconnected(_) => {
+                self.connected.set(0);
+                Box::pin(async {})
+            }
+            LinkEvent::Message { topic, payload } => {
+                let Some(store_id) =
+                    protocol::topics::store_of_request_topic(&topic).map(str::to_owned)
+                else {
+                    return Box::pin(async {});
+                };
+                let request: HubRequest = match protocol::decode(&payload) {
+                    Ok(r) => r,
+                    Err(error) => {
+                        tracing::warn!(%error, store_id, "unreadable hub request dropped");
+                        return Box::pin(async {});
+                    }
+                };
+                if request.store_id != store_id {
+                    tracing::warn!(
+                        store_id,
+                        claimed = request.store_id,
+                        "hub request on another store's topic dropped"
+                    );
+                    return Box::pin(async {});
+                }
+                let ledger = self.ledger.clone();
+                let metrics = self.metrics.clone();
+                Box::pin(async move {
+                    let started = Instant::now();
+                    let request_id = request.request_id;
+                    let is_payment = matches!(request.body, HubRequestBody::Authorize(_));
+                    if is_payment {
+                        metrics.request();
+                    }
+                    let body = match ledger.send(ApplyHubRequest(request)).await {
+                        Ok(body) => body,
+                        Err(error) => CloudReplyBody::Error {
+                            detail: format!("ledger unavailable: {error}"),
+                        },
+                    };
+                    if let CloudReplyBody::Authorized { decision, .. } = &body {
+                        metrics.outcome(decision.reason(), started.elapsed());
+                    }
+                    let reply = protocol::encode(&CloudReply { request_id, body });
+                    if let Err(error) = client
+                        .publish(
+                            protocol::topics::store_replies(&store_id),
+                            QoS::AtLeastOnce,
+                            false,
+                            reply,
+                        )
+                        .await
+                    {
+                        // The hub will time out, void the attempt and be told the truth on retry.
+                        tracing::warn!(%error, store_id, request_id, "publishing reply failed");
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Broadcast account key changes to every hub.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BroadcastKeys(pub Vec<KeyEntry>);
+
+impl Handler<BroadcastKeys> for HubLinkActor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, msg: BroadcastKeys, _: &mut Self::Context) -> Self::Result {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let batch = protocol::encode(&KeyBatch {
+                entries: msg.0,
+                more: false,
+            });
+            // Hubs that miss this (offline, broker down) catch up with a key sync on reconnect.
+            if let Err(error) = client
+                .publish(
+                    protocol::topics::key_updates(),
+                    QoS::AtLeastOnce,
+                    false,
+                    batch,
+                )
+                .await
+            {
+                tracing::warn!(%error, "broadcasting key change failed");
+            }
+        })
+    }
+}

@@ -1,0 +1,15 @@
+use thiserror::Error;
+
+/// A ledger operation that could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LedgerError {
+    /// The store under the ledger failed; nothing was applied.
+    #[error("ledger storage: {0}")]
+    Storage(String),
+    /// The request is not acceptable.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The request contradicts what the ledger already holds.
+    #[error("conflict: {0}")]
+    Conflict(String),
+}

@@ -1,0 +1,787 @@
+//! The double-entry ledger of record, in `sled`.
+//!
+//! Every movement of money is one transfer from a debit account to a credit account; balances are
+//! the sum of the transfers touching an account. Money enters the system only through an
+//! issuance account per currency (whose balance is minus everything issued), so the sum of all
+//! balances is always zero. A payment's id is its transfer's idempotency key: applying the same
+//! payment again moves nothing and answers as the first time; the same id with other fields is
+//! refused (TigerBeetle's rule). Declined payments write no transfer.
+//!
+//! All writes of one operation happen in one sled transaction and are flushed to disk before the
+//! caller hears the result.
+
+use std::path::Path;
+
+use protocol::{
+    AccountKind, AccountView, CloudAuthorize, Currency, Decision, DeclineReason, KeyEntry,
+    LedgerTotals, OpenAccount, TransferView, VoidPayment,
+};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::error::LedgerError;
+
+/// Most key changes returned by one [`Ledger::keys_after`] call.
+pub const KEY_BATCH_MAX: usize = 500;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct AccountRecord {
+    kind: AccountKind,
+    currency: Currency,
+    balance_minor: i64,
+    public_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct TransferRecord {
+    debit_account_id: String,
+    credit_account_id: String,
+    amount_minor: i64,
+    currency: Currency,
+    applied_at_ms: u64,
+    code_nonce: Option<String>,
+    store_id: Option<String>,
+    terminal_id: Option<String>,
+    order_id: Option<String>,
+    voided: bool,
+}
+
+/// What became of a code nonce: the payment it was presented for, and the decision then.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct NonceRecord {
+    payment_id: String,
+    decision: Decision,
+}
+
+/// The ledger database. Clones share the same database.
+#[derive(Clone)]
+pub struct Ledger {
+    db: sled::Db,
+    accounts: sled::Tree,
+    transfers: sled::Tree,
+    nonces: sled::Tree,
+    keys: sled::Tree,
+}
+
+fn issuance_account(currency: Currency) -> String {
+    format!("issuance.{currency}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("ledger records serialise")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> T {
+    // The ledger writes every record it reads; one it cannot read means the store is corrupt,
+    // and carrying on would risk a wrong balance.
+    serde_json::from_slice(bytes).expect("ledger record is readable")
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<LedgerError>>;
+
+fn abort<T>(error: LedgerError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(error))
+}
+
+fn unwrap_tx<T>(result: Result<T, TransactionError<LedgerError>>) -> Result<T, LedgerError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => LedgerError::Storage(e.to_string()),
+    })
+}
+
+fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
+    format!("{account_id}/{nonce}").into_bytes()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in a directory.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let db = sled::open(path).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| LedgerError::Storage(e.to_string()))
+        };
+        Ok(Ledger {
+            accounts: tree("accounts")?,
+            transfers: tree("transfers")?,
+            nonces: tree("nonces")?,
+            keys: tree("keys")?,
+            db,
+        })
+    }
+
+    fn flush(&self) -> Result<(), LedgerError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|e| LedgerError::Storage(e.to_string()))
+    }
+
+    /// Opens an account and funds it from the issuance account of its currency. Opening the same
+    /// account again with the same fields is a no-op; with other fields it is refused. Returns the
+    /// key change to distribute, for customers.
+    pub fn open_account(&self, request: &OpenAccount) -> Result<Option<KeyEntry>, LedgerError> {
+        protocol::validate_id("account_id", &request.account_id)
+            .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        if request.account_id.starts_with("issuance.") {
+            return Err(LedgerError::Invalid(
+                "account ids starting with issuance. are reserved".into(),
+            ));
+        }
+        if request.initial_balance_minor < 0
+            || request.initial_balance_minor > protocol::MAX_AMOUNT_MINOR
+        {
+            return Err(LedgerError::Invalid(format!(
+                "initial_balance_minor must be from 0 to {}",
+                protocol::MAX_AMOUNT_MINOR
+            )));
+        }
+        match (&request.kind, &request.public_key) {
+            (AccountKind::Customer, None) => {
+                return Err(LedgerError::Invalid(
+                    "a customer account needs a public_key".into(),
+                ))
+            }
+            (AccountKind::Customer, Some(key)) => {
+                paycode::parse_public_key(key).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+            }
+            (AccountKind::Merchant, Some(_)) => {
+                return Err(LedgerError::Invalid(
+                    "a merchant account takes no public_key".into(),
+                ))
+            }
+            (AccountKind::Merchant, None) => {}
+            (AccountKind::Issuance, _) => {
+                return Err(LedgerError::Invalid(
+                    "issuance accounts are opened by the ledger".into(),
+                ))
+            }
+        }
+        let issuance = issuance_account(request.currency);
+        let transfer_id = format!("open:{}", request.account_id);
+        let created = unwrap_tx((&self.accounts, &self.transfers, &self.keys).transaction(
+            |(accounts, transfers, keys)| -> TxResult<Option<KeyEntry>> {
+                if let Some(existing) = accounts.get(request.account_id.as_bytes())? {
+                    let existing: AccountRecord = decode(&existing);
+                    let opened: Option<TransferRecord> =
+                        transfers.get(transfer_id.as_bytes())?.map(|b| decode(&b));
+                    let same = existing.kind == request.kind
+                        && existing.currency == request.currency
+                        && existing.public_key == request.public_key
+                        && opened.map(|t| t.amount_minor).unwrap_or(0)
+                            == request.initial_balance_minor;
+                    return if same {
+                        Ok(None)
+                    } else {
+                        abort(LedgerError::Conflict(format!(
+                            "account {} already exists with other fields",
+                            request.account_id
+                        )))
+                    };
+                }
+                let mut issuer = match accounts.get(issuance.as_bytes())? {
+                    Some(b) => decode::<AccountRecord>(&b),
+                    None => AccountRecord {
+                        kind: AccountKind::Issuance,
+                        currency: request.currency,
+                        balance_minor: 0,
+                        public_key: None,
+                    },
+                };
+                issuer.balance_minor -= request.initial_balance_minor;
+                accounts.insert(issuance.as_bytes(), encode(&issuer))?;
+                let account = AccountRecord {
+                    kind: request.kind,
+                    currency: request.currency,
+                    balance_minor: request.initial_balance_minor,
+                    public_key: request.public_key.clone(),
+                };
+                accounts.insert(request.account_id.as_bytes(), encode(&account))?;
+                if request.initial_balance_minor > 0 {
+                    let transfer = TransferRecord {
+                        debit_account_id: issuance.clone(),
+                        credit_account_id: request.account_id.clone(),
+                        amount_minor: request.initial_balance_minor,
+                        currency: request.currency,
+                        applied_at_ms: now_ms(),
+                        code_nonce: None,
+                        store_id: None,
+                        terminal_id: None,
+                        order_id: None,
+                        voided: false,
+                    };
+                    transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
+                }
+                let Some(public_key) = &request.public_key else {
+                    return Ok(None);
+                };
+                let version = keys.generate_id()? + 1;
+                let entry = KeyEntry {
+                    account_id: request.account_id.clone(),
+                    version,
+                    public_key: Some(public_key.clone()),
+                };
+                keys.insert(&version.to_be_bytes(), encode(&entry))?;
+                Ok(Some(entry))
+            },
+        ))?;
+        self.flush()?;
+        Ok(created)
+    }
+
+    /// Applies a verified payment from `store_id`: moves the amount from the customer to the store's
+    /// merchant account (whose id is the store id), exactly once per payment id.
+    pub fn authorize(
+        &self,
+        store_id: &str,
+        request: &CloudAuthorize,
+    ) -> Result<Decision, LedgerError> {
+        let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
+        let decision = unwrap_tx((&self.accounts, &self.transfers, &self.nonces).transaction(
+            |(accounts, transfers, nonces)| -> TxResult<Decision> {
+                if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
+                    let existing: TransferRecord = decode(&existing);
+                    let same = existing.debit_account_id == request.account_id
+                        && existing.credit_account_id == store_id
+                        && existing.amount_minor == request.amount_minor
+                        && existing.currency == request.currency;
+                    return Ok(if existing.voided {
+                        Decision::declined(
+                            DeclineReason::DuplicateOrderId,
+                            "this order's payment was voided; charge it under a new order id",
+                        )
+                    } else if same {
+                        Decision::Approved {
+                            account_id: request.account_id.clone(),
+                            already_paid: true,
+                        }
+                    } else {
+                        Decision::declined(
+                            DeclineReason::DuplicateOrderId,
+                            format!(
+                                "order {} was already paid with other details ({} from {})",
+                                request.order_id,
+                                existing.currency.format(existing.amount_minor),
+                                existing.debit_account_id
+                            ),
+                        )
+                    });
+                }
+                if let Some(seen) = nonces.get(&nonce_key)? {
+                    let seen: NonceRecord = decode(&seen);
+                    // A hub repeating a request it got no answer to hears the first answer.
+                    return Ok(if seen.payment_id == request.payment_id {
+                        seen.decision
+                    } else {
+                        Decision::declined(
+                            DeclineReason::CodeReplayed,
+                            "this payment code was already used; show a fresh code",
+                        )
+                    });
+                }
+                let decision = Self::try_apply(accounts, transfers, store_id, request)?;
+                let record = NonceRecord {
+                    payment_id: request.payment_id.clone(),
+                    decision: decision.clone(),
+                };
+                nonces.insert(nonce_key.clone(), encode(&record))?;
+                Ok(decision)
+            },
+        ))?;
+        self.flush()?;
+        Ok(decision)
+    }
+
+    fn try_apply(
+        accounts: &sled::transaction::TransactionalTree,
+        transfers: &sled::transaction::TransactionalTree,
+        store_id: &str,
+        request: &CloudAuthorize,
+    ) -> TxResult<Decision> {
+        let Some(customer) = accounts.get(request.account_id.as_bytes())? else {
+            return Ok(Decision::declined(
+                DeclineReason::UnknownAccount,
+                format!("no account {}", request.account_id),
+            ));
+        };
+        let mut customer: AccountRecord = decode(&customer);
+        if customer.kind != AccountKind::Customer {
+            return Ok(Decision::declined(
+                DeclineReason::UnknownAccount,
+                format!("{} is not a customer account", request.account_id),
+            ));
+        }
+        let Some(merchant) = accounts.get(store_id.as_bytes())? else {
+            return Ok(Decision::declined(
+                DeclineReason::UnknownAccount,
+                format!("store {store_id} has no merchant account"),
+            ));
+        };
+        let mut merchant: AccountRecord = decode(&merchant);
+        if customer.currency != request.currency || merchant.currency != request.currency {
+            return Ok(Decision::declined(
+                DeclineReason::CurrencyMismatch,
+                format!(
+                    "payment in {} but the account holds {} and the store {}",
+                    request.currency, customer.currency, merchant.currency
+                ),
+            ));
+        }
+        if customer.balance_minor < request.amount_minor {
+            return Ok(Decision::declined(
+                DeclineReason::InsufficientFunds,
+                format!(
+                    "balance {} does not cover {}",
+                    customer.currency.format(customer.balance_minor),
+                    request.currency.format(request.amount_minor)
+                ),
+            ));
+        }
+        customer.balance_minor -= request.amount_minor;
+        merchant.balance_minor = merchant
+            .balance_minor
+            .checked_add(request.amount_minor)
+            .expect("merchant balance stays far below i64::MAX");
+        accounts.insert(request.account_id.as_bytes(), encode(&customer))?;
+        accounts.insert(store_id.as_bytes(), encode(&merchant))?;
+        let transfer = TransferRecord {
+            debit_account_id: request.account_id.clone(),
+            credit_account_id: store_id.to_owned(),
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            applied_at_ms: now_ms(),
+            code_nonce: Some(request.code_nonce.clone()),
+            store_id: Some(store_id.to_owned()),
+            terminal_id: Some(request.terminal_id.clone()),
+            order_id: Some(request.order_id.clone()),
+            voided: false,
+        };
+        transfers.insert(request.payment_id.as_bytes(), encode(&transfer))?;
+        Ok(Decision::Approved {
+            account_id: request.account_id.clone(),
+            already_paid: false,
+        })
+    }
+
+    /// Voids a payment attempt whose answer a hub did not receive. If that attempt moved money, a
+    /// reversing transfer `<payment id>#void` moves it back; if it never arrived, its code is burnt
+    /// so that a late delivery cannot apply it. Returns whether money was moved back. Idempotent.
+    pub fn void(&self, store_id: &str, request: &VoidPayment) -> Result<bool, LedgerError> {
+        let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
+        let reversal_id = format!("{}#void", request.payment_id);
+        let reversed = unwrap_tx((&self.accounts, &self.transfers, &self.nonces).transaction(
+            |(accounts, transfers, nonces)| -> TxResult<bool> {
+                if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
+                    let mut existing: TransferRecord = decode(&existing);
+                    let this_attempt = existing.code_nonce.as_deref() == Some(&request.code_nonce)
+                        && existing.credit_account_id == store_id;
+                    if this_attempt && !existing.voided {
+                        let mut customer: AccountRecord = decode(
+                            &accounts
+                                .get(existing.debit_account_id.as_bytes())?
+                                .expect("debited account exists"),
+                        );
+                        let mut merchant: AccountRecord = decode(
+                            &accounts
+                                .get(existing.credit_account_id.as_bytes())?
+                                .expect("credited account exists"),
+                        );
+                        customer.balance_minor += existing.amount_minor;
+                        merchant.balance_minor -= existing.amount_minor;
+                        accounts.insert(existing.debit_account_id.as_bytes(), encode(&customer))?;
+                        accounts
+                            .insert(existing.credit_account_id.as_bytes(), encode(&merchant))?;
+                        let reversal = TransferRecord {
+                            debit_account_id: existing.credit_account_id.clone(),
+                            credit_account_id: existing.debit_account_id.clone(),
+                            applied_at_ms: now_ms(),
+                            voided: false,
+                            ..existing.clone()
+                        };
+                        transfers.insert(reversal_id.as_bytes(), encode(&reversal))?;
+                        existing.voided = true;
+                        transfers.insert(request.payment_id.as_bytes(), encode(&existing))?;
+                        return Ok(true);
+                    }
+                    if this_attempt {
+                        return Ok(false);
+                    }
+                }
+                if nonces.get(&nonce_key)?.is_none() {
+                    let record = NonceRecord {
+                        payment_id: request.payment_id.clone(),
+                        decision: Decision::declined(
+                            DeclineReason::CloudUnreachable,
+                            "the store voided this attempt after its deadline passed",
+                        ),
+                    };
+                    nonces.insert(nonce_key.clone(), encode(&record))?;
+                }
+                Ok(false)
+            },
+        ))?;
+        self.flush()?;
+        Ok(reversed)
+    }
+
+    /// Key changes with a version above `after_version`, oldest first, at most [`KEY_BATCH_MAX`];
+    /// the flag says whether more follow.
+    pub fn keys_after(&self, after_version: u64) -> Result<(Vec<KeyEntry>, bool), LedgerError> {
+        let start = after_version.saturating_add(1).to_be_bytes();
+        let mut entries = Vec::new();
+        for item in self.keys.range(start..) {
+            let (_, value) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
+            if entries.len() == KEY_BATCH_MAX {
+                return Ok((entries, true));
+            }
+            entries.push(decode(&value));
+        }
+        Ok((entries, false))
+    }
+
+    /// One account.
+    pub fn account(&self, account_id: &str) -> Result<Option<AccountView>, LedgerError> {
+        let record = self
+            .accounts
+            .get(account_id.as_bytes())
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        Ok(record.map(|b| view(account_id, decode(&b))))
+    }
+
+    /// Every account, issuance accounts included, ordered by id.
+    pub fn accounts(&self) -> Result<Vec<AccountView>, LedgerError> {
+        self.accounts
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
+                Ok(view(
+                    std::str::from_utf8(&k).expect("ids are UTF-8"),
+                    decode(&v),
+                ))
+            })
+            .collect()
+    }
+
+    /// Every transfer, ordered by id.
+    pub fn transfers(&self) -> Result<Vec<TransferView>, LedgerError> {
+        self.transfers
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
+                let t: TransferRecord = decode(&v);
+                Ok(TransferView {
+                    transfer_id: String::from_utf8(k.to_vec()).expect("ids are UTF-8"),
+                    debit_account_id: t.debit_account_id,
+                    credit_account_id: t.credit_account_id,
+                    amount_minor: t.amount_minor,
+                    currency: t.currency,
+                    applied_at_ms: t.applied_at_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Totals per currency. Balances are recomputed from the transfers and checked against the
+    /// stored balances: a difference is a broken invariant and panics rather than report wrong books.
+    pub fn totals(&self) -> Result<Vec<LedgerTotals>, LedgerError> {
+        use std::collections::BTreeMap;
+        let accounts = self.accounts()?;
+        let mut from_transfers: BTreeMap<String, i64> = BTreeMap::new();
+        let mut totals: BTreeMap<String, LedgerTotals> = BTreeMap::new();
+        for t in self.transfers()? {
+            *from_transfers
+                .entry(t.debit_account_id.clone())
+                .or_default() -= t.amount_minor;
+            *from_transfers
+                .entry(t.credit_account_id.clone())
+                .or_default() += t.amount_minor;
+            let entry = totals
+                .entry(t.currency.to_string())
+                .or_insert_with(|| empty_totals(t.currency));
+            entry.total_debits_minor += t.amount_minor;
+            entry.total_credits_minor += t.amount_minor;
+            entry.transfers += 1;
+        }
+        for a in &accounts {
+            let derived = from_transfers.get(&a.account_id).copied().unwrap_or(0);
+            assert_eq!(
+                derived, a.balance_minor,
+                "stored balance of {} disagrees with its transfers",
+                a.account_id
+            );
+            let entry = totals
+                .entry(a.currency.to_string())
+                .or_insert_with(|| empty_totals(a.currency));
+            entry.sum_of_balances_minor += a.balance_minor;
+            if a.kind == AccountKind::Issuance {
+                entry.issued_minor -= a.balance_minor;
+            }
+        }
+        Ok(totals.into_values().collect())
+    }
+}
+
+fn empty_totals(currency: Currency) -> LedgerTotals {
+    LedgerTotals {
+        currency,
+        total_debits_minor: 0,
+        total_credits_minor: 0,
+        sum_of_balances_minor: 0,
+        issued_minor: 0,
+        transfers: 0,
+    }
+}
+
+fn view(account_id: &str, r: AccountRecord) -> AccountView {
+    AccountView {
+        account_id: account_id.to_owned(),
+        kind: r.kind,
+        currency: r.currency,
+        balance_minor: r.balance_minor,
+        public_key: r.public_key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use paycode::Wallet;
+
+    fn eur() -> Currency {
+        Currency::parse("EUR").unwrap()
+    }
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        ledger
+            .open_account(&OpenAccount {
+                account_id: "store-1".into(),
+                kind: AccountKind::Merchant,
+                currency: eur(),
+                initial_balance_minor: 0,
+                public_key: None,
+            })
+            .unwrap();
+        let key = Wallet::generate("alice").unwrap().public_key_b64();
+        let entry = ledger
+            .open_account(&OpenAccount {
+                account_id: "alice".into(),
+                kind: AccountKind::Customer,
+                currency: eur(),
+                initial_balance_minor: 10_000,
+                public_key: Some(key),
+            })
+            .unwrap();
+        assert_eq!(entry.unwrap().version, 1);
+        (dir, ledger)
+    }
+
+    fn pay(payment: &str, nonce: &str, amount: i64) -> CloudAuthorize {
+        CloudAuthorize {
+            payment_id: format!("store-1:{payment}"),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur(),
+            terminal_id: "t1".into(),
+            order_id: payment.into(),
+        }
+    }
+
+    fn balance(l: &Ledger, id: &str) -> i64 {
+        l.account(id).unwrap().unwrap().balance_minor
+    }
+
+    fn books_balance(l: &Ledger) {
+        for t in l.totals().unwrap() {
+            assert_eq!(t.sum_of_balances_minor, 0);
+            assert_eq!(t.total_debits_minor, t.total_credits_minor);
+        }
+    }
+
+    #[test]
+    fn payment_moves_money_once() {
+        let (_d, l) = ledger();
+        let d = l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
+        assert_eq!(
+            d,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: false
+            }
+        );
+        assert_eq!(balance(&l, "alice"), 7_500);
+        assert_eq!(balance(&l, "store-1"), 2_500);
+        // The same payment again, even with a fresh code: nothing moves.
+        let d = l.authorize("store-1", &pay("o1", "n2", 2_500)).unwrap();
+        assert_eq!(
+            d,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: true
+            }
+        );
+        assert_eq!(balance(&l, "alice"), 7_500);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn same_order_other_amount_is_refused() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
+        let d = l.authorize("store-1", &pay("o1", "n2", 9_00)).unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::DuplicateOrderId));
+        assert_eq!(balance(&l, "alice"), 7_500);
+    }
+
+    #[test]
+    fn replayed_nonce_is_refused_but_a_retry_hears_the_first_answer() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 100)).unwrap();
+        let d = l.authorize("store-1", &pay("o2", "n1", 100)).unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::CodeReplayed));
+        let d = l.authorize("store-1", &pay("o3", "n3", 1_000_000)).unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::InsufficientFunds));
+        let again = l.authorize("store-1", &pay("o3", "n3", 1_000_000)).unwrap();
+        assert_eq!(again, d);
+        assert_eq!(balance(&l, "alice"), 9_900);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn declines() {
+        let (_d, l) = ledger();
+        let mut unknown = pay("o1", "n1", 100);
+        unknown.account_id = "nobody".into();
+        assert_eq!(
+            l.authorize("store-1", &unknown).unwrap().reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+        assert_eq!(
+            l.authorize("store-9", &pay("o2", "n2", 100))
+                .unwrap()
+                .reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+        let mut usd = pay("o3", "n3", 100);
+        usd.currency = Currency::parse("USD").unwrap();
+        assert_eq!(
+            l.authorize("store-1", &usd).unwrap().reason(),
+            Some(DeclineReason::CurrencyMismatch)
+        );
+        assert_eq!(
+            l.authorize("store-1", &pay("o4", "n4", 10_001))
+                .unwrap()
+                .reason(),
+            Some(DeclineReason::InsufficientFunds)
+        );
+        assert_eq!(
+            l.authorize("store-1", &pay("o5", "n5", 10_000))
+                .unwrap()
+                .reason(),
+            None
+        );
+        assert_eq!(balance(&l, "alice"), 0);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn void_reverses_an_applied_attempt_and_burns_an_unseen_one() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let void = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(l.void("store-1", &void).unwrap());
+        assert!(
+            !l.void("store-1", &void).unwrap(),
+            "voiding twice moves nothing"
+        );
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+
+        let early = VoidPayment {
+            payment_id: "store-1:o2".into(),
+            account_id: "alice".into(),
+            code_nonce: "n2".into(),
+        };
+        assert!(!l.void("store-1", &early).unwrap());
+        let late = l.authorize("store-1", &pay("o2", "n2", 100)).unwrap();
+        assert!(matches!(late, Decision::Declined { .. }), "{late:?}");
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn accounts_open_once_and_keys_are_versioned() {
+        let (_d, l) = ledger();
+        let same = OpenAccount {
+            account_id: "store-1".into(),
+            kind: AccountKind::Merchant,
+            currency: eur(),
+            initial_balance_minor: 0,
+            public_key: None,
+        };
+        assert_eq!(l.open_account(&same).unwrap(), None);
+        let other = OpenAccount {
+            initial_balance_minor: 5,
+            ..same.clone()
+        };
+        assert!(matches!(
+            l.open_account(&other),
+            Err(LedgerError::Conflict(_))
+        ));
+        let no_key = OpenAccount {
+            account_id: "bob".into(),
+            kind: AccountKind::Customer,
+            ..same.clone()
+        };
+        assert!(matches!(
+            l.open_account(&no_key),
+            Err(LedgerError::Invalid(_))
+        ));
+        let bob = OpenAccount {
+            public_key: Some(Wallet::generate("bob").unwrap().public_key_b64()),
+            ..no_key
+        };
+        assert_eq!(l.open_account(&bob).unwrap().unwrap().version, 2);
+        let (all, more) = l.keys_after(0).unwrap();
+        assert_eq!((all.len(), more), (2, false));
+        let (after_one, _) = l.keys_after(1).unwrap();
+        assert_eq!(after_one[0].account_id, "bob");
+        books_balance(&l);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        {
+            let (_d, l) = ledger();
+            drop(l);
+        }
+        let l = Ledger::open(&path).unwrap();
+        l.open_account(&OpenAccount {
+            account_id: "store-1".into(),
+            kind: AccountKind::Merchant,
+            currency: eur(),
+            initial_balance_minor: 0,
+            public_key: None,
+        })
+        .unwrap();
+        drop(l);
+        let l = Ledger::open(&path).unwrap();
+        assert!(l.account("store-1").unwrap().is_some());
+    }
+}

@@ -1,0 +1,27 @@
+//! `facepay-cloud`: the account system of record.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "facepay-cloud",
+    about = "facepay cloud: ledger of record, key distribution, admin API"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: settings::ConfigArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config: cloud::CloudConfig =
+        settings::load_or_exit("facepay-cloud", cloud::config::ENV_PREFIX, &cli.config);
+    telemetry::init_tracing();
+    actix::System::new().block_on(async move {
+        let handle = cloud::start(config).await?;
+        println!("facepay-cloud ready http={}", handle.http_addr);
+        telemetry::wait_for_shutdown().await;
+        handle.stop().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,18 @@
+//! Zenoh key expressions between the edge terminals and their store hub. The only place they are
+//! built.
+
+/// The queryable a store's hub declares to authorize payments; edges send `get`s to it.
+pub fn hub_authorize(store_id: &str) -> String {
+    format!("facepay/v1/stores/{store_id}/hub/authorize")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn authorize_key() {
+        assert_eq!(
+            super::hub_authorize("s1"),
+            "facepay/v1/stores/s1/hub/authorize"
+        );
+    }
+}

@@ -1,0 +1,419 @@
+use serde::{Deserialize, Serialize};
+
+use crate::Currency;
+
+/// Why a payment was refused. The snake_case name is the stable code on every API and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeclineReason {
+    /// A QR code was read but it is not a well-formed facepay payment code.
+    MalformedCode,
+    /// A QR code from something else (a URL, a product label).
+    NotFacepayCode,
+    /// The signature does not match the account's public key.
+    BadSignature,
+    /// The code's validity window has passed.
+    CodeExpired,
+    /// The code claims to be issued further in the future than the clock-skew tolerance.
+    CodeNotYetValid,
+    /// The code was already used for another payment.
+    CodeReplayed,
+    /// No such account, or its key is unknown to the store.
+    UnknownAccount,
+    /// Amount zero, negative, fractional or too large.
+    InvalidAmount,
+    /// Not an ISO 4217 currency this system knows.
+    UnknownCurrency,
+    /// The account holds another currency.
+    CurrencyMismatch,
+    /// The balance does not cover the amount.
+    InsufficientFunds,
+    /// The order id was already used with other fields (amount, currency or account).
+    DuplicateOrderId,
+    /// No payment code was presented before the scan deadline.
+    NoCodePresented,
+    /// The terminal is running another checkout session.
+    TerminalBusy,
+    /// The edge could not reach its store hub.
+    StoreSystemUnreachable,
+    /// The hub could not reach the cloud in time; nothing was charged.
+    CloudUnreachable,
+    /// A peer spoke another protocol version.
+    UnsupportedVersion,
+    /// The request was not understood (missing field, bad identifier).
+    InvalidRequest,
+    /// A fault inside facepay; nothing was charged.
+    Internal,
+}
+
+impl DeclineReason {
+    /// Every reason, for metric pre-registration and tests.
+    pub const ALL: &'static [DeclineReason] = &[
+        Self::MalformedCode,
+        Self::NotFacepayCode,
+        Self::BadSignature,
+        Self::CodeExpired,
+        Self::CodeNotYetValid,
+        Self::CodeReplayed,
+        Self::UnknownAccount,
+        Self::InvalidAmount,
+        Self::UnknownCurrency,
+        Self::CurrencyMismatch,
+        Self::InsufficientFunds,
+        Self::DuplicateOrderId,
+        Self::NoCodePresented,
+        Self::TerminalBusy,
+        Self::StoreSystemUnreachable,
+        Self::CloudUnreachable,
+        Self::UnsupportedVersion,
+        Self::InvalidRequest,
+        Self::Internal,
+    ];
+
+    /// The stable snake_case code.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::MalformedCode => "malformed_code",
+            Self::NotFacepayCode => "not_facepay_code",
+            Self::BadSignature => "bad_signature",
+            Self::CodeExpired => "code_expired",
+            Self::CodeNotYetValid => "code_not_yet_valid",
+            Self::CodeReplayed => "code_replayed",
+            Self::UnknownAccount => "unknown_account",
+            Self::InvalidAmount => "invalid_amount",
+            Self::UnknownCurrency => "unknown_currency",
+            Self::CurrencyMismatch => "currency_mismatch",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::DuplicateOrderId => "duplicate_order_id",
+            Self::NoCodePresented => "no_code_presented",
+            Self::TerminalBusy => "terminal_busy",
+            Self::StoreSystemUnreachable => "store_system_unreachable",
+            Self::CloudUnreachable => "cloud_unreachable",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::InvalidRequest => "invalid_request",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for DeclineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of an authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Decision {
+    /// Money moved (or had already moved for this payment id).
+    Approved {
+        /// The account charged.
+        account_id: String,
+        /// True when this payment id had already been approved before: nothing moved this time.
+        already_paid: bool,
+    },
+    /// Nothing moved.
+    Declined {
+        /// Machine-readable reason.
+        reason: DeclineReason,
+        /// Human-readable detail.
+        detail: String,
+    },
+}
+
+impl Decision {
+    /// A decline with a reason and detail.
+    pub fn declined(reason: DeclineReason, detail: impl Into<String>) -> Self {
+        Decision::Declined {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The decline reason, or `None` when approved.
+    pub fn reason(&self) -> Option<DeclineReason> {
+        match self {
+            Decision::Approved { .. } => None,
+            Decision::Declined { reason, .. } => Some(*reason),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cash register -> edge (local HTTP JSON API)
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /v1/charge`: charge an order with the payment code the customer presents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChargeRequest {
+    /// The merchant's order id, unique per store; the idempotency key of the payment.
+    pub order_id: String,
+    /// Amount in minor units. Kept as raw JSON so that zero, negative, fractional and overflowing
+    /// amounts get a precise refusal instead of a generic parse error.
+    pub amount_minor: serde_json::Value,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// Whether a charge was approved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeStatus {
+    /// Paid.
+    Approved,
+    /// Not paid; see the reason.
+    Declined,
+}
+
+/// The answer to `POST /v1/charge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeResult {
+    /// Echo of the request's order id.
+    pub order_id: String,
+    /// The payment id, once the request was valid enough to have one.
+    pub payment_id: Option<String>,
+    /// Approved or declined.
+    pub status: ChargeStatus,
+    /// Why it was declined.
+    pub reason: Option<DeclineReason>,
+    /// Human-readable detail for the cashier.
+    pub detail: String,
+    /// The account charged, when approved.
+    pub account_id: Option<String>,
+    /// True when the order had already been paid: this call moved no money.
+    pub already_paid: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edge -> hub (Zenoh query/reply)
+// ---------------------------------------------------------------------------------------------
+
+/// An edge asks its hub to authorize a payment presented with a payment code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizeRequest {
+    /// `store_id:order_id`, see [`crate::payment_id`].
+    pub payment_id: String,
+    /// The store the terminal belongs to.
+    pub store_id: String,
+    /// The terminal asking.
+    pub terminal_id: String,
+    /// The merchant's order id.
+    pub order_id: String,
+    /// Validated amount in minor units.
+    pub amount_minor: i64,
+    /// Validated currency.
+    pub currency: Currency,
+    /// The payment code text exactly as decoded from the QR code.
+    pub code: String,
+}
+
+/// The hub's answer to an [`AuthorizeRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizeReply {
+    /// Echo of the request's payment id.
+    pub payment_id: String,
+    /// The decision.
+    pub decision: Decision,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hub <-> cloud (MQTT request/reply and broadcasts)
+// ---------------------------------------------------------------------------------------------
+
+/// A request from a store hub to the cloud, correlated with its reply by `request_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubRequest {
+    /// Unique per hub process and request; echoed in the reply.
+    pub request_id: u64,
+    /// The hub's store.
+    pub store_id: String,
+    /// What is asked.
+    pub body: HubRequestBody,
+}
+
+/// What a hub asks of the cloud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HubRequestBody {
+    /// Move money for a verified payment code.
+    Authorize(CloudAuthorize),
+    /// Undo, or pre-empt, a payment whose answer the hub did not get in time.
+    Void(VoidPayment),
+    /// Send the account keys changed after `after_version`.
+    KeySync {
+        /// Highest key version the hub holds; 0 for none.
+        after_version: u64,
+    },
+}
+
+/// A verified payment for the cloud to apply to the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudAuthorize {
+    /// Idempotency key.
+    pub payment_id: String,
+    /// The customer account named by the code.
+    pub account_id: String,
+    /// The code's nonce (hex); a code is single-use across the whole fleet.
+    pub code_nonce: String,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// Currency.
+    pub currency: Currency,
+    /// Terminal that took the payment.
+    pub terminal_id: String,
+    /// Merchant order id.
+    pub order_id: String,
+}
+
+/// A void: if the payment was applied, reverse it; if not, burn its code so it never applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoidPayment {
+    /// The payment to void.
+    pub payment_id: String,
+    /// The customer account.
+    pub account_id: String,
+    /// The code nonce of the attempt being voided.
+    pub code_nonce: String,
+}
+
+/// The cloud's answer to a [`HubRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudReply {
+    /// Echo of the request id.
+    pub request_id: u64,
+    /// The answer.
+    pub body: CloudReplyBody,
+}
+
+/// What the cloud answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CloudReplyBody {
+    /// Outcome of an authorization.
+    Authorized {
+        /// The payment.
+        payment_id: String,
+        /// The decision.
+        decision: Decision,
+    },
+    /// A void was recorded.
+    Voided {
+        /// The payment.
+        payment_id: String,
+        /// True when money had moved and was moved back.
+        reversed: bool,
+    },
+    /// Account keys, oldest change first.
+    Keys(KeyBatch),
+    /// The request could not be processed.
+    Error {
+        /// Why.
+        detail: String,
+    },
+}
+
+/// A batch of account key changes, sent on request and broadcast on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBatch {
+    /// The changes, in version order.
+    pub entries: Vec<KeyEntry>,
+    /// True when more changes follow after the last entry's version.
+    pub more: bool,
+}
+
+/// The current public key of an account, or its revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// Account.
+    pub account_id: String,
+    /// Cloud-wide monotone version of this change.
+    pub version: u64,
+    /// Ed25519 public key (base64url, no padding); `None` when revoked.
+    pub public_key: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator -> cloud (admin HTTP JSON API)
+// ---------------------------------------------------------------------------------------------
+
+/// Whose money an account holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    /// A shopper who pays.
+    Customer,
+    /// A store that is paid.
+    Merchant,
+    /// The cloud's own account per currency that opening balances are issued from; its balance is
+    /// minus everything issued, so that all balances sum to zero.
+    Issuance,
+}
+
+/// `POST /v1/accounts`: open an account, funded from the cloud's issuance account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAccount {
+    /// New account id.
+    pub account_id: String,
+    /// Customer or merchant.
+    pub kind: AccountKind,
+    /// The account's currency.
+    pub currency: Currency,
+    /// Opening balance in minor units, moved from the issuance account.
+    #[serde(default)]
+    pub initial_balance_minor: i64,
+    /// The customer's wallet public key (base64url); required for customers.
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// An account as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountView {
+    /// Account id.
+    pub account_id: String,
+    /// Customer, merchant.
+    pub kind: AccountKind,
+    /// Currency.
+    pub currency: Currency,
+    /// Balance in minor units.
+    pub balance_minor: i64,
+    /// Wallet public key, for customers.
+    pub public_key: Option<String>,
+}
+
+/// A ledger transfer as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferView {
+    /// Transfer id: a payment id, `open:<account>` for funding, `<payment id>#void` for reversals.
+    pub transfer_id: String,
+    /// Account debited.
+    pub debit_account_id: String,
+    /// Account credited.
+    pub credit_account_id: String,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// Currency.
+    pub currency: Currency,
+    /// Milliseconds since the Unix epoch when applied.
+    pub applied_at_ms: u64,
+}
+
+/// Totals over the whole ledger, per currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerTotals {
+    /// Currency.
+    pub currency: Currency,
+    /// Sum of all transfer amounts, counted on their debit side.
+    pub total_debits_minor: i64,
+    /// Sum of all transfer amounts, counted on their credit side.
+    pub total_credits_minor: i64,
+    /// Sum of every account's balance, the issuance account included: zero when the books balance.
+    pub sum_of_balances_minor: i64,
+    /// Money issued into customer and merchant accounts.
+    pub issued_minor: i64,
+    /// Number of transfers.
+    pub transfers: u64,
+}

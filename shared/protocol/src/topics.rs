@@ -1,0 +1,53 @@
+//! MQTT topics between the store hubs and the cloud. The only place topic strings are built.
+//!
+//! Identifiers are checked by [`crate::validate_id`] before they reach here, so they never contain
+//! `/`, `+` or `#`.
+
+const ROOT: &str = "facepay/v1";
+
+/// Where a hub publishes its requests to the cloud.
+pub fn cloud_requests(store_id: &str) -> String {
+    format!("{ROOT}/cloud/requests/{store_id}")
+}
+
+/// What the cloud subscribes to: the requests of every store.
+pub fn cloud_requests_filter() -> String {
+    format!("{ROOT}/cloud/requests/+")
+}
+
+/// The store id at the end of a request topic, if the topic is one.
+pub fn store_of_request_topic(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix(ROOT)?
+        .strip_prefix("/cloud/requests/")
+        .filter(|s| !s.contains('/'))
+}
+
+/// Where the cloud answers one store's hub.
+pub fn store_replies(store_id: &str) -> String {
+    format!("{ROOT}/stores/{store_id}/replies")
+}
+
+/// Broadcast of account key changes to every hub.
+pub fn key_updates() -> String {
+    format!("{ROOT}/keys")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_topic_round_trips() {
+        let t = cloud_requests("store-7");
+        assert_eq!(t, "facepay/v1/cloud/requests/store-7");
+        assert_eq!(store_of_request_topic(&t), Some("store-7"));
+        assert_eq!(store_of_request_topic("facepay/v1/keys"), None);
+        assert_eq!(
+            store_of_request_topic("facepay/v1/cloud/requests/a/b"),
+            None
+        );
+        assert!(cloud_requests_filter().ends_with("/+"));
+        assert_eq!(store_replies("s"), "facepay/v1/stores/s/replies");
+    }
+}
