@@ -1,1 +1,199 @@
-//! placeholder
+//! The facepay store hub.
+//!
+//! Edges reach it over Zenoh with [`protocol::AuthorizeRequest`]s; it verifies payment codes with
+//! the account keys the cloud distributes (no cloud needed for that), refuses replays, asks the
+//! cloud over MQTT to move the money, journals every decision durably in `sled`, and answers. See
+//! `README.md` in this folder for the actors and their messages.
+
+pub mod auth;
+pub mod config;
+mod error;
+pub mod journal;
+pub mod uplink;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use paycode::Validity;
+use prometheus::{IntGauge, Registry};
+use tokio::sync::Semaphore;
+
+pub use config::HubConfig;
+pub use error::HubError;
+
+use crate::{
+    auth::{AttachUplink, AuthActor, AuthSettings, Authorize},
+    journal::{Journal, JournalActor},
+    uplink::{LinkEventMsg, UplinkActor},
+};
+
+/// Most edge queries in flight at once; more wait in Zenoh.
+pub const MAX_CONCURRENT_QUERIES: usize = 64;
+
+/// A running hub.
+pub struct HubHandle {
+    /// Where `/metrics` listens.
+    pub http_addr: SocketAddr,
+    /// The authorization actor.
+    pub auth: Addr<AuthActor>,
+    server: actix_web::dev::ServerHandle,
+    _zenoh: zlink::ZenohLink,
+}
+
+impl HubHandle {
+    /// Stops the HTTP server; the actors stop with the actix system, Zenoh when dropped.
+    pub async fn stop(&self) {
+        self.server.stop(true).await;
+    }
+}
+
+/// Starts a hub inside the current actix system.
+pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
+    let registry = Registry::new();
+    let metrics = telemetry::PaymentMetrics::register(&registry, "hub");
+    let connected = IntGauge::new(
+        "facepay_hub_cloud_connected",
+        "1 while connected to the broker",
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(connected.clone()))
+        .expect("registered once");
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let path = config.data_dir.join("journal");
+    let journal =
+        Journal::open(&path).with_context(|| format!("opening journal at {}", path.display()))?;
+    let stored_keys = journal.keys()?;
+    let key_version = journal.key_version()?;
+    let journal_addr = {
+        let journal = journal.clone();
+        SyncArbiter::start(1, move || JournalActor::new(journal.clone()))
+    };
+
+    let settings = AuthSettings {
+        store_id: config.store_id.clone(),
+        validity: Validity {
+            window_ms: config.code_validity_seconds * 1000,
+            clock_skew_ms: config.clock_skew_seconds * 1000,
+        },
+        cloud_timeout: Duration::from_millis(config.cloud_timeout_ms),
+    };
+    let auth = AuthActor::new(settings, stored_keys, key_version, journal_addr, metrics).start();
+
+    let (client, eventloop) = config.mqtt.connect(&config.mqtt_client_id());
+    let uplink = UplinkActor::new(
+        config.store_id.clone(),
+        client,
+        auth.clone().recipient(),
+        connected,
+    )
+    .start();
+    auth.do_send(AttachUplink(uplink.clone()));
+    let reconnect = Duration::from_millis(config.mqtt.reconnect_delay_ms);
+    actix::spawn(mqtt::drive(eventloop, reconnect, move |event| {
+        let uplink = uplink.clone();
+        async move {
+            let _ = uplink.send(LinkEventMsg(event)).await;
+        }
+    }));
+
+    let zenoh_config = config.zenoh.clone();
+    let zenoh = tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config))
+        .await
+        .expect("zenoh open does not panic")?;
+    serve_edges(&zenoh, &config.store_id, auth.clone()).await?;
+
+    let server = actix_web::HttpServer::new(move || {
+        let registry = registry.clone();
+        actix_web::App::new()
+            .configure(|cfg| telemetry::configure_metrics(cfg, registry))
+            .route("/healthz", actix_web::web::get().to(|| async { "ok" }))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(&config.http_listen)
+    .with_context(|| format!("binding http_listen {}", config.http_listen))?;
+    let http_addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(server);
+    tracing::info!(store_id = config.store_id, %http_addr, "hub started");
+    Ok(HubHandle {
+        http_addr,
+        auth,
+        server: handle,
+        _zenoh: zenoh,
+    })
+}
+
+/// Declares the store's authorize queryable and answers each query through the auth actor.
+async fn serve_edges(
+    zenoh: &zlink::ZenohLink,
+    store_id: &str,
+    auth: Addr<AuthActor>,
+) -> anyhow::Result<()> {
+    let session = zenoh.session.clone();
+    let key = protocol::keyexpr::hub_authorize(store_id);
+    let queryable = zenoh
+        .spawn(async move { session.declare_queryable(key).await })
+        .await
+        .expect("declaring does not panic")
+        .map_err(|e| anyhow::anyhow!("declaring the authorize queryable: {e}"))?;
+    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
+    zenoh.spawn(async move {
+        while let Ok(query) = queryable.recv_async().await {
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let payload = query
+                    .payload()
+                    .map(|p| p.to_bytes().into_owned())
+                    .unwrap_or_default();
+                let reply = match protocol::decode::<protocol::AuthorizeRequest>(&payload) {
+                    Ok(request) => {
+                        let payment_id = request.payment_id.clone();
+                        auth.send(Authorize(request)).await.unwrap_or_else(|error| {
+                            protocol::AuthorizeReply {
+                                payment_id,
+                                decision: protocol::Decision::declined(
+                                    protocol::DeclineReason::Internal,
+                                    format!("hub unavailable: {error}"),
+                                ),
+                            }
+                        })
+                    }
+                    Err(error) => protocol::AuthorizeReply {
+                        payment_id: String::new(),
+                        decision: protocol::Decision::declined(
+                            match error {
+                                protocol::WireError::UnsupportedVersion { .. } => {
+                                    protocol::DeclineReason::UnsupportedVersion
+                                }
+                                protocol::WireError::Malformed(_) => {
+                                    protocol::DeclineReason::InvalidRequest
+                                }
+                            },
+                            error.to_string(),
+                        ),
+                    },
+                };
+                if let Err(error) = query
+                    .reply(query.key_expr().clone(), protocol::encode(&reply))
+                    .await
+                {
+                    tracing::warn!(%error, "replying to edge failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}

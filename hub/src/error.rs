@@ -1,0 +1,18 @@
+use thiserror::Error;
+
+/// What can go wrong inside the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HubError {
+    /// The journal's store failed.
+    #[error("journal storage: {0}")]
+    Storage(String),
+    /// The cloud is not connected; the request was not sent.
+    #[error("cloud unreachable: not connected to the broker")]
+    CloudDisconnected,
+    /// The cloud did not answer before the deadline.
+    #[error("cloud did not answer within {0} ms")]
+    CloudTimeout(u64),
+    /// Too many requests already wait for the cloud.
+    #[error("too many requests waiting for the cloud")]
+    UplinkSaturated,
+}

@@ -1,0 +1,441 @@
+//! The hub's durable journal in `sled`: every decision, the nonces of the codes it has seen, the
+//! account keys the cloud distributed, and the voids still to deliver. Every write is flushed
+//! before the caller goes on, so that what the hub answered survives a crash.
+
+use std::path::Path;
+
+use actix::prelude::*;
+use protocol::{AuthorizeRequest, Decision, KeyEntry, VoidPayment};
+use serde::{Deserialize, Serialize};
+
+use crate::error::HubError;
+
+/// One decision the hub answered an edge with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// When it was decided, ms since the Unix epoch.
+    pub decided_at_ms: u64,
+    /// The payment.
+    pub payment_id: String,
+    /// The terminal that asked.
+    pub terminal_id: String,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// Currency code.
+    pub currency: String,
+    /// The account the code named, once known.
+    pub account_id: Option<String>,
+    /// The code's nonce, once known. The code text itself is a bearer token and is not kept.
+    pub code_nonce: Option<String>,
+    /// What the edge was told.
+    pub decision: Decision,
+}
+
+impl JournalEntry {
+    /// An entry for a request, before its code was read.
+    pub fn for_request(request: &AuthorizeRequest, decision: Decision) -> Self {
+        JournalEntry {
+            decided_at_ms: paycode::now_ms(),
+            payment_id: request.payment_id.clone(),
+            terminal_id: request.terminal_id.clone(),
+            amount_minor: request.amount_minor,
+            currency: request.currency.to_string(),
+            account_id: None,
+            code_nonce: None,
+            decision,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NonceUse {
+    payment_id: String,
+    issued_at_ms: u64,
+}
+
+/// The outcome of reserving a code's nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// First time this code is seen.
+    Fresh,
+    /// The code was seen before for this same payment: a retry.
+    SamePayment,
+    /// The code was already used for another payment.
+    Replayed {
+        /// The payment it was used for.
+        first_payment_id: String,
+    },
+}
+
+/// The journal database. Clones share it.
+#[derive(Clone)]
+pub struct Journal {
+    db: sled::Db,
+    decisions: sled::Tree,
+    nonces: sled::Tree,
+    keys: sled::Tree,
+    voids: sled::Tree,
+}
+
+fn storage(e: impl std::fmt::Display) -> HubError {
+    HubError::Storage(e.to_string())
+}
+
+const KEY_VERSION: &[u8] = b"key_version";
+
+impl Journal {
+    /// Opens (or creates) the journal in a directory.
+    pub fn open(path: &Path) -> Result<Self, HubError> {
+        let db = sled::open(path).map_err(storage)?;
+        Ok(Journal {
+            decisions: db.open_tree("decisions").map_err(storage)?,
+            nonces: db.open_tree("nonces").map_err(storage)?,
+            keys: db.open_tree("keys").map_err(storage)?,
+            voids: db.open_tree("voids").map_err(storage)?,
+            db,
+        })
+    }
+
+    fn flush(&self) -> Result<(), HubError> {
+        self.db.flush().map(|_| ()).map_err(storage)
+    }
+
+    /// Records that a code's nonce is being used for a payment, unless it was used before.
+    pub fn reserve_nonce(
+        &self,
+        account_id: &str,
+        nonce: &str,
+        payment_id: &str,
+        issued_at_ms: u64,
+    ) -> Result<Reservation, HubError> {
+        let key = format!("{account_id}/{nonce}");
+        let value = serde_json::to_vec(&NonceUse {
+            payment_id: payment_id.to_owned(),
+            issued_at_ms,
+        })
+        .expect("serialises");
+        let previous = self
+            .nonces
+            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))
+            .map_err(storage)?;
+        let reservation = match previous {
+            Ok(()) => Reservation::Fresh,
+            Err(cas) => {
+                let used: NonceUse =
+                    serde_json::from_slice(&cas.current.expect("present on conflict"))
+                        .expect("journal nonce records are readable");
+                if used.payment_id == payment_id {
+                    Reservation::SamePayment
+                } else {
+                    Reservation::Replayed {
+                        first_payment_id: used.payment_id,
+                    }
+                }
+            }
+        };
+        self.flush()?;
+        Ok(reservation)
+    }
+
+    /// Forgets nonces of codes issued before `cutoff_ms`: such codes are refused as expired anyway.
+    pub fn prune_nonces(&self, cutoff_ms: u64) -> Result<usize, HubError> {
+        let mut removed = 0;
+        for item in self.nonces.iter() {
+            let (key, value) = item.map_err(storage)?;
+            let used: NonceUse =
+                serde_json::from_slice(&value).expect("journal nonce records are readable");
+            if used.issued_at_ms < cutoff_ms {
+                self.nonces.remove(key).map_err(storage)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Appends a decision and flushes it.
+    pub fn record(&self, entry: &JournalEntry) -> Result<(), HubError> {
+        let id = self.db.generate_id().map_err(storage)?;
+        self.decisions
+            .insert(
+                id.to_be_bytes(),
+                serde_json::to_vec(entry).expect("serialises"),
+            )
+            .map_err(storage)?;
+        self.flush()
+    }
+
+    /// Every decision, oldest first.
+    pub fn decisions(&self) -> Result<Vec<JournalEntry>, HubError> {
+        self.decisions
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage)?)
+                    .expect("journal entries are readable"))
+            })
+            .collect()
+    }
+
+    /// Stores key changes and the highest version seen; returns the new highest version.
+    pub fn store_keys(&self, entries: &[KeyEntry]) -> Result<u64, HubError> {
+        let mut version = self.key_version()?;
+        for entry in entries {
+            match &entry.public_key {
+                Some(_) => self
+                    .keys
+                    .insert(
+                        entry.account_id.as_bytes(),
+                        serde_json::to_vec(entry).expect("serialises"),
+                    )
+                    .map(|_| ())
+                    .map_err(storage)?,
+                None => self
+                    .keys
+                    .remove(entry.account_id.as_bytes())
+                    .map(|_| ())
+                    .map_err(storage)?,
+            }
+            version = version.max(entry.version);
+        }
+        self.db
+            .insert(KEY_VERSION, &version.to_be_bytes())
+            .map_err(storage)?;
+        self.flush()?;
+        Ok(version)
+    }
+
+    /// The highest key version stored.
+    pub fn key_version(&self) -> Result<u64, HubError> {
+        Ok(self
+            .db
+            .get(KEY_VERSION)
+            .map_err(storage)?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")))
+            .unwrap_or(0))
+    }
+
+    /// Every stored key.
+    pub fn keys(&self) -> Result<Vec<KeyEntry>, HubError> {
+        self.keys
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(
+                    serde_json::from_slice(&v.map_err(storage)?)
+                        .expect("journal keys are readable"),
+                )
+            })
+            .collect()
+    }
+
+    /// Queues a void for delivery to the cloud.
+    pub fn queue_void(&self, void: &VoidPayment) -> Result<(), HubError> {
+        let key = format!("{}#{}", void.payment_id, void.code_nonce);
+        self.voids
+            .insert(
+                key.as_bytes(),
+                serde_json::to_vec(void).expect("serialises"),
+            )
+            .map_err(storage)?;
+        self.flush()
+    }
+
+    /// Voids still to deliver.
+    pub fn pending_voids(&self) -> Result<Vec<VoidPayment>, HubError> {
+        self.voids
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage)?)
+                    .expect("journal voids are readable"))
+            })
+            .collect()
+    }
+
+    /// Drops a void the cloud acknowledged.
+    pub fn retire_void(&self, void: &VoidPayment) -> Result<(), HubError> {
+        let key = format!("{}#{}", void.payment_id, void.code_nonce);
+        self.voids.remove(key.as_bytes()).map_err(storage)?;
+        self.flush()
+    }
+}
+
+/// Owns the journal on a dedicated thread: every operation ends in a disk flush.
+pub struct JournalActor {
+    journal: Journal,
+}
+
+impl JournalActor {
+    /// Wraps an opened journal.
+    pub fn new(journal: Journal) -> Self {
+        JournalActor { journal }
+    }
+}
+
+impl Actor for JournalActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Journal commands, one closed set.
+#[derive(Message)]
+#[rtype(result = "Result<JournalAnswer, HubError>")]
+pub enum JournalCmd {
+    /// See [`Journal::reserve_nonce`].
+    ReserveNonce {
+        /// Account.
+        account_id: String,
+        /// Code nonce.
+        nonce: String,
+        /// Payment.
+        payment_id: String,
+        /// When the code was issued.
+        issued_at_ms: u64,
+    },
+    /// See [`Journal::record`].
+    Record(Box<JournalEntry>),
+    /// See [`Journal::store_keys`].
+    StoreKeys(Vec<KeyEntry>),
+    /// See [`Journal::queue_void`].
+    QueueVoid(VoidPayment),
+    /// See [`Journal::pending_voids`].
+    PendingVoids,
+    /// See [`Journal::retire_void`].
+    RetireVoid(VoidPayment),
+    /// See [`Journal::prune_nonces`].
+    PruneNonces {
+        /// Codes issued before this are forgotten.
+        cutoff_ms: u64,
+    },
+}
+
+/// Answers to [`JournalCmd`].
+#[derive(Debug)]
+pub enum JournalAnswer {
+    /// Nothing to report.
+    Done,
+    /// Result of a reservation.
+    Reservation(Reservation),
+    /// New highest key version.
+    KeyVersion(u64),
+    /// Pending voids.
+    Voids(Vec<VoidPayment>),
+}
+
+impl Handler<JournalCmd> for JournalActor {
+    type Result = Result<JournalAnswer, HubError>;
+
+    fn handle(&mut self, msg: JournalCmd, _: &mut Self::Context) -> Self::Result {
+        let j = &self.journal;
+        Ok(match msg {
+            JournalCmd::ReserveNonce {
+                account_id,
+                nonce,
+                payment_id,
+                issued_at_ms,
+            } => JournalAnswer::Reservation(j.reserve_nonce(
+                &account_id,
+                &nonce,
+                &payment_id,
+                issued_at_ms,
+            )?),
+            JournalCmd::Record(entry) => {
+                j.record(&entry)?;
+                JournalAnswer::Done
+            }
+            JournalCmd::StoreKeys(entries) => JournalAnswer::KeyVersion(j.store_keys(&entries)?),
+            JournalCmd::QueueVoid(void) => {
+                j.queue_void(&void)?;
+                JournalAnswer::Done
+            }
+            JournalCmd::PendingVoids => JournalAnswer::Voids(j.pending_voids()?),
+            JournalCmd::RetireVoid(void) => {
+                j.retire_void(&void)?;
+                JournalAnswer::Done
+            }
+            JournalCmd::PruneNonces { cutoff_ms } => {
+                let removed = j.prune_nonces(cutoff_ms)?;
+                tracing::debug!(removed, "pruned expired code nonces");
+                JournalAnswer::Done
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal() -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j")).unwrap();
+        (dir, j)
+    }
+
+    #[test]
+    fn nonce_reservation() {
+        let (_d, j) = journal();
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+            Reservation::Fresh
+        );
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+            Reservation::SamePayment
+        );
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o2", 10).unwrap(),
+            Reservation::Replayed {
+                first_payment_id: "s:o1".into()
+            }
+        );
+        assert_eq!(
+            j.reserve_nonce("b", "n1", "s:o2", 10).unwrap(),
+            Reservation::Fresh
+        );
+        assert_eq!(j.prune_nonces(11).unwrap(), 2);
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o3", 20).unwrap(),
+            Reservation::Fresh
+        );
+    }
+
+    #[test]
+    fn keys_and_revocation_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let j = Journal::open(&path).unwrap();
+            let entry = |id: &str, v: u64, key: Option<&str>| KeyEntry {
+                account_id: id.into(),
+                version: v,
+                public_key: key.map(str::to_owned),
+            };
+            assert_eq!(
+                j.store_keys(&[entry("a", 1, Some("ka")), entry("b", 2, Some("kb"))])
+                    .unwrap(),
+                2
+            );
+            assert_eq!(j.store_keys(&[entry("a", 3, None)]).unwrap(), 3);
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.key_version().unwrap(), 3);
+        let keys = j.keys().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].account_id, "b");
+    }
+
+    #[test]
+    fn voids_queue_until_retired() {
+        let (_d, j) = journal();
+        let v = VoidPayment {
+            payment_id: "s:o1".into(),
+            account_id: "a".into(),
+            code_nonce: "n".into(),
+        };
+        j.queue_void(&v).unwrap();
+        j.queue_void(&v).unwrap();
+        assert_eq!(j.pending_voids().unwrap(), vec![v.clone()]);
+        j.retire_void(&v).unwrap();
+        assert!(j.pending_voids().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,186 @@
+//! The hub's link to the cloud: MQTT request/reply with deadlines, and key broadcasts.
+
+use std::{collections::HashMap, time::Duration};
+
+use actix::prelude::*;
+use futures::channel::oneshot;
+use mqtt::{LinkEvent, QoS};
+use protocol::{CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch};
+
+use crate::error::HubError;
+
+/// Most requests waiting for the cloud at once; beyond it a request fails at once as saturated.
+pub const MAX_PENDING_CLOUD_REQUESTS: usize = 1024;
+/// Mailbox bound of the uplink actor.
+pub const UPLINK_MAILBOX: usize = 256;
+
+/// Told to the hub's owner of keys and voids when the link changes or keys arrive.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum UplinkEvent {
+    /// Connected to the broker (again): time to sync keys and resend voids.
+    CloudConnected,
+    /// The cloud broadcast key changes.
+    KeysBroadcast(KeyBatch),
+}
+
+/// Owns the MQTT client and the table of requests waiting for replies.
+pub struct UplinkActor {
+    store_id: String,
+    client: mqtt::Client,
+    connected: bool,
+    next_request_id: u64,
+    pending: HashMap<u64, oneshot::Sender<CloudReplyBody>>,
+    listener: Recipient<UplinkEvent>,
+    connected_gauge: prometheus::IntGauge,
+}
+
+impl UplinkActor {
+    /// An uplink for a store; `listener` hears connection and key events.
+    pub fn new(
+        store_id: String,
+        client: mqtt::Client,
+        listener: Recipient<UplinkEvent>,
+        connected_gauge: prometheus::IntGauge,
+    ) -> Self {
+        // Request ids only need to be unique among this process's requests, but starting from the
+        // clock keeps a restarted hub from matching a stale reply to a new request.
+        let next_request_id = paycode::now_ms() << 16;
+        UplinkActor {
+            store_id,
+            client,
+            connected: false,
+            next_request_id,
+            pending: HashMap::new(),
+            listener,
+            connected_gauge,
+        }
+    }
+}
+
+impl Actor for UplinkActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(UPLINK_MAILBOX);
+    }
+}
+
+/// Send a request to the cloud and wait for its reply until `timeout`.
+#[derive(Message)]
+#[rtype(result = "Result<CloudReplyBody, HubError>")]
+pub struct CallCloud {
+    /// What to ask.
+    pub body: HubRequestBody,
+    /// How long to wait.
+    pub timeout: Duration,
+}
+
+impl Handler<CallCloud> for UplinkActor {
+    type Result = ResponseActFuture<Self, Result<CloudReplyBody, HubError>>;
+
+    fn handle(&mut self, msg: CallCloud, _: &mut Self::Context) -> Self::Result {
+        if !self.connected {
+            return Box::pin(fut::ready(Err(HubError::CloudDisconnected)));
+        }
+        if self.pending.len() >= MAX_PENDING_CLOUD_REQUESTS {
+            return Box::pin(fut::ready(Err(HubError::UplinkSaturated)));
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let request = HubRequest {
+            request_id,
+            store_id: self.store_id.clone(),
+            body: msg.body,
+        };
+        let payload = protocol::encode(&request);
+        if let Err(error) = self.client.try_publish(
+            protocol::topics::cloud_requests(&self.store_id),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ) {
+            tracing::warn!(%error, "publishing to the cloud failed");
+            return Box::pin(fut::ready(Err(HubError::UplinkSaturated)));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.insert(request_id, tx);
+        let timeout = msg.timeout;
+        Box::pin(
+            async move {
+                match tokio::time::timeout(timeout, rx).await {
+                    Ok(Ok(reply)) => Ok(reply),
+                    // The sender is dropped when the link goes down: fail now, not at the deadline.
+                    Ok(Err(_)) => Err(HubError::CloudDisconnected),
+                    Err(_) => Err(HubError::CloudTimeout(timeout.as_millis() as u64)),
+                }
+            }
+            .into_actor(self)
+            .map(move |result, actor, _| {
+                actor.pending.remove(&request_id);
+                result
+            }),
+        )
+    }
+}
+
+/// Something happened on the MQTT link.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LinkEventMsg(pub LinkEvent);
+
+impl Handler<LinkEventMsg> for UplinkActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: LinkEventMsg, _: &mut Self::Context) -> Self::Result {
+        match msg.0 {
+            LinkEvent::Connected => {
+                self.connected = true;
+                self.connected_gauge.set(1);
+                tracing::info!(store_id = self.store_id, "hub connected to broker");
+                let client = self.client.clone();
+                let listener = self.listener.clone();
+                let replies = protocol::topics::store_replies(&self.store_id);
+                return Box::pin(async move {
+                    for topic in [replies, protocol::topics::key_updates()] {
+                        if let Err(error) = client.subscribe(topic, QoS::AtLeastOnce).await {
+                            tracing::warn!(%error, "subscribing failed");
+                        }
+                    }
+                    listener.do_send(UplinkEvent::CloudConnected);
+                });
+            }
+            LinkEvent::Disconnected(_) => {
+                if self.connected {
+                    tracing::warn!(store_id = self.store_id, "hub lost the broker");
+                }
+                self.connected = false;
+                self.connected_gauge.set(0);
+                // Dropping the senders fails every waiting request now.
+                self.pending.clear();
+            }
+            LinkEvent::Message { topic, payload } => {
+                if topic == protocol::topics::key_updates() {
+                    match protocol::decode::<KeyBatch>(&payload) {
+                        Ok(batch) => self.listener.do_send(UplinkEvent::KeysBroadcast(batch)),
+                        Err(error) => tracing::warn!(%error, "unreadable key broadcast dropped"),
+                    }
+                } else {
+                    match protocol::decode::<CloudReply>(&payload) {
+                        Ok(reply) => {
+                            if let Some(waiting) = self.pending.remove(&reply.request_id) {
+                                let _ = waiting.send(reply.body);
+                            } else {
+                                tracing::debug!(
+                                    request_id = reply.request_id,
+                                    "late cloud reply dropped"
+                                );
+                            }
+                        }
+                        Err(error) => tracing::warn!(%error, "unreadable cloud reply dropped"),
+                    }
+                }
+            }
+        }
+        Box::pin(async {})
+    }
+}

@@ -1,0 +1,174 @@
+//! The Zenoh link between edge terminals and their store hub: its configuration section and a
+//! session that lives on its own multi-thread Tokio runtime.
+//!
+//! Zenoh refuses Tokio's current-thread scheduler, which is what actix runs actors on, so the
+//! session is opened and driven on a dedicated runtime; actors reach it through [`ZenohLink::spawn`]
+//! and await the join handle.
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+pub use zenoh;
+
+/// Worker threads of the Zenoh runtime.
+pub const ZENOH_WORKER_THREADS: usize = 2;
+
+/// The `[zenoh]` section of the edge and hub configurations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZenohConfig {
+    /// Endpoints to listen on, e.g. `tcp/127.0.0.1:7447` (the hub listens).
+    pub listen: Vec<String>,
+    /// Endpoints to connect to (the edge connects to its hub).
+    pub connect: Vec<String>,
+    /// Multicast scouting finds peers on the LAN by itself; off by default so that a terminal only
+    /// ever talks to the hub it is configured for.
+    pub multicast_scouting: bool,
+}
+
+impl Default for ZenohConfig {
+    fn default() -> Self {
+        ZenohConfig {
+            listen: vec![],
+            connect: vec![],
+            multicast_scouting: false,
+        }
+    }
+}
+
+impl ZenohConfig {
+    /// Checks endpoints; the error names the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        for (key, endpoints) in [("listen", &self.listen), ("connect", &self.connect)] {
+            for endpoint in endpoints {
+                let ok = endpoint
+                    .split_once('/')
+                    .map(|(proto, addr)| matches!(proto, "tcp" | "tls") && !addr.is_empty())
+                    .unwrap_or(false);
+                if !ok {
+                    return Err((
+                        format!("{prefix}.{key}"),
+                        format!("{endpoint:?} is not an endpoint such as \"tcp/127.0.0.1:7447\""),
+                    ));
+                }
+            }
+        }
+        if self.listen.is_empty() && self.connect.is_empty() {
+            return Err((
+                format!("{prefix}.listen"),
+                "listen or connect needs at least one endpoint".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn to_zenoh(&self) -> anyhow::Result<zenoh::Config> {
+        let mut config = zenoh::Config::default();
+        let list = |v: &[String]| serde_json_list(v);
+        let set = |config: &mut zenoh::Config, key: &str, value: String| {
+            config
+                .insert_json5(key, &value)
+                .map_err(|e| anyhow::anyhow!("zenoh config {key}: {e}"))
+        };
+        set(&mut config, "mode", "\"peer\"".into())?;
+        set(
+            &mut config,
+            "scouting/multicast/enabled",
+            self.multicast_scouting.to_string(),
+        )?;
+        set(&mut config, "listen/endpoints", list(&self.listen))?;
+        set(&mut config, "connect/endpoints", list(&self.connect))?;
+        // Keep retrying the configured peers for ever: a hub restart must not strand its edges.
+        set(&mut config, "connect/timeout_ms", "-1".into())?;
+        set(&mut config, "connect/exit_on_failure", "false".into())?;
+        set(&mut config, "listen/exit_on_failure", "true".into())?;
+        Ok(config)
+    }
+}
+
+fn serde_json_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(","))
+}
+
+/// An open Zenoh session and the runtime it lives on.
+#[derive(Clone)]
+pub struct ZenohLink {
+    runtime: Arc<RuntimeHolder>,
+    /// The session; use it only inside futures given to [`ZenohLink::spawn`].
+    pub session: zenoh::Session,
+}
+
+impl ZenohLink {
+    /// Builds the runtime and opens the session on it. Blocks the calling thread until open.
+    pub fn open(config: &ZenohConfig) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(ZENOH_WORKER_THREADS)
+            .thread_name("zenoh")
+            .enable_all()
+            .build()
+            .context("starting the zenoh runtime")?;
+        let zconfig = config.to_zenoh()?;
+        // Opening from inside the runtime: zenoh must see a multi-thread scheduler.
+        let session = std::thread::scope(|s| {
+            s.spawn(|| runtime.block_on(async { zenoh::open(zconfig).await }))
+                .join()
+                .expect("zenoh open thread does not panic")
+        })
+        .map_err(|e| anyhow::anyhow!("opening zenoh session: {e}"))?;
+        Ok(ZenohLink {
+            runtime: Arc::new(RuntimeHolder(Some(runtime))),
+            session,
+        })
+    }
+
+    /// Runs a future on the Zenoh runtime; await the handle from any executor.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime
+            .0
+            .as_ref()
+            .expect("runtime lives until drop")
+            .spawn(future)
+    }
+}
+
+/// Shuts the runtime down without blocking: the last handle may be dropped on an async thread,
+/// where a blocking shutdown would panic.
+struct RuntimeHolder(Option<tokio::runtime::Runtime>);
+
+impl Drop for RuntimeHolder {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_checked() {
+        let ok = ZenohConfig {
+            listen: vec!["tcp/127.0.0.1:7447".into()],
+            ..Default::default()
+        };
+        assert!(ok.validate("zenoh").is_ok());
+        let bad = ZenohConfig {
+            connect: vec!["127.0.0.1:7447".into()],
+            ..Default::default()
+        };
+        assert_eq!(bad.validate("zenoh").unwrap_err().0, "zenoh.connect");
+        assert_eq!(
+            ZenohConfig::default().validate("zenoh").unwrap_err().0,
+            "zenoh.listen"
+        );
+    }
+}
