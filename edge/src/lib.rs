@@ -1,1 +1,90 @@
-//! placeholder
+//! The facepay edge: the checkout terminal.
+//!
+//! A scanner actor reads frames from a [`frames::FrameSource`] and decodes QR payment codes; a
+//! checkout actor runs one session at a time for the cash register's local HTTP API and asks the
+//! store hub over Zenoh for the decision. See `README.md` in this folder for the actors.
+
+mod api;
+pub mod checkout;
+pub mod config;
+pub mod frames;
+pub mod hub_client;
+pub mod scanner;
+
+use std::{net::SocketAddr, time::Duration};
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use prometheus::Registry;
+
+pub use api::status_of;
+pub use config::EdgeConfig;
+
+use crate::{
+    checkout::{CheckoutActor, CheckoutSettings},
+    frames::DirectorySource,
+    hub_client::HubClient,
+    scanner::ScannerActor,
+};
+
+/// A running edge terminal.
+pub struct EdgeHandle {
+    /// Where the cash-register API and `/metrics` listen.
+    pub http_addr: SocketAddr,
+    /// The checkout actor.
+    pub checkout: Addr<CheckoutActor>,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl EdgeHandle {
+    /// Stops the HTTP server; the actors stop with the actix system.
+    pub async fn stop(&self) {
+        self.server.stop(true).await;
+    }
+}
+
+/// Starts an edge terminal inside the current actix system.
+pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
+    let registry = Registry::new();
+    let metrics = telemetry::PaymentMetrics::register(&registry, "edge");
+
+    let source = DirectorySource::new(&config.frames_dir, Duration::from_millis(config.frame_poll_interval_ms))
+        .with_context(|| format!("opening frames_dir {}", config.frames_dir.display()))?;
+    let source = std::sync::Mutex::new(Some(source));
+    let scanner = SyncArbiter::start(1, move || {
+        let source = source.lock().expect("not poisoned").take().expect("one scanner thread");
+        ScannerActor::new(Box::new(source))
+    });
+
+    let zenoh_config = config.zenoh.clone();
+    let zenoh = tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config))
+        .await
+        .expect("zenoh open does not panic")?;
+    let hub = HubClient::new(zenoh, &config.store_id, Duration::from_millis(config.hub_timeout_ms));
+    let settings = CheckoutSettings {
+        store_id: config.store_id.clone(),
+        terminal_id: config.terminal_id.clone(),
+        scan_timeout: Duration::from_millis(config.scan_timeout_ms),
+    };
+    let checkout = CheckoutActor::new(settings, scanner, hub, metrics).start();
+
+    let api_checkout = checkout.clone();
+    let server = actix_web::HttpServer::new(move || {
+        let registry = registry.clone();
+        let checkout = api_checkout.clone();
+        actix_web::App::new()
+            .configure(|cfg| telemetry::configure_metrics(cfg, registry))
+            .configure(|cfg| api::configure(cfg, checkout))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(&config.http_listen)
+    .with_context(|| format!("binding http_listen {}", config.http_listen))?;
+    let http_addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(server);
+    tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %http_addr, "edge started");
+    Ok(EdgeHandle { http_addr, checkout, server: handle })
+}

@@ -1,1 +1,23 @@
-fn main() {}
+//! `facepay-edge`: the checkout terminal.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "facepay-edge", about = "facepay checkout terminal: scans payment codes, serves the cash register")]
+struct Cli {
+    #[command(flatten)]
+    config: settings::ConfigArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config: edge::EdgeConfig = settings::load_or_exit("facepay-edge", edge::config::ENV_PREFIX, &cli.config);
+    telemetry::init_tracing();
+    actix::System::new().block_on(async move {
+        let handle = edge::start(config).await?;
+        println!("facepay-edge ready http={}", handle.http_addr);
+        telemetry::wait_for_shutdown().await;
+        handle.stop().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,67 @@
+//! The edge terminal's configuration; `configs/edge.toml` documents every key.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use settings::{check_range, check_socket_addr, Validate};
+use zlink::ZenohConfig;
+
+/// Environment variable prefix: `FACEPAY_EDGE_TERMINAL_ID=till-2`.
+pub const ENV_PREFIX: &str = "FACEPAY_EDGE_";
+
+/// The whole edge configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// The store this terminal belongs to.
+    pub store_id: String,
+    /// This terminal's id, unique in its store.
+    pub terminal_id: String,
+    /// The cash register's local API and `/metrics`, plain HTTP on this address.
+    pub http_listen: String,
+    /// How long a checkout waits for the customer to present a code.
+    pub scan_timeout_ms: u64,
+    /// How long to wait for the hub's decision; longer than the hub's own cloud deadline.
+    pub hub_timeout_ms: u64,
+    /// The frame source: a spool directory of images, each read once and then removed.
+    pub frames_dir: PathBuf,
+    /// How often the frame directory is polled for new images.
+    pub frame_poll_interval_ms: u64,
+    /// The hub's Zenoh endpoint(s).
+    pub zenoh: ZenohConfig,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            store_id: "store-1".into(),
+            terminal_id: "till-1".into(),
+            http_listen: "127.0.0.1:8080".into(),
+            scan_timeout_ms: 10_000,
+            hub_timeout_ms: 5_000,
+            frames_dir: "data/edge/frames".into(),
+            frame_poll_interval_ms: 20,
+            zenoh: ZenohConfig { connect: vec!["tcp/127.0.0.1:7447".into()], ..ZenohConfig::default() },
+        }
+    }
+}
+
+impl Validate for EdgeConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        protocol::validate_id("store_id", &self.store_id).map_err(|e| ("store_id".into(), e.to_string()))?;
+        protocol::validate_id("terminal_id", &self.terminal_id)
+            .map_err(|e| ("terminal_id".into(), e.to_string()))?;
+        check_socket_addr("http_listen", &self.http_listen)?;
+        check_range("scan_timeout_ms", self.scan_timeout_ms, 100..=120_000, "ms")?;
+        check_range("hub_timeout_ms", self.hub_timeout_ms, 100..=120_000, "ms")?;
+        check_range("frame_poll_interval_ms", self.frame_poll_interval_ms, 1..=10_000, "ms")?;
+        if self.frames_dir.as_os_str().is_empty() {
+            return Err(("frames_dir".into(), "must not be empty".into()));
+        }
+        self.zenoh.validate("zenoh")?;
+        if self.zenoh.connect.is_empty() {
+            return Err(("zenoh.connect".into(), "the edge needs its hub's endpoint".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! Where the terminal's scanner and (later) camera get their frames.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use image::GrayImage;
+
+/// Largest image file accepted as a frame; bigger files are skipped unread.
+pub const MAX_FRAME_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest frame side in pixels.
+pub const MAX_FRAME_SIDE: u32 = 8192;
+
+/// A source of frames: an image directory now, a camera later. Implementations block, so they are
+/// only ever called from the scanner's dedicated thread.
+pub trait FrameSource: Send {
+    /// The next frame, waiting until `deadline` at most; `None` when none came in time.
+    fn next_frame(&mut self, deadline: Instant) -> Option<GrayImage>;
+}
+
+/// A spool directory: each image file that appears is one frame, read once and then removed,
+/// oldest name first. Files whose names start with `.` are ignored, so a writer can create
+/// `.name.tmp` and rename it into place.
+pub struct DirectorySource {
+    dir: PathBuf,
+    poll_interval: Duration,
+    skipped: BTreeSet<PathBuf>,
+}
+
+impl DirectorySource {
+    /// A source over `dir`, created if missing.
+    pub fn new(dir: &Path, poll_interval: Duration) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(DirectorySource { dir: dir.to_owned(), poll_interval, skipped: BTreeSet::new() })
+    }
+
+    fn oldest_file(&self) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(&self.dir).ok()?;
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .map(|e| e.path())
+            .filter(|p| !p.file_name().and_then(|n| n.to_str()).unwrap_or(".").starts_with('.'))
+            .filter(|p| !self.skipped.contains(p))
+            .min()
+    }
+
+    fn read(path: &Path) -> Result<GrayImage, String> {
+        let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+        if size > MAX_FRAME_BYTES {
+            return Err(format!("{size} bytes is over the {MAX_FRAME_BYTES}-byte frame limit"));
+        }
+        let reader = image::ImageReader::open(path)
+            .map_err(|e| e.to_string())?
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
+        if w > MAX_FRAME_SIDE || h > MAX_FRAME_SIDE {
+            return Err(format!("{w}x{h} is over the {MAX_FRAME_SIDE}-pixel frame limit"));
+        }
+        let reader = image::ImageReader::open(path)
+            .map_err(|e| e.to_string())?
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        Ok(reader.decode().map_err(|e| e.to_string())?.to_luma8())
+    }
+}
+
+impl FrameSource for DirectorySource {
+    fn next_frame(&mut self, deadline: Instant) -> Option<GrayImage> {
+        loop {
+            if let Some(path) = self.oldest_file() {
+                let frame = Self::read(&path);
+                if std::fs::remove_file(&path).is_err() {
+                    // Cannot consume it (permissions): never look at it again.
+                    self.skipped.insert(path.clone());
+                }
+                match frame {
+                    Ok(frame) => return Some(frame),
+                    Err(error) => {
+                        tracing::warn!(%error, path = %path.display(), "unreadable frame skipped");
+                        continue;
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::sleep(self.poll_interval.min(deadline - now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_come_oldest_name_first_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = GrayImage::from_pixel(8, 8, image::Luma([7]));
+        img.save(dir.path().join("b.png")).unwrap();
+        GrayImage::from_pixel(4, 4, image::Luma([1])).save(dir.path().join("a.png")).unwrap();
+        std::fs::write(dir.path().join("broken.png"), b"not an image").unwrap();
+        std::fs::write(dir.path().join(".partial.png"), b"x").unwrap();
+        let mut source = DirectorySource::new(dir.path(), Duration::from_millis(1)).unwrap();
+        let soon = || Instant::now() + Duration::from_millis(50);
+        assert_eq!(source.next_frame(soon()).unwrap().width(), 4);
+        assert_eq!(source.next_frame(soon()).unwrap().width(), 8);
+        assert!(source.next_frame(soon()).is_none(), "broken file skipped, hidden file ignored");
+        assert!(dir.path().join(".partial.png").exists());
+        assert!(!dir.path().join("broken.png").exists());
+    }
+}

@@ -1,0 +1,87 @@
+//! The edge's side of the Zenoh query/reply with its store hub.
+
+use std::time::{Duration, Instant};
+
+use protocol::{AuthorizeReply, AuthorizeRequest};
+
+/// Pause between attempts while no hub queryable is reachable.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Why the hub gave no decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubUnreachable {
+    /// No hub answered: the request never reached one, nothing was recorded.
+    #[error("no store hub reachable")]
+    NoHub,
+    /// The hub got the request but did not answer in time.
+    #[error("the store hub did not answer within {0} ms")]
+    Timeout(u64),
+    /// The hub answered something unreadable.
+    #[error("unreadable answer from the store hub: {0}")]
+    BadReply(String),
+}
+
+/// Asks the store's hub to authorize payments.
+#[derive(Clone)]
+pub struct HubClient {
+    zenoh: zlink::ZenohLink,
+    key: String,
+    timeout: Duration,
+}
+
+impl HubClient {
+    /// A client for a store's hub.
+    pub fn new(zenoh: zlink::ZenohLink, store_id: &str, timeout: Duration) -> Self {
+        HubClient { zenoh, key: protocol::keyexpr::hub_authorize(store_id), timeout }
+    }
+
+    /// Sends the request and waits for the decision. While no hub is reachable at all the query
+    /// is retried (it reached nobody, so repeating it is safe) until the deadline.
+    pub async fn authorize(&self, request: &AuthorizeRequest) -> Result<AuthorizeReply, HubUnreachable> {
+        let session = self.zenoh.session.clone();
+        let key = self.key.clone();
+        let payload = protocol::encode(request);
+        let timeout = self.timeout;
+        self.zenoh
+            .spawn(async move {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        return Err(HubUnreachable::NoHub);
+                    }
+                    let replies = session
+                        .get(&key)
+                        .payload(payload.clone())
+                        .timeout(remaining)
+                        .await
+                        .map_err(|e| HubUnreachable::BadReply(e.to_string()))?;
+                    let started = Instant::now();
+                    match replies.recv_async().await {
+                        Ok(reply) => {
+                            return match reply.result() {
+                                Ok(sample) => protocol::decode(&sample.payload().to_bytes())
+                                    .map_err(|e| HubUnreachable::BadReply(e.to_string())),
+                                Err(error) => {
+                                    let text = String::from_utf8_lossy(&error.payload().to_bytes()).into_owned();
+                                    if text.to_lowercase().contains("timeout") {
+                                        Err(HubUnreachable::Timeout(timeout.as_millis() as u64))
+                                    } else {
+                                        Err(HubUnreachable::BadReply(text))
+                                    }
+                                }
+                            }
+                        }
+                        // The reply channel closed without a reply. Immediately: no queryable
+                        // matched; after the timeout: the hub got it but did not answer.
+                        Err(_) if started.elapsed() + RETRY_INTERVAL < remaining => {
+                            tokio::time::sleep(RETRY_INTERVAL).await;
+                        }
+                        Err(_) => return Err(HubUnreachable::Timeout(timeout.as_millis() as u64)),
+                    }
+                }
+            })
+            .await
+            .expect("hub query task does not panic")
+    }
+}
