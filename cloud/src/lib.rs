@@ -35,6 +35,11 @@ impl CloudHandle {
     pub async fn stop(&self) {
         self.server.stop(true).await;
     }
+
+    /// The HTTP server's handle, to stop it from elsewhere.
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.clone()
+    }
 }
 
 /// Starts the cloud inside the current actix system.

@@ -16,10 +16,21 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutActor>) {
     cfg.app_data(web::Data::new(checkout))
-        .app_data(web::JsonConfig::default().limit(MAX_BODY_BYTES).error_handler(|error, _| {
-            let body = refusal(DeclineReason::InvalidRequest, format!("request body: {error}"));
-            actix_web::error::InternalError::from_response(error, HttpResponse::BadRequest().json(body)).into()
-        }))
+        .app_data(
+            web::JsonConfig::default()
+                .limit(MAX_BODY_BYTES)
+                .error_handler(|error, _| {
+                    let body = refusal(
+                        DeclineReason::InvalidRequest,
+                        format!("request body: {error}"),
+                    );
+                    actix_web::error::InternalError::from_response(
+                        error,
+                        HttpResponse::BadRequest().json(body),
+                    )
+                    .into()
+                }),
+        )
         .route("/healthz", web::get().to(|| async { "ok" }))
         .route("/v1/charge", web::post().to(charge));
 }
@@ -40,23 +51,31 @@ fn refusal(reason: DeclineReason, detail: String) -> ChargeResult {
 pub fn status_of(result: &ChargeResult) -> StatusCode {
     match result.reason {
         None => StatusCode::OK,
-        Some(DeclineReason::InvalidRequest | DeclineReason::InvalidAmount | DeclineReason::UnknownCurrency) => {
-            StatusCode::BAD_REQUEST
-        }
+        Some(
+            DeclineReason::InvalidRequest
+            | DeclineReason::InvalidAmount
+            | DeclineReason::UnknownCurrency,
+        ) => StatusCode::BAD_REQUEST,
         Some(DeclineReason::TerminalBusy) => StatusCode::CONFLICT,
         Some(DeclineReason::StoreSystemUnreachable) => StatusCode::SERVICE_UNAVAILABLE,
         Some(_) => StatusCode::OK,
     }
 }
 
-async fn charge(checkout: web::Data<Addr<CheckoutActor>>, body: web::Json<ChargeRequest>) -> HttpResponse {
+async fn charge(
+    checkout: web::Data<Addr<CheckoutActor>>,
+    body: web::Json<ChargeRequest>,
+) -> HttpResponse {
     let request = body.into_inner();
     let order_id = request.order_id.clone();
     let result = match checkout.send(Charge(request)).await {
         Ok(result) => result,
         Err(error) => ChargeResult {
             order_id,
-            ..refusal(DeclineReason::Internal, format!("checkout unavailable: {error}"))
+            ..refusal(
+                DeclineReason::Internal,
+                format!("checkout unavailable: {error}"),
+            )
         },
     };
     HttpResponse::build(status_of(&result)).json(result)

@@ -40,8 +40,19 @@ pub struct CheckoutActor {
 
 impl CheckoutActor {
     /// A checkout over a scanner and a hub client.
-    pub fn new(settings: CheckoutSettings, scanner: Addr<ScannerActor>, hub: HubClient, metrics: PaymentMetrics) -> Self {
-        CheckoutActor { settings, scanner, hub, metrics, busy: false }
+    pub fn new(
+        settings: CheckoutSettings,
+        scanner: Addr<ScannerActor>,
+        hub: HubClient,
+        metrics: PaymentMetrics,
+    ) -> Self {
+        CheckoutActor {
+            settings,
+            scanner,
+            hub,
+            metrics,
+            busy: false,
+        }
     }
 }
 
@@ -59,12 +70,19 @@ pub struct Charge(pub ChargeRequest);
 
 fn result(order_id: &str, payment_id: Option<String>, decision: Decision) -> ChargeResult {
     match decision {
-        Decision::Approved { account_id, already_paid } => ChargeResult {
+        Decision::Approved {
+            account_id,
+            already_paid,
+        } => ChargeResult {
             order_id: order_id.to_owned(),
             payment_id,
             status: ChargeStatus::Approved,
             reason: None,
-            detail: if already_paid { "order was already paid; nothing charged again".into() } else { "paid".into() },
+            detail: if already_paid {
+                "order was already paid; nothing charged again".into()
+            } else {
+                "paid".into()
+            },
             account_id: Some(account_id),
             already_paid,
         },
@@ -110,12 +128,17 @@ impl Handler<Charge> for CheckoutActor {
         if self.busy {
             return refuse(
                 self,
-                Decision::declined(DeclineReason::TerminalBusy, "another checkout is running on this terminal"),
+                Decision::declined(
+                    DeclineReason::TerminalBusy,
+                    "another checkout is running on this terminal",
+                ),
             );
         }
         self.busy = true;
         let payment_id = protocol::payment_id(&self.settings.store_id, &request.order_id);
-        let scan = self.scanner.send(ScanForCode { timeout: self.settings.scan_timeout });
+        let scan = self.scanner.send(ScanForCode {
+            timeout: self.settings.scan_timeout,
+        });
         let hub = self.hub.clone();
         let settings = self.settings.clone();
         let pid = payment_id.clone();
@@ -125,10 +148,18 @@ impl Handler<Charge> for CheckoutActor {
                 Ok(None) => {
                     return Decision::declined(
                         DeclineReason::NoCodePresented,
-                        format!("no payment code seen within {} ms", settings.scan_timeout.as_millis()),
+                        format!(
+                            "no payment code seen within {} ms",
+                            settings.scan_timeout.as_millis()
+                        ),
                     )
                 }
-                Err(error) => return Decision::declined(DeclineReason::Internal, format!("scanner unavailable: {error}")),
+                Err(error) => {
+                    return Decision::declined(
+                        DeclineReason::Internal,
+                        format!("scanner unavailable: {error}"),
+                    )
+                }
             };
             let request = AuthorizeRequest {
                 payment_id: pid.clone(),
@@ -145,13 +176,21 @@ impl Handler<Charge> for CheckoutActor {
                     // A refusal of an unreadable request carries no payment id.
                     declined @ Decision::Declined { .. } => declined,
                     Decision::Approved { .. } => {
-                        tracing::error!(expected = pid, got = reply.payment_id, "hub approved another payment");
-                        Decision::declined(DeclineReason::Internal, "the store hub answered for another payment")
+                        tracing::error!(
+                            expected = pid,
+                            got = reply.payment_id,
+                            "hub approved another payment"
+                        );
+                        Decision::declined(
+                            DeclineReason::Internal,
+                            "the store hub answered for another payment",
+                        )
                     }
                 },
-                Err(error @ HubUnreachable::NoHub) => {
-                    Decision::declined(DeclineReason::StoreSystemUnreachable, format!("{error}; nothing was charged"))
-                }
+                Err(error @ HubUnreachable::NoHub) => Decision::declined(
+                    DeclineReason::StoreSystemUnreachable,
+                    format!("{error}; nothing was charged"),
+                ),
                 Err(error) => Decision::declined(
                     DeclineReason::StoreSystemUnreachable,
                     format!("{error}; retry the same order id to learn whether it was paid"),
@@ -171,9 +210,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn check(order: &str, amount: serde_json::Value, currency: &str, expected: Option<DeclineReason>) {
-        let req = ChargeRequest { order_id: order.into(), amount_minor: amount, currency: currency.into() };
-        assert_eq!(validate_charge(&req).err().and_then(|d| d.reason()), expected, "{req:?}");
+    fn check(
+        order: &str,
+        amount: serde_json::Value,
+        currency: &str,
+        expected: Option<DeclineReason>,
+    ) {
+        let req = ChargeRequest {
+            order_id: order.into(),
+            amount_minor: amount,
+            currency: currency.into(),
+        };
+        assert_eq!(
+            validate_charge(&req).err().and_then(|d| d.reason()),
+            expected,
+            "{req:?}"
+        );
     }
 
     #[test]
@@ -181,10 +233,25 @@ mod tests {
         check("o-1", json!(100), "EUR", None);
         check("o-1", json!(0), "EUR", Some(DeclineReason::InvalidAmount));
         check("o-1", json!(-1), "EUR", Some(DeclineReason::InvalidAmount));
-        check("o-1", json!(9_223_372_036_854_775_807i64), "EUR", Some(DeclineReason::InvalidAmount));
+        check(
+            "o-1",
+            json!(9_223_372_036_854_775_807i64),
+            "EUR",
+            Some(DeclineReason::InvalidAmount),
+        );
         check("o-1", json!(1.5), "EUR", Some(DeclineReason::InvalidAmount));
-        check("o-1", json!(100), "XYZ", Some(DeclineReason::UnknownCurrency));
-        check("o/1", json!(100), "EUR", Some(DeclineReason::InvalidRequest));
+        check(
+            "o-1",
+            json!(100),
+            "XYZ",
+            Some(DeclineReason::UnknownCurrency),
+        );
+        check(
+            "o/1",
+            json!(100),
+            "EUR",
+            Some(DeclineReason::InvalidRequest),
+        );
         check("", json!(100), "EUR", Some(DeclineReason::InvalidRequest));
     }
 }

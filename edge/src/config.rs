@@ -41,26 +41,38 @@ impl Default for EdgeConfig {
             hub_timeout_ms: 5_000,
             frames_dir: "data/edge/frames".into(),
             frame_poll_interval_ms: 20,
-            zenoh: ZenohConfig { connect: vec!["tcp/127.0.0.1:7447".into()], ..ZenohConfig::default() },
+            zenoh: ZenohConfig {
+                connect: vec!["tcp/127.0.0.1:7447".into()],
+                ..ZenohConfig::default()
+            },
         }
     }
 }
 
 impl Validate for EdgeConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        protocol::validate_id("store_id", &self.store_id).map_err(|e| ("store_id".into(), e.to_string()))?;
+        protocol::validate_id("store_id", &self.store_id)
+            .map_err(|e| ("store_id".into(), e.to_string()))?;
         protocol::validate_id("terminal_id", &self.terminal_id)
             .map_err(|e| ("terminal_id".into(), e.to_string()))?;
         check_socket_addr("http_listen", &self.http_listen)?;
         check_range("scan_timeout_ms", self.scan_timeout_ms, 100..=120_000, "ms")?;
         check_range("hub_timeout_ms", self.hub_timeout_ms, 100..=120_000, "ms")?;
-        check_range("frame_poll_interval_ms", self.frame_poll_interval_ms, 1..=10_000, "ms")?;
+        check_range(
+            "frame_poll_interval_ms",
+            self.frame_poll_interval_ms,
+            1..=10_000,
+            "ms",
+        )?;
         if self.frames_dir.as_os_str().is_empty() {
             return Err(("frames_dir".into(), "must not be empty".into()));
         }
         self.zenoh.validate("zenoh")?;
         if self.zenoh.connect.is_empty() {
-            return Err(("zenoh.connect".into(), "the edge needs its hub's endpoint".into()));
+            return Err((
+                "zenoh.connect".into(),
+                "the edge needs its hub's endpoint".into(),
+            ));
         }
         Ok(())
     }

@@ -33,7 +33,11 @@ impl DirectorySource {
     /// A source over `dir`, created if missing.
     pub fn new(dir: &Path, poll_interval: Duration) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(DirectorySource { dir: dir.to_owned(), poll_interval, skipped: BTreeSet::new() })
+        Ok(DirectorySource {
+            dir: dir.to_owned(),
+            poll_interval,
+            skipped: BTreeSet::new(),
+        })
     }
 
     fn oldest_file(&self) -> Option<PathBuf> {
@@ -42,7 +46,12 @@ impl DirectorySource {
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
             .map(|e| e.path())
-            .filter(|p| !p.file_name().and_then(|n| n.to_str()).unwrap_or(".").starts_with('.'))
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or(".")
+                    .starts_with('.')
+            })
             .filter(|p| !self.skipped.contains(p))
             .min()
     }
@@ -50,7 +59,9 @@ impl DirectorySource {
     fn read(path: &Path) -> Result<GrayImage, String> {
         let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
         if size > MAX_FRAME_BYTES {
-            return Err(format!("{size} bytes is over the {MAX_FRAME_BYTES}-byte frame limit"));
+            return Err(format!(
+                "{size} bytes is over the {MAX_FRAME_BYTES}-byte frame limit"
+            ));
         }
         let reader = image::ImageReader::open(path)
             .map_err(|e| e.to_string())?
@@ -58,7 +69,9 @@ impl DirectorySource {
             .map_err(|e| e.to_string())?;
         let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
         if w > MAX_FRAME_SIDE || h > MAX_FRAME_SIDE {
-            return Err(format!("{w}x{h} is over the {MAX_FRAME_SIDE}-pixel frame limit"));
+            return Err(format!(
+                "{w}x{h} is over the {MAX_FRAME_SIDE}-pixel frame limit"
+            ));
         }
         let reader = image::ImageReader::open(path)
             .map_err(|e| e.to_string())?
@@ -103,14 +116,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = GrayImage::from_pixel(8, 8, image::Luma([7]));
         img.save(dir.path().join("b.png")).unwrap();
-        GrayImage::from_pixel(4, 4, image::Luma([1])).save(dir.path().join("a.png")).unwrap();
+        GrayImage::from_pixel(4, 4, image::Luma([1]))
+            .save(dir.path().join("a.png"))
+            .unwrap();
         std::fs::write(dir.path().join("broken.png"), b"not an image").unwrap();
         std::fs::write(dir.path().join(".partial.png"), b"x").unwrap();
         let mut source = DirectorySource::new(dir.path(), Duration::from_millis(1)).unwrap();
         let soon = || Instant::now() + Duration::from_millis(50);
         assert_eq!(source.next_frame(soon()).unwrap().width(), 4);
         assert_eq!(source.next_frame(soon()).unwrap().width(), 8);
-        assert!(source.next_frame(soon()).is_none(), "broken file skipped, hidden file ignored");
+        assert!(
+            source.next_frame(soon()).is_none(),
+            "broken file skipped, hidden file ignored"
+        );
         assert!(dir.path().join(".partial.png").exists());
         assert!(!dir.path().join("broken.png").exists());
     }

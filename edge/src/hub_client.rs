@@ -32,13 +32,20 @@ pub struct HubClient {
 impl HubClient {
     /// A client for a store's hub.
     pub fn new(zenoh: zlink::ZenohLink, store_id: &str, timeout: Duration) -> Self {
-        HubClient { zenoh, key: protocol::keyexpr::hub_authorize(store_id), timeout }
+        HubClient {
+            zenoh,
+            key: protocol::keyexpr::hub_authorize(store_id),
+            timeout,
+        }
     }
 
     /// Sends the request and waits for the decision. While no hub is reachable at all the query
     /// is retried (it reached nobody, so repeating it is safe) until the deadline.
-    pub async fn authorize(&self, request: &AuthorizeRequest) -> Result<AuthorizeReply, HubUnreachable> {
-        let session = self.zenoh.session.clone();
+    pub async fn authorize(
+        &self,
+        request: &AuthorizeRequest,
+    ) -> Result<AuthorizeReply, HubUnreachable> {
+        let session = self.zenoh.session().clone();
         let key = self.key.clone();
         let payload = protocol::encode(request);
         let timeout = self.timeout;
@@ -63,7 +70,8 @@ impl HubClient {
                                 Ok(sample) => protocol::decode(&sample.payload().to_bytes())
                                     .map_err(|e| HubUnreachable::BadReply(e.to_string())),
                                 Err(error) => {
-                                    let text = String::from_utf8_lossy(&error.payload().to_bytes()).into_owned();
+                                    let text = String::from_utf8_lossy(&error.payload().to_bytes())
+                                        .into_owned();
                                     if text.to_lowercase().contains("timeout") {
                                         Err(HubUnreachable::Timeout(timeout.as_millis() as u64))
                                     } else {

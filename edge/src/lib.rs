@@ -41,6 +41,11 @@ impl EdgeHandle {
     pub async fn stop(&self) {
         self.server.stop(true).await;
     }
+
+    /// The HTTP server's handle, to stop it from elsewhere.
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.clone()
+    }
 }
 
 /// Starts an edge terminal inside the current actix system.
@@ -48,11 +53,18 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let registry = Registry::new();
     let metrics = telemetry::PaymentMetrics::register(&registry, "edge");
 
-    let source = DirectorySource::new(&config.frames_dir, Duration::from_millis(config.frame_poll_interval_ms))
-        .with_context(|| format!("opening frames_dir {}", config.frames_dir.display()))?;
+    let source = DirectorySource::new(
+        &config.frames_dir,
+        Duration::from_millis(config.frame_poll_interval_ms),
+    )
+    .with_context(|| format!("opening frames_dir {}", config.frames_dir.display()))?;
     let source = std::sync::Mutex::new(Some(source));
     let scanner = SyncArbiter::start(1, move || {
-        let source = source.lock().expect("not poisoned").take().expect("one scanner thread");
+        let source = source
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .expect("one scanner thread");
         ScannerActor::new(Box::new(source))
     });
 
@@ -60,7 +72,11 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let zenoh = tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config))
         .await
         .expect("zenoh open does not panic")?;
-    let hub = HubClient::new(zenoh, &config.store_id, Duration::from_millis(config.hub_timeout_ms));
+    let hub = HubClient::new(
+        zenoh,
+        &config.store_id,
+        Duration::from_millis(config.hub_timeout_ms),
+    );
     let settings = CheckoutSettings {
         store_id: config.store_id.clone(),
         terminal_id: config.terminal_id.clone(),
@@ -86,5 +102,9 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let handle = server.handle();
     actix::spawn(server);
     tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %http_addr, "edge started");
-    Ok(EdgeHandle { http_addr, checkout, server: handle })
+    Ok(EdgeHandle {
+        http_addr,
+        checkout,
+        server: handle,
+    })
 }

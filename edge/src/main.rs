@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "facepay-edge", about = "facepay checkout terminal: scans payment codes, serves the cash register")]
+#[command(
+    name = "facepay-edge",
+    about = "facepay checkout terminal: scans payment codes, serves the cash register"
+)]
 struct Cli {
     #[command(flatten)]
     config: settings::ConfigArgs,
@@ -11,7 +14,8 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config: edge::EdgeConfig = settings::load_or_exit("facepay-edge", edge::config::ENV_PREFIX, &cli.config);
+    let config: edge::EdgeConfig =
+        settings::load_or_exit("facepay-edge", edge::config::ENV_PREFIX, &cli.config);
     telemetry::init_tracing();
     actix::System::new().block_on(async move {
         let handle = edge::start(config).await?;

@@ -38,7 +38,11 @@ impl Handler<ScanForCode> for ScannerActor {
         while let Some(frame) = self.source.next_frame(deadline) {
             // A frame may show several codes (a phone and a poster); the facepay one wins.
             let codes = paycode::qr::decode(&frame);
-            if let Some(code) = codes.iter().find(|c| c.starts_with(paycode::CODE_PREFIX)).or(codes.first()) {
+            if let Some(code) = codes
+                .iter()
+                .find(|c| c.starts_with(paycode::CODE_PREFIX))
+                .or(codes.first())
+            {
                 return Some(code.clone());
             }
         }

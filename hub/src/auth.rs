@@ -46,6 +46,7 @@ pub struct AuthActor {
     journal: Addr<JournalActor>,
     uplink: Option<Addr<UplinkActor>>,
     metrics: PaymentMetrics,
+    keys_gauge: prometheus::IntGauge,
     syncing: bool,
 }
 
@@ -57,6 +58,7 @@ impl AuthActor {
         key_version: u64,
         journal: Addr<JournalActor>,
         metrics: PaymentMetrics,
+        keys_gauge: prometheus::IntGauge,
     ) -> Self {
         let mut actor = AuthActor {
             settings,
@@ -65,6 +67,7 @@ impl AuthActor {
             journal,
             uplink: None,
             metrics,
+            keys_gauge,
             syncing: false,
         };
         actor.apply_keys(&stored_keys);
@@ -85,6 +88,7 @@ impl AuthActor {
                 }
             }
         }
+        self.keys_gauge.set(self.keys.len() as i64);
     }
 
     /// The checks that need no I/O: request shape, code, signature, validity window.

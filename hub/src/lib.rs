@@ -46,6 +46,11 @@ impl HubHandle {
     pub async fn stop(&self) {
         self.server.stop(true).await;
     }
+
+    /// The HTTP server's handle, to stop it from elsewhere.
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.clone()
+    }
 }
 
 /// Starts a hub inside the current actix system.
@@ -59,6 +64,15 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     .expect("valid metric");
     registry
         .register(Box::new(connected.clone()))
+        .expect("registered once");
+
+    let keys_gauge = IntGauge::new(
+        "facepay_hub_account_keys",
+        "account keys held for offline code verification",
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(keys_gauge.clone()))
         .expect("registered once");
 
     std::fs::create_dir_all(&config.data_dir)
@@ -81,7 +95,15 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         },
         cloud_timeout: Duration::from_millis(config.cloud_timeout_ms),
     };
-    let auth = AuthActor::new(settings, stored_keys, key_version, journal_addr, metrics).start();
+    let auth = AuthActor::new(
+        settings,
+        stored_keys,
+        key_version,
+        journal_addr,
+        metrics,
+        keys_gauge,
+    )
+    .start();
 
     let (client, eventloop) = config.mqtt.connect(&config.mqtt_client_id());
     let uplink = UplinkActor::new(
@@ -136,7 +158,7 @@ async fn serve_edges(
     store_id: &str,
     auth: Addr<AuthActor>,
 ) -> anyhow::Result<()> {
-    let session = zenoh.session.clone();
+    let session = zenoh.session().clone();
     let key = protocol::keyexpr::hub_authorize(store_id);
     let queryable = zenoh
         .spawn(async move { session.declare_queryable(key).await })

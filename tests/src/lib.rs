@@ -1,1 +1,331 @@
-//! placeholder
+//! Harness for facepay's cross-process tests and the fleet demo: free ports, brokers, the real
+//! binaries as child processes, the customer's phone and the cash register.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use paycode::{qr, Wallet};
+use protocol::{AccountView, ChargeResult, LedgerTotals, OpenAccount, TransferView};
+
+/// A TCP port that was free a moment ago. Brokers and Zenoh cannot report the port they bound,
+/// so the harness picks one; callers retry on the rare collision.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on port {port} after {timeout:?}")
+}
+
+/// Starts an embedded `rumqttd` broker on a thread, listening on `127.0.0.1:port`.
+pub fn start_embedded_broker(port: u16) -> anyhow::Result<()> {
+    let config = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 1000
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 1048576
+max_inflight_count = 200
+dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config = toml::from_str(&config).context("embedded broker config")?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(error) = broker.start() {
+                eprintln!("embedded broker stopped: {error}");
+            }
+        })?;
+    wait_for_port(port, Duration::from_secs(10))
+}
+
+/// A Mosquitto broker process on its own port, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// Starts Debian's `mosquitto` on a free port.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("mosquitto is not installed (apt-get install mosquitto)")?;
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
+            ),
+        )?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto")?;
+        let broker = Mosquitto { child, port };
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok(broker)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the workspace's binaries are, found from the running test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/`).
+pub fn binary_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile dir")
+    } else {
+        dir
+    };
+    dir.join(name)
+}
+
+/// A facepay binary running as a child process, killed on drop.
+pub struct Service {
+    child: Child,
+    /// The HTTP address it reported on its ready line.
+    pub http_addr: SocketAddr,
+}
+
+impl Service {
+    /// Runs `binary --set k=v ...` and waits for its `ready http=ADDR` line.
+    pub fn start(binary: &str, overrides: &[String]) -> anyhow::Result<Self> {
+        let path = binary_path(binary);
+        let mut command = Command::new(&path);
+        for o in overrides {
+            command.arg("--set").arg(o);
+        }
+        let mut child = command
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("{binary} did not report ready");
+            }
+        };
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .with_context(|| format!("{binary} printed {line:?}"))?
+            .parse()?;
+        Ok(Service {
+            child,
+            http_addr: addr,
+        })
+    }
+
+    /// Kills the process at once (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a JSON body and returns the status and the JSON answer, whatever the status.
+pub fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<(u16, serde_json::Value)> {
+    let response = match ureq::post(url)
+        .timeout(Duration::from_secs(60))
+        .send_json(body)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((response.status(), response.into_json()?))
+}
+
+/// Sends a raw body (for malformed-JSON tests).
+pub fn post_raw(url: &str, body: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    let response = match ureq::post(url)
+        .set("Content-Type", "application/json")
+        .send_string(body)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((response.status(), response.into_json()?))
+}
+
+/// GETs a JSON document.
+pub fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> anyhow::Result<T> {
+    Ok(ureq::get(url)
+        .timeout(Duration::from_secs(30))
+        .call()?
+        .into_json()?)
+}
+
+/// GETs a text document (metrics).
+pub fn get_text(url: &str) -> anyhow::Result<String> {
+    Ok(ureq::get(url)
+        .timeout(Duration::from_secs(30))
+        .call()?
+        .into_string()?)
+}
+
+/// Reads one sample's value from a Prometheus text page.
+pub fn metric_value(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits until a hub holds `count` account keys (synced from the cloud).
+pub fn wait_for_keys(hub_http: SocketAddr, count: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let page = get_text(&format!("http://{hub_http}/metrics"))?;
+        if metric_value(&page, "facepay_hub_account_keys") == Some(count as f64) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("hub at {hub_http} did not get {count} account keys in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The cloud's admin API.
+pub struct CloudApi {
+    base: String,
+}
+
+impl CloudApi {
+    /// A client for the cloud at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        CloudApi {
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// Opens an account, failing on any refusal.
+    pub fn open(&self, request: &OpenAccount) -> anyhow::Result<AccountView> {
+        let (status, body) = post_json(
+            &format!("{}/v1/accounts", self.base),
+            &serde_json::to_value(request)?,
+        )?;
+        if !(200..300).contains(&status) {
+            bail!("opening {} failed: {status} {body}", request.account_id);
+        }
+        Ok(serde_json::from_value(body)?)
+    }
+
+    /// One account's balance.
+    pub fn balance(&self, account_id: &str) -> anyhow::Result<i64> {
+        Ok(
+            get_json::<AccountView>(&format!("{}/v1/accounts/{account_id}", self.base))?
+                .balance_minor,
+        )
+    }
+
+    /// Every account.
+    pub fn accounts(&self) -> anyhow::Result<Vec<AccountView>> {
+        get_json(&format!("{}/v1/accounts", self.base))
+    }
+
+    /// Every transfer.
+    pub fn transfers(&self) -> anyhow::Result<Vec<TransferView>> {
+        get_json(&format!("{}/v1/transfers", self.base))
+    }
+
+    /// Ledger totals.
+    pub fn totals(&self) -> anyhow::Result<Vec<LedgerTotals>> {
+        get_json(&format!("{}/v1/ledger/totals", self.base))
+    }
+}
+
+/// A customer standing at a terminal: puts a QR image where the terminal's scanner reads frames.
+pub fn present_qr(frames_dir: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(frames_dir)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let tmp = frames_dir.join(format!(".{stamp}.png.tmp"));
+    qr::render_png(text, &tmp)?;
+    std::fs::rename(&tmp, frames_dir.join(format!("{stamp}.png")))?;
+    Ok(())
+}
+
+/// A customer showing a fresh code from their wallet.
+pub fn present_code(frames_dir: &Path, wallet: &Wallet) -> anyhow::Result<String> {
+    let code = wallet.issue_code(paycode::now_ms());
+    present_qr(frames_dir, &code)?;
+    Ok(code)
+}
+
+/// The cash register: charges an order at a terminal's local API.
+pub fn charge(
+    edge: SocketAddr,
+    order_id: &str,
+    amount_minor: i64,
+    currency: &str,
+) -> anyhow::Result<(u16, ChargeResult)> {
+    let body = serde_json::json!({ "order_id": order_id, "amount_minor": amount_minor, "currency": currency });
+    let (status, body) = post_json(&format!("http://{edge}/v1/charge"), &body)?;
+    Ok((status, serde_json::from_value(body)?))
+}

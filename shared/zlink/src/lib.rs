@@ -93,12 +93,15 @@ fn serde_json_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(","))
 }
 
-/// An open Zenoh session and the runtime it lives on.
+/// An open Zenoh session and the runtime it lives on. Clones share both.
 #[derive(Clone)]
 pub struct ZenohLink {
-    runtime: Arc<RuntimeHolder>,
-    /// The session; use it only inside futures given to [`ZenohLink::spawn`].
-    pub session: zenoh::Session,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    session: Option<zenoh::Session>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl ZenohLink {
@@ -119,9 +122,19 @@ impl ZenohLink {
         })
         .map_err(|e| anyhow::anyhow!("opening zenoh session: {e}"))?;
         Ok(ZenohLink {
-            runtime: Arc::new(RuntimeHolder(Some(runtime))),
-            session,
+            inner: Arc::new(Inner {
+                session: Some(session),
+                runtime: Some(runtime),
+            }),
         })
+    }
+
+    /// The session; use it only inside futures given to [`ZenohLink::spawn`].
+    pub fn session(&self) -> &zenoh::Session {
+        self.inner
+            .session
+            .as_ref()
+            .expect("session lives until drop")
     }
 
     /// Runs a future on the Zenoh runtime; await the handle from any executor.
@@ -130,23 +143,26 @@ impl ZenohLink {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime
-            .0
+        self.inner
+            .runtime
             .as_ref()
             .expect("runtime lives until drop")
             .spawn(future)
     }
 }
 
-/// Shuts the runtime down without blocking: the last handle may be dropped on an async thread,
-/// where a blocking shutdown would panic.
-struct RuntimeHolder(Option<tokio::runtime::Runtime>);
-
-impl Drop for RuntimeHolder {
+impl Drop for Inner {
+    /// Closing a session blocks, and the last handle may be dropped on an actix (current-thread)
+    /// runtime where zenoh panics: close it and stop the runtime on a thread of their own.
     fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
+        let (Some(session), Some(runtime)) = (self.session.take(), self.runtime.take()) else {
+            return;
+        };
+        let closer = std::thread::spawn(move || {
+            runtime.block_on(async move { drop(session) });
             runtime.shutdown_background();
-        }
+        });
+        let _ = closer.join();
     }
 }
 

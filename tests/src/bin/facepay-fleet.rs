@@ -1,1 +1,507 @@
-fn main() {}
+//! `facepay-fleet`: the whole fleet in one process on loopback — an embedded MQTT broker, the
+//! cloud, two store hubs and two edge terminals per store — and a scripted cash register that
+//! charges a series of orders with QR payment codes, declines included. Prints a summary.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use paycode::Wallet;
+use protocol::{AccountKind, ChargeStatus, Currency, OpenAccount};
+use serde::Serialize;
+use tests::{charge, free_port, present_code, present_qr, wait_for_keys, CloudApi};
+
+#[derive(Parser)]
+#[command(
+    name = "facepay-fleet",
+    about = "run the facepay fleet demo on loopback"
+)]
+struct Cli {
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Keep the fleet's data here instead of a temporary directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+const STORES: [&str; 2] = ["store-1", "store-2"];
+const TILLS: [&str; 2] = ["till-1", "till-2"];
+const CURRENCY: &str = "EUR";
+
+/// Customers and their opening balances in minor units.
+const CUSTOMERS: [(&str, i64); 3] = [("alice", 10_000), ("bob", 5_000), ("carol", 500)];
+
+#[derive(Serialize)]
+struct OrderLine {
+    order_id: String,
+    store_id: String,
+    terminal_id: String,
+    customer: String,
+    scenario: String,
+    amount_minor: i64,
+    status: ChargeStatus,
+    already_paid: bool,
+    reason: Option<String>,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    orders: Vec<OrderLine>,
+    approved: usize,
+    declined_by_reason: BTreeMap<String, usize>,
+    balances_before: BTreeMap<String, i64>,
+    balances_after: BTreeMap<String, i64>,
+    ledger: Vec<protocol::LedgerTotals>,
+    books_balance: bool,
+    elapsed_ms: u128,
+}
+
+struct Fleet {
+    cloud: SocketAddr,
+    edges: BTreeMap<(String, String), (SocketAddr, PathBuf)>,
+}
+
+fn step(n: usize, total: usize, what: &str) {
+    eprintln!("[{n}/{total}] {what}");
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "error,rumqttd=off");
+    }
+    telemetry::init_tracing();
+    let temp = tempfile::tempdir()?;
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_owned());
+    let started = Instant::now();
+
+    step(1, 5, "starting the embedded MQTT broker (rumqttd)");
+    let broker_port = free_port();
+    tests::start_embedded_broker(broker_port)?;
+
+    // The actors run on an actix system on their own thread; the cash register and the customers'
+    // phones block, so they run here.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let data = data_dir.clone();
+    let actors = std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            match start_fleet(broker_port, &data).await {
+                Ok((fleet, servers, hubs)) => {
+                    let _ = ready_tx.send(Ok(fleet));
+                    let _ = stop_rx.await;
+                    drop(hubs);
+                    for server in servers {
+                        server.stop(true).await;
+                    }
+                }
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                }
+            }
+        })
+    });
+    let fleet = ready_rx.recv().context("the fleet thread died")??;
+    let summary = run_script(&fleet, started);
+    let _ = stop_tx.send(());
+    let _ = actors.join();
+    let summary = summary?;
+    print_summary(&summary, cli.json)?;
+    if !summary.books_balance {
+        bail!("the ledger does not balance");
+    }
+    Ok(())
+}
+
+async fn start_fleet(
+    broker_port: u16,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(
+    Fleet,
+    Vec<actix_web::dev::ServerHandle>,
+    Vec<hub::HubHandle>,
+)> {
+    let mut servers = Vec::new();
+    step(2, 5, "starting the cloud and opening demo accounts");
+    let mut cloud_config = cloud::CloudConfig {
+        data_dir: data_dir.join("cloud"),
+        http_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    cloud_config.mqtt.port = broker_port;
+    let cloud = cloud::start(cloud_config).await?;
+    servers.push(cloud.server_handle());
+    let api_addr = cloud.http_addr;
+    let customers = tokio::task::spawn_blocking(move || open_accounts(api_addr)).await??;
+
+    step(3, 5, "starting two store hubs");
+    let mut hubs = Vec::new();
+    for store_id in STORES {
+        let zenoh_port = free_port();
+        let mut config = hub::HubConfig {
+            store_id: store_id.into(),
+            data_dir: data_dir.join(store_id).join("hub"),
+            http_listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        config.mqtt.port = broker_port;
+        config.zenoh.listen = vec![format!("tcp/127.0.0.1:{zenoh_port}")];
+        let hub = hub::start(config).await?;
+        let hub_http = hub.http_addr;
+        tokio::task::spawn_blocking(move || {
+            wait_for_keys(hub_http, customers, Duration::from_secs(20))
+        })
+        .await??;
+        servers.push(hub.server_handle());
+        hubs.push((store_id, zenoh_port, hub));
+    }
+
+    step(4, 5, "starting two edge terminals per store");
+    let mut edges = BTreeMap::new();
+    for (store_id, zenoh_port, _) in &hubs {
+        for terminal_id in TILLS {
+            let frames_dir = data_dir.join(store_id).join(terminal_id).join("frames");
+            let mut config = edge::EdgeConfig {
+                store_id: store_id.to_string(),
+                terminal_id: terminal_id.into(),
+                http_listen: "127.0.0.1:0".into(),
+                scan_timeout_ms: 3_000,
+                frames_dir: frames_dir.clone(),
+                ..Default::default()
+            };
+            config.zenoh.connect = vec![format!("tcp/127.0.0.1:{zenoh_port}")];
+            let edge = edge::start(config).await?;
+            servers.push(edge.server_handle());
+            edges.insert(
+                (store_id.to_string(), terminal_id.to_string()),
+                (edge.http_addr, frames_dir),
+            );
+        }
+    }
+    let hub_handles = hubs.into_iter().map(|(_, _, hub)| hub).collect();
+    Ok((
+        Fleet {
+            cloud: api_addr,
+            edges,
+        },
+        servers,
+        hub_handles,
+    ))
+}
+
+fn wallet(account_id: &str) -> Wallet {
+    // Demo wallets are derived from the account id so that the script can recreate them.
+    let mut seed = [0u8; 32];
+    for (i, b) in account_id.bytes().enumerate() {
+        seed[i % 32] ^= b;
+    }
+    seed[31] ^= 0x5a;
+    Wallet::from_seed(account_id, seed).expect("demo ids are valid")
+}
+
+fn open_accounts(cloud: SocketAddr) -> anyhow::Result<usize> {
+    let api = CloudApi::new(cloud);
+    let eur = Currency::parse(CURRENCY)?;
+    for store_id in STORES {
+        api.open(&OpenAccount {
+            account_id: store_id.into(),
+            kind: AccountKind::Merchant,
+            currency: eur,
+            initial_balance_minor: 0,
+            public_key: None,
+        })?;
+    }
+    for (customer, balance) in CUSTOMERS {
+        api.open(&OpenAccount {
+            account_id: customer.into(),
+            kind: AccountKind::Customer,
+            currency: eur,
+            initial_balance_minor: balance,
+            public_key: Some(wallet(customer).public_key_b64()),
+        })?;
+    }
+    Ok(CUSTOMERS.len())
+}
+
+/// How the customer presents payment in one scripted order.
+enum Presents {
+    FreshCode(&'static str),
+    ExpiredCode(&'static str),
+    ReplayOfOrder(&'static str),
+    NotAFacepayCode,
+}
+
+struct Order {
+    order_id: &'static str,
+    store: usize,
+    till: usize,
+    amount_minor: i64,
+    presents: Presents,
+    scenario: &'static str,
+}
+
+const ORDERS: &[Order] = &[
+    Order {
+        order_id: "1001",
+        store: 0,
+        till: 0,
+        amount_minor: 1_250,
+        presents: Presents::FreshCode("alice"),
+        scenario: "groceries",
+    },
+    Order {
+        order_id: "1002",
+        store: 0,
+        till: 1,
+        amount_minor: 799,
+        presents: Presents::FreshCode("bob"),
+        scenario: "coffee and a paper",
+    },
+    Order {
+        order_id: "2001",
+        store: 1,
+        till: 0,
+        amount_minor: 2_000,
+        presents: Presents::FreshCode("carol"),
+        scenario: "more than carol holds",
+    },
+    Order {
+        order_id: "2002",
+        store: 1,
+        till: 1,
+        amount_minor: 300,
+        presents: Presents::FreshCode("alice"),
+        scenario: "alice at the other store",
+    },
+    Order {
+        order_id: "1003",
+        store: 0,
+        till: 0,
+        amount_minor: 450,
+        presents: Presents::ExpiredCode("bob"),
+        scenario: "a screenshot of an old code",
+    },
+    Order {
+        order_id: "1004",
+        store: 0,
+        till: 1,
+        amount_minor: 999,
+        presents: Presents::ReplayOfOrder("1001"),
+        scenario: "alice's code from order 1001 shown again",
+    },
+    Order {
+        order_id: "2003",
+        store: 1,
+        till: 0,
+        amount_minor: 100,
+        presents: Presents::FreshCode("mallory"),
+        scenario: "a wallet with no account",
+    },
+    Order {
+        order_id: "2004",
+        store: 1,
+        till: 1,
+        amount_minor: 1_500,
+        presents: Presents::FreshCode("bob"),
+        scenario: "bob at the other store",
+    },
+    Order {
+        order_id: "1005",
+        store: 0,
+        till: 0,
+        amount_minor: 120,
+        presents: Presents::NotAFacepayCode,
+        scenario: "a product label's QR code",
+    },
+    Order {
+        order_id: "1001",
+        store: 0,
+        till: 1,
+        amount_minor: 1_250,
+        presents: Presents::FreshCode("alice"),
+        scenario: "the register retries order 1001",
+    },
+    Order {
+        order_id: "1001",
+        store: 0,
+        till: 0,
+        amount_minor: 5_000,
+        presents: Presents::FreshCode("alice"),
+        scenario: "order id 1001 reused for another amount",
+    },
+    Order {
+        order_id: "2005",
+        store: 1,
+        till: 0,
+        amount_minor: 450,
+        presents: Presents::FreshCode("carol"),
+        scenario: "carol within her balance",
+    },
+];
+
+fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
+    let api = CloudApi::new(fleet.cloud);
+    let balances = |api: &CloudApi| -> anyhow::Result<BTreeMap<String, i64>> {
+        Ok(api
+            .accounts()?
+            .into_iter()
+            .map(|a| (a.account_id, a.balance_minor))
+            .collect())
+    };
+    let balances_before = balances(&api)?;
+    step(
+        5,
+        5,
+        &format!("the cash registers charge {} orders", ORDERS.len()),
+    );
+    let mut codes_used: BTreeMap<&str, String> = BTreeMap::new();
+    let mut lines = Vec::new();
+    for (n, order) in ORDERS.iter().enumerate() {
+        let store_id = STORES[order.store];
+        let terminal_id = TILLS[order.till];
+        let (edge, frames) = &fleet.edges[&(store_id.to_string(), terminal_id.to_string())];
+        let customer = match &order.presents {
+            Presents::FreshCode(who) => {
+                let code = present_code(frames, &wallet(who))?;
+                codes_used.entry(order.order_id).or_insert(code);
+                who.to_string()
+            }
+            Presents::ExpiredCode(who) => {
+                let code = wallet(who).issue_code(paycode::now_ms() - 10 * 60 * 1000);
+                present_qr(frames, &code)?;
+                who.to_string()
+            }
+            Presents::ReplayOfOrder(earlier) => {
+                let code = codes_used
+                    .get(earlier)
+                    .context("replayed order ran first")?;
+                present_qr(frames, code)?;
+                "alice".to_string()
+            }
+            Presents::NotAFacepayCode => {
+                present_qr(frames, "https://example.com/product/4006381333931")?;
+                "-".to_string()
+            }
+        };
+        let (_, result) = charge(*edge, order.order_id, order.amount_minor, CURRENCY)?;
+        eprintln!(
+            "      order {:>2}/{}: {store_id}/{terminal_id} #{} {} -> {:?}{}",
+            n + 1,
+            ORDERS.len(),
+            order.order_id,
+            Currency::parse(CURRENCY)?.format(order.amount_minor),
+            result.status,
+            result.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+        lines.push(OrderLine {
+            order_id: order.order_id.into(),
+            store_id: store_id.into(),
+            terminal_id: terminal_id.into(),
+            customer,
+            scenario: order.scenario.into(),
+            amount_minor: order.amount_minor,
+            status: result.status,
+            already_paid: result.already_paid,
+            reason: result.reason.map(|r| r.to_string()),
+            detail: result.detail,
+        });
+    }
+    let balances_after = balances(&api)?;
+    let ledger = api.totals()?;
+    let books_balance = ledger
+        .iter()
+        .all(|t| t.sum_of_balances_minor == 0 && t.total_debits_minor == t.total_credits_minor);
+    let approved = lines
+        .iter()
+        .filter(|l| l.status == ChargeStatus::Approved)
+        .count();
+    let mut declined_by_reason = BTreeMap::new();
+    for line in &lines {
+        if let Some(reason) = &line.reason {
+            *declined_by_reason.entry(reason.clone()).or_insert(0) += 1;
+        }
+    }
+    Ok(Summary {
+        orders: lines,
+        approved,
+        declined_by_reason,
+        balances_before,
+        balances_after,
+        ledger,
+        books_balance,
+        elapsed_ms: started.elapsed().as_millis(),
+    })
+}
+
+fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
+        return Ok(());
+    }
+    let eur = Currency::parse(CURRENCY)?;
+    println!(
+        "facepay fleet demo: 2 stores x 2 terminals, {} orders in {} ms",
+        summary.orders.len(),
+        summary.elapsed_ms
+    );
+    println!();
+    println!(
+        "{:<6} {:<8} {:<7} {:>10}  {:<9} {:<20} scenario",
+        "order", "store", "till", "amount", "status", "reason"
+    );
+    for l in &summary.orders {
+        println!(
+            "{:<6} {:<8} {:<7} {:>10}  {:<9} {:<20} {}",
+            l.order_id,
+            l.store_id,
+            l.terminal_id,
+            eur.format(l.amount_minor),
+            format!("{:?}", l.status).to_lowercase(),
+            l.reason.as_deref().unwrap_or(if l.already_paid {
+                "(already paid)"
+            } else {
+                "-"
+            }),
+            l.scenario
+        );
+    }
+    println!();
+    println!("approved: {}", summary.approved);
+    for (reason, count) in &summary.declined_by_reason {
+        println!("declined, {reason}: {count}");
+    }
+    println!();
+    println!("{:<16} {:>14} {:>14}", "account", "before", "after");
+    for (account, after) in &summary.balances_after {
+        let before = summary.balances_before.get(account).copied().unwrap_or(0);
+        println!(
+            "{account:<16} {:>14} {:>14}",
+            eur.format(before),
+            eur.format(*after)
+        );
+    }
+    println!();
+    for t in &summary.ledger {
+        println!(
+            "ledger {}: {} transfers, debits {} = credits {}, issued {}, sum of all balances {} -> {}",
+            t.currency,
+            t.transfers,
+            t.currency.format(t.total_debits_minor),
+            t.currency.format(t.total_credits_minor),
+            t.currency.format(t.issued_minor),
+            t.currency.format(t.sum_of_balances_minor),
+            if summary.books_balance { "the books balance" } else { "THE BOOKS DO NOT BALANCE" }
+        );
+    }
+    Ok(())
+}
