@@ -1,0 +1,230 @@
+//! The three real binaries and a real Mosquitto broker, on free loopback ports: payments through
+//! edge -> hub -> cloud, every kind of bad input, and the ledger read back.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use paycode::Wallet;
+use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
+use serde_json::json;
+use tests::{
+    binary_path, charge, free_port, get_text, metric_value, post_json, post_raw, present_code, present_qr,
+    wait_for_keys, CloudApi, Mosquitto, Service,
+};
+
+fn eur() -> Currency {
+    Currency::parse("EUR").unwrap()
+}
+
+struct Stack {
+    _broker: Mosquitto,
+    cloud: Service,
+    hub: Service,
+    edge: Service,
+    frames: std::path::PathBuf,
+    alice: Wallet,
+}
+
+fn start_stack(dir: &Path) -> Stack {
+    let broker = Mosquitto::start(dir).expect("mosquitto starts");
+    let mqtt_port = format!("mqtt.port={}", broker.port);
+    let cloud = Service::start(
+        "facepay-cloud",
+        &[format!("data_dir={:?}", dir.join("cloud")), "http_listen=127.0.0.1:0".into(), mqtt_port.clone()],
+    )
+    .expect("cloud starts");
+    let api = CloudApi::new(cloud.http_addr);
+    api.open(&OpenAccount {
+        account_id: "store-1".into(),
+        kind: AccountKind::Merchant,
+        currency: eur(),
+        initial_balance_minor: 0,
+        public_key: None,
+    })
+    .unwrap();
+    let alice = Wallet::generate("alice").unwrap();
+    api.open(&OpenAccount {
+        account_id: "alice".into(),
+        kind: AccountKind::Customer,
+        currency: eur(),
+        initial_balance_minor: 10_000,
+        public_key: Some(alice.public_key_b64()),
+    })
+    .unwrap();
+    let zenoh_port = free_port();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-1".into(),
+            format!("data_dir={:?}", dir.join("hub")),
+            "http_listen=127.0.0.1:0".into(),
+            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            mqtt_port,
+        ],
+    )
+    .expect("hub starts");
+    wait_for_keys(hub.http_addr, 1, Duration::from_secs(20)).expect("hub gets alice's key");
+    let frames = dir.join("frames");
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "store_id=store-1".into(),
+            "terminal_id=till-1".into(),
+            "http_listen=127.0.0.1:0".into(),
+            "scan_timeout_ms=1500".into(),
+            format!("frames_dir={:?}", frames),
+            format!("zenoh.connect=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+        ],
+    )
+    .expect("edge starts");
+    Stack { _broker: broker, cloud, hub, edge, frames, alice }
+}
+
+#[test]
+fn payments_and_bad_input_through_real_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_stack(dir.path());
+    let api = CloudApi::new(s.cloud.http_addr);
+    let edge = s.edge.http_addr;
+    let url = format!("http://{edge}/v1/charge");
+
+    // A good payment lands in the ledger.
+    present_code(&s.frames, &s.alice).unwrap();
+    let (status, paid) = charge(edge, "o-1", 1_250, "EUR").unwrap();
+    assert_eq!((status, paid.status), (200, ChargeStatus::Approved), "{paid:?}");
+    assert_eq!(paid.account_id.as_deref(), Some("alice"));
+    assert_eq!(paid.payment_id.as_deref(), Some("store-1:o-1"));
+    assert_eq!(api.balance("alice").unwrap(), 8_750);
+    assert_eq!(api.balance("store-1").unwrap(), 1_250);
+
+    // Requests the edge refuses before any code is read: 400, nothing recorded.
+    let refused = |status: u16, body: serde_json::Value, reason: DeclineReason| {
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["reason"], reason.as_str(), "{body}");
+        assert!(!body["detail"].as_str().unwrap().is_empty());
+    };
+    let (st, b) = post_raw(&url, "{not json").unwrap();
+    refused(st, b, DeclineReason::InvalidRequest);
+    let (st, b) = post_json(&url, &json!({"order_id": "o-2", "amount_minor": 5, "currency": "EUR", "tip": 1})).unwrap();
+    refused(st, b, DeclineReason::InvalidRequest);
+    let (st, b) = post_json(&url, &json!({"order_id": "o-2", "currency": "EUR"})).unwrap();
+    refused(st, b, DeclineReason::InvalidRequest);
+    for amount in [json!(0), json!(-500), json!(12.5), json!(1e20), json!(u64::MAX), json!("100")] {
+        let (st, b) = post_json(&url, &json!({"order_id": "o-2", "amount_minor": amount, "currency": "EUR"})).unwrap();
+        refused(st, b, DeclineReason::InvalidAmount);
+    }
+    let (st, b) = post_json(&url, &json!({"order_id": "o-2", "amount_minor": 5, "currency": "XXX"})).unwrap();
+    refused(st, b, DeclineReason::UnknownCurrency);
+    let (st, b) = post_json(&url, &json!({"order_id": "o/2", "amount_minor": 5, "currency": "EUR"})).unwrap();
+    refused(st, b, DeclineReason::InvalidRequest);
+
+    // Codes the hub refuses, each with its reason.
+    let declined = |order: &str, amount: i64, reason: DeclineReason| {
+        let (status, r) = charge(edge, order, amount, "EUR").unwrap();
+        assert_eq!(r.status, ChargeStatus::Declined, "{order}: {r:?}");
+        assert_eq!(r.reason, Some(reason), "{order}: {r:?}");
+        assert_eq!(status, if reason == DeclineReason::StoreSystemUnreachable { 503 } else { 200 });
+    };
+    present_qr(&s.frames, "https://example.com/not-a-payment").unwrap();
+    declined("o-3", 100, DeclineReason::NotFacepayCode);
+    present_qr(&s.frames, "FPAY1.bm9wZQ.AAAA").unwrap();
+    declined("o-4", 100, DeclineReason::MalformedCode);
+    let impostor = Wallet::generate("alice").unwrap();
+    present_code(&s.frames, &impostor).unwrap();
+    declined("o-5", 100, DeclineReason::BadSignature);
+    present_qr(&s.frames, &s.alice.issue_code(paycode::now_ms() - 5 * 60 * 1000)).unwrap();
+    declined("o-6", 100, DeclineReason::CodeExpired);
+    let code = s.alice.issue_code(paycode::now_ms());
+    present_qr(&s.frames, &code).unwrap();
+    assert_eq!(charge(edge, "o-7", 100, "EUR").unwrap().1.status, ChargeStatus::Approved);
+    present_qr(&s.frames, &code).unwrap();
+    declined("o-8", 100, DeclineReason::CodeReplayed);
+    present_code(&s.frames, &Wallet::generate("mallory").unwrap()).unwrap();
+    declined("o-9", 100, DeclineReason::UnknownAccount);
+    present_code(&s.frames, &s.alice).unwrap();
+    declined("o-10", 1_000_000, DeclineReason::InsufficientFunds);
+    present_code(&s.frames, &s.alice).unwrap();
+    declined("o-1", 999, DeclineReason::DuplicateOrderId);
+    declined("o-11", 100, DeclineReason::NoCodePresented);
+
+    // The register retrying a paid order hears "approved" and nothing moves again.
+    present_code(&s.frames, &s.alice).unwrap();
+    let (_, again) = charge(edge, "o-1", 1_250, "EUR").unwrap();
+    assert_eq!(again.status, ChargeStatus::Approved);
+    assert!(again.already_paid, "{again:?}");
+
+    // The ledger holds exactly the two approved payments, once each, and balances.
+    let payments: Vec<_> = api
+        .transfers()
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.transfer_id.starts_with("store-1:"))
+        .map(|t| (t.transfer_id, t.amount_minor))
+        .collect();
+    assert_eq!(payments, vec![("store-1:o-1".to_string(), 1_250), ("store-1:o-7".to_string(), 100)]);
+    assert_eq!(api.balance("alice").unwrap(), 10_000 - 1_250 - 100);
+    for totals in api.totals().unwrap() {
+        assert_eq!(totals.sum_of_balances_minor, 0);
+        assert_eq!(totals.total_debits_minor, totals.total_credits_minor);
+    }
+
+    // Every tier counts outcomes on /metrics.
+    let edge_metrics = get_text(&format!("http://{edge}/metrics")).unwrap();
+    let approved = "facepay_edge_payment_outcomes_total{outcome=\"approved\",reason=\"none\"}";
+    assert_eq!(metric_value(&edge_metrics, approved), Some(3.0));
+    let hub_metrics = get_text(&format!("http://{}/metrics", s.hub.http_addr)).unwrap();
+    let replayed = "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_replayed\"}";
+    assert_eq!(metric_value(&hub_metrics, replayed), Some(1.0));
+    let cloud_metrics = get_text(&format!("http://{}/metrics", s.cloud.http_addr)).unwrap();
+    let funds = "facepay_cloud_payment_outcomes_total{outcome=\"declined\",reason=\"insufficient_funds\"}";
+    assert_eq!(metric_value(&cloud_metrics, funds), Some(1.0));
+}
+
+#[test]
+fn edge_without_its_hub_says_store_system_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = dir.path().join("frames");
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "http_listen=127.0.0.1:0".into(),
+            "hub_timeout_ms=500".into(),
+            format!("frames_dir={:?}", frames),
+            format!("zenoh.connect=[\"tcp/127.0.0.1:{}\"]", free_port()),
+        ],
+    )
+    .unwrap();
+    present_code(&frames, &Wallet::generate("alice").unwrap()).unwrap();
+    let (status, r) = charge(edge.http_addr, "o-1", 100, "EUR").unwrap();
+    assert_eq!((status, r.reason), (503, Some(DeclineReason::StoreSystemUnreachable)), "{r:?}");
+}
+
+#[test]
+fn a_config_typo_fails_before_binding_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    for (binary, text, key) in [
+        ("facepay-cloud", "http_listen = \"127.0.0.1:0\"\ndata_dri = \"x\"\n", "data_dri"),
+        ("facepay-hub", "store_id = \"s\"\n[mqtt]\nprot = 1\n", "prot"),
+        ("facepay-edge", "scan_timeout_ms = \"soon\"\n", "scan_timeout_ms"),
+        ("facepay-hub", "cloud_timeout_ms = 0\n", "cloud_timeout_ms"),
+    ] {
+        let file = dir.path().join(format!("{binary}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(binary_path(binary)).arg("--config").arg(&file).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{binary}: {stderr}");
+        assert!(stderr.contains(key), "{binary} should name {key}: {stderr}");
+        assert!(stderr.contains(&file.display().to_string()), "{binary} should name the file: {stderr}");
+    }
+}
+
+#[test]
+fn shipped_configs_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("configs");
+    let sources = |name: &str| settings::Sources { file: Some(root.join(name)), overrides: vec![] };
+    let cloud: cloud::CloudConfig = settings::load("FACEPAY_TEST_UNSET_", &sources("cloud.toml")).unwrap();
+    assert_eq!(cloud, cloud::CloudConfig::default());
+    let hub: hub::HubConfig = settings::load("FACEPAY_TEST_UNSET_", &sources("hub.toml")).unwrap();
+    assert_eq!(hub, hub::HubConfig::default());
+    let edge: edge::EdgeConfig = settings::load("FACEPAY_TEST_UNSET_", &sources("edge.toml")).unwrap();
+    assert_eq!(edge, edge::EdgeConfig::default());
+}
