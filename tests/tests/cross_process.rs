@@ -7,8 +7,8 @@ use paycode::Wallet;
 use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
 use serde_json::json;
 use tests::{
-    binary_path, charge, free_port, get_text, metric_value, post_json, post_raw, present_code, present_qr,
-    wait_for_keys, CloudApi, Mosquitto, Service,
+    binary_path, charge, free_port, get_text, metric_value, post_json, post_raw, present_code,
+    present_qr, wait_for_keys, CloudApi, Mosquitto, Service,
 };
 
 fn eur() -> Currency {
@@ -29,7 +29,11 @@ fn start_stack(dir: &Path) -> Stack {
     let mqtt_port = format!("mqtt.port={}", broker.port);
     let cloud = Service::start(
         "facepay-cloud",
-        &[format!("data_dir={:?}", dir.join("cloud")), "http_listen=127.0.0.1:0".into(), mqtt_port.clone()],
+        &[
+            format!("data_dir={:?}", dir.join("cloud")),
+            "http_listen=127.0.0.1:0".into(),
+            mqtt_port.clone(),
+        ],
     )
     .expect("cloud starts");
     let api = CloudApi::new(cloud.http_addr);
@@ -76,7 +80,14 @@ fn start_stack(dir: &Path) -> Stack {
         ],
     )
     .expect("edge starts");
-    Stack { _broker: broker, cloud, hub, edge, frames, alice }
+    Stack {
+        _broker: broker,
+        cloud,
+        hub,
+        edge,
+        frames,
+        alice,
+    }
 }
 
 #[test]
@@ -90,7 +101,11 @@ fn payments_and_bad_input_through_real_processes() {
     // A good payment lands in the ledger.
     present_code(&s.frames, &s.alice).unwrap();
     let (status, paid) = charge(edge, "o-1", 1_250, "EUR").unwrap();
-    assert_eq!((status, paid.status), (200, ChargeStatus::Approved), "{paid:?}");
+    assert_eq!(
+        (status, paid.status),
+        (200, ChargeStatus::Approved),
+        "{paid:?}"
+    );
     assert_eq!(paid.account_id.as_deref(), Some("alice"));
     assert_eq!(paid.payment_id.as_deref(), Some("store-1:o-1"));
     assert_eq!(api.balance("alice").unwrap(), 8_750);
@@ -104,17 +119,40 @@ fn payments_and_bad_input_through_real_processes() {
     };
     let (st, b) = post_raw(&url, "{not json").unwrap();
     refused(st, b, DeclineReason::InvalidRequest);
-    let (st, b) = post_json(&url, &json!({"order_id": "o-2", "amount_minor": 5, "currency": "EUR", "tip": 1})).unwrap();
+    let (st, b) = post_json(
+        &url,
+        &json!({"order_id": "o-2", "amount_minor": 5, "currency": "EUR", "tip": 1}),
+    )
+    .unwrap();
     refused(st, b, DeclineReason::InvalidRequest);
     let (st, b) = post_json(&url, &json!({"order_id": "o-2", "currency": "EUR"})).unwrap();
     refused(st, b, DeclineReason::InvalidRequest);
-    for amount in [json!(0), json!(-500), json!(12.5), json!(1e20), json!(u64::MAX), json!("100")] {
-        let (st, b) = post_json(&url, &json!({"order_id": "o-2", "amount_minor": amount, "currency": "EUR"})).unwrap();
+    for amount in [
+        json!(0),
+        json!(-500),
+        json!(12.5),
+        json!(1e20),
+        json!(u64::MAX),
+        json!("100"),
+    ] {
+        let (st, b) = post_json(
+            &url,
+            &json!({"order_id": "o-2", "amount_minor": amount, "currency": "EUR"}),
+        )
+        .unwrap();
         refused(st, b, DeclineReason::InvalidAmount);
     }
-    let (st, b) = post_json(&url, &json!({"order_id": "o-2", "amount_minor": 5, "currency": "XXX"})).unwrap();
+    let (st, b) = post_json(
+        &url,
+        &json!({"order_id": "o-2", "amount_minor": 5, "currency": "XXX"}),
+    )
+    .unwrap();
     refused(st, b, DeclineReason::UnknownCurrency);
-    let (st, b) = post_json(&url, &json!({"order_id": "o/2", "amount_minor": 5, "currency": "EUR"})).unwrap();
+    let (st, b) = post_json(
+        &url,
+        &json!({"order_id": "o/2", "amount_minor": 5, "currency": "EUR"}),
+    )
+    .unwrap();
     refused(st, b, DeclineReason::InvalidRequest);
 
     // Codes the hub refuses, each with its reason.
@@ -122,7 +160,14 @@ fn payments_and_bad_input_through_real_processes() {
         let (status, r) = charge(edge, order, amount, "EUR").unwrap();
         assert_eq!(r.status, ChargeStatus::Declined, "{order}: {r:?}");
         assert_eq!(r.reason, Some(reason), "{order}: {r:?}");
-        assert_eq!(status, if reason == DeclineReason::StoreSystemUnreachable { 503 } else { 200 });
+        assert_eq!(
+            status,
+            if reason == DeclineReason::StoreSystemUnreachable {
+                503
+            } else {
+                200
+            }
+        );
     };
     present_qr(&s.frames, "https://example.com/not-a-payment").unwrap();
     declined("o-3", 100, DeclineReason::NotFacepayCode);
@@ -131,11 +176,18 @@ fn payments_and_bad_input_through_real_processes() {
     let impostor = Wallet::generate("alice").unwrap();
     present_code(&s.frames, &impostor).unwrap();
     declined("o-5", 100, DeclineReason::BadSignature);
-    present_qr(&s.frames, &s.alice.issue_code(paycode::now_ms() - 5 * 60 * 1000)).unwrap();
+    present_qr(
+        &s.frames,
+        &s.alice.issue_code(paycode::now_ms() - 5 * 60 * 1000),
+    )
+    .unwrap();
     declined("o-6", 100, DeclineReason::CodeExpired);
     let code = s.alice.issue_code(paycode::now_ms());
     present_qr(&s.frames, &code).unwrap();
-    assert_eq!(charge(edge, "o-7", 100, "EUR").unwrap().1.status, ChargeStatus::Approved);
+    assert_eq!(
+        charge(edge, "o-7", 100, "EUR").unwrap().1.status,
+        ChargeStatus::Approved
+    );
     present_qr(&s.frames, &code).unwrap();
     declined("o-8", 100, DeclineReason::CodeReplayed);
     present_code(&s.frames, &Wallet::generate("mallory").unwrap()).unwrap();
@@ -160,7 +212,13 @@ fn payments_and_bad_input_through_real_processes() {
         .filter(|t| t.transfer_id.starts_with("store-1:"))
         .map(|t| (t.transfer_id, t.amount_minor))
         .collect();
-    assert_eq!(payments, vec![("store-1:o-1".to_string(), 1_250), ("store-1:o-7".to_string(), 100)]);
+    assert_eq!(
+        payments,
+        vec![
+            ("store-1:o-1".to_string(), 1_250),
+            ("store-1:o-7".to_string(), 100)
+        ]
+    );
     assert_eq!(api.balance("alice").unwrap(), 10_000 - 1_250 - 100);
     for totals in api.totals().unwrap() {
         assert_eq!(totals.sum_of_balances_minor, 0);
@@ -172,10 +230,12 @@ fn payments_and_bad_input_through_real_processes() {
     let approved = "facepay_edge_payment_outcomes_total{outcome=\"approved\",reason=\"none\"}";
     assert_eq!(metric_value(&edge_metrics, approved), Some(3.0));
     let hub_metrics = get_text(&format!("http://{}/metrics", s.hub.http_addr)).unwrap();
-    let replayed = "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_replayed\"}";
+    let replayed =
+        "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_replayed\"}";
     assert_eq!(metric_value(&hub_metrics, replayed), Some(1.0));
     let cloud_metrics = get_text(&format!("http://{}/metrics", s.cloud.http_addr)).unwrap();
-    let funds = "facepay_cloud_payment_outcomes_total{outcome=\"declined\",reason=\"insufficient_funds\"}";
+    let funds =
+        "facepay_cloud_payment_outcomes_total{outcome=\"declined\",reason=\"insufficient_funds\"}";
     assert_eq!(metric_value(&cloud_metrics, funds), Some(1.0));
 }
 
@@ -195,36 +255,67 @@ fn edge_without_its_hub_says_store_system_unreachable() {
     .unwrap();
     present_code(&frames, &Wallet::generate("alice").unwrap()).unwrap();
     let (status, r) = charge(edge.http_addr, "o-1", 100, "EUR").unwrap();
-    assert_eq!((status, r.reason), (503, Some(DeclineReason::StoreSystemUnreachable)), "{r:?}");
+    assert_eq!(
+        (status, r.reason),
+        (503, Some(DeclineReason::StoreSystemUnreachable)),
+        "{r:?}"
+    );
 }
 
 #[test]
 fn a_config_typo_fails_before_binding_with_exit_64() {
     let dir = tempfile::tempdir().unwrap();
     for (binary, text, key) in [
-        ("facepay-cloud", "http_listen = \"127.0.0.1:0\"\ndata_dri = \"x\"\n", "data_dri"),
-        ("facepay-hub", "store_id = \"s\"\n[mqtt]\nprot = 1\n", "prot"),
-        ("facepay-edge", "scan_timeout_ms = \"soon\"\n", "scan_timeout_ms"),
+        (
+            "facepay-cloud",
+            "http_listen = \"127.0.0.1:0\"\ndata_dri = \"x\"\n",
+            "data_dri",
+        ),
+        (
+            "facepay-hub",
+            "store_id = \"s\"\n[mqtt]\nprot = 1\n",
+            "prot",
+        ),
+        (
+            "facepay-edge",
+            "scan_timeout_ms = \"soon\"\n",
+            "scan_timeout_ms",
+        ),
         ("facepay-hub", "cloud_timeout_ms = 0\n", "cloud_timeout_ms"),
     ] {
         let file = dir.path().join(format!("{binary}.toml"));
         std::fs::write(&file, text).unwrap();
-        let out = Command::new(binary_path(binary)).arg("--config").arg(&file).output().unwrap();
+        let out = Command::new(binary_path(binary))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{binary}: {stderr}");
         assert!(stderr.contains(key), "{binary} should name {key}: {stderr}");
-        assert!(stderr.contains(&file.display().to_string()), "{binary} should name the file: {stderr}");
+        assert!(
+            stderr.contains(&file.display().to_string()),
+            "{binary} should name the file: {stderr}"
+        );
     }
 }
 
 #[test]
 fn shipped_configs_load() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("configs");
-    let sources = |name: &str| settings::Sources { file: Some(root.join(name)), overrides: vec![] };
-    let cloud: cloud::CloudConfig = settings::load("FACEPAY_TEST_UNSET_", &sources("cloud.toml")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("configs");
+    let sources = |name: &str| settings::Sources {
+        file: Some(root.join(name)),
+        overrides: vec![],
+    };
+    let cloud: cloud::CloudConfig =
+        settings::load("FACEPAY_TEST_UNSET_", &sources("cloud.toml")).unwrap();
     assert_eq!(cloud, cloud::CloudConfig::default());
     let hub: hub::HubConfig = settings::load("FACEPAY_TEST_UNSET_", &sources("hub.toml")).unwrap();
     assert_eq!(hub, hub::HubConfig::default());
-    let edge: edge::EdgeConfig = settings::load("FACEPAY_TEST_UNSET_", &sources("edge.toml")).unwrap();
+    let edge: edge::EdgeConfig =
+        settings::load("FACEPAY_TEST_UNSET_", &sources("edge.toml")).unwrap();
     assert_eq!(edge, edge::EdgeConfig::default());
 }

@@ -130,6 +130,76 @@ fn describe(error: figment::Error) -> String {
         .join("; ")
 }
 
+/// The command-line arguments every facepay binary takes for its configuration.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (see configs/ for a documented one).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one key, highest precedence: `--set mqtt.port=1884` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The sources these arguments name.
+    pub fn sources(&self) -> Sources {
+        Sources {
+            file: self.config.clone(),
+            overrides: self.overrides.clone(),
+        }
+    }
+}
+
+/// Loads a binary's configuration or exits with [`EXIT_CONFIG`], printing why, before the binary
+/// has bound any socket.
+pub fn load_or_exit<T>(binary: &str, env_prefix: &str, args: &ConfigArgs) -> T
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+{
+    match load(env_prefix, &args.sources()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{binary}: configuration error: {error}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+/// Checks that `value` is a socket address such as `127.0.0.1:9300` (port 0 picks a free port).
+pub fn check_socket_addr(key: &str, value: &str) -> Result<(), (String, String)> {
+    value
+        .parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| {
+            (
+                key.to_owned(),
+                format!("{value:?} is not an address:port such as 127.0.0.1:9300"),
+            )
+        })
+}
+
+/// Checks that a number lies in a range, naming the key and the unit otherwise.
+pub fn check_range(
+    key: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> Result<(), (String, String)> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err((
+            key.to_owned(),
+            format!(
+                "must be from {} to {} {unit}, got {value}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,75 +342,5 @@ mod tests {
             load::<Demo>("FACEPAY_SETTINGS_TEST_F_", &sources),
             Err(ConfigError::Override(_))
         ));
-    }
-}
-
-/// The command-line arguments every facepay binary takes for its configuration.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ConfigArgs {
-    /// TOML configuration file (see configs/ for a documented one).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Override one key, highest precedence: `--set mqtt.port=1884` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-}
-
-impl ConfigArgs {
-    /// The sources these arguments name.
-    pub fn sources(&self) -> Sources {
-        Sources {
-            file: self.config.clone(),
-            overrides: self.overrides.clone(),
-        }
-    }
-}
-
-/// Loads a binary's configuration or exits with [`EXIT_CONFIG`], printing why, before the binary
-/// has bound any socket.
-pub fn load_or_exit<T>(binary: &str, env_prefix: &str, args: &ConfigArgs) -> T
-where
-    T: DeserializeOwned + Serialize + Default + Validate,
-{
-    match load(env_prefix, &args.sources()) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("{binary}: configuration error: {error}");
-            std::process::exit(EXIT_CONFIG);
-        }
-    }
-}
-
-/// Checks that `value` is a socket address such as `127.0.0.1:9300` (port 0 picks a free port).
-pub fn check_socket_addr(key: &str, value: &str) -> Result<(), (String, String)> {
-    value
-        .parse::<std::net::SocketAddr>()
-        .map(|_| ())
-        .map_err(|_| {
-            (
-                key.to_owned(),
-                format!("{value:?} is not an address:port such as 127.0.0.1:9300"),
-            )
-        })
-}
-
-/// Checks that a number lies in a range, naming the key and the unit otherwise.
-pub fn check_range(
-    key: &str,
-    value: u64,
-    range: std::ops::RangeInclusive<u64>,
-    unit: &str,
-) -> Result<(), (String, String)> {
-    if range.contains(&value) {
-        Ok(())
-    } else {
-        Err((
-            key.to_owned(),
-            format!(
-                "must be from {} to {} {unit}, got {value}",
-                range.start(),
-                range.end()
-            ),
-        ))
     }
 }

@@ -122,6 +122,17 @@ impl PaymentMetrics {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,15 +160,4 @@ mod tests {
         ));
         assert!(text.contains("facepay_hub_payment_duration_seconds_count 2"));
     }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_shutdown() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -16,7 +16,7 @@ pub use zenoh;
 pub const ZENOH_WORKER_THREADS: usize = 2;
 
 /// The `[zenoh]` section of the edge and hub configurations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZenohConfig {
     /// Endpoints to listen on, e.g. `tcp/127.0.0.1:7447` (the hub listens).
@@ -26,16 +26,6 @@ pub struct ZenohConfig {
     /// Multicast scouting finds peers on the LAN by itself; off by default so that a terminal only
     /// ever talks to the hub it is configured for.
     pub multicast_scouting: bool,
-}
-
-impl Default for ZenohConfig {
-    fn default() -> Self {
-        ZenohConfig {
-            listen: vec![],
-            connect: vec![],
-            multicast_scouting: false,
-        }
-    }
 }
 
 impl ZenohConfig {
