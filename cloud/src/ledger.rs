@@ -259,6 +259,15 @@ impl Ledger {
                             "this order's payment was voided; charge it under a new order id",
                         )
                     } else if same {
+                        // The latest attempt told "approved" owns the transfer: a void of an
+                        // earlier attempt that timed out must no longer reverse it.
+                        if existing.code_nonce.as_deref() != Some(&request.code_nonce) {
+                            let owned = TransferRecord {
+                                code_nonce: Some(request.code_nonce.clone()),
+                                ..existing.clone()
+                            };
+                            transfers.insert(request.payment_id.as_bytes(), encode(&owned))?;
+                        }
                         Decision::Approved {
                             account_id: request.account_id.clone(),
                             already_paid: true,
@@ -724,6 +733,31 @@ mod tests {
     }
 
     #[test]
+    fn void_of_a_timed_out_attempt_spares_a_later_confirmed_one() {
+        let (_d, l) = ledger();
+        // Attempt 1 applied, but its answer was lost: the hub will void it.
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        // The register retries the order with a fresh code and hears "approved, already paid".
+        let retry = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        assert_eq!(
+            retry,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: true
+            }
+        );
+        // The late void of attempt 1 must not take back money the retry reported as paid.
+        let void = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(!l.void("store-1", &void).unwrap());
+        assert_eq!(balance(&l, "store-1"), 700);
+        books_balance(&l);
+    }
+
+    #[test]
     fn accounts_open_once_and_keys_are_versioned() {
         let (_d, l) = ledger();
         let same = OpenAccount {
@@ -767,10 +801,6 @@ mod tests {
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger");
-        {
-            let (_d, l) = ledger();
-            drop(l);
-        }
         let l = Ledger::open(&path).unwrap();
         l.open_account(&OpenAccount {
             account_id: "store-1".into(),
