@@ -319,3 +319,49 @@ fn shipped_configs_load() {
         settings::load("FACEPAY_TEST_UNSET_", &sources("edge.toml")).unwrap();
     assert_eq!(edge, edge::EdgeConfig::default());
 }
+
+#[test]
+fn fleet_demo_prints_a_balanced_json_summary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_facepay-fleet"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(summary["approved"], 6, "{summary}");
+    let declined = &summary["declined_by_reason"];
+    for reason in [
+        "code_expired",
+        "code_replayed",
+        "duplicate_order_id",
+        "insufficient_funds",
+        "not_facepay_code",
+        "unknown_account",
+    ] {
+        assert_eq!(declined[reason], 1, "{reason}: {summary}");
+    }
+    assert_eq!(summary["books_balance"], true);
+    let before: i64 = summary["balances_before"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    let after: i64 = summary["balances_after"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!((before, after), (0, 0), "money is conserved");
+    assert_eq!(summary["balances_after"]["alice"], 10_000 - 1_250 - 300);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[5/5]"),
+        "progress is shown"
+    );
+}
