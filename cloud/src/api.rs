@@ -33,10 +33,6 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
                     .into()
                 }),
         )
-        .route(
-            "/healthz",
-            web::get().to(|| async { HttpResponse::Ok().body("ok") }),
-        )
         .route("/v1/accounts", web::post().to(open_account))
         .route("/v1/accounts", web::get().to(list_accounts))
         .route("/v1/accounts/{id}", web::get().to(get_account))

@@ -80,22 +80,10 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         ledger: ledger.clone(),
         link,
     };
-    let server = actix_web::HttpServer::new(move || {
-        let registry = registry.clone();
-        let state = state.clone();
-        actix_web::App::new()
-            .configure(|cfg| telemetry::configure_metrics(cfg, registry))
-            .configure(|cfg| api::configure(cfg, state))
+    let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, move |cfg| {
+        api::configure(cfg, state.clone())
     })
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(&config.http_listen)
     .with_context(|| format!("binding http_listen {}", config.http_listen))?;
-    let http_addr = server.addrs()[0];
-    let server = server.run();
-    let handle = server.handle();
-    actix::spawn(server);
     tracing::info!(%http_addr, "cloud started");
     Ok(CloudHandle {
         http_addr,

@@ -31,7 +31,6 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutAct
                     .into()
                 }),
         )
-        .route("/healthz", web::get().to(|| async { "ok" }))
         .route("/v1/charge", web::post().to(charge));
 }
 

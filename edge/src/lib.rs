@@ -85,22 +85,10 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let checkout = CheckoutActor::new(settings, scanner, hub, metrics).start();
 
     let api_checkout = checkout.clone();
-    let server = actix_web::HttpServer::new(move || {
-        let registry = registry.clone();
-        let checkout = api_checkout.clone();
-        actix_web::App::new()
-            .configure(|cfg| telemetry::configure_metrics(cfg, registry))
-            .configure(|cfg| api::configure(cfg, checkout))
+    let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, move |cfg| {
+        api::configure(cfg, api_checkout.clone())
     })
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(&config.http_listen)
     .with_context(|| format!("binding http_listen {}", config.http_listen))?;
-    let http_addr = server.addrs()[0];
-    let server = server.run();
-    let handle = server.handle();
-    actix::spawn(server);
     tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %http_addr, "edge started");
     Ok(EdgeHandle {
         http_addr,

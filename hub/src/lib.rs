@@ -128,21 +128,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         .expect("zenoh open does not panic")?;
     serve_edges(&zenoh, &config.store_id, auth.clone()).await?;
 
-    let server = actix_web::HttpServer::new(move || {
-        let registry = registry.clone();
-        actix_web::App::new()
-            .configure(|cfg| telemetry::configure_metrics(cfg, registry))
-            .route("/healthz", actix_web::web::get().to(|| async { "ok" }))
-    })
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(&config.http_listen)
-    .with_context(|| format!("binding http_listen {}", config.http_listen))?;
-    let http_addr = server.addrs()[0];
-    let server = server.run();
-    let handle = server.handle();
-    actix::spawn(server);
+    let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, |_| {})
+        .with_context(|| format!("binding http_listen {}", config.http_listen))?;
     tracing::info!(store_id = config.store_id, %http_addr, "hub started");
     Ok(HubHandle {
         http_addr,

@@ -32,6 +32,34 @@ async fn metrics_handler(registry: web::Data<Registry>) -> HttpResponse {
         .body(render(&registry))
 }
 
+/// Serves a tier's HTTP API with `/metrics` and `/healthz` on one worker thread, on the current
+/// actix system, and returns the bound address (port 0 picks one) and the server's handle.
+pub fn serve_http<F>(
+    listen: &str,
+    registry: Registry,
+    routes: F,
+) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let server = actix_web::HttpServer::new(move || {
+        let registry = registry.clone();
+        actix_web::App::new()
+            .configure(|cfg| configure_metrics(cfg, registry))
+            .route("/healthz", web::get().to(|| async { "ok" }))
+            .configure(routes.clone())
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(listen)?;
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    Ok((addr, handle))
+}
+
 /// The registry in Prometheus text exposition format.
 pub fn render(registry: &Registry) -> String {
     let mut out = Vec::new();
