@@ -1,0 +1,237 @@
+//! `facepay-face`: the face pipeline for people — embed, compare, liveness, and the benchmarks.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use face::{cosine, lfw, FaceConfig, FaceEngine, Gates};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "facepay-face", about = "facepay face pipeline: embed, compare, liveness, benchmarks")]
+struct Cli {
+    /// Directory of the model files (default: the ones vendored with facepay).
+    #[arg(long, global = true)]
+    models: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every gate and print the embedding and all scores as JSON.
+    Embed {
+        /// Image file (JPEG, PNG, WebP; recognised by content).
+        image: PathBuf,
+    },
+    /// Cosine similarity of the main faces of two images, and same/different at the threshold.
+    Compare {
+        /// First image.
+        a: PathBuf,
+        /// Second image.
+        b: PathBuf,
+    },
+    /// Liveness scores of the main face of an image, and live/spoof at the threshold.
+    Liveness {
+        /// Image file.
+        image: PathBuf,
+    },
+    /// The official 10-fold LFW protocol.
+    BenchLfw {
+        /// LFW image root (Name/Name_NNNN.jpg).
+        #[arg(long)]
+        lfw: PathBuf,
+        /// pairs.txt of View 2.
+        #[arg(long)]
+        pairs: PathBuf,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide labelled pairs (`file_x,file_y,Decision` CSV) at the default threshold.
+    BenchPairs {
+        /// The CSV (e.g. ../shared/faces/labelled/master.csv); images are read beside it.
+        #[arg(long)]
+        csv: PathBuf,
+    },
+}
+
+fn engine(models: &Option<PathBuf>) -> anyhow::Result<FaceEngine> {
+    let started = Instant::now();
+    let engine = match models {
+        Some(dir) => FaceEngine::load(dir, FaceConfig::default()),
+        None => FaceEngine::load_default(FaceConfig::default()),
+    }
+    .context("loading face models")?;
+    eprintln!("models loaded in {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
+    Ok(engine)
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Embed { image } => {
+            let engine = engine(&cli.models)?;
+            let analysis = engine.analyze(&read(&image)?, Gates::All)?;
+            println!("{}", serde_json::to_string_pretty(&analysis)?);
+            if let Some(refusal) = analysis.refusal {
+                eprintln!("refused: {refusal}");
+                std::process::exit(2);
+            }
+        }
+        Command::Compare { a, b } => {
+            let engine = engine(&cli.models)?;
+            let embed = |p: &Path| -> anyhow::Result<Vec<f32>> {
+                let analysis = engine.analyze(&read(p)?, Gates::EmbedOnly)?;
+                analysis.embedding.with_context(|| format!("{}: no face found", p.display()))
+            };
+            let score = cosine(&embed(&a)?, &embed(&b)?);
+            let same = engine.is_match(score);
+            println!(
+                "{}",
+                serde_json::json!({ "cosine": score, "threshold": engine.config().match_threshold, "same_person": same })
+            );
+        }
+        Command::Liveness { image } => {
+            let engine = engine(&cli.models)?;
+            let img = face::decode::decode_rgb(&read(&image)?)?;
+            let faces = engine.detect(&img)?;
+            let Some(main) = faces.first() else { bail!("{}: no face found", image.display()) };
+            let scores = engine.liveness(&img, main)?;
+            let live = scores.fused >= engine.config().liveness_threshold;
+            println!(
+                "{}",
+                serde_json::json!({ "liveness": scores, "threshold": engine.config().liveness_threshold, "live": live })
+            );
+        }
+        Command::BenchLfw { lfw: root, pairs, threads, json } => bench_lfw(&cli.models, &root, &pairs, threads, json)?,
+        Command::BenchPairs { csv } => bench_pairs(&cli.models, &csv)?,
+    }
+    Ok(())
+}
+
+fn bench_lfw(models: &Option<PathBuf>, root: &Path, pairs: &Path, threads: usize, json: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(pairs).with_context(|| format!("reading {}", pairs.display()))?;
+    let pairs = lfw::parse_pairs(&text, root).map_err(anyhow::Error::msg)?;
+    let mut images: Vec<PathBuf> = pairs.iter().flat_map(|p| [p.a.clone(), p.b.clone()]).collect();
+    images.sort();
+    images.dedup();
+    let engine = Arc::new(engine(models)?);
+    let bar = ProgressBar::new(images.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}").expect("valid template"));
+    let started = Instant::now();
+    let chunk = images.len().div_ceil(threads.max(1));
+    let results: Vec<(PathBuf, Option<Vec<f32>>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = images
+            .chunks(chunk.max(1))
+            .map(|part| {
+                let engine = engine.clone();
+                let bar = bar.clone();
+                s.spawn(move || {
+                    part.iter()
+                        .map(|path| {
+                            let embedding = std::fs::read(path)
+                                .ok()
+                                .and_then(|bytes| engine.analyze(&bytes, Gates::EmbedOnly).ok())
+                                .and_then(|a| a.embedding);
+                            bar.inc(1);
+                            (path.clone(), embedding)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("worker does not panic")).collect()
+    });
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    let failed_images: Vec<&PathBuf> = results.iter().filter(|(_, e)| e.is_none()).map(|(p, _)| p).collect();
+    let embeddings: HashMap<PathBuf, Vec<f32>> =
+        results.iter().filter_map(|(p, e)| e.clone().map(|e| (p.clone(), e))).collect();
+    let scored: Vec<lfw::Scored> = pairs
+        .iter()
+        .map(|p| lfw::Scored {
+            score: embeddings.get(&p.a).zip(embeddings.get(&p.b)).map(|(a, b)| cosine(a, b)),
+            same: p.same,
+            fold: p.fold,
+        })
+        .collect();
+    let report = lfw::evaluate(&scored);
+    let per_image_ms = elapsed.as_secs_f64() * 1000.0 * threads.max(1) as f64 / images.len().max(1) as f64;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "report": report, "images": images.len(), "failed_images": failed_images,
+                                "threads": threads, "ms_per_image_per_thread": per_image_ms })
+        );
+        return Ok(());
+    }
+    println!("LFW deep-funneled, View 2, 10-fold ({} pairs, {} images)", pairs.len(), images.len());
+    println!("accuracy          {:.2}% +- {:.2}%", report.mean_accuracy * 100.0, report.std_accuracy * 100.0);
+    println!(
+        "folds             {}",
+        report.fold_accuracies.iter().map(|a| format!("{:.2}", a * 100.0)).collect::<Vec<_>>().join(" ")
+    );
+    println!("threshold         {:.3} (mean of the folds' choices)", report.mean_threshold);
+    println!("TAR @ FAR 1e-3    {:.2}% (threshold {:.3})", report.tar_at_far_1e3 * 100.0, report.far_1e3_threshold);
+    println!("failed detection  {} images, {} pairs counted as errors", failed_images.len(), report.failed_pairs);
+    for path in &failed_images {
+        println!("  {}", path.display());
+    }
+    println!("time              {per_image_ms:.1} ms per image per thread ({threads} threads, detect + align + embed)");
+    Ok(())
+}
+
+fn bench_pairs(models: &Option<PathBuf>, csv: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
+    let dir = csv.parent().unwrap_or(Path::new("."));
+    let engine = engine(models)?;
+    let mut cache: HashMap<String, Vec<f32>> = HashMap::new();
+    let (mut right, mut wrong) = (0, 0);
+    let (mut min_same, mut max_diff) = (f32::MAX, f32::MIN);
+    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [x, y, decision] = f[..] else { bail!("bad line {line:?}") };
+        for name in [x, y] {
+            if !cache.contains_key(name) {
+                let analysis = engine.analyze(&read(&dir.join(name))?, Gates::EmbedOnly)?;
+                let embedding = analysis.embedding.with_context(|| format!("{name}: no face found"))?;
+                cache.insert(name.to_owned(), embedding);
+            }
+        }
+        let score = cosine(&cache[x], &cache[y]);
+        let same = decision.eq_ignore_ascii_case("yes");
+        if same {
+            min_same = min_same.min(score);
+        } else {
+            max_diff = max_diff.max(score);
+        }
+        if engine.is_match(score) == same {
+            right += 1;
+        } else {
+            wrong += 1;
+            println!("wrong: {x} {y} {decision} cosine {score:.3}");
+        }
+    }
+    println!(
+        "{right}/{} pairs decided correctly at threshold {:.3}; same-person min cosine {min_same:.3}, different-person max {max_diff:.3}",
+        right + wrong,
+        engine.config().match_threshold
+    );
+    if wrong > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
