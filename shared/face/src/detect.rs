@@ -57,7 +57,11 @@ pub struct DetectorSettings {
 const STRIDES: [usize; 3] = [8, 16, 32];
 
 /// Runs YuNet on an image and returns faces, best first.
-pub fn detect(plans: &SizedPlans, img: &RgbImage, settings: DetectorSettings) -> Result<Vec<Detection>, FaceError> {
+pub fn detect(
+    plans: &SizedPlans,
+    img: &RgbImage,
+    settings: DetectorSettings,
+) -> Result<Vec<Detection>, FaceError> {
     let (w, h) = (img.width() as f32, img.height() as f32);
     let scale = (settings.input_max_side as f32 / w.max(h)).min(1.0);
     let in_w = ((w * scale).round() as usize).max(1);
@@ -65,10 +69,26 @@ pub fn detect(plans: &SizedPlans, img: &RgbImage, settings: DetectorSettings) ->
     // Strides go to 32: pad the input up to a multiple of it (zeros, bottom and right).
     let pad_w = in_w.div_ceil(32) * 32;
     let pad_h = in_h.div_ceil(32) * 32;
-    let data = crop_resize_nchw(img, Rect { x: 0.0, y: 0.0, w, h }, in_w, in_h, pad_w, pad_h, Channels::Bgr);
-    let input = Tensor::from_shape(&[1, 3, pad_h, pad_w], &data).map_err(|e| FaceError::Model(e.to_string()))?;
+    let data = crop_resize_nchw(
+        img,
+        Rect {
+            x: 0.0,
+            y: 0.0,
+            w,
+            h,
+        },
+        in_w,
+        in_h,
+        pad_w,
+        pad_h,
+        Channels::Bgr,
+    );
+    let input = Tensor::from_shape(&[1, 3, pad_h, pad_w], &data)
+        .map_err(|e| FaceError::Model(e.to_string()))?;
     let plan = plans.plan([1, 3, pad_h, pad_w])?;
-    let outputs = plan.run(tvec!(input.into())).map_err(|e| FaceError::Model(format!("yunet: {e:#}")))?;
+    let outputs = plan
+        .run(tvec!(input.into()))
+        .map_err(|e| FaceError::Model(format!("yunet: {e:#}")))?;
     let view = |i: usize| -> Result<Vec<f32>, FaceError> {
         Ok(outputs[i]
             .to_plain_array_view::<f32>()

@@ -126,7 +126,20 @@ pub fn crop_resize_nchw(
 /// An RGB image as an NCHW float tensor (0-255).
 pub fn image_nchw(img: &RgbImage, channels: Channels) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    crop_resize_nchw(img, Rect { x: 0.0, y: 0.0, w: w as f32, h: h as f32 }, w, h, w, h, channels)
+    crop_resize_nchw(
+        img,
+        Rect {
+            x: 0.0,
+            y: 0.0,
+            w: w as f32,
+            h: h as f32,
+        },
+        w,
+        h,
+        w,
+        h,
+        channels,
+    )
 }
 
 /// The least-squares similarity transform (rotation, uniform scale, translation, no reflection)
@@ -180,12 +193,22 @@ pub fn luminance_and_sharpness(img: &RgbImage) -> (f32, f32) {
     for y in 1..h.saturating_sub(1) {
         for x in 1..w.saturating_sub(1) {
             let c = gray[y * w + x];
-            lap.push(gray[y * w + x - 1] + gray[y * w + x + 1] + gray[(y - 1) * w + x] + gray[(y + 1) * w + x] - 4.0 * c);
+            lap.push(
+                gray[y * w + x - 1]
+                    + gray[y * w + x + 1]
+                    + gray[(y - 1) * w + x]
+                    + gray[(y + 1) * w + x]
+                    - 4.0 * c,
+            );
         }
     }
     let n = lap.len().max(1) as f32;
     let lap_mean = lap.iter().sum::<f32>() / n;
-    let var = lap.iter().map(|v| (v - lap_mean) * (v - lap_mean)).sum::<f32>() / n;
+    let var = lap
+        .iter()
+        .map(|v| (v - lap_mean) * (v - lap_mean))
+        .sum::<f32>()
+        / n;
     (mean, var)
 }
 
@@ -200,7 +223,10 @@ mod tests {
         let dst = src.map(|[x, y]| [-2.0 * y + 5.0, 2.0 * x - 3.0]);
         let [a, b, tx, ty] = similarity(&src, &dst);
         assert!((a - 0.0).abs() < 1e-3 && (b - 2.0).abs() < 1e-3, "{a} {b}");
-        assert!((tx - 5.0).abs() < 1e-2 && (ty + 3.0).abs() < 1e-2, "{tx} {ty}");
+        assert!(
+            (tx - 5.0).abs() < 1e-2 && (ty + 3.0).abs() < 1e-2,
+            "{tx} {ty}"
+        );
     }
 
     #[test]
@@ -211,19 +237,32 @@ mod tests {
         for [x, y] in landmarks {
             for dy in -2i32..=2 {
                 for dx in -2i32..=2 {
-                    img.put_pixel((x as i32 + dx) as u32, (y as i32 + dy) as u32, Rgb([255, 255, 255]));
+                    img.put_pixel(
+                        (x as i32 + dx) as u32,
+                        (y as i32 + dy) as u32,
+                        Rgb([255, 255, 255]),
+                    );
                 }
             }
         }
         let face = align(&img, &landmarks);
         for [x, y] in ARCFACE_TEMPLATE {
-            assert!(face.get_pixel(x.round() as u32, y.round() as u32).0[0] > 200, "dot at {x},{y}");
+            assert!(
+                face.get_pixel(x.round() as u32, y.round() as u32).0[0] > 200,
+                "dot at {x},{y}"
+            );
         }
     }
 
     #[test]
     fn blur_lowers_sharpness() {
-        let sharp = RgbImage::from_fn(64, 64, |x, y| if (x / 4 + y / 4) % 2 == 0 { Rgb([255; 3]) } else { Rgb([0; 3]) });
+        let sharp = RgbImage::from_fn(64, 64, |x, y| {
+            if (x / 4 + y / 4) % 2 == 0 {
+                Rgb([255; 3])
+            } else {
+                Rgb([0; 3])
+            }
+        });
         let flat = RgbImage::from_pixel(64, 64, Rgb([128; 3]));
         let (mean, s) = luminance_and_sharpness(&sharp);
         assert!((mean - 127.5).abs() < 5.0);

@@ -21,8 +21,13 @@ pub struct Pair {
 pub fn parse_pairs(text: &str, images: &Path) -> Result<Vec<Pair>, String> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header = lines.next().ok_or("empty pairs file")?;
-    let nums: Vec<usize> = header.split_whitespace().filter_map(|n| n.parse().ok()).collect();
-    let [folds, per_class] = nums[..] else { return Err(format!("bad header {header:?}")) };
+    let nums: Vec<usize> = header
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [folds, per_class] = nums[..] else {
+        return Err(format!("bad header {header:?}"));
+    };
     let path = |name: &str, n: &str| -> Result<PathBuf, String> {
         let n: usize = n.parse().map_err(|_| format!("bad image number {n:?}"))?;
         Ok(images.join(name).join(format!("{name}_{n:04}.jpg")))
@@ -32,14 +37,28 @@ pub fn parse_pairs(text: &str, images: &Path) -> Result<Vec<Pair>, String> {
         let f: Vec<&str> = line.split_whitespace().collect();
         let fold = i / (2 * per_class);
         let pair = match f[..] {
-            [name, n1, n2] => Pair { a: path(name, n1)?, b: path(name, n2)?, same: true, fold },
-            [name1, n1, name2, n2] => Pair { a: path(name1, n1)?, b: path(name2, n2)?, same: false, fold },
+            [name, n1, n2] => Pair {
+                a: path(name, n1)?,
+                b: path(name, n2)?,
+                same: true,
+                fold,
+            },
+            [name1, n1, name2, n2] => Pair {
+                a: path(name1, n1)?,
+                b: path(name2, n2)?,
+                same: false,
+                fold,
+            },
             _ => return Err(format!("line {}: {line:?}", i + 2)),
         };
         pairs.push(pair);
     }
     if pairs.len() != folds * per_class * 2 {
-        return Err(format!("expected {} pairs, found {}", folds * per_class * 2, pairs.len()));
+        return Err(format!(
+            "expected {} pairs, found {}",
+            folds * per_class * 2,
+            pairs.len()
+        ));
     }
     Ok(pairs)
 }
@@ -99,7 +118,12 @@ pub struct Report {
 
 /// Runs the 10-fold protocol over scored pairs.
 pub fn evaluate(scored: &[Scored]) -> Report {
-    let folds = scored.iter().map(|p| p.fold).max().map(|m| m + 1).unwrap_or(0);
+    let folds = scored
+        .iter()
+        .map(|p| p.fold)
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(0);
     let mut fold_accuracies = Vec::new();
     let mut fold_thresholds = Vec::new();
     for fold in 0..folds {
@@ -111,13 +135,25 @@ pub fn evaluate(scored: &[Scored]) -> Report {
     }
     let n = fold_accuracies.len().max(1) as f64;
     let mean = fold_accuracies.iter().sum::<f64>() / n;
-    let std = (fold_accuracies.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let mut negatives: Vec<f32> = scored.iter().filter(|p| !p.same).filter_map(|p| p.score).collect();
+    let std = (fold_accuracies
+        .iter()
+        .map(|a| (a - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    let mut negatives: Vec<f32> = scored
+        .iter()
+        .filter(|p| !p.same)
+        .filter_map(|p| p.score)
+        .collect();
     negatives.sort_by(|a, b| b.total_cmp(a));
     let allowed = (negatives.len() as f64 * 1e-3).floor() as usize;
     let far_threshold = negatives.get(allowed).map(|s| s + 1e-6).unwrap_or(f32::MIN);
     let positives: Vec<&Scored> = scored.iter().filter(|p| p.same).collect();
-    let tar = positives.iter().filter(|p| matches!(p.score, Some(s) if s >= far_threshold)).count() as f64
+    let tar = positives
+        .iter()
+        .filter(|p| matches!(p.score, Some(s) if s >= far_threshold))
+        .count() as f64
         / positives.len().max(1) as f64;
     Report {
         mean_threshold: fold_thresholds.iter().sum::<f32>() / fold_thresholds.len().max(1) as f32,
@@ -151,8 +187,16 @@ mod tests {
         let mut scored = Vec::new();
         for fold in 0..10 {
             for i in 0..10 {
-                scored.push(Scored { score: Some(0.6 + i as f32 * 0.01), same: true, fold });
-                scored.push(Scored { score: Some(0.1 + i as f32 * 0.01), same: false, fold });
+                scored.push(Scored {
+                    score: Some(0.6 + i as f32 * 0.01),
+                    same: true,
+                    fold,
+                });
+                scored.push(Scored {
+                    score: Some(0.1 + i as f32 * 0.01),
+                    same: false,
+                    fold,
+                });
             }
         }
         let perfect = evaluate(&scored);

@@ -45,7 +45,8 @@ pub struct FaceConfig {
     pub competing_face_ratio: f32,
     /// Smallest accepted face, shorter box side in pixels.
     pub min_face_px: f32,
-    /// How far (fraction of the box side) a face may extend past the frame border.
+    /// How far (fraction of the box side) a face box may extend past the frame border. A face
+    /// cut by the border is found with a box that reaches the edge, so keep this small.
     pub border_tolerance: f32,
     /// Minimum variance of the Laplacian of the aligned face.
     pub min_sharpness: f32,
@@ -72,7 +73,7 @@ impl Default for FaceConfig {
             detector_nms_iou: 0.3,
             competing_face_ratio: 0.6,
             min_face_px: 48.0,
-            border_tolerance: 0.1,
+            border_tolerance: 0.0,
             min_sharpness: 15.0,
             min_luminance: 40.0,
             max_luminance: 220.0,
@@ -91,7 +92,10 @@ impl FaceConfig {
             if (0.0..=1.0).contains(&v) {
                 Ok(())
             } else {
-                Err((format!("{prefix}.{key}"), format!("must be from 0 to 1, got {v}")))
+                Err((
+                    format!("{prefix}.{key}"),
+                    format!("must be from 0 to 1, got {v}"),
+                ))
             }
         };
         unit("detector_score_threshold", self.detector_score_threshold)?;
@@ -100,16 +104,28 @@ impl FaceConfig {
         unit("liveness_threshold", self.liveness_threshold)?;
         unit("border_tolerance", self.border_tolerance)?;
         if !(-1.0..=1.0).contains(&self.match_threshold) {
-            return Err((format!("{prefix}.match_threshold"), "must be a cosine from -1 to 1".into()));
+            return Err((
+                format!("{prefix}.match_threshold"),
+                "must be a cosine from -1 to 1".into(),
+            ));
         }
         if !(64..=2048).contains(&self.detector_input_max_side) {
-            return Err((format!("{prefix}.detector_input_max_side"), "must be from 64 to 2048 pixels".into()));
+            return Err((
+                format!("{prefix}.detector_input_max_side"),
+                "must be from 64 to 2048 pixels".into(),
+            ));
         }
         if self.min_luminance >= self.max_luminance {
-            return Err((format!("{prefix}.min_luminance"), "must be below max_luminance".into()));
+            return Err((
+                format!("{prefix}.min_luminance"),
+                "must be below max_luminance".into(),
+            ));
         }
         if self.pitch_ratio_range[0] >= self.pitch_ratio_range[1] {
-            return Err((format!("{prefix}.pitch_ratio_range"), "must be [low, high] with low < high".into()));
+            return Err((
+                format!("{prefix}.pitch_ratio_range"),
+                "must be [low, high] with low < high".into(),
+            ));
         }
         Ok(())
     }
@@ -203,9 +219,16 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-fn run_single(plan: &Plan, shape: [usize; 4], data: &[f32], what: &str) -> Result<Vec<f32>, FaceError> {
+fn run_single(
+    plan: &Plan,
+    shape: [usize; 4],
+    data: &[f32],
+    what: &str,
+) -> Result<Vec<f32>, FaceError> {
     let input = Tensor::from_shape(&shape, data).map_err(|e| FaceError::Model(e.to_string()))?;
-    let out = plan.run(tvec!(input.into())).map_err(|e| FaceError::Model(format!("{what}: {e:#}")))?;
+    let out = plan
+        .run(tvec!(input.into()))
+        .map_err(|e| FaceError::Model(format!("{what}: {e:#}")))?;
     Ok(out[0]
         .to_plain_array_view::<f32>()
         .map_err(|e| FaceError::Model(e.to_string()))?
@@ -233,7 +256,8 @@ fn liveness_crop(width: u32, height: u32, face: &Detection, scale: f32) -> Rect 
     let scale = scale.min((src_h - 1.0) / bh).min((src_w - 1.0) / bw);
     let (nw, nh) = (bw * scale, bh * scale);
     let (cx, cy) = (face.x + bw / 2.0, face.y + bh / 2.0);
-    let (mut x1, mut y1, mut x2, mut y2) = (cx - nw / 2.0, cy - nh / 2.0, cx + nw / 2.0, cy + nh / 2.0);
+    let (mut x1, mut y1, mut x2, mut y2) =
+        (cx - nw / 2.0, cy - nh / 2.0, cx + nw / 2.0, cy + nh / 2.0);
     if x1 < 0.0 {
         x2 -= x1;
         x1 = 0.0;
@@ -250,8 +274,18 @@ fn liveness_crop(width: u32, height: u32, face: &Detection, scale: f32) -> Rect 
         y1 -= y2 - src_h + 1.0;
         y2 = src_h - 1.0;
     }
-    let (x1, y1, x2, y2) = (x1.max(0.0).floor(), y1.max(0.0).floor(), x2.floor(), y2.floor());
-    Rect { x: x1, y: y1, w: x2 - x1 + 1.0, h: y2 - y1 + 1.0 }
+    let (x1, y1, x2, y2) = (
+        x1.max(0.0).floor(),
+        y1.max(0.0).floor(),
+        x2.floor(),
+        y2.floor(),
+    );
+    Rect {
+        x: x1,
+        y: y1,
+        w: x2 - x1 + 1.0,
+        h: y2 - y1 + 1.0,
+    }
 }
 
 /// Prominence of a face for picking the payer: its area weighted by how central it is.
@@ -267,7 +301,9 @@ fn pose(face: &Detection) -> (f32, f32, f32) {
     let [e0, e1, nose, m0, m1] = face.landmarks;
     let eye_mid = [(e0[0] + e1[0]) / 2.0, (e0[1] + e1[1]) / 2.0];
     let mouth_mid = [(m0[0] + m1[0]) / 2.0, (m0[1] + m1[1]) / 2.0];
-    let eye_dist = ((e1[0] - e0[0]).powi(2) + (e1[1] - e0[1]).powi(2)).sqrt().max(1e-3);
+    let eye_dist = ((e1[0] - e0[0]).powi(2) + (e1[1] - e0[1]).powi(2))
+        .sqrt()
+        .max(1e-3);
     let roll = (e1[1] - e0[1]).atan2(e1[0] - e0[0]).to_degrees();
     // Measure yaw along the eye line and pitch across it, so that a tilted head is not a turned one.
     let (ux, uy) = ((e1[0] - e0[0]) / eye_dist, (e1[1] - e0[1]) / eye_dist);
@@ -302,10 +338,21 @@ impl FaceEngine {
     /// Loads the models from `dir`, checking each file's SHA-256.
     pub fn load(dir: &Path, config: FaceConfig) -> Result<Self, FaceError> {
         let yunet = SizedPlans::new(&models::read_checked(dir, models::YUNET)?)?;
-        let sface = models::load_plan(&models::read_checked(dir, models::SFACE)?, [1, 3, 112, 112])?;
-        let fas_v2 = models::load_plan(&models::read_checked(dir, models::FAS_V2)?, [1, 3, 80, 80])?;
-        let fas_v1se = models::load_plan(&models::read_checked(dir, models::FAS_V1SE)?, [1, 3, 80, 80])?;
-        Ok(FaceEngine { config, yunet, sface, fas_v2, fas_v1se })
+        let sface =
+            models::load_plan(&models::read_checked(dir, models::SFACE)?, [1, 3, 112, 112])?;
+        let fas_v2 =
+            models::load_plan(&models::read_checked(dir, models::FAS_V2)?, [1, 3, 80, 80])?;
+        let fas_v1se = models::load_plan(
+            &models::read_checked(dir, models::FAS_V1SE)?,
+            [1, 3, 80, 80],
+        )?;
+        Ok(FaceEngine {
+            config,
+            yunet,
+            sface,
+            fas_v2,
+            fas_v1se,
+        })
     }
 
     /// Loads the models vendored in this crate.
@@ -328,7 +375,8 @@ impl FaceEngine {
         let started = Instant::now();
         let img = decode::decode_rgb(bytes)?;
         let mut analysis = self.analyze_image(&img, gates)?;
-        analysis.timings.decode_ms = ms(started) - analysis.timings.detect_ms
+        analysis.timings.decode_ms = ms(started)
+            - analysis.timings.detect_ms
             - analysis.timings.align_ms
             - analysis.timings.liveness_ms
             - analysis.timings.embed_ms;
@@ -351,19 +399,31 @@ impl FaceEngine {
     /// Liveness scores of a face in an image.
     pub fn liveness(&self, img: &RgbImage, face: &Detection) -> Result<Liveness, FaceError> {
         let mut scores = [0f32; 2];
-        for (i, (plan, scale)) in [(&self.fas_v2, 2.7), (&self.fas_v1se, 4.0)].into_iter().enumerate() {
+        for (i, (plan, scale)) in [(&self.fas_v2, 2.7), (&self.fas_v1se, 4.0)]
+            .into_iter()
+            .enumerate()
+        {
             let crop = liveness_crop(img.width(), img.height(), face, scale);
             let data = crop_resize_nchw(img, crop, 80, 80, 80, 80, Channels::Bgr);
             scores[i] = softmax_real(&run_single(plan, [1, 3, 80, 80], &data, "minifasnet")?);
         }
-        Ok(Liveness { v2: scores[0], v1se: scores[1], fused: (scores[0] + scores[1]) / 2.0 })
+        Ok(Liveness {
+            v2: scores[0],
+            v1se: scores[1],
+            fused: (scores[0] + scores[1]) / 2.0,
+        })
     }
 
     /// The L2-normalised embedding of an aligned 112x112 face.
     pub fn embed_aligned(&self, aligned: &RgbImage) -> Result<Vec<f32>, FaceError> {
         let data = geometry::image_nchw(aligned, Channels::Rgb);
         let mut v = run_single(&self.sface, [1, 3, 112, 112], &data, "sface")?;
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+        let norm = v
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::EPSILON);
         v.iter_mut().for_each(|x| *x /= norm);
         Ok(v)
     }
@@ -386,7 +446,13 @@ impl FaceEngine {
         let mut faces = self.detect(img)?;
         a.timings.detect_ms = ms(t);
         a.faces_found = faces.len();
-        faces.sort_by(|x, y| prominence(y, img.width(), img.height()).total_cmp(&prominence(x, img.width(), img.height())));
+        faces.sort_by(|x, y| {
+            prominence(y, img.width(), img.height()).total_cmp(&prominence(
+                x,
+                img.width(),
+                img.height(),
+            ))
+        });
         let Some(face) = faces.first().cloned() else {
             a.refusal = Some(Refusal::NoFace);
             return Ok(a);
@@ -399,7 +465,10 @@ impl FaceEngine {
         let all = gates == Gates::All;
         if all {
             if let Some(second) = faces.get(1) {
-                let (p1, p2) = (prominence(&face, img.width(), img.height()), prominence(second, img.width(), img.height()));
+                let (p1, p2) = (
+                    prominence(&face, img.width(), img.height()),
+                    prominence(second, img.width(), img.height()),
+                );
                 if p2 >= c.competing_face_ratio * p1 {
                     return refuse(a, Refusal::MultipleFaces);
                 }

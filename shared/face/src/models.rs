@@ -49,9 +49,12 @@ pub fn default_models_dir() -> std::path::PathBuf {
 /// Reads a model file and refuses it unless its SHA-256 matches the pinned one.
 pub fn read_checked(dir: &Path, model: ModelFile) -> Result<Vec<u8>, FaceError> {
     let path = dir.join(model.file);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| FaceError::Model(format!("{}: {e}", path.display())))?;
-    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let bytes =
+        std::fs::read(&path).map_err(|e| FaceError::Model(format!("{}: {e}", path.display())))?;
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if digest != model.sha256 {
         return Err(FaceError::Model(format!(
             "{}: sha256 {digest} does not match the pinned {}",
@@ -69,7 +72,9 @@ fn model_error(e: impl std::fmt::Display) -> FaceError {
 /// Parses an ONNX file, folds its constant (blocked) DequantizeLinear nodes into fp32
 /// initializers, drops graph inputs nothing uses, fixes the input shape and optimises.
 pub fn load_plan(bytes: &[u8], input_shape: [usize; 4]) -> Result<Plan, FaceError> {
-    let mut proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).map_err(model_error)?;
+    let mut proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(model_error)?;
     if let Some(graph) = proto.graph.as_mut() {
         fold_dequantize(graph)?;
         drop_unused_inputs(graph);
@@ -86,8 +91,13 @@ pub struct SizedPlans {
 impl SizedPlans {
     /// Parses the model; plans are built on first use of each size.
     pub fn new(bytes: &[u8]) -> Result<Self, FaceError> {
-        let proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).map_err(model_error)?;
-        Ok(SizedPlans { proto, plans: Default::default() })
+        let proto = tract_onnx::onnx()
+            .proto_model_for_read(&mut &bytes[..])
+            .map_err(model_error)?;
+        Ok(SizedPlans {
+            proto,
+            plans: Default::default(),
+        })
     }
 
     /// The plan for an input shape, built and cached on first use.
@@ -96,7 +106,10 @@ impl SizedPlans {
             return Ok(plan.clone());
         }
         let plan = plan_from_proto(&self.proto, shape)?;
-        self.plans.lock().expect("not poisoned").insert(shape, plan.clone());
+        self.plans
+            .lock()
+            .expect("not poisoned")
+            .insert(shape, plan.clone());
         Ok(plan)
     }
 }
@@ -116,19 +129,32 @@ const ONNX_INT8: i32 = 3;
 
 fn tensor_i32_values(t: &pb::TensorProto) -> Result<Vec<i32>, FaceError> {
     match t.data_type {
-        ONNX_INT8 if !t.raw_data.is_empty() => Ok(t.raw_data.iter().map(|b| i32::from(*b as i8)).collect()),
-        ONNX_UINT8 if !t.raw_data.is_empty() => Ok(t.raw_data.iter().map(|b| i32::from(*b)).collect()),
+        ONNX_INT8 if !t.raw_data.is_empty() => {
+            Ok(t.raw_data.iter().map(|b| i32::from(*b as i8)).collect())
+        }
+        ONNX_UINT8 if !t.raw_data.is_empty() => {
+            Ok(t.raw_data.iter().map(|b| i32::from(*b)).collect())
+        }
         ONNX_INT8 | ONNX_UINT8 => Ok(t.int32_data.clone()),
-        other => Err(FaceError::Model(format!("{}: quantized type {other} is not int8/uint8", t.name))),
+        other => Err(FaceError::Model(format!(
+            "{}: quantized type {other} is not int8/uint8",
+            t.name
+        ))),
     }
 }
 
 fn tensor_f32_values(t: &pb::TensorProto) -> Result<Vec<f32>, FaceError> {
     if t.data_type != ONNX_FLOAT {
-        return Err(FaceError::Model(format!("{}: scale type {} is not float", t.name, t.data_type)));
+        return Err(FaceError::Model(format!(
+            "{}: scale type {} is not float",
+            t.name, t.data_type
+        )));
     }
     if !t.raw_data.is_empty() {
-        Ok(t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(t.raw_data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     } else {
         Ok(t.float_data.clone())
     }
@@ -144,17 +170,30 @@ fn fold_dequantize(graph: &mut pb::GraphProto) -> Result<(), FaceError> {
     let nodes = std::mem::take(&mut graph.node);
     for node in nodes {
         let constant = node.op_type == "DequantizeLinear"
-            && node.input.iter().all(|i| graph.initializer.iter().any(|t| &t.name == i));
+            && node
+                .input
+                .iter()
+                .all(|i| graph.initializer.iter().any(|t| &t.name == i));
         if !constant {
             keep.push(node);
             continue;
         }
-        let find = |name: &str| graph.initializer.iter().find(|t| t.name == name).expect("checked above");
+        let find = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .expect("checked above")
+        };
         let data = find(&node.input[0]);
         let scale = find(&node.input[1]);
         let zero = node.input.get(2).filter(|n| !n.is_empty()).map(|n| find(n));
         let attr = |name: &str, default: i64| {
-            node.attribute.iter().find(|a| a.name == name).map(|a| a.i).unwrap_or(default)
+            node.attribute
+                .iter()
+                .find(|a| a.name == name)
+                .map(|a| a.i)
+                .unwrap_or(default)
         };
         let dims: Vec<usize> = data.dims.iter().map(|d| *d as usize).collect();
         let rank = dims.len().max(1) as i64;
@@ -167,7 +206,9 @@ fn fold_dequantize(graph: &mut pb::GraphProto) -> Result<(), FaceError> {
         };
         let scale_dims: Vec<usize> = scale.dims.iter().map(|d| *d as usize).collect();
         let values: Vec<f32> = if scales.len() == 1 {
-            q.iter().map(|v| (v - zeros[0]) as f32 * scales[0]).collect()
+            q.iter()
+                .map(|v| (v - zeros[0]) as f32 * scales[0])
+                .collect()
         } else {
             let block = match attr("block_size", 0) {
                 0 => 1,
@@ -219,8 +260,11 @@ fn fold_dequantize(graph: &mut pb::GraphProto) -> Result<(), FaceError> {
 /// Removes graph inputs that are neither initializers nor read by any node (left behind by the
 /// quantizer); tract would otherwise expect them to be fed.
 fn drop_unused_inputs(graph: &mut pb::GraphProto) {
-    let used: std::collections::HashSet<&str> =
-        graph.node.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
+    let used: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
     let initializers: std::collections::HashSet<String> =
         graph.initializer.iter().map(|t| t.name.clone()).collect();
     let keep: Vec<pb::ValueInfoProto> = graph
@@ -251,7 +295,10 @@ mod tests {
             name: "q".into(),
             dims: vec![2, 4],
             data_type: ONNX_INT8,
-            raw_data: [1i8, 2, 3, 4, -1, -2, -3, -4].iter().map(|v| *v as u8).collect(),
+            raw_data: [1i8, 2, 3, 4, -1, -2, -3, -4]
+                .iter()
+                .map(|v| *v as u8)
+                .collect(),
             ..Default::default()
         };
         let s = pb::TensorProto {
@@ -273,12 +320,24 @@ mod tests {
             input: vec!["q".into(), "s".into(), "z".into()],
             output: vec!["out".into()],
             attribute: vec![
-                pb::AttributeProto { name: "axis".into(), i: 1, ..Default::default() },
-                pb::AttributeProto { name: "block_size".into(), i: 2, ..Default::default() },
+                pb::AttributeProto {
+                    name: "axis".into(),
+                    i: 1,
+                    ..Default::default()
+                },
+                pb::AttributeProto {
+                    name: "block_size".into(),
+                    i: 2,
+                    ..Default::default()
+                },
             ],
             ..Default::default()
         };
-        let mut graph = pb::GraphProto { node: vec![node], initializer: vec![q, s, z], ..Default::default() };
+        let mut graph = pb::GraphProto {
+            node: vec![node],
+            initializer: vec![q, s, z],
+            ..Default::default()
+        };
         fold_dequantize(&mut graph).unwrap();
         assert!(graph.node.is_empty());
         let out = graph.initializer.iter().find(|t| t.name == "out").unwrap();

@@ -13,7 +13,10 @@ use face::{cosine, lfw, FaceConfig, FaceEngine, Gates};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "facepay-face", about = "facepay face pipeline: embed, compare, liveness, benchmarks")]
+#[command(
+    name = "facepay-face",
+    about = "facepay face pipeline: embed, compare, liveness, benchmarks"
+)]
 struct Cli {
     /// Directory of the model files (default: the ones vendored with facepay).
     #[arg(long, global = true)]
@@ -71,7 +74,10 @@ fn engine(models: &Option<PathBuf>) -> anyhow::Result<FaceEngine> {
         None => FaceEngine::load_default(FaceConfig::default()),
     }
     .context("loading face models")?;
-    eprintln!("models loaded in {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
+    eprintln!(
+        "models loaded in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     Ok(engine)
 }
 
@@ -95,7 +101,9 @@ fn main() -> anyhow::Result<()> {
             let engine = engine(&cli.models)?;
             let embed = |p: &Path| -> anyhow::Result<Vec<f32>> {
                 let analysis = engine.analyze(&read(p)?, Gates::EmbedOnly)?;
-                analysis.embedding.with_context(|| format!("{}: no face found", p.display()))
+                analysis
+                    .embedding
+                    .with_context(|| format!("{}: no face found", p.display()))
             };
             let score = cosine(&embed(&a)?, &embed(&b)?);
             let same = engine.is_match(score);
@@ -108,7 +116,9 @@ fn main() -> anyhow::Result<()> {
             let engine = engine(&cli.models)?;
             let img = face::decode::decode_rgb(&read(&image)?)?;
             let faces = engine.detect(&img)?;
-            let Some(main) = faces.first() else { bail!("{}: no face found", image.display()) };
+            let Some(main) = faces.first() else {
+                bail!("{}: no face found", image.display())
+            };
             let scores = engine.liveness(&img, main)?;
             let live = scores.fused >= engine.config().liveness_threshold;
             println!(
@@ -116,21 +126,39 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({ "liveness": scores, "threshold": engine.config().liveness_threshold, "live": live })
             );
         }
-        Command::BenchLfw { lfw: root, pairs, threads, json } => bench_lfw(&cli.models, &root, &pairs, threads, json)?,
+        Command::BenchLfw {
+            lfw: root,
+            pairs,
+            threads,
+            json,
+        } => bench_lfw(&cli.models, &root, &pairs, threads, json)?,
         Command::BenchPairs { csv } => bench_pairs(&cli.models, &csv)?,
     }
     Ok(())
 }
 
-fn bench_lfw(models: &Option<PathBuf>, root: &Path, pairs: &Path, threads: usize, json: bool) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(pairs).with_context(|| format!("reading {}", pairs.display()))?;
+fn bench_lfw(
+    models: &Option<PathBuf>,
+    root: &Path,
+    pairs: &Path,
+    threads: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(pairs).with_context(|| format!("reading {}", pairs.display()))?;
     let pairs = lfw::parse_pairs(&text, root).map_err(anyhow::Error::msg)?;
-    let mut images: Vec<PathBuf> = pairs.iter().flat_map(|p| [p.a.clone(), p.b.clone()]).collect();
+    let mut images: Vec<PathBuf> = pairs
+        .iter()
+        .flat_map(|p| [p.a.clone(), p.b.clone()])
+        .collect();
     images.sort();
     images.dedup();
     let engine = Arc::new(engine(models)?);
     let bar = ProgressBar::new(images.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template"),
+    );
     let started = Instant::now();
     let chunk = images.len().div_ceil(threads.max(1));
     let results: Vec<(PathBuf, Option<Vec<f32>>)> = std::thread::scope(|s| {
@@ -153,23 +181,36 @@ fn bench_lfw(models: &Option<PathBuf>, root: &Path, pairs: &Path, threads: usize
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("worker does not panic")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker does not panic"))
+            .collect()
     });
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    let failed_images: Vec<&PathBuf> = results.iter().filter(|(_, e)| e.is_none()).map(|(p, _)| p).collect();
-    let embeddings: HashMap<PathBuf, Vec<f32>> =
-        results.iter().filter_map(|(p, e)| e.clone().map(|e| (p.clone(), e))).collect();
+    let failed_images: Vec<&PathBuf> = results
+        .iter()
+        .filter(|(_, e)| e.is_none())
+        .map(|(p, _)| p)
+        .collect();
+    let embeddings: HashMap<PathBuf, Vec<f32>> = results
+        .iter()
+        .filter_map(|(p, e)| e.clone().map(|e| (p.clone(), e)))
+        .collect();
     let scored: Vec<lfw::Scored> = pairs
         .iter()
         .map(|p| lfw::Scored {
-            score: embeddings.get(&p.a).zip(embeddings.get(&p.b)).map(|(a, b)| cosine(a, b)),
+            score: embeddings
+                .get(&p.a)
+                .zip(embeddings.get(&p.b))
+                .map(|(a, b)| cosine(a, b)),
             same: p.same,
             fold: p.fold,
         })
         .collect();
     let report = lfw::evaluate(&scored);
-    let per_image_ms = elapsed.as_secs_f64() * 1000.0 * threads.max(1) as f64 / images.len().max(1) as f64;
+    let per_image_ms =
+        elapsed.as_secs_f64() * 1000.0 * threads.max(1) as f64 / images.len().max(1) as f64;
     if json {
         println!(
             "{}",
@@ -178,15 +219,39 @@ fn bench_lfw(models: &Option<PathBuf>, root: &Path, pairs: &Path, threads: usize
         );
         return Ok(());
     }
-    println!("LFW deep-funneled, View 2, 10-fold ({} pairs, {} images)", pairs.len(), images.len());
-    println!("accuracy          {:.2}% +- {:.2}%", report.mean_accuracy * 100.0, report.std_accuracy * 100.0);
+    println!(
+        "LFW deep-funneled, View 2, 10-fold ({} pairs, {} images)",
+        pairs.len(),
+        images.len()
+    );
+    println!(
+        "accuracy          {:.2}% +- {:.2}%",
+        report.mean_accuracy * 100.0,
+        report.std_accuracy * 100.0
+    );
     println!(
         "folds             {}",
-        report.fold_accuracies.iter().map(|a| format!("{:.2}", a * 100.0)).collect::<Vec<_>>().join(" ")
+        report
+            .fold_accuracies
+            .iter()
+            .map(|a| format!("{:.2}", a * 100.0))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-    println!("threshold         {:.3} (mean of the folds' choices)", report.mean_threshold);
-    println!("TAR @ FAR 1e-3    {:.2}% (threshold {:.3})", report.tar_at_far_1e3 * 100.0, report.far_1e3_threshold);
-    println!("failed detection  {} images, {} pairs counted as errors", failed_images.len(), report.failed_pairs);
+    println!(
+        "threshold         {:.3} (mean of the folds' choices)",
+        report.mean_threshold
+    );
+    println!(
+        "TAR @ FAR 1e-3    {:.2}% (threshold {:.3})",
+        report.tar_at_far_1e3 * 100.0,
+        report.far_1e3_threshold
+    );
+    println!(
+        "failed detection  {} images, {} pairs counted as errors",
+        failed_images.len(),
+        report.failed_pairs
+    );
     for path in &failed_images {
         println!("  {}", path.display());
     }
@@ -195,7 +260,8 @@ fn bench_lfw(models: &Option<PathBuf>, root: &Path, pairs: &Path, threads: usize
 }
 
 fn bench_pairs(models: &Option<PathBuf>, csv: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
+    let text =
+        std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
     let dir = csv.parent().unwrap_or(Path::new("."));
     let engine = engine(models)?;
     let mut cache: HashMap<String, Vec<f32>> = HashMap::new();
@@ -203,11 +269,15 @@ fn bench_pairs(models: &Option<PathBuf>, csv: &Path) -> anyhow::Result<()> {
     let (mut min_same, mut max_diff) = (f32::MAX, f32::MIN);
     for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [x, y, decision] = f[..] else { bail!("bad line {line:?}") };
+        let [x, y, decision] = f[..] else {
+            bail!("bad line {line:?}")
+        };
         for name in [x, y] {
             if !cache.contains_key(name) {
                 let analysis = engine.analyze(&read(&dir.join(name))?, Gates::EmbedOnly)?;
-                let embedding = analysis.embedding.with_context(|| format!("{name}: no face found"))?;
+                let embedding = analysis
+                    .embedding
+                    .with_context(|| format!("{name}: no face found"))?;
                 cache.insert(name.to_owned(), embedding);
             }
         }
