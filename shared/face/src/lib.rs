@@ -12,6 +12,7 @@ mod error;
 pub mod geometry;
 pub mod lfw;
 pub mod models;
+pub mod worker;
 
 use std::{path::Path, time::Instant};
 

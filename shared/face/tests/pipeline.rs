@@ -202,3 +202,39 @@ fn config_validation_names_keys() {
         "face.liveness_threshold"
     );
 }
+
+#[test]
+fn workers_answer_async_callers_from_their_own_threads() {
+    let engine = std::sync::Arc::new(FaceEngine::load_default(FaceConfig::default()).unwrap());
+    let live = fixture("live.jpg");
+    actix::System::new().block_on(async move {
+        let workers = face::worker::start_workers(engine, 2);
+        let asks = (0..3).map(|_| {
+            workers.send(face::worker::AnalyzeFace {
+                image: live.clone(),
+                gates: Gates::All,
+            })
+        });
+        for answer in await_all(asks).await {
+            let analysis = answer.expect("worker alive").expect("analysed");
+            assert_eq!(analysis.refusal, None);
+        }
+        let bad = workers
+            .send(face::worker::AnalyzeFace {
+                image: vec![],
+                gates: Gates::All,
+            })
+            .await
+            .unwrap();
+        assert_eq!(bad.unwrap_err(), FaceError::Empty);
+    });
+}
+
+async fn await_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    let pending: Vec<F> = futures.collect();
+    for f in pending {
+        out.push(f.await);
+    }
+    out
+}

@@ -59,6 +59,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Per-stage latency, one thread, median and p99 — beside onnxruntime running the same models
+    /// on the same images (`shared/face/bench/ort_stages.py`, needs `pip install onnxruntime onnx
+    /// numpy pillow`). Build with `--release` for meaningful numbers.
+    BenchStages {
+        /// Images to run (each is one frame).
+        images: Vec<PathBuf>,
+        /// Passes over the images.
+        #[arg(long, default_value_t = 20)]
+        repeat: usize,
+        /// Skip the onnxruntime comparison.
+        #[arg(long)]
+        no_ort: bool,
+    },
     /// Decide labelled pairs (`file_x,file_y,Decision` CSV) at the default threshold.
     BenchPairs {
         /// The CSV (e.g. ../shared/faces/labelled/master.csv); images are read beside it.
@@ -133,6 +146,11 @@ fn main() -> anyhow::Result<()> {
             json,
         } => bench_lfw(&cli.models, &root, &pairs, threads, json)?,
         Command::BenchPairs { csv } => bench_pairs(&cli.models, &csv)?,
+        Command::BenchStages {
+            images,
+            repeat,
+            no_ort,
+        } => bench_stages(&cli.models, &images, repeat, no_ort)?,
     }
     Ok(())
 }
@@ -302,6 +320,103 @@ fn bench_pairs(models: &Option<PathBuf>, csv: &Path) -> anyhow::Result<()> {
     );
     if wrong > 0 {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+const STAGES: [&str; 6] = ["decode", "detect", "align", "liveness", "embed", "total"];
+
+fn percentile(samples: &mut [f64], q: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
+fn bench_stages(
+    models: &Option<PathBuf>,
+    images: &[PathBuf],
+    repeat: usize,
+    no_ort: bool,
+) -> anyhow::Result<()> {
+    if images.is_empty() {
+        bail!("give at least one image");
+    }
+    let engine = engine(models)?;
+    let files: Vec<Vec<u8>> = images.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    // Warm-up: builds the detector plan for each input size.
+    for bytes in &files {
+        engine.analyze(bytes, Gates::EmbedOnly)?;
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); STAGES.len()];
+    for _ in 0..repeat {
+        for bytes in &files {
+            let t0 = Instant::now();
+            let img = face::decode::decode_rgb(bytes)?;
+            let t1 = Instant::now();
+            let faces = engine.detect(&img)?;
+            let t2 = Instant::now();
+            let Some(main) = faces.first() else { continue };
+            let aligned = face::geometry::align(&img, &main.landmarks);
+            let _ = face::geometry::luminance_and_sharpness(&aligned);
+            let t3 = Instant::now();
+            engine.liveness(&img, main)?;
+            let t4 = Instant::now();
+            engine.embed_aligned(&aligned)?;
+            let t5 = Instant::now();
+            for (i, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t0, t5)]
+                .into_iter()
+                .enumerate()
+            {
+                samples[i].push((b - a).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let ort: Option<HashMap<String, Vec<f64>>> = if no_ort {
+        None
+    } else {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/ort_stages.py");
+        let dir = models
+            .clone()
+            .unwrap_or_else(face::models::default_models_dir);
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&dir)
+            .arg(repeat.to_string())
+            .args(images)
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .context("running python3 for the onnxruntime comparison")?;
+        if !out.status.success() {
+            bail!(
+                "onnxruntime comparison failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Some(serde_json::from_slice(&out.stdout).context("reading the onnxruntime timings")?)
+    };
+    println!(
+        "per-stage latency, one thread, {} frames x {repeat} passes (ms)",
+        files.len()
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>14} {:>14}",
+        "stage", "tract p50", "tract p99", "onnxrt p50", "onnxrt p99"
+    );
+    for (i, stage) in STAGES.iter().enumerate() {
+        let (p50, p99) = (
+            percentile(&mut samples[i], 0.5),
+            percentile(&mut samples[i], 0.99),
+        );
+        let (o50, o99) = match ort.as_ref().and_then(|o| o.get(*stage)) {
+            Some(v) => {
+                let mut v = v.clone();
+                (percentile(&mut v, 0.5), percentile(&mut v, 0.99))
+            }
+            None => (f64::NAN, f64::NAN),
+        };
+        println!("{stage:<10} {p50:>12.2} {p99:>12.2} {o50:>14.2} {o99:>14.2}");
     }
     Ok(())
 }
