@@ -282,14 +282,25 @@ fn a_config_typo_fails_before_binding_with_exit_64() {
             "scan_timeout_ms",
         ),
         ("facepay-hub", "cloud_timeout_ms = 0\n", "cloud_timeout_ms"),
+        (
+            "facepay-face",
+            "liveness_treshold = 0.5\n",
+            "liveness_treshold",
+        ),
+        (
+            "facepay-face",
+            "liveness_threshold = 7\n",
+            "liveness_threshold",
+        ),
     ] {
         let file = dir.path().join(format!("{binary}.toml"));
         std::fs::write(&file, text).unwrap();
-        let out = Command::new(binary_path(binary))
-            .arg("--config")
-            .arg(&file)
-            .output()
-            .unwrap();
+        let mut command = Command::new(binary_path(binary));
+        command.arg("--config").arg(&file);
+        if binary == "facepay-face" {
+            command.args(["liveness", "unused.jpg"]);
+        }
+        let out = command.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{binary}: {stderr}");
         assert!(stderr.contains(key), "{binary} should name {key}: {stderr}");

@@ -29,7 +29,11 @@ use crate::{
     models::{Plan, SizedPlans},
 };
 
-/// Every threshold of the pipeline; the `[face]` section of a tier's configuration.
+/// Environment variable prefix of `facepay-face`: `FACEPAY_FACE_MATCH_THRESHOLD=0.4`.
+pub const ENV_PREFIX: &str = "FACEPAY_FACE_";
+
+/// Every threshold of the pipeline; `configs/face.toml`, and the `[face]` section of a tier's
+/// configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaceConfig {
@@ -83,6 +87,12 @@ impl Default for FaceConfig {
             pitch_ratio_range: [0.2, 0.85],
             liveness_threshold: 0.6,
         }
+    }
+}
+
+impl settings::Validate for FaceConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        FaceConfig::validate(self, "").map_err(|(k, v)| (k.trim_start_matches('.').to_owned(), v))
     }
 }
 

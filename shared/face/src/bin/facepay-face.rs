@@ -21,6 +21,8 @@ struct Cli {
     /// Directory of the model files (default: the ones vendored with facepay).
     #[arg(long, global = true)]
     models: Option<PathBuf>,
+    #[command(flatten)]
+    config: settings::ConfigArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,11 +82,15 @@ enum Command {
     },
 }
 
+/// The thresholds, loaded once in `main` (defaults < --config file < FACEPAY_FACE_* < --set).
+static CONFIG: std::sync::OnceLock<FaceConfig> = std::sync::OnceLock::new();
+
 fn engine(models: &Option<PathBuf>) -> anyhow::Result<FaceEngine> {
     let started = Instant::now();
+    let config = CONFIG.get().cloned().unwrap_or_default();
     let engine = match models {
-        Some(dir) => FaceEngine::load(dir, FaceConfig::default()),
-        None => FaceEngine::load_default(FaceConfig::default()),
+        Some(dir) => FaceEngine::load(dir, config),
+        None => FaceEngine::load_default(config),
     }
     .context("loading face models")?;
     eprintln!(
@@ -100,6 +106,8 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let config: FaceConfig = settings::load_or_exit("facepay-face", face::ENV_PREFIX, &cli.config);
+    CONFIG.set(config).expect("set once");
     match cli.command {
         Command::Embed { image } => {
             let engine = engine(&cli.models)?;
