@@ -126,6 +126,21 @@ impl FaceConfig {
                 "must be from 64 to 2048 pixels".into(),
             ));
         }
+        for (key, value, max) in [
+            ("min_face_px", self.min_face_px, 4096.0),
+            ("min_sharpness", self.min_sharpness, 1e6),
+            ("max_yaw_ratio", self.max_yaw_ratio, 10.0),
+            ("max_roll_degrees", self.max_roll_degrees, 180.0),
+            ("min_luminance", self.min_luminance, 255.0),
+            ("max_luminance", self.max_luminance, 255.0),
+        ] {
+            if !(0.0..=max).contains(&value) {
+                return Err((
+                    format!("{prefix}.{key}"),
+                    format!("must be from 0 to {max}, got {value}"),
+                ));
+            }
+        }
         if self.min_luminance >= self.max_luminance {
             return Err((
                 format!("{prefix}.min_luminance"),
