@@ -104,7 +104,7 @@ fn now_ms() -> u64 {
 impl Ledger {
     /// Opens (or creates) the ledger in a directory.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let db = sled::open(path).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let db = storage::open_sled(path).map_err(|e| LedgerError::Storage(e.to_string()))?;
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| LedgerError::Storage(e.to_string()))

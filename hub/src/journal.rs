@@ -77,7 +77,7 @@ pub struct Journal {
     voids: sled::Tree,
 }
 
-fn storage(e: impl std::fmt::Display) -> HubError {
+fn storage_error(e: impl std::fmt::Display) -> HubError {
     HubError::Storage(e.to_string())
 }
 
@@ -86,18 +86,18 @@ const KEY_VERSION: &[u8] = b"key_version";
 impl Journal {
     /// Opens (or creates) the journal in a directory.
     pub fn open(path: &Path) -> Result<Self, HubError> {
-        let db = sled::open(path).map_err(storage)?;
+        let db = storage::open_sled(path).map_err(storage_error)?;
         Ok(Journal {
-            decisions: db.open_tree("decisions").map_err(storage)?,
-            nonces: db.open_tree("nonces").map_err(storage)?,
-            keys: db.open_tree("keys").map_err(storage)?,
-            voids: db.open_tree("voids").map_err(storage)?,
+            decisions: db.open_tree("decisions").map_err(storage_error)?,
+            nonces: db.open_tree("nonces").map_err(storage_error)?,
+            keys: db.open_tree("keys").map_err(storage_error)?,
+            voids: db.open_tree("voids").map_err(storage_error)?,
             db,
         })
     }
 
     fn flush(&self) -> Result<(), HubError> {
-        self.db.flush().map(|_| ()).map_err(storage)
+        self.db.flush().map(|_| ()).map_err(storage_error)
     }
 
     /// Records that a code's nonce is being used for a payment, unless it was used before.
@@ -117,7 +117,7 @@ impl Journal {
         let previous = self
             .nonces
             .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))
-            .map_err(storage)?;
+            .map_err(storage_error)?;
         let reservation = match previous {
             Ok(()) => Reservation::Fresh,
             Err(cas) => {
@@ -141,11 +141,11 @@ impl Journal {
     pub fn prune_nonces(&self, cutoff_ms: u64) -> Result<usize, HubError> {
         let mut removed = 0;
         for item in self.nonces.iter() {
-            let (key, value) = item.map_err(storage)?;
+            let (key, value) = item.map_err(storage_error)?;
             let used: NonceUse =
                 serde_json::from_slice(&value).expect("journal nonce records are readable");
             if used.issued_at_ms < cutoff_ms {
-                self.nonces.remove(key).map_err(storage)?;
+                self.nonces.remove(key).map_err(storage_error)?;
                 removed += 1;
             }
         }
@@ -154,13 +154,13 @@ impl Journal {
 
     /// Appends a decision and flushes it.
     pub fn record(&self, entry: &JournalEntry) -> Result<(), HubError> {
-        let id = self.db.generate_id().map_err(storage)?;
+        let id = self.db.generate_id().map_err(storage_error)?;
         self.decisions
             .insert(
                 id.to_be_bytes(),
                 serde_json::to_vec(entry).expect("serialises"),
             )
-            .map_err(storage)?;
+            .map_err(storage_error)?;
         self.flush()
     }
 
@@ -170,7 +170,7 @@ impl Journal {
             .iter()
             .values()
             .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage)?)
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
                     .expect("journal entries are readable"))
             })
             .collect()
@@ -188,18 +188,18 @@ impl Journal {
                         serde_json::to_vec(entry).expect("serialises"),
                     )
                     .map(|_| ())
-                    .map_err(storage)?,
+                    .map_err(storage_error)?,
                 None => self
                     .keys
                     .remove(entry.account_id.as_bytes())
                     .map(|_| ())
-                    .map_err(storage)?,
+                    .map_err(storage_error)?,
             }
             version = version.max(entry.version);
         }
         self.db
             .insert(KEY_VERSION, &version.to_be_bytes())
-            .map_err(storage)?;
+            .map_err(storage_error)?;
         self.flush()?;
         Ok(version)
     }
@@ -209,7 +209,7 @@ impl Journal {
         Ok(self
             .db
             .get(KEY_VERSION)
-            .map_err(storage)?
+            .map_err(storage_error)?
             .map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")))
             .unwrap_or(0))
     }
@@ -220,10 +220,8 @@ impl Journal {
             .iter()
             .values()
             .map(|v| {
-                Ok(
-                    serde_json::from_slice(&v.map_err(storage)?)
-                        .expect("journal keys are readable"),
-                )
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
+                    .expect("journal keys are readable"))
             })
             .collect()
     }
@@ -236,7 +234,7 @@ impl Journal {
                 key.as_bytes(),
                 serde_json::to_vec(void).expect("serialises"),
             )
-            .map_err(storage)?;
+            .map_err(storage_error)?;
         self.flush()
     }
 
@@ -246,7 +244,7 @@ impl Journal {
             .iter()
             .values()
             .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage)?)
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
                     .expect("journal voids are readable"))
             })
             .collect()
@@ -255,7 +253,7 @@ impl Journal {
     /// Drops a void the cloud acknowledged.
     pub fn retire_void(&self, void: &VoidPayment) -> Result<(), HubError> {
         let key = format!("{}#{}", void.payment_id, void.code_nonce);
-        self.voids.remove(key.as_bytes()).map_err(storage)?;
+        self.voids.remove(key.as_bytes()).map_err(storage_error)?;
         self.flush()
     }
 }
