@@ -8,6 +8,7 @@ pub mod actors;
 mod api;
 pub mod config;
 mod error;
+pub mod identity;
 pub mod ledger;
 
 use std::net::SocketAddr;

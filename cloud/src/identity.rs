@@ -1,0 +1,332 @@
+//! The identity index: every enrolled face template's embedding in FAISS, keyed by a stable
+//! template id, searched by inner product (cosine, since embeddings are L2-normalised).
+//!
+//! The index is a cache of the store of record: it is persisted to a file for fast starts, and
+//! rebuilt from the store of record whenever that file is missing, unreadable, or disagrees with
+//! the store about how many templates there are.
+
+use std::path::Path;
+
+use faiss::{
+    index::autotune::ParameterSpace, index::IndexImpl, index_factory, Idx, Index, MetricType,
+};
+use serde::{Deserialize, Serialize};
+
+/// Embedding dimension of SFace.
+pub const EMBEDDING_DIM: u32 = 128;
+/// IVF needs about this many training points per list for stable centroids (FAISS's own advice).
+const IVF_POINTS_PER_LIST: usize = 39;
+
+/// Which FAISS index to use; the `[identity] index` configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IndexKind {
+    /// Exact search over every template: small fleets, and the reference for recall.
+    Flat,
+    /// Inverted lists: `nlist` clusters, `nprobe` of them searched per query. Supports removal.
+    Ivf {
+        /// Number of clusters (fewer are used while the index holds few templates).
+        nlist: usize,
+        /// Clusters searched per query.
+        nprobe: usize,
+    },
+    /// HNSW graph with `m` links per node. Cannot remove: erasure rebuilds it.
+    Hnsw {
+        /// Links per node.
+        m: usize,
+        /// Candidate list size at search time.
+        ef_search: usize,
+    },
+}
+
+/// What went wrong in the identity index.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// FAISS refused an operation.
+    #[error("faiss: {0}")]
+    Faiss(#[from] faiss::error::Error),
+    /// A vector of the wrong length.
+    #[error("embedding has {got} values, expected {expected}")]
+    Dimension {
+        /// Length given.
+        got: usize,
+        /// Length expected.
+        expected: u32,
+    },
+    /// The index file could not be written.
+    #[error("identity index file: {0}")]
+    Io(String),
+    /// HNSW cannot delete; the caller rebuilds instead.
+    #[error("this index type cannot remove templates; rebuild it without them")]
+    RemoveUnsupported,
+}
+
+/// A search hit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    /// Template id.
+    pub template_id: u64,
+    /// Cosine similarity.
+    pub score: f32,
+}
+
+/// The FAISS index and what it is.
+pub struct IdentityIndex {
+    index: IndexImpl,
+    kind: IndexKind,
+}
+
+fn check_dim(v: &[f32]) -> Result<(), IdentityError> {
+    if v.len() != EMBEDDING_DIM as usize {
+        return Err(IdentityError::Dimension {
+            got: v.len(),
+            expected: EMBEDDING_DIM,
+        });
+    }
+    Ok(())
+}
+
+impl IdentityIndex {
+    /// Builds an index of `kind` holding `templates` (id, embedding). IVF is trained on them,
+    /// with fewer lists while there are too few templates to train the configured number.
+    pub fn build(kind: IndexKind, templates: &[(u64, Vec<f32>)]) -> Result<Self, IdentityError> {
+        for (_, v) in templates {
+            check_dim(v)?;
+        }
+        let description = match kind {
+            IndexKind::Flat => "IDMap,Flat".to_string(),
+            IndexKind::Ivf { nlist, .. } => {
+                let usable = (templates.len() / IVF_POINTS_PER_LIST).max(1);
+                format!("IVF{},Flat", nlist.min(usable).max(1))
+            }
+            IndexKind::Hnsw { m, .. } => format!("IDMap,HNSW{m}"),
+        };
+        let mut index = index_factory(EMBEDDING_DIM, description, MetricType::InnerProduct)?;
+        let flat: Vec<f32> = templates
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        if matches!(kind, IndexKind::Ivf { .. }) && !templates.is_empty() {
+            index.train(&flat)?;
+        }
+        let ids: Vec<Idx> = templates.iter().map(|(id, _)| Idx::new(*id)).collect();
+        if !templates.is_empty() {
+            index.add_with_ids(&flat, &ids)?;
+        }
+        let mut built = IdentityIndex { index, kind };
+        built.apply_search_parameters()?;
+        Ok(built)
+    }
+
+    fn apply_search_parameters(&mut self) -> Result<(), IdentityError> {
+        let space = ParameterSpace::new()?;
+        match self.kind {
+            IndexKind::Flat => {}
+            IndexKind::Ivf { nprobe, .. } => {
+                space.set_index_parameter(&self.index, "nprobe", nprobe as f64)?
+            }
+            IndexKind::Hnsw { ef_search, .. } => {
+                space.set_index_parameter(&self.index, "efSearch", ef_search as f64)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of templates held.
+    pub fn len(&self) -> u64 {
+        self.index.ntotal()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds one template. (An untrained IVF, built empty, must be rebuilt with data first.)
+    pub fn add(&mut self, template_id: u64, embedding: &[f32]) -> Result<(), IdentityError> {
+        check_dim(embedding)?;
+        self.index
+            .add_with_ids(embedding, &[Idx::new(template_id)])?;
+        Ok(())
+    }
+
+    /// Removes templates; returns how many were removed.
+    pub fn remove(&mut self, template_ids: &[u64]) -> Result<usize, IdentityError> {
+        if matches!(self.kind, IndexKind::Hnsw { .. }) {
+            return Err(IdentityError::RemoveUnsupported);
+        }
+        let ids: Vec<Idx> = template_ids.iter().map(|id| Idx::new(*id)).collect();
+        let selector = faiss::selector::IdSelector::batch(&ids)?;
+        Ok(self.index.remove_ids(&selector)?)
+    }
+
+    /// The `k` most similar templates, best first.
+    pub fn search(&mut self, embedding: &[f32], k: usize) -> Result<Vec<Hit>, IdentityError> {
+        check_dim(embedding)?;
+        let result = self.index.search(embedding, k)?;
+        Ok(result
+            .labels
+            .iter()
+            .zip(result.distances)
+            .filter_map(|(label, score)| label.get().map(|template_id| Hit { template_id, score }))
+            .collect())
+    }
+
+    /// Writes the index to a file (through a temporary file and a rename, so a crash never leaves
+    /// half an index behind).
+    pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
+        let tmp = path.with_extension("tmp");
+        faiss::write_index(&self.index, tmp.to_string_lossy().as_ref())?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| IdentityError::Io(format!("{}: {e}", path.display())))?;
+        Ok(())
+    }
+
+    /// Opens the persisted index when it is readable and holds exactly `expected` templates;
+    /// otherwise rebuilds it from `templates` (the store of record) and persists the rebuild.
+    /// Returns the index and whether it was rebuilt.
+    pub fn open_or_rebuild<F>(
+        path: &Path,
+        kind: IndexKind,
+        expected: u64,
+        templates: F,
+    ) -> Result<(Self, bool), IdentityError>
+    where
+        F: FnOnce() -> Vec<(u64, Vec<f32>)>,
+    {
+        if let Ok(index) = faiss::read_index(path.to_string_lossy().as_ref()) {
+            let mut opened = IdentityIndex { index, kind };
+            if opened.len() == expected && opened.apply_search_parameters().is_ok() {
+                return Ok((opened, false));
+            }
+            tracing::warn!(path = %path.display(), held = opened.len(), expected, "identity index is stale; rebuilding");
+        } else if path.exists() {
+            tracing::warn!(path = %path.display(), "identity index is unreadable; rebuilding");
+        }
+        let rebuilt = IdentityIndex::build(kind, &templates())?;
+        rebuilt.save(path)?;
+        Ok((rebuilt, true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random unit vectors (xorshift), so tests need no extra dependency.
+    fn unit_vectors(n: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
+        let mut state = seed.max(1);
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 20_000) as f32 / 10_000.0 - 1.0
+        };
+        (0..n)
+            .map(|i| {
+                let v: Vec<f32> = (0..EMBEDDING_DIM).map(|_| next()).collect();
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                (1000 + i as u64, v.into_iter().map(|x| x / norm).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flat_finds_each_template_and_removes() {
+        let data = unit_vectors(200, 7);
+        let mut index = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
+        assert_eq!(index.len(), 200);
+        let hits = index.search(&data[17].1, 2).unwrap();
+        assert_eq!(hits[0].template_id, 1017);
+        assert!((hits[0].score - 1.0).abs() < 1e-4);
+        assert!(hits[1].score < hits[0].score);
+        assert_eq!(index.remove(&[1017]).unwrap(), 1);
+        assert_ne!(index.search(&data[17].1, 1).unwrap()[0].template_id, 1017);
+        assert!(matches!(
+            index.search(&[0.0; 3], 1),
+            Err(IdentityError::Dimension { got: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn ivf_and_hnsw_recall_against_exact_search() {
+        let data = unit_vectors(2_000, 11);
+        // Queries: noisy copies of stored templates, as a second photo of an enrolled face is.
+        let queries: Vec<(u64, Vec<f32>)> = unit_vectors(100, 99)
+            .into_iter()
+            .zip(data.iter().step_by(20))
+            .map(|((_, noise), (id, v))| {
+                let q: Vec<f32> = v.iter().zip(&noise).map(|(a, b)| a + 0.3 * b).collect();
+                let n = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+                (*id, q.into_iter().map(|x| x / n).collect())
+            })
+            .collect();
+        let mut exact = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
+        for kind in [
+            IndexKind::Ivf {
+                nlist: 32,
+                nprobe: 8,
+            },
+            IndexKind::Hnsw {
+                m: 32,
+                ef_search: 64,
+            },
+        ] {
+            let mut approx = IdentityIndex::build(kind, &data).unwrap();
+            let agree = queries
+                .iter()
+                .filter(|(_, q)| {
+                    exact.search(q, 1).unwrap()[0].template_id
+                        == approx.search(q, 1).unwrap()[0].template_id
+                })
+                .count();
+            assert!(agree >= 95, "{kind:?}: recall@1 {agree}/100");
+        }
+        let mut hnsw = IdentityIndex::build(
+            IndexKind::Hnsw {
+                m: 16,
+                ef_search: 32,
+            },
+            &data[..10],
+        )
+        .unwrap();
+        assert!(matches!(
+            hnsw.remove(&[1000]),
+            Err(IdentityError::RemoveUnsupported)
+        ));
+        let mut ivf = IdentityIndex::build(
+            IndexKind::Ivf {
+                nlist: 32,
+                nprobe: 8,
+            },
+            &data,
+        )
+        .unwrap();
+        assert_eq!(ivf.remove(&[1000, 1001]).unwrap(), 2);
+        assert_eq!(ivf.len(), 1_998);
+        hnsw.add(5, &data[20].1).unwrap();
+        assert_eq!(hnsw.search(&data[20].1, 1).unwrap()[0].template_id, 5);
+    }
+
+    #[test]
+    fn persisted_index_reopens_and_is_rebuilt_when_missing_stale_or_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.faiss");
+        let data = unit_vectors(50, 3);
+        let source = || data.clone();
+        let (_, rebuilt) =
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, source).unwrap();
+        assert!(rebuilt, "missing file is rebuilt");
+        let (mut index, rebuilt) =
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, source).unwrap();
+        assert!(!rebuilt, "a good file is reused");
+        assert_eq!(index.search(&data[4].1, 1).unwrap()[0].template_id, 1004);
+        let (_, rebuilt) =
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 51, source).unwrap();
+        assert!(rebuilt, "a count that disagrees with the store is rebuilt");
+        std::fs::write(&path, b"garbage").unwrap();
+        let (index, rebuilt) =
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, source).unwrap();
+        assert!(rebuilt && index.len() == 50, "a corrupt file is rebuilt");
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a new machine lacks for building and testing facepay.
+set -euo pipefail
+
+# Debian packages the build and the tests need: Mosquitto (the cross-process tests start their own
+# broker), and cmake, a C++ compiler and OpenBLAS for the FAISS build of the cloud's identity index.
+missing=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
+[ -e /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -e /usr/include/openblas/cblas.h ] \
+  || dpkg -s libopenblas-dev >/dev/null 2>&1 || missing+=(libopenblas-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages)" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
