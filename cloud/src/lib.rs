@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use actix::prelude::*;
 use anyhow::Context as _;
-use prometheus::{IntGauge, Registry};
+use prometheus::Registry;
 
 pub use config::CloudConfig;
 pub use error::LedgerError;
@@ -47,14 +47,11 @@ impl CloudHandle {
 pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let registry = Registry::new();
     let metrics = telemetry::PaymentMetrics::register(&registry, "cloud");
-    let connected = IntGauge::new(
+    let connected = telemetry::register_gauge(
+        &registry,
         "facepay_cloud_mqtt_connected",
         "1 while connected to the broker",
-    )
-    .expect("valid metric");
-    registry
-        .register(Box::new(connected.clone()))
-        .expect("registered once");
+    );
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;

@@ -63,21 +63,22 @@ impl DirectorySource {
                 "{size} bytes is over the {MAX_FRAME_BYTES}-byte frame limit"
             ));
         }
-        let reader = image::ImageReader::open(path)
-            .map_err(|e| e.to_string())?
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
+            .map_err(|e| e.to_string())?
+            .into_decoder()
             .map_err(|e| e.to_string())?;
-        let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
+        // The header says how big the frame is before any pixel is decoded.
+        let (w, h) = image::ImageDecoder::dimensions(&decoder);
         if w > MAX_FRAME_SIDE || h > MAX_FRAME_SIDE {
             return Err(format!(
                 "{w}x{h} is over the {MAX_FRAME_SIDE}-pixel frame limit"
             ));
         }
-        let reader = image::ImageReader::open(path)
+        Ok(image::DynamicImage::from_decoder(decoder)
             .map_err(|e| e.to_string())?
-            .with_guessed_format()
-            .map_err(|e| e.to_string())?;
-        Ok(reader.decode().map_err(|e| e.to_string())?.to_luma8())
+            .to_luma8())
     }
 }
 
@@ -120,6 +121,9 @@ mod tests {
             .save(dir.path().join("a.png"))
             .unwrap();
         std::fs::write(dir.path().join("broken.png"), b"not an image").unwrap();
+        // A header claiming 30000x30000: refused from the header, never decoded.
+        let huge = include_bytes!("../../shared/face/tests/fixtures/huge-30000.png");
+        std::fs::write(dir.path().join("huge.png"), huge).unwrap();
         std::fs::write(dir.path().join(".partial.png"), b"x").unwrap();
         let mut source = DirectorySource::new(dir.path(), Duration::from_millis(1)).unwrap();
         let soon = || Instant::now() + Duration::from_millis(50);
@@ -131,5 +135,6 @@ mod tests {
         );
         assert!(dir.path().join(".partial.png").exists());
         assert!(!dir.path().join("broken.png").exists());
+        assert!(!dir.path().join("huge.png").exists());
     }
 }

@@ -16,7 +16,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use actix::prelude::*;
 use anyhow::Context as _;
 use paycode::Validity;
-use prometheus::{IntGauge, Registry};
+use prometheus::Registry;
 use tokio::sync::Semaphore;
 
 pub use config::HubConfig;
@@ -57,23 +57,17 @@ impl HubHandle {
 pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let registry = Registry::new();
     let metrics = telemetry::PaymentMetrics::register(&registry, "hub");
-    let connected = IntGauge::new(
+    let connected = telemetry::register_gauge(
+        &registry,
         "facepay_hub_cloud_connected",
         "1 while connected to the broker",
-    )
-    .expect("valid metric");
-    registry
-        .register(Box::new(connected.clone()))
-        .expect("registered once");
+    );
 
-    let keys_gauge = IntGauge::new(
+    let keys_gauge = telemetry::register_gauge(
+        &registry,
         "facepay_hub_account_keys",
         "account keys held for offline code verification",
-    )
-    .expect("valid metric");
-    registry
-        .register(Box::new(keys_gauge.clone()))
-        .expect("registered once");
+    );
 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;

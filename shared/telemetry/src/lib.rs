@@ -69,6 +69,15 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(out).expect("prometheus text is UTF-8")
 }
 
+/// Creates and registers an integer gauge on a tier's registry.
+pub fn register_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::IntGauge {
+    let gauge = prometheus::IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("registered once per registry");
+    gauge
+}
+
 /// Latency buckets in seconds, from 100 microseconds to 10 seconds.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
