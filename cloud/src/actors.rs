@@ -6,11 +6,15 @@ use actix::prelude::*;
 use mqtt::{LinkEvent, QoS};
 use protocol::{
     AccountView, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, KeyEntry,
-    LedgerTotals, OpenAccount, TransferView,
+    LedgerTotals, OpenAccount, TemplateBatch, TemplateChange, TemplateUpdate, TransferView,
 };
 use telemetry::PaymentMetrics;
 
-use crate::{error::LedgerError, ledger::Ledger};
+use crate::{
+    enroll::{IdentifyCmd, IdentityActor, TemplateSyncCmd},
+    error::LedgerError,
+    ledger::Ledger,
+};
 
 /// Owns the ledger database. Runs on a dedicated thread (a `SyncArbiter` of one) because every
 /// operation ends in a disk flush; one thread also serialises all writes.
@@ -60,6 +64,11 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 .ledger
                 .keys_after(after_version)
                 .map(|(entries, more)| CloudReplyBody::Keys(KeyBatch { entries, more })),
+            HubRequestBody::TemplateSync { .. } | HubRequestBody::Identify(_) => {
+                Err(LedgerError::Invalid(
+                    "identity requests are served by the identity actor".into(),
+                ))
+            }
         };
         MessageResult(reply.unwrap_or_else(|error| {
             tracing::error!(%error, store_id, "ledger operation failed");
@@ -79,6 +88,18 @@ impl Handler<OpenAccountCmd> for LedgerActor {
     type Result = Result<Option<KeyEntry>, LedgerError>;
     fn handle(&mut self, msg: OpenAccountCmd, _: &mut Self::Context) -> Self::Result {
         self.ledger.open_account(&msg.0)
+    }
+}
+
+/// Close a customer's account (erasure).
+#[derive(Message)]
+#[rtype(result = "Result<Option<KeyEntry>, LedgerError>")]
+pub struct CloseAccountCmd(pub String);
+
+impl Handler<CloseAccountCmd> for LedgerActor {
+    type Result = Result<Option<KeyEntry>, LedgerError>;
+    fn handle(&mut self, msg: CloseAccountCmd, _: &mut Self::Context) -> Self::Result {
+        self.ledger.close_account(&msg.0)
     }
 }
 
@@ -128,6 +149,7 @@ pub const HUB_LINK_MAILBOX: usize = 64;
 pub struct HubLinkActor {
     client: mqtt::Client,
     ledger: Addr<LedgerActor>,
+    identity: Addr<IdentityActor>,
     metrics: PaymentMetrics,
     connected: prometheus::IntGauge,
 }
@@ -137,12 +159,14 @@ impl HubLinkActor {
     pub fn new(
         client: mqtt::Client,
         ledger: Addr<LedgerActor>,
+        identity: Addr<IdentityActor>,
         metrics: PaymentMetrics,
         connected: prometheus::IntGauge,
     ) -> Self {
         HubLinkActor {
             client,
             ledger,
+            identity,
             metrics,
             connected,
         }
@@ -205,6 +229,7 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                     return Box::pin(async {});
                 }
                 let ledger = self.ledger.clone();
+                let identity = self.identity.clone();
                 let metrics = self.metrics.clone();
                 Box::pin(async move {
                     let started = Instant::now();
@@ -213,10 +238,38 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                     if is_payment {
                         metrics.request();
                     }
-                    let body = match ledger.send(ApplyHubRequest(request)).await {
-                        Ok(body) => body,
-                        Err(error) => CloudReplyBody::Error {
-                            detail: format!("ledger unavailable: {error}"),
+                    let body = match request.body {
+                        HubRequestBody::Identify(identify) => {
+                            match identity.send(IdentifyCmd(identify)).await {
+                                Ok(Ok(found)) => CloudReplyBody::Identified(found),
+                                Ok(Err(e)) => CloudReplyBody::Error {
+                                    detail: e.to_string(),
+                                },
+                                Err(e) => CloudReplyBody::Error {
+                                    detail: format!("identity unavailable: {e}"),
+                                },
+                            }
+                        }
+                        HubRequestBody::TemplateSync { after_version } => {
+                            let sync = TemplateSyncCmd {
+                                store_id: store_id.clone(),
+                                after_version,
+                            };
+                            match identity.send(sync).await {
+                                Ok(Ok(batch)) => CloudReplyBody::Templates(batch),
+                                Ok(Err(e)) => CloudReplyBody::Error {
+                                    detail: e.to_string(),
+                                },
+                                Err(e) => CloudReplyBody::Error {
+                                    detail: format!("identity unavailable: {e}"),
+                                },
+                            }
+                        }
+                        _ => match ledger.send(ApplyHubRequest(request)).await {
+                            Ok(body) => body,
+                            Err(error) => CloudReplyBody::Error {
+                                detail: format!("ledger unavailable: {error}"),
+                            },
                         },
                     };
                     if let CloudReplyBody::Authorized { decision, .. } = &body {
@@ -266,6 +319,34 @@ impl Handler<BroadcastKeys> for HubLinkActor {
                 .await
             {
                 tracing::warn!(%error, "broadcasting key change failed");
+            }
+        })
+    }
+}
+
+/// Push a template change to the hubs that need it: an entry to its home store's hub, a
+/// revocation to every hub.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BroadcastTemplates(pub TemplateUpdate);
+
+impl Handler<BroadcastTemplates> for HubLinkActor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, msg: BroadcastTemplates, _: &mut Self::Context) -> Self::Result {
+        let client = self.client.clone();
+        let topic = match &msg.0.change {
+            TemplateChange::Upsert(entry) => protocol::topics::store_templates(&entry.home_store_id),
+            TemplateChange::Revoke { .. } => protocol::topics::template_revocations(),
+        };
+        Box::pin(async move {
+            let batch = protocol::encode(&TemplateBatch {
+                up_to_version: msg.0.version,
+                updates: vec![msg.0],
+                more: false,
+            });
+            // Hubs that miss this catch up with a template sync on reconnect.
+            if let Err(error) = client.publish(topic, QoS::AtLeastOnce, false, batch).await {
+                tracing::warn!(%error, "pushing a template change failed");
             }
         })
     }

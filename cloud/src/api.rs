@@ -1,12 +1,18 @@
-//! The cloud's admin HTTP JSON API: open accounts, read balances, transfers and ledger totals.
+//! The cloud's HTTP JSON APIs: the admin API (open accounts, read balances, transfers and ledger
+//! totals) and, over HTTPS, the enrollment API (customers, their faces, erasure).
 
 use actix::Addr;
 use actix_web::{web, HttpResponse};
-use protocol::OpenAccount;
+use protocol::{AccountKind, AddFace, CreateCustomer, Currency, OpenAccount};
 use serde_json::json;
 
 use crate::{
-    actors::{BroadcastKeys, HubLinkActor, LedgerActor, LedgerAnswer, LedgerQuery, OpenAccountCmd},
+    actors::{
+        BroadcastKeys, BroadcastTemplates, CloseAccountCmd, HubLinkActor, LedgerActor,
+        LedgerAnswer, LedgerQuery, OpenAccountCmd,
+    },
+    customers::CustomerError,
+    enroll::{AddTemplateCmd, CreateCustomerCmd, EnrollError, EraseCustomer, GetCustomer, IdentityActor},
     error::LedgerError,
 };
 
@@ -120,4 +126,218 @@ async fn totals(state: web::Data<ApiState>) -> HttpResponse {
         Ok(_) => HttpResponse::InternalServerError().finish(),
         Err(response) => response,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment API (served over HTTPS only)
+// ---------------------------------------------------------------------------------------------
+
+/// Largest enrollment request (a base64 photo).
+pub const MAX_ENROLL_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Clone)]
+pub(crate) struct EnrollState {
+    pub ledger: Addr<LedgerActor>,
+    pub link: Addr<HubLinkActor>,
+    pub identity: Addr<IdentityActor>,
+    pub faces: Addr<face::worker::FaceWorker>,
+}
+
+pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState) {
+    cfg.app_data(web::Data::new(state))
+        .app_data(
+            web::JsonConfig::default()
+                .limit(MAX_ENROLL_BODY_BYTES)
+                .error_handler(|error, _| {
+                    let body = json!({ "error": "invalid_request", "detail": error.to_string() });
+                    actix_web::error::InternalError::from_response(
+                        error,
+                        HttpResponse::BadRequest().json(body),
+                    )
+                    .into()
+                }),
+        )
+        .route("/v1/customers", web::post().to(create_customer))
+        .route("/v1/customers/{id}", web::get().to(get_customer))
+        .route("/v1/customers/{id}", web::delete().to(erase_customer))
+        .route("/v1/customers/{id}/faces", web::post().to(add_face));
+}
+
+fn enroll_error(error: EnrollError) -> HttpResponse {
+    let (status, code) = match &error {
+        EnrollError::Customer(CustomerError::Invalid(_)) => {
+            (actix_web::http::StatusCode::BAD_REQUEST, "invalid_request")
+        }
+        EnrollError::Customer(CustomerError::NotFound(_)) => {
+            (actix_web::http::StatusCode::NOT_FOUND, "not_found")
+        }
+        EnrollError::Customer(CustomerError::Conflict(d)) if d.starts_with("probable duplicate") => {
+            (actix_web::http::StatusCode::CONFLICT, "probable_duplicate")
+        }
+        EnrollError::Customer(CustomerError::Conflict(_)) => {
+            (actix_web::http::StatusCode::CONFLICT, "conflict")
+        }
+        EnrollError::Customer(CustomerError::Storage(_)) | EnrollError::Index(_) => {
+            tracing::error!(%error, "enrollment failed");
+            (actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "storage")
+        }
+    };
+    HttpResponse::build(status).json(json!({ "error": code, "detail": error.to_string() }))
+}
+
+async fn create_customer(
+    state: web::Data<EnrollState>,
+    body: web::Json<CreateCustomer>,
+) -> HttpResponse {
+    let request = body.into_inner();
+    if let Err(e) = crate::customers::validate_customer(&request) {
+        return enroll_error(e.into());
+    }
+    let currency = match Currency::parse(&request.currency) {
+        Ok(c) => c,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({ "error": "invalid_request", "detail": e.to_string() }))
+        }
+    };
+    match state.identity.send(GetCustomer(request.customer_id.clone())).await {
+        Ok(Ok(Some(_))) => {
+            return HttpResponse::Conflict().json(json!({
+                "error": "conflict",
+                "detail": format!("customer {} is already enrolled", request.customer_id)
+            }))
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => return enroll_error(e),
+        Err(e) => return unavailable(e),
+    }
+    // The ledger account first (opening it again with the same fields is a no-op, so a retry after
+    // a failure below completes the enrollment), then the profile.
+    let open = OpenAccount {
+        account_id: request.customer_id.clone(),
+        kind: AccountKind::Customer,
+        currency,
+        initial_balance_minor: request.initial_balance_minor,
+        public_key: request.public_key.clone(),
+    };
+    match state.ledger.send(OpenAccountCmd(open)).await {
+        Err(e) => return unavailable(e),
+        Ok(Err(e)) => return error_response(e),
+        Ok(Ok(key_change)) => {
+            if let Some(entry) = key_change {
+                state.link.do_send(BroadcastKeys(vec![entry]));
+            }
+        }
+    }
+    match state.identity.send(CreateCustomerCmd(request)).await {
+        Err(e) => unavailable(e),
+        Ok(Err(e)) => enroll_error(e),
+        Ok(Ok(view)) => HttpResponse::Created().json(view),
+    }
+}
+
+async fn get_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
+    match state.identity.send(GetCustomer(id.into_inner())).await {
+        Err(e) => unavailable(e),
+        Ok(Err(e)) => enroll_error(e),
+        Ok(Ok(Some(view))) => HttpResponse::Ok().json(view),
+        Ok(Ok(None)) => HttpResponse::NotFound()
+            .json(json!({ "error": "not_found", "detail": "no such customer" })),
+    }
+}
+
+async fn add_face(
+    state: web::Data<EnrollState>,
+    id: web::Path<String>,
+    body: web::Json<AddFace>,
+) -> HttpResponse {
+    use base64::Engine as _;
+    let customer_id = id.into_inner();
+    let request = body.into_inner();
+    let image = match base64::engine::general_purpose::STANDARD.decode(request.image_base64.trim())
+    {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return HttpResponse::BadRequest().json(
+                json!({ "error": "invalid_request", "detail": format!("image_base64: {e}") }),
+            )
+        }
+    };
+    match state.identity.send(GetCustomer(customer_id.clone())).await {
+        Ok(Ok(Some(_))) => {}
+        Ok(Ok(None)) => {
+            return HttpResponse::NotFound()
+                .json(json!({ "error": "not_found", "detail": "no such customer" }))
+        }
+        Ok(Err(e)) => return enroll_error(e),
+        Err(e) => return unavailable(e),
+    }
+    let analysis = match state
+        .faces
+        .send(face::worker::AnalyzeFace {
+            image,
+            gates: face::Gates::All,
+        })
+        .await
+    {
+        Err(e) => return unavailable(e),
+        Ok(Err(e @ face::FaceError::Model(_))) => {
+            tracing::error!(error = %e, "face pipeline failed");
+            return HttpResponse::ServiceUnavailable()
+                .json(json!({ "error": "unavailable", "detail": e.to_string() }));
+        }
+        Ok(Err(e)) => {
+            return HttpResponse::BadRequest()
+                .json(json!({ "error": "invalid_image", "detail": e.to_string() }))
+        }
+        Ok(Ok(analysis)) => analysis,
+    };
+    let (Some(embedding), None) = (analysis.embedding.clone(), analysis.refusal) else {
+        let reason = analysis.refusal.map(|r| r.as_str()).unwrap_or("no_face");
+        return HttpResponse::UnprocessableEntity().json(json!({
+            "error": "face_refused",
+            "reason": reason,
+            "detail": format!("the photo was refused: {reason}"),
+        }));
+    };
+    let liveness = analysis.liveness.map(|l| l.fused).unwrap_or(0.0);
+    let command = AddTemplateCmd {
+        customer_id,
+        embedding,
+        liveness,
+        look_alikes: request.confirmed_look_alike_of,
+    };
+    match state.identity.send(command).await {
+        Err(e) => unavailable(e),
+        Ok(Err(e)) => enroll_error(e),
+        Ok(Ok((added, update))) => {
+            state.link.do_send(BroadcastTemplates(update));
+            HttpResponse::Created().json(added)
+        }
+    }
+}
+
+async fn erase_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
+    let customer_id = id.into_inner();
+    let (removed, update) = match state.identity.send(EraseCustomer(customer_id.clone())).await {
+        Err(e) => return unavailable(e),
+        Ok(Err(e)) => return enroll_error(e),
+        Ok(Ok(done)) => done,
+    };
+    state.link.do_send(BroadcastTemplates(update));
+    match state.ledger.send(CloseAccountCmd(customer_id.clone())).await {
+        Ok(Ok(key_change)) => {
+            if let Some(entry) = key_change {
+                state.link.do_send(BroadcastKeys(vec![entry]));
+            }
+        }
+        // The templates are gone and the hubs told; the account stays open until a retry.
+        Ok(Err(e)) => return error_response(e),
+        Err(e) => return unavailable(e),
+    }
+    HttpResponse::Ok().json(json!({
+        "customer_id": customer_id,
+        "erased": true,
+        "templates_removed": removed,
+    }))
 }

@@ -2,9 +2,12 @@
 
 use std::path::PathBuf;
 
+use face::FaceConfig;
 use mqtt::MqttConfig;
 use serde::{Deserialize, Serialize};
-use settings::{check_socket_addr, Validate};
+use settings::{check_range, check_socket_addr, Validate};
+
+use crate::{enroll::IdentityConfig, tls::TlsFiles};
 
 /// Environment variable prefix: `FACEPAY_CLOUD_MQTT__PORT=1884`.
 pub const ENV_PREFIX: &str = "FACEPAY_CLOUD_";
@@ -19,6 +22,19 @@ pub struct CloudConfig {
     pub client_id: String,
     /// Admin API and `/metrics`, plain HTTP on this address.
     pub http_listen: String,
+    /// The enrollment API, HTTPS on this address.
+    pub api_listen: String,
+    /// Certificate and key of the HTTPS API; neither for a generated development certificate.
+    pub tls: TlsFiles,
+    /// 32-byte key file sealing customers' personal data and templates at rest. Created on first
+    /// run only while no customer is enrolled.
+    pub template_key_file: PathBuf,
+    /// Face threads for enrollment photos.
+    pub face_threads: usize,
+    /// The identity index and its thresholds.
+    pub identity: IdentityConfig,
+    /// The face pipeline's gates for enrollment photos.
+    pub face: FaceConfig,
     /// The broker the hubs and the cloud meet at.
     pub mqtt: MqttConfig,
 }
@@ -29,6 +45,12 @@ impl Default for CloudConfig {
             data_dir: "data/cloud".into(),
             client_id: "facepay-cloud".into(),
             http_listen: "127.0.0.1:9300".into(),
+            api_listen: "127.0.0.1:9443".into(),
+            tls: TlsFiles::default(),
+            template_key_file: "data/cloud/keys/templates.key".into(),
+            face_threads: 1,
+            identity: IdentityConfig::default(),
+            face: FaceConfig::default(),
             mqtt: MqttConfig::default(),
         }
     }
@@ -42,6 +64,14 @@ impl Validate for CloudConfig {
         protocol::validate_id("client_id", &self.client_id)
             .map_err(|e| ("client_id".into(), e.to_string()))?;
         check_socket_addr("http_listen", &self.http_listen)?;
+        check_socket_addr("api_listen", &self.api_listen)?;
+        self.tls.validate()?;
+        if self.template_key_file.as_os_str().is_empty() {
+            return Err(("template_key_file".into(), "must not be empty".into()));
+        }
+        check_range("face_threads", self.face_threads as u64, 1..=64, "threads")?;
+        self.identity.validate()?;
+        self.face.validate("face")?;
         self.mqtt.validate("mqtt")
     }
 }

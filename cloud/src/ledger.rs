@@ -30,6 +30,9 @@ struct AccountRecord {
     currency: Currency,
     balance_minor: i64,
     public_key: Option<String>,
+    /// Set when the customer is erased: no more payments.
+    #[serde(default)]
+    closed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -145,11 +148,8 @@ impl Ledger {
             )));
         }
         match (&request.kind, &request.public_key) {
-            (AccountKind::Customer, None) => {
-                return Err(LedgerError::Invalid(
-                    "a customer account needs a public_key".into(),
-                ))
-            }
+            // Customers who pay by face only have no wallet key.
+            (AccountKind::Customer, None) => {}
             (AccountKind::Customer, Some(key)) => {
                 paycode::parse_public_key(key).map_err(|e| LedgerError::Invalid(e.to_string()))?;
             }
@@ -194,6 +194,7 @@ impl Ledger {
                         currency: request.currency,
                         balance_minor: 0,
                         public_key: None,
+                        closed: false,
                     },
                 };
                 issuer.balance_minor -= request.initial_balance_minor;
@@ -203,6 +204,7 @@ impl Ledger {
                     currency: request.currency,
                     balance_minor: request.initial_balance_minor,
                     public_key: request.public_key.clone(),
+                    closed: false,
                 };
                 accounts.insert(request.account_id.as_bytes(), encode(&account))?;
                 if request.initial_balance_minor > 0 {
@@ -322,6 +324,12 @@ impl Ledger {
             ));
         };
         let mut customer: AccountRecord = decode(&customer);
+        if customer.closed {
+            return Ok(Decision::declined(
+                DeclineReason::UnknownAccount,
+                format!("account {} is closed", request.account_id),
+            ));
+        }
         if customer.kind != AccountKind::Customer {
             return Ok(Decision::declined(
                 DeclineReason::UnknownAccount,
@@ -441,6 +449,39 @@ impl Ledger {
         Ok(reversed)
     }
 
+    /// Closes a customer account (the customer was erased): it takes no more payments, and its
+    /// wallet key, if any, is revoked at every hub. Returns the key revocation to distribute.
+    /// Closing a closed or unknown account changes nothing.
+    pub fn close_account(&self, account_id: &str) -> Result<Option<KeyEntry>, LedgerError> {
+        let revoked = unwrap_tx((&self.accounts, &self.keys).transaction(
+            |(accounts, keys)| -> TxResult<Option<KeyEntry>> {
+                let Some(bytes) = accounts.get(account_id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut account: AccountRecord = decode(&bytes);
+                if account.kind != AccountKind::Customer || account.closed {
+                    return Ok(None);
+                }
+                account.closed = true;
+                let had_key = account.public_key.take().is_some();
+                accounts.insert(account_id.as_bytes(), encode(&account))?;
+                if !had_key {
+                    return Ok(None);
+                }
+                let version = keys.generate_id()? + 1;
+                let entry = KeyEntry {
+                    account_id: account_id.to_owned(),
+                    version,
+                    public_key: None,
+                };
+                keys.insert(&version.to_be_bytes(), encode(&entry))?;
+                Ok(Some(entry))
+            },
+        ))?;
+        self.flush()?;
+        Ok(revoked)
+    }
+
     /// Key changes with a version above `after_version`, oldest first, at most [`KEY_BATCH_MAX`];
     /// the flag says whether more follow.
     pub fn keys_after(&self, after_version: u64) -> Result<(Vec<KeyEntry>, bool), LedgerError> {
@@ -556,6 +597,7 @@ fn view(account_id: &str, r: AccountRecord) -> AccountView {
         currency: r.currency,
         balance_minor: r.balance_minor,
         public_key: r.public_key,
+        closed: r.closed,
     }
 }
 
@@ -776,16 +818,24 @@ mod tests {
             l.open_account(&other),
             Err(LedgerError::Conflict(_))
         ));
+        // A face-only customer has no wallet key: nothing to distribute.
         let no_key = OpenAccount {
-            account_id: "bob".into(),
+            account_id: "carol".into(),
             kind: AccountKind::Customer,
             ..same.clone()
         };
+        assert_eq!(l.open_account(&no_key).unwrap(), None);
+        let bad_key = OpenAccount {
+            public_key: Some("not-a-key".into()),
+            account_id: "dave".into(),
+            ..no_key.clone()
+        };
         assert!(matches!(
-            l.open_account(&no_key),
+            l.open_account(&bad_key),
             Err(LedgerError::Invalid(_))
         ));
         let bob = OpenAccount {
+            account_id: "bob".into(),
             public_key: Some(Wallet::generate("bob").unwrap().public_key_b64()),
             ..no_key
         };
@@ -794,6 +844,21 @@ mod tests {
         assert_eq!((all.len(), more), (2, false));
         let (after_one, _) = l.keys_after(1).unwrap();
         assert_eq!(after_one[0].account_id, "bob");
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_closed_account_takes_no_payment_and_its_key_is_revoked() {
+        let (_d, l) = ledger();
+        let revoked = l.close_account("alice").unwrap().unwrap();
+        assert_eq!(revoked.public_key, None);
+        assert_eq!(l.keys_after(revoked.version - 1).unwrap().0, vec![revoked]);
+        assert_eq!(l.close_account("alice").unwrap(), None, "closing twice is a no-op");
+        assert_eq!(l.close_account("nobody").unwrap(), None);
+        let view = l.account("alice").unwrap().unwrap();
+        assert!(view.closed && view.public_key.is_none());
+        let decision = l.authorize("store-1", &pay("o-closed", "n-closed", 100)).unwrap();
+        assert_eq!(decision.reason(), Some(DeclineReason::UnknownAccount));
         books_balance(&l);
     }
 

@@ -19,7 +19,12 @@ fn main() -> anyhow::Result<()> {
     telemetry::init_tracing();
     actix::System::new().block_on(async move {
         let handle = cloud::start(config).await?;
-        println!("facepay-cloud ready http={}", handle.http_addr);
+        println!(
+            "facepay-cloud ready http={} api={} cert={}",
+            handle.http_addr,
+            handle.api_addr,
+            handle.api_cert.display()
+        );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;
         Ok(())

@@ -1,15 +1,24 @@
 //! The cash register's local HTTP JSON API.
 //!
-//! `POST /v1/charge` with `{"order_id", "amount_minor", "currency"}` answers a [`ChargeResult`].
-//! Status codes: 200 for a decision (approved or declined; see `status` and `reason`), 400 for a
-//! request that is not acceptable, 409 while another checkout runs, 503 when the store system is
-//! unreachable. The body is always a `ChargeResult`.
+//! - `POST /v1/charge` with `{"order_id", "amount_minor", "currency"}` (and optionally a `token`
+//!   from a verification) answers a [`ChargeResult`]; without a token the scanner waits for the
+//!   customer's payment code.
+//! - `POST /v1/verify` with `{"method": "face" | "code_and_face"}` looks at the customer and
+//!   answers a [`VerifyReply`]: a payment token, a second-factor challenge, or a refusal.
+//! - `POST /v1/verify/second-factor` with `{"challenge_id", "value"}` answers the challenge.
+//!
+//! Status codes: 200 for a decision (see `status` and `reason`), 400 for a request that is not
+//! acceptable, 409 while another session uses the terminal's sensors, 503 when the store system is
+//! unreachable.
 
 use actix::Addr;
 use actix_web::{http::StatusCode, web, HttpResponse};
-use protocol::{ChargeRequest, ChargeResult, ChargeStatus, DeclineReason};
+use protocol::{
+    ChargeRequest, ChargeResult, ChargeStatus, DeclineReason, SecondFactorAnswer, VerifyReply,
+    VerifyStart,
+};
 
-use crate::checkout::{Charge, CheckoutActor};
+use crate::checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -31,7 +40,9 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutAct
                     .into()
                 }),
         )
-        .route("/v1/charge", web::post().to(charge));
+        .route("/v1/charge", web::post().to(charge))
+        .route("/v1/verify", web::post().to(verify))
+        .route("/v1/verify/second-factor", web::post().to(second_factor));
 }
 
 fn refusal(reason: DeclineReason, detail: String) -> ChargeResult {
@@ -48,12 +59,25 @@ fn refusal(reason: DeclineReason, detail: String) -> ChargeResult {
 
 /// The HTTP status a charge result is sent with.
 pub fn status_of(result: &ChargeResult) -> StatusCode {
-    match result.reason {
+    status_of_reason(result.reason)
+}
+
+/// The HTTP status of a verification outcome.
+pub fn status_of_verify(reply: &VerifyReply) -> StatusCode {
+    match reply {
+        VerifyReply::Refused { reason, .. } => status_of_reason(Some(*reason)),
+        _ => StatusCode::OK,
+    }
+}
+
+fn status_of_reason(reason: Option<DeclineReason>) -> StatusCode {
+    match reason {
         None => StatusCode::OK,
         Some(
             DeclineReason::InvalidRequest
             | DeclineReason::InvalidAmount
-            | DeclineReason::UnknownCurrency,
+            | DeclineReason::UnknownCurrency
+            | DeclineReason::UnsupportedVersion,
         ) => StatusCode::BAD_REQUEST,
         Some(DeclineReason::TerminalBusy) => StatusCode::CONFLICT,
         Some(DeclineReason::StoreSystemUnreachable) => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,4 +102,36 @@ async fn charge(
         },
     };
     HttpResponse::build(status_of(&result)).json(result)
+}
+
+async fn verify(
+    checkout: web::Data<Addr<CheckoutActor>>,
+    body: web::Json<VerifyStart>,
+) -> HttpResponse {
+    let reply = checkout
+        .send(VerifyCustomer(body.into_inner()))
+        .await
+        .unwrap_or_else(|error| {
+            VerifyReply::refused(
+                DeclineReason::Internal,
+                format!("checkout unavailable: {error}"),
+            )
+        });
+    HttpResponse::build(status_of_verify(&reply)).json(reply)
+}
+
+async fn second_factor(
+    checkout: web::Data<Addr<CheckoutActor>>,
+    body: web::Json<SecondFactorAnswer>,
+) -> HttpResponse {
+    let reply = checkout
+        .send(AnswerSecondFactor(body.into_inner()))
+        .await
+        .unwrap_or_else(|error| {
+            VerifyReply::refused(
+                DeclineReason::Internal,
+                format!("checkout unavailable: {error}"),
+            )
+        });
+    HttpResponse::build(status_of_verify(&reply)).json(reply)
 }

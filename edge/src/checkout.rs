@@ -6,10 +6,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use protocol::{
     AuthorizeRequest, ChargeRequest, ChargeResult, ChargeStatus, Currency, Decision, DeclineReason,
+    PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod, VerifyReply, VerifyRequest,
+    VerifyStart,
 };
 use telemetry::PaymentMetrics;
 
 use crate::{
+    camera::{CameraActor, CaptureFace},
     hub_client::{HubClient, HubUnreachable},
     scanner::{ScanForCode, ScannerActor},
 };
@@ -27,28 +30,33 @@ pub struct CheckoutSettings {
     pub terminal_id: String,
     /// How long to wait for a code.
     pub scan_timeout: Duration,
+    /// How long the camera looks for a usable live face.
+    pub face_timeout: Duration,
 }
 
 /// Runs one checkout session at a time.
 pub struct CheckoutActor {
     settings: CheckoutSettings,
     scanner: Addr<ScannerActor>,
+    camera: Addr<CameraActor>,
     hub: HubClient,
     metrics: PaymentMetrics,
     busy: bool,
 }
 
 impl CheckoutActor {
-    /// A checkout over a scanner and a hub client.
+    /// A checkout over a scanner, a camera and a hub client.
     pub fn new(
         settings: CheckoutSettings,
         scanner: Addr<ScannerActor>,
+        camera: Addr<CameraActor>,
         hub: HubClient,
         metrics: PaymentMetrics,
     ) -> Self {
         CheckoutActor {
             settings,
             scanner,
+            camera,
             hub,
             metrics,
             busy: false,
@@ -106,7 +114,24 @@ pub fn validate_charge(request: &ChargeRequest) -> Result<(i64, Currency), Decis
         .map_err(|e| Decision::declined(DeclineReason::InvalidAmount, e.to_string()))?;
     let currency = Currency::parse(&request.currency)
         .map_err(|e| Decision::declined(DeclineReason::UnknownCurrency, e.to_string()))?;
+    if let Some(token) = &request.token {
+        protocol::validate_id("token", token)
+            .map_err(|e| Decision::declined(DeclineReason::TokenInvalid, e.to_string()))?;
+    }
     Ok((amount, currency))
+}
+
+fn unreachable_decision(error: HubUnreachable) -> Decision {
+    match error {
+        HubUnreachable::NoHub => Decision::declined(
+            DeclineReason::StoreSystemUnreachable,
+            format!("{error}; nothing was charged"),
+        ),
+        error => Decision::declined(
+            DeclineReason::StoreSystemUnreachable,
+            format!("{error}; retry the same order id to learn whether it was paid"),
+        ),
+    }
 }
 
 impl Handler<Charge> for CheckoutActor {
@@ -125,7 +150,10 @@ impl Handler<Charge> for CheckoutActor {
             Ok(v) => v,
             Err(decision) => return refuse(self, decision),
         };
-        if self.busy {
+        // A token charge needs no sensor, so it runs beside a verification; a code charge needs
+        // the scanner to itself.
+        let with_token = request.token.is_some();
+        if self.busy && !with_token {
             return refuse(
                 self,
                 Decision::declined(
@@ -134,17 +162,25 @@ impl Handler<Charge> for CheckoutActor {
                 ),
             );
         }
-        self.busy = true;
+        if !with_token {
+            self.busy = true;
+        }
         let payment_id = protocol::payment_id(&self.settings.store_id, &request.order_id);
-        let scan = self.scanner.send(ScanForCode {
-            timeout: self.settings.scan_timeout,
-        });
+        let scan = match &request.token {
+            Some(_) => None,
+            None => Some(self.scanner.send(ScanForCode {
+                timeout: self.settings.scan_timeout,
+            })),
+        };
         let hub = self.hub.clone();
         let settings = self.settings.clone();
         let pid = payment_id.clone();
         let session = async move {
-            let code = match scan.await {
-                Ok(Some(code)) => code,
+            let proof = match (scan, request.token.clone()) {
+                (_, Some(token)) => PaymentProof::Token(token),
+                (None, None) => unreachable!("a scan is started when no token is given"),
+                (Some(scan), None) => match scan.await {
+                Ok(Some(code)) => PaymentProof::Code(code),
                 Ok(None) => {
                     return Decision::declined(
                         DeclineReason::NoCodePresented,
@@ -160,6 +196,7 @@ impl Handler<Charge> for CheckoutActor {
                         format!("scanner unavailable: {error}"),
                     )
                 }
+                },
             };
             let request = AuthorizeRequest {
                 payment_id: pid.clone(),
@@ -168,7 +205,7 @@ impl Handler<Charge> for CheckoutActor {
                 order_id: request.order_id,
                 amount_minor,
                 currency,
-                code,
+                proof,
             };
             match hub.authorize(&request).await {
                 Ok(reply) if reply.payment_id == pid => reply.decision,
@@ -187,21 +224,129 @@ impl Handler<Charge> for CheckoutActor {
                         )
                     }
                 },
-                Err(error @ HubUnreachable::NoHub) => Decision::declined(
-                    DeclineReason::StoreSystemUnreachable,
-                    format!("{error}; nothing was charged"),
-                ),
-                Err(error) => Decision::declined(
-                    DeclineReason::StoreSystemUnreachable,
-                    format!("{error}; retry the same order id to learn whether it was paid"),
-                ),
+                Err(error) => unreachable_decision(error),
             }
         };
         Box::pin(session.into_actor(self).map(move |decision, actor, _| {
-            actor.busy = false;
+            if !with_token {
+                actor.busy = false;
+            }
             actor.metrics.outcome(decision.reason(), started.elapsed());
             result(&order_id, Some(payment_id), decision)
         }))
+    }
+}
+
+/// Verify the customer in front of the terminal: face only, or code and face.
+#[derive(Message)]
+#[rtype(result = "VerifyReply")]
+pub struct VerifyCustomer(pub VerifyStart);
+
+impl Handler<VerifyCustomer> for CheckoutActor {
+    type Result = ResponseActFuture<Self, VerifyReply>;
+
+    fn handle(&mut self, msg: VerifyCustomer, _: &mut Self::Context) -> Self::Result {
+        if self.busy {
+            return Box::pin(fut::ready(VerifyReply::refused(
+                DeclineReason::TerminalBusy,
+                "another checkout is running on this terminal",
+            )));
+        }
+        self.busy = true;
+        let capture = self.camera.send(CaptureFace {
+            timeout: self.settings.face_timeout,
+        });
+        // Code and face: the code scanner and the camera look at the same time.
+        let scan = (msg.0.method == VerifyMethod::CodeAndFace).then(|| {
+            self.scanner.send(ScanForCode {
+                timeout: self.settings.scan_timeout,
+            })
+        });
+        let hub = self.hub.clone();
+        let settings = self.settings.clone();
+        let session = async move {
+            let (face, code) = match scan {
+                Some(scan) => {
+                    let (face, code) = tokio::join!(capture, scan);
+                    (face, Some(code))
+                }
+                None => (capture.await, None),
+            };
+            let embedding = match face {
+                Ok(Ok(embedding)) => embedding,
+                Ok(Err(no_face)) => return VerifyReply::refused(no_face.reason, no_face.detail),
+                Err(e) => {
+                    return VerifyReply::refused(
+                        DeclineReason::Internal,
+                        format!("camera unavailable: {e}"),
+                    )
+                }
+            };
+            let body = match code {
+                None => VerifyBody::Face { embedding },
+                Some(Ok(Some(code))) => VerifyBody::CodeAndFace { code, embedding },
+                Some(Ok(None)) => {
+                    return VerifyReply::refused(
+                        DeclineReason::NoCodePresented,
+                        format!(
+                            "no payment code seen within {} ms",
+                            settings.scan_timeout.as_millis()
+                        ),
+                    )
+                }
+                Some(Err(e)) => {
+                    return VerifyReply::refused(
+                        DeclineReason::Internal,
+                        format!("scanner unavailable: {e}"),
+                    )
+                }
+            };
+            ask_hub(&hub, &settings, body).await
+        };
+        Box::pin(session.into_actor(self).map(|reply, actor, _| {
+            actor.busy = false;
+            reply
+        }))
+    }
+}
+
+async fn ask_hub(hub: &HubClient, settings: &CheckoutSettings, body: VerifyBody) -> VerifyReply {
+    let request = VerifyRequest {
+        store_id: settings.store_id.clone(),
+        terminal_id: settings.terminal_id.clone(),
+        body,
+    };
+    match hub.verify(&request).await {
+        Ok(reply) => reply,
+        Err(error) => VerifyReply::refused(
+            DeclineReason::StoreSystemUnreachable,
+            format!("{error}; verify again or pay another way"),
+        ),
+    }
+}
+
+/// Answer a second-factor challenge.
+#[derive(Message)]
+#[rtype(result = "VerifyReply")]
+pub struct AnswerSecondFactor(pub SecondFactorAnswer);
+
+impl Handler<AnswerSecondFactor> for CheckoutActor {
+    type Result = ResponseFuture<VerifyReply>;
+
+    fn handle(&mut self, msg: AnswerSecondFactor, _: &mut Self::Context) -> Self::Result {
+        if let Err(e) = protocol::validate_id("challenge_id", &msg.0.challenge_id) {
+            return Box::pin(async move {
+                VerifyReply::refused(DeclineReason::InvalidRequest, e.to_string())
+            });
+        }
+        if msg.0.value.len() > 16 {
+            return Box::pin(async {
+                VerifyReply::refused(DeclineReason::InvalidRequest, "value is at most 16 digits")
+            });
+        }
+        let hub = self.hub.clone();
+        let settings = self.settings.clone();
+        Box::pin(async move { ask_hub(&hub, &settings, VerifyBody::SecondFactor(msg.0)).await })
     }
 }
 
@@ -220,6 +365,7 @@ mod tests {
             order_id: order.into(),
             amount_minor: amount,
             currency: currency.into(),
+            token: None,
         };
         assert_eq!(
             validate_charge(&req).err().and_then(|d| d.reason()),

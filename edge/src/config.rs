@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use face::FaceConfig;
 use serde::{Deserialize, Serialize};
 use settings::{check_range, check_socket_addr, Validate};
 use zlink::ZenohConfig;
@@ -27,6 +28,12 @@ pub struct EdgeConfig {
     pub frames_dir: PathBuf,
     /// How often the frame directory is polled for new images.
     pub frame_poll_interval_ms: u64,
+    /// The camera's frame source: a spool directory like `frames_dir`.
+    pub camera_dir: PathBuf,
+    /// How long the camera looks for a usable live face.
+    pub face_timeout_ms: u64,
+    /// The face pipeline's thresholds.
+    pub face: FaceConfig,
     /// The hub's Zenoh endpoint(s).
     pub zenoh: ZenohConfig,
 }
@@ -41,6 +48,9 @@ impl Default for EdgeConfig {
             hub_timeout_ms: 5_000,
             frames_dir: "data/edge/frames".into(),
             frame_poll_interval_ms: 20,
+            camera_dir: "data/edge/camera".into(),
+            face_timeout_ms: 5_000,
+            face: FaceConfig::default(),
             zenoh: ZenohConfig {
                 connect: vec!["tcp/127.0.0.1:7447".into()],
                 ..ZenohConfig::default()
@@ -67,6 +77,11 @@ impl Validate for EdgeConfig {
         if self.frames_dir.as_os_str().is_empty() {
             return Err(("frames_dir".into(), "must not be empty".into()));
         }
+        if self.camera_dir.as_os_str().is_empty() {
+            return Err(("camera_dir".into(), "must not be empty".into()));
+        }
+        check_range("face_timeout_ms", self.face_timeout_ms, 100..=120_000, "ms")?;
+        self.face.validate("face")?;
         self.zenoh.validate("zenoh")?;
         if self.zenoh.connect.is_empty() {
             return Err((

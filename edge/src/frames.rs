@@ -6,18 +6,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use image::GrayImage;
+use image::RgbImage;
 
 /// Largest image file accepted as a frame; bigger files are skipped unread.
 pub const MAX_FRAME_BYTES: u64 = 16 * 1024 * 1024;
-/// Largest frame side in pixels.
-pub const MAX_FRAME_SIDE: u32 = 8192;
 
-/// A source of frames: an image directory now, a camera later. Implementations block, so they are
-/// only ever called from the scanner's dedicated thread.
+/// A source of colour frames: an image directory now, a V4L2 camera on a terminal. Implementations
+/// block, so they are only ever called from the scanner's or the camera's dedicated thread.
 pub trait FrameSource: Send {
     /// The next frame, waiting until `deadline` at most; `None` when none came in time.
-    fn next_frame(&mut self, deadline: Instant) -> Option<GrayImage>;
+    fn next_frame(&mut self, deadline: Instant) -> Option<RgbImage>;
 }
 
 /// A spool directory: each image file that appears is one frame, read once and then removed,
@@ -56,7 +54,7 @@ impl DirectorySource {
             .min()
     }
 
-    fn read(path: &Path) -> Result<GrayImage, String> {
+    fn read(path: &Path) -> Result<RgbImage, String> {
         let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
         if size > MAX_FRAME_BYTES {
             return Err(format!(
@@ -64,26 +62,13 @@ impl DirectorySource {
             ));
         }
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        let decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| e.to_string())?
-            .into_decoder()
-            .map_err(|e| e.to_string())?;
-        // The header says how big the frame is before any pixel is decoded.
-        let (w, h) = image::ImageDecoder::dimensions(&decoder);
-        if w > MAX_FRAME_SIDE || h > MAX_FRAME_SIDE {
-            return Err(format!(
-                "{w}x{h} is over the {MAX_FRAME_SIDE}-pixel frame limit"
-            ));
-        }
-        Ok(image::DynamicImage::from_decoder(decoder)
-            .map_err(|e| e.to_string())?
-            .to_luma8())
+        // By content, with the size checked from the header and EXIF orientation applied.
+        face::decode::decode_rgb(&bytes).map_err(|e| e.to_string())
     }
 }
 
 impl FrameSource for DirectorySource {
-    fn next_frame(&mut self, deadline: Instant) -> Option<GrayImage> {
+    fn next_frame(&mut self, deadline: Instant) -> Option<RgbImage> {
         loop {
             if let Some(path) = self.oldest_file() {
                 let frame = Self::read(&path);
@@ -115,9 +100,9 @@ mod tests {
     #[test]
     fn frames_come_oldest_name_first_and_once() {
         let dir = tempfile::tempdir().unwrap();
-        let img = GrayImage::from_pixel(8, 8, image::Luma([7]));
+        let img = RgbImage::from_pixel(8, 8, image::Rgb([7, 7, 7]));
         img.save(dir.path().join("b.png")).unwrap();
-        GrayImage::from_pixel(4, 4, image::Luma([1]))
+        RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))
             .save(dir.path().join("a.png"))
             .unwrap();
         std::fs::write(dir.path().join("broken.png"), b"not an image").unwrap();

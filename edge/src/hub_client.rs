@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use protocol::{AuthorizeReply, AuthorizeRequest};
+use protocol::{AuthorizeReply, AuthorizeRequest, VerifyReply, VerifyRequest};
+use serde::de::DeserializeOwned;
 
 /// Pause between attempts while no hub queryable is reachable.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
@@ -21,11 +22,12 @@ pub enum HubUnreachable {
     BadReply(String),
 }
 
-/// Asks the store's hub to authorize payments.
+/// Asks the store's hub to authorize payments and verify customers.
 #[derive(Clone)]
 pub struct HubClient {
     zenoh: zlink::ZenohLink,
     key: String,
+    verify_key: String,
     timeout: Duration,
 }
 
@@ -35,19 +37,33 @@ impl HubClient {
         HubClient {
             zenoh,
             key: protocol::keyexpr::hub_authorize(store_id),
+            verify_key: protocol::keyexpr::hub_verify(store_id),
             timeout,
         }
     }
 
-    /// Sends the request and waits for the decision. While no hub is reachable at all the query
-    /// is retried (it reached nobody, so repeating it is safe) until the deadline.
+    /// Sends the payment and waits for the decision.
     pub async fn authorize(
         &self,
         request: &AuthorizeRequest,
     ) -> Result<AuthorizeReply, HubUnreachable> {
+        self.query(self.key.clone(), protocol::encode(request)).await
+    }
+
+    /// Sends a verification and waits for its outcome.
+    pub async fn verify(&self, request: &VerifyRequest) -> Result<VerifyReply, HubUnreachable> {
+        self.query(self.verify_key.clone(), protocol::encode(request))
+            .await
+    }
+
+    /// Sends a query and waits for the answer. While no hub is reachable at all the query is
+    /// retried (it reached nobody, so repeating it is safe) until the deadline.
+    async fn query<T: DeserializeOwned + Send + 'static>(
+        &self,
+        key: String,
+        payload: Vec<u8>,
+    ) -> Result<T, HubUnreachable> {
         let session = self.zenoh.session().clone();
-        let key = self.key.clone();
-        let payload = protocol::encode(request);
         let timeout = self.timeout;
         self.zenoh
             .spawn(async move {

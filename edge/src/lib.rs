@@ -1,10 +1,12 @@
 //! The facepay edge: the checkout terminal.
 //!
 //! A scanner actor reads frames from a [`frames::FrameSource`] and decodes QR payment codes; a
-//! checkout actor runs one session at a time for the cash register's local HTTP API and asks the
-//! store hub over Zenoh for the decision. See `README.md` in this folder for the actors.
+//! camera actor reads frames from another source and runs the face pipeline; a checkout actor runs
+//! one sensor session at a time for the cash register's local HTTP API (charge, verify, second
+//! factor) and asks the store hub over Zenoh. See `README.md` in this folder for the actors.
 
 mod api;
+pub mod camera;
 pub mod checkout;
 pub mod config;
 pub mod frames;
@@ -17,11 +19,12 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use prometheus::Registry;
 
-pub use api::status_of;
+pub use api::{status_of, status_of_verify};
 pub use config::EdgeConfig;
 
 use crate::{
     checkout::{CheckoutActor, CheckoutSettings},
+    camera::CameraActor,
     frames::DirectorySource,
     hub_client::HubClient,
     scanner::ScannerActor,
@@ -68,6 +71,27 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         ScannerActor::new(Box::new(source))
     });
 
+    let camera_source = DirectorySource::new(
+        &config.camera_dir,
+        Duration::from_millis(config.frame_poll_interval_ms),
+    )
+    .with_context(|| format!("opening camera_dir {}", config.camera_dir.display()))?;
+    let face_config = config.face.clone();
+    let engine = tokio::task::spawn_blocking(move || face::FaceEngine::load_default(face_config))
+        .await
+        .expect("loading does not panic")
+        .context("loading the face models")?;
+    let engine = std::sync::Arc::new(engine);
+    let camera_source = std::sync::Mutex::new(Some(camera_source));
+    let camera = SyncArbiter::start(1, move || {
+        let source = camera_source
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .expect("one camera thread");
+        CameraActor::new(Box::new(source), engine.clone())
+    });
+
     let zenoh_config = config.zenoh.clone();
     let zenoh = tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config))
         .await
@@ -81,8 +105,9 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         store_id: config.store_id.clone(),
         terminal_id: config.terminal_id.clone(),
         scan_timeout: Duration::from_millis(config.scan_timeout_ms),
+        face_timeout: Duration::from_millis(config.face_timeout_ms),
     };
-    let checkout = CheckoutActor::new(settings, scanner, hub, metrics).start();
+    let checkout = CheckoutActor::new(settings, scanner, camera, hub, metrics).start();
 
     let api_checkout = checkout.clone();
     let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, move |cfg| {

@@ -37,7 +37,7 @@ impl Handler<ScanForCode> for ScannerActor {
         let deadline = Instant::now() + msg.timeout;
         while let Some(frame) = self.source.next_frame(deadline) {
             // A frame may show several codes (a phone and a poster); the facepay one wins.
-            let codes = paycode::qr::decode(&frame);
+            let codes = paycode::qr::decode(&image::DynamicImage::ImageRgb8(frame).to_luma8());
             if let Some(code) = codes
                 .iter()
                 .find(|c| c.starts_with(paycode::CODE_PREFIX))

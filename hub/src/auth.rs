@@ -1,5 +1,6 @@
-//! Authorization at the hub: verify the payment code offline with the account's key, refuse a
-//! replay, ask the cloud to move the money, journal the decision, answer the edge.
+//! Authorization at the hub: verify the payment code offline with the account's key (or redeem
+//! the payment token a face verification issued), refuse a replay, ask the cloud to move the
+//! money, journal the decision, answer the edge.
 
 use std::{
     collections::HashMap,
@@ -11,13 +12,14 @@ use ed25519_dalek::VerifyingKey;
 use paycode::{SignedCode, Validity};
 use protocol::{
     AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision, DeclineReason,
-    HubRequestBody, KeyBatch, KeyEntry, VoidPayment,
+    HubRequestBody, KeyBatch, KeyEntry, PaymentProof, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
 use crate::{
     journal::{JournalActor, JournalAnswer, JournalCmd, JournalEntry, Reservation},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
+    verify::{RedeemToken, VerifyActor},
 };
 
 /// Mailbox bound of the authorization actor; a full mailbox makes the edge's query wait.
@@ -48,6 +50,7 @@ pub struct AuthActor {
     metrics: PaymentMetrics,
     keys_gauge: prometheus::IntGauge,
     syncing: bool,
+    verifier: Option<Addr<VerifyActor>>,
 }
 
 impl AuthActor {
@@ -69,6 +72,7 @@ impl AuthActor {
             metrics,
             keys_gauge,
             syncing: false,
+            verifier: None,
         };
         actor.apply_keys(&stored_keys);
         actor
@@ -91,8 +95,8 @@ impl AuthActor {
         self.keys_gauge.set(self.keys.len() as i64);
     }
 
-    /// The checks that need no I/O: request shape, code, signature, validity window.
-    fn verify(&self, request: &AuthorizeRequest) -> Result<SignedCode, Decision> {
+    /// The checks of a request's shape that need no I/O.
+    fn check_request(&self, request: &AuthorizeRequest) -> Result<(), Decision> {
         for (kind, id) in [
             ("store_id", &request.store_id),
             ("terminal_id", &request.terminal_id),
@@ -118,7 +122,12 @@ impl AuthActor {
         }
         protocol::validate_amount(&request.amount_minor.into())
             .map_err(|e| Decision::declined(DeclineReason::InvalidAmount, e.to_string()))?;
-        let code = SignedCode::parse(&request.code)
+        Ok(())
+    }
+
+    /// A payment code's form, signature (with the account's key) and validity window.
+    fn check_code(&self, code: &str) -> Result<SignedCode, Decision> {
+        let code = SignedCode::parse(code)
             .map_err(|e| Decision::declined(e.decline_reason(), e.to_string()))?;
         let key = self.keys.get(&code.account_id).ok_or_else(|| {
             Decision::declined(
@@ -225,6 +234,40 @@ impl Handler<AttachUplink> for AuthActor {
     }
 }
 
+/// Give the actor the verify actor, which redeems payment tokens.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachVerifier(pub Addr<VerifyActor>);
+
+impl Handler<AttachVerifier> for AuthActor {
+    type Result = ();
+    fn handle(&mut self, msg: AttachVerifier, _: &mut Self::Context) {
+        self.verifier = Some(msg.0);
+    }
+}
+
+/// Check a payment code (form, key, signature, window) without spending it.
+#[derive(Message)]
+#[rtype(result = "Result<SignedCode, Decision>")]
+pub struct CheckCode(pub String);
+
+impl Handler<CheckCode> for AuthActor {
+    type Result = Result<SignedCode, Decision>;
+    fn handle(&mut self, msg: CheckCode, _: &mut Self::Context) -> Self::Result {
+        self.check_code(&msg.0)
+    }
+}
+
+/// Who a proof says pays, and the single-use nonce that spends it.
+#[derive(Debug, Clone)]
+struct Proven {
+    account_id: String,
+    nonce: String,
+    /// For nonce pruning: the code's issue time, or the token's expiry.
+    keep_from_ms: u64,
+    token: bool,
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 struct KeysArrived(KeyBatch);
@@ -267,6 +310,7 @@ impl Handler<UplinkEvent> for AuthActor {
                 self.resend_voids(ctx);
             }
             UplinkEvent::KeysBroadcast(batch) => ctx.notify(KeysArrived(batch)),
+            UplinkEvent::TemplatesPushed(_) => {}
         }
     }
 }
@@ -283,9 +327,14 @@ impl Handler<Authorize> for AuthActor {
         let started = Instant::now();
         self.metrics.request();
         let request = msg.0;
-        let verified = self.verify(&request);
+        let checked = self.check_request(&request);
+        let code_checked = match (&checked, &request.proof) {
+            (Ok(()), PaymentProof::Code(code)) => Some(self.check_code(code)),
+            _ => None,
+        };
         let journal = self.journal.clone();
         let uplink = self.uplink.clone();
+        let verifier = self.verifier.clone();
         let metrics = self.metrics.clone();
         let cloud_timeout = self.settings.cloud_timeout;
         Box::pin(async move {
@@ -293,12 +342,26 @@ impl Handler<Authorize> for AuthActor {
                 &request,
                 Decision::declined(DeclineReason::Internal, ""),
             );
-            let decision = match verified {
-                Err(decision) => decision,
-                Ok(code) => {
-                    entry.account_id = Some(code.account_id.clone());
-                    entry.code_nonce = Some(code.nonce_hex());
-                    authorize_verified(&request, &code, &journal, uplink.as_ref(), cloud_timeout)
+            let proven = match (checked, code_checked, &request.proof) {
+                (Err(decision), _, _) => Err(decision),
+                (Ok(()), Some(Err(decision)), _) => Err(decision),
+                (Ok(()), Some(Ok(code)), _) => Ok(Proven {
+                    account_id: code.account_id.clone(),
+                    nonce: code.nonce_hex(),
+                    keep_from_ms: code.issued_at_ms,
+                    token: false,
+                }),
+                (Ok(()), None, PaymentProof::Token(token)) => {
+                    redeem(verifier.as_ref(), token, &request.terminal_id).await
+                }
+                (Ok(()), None, PaymentProof::Code(_)) => unreachable!("codes are checked above"),
+            };
+            let decision = match &proven {
+                Err(decision) => decision.clone(),
+                Ok(proven) => {
+                    entry.account_id = Some(proven.account_id.clone());
+                    entry.code_nonce = Some(proven.nonce.clone());
+                    authorize_verified(&request, proven, &journal, uplink.as_ref(), cloud_timeout)
                         .await
                 }
             };
@@ -312,13 +375,13 @@ impl Handler<Authorize> for AuthActor {
                         "journal write failed"
                     );
                     // The hub cannot prove what it answered; refuse, and undo at the cloud if needed.
-                    if let (Decision::Approved { account_id, .. }, Ok(code), Some(uplink)) =
-                        (&decision, SignedCode::parse(&request.code), uplink.as_ref())
+                    if let (Decision::Approved { account_id, .. }, Ok(proven), Some(uplink)) =
+                        (&decision, &proven, uplink.as_ref())
                     {
                         let void = VoidPayment {
                             payment_id: request.payment_id.clone(),
                             account_id: account_id.clone(),
-                            code_nonce: code.nonce_hex(),
+                            code_nonce: proven.nonce.clone(),
                         };
                         deliver_void(uplink, &journal, void).await;
                     }
@@ -337,22 +400,63 @@ impl Handler<Authorize> for AuthActor {
     }
 }
 
+async fn redeem(
+    verifier: Option<&Addr<VerifyActor>>,
+    token: &str,
+    terminal_id: &str,
+) -> Result<Proven, Decision> {
+    let Some(verifier) = verifier else {
+        return Err(Decision::declined(
+            DeclineReason::TokenInvalid,
+            "this hub issues no payment tokens",
+        ));
+    };
+    let redeem = RedeemToken {
+        token: token.to_owned(),
+        terminal_id: terminal_id.to_owned(),
+    };
+    match verifier.send(redeem).await {
+        Ok(Ok(t)) => Ok(Proven {
+            account_id: t.account_id,
+            nonce: token.to_owned(),
+            keep_from_ms: t.expires_at_ms,
+            token: true,
+        }),
+        Ok(Err(detail)) => Err(Decision::declined(DeclineReason::TokenInvalid, detail)),
+        Err(e) => Err(Decision::declined(
+            DeclineReason::Internal,
+            format!("token check unavailable: {e}"),
+        )),
+    }
+}
+
 async fn authorize_verified(
     request: &AuthorizeRequest,
-    code: &SignedCode,
+    proven: &Proven,
     journal: &Addr<JournalActor>,
     uplink: Option<&Addr<UplinkActor>>,
     cloud_timeout: Duration,
 ) -> Decision {
-    let nonce = code.nonce_hex();
+    let nonce = proven.nonce.clone();
     let reserve = JournalCmd::ReserveNonce {
-        account_id: code.account_id.clone(),
+        account_id: proven.account_id.clone(),
         nonce: nonce.clone(),
         payment_id: request.payment_id.clone(),
-        issued_at_ms: code.issued_at_ms,
+        issued_at_ms: proven.keep_from_ms,
     };
     match journal.send(reserve).await {
         Ok(Ok(JournalAnswer::Reservation(Reservation::Fresh | Reservation::SamePayment))) => {}
+        Ok(Ok(JournalAnswer::Reservation(Reservation::Replayed { first_payment_id })))
+            if proven.token =>
+        {
+            return Decision::declined(
+                DeclineReason::TokenInvalid,
+                format!(
+                    "this payment token was already spent on {first_payment_id}; verify the \
+                     customer again"
+                ),
+            )
+        }
         Ok(Ok(JournalAnswer::Reservation(Reservation::Replayed { first_payment_id }))) => {
             return Decision::declined(
                 DeclineReason::CodeReplayed,
@@ -375,7 +479,7 @@ async fn authorize_verified(
     let call = CallCloud {
         body: HubRequestBody::Authorize(CloudAuthorize {
             payment_id: request.payment_id.clone(),
-            account_id: code.account_id.clone(),
+            account_id: proven.account_id.clone(),
             code_nonce: nonce.clone(),
             amount_minor: request.amount_minor,
             currency: request.currency,
@@ -401,7 +505,7 @@ async fn authorize_verified(
     // either moves the money back or refuses it when it arrives late; the edge hears a decline.
     let void = VoidPayment {
         payment_id: request.payment_id.clone(),
-        account_id: code.account_id.clone(),
+        account_id: proven.account_id.clone(),
         code_nonce: nonce,
     };
     match journal.send(JournalCmd::QueueVoid(void.clone())).await {

@@ -26,10 +26,100 @@ pub struct HubConfig {
     pub code_validity_seconds: u64,
     /// Tolerated difference between the phone's clock and the hub's.
     pub clock_skew_seconds: u64,
+    /// 32-byte key file sealing the hot set's templates at rest; created on first run only while
+    /// the hot set is empty.
+    pub template_key_file: PathBuf,
+    /// Most face templates held in the hot set.
+    pub hot_set_cap: usize,
+    /// How long the cloud may take to answer a face the hot set does not know.
+    pub identify_timeout_ms: u64,
+    /// Face identification rules.
+    pub identify: IdentifyConfig,
     /// Edges reach the hub here.
     pub zenoh: ZenohConfig,
     /// The broker where the cloud listens.
     pub mqtt: MqttConfig,
+}
+
+/// The `[identify]` section: when a face is enough, when to ask for the second factor, and what
+/// wrong answers cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentifyConfig {
+    /// Cosine below which a face is nobody enrolled.
+    pub match_threshold: f32,
+    /// Cosine below which a match is in the grey zone: the second factor is asked.
+    pub accept_threshold: f32,
+    /// When the runner-up (another account) also matches and is within this margin of the best,
+    /// the faces are too alike to tell apart: the second factor is asked.
+    pub margin: f32,
+    /// Lifetime of a payment token.
+    pub token_ttl_seconds: u64,
+    /// Lifetime of a second-factor challenge.
+    pub challenge_ttl_seconds: u64,
+    /// Wrong second factors allowed before face payment locks.
+    pub free_failures: u32,
+    /// First lock; each further failure doubles it.
+    pub lockout_base_seconds: u64,
+    /// Longest lock.
+    pub lockout_max_seconds: u64,
+}
+
+impl Default for IdentifyConfig {
+    fn default() -> Self {
+        IdentifyConfig {
+            match_threshold: 0.363,
+            accept_threshold: 0.45,
+            margin: 0.08,
+            token_ttl_seconds: 120,
+            challenge_ttl_seconds: 60,
+            free_failures: 3,
+            lockout_base_seconds: 30,
+            lockout_max_seconds: 3600,
+        }
+    }
+}
+
+impl IdentifyConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        for (key, v) in [
+            ("identify.match_threshold", self.match_threshold),
+            ("identify.accept_threshold", self.accept_threshold),
+        ] {
+            if !(-1.0..=1.0).contains(&v) {
+                return Err((key.into(), format!("must be a cosine from -1 to 1, got {v}")));
+            }
+        }
+        if self.accept_threshold < self.match_threshold {
+            return Err((
+                "identify.accept_threshold".into(),
+                "must not be below identify.match_threshold".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.margin) {
+            return Err(("identify.margin".into(), "must be from 0 to 1".into()));
+        }
+        check_range("identify.token_ttl_seconds", self.token_ttl_seconds, 5..=3600, "seconds")?;
+        check_range(
+            "identify.challenge_ttl_seconds",
+            self.challenge_ttl_seconds,
+            5..=600,
+            "seconds",
+        )?;
+        check_range("identify.free_failures", self.free_failures as u64, 0..=10, "failures")?;
+        check_range(
+            "identify.lockout_base_seconds",
+            self.lockout_base_seconds,
+            1..=86_400,
+            "seconds",
+        )?;
+        check_range(
+            "identify.lockout_max_seconds",
+            self.lockout_max_seconds,
+            self.lockout_base_seconds..=30 * 86_400,
+            "seconds",
+        )
+    }
 }
 
 impl Default for HubConfig {
@@ -41,6 +131,10 @@ impl Default for HubConfig {
             cloud_timeout_ms: 3_000,
             code_validity_seconds: 60,
             clock_skew_seconds: 5,
+            template_key_file: "data/hub/keys/templates.key".into(),
+            hot_set_cap: 50_000,
+            identify_timeout_ms: 2_000,
+            identify: IdentifyConfig::default(),
             zenoh: ZenohConfig {
                 listen: vec!["tcp/127.0.0.1:7447".into()],
                 ..ZenohConfig::default()
@@ -78,6 +172,12 @@ impl Validate for HubConfig {
             0..=300,
             "seconds",
         )?;
+        if self.template_key_file.as_os_str().is_empty() {
+            return Err(("template_key_file".into(), "must not be empty".into()));
+        }
+        check_range("hot_set_cap", self.hot_set_cap as u64, 1..=10_000_000, "templates")?;
+        check_range("identify_timeout_ms", self.identify_timeout_ms, 50..=60_000, "ms")?;
+        self.identify.validate()?;
         self.zenoh.validate("zenoh")?;
         if self.zenoh.listen.is_empty() {
             return Err((

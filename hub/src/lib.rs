@@ -8,8 +8,10 @@
 pub mod auth;
 pub mod config;
 mod error;
+pub mod hotset;
 pub mod journal;
 pub mod uplink;
+pub mod verify;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,9 +25,11 @@ pub use config::HubConfig;
 pub use error::HubError;
 
 use crate::{
-    auth::{AttachUplink, AuthActor, AuthSettings, Authorize},
+    auth::{AttachUplink, AttachVerifier, AuthActor, AuthSettings, Authorize},
+    hotset::HotSet,
     journal::{Journal, JournalActor},
     uplink::{LinkEventMsg, UplinkActor},
+    verify::{Verify, VerifyActor, VerifyMetrics, VerifySettings},
 };
 
 /// Most edge queries in flight at once; more wait in Zenoh.
@@ -37,6 +41,8 @@ pub struct HubHandle {
     pub http_addr: SocketAddr,
     /// The authorization actor.
     pub auth: Addr<AuthActor>,
+    /// The verification actor.
+    pub verify: Addr<VerifyActor>,
     server: actix_web::dev::ServerHandle,
     _zenoh: zlink::ZenohLink,
 }
@@ -93,21 +99,46 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         settings,
         stored_keys,
         key_version,
-        journal_addr,
+        journal_addr.clone(),
         metrics,
         keys_gauge,
     )
     .start();
 
+    let hot_path = config.data_dir.join("hotset");
+    let hot = HotSet::open(
+        &hot_path,
+        &config.template_key_file,
+        config.hot_set_cap,
+        &config.store_id,
+    )
+    .with_context(|| format!("opening the hot set at {}", hot_path.display()))?;
+    tracing::info!(templates = hot.template_count(), "hot set loaded");
+    let verify_settings = VerifySettings {
+        store_id: config.store_id.clone(),
+        identify: config.identify.clone(),
+        identify_timeout: Duration::from_millis(config.identify_timeout_ms),
+    };
+    let verify = VerifyActor::new(
+        verify_settings,
+        hot,
+        auth.clone(),
+        journal_addr,
+        VerifyMetrics::register(&registry),
+    )
+    .start();
+    auth.do_send(AttachVerifier(verify.clone()));
+
     let (client, eventloop) = config.mqtt.connect(&config.mqtt_client_id());
     let uplink = UplinkActor::new(
         config.store_id.clone(),
         client,
-        auth.clone().recipient(),
+        vec![auth.clone().recipient(), verify.clone().recipient()],
         connected,
     )
     .start();
     auth.do_send(AttachUplink(uplink.clone()));
+    verify.do_send(verify::AttachUplink(uplink.clone()));
     let reconnect = Duration::from_millis(config.mqtt.reconnect_delay_ms);
     actix::spawn(mqtt::drive(eventloop, reconnect, move |event| {
         let uplink = uplink.clone();
@@ -121,6 +152,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         .await
         .expect("zenoh open does not panic")?;
     serve_edges(&zenoh, &config.store_id, auth.clone()).await?;
+    serve_verify(&zenoh, &config.store_id, verify.clone()).await?;
 
     let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, |_| {})
         .with_context(|| format!("binding http_listen {}", config.http_listen))?;
@@ -128,6 +160,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     Ok(HubHandle {
         http_addr,
         auth,
+        verify,
         server: handle,
         _zenoh: zenoh,
     })
@@ -188,6 +221,64 @@ async fn serve_edges(
                             error.to_string(),
                         ),
                     },
+                };
+                if let Err(error) = query
+                    .reply(query.key_expr().clone(), protocol::encode(&reply))
+                    .await
+                {
+                    tracing::warn!(%error, "replying to edge failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Declares the store's verify queryable and answers each query through the verify actor.
+async fn serve_verify(
+    zenoh: &zlink::ZenohLink,
+    store_id: &str,
+    verify: Addr<VerifyActor>,
+) -> anyhow::Result<()> {
+    let session = zenoh.session().clone();
+    let key = protocol::keyexpr::hub_verify(store_id);
+    let queryable = zenoh
+        .spawn(async move { session.declare_queryable(key).await })
+        .await
+        .expect("declaring does not panic")
+        .map_err(|e| anyhow::anyhow!("declaring the verify queryable: {e}"))?;
+    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
+    zenoh.spawn(async move {
+        while let Ok(query) = queryable.recv_async().await {
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
+            let verify = verify.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let payload = query
+                    .payload()
+                    .map(|p| p.to_bytes().into_owned())
+                    .unwrap_or_default();
+                let reply = match protocol::decode::<protocol::VerifyRequest>(&payload) {
+                    Ok(request) => verify.send(Verify(request)).await.unwrap_or_else(|error| {
+                        protocol::VerifyReply::refused(
+                            protocol::DeclineReason::Internal,
+                            format!("hub unavailable: {error}"),
+                        )
+                    }),
+                    Err(protocol::WireError::UnsupportedVersion { got, supported }) => {
+                        protocol::VerifyReply::refused(
+                            protocol::DeclineReason::UnsupportedVersion,
+                            format!("protocol version {got}, this hub speaks {supported}"),
+                        )
+                    }
+                    Err(error) => protocol::VerifyReply::refused(
+                        protocol::DeclineReason::InvalidRequest,
+                        error.to_string(),
+                    ),
                 };
                 if let Err(error) = query
                     .reply(query.key_expr().clone(), protocol::encode(&reply))

@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 use actix::prelude::*;
 use futures::channel::oneshot;
 use mqtt::{LinkEvent, QoS};
-use protocol::{CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch};
+use protocol::{CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, TemplateBatch};
 
 use crate::error::HubError;
 
@@ -14,14 +14,17 @@ pub const MAX_PENDING_CLOUD_REQUESTS: usize = 1024;
 /// Mailbox bound of the uplink actor.
 pub const UPLINK_MAILBOX: usize = 256;
 
-/// Told to the hub's owner of keys and voids when the link changes or keys arrive.
-#[derive(Message)]
+/// Told to the hub's listeners (keys and voids, templates) when the link changes or the cloud
+/// pushes something.
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub enum UplinkEvent {
     /// Connected to the broker (again): time to sync keys and resend voids.
     CloudConnected,
     /// The cloud broadcast key changes.
     KeysBroadcast(KeyBatch),
+    /// The cloud pushed template changes (this store's customers, or revocations).
+    TemplatesPushed(TemplateBatch),
 }
 
 /// Owns the MQTT client and the table of requests waiting for replies.
@@ -31,16 +34,16 @@ pub struct UplinkActor {
     connected: bool,
     next_request_id: u64,
     pending: HashMap<u64, oneshot::Sender<CloudReplyBody>>,
-    listener: Recipient<UplinkEvent>,
+    listeners: Vec<Recipient<UplinkEvent>>,
     connected_gauge: prometheus::IntGauge,
 }
 
 impl UplinkActor {
-    /// An uplink for a store; `listener` hears connection and key events.
+    /// An uplink for a store; `listeners` hear connection events and pushes.
     pub fn new(
         store_id: String,
         client: mqtt::Client,
-        listener: Recipient<UplinkEvent>,
+        listeners: Vec<Recipient<UplinkEvent>>,
         connected_gauge: prometheus::IntGauge,
     ) -> Self {
         // Request ids only need to be unique among this process's requests, but starting from the
@@ -52,8 +55,16 @@ impl UplinkActor {
             connected: false,
             next_request_id,
             pending: HashMap::new(),
-            listener,
+            listeners,
             connected_gauge,
+        }
+    }
+}
+
+impl UplinkActor {
+    fn tell(&self, event: UplinkEvent) {
+        for listener in &self.listeners {
+            listener.do_send(event.clone());
         }
     }
 }
@@ -138,15 +149,22 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 self.connected_gauge.set(1);
                 tracing::info!(store_id = self.store_id, "hub connected to broker");
                 let client = self.client.clone();
-                let listener = self.listener.clone();
-                let replies = protocol::topics::store_replies(&self.store_id);
+                let listeners = self.listeners.clone();
+                let topics = [
+                    protocol::topics::store_replies(&self.store_id),
+                    protocol::topics::key_updates(),
+                    protocol::topics::store_templates(&self.store_id),
+                    protocol::topics::template_revocations(),
+                ];
                 return Box::pin(async move {
-                    for topic in [replies, protocol::topics::key_updates()] {
+                    for topic in topics {
                         if let Err(error) = client.subscribe(topic, QoS::AtLeastOnce).await {
                             tracing::warn!(%error, "subscribing failed");
                         }
                     }
-                    listener.do_send(UplinkEvent::CloudConnected);
+                    for listener in listeners {
+                        listener.do_send(UplinkEvent::CloudConnected);
+                    }
                 });
             }
             LinkEvent::Disconnected(_) => {
@@ -161,8 +179,15 @@ impl Handler<LinkEventMsg> for UplinkActor {
             LinkEvent::Message { topic, payload } => {
                 if topic == protocol::topics::key_updates() {
                     match protocol::decode::<KeyBatch>(&payload) {
-                        Ok(batch) => self.listener.do_send(UplinkEvent::KeysBroadcast(batch)),
+                        Ok(batch) => self.tell(UplinkEvent::KeysBroadcast(batch)),
                         Err(error) => tracing::warn!(%error, "unreadable key broadcast dropped"),
+                    }
+                } else if topic == protocol::topics::store_templates(&self.store_id)
+                    || topic == protocol::topics::template_revocations()
+                {
+                    match protocol::decode::<TemplateBatch>(&payload) {
+                        Ok(batch) => self.tell(UplinkEvent::TemplatesPushed(batch)),
+                        Err(error) => tracing::warn!(%error, "unreadable template push dropped"),
                     }
                 } else {
                     match protocol::decode::<CloudReply>(&payload) {

@@ -6,6 +6,11 @@ pub fn hub_authorize(store_id: &str) -> String {
     format!("facepay/v1/stores/{store_id}/hub/authorize")
 }
 
+/// The queryable a store's hub declares to verify customers (face, code and face, second factor).
+pub fn hub_verify(store_id: &str) -> String {
+    format!("facepay/v1/stores/{store_id}/hub/verify")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

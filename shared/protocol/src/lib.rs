@@ -8,12 +8,14 @@
 //! [`keyexpr`].
 
 mod error;
+mod identity;
 pub mod keyexpr;
 mod messages;
 mod money;
 pub mod topics;
 
 pub use error::{ValidationError, WireError};
+pub use identity::*;
 pub use messages::*;
 pub use money::{validate_amount, Currency, MAX_AMOUNT_MINOR};
 

@@ -44,6 +44,20 @@ pub enum DeclineReason {
     InvalidRequest,
     /// A fault inside facepay; nothing was charged.
     Internal,
+    /// No usable face was seen before the capture deadline (none, too small, turned, blurred...).
+    NoFacePresented,
+    /// The face shown is a photo, a screen or a mask, not a live person.
+    SpoofSuspected,
+    /// The face matches no enrolled customer closely enough.
+    FaceNotRecognized,
+    /// The face does not match the account named by the payment code.
+    FaceMismatch,
+    /// The second factor (PIN or phone digits) was wrong.
+    SecondFactorWrong,
+    /// Too many wrong second factors: face payment is locked for this account for a while.
+    FacePaymentLocked,
+    /// The payment token is unknown, expired, already spent, or bound to another terminal.
+    TokenInvalid,
 }
 
 impl DeclineReason {
@@ -68,6 +82,13 @@ impl DeclineReason {
         Self::UnsupportedVersion,
         Self::InvalidRequest,
         Self::Internal,
+        Self::NoFacePresented,
+        Self::SpoofSuspected,
+        Self::FaceNotRecognized,
+        Self::FaceMismatch,
+        Self::SecondFactorWrong,
+        Self::FacePaymentLocked,
+        Self::TokenInvalid,
     ];
 
     /// The stable snake_case code.
@@ -92,6 +113,13 @@ impl DeclineReason {
             Self::UnsupportedVersion => "unsupported_version",
             Self::InvalidRequest => "invalid_request",
             Self::Internal => "internal",
+            Self::NoFacePresented => "no_face_presented",
+            Self::SpoofSuspected => "spoof_suspected",
+            Self::FaceNotRecognized => "face_not_recognized",
+            Self::FaceMismatch => "face_mismatch",
+            Self::SecondFactorWrong => "second_factor_wrong",
+            Self::FacePaymentLocked => "face_payment_locked",
+            Self::TokenInvalid => "token_invalid",
         }
     }
 }
@@ -155,6 +183,9 @@ pub struct ChargeRequest {
     pub amount_minor: serde_json::Value,
     /// ISO 4217 code.
     pub currency: String,
+    /// A payment token from `POST /v1/verify`: the charge spends it instead of scanning a code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Whether a charge was approved.
@@ -205,8 +236,18 @@ pub struct AuthorizeRequest {
     pub amount_minor: i64,
     /// Validated currency.
     pub currency: Currency,
+    /// What proves the payer: a payment code or a payment token.
+    pub proof: PaymentProof,
+}
+
+/// What an edge presents as proof of the payer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum PaymentProof {
     /// The payment code text exactly as decoded from the QR code.
-    pub code: String,
+    Code(String),
+    /// A single-use payment token the hub issued on a verified face (see [`crate::VerifyReply`]).
+    Token(String),
 }
 
 /// The hub's answer to an [`AuthorizeRequest`].
@@ -223,7 +264,7 @@ pub struct AuthorizeReply {
 // ---------------------------------------------------------------------------------------------
 
 /// A request from a store hub to the cloud, correlated with its reply by `request_id`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HubRequest {
     /// Unique per hub process and request; echoed in the reply.
     pub request_id: u64,
@@ -234,7 +275,7 @@ pub struct HubRequest {
 }
 
 /// What a hub asks of the cloud.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HubRequestBody {
     /// Move money for a verified payment code.
@@ -246,6 +287,14 @@ pub enum HubRequestBody {
         /// Highest key version the hub holds; 0 for none.
         after_version: u64,
     },
+    /// Send the template changes for this store after `after_version`.
+    TemplateSync {
+        /// Highest template version the hub has synced; 0 for none.
+        after_version: u64,
+    },
+    /// A face the hub's hot set does not know: search every enrolled customer (1:N), or fetch one
+    /// account's templates for a 1:1 check.
+    Identify(crate::CloudIdentify),
 }
 
 /// A verified payment for the cloud to apply to the ledger.
@@ -255,7 +304,8 @@ pub struct CloudAuthorize {
     pub payment_id: String,
     /// The customer account named by the code.
     pub account_id: String,
-    /// The code's nonce (hex); a code is single-use across the whole fleet.
+    /// The single-use nonce of the proof (hex): the payment code's nonce, or the payment token's
+    /// id. Single-use across the whole fleet.
     pub code_nonce: String,
     /// Amount in minor units.
     pub amount_minor: i64,
@@ -279,7 +329,7 @@ pub struct VoidPayment {
 }
 
 /// The cloud's answer to a [`HubRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CloudReply {
     /// Echo of the request id.
     pub request_id: u64,
@@ -288,7 +338,7 @@ pub struct CloudReply {
 }
 
 /// What the cloud answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CloudReplyBody {
     /// Outcome of an authorization.
@@ -307,6 +357,10 @@ pub enum CloudReplyBody {
     },
     /// Account keys, oldest change first.
     Keys(KeyBatch),
+    /// Template changes, oldest first.
+    Templates(crate::TemplateBatch),
+    /// The answer to an identify request.
+    Identified(crate::CloudIdentified),
     /// The request could not be processed.
     Error {
         /// Why.
@@ -364,7 +418,7 @@ pub struct OpenAccount {
     /// Opening balance in minor units, moved from the issuance account.
     #[serde(default)]
     pub initial_balance_minor: i64,
-    /// The customer's wallet public key (base64url); required for customers.
+    /// The customer's wallet public key (base64url): customers who pay with codes need one.
     #[serde(default)]
     pub public_key: Option<String>,
 }
@@ -382,6 +436,9 @@ pub struct AccountView {
     pub balance_minor: i64,
     /// Wallet public key, for customers.
     pub public_key: Option<String>,
+    /// True once the customer was erased: the account takes no more payments.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// A ledger transfer as the cloud reports it.

@@ -33,6 +33,16 @@ pub fn key_updates() -> String {
     format!("{ROOT}/keys")
 }
 
+/// Template changes for one store's hot set (customers enrolled there).
+pub fn store_templates(store_id: &str) -> String {
+    format!("{ROOT}/stores/{store_id}/templates")
+}
+
+/// Template revocations (erasures), for every hub.
+pub fn template_revocations() -> String {
+    format!("{ROOT}/templates/revocations")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

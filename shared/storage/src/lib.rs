@@ -1,11 +1,16 @@
-//! Opening the `sled` databases of the hub and the cloud.
+//! Opening the `sled` databases of the hub and the cloud, and sealing the personal data they
+//! hold ([`seal`]).
 //!
 //! sled's background flusher keeps the directory's file lock for a moment after the last handle is
 //! dropped, so a database closed and reopened in the same process (a tier restarted in place, a
 //! test) can find it still locked. Opening retries that one error for a bounded time; any other
 //! error, or a lock still held after [`LOCK_WAIT`] (another process owns the database), is returned.
 
+pub mod seal;
+
 use std::{path::Path, time::Duration};
+
+pub use seal::{SealError, Sealer};
 
 /// How long to wait for a lock left by handles of this process that are closing.
 pub const LOCK_WAIT: Duration = Duration::from_secs(3);

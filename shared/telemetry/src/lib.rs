@@ -42,6 +42,31 @@ pub fn serve_http<F>(
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
+    serve(listen, registry, None, routes)
+}
+
+/// Like [`serve_http`], over TLS (rustls): for APIs that carry personal data.
+pub fn serve_https<F>(
+    listen: &str,
+    registry: Registry,
+    tls: rustls::ServerConfig,
+    routes: F,
+) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    serve(listen, registry, Some(tls), routes)
+}
+
+fn serve<F>(
+    listen: &str,
+    registry: Registry,
+    tls: Option<rustls::ServerConfig>,
+    routes: F,
+) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
     let server = actix_web::HttpServer::new(move || {
         let registry = registry.clone();
         actix_web::App::new()
@@ -51,8 +76,11 @@ where
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(1)
-    .bind(listen)?;
+    .shutdown_timeout(1);
+    let server = match tls {
+        Some(config) => server.bind_rustls_0_23(listen, config)?,
+        None => server.bind(listen)?,
+    };
     let addr = server.addrs()[0];
     let server = server.run();
     let handle = server.handle();

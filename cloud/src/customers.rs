@@ -1,0 +1,547 @@
+//! The store of record of enrolled customers: profile, second-factor hashes and face templates,
+//! sealed at rest ([`storage::Sealer`]), plus the versioned change log hubs sync their hot sets
+//! from.
+//!
+//! Trees of the `customers` sled database:
+//! - `customers`: customer id -> sealed [`CustomerRecord`] (JSON);
+//! - `templates`: template id (u64 BE) -> customer id, to resolve FAISS hits;
+//! - `changes`: version (u64 BE) -> [`ChangeRef`]: the latest change of each customer, so a sync
+//!   reads each customer at most once. An erased customer leaves only a revocation here: its
+//!   account id, no personal data.
+
+use std::path::Path;
+
+use argon2::{
+    password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+    Argon2,
+};
+use protocol::{
+    CreateCustomer, CustomerView, HotEntry, SecondFactorKind, TemplateBatch, TemplateChange,
+    TemplateUpdate,
+};
+use serde::{Deserialize, Serialize};
+use storage::Sealer;
+
+/// Most changes in one template batch (a batch of full entries stays well under 1 MB).
+pub const TEMPLATE_BATCH_MAX: usize = 64;
+/// Most face templates per customer.
+pub const MAX_FACES_PER_CUSTOMER: usize = 10;
+
+/// What went wrong with a customer.
+#[derive(Debug, thiserror::Error)]
+pub enum CustomerError {
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such customer.
+    #[error("no customer {0}")]
+    NotFound(String),
+    /// Already exists, or a probable duplicate.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database failed, or a record could not be opened.
+    #[error("customer store: {0}")]
+    Storage(String),
+}
+
+fn storage<E: std::fmt::Display>(e: E) -> CustomerError {
+    CustomerError::Storage(e.to_string())
+}
+
+/// A customer as stored (sealed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    /// Name.
+    pub name: String,
+    /// Phone number as given.
+    pub phone: String,
+    /// Argon2id PHC string of the PIN.
+    pub pin_hash: String,
+    /// The second factor asked.
+    pub second_factor: SecondFactorKind,
+    /// Argon2id PHC string of the second factor (the PIN, or the phone's last four digits).
+    pub second_factor_hash: String,
+    /// Home store.
+    pub home_store_id: String,
+    /// Templates: id and embedding.
+    pub templates: Vec<(u64, Vec<f32>)>,
+    /// Version of the latest change.
+    pub version: u64,
+}
+
+impl CustomerRecord {
+    /// The entry a hub keeps.
+    pub fn hot_entry(&self, customer_id: &str) -> HotEntry {
+        HotEntry {
+            account_id: customer_id.to_owned(),
+            home_store_id: self.home_store_id.clone(),
+            templates: self.templates.clone(),
+            second_factor: self.second_factor,
+            second_factor_hash: self.second_factor_hash.clone(),
+        }
+    }
+
+    fn view(&self, customer_id: &str) -> CustomerView {
+        let digits: String = self.phone.chars().filter(|c| c.is_ascii_digit()).collect();
+        let last4 = &digits[digits.len().saturating_sub(4)..];
+        CustomerView {
+            customer_id: customer_id.to_owned(),
+            name: self.name.clone(),
+            phone_masked: format!("{}{last4}", "*".repeat(digits.len().saturating_sub(4))),
+            second_factor: self.second_factor,
+            home_store_id: self.home_store_id.clone(),
+            faces: self.templates.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChangeRef {
+    account_id: String,
+    erased: bool,
+}
+
+/// Hashes a secret (PIN, phone digits) with Argon2id and a random salt, as a PHC string.
+pub fn hash_secret(secret: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .expect("argon2 with default parameters does not fail")
+        .to_string()
+}
+
+/// Checks a secret against a PHC string; a malformed hash never verifies.
+pub fn verify_secret(secret: &str, phc: &str) -> bool {
+    PasswordHash::new(phc)
+        .map(|hash| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &hash)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Checks an enrollment request's fields; returns the phone's digits.
+pub fn validate_customer(request: &CreateCustomer) -> Result<String, CustomerError> {
+    let invalid = |s: String| CustomerError::Invalid(s);
+    protocol::validate_id("customer_id", &request.customer_id).map_err(|e| invalid(e.to_string()))?;
+    protocol::validate_id("home_store_id", &request.home_store_id)
+        .map_err(|e| invalid(e.to_string()))?;
+    let name = request.name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(invalid(
+            "name must be 1 to 200 printable characters".into(),
+        ));
+    }
+    let phone = request.phone.trim();
+    let digits: String = phone.chars().filter(|c| c.is_ascii_digit()).collect();
+    let shape_ok = phone
+        .chars()
+        .enumerate()
+        .all(|(i, c)| c.is_ascii_digit() || c == ' ' || (c == '+' && i == 0));
+    if !shape_ok || !(6..=15).contains(&digits.len()) {
+        return Err(invalid(
+            "phone must be 6 to 15 digits, with an optional leading + and spaces".into(),
+        ));
+    }
+    if !(4..=8).contains(&request.pin.len()) || !request.pin.chars().all(|c| c.is_ascii_digit()) {
+        return Err(invalid("pin must be 4 to 8 digits".into()));
+    }
+    Ok(digits)
+}
+
+/// The customer store.
+#[derive(Clone)]
+pub struct CustomerStore {
+    db: sled::Db,
+    customers: sled::Tree,
+    templates: sled::Tree,
+    changes: sled::Tree,
+    sealer: Sealer,
+}
+
+impl CustomerStore {
+    /// Opens (or creates) the store at `path`, sealing with the key in `key_file`. A missing key
+    /// file is created only while the store holds no customer; otherwise it is an error, because
+    /// the sealed records could not be opened with a new key.
+    pub fn open(path: &Path, key_file: &Path) -> Result<Self, CustomerError> {
+        let db = storage::open_sled(path).map_err(storage)?;
+        let customers = db.open_tree("customers").map_err(storage)?;
+        let templates = db.open_tree("templates").map_err(storage)?;
+        let changes = db.open_tree("changes").map_err(storage)?;
+        let sealer = Sealer::from_key_file(key_file, customers.is_empty()).map_err(storage)?;
+        let store = CustomerStore {
+            db,
+            customers,
+            templates,
+            changes,
+            sealer,
+        };
+        // Prove the key opens what is stored, now rather than at the first payment.
+        if let Some(first) = store.customers.iter().next() {
+            let (id, _) = first.map_err(storage)?;
+            store.get(&String::from_utf8_lossy(&id)).map_err(|_| {
+                CustomerError::Storage(format!(
+                    "the key in {} does not open the stored customers",
+                    key_file.display()
+                ))
+            })?;
+        }
+        Ok(store)
+    }
+
+    fn next_version(&self) -> Result<u64, CustomerError> {
+        Ok(self.db.generate_id().map_err(storage)? + 1)
+    }
+
+    /// A customer's record.
+    pub fn get(&self, customer_id: &str) -> Result<Option<CustomerRecord>, CustomerError> {
+        let Some(sealed) = self
+            .customers
+            .get(customer_id.as_bytes())
+            .map_err(storage)?
+        else {
+            return Ok(None);
+        };
+        let plain = self
+            .sealer
+            .open(customer_id.as_bytes(), &sealed)
+            .map_err(storage)?;
+        serde_json::from_slice(&plain).map(Some).map_err(storage)
+    }
+
+    /// A customer as the API shows them.
+    pub fn view(&self, customer_id: &str) -> Result<Option<CustomerView>, CustomerError> {
+        Ok(self.get(customer_id)?.map(|r| r.view(customer_id)))
+    }
+
+    fn put(&self, customer_id: &str, record: &CustomerRecord, previous_version: Option<u64>) -> Result<(), CustomerError> {
+        let plain = serde_json::to_vec(record).expect("records serialise");
+        let sealed = self.sealer.seal(customer_id.as_bytes(), &plain);
+        self.customers
+            .insert(customer_id.as_bytes(), sealed)
+            .map_err(storage)?;
+        if let Some(v) = previous_version {
+            self.changes.remove(v.to_be_bytes()).map_err(storage)?;
+        }
+        let change = ChangeRef {
+            account_id: customer_id.to_owned(),
+            erased: false,
+        };
+        self.changes
+            .insert(record.version.to_be_bytes(), serde_json::to_vec(&change).expect("serialises"))
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), CustomerError> {
+        self.db.flush().map(|_| ()).map_err(storage)
+    }
+
+    /// Enrolls a customer (no faces yet). Refused if the id exists.
+    pub fn create(&self, request: &CreateCustomer) -> Result<CustomerView, CustomerError> {
+        let digits = validate_customer(request)?;
+        if self.customers.contains_key(request.customer_id.as_bytes()).map_err(storage)? {
+            return Err(CustomerError::Conflict(format!(
+                "customer {} is already enrolled",
+                request.customer_id
+            )));
+        }
+        let pin_hash = hash_secret(&request.pin);
+        let second_factor_hash = match request.second_factor {
+            SecondFactorKind::Pin => pin_hash.clone(),
+            SecondFactorKind::PhoneLast4 => hash_secret(&digits[digits.len() - 4..]),
+        };
+        let record = CustomerRecord {
+            name: request.name.trim().to_owned(),
+            phone: request.phone.trim().to_owned(),
+            pin_hash,
+            second_factor: request.second_factor,
+            second_factor_hash,
+            home_store_id: request.home_store_id.clone(),
+            templates: Vec::new(),
+            version: self.next_version()?,
+        };
+        self.put(&request.customer_id, &record, None)?;
+        self.flush()?;
+        Ok(record.view(&request.customer_id))
+    }
+
+    /// Adds a template to a customer; returns its id and the change to push to hubs.
+    pub fn add_template(
+        &self,
+        customer_id: &str,
+        embedding: Vec<f32>,
+    ) -> Result<(u64, CustomerRecord), CustomerError> {
+        let mut record = self
+            .get(customer_id)?
+            .ok_or_else(|| CustomerError::NotFound(customer_id.to_owned()))?;
+        if record.templates.len() >= MAX_FACES_PER_CUSTOMER {
+            return Err(CustomerError::Invalid(format!(
+                "a customer has at most {MAX_FACES_PER_CUSTOMER} faces"
+            )));
+        }
+        let template_id = self.next_version()?;
+        let previous = record.version;
+        record.templates.push((template_id, embedding));
+        record.version = self.next_version()?;
+        self.templates
+            .insert(template_id.to_be_bytes(), customer_id.as_bytes())
+            .map_err(storage)?;
+        self.put(customer_id, &record, Some(previous))?;
+        self.flush()?;
+        Ok((template_id, record))
+    }
+
+    /// Erases a customer: profile, secrets and templates. Returns the erased template ids and the
+    /// revocation's version.
+    pub fn erase(&self, customer_id: &str) -> Result<(Vec<u64>, u64), CustomerError> {
+        let record = self
+            .get(customer_id)?
+            .ok_or_else(|| CustomerError::NotFound(customer_id.to_owned()))?;
+        let ids: Vec<u64> = record.templates.iter().map(|(id, _)| *id).collect();
+        for id in &ids {
+            self.templates.remove(id.to_be_bytes()).map_err(storage)?;
+        }
+        self.customers
+            .remove(customer_id.as_bytes())
+            .map_err(storage)?;
+        self.changes
+            .remove(record.version.to_be_bytes())
+            .map_err(storage)?;
+        let version = self.next_version()?;
+        let change = ChangeRef {
+            account_id: customer_id.to_owned(),
+            erased: true,
+        };
+        self.changes
+            .insert(version.to_be_bytes(), serde_json::to_vec(&change).expect("serialises"))
+            .map_err(storage)?;
+        self.flush()?;
+        Ok((ids, version))
+    }
+
+    /// Whether an account was erased (a revocation is in the log).
+    pub fn is_erased(&self, customer_id: &str) -> Result<bool, CustomerError> {
+        if self.customers.contains_key(customer_id.as_bytes()).map_err(storage)? {
+            return Ok(false);
+        }
+        for item in self.changes.iter().rev() {
+            let (_, value) = item.map_err(storage)?;
+            let change: ChangeRef = serde_json::from_slice(&value).map_err(storage)?;
+            if change.account_id == customer_id {
+                return Ok(change.erased);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The customer a template belongs to.
+    pub fn owner_of(&self, template_id: u64) -> Result<Option<String>, CustomerError> {
+        Ok(self
+            .templates
+            .get(template_id.to_be_bytes())
+            .map_err(storage)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Number of templates of every customer.
+    pub fn template_count(&self) -> u64 {
+        self.templates.len() as u64
+    }
+
+    /// Every template (id, embedding), to rebuild the identity index.
+    pub fn all_templates(&self) -> Result<Vec<(u64, Vec<f32>)>, CustomerError> {
+        let mut all = Vec::with_capacity(self.templates.len());
+        for item in self.customers.iter() {
+            let (id, _) = item.map_err(storage)?;
+            let id = String::from_utf8_lossy(&id).into_owned();
+            if let Some(record) = self.get(&id)? {
+                all.extend(record.templates);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Changes after `after_version` that concern `store_id`'s hub: its own customers' entries
+    /// and every revocation.
+    pub fn changes_after(
+        &self,
+        store_id: &str,
+        after_version: u64,
+    ) -> Result<TemplateBatch, CustomerError> {
+        let start = after_version.saturating_add(1).to_be_bytes();
+        let mut updates = Vec::new();
+        let mut up_to_version = after_version;
+        for item in self.changes.range(start..) {
+            let (key, value) = item.map_err(storage)?;
+            let version = u64::from_be_bytes(key.as_ref().try_into().map_err(storage)?);
+            if updates.len() == TEMPLATE_BATCH_MAX {
+                return Ok(TemplateBatch {
+                    updates,
+                    up_to_version,
+                    more: true,
+                });
+            }
+            up_to_version = version;
+            let change: ChangeRef = serde_json::from_slice(&value).map_err(storage)?;
+            if change.erased {
+                updates.push(TemplateUpdate {
+                    version,
+                    change: TemplateChange::Revoke {
+                        account_id: change.account_id,
+                    },
+                });
+                continue;
+            }
+            if let Some(record) = self.get(&change.account_id)? {
+                if record.home_store_id == store_id && !record.templates.is_empty() {
+                    updates.push(TemplateUpdate {
+                        version,
+                        change: TemplateChange::Upsert(record.hot_entry(&change.account_id)),
+                    });
+                }
+            }
+        }
+        Ok(TemplateBatch {
+            updates,
+            up_to_version,
+            more: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str, store: &str) -> CreateCustomer {
+        CreateCustomer {
+            customer_id: id.into(),
+            name: "Ada Lovelace".into(),
+            phone: "+44 20 7946 0958".into(),
+            pin: "4821".into(),
+            second_factor: SecondFactorKind::PhoneLast4,
+            home_store_id: store.into(),
+            currency: "EUR".into(),
+            initial_balance_minor: 0,
+            public_key: None,
+        }
+    }
+
+    fn unit(seed: f32) -> Vec<f32> {
+        let v: Vec<f32> = (0..128).map(|i| (i as f32 * seed).sin()).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn secrets_are_hashed_and_personal_data_is_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("templates.key");
+        let store = CustomerStore::open(&dir.path().join("db"), &key).unwrap();
+        let view = store.create(&request("ada", "s1")).unwrap();
+        assert_eq!(view.phone_masked, "********0958");
+        let record = store.get("ada").unwrap().unwrap();
+        assert!(record.pin_hash.starts_with("$argon2id$"));
+        assert!(verify_secret("4821", &record.pin_hash));
+        assert!(!verify_secret("4822", &record.pin_hash));
+        assert!(verify_secret("0958", &record.second_factor_hash));
+        assert!(!verify_secret("4821", &record.second_factor_hash));
+        assert!(!verify_secret("0958", "not a hash"));
+        store.add_template("ada", unit(0.1)).unwrap();
+        drop(store);
+
+        // Nothing readable on disk: not the name, not the phone, not the PIN.
+        let mut raw = Vec::new();
+        for entry in walk(dir.path()) {
+            raw.extend(std::fs::read(entry).unwrap());
+        }
+        for needle in [&b"Lovelace"[..], b"7946", b"4821"] {
+            assert!(!raw.windows(needle.len()).any(|w| w == needle), "{needle:?} on disk");
+        }
+        // The same key reopens it; another key is refused at open.
+        let store = CustomerStore::open(&dir.path().join("db"), &key).unwrap();
+        assert_eq!(store.get("ada").unwrap().unwrap().templates.len(), 1);
+        drop(store);
+        let err = CustomerStore::open(&dir.path().join("db"), &dir.path().join("new.key"))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("new.key"), "{err}");
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else if !path.extension().is_some_and(|e| e == "key") {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn bad_enrollment_fields_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+        for (field, change) in [
+            ("pin", Box::new(|r: &mut CreateCustomer| r.pin = "12".into()) as Box<dyn Fn(&mut CreateCustomer)>),
+            ("pin", Box::new(|r: &mut CreateCustomer| r.pin = "12a4".into())),
+            ("phone", Box::new(|r: &mut CreateCustomer| r.phone = "12-34".into())),
+            ("phone", Box::new(|r: &mut CreateCustomer| r.phone = "123".into())),
+            ("name", Box::new(|r: &mut CreateCustomer| r.name = "  ".into())),
+            ("customer_id", Box::new(|r: &mut CreateCustomer| r.customer_id = "a/b".into())),
+        ] {
+            let mut r = request("x", "s1");
+            change(&mut r);
+            let err = store.create(&r).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+        store.create(&request("x", "s1")).unwrap();
+        assert!(matches!(
+            store.create(&request("x", "s1")),
+            Err(CustomerError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn change_log_serves_each_store_its_customers_and_everyone_the_revocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+        store.create(&request("a", "s1")).unwrap();
+        store.create(&request("b", "s2")).unwrap();
+        let (ta, _) = store.add_template("a", unit(0.1)).unwrap();
+        store.add_template("b", unit(0.2)).unwrap();
+        store.add_template("a", unit(0.3)).unwrap();
+        assert_eq!(store.owner_of(ta).unwrap().as_deref(), Some("a"));
+        assert_eq!(store.template_count(), 3);
+
+        let s1 = store.changes_after("s1", 0).unwrap();
+        assert_eq!(s1.updates.len(), 1, "only a's latest entry");
+        match &s1.updates[0].change {
+            TemplateChange::Upsert(e) => assert_eq!((e.account_id.as_str(), e.templates.len()), ("a", 2)),
+            other => panic!("{other:?}"),
+        }
+        let s2 = store.changes_after("s2", 0).unwrap();
+        assert_eq!(s2.updates.len(), 1);
+        let cursor = s1.up_to_version;
+
+        let (ids, _) = store.erase("a").unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(store.get("a").unwrap().is_none());
+        assert!(store.owner_of(ta).unwrap().is_none());
+        assert!(store.is_erased("a").unwrap());
+        assert!(!store.is_erased("b").unwrap());
+        for s in ["s1", "s2"] {
+            let later = store.changes_after(s, cursor).unwrap();
+            assert!(later.updates.iter().any(|u| u.change
+                == TemplateChange::Revoke { account_id: "a".into() }), "{s}");
+        }
+        assert_eq!(store.all_templates().unwrap().len(), 1);
+    }
+}

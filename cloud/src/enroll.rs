@@ -1,0 +1,358 @@
+//! The identity actor: owns the customer store and the FAISS identity index, on one dedicated
+//! thread (every change ends in a disk flush, and FAISS searches block).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use actix::prelude::*;
+use protocol::{
+    CloudIdentified, CloudIdentify, CreateCustomer, CustomerView, FaceAdded, HotEntry,
+    TemplateBatch, TemplateChange, TemplateUpdate,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    customers::{CustomerError, CustomerStore},
+    identity::{IdentityError, IdentityIndex, IndexKind},
+};
+
+/// How many nearest templates a search looks at, to find the best two distinct customers.
+pub const SEARCH_K: usize = 10;
+/// The index file is rewritten at most this often (a crash in between is repaired at start: the
+/// count no longer matches the store and the index is rebuilt).
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The `[identity]` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// FAISS index type.
+    pub index: IndexKind,
+    /// Cosine at or above which an enrollment photo matching another customer is refused as a
+    /// probable duplicate.
+    pub duplicate_threshold: f32,
+    /// Cosine below which a cloud 1:N search reports no candidate at all.
+    pub candidate_threshold: f32,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            index: IndexKind::Flat,
+            duplicate_threshold: 0.45,
+            candidate_threshold: 0.3,
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// Checks ranges; the error names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (key, v) in [
+            ("identity.duplicate_threshold", self.duplicate_threshold),
+            ("identity.candidate_threshold", self.candidate_threshold),
+        ] {
+            if !(-1.0..=1.0).contains(&v) {
+                return Err((key.into(), format!("must be a cosine from -1 to 1, got {v}")));
+            }
+        }
+        match self.index {
+            IndexKind::Flat => Ok(()),
+            IndexKind::Ivf { nlist, nprobe } => {
+                if nlist == 0 || nprobe == 0 || nprobe > nlist {
+                    Err((
+                        "identity.index".into(),
+                        "ivf needs 1 <= nprobe <= nlist".into(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            IndexKind::Hnsw { m, ef_search } => {
+                if !(4..=128).contains(&m) || ef_search == 0 {
+                    Err((
+                        "identity.index".into(),
+                        "hnsw needs m from 4 to 128 and ef_search >= 1".into(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Why an enrollment step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// From the customer store.
+    #[error(transparent)]
+    Customer(#[from] CustomerError),
+    /// From FAISS.
+    #[error(transparent)]
+    Index(#[from] IdentityError),
+}
+
+/// Owns the store of record and the index.
+pub struct IdentityActor {
+    store: CustomerStore,
+    index: IdentityIndex,
+    index_path: PathBuf,
+    config: IdentityConfig,
+    dirty: bool,
+    saved_at: Instant,
+    gauge: prometheus::IntGauge,
+}
+
+impl IdentityActor {
+    /// Opens the index at `index_path` (rebuilding it from `store` if needed).
+    pub fn open(
+        store: CustomerStore,
+        index_path: PathBuf,
+        config: IdentityConfig,
+        gauge: prometheus::IntGauge,
+    ) -> Result<Self, EnrollError> {
+        let expected = store.template_count();
+        let mut failure = None;
+        let (index, rebuilt) =
+            IdentityIndex::open_or_rebuild(&index_path, config.index, expected, || {
+                store.all_templates().unwrap_or_else(|e| {
+                    failure = Some(e);
+                    Vec::new()
+                })
+            })?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        if rebuilt {
+            tracing::info!(templates = index.len(), path = %index_path.display(), "identity index rebuilt from the customer store");
+        }
+        gauge.set(index.len() as i64);
+        Ok(IdentityActor {
+            store,
+            index,
+            index_path,
+            config,
+            dirty: false,
+            saved_at: Instant::now(),
+            gauge,
+        })
+    }
+
+    fn rebuild(&mut self) -> Result<(), EnrollError> {
+        let templates = self.store.all_templates()?;
+        self.index = IdentityIndex::build(self.config.index, &templates)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.gauge.set(self.index.len() as i64);
+        if self.saved_at.elapsed() >= SAVE_INTERVAL {
+            self.save();
+        }
+    }
+
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match self.index.save(&self.index_path) {
+            Ok(()) => {
+                self.dirty = false;
+                self.saved_at = Instant::now();
+            }
+            Err(error) => tracing::warn!(%error, "saving the identity index failed; rebuilt at next start"),
+        }
+    }
+
+    /// The best distinct customers for an embedding, best first, with their best score.
+    fn search(&mut self, embedding: &[f32], k: usize) -> Result<Vec<(String, f32)>, EnrollError> {
+        let hits = self.index.search(embedding, k)?;
+        let mut best: Vec<(String, f32)> = Vec::new();
+        for hit in hits {
+            let Some(owner) = self.store.owner_of(hit.template_id)? else {
+                continue; // removed since (HNSW keeps erased ids until its rebuild)
+            };
+            if !best.iter().any(|(id, _)| *id == owner) {
+                best.push((owner, hit.score));
+            }
+        }
+        Ok(best)
+    }
+}
+
+impl Actor for IdentityActor {
+    type Context = SyncContext<Self>;
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.save();
+        Running::Stop
+    }
+}
+
+/// Enroll a customer (the ledger account is opened by the caller first).
+#[derive(Message)]
+#[rtype(result = "Result<CustomerView, EnrollError>")]
+pub struct CreateCustomerCmd(pub CreateCustomer);
+
+impl Handler<CreateCustomerCmd> for IdentityActor {
+    type Result = Result<CustomerView, EnrollError>;
+    fn handle(&mut self, msg: CreateCustomerCmd, _: &mut Self::Context) -> Self::Result {
+        Ok(self.store.create(&msg.0)?)
+    }
+}
+
+/// Read a customer.
+#[derive(Message)]
+#[rtype(result = "Result<Option<CustomerView>, EnrollError>")]
+pub struct GetCustomer(pub String);
+
+impl Handler<GetCustomer> for IdentityActor {
+    type Result = Result<Option<CustomerView>, EnrollError>;
+    fn handle(&mut self, msg: GetCustomer, _: &mut Self::Context) -> Self::Result {
+        Ok(self.store.view(&msg.0)?)
+    }
+}
+
+/// Add a live, quality-checked face to a customer, unless it is someone else's.
+#[derive(Message)]
+#[rtype(result = "Result<(FaceAdded, TemplateUpdate), EnrollError>")]
+pub struct AddTemplateCmd {
+    /// The customer.
+    pub customer_id: String,
+    /// The face's embedding.
+    pub embedding: Vec<f32>,
+    /// Its liveness score, reported back.
+    pub liveness: f32,
+    /// Accounts confirmed to be other people who look alike.
+    pub look_alikes: Vec<String>,
+}
+
+impl Handler<AddTemplateCmd> for IdentityActor {
+    type Result = Result<(FaceAdded, TemplateUpdate), EnrollError>;
+    fn handle(&mut self, msg: AddTemplateCmd, _: &mut Self::Context) -> Self::Result {
+        if self.store.get(&msg.customer_id)?.is_none() {
+            return Err(CustomerError::NotFound(msg.customer_id).into());
+        }
+        // Search before insert: the same face under another account is a probable duplicate.
+        if !self.index.is_empty() {
+            for (owner, score) in self.search(&msg.embedding, SEARCH_K)? {
+                if owner != msg.customer_id
+                    && score >= self.config.duplicate_threshold
+                    && !msg.look_alikes.contains(&owner)
+                {
+                    return Err(CustomerError::Conflict(format!(
+                        "probable duplicate: this face matches another enrolled customer \
+                         (cosine {score:.3}); if they are different people (twins), confirm \
+                         with confirmed_look_alike_of"
+                    ))
+                    .into());
+                }
+            }
+        }
+        let (template_id, record) = self.store.add_template(&msg.customer_id, msg.embedding.clone())?;
+        if self.index.add(template_id, &msg.embedding).is_err() {
+            // An IVF index built while empty is untrained: build it with the data now there.
+            self.rebuild()?;
+        }
+        self.changed();
+        let added = FaceAdded {
+            template_id,
+            liveness: msg.liveness,
+            faces: record.templates.len(),
+        };
+        let update = TemplateUpdate {
+            version: record.version,
+            change: TemplateChange::Upsert(record.hot_entry(&msg.customer_id)),
+        };
+        Ok((added, update))
+    }
+}
+
+/// Erase a customer's personal data and templates.
+#[derive(Message)]
+#[rtype(result = "Result<(usize, TemplateUpdate), EnrollError>")]
+pub struct EraseCustomer(pub String);
+
+impl Handler<EraseCustomer> for IdentityActor {
+    type Result = Result<(usize, TemplateUpdate), EnrollError>;
+    fn handle(&mut self, msg: EraseCustomer, _: &mut Self::Context) -> Self::Result {
+        let (ids, version) = self.store.erase(&msg.0)?;
+        match self.index.remove(&ids) {
+            Ok(_) => {}
+            Err(IdentityError::RemoveUnsupported) => self.rebuild()?,
+            Err(e) => return Err(e.into()),
+        }
+        self.changed();
+        // Erasure must not wait for the timer: the index file would still hold the face.
+        self.save();
+        Ok((
+            ids.len(),
+            TemplateUpdate {
+                version,
+                change: TemplateChange::Revoke { account_id: msg.0 },
+            },
+        ))
+    }
+}
+
+/// A hub's identify request.
+#[derive(Message)]
+#[rtype(result = "Result<CloudIdentified, EnrollError>")]
+pub struct IdentifyCmd(pub CloudIdentify);
+
+impl Handler<IdentifyCmd> for IdentityActor {
+    type Result = Result<CloudIdentified, EnrollError>;
+    fn handle(&mut self, msg: IdentifyCmd, _: &mut Self::Context) -> Self::Result {
+        protocol::validate_embedding(&msg.0.embedding).map_err(CustomerError::Invalid)?;
+        let entry = |store: &CustomerStore, id: &str| -> Result<Option<HotEntry>, EnrollError> {
+            Ok(store.get(id)?.map(|r| r.hot_entry(id)))
+        };
+        let mut candidates = Vec::new();
+        match &msg.0.account_id {
+            Some(account_id) => candidates.extend(entry(&self.store, account_id)?),
+            None if !self.index.is_empty() => {
+                for (owner, score) in self.search(&msg.0.embedding, SEARCH_K)?.into_iter().take(2) {
+                    if score >= self.config.candidate_threshold {
+                        candidates.extend(entry(&self.store, &owner)?);
+                    }
+                }
+            }
+            None => {}
+        }
+        Ok(CloudIdentified { candidates })
+    }
+}
+
+/// A hub's template sync.
+#[derive(Message)]
+#[rtype(result = "Result<TemplateBatch, EnrollError>")]
+pub struct TemplateSyncCmd {
+    /// The hub's store.
+    pub store_id: String,
+    /// Its cursor.
+    pub after_version: u64,
+}
+
+impl Handler<TemplateSyncCmd> for IdentityActor {
+    type Result = Result<TemplateBatch, EnrollError>;
+    fn handle(&mut self, msg: TemplateSyncCmd, _: &mut Self::Context) -> Self::Result {
+        Ok(self.store.changes_after(&msg.store_id, msg.after_version)?)
+    }
+}
+
+/// Whether an account was erased.
+#[derive(Message)]
+#[rtype(result = "Result<bool, EnrollError>")]
+pub struct IsErased(pub String);
+
+impl Handler<IsErased> for IdentityActor {
+    type Result = Result<bool, EnrollError>;
+    fn handle(&mut self, msg: IsErased, _: &mut Self::Context) -> Self::Result {
+        Ok(self.store.is_erased(&msg.0)?)
+    }
+}
