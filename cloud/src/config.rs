@@ -26,9 +26,10 @@ pub struct CloudConfig {
     pub api_listen: String,
     /// Certificate and key of the HTTPS API; neither for a generated development certificate.
     pub tls: TlsFiles,
-    /// 32-byte key file sealing customers' personal data and templates at rest. Created on first
-    /// run only while no customer is enrolled.
-    pub template_key_file: PathBuf,
+    /// 32-byte key file sealing customers' personal data and templates at rest; unset:
+    /// `<data_dir>/keys/templates.key`. Keep it outside the data's backups in production. Created
+    /// on first run only while no customer is enrolled.
+    pub template_key_file: Option<PathBuf>,
     /// Face threads for enrollment photos.
     pub face_threads: usize,
     /// The identity index and its thresholds.
@@ -47,12 +48,21 @@ impl Default for CloudConfig {
             http_listen: "127.0.0.1:9300".into(),
             api_listen: "127.0.0.1:9443".into(),
             tls: TlsFiles::default(),
-            template_key_file: "data/cloud/keys/templates.key".into(),
+            template_key_file: None,
             face_threads: 1,
             identity: IdentityConfig::default(),
             face: FaceConfig::default(),
             mqtt: MqttConfig::default(),
         }
+    }
+}
+
+impl CloudConfig {
+    /// The template key file in effect.
+    pub fn template_key_path(&self) -> PathBuf {
+        self.template_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("templates.key"))
     }
 }
 
@@ -66,7 +76,7 @@ impl Validate for CloudConfig {
         check_socket_addr("http_listen", &self.http_listen)?;
         check_socket_addr("api_listen", &self.api_listen)?;
         self.tls.validate()?;
-        if self.template_key_file.as_os_str().is_empty() {
+        if self.template_key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(("template_key_file".into(), "must not be empty".into()));
         }
         check_range("face_threads", self.face_threads as u64, 1..=64, "threads")?;

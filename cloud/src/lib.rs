@@ -51,6 +51,11 @@ impl CloudHandle {
     pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
         self.server.clone()
     }
+
+    /// The HTTPS API server's handle.
+    pub fn api_server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.api_server.clone()
+    }
 }
 
 /// Starts the cloud inside the current actix system.
@@ -79,7 +84,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         "face templates in the identity index",
     );
     let customers_path = config.data_dir.join("customers");
-    let store = customers::CustomerStore::open(&customers_path, &config.template_key_file)
+    let store = customers::CustomerStore::open(&customers_path, &config.template_key_path())
         .with_context(|| format!("opening the customer store at {}", customers_path.display()))?;
     let index_path = config.data_dir.join("identity.faiss");
     let identity_config = config.identity.clone();

@@ -28,8 +28,8 @@ pub struct EdgeConfig {
     pub frames_dir: PathBuf,
     /// How often the frame directory is polled for new images.
     pub frame_poll_interval_ms: u64,
-    /// The camera's frame source: a spool directory like `frames_dir`.
-    pub camera_dir: PathBuf,
+    /// The camera's frame source, a spool directory like `frames_dir`; unset: `<frames_dir>/camera`.
+    pub camera_dir: Option<PathBuf>,
     /// How long the camera looks for a usable live face.
     pub face_timeout_ms: u64,
     /// The face pipeline's thresholds.
@@ -48,7 +48,7 @@ impl Default for EdgeConfig {
             hub_timeout_ms: 5_000,
             frames_dir: "data/edge/frames".into(),
             frame_poll_interval_ms: 20,
-            camera_dir: "data/edge/camera".into(),
+            camera_dir: None,
             face_timeout_ms: 5_000,
             face: FaceConfig::default(),
             zenoh: ZenohConfig {
@@ -56,6 +56,15 @@ impl Default for EdgeConfig {
                 ..ZenohConfig::default()
             },
         }
+    }
+}
+
+impl EdgeConfig {
+    /// The camera spool directory in effect.
+    pub fn camera_path(&self) -> PathBuf {
+        self.camera_dir
+            .clone()
+            .unwrap_or_else(|| self.frames_dir.join("camera"))
     }
 }
 
@@ -77,7 +86,7 @@ impl Validate for EdgeConfig {
         if self.frames_dir.as_os_str().is_empty() {
             return Err(("frames_dir".into(), "must not be empty".into()));
         }
-        if self.camera_dir.as_os_str().is_empty() {
+        if self.camera_dir.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(("camera_dir".into(), "must not be empty".into()));
         }
         check_range("face_timeout_ms", self.face_timeout_ms, 100..=120_000, "ms")?;

@@ -71,11 +71,12 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         ScannerActor::new(Box::new(source))
     });
 
+    let camera_dir = config.camera_path();
     let camera_source = DirectorySource::new(
-        &config.camera_dir,
+        &camera_dir,
         Duration::from_millis(config.frame_poll_interval_ms),
     )
-    .with_context(|| format!("opening camera_dir {}", config.camera_dir.display()))?;
+    .with_context(|| format!("opening camera_dir {}", camera_dir.display()))?;
     let face_config = config.face.clone();
     let engine = tokio::task::spawn_blocking(move || face::FaceEngine::load_default(face_config))
         .await

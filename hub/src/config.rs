@@ -26,9 +26,9 @@ pub struct HubConfig {
     pub code_validity_seconds: u64,
     /// Tolerated difference between the phone's clock and the hub's.
     pub clock_skew_seconds: u64,
-    /// 32-byte key file sealing the hot set's templates at rest; created on first run only while
-    /// the hot set is empty.
-    pub template_key_file: PathBuf,
+    /// 32-byte key file sealing the hot set's templates at rest; unset:
+    /// `<data_dir>/keys/templates.key`. Created on first run only while the hot set is empty.
+    pub template_key_file: Option<PathBuf>,
     /// Most face templates held in the hot set.
     pub hot_set_cap: usize,
     /// How long the cloud may take to answer a face the hot set does not know.
@@ -131,7 +131,7 @@ impl Default for HubConfig {
             cloud_timeout_ms: 3_000,
             code_validity_seconds: 60,
             clock_skew_seconds: 5,
-            template_key_file: "data/hub/keys/templates.key".into(),
+            template_key_file: None,
             hot_set_cap: 50_000,
             identify_timeout_ms: 2_000,
             identify: IdentifyConfig::default(),
@@ -145,6 +145,13 @@ impl Default for HubConfig {
 }
 
 impl HubConfig {
+    /// The template key file in effect.
+    pub fn template_key_path(&self) -> PathBuf {
+        self.template_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("templates.key"))
+    }
+
     /// The hub's MQTT client id: stable per store, because its broker session is persistent.
     pub fn mqtt_client_id(&self) -> String {
         format!("facepay-hub-{}", self.store_id)
@@ -172,7 +179,7 @@ impl Validate for HubConfig {
             0..=300,
             "seconds",
         )?;
-        if self.template_key_file.as_os_str().is_empty() {
+        if self.template_key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(("template_key_file".into(), "must not be empty".into()));
         }
         check_range("hot_set_cap", self.hot_set_cap as u64, 1..=10_000_000, "templates")?;

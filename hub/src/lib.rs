@@ -108,7 +108,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let hot_path = config.data_dir.join("hotset");
     let hot = HotSet::open(
         &hot_path,
-        &config.template_key_file,
+        &config.template_key_path(),
         config.hot_set_cap,
         &config.store_id,
     )

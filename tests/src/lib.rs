@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{bail, Context};
 use paycode::{qr, Wallet};
-use protocol::{AccountView, ChargeResult, LedgerTotals, OpenAccount, TransferView};
+use protocol::{
+    AccountView, ChargeResult, CreateCustomer, LedgerTotals, OpenAccount, TransferView,
+    VerifyReply,
+};
 
 /// A TCP port that was free a moment ago. Brokers and Zenoh cannot report the port they bound,
 /// so the harness picks one; callers retry on the rare collision.
@@ -129,6 +132,8 @@ pub struct Service {
     child: Child,
     /// The HTTP address it reported on its ready line.
     pub http_addr: SocketAddr,
+    /// Every `key=value` of its ready line (`api=`, `cert=` for the cloud).
+    pub ready: std::collections::HashMap<String, String>,
 }
 
 impl Service {
@@ -161,14 +166,19 @@ impl Service {
                 bail!("{binary} did not report ready");
             }
         };
-        let addr = line
+        let ready: std::collections::HashMap<String, String> = line
             .split_whitespace()
-            .find_map(|w| w.strip_prefix("http="))
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let addr = ready
+            .get("http")
             .with_context(|| format!("{binary} printed {line:?}"))?
             .parse()?;
         Ok(Service {
             child,
             http_addr: addr,
+            ready,
         })
     }
 
@@ -328,4 +338,159 @@ pub fn charge(
     let body = serde_json::json!({ "order_id": order_id, "amount_minor": amount_minor, "currency": currency });
     let (status, body) = post_json(&format!("http://{edge}/v1/charge"), &body)?;
     Ok((status, serde_json::from_value(body)?))
+}
+
+/// The cash register: charges an order with a payment token from a verification.
+pub fn charge_with_token(
+    edge: SocketAddr,
+    order_id: &str,
+    amount_minor: i64,
+    currency: &str,
+    token: &str,
+) -> anyhow::Result<(u16, ChargeResult)> {
+    let body = serde_json::json!({
+        "order_id": order_id, "amount_minor": amount_minor, "currency": currency, "token": token
+    });
+    let (status, body) = post_json(&format!("http://{edge}/v1/charge"), &body)?;
+    Ok((status, serde_json::from_value(body)?))
+}
+
+/// The cash register asks the terminal to verify the customer (`face` or `code_and_face`).
+pub fn verify(edge: SocketAddr, method: &str) -> anyhow::Result<(u16, VerifyReply)> {
+    let body = serde_json::json!({ "method": method });
+    let (status, body) = post_json(&format!("http://{edge}/v1/verify"), &body)?;
+    Ok((status, serde_json::from_value(body)?))
+}
+
+/// The customer types the second factor on the terminal.
+pub fn second_factor(
+    edge: SocketAddr,
+    challenge_id: &str,
+    value: &str,
+) -> anyhow::Result<(u16, VerifyReply)> {
+    let body = serde_json::json!({ "challenge_id": challenge_id, "value": value });
+    let (status, body) = post_json(&format!("http://{edge}/v1/verify/second-factor"), &body)?;
+    Ok((status, serde_json::from_value(body)?))
+}
+
+/// A customer looking at the terminal's camera: puts a photo where the camera reads frames.
+pub fn present_face(camera_dir: &Path, photo: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(camera_dir)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let ext = photo.extension().and_then(|e| e.to_str()).unwrap_or("jpg");
+    let tmp = camera_dir.join(format!(".{stamp}.{ext}.tmp"));
+    std::fs::copy(photo, &tmp).with_context(|| format!("reading {}", photo.display()))?;
+    std::fs::rename(&tmp, camera_dir.join(format!("{stamp}.{ext}")))?;
+    Ok(())
+}
+
+/// The face photos committed for tests.
+pub fn face_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/faces")
+        .join(name)
+}
+
+/// The cloud's enrollment API, over HTTPS, trusting the cloud's (development) certificate.
+pub struct EnrollApi {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl EnrollApi {
+    /// A client for the API at `addr` whose certificate is the PEM file `cert`.
+    pub fn new(addr: &str, cert: &Path) -> anyhow::Result<Self> {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_file_iter(cert)? {
+            roots.add(der?)?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(std::sync::Arc::new(tls))
+            .timeout(Duration::from_secs(60))
+            .build();
+        // The certificate names localhost and 127.0.0.1.
+        Ok(EnrollApi {
+            base: format!("https://{addr}"),
+            agent,
+        })
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let request = self.agent.request(method, &format!("{}{path}", self.base));
+        let result = match body {
+            Some(body) => request.send_json(body),
+            None => request.call(),
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e.into()),
+        };
+        Ok((response.status(), response.into_json()?))
+    }
+
+    /// `POST /v1/customers`.
+    pub fn create(&self, customer: &CreateCustomer) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.send("POST", "/v1/customers", Some(serde_json::to_value(customer)?))
+    }
+
+    /// `POST /v1/customers/{id}/faces` with a photo file.
+    pub fn add_face(
+        &self,
+        customer_id: &str,
+        photo: &Path,
+        look_alike_of: &[&str],
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        use base64::Engine as _;
+        let bytes = std::fs::read(photo).with_context(|| format!("reading {}", photo.display()))?;
+        let body = serde_json::json!({
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+            "confirmed_look_alike_of": look_alike_of,
+        });
+        self.send("POST", &format!("/v1/customers/{customer_id}/faces"), Some(body))
+    }
+
+    /// `DELETE /v1/customers/{id}`.
+    pub fn erase(&self, customer_id: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.send("DELETE", &format!("/v1/customers/{customer_id}"), None)
+    }
+
+    /// `GET /v1/customers/{id}`.
+    pub fn get(&self, customer_id: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        self.send("GET", &format!("/v1/customers/{customer_id}"), None)
+    }
+}
+
+/// Waits until a hub's metric reaches `value`.
+pub fn wait_for_metric(
+    http: SocketAddr,
+    name: &str,
+    value: f64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let page = get_text(&format!("http://{http}/metrics"))?;
+        if metric_value(&page, name) == Some(value) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} at {http} is {:?}, not {value}, after {timeout:?}", metric_value(&page, name));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

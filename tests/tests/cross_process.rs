@@ -32,6 +32,7 @@ fn start_stack(dir: &Path) -> Stack {
         &[
             format!("data_dir={:?}", dir.join("cloud")),
             "http_listen=127.0.0.1:0".into(),
+            "api_listen=127.0.0.1:0".into(),
             mqtt_port.clone(),
         ],
     )

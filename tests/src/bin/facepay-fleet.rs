@@ -136,11 +136,13 @@ async fn start_fleet(
     let mut cloud_config = cloud::CloudConfig {
         data_dir: data_dir.join("cloud"),
         http_listen: "127.0.0.1:0".into(),
+        api_listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
     cloud_config.mqtt.port = broker_port;
     let cloud = cloud::start(cloud_config).await?;
     servers.push(cloud.server_handle());
+    servers.push(cloud.api_server_handle());
     let api_addr = cloud.http_addr;
     let customers = tokio::task::spawn_blocking(move || open_accounts(api_addr)).await??;
 
