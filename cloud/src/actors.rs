@@ -64,11 +64,9 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 .ledger
                 .keys_after(after_version)
                 .map(|(entries, more)| CloudReplyBody::Keys(KeyBatch { entries, more })),
-            HubRequestBody::TemplateSync { .. } | HubRequestBody::Identify(_) => {
-                Err(LedgerError::Invalid(
-                    "identity requests are served by the identity actor".into(),
-                ))
-            }
+            HubRequestBody::TemplateSync { .. } | HubRequestBody::Identify(_) => Err(
+                LedgerError::Invalid("identity requests are served by the identity actor".into()),
+            ),
         };
         MessageResult(reply.unwrap_or_else(|error| {
             tracing::error!(%error, store_id, "ledger operation failed");
@@ -335,7 +333,9 @@ impl Handler<BroadcastTemplates> for HubLinkActor {
     fn handle(&mut self, msg: BroadcastTemplates, _: &mut Self::Context) -> Self::Result {
         let client = self.client.clone();
         let topic = match &msg.0.change {
-            TemplateChange::Upsert(entry) => protocol::topics::store_templates(&entry.home_store_id),
+            TemplateChange::Upsert(entry) => {
+                protocol::topics::store_templates(&entry.home_store_id)
+            }
             TemplateChange::Revoke { .. } => protocol::topics::template_revocations(),
         };
         Box::pin(async move {

@@ -12,7 +12,9 @@ use crate::{
         LedgerAnswer, LedgerQuery, OpenAccountCmd,
     },
     customers::CustomerError,
-    enroll::{AddTemplateCmd, CreateCustomerCmd, EnrollError, EraseCustomer, GetCustomer, IdentityActor},
+    enroll::{
+        AddTemplateCmd, CreateCustomerCmd, EnrollError, EraseCustomer, GetCustomer, IdentityActor,
+    },
     error::LedgerError,
 };
 
@@ -171,7 +173,9 @@ fn enroll_error(error: EnrollError) -> HttpResponse {
         EnrollError::Customer(CustomerError::NotFound(_)) => {
             (actix_web::http::StatusCode::NOT_FOUND, "not_found")
         }
-        EnrollError::Customer(CustomerError::Conflict(d)) if d.starts_with("probable duplicate") => {
+        EnrollError::Customer(CustomerError::Conflict(d))
+            if d.starts_with("probable duplicate") =>
+        {
             (actix_web::http::StatusCode::CONFLICT, "probable_duplicate")
         }
         EnrollError::Customer(CustomerError::Conflict(_)) => {
@@ -200,7 +204,11 @@ async fn create_customer(
                 .json(json!({ "error": "invalid_request", "detail": e.to_string() }))
         }
     };
-    match state.identity.send(GetCustomer(request.customer_id.clone())).await {
+    match state
+        .identity
+        .send(GetCustomer(request.customer_id.clone()))
+        .await
+    {
         Ok(Ok(Some(_))) => {
             return HttpResponse::Conflict().json(json!({
                 "error": "conflict",
@@ -319,13 +327,21 @@ async fn add_face(
 
 async fn erase_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
     let customer_id = id.into_inner();
-    let (removed, update) = match state.identity.send(EraseCustomer(customer_id.clone())).await {
+    let (removed, update) = match state
+        .identity
+        .send(EraseCustomer(customer_id.clone()))
+        .await
+    {
         Err(e) => return unavailable(e),
         Ok(Err(e)) => return enroll_error(e),
         Ok(Ok(done)) => done,
     };
     state.link.do_send(BroadcastTemplates(update));
-    match state.ledger.send(CloseAccountCmd(customer_id.clone())).await {
+    match state
+        .ledger
+        .send(CloseAccountCmd(customer_id.clone()))
+        .await
+    {
         Ok(Ok(key_change)) => {
             if let Some(entry) = key_change {
                 state.link.do_send(BroadcastKeys(vec![entry]));

@@ -76,7 +76,11 @@ impl Validate for CloudConfig {
         check_socket_addr("http_listen", &self.http_listen)?;
         check_socket_addr("api_listen", &self.api_listen)?;
         self.tls.validate()?;
-        if self.template_key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        if self
+            .template_key_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
             return Err(("template_key_file".into(), "must not be empty".into()));
         }
         check_range("face_threads", self.face_threads as u64, 1..=64, "threads")?;

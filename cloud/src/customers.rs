@@ -124,14 +124,13 @@ pub fn verify_secret(secret: &str, phc: &str) -> bool {
 /// Checks an enrollment request's fields; returns the phone's digits.
 pub fn validate_customer(request: &CreateCustomer) -> Result<String, CustomerError> {
     let invalid = |s: String| CustomerError::Invalid(s);
-    protocol::validate_id("customer_id", &request.customer_id).map_err(|e| invalid(e.to_string()))?;
+    protocol::validate_id("customer_id", &request.customer_id)
+        .map_err(|e| invalid(e.to_string()))?;
     protocol::validate_id("home_store_id", &request.home_store_id)
         .map_err(|e| invalid(e.to_string()))?;
     let name = request.name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(invalid(
-            "name must be 1 to 200 printable characters".into(),
-        ));
+        return Err(invalid("name must be 1 to 200 printable characters".into()));
     }
     let phone = request.phone.trim();
     let digits: String = phone.chars().filter(|c| c.is_ascii_digit()).collect();
@@ -215,7 +214,12 @@ impl CustomerStore {
         Ok(self.get(customer_id)?.map(|r| r.view(customer_id)))
     }
 
-    fn put(&self, customer_id: &str, record: &CustomerRecord, previous_version: Option<u64>) -> Result<(), CustomerError> {
+    fn put(
+        &self,
+        customer_id: &str,
+        record: &CustomerRecord,
+        previous_version: Option<u64>,
+    ) -> Result<(), CustomerError> {
         let plain = serde_json::to_vec(record).expect("records serialise");
         let sealed = self.sealer.seal(customer_id.as_bytes(), &plain);
         self.customers
@@ -229,7 +233,10 @@ impl CustomerStore {
             erased: false,
         };
         self.changes
-            .insert(record.version.to_be_bytes(), serde_json::to_vec(&change).expect("serialises"))
+            .insert(
+                record.version.to_be_bytes(),
+                serde_json::to_vec(&change).expect("serialises"),
+            )
             .map_err(storage)?;
         Ok(())
     }
@@ -241,7 +248,11 @@ impl CustomerStore {
     /// Enrolls a customer (no faces yet). Refused if the id exists.
     pub fn create(&self, request: &CreateCustomer) -> Result<CustomerView, CustomerError> {
         let digits = validate_customer(request)?;
-        if self.customers.contains_key(request.customer_id.as_bytes()).map_err(storage)? {
+        if self
+            .customers
+            .contains_key(request.customer_id.as_bytes())
+            .map_err(storage)?
+        {
             return Err(CustomerError::Conflict(format!(
                 "customer {} is already enrolled",
                 request.customer_id
@@ -315,7 +326,10 @@ impl CustomerStore {
             erased: true,
         };
         self.changes
-            .insert(version.to_be_bytes(), serde_json::to_vec(&change).expect("serialises"))
+            .insert(
+                version.to_be_bytes(),
+                serde_json::to_vec(&change).expect("serialises"),
+            )
             .map_err(storage)?;
         self.flush()?;
         Ok((ids, version))
@@ -323,7 +337,11 @@ impl CustomerStore {
 
     /// Whether an account was erased (a revocation is in the log).
     pub fn is_erased(&self, customer_id: &str) -> Result<bool, CustomerError> {
-        if self.customers.contains_key(customer_id.as_bytes()).map_err(storage)? {
+        if self
+            .customers
+            .contains_key(customer_id.as_bytes())
+            .map_err(storage)?
+        {
             return Ok(false);
         }
         for item in self.changes.iter().rev() {
@@ -458,7 +476,10 @@ mod tests {
             raw.extend(std::fs::read(entry).unwrap());
         }
         for needle in [&b"Lovelace"[..], b"7946", b"4821"] {
-            assert!(!raw.windows(needle.len()).any(|w| w == needle), "{needle:?} on disk");
+            assert!(
+                !raw.windows(needle.len()).any(|w| w == needle),
+                "{needle:?} on disk"
+            );
         }
         // The same key reopens it; another key is refused at open.
         let store = CustomerStore::open(&dir.path().join("db"), &key).unwrap();
@@ -476,7 +497,7 @@ mod tests {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 files.extend(walk(&path));
-            } else if !path.extension().is_some_and(|e| e == "key") {
+            } else if path.extension().is_none_or(|e| e != "key") {
                 files.push(path);
             }
         }
@@ -486,15 +507,33 @@ mod tests {
     #[test]
     fn bad_enrollment_fields_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+        let store = CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
         for (field, change) in [
-            ("pin", Box::new(|r: &mut CreateCustomer| r.pin = "12".into()) as Box<dyn Fn(&mut CreateCustomer)>),
-            ("pin", Box::new(|r: &mut CreateCustomer| r.pin = "12a4".into())),
-            ("phone", Box::new(|r: &mut CreateCustomer| r.phone = "12-34".into())),
-            ("phone", Box::new(|r: &mut CreateCustomer| r.phone = "123".into())),
-            ("name", Box::new(|r: &mut CreateCustomer| r.name = "  ".into())),
-            ("customer_id", Box::new(|r: &mut CreateCustomer| r.customer_id = "a/b".into())),
+            (
+                "pin",
+                Box::new(|r: &mut CreateCustomer| r.pin = "12".into())
+                    as Box<dyn Fn(&mut CreateCustomer)>,
+            ),
+            (
+                "pin",
+                Box::new(|r: &mut CreateCustomer| r.pin = "12a4".into()),
+            ),
+            (
+                "phone",
+                Box::new(|r: &mut CreateCustomer| r.phone = "12-34".into()),
+            ),
+            (
+                "phone",
+                Box::new(|r: &mut CreateCustomer| r.phone = "123".into()),
+            ),
+            (
+                "name",
+                Box::new(|r: &mut CreateCustomer| r.name = "  ".into()),
+            ),
+            (
+                "customer_id",
+                Box::new(|r: &mut CreateCustomer| r.customer_id = "a/b".into()),
+            ),
         ] {
             let mut r = request("x", "s1");
             change(&mut r);
@@ -511,8 +550,7 @@ mod tests {
     #[test]
     fn change_log_serves_each_store_its_customers_and_everyone_the_revocations() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+        let store = CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
         store.create(&request("a", "s1")).unwrap();
         store.create(&request("b", "s2")).unwrap();
         let (ta, _) = store.add_template("a", unit(0.1)).unwrap();
@@ -524,7 +562,9 @@ mod tests {
         let s1 = store.changes_after("s1", 0).unwrap();
         assert_eq!(s1.updates.len(), 1, "only a's latest entry");
         match &s1.updates[0].change {
-            TemplateChange::Upsert(e) => assert_eq!((e.account_id.as_str(), e.templates.len()), ("a", 2)),
+            TemplateChange::Upsert(e) => {
+                assert_eq!((e.account_id.as_str(), e.templates.len()), ("a", 2))
+            }
             other => panic!("{other:?}"),
         }
         let s2 = store.changes_after("s2", 0).unwrap();
@@ -539,8 +579,13 @@ mod tests {
         assert!(!store.is_erased("b").unwrap());
         for s in ["s1", "s2"] {
             let later = store.changes_after(s, cursor).unwrap();
-            assert!(later.updates.iter().any(|u| u.change
-                == TemplateChange::Revoke { account_id: "a".into() }), "{s}");
+            assert!(
+                later.updates.iter().any(|u| u.change
+                    == TemplateChange::Revoke {
+                        account_id: "a".into()
+                    }),
+                "{s}"
+            );
         }
         assert_eq!(store.all_templates().unwrap().len(), 1);
     }

@@ -55,7 +55,10 @@ impl IdentityConfig {
             ("identity.candidate_threshold", self.candidate_threshold),
         ] {
             if !(-1.0..=1.0).contains(&v) {
-                return Err((key.into(), format!("must be a cosine from -1 to 1, got {v}")));
+                return Err((
+                    key.into(),
+                    format!("must be a cosine from -1 to 1, got {v}"),
+                ));
             }
         }
         match self.index {
@@ -165,7 +168,9 @@ impl IdentityActor {
                 self.dirty = false;
                 self.saved_at = Instant::now();
             }
-            Err(error) => tracing::warn!(%error, "saving the identity index failed; rebuilt at next start"),
+            Err(error) => {
+                tracing::warn!(%error, "saving the identity index failed; rebuilt at next start")
+            }
         }
     }
 
@@ -254,7 +259,9 @@ impl Handler<AddTemplateCmd> for IdentityActor {
                 }
             }
         }
-        let (template_id, record) = self.store.add_template(&msg.customer_id, msg.embedding.clone())?;
+        let (template_id, record) = self
+            .store
+            .add_template(&msg.customer_id, msg.embedding.clone())?;
         if self.index.add(template_id, &msg.embedding).is_err() {
             // An IVF index built while empty is untrained: build it with the data now there.
             self.rebuild()?;

@@ -853,11 +853,17 @@ mod tests {
         let revoked = l.close_account("alice").unwrap().unwrap();
         assert_eq!(revoked.public_key, None);
         assert_eq!(l.keys_after(revoked.version - 1).unwrap().0, vec![revoked]);
-        assert_eq!(l.close_account("alice").unwrap(), None, "closing twice is a no-op");
+        assert_eq!(
+            l.close_account("alice").unwrap(),
+            None,
+            "closing twice is a no-op"
+        );
         assert_eq!(l.close_account("nobody").unwrap(), None);
         let view = l.account("alice").unwrap().unwrap();
         assert!(view.closed && view.public_key.is_none());
-        let decision = l.authorize("store-1", &pay("o-closed", "n-closed", 100)).unwrap();
+        let decision = l
+            .authorize("store-1", &pay("o-closed", "n-closed", 100))
+            .unwrap();
         assert_eq!(decision.reason(), Some(DeclineReason::UnknownAccount));
         books_balance(&l);
     }

@@ -102,8 +102,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
             .take()
             .expect("one identity thread")
     });
-    let engine = face::FaceEngine::load_default(config.face.clone())
-        .context("loading the face models")?;
+    let engine =
+        face::FaceEngine::load_default(config.face.clone()).context("loading the face models")?;
     let faces = face::worker::start_workers(std::sync::Arc::new(engine), config.face_threads);
 
     let (client, eventloop) = config.mqtt.connect(&config.client_id);

@@ -63,20 +63,20 @@ pub fn server_config(files: &TlsFiles, data_dir: &Path) -> anyhow::Result<(Serve
     }
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .with_context(|| format!("reading the private key {}", key_path.display()))?;
-    let config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("certificate and key do not form a usable pair")?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("certificate and key do not form a usable pair")?;
     Ok((config, cert_path))
 }
 
 fn generate_dev_cert(cert: &Path, key: &Path) -> anyhow::Result<()> {
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let generated = rcgen::generate_simple_self_signed(names).context("generating a certificate")?;
+    let generated =
+        rcgen::generate_simple_self_signed(names).context("generating a certificate")?;
     let dir = cert.parent().expect("a file in a directory");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut options = std::fs::OpenOptions::new();
@@ -88,7 +88,8 @@ fn generate_dev_cert(cert: &Path, key: &Path) -> anyhow::Result<()> {
         .open(key)
         .and_then(|mut f| f.write_all(generated.key_pair.serialize_pem().as_bytes()))
         .with_context(|| format!("writing {}", key.display()))?;
-    std::fs::write(cert, generated.cert.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::write(cert, generated.cert.pem())
+        .with_context(|| format!("writing {}", cert.display()))?;
     Ok(())
 }
 
@@ -103,7 +104,11 @@ mod tests {
         assert_eq!(path, dev_cert_path(dir.path()));
         let first = std::fs::read(&path).unwrap();
         server_config(&TlsFiles::default(), dir.path()).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), first, "reused, not regenerated");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            first,
+            "reused, not regenerated"
+        );
         // Configured files are used as given; a missing one is a clear error.
         let files = TlsFiles {
             cert_file: Some(path.clone()),
@@ -116,6 +121,11 @@ mod tests {
         };
         let err = server_config(&missing, dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("nope.pem"), "{err:#}");
-        assert!(TlsFiles { cert_file: Some("a".into()), key_file: None }.validate().is_err());
+        assert!(TlsFiles {
+            cert_file: Some("a".into()),
+            key_file: None
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -180,22 +180,22 @@ impl Handler<Charge> for CheckoutActor {
                 (_, Some(token)) => PaymentProof::Token(token),
                 (None, None) => unreachable!("a scan is started when no token is given"),
                 (Some(scan), None) => match scan.await {
-                Ok(Some(code)) => PaymentProof::Code(code),
-                Ok(None) => {
-                    return Decision::declined(
-                        DeclineReason::NoCodePresented,
-                        format!(
-                            "no payment code seen within {} ms",
-                            settings.scan_timeout.as_millis()
-                        ),
-                    )
-                }
-                Err(error) => {
-                    return Decision::declined(
-                        DeclineReason::Internal,
-                        format!("scanner unavailable: {error}"),
-                    )
-                }
+                    Ok(Some(code)) => PaymentProof::Code(code),
+                    Ok(None) => {
+                        return Decision::declined(
+                            DeclineReason::NoCodePresented,
+                            format!(
+                                "no payment code seen within {} ms",
+                                settings.scan_timeout.as_millis()
+                            ),
+                        )
+                    }
+                    Err(error) => {
+                        return Decision::declined(
+                            DeclineReason::Internal,
+                            format!("scanner unavailable: {error}"),
+                        )
+                    }
                 },
             };
             let request = AuthorizeRequest {

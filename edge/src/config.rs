@@ -86,7 +86,11 @@ impl Validate for EdgeConfig {
         if self.frames_dir.as_os_str().is_empty() {
             return Err(("frames_dir".into(), "must not be empty".into()));
         }
-        if self.camera_dir.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        if self
+            .camera_dir
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
             return Err(("camera_dir".into(), "must not be empty".into()));
         }
         check_range("face_timeout_ms", self.face_timeout_ms, 100..=120_000, "ms")?;

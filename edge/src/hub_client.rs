@@ -47,7 +47,8 @@ impl HubClient {
         &self,
         request: &AuthorizeRequest,
     ) -> Result<AuthorizeReply, HubUnreachable> {
-        self.query(self.key.clone(), protocol::encode(request)).await
+        self.query(self.key.clone(), protocol::encode(request))
+            .await
     }
 
     /// Sends a verification and waits for its outcome.

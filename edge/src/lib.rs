@@ -23,8 +23,8 @@ pub use api::{status_of, status_of_verify};
 pub use config::EdgeConfig;
 
 use crate::{
-    checkout::{CheckoutActor, CheckoutSettings},
     camera::CameraActor,
+    checkout::{CheckoutActor, CheckoutSettings},
     frames::DirectorySource,
     hub_client::HubClient,
     scanner::ScannerActor,

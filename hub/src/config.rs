@@ -87,7 +87,10 @@ impl IdentifyConfig {
             ("identify.accept_threshold", self.accept_threshold),
         ] {
             if !(-1.0..=1.0).contains(&v) {
-                return Err((key.into(), format!("must be a cosine from -1 to 1, got {v}")));
+                return Err((
+                    key.into(),
+                    format!("must be a cosine from -1 to 1, got {v}"),
+                ));
             }
         }
         if self.accept_threshold < self.match_threshold {
@@ -99,14 +102,24 @@ impl IdentifyConfig {
         if !(0.0..=1.0).contains(&self.margin) {
             return Err(("identify.margin".into(), "must be from 0 to 1".into()));
         }
-        check_range("identify.token_ttl_seconds", self.token_ttl_seconds, 5..=3600, "seconds")?;
+        check_range(
+            "identify.token_ttl_seconds",
+            self.token_ttl_seconds,
+            5..=3600,
+            "seconds",
+        )?;
         check_range(
             "identify.challenge_ttl_seconds",
             self.challenge_ttl_seconds,
             5..=600,
             "seconds",
         )?;
-        check_range("identify.free_failures", self.free_failures as u64, 0..=10, "failures")?;
+        check_range(
+            "identify.free_failures",
+            self.free_failures as u64,
+            0..=10,
+            "failures",
+        )?;
         check_range(
             "identify.lockout_base_seconds",
             self.lockout_base_seconds,
@@ -179,11 +192,25 @@ impl Validate for HubConfig {
             0..=300,
             "seconds",
         )?;
-        if self.template_key_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        if self
+            .template_key_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
             return Err(("template_key_file".into(), "must not be empty".into()));
         }
-        check_range("hot_set_cap", self.hot_set_cap as u64, 1..=10_000_000, "templates")?;
-        check_range("identify_timeout_ms", self.identify_timeout_ms, 50..=60_000, "ms")?;
+        check_range(
+            "hot_set_cap",
+            self.hot_set_cap as u64,
+            1..=10_000_000,
+            "templates",
+        )?;
+        check_range(
+            "identify_timeout_ms",
+            self.identify_timeout_ms,
+            50..=60_000,
+            "ms",
+        )?;
         self.identify.validate()?;
         self.zenoh.validate("zenoh")?;
         if self.zenoh.listen.is_empty() {

@@ -154,7 +154,10 @@ impl LockoutPolicy {
         let failures = state.failures.saturating_add(1);
         let locked_until_ms = if failures > self.free {
             let doublings = (failures - self.free - 1).min(32);
-            let lock = self.base_ms.saturating_mul(1u64 << doublings).min(self.max_ms);
+            let lock = self
+                .base_ms
+                .saturating_mul(1u64 << doublings)
+                .min(self.max_ms);
             now_ms + lock
         } else {
             0
@@ -254,7 +257,10 @@ impl HotSet {
                 .iter()
                 .any(|(_, e)| protocol::validate_embedding(e).is_err())
             {
-                tracing::warn!(account_id = entry.account_id, "entry with a bad template ignored");
+                tracing::warn!(
+                    account_id = entry.account_id,
+                    "entry with a bad template ignored"
+                );
                 continue;
             }
             let last_seen_ms = self
@@ -422,7 +428,11 @@ mod tests {
             let mut per_account: Vec<(f32, &str)> = entries
                 .iter()
                 .map(|e| {
-                    let best = e.templates.iter().map(|(_, t)| dot(t, &p)).fold(f32::MIN, f32::max);
+                    let best = e
+                        .templates
+                        .iter()
+                        .map(|(_, t)| dot(t, &p))
+                        .fold(f32::MIN, f32::max);
                     (best, e.account_id.as_str())
                 })
                 .collect();
@@ -464,7 +474,8 @@ mod tests {
         let path = dir.path().join("hot");
         {
             let mut set = HotSet::open(&path, &key, 4, "s1").unwrap();
-            set.upsert(vec![entry("home-old", "s1", &[1, 2])], 10).unwrap();
+            set.upsert(vec![entry("home-old", "s1", &[1, 2])], 10)
+                .unwrap();
             set.upsert(vec![entry("visitor", "s2", &[3])], 20).unwrap();
             set.upsert(vec![entry("home-new", "s1", &[4])], 30).unwrap();
             assert_eq!(set.template_count(), 4);
@@ -473,14 +484,24 @@ mod tests {
             assert!(set.get("visitor").is_none());
             assert_eq!(set.template_count(), 4);
             set.set_sync_cursor(17).unwrap();
-            set.set_lockout("home-new", Lockout { failures: 2, locked_until_ms: 0 }).unwrap();
+            set.set_lockout(
+                "home-new",
+                Lockout {
+                    failures: 2,
+                    locked_until_ms: 0,
+                },
+            )
+            .unwrap();
         }
         let raw: Vec<u8> = std::fs::read_dir(&path)
             .unwrap()
             .flat_map(|e| std::fs::read(e.unwrap().path()).unwrap_or_default())
             .collect();
         let needle: Vec<u8> = unit(1)[0].to_string().into_bytes();
-        assert!(!raw.windows(needle.len()).any(|w| w == needle.as_slice()), "templates sealed");
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "templates sealed"
+        );
 
         let mut set = HotSet::open(&path, &key, 4, "s1").unwrap();
         assert_eq!(set.template_count(), 4, "rebuilt on restart");

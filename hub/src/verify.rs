@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    pin::Pin,
     time::{Duration, Instant},
 };
 
@@ -165,7 +166,9 @@ pub fn conclude(top: &[Scored], rule: &IdentifyConfig) -> Conclusion {
         .map(|s| s.account_id.clone());
     match close {
         Some(second) => Conclusion::Ask(vec![best.account_id.clone(), second]),
-        None if best.score < rule.accept_threshold => Conclusion::Ask(vec![best.account_id.clone()]),
+        None if best.score < rule.accept_threshold => {
+            Conclusion::Ask(vec![best.account_id.clone()])
+        }
         None => Conclusion::Accept(best.account_id.clone()),
     }
 }
@@ -240,8 +243,7 @@ impl VerifyActor {
         if let Some(locked) = self.locked(account_id) {
             return locked;
         }
-        let expires_at_ms =
-            paycode::now_ms() + self.settings.identify.token_ttl_seconds * 1000;
+        let expires_at_ms = paycode::now_ms() + self.settings.identify.token_ttl_seconds * 1000;
         let token = random_id("tok_");
         self.tokens.insert(
             token.clone(),
@@ -268,8 +270,7 @@ impl VerifyActor {
             .get(&candidates[0])
             .map(|e| e.second_factor)
             .unwrap_or(SecondFactorKind::Pin);
-        let expires_at_ms =
-            paycode::now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
+        let expires_at_ms = paycode::now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
         let challenge_id = random_id("chl_");
         self.challenges.insert(
             challenge_id.clone(),
@@ -350,7 +351,9 @@ impl VerifyActor {
                     }
                 }
                 Ok(Ok(other)) => tracing::warn!(?other, "unexpected answer to template sync"),
-                Ok(Err(error)) => tracing::warn!(%error, "template sync failed; retried on reconnect"),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "template sync failed; retried on reconnect")
+                }
                 Err(error) => tracing::warn!(%error, "uplink unavailable for template sync"),
             }
         }));
@@ -379,7 +382,10 @@ impl VerifyActor {
             match uplink.send(call).await {
                 Ok(Ok(CloudReplyBody::Identified(found))) => found.candidates,
                 other => {
-                    tracing::info!(?other, "cloud identify unavailable; deciding on the hot set");
+                    tracing::info!(
+                        ?other,
+                        "cloud identify unavailable; deciding on the hot set"
+                    );
                     Vec::new()
                 }
             }
@@ -468,7 +474,10 @@ impl Handler<Verify> for VerifyActor {
             ));
         }
         if let Err(e) = protocol::validate_id("terminal_id", &request.terminal_id) {
-            return refuse(VerifyReply::refused(DeclineReason::InvalidRequest, e.to_string()));
+            return refuse(VerifyReply::refused(
+                DeclineReason::InvalidRequest,
+                e.to_string(),
+            ));
         }
         let terminal = request.terminal_id.clone();
         let fut: Self::Result = match request.body {
@@ -538,39 +547,35 @@ impl Handler<Verify> for VerifyActor {
                         }
                     }
                 };
-                Box::pin(
-                    checked
-                        .into_actor(self)
-                        .then(move |checked, actor, _| {
-                            let code = match checked {
-                                Ok(code) => code,
-                                Err(reply) => {
-                                    return Box::pin(fut::ready(reply))
-                                        as Pin<Box<dyn ActorFuture<Self, Output = VerifyReply>>>
-                                }
-                            };
-                            let account = code.account_id.clone();
-                            let held = actor.hot.index().score_account(&account, &embedding);
-                            let fetch = if held.is_none() {
-                                Some(actor.ask_cloud(embedding.clone(), Some(account.clone())))
-                            } else {
-                                None
-                            };
-                            Box::pin(
-                                async move {
-                                    match fetch {
-                                        Some(f) => f.await,
-                                        None => Vec::new(),
-                                    }
-                                }
-                                .into_actor(actor)
-                                .map(move |found, actor, _| {
-                                    actor.cache(found);
-                                    actor.one_to_one(&account, &embedding, &terminal)
-                                }),
-                            )
+                Box::pin(checked.into_actor(self).then(move |checked, actor, _| {
+                    let code = match checked {
+                        Ok(code) => code,
+                        Err(reply) => {
+                            return Box::pin(fut::ready(reply))
+                                as Pin<Box<dyn ActorFuture<Self, Output = VerifyReply>>>
+                        }
+                    };
+                    let account = code.account_id.clone();
+                    let held = actor.hot.index().score_account(&account, &embedding);
+                    let fetch = if held.is_none() {
+                        Some(actor.ask_cloud(embedding.clone(), Some(account.clone())))
+                    } else {
+                        None
+                    };
+                    Box::pin(
+                        async move {
+                            match fetch {
+                                Some(f) => f.await,
+                                None => Vec::new(),
+                            }
+                        }
+                        .into_actor(actor)
+                        .map(move |found, actor, _| {
+                            actor.cache(found);
+                            actor.one_to_one(&account, &embedding, &terminal)
                         }),
-                )
+                    )
+                }))
             }
             VerifyBody::SecondFactor(answer) => self.second_factor(answer, terminal),
         };
@@ -580,8 +585,6 @@ impl Handler<Verify> for VerifyActor {
         }))
     }
 }
-
-use std::pin::Pin;
 
 impl VerifyActor {
     fn one_to_one(&mut self, account: &str, embedding: &[f32], terminal: &str) -> VerifyReply {
@@ -605,8 +608,13 @@ impl VerifyActor {
         self.issue_token(account, terminal)
     }
 
-    fn second_factor(&mut self, answer: SecondFactorAnswer, terminal: String) -> <Self as Handler<Verify>>::Result {
-        let refuse = |reply: VerifyReply| Box::pin(fut::ready(reply)) as <Self as Handler<Verify>>::Result;
+    fn second_factor(
+        &mut self,
+        answer: SecondFactorAnswer,
+        terminal: String,
+    ) -> <Self as Handler<Verify>>::Result {
+        let refuse =
+            |reply: VerifyReply| Box::pin(fut::ready(reply)) as <Self as Handler<Verify>>::Result;
         // One answer per challenge: a wrong one needs a new look at the camera.
         let Some(challenge) = self.challenges.remove(&answer.challenge_id) else {
             return refuse(VerifyReply::refused(
@@ -636,44 +644,49 @@ impl VerifyActor {
         let value = answer.value;
         // Argon2 takes tens of milliseconds: off the actor's thread.
         let check = tokio::task::spawn_blocking(move || {
-            let well_formed = (4..=8).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
+            let well_formed =
+                (4..=8).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
             hashes
                 .into_iter()
                 .find(|(_, hash)| well_formed && hash_matches(&value, hash))
                 .map(|(account, _)| account)
         });
-        Box::pin(check.into_actor(self).map(move |matched, actor, _| {
-            match matched {
-                Ok(Some(account)) => {
-                    if let Err(error) = actor.hot.set_lockout(&account, Default::default()) {
-                        tracing::error!(%error, "clearing the lockout failed");
+        Box::pin(
+            check
+                .into_actor(self)
+                .map(move |matched, actor, _| match matched {
+                    Ok(Some(account)) => {
+                        if let Err(error) = actor.hot.set_lockout(&account, Default::default()) {
+                            tracing::error!(%error, "clearing the lockout failed");
+                        }
+                        actor.issue_token(&account, &terminal)
                     }
-                    actor.issue_token(&account, &terminal)
-                }
-                Ok(None) => {
-                    let account = &challenge.candidates[0];
-                    let state = actor.policy.fail(actor.hot.lockout(account), paycode::now_ms());
-                    if let Err(error) = actor.hot.set_lockout(account, state) {
-                        tracing::error!(%error, "recording the lockout failed");
+                    Ok(None) => {
+                        let account = &challenge.candidates[0];
+                        let state = actor
+                            .policy
+                            .fail(actor.hot.lockout(account), paycode::now_ms());
+                        if let Err(error) = actor.hot.set_lockout(account, state) {
+                            tracing::error!(%error, "recording the lockout failed");
+                        }
+                        let detail = if state.locked_until_ms > 0 {
+                            format!(
+                                "wrong {}; face payment is now locked for {} s",
+                                challenge.kind.as_str(),
+                                (state.locked_until_ms - paycode::now_ms()).div_ceil(1000)
+                            )
+                        } else {
+                            format!(
+                                "wrong {}; {} more attempts before face payment locks",
+                                challenge.kind.as_str(),
+                                actor.policy.free + 1 - state.failures
+                            )
+                        };
+                        VerifyReply::refused(DeclineReason::SecondFactorWrong, detail)
                     }
-                    let detail = if state.locked_until_ms > 0 {
-                        format!(
-                            "wrong {}; face payment is now locked for {} s",
-                            challenge.kind.as_str(),
-                            (state.locked_until_ms - paycode::now_ms()).div_ceil(1000)
-                        )
-                    } else {
-                        format!(
-                            "wrong {}; {} more attempts before face payment locks",
-                            challenge.kind.as_str(),
-                            actor.policy.free + 1 - state.failures
-                        )
-                    };
-                    VerifyReply::refused(DeclineReason::SecondFactorWrong, detail)
-                }
-                Err(e) => VerifyReply::refused(DeclineReason::Internal, e.to_string()),
-            }
-        }))
+                    Err(e) => VerifyReply::refused(DeclineReason::Internal, e.to_string()),
+                }),
+        )
     }
 }
 
@@ -707,7 +720,10 @@ mod tests {
     fn the_rule_accepts_asks_or_refuses() {
         let rule = IdentifyConfig::default();
         assert_eq!(conclude(&[], &rule), Conclusion::Unknown);
-        assert_eq!(conclude(&scored(&[("a", 0.30)]), &rule), Conclusion::Unknown);
+        assert_eq!(
+            conclude(&scored(&[("a", 0.30)]), &rule),
+            Conclusion::Unknown
+        );
         assert_eq!(
             conclude(&scored(&[("a", 0.80), ("b", 0.20)]), &rule),
             Conclusion::Accept("a".into())

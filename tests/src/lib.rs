@@ -12,8 +12,7 @@ use std::{
 use anyhow::{bail, Context};
 use paycode::{qr, Wallet};
 use protocol::{
-    AccountView, ChargeResult, CreateCustomer, LedgerTotals, OpenAccount, TransferView,
-    VerifyReply,
+    AccountView, ChargeResult, CreateCustomer, LedgerTotals, OpenAccount, TransferView, VerifyReply,
 };
 
 /// A TCP port that was free a moment ago. Brokers and Zenoh cannot report the port they bound,
@@ -445,7 +444,11 @@ impl EnrollApi {
 
     /// `POST /v1/customers`.
     pub fn create(&self, customer: &CreateCustomer) -> anyhow::Result<(u16, serde_json::Value)> {
-        self.send("POST", "/v1/customers", Some(serde_json::to_value(customer)?))
+        self.send(
+            "POST",
+            "/v1/customers",
+            Some(serde_json::to_value(customer)?),
+        )
     }
 
     /// `POST /v1/customers/{id}/faces` with a photo file.
@@ -461,7 +464,11 @@ impl EnrollApi {
             "image_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
             "confirmed_look_alike_of": look_alike_of,
         });
-        self.send("POST", &format!("/v1/customers/{customer_id}/faces"), Some(body))
+        self.send(
+            "POST",
+            &format!("/v1/customers/{customer_id}/faces"),
+            Some(body),
+        )
     }
 
     /// `DELETE /v1/customers/{id}`.
@@ -489,7 +496,10 @@ pub fn wait_for_metric(
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{name} at {http} is {:?}, not {value}, after {timeout:?}", metric_value(&page, name));
+            bail!(
+                "{name} at {http} is {:?}, not {value}, after {timeout:?}",
+                metric_value(&page, name)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -9,9 +9,8 @@ use protocol::{
     SecondFactorKind, VerifyReply,
 };
 use tests::{
-    charge_with_token, face_fixture, free_port, get_text, metric_value, present_face,
-    present_qr, second_factor, verify, wait_for_keys, wait_for_metric, CloudApi, EnrollApi,
-    Mosquitto, Service,
+    charge_with_token, face_fixture, free_port, get_text, metric_value, present_face, present_qr,
+    second_factor, verify, wait_for_keys, wait_for_metric, CloudApi, EnrollApi, Mosquitto, Service,
 };
 
 struct Store {
@@ -114,7 +113,9 @@ fn refusal(reply: &VerifyReply) -> DeclineReason {
 }
 
 fn pay(edge: SocketAddr, order: &str, amount: i64, token: &str) -> protocol::ChargeResult {
-    charge_with_token(edge, order, amount, "EUR", token).unwrap().1
+    charge_with_token(edge, order, amount, "EUR", token)
+        .unwrap()
+        .1
 }
 
 #[test]
@@ -155,19 +156,33 @@ fn pay_by_face_end_to_end() {
     );
 
     // --- Enrollment, and what it refuses -------------------------------------------------------
-    enroll(&api, &customer("bruno", "store-1", "4821", SecondFactorKind::Pin), "bruno-1.jpg", &[]);
+    enroll(
+        &api,
+        &customer("bruno", "store-1", "4821", SecondFactorKind::Pin),
+        "bruno-1.jpg",
+        &[],
+    );
     let carla_wallet = Wallet::generate("carla").unwrap();
     let carla = CreateCustomer {
         public_key: Some(carla_wallet.public_key_b64()),
         ..customer("carla", "store-1", "9999", SecondFactorKind::PhoneLast4)
     };
     enroll(&api, &carla, "carla-1.jpg", &[]);
-    enroll(&api, &customer("dora", "store-2", "3141", SecondFactorKind::Pin), "dora-1.jpg", &[]);
+    enroll(
+        &api,
+        &customer("dora", "store-2", "3141", SecondFactorKind::Pin),
+        "dora-1.jpg",
+        &[],
+    );
 
     let (status, body) = api
         .create(&customer("bruno", "store-1", "4821", SecondFactorKind::Pin))
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (409, Some("conflict")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
     let (status, body) = api
         .create(&customer("eve", "store-1", "12", SecondFactorKind::Pin))
         .unwrap();
@@ -184,25 +199,43 @@ fn pay_by_face_end_to_end() {
         .create(&customer("eve", "store-1", "5555", SecondFactorKind::Pin))
         .unwrap();
     assert_eq!(status, 201);
-    let spoof = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/face/tests/fixtures/spoof-photo.jpg");
+    let spoof =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/face/tests/fixtures/spoof-photo.jpg");
     let (status, body) = api.add_face("eve", &spoof, &[]).unwrap();
-    assert_eq!((status, body["reason"].as_str()), (422, Some("not_live")), "{body}");
-    let two = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/face/tests/fixtures/two-faces.jpg");
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (422, Some("not_live")),
+        "{body}"
+    );
+    let two =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/face/tests/fixtures/two-faces.jpg");
     let (status, body) = api.add_face("eve", &two, &[]).unwrap();
-    assert_eq!((status, body["reason"].as_str()), (422, Some("multiple_faces")), "{body}");
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (422, Some("multiple_faces")),
+        "{body}"
+    );
     let not_image = dir.path().join("notes.jpg");
     std::fs::write(&not_image, b"just text").unwrap();
     let (status, body) = api.add_face("eve", &not_image, &[]).unwrap();
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_image")), "{body}");
-    let (status, _) = api.add_face("nobody", &face_fixture("stranger.jpg"), &[]).unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_image")),
+        "{body}"
+    );
+    let (status, _) = api
+        .add_face("nobody", &face_fixture("stranger.jpg"), &[])
+        .unwrap();
     assert_eq!(status, 404);
     // Bruno again under another account: search before insert finds him.
     let (status, body) = api
         .add_face("eve", &face_fixture("bruno-2.jpg"), &[])
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (409, Some("probable_duplicate")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("probable_duplicate")),
+        "{body}"
+    );
     let (status, body) = api.get("bruno").unwrap();
     assert_eq!(status, 200);
     assert_eq!(body["faces"], 1);
@@ -210,9 +243,19 @@ fn pay_by_face_end_to_end() {
     assert!(body.get("pin").is_none() && body.get("pin_hash").is_none());
 
     // Twins: the second is a probable duplicate until an operator confirms they are two people.
-    enroll(&api, &customer("twin-a", "store-1", "1111", SecondFactorKind::Pin), "twin-1.jpg", &[]);
+    enroll(
+        &api,
+        &customer("twin-a", "store-1", "1111", SecondFactorKind::Pin),
+        "twin-1.jpg",
+        &[],
+    );
     let (status, body) = api
-        .create(&customer("twin-b", "store-1", "2222", SecondFactorKind::Pin))
+        .create(&customer(
+            "twin-b",
+            "store-1",
+            "2222",
+            SecondFactorKind::Pin,
+        ))
         .unwrap();
     assert_eq!(status, 201, "{body}");
     let mirrored = face_fixture("twin-1-mirrored.jpg");
@@ -243,9 +286,17 @@ fn pay_by_face_end_to_end() {
     assert_eq!(again.reason, Some(DeclineReason::TokenInvalid), "{again:?}");
     // And bound to its store's terminal.
     let elsewhere = pay(s2.edge.http_addr, "f-3", 100, &token);
-    assert_eq!(elsewhere.reason, Some(DeclineReason::TokenInvalid), "{elsewhere:?}");
-    let (status, made_up) = charge_with_token(s1.edge.http_addr, "f-4", 100, "EUR", "tok_nope").unwrap();
-    assert_eq!((status, made_up.reason), (200, Some(DeclineReason::TokenInvalid)));
+    assert_eq!(
+        elsewhere.reason,
+        Some(DeclineReason::TokenInvalid),
+        "{elsewhere:?}"
+    );
+    let (status, made_up) =
+        charge_with_token(s1.edge.http_addr, "f-4", 100, "EUR", "tok_nope").unwrap();
+    assert_eq!(
+        (status, made_up.reason),
+        (200, Some(DeclineReason::TokenInvalid))
+    );
     assert_eq!(admin.balance("bruno").unwrap(), 10_000 - 1_234);
 
     // --- Unenrolled person, spoof --------------------------------------------------------------
@@ -255,29 +306,48 @@ fn pay_by_face_end_to_end() {
     let attack = look(&s1, &spoof, "face");
     assert_eq!(refusal(&attack), DeclineReason::SpoofSuspected);
     let (status, nobody) = verify(s1.edge.http_addr, "face").unwrap();
-    assert_eq!((status, refusal(&nobody)), (200, DeclineReason::NoFacePresented));
-    assert_eq!(admin.transfers().unwrap().len(), transfers_before, "nothing charged");
+    assert_eq!(
+        (status, refusal(&nobody)),
+        (200, DeclineReason::NoFacePresented)
+    );
+    assert_eq!(
+        admin.transfers().unwrap().len(),
+        transfers_before,
+        "nothing charged"
+    );
 
     // --- Code and face: the code names the account, the face must be its owner ----------------
     present_qr(&s1.frames, &carla_wallet.issue_code(paycode::now_ms())).unwrap();
-    let token = token_of(&look(&s1, &face_fixture("carla-2.jpg"), "code_and_face"), "carla");
+    let token = token_of(
+        &look(&s1, &face_fixture("carla-2.jpg"), "code_and_face"),
+        "carla",
+    );
     let paid = pay(s1.edge.http_addr, "cf-1", 500, &token);
     assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
     present_qr(&s1.frames, &carla_wallet.issue_code(paycode::now_ms())).unwrap();
     let mismatch = look(&s1, &face_fixture("bruno-2.jpg"), "code_and_face");
-    assert_eq!(refusal(&mismatch), DeclineReason::FaceMismatch, "{mismatch:?}");
+    assert_eq!(
+        refusal(&mismatch),
+        DeclineReason::FaceMismatch,
+        "{mismatch:?}"
+    );
     assert_eq!(admin.balance("carla").unwrap(), 10_000 - 500);
 
     // --- Look-alikes: the second factor decides ------------------------------------------------
     let twin_photo = face_fixture("twin-2.jpg");
-    let VerifyReply::SecondFactorRequired { challenge_id, kind, .. } = look(&s1, &twin_photo, "face")
+    let VerifyReply::SecondFactorRequired {
+        challenge_id, kind, ..
+    } = look(&s1, &twin_photo, "face")
     else {
         panic!("look-alikes must be asked for the second factor");
     };
     assert_eq!(kind, SecondFactorKind::Pin);
     let (_, answered) = second_factor(s1.edge.http_addr, &challenge_id, "2222").unwrap();
     let token = token_of(&answered, "twin-b");
-    assert_eq!(pay(s1.edge.http_addr, "tw-1", 700, &token).status, ChargeStatus::Approved);
+    assert_eq!(
+        pay(s1.edge.http_addr, "tw-1", 700, &token).status,
+        ChargeStatus::Approved
+    );
     assert_eq!(admin.balance("twin-b").unwrap(), 10_000 - 700);
     assert_eq!(admin.balance("twin-a").unwrap(), 10_000);
     // A challenge takes one answer.
@@ -291,14 +361,25 @@ fn pay_by_face_end_to_end() {
             panic!("attempt {attempt}: second factor expected");
         };
         let (_, wrong) = second_factor(s1.edge.http_addr, &challenge_id, "0000").unwrap();
-        assert_eq!(refusal(&wrong), DeclineReason::SecondFactorWrong, "attempt {attempt}");
+        assert_eq!(
+            refusal(&wrong),
+            DeclineReason::SecondFactorWrong,
+            "attempt {attempt}"
+        );
     }
     let locked = look(&s1, &twin_photo, "face");
-    assert_eq!(refusal(&locked), DeclineReason::FacePaymentLocked, "{locked:?}");
+    assert_eq!(
+        refusal(&locked),
+        DeclineReason::FacePaymentLocked,
+        "{locked:?}"
+    );
 
     // --- Another store: not in its hot set, the cloud finds him, the hub caches him ------------
     let token = token_of(&look(&s2, &face_fixture("bruno-2.jpg"), "face"), "bruno");
-    assert_eq!(pay(s2.edge.http_addr, "v-1", 300, &token).status, ChargeStatus::Approved);
+    assert_eq!(
+        pay(s2.edge.http_addr, "v-1", 300, &token).status,
+        ChargeStatus::Approved
+    );
     wait_for_metric(s2.hub.http_addr, hot, 2.0, Duration::from_secs(5)).unwrap();
 
     // --- Erasure: gone from the cloud, from every hub, and from the ledger's payers -------------
@@ -311,7 +392,11 @@ fn pay_by_face_end_to_end() {
     wait_for_metric(s2.hub.http_addr, hot, 1.0, Duration::from_secs(10)).unwrap();
     for store in [&s1, &s2] {
         let after = look(store, &face_fixture("bruno-2.jpg"), "face");
-        assert_eq!(refusal(&after), DeclineReason::FaceNotRecognized, "{after:?}");
+        assert_eq!(
+            refusal(&after),
+            DeclineReason::FaceNotRecognized,
+            "{after:?}"
+        );
     }
     let (status, _) = api.erase("bruno").unwrap();
     assert_eq!(status, 404, "erasing twice finds nobody");
@@ -321,7 +406,10 @@ fn pay_by_face_end_to_end() {
         .into_iter()
         .find(|a| a.account_id == "bruno")
         .unwrap();
-    assert!(bruno.closed, "the ledger keeps the money record but takes no payment");
+    assert!(
+        bruno.closed,
+        "the ledger keeps the money record but takes no payment"
+    );
     // Erasure reaches a hub that holds the customer as home, too.
     let (status, _) = api.erase("dora").unwrap();
     assert_eq!(status, 200);
@@ -335,12 +423,20 @@ fn pay_by_face_end_to_end() {
     }
     let page = get_text(&format!("http://{}/metrics", s1.hub.http_addr)).unwrap();
     assert!(
-        metric_value(&page, "facepay_hub_verifications_total{outcome=\"verified\"}").unwrap() >= 3.0,
+        metric_value(
+            &page,
+            "facepay_hub_verifications_total{outcome=\"verified\"}"
+        )
+        .unwrap()
+            >= 3.0,
         "{page}"
     );
     assert!(
-        metric_value(&page, "facepay_hub_verifications_total{outcome=\"second_factor_wrong\"}")
-            .unwrap()
+        metric_value(
+            &page,
+            "facepay_hub_verifications_total{outcome=\"second_factor_wrong\"}"
+        )
+        .unwrap()
             >= 3.0
     );
 }

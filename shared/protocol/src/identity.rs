@@ -292,3 +292,73 @@ pub struct FaceAdded {
     /// Templates the customer now has.
     pub faces: usize,
 }
+
+/// Synthetic face embeddings for benchmarks and tests: random unit vectors as enrolled templates,
+/// and noisy copies of them as new photos of the same person.
+pub mod synthetic {
+    use super::EMBEDDING_LEN;
+
+    /// A small deterministic generator (xorshift64*), so results replay from a seed.
+    pub struct Rng(u64);
+
+    impl Rng {
+        /// A generator from a seed.
+        pub fn new(seed: u64) -> Self {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        /// Uniform in [0, 1).
+        pub fn uniform(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        }
+
+        /// Standard normal (Box-Muller).
+        pub fn normal(&mut self) -> f32 {
+            let u1 = self.uniform().max(1e-7);
+            let u2 = self.uniform();
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        }
+    }
+
+    fn normalise(mut v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+
+    /// A random unit vector (an enrolled template).
+    pub fn template(rng: &mut Rng) -> Vec<f32> {
+        normalise((0..EMBEDDING_LEN).map(|_| rng.normal()).collect())
+    }
+
+    /// Another photo of the same person: the template plus noise, scaled so that the expected
+    /// cosine with the template is `cosine` (0.7 is typical of two photos of one person).
+    pub fn probe(rng: &mut Rng, template: &[f32], cosine: f32) -> Vec<f32> {
+        let sigma = (1.0 / (cosine * cosine) - 1.0).sqrt() / (EMBEDDING_LEN as f32).sqrt();
+        normalise(template.iter().map(|t| t + sigma * rng.normal()).collect())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn probes_have_the_asked_similarity_and_templates_are_unrelated() {
+            let mut rng = Rng::new(7);
+            let a = template(&mut rng);
+            let b = template(&mut rng);
+            let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+            assert!((dot(&a, &a) - 1.0).abs() < 1e-5);
+            assert!(dot(&a, &b).abs() < 0.35);
+            let mean: f32 = (0..200).map(|_| dot(&a, &probe(&mut rng, &a, 0.7))).sum::<f32>() / 200.0;
+            assert!((mean - 0.7).abs() < 0.03, "{mean}");
+        }
+    }
+}
