@@ -345,7 +345,7 @@ fn fleet_demo_prints_a_balanced_json_summary() {
     );
     let summary: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
-    assert_eq!(summary["approved"], 6, "{summary}");
+    assert_eq!(summary["approved"], 11, "{summary}");
     let declined = &summary["declined_by_reason"];
     for reason in [
         "code_expired",
@@ -354,6 +354,8 @@ fn fleet_demo_prints_a_balanced_json_summary() {
         "insufficient_funds",
         "not_facepay_code",
         "unknown_account",
+        "face_not_recognized",
+        "spoof_suspected",
     ] {
         assert_eq!(declined[reason], 1, "{reason}: {summary}");
     }
@@ -371,7 +373,15 @@ fn fleet_demo_prints_a_balanced_json_summary() {
         .map(|v| v.as_i64().unwrap())
         .sum();
     assert_eq!((before, after), (0, 0), "money is conserved");
-    assert_eq!(summary["balances_after"]["alice"], 10_000 - 1_250 - 300);
+    let after = &summary["balances_after"];
+    assert_eq!(after["alice"], 10_000 - 1_250 - 300);
+    // Face payments: at home, at another store (found by the cloud), a twin with the PIN, and
+    // carol's code confirmed by her face.
+    assert_eq!(after["bruno"], 8_000 - 2_390 - 560);
+    assert_eq!(after["twin-b"], 8_000 - 1_000);
+    assert_eq!(after["twin-a"], 8_000);
+    assert_eq!(after["dora"], 8_000 - 1_999);
+    assert_eq!(after["carol"], 500 - 450 - 40);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("[5/5]"),
         "progress is shown"

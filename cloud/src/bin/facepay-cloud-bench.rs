@@ -9,7 +9,10 @@ use cloud::identity::{IdentityIndex, IndexKind};
 use protocol::synthetic;
 
 #[derive(Parser)]
-#[command(name = "facepay-cloud-bench", about = "Cloud 1:N identity index benchmark")]
+#[command(
+    name = "facepay-cloud-bench",
+    about = "Cloud 1:N identity index benchmark"
+)]
 struct Cli {
     /// Numbers of enrolled templates.
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
@@ -37,7 +40,11 @@ struct Cli {
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|pages| pages * 4096)
         .unwrap_or(0)
 }
@@ -60,7 +67,10 @@ fn main() -> anyhow::Result<()> {
         let queries: Vec<(u64, Vec<f32>)> = (0..cli.queries)
             .map(|q| {
                 let who = (q * 7919) % n;
-                (templates[who].0, synthetic::probe(&mut rng, &templates[who].1, 0.7))
+                (
+                    templates[who].0,
+                    synthetic::probe(&mut rng, &templates[who].1, 0.7),
+                )
             })
             .collect();
         let mut exact_top: Vec<u64> = Vec::new();
@@ -82,7 +92,8 @@ fn main() -> anyhow::Result<()> {
             let mut index = IdentityIndex::build(kind, &templates)?;
             let build_s = started.elapsed().as_secs_f64();
             let grown = rss_bytes().saturating_sub(before);
-            let file = std::env::temp_dir().join(format!("facepay-bench-{}.faiss", std::process::id()));
+            let file =
+                std::env::temp_dir().join(format!("facepay-bench-{}.faiss", std::process::id()));
             index.save(&file)?;
             let file_bytes = std::fs::metadata(&file)?.len();
             let _ = std::fs::remove_file(&file);

@@ -13,7 +13,10 @@ use hub::{
 use protocol::{synthetic, HotEntry, SecondFactorKind};
 
 #[derive(Parser)]
-#[command(name = "facepay-hub-bench", about = "Hub hot-set identification latency")]
+#[command(
+    name = "facepay-hub-bench",
+    about = "Hub hot-set identification latency"
+)]
 struct Cli {
     /// Hot-set sizes (templates, one per customer).
     #[arg(long, value_delimiter = ',', default_value = "10000,50000")]

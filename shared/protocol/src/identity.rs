@@ -357,7 +357,10 @@ pub mod synthetic {
             let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
             assert!((dot(&a, &a) - 1.0).abs() < 1e-5);
             assert!(dot(&a, &b).abs() < 0.35);
-            let mean: f32 = (0..200).map(|_| dot(&a, &probe(&mut rng, &a, 0.7))).sum::<f32>() / 200.0;
+            let mean: f32 = (0..200)
+                .map(|_| dot(&a, &probe(&mut rng, &a, 0.7)))
+                .sum::<f32>()
+                / 200.0;
             assert!((mean - 0.7).abs() < 0.03, "{mean}");
         }
     }

@@ -1,6 +1,7 @@
 //! `facepay-fleet`: the whole fleet in one process on loopback — an embedded MQTT broker, the
-//! cloud, two store hubs and two edge terminals per store — and a scripted cash register that
-//! charges a series of orders with QR payment codes, declines included. Prints a summary.
+//! cloud, two store hubs and two edge terminals per store — customers enrolled with their faces
+//! over the HTTPS enrollment API, and a scripted cash register that charges a series of orders
+//! paid with QR payment codes, faces, or both, declines included. Prints a summary.
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +13,14 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Parser;
 use paycode::Wallet;
-use protocol::{AccountKind, ChargeStatus, Currency, OpenAccount};
+use protocol::{
+    AccountKind, ChargeStatus, CreateCustomer, Currency, OpenAccount, SecondFactorKind, VerifyReply,
+};
 use serde::Serialize;
-use tests::{charge, free_port, present_code, present_qr, wait_for_keys, CloudApi};
+use tests::{
+    charge, charge_with_token, face_fixture, free_port, present_code, present_face, present_qr,
+    second_factor, verify, wait_for_keys, wait_for_metric, CloudApi, EnrollApi,
+};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +73,22 @@ struct Fleet {
     cloud: SocketAddr,
     edges: BTreeMap<(String, String), (SocketAddr, PathBuf)>,
 }
+
+/// Customers enrolled by face: id, home store, PIN, enrollment photo, confirmed look-alike of.
+/// `carol` already has an account and a wallet: enrolling adds her face to it.
+const FACE_CUSTOMERS: [(&str, &str, &str, &str, Option<&str>); 5] = [
+    ("bruno", "store-1", "4821", "bruno-1.jpg", None),
+    ("dora", "store-2", "3141", "dora-1.jpg", None),
+    ("carol", "store-2", "2718", "carla-1.jpg", None),
+    ("twin-a", "store-1", "1111", "twin-1.jpg", None),
+    (
+        "twin-b",
+        "store-1",
+        "2222",
+        "twin-1-mirrored.jpg",
+        Some("twin-a"),
+    ),
+];
 
 fn step(n: usize, total: usize, what: &str) {
     eprintln!("[{n}/{total}] {what}");
@@ -132,7 +154,11 @@ async fn start_fleet(
     Vec<hub::HubHandle>,
 )> {
     let mut servers = Vec::new();
-    step(2, 5, "starting the cloud and opening demo accounts");
+    step(
+        2,
+        5,
+        "starting the cloud, opening demo accounts, enrolling faces over HTTPS",
+    );
     let mut cloud_config = cloud::CloudConfig {
         data_dir: data_dir.join("cloud"),
         http_listen: "127.0.0.1:0".into(),
@@ -145,6 +171,10 @@ async fn start_fleet(
     servers.push(cloud.api_server_handle());
     let api_addr = cloud.http_addr;
     let customers = tokio::task::spawn_blocking(move || open_accounts(api_addr)).await??;
+    let (enroll_addr, cert) = (cloud.api_addr, cloud.api_cert.clone());
+    let enrolled =
+        tokio::task::spawn_blocking(move || enroll_faces(&enroll_addr.to_string(), &cert))
+            .await??;
 
     step(3, 5, "starting two store hubs");
     let mut hubs = Vec::new();
@@ -160,8 +190,15 @@ async fn start_fleet(
         config.zenoh.listen = vec![format!("tcp/127.0.0.1:{zenoh_port}")];
         let hub = hub::start(config).await?;
         let hub_http = hub.http_addr;
+        let home_templates = enrolled.get(store_id).copied().unwrap_or(0);
         tokio::task::spawn_blocking(move || {
-            wait_for_keys(hub_http, customers, Duration::from_secs(20))
+            wait_for_keys(hub_http, customers, Duration::from_secs(20))?;
+            wait_for_metric(
+                hub_http,
+                "facepay_hub_hot_templates",
+                home_templates as f64,
+                Duration::from_secs(20),
+            )
         })
         .await??;
         servers.push(hub.server_handle());
@@ -211,6 +248,41 @@ fn wallet(account_id: &str) -> Wallet {
     Wallet::from_seed(account_id, seed).expect("demo ids are valid")
 }
 
+/// Enrolls the face customers over HTTPS; returns how many templates each store's hub should get.
+fn enroll_faces(
+    api_addr: &str,
+    cert: &std::path::Path,
+) -> anyhow::Result<BTreeMap<&'static str, usize>> {
+    let api = EnrollApi::new(api_addr, cert)?;
+    let mut per_store = BTreeMap::new();
+    for (id, store, pin, photo, look_alike) in FACE_CUSTOMERS {
+        let (balance, key) = match CUSTOMERS.iter().find(|(c, _)| *c == id) {
+            Some((_, balance)) => (*balance, Some(wallet(id).public_key_b64())),
+            None => (8_000, None),
+        };
+        let (status, body) = api.create(&CreateCustomer {
+            customer_id: id.into(),
+            name: format!("Demo customer {id}"),
+            phone: "+49 30 1234 5678".into(),
+            pin: pin.into(),
+            second_factor: SecondFactorKind::Pin,
+            home_store_id: store.into(),
+            currency: CURRENCY.into(),
+            initial_balance_minor: balance,
+            public_key: key,
+        })?;
+        if status != 201 {
+            bail!("enrolling {id}: {status} {body}");
+        }
+        let (status, body) = api.add_face(id, &face_fixture(photo), look_alike.as_slice())?;
+        if status != 201 {
+            bail!("adding {id}'s face: {status} {body}");
+        }
+        *per_store.entry(store).or_insert(0) += 1;
+    }
+    Ok(per_store)
+}
+
 fn open_accounts(cloud: SocketAddr) -> anyhow::Result<usize> {
     let api = CloudApi::new(cloud);
     let eur = Currency::parse(CURRENCY)?;
@@ -241,6 +313,14 @@ enum Presents {
     ExpiredCode(&'static str),
     ReplayOfOrder(&'static str),
     NotAFacepayCode,
+    /// Looks at the camera (a photo from the test fixtures).
+    Face(&'static str),
+    /// Looks at the camera, and types this PIN if the terminal asks.
+    FaceAndPin(&'static str, &'static str),
+    /// Shows a fresh code from this wallet while looking at the camera.
+    CodeAndFace(&'static str, &'static str),
+    /// Holds a printed photo to the camera.
+    Spoof,
 }
 
 struct Order {
@@ -349,7 +429,88 @@ const ORDERS: &[Order] = &[
         presents: Presents::FreshCode("carol"),
         scenario: "carol within her balance",
     },
+    Order {
+        order_id: "1006",
+        store: 0,
+        till: 0,
+        amount_minor: 2_390,
+        presents: Presents::Face("bruno-2.jpg"),
+        scenario: "bruno pays by face at his store",
+    },
+    Order {
+        order_id: "2006",
+        store: 1,
+        till: 1,
+        amount_minor: 560,
+        presents: Presents::Face("bruno-2.jpg"),
+        scenario: "bruno by face at another store (the cloud finds him)",
+    },
+    Order {
+        order_id: "1007",
+        store: 0,
+        till: 1,
+        amount_minor: 1_000,
+        presents: Presents::FaceAndPin("twin-2.jpg", "2222"),
+        scenario: "a twin: the terminal asks for the PIN",
+    },
+    Order {
+        order_id: "1008",
+        store: 0,
+        till: 0,
+        amount_minor: 300,
+        presents: Presents::Face("stranger.jpg"),
+        scenario: "someone who never enrolled",
+    },
+    Order {
+        order_id: "1009",
+        store: 0,
+        till: 1,
+        amount_minor: 300,
+        presents: Presents::Spoof,
+        scenario: "a printed photo held to the camera",
+    },
+    Order {
+        order_id: "2007",
+        store: 1,
+        till: 0,
+        amount_minor: 1_999,
+        presents: Presents::Face("dora-2.jpg"),
+        scenario: "dora pays by face",
+    },
+    Order {
+        order_id: "2008",
+        store: 1,
+        till: 1,
+        amount_minor: 40,
+        presents: Presents::CodeAndFace("carol", "carla-2.jpg"),
+        scenario: "carol's code, confirmed by her face",
+    },
 ];
+
+/// Runs a face verification at a terminal; the payment token, or the refusal as a result.
+fn verify_face(
+    edge: SocketAddr,
+    frames: &std::path::Path,
+    method: &str,
+    photo: &std::path::Path,
+    pin: Option<&str>,
+) -> anyhow::Result<Result<(String, String), (protocol::DeclineReason, String)>> {
+    present_face(&frames.join("camera"), photo)?;
+    let (_, mut reply) = verify(edge, method)?;
+    if let (VerifyReply::SecondFactorRequired { challenge_id, .. }, Some(pin)) = (&reply, pin) {
+        reply = second_factor(edge, challenge_id, pin)?.1;
+    }
+    Ok(match reply {
+        VerifyReply::Verified {
+            token, account_id, ..
+        } => Ok((token, account_id)),
+        VerifyReply::Refused { reason, detail } => Err((reason, detail)),
+        VerifyReply::SecondFactorRequired { .. } => Err((
+            protocol::DeclineReason::SecondFactorWrong,
+            "the customer did not answer the second factor".into(),
+        )),
+    })
+}
 
 fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
     let api = CloudApi::new(fleet.cloud);
@@ -394,8 +555,50 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
                 present_qr(frames, "https://example.com/product/4006381333931")?;
                 "-".to_string()
             }
+            Presents::Face(photo) | Presents::FaceAndPin(photo, _) => photo.to_string(),
+            Presents::CodeAndFace(who, _) => who.to_string(),
+            Presents::Spoof => "-".to_string(),
         };
-        let (_, result) = charge(*edge, order.order_id, order.amount_minor, CURRENCY)?;
+        let face = match &order.presents {
+            Presents::Face(photo) => Some(("face", face_fixture(photo), None)),
+            Presents::FaceAndPin(photo, pin) => Some(("face", face_fixture(photo), Some(*pin))),
+            Presents::CodeAndFace(who, photo) => {
+                present_code(frames, &wallet(who))?;
+                Some(("code_and_face", face_fixture(photo), None))
+            }
+            Presents::Spoof => Some((
+                "face",
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../shared/face/tests/fixtures/spoof-photo.jpg"),
+                None,
+            )),
+            _ => None,
+        };
+        let (customer, result) = match face {
+            None => (
+                customer,
+                charge(*edge, order.order_id, order.amount_minor, CURRENCY)?.1,
+            ),
+            Some((method, photo, pin)) => match verify_face(*edge, frames, method, &photo, pin)? {
+                Ok((token, account_id)) => (
+                    account_id,
+                    charge_with_token(*edge, order.order_id, order.amount_minor, CURRENCY, &token)?
+                        .1,
+                ),
+                Err((reason, detail)) => (
+                    customer,
+                    protocol::ChargeResult {
+                        order_id: order.order_id.into(),
+                        payment_id: None,
+                        status: ChargeStatus::Declined,
+                        reason: Some(reason),
+                        detail,
+                        account_id: None,
+                        already_paid: false,
+                    },
+                ),
+            },
+        };
         eprintln!(
             "      order {:>2}/{}: {store_id}/{terminal_id} #{} {} -> {:?}{}",
             n + 1,
