@@ -193,6 +193,11 @@ impl CustomerStore {
         Ok(self.db.generate_id().map_err(storage)? + 1)
     }
 
+    /// The sealer of this store's key, for the identity index file.
+    pub fn sealer(&self) -> Sealer {
+        self.sealer.clone()
+    }
+
     /// A customer's record.
     pub fn get(&self, customer_id: &str) -> Result<Option<CustomerRecord>, CustomerError> {
         let Some(sealed) = self

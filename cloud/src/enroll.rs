@@ -103,6 +103,7 @@ pub struct IdentityActor {
     store: CustomerStore,
     index: IdentityIndex,
     index_path: PathBuf,
+    sealer: storage::Sealer,
     config: IdentityConfig,
     dirty: bool,
     saved_at: Instant,
@@ -118,9 +119,10 @@ impl IdentityActor {
         gauge: prometheus::IntGauge,
     ) -> Result<Self, EnrollError> {
         let expected = store.template_count();
+        let sealer = store.sealer();
         let mut failure = None;
         let (index, rebuilt) =
-            IdentityIndex::open_or_rebuild(&index_path, config.index, expected, || {
+            IdentityIndex::open_or_rebuild(&index_path, config.index, expected, &sealer, || {
                 store.all_templates().unwrap_or_else(|e| {
                     failure = Some(e);
                     Vec::new()
@@ -137,6 +139,7 @@ impl IdentityActor {
             store,
             index,
             index_path,
+            sealer,
             config,
             dirty: false,
             saved_at: Instant::now(),
@@ -163,7 +166,7 @@ impl IdentityActor {
         if !self.dirty {
             return;
         }
-        match self.index.save(&self.index_path) {
+        match self.index.save(&self.index_path, &self.sealer) {
             Ok(()) => {
                 self.dirty = false;
                 self.saved_at = Instant::now();
@@ -240,6 +243,16 @@ pub struct AddTemplateCmd {
 impl Handler<AddTemplateCmd> for IdentityActor {
     type Result = Result<(FaceAdded, TemplateUpdate), EnrollError>;
     fn handle(&mut self, msg: AddTemplateCmd, _: &mut Self::Context) -> Self::Result {
+        self.add_template(msg)
+    }
+}
+
+impl IdentityActor {
+    /// See [`AddTemplateCmd`].
+    pub fn add_template(
+        &mut self,
+        msg: AddTemplateCmd,
+    ) -> Result<(FaceAdded, TemplateUpdate), EnrollError> {
         if self.store.get(&msg.customer_id)?.is_none() {
             return Err(CustomerError::NotFound(msg.customer_id).into());
         }
@@ -288,6 +301,13 @@ pub struct EraseCustomer(pub String);
 impl Handler<EraseCustomer> for IdentityActor {
     type Result = Result<(usize, TemplateUpdate), EnrollError>;
     fn handle(&mut self, msg: EraseCustomer, _: &mut Self::Context) -> Self::Result {
+        self.erase(msg)
+    }
+}
+
+impl IdentityActor {
+    /// See [`EraseCustomer`].
+    pub fn erase(&mut self, msg: EraseCustomer) -> Result<(usize, TemplateUpdate), EnrollError> {
         let (ids, version) = self.store.erase(&msg.0)?;
         match self.index.remove(&ids) {
             Ok(_) => {}
@@ -315,6 +335,13 @@ pub struct IdentifyCmd(pub CloudIdentify);
 impl Handler<IdentifyCmd> for IdentityActor {
     type Result = Result<CloudIdentified, EnrollError>;
     fn handle(&mut self, msg: IdentifyCmd, _: &mut Self::Context) -> Self::Result {
+        self.identify(msg)
+    }
+}
+
+impl IdentityActor {
+    /// See [`IdentifyCmd`].
+    pub fn identify(&mut self, msg: IdentifyCmd) -> Result<CloudIdentified, EnrollError> {
         protocol::validate_embedding(&msg.0.embedding).map_err(CustomerError::Invalid)?;
         let entry = |store: &CustomerStore, id: &str| -> Result<Option<HotEntry>, EnrollError> {
             Ok(store.get(id)?.map(|r| r.hot_entry(id)))
@@ -361,5 +388,129 @@ impl Handler<IsErased> for IdentityActor {
     type Result = Result<bool, EnrollError>;
     fn handle(&mut self, msg: IsErased, _: &mut Self::Context) -> Self::Result {
         Ok(self.store.is_erased(&msg.0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{synthetic, CreateCustomer, SecondFactorKind};
+
+    fn customer(id: &str) -> CreateCustomer {
+        CreateCustomer {
+            customer_id: id.into(),
+            name: "N".into(),
+            phone: "0612345678".into(),
+            pin: "1234".into(),
+            second_factor: SecondFactorKind::Pin,
+            home_store_id: "s1".into(),
+            currency: "EUR".into(),
+            initial_balance_minor: 0,
+            public_key: None,
+        }
+    }
+
+    fn add(
+        actor: &mut IdentityActor,
+        id: &str,
+        embedding: &[f32],
+        look_alikes: &[&str],
+    ) -> Result<(FaceAdded, TemplateUpdate), EnrollError> {
+        actor.add_template(AddTemplateCmd {
+            customer_id: id.into(),
+            embedding: embedding.to_vec(),
+            liveness: 1.0,
+            look_alikes: look_alikes.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn duplicates_look_alikes_identify_and_erasure_for_every_index_type() {
+        for kind in [
+            IndexKind::Flat,
+            IndexKind::Ivf {
+                nlist: 4,
+                nprobe: 4,
+            },
+            IndexKind::Hnsw {
+                m: 16,
+                ef_search: 32,
+            },
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let store =
+                CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+            let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+            let path = dir.path().join("identity.faiss");
+            let config = IdentityConfig {
+                index: kind,
+                ..IdentityConfig::default()
+            };
+            let mut actor =
+                IdentityActor::open(store.clone(), path.clone(), config.clone(), gauge.clone())
+                    .unwrap();
+            let mut rng = synthetic::Rng::new(3);
+            let faces: Vec<Vec<f32>> = (0..30).map(|_| synthetic::template(&mut rng)).collect();
+            for (i, face) in faces.iter().enumerate() {
+                let id = format!("c{i}");
+                store.create(&customer(&id)).unwrap();
+                add(&mut actor, &id, face, &[]).unwrap();
+            }
+            // The same face under another account is refused, unless confirmed as a look-alike.
+            store.create(&customer("twin")).unwrap();
+            let twin_face = synthetic::probe(&mut rng, &faces[3], 0.9);
+            let err = add(&mut actor, "twin", &twin_face, &[]).unwrap_err();
+            assert!(
+                err.to_string().contains("probable duplicate"),
+                "{kind:?}: {err}"
+            );
+            add(&mut actor, "twin", &twin_face, &["c3"]).unwrap();
+
+            let probe = synthetic::probe(&mut rng, &faces[7], 0.7);
+            let found = actor
+                .identify(IdentifyCmd(CloudIdentify {
+                    embedding: probe.clone(),
+                    account_id: None,
+                }))
+                .unwrap();
+            assert_eq!(found.candidates[0].account_id, "c7", "{kind:?}");
+            let one = actor
+                .identify(IdentifyCmd(CloudIdentify {
+                    embedding: probe.clone(),
+                    account_id: Some("c9".into()),
+                }))
+                .unwrap();
+            assert_eq!(one.candidates.len(), 1);
+            assert_eq!(one.candidates[0].account_id, "c9");
+
+            // Erasure: gone from the index (HNSW is rebuilt), and from the index file at once.
+            let (removed, update) = actor.erase(EraseCustomer("c7".into())).unwrap();
+            assert_eq!(removed, 1);
+            assert_eq!(
+                update.change,
+                TemplateChange::Revoke {
+                    account_id: "c7".into()
+                }
+            );
+            let after = actor
+                .identify(IdentifyCmd(CloudIdentify {
+                    embedding: probe,
+                    account_id: None,
+                }))
+                .unwrap();
+            assert!(
+                after.candidates.iter().all(|c| c.account_id != "c7"),
+                "{kind:?}"
+            );
+            assert_eq!(gauge.get(), 30);
+            drop(actor);
+            let (reopened, rebuilt) =
+                IdentityIndex::open_or_rebuild(&path, kind, 30, &store.sealer(), Vec::new).unwrap();
+            assert!(
+                !rebuilt,
+                "{kind:?}: the saved file already lacks the erased face"
+            );
+            assert_eq!(reopened.len(), 30);
+        }
     }
 }

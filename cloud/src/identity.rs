@@ -11,6 +11,7 @@ use faiss::{
     index::autotune::ParameterSpace, index::IndexImpl, index_factory, Idx, Index, MetricType,
 };
 use serde::{Deserialize, Serialize};
+use storage::Sealer;
 
 /// Embedding dimension of SFace.
 pub const EMBEDDING_DIM: u32 = 128;
@@ -172,30 +173,47 @@ impl IdentityIndex {
             .collect())
     }
 
-    /// Writes the index to a file (through a temporary file and a rename, so a crash never leaves
-    /// half an index behind).
-    pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
+    /// Writes the index to a file, sealed: the embeddings are templates, personal data that
+    /// never rests on disk in clear. FAISS only writes to files, so it writes into a private file
+    /// on a memory file system (`/dev/shm` where there is one), which is read back, sealed and
+    /// removed; the sealed file replaces the old one by a rename, so a crash never leaves half an
+    /// index behind.
+    pub fn save(&self, path: &Path, sealer: &Sealer) -> Result<(), IdentityError> {
+        let io = |e: std::io::Error| IdentityError::Io(format!("{}: {e}", path.display()));
+        let scratch = scratch_file().map_err(io)?;
+        faiss::write_index(&self.index, scratch.path().to_string_lossy().as_ref())?;
+        let plain = std::fs::read(scratch.path()).map_err(io)?;
+        drop(scratch);
+        let sealed = sealer.seal(INDEX_RECORD_KEY, &plain);
         let tmp = path.with_extension("tmp");
-        faiss::write_index(&self.index, tmp.to_string_lossy().as_ref())?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| IdentityError::Io(format!("{}: {e}", path.display())))?;
+        std::fs::write(&tmp, sealed).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
         Ok(())
     }
 
-    /// Opens the persisted index when it is readable and holds exactly `expected` templates;
-    /// otherwise rebuilds it from `templates` (the store of record) and persists the rebuild.
-    /// Returns the index and whether it was rebuilt.
+    fn load(path: &Path, kind: IndexKind, sealer: &Sealer) -> Option<Self> {
+        let sealed = std::fs::read(path).ok()?;
+        let plain = sealer.open(INDEX_RECORD_KEY, &sealed).ok()?;
+        let scratch = scratch_file().ok()?;
+        std::fs::write(scratch.path(), plain).ok()?;
+        let index = faiss::read_index(scratch.path().to_string_lossy().as_ref()).ok()?;
+        Some(IdentityIndex { index, kind })
+    }
+
+    /// Opens the persisted index when it opens with `sealer` and holds exactly `expected`
+    /// templates; otherwise rebuilds it from `templates` (the store of record) and persists the
+    /// rebuild. Returns the index and whether it was rebuilt.
     pub fn open_or_rebuild<F>(
         path: &Path,
         kind: IndexKind,
         expected: u64,
+        sealer: &Sealer,
         templates: F,
     ) -> Result<(Self, bool), IdentityError>
     where
         F: FnOnce() -> Vec<(u64, Vec<f32>)>,
     {
-        if let Ok(index) = faiss::read_index(path.to_string_lossy().as_ref()) {
-            let mut opened = IdentityIndex { index, kind };
+        if let Some(mut opened) = Self::load(path, kind, sealer) {
             if opened.len() == expected && opened.apply_search_parameters().is_ok() {
                 return Ok((opened, false));
             }
@@ -204,9 +222,26 @@ impl IdentityIndex {
             tracing::warn!(path = %path.display(), "identity index is unreadable; rebuilding");
         }
         let rebuilt = IdentityIndex::build(kind, &templates())?;
-        rebuilt.save(path)?;
+        rebuilt.save(path, sealer)?;
         Ok((rebuilt, true))
     }
+}
+
+/// Associated data of the sealed index file.
+const INDEX_RECORD_KEY: &[u8] = b"facepay-identity-index";
+
+/// A private (0600) scratch file in memory where the system has `/dev/shm`, removed on drop.
+fn scratch_file() -> std::io::Result<tempfile::NamedTempFile> {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(file) = tempfile::Builder::new()
+            .prefix(".facepay-")
+            .tempfile_in(shm)
+        {
+            return Ok(file);
+        }
+    }
+    tempfile::Builder::new().prefix(".facepay-").tempfile()
 }
 
 #[cfg(test)]
@@ -314,19 +349,35 @@ mod tests {
         let path = dir.path().join("identity.faiss");
         let data = unit_vectors(50, 3);
         let source = || data.clone();
-        let (_, rebuilt) =
-            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, source).unwrap();
+        let key = Sealer::from_key(&[7; 32]);
+        let open = |expected| {
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, expected, &key, source).unwrap()
+        };
+        let (_, rebuilt) = open(50);
         assert!(rebuilt, "missing file is rebuilt");
-        let (mut index, rebuilt) =
-            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, source).unwrap();
+        let (mut index, rebuilt) = open(50);
         assert!(!rebuilt, "a good file is reused");
         assert_eq!(index.search(&data[4].1, 1).unwrap()[0].template_id, 1004);
-        let (_, rebuilt) =
-            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 51, source).unwrap();
+        // The file holds no embedding in clear.
+        let raw = std::fs::read(&path).unwrap();
+        let first: Vec<u8> = data[0].1[..4]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        assert!(!raw.windows(first.len()).any(|w| w == first.as_slice()));
+        let (_, rebuilt) = open(51);
         assert!(rebuilt, "a count that disagrees with the store is rebuilt");
+        let (_, rebuilt) = IdentityIndex::open_or_rebuild(
+            &path,
+            IndexKind::Flat,
+            51,
+            &Sealer::from_key(&[8; 32]),
+            source,
+        )
+        .unwrap();
+        assert!(rebuilt, "a file sealed with another key is rebuilt");
         std::fs::write(&path, b"garbage").unwrap();
-        let (index, rebuilt) =
-            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, source).unwrap();
+        let (index, rebuilt) = open(50);
         assert!(rebuilt && index.len() == 50, "a corrupt file is rebuilt");
     }
 }

@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             let grown = rss_bytes().saturating_sub(before);
             let file =
                 std::env::temp_dir().join(format!("facepay-bench-{}.faiss", std::process::id()));
-            index.save(&file)?;
+            index.save(&file, &storage::Sealer::from_key(&[7; 32]))?;
             let file_bytes = std::fs::metadata(&file)?.len();
             let _ = std::fs::remove_file(&file);
             let mut times = Vec::with_capacity(queries.len());
