@@ -2,7 +2,7 @@
 //! totals) and, over HTTPS, the enrollment API (customers, their faces, erasure).
 
 use actix::Addr;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use protocol::{AccountKind, AddFace, CreateCustomer, Currency, OpenAccount};
 use serde_json::json;
 
@@ -14,6 +14,7 @@ use crate::{
     customers::CustomerError,
     enroll::{
         AddTemplateCmd, CreateCustomerCmd, EnrollError, EraseCustomer, GetCustomer, IdentityActor,
+        IsErased,
     },
     error::LedgerError,
 };
@@ -139,6 +140,8 @@ pub const MAX_ENROLL_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub(crate) struct EnrollState {
+    /// SHA-256 of the operator bearer token.
+    pub token_digest: [u8; 32],
     pub ledger: Addr<LedgerActor>,
     pub link: Addr<HubLinkActor>,
     pub identity: Addr<IdentityActor>,
@@ -163,6 +166,25 @@ pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState)
         .route("/v1/customers/{id}", web::get().to(get_customer))
         .route("/v1/customers/{id}", web::delete().to(erase_customer))
         .route("/v1/customers/{id}/faces", web::post().to(add_face));
+}
+
+/// The enrollment API serves operators only: `Authorization: Bearer <token>`.
+fn authorized(request: &HttpRequest, state: &EnrollState) -> Result<(), HttpResponse> {
+    use sha2::Digest as _;
+    let given = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Comparing digests: timing reveals nothing about the token.
+    if sha2::Sha256::digest(given.trim().as_bytes()).as_slice() == state.token_digest {
+        Ok(())
+    } else {
+        Err(HttpResponse::Unauthorized()
+            .insert_header(("WWW-Authenticate", "Bearer"))
+            .json(json!({ "error": "unauthorized", "detail": "a valid operator bearer token is required" })))
+    }
 }
 
 fn enroll_error(error: EnrollError) -> HttpResponse {
@@ -190,9 +212,13 @@ fn enroll_error(error: EnrollError) -> HttpResponse {
 }
 
 async fn create_customer(
+    http: HttpRequest,
     state: web::Data<EnrollState>,
     body: web::Json<CreateCustomer>,
 ) -> HttpResponse {
+    if let Err(denied) = authorized(&http, &state) {
+        return denied;
+    }
     let request = body.into_inner();
     if let Err(e) = crate::customers::validate_customer(&request) {
         return enroll_error(e.into());
@@ -216,6 +242,26 @@ async fn create_customer(
             }))
         }
         Ok(Ok(None)) => {}
+        Ok(Err(e)) => return enroll_error(e),
+        Err(e) => return unavailable(e),
+    }
+    // An erased customer's account is closed for good (its money record stays): a new enrollment
+    // takes a new id.
+    match state
+        .identity
+        .send(IsErased(request.customer_id.clone()))
+        .await
+    {
+        Ok(Ok(true)) => {
+            return HttpResponse::Conflict().json(json!({
+                "error": "conflict",
+                "detail": format!(
+                    "customer {} was erased; enroll under a new customer id",
+                    request.customer_id
+                )
+            }))
+        }
+        Ok(Ok(false)) => {}
         Ok(Err(e)) => return enroll_error(e),
         Err(e) => return unavailable(e),
     }
@@ -244,7 +290,14 @@ async fn create_customer(
     }
 }
 
-async fn get_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
+async fn get_customer(
+    http: HttpRequest,
+    state: web::Data<EnrollState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(denied) = authorized(&http, &state) {
+        return denied;
+    }
     match state.identity.send(GetCustomer(id.into_inner())).await {
         Err(e) => unavailable(e),
         Ok(Err(e)) => enroll_error(e),
@@ -255,10 +308,14 @@ async fn get_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> H
 }
 
 async fn add_face(
+    http: HttpRequest,
     state: web::Data<EnrollState>,
     id: web::Path<String>,
     body: web::Json<AddFace>,
 ) -> HttpResponse {
+    if let Err(denied) = authorized(&http, &state) {
+        return denied;
+    }
     use base64::Engine as _;
     let customer_id = id.into_inner();
     let request = body.into_inner();
@@ -325,7 +382,14 @@ async fn add_face(
     }
 }
 
-async fn erase_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
+async fn erase_customer(
+    http: HttpRequest,
+    state: web::Data<EnrollState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    if let Err(denied) = authorized(&http, &state) {
+        return denied;
+    }
     let customer_id = id.into_inner();
     let (removed, update) = match state
         .identity

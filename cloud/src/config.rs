@@ -30,6 +30,9 @@ pub struct CloudConfig {
     /// `<data_dir>/keys/templates.key`. Keep it outside the data's backups in production. Created
     /// on first run only while no customer is enrolled.
     pub template_key_file: Option<PathBuf>,
+    /// File holding the enrollment API's operator bearer token; unset: `<data_dir>/keys/api-token`,
+    /// generated on first run (readable by its owner only).
+    pub api_token_file: Option<PathBuf>,
     /// Face threads for enrollment photos.
     pub face_threads: usize,
     /// The identity index and its thresholds.
@@ -49,6 +52,7 @@ impl Default for CloudConfig {
             api_listen: "127.0.0.1:9443".into(),
             tls: TlsFiles::default(),
             template_key_file: None,
+            api_token_file: None,
             face_threads: 1,
             identity: IdentityConfig::default(),
             face: FaceConfig::default(),
@@ -63,6 +67,13 @@ impl CloudConfig {
         self.template_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys").join("templates.key"))
+    }
+
+    /// The API token file in effect.
+    pub fn api_token_path(&self) -> PathBuf {
+        self.api_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("api-token"))
     }
 }
 

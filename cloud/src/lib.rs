@@ -34,6 +34,8 @@ pub struct CloudHandle {
     /// The certificate clients of the HTTPS API must trust (the development one unless
     /// configured).
     pub api_cert: std::path::PathBuf,
+    /// The file holding the enrollment API's operator token.
+    pub api_token: std::path::PathBuf,
     /// The ledger actor, for in-process callers (the fleet demo).
     pub ledger: Addr<LedgerActor>,
     server: actix_web::dev::ServerHandle,
@@ -128,7 +130,9 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         })
         .with_context(|| format!("binding http_listen {}", config.http_listen))?;
     let (tls, api_cert) = tls::server_config(&config.tls, &config.data_dir)?;
+    let token_digest = tls::operator_token_digest(&config.api_token_path())?;
     let enroll_state = api::EnrollState {
+        token_digest,
         ledger: ledger.clone(),
         link,
         identity,
@@ -144,6 +148,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         http_addr,
         api_addr,
         api_cert,
+        api_token: config.api_token_path(),
         ledger,
         server: handle,
         api_server,

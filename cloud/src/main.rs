@@ -20,10 +20,11 @@ fn main() -> anyhow::Result<()> {
     actix::System::new().block_on(async move {
         let handle = cloud::start(config).await?;
         println!(
-            "facepay-cloud ready http={} api={} cert={}",
+            "facepay-cloud ready http={} api={} cert={} token={}",
             handle.http_addr,
             handle.api_addr,
-            handle.api_cert.display()
+            handle.api_cert.display(),
+            handle.api_token.display()
         );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;

@@ -93,6 +93,44 @@ fn generate_dev_cert(cert: &Path, key: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The enrollment API's operator token: read from `path`, or generated there (64 hex characters,
+/// owner-only) on first run. Returns its SHA-256, which is all the server keeps.
+pub fn operator_token_digest(path: &Path) -> anyhow::Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let token = match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore as _;
+            let mut bytes = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            use std::io::Write as _;
+            options
+                .open(path)
+                .and_then(|mut f| f.write_all(token.as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            token
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if token.len() < 32 {
+        bail!(
+            "{} holds a token of {} characters; use at least 32",
+            path.display(),
+            token.len()
+        );
+    }
+    Ok(sha2::Sha256::digest(token.as_bytes()).into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -677,7 +677,7 @@ impl VerifyActor {
                             )
                         } else {
                             format!(
-                                "wrong {}; {} more attempts before face payment locks",
+                                "wrong {}; face payment locks after {} more wrong answers",
                                 challenge.kind.as_str(),
                                 actor.policy.free + 1 - state.failures
                             )

@@ -1,6 +1,8 @@
 //! Harness for facepay's cross-process tests and the fleet demo: free ports, brokers, the real
 //! binaries as child processes, the customer's phone and the cash register.
 
+pub mod proxy;
+
 use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -396,11 +398,13 @@ pub fn face_fixture(name: &str) -> PathBuf {
 pub struct EnrollApi {
     base: String,
     agent: ureq::Agent,
+    bearer: String,
 }
 
 impl EnrollApi {
-    /// A client for the API at `addr` whose certificate is the PEM file `cert`.
-    pub fn new(addr: &str, cert: &Path) -> anyhow::Result<Self> {
+    /// A client for the API at `addr` whose certificate is the PEM file `cert`, authenticated
+    /// with the operator token in the file `token`.
+    pub fn new(addr: &str, cert: &Path, token: &Path) -> anyhow::Result<Self> {
         use rustls_pki_types::{pem::PemObject, CertificateDer};
         let mut roots = rustls::RootCertStore::empty();
         for der in CertificateDer::pem_file_iter(cert)? {
@@ -417,9 +421,12 @@ impl EnrollApi {
             .timeout(Duration::from_secs(60))
             .build();
         // The certificate names localhost and 127.0.0.1.
+        let token = std::fs::read_to_string(token)
+            .with_context(|| format!("reading {}", token.display()))?;
         Ok(EnrollApi {
             base: format!("https://{addr}"),
             agent,
+            bearer: format!("Bearer {}", token.trim()),
         })
     }
 
@@ -429,7 +436,10 @@ impl EnrollApi {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let request = self.agent.request(method, &format!("{}{path}", self.base));
+        let request = self
+            .agent
+            .request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &self.bearer);
         let result = match body {
             Some(body) => request.send_json(body),
             None => request.call(),
@@ -474,6 +484,19 @@ impl EnrollApi {
     /// `DELETE /v1/customers/{id}`.
     pub fn erase(&self, customer_id: &str) -> anyhow::Result<(u16, serde_json::Value)> {
         self.send("DELETE", &format!("/v1/customers/{customer_id}"), None)
+    }
+
+    /// The same request without the operator token.
+    pub fn unauthenticated_get(&self, customer_id: &str) -> anyhow::Result<u16> {
+        match self
+            .agent
+            .get(&format!("{}/v1/customers/{customer_id}", self.base))
+            .call()
+        {
+            Ok(r) => Ok(r.status()),
+            Err(ureq::Error::Status(status, _)) => Ok(status),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// `GET /v1/customers/{id}`.

@@ -147,7 +147,8 @@ fn pay_by_face_end_to_end() {
     // The enrollment API is HTTPS only, with the development certificate the cloud generated.
     let cert = Path::new(&cloud.ready["cert"]).to_owned();
     assert!(cert.exists(), "{cert:?}");
-    let api = EnrollApi::new(&cloud.ready["api"], &cert).unwrap();
+    let token = Path::new(&cloud.ready["token"]).to_owned();
+    let api = EnrollApi::new(&cloud.ready["api"], &cert, &token).unwrap();
     assert!(
         ureq::get(&format!("http://{}/v1/customers/x", cloud.ready["api"]))
             .call()
@@ -238,6 +239,11 @@ fn pay_by_face_end_to_end() {
     );
     let (status, body) = api.get("bruno").unwrap();
     assert_eq!(status, 200);
+    assert_eq!(
+        api.unauthenticated_get("bruno").unwrap(),
+        401,
+        "operators only"
+    );
     assert_eq!(body["faces"], 1);
     assert_eq!(body["phone_masked"], "*******5678");
     assert!(body.get("pin").is_none() && body.get("pin_hash").is_none());
@@ -400,6 +406,10 @@ fn pay_by_face_end_to_end() {
     }
     let (status, _) = api.erase("bruno").unwrap();
     assert_eq!(status, 404, "erasing twice finds nobody");
+    let (status, body) = api
+        .create(&customer("bruno", "store-1", "4821", SecondFactorKind::Pin))
+        .unwrap();
+    assert_eq!(status, 409, "an erased id is not reused: {body}");
     let bruno = admin
         .accounts()
         .unwrap()

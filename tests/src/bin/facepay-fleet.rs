@@ -171,9 +171,13 @@ async fn start_fleet(
     servers.push(cloud.api_server_handle());
     let api_addr = cloud.http_addr;
     let customers = tokio::task::spawn_blocking(move || open_accounts(api_addr)).await??;
-    let (enroll_addr, cert) = (cloud.api_addr, cloud.api_cert.clone());
+    let (enroll_addr, cert, token) = (
+        cloud.api_addr,
+        cloud.api_cert.clone(),
+        cloud.api_token.clone(),
+    );
     let enrolled =
-        tokio::task::spawn_blocking(move || enroll_faces(&enroll_addr.to_string(), &cert))
+        tokio::task::spawn_blocking(move || enroll_faces(&enroll_addr.to_string(), &cert, &token))
             .await??;
 
     step(3, 5, "starting two store hubs");
@@ -252,8 +256,9 @@ fn wallet(account_id: &str) -> Wallet {
 fn enroll_faces(
     api_addr: &str,
     cert: &std::path::Path,
+    token: &std::path::Path,
 ) -> anyhow::Result<BTreeMap<&'static str, usize>> {
-    let api = EnrollApi::new(api_addr, cert)?;
+    let api = EnrollApi::new(api_addr, cert, token)?;
     let mut per_store = BTreeMap::new();
     for (id, store, pin, photo, look_alike) in FACE_CUSTOMERS {
         let (balance, key) = match CUSTOMERS.iter().find(|(c, _)| *c == id) {
