@@ -169,7 +169,8 @@ pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState)
 }
 
 /// The enrollment API serves operators only: `Authorization: Bearer <token>`.
-fn authorized(request: &HttpRequest, state: &EnrollState) -> Result<(), HttpResponse> {
+/// `None` when the request carries the operator token, else the 401 to answer.
+fn unauthorized(request: &HttpRequest, state: &EnrollState) -> Option<HttpResponse> {
     use sha2::Digest as _;
     let given = request
         .headers()
@@ -179,9 +180,9 @@ fn authorized(request: &HttpRequest, state: &EnrollState) -> Result<(), HttpResp
         .unwrap_or("");
     // Comparing digests: timing reveals nothing about the token.
     if sha2::Sha256::digest(given.trim().as_bytes()).as_slice() == state.token_digest {
-        Ok(())
+        None
     } else {
-        Err(HttpResponse::Unauthorized()
+        Some(HttpResponse::Unauthorized()
             .insert_header(("WWW-Authenticate", "Bearer"))
             .json(json!({ "error": "unauthorized", "detail": "a valid operator bearer token is required" })))
     }
@@ -216,7 +217,7 @@ async fn create_customer(
     state: web::Data<EnrollState>,
     body: web::Json<CreateCustomer>,
 ) -> HttpResponse {
-    if let Err(denied) = authorized(&http, &state) {
+    if let Some(denied) = unauthorized(&http, &state) {
         return denied;
     }
     let request = body.into_inner();
@@ -295,7 +296,7 @@ async fn get_customer(
     state: web::Data<EnrollState>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(denied) = authorized(&http, &state) {
+    if let Some(denied) = unauthorized(&http, &state) {
         return denied;
     }
     match state.identity.send(GetCustomer(id.into_inner())).await {
@@ -313,7 +314,7 @@ async fn add_face(
     id: web::Path<String>,
     body: web::Json<AddFace>,
 ) -> HttpResponse {
-    if let Err(denied) = authorized(&http, &state) {
+    if let Some(denied) = unauthorized(&http, &state) {
         return denied;
     }
     use base64::Engine as _;
@@ -387,7 +388,7 @@ async fn erase_customer(
     state: web::Data<EnrollState>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(denied) = authorized(&http, &state) {
+    if let Some(denied) = unauthorized(&http, &state) {
         return denied;
     }
     let customer_id = id.into_inner();
