@@ -28,20 +28,24 @@ pub(crate) struct ApiState {
     pub link: Addr<HubLinkActor>,
 }
 
+/// JSON bodies up to `limit` bytes; an unreadable body is a 400 `invalid_request` naming the
+/// problem.
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|error, _| {
+            let body = json!({ "error": "invalid_request", "detail": error.to_string() });
+            actix_web::error::InternalError::from_response(
+                error,
+                HttpResponse::BadRequest().json(body),
+            )
+            .into()
+        })
+}
+
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
     cfg.app_data(web::Data::new(state))
-        .app_data(
-            web::JsonConfig::default()
-                .limit(MAX_BODY_BYTES)
-                .error_handler(|error, _| {
-                    let body = json!({ "error": "invalid_request", "detail": error.to_string() });
-                    actix_web::error::InternalError::from_response(
-                        error,
-                        HttpResponse::BadRequest().json(body),
-                    )
-                    .into()
-                }),
-        )
+        .app_data(json_config(MAX_BODY_BYTES))
         .route("/v1/accounts", web::post().to(open_account))
         .route("/v1/accounts", web::get().to(list_accounts))
         .route("/v1/accounts/{id}", web::get().to(get_account))
@@ -150,18 +154,7 @@ pub(crate) struct EnrollState {
 
 pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState) {
     cfg.app_data(web::Data::new(state))
-        .app_data(
-            web::JsonConfig::default()
-                .limit(MAX_ENROLL_BODY_BYTES)
-                .error_handler(|error, _| {
-                    let body = json!({ "error": "invalid_request", "detail": error.to_string() });
-                    actix_web::error::InternalError::from_response(
-                        error,
-                        HttpResponse::BadRequest().json(body),
-                    )
-                    .into()
-                }),
-        )
+        .app_data(json_config(MAX_ENROLL_BODY_BYTES))
         .route("/v1/customers", web::post().to(create_customer))
         .route("/v1/customers/{id}", web::get().to(get_customer))
         .route("/v1/customers/{id}", web::delete().to(erase_customer))

@@ -166,20 +166,27 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     })
 }
 
-/// Declares the store's authorize queryable and answers each query through the auth actor.
-async fn serve_edges(
+/// Declares a queryable on `key` and answers each query, at most [`MAX_CONCURRENT_QUERIES`] at
+/// once, with what `answer` makes of its decoded payload.
+async fn serve_queries<Req, F, Fut>(
     zenoh: &zlink::ZenohLink,
-    store_id: &str,
-    auth: Addr<AuthActor>,
-) -> anyhow::Result<()> {
+    key: String,
+    answer: F,
+) -> anyhow::Result<()>
+where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(Result<Req, protocol::WireError>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
+{
     let session = zenoh.session().clone();
-    let key = protocol::keyexpr::hub_authorize(store_id);
+    let declared = key.clone();
     let queryable = zenoh
-        .spawn(async move { session.declare_queryable(key).await })
+        .spawn(async move { session.declare_queryable(declared).await })
         .await
         .expect("declaring does not panic")
-        .map_err(|e| anyhow::anyhow!("declaring the authorize queryable: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))?;
     let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
+    let answer = Arc::new(answer);
     zenoh.spawn(async move {
         while let Ok(query) = queryable.recv_async().await {
             let permit = limit
@@ -187,14 +194,46 @@ async fn serve_edges(
                 .acquire_owned()
                 .await
                 .expect("semaphore never closes");
-            let auth = auth.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let payload = query
                     .payload()
                     .map(|p| p.to_bytes().into_owned())
                     .unwrap_or_default();
-                let reply = match protocol::decode::<protocol::AuthorizeRequest>(&payload) {
+                let reply = answer(protocol::decode::<Req>(&payload)).await;
+                if let Err(error) = query.reply(query.key_expr().clone(), reply).await {
+                    tracing::warn!(%error, "replying to edge failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn wire_reason(error: &protocol::WireError) -> protocol::DeclineReason {
+    match error {
+        protocol::WireError::UnsupportedVersion { .. } => {
+            protocol::DeclineReason::UnsupportedVersion
+        }
+        protocol::WireError::Malformed(_) => protocol::DeclineReason::InvalidRequest,
+    }
+}
+
+/// Declares the store's authorize queryable and answers each query through the auth actor.
+async fn serve_edges(
+    zenoh: &zlink::ZenohLink,
+    store_id: &str,
+    auth: Addr<AuthActor>,
+) -> anyhow::Result<()> {
+    let key = protocol::keyexpr::hub_authorize(store_id);
+    serve_queries(
+        zenoh,
+        key,
+        move |decoded: Result<protocol::AuthorizeRequest, _>| {
+            let auth = auth.clone();
+            async move {
+                let reply = match decoded {
                     Ok(request) => {
                         let payment_id = request.payment_id.clone();
                         auth.send(Authorize(request)).await.unwrap_or_else(|error| {
@@ -210,28 +249,16 @@ async fn serve_edges(
                     Err(error) => protocol::AuthorizeReply {
                         payment_id: String::new(),
                         decision: protocol::Decision::declined(
-                            match error {
-                                protocol::WireError::UnsupportedVersion { .. } => {
-                                    protocol::DeclineReason::UnsupportedVersion
-                                }
-                                protocol::WireError::Malformed(_) => {
-                                    protocol::DeclineReason::InvalidRequest
-                                }
-                            },
+                            wire_reason(&error),
                             error.to_string(),
                         ),
                     },
                 };
-                if let Err(error) = query
-                    .reply(query.key_expr().clone(), protocol::encode(&reply))
-                    .await
-                {
-                    tracing::warn!(%error, "replying to edge failed");
-                }
-            });
-        }
-    });
-    Ok(())
+                protocol::encode(&reply)
+            }
+        },
+    )
+    .await
 }
 
 /// Declares the store's verify queryable and answers each query through the verify actor.
@@ -240,54 +267,27 @@ async fn serve_verify(
     store_id: &str,
     verify: Addr<VerifyActor>,
 ) -> anyhow::Result<()> {
-    let session = zenoh.session().clone();
     let key = protocol::keyexpr::hub_verify(store_id);
-    let queryable = zenoh
-        .spawn(async move { session.declare_queryable(key).await })
-        .await
-        .expect("declaring does not panic")
-        .map_err(|e| anyhow::anyhow!("declaring the verify queryable: {e}"))?;
-    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
-    zenoh.spawn(async move {
-        while let Ok(query) = queryable.recv_async().await {
-            let permit = limit
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closes");
+    serve_queries(
+        zenoh,
+        key,
+        move |decoded: Result<protocol::VerifyRequest, _>| {
             let verify = verify.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let payload = query
-                    .payload()
-                    .map(|p| p.to_bytes().into_owned())
-                    .unwrap_or_default();
-                let reply = match protocol::decode::<protocol::VerifyRequest>(&payload) {
+            async move {
+                let reply = match decoded {
                     Ok(request) => verify.send(Verify(request)).await.unwrap_or_else(|error| {
                         protocol::VerifyReply::refused(
                             protocol::DeclineReason::Internal,
                             format!("hub unavailable: {error}"),
                         )
                     }),
-                    Err(protocol::WireError::UnsupportedVersion { got, supported }) => {
-                        protocol::VerifyReply::refused(
-                            protocol::DeclineReason::UnsupportedVersion,
-                            format!("protocol version {got}, this hub speaks {supported}"),
-                        )
+                    Err(error) => {
+                        protocol::VerifyReply::refused(wire_reason(&error), error.to_string())
                     }
-                    Err(error) => protocol::VerifyReply::refused(
-                        protocol::DeclineReason::InvalidRequest,
-                        error.to_string(),
-                    ),
                 };
-                if let Err(error) = query
-                    .reply(query.key_expr().clone(), protocol::encode(&reply))
-                    .await
-                {
-                    tracing::warn!(%error, "replying to edge failed");
-                }
-            });
-        }
-    });
-    Ok(())
+                protocol::encode(&reply)
+            }
+        },
+    )
+    .await
 }
