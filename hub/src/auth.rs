@@ -17,6 +17,7 @@ use protocol::{
 use telemetry::PaymentMetrics;
 
 use crate::{
+    error::HubError,
     journal::{JournalActor, JournalAnswer, JournalCmd, JournalEntry, Reservation},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
     verify::{RedeemToken, VerifyActor},
@@ -490,6 +491,13 @@ async fn authorize_verified(
     };
     let failure = match uplink.send(call).await {
         Ok(Ok(CloudReplyBody::Authorized { decision, .. })) => return decision,
+        // Not sent: nothing can have been applied, so there is nothing to void.
+        Ok(Err(error @ (HubError::CircuitOpen(_) | HubError::UplinkSaturated))) => {
+            return Decision::declined(
+                DeclineReason::CloudUnreachable,
+                format!("{error}; nothing was charged"),
+            )
+        }
         Ok(Ok(CloudReplyBody::Error { detail })) => {
             // The cloud aborted the transaction: nothing was applied.
             return Decision::declined(

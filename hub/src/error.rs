@@ -15,4 +15,7 @@ pub enum HubError {
     /// Too many requests already wait for the cloud.
     #[error("too many requests waiting for the cloud")]
     UplinkSaturated,
+    /// The circuit breaker is open: recent requests got no answer; this one was not sent.
+    #[error("cloud unreachable: recent requests went unanswered; next try in {0} ms")]
+    CircuitOpen(u64),
 }

@@ -6,6 +6,7 @@
 //! `README.md` in this folder for the actors and their messages.
 
 pub mod auth;
+pub mod breaker;
 pub mod config;
 mod error;
 pub mod hotset;
@@ -130,12 +131,18 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     auth.do_send(AttachVerifier(verify.clone()));
 
     let (client, eventloop) = config.mqtt.connect(&config.mqtt_client_id());
+    let breaker_gauge = telemetry::register_gauge(
+        &registry,
+        "facepay_hub_cloud_breaker",
+        "circuit breaker on the cloud link: 0 closed, 1 half-open (probing), 2 open (failing fast)",
+    );
     let uplink = UplinkActor::new(
         config.store_id.clone(),
         client,
         vec![auth.clone().recipient(), verify.clone().recipient()],
         connected,
     )
+    .with_breaker_gauge(breaker_gauge)
     .start();
     auth.do_send(AttachUplink(uplink.clone()));
     verify.do_send(verify::AttachUplink(uplink.clone()));

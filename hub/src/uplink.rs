@@ -7,7 +7,15 @@ use futures::channel::oneshot;
 use mqtt::{LinkEvent, QoS};
 use protocol::{CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, TemplateBatch};
 
-use crate::error::HubError;
+use crate::{
+    breaker::{Admission, BreakerState, CircuitBreaker},
+    error::HubError,
+};
+
+/// Timeouts in a row that open the circuit breaker.
+pub const BREAKER_THRESHOLD: u32 = 3;
+/// How long an open breaker refuses requests before it lets a probe through.
+pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(5);
 
 /// Most requests waiting for the cloud at once; beyond it a request fails at once as saturated.
 pub const MAX_PENDING_CLOUD_REQUESTS: usize = 1024;
@@ -36,6 +44,8 @@ pub struct UplinkActor {
     pending: HashMap<u64, oneshot::Sender<CloudReplyBody>>,
     listeners: Vec<Recipient<UplinkEvent>>,
     connected_gauge: prometheus::IntGauge,
+    breaker: CircuitBreaker,
+    breaker_gauge: Option<prometheus::IntGauge>,
 }
 
 impl UplinkActor {
@@ -57,6 +67,20 @@ impl UplinkActor {
             pending: HashMap::new(),
             listeners,
             connected_gauge,
+            breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
+            breaker_gauge: None,
+        }
+    }
+
+    /// Shows the breaker's state (0 closed, 1 half-open, 2 open) on `gauge`.
+    pub fn with_breaker_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
+        self.breaker_gauge = Some(gauge);
+        self
+    }
+
+    fn show_breaker(&self) {
+        if let Some(gauge) = &self.breaker_gauge {
+            gauge.set(self.breaker.state(std::time::Instant::now()) as i64);
         }
     }
 }
@@ -96,6 +120,13 @@ impl Handler<CallCloud> for UplinkActor {
         if self.pending.len() >= MAX_PENDING_CLOUD_REQUESTS {
             return Box::pin(fut::ready(Err(HubError::UplinkSaturated)));
         }
+        let admission = self.breaker.admit(std::time::Instant::now());
+        self.show_breaker();
+        if let Admission::Refuse { retry_in } = admission {
+            return Box::pin(fut::ready(Err(HubError::CircuitOpen(
+                retry_in.as_millis() as u64
+            ))));
+        }
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         let request = HubRequest {
@@ -111,6 +142,8 @@ impl Handler<CallCloud> for UplinkActor {
             payload,
         ) {
             tracing::warn!(%error, "publishing to the cloud failed");
+            // Not sent: a probe it carried proves nothing.
+            self.breaker.link_lost();
             return Box::pin(fut::ready(Err(HubError::UplinkSaturated)));
         }
         let (tx, rx) = oneshot::channel();
@@ -128,6 +161,26 @@ impl Handler<CallCloud> for UplinkActor {
             .into_actor(self)
             .map(move |result, actor, _| {
                 actor.pending.remove(&request_id);
+                match &result {
+                    Ok(_) => {
+                        if actor.breaker.answered() {
+                            tracing::info!(store_id = actor.store_id, "the cloud answers again");
+                            // Voids and syncs waiting for the cloud go now.
+                            actor.tell(UplinkEvent::CloudConnected);
+                        }
+                    }
+                    Err(HubError::CloudTimeout(_)) => {
+                        actor.breaker.timed_out(std::time::Instant::now());
+                        if actor.breaker.state(std::time::Instant::now()) == BreakerState::Open {
+                            tracing::warn!(
+                                store_id = actor.store_id,
+                                "cloud unanswering; failing fast"
+                            );
+                        }
+                    }
+                    Err(_) => actor.breaker.link_lost(),
+                }
+                actor.show_breaker();
                 result
             }),
         )

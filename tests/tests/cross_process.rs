@@ -387,3 +387,67 @@ fn fleet_demo_prints_a_balanced_json_summary() {
         "progress is shown"
     );
 }
+
+#[test]
+fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = start_stack(dir.path());
+    let edge = s.edge.http_addr;
+    let breaker = |hub: std::net::SocketAddr| {
+        metric_value(
+            &get_text(&format!("http://{hub}/metrics")).unwrap(),
+            "facepay_hub_cloud_breaker",
+        )
+    };
+    assert_eq!(breaker(s.hub.http_addr), Some(0.0));
+
+    // The cloud dies; the broker stays, so the hub is still connected and only deadlines tell.
+    s.cloud.kill();
+    for order in ["dead-1", "dead-2", "dead-3"] {
+        present_code(&s.frames, &s.alice).unwrap();
+        let (_, result) = charge(edge, order, 100, "EUR").unwrap();
+        assert_eq!(result.reason, Some(DeclineReason::CloudUnreachable), "{result:?}");
+    }
+    assert_eq!(breaker(s.hub.http_addr), Some(2.0), "open after three timeouts");
+    // Now the hub does not send, so the cashier does not wait out the deadline.
+    present_code(&s.frames, &s.alice).unwrap();
+    let (_, result) = charge(edge, "dead-4", 100, "EUR").unwrap();
+    assert_eq!(result.reason, Some(DeclineReason::CloudUnreachable));
+    assert!(result.detail.contains("went unanswered"), "{result:?}");
+
+    // The cloud comes back (same data, same broker session); after the cool-down a probe closes
+    // the circuit and payments flow again. The three timed-out attempts were voided, so nothing
+    // of them stays charged.
+    s.cloud = Service::start(
+        "facepay-cloud",
+        &[
+            format!("data_dir={:?}", dir.path().join("cloud")),
+            "http_listen=127.0.0.1:0".into(),
+            "api_listen=127.0.0.1:0".into(),
+            format!("mqtt.port={}", s._broker.port),
+        ],
+    )
+    .expect("cloud restarts");
+    let api = CloudApi::new(s.cloud.http_addr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        present_code(&s.frames, &s.alice).unwrap();
+        let (_, result) = charge(edge, &format!("back-{n}"), 100, "EUR").unwrap();
+        if result.status == ChargeStatus::Approved {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{result:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(breaker(s.hub.http_addr), Some(0.0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while api.balance("alice").unwrap() != 10_000 - 100 {
+        assert!(std::time::Instant::now() < deadline, "voids settle the dead attempts");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for t in api.totals().unwrap() {
+        assert_eq!(t.sum_of_balances_minor, 0);
+    }
+}
