@@ -406,9 +406,17 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
     for order in ["dead-1", "dead-2", "dead-3"] {
         present_code(&s.frames, &s.alice).unwrap();
         let (_, result) = charge(edge, order, 100, "EUR").unwrap();
-        assert_eq!(result.reason, Some(DeclineReason::CloudUnreachable), "{result:?}");
+        assert_eq!(
+            result.reason,
+            Some(DeclineReason::CloudUnreachable),
+            "{result:?}"
+        );
     }
-    assert_eq!(breaker(s.hub.http_addr), Some(2.0), "open after three timeouts");
+    assert_eq!(
+        breaker(s.hub.http_addr),
+        Some(2.0),
+        "open after three timeouts"
+    );
     // Now the hub does not send, so the cashier does not wait out the deadline.
     present_code(&s.frames, &s.alice).unwrap();
     let (_, result) = charge(edge, "dead-4", 100, "EUR").unwrap();
@@ -444,7 +452,10 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
     assert_eq!(breaker(s.hub.http_addr), Some(0.0));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while api.balance("alice").unwrap() != 10_000 - 100 {
-        assert!(std::time::Instant::now() < deadline, "voids settle the dead attempts");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "voids settle the dead attempts"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     for t in api.totals().unwrap() {
