@@ -462,3 +462,103 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
         assert_eq!(t.sum_of_balances_minor, 0);
     }
 }
+
+#[test]
+fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).expect("mosquitto starts");
+    let cloud = Service::start(
+        "facepay-cloud",
+        &[
+            format!("data_dir={:?}", dir.path().join("cloud")),
+            "http_listen=127.0.0.1:0".into(),
+            "api_listen=127.0.0.1:0".into(),
+            format!("mqtt.port={}", broker.port),
+        ],
+    )
+    .expect("cloud starts");
+    let api = CloudApi::new(cloud.http_addr);
+    api.open(&OpenAccount {
+        account_id: "store-1".into(),
+        kind: AccountKind::Merchant,
+        currency: eur(),
+        initial_balance_minor: 0,
+        public_key: None,
+    })
+    .unwrap();
+    let alice = Wallet::generate("alice").unwrap();
+    api.open(&OpenAccount {
+        account_id: "alice".into(),
+        kind: AccountKind::Customer,
+        currency: eur(),
+        initial_balance_minor: 10_000,
+        public_key: Some(alice.public_key_b64()),
+    })
+    .unwrap();
+    // The hub reaches the broker only through a proxy the test controls.
+    let link = tests::proxy::FaultProxy::start(([127, 0, 0, 1], broker.port).into()).unwrap();
+    let zenoh_port = free_port();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-1".into(),
+            format!("data_dir={:?}", dir.path().join("hub")),
+            "http_listen=127.0.0.1:0".into(),
+            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("mqtt.port={}", link.port),
+            "mqtt.keep_alive_seconds=1".into(),
+            "mqtt.reconnect_delay_ms=100".into(),
+        ],
+    )
+    .expect("hub starts");
+    wait_for_keys(hub.http_addr, 1, Duration::from_secs(20)).unwrap();
+    let frames = dir.path().join("frames");
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "store_id=store-1".into(),
+            "http_listen=127.0.0.1:0".into(),
+            "scan_timeout_ms=3000".into(),
+            format!("frames_dir={frames:?}"),
+            format!("zenoh.connect=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+        ],
+    )
+    .expect("edge starts");
+    let connected = |value: f64| {
+        tests::wait_for_metric(
+            hub.http_addr,
+            "facepay_hub_cloud_connected",
+            value,
+            Duration::from_secs(20),
+        )
+    };
+    present_code(&frames, &alice).unwrap();
+    let (_, paid) = charge(edge.http_addr, "p-1", 100, "EUR").unwrap();
+    assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
+
+    link.cut();
+    connected(0.0).expect("the hub notices the cut");
+    present_code(&frames, &alice).unwrap();
+    let (status, cut) = charge(edge.http_addr, "p-2", 100, "EUR").unwrap();
+    assert_eq!(
+        (status, cut.reason),
+        (200, Some(DeclineReason::CloudUnreachable)),
+        "{cut:?}"
+    );
+
+    link.heal();
+    connected(1.0).expect("the hub reconnects");
+    present_code(&frames, &alice).unwrap();
+    let (_, healed) = charge(edge.http_addr, "p-3", 100, "EUR").unwrap();
+    assert_eq!(healed.status, ChargeStatus::Approved, "{healed:?}");
+    // Exactly the two approved payments moved money.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.balance("alice").unwrap() != 10_000 - 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only approved payments count"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(api.balance("store-1").unwrap(), 200);
+}
