@@ -24,25 +24,51 @@ use crate::checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer}
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutActor>) {
+    // An unreadable body is answered in the shape of the route's normal answer.
+    let charge_json = web::JsonConfig::default()
+        .limit(MAX_BODY_BYTES)
+        .error_handler(|error, _| {
+            let body = refusal(
+                DeclineReason::InvalidRequest,
+                format!("request body: {error}"),
+            );
+            actix_web::error::InternalError::from_response(
+                error,
+                HttpResponse::BadRequest().json(body),
+            )
+            .into()
+        });
+    let verify_json = || {
+        web::JsonConfig::default()
+            .limit(MAX_BODY_BYTES)
+            .error_handler(|error, _| {
+                let body = VerifyReply::refused(
+                    DeclineReason::InvalidRequest,
+                    format!("request body: {error}"),
+                );
+                actix_web::error::InternalError::from_response(
+                    error,
+                    HttpResponse::BadRequest().json(body),
+                )
+                .into()
+            })
+    };
     cfg.app_data(web::Data::new(checkout))
-        .app_data(
-            web::JsonConfig::default()
-                .limit(MAX_BODY_BYTES)
-                .error_handler(|error, _| {
-                    let body = refusal(
-                        DeclineReason::InvalidRequest,
-                        format!("request body: {error}"),
-                    );
-                    actix_web::error::InternalError::from_response(
-                        error,
-                        HttpResponse::BadRequest().json(body),
-                    )
-                    .into()
-                }),
+        .service(
+            web::resource("/v1/charge")
+                .app_data(charge_json)
+                .route(web::post().to(charge)),
         )
-        .route("/v1/charge", web::post().to(charge))
-        .route("/v1/verify", web::post().to(verify))
-        .route("/v1/verify/second-factor", web::post().to(second_factor));
+        .service(
+            web::resource("/v1/verify")
+                .app_data(verify_json())
+                .route(web::post().to(verify)),
+        )
+        .service(
+            web::resource("/v1/verify/second-factor")
+                .app_data(verify_json())
+                .route(web::post().to(second_factor)),
+        );
 }
 
 fn refusal(reason: DeclineReason, detail: String) -> ChargeResult {

@@ -311,6 +311,17 @@ fn pay_by_face_end_to_end() {
     assert_eq!(refusal(&stranger), DeclineReason::FaceNotRecognized);
     let attack = look(&s1, &spoof, "face");
     assert_eq!(refusal(&attack), DeclineReason::SpoofSuspected);
+    let (status, bad) = tests::post_json(
+        &format!("http://{}/v1/verify", s1.edge.http_addr),
+        &serde_json::json!({ "method": "retina" }),
+    )
+    .unwrap();
+    assert_eq!(
+        (status, bad["status"].as_str()),
+        (400, Some("refused")),
+        "{bad}"
+    );
+    assert_eq!(bad["reason"], "invalid_request");
     let (status, nobody) = verify(s1.edge.http_addr, "face").unwrap();
     assert_eq!(
         (status, refusal(&nobody)),
