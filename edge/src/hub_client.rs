@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 
 /// Pause between attempts while no hub queryable is reachable.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a query waits for a Zenoh link to appear before the hub counts as unreachable.
+pub const NO_LINK_GRACE: Duration = Duration::from_millis(500);
 
 /// Why the hub gave no decision.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +71,21 @@ impl HubClient {
         self.zenoh
             .spawn(async move {
                 let deadline = Instant::now() + timeout;
+                // With no Zenoh link to any peer (the hub is down or the link is cut), fail
+                // fast: the register hears "unreachable" now, not after the whole deadline. A
+                // short grace covers a link being (re)established.
+                let grace = Instant::now() + NO_LINK_GRACE.min(timeout);
+                loop {
+                    let linked = session.info().peers_zid().await.next().is_some()
+                        || session.info().routers_zid().await.next().is_some();
+                    if linked {
+                        break;
+                    }
+                    if Instant::now() >= grace {
+                        return Err(HubUnreachable::NoHub);
+                    }
+                    tokio::time::sleep(RETRY_INTERVAL).await;
+                }
                 loop {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     if remaining.is_zero() {

@@ -22,6 +22,7 @@ struct Stack {
     edge: Service,
     frames: std::path::PathBuf,
     alice: Wallet,
+    hub_zenoh_port: u16,
 }
 
 fn start_stack(dir: &Path) -> Stack {
@@ -88,6 +89,7 @@ fn start_stack(dir: &Path) -> Stack {
         edge,
         frames,
         alice,
+        hub_zenoh_port: zenoh_port,
     }
 }
 
@@ -561,4 +563,65 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(api.balance("store-1").unwrap(), 200);
+}
+
+#[test]
+fn an_edge_cut_from_its_hub_fails_fast_and_recovers_when_healed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_stack(dir.path());
+    // A second terminal reaches the same hub only through a proxy the test controls.
+    let hub_zenoh: u16 = s.hub_zenoh_port;
+    let link = tests::proxy::FaultProxy::start(([127, 0, 0, 1], hub_zenoh).into()).unwrap();
+    let frames = dir.path().join("frames-2");
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "store_id=store-1".into(),
+            "terminal_id=till-2".into(),
+            "http_listen=127.0.0.1:0".into(),
+            "scan_timeout_ms=3000".into(),
+            format!("frames_dir={frames:?}"),
+            format!("zenoh.connect=[\"tcp/127.0.0.1:{}\"]", link.port),
+        ],
+    )
+    .expect("edge starts");
+    let api = CloudApi::new(s.cloud.http_addr);
+    let pay = |order: &str| {
+        present_code(&frames, &s.alice).unwrap();
+        charge(edge.http_addr, order, 100, "EUR").unwrap()
+    };
+    let (_, paid) = pay("e-1");
+    assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
+
+    link.cut();
+    let (status, cut) = pay("e-2");
+    assert_eq!(
+        (status, cut.reason),
+        (503, Some(DeclineReason::StoreSystemUnreachable)),
+        "{cut:?}"
+    );
+    assert!(cut.detail.contains("nothing was charged"), "{cut:?}");
+
+    link.heal();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let (_, again) = pay(&format!("e-3-{n}"));
+        if again.status == ChargeStatus::Approved {
+            break;
+        }
+        assert_eq!(
+            again.reason,
+            Some(DeclineReason::StoreSystemUnreachable),
+            "{again:?}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminal reconnects"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Nothing half-recorded: only the approved payments moved money.
+    assert_eq!(api.balance("alice").unwrap(), 10_000 - 200);
 }
