@@ -13,8 +13,8 @@ use crate::{
     },
     customers::CustomerError,
     enroll::{
-        AddTemplateCmd, CreateCustomerCmd, EnrollError, EraseCustomer, GetCustomer, IdentityActor,
-        IsErased,
+        AddTemplateCmd, CheckNewCustomer, CreateCustomerCmd, EnrollError, EraseCustomer,
+        GetCustomer, IdentityActor,
     },
     error::LedgerError,
 };
@@ -226,36 +226,10 @@ async fn create_customer(
     };
     match state
         .identity
-        .send(GetCustomer(request.customer_id.clone()))
+        .send(CheckNewCustomer(request.customer_id.clone()))
         .await
     {
-        Ok(Ok(Some(_))) => {
-            return HttpResponse::Conflict().json(json!({
-                "error": "conflict",
-                "detail": format!("customer {} is already enrolled", request.customer_id)
-            }))
-        }
-        Ok(Ok(None)) => {}
-        Ok(Err(e)) => return enroll_error(e),
-        Err(e) => return unavailable(e),
-    }
-    // An erased customer's account is closed for good (its money record stays): a new enrollment
-    // takes a new id.
-    match state
-        .identity
-        .send(IsErased(request.customer_id.clone()))
-        .await
-    {
-        Ok(Ok(true)) => {
-            return HttpResponse::Conflict().json(json!({
-                "error": "conflict",
-                "detail": format!(
-                    "customer {} was erased; enroll under a new customer id",
-                    request.customer_id
-                )
-            }))
-        }
-        Ok(Ok(false)) => {}
+        Ok(Ok(())) => {}
         Ok(Err(e)) => return enroll_error(e),
         Err(e) => return unavailable(e),
     }

@@ -156,6 +156,7 @@ pub struct CustomerStore {
     customers: sled::Tree,
     templates: sled::Tree,
     changes: sled::Tree,
+    erased: sled::Tree,
     sealer: Sealer,
 }
 
@@ -168,12 +169,14 @@ impl CustomerStore {
         let customers = db.open_tree("customers").map_err(storage)?;
         let templates = db.open_tree("templates").map_err(storage)?;
         let changes = db.open_tree("changes").map_err(storage)?;
+        let erased = db.open_tree("erased").map_err(storage)?;
         let sealer = Sealer::from_key_file(key_file, customers.is_empty()).map_err(storage)?;
         let store = CustomerStore {
             db,
             customers,
             templates,
             changes,
+            erased,
             sealer,
         };
         // Prove the key opens what is stored, now rather than at the first payment.
@@ -253,16 +256,7 @@ impl CustomerStore {
     /// Enrolls a customer (no faces yet). Refused if the id exists.
     pub fn create(&self, request: &CreateCustomer) -> Result<CustomerView, CustomerError> {
         let digits = validate_customer(request)?;
-        if self
-            .customers
-            .contains_key(request.customer_id.as_bytes())
-            .map_err(storage)?
-        {
-            return Err(CustomerError::Conflict(format!(
-                "customer {} is already enrolled",
-                request.customer_id
-            )));
-        }
+        self.check_new(&request.customer_id)?;
         let pin_hash = hash_secret(&request.pin);
         let second_factor_hash = match request.second_factor {
             SecondFactorKind::Pin => pin_hash.clone(),
@@ -336,27 +330,38 @@ impl CustomerStore {
                 serde_json::to_vec(&change).expect("serialises"),
             )
             .map_err(storage)?;
+        self.erased
+            .insert(customer_id.as_bytes(), &version.to_be_bytes())
+            .map_err(storage)?;
         self.flush()?;
         Ok((ids, version))
     }
 
-    /// Whether an account was erased (a revocation is in the log).
-    pub fn is_erased(&self, customer_id: &str) -> Result<bool, CustomerError> {
+    /// Refuses an id that is enrolled, or was erased (its account is closed for good; the money
+    /// record stays): a new enrollment takes a new id.
+    pub fn check_new(&self, customer_id: &str) -> Result<(), CustomerError> {
         if self
             .customers
             .contains_key(customer_id.as_bytes())
             .map_err(storage)?
         {
-            return Ok(false);
+            return Err(CustomerError::Conflict(format!(
+                "customer {customer_id} is already enrolled"
+            )));
         }
-        for item in self.changes.iter().rev() {
-            let (_, value) = item.map_err(storage)?;
-            let change: ChangeRef = serde_json::from_slice(&value).map_err(storage)?;
-            if change.account_id == customer_id {
-                return Ok(change.erased);
-            }
+        if self.is_erased(customer_id)? {
+            return Err(CustomerError::Conflict(format!(
+                "customer {customer_id} was erased; enroll under a new customer id"
+            )));
         }
-        Ok(false)
+        Ok(())
+    }
+
+    /// Whether an account was erased.
+    pub fn is_erased(&self, customer_id: &str) -> Result<bool, CustomerError> {
+        self.erased
+            .contains_key(customer_id.as_bytes())
+            .map_err(storage)
     }
 
     /// The customer a template belongs to.
@@ -581,6 +586,10 @@ mod tests {
         assert!(store.get("a").unwrap().is_none());
         assert!(store.owner_of(ta).unwrap().is_none());
         assert!(store.is_erased("a").unwrap());
+        assert!(matches!(
+            store.create(&request("a", "s1")),
+            Err(CustomerError::Conflict(_))
+        ));
         assert!(!store.is_erased("b").unwrap());
         for s in ["s1", "s2"] {
             let later = store.changes_after(s, cursor).unwrap();

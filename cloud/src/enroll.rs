@@ -379,15 +379,15 @@ impl Handler<TemplateSyncCmd> for IdentityActor {
     }
 }
 
-/// Whether an account was erased.
+/// Refuse an id that is enrolled or was erased, before anything is opened for it.
 #[derive(Message)]
-#[rtype(result = "Result<bool, EnrollError>")]
-pub struct IsErased(pub String);
+#[rtype(result = "Result<(), EnrollError>")]
+pub struct CheckNewCustomer(pub String);
 
-impl Handler<IsErased> for IdentityActor {
-    type Result = Result<bool, EnrollError>;
-    fn handle(&mut self, msg: IsErased, _: &mut Self::Context) -> Self::Result {
-        Ok(self.store.is_erased(&msg.0)?)
+impl Handler<CheckNewCustomer> for IdentityActor {
+    type Result = Result<(), EnrollError>;
+    fn handle(&mut self, msg: CheckNewCustomer, _: &mut Self::Context) -> Self::Result {
+        Ok(self.store.check_new(&msg.0)?)
     }
 }
 

@@ -42,17 +42,23 @@ impl HotIndex {
     pub fn build<'a>(entries: impl IntoIterator<Item = &'a HotEntry>) -> Self {
         let mut index = HotIndex::default();
         for entry in entries {
-            let slot = index.accounts.len() as u32;
-            index.accounts.push(entry.account_id.clone());
-            index.slot_of.insert(entry.account_id.clone(), slot);
-            for (_, embedding) in &entry.templates {
-                if embedding.len() == EMBEDDING_LEN {
-                    index.matrix.extend_from_slice(embedding);
-                    index.owners.push(slot);
-                }
-            }
+            index.push(entry);
         }
         index
+    }
+
+    /// Appends an account that is not in the index yet.
+    fn push(&mut self, entry: &HotEntry) {
+        debug_assert!(!self.slot_of.contains_key(&entry.account_id));
+        let slot = self.accounts.len() as u32;
+        self.accounts.push(entry.account_id.clone());
+        self.slot_of.insert(entry.account_id.clone(), slot);
+        for (_, embedding) in &entry.templates {
+            if embedding.len() == EMBEDDING_LEN {
+                self.matrix.extend_from_slice(embedding);
+                self.owners.push(slot);
+            }
+        }
     }
 
     /// Number of templates.
@@ -251,6 +257,10 @@ impl HotSet {
     /// Adds or replaces entries (pushed by the cloud, or fetched on a miss), evicts the least
     /// recently seen beyond the cap, rebuilds the index and flushes.
     pub fn upsert(&mut self, entries: Vec<HotEntry>, now_ms: u64) -> Result<(), HotSetError> {
+        // New accounts are appended to the index; a replaced or evicted one needs a rebuild. (A
+        // first sync of 50,000 customers thus costs one pass, not one rebuild per batch.)
+        let mut appended = Vec::new();
+        let mut rebuild = false;
         for entry in entries {
             if entry
                 .templates
@@ -273,18 +283,30 @@ impl HotSet {
                 last_seen_ms,
             };
             self.persist(&held)?;
-            self.entries.insert(held.entry.account_id.clone(), held);
+            let account_id = held.entry.account_id.clone();
+            if self.entries.insert(account_id.clone(), held).is_some() {
+                rebuild = true;
+            } else {
+                appended.push(account_id);
+            }
         }
-        self.evict_over_cap()?;
-        self.index = HotIndex::build(self.entries.values().map(|h| &h.entry));
+        rebuild |= self.evict_over_cap()?;
+        if rebuild {
+            self.index = HotIndex::build(self.entries.values().map(|h| &h.entry));
+        } else {
+            for account_id in appended {
+                self.index.push(&self.entries[&account_id].entry);
+            }
+        }
         self.db.flush().map_err(err)?;
         Ok(())
     }
 
-    fn evict_over_cap(&mut self) -> Result<(), HotSetError> {
+    /// Evicts beyond the cap; returns whether any entry left.
+    fn evict_over_cap(&mut self) -> Result<bool, HotSetError> {
         let mut total: usize = self.entries.values().map(|h| h.entry.templates.len()).sum();
         if total <= self.cap {
-            return Ok(());
+            return Ok(false);
         }
         // Visitors from other stores go first, then the least recently seen.
         let mut order: Vec<(bool, u64, String)> = self
@@ -308,7 +330,7 @@ impl HotSet {
                 self.tree.remove(account_id.as_bytes()).map_err(err)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Drops an account's templates (erasure). Returns whether it was held.
@@ -508,6 +530,11 @@ mod tests {
         assert_eq!(set.index().top2(&unit(4))[0].account_id, "home-new");
         assert_eq!(set.sync_cursor(), 17);
         assert_eq!(set.lockout("home-new").failures, 2);
+        // Replacing an account's templates replaces them in the index, too.
+        set.upsert(vec![entry("home-new", "s1", &[6])], 50).unwrap();
+        assert!(set.index().score_account("home-new", &unit(6)).unwrap() > 0.999);
+        assert!(set.index().score_account("home-new", &unit(4)).unwrap() < 0.9);
+        assert_eq!(set.template_count(), 4);
         assert!(set.revoke("home-new").unwrap());
         assert!(set.index().score_account("home-new", &unit(4)).is_none());
         assert_eq!(set.lockout("home-new"), Lockout::default());

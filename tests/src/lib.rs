@@ -196,6 +196,20 @@ impl Drop for Service {
     }
 }
 
+/// Starts `facepay-cloud` with its data in `data_dir`, every listener on a free port, and the
+/// broker at `mqtt_port`.
+pub fn start_cloud(data_dir: &Path, mqtt_port: u16) -> anyhow::Result<Service> {
+    Service::start(
+        "facepay-cloud",
+        &[
+            format!("data_dir={data_dir:?}"),
+            "http_listen=127.0.0.1:0".into(),
+            "api_listen=127.0.0.1:0".into(),
+            format!("mqtt.port={mqtt_port}"),
+        ],
+    )
+}
+
 /// Sends a JSON body and returns the status and the JSON answer, whatever the status.
 pub fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<(u16, serde_json::Value)> {
     let response = match ureq::post(url)

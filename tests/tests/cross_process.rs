@@ -8,7 +8,7 @@ use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
 use serde_json::json;
 use tests::{
     binary_path, charge, free_port, get_text, metric_value, post_json, post_raw, present_code,
-    present_qr, wait_for_keys, CloudApi, Mosquitto, Service,
+    present_qr, start_cloud, wait_for_keys, CloudApi, Mosquitto, Service,
 };
 
 fn eur() -> Currency {
@@ -25,20 +25,9 @@ struct Stack {
     hub_zenoh_port: u16,
 }
 
-fn start_stack(dir: &Path) -> Stack {
-    let broker = Mosquitto::start(dir).expect("mosquitto starts");
-    let mqtt_port = format!("mqtt.port={}", broker.port);
-    let cloud = Service::start(
-        "facepay-cloud",
-        &[
-            format!("data_dir={:?}", dir.join("cloud")),
-            "http_listen=127.0.0.1:0".into(),
-            "api_listen=127.0.0.1:0".into(),
-            mqtt_port.clone(),
-        ],
-    )
-    .expect("cloud starts");
-    let api = CloudApi::new(cloud.http_addr);
+/// Opens the merchant account of store-1 and alice's account (10,000 minor units) with a fresh
+/// wallet, which it returns.
+fn open_store_and_alice(api: &CloudApi) -> Wallet {
     api.open(&OpenAccount {
         account_id: "store-1".into(),
         kind: AccountKind::Merchant,
@@ -56,6 +45,14 @@ fn start_stack(dir: &Path) -> Stack {
         public_key: Some(alice.public_key_b64()),
     })
     .unwrap();
+    alice
+}
+
+fn start_stack(dir: &Path) -> Stack {
+    let broker = Mosquitto::start(dir).expect("mosquitto starts");
+    let mqtt_port = format!("mqtt.port={}", broker.port);
+    let cloud = start_cloud(&dir.join("cloud"), broker.port).expect("cloud starts");
+    let alice = open_store_and_alice(&CloudApi::new(cloud.http_addr));
     let zenoh_port = free_port();
     let hub = Service::start(
         "facepay-hub",
@@ -428,16 +425,7 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
     // The cloud comes back (same data, same broker session); after the cool-down a probe closes
     // the circuit and payments flow again. The three timed-out attempts were voided, so nothing
     // of them stays charged.
-    s.cloud = Service::start(
-        "facepay-cloud",
-        &[
-            format!("data_dir={:?}", dir.path().join("cloud")),
-            "http_listen=127.0.0.1:0".into(),
-            "api_listen=127.0.0.1:0".into(),
-            format!("mqtt.port={}", s._broker.port),
-        ],
-    )
-    .expect("cloud restarts");
+    s.cloud = start_cloud(&dir.path().join("cloud"), s._broker.port).expect("cloud restarts");
     let api = CloudApi::new(s.cloud.http_addr);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut n = 0;
@@ -469,34 +457,9 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
 fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path()).expect("mosquitto starts");
-    let cloud = Service::start(
-        "facepay-cloud",
-        &[
-            format!("data_dir={:?}", dir.path().join("cloud")),
-            "http_listen=127.0.0.1:0".into(),
-            "api_listen=127.0.0.1:0".into(),
-            format!("mqtt.port={}", broker.port),
-        ],
-    )
-    .expect("cloud starts");
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).expect("cloud starts");
     let api = CloudApi::new(cloud.http_addr);
-    api.open(&OpenAccount {
-        account_id: "store-1".into(),
-        kind: AccountKind::Merchant,
-        currency: eur(),
-        initial_balance_minor: 0,
-        public_key: None,
-    })
-    .unwrap();
-    let alice = Wallet::generate("alice").unwrap();
-    api.open(&OpenAccount {
-        account_id: "alice".into(),
-        kind: AccountKind::Customer,
-        currency: eur(),
-        initial_balance_minor: 10_000,
-        public_key: Some(alice.public_key_b64()),
-    })
-    .unwrap();
+    let alice = open_store_and_alice(&api);
     // The hub reaches the broker only through a proxy the test controls.
     let link = tests::proxy::FaultProxy::start(([127, 0, 0, 1], broker.port).into()).unwrap();
     let zenoh_port = free_port();

@@ -122,16 +122,7 @@ fn pay(edge: SocketAddr, order: &str, amount: i64, token: &str) -> protocol::Cha
 fn pay_by_face_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path()).expect("mosquitto starts");
-    let cloud = Service::start(
-        "facepay-cloud",
-        &[
-            format!("data_dir={:?}", dir.path().join("cloud")),
-            "http_listen=127.0.0.1:0".into(),
-            "api_listen=127.0.0.1:0".into(),
-            format!("mqtt.port={}", broker.port),
-        ],
-    )
-    .expect("cloud starts");
+    let cloud = tests::start_cloud(&dir.path().join("cloud"), broker.port).expect("cloud starts");
     let admin = CloudApi::new(cloud.http_addr);
     for store in ["store-1", "store-2"] {
         admin
