@@ -5,8 +5,9 @@ use std::time::Instant;
 use actix::prelude::*;
 use mqtt::{LinkEvent, QoS};
 use protocol::{
-    AccountView, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, KeyEntry,
-    LedgerTotals, OpenAccount, TemplateBatch, TemplateChange, TemplateUpdate, TransferView,
+    AccountView, Allowance, AllowanceBatch, CloudReply, CloudReplyBody, Deposit, HubRequest,
+    HubRequestBody, KeyBatch, KeyEntry, LedgerTotals, OpenAccount, ReconcileOutcome,
+    ReconcileResult, TemplateBatch, TemplateChange, TemplateUpdate, TransferView,
 };
 use telemetry::PaymentMetrics;
 
@@ -20,12 +21,69 @@ use crate::{
 /// operation ends in a disk flush; one thread also serialises all writes.
 pub struct LedgerActor {
     ledger: Ledger,
+    offline: Option<OfflineMetrics>,
 }
 
 impl LedgerActor {
     /// Wraps an opened ledger.
     pub fn new(ledger: Ledger) -> Self {
-        LedgerActor { ledger }
+        LedgerActor {
+            ledger,
+            offline: None,
+        }
+    }
+
+    /// Counts reconciliation outcomes and accounts in debt on `metrics`.
+    pub fn with_metrics(mut self, metrics: OfflineMetrics) -> Self {
+        if let Ok(debts) = self.ledger.debts() {
+            metrics.in_debt.set(debts.len() as i64);
+        }
+        self.offline = Some(metrics);
+        self
+    }
+
+    fn count_debts(&self) {
+        if let (Some(m), Ok(debts)) = (&self.offline, self.ledger.debts()) {
+            m.in_debt.set(debts.len() as i64);
+        }
+    }
+}
+
+/// The cloud's reconciliation metrics.
+#[derive(Clone)]
+pub struct OfflineMetrics {
+    applied: prometheus::IntCounter,
+    conflicts: prometheus::IntCounter,
+    rejected: prometheus::IntCounter,
+    in_debt: prometheus::IntGauge,
+}
+
+impl OfflineMetrics {
+    /// Registers `facepay_cloud_offline_{applied,conflicts,rejected}_total` and
+    /// `facepay_cloud_accounts_in_debt`.
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        OfflineMetrics {
+            applied: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_applied_total",
+                "offline payments applied at reconciliation (resends not counted)",
+            ),
+            conflicts: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_conflicts_total",
+                "offline payments that could not be applied as approved (kept for the operator)",
+            ),
+            rejected: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_rejected_total",
+                "offline entries refused (unknown hub key, bad signature); the hub keeps them",
+            ),
+            in_debt: telemetry::register_gauge(
+                registry,
+                "facepay_cloud_accounts_in_debt",
+                "customer accounts whose balance offline payments took below zero",
+            ),
+        }
     }
 }
 
@@ -33,9 +91,17 @@ impl Actor for LedgerActor {
     type Context = SyncContext<Self>;
 }
 
+/// What the ledger answers a hub, and the allowance revocations to broadcast to every hub.
+pub struct HubAnswer {
+    /// The reply.
+    pub body: CloudReplyBody,
+    /// Accounts that lost their offline allowances (they went into debt).
+    pub revocations: Vec<Allowance>,
+}
+
 /// Carry out a hub's request against the ledger.
 #[derive(Message)]
-#[rtype(result = "CloudReplyBody")]
+#[rtype(result = "HubAnswer")]
 pub struct ApplyHubRequest(pub HubRequest);
 
 impl Handler<ApplyHubRequest> for LedgerActor {
@@ -43,15 +109,55 @@ impl Handler<ApplyHubRequest> for LedgerActor {
 
     fn handle(&mut self, msg: ApplyHubRequest, _: &mut Self::Context) -> Self::Result {
         let HubRequest { store_id, body, .. } = msg.0;
+        let mut revocations = Vec::new();
         let reply = match body {
-            HubRequestBody::Authorize(request) => {
-                self.ledger.authorize(&store_id, &request).map(|decision| {
-                    CloudReplyBody::Authorized {
-                        payment_id: request.payment_id,
-                        decision,
+            HubRequestBody::Authorize(request) => self
+                .ledger
+                .authorize_with_allowance(&store_id, &request)
+                .map(|(decision, allowance)| CloudReplyBody::Authorized {
+                    payment_id: request.payment_id,
+                    decision,
+                    allowance,
+                }),
+            HubRequestBody::Reconcile(batch) => {
+                let applied = self.ledger.reconcile(&store_id, &batch.entries);
+                applied.map(|(outcomes, revoked)| {
+                    revocations = revoked;
+                    let results: Vec<ReconcileResult> = batch
+                        .entries
+                        .iter()
+                        .zip(outcomes)
+                        .map(|(entry, outcome)| ReconcileResult {
+                            seq: entry.seq,
+                            payment_id: entry.payment_id.clone(),
+                            outcome,
+                        })
+                        .collect();
+                    if let Some(m) = &self.offline {
+                        for r in &results {
+                            match r.outcome {
+                                ReconcileOutcome::Applied { .. } => m.applied.inc(),
+                                ReconcileOutcome::Conflict { .. } => m.conflicts.inc(),
+                                ReconcileOutcome::Rejected { .. } => m.rejected.inc(),
+                                ReconcileOutcome::AlreadyApplied => {}
+                            }
+                        }
                     }
+                    if !revocations.is_empty() {
+                        self.count_debts();
+                    }
+                    CloudReplyBody::Reconciled { results }
                 })
             }
+            HubRequestBody::AllowanceSync { after_account } => self
+                .ledger
+                .allowances(&store_id, after_account.as_deref())
+                .map(|(allowances, next_after)| {
+                    CloudReplyBody::Allowances(AllowanceBatch {
+                        allowances,
+                        next_after,
+                    })
+                }),
             HubRequestBody::Void(request) => {
                 self.ledger
                     .void(&store_id, &request)
@@ -68,12 +174,13 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 LedgerError::Invalid("identity requests are served by the identity actor".into()),
             ),
         };
-        MessageResult(reply.unwrap_or_else(|error| {
+        let body = reply.unwrap_or_else(|error| {
             tracing::error!(%error, store_id, "ledger operation failed");
             CloudReplyBody::Error {
                 detail: error.to_string(),
             }
-        }))
+        });
+        MessageResult(HubAnswer { body, revocations })
     }
 }
 
@@ -89,15 +196,61 @@ impl Handler<OpenAccountCmd> for LedgerActor {
     }
 }
 
-/// Close a customer's account (erasure).
+/// Close a customer's account (erasure): the key revocation and the allowance revocation to
+/// broadcast.
 #[derive(Message)]
-#[rtype(result = "Result<Option<KeyEntry>, LedgerError>")]
+#[rtype(result = "Result<(Option<KeyEntry>, Option<Allowance>), LedgerError>")]
 pub struct CloseAccountCmd(pub String);
 
 impl Handler<CloseAccountCmd> for LedgerActor {
-    type Result = Result<Option<KeyEntry>, LedgerError>;
+    type Result = Result<(Option<KeyEntry>, Option<Allowance>), LedgerError>;
     fn handle(&mut self, msg: CloseAccountCmd, _: &mut Self::Context) -> Self::Result {
-        self.ledger.close_account(&msg.0)
+        let key = self.ledger.close_account(&msg.0)?;
+        let allowance = self.ledger.revoke_allowances(&msg.0)?;
+        Ok((key, allowance))
+    }
+}
+
+/// Operator changes to the ledger beside accounts.
+#[derive(Message)]
+#[rtype(result = "Result<Option<AccountView>, LedgerError>")]
+pub enum AdminCmd {
+    /// Register a store hub's signing key.
+    SetHubKey {
+        /// The store.
+        store_id: String,
+        /// Its hub's public key.
+        public_key: String,
+    },
+    /// Pay money into a customer account.
+    Deposit {
+        /// The account.
+        account_id: String,
+        /// The deposit.
+        deposit: Deposit,
+    },
+}
+
+impl Handler<AdminCmd> for LedgerActor {
+    type Result = Result<Option<AccountView>, LedgerError>;
+    fn handle(&mut self, msg: AdminCmd, _: &mut Self::Context) -> Self::Result {
+        match msg {
+            AdminCmd::SetHubKey {
+                store_id,
+                public_key,
+            } => self
+                .ledger
+                .set_hub_key(&store_id, &public_key)
+                .map(|_| None),
+            AdminCmd::Deposit {
+                account_id,
+                deposit,
+            } => {
+                let account = self.ledger.deposit(&account_id, &deposit)?;
+                self.count_debts();
+                Ok(Some(account))
+            }
+        }
     }
 }
 
@@ -113,6 +266,10 @@ pub enum LedgerQuery {
     Transfers,
     /// Totals per currency.
     Totals,
+    /// Accounts in debt.
+    Debts,
+    /// Offline payments that could not be applied as approved.
+    Conflicts,
 }
 
 /// Answers to [`LedgerQuery`].
@@ -125,6 +282,10 @@ pub enum LedgerAnswer {
     Transfers(Vec<TransferView>),
     /// Totals per currency.
     Totals(Vec<LedgerTotals>),
+    /// Accounts in debt.
+    Debts(Vec<AccountView>),
+    /// Reconciliation conflicts.
+    Conflicts(Vec<crate::ledger::Conflict>),
 }
 
 impl Handler<LedgerQuery> for LedgerActor {
@@ -135,6 +296,8 @@ impl Handler<LedgerQuery> for LedgerActor {
             LedgerQuery::Accounts => LedgerAnswer::Accounts(self.ledger.accounts()?),
             LedgerQuery::Transfers => LedgerAnswer::Transfers(self.ledger.transfers()?),
             LedgerQuery::Totals => LedgerAnswer::Totals(self.ledger.totals()?),
+            LedgerQuery::Debts => LedgerAnswer::Debts(self.ledger.debts()?),
+            LedgerQuery::Conflicts => LedgerAnswer::Conflicts(self.ledger.conflicts()?),
         })
     }
 }
@@ -264,7 +427,12 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                             }
                         }
                         _ => match ledger.send(ApplyHubRequest(request)).await {
-                            Ok(body) => body,
+                            Ok(answer) => {
+                                if !answer.revocations.is_empty() {
+                                    publish_allowances(&client, answer.revocations).await;
+                                }
+                                answer.body
+                            }
                             Err(error) => CloudReplyBody::Error {
                                 detail: format!("ledger unavailable: {error}"),
                             },
@@ -289,6 +457,39 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                 })
             }
         }
+    }
+}
+
+/// Tells every hub that accounts lost their offline allowances. A hub that misses it (away, broker
+/// restarted) learns it from its allowance sync on reconnect.
+async fn publish_allowances(client: &mqtt::Client, allowances: Vec<Allowance>) {
+    let batch = protocol::encode(&AllowanceBatch {
+        allowances,
+        next_after: None,
+    });
+    if let Err(error) = client
+        .publish(
+            protocol::topics::allowance_updates(),
+            QoS::AtLeastOnce,
+            false,
+            batch,
+        )
+        .await
+    {
+        tracing::warn!(%error, "broadcasting allowance revocations failed");
+    }
+}
+
+/// Broadcast allowance revocations to every hub.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BroadcastAllowances(pub Vec<Allowance>);
+
+impl Handler<BroadcastAllowances> for HubLinkActor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, msg: BroadcastAllowances, _: &mut Self::Context) -> Self::Result {
+        let client = self.client.clone();
+        Box::pin(async move { publish_allowances(&client, msg.0).await })
     }
 }
 

@@ -3,13 +3,15 @@
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
-use protocol::{AccountKind, AddFace, CreateCustomer, Currency, OpenAccount};
+use protocol::{
+    AccountKind, AccountView, AddFace, CreateCustomer, Currency, Deposit, HubKey, OpenAccount,
+};
 use serde_json::json;
 
 use crate::{
     actors::{
-        BroadcastKeys, BroadcastTemplates, CloseAccountCmd, HubLinkActor, LedgerActor,
-        LedgerAnswer, LedgerQuery, OpenAccountCmd,
+        AdminCmd, BroadcastAllowances, BroadcastKeys, BroadcastTemplates, CloseAccountCmd,
+        HubLinkActor, LedgerActor, LedgerAnswer, LedgerQuery, OpenAccountCmd,
     },
     customers::CustomerError,
     enroll::{
@@ -49,8 +51,72 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
         .route("/v1/accounts", web::post().to(open_account))
         .route("/v1/accounts", web::get().to(list_accounts))
         .route("/v1/accounts/{id}", web::get().to(get_account))
+        .route("/v1/accounts/{id}/deposits", web::post().to(deposit))
+        .route("/v1/stores/{id}/hub-key", web::put().to(set_hub_key))
+        .route("/v1/debts", web::get().to(list_debts))
+        .route(
+            "/v1/reconciliation/conflicts",
+            web::get().to(list_conflicts),
+        )
         .route("/v1/transfers", web::get().to(list_transfers))
         .route("/v1/ledger/totals", web::get().to(totals));
+}
+
+async fn admin(state: &ApiState, cmd: AdminCmd) -> Result<Option<AccountView>, HttpResponse> {
+    match state.ledger.send(cmd).await {
+        Err(e) => Err(unavailable(e)),
+        Ok(Err(e)) => Err(error_response(e)),
+        Ok(Ok(answer)) => Ok(answer),
+    }
+}
+
+async fn deposit(
+    state: web::Data<ApiState>,
+    id: web::Path<String>,
+    body: web::Json<Deposit>,
+) -> HttpResponse {
+    let cmd = AdminCmd::Deposit {
+        account_id: id.into_inner(),
+        deposit: body.into_inner(),
+    };
+    match admin(&state, cmd).await {
+        Ok(view) => HttpResponse::Ok().json(view),
+        Err(response) => response,
+    }
+}
+
+async fn set_hub_key(
+    state: web::Data<ApiState>,
+    id: web::Path<String>,
+    body: web::Json<HubKey>,
+) -> HttpResponse {
+    let store_id = id.into_inner();
+    let cmd = AdminCmd::SetHubKey {
+        store_id: store_id.clone(),
+        public_key: body.public_key.clone(),
+    };
+    match admin(&state, cmd).await {
+        Ok(_) => {
+            HttpResponse::Ok().json(json!({ "store_id": store_id, "hub_key": body.public_key }))
+        }
+        Err(response) => response,
+    }
+}
+
+async fn list_debts(state: web::Data<ApiState>) -> HttpResponse {
+    match query(&state, LedgerQuery::Debts).await {
+        Ok(LedgerAnswer::Debts(all)) => HttpResponse::Ok().json(all),
+        Ok(_) => HttpResponse::InternalServerError().finish(),
+        Err(response) => response,
+    }
+}
+
+async fn list_conflicts(state: web::Data<ApiState>) -> HttpResponse {
+    match query(&state, LedgerQuery::Conflicts).await {
+        Ok(LedgerAnswer::Conflicts(all)) => HttpResponse::Ok().json(all),
+        Ok(_) => HttpResponse::InternalServerError().finish(),
+        Err(response) => response,
+    }
 }
 
 fn error_response(error: LedgerError) -> HttpResponse {
@@ -374,9 +440,12 @@ async fn erase_customer(
         .send(CloseAccountCmd(customer_id.clone()))
         .await
     {
-        Ok(Ok(key_change)) => {
+        Ok(Ok((key_change, allowance))) => {
             if let Some(entry) = key_change {
                 state.link.do_send(BroadcastKeys(vec![entry]));
+            }
+            if let Some(revoked) = allowance {
+                state.link.do_send(BroadcastAllowances(vec![revoked]));
             }
         }
         // The templates are gone and the hubs told; the account stays open until a retry.

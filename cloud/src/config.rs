@@ -7,7 +7,7 @@ use mqtt::MqttConfig;
 use serde::{Deserialize, Serialize};
 use settings::{check_range, check_socket_addr, Validate};
 
-use crate::{enroll::IdentityConfig, tls::TlsFiles};
+use crate::{enroll::IdentityConfig, ledger::OfflinePolicy, tls::TlsFiles};
 
 /// Environment variable prefix: `FACEPAY_CLOUD_MQTT__PORT=1884`.
 pub const ENV_PREFIX: &str = "FACEPAY_CLOUD_";
@@ -39,6 +39,8 @@ pub struct CloudConfig {
     pub identity: IdentityConfig,
     /// The face pipeline's gates for enrollment photos.
     pub face: FaceConfig,
+    /// What hubs may approve while they cannot reach the cloud.
+    pub offline: OfflinePolicy,
     /// The broker the hubs and the cloud meet at.
     pub mqtt: MqttConfig,
 }
@@ -56,6 +58,7 @@ impl Default for CloudConfig {
             face_threads: 1,
             identity: IdentityConfig::default(),
             face: FaceConfig::default(),
+            offline: OfflinePolicy::default(),
             mqtt: MqttConfig::default(),
         }
     }
@@ -97,6 +100,7 @@ impl Validate for CloudConfig {
         check_range("face_threads", self.face_threads as u64, 1..=64, "threads")?;
         self.identity.validate()?;
         self.face.validate("face")?;
+        self.offline.validate()?;
         self.mqtt.validate("mqtt")
     }
 }

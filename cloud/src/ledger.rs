@@ -13,13 +13,17 @@
 use std::path::Path;
 
 use protocol::{
-    AccountKind, AccountView, CloudAuthorize, Currency, Decision, DeclineReason, KeyEntry,
-    LedgerTotals, OpenAccount, TransferView, VoidPayment,
+    AccountKind, AccountView, Allowance, CloudAuthorize, Currency, Decision, DeclineReason,
+    KeyEntry, LedgerTotals, OpenAccount, TransferView, VoidPayment,
 };
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::error::LedgerError;
+
+mod offline;
+
+pub use offline::{Conflict, OfflinePolicy, ALLOWANCE_PAGE};
 
 /// Most key changes returned by one [`Ledger::keys_after`] call.
 pub const KEY_BATCH_MAX: usize = 500;
@@ -33,6 +37,9 @@ struct AccountRecord {
     /// Set when the customer is erased: no more payments.
     #[serde(default)]
     closed: bool,
+    /// Offline payments took the balance below zero; cleared by a deposit that settles it.
+    #[serde(default)]
+    in_debt: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -47,6 +54,10 @@ struct TransferRecord {
     terminal_id: Option<String>,
     order_id: Option<String>,
     voided: bool,
+    /// Approved by a hub offline and applied at reconciliation: only that hub's journal owns it,
+    /// so a void of an earlier online attempt no longer reverses it.
+    #[serde(default)]
+    offline: bool,
 }
 
 /// What became of a code nonce: the payment it was presented for, and the decision then.
@@ -64,6 +75,17 @@ pub struct Ledger {
     transfers: sled::Tree,
     nonces: sled::Tree,
     keys: sled::Tree,
+    /// Offline allowances by `<store>/<account>` (for a store's sync).
+    grants: sled::Tree,
+    /// The same allowances by `<account>/<store>` (for an account's total).
+    grants_by_account: sled::Tree,
+    /// Accounts in debt.
+    debts: sled::Tree,
+    /// Offline payments that could not be applied as approved, for the operator.
+    conflicts: sled::Tree,
+    /// Each store's hub signing key.
+    hub_keys: sled::Tree,
+    policy: OfflinePolicy,
 }
 
 fn issuance_account(currency: Currency) -> String {
@@ -117,8 +139,20 @@ impl Ledger {
             transfers: tree("transfers")?,
             nonces: tree("nonces")?,
             keys: tree("keys")?,
+            grants: tree("grants")?,
+            grants_by_account: tree("grants_by_account")?,
+            debts: tree("debts")?,
+            conflicts: tree("conflicts")?,
+            hub_keys: tree("hub_keys")?,
+            policy: OfflinePolicy::default(),
             db,
         })
+    }
+
+    /// Sets how much the cloud grants hubs for offline payment.
+    pub fn with_offline_policy(mut self, policy: OfflinePolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     fn flush(&self) -> Result<(), LedgerError> {
@@ -195,6 +229,7 @@ impl Ledger {
                         balance_minor: 0,
                         public_key: None,
                         closed: false,
+                        in_debt: false,
                     },
                 };
                 issuer.balance_minor -= request.initial_balance_minor;
@@ -205,6 +240,7 @@ impl Ledger {
                     balance_minor: request.initial_balance_minor,
                     public_key: request.public_key.clone(),
                     closed: false,
+                    in_debt: false,
                 };
                 accounts.insert(request.account_id.as_bytes(), encode(&account))?;
                 if request.initial_balance_minor > 0 {
@@ -219,6 +255,7 @@ impl Ledger {
                         terminal_id: None,
                         order_id: None,
                         voided: false,
+                        offline: false,
                     };
                     transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 }
@@ -246,68 +283,113 @@ impl Ledger {
         store_id: &str,
         request: &CloudAuthorize,
     ) -> Result<Decision, LedgerError> {
+        self.authorize_with_allowance(store_id, request)
+            .map(|(decision, _)| decision)
+    }
+
+    /// [`Ledger::authorize`], and on approval the account's refreshed offline allowance at the
+    /// store (see [`OfflinePolicy`]).
+    pub fn authorize_with_allowance(
+        &self,
+        store_id: &str,
+        request: &CloudAuthorize,
+    ) -> Result<(Decision, Option<Allowance>), LedgerError> {
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
-        let decision = unwrap_tx((&self.accounts, &self.transfers, &self.nonces).transaction(
-            |(accounts, transfers, nonces)| -> TxResult<Decision> {
-                if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
-                    let existing: TransferRecord = decode(&existing);
-                    let same = existing.debit_account_id == request.account_id
-                        && existing.credit_account_id == store_id
-                        && existing.amount_minor == request.amount_minor
-                        && existing.currency == request.currency;
-                    return Ok(if existing.voided {
-                        Decision::declined(
-                            DeclineReason::DuplicateOrderId,
-                            "this order's payment was voided; charge it under a new order id",
-                        )
-                    } else if same {
-                        // The latest attempt told "approved" owns the transfer: a void of an
-                        // earlier attempt that timed out must no longer reverse it.
-                        if existing.code_nonce.as_deref() != Some(&request.code_nonce) {
-                            let owned = TransferRecord {
-                                code_nonce: Some(request.code_nonce.clone()),
-                                ..existing.clone()
-                            };
-                            transfers.insert(request.payment_id.as_bytes(), encode(&owned))?;
-                        }
-                        Decision::Approved {
-                            account_id: request.account_id.clone(),
-                            already_paid: true,
-                        }
-                    } else {
-                        Decision::declined(
-                            DeclineReason::DuplicateOrderId,
-                            format!(
-                                "order {} was already paid with other details ({} from {})",
-                                request.order_id,
-                                existing.currency.format(existing.amount_minor),
-                                existing.debit_account_id
-                            ),
-                        )
-                    });
-                }
-                if let Some(seen) = nonces.get(&nonce_key)? {
-                    let seen: NonceRecord = decode(&seen);
-                    // A hub repeating a request it got no answer to hears the first answer.
-                    return Ok(if seen.payment_id == request.payment_id {
-                        seen.decision
-                    } else {
-                        Decision::declined(
-                            DeclineReason::CodeReplayed,
-                            "this payment code was already used; show a fresh code",
-                        )
-                    });
-                }
-                let decision = Self::try_apply(accounts, transfers, store_id, request)?;
-                let record = NonceRecord {
-                    payment_id: request.payment_id.clone(),
-                    decision: decision.clone(),
+        let policy = self.policy;
+        let trees = (
+            &self.accounts,
+            &self.transfers,
+            &self.nonces,
+            &self.grants,
+            &self.grants_by_account,
+        );
+        let answer = unwrap_tx(trees.transaction(
+            |(accounts, transfers, nonces, grants, by_account)| {
+                let decision =
+                    Self::authorize_tx(accounts, transfers, nonces, store_id, request, &nonce_key)?;
+                let allowance = match &decision {
+                    Decision::Approved { .. } => offline::grant(
+                        policy,
+                        accounts,
+                        grants,
+                        by_account,
+                        store_id,
+                        &request.account_id,
+                    )?,
+                    Decision::Declined { .. } => None,
                 };
-                nonces.insert(nonce_key.clone(), encode(&record))?;
-                Ok(decision)
+                Ok((decision, allowance))
             },
         ))?;
         self.flush()?;
+        Ok(answer)
+    }
+
+    fn authorize_tx(
+        accounts: &sled::transaction::TransactionalTree,
+        transfers: &sled::transaction::TransactionalTree,
+        nonces: &sled::transaction::TransactionalTree,
+        store_id: &str,
+        request: &CloudAuthorize,
+        nonce_key: &[u8],
+    ) -> TxResult<Decision> {
+        if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
+            let existing: TransferRecord = decode(&existing);
+            let same = existing.debit_account_id == request.account_id
+                && existing.credit_account_id == store_id
+                && existing.amount_minor == request.amount_minor
+                && existing.currency == request.currency;
+            return Ok(if existing.voided {
+                Decision::declined(
+                    DeclineReason::DuplicateOrderId,
+                    "this order's payment was voided; charge it under a new order id",
+                )
+            } else if same {
+                // The latest attempt told "approved" owns the transfer: a void of an
+                // earlier attempt that timed out must no longer reverse it. A transfer
+                // a hub approved offline stays its own.
+                if !existing.offline && existing.code_nonce.as_deref() != Some(&request.code_nonce)
+                {
+                    let owned = TransferRecord {
+                        code_nonce: Some(request.code_nonce.clone()),
+                        ..existing.clone()
+                    };
+                    transfers.insert(request.payment_id.as_bytes(), encode(&owned))?;
+                }
+                Decision::Approved {
+                    account_id: request.account_id.clone(),
+                    already_paid: true,
+                }
+            } else {
+                Decision::declined(
+                    DeclineReason::DuplicateOrderId,
+                    format!(
+                        "order {} was already paid with other details ({} from {})",
+                        request.order_id,
+                        existing.currency.format(existing.amount_minor),
+                        existing.debit_account_id
+                    ),
+                )
+            });
+        }
+        if let Some(seen) = nonces.get(nonce_key)? {
+            let seen: NonceRecord = decode(&seen);
+            // A hub repeating a request it got no answer to hears the first answer.
+            return Ok(if seen.payment_id == request.payment_id {
+                seen.decision
+            } else {
+                Decision::declined(
+                    DeclineReason::CodeReplayed,
+                    "this payment code was already used; show a fresh code",
+                )
+            });
+        }
+        let decision = Self::try_apply(accounts, transfers, store_id, request)?;
+        let record = NonceRecord {
+            payment_id: request.payment_id.clone(),
+            decision: decision.clone(),
+        };
+        nonces.insert(nonce_key, encode(&record))?;
         Ok(decision)
     }
 
@@ -380,6 +462,7 @@ impl Ledger {
             terminal_id: Some(request.terminal_id.clone()),
             order_id: Some(request.order_id.clone()),
             voided: false,
+            offline: false,
         };
         transfers.insert(request.payment_id.as_bytes(), encode(&transfer))?;
         Ok(Decision::Approved {
@@ -399,7 +482,8 @@ impl Ledger {
                 if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
                     let mut existing: TransferRecord = decode(&existing);
                     let this_attempt = existing.code_nonce.as_deref() == Some(&request.code_nonce)
-                        && existing.credit_account_id == store_id;
+                        && existing.credit_account_id == store_id
+                        && !existing.offline;
                     if this_attempt && !existing.voided {
                         let mut customer: AccountRecord = decode(
                             &accounts
@@ -421,6 +505,7 @@ impl Ledger {
                             credit_account_id: existing.debit_account_id.clone(),
                             applied_at_ms: now_ms(),
                             voided: false,
+                            offline: false,
                             ..existing.clone()
                         };
                         transfers.insert(reversal_id.as_bytes(), encode(&reversal))?;
@@ -598,6 +683,7 @@ fn view(account_id: &str, r: AccountRecord) -> AccountView {
         balance_minor: r.balance_minor,
         public_key: r.public_key,
         closed: r.closed,
+        in_debt: r.in_debt,
     }
 }
 

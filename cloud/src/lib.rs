@@ -74,10 +74,12 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let ledger_path = config.data_dir.join("ledger");
     let ledger = ledger::Ledger::open(&ledger_path)
-        .with_context(|| format!("opening ledger at {}", ledger_path.display()))?;
+        .with_context(|| format!("opening ledger at {}", ledger_path.display()))?
+        .with_offline_policy(config.offline);
+    let offline_metrics = actors::OfflineMetrics::register(&registry);
     let ledger = SyncArbiter::start(1, move || {
         // One thread: the ledger has a single writer.
-        LedgerActor::new(ledger.clone())
+        LedgerActor::new(ledger.clone()).with_metrics(offline_metrics.clone())
     });
 
     let templates_gauge = telemetry::register_gauge(

@@ -3,22 +3,26 @@
 //! money, journal the decision, answer the edge.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
+use paycode::hubsig::HubSigner;
 use paycode::{SignedCode, Validity};
 use protocol::{
-    AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision, DeclineReason,
-    HubRequestBody, KeyBatch, KeyEntry, PaymentProof, VoidPayment,
+    Allowance, AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision,
+    DeclineReason, HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment, PaymentProof,
+    VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
 use crate::{
     error::HubError,
-    journal::{JournalActor, JournalAnswer, JournalCmd, JournalEntry, Reservation},
+    journal::{Journal, JournalActor, JournalAnswer, JournalCmd, JournalEntry, Reservation},
+    offline::OfflineBook,
     uplink::{CallCloud, UplinkActor, UplinkEvent},
     verify::{RedeemToken, VerifyActor},
 };
@@ -29,6 +33,63 @@ pub const AUTH_MAILBOX: usize = 256;
 pub const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Deadline of key-sync and void requests to the cloud.
 pub const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one reconciliation batch.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What offline authorization needs: the rules' book, the signing key, the journal for sequence
+/// numbers, how to drain, and the metrics.
+pub struct OfflineSetup {
+    /// Rules and what the journal holds unreconciled.
+    pub book: OfflineBook,
+    /// The hub's signing key.
+    pub signer: Arc<HubSigner>,
+    /// The journal (sequence numbers only; writes go through the journal actor).
+    pub journal: Journal,
+    /// Entries per reconciliation batch.
+    pub drain_batch: usize,
+    /// How often a backlog is retried.
+    pub drain_interval: Duration,
+    /// Metrics.
+    pub metrics: OfflineMetrics,
+}
+
+/// The hub's offline metrics.
+#[derive(Clone)]
+pub struct OfflineMetrics {
+    backlog: prometheus::IntGauge,
+    exposure: prometheus::IntGauge,
+    approved: prometheus::IntCounter,
+    reconciled: prometheus::IntCounter,
+}
+
+impl OfflineMetrics {
+    /// Registers `facepay_hub_offline_backlog`, `facepay_hub_offline_exposure_minor`,
+    /// `facepay_hub_offline_approved_total` and `facepay_hub_offline_reconciled_total`.
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        OfflineMetrics {
+            backlog: telemetry::register_gauge(
+                registry,
+                "facepay_hub_offline_backlog",
+                "offline approvals journaled and not yet acknowledged by the cloud",
+            ),
+            exposure: telemetry::register_gauge(
+                registry,
+                "facepay_hub_offline_exposure_minor",
+                "total amount of offline approvals not yet acknowledged, minor units",
+            ),
+            approved: telemetry::register_counter(
+                registry,
+                "facepay_hub_offline_approved_total",
+                "payments approved offline",
+            ),
+            reconciled: telemetry::register_counter(
+                registry,
+                "facepay_hub_offline_reconciled_total",
+                "offline approvals the cloud acknowledged (and the journal retired)",
+            ),
+        }
+    }
+}
 
 /// What the authorization actor needs to know.
 #[derive(Debug, Clone)]
@@ -52,6 +113,14 @@ pub struct AuthActor {
     keys_gauge: prometheus::IntGauge,
     syncing: bool,
     verifier: Option<Addr<VerifyActor>>,
+    offline: OfflineBook,
+    signer: Arc<HubSigner>,
+    seqs: Journal,
+    drain_batch: usize,
+    drain_interval: Duration,
+    draining: bool,
+    syncing_allowances: bool,
+    offline_metrics: OfflineMetrics,
 }
 
 impl AuthActor {
@@ -63,6 +132,7 @@ impl AuthActor {
         journal: Addr<JournalActor>,
         metrics: PaymentMetrics,
         keys_gauge: prometheus::IntGauge,
+        offline: OfflineSetup,
     ) -> Self {
         let mut actor = AuthActor {
             settings,
@@ -74,9 +144,135 @@ impl AuthActor {
             keys_gauge,
             syncing: false,
             verifier: None,
+            offline: offline.book,
+            signer: offline.signer,
+            seqs: offline.journal,
+            drain_batch: offline.drain_batch,
+            drain_interval: offline.drain_interval,
+            draining: false,
+            syncing_allowances: false,
+            offline_metrics: offline.metrics,
         };
         actor.apply_keys(&stored_keys);
+        actor.show_offline();
         actor
+    }
+
+    fn show_offline(&self) {
+        self.offline_metrics
+            .backlog
+            .set(self.offline.entries() as i64);
+        self.offline_metrics
+            .exposure
+            .set(self.offline.store_total());
+    }
+
+    /// Drains the journal to the cloud: queued voids first, then offline approvals in batches,
+    /// one batch in flight, each entry retired only once the cloud acknowledged it. Stops at the
+    /// first failure; the next reconnect or tick resumes where it stopped.
+    fn start_drain(&mut self, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            return;
+        };
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let journal = self.journal.clone();
+        let batch_size = self.drain_batch;
+        let me = ctx.address();
+        let drain = async move {
+            let voids = match journal.send(JournalCmd::PendingVoids).await {
+                Ok(Ok(JournalAnswer::Voids(v))) => v,
+                _ => return,
+            };
+            for void in voids {
+                if !deliver_void(&uplink, &journal, void).await {
+                    return;
+                }
+            }
+            loop {
+                let batch = match journal.send(JournalCmd::OfflineBatch(batch_size)).await {
+                    Ok(Ok(JournalAnswer::Offline(batch))) if !batch.is_empty() => batch,
+                    _ => return,
+                };
+                let call = CallCloud {
+                    body: HubRequestBody::Reconcile(OfflineBatch { entries: batch }),
+                    timeout: DRAIN_TIMEOUT,
+                };
+                let results = match uplink.send(call).await {
+                    Ok(Ok(CloudReplyBody::Reconciled { results })) => results,
+                    other => {
+                        tracing::info!(?other, "reconciliation paused; resumed on reconnect");
+                        return;
+                    }
+                };
+                let settled: Vec<u64> = results
+                    .iter()
+                    .filter(|r| r.settled())
+                    .map(|r| r.seq)
+                    .collect();
+                let stuck = results.len() - settled.len();
+                match journal.send(JournalCmd::RetireOffline(settled)).await {
+                    Ok(Ok(JournalAnswer::Offline(retired))) => me.do_send(OfflineRetired(retired)),
+                    other => {
+                        tracing::error!(?other, "retiring reconciled entries failed");
+                        return;
+                    }
+                }
+                if stuck > 0 {
+                    tracing::warn!(
+                        stuck,
+                        first = ?results.iter().find(|r| !r.settled()),
+                        "the cloud refused offline entries; kept in the journal"
+                    );
+                    return;
+                }
+            }
+        };
+        ctx.spawn(drain.into_actor(self).map(|_, actor, _| {
+            actor.draining = false;
+        }));
+    }
+
+    /// Fetches this store's allowances page by page; a complete sync replaces what is held.
+    fn start_allowance_sync(&mut self, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            return;
+        };
+        if self.syncing_allowances {
+            return;
+        }
+        self.syncing_allowances = true;
+        let sync = async move {
+            let mut all = Vec::new();
+            let mut after_account = None;
+            loop {
+                let call = CallCloud {
+                    body: HubRequestBody::AllowanceSync { after_account },
+                    timeout: MAINTENANCE_TIMEOUT,
+                };
+                match uplink.send(call).await {
+                    Ok(Ok(CloudReplyBody::Allowances(batch))) => {
+                        all.extend(batch.allowances);
+                        match batch.next_after {
+                            Some(next) => after_account = Some(next),
+                            None => return Some(all),
+                        }
+                    }
+                    other => {
+                        tracing::info!(?other, "allowance sync failed; retried on reconnect");
+                        return None;
+                    }
+                }
+            }
+        };
+        ctx.spawn(sync.into_actor(self).map(|all, actor, ctx| {
+            actor.syncing_allowances = false;
+            if let Some(all) = all {
+                ctx.notify(AllowancesSynced(all));
+            }
+        }));
     }
 
     fn apply_keys(&mut self, entries: &[KeyEntry]) {
@@ -170,28 +366,14 @@ impl AuthActor {
             }
         }));
     }
-
-    fn resend_voids(&mut self, ctx: &mut Context<Self>) {
-        let Some(uplink) = self.uplink.clone() else {
-            return;
-        };
-        let journal = self.journal.clone();
-        ctx.spawn(
-            async move {
-                let voids = match journal.send(JournalCmd::PendingVoids).await {
-                    Ok(Ok(JournalAnswer::Voids(v))) => v,
-                    _ => return,
-                };
-                for void in voids {
-                    deliver_void(&uplink, &journal, void).await;
-                }
-            }
-            .into_actor(self),
-        );
-    }
 }
 
-async fn deliver_void(uplink: &Addr<UplinkActor>, journal: &Addr<JournalActor>, void: VoidPayment) {
+/// Delivers a void; true once the cloud acknowledged it and the journal retired it.
+async fn deliver_void(
+    uplink: &Addr<UplinkActor>,
+    journal: &Addr<JournalActor>,
+    void: VoidPayment,
+) -> bool {
     let call = CallCloud {
         body: HubRequestBody::Void(void.clone()),
         timeout: MAINTENANCE_TIMEOUT,
@@ -199,13 +381,16 @@ async fn deliver_void(uplink: &Addr<UplinkActor>, journal: &Addr<JournalActor>, 
     match uplink.send(call).await {
         Ok(Ok(CloudReplyBody::Voided { reversed, .. })) => {
             tracing::info!(payment_id = void.payment_id, reversed, "void delivered");
-            let _ = journal.send(JournalCmd::RetireVoid(void)).await;
+            matches!(journal.send(JournalCmd::RetireVoid(void)).await, Ok(Ok(_)))
         }
-        other => tracing::info!(
-            payment_id = void.payment_id,
-            ?other,
-            "void not delivered yet; kept for reconnect"
-        ),
+        other => {
+            tracing::info!(
+                payment_id = void.payment_id,
+                ?other,
+                "void not delivered yet; kept for reconnect"
+            );
+            false
+        }
     }
 }
 
@@ -214,6 +399,11 @@ impl Actor for AuthActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(AUTH_MAILBOX);
+        ctx.run_interval(self.drain_interval, |actor, ctx| {
+            if actor.offline.entries() > 0 {
+                actor.start_drain(ctx);
+            }
+        });
         ctx.run_interval(NONCE_PRUNE_INTERVAL, |actor, _| {
             let horizon =
                 actor.settings.validity.window_ms + 2 * actor.settings.validity.clock_skew_ms;
@@ -308,9 +498,11 @@ impl Handler<UplinkEvent> for AuthActor {
         match msg {
             UplinkEvent::CloudConnected => {
                 self.start_key_sync(ctx);
-                self.resend_voids(ctx);
+                self.start_allowance_sync(ctx);
+                self.start_drain(ctx);
             }
             UplinkEvent::KeysBroadcast(batch) => ctx.notify(KeysArrived(batch)),
+            UplinkEvent::AllowancesPushed(batch) => ctx.notify(AllowancesArrived(batch.allowances)),
             UplinkEvent::TemplatesPushed(_) => {}
         }
     }
@@ -324,7 +516,7 @@ pub struct Authorize(pub AuthorizeRequest);
 impl Handler<Authorize> for AuthActor {
     type Result = ResponseFuture<AuthorizeReply>;
 
-    fn handle(&mut self, msg: Authorize, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Authorize, ctx: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
         self.metrics.request();
         let request = msg.0;
@@ -333,11 +525,15 @@ impl Handler<Authorize> for AuthActor {
             (Ok(()), PaymentProof::Code(code)) => Some(self.check_code(code)),
             _ => None,
         };
-        let journal = self.journal.clone();
-        let uplink = self.uplink.clone();
+        let hub = HubParts {
+            me: ctx.address(),
+            journal: self.journal.clone(),
+            uplink: self.uplink.clone(),
+            cloud_timeout: self.settings.cloud_timeout,
+            approved_offline: self.offline_metrics.approved.clone(),
+        };
         let verifier = self.verifier.clone();
         let metrics = self.metrics.clone();
-        let cloud_timeout = self.settings.cloud_timeout;
         Box::pin(async move {
             let mut entry = JournalEntry::for_request(
                 &request,
@@ -357,18 +553,21 @@ impl Handler<Authorize> for AuthActor {
                 }
                 (Ok(()), None, PaymentProof::Code(_)) => unreachable!("codes are checked above"),
             };
-            let decision = match &proven {
-                Err(decision) => decision.clone(),
+            let (decision, offline) = match &proven {
+                Err(decision) => (decision.clone(), false),
                 Ok(proven) => {
                     entry.account_id = Some(proven.account_id.clone());
                     entry.code_nonce = Some(proven.nonce.clone());
-                    authorize_verified(&request, proven, &journal, uplink.as_ref(), cloud_timeout)
-                        .await
+                    authorize_verified(&request, proven, &hub).await
                 }
             };
             entry.decision = decision.clone();
+            let journal = &hub.journal;
             let decision = match journal.send(JournalCmd::Record(Box::new(entry))).await {
                 Ok(Ok(_)) => decision,
+                // An offline approval is journaled (and flushed) on its own before this record:
+                // it stands, and the cloud will apply it.
+                _ if offline => decision,
                 failure => {
                     tracing::error!(
                         ?failure,
@@ -377,14 +576,14 @@ impl Handler<Authorize> for AuthActor {
                     );
                     // The hub cannot prove what it answered; refuse, and undo at the cloud if needed.
                     if let (Decision::Approved { account_id, .. }, Ok(proven), Some(uplink)) =
-                        (&decision, &proven, uplink.as_ref())
+                        (&decision, &proven, hub.uplink.as_ref())
                     {
                         let void = VoidPayment {
                             payment_id: request.payment_id.clone(),
                             account_id: account_id.clone(),
                             code_nonce: proven.nonce.clone(),
                         };
-                        deliver_void(uplink, &journal, void).await;
+                        deliver_void(uplink, journal, void).await;
                     }
                     Decision::declined(
                         DeclineReason::Internal,
@@ -396,9 +595,19 @@ impl Handler<Authorize> for AuthActor {
             AuthorizeReply {
                 payment_id: request.payment_id,
                 decision,
+                offline,
             }
         })
     }
+}
+
+/// What an authorization in flight needs from the hub.
+struct HubParts {
+    me: Addr<AuthActor>,
+    journal: Addr<JournalActor>,
+    uplink: Option<Addr<UplinkActor>>,
+    cloud_timeout: Duration,
+    approved_offline: prometheus::IntCounter,
 }
 
 async fn redeem(
@@ -431,13 +640,14 @@ async fn redeem(
     }
 }
 
+/// Spends the proof's nonce, then asks the cloud; when the cloud cannot be reached, decides
+/// offline. Returns the decision and whether it was made offline.
 async fn authorize_verified(
     request: &AuthorizeRequest,
     proven: &Proven,
-    journal: &Addr<JournalActor>,
-    uplink: Option<&Addr<UplinkActor>>,
-    cloud_timeout: Duration,
-) -> Decision {
+    hub: &HubParts,
+) -> (Decision, bool) {
+    let journal = &hub.journal;
     let nonce = proven.nonce.clone();
     let reserve = JournalCmd::ReserveNonce {
         account_id: proven.account_id.clone(),
@@ -450,76 +660,206 @@ async fn authorize_verified(
         Ok(Ok(JournalAnswer::Reservation(Reservation::Replayed { first_payment_id })))
             if proven.token =>
         {
-            return Decision::declined(
-                DeclineReason::TokenInvalid,
-                format!(
-                    "this payment token was already spent on {first_payment_id}; verify the \
-                     customer again"
+            return (
+                Decision::declined(
+                    DeclineReason::TokenInvalid,
+                    format!(
+                        "this payment token was already spent on {first_payment_id}; verify the \
+                         customer again"
+                    ),
                 ),
+                false,
             )
         }
         Ok(Ok(JournalAnswer::Reservation(Reservation::Replayed { first_payment_id }))) => {
-            return Decision::declined(
-                DeclineReason::CodeReplayed,
-                format!(
-                    "this payment code was already used for {first_payment_id}; show a fresh code"
+            return (
+                Decision::declined(
+                    DeclineReason::CodeReplayed,
+                    format!(
+                        "this payment code was already used for {first_payment_id}; show a fresh \
+                         code"
+                    ),
                 ),
+                false,
             )
         }
         other => {
             tracing::error!(?other, "nonce reservation failed");
-            return Decision::declined(
-                DeclineReason::Internal,
-                "the store system could not record the code",
+            return (
+                Decision::declined(
+                    DeclineReason::Internal,
+                    "the store system could not record the code",
+                ),
+                false,
             );
         }
     }
-    let Some(uplink) = uplink else {
-        return Decision::declined(DeclineReason::CloudUnreachable, "the hub is still starting");
+    let Some(uplink) = hub.uplink.as_ref() else {
+        return decide_offline(request, proven, hub, "the hub is still starting", false).await;
     };
     let call = CallCloud {
         body: HubRequestBody::Authorize(CloudAuthorize {
             payment_id: request.payment_id.clone(),
             account_id: proven.account_id.clone(),
-            code_nonce: nonce.clone(),
+            code_nonce: nonce,
             amount_minor: request.amount_minor,
             currency: request.currency,
             terminal_id: request.terminal_id.clone(),
             order_id: request.order_id.clone(),
         }),
-        timeout: cloud_timeout,
+        timeout: hub.cloud_timeout,
     };
     let failure = match uplink.send(call).await {
-        Ok(Ok(CloudReplyBody::Authorized { decision, .. })) => return decision,
-        // Not sent: nothing can have been applied, so there is nothing to void.
-        Ok(Err(error @ (HubError::CircuitOpen(_) | HubError::UplinkSaturated))) => {
-            return Decision::declined(
-                DeclineReason::CloudUnreachable,
-                format!("{error}; nothing was charged"),
-            )
+        Ok(Ok(CloudReplyBody::Authorized {
+            decision,
+            allowance,
+            ..
+        })) => {
+            if let Some(allowance) = allowance {
+                hub.me.do_send(AllowancesArrived(vec![allowance]));
+            }
+            return (decision, false);
         }
+        // Not sent: nothing can have been applied.
+        Ok(Err(
+            error @ (HubError::CircuitOpen(_)
+            | HubError::UplinkSaturated
+            | HubError::CloudDisconnected),
+        )) => return decide_offline(request, proven, hub, &error.to_string(), false).await,
         Ok(Ok(CloudReplyBody::Error { detail })) => {
             // The cloud aborted the transaction: nothing was applied.
-            return Decision::declined(
-                DeclineReason::Internal,
-                format!("the cloud failed: {detail}"),
+            return (
+                Decision::declined(
+                    DeclineReason::Internal,
+                    format!("the cloud failed: {detail}"),
+                ),
+                false,
             );
         }
         Ok(Ok(other)) => format!("unexpected cloud answer {other:?}"),
         Ok(Err(error)) => error.to_string(),
         Err(error) => error.to_string(),
     };
-    // No answer: the cloud may or may not have applied it. Void the attempt so that the cloud
-    // either moves the money back or refuses it when it arrives late; the edge hears a decline.
+    // Sent but unanswered: the cloud may or may not have applied it.
+    decide_offline(request, proven, hub, &failure, true).await
+}
+
+/// Decides without the cloud. Approved: the entry is signed, journaled and flushed before the
+/// edge hears it, and reconciled later. Declined after an attempt the cloud may have received
+/// (`ambiguous`): a void is queued, so that the cloud moves the money back or refuses the attempt
+/// when it arrives late, and the edge hears "nothing was charged".
+async fn decide_offline(
+    request: &AuthorizeRequest,
+    proven: &Proven,
+    hub: &HubParts,
+    failure: &str,
+    ambiguous: bool,
+) -> (Decision, bool) {
+    let journal = &hub.journal;
+    let decision = match journal
+        .send(JournalCmd::Paid(request.payment_id.clone()))
+        .await
+    {
+        Ok(Ok(JournalAnswer::Paid(Some(paid)))) => {
+            let same = paid.account_id == proven.account_id
+                && paid.amount_minor == request.amount_minor
+                && paid.currency == request.currency.as_str();
+            return if same {
+                (
+                    Decision::Approved {
+                        account_id: proven.account_id.clone(),
+                        already_paid: true,
+                    },
+                    false,
+                )
+            } else {
+                (
+                    Decision::declined(
+                        DeclineReason::DuplicateOrderId,
+                        format!(
+                            "order {} was already paid with other details",
+                            request.order_id
+                        ),
+                    ),
+                    false,
+                )
+            };
+        }
+        Ok(Ok(JournalAnswer::Paid(None))) => {
+            let approve = ApproveOffline {
+                request: request.clone(),
+                account_id: proven.account_id.clone(),
+                nonce: proven.nonce.clone(),
+            };
+            match hub.me.send(approve).await {
+                Ok(Ok(entry)) => {
+                    match journal
+                        .send(JournalCmd::RecordOffline(Box::new(entry.clone())))
+                        .await
+                    {
+                        Ok(Ok(_)) => {
+                            hub.approved_offline.inc();
+                            tracing::info!(
+                                payment_id = request.payment_id,
+                                seq = entry.seq,
+                                failure,
+                                "approved offline"
+                            );
+                            return (
+                                Decision::Approved {
+                                    account_id: proven.account_id.clone(),
+                                    already_paid: false,
+                                },
+                                true,
+                            );
+                        }
+                        other => {
+                            tracing::error!(?other, "journaling an offline approval failed");
+                            hub.me.do_send(ReleaseOffline(entry));
+                            Decision::declined(
+                                DeclineReason::Internal,
+                                "the store system could not record the payment; nothing was charged",
+                            )
+                        }
+                    }
+                }
+                Ok(Err(Decision::Declined { reason, detail })) => {
+                    Decision::declined(reason, format!("{detail} ({failure}); nothing was charged"))
+                }
+                Ok(Err(approved)) => approved,
+                Err(error) => {
+                    Decision::declined(DeclineReason::Internal, format!("hub unavailable: {error}"))
+                }
+            }
+        }
+        other => {
+            tracing::error!(?other, "reading the journal failed");
+            Decision::declined(
+                DeclineReason::Internal,
+                "the store system could not read its journal; nothing was charged",
+            )
+        }
+    };
+    if ambiguous {
+        void_attempt(request, proven, hub).await;
+    }
+    (decision, false)
+}
+
+async fn void_attempt(request: &AuthorizeRequest, proven: &Proven, hub: &HubParts) {
     let void = VoidPayment {
         payment_id: request.payment_id.clone(),
         account_id: proven.account_id.clone(),
-        code_nonce: nonce,
+        code_nonce: proven.nonce.clone(),
     };
-    match journal.send(JournalCmd::QueueVoid(void.clone())).await {
+    match hub.journal.send(JournalCmd::QueueVoid(void.clone())).await {
         Ok(Ok(_)) => {
-            let (uplink, journal) = (uplink.clone(), journal.clone());
-            actix::spawn(async move { deliver_void(&uplink, &journal, void).await });
+            if let Some(uplink) = hub.uplink.clone() {
+                let journal = hub.journal.clone();
+                actix::spawn(async move {
+                    deliver_void(&uplink, &journal, void).await;
+                });
+            }
         }
         other => tracing::error!(
             ?other,
@@ -527,8 +867,107 @@ async fn authorize_verified(
             "queueing a void failed"
         ),
     }
-    Decision::declined(
-        DeclineReason::CloudUnreachable,
-        format!("{failure}; nothing was charged"),
-    )
+}
+
+/// Check the offline rules for a payment and, if they pass, sign it and count it as held.
+#[derive(Message)]
+#[rtype(result = "Result<OfflinePayment, Decision>")]
+struct ApproveOffline {
+    request: AuthorizeRequest,
+    account_id: String,
+    nonce: String,
+}
+
+impl Handler<ApproveOffline> for AuthActor {
+    type Result = Result<OfflinePayment, Decision>;
+    fn handle(&mut self, msg: ApproveOffline, _: &mut Self::Context) -> Self::Result {
+        let request = &msg.request;
+        self.offline
+            .check(&msg.account_id, request.amount_minor, request.currency)?;
+        let seq = self.seqs.next_seq().map_err(|e| {
+            Decision::declined(
+                DeclineReason::Internal,
+                format!("the store system could not number the payment: {e}"),
+            )
+        })?;
+        let mut entry = OfflinePayment {
+            seq,
+            payment_id: request.payment_id.clone(),
+            store_id: request.store_id.clone(),
+            terminal_id: request.terminal_id.clone(),
+            order_id: request.order_id.clone(),
+            account_id: msg.account_id,
+            nonce: msg.nonce,
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            approved_at_ms: paycode::now_ms(),
+            signature: String::new(),
+        };
+        self.signer.sign(&mut entry);
+        self.offline.hold(&entry.account_id, entry.amount_minor);
+        self.show_offline();
+        Ok(entry)
+    }
+}
+
+/// An offline approval could not be journaled: it no longer counts.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReleaseOffline(OfflinePayment);
+
+impl Handler<ReleaseOffline> for AuthActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseOffline, _: &mut Self::Context) {
+        self.offline.release(&msg.0.account_id, msg.0.amount_minor);
+        self.show_offline();
+    }
+}
+
+/// The cloud acknowledged these entries and the journal retired them.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct OfflineRetired(Vec<OfflinePayment>);
+
+impl Handler<OfflineRetired> for AuthActor {
+    type Result = ();
+    fn handle(&mut self, msg: OfflineRetired, _: &mut Self::Context) {
+        for entry in &msg.0 {
+            self.offline.release(&entry.account_id, entry.amount_minor);
+        }
+        self.offline_metrics.reconciled.inc_by(msg.0.len() as u64);
+        self.show_offline();
+    }
+}
+
+/// Grants or revocations from the cloud.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct AllowancesArrived(Vec<Allowance>);
+
+impl Handler<AllowancesArrived> for AuthActor {
+    type Result = ();
+    fn handle(&mut self, msg: AllowancesArrived, _: &mut Self::Context) {
+        for allowance in &msg.0 {
+            self.offline.set_allowance(allowance.clone());
+        }
+        self.journal.do_send(JournalCmd::StoreAllowances(msg.0));
+    }
+}
+
+/// A complete allowance sync: what the cloud lists replaces what is held.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct AllowancesSynced(Vec<Allowance>);
+
+impl Handler<AllowancesSynced> for AuthActor {
+    type Result = ();
+    fn handle(&mut self, msg: AllowancesSynced, _: &mut Self::Context) {
+        let listed: HashSet<String> = msg.0.iter().map(|a| a.account_id.clone()).collect();
+        for allowance in &msg.0 {
+            self.offline.set_allowance(allowance.clone());
+        }
+        self.offline.keep_only(&listed);
+        self.journal.do_send(JournalCmd::StoreAllowances(msg.0));
+        self.journal.do_send(JournalCmd::KeepOnlyAllowances(listed));
+    }
 }

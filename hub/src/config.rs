@@ -35,6 +35,8 @@ pub struct HubConfig {
     pub identify_timeout_ms: u64,
     /// Face identification rules.
     pub identify: IdentifyConfig,
+    /// Authorization while the cloud is unreachable, and reconciliation afterwards.
+    pub offline: OfflineConfig,
     /// Edges reach the hub here.
     pub zenoh: ZenohConfig,
     /// The broker where the cloud listens.
@@ -135,6 +137,78 @@ impl IdentifyConfig {
     }
 }
 
+/// The `[offline]` section: what the hub may approve alone while the cloud is unreachable, and how
+/// its journal drains afterwards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflineConfig {
+    /// Approve payments offline at all.
+    pub enabled: bool,
+    /// Largest single payment approved offline, minor units.
+    pub payment_ceiling_minor: i64,
+    /// Most this store may hold unreconciled over all accounts, minor units.
+    pub store_ceiling_minor: i64,
+    /// 32-byte secret key file the hub signs offline approvals with; unset:
+    /// `<data_dir>/keys/hub-signing.key`, created on first run. Its public key is printed at
+    /// start and must be registered at the cloud.
+    pub signing_key_file: Option<PathBuf>,
+    /// Journal entries per reconciliation batch (one batch in flight).
+    pub drain_batch: usize,
+    /// How often the hub tries to drain a backlog when no reconnect prompts it.
+    pub drain_interval_ms: u64,
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        OfflineConfig {
+            enabled: true,
+            payment_ceiling_minor: 2_500,
+            store_ceiling_minor: 200_000,
+            signing_key_file: None,
+            drain_batch: 200,
+            drain_interval_ms: 2_000,
+        }
+    }
+}
+
+impl OfflineConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        for (key, value) in [
+            ("offline.payment_ceiling_minor", self.payment_ceiling_minor),
+            ("offline.store_ceiling_minor", self.store_ceiling_minor),
+        ] {
+            if !(0..=protocol::MAX_AMOUNT_MINOR).contains(&value) {
+                return Err((
+                    key.into(),
+                    format!("must be from 0 to {}", protocol::MAX_AMOUNT_MINOR),
+                ));
+            }
+        }
+        if self
+            .signing_key_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err((
+                "offline.signing_key_file".into(),
+                "must not be empty".into(),
+            ));
+        }
+        check_range(
+            "offline.drain_batch",
+            self.drain_batch as u64,
+            1..=1000,
+            "entries",
+        )?;
+        check_range(
+            "offline.drain_interval_ms",
+            self.drain_interval_ms,
+            50..=600_000,
+            "ms",
+        )
+    }
+}
+
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
@@ -148,6 +222,7 @@ impl Default for HubConfig {
             hot_set_cap: 50_000,
             identify_timeout_ms: 2_000,
             identify: IdentifyConfig::default(),
+            offline: OfflineConfig::default(),
             zenoh: ZenohConfig {
                 listen: vec!["tcp/127.0.0.1:7447".into()],
                 ..ZenohConfig::default()
@@ -163,6 +238,14 @@ impl HubConfig {
         self.template_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keys").join("templates.key"))
+    }
+
+    /// The hub's signing key file in effect.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.offline
+            .signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys").join("hub-signing.key"))
     }
 
     /// The hub's MQTT client id: stable per store, because its broker session is persistent.
@@ -212,6 +295,7 @@ impl Validate for HubConfig {
             "ms",
         )?;
         self.identify.validate()?;
+        self.offline.validate()?;
         self.zenoh.validate("zenoh")?;
         if self.zenoh.listen.is_empty() {
             return Err((

@@ -12,6 +12,10 @@ pub enum HubError {
     /// The cloud did not answer before the deadline.
     #[error("cloud did not answer within {0} ms")]
     CloudTimeout(u64),
+    /// The link to the broker dropped after the request was sent, before an answer came: the
+    /// cloud may or may not have acted on it.
+    #[error("cloud link lost while waiting for the answer")]
+    LinkLost,
     /// Too many requests already wait for the cloud.
     #[error("too many requests waiting for the cloud")]
     UplinkSaturated,

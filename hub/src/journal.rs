@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use actix::prelude::*;
-use protocol::{AuthorizeRequest, Decision, KeyEntry, VoidPayment};
+use protocol::{Allowance, AuthorizeRequest, Decision, KeyEntry, OfflinePayment, VoidPayment};
 use serde::{Deserialize, Serialize};
+use sled::transaction::Transactional;
 
 use crate::error::HubError;
 
@@ -75,6 +76,23 @@ pub struct Journal {
     nonces: sled::Tree,
     keys: sled::Tree,
     voids: sled::Tree,
+    /// Offline approvals not yet acknowledged by the cloud, by sequence number.
+    offline: sled::Tree,
+    /// The offline allowances the cloud granted this store, by account.
+    allowances: sled::Tree,
+    /// Payment ids this hub answered "approved", with what was approved.
+    paid: sled::Tree,
+}
+
+/// What the hub approved under a payment id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paid {
+    /// The paying account.
+    pub account_id: String,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// Currency code.
+    pub currency: String,
 }
 
 fn storage_error(e: impl std::fmt::Display) -> HubError {
@@ -92,6 +110,9 @@ impl Journal {
             nonces: db.open_tree("nonces").map_err(storage_error)?,
             keys: db.open_tree("keys").map_err(storage_error)?,
             voids: db.open_tree("voids").map_err(storage_error)?,
+            offline: db.open_tree("offline").map_err(storage_error)?,
+            allowances: db.open_tree("allowances").map_err(storage_error)?,
+            paid: db.open_tree("paid").map_err(storage_error)?,
             db,
         })
     }
@@ -152,7 +173,7 @@ impl Journal {
         Ok(removed)
     }
 
-    /// Appends a decision and flushes it.
+    /// Appends a decision (and, for an approval, what was paid under its id) and flushes it.
     pub fn record(&self, entry: &JournalEntry) -> Result<(), HubError> {
         let id = self.db.generate_id().map_err(storage_error)?;
         self.decisions
@@ -161,7 +182,156 @@ impl Journal {
                 serde_json::to_vec(entry).expect("serialises"),
             )
             .map_err(storage_error)?;
+        if let (Decision::Approved { account_id, .. }, false) = (
+            &entry.decision,
+            self.paid
+                .contains_key(entry.payment_id.as_bytes())
+                .map_err(storage_error)?,
+        ) {
+            let paid = Paid {
+                account_id: account_id.clone(),
+                amount_minor: entry.amount_minor,
+                currency: entry.currency.clone(),
+            };
+            self.paid
+                .insert(
+                    entry.payment_id.as_bytes(),
+                    serde_json::to_vec(&paid).expect("serialises"),
+                )
+                .map_err(storage_error)?;
+        }
         self.flush()
+    }
+
+    /// What was approved under a payment id, if anything.
+    pub fn paid(&self, payment_id: &str) -> Result<Option<Paid>, HubError> {
+        Ok(self
+            .paid
+            .get(payment_id.as_bytes())
+            .map_err(storage_error)?
+            .map(|v| serde_json::from_slice(&v).expect("journal paid records are readable")))
+    }
+
+    /// A fresh sequence number for an offline approval (increasing, also across restarts).
+    pub fn next_seq(&self) -> Result<u64, HubError> {
+        self.db.generate_id().map_err(storage_error)
+    }
+
+    /// Stores an offline approval (and what it paid) atomically, and flushes it.
+    pub fn record_offline(&self, entry: &OfflinePayment) -> Result<(), HubError> {
+        let paid = Paid {
+            account_id: entry.account_id.clone(),
+            amount_minor: entry.amount_minor,
+            currency: entry.currency.to_string(),
+        };
+        let value = serde_json::to_vec(entry).expect("serialises");
+        let paid = serde_json::to_vec(&paid).expect("serialises");
+        (&self.offline, &self.paid)
+            .transaction(|(offline, paid_tree)| {
+                offline.insert(&entry.seq.to_be_bytes(), value.clone())?;
+                paid_tree.insert(entry.payment_id.as_bytes(), paid.clone())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| storage_error(format!("{e:?}")))?;
+        self.flush()
+    }
+
+    /// The oldest `max` offline approvals not yet acknowledged.
+    pub fn offline_batch(&self, max: usize) -> Result<Vec<OfflinePayment>, HubError> {
+        self.offline
+            .iter()
+            .values()
+            .take(max)
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
+                    .expect("journal offline entries are readable"))
+            })
+            .collect()
+    }
+
+    /// Every offline approval not yet acknowledged.
+    pub fn offline_entries(&self) -> Result<Vec<OfflinePayment>, HubError> {
+        self.offline_batch(usize::MAX)
+    }
+
+    /// Removes acknowledged offline approvals; returns those that were still there.
+    pub fn retire_offline(&self, seqs: &[u64]) -> Result<Vec<OfflinePayment>, HubError> {
+        let mut retired = Vec::new();
+        for seq in seqs {
+            if let Some(v) = self
+                .offline
+                .remove(seq.to_be_bytes())
+                .map_err(storage_error)?
+            {
+                retired.push(
+                    serde_json::from_slice(&v).expect("journal offline entries are readable"),
+                );
+            }
+        }
+        self.flush()?;
+        Ok(retired)
+    }
+
+    /// Stores allowances, each only if newer than the one held; returns those kept.
+    pub fn store_allowances(&self, allowances: &[Allowance]) -> Result<Vec<Allowance>, HubError> {
+        let mut kept = Vec::new();
+        for allowance in allowances {
+            let newer = match self
+                .allowances
+                .get(allowance.account_id.as_bytes())
+                .map_err(storage_error)?
+            {
+                Some(v) => {
+                    serde_json::from_slice::<Allowance>(&v)
+                        .expect("readable")
+                        .version
+                        < allowance.version
+                }
+                None => true,
+            };
+            if newer {
+                self.allowances
+                    .insert(
+                        allowance.account_id.as_bytes(),
+                        serde_json::to_vec(allowance).expect("serialises"),
+                    )
+                    .map_err(storage_error)?;
+                kept.push(allowance.clone());
+            }
+        }
+        self.flush()?;
+        Ok(kept)
+    }
+
+    /// Drops allowances of accounts the cloud no longer lists for this store (a full sync);
+    /// returns the accounts dropped.
+    pub fn keep_only_allowances(
+        &self,
+        listed: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, HubError> {
+        let mut dropped = Vec::new();
+        for key in self.allowances.iter().keys() {
+            let key = key.map_err(storage_error)?;
+            let account = String::from_utf8_lossy(&key).into_owned();
+            if !listed.contains(&account) {
+                self.allowances.remove(&key).map_err(storage_error)?;
+                dropped.push(account);
+            }
+        }
+        self.flush()?;
+        Ok(dropped)
+    }
+
+    /// Every allowance held.
+    pub fn allowances(&self) -> Result<Vec<Allowance>, HubError> {
+        self.allowances
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
+                    .expect("journal allowances are readable"))
+            })
+            .collect()
     }
 
     /// Every decision, oldest first.
@@ -304,6 +474,18 @@ pub enum JournalCmd {
         /// Codes issued before this are forgotten.
         cutoff_ms: u64,
     },
+    /// See [`Journal::paid`].
+    Paid(String),
+    /// See [`Journal::record_offline`].
+    RecordOffline(Box<OfflinePayment>),
+    /// See [`Journal::offline_batch`].
+    OfflineBatch(usize),
+    /// See [`Journal::retire_offline`].
+    RetireOffline(Vec<u64>),
+    /// See [`Journal::store_allowances`].
+    StoreAllowances(Vec<Allowance>),
+    /// See [`Journal::keep_only_allowances`].
+    KeepOnlyAllowances(std::collections::HashSet<String>),
 }
 
 /// Answers to [`JournalCmd`].
@@ -317,6 +499,14 @@ pub enum JournalAnswer {
     KeyVersion(u64),
     /// Pending voids.
     Voids(Vec<VoidPayment>),
+    /// What was approved under a payment id.
+    Paid(Option<Paid>),
+    /// Offline approvals (a batch, or those retired).
+    Offline(Vec<OfflinePayment>),
+    /// Allowances kept.
+    Allowances(Vec<Allowance>),
+    /// Accounts whose allowances were dropped.
+    Dropped(Vec<String>),
 }
 
 impl Handler<JournalCmd> for JournalActor {
@@ -349,6 +539,17 @@ impl Handler<JournalCmd> for JournalActor {
             JournalCmd::RetireVoid(void) => {
                 j.retire_void(&void)?;
                 JournalAnswer::Done
+            }
+            JournalCmd::Paid(payment_id) => JournalAnswer::Paid(j.paid(&payment_id)?),
+            JournalCmd::RecordOffline(entry) => {
+                j.record_offline(&entry)?;
+                JournalAnswer::Done
+            }
+            JournalCmd::OfflineBatch(max) => JournalAnswer::Offline(j.offline_batch(max)?),
+            JournalCmd::RetireOffline(seqs) => JournalAnswer::Offline(j.retire_offline(&seqs)?),
+            JournalCmd::StoreAllowances(a) => JournalAnswer::Allowances(j.store_allowances(&a)?),
+            JournalCmd::KeepOnlyAllowances(listed) => {
+                JournalAnswer::Dropped(j.keep_only_allowances(&listed)?)
             }
             JournalCmd::PruneNonces { cutoff_ms } => {
                 let removed = j.prune_nonces(cutoff_ms)?;

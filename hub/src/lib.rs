@@ -11,6 +11,7 @@ pub mod config;
 mod error;
 pub mod hotset;
 pub mod journal;
+pub mod offline;
 pub mod uplink;
 pub mod verify;
 
@@ -44,6 +45,8 @@ pub struct HubHandle {
     pub auth: Addr<AuthActor>,
     /// The verification actor.
     pub verify: Addr<VerifyActor>,
+    /// The public key this hub signs offline approvals with (register it at the cloud).
+    pub hub_public_key: String,
     server: actix_web::dev::ServerHandle,
     _zenoh: zlink::ZenohLink,
 }
@@ -83,6 +86,26 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         Journal::open(&path).with_context(|| format!("opening journal at {}", path.display()))?;
     let stored_keys = journal.keys()?;
     let key_version = journal.key_version()?;
+    let signing_path = config.signing_key_path();
+    let seed = storage::key_file(&signing_path, true)
+        .with_context(|| format!("reading the hub signing key {}", signing_path.display()))?;
+    let signer = std::sync::Arc::new(paycode::hubsig::HubSigner::from_seed(&seed));
+    let hub_public_key = signer.public_key_b64();
+    let pending = journal.offline_entries()?;
+    let offline_setup = auth::OfflineSetup {
+        book: offline::OfflineBook::new(&config.offline, journal.allowances()?, &pending),
+        signer,
+        journal: journal.clone(),
+        drain_batch: config.offline.drain_batch,
+        drain_interval: Duration::from_millis(config.offline.drain_interval_ms),
+        metrics: auth::OfflineMetrics::register(&registry),
+    };
+    if !pending.is_empty() {
+        tracing::info!(
+            entries = pending.len(),
+            "offline approvals wait for reconciliation"
+        );
+    }
     let journal_addr = {
         let journal = journal.clone();
         SyncArbiter::start(1, move || JournalActor::new(journal.clone()))
@@ -103,6 +126,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         journal_addr.clone(),
         metrics,
         keys_gauge,
+        offline_setup,
     )
     .start();
 
@@ -143,6 +167,11 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         connected,
     )
     .with_breaker_gauge(breaker_gauge)
+    .with_offline_gauge(telemetry::register_gauge(
+        &registry,
+        "facepay_hub_offline",
+        "1 while the hub authorizes offline (broker lost or circuit breaker not closed)",
+    ))
     .start();
     auth.do_send(AttachUplink(uplink.clone()));
     verify.do_send(verify::AttachUplink(uplink.clone()));
@@ -168,6 +197,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         http_addr,
         auth,
         verify,
+        hub_public_key,
         server: handle,
         _zenoh: zenoh,
     })
@@ -250,6 +280,7 @@ async fn serve_edges(
                                     protocol::DeclineReason::Internal,
                                     format!("hub unavailable: {error}"),
                                 ),
+                                offline: false,
                             }
                         })
                     }
@@ -259,6 +290,7 @@ async fn serve_edges(
                             wire_reason(&error),
                             error.to_string(),
                         ),
+                        offline: false,
                     },
                 };
                 protocol::encode(&reply)

@@ -19,7 +19,10 @@ fn main() -> anyhow::Result<()> {
     telemetry::init_tracing();
     actix::System::new().block_on(async move {
         let handle = hub::start(config).await?;
-        println!("facepay-hub ready http={}", handle.http_addr);
+        println!(
+            "facepay-hub ready http={} hub_key={}",
+            handle.http_addr, handle.hub_public_key
+        );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;
         Ok(())

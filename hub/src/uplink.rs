@@ -5,7 +5,9 @@ use std::{collections::HashMap, time::Duration};
 use actix::prelude::*;
 use futures::channel::oneshot;
 use mqtt::{LinkEvent, QoS};
-use protocol::{CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, TemplateBatch};
+use protocol::{
+    AllowanceBatch, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, TemplateBatch,
+};
 
 use crate::{
     breaker::{Admission, BreakerState, CircuitBreaker},
@@ -33,6 +35,8 @@ pub enum UplinkEvent {
     KeysBroadcast(KeyBatch),
     /// The cloud pushed template changes (this store's customers, or revocations).
     TemplatesPushed(TemplateBatch),
+    /// The cloud revoked offline allowances (accounts in debt or closed).
+    AllowancesPushed(AllowanceBatch),
 }
 
 /// Owns the MQTT client and the table of requests waiting for replies.
@@ -46,6 +50,7 @@ pub struct UplinkActor {
     connected_gauge: prometheus::IntGauge,
     breaker: CircuitBreaker,
     breaker_gauge: Option<prometheus::IntGauge>,
+    offline_gauge: Option<prometheus::IntGauge>,
 }
 
 impl UplinkActor {
@@ -69,6 +74,7 @@ impl UplinkActor {
             connected_gauge,
             breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
             breaker_gauge: None,
+            offline_gauge: None,
         }
     }
 
@@ -78,9 +84,20 @@ impl UplinkActor {
         self
     }
 
+    /// Shows whether the hub authorizes offline (1: no broker, or the breaker is not closed).
+    pub fn with_offline_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
+        gauge.set(1);
+        self.offline_gauge = Some(gauge);
+        self
+    }
+
     fn show_breaker(&self) {
+        let state = self.breaker.state(std::time::Instant::now());
         if let Some(gauge) = &self.breaker_gauge {
-            gauge.set(self.breaker.state(std::time::Instant::now()) as i64);
+            gauge.set(state as i64);
+        }
+        if let Some(gauge) = &self.offline_gauge {
+            gauge.set(i64::from(!self.connected || state != BreakerState::Closed));
         }
     }
 }
@@ -154,7 +171,7 @@ impl Handler<CallCloud> for UplinkActor {
                 match tokio::time::timeout(timeout, rx).await {
                     Ok(Ok(reply)) => Ok(reply),
                     // The sender is dropped when the link goes down: fail now, not at the deadline.
-                    Ok(Err(_)) => Err(HubError::CloudDisconnected),
+                    Ok(Err(_)) => Err(HubError::LinkLost),
                     Err(_) => Err(HubError::CloudTimeout(timeout.as_millis() as u64)),
                 }
             }
@@ -200,6 +217,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
             LinkEvent::Connected => {
                 self.connected = true;
                 self.connected_gauge.set(1);
+                self.show_breaker();
                 tracing::info!(store_id = self.store_id, "hub connected to broker");
                 let client = self.client.clone();
                 let listeners = self.listeners.clone();
@@ -208,6 +226,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     protocol::topics::key_updates(),
                     protocol::topics::store_templates(&self.store_id),
                     protocol::topics::template_revocations(),
+                    protocol::topics::allowance_updates(),
                 ];
                 return Box::pin(async move {
                     for topic in topics {
@@ -226,6 +245,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 }
                 self.connected = false;
                 self.connected_gauge.set(0);
+                self.show_breaker();
                 // Dropping the senders fails every waiting request now.
                 self.pending.clear();
             }
@@ -234,6 +254,11 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     match protocol::decode::<KeyBatch>(&payload) {
                         Ok(batch) => self.tell(UplinkEvent::KeysBroadcast(batch)),
                         Err(error) => tracing::warn!(%error, "unreadable key broadcast dropped"),
+                    }
+                } else if topic == protocol::topics::allowance_updates() {
+                    match protocol::decode::<AllowanceBatch>(&payload) {
+                        Ok(batch) => self.tell(UplinkEvent::AllowancesPushed(batch)),
+                        Err(error) => tracing::warn!(%error, "unreadable allowance update dropped"),
                     }
                 } else if topic == protocol::topics::store_templates(&self.store_id)
                     || topic == protocol::topics::template_revocations()

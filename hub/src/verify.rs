@@ -424,7 +424,7 @@ impl Handler<UplinkEvent> for VerifyActor {
         match msg {
             UplinkEvent::CloudConnected => self.start_sync(ctx),
             UplinkEvent::TemplatesPushed(batch) => self.apply_batch(batch),
-            UplinkEvent::KeysBroadcast(_) => {}
+            UplinkEvent::KeysBroadcast(_) | UplinkEvent::AllowancesPushed(_) => {}
         }
     }
 }

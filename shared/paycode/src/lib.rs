@@ -11,6 +11,7 @@
 //! and the signature covers a domain-separation prefix followed by the payload.
 
 mod error;
+pub mod hubsig;
 pub mod qr;
 mod wallet;
 

@@ -12,12 +12,14 @@ mod identity;
 pub mod keyexpr;
 mod messages;
 mod money;
+mod offline;
 pub mod topics;
 
 pub use error::{ValidationError, WireError};
 pub use identity::*;
 pub use messages::*;
 pub use money::{validate_amount, Currency, MAX_AMOUNT_MINOR};
+pub use offline::*;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -110,6 +112,7 @@ mod tests {
                 reason: DeclineReason::CodeExpired,
                 detail: "expired 3 s ago".into(),
             },
+            offline: false,
         };
         let bytes = encode(&reply);
         let back: AuthorizeReply = decode(&bytes).unwrap();

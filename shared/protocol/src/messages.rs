@@ -58,6 +58,14 @@ pub enum DeclineReason {
     FacePaymentLocked,
     /// The payment token is unknown, expired, already spent, or bound to another terminal.
     TokenInvalid,
+    /// Offline: the amount is above the per-payment ceiling for offline approval.
+    OfflineAmountOverLimit,
+    /// Offline: the account has no allowance at this store, or it is spent.
+    OfflineAllowanceExceeded,
+    /// Offline: the store's total unreconciled offline exposure would pass its ceiling.
+    OfflineStoreLimitReached,
+    /// The account is in debt or closed: no offline payment until it is settled.
+    AccountBlocked,
 }
 
 impl DeclineReason {
@@ -89,6 +97,10 @@ impl DeclineReason {
         Self::SecondFactorWrong,
         Self::FacePaymentLocked,
         Self::TokenInvalid,
+        Self::OfflineAmountOverLimit,
+        Self::OfflineAllowanceExceeded,
+        Self::OfflineStoreLimitReached,
+        Self::AccountBlocked,
     ];
 
     /// The stable snake_case code.
@@ -120,6 +132,10 @@ impl DeclineReason {
             Self::SecondFactorWrong => "second_factor_wrong",
             Self::FacePaymentLocked => "face_payment_locked",
             Self::TokenInvalid => "token_invalid",
+            Self::OfflineAmountOverLimit => "offline_amount_over_limit",
+            Self::OfflineAllowanceExceeded => "offline_allowance_exceeded",
+            Self::OfflineStoreLimitReached => "offline_store_limit_reached",
+            Self::AccountBlocked => "account_blocked",
         }
     }
 }
@@ -257,6 +273,9 @@ pub struct AuthorizeReply {
     pub payment_id: String,
     /// The decision.
     pub decision: Decision,
+    /// Approved by the hub alone while the cloud was unreachable; reconciled later.
+    #[serde(default)]
+    pub offline: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,6 +314,13 @@ pub enum HubRequestBody {
     /// A face the hub's hot set does not know: search every enrolled customer (1:N), or fetch one
     /// account's templates for a 1:1 check.
     Identify(crate::CloudIdentify),
+    /// Apply payments the hub approved offline (store-and-forward), once each.
+    Reconcile(crate::OfflineBatch),
+    /// The store's offline allowances, one page after this account id.
+    AllowanceSync {
+        /// Continue after this account id (`None`: from the start).
+        after_account: Option<String>,
+    },
 }
 
 /// A verified payment for the cloud to apply to the ledger.
@@ -347,7 +373,17 @@ pub enum CloudReplyBody {
         payment_id: String,
         /// The decision.
         decision: Decision,
+        /// The account's offline allowance at this store, refreshed with every approval.
+        #[serde(default)]
+        allowance: Option<crate::Allowance>,
     },
+    /// Answer to `Reconcile`: one result per entry.
+    Reconciled {
+        /// The results, in the batch's order.
+        results: Vec<crate::ReconcileResult>,
+    },
+    /// Answer to `AllowanceSync`.
+    Allowances(crate::AllowanceBatch),
     /// A void was recorded.
     Voided {
         /// The payment.
@@ -439,6 +475,28 @@ pub struct AccountView {
     /// True once the customer was erased: the account takes no more payments.
     #[serde(default)]
     pub closed: bool,
+    /// The balance went below zero through offline payments: no offline allowance anywhere
+    /// until a deposit settles it.
+    #[serde(default)]
+    pub in_debt: bool,
+}
+
+/// Registers (or rotates) the public key a store's hub signs offline approvals with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubKey {
+    /// Ed25519 public key, URL-safe base64 without padding.
+    pub public_key: String,
+}
+
+/// Money paid into a customer account (settling a debt, topping up), once per deposit id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deposit {
+    /// Idempotency key: the same deposit again moves nothing.
+    pub deposit_id: String,
+    /// Amount in minor units, positive.
+    pub amount_minor: i64,
 }
 
 /// A ledger transfer as the cloud reports it.

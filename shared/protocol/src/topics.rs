@@ -61,3 +61,8 @@ mod tests {
         assert_eq!(store_replies("s"), "facepay/v1/stores/s/replies");
     }
 }
+
+/// Broadcast of offline allowance revocations (accounts in debt or closed) to every hub.
+pub fn allowance_updates() -> String {
+    format!("{ROOT}/allowances")
+}

@@ -10,7 +10,7 @@ pub mod seal;
 
 use std::{path::Path, time::Duration};
 
-pub use seal::{SealError, Sealer};
+pub use seal::{key_file, SealError, Sealer};
 
 /// How long to wait for a lock left by handles of this process that are closing.
 pub const LOCK_WAIT: Duration = Duration::from_secs(3);

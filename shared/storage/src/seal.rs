@@ -48,6 +48,40 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
+/// Reads a 32-byte secret key file or, when it is missing and `create_if_missing`, creates it
+/// with fresh random bytes, readable by its owner only.
+pub fn key_file(path: &Path, create_if_missing: bool) -> Result<[u8; KEY_LEN], SealError> {
+    let fail = |detail: String| SealError::KeyFile {
+        path: path.to_owned(),
+        detail,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
+            fail(format!(
+                "holds {} bytes; a key file is exactly {KEY_LEN} random bytes",
+                bytes.len()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_if_missing => {
+            let mut key = [0u8; KEY_LEN];
+            rand::rngs::OsRng.fill_bytes(&mut key);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+            }
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(path).map_err(|e| fail(e.to_string()))?;
+            file.write_all(&key)
+                .and_then(|_| file.sync_all())
+                .map_err(|e| fail(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
 impl Sealer {
     /// A sealer over a raw key.
     pub fn from_key(key: &[u8; KEY_LEN]) -> Self {
@@ -60,38 +94,7 @@ impl Sealer {
     /// with a fresh random key, readable by its owner only; the caller decides when that is safe
     /// (never when sealed data already exists: it could not be opened with a new key).
     pub fn from_key_file(path: &Path, create_if_missing: bool) -> Result<Self, SealError> {
-        let fail = |detail: String| SealError::KeyFile {
-            path: path.to_owned(),
-            detail,
-        };
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
-                    fail(format!(
-                        "holds {} bytes; a key file is exactly {KEY_LEN} random bytes",
-                        bytes.len()
-                    ))
-                })?;
-                Ok(Self::from_key(&key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_if_missing => {
-                let mut key = [0u8; KEY_LEN];
-                rand::rngs::OsRng.fill_bytes(&mut key);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-                }
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(path).map_err(|e| fail(e.to_string()))?;
-                file.write_all(&key)
-                    .and_then(|_| file.sync_all())
-                    .map_err(|e| fail(e.to_string()))?;
-                Ok(Self::from_key(&key))
-            }
-            Err(e) => Err(fail(e.to_string())),
-        }
+        key_file(path, create_if_missing).map(|key| Self::from_key(&key))
     }
 
     /// Encrypts `plain`, bound to `record_key`: nonce || ciphertext || tag.

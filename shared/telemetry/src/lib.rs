@@ -106,6 +106,15 @@ pub fn register_gauge(registry: &Registry, name: &str, help: &str) -> prometheus
     gauge
 }
 
+/// Creates and registers an integer counter on a tier's registry.
+pub fn register_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("registered once per registry");
+    counter
+}
+
 /// Latency buckets in seconds, from 100 microseconds to 10 seconds.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

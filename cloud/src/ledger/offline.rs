@@ -1,0 +1,553 @@
+//! Offline payments at the ledger: the allowances granted to hubs in advance, reconciliation of
+//! what hubs approved while partitioned (exactly once per payment id), debt, deposits, and the hub
+//! signing keys that prove where an offline approval came from.
+//!
+//! An allowance bounds what one store may hold *unreconciled* for one account; the cloud keeps the
+//! sum of an account's allowances over all stores at or below `account_cap_minor`, so the money an
+//! account can spend offline across every partitioned store at once is bounded and known. A grant
+//! is refreshed with each online approval at a store (never above the balance then), and revoked
+//! at every hub when the account goes into debt or is closed.
+
+use protocol::{
+    AccountKind, AccountView, Allowance, Decision, Deposit, OfflinePayment, ReconcileOutcome,
+};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{Transactional, TransactionalTree};
+
+use super::{
+    abort, decode, encode, issuance_account, nonce_key, now_ms, unwrap_tx, view, AccountRecord,
+    Ledger, NonceRecord, TransferRecord, TxResult,
+};
+use crate::error::LedgerError;
+
+/// How much the cloud lets hubs approve offline: the `[offline]` section of its configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflinePolicy {
+    /// Most one store may hold unreconciled for one account (0: no offline payment).
+    pub store_allowance_minor: i64,
+    /// Most all stores together may hold unreconciled for one account.
+    pub account_cap_minor: i64,
+}
+
+impl Default for OfflinePolicy {
+    fn default() -> Self {
+        OfflinePolicy {
+            store_allowance_minor: 5_000,
+            account_cap_minor: 10_000,
+        }
+    }
+}
+
+impl OfflinePolicy {
+    /// Checks ranges; the error names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (key, value) in [
+            ("offline.store_allowance_minor", self.store_allowance_minor),
+            ("offline.account_cap_minor", self.account_cap_minor),
+        ] {
+            if !(0..=protocol::MAX_AMOUNT_MINOR).contains(&value) {
+                return Err((
+                    key.into(),
+                    format!("must be from 0 to {}", protocol::MAX_AMOUNT_MINOR),
+                ));
+            }
+        }
+        if self.store_allowance_minor > self.account_cap_minor {
+            return Err((
+                "offline.store_allowance_minor".into(),
+                "must not be above offline.account_cap_minor".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GrantRecord {
+    amount_minor: i64,
+    version: u64,
+}
+
+/// An offline payment the ledger could not apply as approved, kept for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    /// The entry as the hub signed it.
+    pub entry: OfflinePayment,
+    /// What conflicts.
+    pub detail: String,
+    /// When it was recorded.
+    pub recorded_at_ms: u64,
+}
+
+/// Most allowances in one sync page.
+pub const ALLOWANCE_PAGE: usize = 500;
+
+fn store_key(store_id: &str, account_id: &str) -> Vec<u8> {
+    format!("{store_id}/{account_id}").into_bytes()
+}
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+/// Refreshes the account's allowance at `store_id` after an online approval there: the most the
+/// policy allows beside the account's grants at other stores, never above its balance. `None`
+/// when the account is not a customer in good standing.
+pub(super) fn grant(
+    policy: OfflinePolicy,
+    accounts: &TransactionalTree,
+    grants: &TransactionalTree,
+    by_account: &TransactionalTree,
+    store_id: &str,
+    account_id: &str,
+) -> TxResult<Option<Allowance>> {
+    let Some(bytes) = accounts.get(account_id.as_bytes())? else {
+        return Ok(None);
+    };
+    let account: AccountRecord = decode(&bytes);
+    if account.kind != AccountKind::Customer || account.closed || account.in_debt {
+        return Ok(None);
+    }
+    // An account has grants at a handful of stores: the scan is short.
+    let mut elsewhere = 0i64;
+    for other in known_stores(by_account, account_id)? {
+        if other != store_id {
+            if let Some(g) = grants.get(store_key(&other, account_id))? {
+                elsewhere += decode::<GrantRecord>(&g).amount_minor;
+            }
+        }
+    }
+    let amount = policy
+        .store_allowance_minor
+        .min(policy.account_cap_minor - elsewhere)
+        .min(account.balance_minor)
+        .max(0);
+    let version = grants.generate_id()? + 1;
+    let record = GrantRecord {
+        amount_minor: amount,
+        version,
+    };
+    grants.insert(store_key(store_id, account_id), encode(&record))?;
+    remember_store(by_account, account_id, store_id)?;
+    Ok(Some(Allowance {
+        account_id: account_id.to_owned(),
+        amount_minor: amount,
+        currency: account.currency,
+        blocked: false,
+        version,
+    }))
+}
+
+/// The stores holding a grant for an account. sled's transactional trees cannot scan, so the
+/// list lives under one key per account in `by_account` (`<account>/` -> stores).
+fn known_stores(by_account: &TransactionalTree, account_id: &str) -> TxResult<Vec<String>> {
+    let list_key = format!("{account_id}/");
+    Ok(by_account
+        .get(list_key.as_bytes())?
+        .map(|b| decode::<Vec<String>>(&b))
+        .unwrap_or_default())
+}
+
+fn remember_store(
+    by_account: &TransactionalTree,
+    account_id: &str,
+    store_id: &str,
+) -> TxResult<()> {
+    let list_key = format!("{account_id}/");
+    let mut stores = known_stores(by_account, account_id)?;
+    if !stores.iter().any(|s| s == store_id) {
+        stores.push(store_id.to_owned());
+        by_account.insert(list_key.as_bytes(), encode(&stores))?;
+    }
+    Ok(())
+}
+
+/// Removes every grant of an account and returns the revocation to broadcast.
+fn revoke_all(
+    accounts_currency: protocol::Currency,
+    grants: &TransactionalTree,
+    by_account: &TransactionalTree,
+    account_id: &str,
+) -> TxResult<Allowance> {
+    for store in known_stores(by_account, account_id)? {
+        grants.remove(store_key(&store, account_id))?;
+    }
+    by_account.remove(format!("{account_id}/").as_bytes())?;
+    Ok(Allowance {
+        account_id: account_id.to_owned(),
+        amount_minor: 0,
+        currency: accounts_currency,
+        blocked: true,
+        version: grants.generate_id()? + 1,
+    })
+}
+
+impl Ledger {
+    /// Registers (or replaces) the public key a store's hub signs offline approvals with.
+    pub fn set_hub_key(&self, store_id: &str, public_key: &str) -> Result<(), LedgerError> {
+        paycode::parse_public_key(public_key).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        let merchant = self
+            .accounts
+            .get(store_id.as_bytes())
+            .map_err(storage)?
+            .map(|b| decode::<AccountRecord>(&b));
+        if !matches!(
+            merchant,
+            Some(AccountRecord {
+                kind: AccountKind::Merchant,
+                ..
+            })
+        ) {
+            return Err(LedgerError::Invalid(format!(
+                "store {store_id} has no merchant account"
+            )));
+        }
+        self.hub_keys
+            .insert(store_id.as_bytes(), public_key.as_bytes())
+            .map_err(storage)?;
+        self.flush()
+    }
+
+    /// The key registered for a store's hub.
+    pub fn hub_key(&self, store_id: &str) -> Result<Option<String>, LedgerError> {
+        Ok(self
+            .hub_keys
+            .get(store_id.as_bytes())
+            .map_err(storage)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Applies a batch of a store's offline approvals, each exactly once by payment id, and
+    /// flushes once. Returns one outcome per entry and the allowance revocations to broadcast
+    /// (accounts that went into debt).
+    pub fn reconcile(
+        &self,
+        store_id: &str,
+        entries: &[OfflinePayment],
+    ) -> Result<(Vec<ReconcileOutcome>, Vec<Allowance>), LedgerError> {
+        let key = self.hub_key(store_id)?;
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let mut revocations = Vec::new();
+        for entry in entries {
+            let checked = match &key {
+                None => Err(format!(
+                    "no hub key is registered for store {store_id}; kept until one is"
+                )),
+                Some(_) if entry.store_id != store_id => Err(format!(
+                    "entry of store {} sent by store {store_id}",
+                    entry.store_id
+                )),
+                Some(key) => paycode::hubsig::verify_hub_signature(key, entry)
+                    .map_err(|_| "the hub's signature does not verify".to_owned()),
+            };
+            if let Err(detail) = checked {
+                tracing::warn!(
+                    store_id,
+                    payment_id = entry.payment_id,
+                    detail,
+                    "offline entry rejected"
+                );
+                outcomes.push(ReconcileOutcome::Rejected { detail });
+                continue;
+            }
+            let (outcome, revoked) = self.apply_offline(store_id, entry)?;
+            if let ReconcileOutcome::Conflict { detail } = &outcome {
+                tracing::error!(
+                    store_id,
+                    payment_id = entry.payment_id,
+                    detail,
+                    "offline payment conflict"
+                );
+            }
+            outcomes.push(outcome);
+            revocations.extend(revoked);
+        }
+        self.flush()?;
+        Ok((outcomes, revocations))
+    }
+
+    fn apply_offline(
+        &self,
+        store_id: &str,
+        entry: &OfflinePayment,
+    ) -> Result<(ReconcileOutcome, Option<Allowance>), LedgerError> {
+        let trees = (
+            &self.accounts,
+            &self.transfers,
+            &self.nonces,
+            &self.grants,
+            &self.grants_by_account,
+            &self.debts,
+            &self.conflicts,
+        );
+        unwrap_tx(trees.transaction(
+            |(accounts, transfers, nonces, grants, by_account, debts, conflicts)| {
+                let conflict = |detail: String| -> TxResult<(ReconcileOutcome, Option<Allowance>)> {
+                    let record = Conflict {
+                        entry: entry.clone(),
+                        detail: detail.clone(),
+                        recorded_at_ms: now_ms(),
+                    };
+                    conflicts.insert(entry.payment_id.as_bytes(), encode(&record))?;
+                    Ok((ReconcileOutcome::Conflict { detail }, None))
+                };
+                let same = |t: &TransferRecord| {
+                    t.debit_account_id == entry.account_id
+                        && t.credit_account_id == store_id
+                        && t.amount_minor == entry.amount_minor
+                        && t.currency == entry.currency
+                };
+                // The payment id owns one transfer. If an online attempt under it was voided, the
+                // offline approval is applied under `<id>#offline`.
+                let mut transfer_id = entry.payment_id.clone();
+                if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
+                    let mut existing: TransferRecord = decode(&existing);
+                    if existing.voided {
+                        transfer_id = format!("{}#offline", entry.payment_id);
+                    } else if same(&existing) {
+                        // The online attempt reached the ledger after all: the hub's offline
+                        // approval takes it over, so a void of that attempt cannot reverse it.
+                        if !existing.offline {
+                            existing.offline = true;
+                            existing.code_nonce = Some(entry.nonce.clone());
+                            transfers.insert(transfer_id.as_bytes(), encode(&existing))?;
+                        }
+                        return Ok((ReconcileOutcome::AlreadyApplied, None));
+                    } else {
+                        return conflict(format!(
+                            "payment id already paid with other details ({} from {})",
+                            existing.currency.format(existing.amount_minor),
+                            existing.debit_account_id
+                        ));
+                    }
+                }
+                if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
+                    let existing: TransferRecord = decode(&existing);
+                    return if same(&existing) {
+                        Ok((ReconcileOutcome::AlreadyApplied, None))
+                    } else {
+                        conflict("payment id already paid offline with other details".into())
+                    };
+                }
+                let Some(customer) = accounts.get(entry.account_id.as_bytes())? else {
+                    return conflict(format!("no account {}", entry.account_id));
+                };
+                let mut customer: AccountRecord = decode(&customer);
+                let Some(merchant) = accounts.get(store_id.as_bytes())? else {
+                    return conflict(format!("store {store_id} has no merchant account"));
+                };
+                let mut merchant: AccountRecord = decode(&merchant);
+                if customer.kind != AccountKind::Customer {
+                    return conflict(format!("{} is not a customer account", entry.account_id));
+                }
+                if customer.currency != entry.currency || merchant.currency != entry.currency {
+                    return conflict(format!(
+                        "payment in {} but the account holds {} and the store {}",
+                        entry.currency, customer.currency, merchant.currency
+                    ));
+                }
+                // The store was promised the money: it is applied even when the balance no longer
+                // covers it (online spending elsewhere meanwhile), and the account goes into debt.
+                customer.balance_minor -= entry.amount_minor;
+                merchant.balance_minor += entry.amount_minor;
+                let mut revoked = None;
+                if customer.balance_minor < 0 {
+                    if !customer.in_debt {
+                        customer.in_debt = true;
+                        debts.insert(entry.account_id.as_bytes(), &[])?;
+                    }
+                    revoked = Some(revoke_all(
+                        customer.currency,
+                        grants,
+                        by_account,
+                        &entry.account_id,
+                    )?);
+                }
+                accounts.insert(entry.account_id.as_bytes(), encode(&customer))?;
+                accounts.insert(store_id.as_bytes(), encode(&merchant))?;
+                let transfer = TransferRecord {
+                    debit_account_id: entry.account_id.clone(),
+                    credit_account_id: store_id.to_owned(),
+                    amount_minor: entry.amount_minor,
+                    currency: entry.currency,
+                    applied_at_ms: now_ms(),
+                    code_nonce: Some(entry.nonce.clone()),
+                    store_id: Some(store_id.to_owned()),
+                    terminal_id: Some(entry.terminal_id.clone()),
+                    order_id: Some(entry.order_id.clone()),
+                    voided: false,
+                    offline: true,
+                };
+                transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
+                // The code or token is spent: a later online replay of it is refused.
+                let nonce_key = nonce_key(&entry.account_id, &entry.nonce);
+                if nonces.get(&nonce_key)?.is_none() {
+                    let record = NonceRecord {
+                        payment_id: entry.payment_id.clone(),
+                        decision: Decision::Approved {
+                            account_id: entry.account_id.clone(),
+                            already_paid: false,
+                        },
+                    };
+                    nonces.insert(nonce_key, encode(&record))?;
+                }
+                Ok((
+                    ReconcileOutcome::Applied {
+                        in_debt: customer.in_debt,
+                    },
+                    revoked,
+                ))
+            },
+        ))
+    }
+
+    /// Pays money into a customer account from the issuance account of its currency, once per
+    /// deposit id. A deposit that brings an account in debt back to zero or above settles it (it
+    /// earns offline allowances again with its next online payment).
+    pub fn deposit(&self, account_id: &str, deposit: &Deposit) -> Result<AccountView, LedgerError> {
+        protocol::validate_id("deposit_id", &deposit.deposit_id)
+            .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        if !(1..=protocol::MAX_AMOUNT_MINOR).contains(&deposit.amount_minor) {
+            return Err(LedgerError::Invalid(format!(
+                "amount_minor must be from 1 to {}",
+                protocol::MAX_AMOUNT_MINOR
+            )));
+        }
+        let transfer_id = format!("deposit:{}", deposit.deposit_id);
+        let account = unwrap_tx((&self.accounts, &self.transfers, &self.debts).transaction(
+            |(accounts, transfers, debts)| -> TxResult<AccountRecord> {
+                let Some(bytes) = accounts.get(account_id.as_bytes())? else {
+                    return abort(LedgerError::Invalid(format!("no account {account_id}")));
+                };
+                let mut account: AccountRecord = decode(&bytes);
+                if let Some(done) = transfers.get(transfer_id.as_bytes())? {
+                    let done: TransferRecord = decode(&done);
+                    return if done.credit_account_id == account_id
+                        && done.amount_minor == deposit.amount_minor
+                    {
+                        Ok(account)
+                    } else {
+                        abort(LedgerError::Conflict(format!(
+                            "deposit {} was already made with other details",
+                            deposit.deposit_id
+                        )))
+                    };
+                }
+                if account.kind != AccountKind::Customer {
+                    return abort(LedgerError::Invalid(format!(
+                        "{account_id} is not a customer account"
+                    )));
+                }
+                let issuance = issuance_account(account.currency);
+                let mut issuer: AccountRecord = decode(
+                    &accounts
+                        .get(issuance.as_bytes())?
+                        .expect("an account's currency has an issuance account"),
+                );
+                issuer.balance_minor -= deposit.amount_minor;
+                account.balance_minor += deposit.amount_minor;
+                if account.in_debt && account.balance_minor >= 0 {
+                    account.in_debt = false;
+                    debts.remove(account_id.as_bytes())?;
+                }
+                accounts.insert(issuance.as_bytes(), encode(&issuer))?;
+                accounts.insert(account_id.as_bytes(), encode(&account))?;
+                let transfer = TransferRecord {
+                    debit_account_id: issuance.clone(),
+                    credit_account_id: account_id.to_owned(),
+                    amount_minor: deposit.amount_minor,
+                    currency: account.currency,
+                    applied_at_ms: now_ms(),
+                    code_nonce: None,
+                    store_id: None,
+                    terminal_id: None,
+                    order_id: None,
+                    voided: false,
+                    offline: false,
+                };
+                transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
+                Ok(account)
+            },
+        ))?;
+        self.flush()?;
+        Ok(view(account_id, account))
+    }
+
+    /// Accounts in debt.
+    pub fn debts(&self) -> Result<Vec<AccountView>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.debts.iter().keys() {
+            let id = item.map_err(storage)?;
+            let id = String::from_utf8_lossy(&id).into_owned();
+            if let Some(account) = self.account(&id)? {
+                out.push(account);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Offline payments that could not be applied as approved.
+    pub fn conflicts(&self) -> Result<Vec<Conflict>, LedgerError> {
+        self.conflicts
+            .iter()
+            .values()
+            .map(|v| Ok(decode(&v.map_err(storage)?)))
+            .collect()
+    }
+
+    /// One page of a store's allowances, by account id after `after_account`.
+    pub fn allowances(
+        &self,
+        store_id: &str,
+        after_account: Option<&str>,
+    ) -> Result<(Vec<Allowance>, Option<String>), LedgerError> {
+        let prefix = format!("{store_id}/");
+        let start = match after_account {
+            Some(after) => {
+                let mut k = store_key(store_id, after);
+                k.push(0);
+                k
+            }
+            None => prefix.clone().into_bytes(),
+        };
+        let mut page = Vec::new();
+        for item in self.grants.range(start..) {
+            let (key, value) = item.map_err(storage)?;
+            let Some(account_id) = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+            else {
+                break;
+            };
+            if page.len() == ALLOWANCE_PAGE {
+                let last = page.last().map(|a: &Allowance| a.account_id.clone());
+                return Ok((page, last));
+            }
+            let grant: GrantRecord = decode(&value);
+            let Some(account) = self.account(account_id)? else {
+                continue;
+            };
+            page.push(Allowance {
+                account_id: account_id.to_owned(),
+                amount_minor: grant.amount_minor,
+                currency: account.currency,
+                blocked: account.in_debt || account.closed,
+                version: grant.version,
+            });
+        }
+        Ok((page, None))
+    }
+
+    /// Revokes an account's allowances everywhere (it was closed); the revocation to broadcast.
+    pub fn revoke_allowances(&self, account_id: &str) -> Result<Option<Allowance>, LedgerError> {
+        let Some(account) = self.account(account_id)? else {
+            return Ok(None);
+        };
+        let revoked = unwrap_tx((&self.grants, &self.grants_by_account).transaction(
+            |(grants, by_account)| revoke_all(account.currency, grants, by_account, account_id),
+        ))?;
+        self.flush()?;
+        Ok(Some(revoked))
+    }
+}

@@ -1,0 +1,127 @@
+//! Offline authorization and reconciliation: what a hub approves while the cloud is unreachable,
+//! the allowances the cloud grants each hub in advance, and the store-and-forward batches that
+//! reconcile a hub's journal with the ledger.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Currency;
+
+/// A payment a hub approved without the cloud, signed with the hub's Ed25519 key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflinePayment {
+    /// The hub's journal sequence number (its drain order).
+    pub seq: u64,
+    /// The payment id (`<store>:<order>`): the ledger applies it once.
+    pub payment_id: String,
+    /// The store whose hub approved it.
+    pub store_id: String,
+    /// The terminal that asked.
+    pub terminal_id: String,
+    /// The cash register's order id.
+    pub order_id: String,
+    /// The paying account.
+    pub account_id: String,
+    /// The code's nonce or the payment token's id.
+    pub nonce: String,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// Currency.
+    pub currency: Currency,
+    /// When the hub approved it, ms since the Unix epoch.
+    pub approved_at_ms: u64,
+    /// Ed25519 signature (URL-safe base64, no padding) of [`OfflinePayment::signed_bytes`].
+    pub signature: String,
+}
+
+impl OfflinePayment {
+    /// The bytes the hub signs: every field but the signature, in a fixed order.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&(
+            "facepay-offline-v1",
+            self.seq,
+            &self.payment_id,
+            &self.store_id,
+            &self.terminal_id,
+            &self.order_id,
+            &self.account_id,
+            &self.nonce,
+            self.amount_minor,
+            self.currency,
+            self.approved_at_ms,
+        ))
+        .expect("serialises")
+    }
+}
+
+/// A batch of a hub's journal, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineBatch {
+    /// The entries.
+    pub entries: Vec<OfflinePayment>,
+}
+
+/// What the cloud made of one journal entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ReconcileOutcome {
+    /// Applied now. `in_debt`: the balance did not cover it and the account is now in debt.
+    Applied {
+        /// The account went (or stays) below zero.
+        in_debt: bool,
+    },
+    /// Applied before (a resend): nothing moved.
+    AlreadyApplied,
+    /// The payment id was already used for other details: recorded for the operator, nothing
+    /// moved. The entry is retired; the conflict is kept at the cloud.
+    Conflict {
+        /// What conflicts.
+        detail: String,
+    },
+    /// Not applied and not retired: the hub keeps the entry (unknown hub key, bad signature).
+    Rejected {
+        /// Why.
+        detail: String,
+    },
+}
+
+/// The cloud's answer for one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileResult {
+    /// The entry's sequence number.
+    pub seq: u64,
+    /// The payment.
+    pub payment_id: String,
+    /// What happened.
+    pub outcome: ReconcileOutcome,
+}
+
+impl ReconcileResult {
+    /// Whether the hub may retire the entry: the cloud has recorded it for good.
+    pub fn settled(&self) -> bool {
+        !matches!(self.outcome, ReconcileOutcome::Rejected { .. })
+    }
+}
+
+/// How much an account may spend offline at one store, as granted by the cloud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowance {
+    /// The account.
+    pub account_id: String,
+    /// The most the store may hold unreconciled for this account, minor units.
+    pub amount_minor: i64,
+    /// Its currency.
+    pub currency: Currency,
+    /// The account is in debt or closed: no offline payment anywhere until settled.
+    pub blocked: bool,
+    /// Grants and revocations are ordered by this; a hub keeps the newest.
+    pub version: u64,
+}
+
+/// Allowances for one store (a sync page), or a broadcast of revocations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowanceBatch {
+    /// The allowances.
+    pub allowances: Vec<Allowance>,
+    /// For a sync page: the account id to continue after, if there is more.
+    pub next_after: Option<String>,
+}
