@@ -638,3 +638,132 @@ mod tests {
         assert!(j.pending_voids().unwrap().is_empty());
     }
 }
+
+#[cfg(test)]
+mod offline_tests {
+    use protocol::{Allowance, Currency, OfflinePayment};
+
+    use super::*;
+
+    fn entry(seq: u64, order: &str, amount: i64) -> OfflinePayment {
+        OfflinePayment {
+            seq,
+            payment_id: format!("s:{order}"),
+            store_id: "s".into(),
+            terminal_id: "t".into(),
+            order_id: order.into(),
+            account_id: "a".into(),
+            nonce: format!("n{seq}"),
+            amount_minor: amount,
+            currency: Currency::parse("EUR").unwrap(),
+            approved_at_ms: 0,
+            signature: "sig".into(),
+        }
+    }
+
+    #[test]
+    fn offline_approvals_stay_until_retired_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let j = Journal::open(&path).unwrap();
+            let (s1, s2, s3) = (
+                j.next_seq().unwrap(),
+                j.next_seq().unwrap(),
+                j.next_seq().unwrap(),
+            );
+            assert!(s1 < s2 && s2 < s3);
+            for (seq, order) in [(s1, "o1"), (s2, "o2"), (s3, "o3")] {
+                j.record_offline(&entry(seq, order, 100)).unwrap();
+            }
+            assert_eq!(j.paid("s:o2").unwrap().unwrap().amount_minor, 100);
+            assert!(j.paid("s:o9").unwrap().is_none());
+            let batch = j.offline_batch(2).unwrap();
+            assert_eq!(
+                batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                vec![s1, s2]
+            );
+            // Retiring twice returns the entry once.
+            assert_eq!(j.retire_offline(&[s1]).unwrap().len(), 1);
+            assert!(j.retire_offline(&[s1]).unwrap().is_empty());
+        }
+        let j = Journal::open(&path).unwrap();
+        let left = j.offline_entries().unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[0].order_id, "o2");
+        // Sequence numbers keep increasing after a restart.
+        assert!(j.next_seq().unwrap() > left[1].seq);
+    }
+
+    #[test]
+    fn only_newer_allowances_replace_held_ones() {
+        let (_d, j) = {
+            let dir = tempfile::tempdir().unwrap();
+            let j = Journal::open(&dir.path().join("j")).unwrap();
+            (dir, j)
+        };
+        let grant = |account: &str, amount, version| Allowance {
+            account_id: account.into(),
+            amount_minor: amount,
+            currency: Currency::parse("EUR").unwrap(),
+            blocked: false,
+            version,
+        };
+        assert_eq!(
+            j.store_allowances(&[grant("a", 500, 2), grant("b", 100, 1)])
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(j
+            .store_allowances(&[grant("a", 900, 1)])
+            .unwrap()
+            .is_empty());
+        assert_eq!(j.store_allowances(&[grant("a", 50, 3)]).unwrap().len(), 1);
+        let listed = ["a".to_owned()].into_iter().collect();
+        assert_eq!(
+            j.keep_only_allowances(&listed).unwrap(),
+            vec!["b".to_owned()]
+        );
+        let held = j.allowances().unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].amount_minor, 50);
+    }
+
+    #[test]
+    fn an_approval_is_remembered_under_its_payment_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j")).unwrap();
+        let request = AuthorizeRequest {
+            payment_id: "s:o1".into(),
+            store_id: "s".into(),
+            terminal_id: "t".into(),
+            order_id: "o1".into(),
+            amount_minor: 700,
+            currency: Currency::parse("EUR").unwrap(),
+            proof: protocol::PaymentProof::Code("x".into()),
+        };
+        let declined = JournalEntry::for_request(
+            &request,
+            Decision::declined(protocol::DeclineReason::CodeExpired, ""),
+        );
+        j.record(&declined).unwrap();
+        assert!(j.paid("s:o1").unwrap().is_none());
+        let approved = JournalEntry::for_request(
+            &request,
+            Decision::Approved {
+                account_id: "a".into(),
+                already_paid: false,
+            },
+        );
+        j.record(&approved).unwrap();
+        assert_eq!(
+            j.paid("s:o1").unwrap(),
+            Some(Paid {
+                account_id: "a".into(),
+                amount_minor: 700,
+                currency: "EUR".into()
+            })
+        );
+    }
+}

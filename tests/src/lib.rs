@@ -2,6 +2,7 @@
 //! binaries as child processes, the customer's phone and the cash register.
 
 pub mod proxy;
+pub mod store;
 
 use std::{
     io::{BufRead, BufReader},
@@ -83,11 +84,15 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts Debian's `mosquitto` on a free port.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_on(dir, free_port())
+    }
+
+    /// Starts Debian's `mosquitto` on `port` (a restart keeps its port).
+    pub fn start_on(dir: &Path, port: u16) -> anyhow::Result<Self> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
-        let port = free_port();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -105,6 +110,27 @@ impl Mosquitto {
         let broker = Mosquitto { child, port };
         wait_for_port(port, Duration::from_secs(10))?;
         Ok(broker)
+    }
+
+    /// Kills the broker (SIGKILL) and starts a new one on the same port. It keeps nothing:
+    /// sessions and queued messages are lost, as with a broker without persistence.
+    pub fn restart(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        // The old process's socket may linger for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::start_on(dir, port) {
+                Ok(mut fresh) => {
+                    std::mem::swap(&mut self.child, &mut fresh.child);
+                    // `fresh` now holds the dead child; dropping it is harmless.
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 }
 
@@ -321,6 +347,53 @@ impl CloudApi {
     /// Ledger totals.
     pub fn totals(&self) -> anyhow::Result<Vec<LedgerTotals>> {
         get_json(&format!("{}/v1/ledger/totals", self.base))
+    }
+
+    /// One account.
+    pub fn account(&self, account_id: &str) -> anyhow::Result<AccountView> {
+        get_json(&format!("{}/v1/accounts/{account_id}", self.base))
+    }
+
+    /// Registers a store hub's signing key (from its ready line, `hub_key=`).
+    pub fn set_hub_key(&self, store_id: &str, public_key: &str) -> anyhow::Result<()> {
+        let response = ureq::put(&format!("{}/v1/stores/{store_id}/hub-key", self.base))
+            .timeout(Duration::from_secs(30))
+            .send_json(serde_json::json!({ "public_key": public_key }))?;
+        if response.status() != 200 {
+            bail!(
+                "registering the hub key of {store_id}: {}",
+                response.status()
+            );
+        }
+        Ok(())
+    }
+
+    /// Pays money into an account, once per deposit id.
+    pub fn deposit(
+        &self,
+        account_id: &str,
+        deposit_id: &str,
+        amount_minor: i64,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        post_json(
+            &format!("{}/v1/accounts/{account_id}/deposits", self.base),
+            &serde_json::json!({ "deposit_id": deposit_id, "amount_minor": amount_minor }),
+        )
+    }
+
+    /// Accounts in debt.
+    pub fn debts(&self) -> anyhow::Result<Vec<AccountView>> {
+        get_json(&format!("{}/v1/debts", self.base))
+    }
+
+    /// Checks that the books balance: per currency, all balances sum to zero.
+    pub fn assert_books_balance(&self) -> anyhow::Result<()> {
+        for t in self.totals()? {
+            if t.sum_of_balances_minor != 0 || t.total_debits_minor != t.total_credits_minor {
+                bail!("books do not balance: {t:?}");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -62,6 +62,8 @@ fn start_stack(dir: &Path) -> Stack {
             "http_listen=127.0.0.1:0".into(),
             format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
             mqtt_port,
+            // These tests are about the online path; offline authorization has its own.
+            "offline.enabled=false".into(),
         ],
     )
     .expect("hub starts");
@@ -473,6 +475,7 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
             format!("mqtt.port={}", link.port),
             "mqtt.keep_alive_seconds=1".into(),
             "mqtt.reconnect_delay_ms=100".into(),
+            "offline.enabled=false".into(),
         ],
     )
     .expect("hub starts");

@@ -551,3 +551,327 @@ impl Ledger {
         Ok(Some(revoked))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use paycode::hubsig::HubSigner;
+    use protocol::{CloudAuthorize, Currency, DeclineReason, OpenAccount, VoidPayment};
+
+    use super::*;
+
+    fn eur() -> Currency {
+        Currency::parse("EUR").unwrap()
+    }
+
+    fn signer(store: &str) -> HubSigner {
+        HubSigner::from_seed(&[store.len() as u8; 32])
+    }
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger"))
+            .unwrap()
+            .with_offline_policy(OfflinePolicy {
+                store_allowance_minor: 5_000,
+                account_cap_minor: 8_000,
+            });
+        for (id, kind, balance) in [
+            ("store-1", AccountKind::Merchant, 0),
+            ("store-22", AccountKind::Merchant, 0),
+            ("alice", AccountKind::Customer, 10_000),
+        ] {
+            ledger
+                .open_account(&OpenAccount {
+                    account_id: id.into(),
+                    kind,
+                    currency: eur(),
+                    initial_balance_minor: balance,
+                    public_key: None,
+                })
+                .unwrap();
+        }
+        for store in ["store-1", "store-22"] {
+            ledger
+                .set_hub_key(store, &signer(store).public_key_b64())
+                .unwrap();
+        }
+        (dir, ledger)
+    }
+
+    fn online(store: &str, order: &str, nonce: &str, amount: i64) -> CloudAuthorize {
+        CloudAuthorize {
+            payment_id: format!("{store}:{order}"),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur(),
+            terminal_id: "t1".into(),
+            order_id: order.into(),
+        }
+    }
+
+    fn offline(store: &str, seq: u64, order: &str, nonce: &str, amount: i64) -> OfflinePayment {
+        let mut entry = OfflinePayment {
+            seq,
+            payment_id: format!("{store}:{order}"),
+            store_id: store.into(),
+            terminal_id: "t1".into(),
+            order_id: order.into(),
+            account_id: "alice".into(),
+            nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur(),
+            approved_at_ms: 1,
+            signature: String::new(),
+        };
+        signer(store).sign(&mut entry);
+        entry
+    }
+
+    fn balance(l: &Ledger, id: &str) -> i64 {
+        l.account(id).unwrap().unwrap().balance_minor
+    }
+
+    fn books_balance(l: &Ledger) {
+        for t in l.totals().unwrap() {
+            assert_eq!(t.sum_of_balances_minor, 0);
+        }
+    }
+
+    #[test]
+    fn allowances_follow_online_approvals_within_the_account_cap() {
+        let (_d, l) = ledger();
+        let (_, a1) = l
+            .authorize_with_allowance("store-1", &online("store-1", "o1", "n1", 1_000))
+            .unwrap();
+        let a1 = a1.unwrap();
+        assert_eq!(a1.amount_minor, 5_000);
+        assert!(!a1.blocked);
+        // The second store gets what the cap leaves: 8000 - 5000.
+        let (_, a2) = l
+            .authorize_with_allowance("store-22", &online("store-22", "o1", "n2", 1_000))
+            .unwrap();
+        let a2 = a2.unwrap();
+        assert_eq!(a2.amount_minor, 3_000);
+        assert!(a2.version > a1.version);
+        // A declined payment grants nothing.
+        let (d, none) = l
+            .authorize_with_allowance("store-1", &online("store-1", "big", "n3", 1_000_000))
+            .unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::InsufficientFunds));
+        assert!(none.is_none());
+        // Never above the balance: spend down to 2000, the next grant is 2000.
+        l.authorize("store-1", &online("store-1", "o2", "n4", 6_000))
+            .unwrap();
+        let (_, a3) = l
+            .authorize_with_allowance("store-1", &online("store-1", "o3", "n5", 0))
+            .unwrap();
+        assert_eq!(a3.unwrap().amount_minor, 2_000);
+        let (page, more) = l.allowances("store-1", None).unwrap();
+        assert!(more.is_none());
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].amount_minor, 2_000);
+        assert!(l.allowances("store-9", None).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn an_offline_payment_is_applied_once_and_a_resend_moves_nothing() {
+        let (_d, l) = ledger();
+        let batch = vec![
+            offline("store-1", 1, "o1", "n1", 1_200),
+            offline("store-1", 2, "o2", "n2", 300),
+        ];
+        let (outcomes, revoked) = l.reconcile("store-1", &batch).unwrap();
+        assert_eq!(
+            outcomes,
+            vec![ReconcileOutcome::Applied { in_debt: false }; 2]
+        );
+        assert!(revoked.is_empty());
+        assert_eq!(balance(&l, "alice"), 8_500);
+        assert_eq!(balance(&l, "store-1"), 1_500);
+        // The hub restarted before retiring them: it sends them again.
+        let (again, _) = l.reconcile("store-1", &batch).unwrap();
+        assert_eq!(again, vec![ReconcileOutcome::AlreadyApplied; 2]);
+        assert_eq!(balance(&l, "alice"), 8_500);
+        // The code is spent: an online replay is refused.
+        let replay = l
+            .authorize("store-22", &online("store-22", "x", "n1", 100))
+            .unwrap();
+        assert_eq!(replay.reason(), Some(DeclineReason::CodeReplayed));
+        books_balance(&l);
+    }
+
+    #[test]
+    fn entries_without_a_valid_hub_signature_are_kept_out() {
+        let (_d, l) = ledger();
+        let mut forged = offline("store-1", 1, "o1", "n1", 1_000);
+        forged.amount_minor = 1;
+        let (outcomes, _) = l.reconcile("store-1", &[forged]).unwrap();
+        assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
+        // Signed by store-22's hub, sent by store-1.
+        let other = offline("store-22", 1, "o1", "n1", 1_000);
+        let (outcomes, _) = l.reconcile("store-1", &[other]).unwrap();
+        assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
+        // No key registered for the store.
+        l.open_account(&OpenAccount {
+            account_id: "store-3".into(),
+            kind: AccountKind::Merchant,
+            currency: eur(),
+            initial_balance_minor: 0,
+            public_key: None,
+        })
+        .unwrap();
+        let (outcomes, _) = l
+            .reconcile("store-3", &[offline("store-3", 1, "o1", "n1", 1)])
+            .unwrap();
+        assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert!(l
+            .set_hub_key("nobody", &signer("x").public_key_b64())
+            .is_err());
+        assert!(l.set_hub_key("store-1", "not a key").is_err());
+    }
+
+    #[test]
+    fn an_online_attempt_and_its_offline_approval_move_the_money_once_in_any_order() {
+        // The online attempt reached the ledger, then the hub (which got no answer) approved the
+        // same payment offline; the void of the online attempt comes last and reverses nothing.
+        let (_d, l) = ledger();
+        l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
+            .unwrap();
+        let (outcomes, _) = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
+            .unwrap();
+        assert_eq!(outcomes, vec![ReconcileOutcome::AlreadyApplied]);
+        let void = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(!l.void("store-1", &void).unwrap());
+        assert_eq!(balance(&l, "alice"), 9_000);
+
+        // The offline approval first, the late online attempt after: already paid.
+        let (_d2, l) = ledger();
+        l.reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
+            .unwrap();
+        let late = l
+            .authorize("store-1", &online("store-1", "o1", "n0", 1_000))
+            .unwrap();
+        assert!(matches!(
+            late,
+            Decision::Approved {
+                already_paid: true,
+                ..
+            }
+        ));
+        let void = VoidPayment {
+            code_nonce: "n0".into(),
+            ..void.clone()
+        };
+        assert!(!l.void("store-1", &void).unwrap());
+        assert_eq!(balance(&l, "alice"), 9_000);
+
+        // An earlier attempt was voided (money moved back); the offline approval of the same
+        // order is applied under its own id.
+        let (_d3, l) = ledger();
+        l.authorize("store-1", &online("store-1", "o1", "n0", 1_000))
+            .unwrap();
+        assert!(l.void("store-1", &void).unwrap());
+        let (outcomes, _) = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
+            .unwrap();
+        assert_eq!(outcomes, vec![ReconcileOutcome::Applied { in_debt: false }]);
+        let (again, _) = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
+            .unwrap();
+        assert_eq!(again, vec![ReconcileOutcome::AlreadyApplied]);
+        assert_eq!(balance(&l, "alice"), 9_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn the_same_order_with_other_details_is_a_conflict_kept_for_the_operator() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
+            .unwrap();
+        let (outcomes, _) = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n2", 999)])
+            .unwrap();
+        assert!(matches!(outcomes[0], ReconcileOutcome::Conflict { .. }));
+        let conflicts = l.conflicts().unwrap();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].entry.amount_minor, 999);
+        assert_eq!(balance(&l, "alice"), 9_000);
+    }
+
+    #[test]
+    fn an_uncovered_offline_payment_is_applied_into_debt_until_a_deposit_settles_it() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &online("store-1", "o0", "n0", 0))
+            .unwrap();
+        l.authorize("store-22", &online("store-22", "o0", "m0", 0))
+            .unwrap();
+        // Spent online elsewhere meanwhile: 9500 of 10000.
+        l.authorize("store-22", &online("store-22", "big", "m1", 9_500))
+            .unwrap();
+        let (outcomes, revoked) = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 2_000)])
+            .unwrap();
+        assert_eq!(outcomes, vec![ReconcileOutcome::Applied { in_debt: true }]);
+        assert_eq!(balance(&l, "alice"), -1_500);
+        assert_eq!(revoked.len(), 1);
+        assert!(revoked[0].blocked);
+        let alice = l.account("alice").unwrap().unwrap();
+        assert!(alice.in_debt);
+        assert_eq!(l.debts().unwrap().len(), 1);
+        // No store lists an allowance for it any more; online payments are refused.
+        assert!(l.allowances("store-1", None).unwrap().0.is_empty());
+        assert!(l.allowances("store-22", None).unwrap().0.is_empty());
+        let refused = l
+            .authorize("store-1", &online("store-1", "o2", "n2", 1))
+            .unwrap();
+        assert_eq!(refused.reason(), Some(DeclineReason::InsufficientFunds));
+
+        // A partial deposit leaves it in debt; settling it clears the flag, once per id.
+        let d1 = Deposit {
+            deposit_id: "d1".into(),
+            amount_minor: 1_000,
+        };
+        assert!(l.deposit("alice", &d1).unwrap().in_debt);
+        let d2 = Deposit {
+            deposit_id: "d2".into(),
+            amount_minor: 600,
+        };
+        let settled = l.deposit("alice", &d2).unwrap();
+        assert!(!settled.in_debt);
+        assert_eq!(settled.balance_minor, 100);
+        assert_eq!(l.deposit("alice", &d2).unwrap().balance_minor, 100);
+        let other = Deposit {
+            amount_minor: 5,
+            ..d2.clone()
+        };
+        assert!(matches!(
+            l.deposit("alice", &other),
+            Err(LedgerError::Conflict(_))
+        ));
+        assert!(l.debts().unwrap().is_empty());
+        // Settled, it earns an allowance again with its next online payment.
+        let (_, grant) = l
+            .authorize_with_allowance("store-1", &online("store-1", "o3", "n3", 0))
+            .unwrap();
+        assert_eq!(grant.unwrap().amount_minor, 100);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn closing_an_account_revokes_its_allowances() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &online("store-1", "o0", "n0", 0))
+            .unwrap();
+        l.close_account("alice").unwrap();
+        let revoked = l.revoke_allowances("alice").unwrap().unwrap();
+        assert!(revoked.blocked);
+        assert!(l.allowances("store-1", None).unwrap().0.is_empty());
+    }
+}

@@ -1,0 +1,130 @@
+//! One store under test: its hub (reaching the broker through a fault proxy) and its terminals
+//! (reaching the hub through another), as real processes that can be cut off, killed and
+//! restarted. The processes do not know they are being tested: they see only TCP.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{free_port, proxy::FaultProxy, wait_for_metric, Service};
+
+/// A store: hub, terminals, and the two links the test controls.
+pub struct StoreSite {
+    /// The store id.
+    pub store_id: String,
+    /// The hub process.
+    pub hub: Service,
+    /// The terminals, each with its frames directory.
+    pub edges: Vec<(Service, PathBuf)>,
+    /// Hub <-> broker.
+    pub uplink: FaultProxy,
+    /// Terminals <-> hub.
+    pub downlink: FaultProxy,
+    hub_args: Vec<String>,
+}
+
+impl StoreSite {
+    /// Starts a hub for `store_id` with its data under `dir`, reaching the broker at
+    /// `broker_port` through a proxy, plus `terminals` edges; `hub_extra` are more `--set`s.
+    pub fn start(
+        dir: &Path,
+        store_id: &str,
+        broker_port: u16,
+        terminals: usize,
+        hub_extra: &[String],
+    ) -> anyhow::Result<Self> {
+        let uplink = FaultProxy::start(([127, 0, 0, 1], broker_port).into())?;
+        let zenoh_port = free_port();
+        let mut hub_args = vec![
+            format!("store_id={store_id}"),
+            format!("data_dir={:?}", dir.join(format!("hub-{store_id}"))),
+            "http_listen=127.0.0.1:0".into(),
+            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("mqtt.port={}", uplink.port),
+            "mqtt.keep_alive_seconds=1".into(),
+            "mqtt.reconnect_delay_ms=100".into(),
+            "cloud_timeout_ms=1500".into(),
+            "offline.drain_interval_ms=500".into(),
+        ];
+        hub_args.extend(hub_extra.iter().cloned());
+        let hub = Service::start("facepay-hub", &hub_args).context("hub starts")?;
+        let downlink = FaultProxy::start(([127, 0, 0, 1], zenoh_port).into())?;
+        let mut edges = Vec::new();
+        for n in 0..terminals {
+            let frames = dir.join(format!("frames-{store_id}-{n}"));
+            let edge = Service::start(
+                "facepay-edge",
+                &[
+                    format!("store_id={store_id}"),
+                    format!("terminal_id=till-{n}"),
+                    "http_listen=127.0.0.1:0".into(),
+                    "scan_timeout_ms=3000".into(),
+                    format!("frames_dir={frames:?}"),
+                    format!("zenoh.connect=[\"tcp/127.0.0.1:{}\"]", downlink.port),
+                ],
+            )
+            .context("edge starts")?;
+            edges.push((edge, frames));
+        }
+        Ok(StoreSite {
+            store_id: store_id.to_owned(),
+            hub,
+            edges,
+            uplink,
+            downlink,
+            hub_args,
+        })
+    }
+
+    /// The key the hub signs offline approvals with.
+    pub fn hub_key(&self) -> String {
+        self.hub.ready.get("hub_key").cloned().unwrap_or_default()
+    }
+
+    /// The hub's `/metrics` address.
+    pub fn hub_http(&self) -> SocketAddr {
+        self.hub.http_addr
+    }
+
+    /// Kills the hub (SIGKILL) and starts it again on the same data and ports.
+    pub fn restart_hub(&mut self) -> anyhow::Result<()> {
+        self.hub.kill();
+        // The journal's lock and the Zenoh port are released when the process is gone; a
+        // retry covers the moment the kernel takes.
+        let mut tries = 0;
+        loop {
+            match Service::start("facepay-hub", &self.hub_args) {
+                Ok(hub) => {
+                    self.hub = hub;
+                    return Ok(());
+                }
+                Err(e) if tries > 10 => return Err(e),
+                Err(_) => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        }
+    }
+
+    /// Waits until the hub is connected to the broker (1) or not (0).
+    pub fn wait_connected(&self, up: bool, timeout: Duration) -> anyhow::Result<()> {
+        wait_for_metric(
+            self.hub.http_addr,
+            "facepay_hub_cloud_connected",
+            if up { 1.0 } else { 0.0 },
+            timeout,
+        )
+    }
+
+    /// Reads one of the hub's metrics.
+    pub fn hub_metric(&self, name: &str) -> Option<f64> {
+        crate::get_text(&format!("http://{}/metrics", self.hub.http_addr))
+            .ok()
+            .and_then(|page| crate::metric_value(&page, name))
+    }
+}

@@ -1,0 +1,289 @@
+//! Offline authorization and reconciliation with real processes: Mosquitto, the cloud, hubs
+//! behind fault proxies, terminals. A partitioned hub approves within its bounds, journals and
+//! signs, survives kill -9, and its journal drains exactly once when the link heals; an offline
+//! payment the balance no longer covers puts the account in debt and blocks it everywhere.
+
+use std::time::{Duration, Instant};
+
+use paycode::Wallet;
+use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
+use tests::{charge, present_code, start_cloud, store::StoreSite, CloudApi, Mosquitto};
+
+fn eur() -> Currency {
+    Currency::parse("EUR").unwrap()
+}
+
+fn open(api: &CloudApi, id: &str, kind: AccountKind, balance: i64) -> Option<Wallet> {
+    let wallet = (kind == AccountKind::Customer).then(|| Wallet::generate(id).unwrap());
+    api.open(&OpenAccount {
+        account_id: id.into(),
+        kind,
+        currency: eur(),
+        initial_balance_minor: balance,
+        public_key: wallet.as_ref().map(|w| w.public_key_b64()),
+    })
+    .unwrap();
+    wallet
+}
+
+fn pay(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protocol::ChargeResult {
+    let (edge, frames) = &site.edges[0];
+    present_code(frames, wallet).unwrap();
+    charge(edge.http_addr, order, amount, "EUR").unwrap().1
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_keys(site: &StoreSite, count: usize) {
+    tests::wait_for_keys(site.hub_http(), count, Duration::from_secs(20)).unwrap();
+}
+
+#[test]
+fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let bob = open(&api, "bob", AccountKind::Customer, 10_000).unwrap();
+    let mut site = StoreSite::start(
+        dir.path(),
+        "store-1",
+        broker.port,
+        1,
+        &[
+            "offline.payment_ceiling_minor=1500".into(),
+            "offline.store_ceiling_minor=4000".into(),
+        ],
+    )
+    .unwrap();
+    api.set_hub_key("store-1", &site.hub_key()).unwrap();
+    wait_keys(&site, 2);
+
+    // Online, alice earns an allowance at this store (the cloud's default: 5000); bob has none.
+    let online = pay(&site, &alice, "on-1", 100);
+    assert_eq!(online.status, ChargeStatus::Approved, "{online:?}");
+    assert_eq!(site.hub_metric("facepay_hub_offline"), Some(0.0));
+
+    site.uplink.cut();
+    site.wait_connected(false, Duration::from_secs(20)).unwrap();
+    assert_eq!(site.hub_metric("facepay_hub_offline"), Some(1.0));
+    let started = Instant::now();
+    let first = pay(&site, &alice, "off-1", 1_000);
+    assert_eq!(first.status, ChargeStatus::Approved, "{first:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no cloud deadline is waited out"
+    );
+    let cases = [
+        (
+            &alice,
+            "off-big",
+            1_600,
+            DeclineReason::OfflineAmountOverLimit,
+        ),
+        (
+            &bob,
+            "off-bob",
+            100,
+            DeclineReason::OfflineAllowanceExceeded,
+        ),
+    ];
+    for (wallet, order, amount, reason) in cases {
+        let refused = pay(&site, wallet, order, amount);
+        assert_eq!(refused.reason, Some(reason), "{refused:?}");
+        assert!(
+            refused.detail.contains("nothing was charged"),
+            "{refused:?}"
+        );
+    }
+    for order in ["off-2", "off-3"] {
+        let ok = pay(&site, &alice, order, 1_500);
+        assert_eq!(ok.status, ChargeStatus::Approved, "{ok:?}");
+    }
+    // 4000 held: the store's ceiling refuses 1000 more (alice's allowance would allow it).
+    let full = pay(&site, &alice, "off-4", 1_000);
+    assert_eq!(
+        full.reason,
+        Some(DeclineReason::OfflineStoreLimitReached),
+        "{full:?}"
+    );
+    // The register retries an approved order with a fresh code: already paid, not twice.
+    let retry = pay(&site, &alice, "off-1", 1_000);
+    assert_eq!(
+        (retry.status, retry.already_paid),
+        (ChargeStatus::Approved, true),
+        "{retry:?}"
+    );
+    assert_eq!(site.hub_metric("facepay_hub_offline_backlog"), Some(3.0));
+    assert_eq!(
+        site.hub_metric("facepay_hub_offline_exposure_minor"),
+        Some(4_000.0)
+    );
+    assert_eq!(
+        api.balance("alice").unwrap(),
+        9_900,
+        "nothing reached the cloud"
+    );
+
+    // kill -9 in the middle of the partition: the journal keeps what was approved.
+    site.restart_hub().unwrap();
+    assert_eq!(site.hub_metric("facepay_hub_offline_backlog"), Some(3.0));
+    // The terminal reconnects to the restarted hub (until then: "store system unreachable").
+    let mut still_full = pay(&site, &alice, "off-5", 1_000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while still_full.reason == Some(DeclineReason::StoreSystemUnreachable)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        still_full = pay(&site, &alice, "off-5", 1_000);
+    }
+    assert_eq!(
+        still_full.reason,
+        Some(DeclineReason::OfflineStoreLimitReached),
+        "{still_full:?}"
+    );
+
+    site.uplink.heal();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    tests::wait_for_metric(
+        site.hub_http(),
+        "facepay_hub_offline_backlog",
+        0.0,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(api.balance("alice").unwrap(), 10_000 - 100 - 4_000);
+    assert_eq!(api.balance("bob").unwrap(), 10_000);
+    assert_eq!(api.balance("store-1").unwrap(), 4_100);
+    let transfers = api.transfers().unwrap();
+    for order in ["off-1", "off-2", "off-3"] {
+        let id = format!("store-1:{order}");
+        assert_eq!(
+            transfers.iter().filter(|t| t.transfer_id == id).count(),
+            1,
+            "{id} applied once"
+        );
+    }
+    for order in ["off-big", "off-bob", "off-4", "off-5"] {
+        let id = format!("store-1:{order}");
+        assert!(
+            transfers.iter().all(|t| t.transfer_id != id),
+            "{id} declined"
+        );
+    }
+    let cloud_page = tests::get_text(&format!("http://{}/metrics", cloud.http_addr)).unwrap();
+    assert_eq!(
+        tests::metric_value(&cloud_page, "facepay_cloud_offline_applied_total"),
+        Some(3.0)
+    );
+    api.assert_books_balance().unwrap();
+    // Online again: payments go to the cloud.
+    let back = pay(&site, &alice, "on-2", 100);
+    assert_eq!(back.status, ChargeStatus::Approved, "{back:?}");
+    assert_eq!(site.hub_metric("facepay_hub_offline"), Some(0.0));
+}
+
+#[test]
+fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    open(&api, "store-2", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 3_000).unwrap();
+    let one = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
+    let two = StoreSite::start(dir.path(), "store-2", broker.port, 1, &[]).unwrap();
+    for site in [&one, &two] {
+        api.set_hub_key(&site.store_id, &site.hub_key()).unwrap();
+        wait_keys(site, 1);
+        let ok = pay(site, &alice, "first", 100);
+        assert_eq!(ok.status, ChargeStatus::Approved, "{ok:?}");
+    }
+
+    // Store 1 is cut off and approves 1400 offline; meanwhile alice spends online at store 2.
+    one.uplink.cut();
+    one.wait_connected(false, Duration::from_secs(20)).unwrap();
+    let offline = pay(&one, &alice, "offline", 1_400);
+    assert_eq!(offline.status, ChargeStatus::Approved, "{offline:?}");
+    let online = pay(&two, &alice, "online", 2_700);
+    assert_eq!(online.status, ChargeStatus::Approved, "{online:?}");
+    assert_eq!(api.balance("alice").unwrap(), 100);
+
+    // Healed: the store was promised the money, so it is applied, and alice is in debt.
+    one.uplink.heal();
+    tests::wait_for_metric(
+        one.hub_http(),
+        "facepay_hub_offline_backlog",
+        0.0,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(api.balance("alice").unwrap(), -1_300);
+    let alice_view = api.account("alice").unwrap();
+    assert!(alice_view.in_debt);
+    let debts = api.debts().unwrap();
+    assert_eq!(debts.len(), 1);
+    assert_eq!(debts[0].account_id, "alice");
+    tests::wait_for_metric(
+        cloud.http_addr,
+        "facepay_cloud_accounts_in_debt",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    api.assert_books_balance().unwrap();
+
+    // Store 2 heard the revocation: cut off now, it refuses alice offline.
+    two.uplink.cut();
+    two.wait_connected(false, Duration::from_secs(20)).unwrap();
+    let blocked = pay(&two, &alice, "blocked", 100);
+    assert_eq!(
+        blocked.reason,
+        Some(DeclineReason::AccountBlocked),
+        "{blocked:?}"
+    );
+    two.uplink.heal();
+    two.wait_connected(true, Duration::from_secs(20)).unwrap();
+
+    // A deposit settles the debt; the same deposit id again moves nothing.
+    let (status, settled) = api.deposit("alice", "top-up-1", 2_000).unwrap();
+    assert_eq!(status, 200, "{settled}");
+    assert_eq!(settled["in_debt"], false);
+    let (_, again) = api.deposit("alice", "top-up-1", 2_000).unwrap();
+    assert_eq!(again["balance_minor"], 700);
+    let (status, bad) = api.deposit("alice", "top-up-2", -5).unwrap();
+    assert_eq!(status, 400, "{bad}");
+    assert!(api.debts().unwrap().is_empty());
+    tests::wait_for_metric(
+        cloud.http_addr,
+        "facepay_cloud_accounts_in_debt",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    wait_until(
+        "store 2 answers online again",
+        Duration::from_secs(20),
+        || {
+            pay(&two, &alice, &format!("after-{}", fastrand_order()), 100).status
+                == ChargeStatus::Approved
+        },
+    );
+    api.assert_books_balance().unwrap();
+}
+
+fn fastrand_order() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
