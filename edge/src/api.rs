@@ -14,8 +14,7 @@
 use actix::Addr;
 use actix_web::{http::StatusCode, web, HttpResponse};
 use protocol::{
-    ChargeRequest, ChargeResult, ChargeStatus, DeclineReason, SecondFactorAnswer, VerifyReply,
-    VerifyStart,
+    ChargeRequest, ChargeResult, DeclineReason, SecondFactorAnswer, VerifyReply, VerifyStart,
 };
 
 use crate::checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer};
@@ -72,15 +71,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutAct
 }
 
 fn refusal(reason: DeclineReason, detail: String) -> ChargeResult {
-    ChargeResult {
-        order_id: String::new(),
-        payment_id: None,
-        status: ChargeStatus::Declined,
-        reason: Some(reason),
-        detail,
-        account_id: None,
-        already_paid: false,
-    }
+    ChargeResult::declined("", reason, detail)
 }
 
 /// The HTTP status a charge result is sent with.

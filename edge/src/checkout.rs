@@ -93,6 +93,7 @@ fn result(order_id: &str, payment_id: Option<String>, decision: Decision) -> Cha
             },
             account_id: Some(account_id),
             already_paid,
+            offline: false,
         },
         Decision::Declined { reason, detail } => ChargeResult {
             order_id: order_id.to_owned(),
@@ -102,6 +103,7 @@ fn result(order_id: &str, payment_id: Option<String>, decision: Decision) -> Cha
             detail,
             account_id: None,
             already_paid: false,
+            offline: false,
         },
     }
 }
@@ -175,6 +177,9 @@ impl Handler<Charge> for CheckoutActor {
         let hub = self.hub.clone();
         let settings = self.settings.clone();
         let pid = payment_id.clone();
+        // Whether the hub approved alone (the cloud unreachable): reported to the register.
+        let offline = std::rc::Rc::new(std::cell::Cell::new(false));
+        let offline_seen = offline.clone();
         let session = async move {
             let proof = match (scan, request.token.clone()) {
                 (_, Some(token)) => PaymentProof::Token(token),
@@ -208,7 +213,10 @@ impl Handler<Charge> for CheckoutActor {
                 proof,
             };
             match hub.authorize(&request).await {
-                Ok(reply) if reply.payment_id == pid => reply.decision,
+                Ok(reply) if reply.payment_id == pid => {
+                    offline_seen.set(reply.offline);
+                    reply.decision
+                }
                 Ok(reply) => match reply.decision {
                     // A refusal of an unreadable request carries no payment id.
                     declined @ Decision::Declined { .. } => declined,
@@ -232,7 +240,10 @@ impl Handler<Charge> for CheckoutActor {
                 actor.busy = false;
             }
             actor.metrics.outcome(decision.reason(), started.elapsed());
-            result(&order_id, Some(payment_id), decision)
+            ChargeResult {
+                offline: offline.get(),
+                ..result(&order_id, Some(payment_id), decision)
+            }
         }))
     }
 }

@@ -69,7 +69,11 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
 
     // Online, alice earns an allowance at this store (the cloud's default: 5000); bob has none.
     let online = pay(&site, &alice, "on-1", 100);
-    assert_eq!(online.status, ChargeStatus::Approved, "{online:?}");
+    assert_eq!(
+        (online.status, online.offline),
+        (ChargeStatus::Approved, false),
+        "{online:?}"
+    );
     assert_eq!(site.hub_metric("facepay_hub_offline"), Some(0.0));
 
     site.uplink.cut();
@@ -77,7 +81,11 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
     assert_eq!(site.hub_metric("facepay_hub_offline"), Some(1.0));
     let started = Instant::now();
     let first = pay(&site, &alice, "off-1", 1_000);
-    assert_eq!(first.status, ChargeStatus::Approved, "{first:?}");
+    assert_eq!(
+        (first.status, first.offline),
+        (ChargeStatus::Approved, true),
+        "{first:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "no cloud deadline is waited out"

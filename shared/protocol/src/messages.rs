@@ -231,6 +231,26 @@ pub struct ChargeResult {
     pub account_id: Option<String>,
     /// True when the order had already been paid: this call moved no money.
     pub already_paid: bool,
+    /// Approved by the store's hub alone while the cloud was unreachable; the ledger applies it
+    /// when the store reconnects.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+impl ChargeResult {
+    /// A decline of an order before any payment was attempted.
+    pub fn declined(order_id: &str, reason: DeclineReason, detail: impl Into<String>) -> Self {
+        ChargeResult {
+            order_id: order_id.to_owned(),
+            payment_id: None,
+            status: ChargeStatus::Declined,
+            reason: Some(reason),
+            detail: detail.into(),
+            account_id: None,
+            already_paid: false,
+            offline: false,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -592,15 +592,7 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
                 ),
                 Err((reason, detail)) => (
                     customer,
-                    protocol::ChargeResult {
-                        order_id: order.order_id.into(),
-                        payment_id: None,
-                        status: ChargeStatus::Declined,
-                        reason: Some(reason),
-                        detail,
-                        account_id: None,
-                        already_paid: false,
-                    },
+                    protocol::ChargeResult::declined(order.order_id, reason, detail),
                 ),
             },
         };
