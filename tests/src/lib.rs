@@ -1,6 +1,7 @@
 //! Harness for facepay's cross-process tests and the fleet demo: free ports, brokers, the real
 //! binaries as child processes, the customer's phone and the cash register.
 
+pub mod chaos;
 pub mod proxy;
 pub mod store;
 

@@ -307,11 +307,17 @@ pub mod synthetic {
             Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
         }
 
-        fn next_u64(&mut self) -> u64 {
+        /// The next 64 random bits.
+        pub fn next_u64(&mut self) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
             self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        /// Uniform in `0..n` (`n` > 0).
+        pub fn below(&mut self, n: u64) -> u64 {
+            (self.next_u64() >> 16) % n
         }
 
         /// Uniform in [0, 1).
