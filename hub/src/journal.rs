@@ -236,6 +236,19 @@ impl Journal {
         self.flush()
     }
 
+    /// Stores many offline approvals with one flush (importing a backlog, benchmarks).
+    pub fn record_offline_many(&self, entries: &[OfflinePayment]) -> Result<(), HubError> {
+        for entry in entries {
+            self.offline
+                .insert(
+                    entry.seq.to_be_bytes(),
+                    serde_json::to_vec(entry).expect("serialises"),
+                )
+                .map_err(storage_error)?;
+        }
+        self.flush()
+    }
+
     /// The oldest `max` offline approvals not yet acknowledged.
     pub fn offline_batch(&self, max: usize) -> Result<Vec<OfflinePayment>, HubError> {
         self.offline

@@ -1,0 +1,235 @@
+//! `facepay-offline-bench`: the issue's numbers for offline payment.
+//!
+//! 1. The hub's offline authorization latency: an `AuthActor` with a real journal on disk and no
+//!    cloud, authorizing payment codes one at a time (code check, nonce reservation, rules,
+//!    signature, journal writes flushed), p50/p99.
+//! 2. Reconciliation: a hub process whose journal holds a backlog of signed offline approvals
+//!    (default 100,000) starts beside Mosquitto and the cloud; time until its journal is empty,
+//!    and payments applied per second at the cloud.
+//!
+//! Run it in release: `cargo run --release --bin facepay-offline-bench`.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use clap::Parser;
+use hub::{
+    auth::{AuthActor, AuthSettings, Authorize, OfflineMetrics, OfflineSetup},
+    journal::{Journal, JournalActor},
+    offline::OfflineBook,
+};
+use paycode::{hubsig::HubSigner, Validity, Wallet};
+use protocol::{
+    AccountKind, Allowance, AuthorizeRequest, Currency, KeyEntry, OfflinePayment, OpenAccount,
+    PaymentProof,
+};
+use tests::{start_cloud, CloudApi, Mosquitto, Service};
+
+#[derive(Parser)]
+#[command(name = "facepay-offline-bench")]
+struct Cli {
+    /// Offline authorizations to time.
+    #[arg(long, default_value_t = 2000)]
+    authorizations: usize,
+    /// Offline approvals in the backlog to reconcile.
+    #[arg(long, default_value_t = 100_000)]
+    backlog: usize,
+    /// Customer accounts the backlog spreads over.
+    #[arg(long, default_value_t = 1000)]
+    accounts: usize,
+    /// Entries per reconciliation batch.
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+}
+
+fn eur() -> Currency {
+    Currency::parse("EUR").unwrap()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dir = tempfile::tempdir()?;
+    authorization_latency(&cli, dir.path())?;
+    reconciliation(&cli, dir.path())
+}
+
+fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+    let wallets: Vec<Wallet> = (0..50)
+        .map(|n| Wallet::from_seed(&format!("c{n}"), [n as u8 + 1; 32]).unwrap())
+        .collect();
+    let journal = Journal::open(&dir.join("latency-journal"))?;
+    let keys: Vec<KeyEntry> = wallets
+        .iter()
+        .enumerate()
+        .map(|(n, w)| KeyEntry {
+            account_id: w.account_id().into(),
+            version: n as u64 + 1,
+            public_key: Some(w.public_key_b64()),
+        })
+        .collect();
+    let allowances: Vec<Allowance> = wallets
+        .iter()
+        .map(|w| Allowance {
+            account_id: w.account_id().into(),
+            amount_minor: i64::MAX / 4,
+            currency: eur(),
+            blocked: false,
+            version: 1,
+        })
+        .collect();
+    let config = hub::config::OfflineConfig {
+        payment_ceiling_minor: 1_000_000,
+        store_ceiling_minor: i64::MAX / 4,
+        ..Default::default()
+    };
+    let n = cli.authorizations;
+    let latencies = actix::System::new().block_on(async move {
+        let registry = prometheus::Registry::new();
+        let journal_addr = {
+            let j = journal.clone();
+            SyncArbiter::start(1, move || JournalActor::new(j.clone()))
+        };
+        let setup = OfflineSetup {
+            book: OfflineBook::new(&config, allowances, &[]),
+            signer: std::sync::Arc::new(HubSigner::from_seed(&[9; 32])),
+            journal: journal.clone(),
+            drain_batch: 200,
+            drain_interval: Duration::from_secs(3600),
+            metrics: OfflineMetrics::register(&registry),
+        };
+        let auth = AuthActor::new(
+            AuthSettings {
+                store_id: "store-1".into(),
+                validity: Validity {
+                    window_ms: 60_000,
+                    clock_skew_ms: 5_000,
+                },
+                cloud_timeout: Duration::from_secs(1),
+            },
+            keys,
+            50,
+            journal_addr,
+            telemetry::PaymentMetrics::register(&registry, "hub"),
+            telemetry::register_gauge(&registry, "keys", "keys"),
+            setup,
+        )
+        .start();
+        let mut latencies = Vec::with_capacity(n);
+        for i in 0..n {
+            let wallet = &wallets[i % wallets.len()];
+            let order = format!("o{i}");
+            let request = AuthorizeRequest {
+                payment_id: format!("store-1:{order}"),
+                store_id: "store-1".into(),
+                terminal_id: "t1".into(),
+                order_id: order,
+                amount_minor: 500,
+                currency: eur(),
+                proof: PaymentProof::Code(wallet.issue_code(paycode::now_ms())),
+            };
+            let started = Instant::now();
+            let reply = auth.send(Authorize(request)).await.expect("actor alive");
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert!(reply.offline, "{reply:?}");
+        }
+        latencies
+    });
+    let mut sorted = latencies;
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "hub offline authorization ({} payment codes, journal flushed on disk): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        sorted.len(),
+        percentile(&sorted, 0.5),
+        percentile(&sorted, 0.99),
+        sorted[sorted.len() - 1]
+    );
+    Ok(())
+}
+
+fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+    let broker = Mosquitto::start(dir)?;
+    let cloud = start_cloud(&dir.join("cloud"), broker.port)?;
+    let api = CloudApi::new(cloud.http_addr);
+    let open = |id: &str, kind, balance| {
+        api.open(&OpenAccount {
+            account_id: id.into(),
+            kind,
+            currency: eur(),
+            initial_balance_minor: balance,
+            public_key: None,
+        })
+    };
+    open("store-1", AccountKind::Merchant, 0)?;
+    for a in 0..cli.accounts {
+        open(&format!("c{a}"), AccountKind::Customer, 1_000_000_000)?;
+    }
+    // The backlog, signed with the hub's key, written into its journal before it starts.
+    let hub_dir = dir.join("hub");
+    let key_path = hub_dir.join("keys").join("hub-signing.key");
+    let seed = storage::key_file(&key_path, true)?;
+    let signer = HubSigner::from_seed(&seed);
+    {
+        let journal = Journal::open(&hub_dir.join("journal"))?;
+        let mut chunk = Vec::with_capacity(10_000);
+        for i in 0..cli.backlog {
+            let order = format!("b{i}");
+            let mut entry = OfflinePayment {
+                seq: journal.next_seq()?,
+                payment_id: format!("store-1:{order}"),
+                store_id: "store-1".into(),
+                terminal_id: "t1".into(),
+                order_id: order,
+                account_id: format!("c{}", i % cli.accounts),
+                nonce: format!("n{i}"),
+                amount_minor: 100 + (i % 900) as i64,
+                currency: eur(),
+                approved_at_ms: paycode::now_ms(),
+                signature: String::new(),
+            };
+            signer.sign(&mut entry);
+            chunk.push(entry);
+            if chunk.len() == 10_000 {
+                journal.record_offline_many(&chunk)?;
+                chunk.clear();
+            }
+        }
+        journal.record_offline_many(&chunk)?;
+    }
+    api.set_hub_key("store-1", &signer.public_key_b64())?;
+    let started = Instant::now();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-1".into(),
+            format!("data_dir={hub_dir:?}"),
+            "http_listen=127.0.0.1:0".into(),
+            format!("zenoh.listen=[\"tcp/127.0.0.1:{}\"]", tests::free_port()),
+            format!("mqtt.port={}", broker.port),
+            format!("offline.drain_batch={}", cli.batch),
+        ],
+    )?;
+    tests::wait_for_metric(
+        hub.http_addr,
+        "facepay_hub_offline_backlog",
+        0.0,
+        Duration::from_secs(3600),
+    )?;
+    let took = started.elapsed();
+    let page = tests::get_text(&format!("http://{}/metrics", cloud.http_addr))?;
+    let applied = tests::metric_value(&page, "facepay_cloud_offline_applied_total").unwrap_or(0.0);
+    api.assert_books_balance()?;
+    println!(
+        "reconciliation of {} offline payments over MQTT in batches of {}: drained in {:.1} s \
+         (hub start included), {} applied at the cloud, {:.0} payments/s",
+        cli.backlog,
+        cli.batch,
+        took.as_secs_f64(),
+        applied,
+        applied / took.as_secs_f64()
+    );
+    Ok(())
+}
