@@ -43,6 +43,11 @@ pub fn template_revocations() -> String {
     format!("{ROOT}/templates/revocations")
 }
 
+/// Broadcast of offline allowance revocations (accounts in debt or closed) to every hub.
+pub fn allowance_updates() -> String {
+    format!("{ROOT}/allowances")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,9 +65,4 @@ mod tests {
         assert!(cloud_requests_filter().ends_with("/+"));
         assert_eq!(store_replies("s"), "facepay/v1/stores/s/replies");
     }
-}
-
-/// Broadcast of offline allowance revocations (accounts in debt or closed) to every hub.
-pub fn allowance_updates() -> String {
-    format!("{ROOT}/allowances")
 }
