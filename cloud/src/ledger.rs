@@ -77,7 +77,7 @@ pub struct Ledger {
     keys: sled::Tree,
     /// Offline allowances by `<store>/<account>` (for a store's sync).
     grants: sled::Tree,
-    /// The same allowances by `<account>/<store>` (for an account's total).
+    /// The stores holding a grant, by `<account>/` (for an account's total).
     grants_by_account: sled::Tree,
     /// Accounts in debt.
     debts: sled::Tree,

@@ -176,6 +176,12 @@ struct World {
     sites: Vec<StoreSite>,
 }
 
+impl World {
+    fn hub_addrs(&self) -> Vec<SocketAddr> {
+        self.sites.iter().map(|s| s.hub_http()).collect()
+    }
+}
+
 fn eur() -> Currency {
     Currency::parse("EUR").unwrap()
 }
@@ -325,13 +331,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         let (world, stop, max) = (world.clone(), stop.clone(), max_store_exposure.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let addrs: Vec<SocketAddr> = world
-                    .lock()
-                    .unwrap()
-                    .sites
-                    .iter()
-                    .map(|s| s.hub_http())
-                    .collect();
+                let addrs: Vec<SocketAddr> = world.lock().unwrap().hub_addrs();
                 for addr in addrs {
                     if let Ok(page) = crate::get_text(&format!("http://{addr}/metrics")) {
                         if let Some(v) =
@@ -382,10 +382,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
             s.uplink.heal();
             s.downlink.heal();
         }
-        (
-            w.cloud.http_addr,
-            w.sites.iter().map(|s| s.hub_http()).collect::<Vec<_>>(),
-        )
+        (w.cloud.http_addr, w.hub_addrs())
     };
     for hub in &hubs {
         crate::wait_for_metric(
@@ -450,13 +447,7 @@ pub const DRAIN_BOUND: Duration = Duration::from_secs(60);
 /// so new offline approvals can only come from a fault still being noticed).
 fn drained(world: &Arc<Mutex<World>>) -> anyhow::Result<Duration> {
     let healed = Instant::now();
-    let hubs: Vec<SocketAddr> = world
-        .lock()
-        .unwrap()
-        .sites
-        .iter()
-        .map(|s| s.hub_http())
-        .collect();
+    let hubs: Vec<SocketAddr> = world.lock().unwrap().hub_addrs();
     for hub in hubs {
         crate::wait_for_metric(hub, "facepay_hub_offline_backlog", 0.0, DRAIN_BOUND)
             .context("a healed hub's journal did not drain")?;
