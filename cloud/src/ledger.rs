@@ -315,6 +315,7 @@ impl Ledger {
                         by_account,
                         store_id,
                         &request.account_id,
+                        request.offline_reservation,
                     )?,
                     Decision::Declined { .. } => None,
                 };
@@ -731,6 +732,7 @@ mod tests {
             currency: eur(),
             terminal_id: "t1".into(),
             order_id: payment.into(),
+            offline_reservation: Default::default(),
         }
     }
 

@@ -14,8 +14,8 @@ use paycode::hubsig::HubSigner;
 use paycode::{SignedCode, Validity};
 use protocol::{
     Allowance, AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision,
-    DeclineReason, HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment, PaymentProof,
-    VoidPayment,
+    DeclineReason, HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment,
+    OfflineReservation, PaymentProof, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
@@ -697,6 +697,13 @@ async fn authorize_verified(
     let Some(uplink) = hub.uplink.as_ref() else {
         return decide_offline(request, proven, hub, "the hub is still starting", false).await;
     };
+    let Ok(offline_reservation) = hub.me.send(ReservationOf(proven.account_id.clone())).await
+    else {
+        return (
+            Decision::declined(DeclineReason::Internal, "the store system is stopping"),
+            false,
+        );
+    };
     let call = CallCloud {
         body: HubRequestBody::Authorize(CloudAuthorize {
             payment_id: request.payment_id.clone(),
@@ -706,6 +713,7 @@ async fn authorize_verified(
             currency: request.currency,
             terminal_id: request.terminal_id.clone(),
             order_id: request.order_id.clone(),
+            offline_reservation,
         }),
         timeout: hub.cloud_timeout,
     };
@@ -907,6 +915,18 @@ impl Handler<ApproveOffline> for AuthActor {
         self.offline.hold(&entry.account_id, entry.amount_minor);
         self.show_offline();
         Ok(entry)
+    }
+}
+
+/// What the store may still hold unreconciled for an account, for the cloud to count.
+#[derive(Message)]
+#[rtype(result = "OfflineReservation")]
+struct ReservationOf(String);
+
+impl Handler<ReservationOf> for AuthActor {
+    type Result = MessageResult<ReservationOf>;
+    fn handle(&mut self, msg: ReservationOf, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.offline.reservation(&msg.0))
     }
 }
 

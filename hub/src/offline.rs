@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use protocol::{Allowance, Currency, Decision, DeclineReason, OfflinePayment};
+use protocol::{Allowance, Currency, Decision, DeclineReason, OfflinePayment, OfflineReservation};
 
 use crate::config::OfflineConfig;
 
@@ -148,6 +148,19 @@ impl OfflineBook {
             .retain(|account, _| listed.contains(account));
     }
 
+    /// What the store may still hold unreconciled for an account under the allowance it holds,
+    /// reported to the cloud with each online payment so that a refreshed grant keeps it counted.
+    pub fn reservation(&self, account_id: &str) -> OfflineReservation {
+        let allowance = self.allowances.get(account_id);
+        let granted = allowance
+            .filter(|a| !a.blocked)
+            .map_or(0, |a| a.amount_minor);
+        OfflineReservation {
+            amount_minor: self.outstanding(account_id).max(granted),
+            allowance_version: allowance.map_or(0, |a| a.version),
+        }
+    }
+
     /// What the store holds unreconciled for an account.
     pub fn outstanding(&self, account_id: &str) -> i64 {
         self.outstanding.get(account_id).copied().unwrap_or(0)
@@ -249,6 +262,30 @@ mod tests {
         );
         b.set_allowance(grant("b", 3_000, 3));
         assert!(b.check("b", 10, eur()).is_ok());
+    }
+
+    #[test]
+    fn the_reservation_reported_is_the_larger_of_held_and_granted() {
+        let mut b = book();
+        let none = b.reservation("stranger");
+        assert_eq!((none.amount_minor, none.allowance_version), (0, 0));
+        assert_eq!(b.reservation("a").amount_minor, 3_000);
+        b.hold("a", 2_000);
+        // A smaller grant arrives while 2000 is held: the store may still hold 2000.
+        b.set_allowance(grant("a", 1_000, 2));
+        let r = b.reservation("a");
+        assert_eq!((r.amount_minor, r.allowance_version), (2_000, 2));
+        b.release("a", 2_000);
+        assert_eq!(b.reservation("a").amount_minor, 1_000);
+        // Blocked: only what is held counts.
+        b.hold("a", 500);
+        b.set_allowance(Allowance {
+            blocked: true,
+            amount_minor: 0,
+            ..grant("a", 0, 3)
+        });
+        let r = b.reservation("a");
+        assert_eq!((r.amount_minor, r.allowance_version), (500, 3));
     }
 
     #[test]

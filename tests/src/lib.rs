@@ -98,7 +98,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
+                 set_tcp_nodelay true\n"
             ),
         )?;
         let child = Command::new(binary)
@@ -226,15 +227,23 @@ impl Drop for Service {
 /// Starts `facepay-cloud` with its data in `data_dir`, every listener on a free port, and the
 /// broker at `mqtt_port`.
 pub fn start_cloud(data_dir: &Path, mqtt_port: u16) -> anyhow::Result<Service> {
-    Service::start(
-        "facepay-cloud",
-        &[
-            format!("data_dir={data_dir:?}"),
-            "http_listen=127.0.0.1:0".into(),
-            "api_listen=127.0.0.1:0".into(),
-            format!("mqtt.port={mqtt_port}"),
-        ],
-    )
+    start_cloud_with(data_dir, mqtt_port, &[])
+}
+
+/// [`start_cloud`] with more configuration overrides (`key=value`).
+pub fn start_cloud_with(
+    data_dir: &Path,
+    mqtt_port: u16,
+    extra: &[String],
+) -> anyhow::Result<Service> {
+    let mut overrides = vec![
+        format!("data_dir={data_dir:?}"),
+        "http_listen=127.0.0.1:0".into(),
+        "api_listen=127.0.0.1:0".into(),
+        format!("mqtt.port={mqtt_port}"),
+    ];
+    overrides.extend_from_slice(extra);
+    Service::start("facepay-cloud", &overrides)
 }
 
 /// Sends a JSON body and returns the status and the JSON answer, whatever the status.

@@ -289,6 +289,85 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
     api.assert_books_balance().unwrap();
 }
 
+#[test]
+fn a_grant_that_shrinks_under_unreconciled_payments_keeps_them_counted_against_the_cap() {
+    // Cap 6000 over all stores, 5000 at one store.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = tests::start_cloud_with(
+        &dir.path().join("cloud"),
+        broker.port,
+        &["offline.account_cap_minor=6000".into()],
+    )
+    .unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    open(&api, "store-2", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let one = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
+    let two = StoreSite::start(dir.path(), "store-2", broker.port, 1, &[]).unwrap();
+    // Store 1's hub key is not registered yet: what it approves offline stays unreconciled.
+    api.set_hub_key("store-2", &two.hub_key()).unwrap();
+    wait_keys(&one, 1);
+    wait_keys(&two, 1);
+    let approved = |site: &StoreSite, order: &str, amount: i64, offline: bool| {
+        let r = pay(site, &alice, order, amount);
+        assert_eq!(
+            (r.status, r.offline),
+            (ChargeStatus::Approved, offline),
+            "{order}: {r:?}"
+        );
+    };
+
+    // Store 1 earns 5000 and spends it offline.
+    approved(&one, "on-1", 100, false);
+    one.uplink.cut();
+    one.wait_connected(false, Duration::from_secs(20)).unwrap();
+    approved(&one, "off-1", 2_500, true);
+    approved(&one, "off-2", 2_500, true);
+    one.uplink.heal();
+    one.wait_connected(true, Duration::from_secs(20)).unwrap();
+    assert_eq!(one.hub_metric("facepay_hub_offline_backlog"), Some(2.0));
+
+    // Store 2 gets what is left of the cap (1000). Alice spends at store 1 online: its grant
+    // shrinks to her balance (800), but it still holds 5000 unreconciled.
+    approved(&two, "on-1", 100, false);
+    approved(&one, "on-2", 9_000, false);
+    let (status, body) = api.deposit("alice", "top-up", 10_000).unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Money is back; store 2's refreshed grant still leaves store 1 its 5000.
+    approved(&two, "on-2", 100, false);
+    two.uplink.cut();
+    two.wait_connected(false, Duration::from_secs(20)).unwrap();
+    let refused = pay(&two, &alice, "off-1", 2_000);
+    assert_eq!(
+        refused.reason,
+        Some(DeclineReason::OfflineAllowanceExceeded),
+        "{refused:?}"
+    );
+    approved(&two, "off-2", 1_000, true);
+
+    // Both drain once their links and keys are in place; every approved payment applies once.
+    api.set_hub_key("store-1", &one.hub_key()).unwrap();
+    two.uplink.heal();
+    for site in [&one, &two] {
+        tests::wait_for_metric(
+            site.hub_http(),
+            "facepay_hub_offline_backlog",
+            0.0,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        api.balance("alice").unwrap(),
+        10_000 - 100 - 5_000 - 100 - 9_000 + 10_000 - 100 - 1_000
+    );
+    assert_eq!(api.balance("store-1").unwrap(), 100 + 5_000 + 9_000);
+    assert_eq!(api.balance("store-2").unwrap(), 100 + 100 + 1_000);
+    api.assert_books_balance().unwrap();
+}
+
 fn fastrand_order() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

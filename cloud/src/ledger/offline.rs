@@ -9,7 +9,8 @@
 //! at every hub when the account goes into debt or is closed.
 
 use protocol::{
-    AccountKind, AccountView, Allowance, Decision, Deposit, OfflinePayment, ReconcileOutcome,
+    AccountKind, AccountView, Allowance, Decision, Deposit, OfflinePayment, OfflineReservation,
+    ReconcileOutcome,
 };
 use serde::{Deserialize, Serialize};
 use sled::transaction::{Transactional, TransactionalTree};
@@ -63,10 +64,27 @@ impl OfflinePolicy {
     }
 }
 
+/// An account's allowance at one store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct GrantRecord {
+    /// What the store was last granted (0 once revoked).
     amount_minor: i64,
+    /// Version of that grant or revocation.
     version: u64,
+    /// What this store counts against the account cap: the most it may hold unreconciled under
+    /// any grant it may still act on. Above `amount_minor` while the store may still hold more
+    /// than its last grant (entries approved under a larger one, or a larger grant still on its
+    /// way to it); lowered only when the store reports what it holds. (Absent in records written
+    /// before it existed: [`GrantRecord::counted`] then counts the grant.)
+    #[serde(default)]
+    reserved_minor: i64,
+}
+
+impl GrantRecord {
+    /// What the store counts against the account cap.
+    fn counted(&self) -> i64 {
+        self.reserved_minor.max(self.amount_minor)
+    }
 }
 
 /// An offline payment the ledger could not apply as approved, kept for the operator.
@@ -92,8 +110,14 @@ fn storage(e: impl std::fmt::Display) -> LedgerError {
 }
 
 /// Refreshes the account's allowance at `store_id` after an online approval there: the most the
-/// policy allows beside the account's grants at other stores, never above its balance. `None`
+/// policy allows beside what the account's other stores reserve, never above its balance. `None`
 /// when the account is not a customer in good standing.
+///
+/// The store keeps counting against the account cap what it may still hold: what it `reported`
+/// (the larger of its unreconciled total and the grant it holds) and, unless it reported holding
+/// the newest grant, everything it was granted since (a reply can be on its way to it). So the
+/// sum over stores of what each may hold unreconciled never exceeds `account_cap_minor`, even
+/// when a grant shrinks under entries a store has not reconciled yet.
 pub(super) fn grant(
     policy: OfflinePolicy,
     accounts: &TransactionalTree,
@@ -101,6 +125,7 @@ pub(super) fn grant(
     by_account: &TransactionalTree,
     store_id: &str,
     account_id: &str,
+    reported: OfflineReservation,
 ) -> TxResult<Option<Allowance>> {
     let Some(bytes) = accounts.get(account_id.as_bytes())? else {
         return Ok(None);
@@ -114,10 +139,20 @@ pub(super) fn grant(
     for other in known_stores(by_account, account_id)? {
         if other != store_id {
             if let Some(g) = grants.get(store_key(&other, account_id))? {
-                elsewhere += decode::<GrantRecord>(&g).amount_minor;
+                elsewhere += decode::<GrantRecord>(&g).counted();
             }
         }
     }
+    let previous = grants
+        .get(store_key(store_id, account_id))?
+        .map(|g| decode::<GrantRecord>(&g));
+    let held = reported
+        .amount_minor
+        .clamp(0, policy.account_cap_minor.max(0));
+    let still_reserved = match &previous {
+        Some(p) if p.version != reported.allowance_version => p.counted().max(held),
+        _ => held,
+    };
     let amount = policy
         .store_allowance_minor
         .min(policy.account_cap_minor - elsewhere)
@@ -127,6 +162,7 @@ pub(super) fn grant(
     let record = GrantRecord {
         amount_minor: amount,
         version,
+        reserved_minor: amount.max(still_reserved),
     };
     grants.insert(store_key(store_id, account_id), encode(&record))?;
     remember_store(by_account, account_id, store_id)?;
@@ -163,23 +199,32 @@ fn remember_store(
     Ok(())
 }
 
-/// Removes every grant of an account and returns the revocation to broadcast.
+/// Revokes every grant of an account and returns the revocation to broadcast. The stores keep
+/// counting what they reserved until they report what they hold: a partitioned hub does not hear
+/// the revocation until it reconnects.
 fn revoke_all(
     accounts_currency: protocol::Currency,
     grants: &TransactionalTree,
     by_account: &TransactionalTree,
     account_id: &str,
 ) -> TxResult<Allowance> {
+    let version = grants.generate_id()? + 1;
     for store in known_stores(by_account, account_id)? {
-        grants.remove(store_key(&store, account_id))?;
+        let key = store_key(&store, account_id);
+        if let Some(g) = grants.get(&key)? {
+            let mut record: GrantRecord = decode(&g);
+            record.reserved_minor = record.counted();
+            record.amount_minor = 0;
+            record.version = version;
+            grants.insert(key, encode(&record))?;
+        }
     }
-    by_account.remove(format!("{account_id}/").as_bytes())?;
     Ok(Allowance {
         account_id: account_id.to_owned(),
         amount_minor: 0,
         currency: accounts_currency,
         blocked: true,
-        version: grants.generate_id()? + 1,
+        version,
     })
 }
 
@@ -607,6 +652,7 @@ mod tests {
             currency: eur(),
             terminal_id: "t1".into(),
             order_id: order.into(),
+            offline_reservation: Default::default(),
         }
     }
 
@@ -825,9 +871,15 @@ mod tests {
         let alice = l.account("alice").unwrap().unwrap();
         assert!(alice.in_debt);
         assert_eq!(l.debts().unwrap().len(), 1);
-        // No store lists an allowance for it any more; online payments are refused.
-        assert!(l.allowances("store-1", None).unwrap().0.is_empty());
-        assert!(l.allowances("store-22", None).unwrap().0.is_empty());
+        // Every store lists it blocked (a hub that missed the broadcast learns it on its next
+        // sync); online payments are refused.
+        for store in ["store-1", "store-22"] {
+            let (page, _) = l.allowances(store, None).unwrap();
+            assert_eq!(page.len(), 1);
+            assert!(page[0].blocked);
+            assert_eq!(page[0].amount_minor, 0);
+            assert_eq!(page[0].version, revoked[0].version);
+        }
         let refused = l
             .authorize("store-1", &online("store-1", "o2", "n2", 1))
             .unwrap();
@@ -872,6 +924,119 @@ mod tests {
         l.close_account("alice").unwrap();
         let revoked = l.revoke_allowances("alice").unwrap().unwrap();
         assert!(revoked.blocked);
-        assert!(l.allowances("store-1", None).unwrap().0.is_empty());
+        let (page, _) = l.allowances("store-1", None).unwrap();
+        assert_eq!(page, vec![revoked]);
+    }
+
+    /// An online payment at `store` from a hub that holds `held` unreconciled for alice and the
+    /// allowance `holds` (none: `None`); returns the refreshed allowance.
+    fn refresh(
+        l: &Ledger,
+        store: &str,
+        order: &str,
+        amount: i64,
+        held: i64,
+        holds: Option<&Allowance>,
+    ) -> Allowance {
+        let mut request = online(store, order, &format!("{store}-{order}"), amount);
+        request.offline_reservation = OfflineReservation {
+            amount_minor: held.max(holds.map_or(0, |a| a.amount_minor)),
+            allowance_version: holds.map_or(0, |a| a.version),
+        };
+        let (decision, allowance) = l.authorize_with_allowance(store, &request).unwrap();
+        assert!(
+            matches!(decision, Decision::Approved { .. }),
+            "{decision:?}"
+        );
+        allowance.unwrap()
+    }
+
+    fn deposit(l: &Ledger, id: &str, amount: i64) {
+        let d = Deposit {
+            deposit_id: id.into(),
+            amount_minor: amount,
+        };
+        l.deposit("alice", &d).unwrap();
+    }
+
+    #[test]
+    fn a_store_keeps_counting_what_it_holds_when_its_grant_shrinks() {
+        // Cap 8000, 5000 a store, alice holds 10000.
+        let (_d, l) = ledger();
+        let a1 = refresh(&l, "store-1", "o1", 0, 0, None);
+        assert_eq!(a1.amount_minor, 5_000);
+        // Partitioned, store-1 approves its whole 5000 offline and cannot reconcile yet.
+        let held_at_1 = 5_000;
+        // Online spending at store-22 leaves 2000.
+        let b1 = refresh(&l, "store-22", "o1", 0, 0, None);
+        assert_eq!(b1.amount_minor, 3_000);
+        let b2 = refresh(&l, "store-22", "o2", 8_000, 0, Some(&b1));
+        assert_eq!(b2.amount_minor, 2_000);
+        // store-1 is back online before its drain finished: its grant shrinks to the balance,
+        // but it still holds 5000.
+        let a2 = refresh(&l, "store-1", "o2", 0, held_at_1, Some(&a1));
+        assert_eq!(a2.amount_minor, 2_000);
+        // Money comes in. store-22 gets only what store-1's 5000 leaves of the cap.
+        deposit(&l, "d1", 10_000);
+        let b3 = refresh(&l, "store-22", "o3", 0, 0, Some(&b2));
+        assert_eq!(b3.amount_minor, 3_000);
+        // store-1's entries are applied; it reports holding only its grant: the cap frees up.
+        let entries = [offline("store-1", 1, "x1", "xn1", held_at_1)];
+        l.reconcile("store-1", &entries).unwrap();
+        let a3 = refresh(&l, "store-1", "o3", 0, 0, Some(&a2));
+        assert_eq!(a3.amount_minor, 5_000);
+        // store-22 (holding 3000) now gets the rest only.
+        let b4 = refresh(&l, "store-22", "o4", 0, 0, Some(&b3));
+        assert_eq!(b4.amount_minor, 3_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_grant_still_on_its_way_to_a_store_stays_counted() {
+        let (_d, l) = ledger();
+        // Spending leaves 2000: store-1's grant is 2000.
+        let a1 = refresh(&l, "store-1", "o1", 8_000, 0, None);
+        assert_eq!(a1.amount_minor, 2_000);
+        // Money comes in. Two payments at store-1 in flight at once, both reporting a1: the first
+        // answer grants 5000 and has not reached the hub when the second shrinks the grant to
+        // the balance again.
+        deposit(&l, "d1", 10_000);
+        let a2 = refresh(&l, "store-1", "o2", 0, 0, Some(&a1));
+        assert_eq!(a2.amount_minor, 5_000);
+        let a3 = refresh(&l, "store-1", "o3", 10_000, 0, Some(&a1));
+        assert_eq!(a3.amount_minor, 2_000);
+        // Until a3 reaches the hub it may act on a2 (5000): store-22 gets 8000 - 5000.
+        deposit(&l, "d2", 10_000);
+        let b1 = refresh(&l, "store-22", "o1", 0, 0, None);
+        assert_eq!(b1.amount_minor, 3_000);
+        // store-1 reports holding a3: what store-22 holds leaves it 5000, the cap is full.
+        let a4 = refresh(&l, "store-1", "o4", 0, 0, Some(&a3));
+        assert_eq!(a4.amount_minor, 5_000);
+        let b2 = refresh(&l, "store-22", "o2", 0, 0, Some(&b1));
+        assert_eq!(b2.amount_minor, 3_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_revoked_store_stays_counted_until_it_reports() {
+        let (_d, l) = ledger();
+        let a1 = refresh(&l, "store-1", "o1", 0, 0, None);
+        let b1 = refresh(&l, "store-22", "o1", 0, 0, None);
+        assert_eq!((a1.amount_minor, b1.amount_minor), (5_000, 3_000));
+        // store-22 spends online, then reconciles an offline payment it can no longer cover:
+        // debt, revocation everywhere. store-1 is partitioned and has not heard of it.
+        refresh(&l, "store-22", "o2", 9_000, 0, Some(&b1));
+        let entries = [offline("store-22", 1, "x1", "xn1", 3_000)];
+        let (_, revoked) = l.reconcile("store-22", &entries).unwrap();
+        let revoked = revoked[0].clone();
+        deposit(&l, "d1", 10_000);
+        // Settled. store-22 earns only what store-1 (still possibly spending 5000) leaves.
+        let b2 = refresh(&l, "store-22", "o3", 0, 0, Some(&revoked));
+        assert_eq!(b2.amount_minor, 3_000);
+        // store-1 reconnects having spent nothing and heard the revocation: it counts its new
+        // grant only, what store-22 holds (3000) leaves it 5000.
+        let a2 = refresh(&l, "store-1", "o2", 0, 0, Some(&revoked));
+        assert_eq!(a2.amount_minor, 5_000);
+        books_balance(&l);
     }
 }

@@ -73,7 +73,13 @@ impl MqttConfig {
             .set_keep_alive(Duration::from_secs(self.keep_alive_seconds))
             .set_clean_session(false)
             .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-        AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY)
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY);
+        // Requests and answers are small and wait on each other: Nagle's algorithm beside the
+        // peer's delayed acknowledgements would hold each one back by tens of milliseconds.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
+        (client, eventloop)
     }
 }
 

@@ -361,6 +361,9 @@ pub struct CloudAuthorize {
     pub terminal_id: String,
     /// Merchant order id.
     pub order_id: String,
+    /// What the store may still hold unreconciled for the account (see [`crate::OfflineReservation`]).
+    #[serde(default)]
+    pub offline_reservation: crate::OfflineReservation,
 }
 
 /// A void: if the payment was applied, reverse it; if not, burn its code so it never applies.

@@ -117,6 +117,19 @@ pub struct Allowance {
     pub version: u64,
 }
 
+/// What a store may still hold unreconciled for an account, reported with each online payment so
+/// that the cloud can refresh the account's allowance there without losing count of it: the
+/// larger of what the store holds unreconciled and the allowance it holds, and that allowance's
+/// version (0: none). A hub that reports nothing (an older hub) is counted at the most the cloud
+/// ever granted it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineReservation {
+    /// Most the store may hold unreconciled for the account under what it holds now, minor units.
+    pub amount_minor: i64,
+    /// Version of the allowance the store holds (0: none).
+    pub allowance_version: u64,
+}
+
 /// Allowances for one store (a sync page), or a broadcast of revocations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowanceBatch {
