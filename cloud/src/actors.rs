@@ -55,11 +55,12 @@ pub struct OfflineMetrics {
     applied: prometheus::IntCounter,
     conflicts: prometheus::IntCounter,
     rejected: prometheus::IntCounter,
+    code_reuses: prometheus::IntCounter,
     in_debt: prometheus::IntGauge,
 }
 
 impl OfflineMetrics {
-    /// Registers `facepay_cloud_offline_{applied,conflicts,rejected}_total` and
+    /// Registers `facepay_cloud_offline_{applied,conflicts,rejected,code_reuse}_total` and
     /// `facepay_cloud_accounts_in_debt`.
     pub fn register(registry: &prometheus::Registry) -> Self {
         OfflineMetrics {
@@ -77,6 +78,11 @@ impl OfflineMetrics {
                 registry,
                 "facepay_cloud_offline_rejected_total",
                 "offline entries refused (unknown hub key, bad signature); the hub keeps them",
+            ),
+            code_reuses: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_code_reuse_total",
+                "offline payments applied although their code or token had already paid another",
             ),
             in_debt: telemetry::register_gauge(
                 registry,
@@ -121,8 +127,9 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 }),
             HubRequestBody::Reconcile(batch) => {
                 let applied = self.ledger.reconcile(&store_id, &batch.entries);
-                applied.map(|(outcomes, revoked)| {
-                    revocations = revoked;
+                applied.map(|done| {
+                    let outcomes = done.outcomes;
+                    revocations = done.revocations;
                     let results: Vec<ReconcileResult> = batch
                         .entries
                         .iter()
@@ -142,6 +149,7 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                                 ReconcileOutcome::AlreadyApplied => {}
                             }
                         }
+                        m.code_reuses.inc_by(done.code_reuses as u64);
                     }
                     if !revocations.is_empty() {
                         self.count_debts();
@@ -270,6 +278,8 @@ pub enum LedgerQuery {
     Debts,
     /// Offline payments that could not be applied as approved.
     Conflicts,
+    /// Offline payments applied although their code had already paid another payment.
+    CodeReuses,
 }
 
 /// Answers to [`LedgerQuery`].
@@ -286,6 +296,8 @@ pub enum LedgerAnswer {
     Debts(Vec<AccountView>),
     /// Reconciliation conflicts.
     Conflicts(Vec<crate::ledger::Conflict>),
+    /// Codes that paid twice.
+    CodeReuses(Vec<crate::ledger::CodeReuse>),
 }
 
 impl Handler<LedgerQuery> for LedgerActor {
@@ -298,6 +310,7 @@ impl Handler<LedgerQuery> for LedgerActor {
             LedgerQuery::Totals => LedgerAnswer::Totals(self.ledger.totals()?),
             LedgerQuery::Debts => LedgerAnswer::Debts(self.ledger.debts()?),
             LedgerQuery::Conflicts => LedgerAnswer::Conflicts(self.ledger.conflicts()?),
+            LedgerQuery::CodeReuses => LedgerAnswer::CodeReuses(self.ledger.code_reuses()?),
         })
     }
 }

@@ -58,6 +58,10 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
             "/v1/reconciliation/conflicts",
             web::get().to(list_conflicts),
         )
+        .route(
+            "/v1/reconciliation/code-reuse",
+            web::get().to(list_code_reuses),
+        )
         .route("/v1/transfers", web::get().to(list_transfers))
         .route("/v1/ledger/totals", web::get().to(totals));
 }
@@ -114,6 +118,14 @@ async fn list_debts(state: web::Data<ApiState>) -> HttpResponse {
 async fn list_conflicts(state: web::Data<ApiState>) -> HttpResponse {
     match query(&state, LedgerQuery::Conflicts).await {
         Ok(LedgerAnswer::Conflicts(all)) => HttpResponse::Ok().json(all),
+        Ok(_) => HttpResponse::InternalServerError().finish(),
+        Err(response) => response,
+    }
+}
+
+async fn list_code_reuses(state: web::Data<ApiState>) -> HttpResponse {
+    match query(&state, LedgerQuery::CodeReuses).await {
+        Ok(LedgerAnswer::CodeReuses(all)) => HttpResponse::Ok().json(all),
         Ok(_) => HttpResponse::InternalServerError().finish(),
         Err(response) => response,
     }

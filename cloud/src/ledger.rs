@@ -23,7 +23,7 @@ use crate::error::LedgerError;
 
 mod offline;
 
-pub use offline::{Conflict, OfflinePolicy, ALLOWANCE_PAGE};
+pub use offline::{CodeReuse, Conflict, OfflinePolicy, Reconciliation, ALLOWANCE_PAGE};
 
 /// Most key changes returned by one [`Ledger::keys_after`] call.
 pub const KEY_BATCH_MAX: usize = 500;
@@ -83,6 +83,8 @@ pub struct Ledger {
     debts: sled::Tree,
     /// Offline payments that could not be applied as approved, for the operator.
     conflicts: sled::Tree,
+    /// Offline payments whose code or token had already paid another payment, for the operator.
+    code_reuse: sled::Tree,
     /// Each store's hub signing key.
     hub_keys: sled::Tree,
     policy: OfflinePolicy,
@@ -143,6 +145,7 @@ impl Ledger {
             grants_by_account: tree("grants_by_account")?,
             debts: tree("debts")?,
             conflicts: tree("conflicts")?,
+            code_reuse: tree("code_reuse")?,
             hub_keys: tree("hub_keys")?,
             policy: OfflinePolicy::default(),
             db,

@@ -396,6 +396,11 @@ impl CloudApi {
         get_json(&format!("{}/v1/debts", self.base))
     }
 
+    /// Offline payments applied although their code had already paid another payment.
+    pub fn code_reuses(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        get_json(&format!("{}/v1/reconciliation/code-reuse", self.base))
+    }
+
     /// Checks that the books balance: per currency, all balances sum to zero.
     pub fn assert_books_balance(&self) -> anyhow::Result<()> {
         for t in self.totals()? {

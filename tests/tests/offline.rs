@@ -217,13 +217,21 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
         assert_eq!(ok.status, ChargeStatus::Approved, "{ok:?}");
     }
 
-    // Store 1 is cut off and approves 1400 offline; meanwhile alice spends online at store 2.
+    // Store 1 is cut off and approves 1400 offline; meanwhile alice spends online at store 2,
+    // showing the same code there.
     one.uplink.cut();
     one.wait_connected(false, Duration::from_secs(20)).unwrap();
-    let offline = pay(&one, &alice, "offline", 1_400);
+    let code = present_code(&one.edges[0].1, &alice).unwrap();
+    let offline = charge(one.edges[0].0.http_addr, "offline", 1_400, "EUR")
+        .unwrap()
+        .1;
     assert_eq!(offline.status, ChargeStatus::Approved, "{offline:?}");
-    let online = pay(&two, &alice, "online", 2_700);
+    tests::present_qr(&two.edges[0].1, &code).unwrap();
+    let online = charge(two.edges[0].0.http_addr, "online", 2_700, "EUR")
+        .unwrap()
+        .1;
     assert_eq!(online.status, ChargeStatus::Approved, "{online:?}");
+    assert!(api.code_reuses().unwrap().is_empty());
     assert_eq!(api.balance("alice").unwrap(), 100);
 
     // Healed: the store was promised the money, so it is applied, and alice is in debt.
@@ -241,6 +249,18 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
     let debts = api.debts().unwrap();
     assert_eq!(debts.len(), 1);
     assert_eq!(debts[0].account_id, "alice");
+    // The code paid twice: both stores were promised the money; the operator hears of it.
+    let reuses = api.code_reuses().unwrap();
+    assert_eq!(reuses.len(), 1, "{reuses:?}");
+    assert_eq!(reuses[0]["entry"]["payment_id"], "store-1:offline");
+    assert_eq!(reuses[0]["first_payment_id"], "store-2:online");
+    tests::wait_for_metric(
+        cloud.http_addr,
+        "facepay_cloud_offline_code_reuse_total",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     tests::wait_for_metric(
         cloud.http_addr,
         "facepay_cloud_accounts_in_debt",

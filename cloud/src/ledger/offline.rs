@@ -98,6 +98,33 @@ pub struct Conflict {
     pub recorded_at_ms: u64,
 }
 
+/// An offline payment whose code or token had already paid another payment (shown at two stores
+/// while one was partitioned, or copied and replayed there): applied, since the store was promised
+/// the money, and kept for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeReuse {
+    /// The entry as the hub signed it.
+    pub entry: OfflinePayment,
+    /// The payment the code or token paid first.
+    pub first_payment_id: String,
+    /// When it was recorded.
+    pub recorded_at_ms: u64,
+}
+
+/// What one reconciliation batch did.
+#[derive(Debug, Default)]
+pub struct Reconciliation {
+    /// One outcome per entry, in order.
+    pub outcomes: Vec<ReconcileOutcome>,
+    /// Allowance revocations to broadcast (accounts that went into debt).
+    pub revocations: Vec<Allowance>,
+    /// Entries applied although their code or token had paid another payment.
+    pub code_reuses: usize,
+}
+
+/// An entry's outcome, the revocation to broadcast, the payment its code had already paid.
+type Applied = (ReconcileOutcome, Option<Allowance>, Option<String>);
+
 /// Most allowances in one sync page.
 pub const ALLOWANCE_PAGE: usize = 500;
 
@@ -199,25 +226,32 @@ fn remember_store(
     Ok(())
 }
 
-/// Revokes every grant of an account and returns the revocation to broadcast. The stores keep
-/// counting what they reserved until they report what they hold: a partitioned hub does not hear
-/// the revocation until it reconnects.
+/// Revokes every grant of an account and returns the revocation to broadcast. An account in debt
+/// may earn grants again once settled: its stores keep counting what they reserved until they
+/// report what they hold (a partitioned hub does not hear the revocation until it reconnects). A
+/// closed account never will (`forget`): its grants are removed.
 fn revoke_all(
     accounts_currency: protocol::Currency,
     grants: &TransactionalTree,
     by_account: &TransactionalTree,
     account_id: &str,
+    forget: bool,
 ) -> TxResult<Allowance> {
     let version = grants.generate_id()? + 1;
     for store in known_stores(by_account, account_id)? {
         let key = store_key(&store, account_id);
-        if let Some(g) = grants.get(&key)? {
+        if forget {
+            grants.remove(key)?;
+        } else if let Some(g) = grants.get(&key)? {
             let mut record: GrantRecord = decode(&g);
             record.reserved_minor = record.counted();
             record.amount_minor = 0;
             record.version = version;
             grants.insert(key, encode(&record))?;
         }
+    }
+    if forget {
+        by_account.remove(format!("{account_id}/").as_bytes())?;
     }
     Ok(Allowance {
         account_id: account_id.to_owned(),
@@ -264,16 +298,17 @@ impl Ledger {
     }
 
     /// Applies a batch of a store's offline approvals, each exactly once by payment id, and
-    /// flushes once. Returns one outcome per entry and the allowance revocations to broadcast
-    /// (accounts that went into debt).
+    /// flushes once.
     pub fn reconcile(
         &self,
         store_id: &str,
         entries: &[OfflinePayment],
-    ) -> Result<(Vec<ReconcileOutcome>, Vec<Allowance>), LedgerError> {
+    ) -> Result<Reconciliation, LedgerError> {
         let key = self.hub_key(store_id)?;
-        let mut outcomes = Vec::with_capacity(entries.len());
-        let mut revocations = Vec::new();
+        let mut done = Reconciliation {
+            outcomes: Vec::with_capacity(entries.len()),
+            ..Reconciliation::default()
+        };
         for entry in entries {
             let checked = match &key {
                 None => Err(format!(
@@ -293,10 +328,10 @@ impl Ledger {
                     detail,
                     "offline entry rejected"
                 );
-                outcomes.push(ReconcileOutcome::Rejected { detail });
+                done.outcomes.push(ReconcileOutcome::Rejected { detail });
                 continue;
             }
-            let (outcome, revoked) = self.apply_offline(store_id, entry)?;
+            let (outcome, revoked, first_payment) = self.apply_offline(store_id, entry)?;
             if let ReconcileOutcome::Conflict { detail } = &outcome {
                 tracing::error!(
                     store_id,
@@ -305,18 +340,38 @@ impl Ledger {
                     "offline payment conflict"
                 );
             }
-            outcomes.push(outcome);
-            revocations.extend(revoked);
+            if let Some(first_payment_id) = first_payment {
+                tracing::warn!(
+                    store_id,
+                    payment_id = entry.payment_id,
+                    first_payment_id,
+                    "offline payment with a code that had already paid"
+                );
+                done.code_reuses += 1;
+            }
+            done.outcomes.push(outcome);
+            done.revocations.extend(revoked);
         }
         self.flush()?;
-        Ok((outcomes, revocations))
+        Ok(done)
     }
 
+    /// Offline payments applied although their code or token had already paid another payment.
+    pub fn code_reuses(&self) -> Result<Vec<CodeReuse>, LedgerError> {
+        self.code_reuse
+            .iter()
+            .values()
+            .map(|v| Ok(decode(&v.map_err(storage)?)))
+            .collect()
+    }
+
+    /// Applies one entry; with its outcome, the revocation to broadcast if the account went into
+    /// debt, and the payment its code or token had already paid, if any.
     fn apply_offline(
         &self,
         store_id: &str,
         entry: &OfflinePayment,
-    ) -> Result<(ReconcileOutcome, Option<Allowance>), LedgerError> {
+    ) -> Result<Applied, LedgerError> {
         let trees = (
             &self.accounts,
             &self.transfers,
@@ -325,17 +380,18 @@ impl Ledger {
             &self.grants_by_account,
             &self.debts,
             &self.conflicts,
+            &self.code_reuse,
         );
         unwrap_tx(trees.transaction(
-            |(accounts, transfers, nonces, grants, by_account, debts, conflicts)| {
-                let conflict = |detail: String| -> TxResult<(ReconcileOutcome, Option<Allowance>)> {
+            |(accounts, transfers, nonces, grants, by_account, debts, conflicts, code_reuse)| {
+                let conflict = |detail: String| -> TxResult<Applied> {
                     let record = Conflict {
                         entry: entry.clone(),
                         detail: detail.clone(),
                         recorded_at_ms: now_ms(),
                     };
                     conflicts.insert(entry.payment_id.as_bytes(), encode(&record))?;
-                    Ok((ReconcileOutcome::Conflict { detail }, None))
+                    Ok((ReconcileOutcome::Conflict { detail }, None, None))
                 };
                 let same = |t: &TransferRecord| {
                     t.debit_account_id == entry.account_id
@@ -358,7 +414,7 @@ impl Ledger {
                             existing.code_nonce = Some(entry.nonce.clone());
                             transfers.insert(transfer_id.as_bytes(), encode(&existing))?;
                         }
-                        return Ok((ReconcileOutcome::AlreadyApplied, None));
+                        return Ok((ReconcileOutcome::AlreadyApplied, None, None));
                     } else {
                         return conflict(format!(
                             "payment id already paid with other details ({} from {})",
@@ -370,7 +426,7 @@ impl Ledger {
                 if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
                     let existing: TransferRecord = decode(&existing);
                     return if same(&existing) {
-                        Ok((ReconcileOutcome::AlreadyApplied, None))
+                        Ok((ReconcileOutcome::AlreadyApplied, None, None))
                     } else {
                         conflict("payment id already paid offline with other details".into())
                     };
@@ -407,6 +463,7 @@ impl Ledger {
                         grants,
                         by_account,
                         &entry.account_id,
+                        false,
                     )?);
                 }
                 accounts.insert(entry.account_id.as_bytes(), encode(&customer))?;
@@ -425,23 +482,42 @@ impl Ledger {
                     offline: true,
                 };
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
-                // The code or token is spent: a later online replay of it is refused.
+                // The code or token is spent: a later online replay of it is refused. If it had
+                // already paid another payment, the operator hears of it.
                 let nonce_key = nonce_key(&entry.account_id, &entry.nonce);
-                if nonces.get(&nonce_key)?.is_none() {
-                    let record = NonceRecord {
-                        payment_id: entry.payment_id.clone(),
-                        decision: Decision::Approved {
-                            account_id: entry.account_id.clone(),
-                            already_paid: false,
-                        },
-                    };
-                    nonces.insert(nonce_key, encode(&record))?;
+                let mut first_payment = None;
+                match nonces.get(&nonce_key)? {
+                    None => {
+                        let record = NonceRecord {
+                            payment_id: entry.payment_id.clone(),
+                            decision: Decision::Approved {
+                                account_id: entry.account_id.clone(),
+                                already_paid: false,
+                            },
+                        };
+                        nonces.insert(nonce_key, encode(&record))?;
+                    }
+                    Some(first) => {
+                        let first: NonceRecord = decode(&first);
+                        if first.payment_id != entry.payment_id
+                            && matches!(first.decision, Decision::Approved { .. })
+                        {
+                            let record = CodeReuse {
+                                entry: entry.clone(),
+                                first_payment_id: first.payment_id.clone(),
+                                recorded_at_ms: now_ms(),
+                            };
+                            code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
+                            first_payment = Some(first.payment_id);
+                        }
+                    }
                 }
                 Ok((
                     ReconcileOutcome::Applied {
                         in_debt: customer.in_debt,
                     },
                     revoked,
+                    first_payment,
                 ))
             },
         ))
@@ -590,7 +666,9 @@ impl Ledger {
             return Ok(None);
         };
         let revoked = unwrap_tx((&self.grants, &self.grants_by_account).transaction(
-            |(grants, by_account)| revoke_all(account.currency, grants, by_account, account_id),
+            |(grants, by_account)| {
+                revoke_all(account.currency, grants, by_account, account_id, true)
+            },
         ))?;
         self.flush()?;
         Ok(Some(revoked))
@@ -727,7 +805,11 @@ mod tests {
             offline("store-1", 1, "o1", "n1", 1_200),
             offline("store-1", 2, "o2", "n2", 300),
         ];
-        let (outcomes, revoked) = l.reconcile("store-1", &batch).unwrap();
+        let Reconciliation {
+            outcomes,
+            revocations: revoked,
+            ..
+        } = l.reconcile("store-1", &batch).unwrap();
         assert_eq!(
             outcomes,
             vec![ReconcileOutcome::Applied { in_debt: false }; 2]
@@ -736,7 +818,9 @@ mod tests {
         assert_eq!(balance(&l, "alice"), 8_500);
         assert_eq!(balance(&l, "store-1"), 1_500);
         // The hub restarted before retiring them: it sends them again.
-        let (again, _) = l.reconcile("store-1", &batch).unwrap();
+        let Reconciliation {
+            outcomes: again, ..
+        } = l.reconcile("store-1", &batch).unwrap();
         assert_eq!(again, vec![ReconcileOutcome::AlreadyApplied; 2]);
         assert_eq!(balance(&l, "alice"), 8_500);
         // The code is spent: an online replay is refused.
@@ -752,11 +836,11 @@ mod tests {
         let (_d, l) = ledger();
         let mut forged = offline("store-1", 1, "o1", "n1", 1_000);
         forged.amount_minor = 1;
-        let (outcomes, _) = l.reconcile("store-1", &[forged]).unwrap();
+        let Reconciliation { outcomes, .. } = l.reconcile("store-1", &[forged]).unwrap();
         assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
         // Signed by store-22's hub, sent by store-1.
         let other = offline("store-22", 1, "o1", "n1", 1_000);
-        let (outcomes, _) = l.reconcile("store-1", &[other]).unwrap();
+        let Reconciliation { outcomes, .. } = l.reconcile("store-1", &[other]).unwrap();
         assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
         // No key registered for the store.
         l.open_account(&OpenAccount {
@@ -767,7 +851,7 @@ mod tests {
             public_key: None,
         })
         .unwrap();
-        let (outcomes, _) = l
+        let Reconciliation { outcomes, .. } = l
             .reconcile("store-3", &[offline("store-3", 1, "o1", "n1", 1)])
             .unwrap();
         assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
@@ -785,7 +869,7 @@ mod tests {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
             .unwrap();
-        let (outcomes, _) = l
+        let Reconciliation { outcomes, .. } = l
             .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
             .unwrap();
         assert_eq!(outcomes, vec![ReconcileOutcome::AlreadyApplied]);
@@ -796,6 +880,8 @@ mod tests {
         };
         assert!(!l.void("store-1", &void).unwrap());
         assert_eq!(balance(&l, "alice"), 9_000);
+        // One payment's attempts share its code: no reuse.
+        assert!(l.code_reuses().unwrap().is_empty());
 
         // The offline approval first, the late online attempt after: already paid.
         let (_d2, l) = ledger();
@@ -824,11 +910,13 @@ mod tests {
         l.authorize("store-1", &online("store-1", "o1", "n0", 1_000))
             .unwrap();
         assert!(l.void("store-1", &void).unwrap());
-        let (outcomes, _) = l
+        let Reconciliation { outcomes, .. } = l
             .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
             .unwrap();
         assert_eq!(outcomes, vec![ReconcileOutcome::Applied { in_debt: false }]);
-        let (again, _) = l
+        let Reconciliation {
+            outcomes: again, ..
+        } = l
             .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
             .unwrap();
         assert_eq!(again, vec![ReconcileOutcome::AlreadyApplied]);
@@ -837,11 +925,52 @@ mod tests {
     }
 
     #[test]
+    fn a_code_that_already_paid_elsewhere_is_applied_and_kept_for_the_operator() {
+        let (_d, l) = ledger();
+        // The same code paid online at store-22, then offline at partitioned store-1.
+        l.authorize("store-22", &online("store-22", "o1", "n1", 1_000))
+            .unwrap();
+        // A code tried online and declined paid nothing: its offline use is no reuse.
+        let declined = l
+            .authorize("store-22", &online("store-22", "o2", "n2", 1_000_000))
+            .unwrap();
+        assert_eq!(declined.reason(), Some(DeclineReason::InsufficientFunds));
+        let done = l
+            .reconcile(
+                "store-1",
+                &[
+                    offline("store-1", 1, "o1", "n1", 700),
+                    offline("store-1", 2, "o2", "n2", 300),
+                    offline("store-1", 3, "o3", "n3", 200),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            done.outcomes,
+            vec![ReconcileOutcome::Applied { in_debt: false }; 3]
+        );
+        assert_eq!(done.code_reuses, 1);
+        assert_eq!(balance(&l, "alice"), 10_000 - 1_000 - 700 - 300 - 200);
+        let reuses = l.code_reuses().unwrap();
+        assert_eq!(reuses.len(), 1);
+        assert_eq!(reuses[0].entry.payment_id, "store-1:o1");
+        assert_eq!(reuses[0].first_payment_id, "store-22:o1");
+        // A resend of the batch is no new reuse.
+        let again = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 700)])
+            .unwrap();
+        assert_eq!(again.outcomes, vec![ReconcileOutcome::AlreadyApplied]);
+        assert_eq!(again.code_reuses, 0);
+        assert_eq!(l.code_reuses().unwrap().len(), 1);
+        books_balance(&l);
+    }
+
+    #[test]
     fn the_same_order_with_other_details_is_a_conflict_kept_for_the_operator() {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
             .unwrap();
-        let (outcomes, _) = l
+        let Reconciliation { outcomes, .. } = l
             .reconcile("store-1", &[offline("store-1", 1, "o1", "n2", 999)])
             .unwrap();
         assert!(matches!(outcomes[0], ReconcileOutcome::Conflict { .. }));
@@ -861,7 +990,11 @@ mod tests {
         // Spent online elsewhere meanwhile: 9500 of 10000.
         l.authorize("store-22", &online("store-22", "big", "m1", 9_500))
             .unwrap();
-        let (outcomes, revoked) = l
+        let Reconciliation {
+            outcomes,
+            revocations: revoked,
+            ..
+        } = l
             .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 2_000)])
             .unwrap();
         assert_eq!(outcomes, vec![ReconcileOutcome::Applied { in_debt: true }]);
@@ -924,8 +1057,9 @@ mod tests {
         l.close_account("alice").unwrap();
         let revoked = l.revoke_allowances("alice").unwrap().unwrap();
         assert!(revoked.blocked);
-        let (page, _) = l.allowances("store-1", None).unwrap();
-        assert_eq!(page, vec![revoked]);
+        // Closed for good: no store lists it (a hub that missed the broadcast forgets it on its
+        // next sync; the account's key is revoked as well).
+        assert!(l.allowances("store-1", None).unwrap().0.is_empty());
     }
 
     /// An online payment at `store` from a hub that holds `held` unreconciled for alice and the
@@ -1027,7 +1161,10 @@ mod tests {
         // debt, revocation everywhere. store-1 is partitioned and has not heard of it.
         refresh(&l, "store-22", "o2", 9_000, 0, Some(&b1));
         let entries = [offline("store-22", 1, "x1", "xn1", 3_000)];
-        let (_, revoked) = l.reconcile("store-22", &entries).unwrap();
+        let Reconciliation {
+            revocations: revoked,
+            ..
+        } = l.reconcile("store-22", &entries).unwrap();
         let revoked = revoked[0].clone();
         deposit(&l, "d1", 10_000);
         // Settled. store-22 earns only what store-1 (still possibly spending 5000) leaves.
