@@ -59,6 +59,17 @@ impl ChaosConfig {
             account_cap_minor: 10_000,
         }
     }
+
+    /// A soak of `minutes`: the CI mix, with balances that last the whole run (the CI workload
+    /// spends about a quarter of the CI balance a minute; this gives four times what it needs).
+    pub fn soak(seed: u64, minutes: u64) -> Self {
+        let ci = Self::ci(seed);
+        ChaosConfig {
+            duration: Duration::from_secs(minutes * 60),
+            balance_minor: ci.balance_minor * minutes.max(1) as i64,
+            ..ci
+        }
+    }
 }
 
 /// One fault of the schedule.

@@ -23,8 +23,7 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let seed = cli.seed.unwrap_or_else(paycode::now_ms);
-    let mut config = tests::chaos::ChaosConfig::ci(seed);
-    config.duration = std::time::Duration::from_secs(cli.minutes * 60);
+    let mut config = tests::chaos::ChaosConfig::soak(seed, cli.minutes);
     config.terminals = cli.terminals;
     let dir = tempfile::tempdir()?;
     let report = tests::chaos::run(dir.path(), &config)?;
