@@ -60,8 +60,9 @@ impl ChaosConfig {
         }
     }
 
-    /// A soak of `minutes`: the CI mix, with balances that last the whole run (the CI workload
-    /// spends about a quarter of the CI balance a minute; this gives four times what it needs).
+    /// A soak of `minutes`: the CI mix, with the CI balance for every minute, about what the
+    /// workload spends in a release build (funds run low near the end, so debts and blocked
+    /// accounts occur as well).
     pub fn soak(seed: u64, minutes: u64) -> Self {
         let ci = Self::ci(seed);
         ChaosConfig {
