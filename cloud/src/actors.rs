@@ -263,7 +263,7 @@ impl Handler<AdminCmd> for LedgerActor {
 }
 
 /// Read-only questions about the ledger.
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "Result<LedgerAnswer, LedgerError>")]
 pub enum LedgerQuery {
     /// One account.
@@ -282,7 +282,9 @@ pub enum LedgerQuery {
     CodeReuses,
 }
 
-/// Answers to [`LedgerQuery`].
+/// Answers to [`LedgerQuery`]; as JSON, just what each holds.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
 pub enum LedgerAnswer {
     /// One account, if it exists.
     Account(Option<AccountView>),

@@ -49,21 +49,34 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
     cfg.app_data(web::Data::new(state))
         .app_data(json_config(MAX_BODY_BYTES))
         .route("/v1/accounts", web::post().to(open_account))
-        .route("/v1/accounts", web::get().to(list_accounts))
+        .route("/v1/accounts", listing(LedgerQuery::Accounts))
         .route("/v1/accounts/{id}", web::get().to(get_account))
         .route("/v1/accounts/{id}/deposits", web::post().to(deposit))
         .route("/v1/stores/{id}/hub-key", web::put().to(set_hub_key))
-        .route("/v1/debts", web::get().to(list_debts))
+        .route("/v1/debts", listing(LedgerQuery::Debts))
         .route(
             "/v1/reconciliation/conflicts",
-            web::get().to(list_conflicts),
+            listing(LedgerQuery::Conflicts),
         )
         .route(
             "/v1/reconciliation/code-reuse",
-            web::get().to(list_code_reuses),
+            listing(LedgerQuery::CodeReuses),
         )
-        .route("/v1/transfers", web::get().to(list_transfers))
-        .route("/v1/ledger/totals", web::get().to(totals));
+        .route("/v1/transfers", listing(LedgerQuery::Transfers))
+        .route("/v1/ledger/totals", listing(LedgerQuery::Totals));
+}
+
+/// A GET route answering one ledger query with its JSON.
+fn listing(q: LedgerQuery) -> actix_web::Route {
+    web::get().to(move |state: web::Data<ApiState>| {
+        let q = q.clone();
+        async move {
+            match query(&state, q).await {
+                Ok(answer) => HttpResponse::Ok().json(answer),
+                Err(response) => response,
+            }
+        }
+    })
 }
 
 async fn admin(state: &ApiState, cmd: AdminCmd) -> Result<Option<AccountView>, HttpResponse> {
@@ -103,30 +116,6 @@ async fn set_hub_key(
         Ok(_) => {
             HttpResponse::Ok().json(json!({ "store_id": store_id, "hub_key": body.public_key }))
         }
-        Err(response) => response,
-    }
-}
-
-async fn list_debts(state: web::Data<ApiState>) -> HttpResponse {
-    match query(&state, LedgerQuery::Debts).await {
-        Ok(LedgerAnswer::Debts(all)) => HttpResponse::Ok().json(all),
-        Ok(_) => HttpResponse::InternalServerError().finish(),
-        Err(response) => response,
-    }
-}
-
-async fn list_conflicts(state: web::Data<ApiState>) -> HttpResponse {
-    match query(&state, LedgerQuery::Conflicts).await {
-        Ok(LedgerAnswer::Conflicts(all)) => HttpResponse::Ok().json(all),
-        Ok(_) => HttpResponse::InternalServerError().finish(),
-        Err(response) => response,
-    }
-}
-
-async fn list_code_reuses(state: web::Data<ApiState>) -> HttpResponse {
-    match query(&state, LedgerQuery::CodeReuses).await {
-        Ok(LedgerAnswer::CodeReuses(all)) => HttpResponse::Ok().json(all),
-        Ok(_) => HttpResponse::InternalServerError().finish(),
         Err(response) => response,
     }
 }
@@ -185,30 +174,6 @@ async fn get_account(state: web::Data<ApiState>, id: web::Path<String>) -> HttpR
         Ok(LedgerAnswer::Account(Some(view))) => HttpResponse::Ok().json(view),
         Ok(_) => HttpResponse::NotFound()
             .json(json!({ "error": "not_found", "detail": "no such account" })),
-        Err(response) => response,
-    }
-}
-
-async fn list_accounts(state: web::Data<ApiState>) -> HttpResponse {
-    match query(&state, LedgerQuery::Accounts).await {
-        Ok(LedgerAnswer::Accounts(all)) => HttpResponse::Ok().json(all),
-        Ok(_) => HttpResponse::InternalServerError().finish(),
-        Err(response) => response,
-    }
-}
-
-async fn list_transfers(state: web::Data<ApiState>) -> HttpResponse {
-    match query(&state, LedgerQuery::Transfers).await {
-        Ok(LedgerAnswer::Transfers(all)) => HttpResponse::Ok().json(all),
-        Ok(_) => HttpResponse::InternalServerError().finish(),
-        Err(response) => response,
-    }
-}
-
-async fn totals(state: web::Data<ApiState>) -> HttpResponse {
-    match query(&state, LedgerQuery::Totals).await {
-        Ok(LedgerAnswer::Totals(all)) => HttpResponse::Ok().json(all),
-        Ok(_) => HttpResponse::InternalServerError().finish(),
         Err(response) => response,
     }
 }

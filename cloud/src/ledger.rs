@@ -60,6 +60,42 @@ struct TransferRecord {
     offline: bool,
 }
 
+impl TransferRecord {
+    /// Money issued into an account: its opening balance, a deposit.
+    fn issuance(issuer: &str, account_id: &str, amount_minor: i64, currency: Currency) -> Self {
+        TransferRecord {
+            debit_account_id: issuer.to_owned(),
+            credit_account_id: account_id.to_owned(),
+            amount_minor,
+            currency,
+            applied_at_ms: now_ms(),
+            code_nonce: None,
+            store_id: None,
+            terminal_id: None,
+            order_id: None,
+            voided: false,
+            offline: false,
+        }
+    }
+
+    /// A customer's payment to a store, approved online or (`offline`) by the store's hub alone.
+    fn payment(store_id: &str, request: &CloudAuthorize, offline: bool) -> Self {
+        TransferRecord {
+            debit_account_id: request.account_id.clone(),
+            credit_account_id: store_id.to_owned(),
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            applied_at_ms: now_ms(),
+            code_nonce: Some(request.code_nonce.clone()),
+            store_id: Some(store_id.to_owned()),
+            terminal_id: Some(request.terminal_id.clone()),
+            order_id: Some(request.order_id.clone()),
+            voided: false,
+            offline,
+        }
+    }
+}
+
 /// What became of a code nonce: the payment it was presented for, and the decision then.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct NonceRecord {
@@ -247,19 +283,12 @@ impl Ledger {
                 };
                 accounts.insert(request.account_id.as_bytes(), encode(&account))?;
                 if request.initial_balance_minor > 0 {
-                    let transfer = TransferRecord {
-                        debit_account_id: issuance.clone(),
-                        credit_account_id: request.account_id.clone(),
-                        amount_minor: request.initial_balance_minor,
-                        currency: request.currency,
-                        applied_at_ms: now_ms(),
-                        code_nonce: None,
-                        store_id: None,
-                        terminal_id: None,
-                        order_id: None,
-                        voided: false,
-                        offline: false,
-                    };
+                    let transfer = TransferRecord::issuance(
+                        &issuance,
+                        &request.account_id,
+                        request.initial_balance_minor,
+                        request.currency,
+                    );
                     transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 }
                 let Some(public_key) = &request.public_key else {
@@ -455,19 +484,7 @@ impl Ledger {
             .expect("merchant balance stays far below i64::MAX");
         accounts.insert(request.account_id.as_bytes(), encode(&customer))?;
         accounts.insert(store_id.as_bytes(), encode(&merchant))?;
-        let transfer = TransferRecord {
-            debit_account_id: request.account_id.clone(),
-            credit_account_id: store_id.to_owned(),
-            amount_minor: request.amount_minor,
-            currency: request.currency,
-            applied_at_ms: now_ms(),
-            code_nonce: Some(request.code_nonce.clone()),
-            store_id: Some(store_id.to_owned()),
-            terminal_id: Some(request.terminal_id.clone()),
-            order_id: Some(request.order_id.clone()),
-            voided: false,
-            offline: false,
-        };
+        let transfer = TransferRecord::payment(store_id, request, false);
         transfers.insert(request.payment_id.as_bytes(), encode(&transfer))?;
         Ok(Decision::Approved {
             account_id: request.account_id.clone(),

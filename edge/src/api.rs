@@ -23,51 +23,43 @@ use crate::checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer}
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutActor>) {
-    // An unreadable body is answered in the shape of the route's normal answer.
-    let charge_json = web::JsonConfig::default()
+    cfg.app_data(web::Data::new(checkout))
+        .service(
+            web::resource("/v1/charge")
+                .app_data(json_body(|detail| {
+                    refusal(DeclineReason::InvalidRequest, detail)
+                }))
+                .route(web::post().to(charge)),
+        )
+        .service(
+            web::resource("/v1/verify")
+                .app_data(json_body(|detail| {
+                    VerifyReply::refused(DeclineReason::InvalidRequest, detail)
+                }))
+                .route(web::post().to(verify)),
+        )
+        .service(
+            web::resource("/v1/verify/second-factor")
+                .app_data(json_body(|detail| {
+                    VerifyReply::refused(DeclineReason::InvalidRequest, detail)
+                }))
+                .route(web::post().to(second_factor)),
+        );
+}
+
+/// Reads JSON bodies up to [`MAX_BODY_BYTES`]; an unreadable one is answered 400 in the shape of
+/// the route's normal answer, built by `refuse` from what was wrong.
+fn json_body<T: serde::Serialize + 'static>(refuse: fn(String) -> T) -> web::JsonConfig {
+    web::JsonConfig::default()
         .limit(MAX_BODY_BYTES)
-        .error_handler(|error, _| {
-            let body = refusal(
-                DeclineReason::InvalidRequest,
-                format!("request body: {error}"),
-            );
+        .error_handler(move |error, _| {
+            let body = refuse(format!("request body: {error}"));
             actix_web::error::InternalError::from_response(
                 error,
                 HttpResponse::BadRequest().json(body),
             )
             .into()
-        });
-    let verify_json = || {
-        web::JsonConfig::default()
-            .limit(MAX_BODY_BYTES)
-            .error_handler(|error, _| {
-                let body = VerifyReply::refused(
-                    DeclineReason::InvalidRequest,
-                    format!("request body: {error}"),
-                );
-                actix_web::error::InternalError::from_response(
-                    error,
-                    HttpResponse::BadRequest().json(body),
-                )
-                .into()
-            })
-    };
-    cfg.app_data(web::Data::new(checkout))
-        .service(
-            web::resource("/v1/charge")
-                .app_data(charge_json)
-                .route(web::post().to(charge)),
-        )
-        .service(
-            web::resource("/v1/verify")
-                .app_data(verify_json())
-                .route(web::post().to(verify)),
-        )
-        .service(
-            web::resource("/v1/verify/second-factor")
-                .app_data(verify_json())
-                .route(web::post().to(second_factor)),
-        );
+        })
 }
 
 fn refusal(reason: DeclineReason, detail: String) -> ChargeResult {

@@ -40,6 +40,29 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Cuts a store's hub from the broker (and so the cloud) and waits until the hub knows.
+fn cut_off(site: &StoreSite) {
+    site.uplink.cut();
+    site.wait_connected(false, Duration::from_secs(20)).unwrap();
+}
+
+/// Heals a store's uplink and waits until its hub is connected again.
+fn reconnect(site: &StoreSite) {
+    site.uplink.heal();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+}
+
+/// Waits until a store's hub has reconciled everything it approved offline.
+fn wait_drained(site: &StoreSite) {
+    tests::wait_for_metric(
+        site.hub_http(),
+        "facepay_hub_offline_backlog",
+        0.0,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+}
+
 fn wait_keys(site: &StoreSite, count: usize) {
     tests::wait_for_keys(site.hub_http(), count, Duration::from_secs(20)).unwrap();
 }
@@ -76,8 +99,7 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
     );
     assert_eq!(site.hub_metric("facepay_hub_offline"), Some(0.0));
 
-    site.uplink.cut();
-    site.wait_connected(false, Duration::from_secs(20)).unwrap();
+    cut_off(&site);
     assert_eq!(site.hub_metric("facepay_hub_offline"), Some(1.0));
     let started = Instant::now();
     let first = pay(&site, &alice, "off-1", 1_000);
@@ -159,15 +181,8 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
         "{still_full:?}"
     );
 
-    site.uplink.heal();
-    site.wait_connected(true, Duration::from_secs(20)).unwrap();
-    tests::wait_for_metric(
-        site.hub_http(),
-        "facepay_hub_offline_backlog",
-        0.0,
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    reconnect(&site);
+    wait_drained(&site);
     assert_eq!(api.balance("alice").unwrap(), 10_000 - 100 - 4_000);
     assert_eq!(api.balance("bob").unwrap(), 10_000);
     assert_eq!(api.balance("store-1").unwrap(), 4_100);
@@ -219,8 +234,7 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
 
     // Store 1 is cut off and approves 1400 offline; meanwhile alice spends online at store 2,
     // showing the same code there.
-    one.uplink.cut();
-    one.wait_connected(false, Duration::from_secs(20)).unwrap();
+    cut_off(&one);
     let code = present_code(&one.edges[0].1, &alice).unwrap();
     let offline = charge(one.edges[0].0.http_addr, "offline", 1_400, "EUR")
         .unwrap()
@@ -236,13 +250,7 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
 
     // Healed: the store was promised the money, so it is applied, and alice is in debt.
     one.uplink.heal();
-    tests::wait_for_metric(
-        one.hub_http(),
-        "facepay_hub_offline_backlog",
-        0.0,
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    wait_drained(&one);
     assert_eq!(api.balance("alice").unwrap(), -1_300);
     let alice_view = api.account("alice").unwrap();
     assert!(alice_view.in_debt);
@@ -271,16 +279,14 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
     api.assert_books_balance().unwrap();
 
     // Store 2 heard the revocation: cut off now, it refuses alice offline.
-    two.uplink.cut();
-    two.wait_connected(false, Duration::from_secs(20)).unwrap();
+    cut_off(&two);
     let blocked = pay(&two, &alice, "blocked", 100);
     assert_eq!(
         blocked.reason,
         Some(DeclineReason::AccountBlocked),
         "{blocked:?}"
     );
-    two.uplink.heal();
-    two.wait_connected(true, Duration::from_secs(20)).unwrap();
+    reconnect(&two);
 
     // A deposit settles the debt; the same deposit id again moves nothing.
     let (status, settled) = api.deposit("alice", "top-up-1", 2_000).unwrap();
@@ -341,12 +347,10 @@ fn a_grant_that_shrinks_under_unreconciled_payments_keeps_them_counted_against_t
 
     // Store 1 earns 5000 and spends it offline.
     approved(&one, "on-1", 100, false);
-    one.uplink.cut();
-    one.wait_connected(false, Duration::from_secs(20)).unwrap();
+    cut_off(&one);
     approved(&one, "off-1", 2_500, true);
     approved(&one, "off-2", 2_500, true);
-    one.uplink.heal();
-    one.wait_connected(true, Duration::from_secs(20)).unwrap();
+    reconnect(&one);
     assert_eq!(one.hub_metric("facepay_hub_offline_backlog"), Some(2.0));
 
     // Store 2 gets what is left of the cap (1000). Alice spends at store 1 online: its grant
@@ -357,8 +361,7 @@ fn a_grant_that_shrinks_under_unreconciled_payments_keeps_them_counted_against_t
     assert_eq!(status, 200, "{body}");
     // Money is back; store 2's refreshed grant still leaves store 1 its 5000.
     approved(&two, "on-2", 100, false);
-    two.uplink.cut();
-    two.wait_connected(false, Duration::from_secs(20)).unwrap();
+    cut_off(&two);
     let refused = pay(&two, &alice, "off-1", 2_000);
     assert_eq!(
         refused.reason,
@@ -371,13 +374,7 @@ fn a_grant_that_shrinks_under_unreconciled_payments_keeps_them_counted_against_t
     api.set_hub_key("store-1", &one.hub_key()).unwrap();
     two.uplink.heal();
     for site in [&one, &two] {
-        tests::wait_for_metric(
-            site.hub_http(),
-            "facepay_hub_offline_backlog",
-            0.0,
-            Duration::from_secs(30),
-        )
-        .unwrap();
+        wait_drained(site);
     }
     assert_eq!(
         api.balance("alice").unwrap(),

@@ -468,19 +468,7 @@ impl Ledger {
                 }
                 accounts.insert(entry.account_id.as_bytes(), encode(&customer))?;
                 accounts.insert(store_id.as_bytes(), encode(&merchant))?;
-                let transfer = TransferRecord {
-                    debit_account_id: entry.account_id.clone(),
-                    credit_account_id: store_id.to_owned(),
-                    amount_minor: entry.amount_minor,
-                    currency: entry.currency,
-                    applied_at_ms: now_ms(),
-                    code_nonce: Some(entry.nonce.clone()),
-                    store_id: Some(store_id.to_owned()),
-                    terminal_id: Some(entry.terminal_id.clone()),
-                    order_id: Some(entry.order_id.clone()),
-                    voided: false,
-                    offline: true,
-                };
+                let transfer = TransferRecord::payment(store_id, &entry.as_request(), true);
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 // The code or token is spent: a later online replay of it is refused. If it had
                 // already paid another payment, the operator hears of it.
@@ -574,19 +562,12 @@ impl Ledger {
                 }
                 accounts.insert(issuance.as_bytes(), encode(&issuer))?;
                 accounts.insert(account_id.as_bytes(), encode(&account))?;
-                let transfer = TransferRecord {
-                    debit_account_id: issuance.clone(),
-                    credit_account_id: account_id.to_owned(),
-                    amount_minor: deposit.amount_minor,
-                    currency: account.currency,
-                    applied_at_ms: now_ms(),
-                    code_nonce: None,
-                    store_id: None,
-                    terminal_id: None,
-                    order_id: None,
-                    voided: false,
-                    offline: false,
-                };
+                let transfer = TransferRecord::issuance(
+                    &issuance,
+                    account_id,
+                    deposit.amount_minor,
+                    account.currency,
+                );
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 Ok(account)
             },

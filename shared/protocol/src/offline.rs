@@ -34,6 +34,20 @@ pub struct OfflinePayment {
 }
 
 impl OfflinePayment {
+    /// The online request this approval stands for: the same payment, code and details.
+    pub fn as_request(&self) -> crate::CloudAuthorize {
+        crate::CloudAuthorize {
+            payment_id: self.payment_id.clone(),
+            account_id: self.account_id.clone(),
+            code_nonce: self.nonce.clone(),
+            amount_minor: self.amount_minor,
+            currency: self.currency,
+            terminal_id: self.terminal_id.clone(),
+            order_id: self.order_id.clone(),
+            offline_reservation: crate::OfflineReservation::default(),
+        }
+    }
+
     /// The bytes the hub signs: every field but the signature, in a fixed order.
     pub fn signed_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(&(
@@ -137,4 +151,48 @@ pub struct AllowanceBatch {
     pub allowances: Vec<Allowance>,
     /// For a sync page: the account id to continue after, if there is more.
     pub next_after: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offline_approval_stands_for_the_same_online_request() {
+        let entry = OfflinePayment {
+            seq: 7,
+            payment_id: "store-1:o1".into(),
+            store_id: "store-1".into(),
+            terminal_id: "t1".into(),
+            order_id: "o1".into(),
+            account_id: "alice".into(),
+            nonce: "n1".into(),
+            amount_minor: 1_250,
+            currency: Currency::parse("EUR").unwrap(),
+            approved_at_ms: 1,
+            signature: "sig".into(),
+        };
+        let request = entry.as_request();
+        assert_eq!(
+            (
+                request.payment_id.as_str(),
+                request.account_id.as_str(),
+                request.code_nonce.as_str(),
+                request.amount_minor,
+                request.currency,
+                request.terminal_id.as_str(),
+                request.order_id.as_str(),
+            ),
+            (
+                "store-1:o1",
+                "alice",
+                "n1",
+                1_250,
+                entry.currency,
+                "t1",
+                "o1"
+            )
+        );
+        assert_eq!(request.offline_reservation, OfflineReservation::default());
+    }
 }
