@@ -262,6 +262,18 @@ impl Handler<AdminCmd> for LedgerActor {
     }
 }
 
+/// Record an operator's money-moving action in the audit trail.
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct RecordAudit(pub protocol::AuditEntry);
+
+impl Handler<RecordAudit> for LedgerActor {
+    type Result = Result<(), LedgerError>;
+    fn handle(&mut self, msg: RecordAudit, _: &mut Self::Context) -> Self::Result {
+        self.ledger.record_audit(&msg.0)
+    }
+}
+
 /// Read-only questions about the ledger.
 #[derive(Message, Clone)]
 #[rtype(result = "Result<LedgerAnswer, LedgerError>")]
@@ -280,6 +292,8 @@ pub enum LedgerQuery {
     Conflicts,
     /// Offline payments applied although their code had already paid another payment.
     CodeReuses,
+    /// The operators' money-moving actions.
+    Audit,
 }
 
 /// Answers to [`LedgerQuery`]; as JSON, just what each holds.
@@ -300,6 +314,8 @@ pub enum LedgerAnswer {
     Conflicts(Vec<crate::ledger::Conflict>),
     /// Codes that paid twice.
     CodeReuses(Vec<crate::ledger::CodeReuse>),
+    /// The audit trail.
+    Audit(Vec<protocol::AuditEntry>),
 }
 
 impl Handler<LedgerQuery> for LedgerActor {
@@ -313,6 +329,7 @@ impl Handler<LedgerQuery> for LedgerActor {
             LedgerQuery::Debts => LedgerAnswer::Debts(self.ledger.debts()?),
             LedgerQuery::Conflicts => LedgerAnswer::Conflicts(self.ledger.conflicts()?),
             LedgerQuery::CodeReuses => LedgerAnswer::CodeReuses(self.ledger.code_reuses()?),
+            LedgerQuery::Audit => LedgerAnswer::Audit(self.ledger.audit_trail()?),
         })
     }
 }

@@ -1,8 +1,9 @@
-//! The cloud's HTTP JSON APIs: the admin API (open accounts, read balances, transfers and ledger
-//! totals) and, over HTTPS, the enrollment API (customers, their faces, erasure).
+//! The cloud's HTTPS JSON APIs: the admin API (open accounts, deposits, hub keys, read balances,
+//! transfers, ledger totals, the audit trail), for operators' client certificates only, and the
+//! enrollment API (customers, their faces, erasure), for the operator bearer token.
 
 use actix::Addr;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{http::Method, web, HttpRequest, HttpResponse};
 use protocol::{
     AccountKind, AccountView, AddFace, CreateCustomer, Currency, Deposit, HubKey, OpenAccount,
 };
@@ -11,7 +12,7 @@ use serde_json::json;
 use crate::{
     actors::{
         AdminCmd, BroadcastAllowances, BroadcastKeys, BroadcastTemplates, CloseAccountCmd,
-        HubLinkActor, LedgerActor, LedgerAnswer, LedgerQuery, OpenAccountCmd,
+        HubLinkActor, LedgerActor, LedgerAnswer, LedgerQuery, OpenAccountCmd, RecordAudit,
     },
     customers::CustomerError,
     enroll::{
@@ -45,6 +46,66 @@ fn json_config(limit: usize) -> web::JsonConfig {
         })
 }
 
+/// Who may use the admin API, checked on every request before its body is read: TLS already
+/// refused clients without a valid, unrevoked certificate of the fleet's CA; of those, only
+/// operators pass, and a `viewer` only reads.
+pub(crate) fn operator_gate() -> telemetry::Gate {
+    std::sync::Arc::new(|request: &actix_web::dev::ServiceRequest| {
+        let role = request
+            .conn_data::<telemetry::Peer>()
+            .and_then(|peer| peer.0.as_ref())
+            .and_then(|identity| identity.role);
+        let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+        let refusal = match role {
+            Some(pki::Role::Operator) => return None,
+            Some(pki::Role::Viewer) if reads => return None,
+            Some(pki::Role::Viewer) => "the viewer role may only read",
+            _ => "an operator certificate is required",
+        };
+        Some(HttpResponse::Forbidden().json(json!({ "error": "forbidden", "detail": refusal })))
+    })
+}
+
+/// The common name of the operator certificate a request came with.
+fn operator_of(request: &HttpRequest) -> String {
+    request
+        .conn_data::<telemetry::Peer>()
+        .and_then(|peer| peer.0.as_ref())
+        .map(|identity| identity.common_name.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Records a money-moving action with who did it and how it ended. The action has already
+/// happened: a failure to record it is logged and answered as a storage error.
+async fn audit(
+    ledger: &Addr<LedgerActor>,
+    operator: String,
+    action: &str,
+    target: &str,
+    detail: String,
+    outcome: &Result<(), String>,
+) -> Result<(), HttpResponse> {
+    let entry = protocol::AuditEntry {
+        at_ms: paycode::now_ms(),
+        operator,
+        action: action.into(),
+        target: target.into(),
+        detail,
+        outcome: match outcome {
+            Ok(()) => "applied".into(),
+            Err(why) => format!("refused: {why}"),
+        },
+    };
+    match ledger.send(RecordAudit(entry)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, action, target, "recording an operator action failed");
+            Err(error_response(e))
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
     cfg.app_data(web::Data::new(state))
         .app_data(json_config(MAX_BODY_BYTES))
@@ -63,7 +124,8 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
             listing(LedgerQuery::CodeReuses),
         )
         .route("/v1/transfers", listing(LedgerQuery::Transfers))
-        .route("/v1/ledger/totals", listing(LedgerQuery::Totals));
+        .route("/v1/ledger/totals", listing(LedgerQuery::Totals))
+        .route("/v1/audit", listing(LedgerQuery::Audit));
 }
 
 /// A GET route answering one ledger query with its JSON.
@@ -88,21 +150,46 @@ async fn admin(state: &ApiState, cmd: AdminCmd) -> Result<Option<AccountView>, H
 }
 
 async fn deposit(
+    http: HttpRequest,
     state: web::Data<ApiState>,
     id: web::Path<String>,
     body: web::Json<Deposit>,
 ) -> HttpResponse {
+    let account_id = id.into_inner();
+    let deposit = body.into_inner();
+    let detail = format!(
+        "deposit_id={} amount_minor={}",
+        deposit.deposit_id, deposit.amount_minor
+    );
     let cmd = AdminCmd::Deposit {
-        account_id: id.into_inner(),
-        deposit: body.into_inner(),
+        account_id: account_id.clone(),
+        deposit,
     };
-    match admin(&state, cmd).await {
+    let result = admin(&state, cmd).await;
+    let outcome = result
+        .as_ref()
+        .map(|_| ())
+        .map_err(|r| r.status().to_string());
+    if let Err(response) = audit(
+        &state.ledger,
+        operator_of(&http),
+        "deposit",
+        &account_id,
+        detail,
+        &outcome,
+    )
+    .await
+    {
+        return response;
+    }
+    match result {
         Ok(view) => HttpResponse::Ok().json(view),
         Err(response) => response,
     }
 }
 
 async fn set_hub_key(
+    http: HttpRequest,
     state: web::Data<ApiState>,
     id: web::Path<String>,
     body: web::Json<HubKey>,
@@ -112,7 +199,24 @@ async fn set_hub_key(
         store_id: store_id.clone(),
         public_key: body.public_key.clone(),
     };
-    match admin(&state, cmd).await {
+    let result = admin(&state, cmd).await;
+    let outcome = result
+        .as_ref()
+        .map(|_| ())
+        .map_err(|r| r.status().to_string());
+    if let Err(response) = audit(
+        &state.ledger,
+        operator_of(&http),
+        "set_hub_key",
+        &store_id,
+        format!("public_key={}", body.public_key),
+        &outcome,
+    )
+    .await
+    {
+        return response;
+    }
+    match result {
         Ok(_) => {
             HttpResponse::Ok().json(json!({ "store_id": store_id, "hub_key": body.public_key }))
         }
@@ -138,13 +242,41 @@ fn unavailable(error: actix::MailboxError) -> HttpResponse {
         .json(json!({ "error": "unavailable", "detail": error.to_string() }))
 }
 
-async fn open_account(state: web::Data<ApiState>, body: web::Json<OpenAccount>) -> HttpResponse {
+async fn open_account(
+    http: HttpRequest,
+    state: web::Data<ApiState>,
+    body: web::Json<OpenAccount>,
+) -> HttpResponse {
     let request = body.into_inner();
     let account_id = request.account_id.clone();
-    match state.ledger.send(OpenAccountCmd(request)).await {
-        Err(e) => unavailable(e),
-        Ok(Err(e)) => error_response(e),
-        Ok(Ok(key_change)) => {
+    let detail = format!(
+        "kind={:?} currency={} initial_balance_minor={}",
+        request.kind, request.currency, request.initial_balance_minor
+    );
+    let result = match state.ledger.send(OpenAccountCmd(request)).await {
+        Err(e) => Err(unavailable(e)),
+        Ok(Err(e)) => Err(error_response(e)),
+        Ok(Ok(key_change)) => Ok(key_change),
+    };
+    let outcome = result
+        .as_ref()
+        .map(|_| ())
+        .map_err(|r| r.status().to_string());
+    if let Err(response) = audit(
+        &state.ledger,
+        operator_of(&http),
+        "open_account",
+        &account_id,
+        detail,
+        &outcome,
+    )
+    .await
+    {
+        return response;
+    }
+    match result {
+        Err(response) => response,
+        Ok(key_change) => {
             let created = key_change.is_some();
             if let Some(entry) = key_change {
                 state.link.do_send(BroadcastKeys(vec![entry]));
@@ -207,15 +339,11 @@ pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState)
 /// The enrollment API serves operators only: `Authorization: Bearer <token>`.
 /// `None` when the request carries the operator token, else the 401 to answer.
 fn unauthorized(request: &HttpRequest, state: &EnrollState) -> Option<HttpResponse> {
-    use sha2::Digest as _;
-    let given = request
+    let header = request
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Comparing digests: timing reveals nothing about the token.
-    if sha2::Sha256::digest(given.trim().as_bytes()).as_slice() == state.token_digest {
+        .and_then(|v| v.to_str().ok());
+    if pki::bearer_matches(header, &state.token_digest) {
         None
     } else {
         Some(HttpResponse::Unauthorized()
@@ -285,14 +413,35 @@ async fn create_customer(
         initial_balance_minor: request.initial_balance_minor,
         public_key: request.public_key.clone(),
     };
-    match state.ledger.send(OpenAccountCmd(open)).await {
-        Err(e) => return unavailable(e),
-        Ok(Err(e)) => return error_response(e),
-        Ok(Ok(key_change)) => {
-            if let Some(entry) = key_change {
-                state.link.do_send(BroadcastKeys(vec![entry]));
-            }
-        }
+    let detail = format!(
+        "kind=Customer currency={} initial_balance_minor={}",
+        open.currency, open.initial_balance_minor
+    );
+    let result = match state.ledger.send(OpenAccountCmd(open)).await {
+        Err(e) => Err(unavailable(e)),
+        Ok(Err(e)) => Err(error_response(e)),
+        Ok(Ok(key_change)) => Ok(key_change),
+    };
+    let outcome = result
+        .as_ref()
+        .map(|_| ())
+        .map_err(|r| r.status().to_string());
+    if let Err(response) = audit(
+        &state.ledger,
+        "enrollment-token".into(),
+        "open_account",
+        &request.customer_id,
+        detail,
+        &outcome,
+    )
+    .await
+    {
+        return response;
+    }
+    match result {
+        Err(response) => return response,
+        Ok(Some(entry)) => state.link.do_send(BroadcastKeys(vec![entry])),
+        Ok(None) => {}
     }
     match state.identity.send(CreateCustomerCmd(request)).await {
         Err(e) => unavailable(e),

@@ -7,7 +7,7 @@ use mqtt::MqttConfig;
 use serde::{Deserialize, Serialize};
 use settings::{check_range, check_socket_addr, Validate};
 
-use crate::{enroll::IdentityConfig, ledger::OfflinePolicy, tls::TlsFiles};
+use crate::{enroll::IdentityConfig, ledger::OfflinePolicy};
 
 /// Environment variable prefix: `FACEPAY_CLOUD_MQTT__PORT=1884`.
 pub const ENV_PREFIX: &str = "FACEPAY_CLOUD_";
@@ -18,14 +18,16 @@ pub const ENV_PREFIX: &str = "FACEPAY_CLOUD_";
 pub struct CloudConfig {
     /// Directory of the ledger database.
     pub data_dir: PathBuf,
-    /// MQTT client id of the cloud; stable, because its broker session is persistent.
-    pub client_id: String,
-    /// Admin API and `/metrics`, plain HTTP on this address.
-    pub http_listen: String,
-    /// The enrollment API, HTTPS on this address.
+    /// The admin API (accounts, deposits, hub keys, ledger listings): HTTPS on this address, for
+    /// operators' client certificates only (role `operator` moves money, `viewer` reads).
+    pub admin_listen: String,
+    /// The enrollment API, HTTPS on this address (operator bearer token).
     pub api_listen: String,
-    /// Certificate and key of the HTTPS API; neither for a generated development certificate.
-    pub tls: TlsFiles,
+    /// `/metrics` and `/healthz`, on a listener of their own.
+    pub metrics: telemetry::MetricsConfig,
+    /// The cloud's certificate (`cloud`), the CA and the revocation list: MQTT client identity
+    /// (its client id is the certificate's common name) and the HTTPS APIs' server certificate.
+    pub tls: pki::TlsConfig,
     /// 32-byte key file sealing customers' personal data and templates at rest; unset:
     /// `<data_dir>/keys/templates.key`. Keep it outside the data's backups in production. Created
     /// on first run only while no customer is enrolled.
@@ -49,10 +51,10 @@ impl Default for CloudConfig {
     fn default() -> Self {
         CloudConfig {
             data_dir: "data/cloud".into(),
-            client_id: "facepay-cloud".into(),
-            http_listen: "127.0.0.1:9300".into(),
+            admin_listen: "127.0.0.1:9300".into(),
             api_listen: "127.0.0.1:9443".into(),
-            tls: TlsFiles::default(),
+            metrics: telemetry::MetricsConfig::on("127.0.0.1:9301"),
+            tls: pki::TlsConfig::default(),
             template_key_file: None,
             api_token_file: None,
             face_threads: 1,
@@ -85,11 +87,10 @@ impl Validate for CloudConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(("data_dir".into(), "must not be empty".into()));
         }
-        protocol::validate_id("client_id", &self.client_id)
-            .map_err(|e| ("client_id".into(), e.to_string()))?;
-        check_socket_addr("http_listen", &self.http_listen)?;
+        check_socket_addr("admin_listen", &self.admin_listen)?;
         check_socket_addr("api_listen", &self.api_listen)?;
-        self.tls.validate()?;
+        self.metrics.validate("metrics")?;
+        self.tls.validate("tls")?;
         if self
             .template_key_file
             .as_ref()

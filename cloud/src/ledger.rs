@@ -123,6 +123,8 @@ pub struct Ledger {
     code_reuse: sled::Tree,
     /// Each store's hub signing key.
     hub_keys: sled::Tree,
+    /// Money-moving operator actions, by a sequence number.
+    audit: sled::Tree,
     policy: OfflinePolicy,
 }
 
@@ -183,6 +185,7 @@ impl Ledger {
             conflicts: tree("conflicts")?,
             code_reuse: tree("code_reuse")?,
             hub_keys: tree("hub_keys")?,
+            audit: tree("audit")?,
             policy: OfflinePolicy::default(),
             db,
         })
@@ -192,6 +195,30 @@ impl Ledger {
     pub fn with_offline_policy(mut self, policy: OfflinePolicy) -> Self {
         self.policy = policy;
         self
+    }
+
+    /// Appends an operator action to the audit trail, flushed.
+    pub fn record_audit(&self, entry: &protocol::AuditEntry) -> Result<(), LedgerError> {
+        let id = self
+            .db
+            .generate_id()
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        self.audit
+            .insert(id.to_be_bytes(), encode(entry))
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        self.flush()
+    }
+
+    /// The audit trail, oldest first.
+    pub fn audit_trail(&self) -> Result<Vec<protocol::AuditEntry>, LedgerError> {
+        self.audit
+            .iter()
+            .values()
+            .map(|v| {
+                v.map(|bytes| decode(&bytes))
+                    .map_err(|e| LedgerError::Storage(e.to_string()))
+            })
+            .collect()
     }
 
     fn flush(&self) -> Result<(), LedgerError> {

@@ -12,7 +12,6 @@ pub mod enroll;
 mod error;
 pub mod identity;
 pub mod ledger;
-pub mod tls;
 
 use std::net::SocketAddr;
 
@@ -27,42 +26,55 @@ use crate::actors::{HubLinkActor, LedgerActor, LinkEventMsg};
 
 /// A running cloud.
 pub struct CloudHandle {
-    /// Where the admin API and `/metrics` listen.
-    pub http_addr: SocketAddr,
+    /// Where the HTTPS admin API listens (operator certificates only).
+    pub admin_addr: SocketAddr,
     /// Where the HTTPS enrollment API listens.
     pub api_addr: SocketAddr,
-    /// The certificate clients of the HTTPS API must trust (the development one unless
-    /// configured).
-    pub api_cert: std::path::PathBuf,
+    /// Where `/metrics` listens.
+    pub metrics_addr: SocketAddr,
+    /// The CA clients of the HTTPS APIs must trust.
+    pub ca_cert: std::path::PathBuf,
     /// The file holding the enrollment API's operator token.
     pub api_token: std::path::PathBuf,
+    /// When the cloud's certificate expires (RFC 3339).
+    pub cert_expires: String,
     /// The ledger actor, for in-process callers (the fleet demo).
     pub ledger: Addr<LedgerActor>,
-    server: actix_web::dev::ServerHandle,
-    api_server: actix_web::dev::ServerHandle,
+    servers: Vec<actix_web::dev::ServerHandle>,
 }
 
 impl CloudHandle {
     /// Stops the HTTP servers; the actors stop with the actix system.
     pub async fn stop(&self) {
-        self.api_server.stop(true).await;
-        self.server.stop(true).await;
+        for server in &self.servers {
+            server.stop(true).await;
+        }
     }
 
-    /// The HTTP server's handle, to stop it from elsewhere.
-    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.clone()
-    }
-
-    /// The HTTPS API server's handle.
-    pub fn api_server_handle(&self) -> actix_web::dev::ServerHandle {
-        self.api_server.clone()
+    /// The HTTP servers' handles, to stop them from elsewhere.
+    pub fn server_handles(&self) -> Vec<actix_web::dev::ServerHandle> {
+        self.servers.clone()
     }
 }
 
 /// Starts the cloud inside the current actix system.
 pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
+    pki::install_crypto_provider();
+    // TLS first: a key file others can read, a revoked or expired certificate, stop the cloud
+    // before it opens anything.
+    let tls_files = config.tls.files(&pki::Identity::cloud().name);
+    let tls = pki::TlsIdentity::load(&tls_files).context("loading the cloud's TLS identity")?;
+    if tls.identity.role != Some(pki::Role::Cloud) {
+        anyhow::bail!(
+            "{} is the certificate of {:?} ({:?}), not of the cloud",
+            tls_files.cert.display(),
+            tls.identity.common_name,
+            tls.identity.role
+        );
+    }
+    tracing::info!(expires = tls.expires(), "cloud certificate loaded");
     let registry = Registry::new();
+    pki::register_expiry_gauge(&registry, "cloud", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "cloud");
     let connected = telemetry::register_gauge(
         &registry,
@@ -110,7 +122,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         face::FaceEngine::load_default(config.face.clone()).context("loading the face models")?;
     let faces = face::worker::start_workers(std::sync::Arc::new(engine), config.face_threads);
 
-    let (client, eventloop) = config.mqtt.connect(&config.client_id);
+    let (client, eventloop) = config.mqtt.connect(&tls)?;
     let link =
         HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected).start();
     let link_events = link.clone();
@@ -126,13 +138,14 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         ledger: ledger.clone(),
         link: link.clone(),
     };
-    let (http_addr, handle) =
-        telemetry::serve_http(&config.http_listen, registry.clone(), move |cfg| {
-            api::configure(cfg, state.clone())
-        })
-        .with_context(|| format!("binding http_listen {}", config.http_listen))?;
-    let (tls, api_cert) = tls::server_config(&config.tls, &config.data_dir)?;
-    let token_digest = tls::operator_token_digest(&config.api_token_path())?;
+    let (admin_addr, admin_server) = telemetry::serve_api(
+        &config.admin_listen,
+        Some(tls.server_config(pki::ClientAuth::Required)?),
+        Some(api::operator_gate()),
+        move |cfg| api::configure(cfg, state.clone()),
+    )
+    .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
+    let token_digest = pki::token_digest(&config.api_token_path())?;
     let enroll_state = api::EnrollState {
         token_digest,
         ledger: ledger.clone(),
@@ -140,19 +153,28 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         identity,
         faces,
     };
-    let (api_addr, api_server) =
-        telemetry::serve_https(&config.api_listen, registry, tls, move |cfg| {
-            api::configure_enroll(cfg, enroll_state.clone())
-        })
-        .with_context(|| format!("binding api_listen {}", config.api_listen))?;
-    tracing::info!(%http_addr, %api_addr, cert = %api_cert.display(), "cloud started");
+    let (api_addr, api_server) = telemetry::serve_api(
+        &config.api_listen,
+        Some(tls.server_config(pki::ClientAuth::None)?),
+        None,
+        move |cfg| api::configure_enroll(cfg, enroll_state.clone()),
+    )
+    .with_context(|| format!("binding api_listen {}", config.api_listen))?;
+    let metrics_tls = match config.metrics.tls {
+        true => Some(tls.server_config(pki::ClientAuth::None)?),
+        false => None,
+    };
+    let (metrics_addr, metrics_server) =
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls)?;
+    tracing::info!(%admin_addr, %api_addr, %metrics_addr, "cloud started");
     Ok(CloudHandle {
-        http_addr,
+        admin_addr,
         api_addr,
-        api_cert,
+        metrics_addr,
+        ca_cert: tls_files.ca.clone(),
         api_token: config.api_token_path(),
+        cert_expires: tls.expires(),
         ledger,
-        server: handle,
-        api_server,
+        servers: vec![admin_server, api_server, metrics_server],
     })
 }

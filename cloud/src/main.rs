@@ -20,11 +20,13 @@ fn main() -> anyhow::Result<()> {
     actix::System::new().block_on(async move {
         let handle = cloud::start(config).await?;
         println!(
-            "facepay-cloud ready http={} api={} cert={} token={}",
-            handle.http_addr,
+            "facepay-cloud ready admin={} api={} metrics={} ca={} token={} cert_expires={}",
+            handle.admin_addr,
             handle.api_addr,
-            handle.api_cert.display(),
-            handle.api_token.display()
+            handle.metrics_addr,
+            handle.ca_cert.display(),
+            handle.api_token.display(),
+            handle.cert_expires
         );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;

@@ -18,8 +18,18 @@ pub struct EdgeConfig {
     pub store_id: String,
     /// This terminal's id, unique in its store.
     pub terminal_id: String,
-    /// The cash register's local API and `/metrics`, plain HTTP on this address.
-    pub http_listen: String,
+    /// The cash register's API. On loopback (the default) it is plain HTTP for the register on
+    /// the same machine; anywhere else it needs `register_token_file`.
+    pub register_listen: String,
+    /// File holding the register's bearer token (at least 32 characters; generated owner-only
+    /// on first run when missing). Set: the register API is HTTPS with the terminal's certificate
+    /// and every request needs `Authorization: Bearer <token>`.
+    pub register_token_file: Option<PathBuf>,
+    /// `/metrics` and `/healthz`, on a listener of their own.
+    pub metrics: telemetry::MetricsConfig,
+    /// The terminal's certificate (`edge-<store_id>-<terminal_id>`), the CA and the revocation
+    /// list.
+    pub tls: pki::TlsConfig,
     /// How long a checkout waits for the customer to present a code.
     pub scan_timeout_ms: u64,
     /// How long to wait for the hub's decision; longer than the hub's own cloud deadline.
@@ -43,7 +53,10 @@ impl Default for EdgeConfig {
         EdgeConfig {
             store_id: "store-1".into(),
             terminal_id: "till-1".into(),
-            http_listen: "127.0.0.1:8080".into(),
+            register_listen: "127.0.0.1:8080".into(),
+            register_token_file: None,
+            metrics: telemetry::MetricsConfig::on("127.0.0.1:9100"),
+            tls: pki::TlsConfig::default(),
             scan_timeout_ms: 10_000,
             hub_timeout_ms: 5_000,
             frames_dir: "data/edge/frames".into(),
@@ -52,7 +65,7 @@ impl Default for EdgeConfig {
             face_timeout_ms: 5_000,
             face: FaceConfig::default(),
             zenoh: ZenohConfig {
-                connect: vec!["tcp/127.0.0.1:7447".into()],
+                connect: vec!["tls/127.0.0.1:7447".into()],
                 ..ZenohConfig::default()
             },
         }
@@ -60,6 +73,11 @@ impl Default for EdgeConfig {
 }
 
 impl EdgeConfig {
+    /// The terminal's certificate identity.
+    pub fn identity(&self) -> Result<pki::Identity, pki::PkiError> {
+        pki::Identity::edge(&self.store_id, &self.terminal_id)
+    }
+
     /// The camera spool directory in effect.
     pub fn camera_path(&self) -> PathBuf {
         self.camera_dir
@@ -74,7 +92,29 @@ impl Validate for EdgeConfig {
             .map_err(|e| ("store_id".into(), e.to_string()))?;
         protocol::validate_id("terminal_id", &self.terminal_id)
             .map_err(|e| ("terminal_id".into(), e.to_string()))?;
-        check_socket_addr("http_listen", &self.http_listen)?;
+        check_socket_addr("register_listen", &self.register_listen)?;
+        let loopback = self
+            .register_listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !loopback && self.register_token_file.is_none() {
+            return Err((
+                "register_token_file".into(),
+                format!(
+                    "the register API listens beyond loopback ({}): set a token file, which also turns on HTTPS",
+                    self.register_listen
+                ),
+            ));
+        }
+        if self
+            .register_token_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(("register_token_file".into(), "must not be empty".into()));
+        }
+        self.metrics.validate("metrics")?;
+        self.tls.validate("tls")?;
         check_range("scan_timeout_ms", self.scan_timeout_ms, 100..=120_000, "ms")?;
         check_range("hub_timeout_ms", self.hub_timeout_ms, 100..=120_000, "ms")?;
         check_range(

@@ -32,28 +32,58 @@ use crate::{
 
 /// A running edge terminal.
 pub struct EdgeHandle {
-    /// Where the cash-register API and `/metrics` listen.
-    pub http_addr: SocketAddr,
+    /// Where the cash-register API listens.
+    pub register_addr: SocketAddr,
+    /// Whether the register API is HTTPS (a token file is configured).
+    pub register_https: bool,
+    /// Where `/metrics` listens.
+    pub metrics_addr: SocketAddr,
+    /// When the terminal's certificate expires (RFC 3339).
+    pub cert_expires: String,
     /// The checkout actor.
     pub checkout: Addr<CheckoutActor>,
     server: actix_web::dev::ServerHandle,
+    metrics_server: actix_web::dev::ServerHandle,
 }
 
 impl EdgeHandle {
-    /// Stops the HTTP server; the actors stop with the actix system.
+    /// Stops the HTTP servers; the actors stop with the actix system.
     pub async fn stop(&self) {
         self.server.stop(true).await;
+        self.metrics_server.stop(true).await;
     }
 
-    /// The HTTP server's handle, to stop it from elsewhere.
-    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.clone()
+    /// The HTTP servers' handles, to stop them from elsewhere.
+    pub fn server_handles(&self) -> Vec<actix_web::dev::ServerHandle> {
+        vec![self.server.clone(), self.metrics_server.clone()]
     }
 }
 
 /// Starts an edge terminal inside the current actix system.
 pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
+    pki::install_crypto_provider();
+    let identity = config.identity()?;
+    let tls_files = config.tls.files(&identity.name);
+    let tls = pki::TlsIdentity::load(&tls_files)
+        .with_context(|| format!("loading the terminal's TLS identity {}", identity.name))?;
+    if tls.identity.common_name != identity.common_name
+        || tls.identity.role != Some(pki::Role::Edge)
+    {
+        anyhow::bail!(
+            "{} is the certificate of {:?}, not of terminal {} of {}",
+            tls_files.cert.display(),
+            tls.identity.common_name,
+            config.terminal_id,
+            config.store_id
+        );
+    }
+    tracing::info!(expires = tls.expires(), "terminal certificate loaded");
+    let register_token = match &config.register_token_file {
+        Some(path) => Some(pki::token_digest(path)?),
+        None => None,
+    };
     let registry = Registry::new();
+    pki::register_expiry_gauge(&registry, "edge", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "edge");
 
     let source = DirectorySource::new(
@@ -94,9 +124,17 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     });
 
     let zenoh_config = config.zenoh.clone();
-    let zenoh = tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config))
-        .await
-        .expect("zenoh open does not panic")?;
+    // The terminal hears only its own store's hub (whose certificate's common name is the store
+    // id): a queryable declared by any other peer is dropped.
+    let security = zlink::ZenohSecurity {
+        files: tls_files.clone(),
+        allowed_peers: vec![config.store_id.clone()],
+        key_exprs: vec![protocol::keyexpr::hub_all(&config.store_id)],
+    };
+    let zenoh =
+        tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config, &security))
+            .await
+            .expect("zenoh open does not panic")?;
     let hub = HubClient::new(
         zenoh,
         &config.store_id,
@@ -111,14 +149,33 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let checkout = CheckoutActor::new(settings, scanner, camera, hub, metrics).start();
 
     let api_checkout = checkout.clone();
-    let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, move |cfg| {
-        api::configure(cfg, api_checkout.clone())
-    })
-    .with_context(|| format!("binding http_listen {}", config.http_listen))?;
-    tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %http_addr, "edge started");
+    let (register_tls, gate) = match register_token {
+        Some(digest) => (
+            Some(tls.server_config(pki::ClientAuth::None)?),
+            Some(api::bearer_gate(digest)),
+        ),
+        None => (None, None),
+    };
+    let register_https = register_tls.is_some();
+    let (register_addr, handle) =
+        telemetry::serve_api(&config.register_listen, register_tls, gate, move |cfg| {
+            api::configure(cfg, api_checkout.clone())
+        })
+        .with_context(|| format!("binding register_listen {}", config.register_listen))?;
+    let metrics_tls = match config.metrics.tls {
+        true => Some(tls.server_config(pki::ClientAuth::None)?),
+        false => None,
+    };
+    let (metrics_addr, metrics_server) =
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls)?;
+    tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %register_addr, %metrics_addr, "edge started");
     Ok(EdgeHandle {
-        http_addr,
+        register_addr,
+        register_https,
+        metrics_addr,
+        cert_expires: tls.expires(),
         checkout,
         server: handle,
+        metrics_server,
     })
 }

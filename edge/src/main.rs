@@ -19,7 +19,17 @@ fn main() -> anyhow::Result<()> {
     telemetry::init_tracing();
     actix::System::new().block_on(async move {
         let handle = edge::start(config).await?;
-        println!("facepay-edge ready http={}", handle.http_addr);
+        println!(
+            "facepay-edge ready register={}://{} metrics={} cert_expires={}",
+            if handle.register_https {
+                "https"
+            } else {
+                "http"
+            },
+            handle.register_addr,
+            handle.metrics_addr,
+            handle.cert_expires
+        );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;
         Ok(())

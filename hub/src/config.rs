@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use mqtt::MqttConfig;
 use serde::{Deserialize, Serialize};
-use settings::{check_range, check_socket_addr, Validate};
+use settings::{check_range, Validate};
 use zlink::ZenohConfig;
 
 /// Environment variable prefix: `FACEPAY_HUB_STORE_ID=store-2`.
@@ -18,8 +18,12 @@ pub struct HubConfig {
     pub store_id: String,
     /// Directory of the hub's journal database.
     pub data_dir: PathBuf,
-    /// `/metrics` over plain HTTP on this address.
-    pub http_listen: String,
+    /// `/metrics` and `/healthz`, on a listener of their own.
+    pub metrics: telemetry::MetricsConfig,
+    /// The hub's certificate (`hub-<store_id>`), the CA, the revocation list; the certificates of
+    /// this store's terminals (`edge-<store_id>-*.pem`) in `tls.pki_dir` name the only peers
+    /// that may query the hub over Zenoh.
+    pub tls: pki::TlsConfig,
     /// How long to wait for the cloud's answer before declining and voiding the attempt.
     pub cloud_timeout_ms: u64,
     /// How long after issue a payment code is accepted.
@@ -214,7 +218,8 @@ impl Default for HubConfig {
         HubConfig {
             store_id: "store-1".into(),
             data_dir: "data/hub".into(),
-            http_listen: "127.0.0.1:9200".into(),
+            metrics: telemetry::MetricsConfig::on("127.0.0.1:9200"),
+            tls: pki::TlsConfig::default(),
             cloud_timeout_ms: 3_000,
             code_validity_seconds: 60,
             clock_skew_seconds: 5,
@@ -224,7 +229,7 @@ impl Default for HubConfig {
             identify: IdentifyConfig::default(),
             offline: OfflineConfig::default(),
             zenoh: ZenohConfig {
-                listen: vec!["tcp/127.0.0.1:7447".into()],
+                listen: vec!["tls/127.0.0.1:7447".into()],
                 ..ZenohConfig::default()
             },
             mqtt: MqttConfig::default(),
@@ -248,9 +253,9 @@ impl HubConfig {
             .unwrap_or_else(|| self.data_dir.join("keys").join("hub-signing.key"))
     }
 
-    /// The hub's MQTT client id: stable per store, because its broker session is persistent.
-    pub fn mqtt_client_id(&self) -> String {
-        format!("facepay-hub-{}", self.store_id)
+    /// The hub's certificate identity.
+    pub fn identity(&self) -> Result<pki::Identity, pki::PkiError> {
+        pki::Identity::hub(&self.store_id)
     }
 }
 
@@ -261,7 +266,14 @@ impl Validate for HubConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(("data_dir".into(), "must not be empty".into()));
         }
-        check_socket_addr("http_listen", &self.http_listen)?;
+        if pki::RESERVED_STORE_IDS.contains(&self.store_id.as_str()) {
+            return Err((
+                "store_id".into(),
+                "is reserved for another identity of the fleet".into(),
+            ));
+        }
+        self.metrics.validate("metrics")?;
+        self.tls.validate("tls")?;
         check_range("cloud_timeout_ms", self.cloud_timeout_ms, 50..=60_000, "ms")?;
         check_range(
             "code_validity_seconds",

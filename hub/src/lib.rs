@@ -40,7 +40,9 @@ pub const MAX_CONCURRENT_QUERIES: usize = 64;
 /// A running hub.
 pub struct HubHandle {
     /// Where `/metrics` listens.
-    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// When the hub's certificate expires (RFC 3339).
+    pub cert_expires: String,
     /// The authorization actor.
     pub auth: Addr<AuthActor>,
     /// The verification actor.
@@ -65,7 +67,35 @@ impl HubHandle {
 
 /// Starts a hub inside the current actix system.
 pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
+    pki::install_crypto_provider();
+    // TLS first: a key file others can read, a revoked or expired certificate, stop the hub
+    // before it opens anything.
+    let identity = config.identity()?;
+    let tls_files = config.tls.files(&identity.name);
+    let tls = pki::TlsIdentity::load(&tls_files)
+        .with_context(|| format!("loading the hub's TLS identity {}", identity.name))?;
+    if tls.identity.common_name != config.store_id || tls.identity.role != Some(pki::Role::Hub) {
+        anyhow::bail!(
+            "{} is the certificate of {:?} ({:?}), not of the hub of {}",
+            tls_files.cert.display(),
+            tls.identity.common_name,
+            tls.identity.role,
+            config.store_id
+        );
+    }
+    let revoked = pki::revoked_serials(&tls_files.crl, &tls_files.ca)?;
+    let terminals = pki::terminal_common_names(&config.tls.pki_dir, &config.store_id, &revoked)?;
+    if terminals.is_empty() {
+        tracing::warn!(pki_dir = %config.tls.pki_dir.display(), store_id = config.store_id,
+            "no valid terminal certificate (edge-<store>-*.pem) for this store: no terminal can reach the hub");
+    }
+    tracing::info!(
+        expires = tls.expires(),
+        terminals = terminals.len(),
+        "hub certificate loaded"
+    );
     let registry = Registry::new();
+    pki::register_expiry_gauge(&registry, "hub", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "hub");
     let connected = telemetry::register_gauge(
         &registry,
@@ -154,7 +184,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     .start();
     auth.do_send(AttachVerifier(verify.clone()));
 
-    let (client, eventloop) = config.mqtt.connect(&config.mqtt_client_id());
+    let (client, eventloop) = config.mqtt.connect(&tls)?;
     let breaker_gauge = telemetry::register_gauge(
         &registry,
         "facepay_hub_cloud_breaker",
@@ -184,17 +214,27 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     }));
 
     let zenoh_config = config.zenoh.clone();
-    let zenoh = tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config))
-        .await
-        .expect("zenoh open does not panic")?;
+    let security = zlink::ZenohSecurity {
+        files: tls_files.clone(),
+        allowed_peers: terminals,
+        key_exprs: vec![protocol::keyexpr::hub_all(&config.store_id)],
+    };
+    let zenoh =
+        tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config, &security))
+            .await
+            .expect("zenoh open does not panic")?;
     serve_edges(&zenoh, &config.store_id, auth.clone()).await?;
     serve_verify(&zenoh, &config.store_id, verify.clone()).await?;
 
-    let (http_addr, handle) = telemetry::serve_http(&config.http_listen, registry, |_| {})
-        .with_context(|| format!("binding http_listen {}", config.http_listen))?;
-    tracing::info!(store_id = config.store_id, %http_addr, "hub started");
+    let metrics_tls = match config.metrics.tls {
+        true => Some(tls.server_config(pki::ClientAuth::None)?),
+        false => None,
+    };
+    let (metrics_addr, handle) = telemetry::serve_metrics(&config.metrics, registry, metrics_tls)?;
+    tracing::info!(store_id = config.store_id, %metrics_addr, "hub started");
     Ok(HubHandle {
-        http_addr,
+        metrics_addr,
+        cert_expires: tls.expires(),
         auth,
         verify,
         hub_public_key,

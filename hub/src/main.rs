@@ -20,8 +20,8 @@ fn main() -> anyhow::Result<()> {
     actix::System::new().block_on(async move {
         let handle = hub::start(config).await?;
         println!(
-            "facepay-hub ready http={} hub_key={}",
-            handle.http_addr, handle.hub_public_key
+            "facepay-hub ready metrics={} hub_key={} cert_expires={}",
+            handle.metrics_addr, handle.hub_public_key, handle.cert_expires
         );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;

@@ -40,39 +40,129 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     bail!("nothing listens on port {port} after {timeout:?}")
 }
 
-/// Starts an embedded `rumqttd` broker on a thread, listening on `127.0.0.1:port`.
-pub fn start_embedded_broker(port: u16) -> anyhow::Result<()> {
-    let config = format!(
-        r#"
-id = 0
-[router]
-id = 0
-max_connections = 1000
-max_outgoing_packet_count = 200
-max_segment_size = 104857600
-max_segment_count = 10
+/// The fleet PKI of this test process: a root CA with certificates for the cloud, the broker,
+/// the default operator and a read-only operator `viewer`, made once in a directory kept for
+/// the process's life. Hubs' and terminals' certificates are issued on demand
+/// ([`ensure_identity`]).
+pub fn test_pki() -> &'static Path {
+    static PKI: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("facepay-pki-")
+            .tempdir()
+            .expect("a temporary directory")
+            .keep();
+        make_pki(&dir).expect("the test PKI is made");
+        dir
+    })
+}
 
-[v4.1]
-name = "v4-1"
-listen = "127.0.0.1:{port}"
-next_connection_delay_ms = 1
-[v4.1.connections]
-connection_timeout_ms = 60000
-max_payload_size = 1048576
-max_inflight_count = 200
-dynamic_filters = true
-"#
-    );
-    let config: rumqttd::Config = toml::from_str(&config).context("embedded broker config")?;
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Err(error) = broker.start() {
-                eprintln!("embedded broker stopped: {error}");
-            }
-        })?;
-    wait_for_port(port, Duration::from_secs(10))
+/// Makes a PKI in `dir` (CA, cloud, broker, operator, viewer), as the demo does.
+pub fn make_pki(dir: &Path) -> anyhow::Result<()> {
+    let pki = pki::Pki::open_or_init(dir)?;
+    for identity in [
+        pki::Identity::cloud(),
+        pki::Identity::broker(),
+        pki::Identity::operator(None, pki::Role::Operator)?,
+        pki::Identity::operator(Some("viewer"), pki::Role::Viewer)?,
+    ] {
+        pki.ensure(&identity, &pki::IssueOptions::default())?;
+    }
+    Ok(())
+}
+
+/// Issues a certificate for `identity` in the test PKI unless it has one.
+pub fn ensure_identity(identity: &pki::Identity) -> anyhow::Result<()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().expect("not poisoned");
+    let pki = pki::Pki::open(test_pki())?;
+    pki.ensure(identity, &pki::IssueOptions::default())?;
+    Ok(())
+}
+
+/// Issues a certificate in the test PKI with these options (an expired one, say).
+pub fn issue_in_test_pki(
+    identity: &pki::Identity,
+    options: &pki::IssueOptions,
+) -> anyhow::Result<()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().expect("not poisoned");
+    pki::Pki::open(test_pki())?.issue(identity, options)?;
+    Ok(())
+}
+
+/// Revokes the certificate `<name>` of the test PKI (services started afterwards refuse it).
+pub fn revoke_in_test_pki(name: &str) -> anyhow::Result<()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().expect("not poisoned");
+    pki::Pki::open(test_pki())?.revoke(name)?;
+    Ok(())
+}
+
+/// The certificates of a PEM file.
+pub fn read_pem_certs(path: &Path) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .expect("readable PEM")
+        .collect::<Result<_, _>>()
+        .expect("PEM certificates")
+}
+
+/// A client configuration presenting `<name>` of `pki_dir` as it is, without the checks a tier
+/// makes of its own certificate: what a client with a revoked or expired certificate sends.
+pub fn raw_client_config(pki_dir: &Path, name: &str) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::{pem::PemObject as _, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for der in read_pem_certs(&pki_dir.join("ca.pem")) {
+        roots.add(der)?;
+    }
+    let chain = read_pem_certs(&pki_dir.join(format!("{name}.pem")));
+    let key = PrivateKeyDer::from_pem_file(pki_dir.join(format!("{name}.key")))?;
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?,
+    )
+}
+
+/// The loaded TLS identity whose files are `<name>.pem`/`.key` in the test PKI.
+pub fn tls_identity(name: &str) -> anyhow::Result<pki::TlsIdentity> {
+    pki::install_crypto_provider();
+    let files = pki::TlsConfig {
+        pki_dir: test_pki().to_owned(),
+        ..Default::default()
+    }
+    .files(name);
+    Ok(pki::TlsIdentity::load(&files)?)
+}
+
+/// The shipped Mosquitto configuration (`ops/mosquitto/mosquitto.conf`) with its paths pointing
+/// at `pki_dir` and the shipped ACL file, listening on `127.0.0.1:port`, without persistence
+/// (a test restart loses sessions, as with a broker that lost its disk) and as root.
+pub fn mosquitto_config(pki_dir: &Path, port: u16) -> anyhow::Result<String> {
+    let ops = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/mosquitto");
+    let shipped = std::fs::read_to_string(ops.join("mosquitto.conf"))
+        .context("reading ops/mosquitto/mosquitto.conf")?;
+    let acl = ops.join("acl").canonicalize()?;
+    let mut out = String::new();
+    for line in shipped.lines() {
+        let line = line
+            .replace("/etc/facepay/pki", &pki_dir.display().to_string())
+            .replace("/etc/facepay/mosquitto/acl", &acl.display().to_string());
+        if line.starts_with("listener ") {
+            out.push_str(&format!("listener {port} 127.0.0.1\n"));
+        } else if line.starts_with("persistence") {
+            continue;
+        } else {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out.push_str("persistence false\nuser root\n");
+    Ok(out)
 }
 
 /// A Mosquitto broker process on its own port, killed on drop.
@@ -88,20 +178,20 @@ impl Mosquitto {
         Self::start_on(dir, free_port())
     }
 
-    /// Starts Debian's `mosquitto` on `port` (a restart keeps its port).
+    /// Starts Debian's `mosquitto` on `port` (a restart keeps its port), configured as
+    /// `ops/mosquitto` ships it, with the test PKI.
     pub fn start_on(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with_pki(dir, port, test_pki())
+    }
+
+    /// Starts Debian's `mosquitto` on `port` with the certificates of `pki_dir`.
+    pub fn start_with_pki(dir: &Path, port: u16, pki_dir: &Path) -> anyhow::Result<Self> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n\
-                 set_tcp_nodelay true\n"
-            ),
-        )?;
+        std::fs::write(&conf, mosquitto_config(pki_dir, port)?)?;
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -159,17 +249,62 @@ pub fn binary_path(name: &str) -> PathBuf {
 /// A facepay binary running as a child process, killed on drop.
 pub struct Service {
     child: Child,
-    /// The HTTP address it reported on its ready line.
+    /// Its main API: the cloud's admin API, a terminal's register API (a hub has none: its
+    /// metrics listener).
     pub http_addr: SocketAddr,
-    /// Every `key=value` of its ready line (`api=`, `cert=` for the cloud).
+    /// Where its `/metrics` listens.
+    pub metrics_addr: SocketAddr,
+    /// Every `key=value` of its ready line (`api=`, `ca=`, `token=` for the cloud).
     pub ready: std::collections::HashMap<String, String>,
 }
 
+/// The value of `key=` among `--set` overrides, if given.
+fn override_value<'a>(overrides: &'a [String], key: &str) -> Option<&'a str> {
+    overrides
+        .iter()
+        .rev()
+        .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The certificate identity a facepay binary will load, from its overrides (the built-in
+/// defaults otherwise: store-1, till-1).
+fn identity_of(binary: &str, overrides: &[String]) -> anyhow::Result<Option<pki::Identity>> {
+    let store = override_value(overrides, "store_id").unwrap_or("store-1");
+    Ok(match binary {
+        "facepay-hub" => Some(pki::Identity::hub(store)?),
+        "facepay-edge" => Some(pki::Identity::edge(
+            store,
+            override_value(overrides, "terminal_id").unwrap_or("till-1"),
+        )?),
+        "facepay-cloud" => Some(pki::Identity::cloud()),
+        _ => None,
+    })
+}
+
 impl Service {
-    /// Runs `binary --set k=v ...` and waits for its `ready http=ADDR` line.
+    /// Runs `binary --set k=v ...` with the test PKI (its certificate issued if needed) and
+    /// waits for its ready line.
     pub fn start(binary: &str, overrides: &[String]) -> anyhow::Result<Self> {
+        if override_value(overrides, "tls.pki_dir").is_none() {
+            if let Some(identity) = identity_of(binary, overrides)? {
+                ensure_identity(&identity)?;
+            }
+            // A hub reads its terminals' certificates when it starts: the tests' terminals
+            // (till-0 to till-3) get theirs first.
+            if binary == "facepay-hub" {
+                let store = override_value(overrides, "store_id").unwrap_or("store-1");
+                for n in 0..4 {
+                    ensure_identity(&pki::Identity::edge(store, &format!("till-{n}"))?)?;
+                }
+            }
+        }
         let path = binary_path(binary);
         let mut command = Command::new(&path);
+        command
+            .arg("--set")
+            .arg(format!("tls.pki_dir={:?}", test_pki()))
+            .arg("--set")
+            .arg("metrics.listen=127.0.0.1:0");
         for o in overrides {
             command.arg("--set").arg(o);
         }
@@ -200,13 +335,26 @@ impl Service {
             .filter_map(|w| w.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let addr = ready
-            .get("http")
-            .with_context(|| format!("{binary} printed {line:?}"))?
-            .parse()?;
+        let address = |key: &str| -> anyhow::Result<SocketAddr> {
+            let value = ready
+                .get(key)
+                .with_context(|| format!("{binary} printed {line:?}"))?;
+            let value = value
+                .strip_prefix("http://")
+                .or_else(|| value.strip_prefix("https://"))
+                .unwrap_or(value);
+            Ok(value.parse()?)
+        };
+        let metrics_addr = address("metrics")?;
+        let http_addr = match binary {
+            "facepay-cloud" => address("admin")?,
+            "facepay-edge" => address("register")?,
+            _ => metrics_addr,
+        };
         Ok(Service {
             child,
-            http_addr: addr,
+            http_addr,
+            metrics_addr,
             ready,
         })
     }
@@ -238,7 +386,7 @@ pub fn start_cloud_with(
 ) -> anyhow::Result<Service> {
     let mut overrides = vec![
         format!("data_dir={data_dir:?}"),
-        "http_listen=127.0.0.1:0".into(),
+        "admin_listen=127.0.0.1:0".into(),
         "api_listen=127.0.0.1:0".into(),
         format!("mqtt.port={mqtt_port}"),
     ];
@@ -311,25 +459,100 @@ pub fn wait_for_keys(hub_http: SocketAddr, count: usize, timeout: Duration) -> a
     }
 }
 
-/// The cloud's admin API.
+/// An HTTPS client presenting the certificate `<name>` of the PKI in `pki_dir` and trusting
+/// its CA.
+pub fn https_agent(pki_dir: &Path, name: &str) -> anyhow::Result<ureq::Agent> {
+    pki::install_crypto_provider();
+    let files = pki::TlsConfig {
+        pki_dir: pki_dir.to_owned(),
+        ..Default::default()
+    }
+    .files(name);
+    let identity = pki::TlsIdentity::load(&files)?;
+    Ok(ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(identity.client_config()?))
+        .timeout(Duration::from_secs(60))
+        .build())
+}
+
+fn answer(result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<(u16, serde_json::Value)> {
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let status = response.status();
+    let text = response.into_string()?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// The cloud's admin API, over HTTPS with an operator's client certificate.
 pub struct CloudApi {
     base: String,
+    agent: ureq::Agent,
 }
 
 impl CloudApi {
-    /// A client for the cloud at `addr`.
+    /// A client for the cloud at `addr`, as the test PKI's default operator.
     pub fn new(addr: SocketAddr) -> Self {
-        CloudApi {
-            base: format!("http://{addr}"),
+        Self::as_operator(addr, test_pki(), "operator").expect("the operator certificate loads")
+    }
+
+    /// A client for the cloud at `addr` presenting the certificate `name` of `pki_dir`.
+    pub fn as_operator(addr: SocketAddr, pki_dir: &Path, name: &str) -> anyhow::Result<Self> {
+        Ok(CloudApi {
+            base: format!("https://{addr}"),
+            agent: https_agent(pki_dir, name)?,
+        })
+    }
+
+    /// A client presenting `name` of `pki_dir` without checking it first (revoked, expired).
+    pub fn as_operator_unchecked(
+        addr: SocketAddr,
+        pki_dir: &Path,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(CloudApi {
+            base: format!("https://{addr}"),
+            agent: ureq::AgentBuilder::new()
+                .tls_config(std::sync::Arc::new(raw_client_config(pki_dir, name)?))
+                .timeout(Duration::from_secs(60))
+                .build(),
+        })
+    }
+
+    /// POSTs a JSON body; the status and the JSON answer, whatever the status.
+    pub fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        answer(
+            self.agent
+                .post(&format!("{}{path}", self.base))
+                .send_json(body),
+        )
+    }
+
+    /// GETs a JSON document; the status and the JSON answer, whatever the status.
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        answer(self.agent.get(&format!("{}{path}", self.base)).call())
+    }
+
+    fn get_ok<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let (status, body) = self.get(path)?;
+        if status != 200 {
+            bail!("GET {path}: {status} {body}");
         }
+        Ok(serde_json::from_value(body)?)
     }
 
     /// Opens an account, failing on any refusal.
     pub fn open(&self, request: &OpenAccount) -> anyhow::Result<AccountView> {
-        let (status, body) = post_json(
-            &format!("{}/v1/accounts", self.base),
-            &serde_json::to_value(request)?,
-        )?;
+        let (status, body) = self.post("/v1/accounts", &serde_json::to_value(request)?)?;
         if !(200..300).contains(&status) {
             bail!("opening {} failed: {status} {body}", request.account_id);
         }
@@ -338,42 +561,43 @@ impl CloudApi {
 
     /// One account's balance.
     pub fn balance(&self, account_id: &str) -> anyhow::Result<i64> {
-        Ok(
-            get_json::<AccountView>(&format!("{}/v1/accounts/{account_id}", self.base))?
-                .balance_minor,
-        )
+        Ok(self.account(account_id)?.balance_minor)
     }
 
     /// Every account.
     pub fn accounts(&self) -> anyhow::Result<Vec<AccountView>> {
-        get_json(&format!("{}/v1/accounts", self.base))
+        self.get_ok("/v1/accounts")
     }
 
     /// Every transfer.
     pub fn transfers(&self) -> anyhow::Result<Vec<TransferView>> {
-        get_json(&format!("{}/v1/transfers", self.base))
+        self.get_ok("/v1/transfers")
     }
 
     /// Ledger totals.
     pub fn totals(&self) -> anyhow::Result<Vec<LedgerTotals>> {
-        get_json(&format!("{}/v1/ledger/totals", self.base))
+        self.get_ok("/v1/ledger/totals")
     }
 
     /// One account.
     pub fn account(&self, account_id: &str) -> anyhow::Result<AccountView> {
-        get_json(&format!("{}/v1/accounts/{account_id}", self.base))
+        self.get_ok(&format!("/v1/accounts/{account_id}"))
+    }
+
+    /// The operators' money-moving actions.
+    pub fn audit(&self) -> anyhow::Result<Vec<protocol::AuditEntry>> {
+        self.get_ok("/v1/audit")
     }
 
     /// Registers a store hub's signing key (from its ready line, `hub_key=`).
     pub fn set_hub_key(&self, store_id: &str, public_key: &str) -> anyhow::Result<()> {
-        let response = ureq::put(&format!("{}/v1/stores/{store_id}/hub-key", self.base))
-            .timeout(Duration::from_secs(30))
-            .send_json(serde_json::json!({ "public_key": public_key }))?;
-        if response.status() != 200 {
-            bail!(
-                "registering the hub key of {store_id}: {}",
-                response.status()
-            );
+        let (status, body) = answer(
+            self.agent
+                .put(&format!("{}/v1/stores/{store_id}/hub-key", self.base))
+                .send_json(serde_json::json!({ "public_key": public_key })),
+        )?;
+        if status != 200 {
+            bail!("registering the hub key of {store_id}: {status} {body}");
         }
         Ok(())
     }
@@ -385,20 +609,20 @@ impl CloudApi {
         deposit_id: &str,
         amount_minor: i64,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        post_json(
-            &format!("{}/v1/accounts/{account_id}/deposits", self.base),
+        self.post(
+            &format!("/v1/accounts/{account_id}/deposits"),
             &serde_json::json!({ "deposit_id": deposit_id, "amount_minor": amount_minor }),
         )
     }
 
     /// Accounts in debt.
     pub fn debts(&self) -> anyhow::Result<Vec<AccountView>> {
-        get_json(&format!("{}/v1/debts", self.base))
+        self.get_ok("/v1/debts")
     }
 
     /// Offline payments applied although their code had already paid another payment.
     pub fn code_reuses(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        get_json(&format!("{}/v1/reconciliation/code-reuse", self.base))
+        self.get_ok("/v1/reconciliation/code-reuse")
     }
 
     /// Checks that the books balance: per currency, all balances sum to zero.
@@ -496,7 +720,7 @@ pub fn face_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The cloud's enrollment API, over HTTPS, trusting the cloud's (development) certificate.
+/// The cloud's enrollment API, over HTTPS, trusting the fleet's CA.
 pub struct EnrollApi {
     base: String,
     agent: ureq::Agent,
@@ -504,8 +728,8 @@ pub struct EnrollApi {
 }
 
 impl EnrollApi {
-    /// A client for the API at `addr` whose certificate is the PEM file `cert`, authenticated
-    /// with the operator token in the file `token`.
+    /// A client for the API at `addr` trusting the CA certificate(s) in the PEM file `cert`,
+    /// authenticated with the operator token in the file `token`.
     pub fn new(addr: &str, cert: &Path, token: &Path) -> anyhow::Result<Self> {
         use rustls_pki_types::{pem::PemObject, CertificateDer};
         let mut roots = rustls::RootCertStore::empty();
@@ -522,7 +746,7 @@ impl EnrollApi {
             .tls_config(std::sync::Arc::new(tls))
             .timeout(Duration::from_secs(60))
             .build();
-        // The certificate names localhost and 127.0.0.1.
+        // The cloud's certificate names localhost and 127.0.0.1.
         let token = std::fs::read_to_string(token)
             .with_context(|| format!("reading {}", token.display()))?;
         Ok(EnrollApi {

@@ -42,8 +42,7 @@ impl StoreSite {
         let mut hub_args = vec![
             format!("store_id={store_id}"),
             format!("data_dir={:?}", dir.join(format!("hub-{store_id}"))),
-            "http_listen=127.0.0.1:0".into(),
-            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
             format!("mqtt.port={}", uplink.port),
             "mqtt.keep_alive_seconds=1".into(),
             "mqtt.reconnect_delay_ms=100".into(),
@@ -61,10 +60,10 @@ impl StoreSite {
                 &[
                     format!("store_id={store_id}"),
                     format!("terminal_id=till-{n}"),
-                    "http_listen=127.0.0.1:0".into(),
+                    "register_listen=127.0.0.1:0".into(),
                     "scan_timeout_ms=3000".into(),
                     format!("frames_dir={frames:?}"),
-                    format!("zenoh.connect=[\"tcp/127.0.0.1:{}\"]", downlink.port),
+                    format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", downlink.port),
                 ],
             )
             .context("edge starts")?;

@@ -59,8 +59,7 @@ fn start_stack(dir: &Path) -> Stack {
         &[
             "store_id=store-1".into(),
             format!("data_dir={:?}", dir.join("hub")),
-            "http_listen=127.0.0.1:0".into(),
-            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
             mqtt_port,
             // These tests are about the online path; offline authorization has its own.
             "offline.enabled=false".into(),
@@ -74,10 +73,10 @@ fn start_stack(dir: &Path) -> Stack {
         &[
             "store_id=store-1".into(),
             "terminal_id=till-1".into(),
-            "http_listen=127.0.0.1:0".into(),
+            "register_listen=127.0.0.1:0".into(),
             "scan_timeout_ms=1500".into(),
             format!("frames_dir={:?}", frames),
-            format!("zenoh.connect=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
         ],
     )
     .expect("edge starts");
@@ -228,14 +227,14 @@ fn payments_and_bad_input_through_real_processes() {
     }
 
     // Every tier counts outcomes on /metrics.
-    let edge_metrics = get_text(&format!("http://{edge}/metrics")).unwrap();
+    let edge_metrics = get_text(&format!("http://{}/metrics", s.edge.metrics_addr)).unwrap();
     let approved = "facepay_edge_payment_outcomes_total{outcome=\"approved\",reason=\"none\"}";
     assert_eq!(metric_value(&edge_metrics, approved), Some(3.0));
     let hub_metrics = get_text(&format!("http://{}/metrics", s.hub.http_addr)).unwrap();
     let replayed =
         "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_replayed\"}";
     assert_eq!(metric_value(&hub_metrics, replayed), Some(1.0));
-    let cloud_metrics = get_text(&format!("http://{}/metrics", s.cloud.http_addr)).unwrap();
+    let cloud_metrics = get_text(&format!("http://{}/metrics", s.cloud.metrics_addr)).unwrap();
     let funds =
         "facepay_cloud_payment_outcomes_total{outcome=\"declined\",reason=\"insufficient_funds\"}";
     assert_eq!(metric_value(&cloud_metrics, funds), Some(1.0));
@@ -248,10 +247,10 @@ fn edge_without_its_hub_says_store_system_unreachable() {
     let edge = Service::start(
         "facepay-edge",
         &[
-            "http_listen=127.0.0.1:0".into(),
+            "register_listen=127.0.0.1:0".into(),
             "hub_timeout_ms=500".into(),
             format!("frames_dir={:?}", frames),
-            format!("zenoh.connect=[\"tcp/127.0.0.1:{}\"]", free_port()),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", free_port()),
         ],
     )
     .unwrap();
@@ -270,7 +269,7 @@ fn a_config_typo_fails_before_binding_with_exit_64() {
     for (binary, text, key) in [
         (
             "facepay-cloud",
-            "http_listen = \"127.0.0.1:0\"\ndata_dri = \"x\"\n",
+            "admin_listen = \"127.0.0.1:0\"\ndata_dri = \"x\"\n",
             "data_dri",
         ),
         (
@@ -470,8 +469,7 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
         &[
             "store_id=store-1".into(),
             format!("data_dir={:?}", dir.path().join("hub")),
-            "http_listen=127.0.0.1:0".into(),
-            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
             format!("mqtt.port={}", link.port),
             "mqtt.keep_alive_seconds=1".into(),
             "mqtt.reconnect_delay_ms=100".into(),
@@ -485,10 +483,10 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
         "facepay-edge",
         &[
             "store_id=store-1".into(),
-            "http_listen=127.0.0.1:0".into(),
+            "register_listen=127.0.0.1:0".into(),
             "scan_timeout_ms=3000".into(),
             format!("frames_dir={frames:?}"),
-            format!("zenoh.connect=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
         ],
     )
     .expect("edge starts");
@@ -544,10 +542,10 @@ fn an_edge_cut_from_its_hub_fails_fast_and_recovers_when_healed() {
         &[
             "store_id=store-1".into(),
             "terminal_id=till-2".into(),
-            "http_listen=127.0.0.1:0".into(),
+            "register_listen=127.0.0.1:0".into(),
             "scan_timeout_ms=3000".into(),
             format!("frames_dir={frames:?}"),
-            format!("zenoh.connect=[\"tcp/127.0.0.1:{}\"]", link.port),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", link.port),
         ],
     )
     .expect("edge starts");

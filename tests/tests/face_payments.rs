@@ -31,8 +31,7 @@ fn start_store(dir: &Path, store_id: &str, mqtt_port: u16) -> Store {
         &[
             format!("store_id={store_id}"),
             format!("data_dir={:?}", dir.join(store_id).join("hub")),
-            "http_listen=127.0.0.1:0".into(),
-            format!("zenoh.listen=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
             format!("mqtt.port={mqtt_port}"),
             "identify.free_failures=2".into(),
             "identify.lockout_base_seconds=600".into(),
@@ -46,12 +45,12 @@ fn start_store(dir: &Path, store_id: &str, mqtt_port: u16) -> Store {
         &[
             format!("store_id={store_id}"),
             "terminal_id=till-1".into(),
-            "http_listen=127.0.0.1:0".into(),
+            "register_listen=127.0.0.1:0".into(),
             "scan_timeout_ms=3000".into(),
             "face_timeout_ms=3000".into(),
             format!("frames_dir={frames:?}"),
             format!("camera_dir={camera:?}"),
-            format!("zenoh.connect=[\"tcp/127.0.0.1:{zenoh_port}\"]"),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
         ],
     )
     .expect("edge starts");
@@ -135,8 +134,8 @@ fn pay_by_face_end_to_end() {
             })
             .unwrap();
     }
-    // The enrollment API is HTTPS only, with the development certificate the cloud generated.
-    let cert = Path::new(&cloud.ready["cert"]).to_owned();
+    // The enrollment API is HTTPS only, with the cloud's certificate of the fleet's CA.
+    let cert = Path::new(&cloud.ready["ca"]).to_owned();
     assert!(cert.exists(), "{cert:?}");
     let token = Path::new(&cloud.ready["token"]).to_owned();
     let api = EnrollApi::new(&cloud.ready["api"], &cert, &token).unwrap();

@@ -202,7 +202,7 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
             "{id} declined"
         );
     }
-    let cloud_page = tests::get_text(&format!("http://{}/metrics", cloud.http_addr)).unwrap();
+    let cloud_page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
     assert_eq!(
         tests::metric_value(&cloud_page, "facepay_cloud_offline_applied_total"),
         Some(3.0)
@@ -263,14 +263,14 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
     assert_eq!(reuses[0]["entry"]["payment_id"], "store-1:offline");
     assert_eq!(reuses[0]["first_payment_id"], "store-2:online");
     tests::wait_for_metric(
-        cloud.http_addr,
+        cloud.metrics_addr,
         "facepay_cloud_offline_code_reuse_total",
         1.0,
         Duration::from_secs(5),
     )
     .unwrap();
     tests::wait_for_metric(
-        cloud.http_addr,
+        cloud.metrics_addr,
         "facepay_cloud_accounts_in_debt",
         1.0,
         Duration::from_secs(5),
@@ -298,7 +298,7 @@ fn an_offline_payment_the_balance_cannot_cover_puts_the_account_in_debt_everywhe
     assert_eq!(status, 400, "{bad}");
     assert!(api.debts().unwrap().is_empty());
     tests::wait_for_metric(
-        cloud.http_addr,
+        cloud.metrics_addr,
         "facepay_cloud_accounts_in_debt",
         0.0,
         Duration::from_secs(5),

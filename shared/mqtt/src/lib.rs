@@ -1,9 +1,9 @@
 //! The MQTT link between store hubs and the cloud: its configuration section and the loop that
 //! drives a `rumqttc` event loop, turning it into a small set of link events.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 
 pub use rumqttc::{AsyncClient as Client, QoS};
@@ -17,9 +17,9 @@ pub const MAX_PACKET_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// Broker host name or address.
+    /// Broker host name or address; the broker's certificate must name it.
     pub host: String,
-    /// Broker TCP port.
+    /// Broker TLS port.
     pub port: u16,
     /// MQTT keep-alive; a dead broker is noticed within about 1.5 times this.
     pub keep_alive_seconds: u64,
@@ -31,7 +31,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             host: "127.0.0.1".into(),
-            port: 1883,
+            port: 8883,
             keep_alive_seconds: 5,
             reconnect_delay_ms: 500,
         }
@@ -65,11 +65,23 @@ impl MqttConfig {
         Ok(())
     }
 
-    /// A client with a persistent session (`clean_session = false`), so that QoS 1 messages sent
-    /// while it was away are delivered when it returns.
-    pub fn connect(&self, client_id: &str) -> (AsyncClient, EventLoop) {
+    /// A client over TLS with a persistent session (`clean_session = false`), so that QoS 1
+    /// messages sent while it was away are delivered when it returns. `tls` presents the tier's
+    /// certificate and trusts only a broker certificate of the fleet's CA. The client id is the
+    /// certificate's common name: a broker configured with `use_identity_as_username` and
+    /// `use_username_as_clientid` (ops/mosquitto) gives each certificate its own session, so no
+    /// other client can take it over.
+    pub fn connect(
+        &self,
+        identity: &pki::TlsIdentity,
+    ) -> Result<(AsyncClient, EventLoop), pki::PkiError> {
+        let tls = identity.client_config()?;
+        let client_id = identity.identity.common_name.clone();
         let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
         options
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )))
             .set_keep_alive(Duration::from_secs(self.keep_alive_seconds))
             .set_clean_session(false)
             .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
@@ -79,7 +91,7 @@ impl MqttConfig {
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
-        (client, eventloop)
+        Ok((client, eventloop))
     }
 }
 

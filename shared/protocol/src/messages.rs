@@ -522,6 +522,24 @@ pub struct Deposit {
     pub amount_minor: i64,
 }
 
+/// One money-moving operator action on the cloud's admin API, as the audit trail keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who: the common name of the operator's certificate (or `enrollment-token` for the
+    /// enrollment API's bearer token).
+    pub operator: String,
+    /// What: `open_account`, `deposit`, `set_hub_key`.
+    pub action: String,
+    /// On what: the account or store.
+    pub target: String,
+    /// The request's details (amount, deposit id, key).
+    pub detail: String,
+    /// `applied`, or why it was refused.
+    pub outcome: String,
+}
+
 /// A ledger transfer as the cloud reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferView {

@@ -32,47 +32,210 @@ async fn metrics_handler(registry: web::Data<Registry>) -> HttpResponse {
         .body(render(&registry))
 }
 
-/// Serves a tier's HTTP API with `/metrics` and `/healthz` on one worker thread, on the current
-/// actix system, and returns the bound address (port 0 picks one) and the server's handle.
-pub fn serve_http<F>(
-    listen: &str,
-    registry: Registry,
-    routes: F,
-) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
-where
-    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
-{
-    serve(listen, registry, None, routes)
+/// The `[metrics]` section every tier shares: `/metrics` and `/healthz` on a listener of their
+/// own, so that Prometheus can scrape a fleet without reaching any API that moves money.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// address:port; port 0 picks a free one.
+    pub listen: String,
+    /// Serve over TLS with the tier's own certificate (Prometheus then scrapes with
+    /// `scheme: https` and the fleet's `ca.pem`).
+    pub tls: bool,
+    /// File of `user:sha256-hex` lines; when set, every scrape needs HTTP basic auth with one of
+    /// these users (a SHA-256 of the password is all the tier keeps).
+    pub basic_auth_file: Option<std::path::PathBuf>,
 }
 
-/// Like [`serve_http`], over TLS (rustls): for APIs that carry personal data.
-pub fn serve_https<F>(
-    listen: &str,
-    registry: Registry,
-    tls: rustls::ServerConfig,
-    routes: F,
-) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
-where
-    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
-{
-    serve(listen, registry, Some(tls), routes)
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig::on("127.0.0.1:0")
+    }
 }
 
-fn serve<F>(
-    listen: &str,
+impl MetricsConfig {
+    /// A metrics listener on `listen`, plain HTTP, no auth.
+    pub fn on(listen: &str) -> Self {
+        MetricsConfig {
+            listen: listen.into(),
+            tls: false,
+            basic_auth_file: None,
+        }
+    }
+
+    /// Checks the address; the error names the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err((
+                format!("{prefix}.listen"),
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:9100",
+                    self.listen
+                ),
+            ));
+        }
+        if self
+            .basic_auth_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err((
+                format!("{prefix}.basic_auth_file"),
+                "must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Who is on the other end of an HTTPS connection with a client certificate: its verified
+/// subject, in the request's connection data.
+#[derive(Debug, Clone)]
+pub struct Peer(pub Option<pki::PeerIdentity>);
+
+/// A check run on every request before its body is read: `Some(response)` refuses it.
+pub type Gate =
+    std::sync::Arc<dyn Fn(&actix_web::dev::ServiceRequest) -> Option<HttpResponse> + Send + Sync>;
+
+/// Serves `/metrics` and `/healthz` for a registry on one worker thread of the current actix
+/// system; with `tls`, over HTTPS with that configuration. Returns the bound address and the
+/// server's handle.
+pub fn serve_metrics(
+    config: &MetricsConfig,
     registry: Registry,
     tls: Option<rustls::ServerConfig>,
+) -> anyhow::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)> {
+    use anyhow::Context as _;
+    let users = match &config.basic_auth_file {
+        None => None,
+        Some(path) => Some(read_basic_auth_file(path)?),
+    };
+    let gate: Option<Gate> = users.map(|users| {
+        let users = std::sync::Arc::new(users);
+        let gate: Gate = std::sync::Arc::new(move |request: &actix_web::dev::ServiceRequest| {
+            if basic_auth_ok(request, &users) {
+                None
+            } else {
+                Some(
+                    HttpResponse::Unauthorized()
+                        .insert_header(("WWW-Authenticate", "Basic realm=\"metrics\""))
+                        .finish(),
+                )
+            }
+        });
+        gate
+    });
+    serve_api(&config.listen, tls, gate, move |cfg| {
+        configure_metrics(cfg, registry.clone());
+        cfg.route("/healthz", web::get().to(|| async { "ok" }));
+    })
+    .with_context(|| format!("binding metrics.listen {}", config.listen))
+}
+
+fn read_basic_auth_file(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::HashMap<String, [u8; 32]>> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading metrics.basic_auth_file {}", path.display()))?;
+    let mut users = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parsed = line.split_once(':').and_then(|(user, digest)| {
+            let bytes: Vec<u8> = (0..digest.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(digest.get(i..i + 2)?, 16).ok())
+                .collect::<Option<_>>()?;
+            Some((user.to_owned(), <[u8; 32]>::try_from(bytes).ok()?))
+        });
+        match parsed {
+            Some((user, digest)) => {
+                users.insert(user, digest);
+            }
+            None => anyhow::bail!(
+                "{} line {}: expected user:<64 hex digits of the password's SHA-256>",
+                path.display(),
+                n + 1
+            ),
+        }
+    }
+    Ok(users)
+}
+
+fn basic_auth_ok(
+    request: &actix_web::dev::ServiceRequest,
+    users: &std::collections::HashMap<String, [u8; 32]>,
+) -> bool {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let Some(encoded) = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+    else {
+        return false;
+    };
+    let Some(decoded) = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+    else {
+        return false;
+    };
+    let Some((user, password)) = decoded.split_once(':') else {
+        return false;
+    };
+    let digest: [u8; 32] = sha2::Sha256::digest(password.as_bytes()).into();
+    users.get(user).is_some_and(|expected| *expected == digest)
+}
+
+/// Serves a tier's API on one worker thread of the current actix system: over HTTPS with `tls`
+/// (the peer's verified certificate subject, if it presented one, is in the connection data as a
+/// [`Peer`]), with `gate` run on every request before its body is read. Returns the bound address
+/// (port 0 picks one) and the server's handle.
+pub fn serve_api<F>(
+    listen: &str,
+    tls: Option<rustls::ServerConfig>,
+    gate: Option<Gate>,
     routes: F,
 ) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
+    use actix_web::dev::Service as _;
     let server = actix_web::HttpServer::new(move || {
-        let registry = registry.clone();
+        let gate = gate.clone();
         actix_web::App::new()
-            .configure(|cfg| configure_metrics(cfg, registry))
-            .route("/healthz", web::get().to(|| async { "ok" }))
+            .wrap_fn(move |request, service| {
+                let refusal = gate.as_ref().and_then(|gate| gate(&request));
+                let call = match refusal {
+                    Some(refusal) => Err(request.into_response(refusal)),
+                    None => Ok(service.call(request)),
+                };
+                async move {
+                    match call {
+                        Err(refused) => Ok(refused),
+                        Ok(future) => future.await.map(|r| r.map_into_boxed_body()),
+                    }
+                }
+            })
             .configure(routes.clone())
+    })
+    .on_connect(|connection, data| {
+        use actix_tls::accept::rustls_0_23::TlsStream;
+        if let Some(stream) = connection.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>()
+        {
+            let (_, session) = stream.get_ref();
+            let peer = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(pki::peer_identity);
+            data.insert(Peer(peer));
+        }
     })
     .workers(1)
     .disable_signals()

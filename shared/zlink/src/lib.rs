@@ -1,6 +1,11 @@
 //! The Zenoh link between edge terminals and their store hub: its configuration section and a
 //! session that lives on its own multi-thread Tokio runtime.
 //!
+//! Every link is TLS with mutual authentication (certificates of the fleet's CA, see the `pki`
+//! crate), and Zenoh's access control denies everything except the key expressions of the store
+//! to the peers named in [`ZenohSecurity`]: a hub answers only its store's terminals, a terminal
+//! hears only its store's hub.
+//!
 //! Zenoh refuses Tokio's current-thread scheduler, which is what actix runs actors on, so the
 //! session is opened and driven on a dedicated runtime; actors reach it through [`ZenohLink::spawn`]
 //! and await the join handle.
@@ -19,7 +24,7 @@ pub const ZENOH_WORKER_THREADS: usize = 2;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZenohConfig {
-    /// Endpoints to listen on, e.g. `tcp/127.0.0.1:7447` (the hub listens).
+    /// Endpoints to listen on, e.g. `tls/127.0.0.1:7447` (the hub listens).
     pub listen: Vec<String>,
     /// Endpoints to connect to (the edge connects to its hub).
     pub connect: Vec<String>,
@@ -35,12 +40,14 @@ impl ZenohConfig {
             for endpoint in endpoints {
                 let ok = endpoint
                     .split_once('/')
-                    .map(|(proto, addr)| matches!(proto, "tcp" | "tls") && !addr.is_empty())
+                    .map(|(proto, addr)| proto == "tls" && !addr.is_empty())
                     .unwrap_or(false);
                 if !ok {
                     return Err((
                         format!("{prefix}.{key}"),
-                        format!("{endpoint:?} is not an endpoint such as \"tcp/127.0.0.1:7447\""),
+                        format!(
+                            "{endpoint:?} is not a TLS endpoint such as \"tls/127.0.0.1:7447\""
+                        ),
                     ));
                 }
             }
@@ -54,7 +61,7 @@ impl ZenohConfig {
         Ok(())
     }
 
-    fn to_zenoh(&self) -> anyhow::Result<zenoh::Config> {
+    fn to_zenoh(&self, security: &ZenohSecurity) -> anyhow::Result<zenoh::Config> {
         let mut config = zenoh::Config::default();
         let list = |v: &[String]| serde_json_list(v);
         let set = |config: &mut zenoh::Config, key: &str, value: String| {
@@ -74,7 +81,59 @@ impl ZenohConfig {
         set(&mut config, "connect/timeout_ms", "-1".into())?;
         set(&mut config, "connect/exit_on_failure", "false".into())?;
         set(&mut config, "listen/exit_on_failure", "true".into())?;
+        // Peers are configured explicitly; none learns of others through gossip.
+        set(&mut config, "scouting/gossip/enabled", "false".into())?;
+        let path = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+        let files = &security.files;
+        for (key, value) in [
+            ("root_ca_certificate", path(&files.ca)),
+            ("listen_certificate", path(&files.cert)),
+            ("listen_private_key", path(&files.key)),
+            ("connect_certificate", path(&files.cert)),
+            ("connect_private_key", path(&files.key)),
+            ("enable_mtls", "true".into()),
+            ("verify_name_on_connect", "true".into()),
+            ("close_link_on_expiration", "true".into()),
+        ] {
+            set(&mut config, &format!("transport/link/tls/{key}"), value)?;
+        }
+        set(&mut config, "access_control", security.access_control())?;
         Ok(config)
+    }
+}
+
+/// Who may talk to this session, and about what.
+#[derive(Debug, Clone)]
+pub struct ZenohSecurity {
+    /// This tier's certificate, key and the CA peers must chain to.
+    pub files: pki::TlsFiles,
+    /// Certificate common names of the peers allowed; every other peer is denied everything
+    /// (its queries, replies and declarations are dropped).
+    pub allowed_peers: Vec<String>,
+    /// The key expressions the allowed peers may use.
+    pub key_exprs: Vec<String>,
+}
+
+impl ZenohSecurity {
+    /// Zenoh's `access_control` section: deny by default, allow the named peers on the key
+    /// expressions, in both directions.
+    fn access_control(&self) -> String {
+        let list = serde_json_list;
+        if self.allowed_peers.is_empty() {
+            return r#"{"enabled": true, "default_permission": "deny"}"#.into();
+        }
+        format!(
+            r#"{{"enabled": true, "default_permission": "deny",
+                "rules": [{{"id": "store", "permission": "allow", "flows": ["egress", "ingress"],
+                    "messages": ["put", "delete", "declare_subscriber", "query", "declare_queryable",
+                                 "reply", "liveliness_token", "declare_liveliness_subscriber",
+                                 "liveliness_query"],
+                    "key_exprs": {keys}}}],
+                "subjects": [{{"id": "peers", "cert_common_names": {peers}}}],
+                "policies": [{{"rules": ["store"], "subjects": ["peers"]}}]}}"#,
+            keys = list(&self.key_exprs),
+            peers = list(&self.allowed_peers),
+        )
     }
 }
 
@@ -95,15 +154,16 @@ struct Inner {
 }
 
 impl ZenohLink {
-    /// Builds the runtime and opens the session on it. Blocks the calling thread until open.
-    pub fn open(config: &ZenohConfig) -> anyhow::Result<Self> {
+    /// Builds the runtime and opens the session on it, with TLS and access control from
+    /// `security`. Blocks the calling thread until open.
+    pub fn open(config: &ZenohConfig, security: &ZenohSecurity) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(ZENOH_WORKER_THREADS)
             .thread_name("zenoh")
             .enable_all()
             .build()
             .context("starting the zenoh runtime")?;
-        let zconfig = config.to_zenoh()?;
+        let zconfig = config.to_zenoh(security)?;
         // Opening from inside the runtime: zenoh must see a multi-thread scheduler.
         let session = std::thread::scope(|s| {
             s.spawn(|| runtime.block_on(async { zenoh::open(zconfig).await }))
@@ -163,10 +223,15 @@ mod tests {
     #[test]
     fn endpoints_are_checked() {
         let ok = ZenohConfig {
-            listen: vec!["tcp/127.0.0.1:7447".into()],
+            listen: vec!["tls/127.0.0.1:7447".into()],
             ..Default::default()
         };
         assert!(ok.validate("zenoh").is_ok());
+        let plaintext = ZenohConfig {
+            listen: vec!["tcp/127.0.0.1:7447".into()],
+            ..Default::default()
+        };
+        assert_eq!(plaintext.validate("zenoh").unwrap_err().0, "zenoh.listen");
         let bad = ZenohConfig {
             connect: vec!["127.0.0.1:7447".into()],
             ..Default::default()

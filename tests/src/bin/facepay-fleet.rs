@@ -1,7 +1,9 @@
-//! `facepay-fleet`: the whole fleet in one process on loopback — an embedded MQTT broker, the
-//! cloud, two store hubs and two edge terminals per store — customers enrolled with their faces
-//! over the HTTPS enrollment API, and a scripted cash register that charges a series of orders
-//! paid with QR payment codes, faces, or both, declines included. Prints a summary.
+//! `facepay-fleet`: the whole fleet on loopback — a fleet PKI of its own, Mosquitto configured
+//! as `ops/mosquitto` ships it (TLS with client certificates, ACL), the cloud, two store hubs and
+//! two edge terminals per store in one process — customers enrolled with their faces over the
+//! HTTPS enrollment API, and a scripted cash register that charges a series of orders paid with
+//! QR payment codes, faces, or both, declines included. Prints a summary; with `--serve` the
+//! fleet keeps running until Ctrl-C and prints where everything listens.
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +36,10 @@ struct Cli {
     /// Keep the fleet's data here instead of a temporary directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// After the scripted orders, keep the fleet running until Ctrl-C and print one line
+    /// `{"serving": {...}}` naming every listening address and the PKI directory.
+    #[arg(long)]
+    serve: bool,
 }
 
 const STORES: [&str; 2] = ["store-1", "store-2"];
@@ -71,7 +77,10 @@ struct Summary {
 
 struct Fleet {
     cloud: SocketAddr,
+    pki_dir: PathBuf,
     edges: BTreeMap<(String, String), (SocketAddr, PathBuf)>,
+    /// Where everything listens, for `--serve`.
+    serving: serde_json::Value,
 }
 
 /// Customers enrolled by face: id, home store, PIN, enrollment photo, confirmed look-alike of.
@@ -97,7 +106,7 @@ fn step(n: usize, total: usize, what: &str) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "error,rumqttd=off");
+        std::env::set_var("RUST_LOG", "error");
     }
     telemetry::init_tracing();
     let temp = tempfile::tempdir()?;
@@ -107,9 +116,29 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| temp.path().to_owned());
     let started = Instant::now();
 
-    step(1, 5, "starting the embedded MQTT broker (rumqttd)");
+    step(
+        1,
+        5,
+        "making the fleet's PKI, starting Mosquitto (TLS, client certificates, ACL)",
+    );
+    let pki_dir = data_dir.join("pki");
+    tests::make_pki(&pki_dir)?;
+    {
+        let pki = pki::Pki::open(&pki_dir)?;
+        for store_id in STORES {
+            pki.ensure(&pki::Identity::hub(store_id)?, &Default::default())?;
+            for terminal_id in TILLS {
+                pki.ensure(
+                    &pki::Identity::edge(store_id, terminal_id)?,
+                    &Default::default(),
+                )?;
+            }
+        }
+    }
     let broker_port = free_port();
-    tests::start_embedded_broker(broker_port)?;
+    let broker_dir = data_dir.join("broker");
+    std::fs::create_dir_all(&broker_dir)?;
+    let _broker = tests::Mosquitto::start_with_pki(&broker_dir, broker_port, &pki_dir)?;
 
     // The actors run on an actix system on their own thread; the cash register and the customers'
     // phones block, so they run here.
@@ -118,7 +147,7 @@ fn main() -> anyhow::Result<()> {
     let data = data_dir.clone();
     let actors = std::thread::spawn(move || {
         actix::System::new().block_on(async move {
-            match start_fleet(broker_port, &data).await {
+            match start_fleet(broker_port, &data, &data.join("pki")).await {
                 Ok((fleet, servers, hubs)) => {
                     let _ = ready_tx.send(Ok(fleet));
                     let _ = stop_rx.await;
@@ -135,10 +164,28 @@ fn main() -> anyhow::Result<()> {
     });
     let fleet = ready_rx.recv().context("the fleet thread died")??;
     let summary = run_script(&fleet, started);
+    if let (true, Ok(summary)) = (cli.serve, &summary) {
+        print_summary(summary, cli.json)?;
+        let line = serde_json::json!({ "serving": fleet.serving });
+        if cli.json {
+            println!("{line}");
+        } else {
+            println!();
+            println!("serving until Ctrl-C: {line}");
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(telemetry::wait_for_shutdown());
+    }
     let _ = stop_tx.send(());
     let _ = actors.join();
     let summary = summary?;
-    print_summary(&summary, cli.json)?;
+    if !cli.serve {
+        print_summary(&summary, cli.json)?;
+    }
     if !summary.books_balance {
         bail!("the ledger does not balance");
     }
@@ -148,6 +195,7 @@ fn main() -> anyhow::Result<()> {
 async fn start_fleet(
     broker_port: u16,
     data_dir: &std::path::Path,
+    pki_dir: &std::path::Path,
 ) -> anyhow::Result<(
     Fleet,
     Vec<actix_web::dev::ServerHandle>,
@@ -159,21 +207,29 @@ async fn start_fleet(
         5,
         "starting the cloud, opening demo accounts, enrolling faces over HTTPS",
     );
+    let tls = pki::TlsConfig {
+        pki_dir: pki_dir.to_owned(),
+        ..Default::default()
+    };
+    let metrics = telemetry::MetricsConfig::on("127.0.0.1:0");
     let mut cloud_config = cloud::CloudConfig {
         data_dir: data_dir.join("cloud"),
-        http_listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
         api_listen: "127.0.0.1:0".into(),
+        metrics: metrics.clone(),
+        tls: tls.clone(),
         ..Default::default()
     };
     cloud_config.mqtt.port = broker_port;
     let cloud = cloud::start(cloud_config).await?;
-    servers.push(cloud.server_handle());
-    servers.push(cloud.api_server_handle());
-    let api_addr = cloud.http_addr;
-    let customers = tokio::task::spawn_blocking(move || open_accounts(api_addr)).await??;
+    servers.extend(cloud.server_handles());
+    let api_addr = cloud.admin_addr;
+    let operator_pki = pki_dir.to_owned();
+    let customers =
+        tokio::task::spawn_blocking(move || open_accounts(api_addr, &operator_pki)).await??;
     let (enroll_addr, cert, token) = (
         cloud.api_addr,
-        cloud.api_cert.clone(),
+        cloud.ca_cert.clone(),
         cloud.api_token.clone(),
     );
     let enrolled =
@@ -187,13 +243,14 @@ async fn start_fleet(
         let mut config = hub::HubConfig {
             store_id: store_id.into(),
             data_dir: data_dir.join(store_id).join("hub"),
-            http_listen: "127.0.0.1:0".into(),
+            metrics: metrics.clone(),
+            tls: tls.clone(),
             ..Default::default()
         };
         config.mqtt.port = broker_port;
-        config.zenoh.listen = vec![format!("tcp/127.0.0.1:{zenoh_port}")];
+        config.zenoh.listen = vec![format!("tls/127.0.0.1:{zenoh_port}")];
         let hub = hub::start(config).await?;
-        let hub_http = hub.http_addr;
+        let hub_http = hub.metrics_addr;
         let home_templates = enrolled.get(store_id).copied().unwrap_or(0);
         tokio::task::spawn_blocking(move || {
             wait_for_keys(hub_http, customers, Duration::from_secs(20))?;
@@ -211,31 +268,61 @@ async fn start_fleet(
 
     step(4, 5, "starting two edge terminals per store");
     let mut edges = BTreeMap::new();
+    let mut serving_edges = Vec::new();
     for (store_id, zenoh_port, _) in &hubs {
         for terminal_id in TILLS {
             let frames_dir = data_dir.join(store_id).join(terminal_id).join("frames");
             let mut config = edge::EdgeConfig {
                 store_id: store_id.to_string(),
                 terminal_id: terminal_id.into(),
-                http_listen: "127.0.0.1:0".into(),
+                register_listen: "127.0.0.1:0".into(),
+                metrics: metrics.clone(),
+                tls: tls.clone(),
                 scan_timeout_ms: 3_000,
                 frames_dir: frames_dir.clone(),
                 ..Default::default()
             };
-            config.zenoh.connect = vec![format!("tcp/127.0.0.1:{zenoh_port}")];
+            config.zenoh.connect = vec![format!("tls/127.0.0.1:{zenoh_port}")];
             let edge = edge::start(config).await?;
-            servers.push(edge.server_handle());
+            servers.extend(edge.server_handles());
+            serving_edges.push(serde_json::json!({
+                "store_id": store_id,
+                "terminal_id": terminal_id,
+                "register": format!("http://{}", edge.register_addr),
+                "metrics": format!("http://{}/metrics", edge.metrics_addr),
+            }));
             edges.insert(
                 (store_id.to_string(), terminal_id.to_string()),
-                (edge.http_addr, frames_dir),
+                (edge.register_addr, frames_dir),
             );
         }
     }
+    let serving_hubs: Vec<serde_json::Value> = hubs
+        .iter()
+        .map(|(store_id, zenoh_port, hub)| {
+            serde_json::json!({
+                "store_id": store_id,
+                "zenoh": format!("tls/127.0.0.1:{zenoh_port}"),
+                "metrics": format!("http://{}/metrics", hub.metrics_addr),
+            })
+        })
+        .collect();
+    let serving = serde_json::json!({
+        "broker": format!("mqtts://127.0.0.1:{broker_port}"),
+        "cloud_admin": format!("https://{}", cloud.admin_addr),
+        "cloud_enrollment": format!("https://{}", cloud.api_addr),
+        "metrics": format!("http://{}/metrics", cloud.metrics_addr),
+        "pki_dir": pki_dir,
+        "hubs": serving_hubs,
+        "edges": serving_edges,
+    });
     let hub_handles = hubs.into_iter().map(|(_, _, hub)| hub).collect();
     Ok((
         Fleet {
             cloud: api_addr,
+            pki_dir: pki_dir.to_owned(),
             edges,
+            serving,
         },
         servers,
         hub_handles,
@@ -288,8 +375,8 @@ fn enroll_faces(
     Ok(per_store)
 }
 
-fn open_accounts(cloud: SocketAddr) -> anyhow::Result<usize> {
-    let api = CloudApi::new(cloud);
+fn open_accounts(cloud: SocketAddr, pki_dir: &std::path::Path) -> anyhow::Result<usize> {
+    let api = CloudApi::as_operator(cloud, pki_dir, "operator")?;
     let eur = Currency::parse(CURRENCY)?;
     for store_id in STORES {
         api.open(&OpenAccount {
@@ -518,7 +605,7 @@ fn verify_face(
 }
 
 fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
-    let api = CloudApi::new(fleet.cloud);
+    let api = CloudApi::as_operator(fleet.cloud, &fleet.pki_dir, "operator")?;
     let balances = |api: &CloudApi| -> anyhow::Result<BTreeMap<String, i64>> {
         Ok(api
             .accounts()?

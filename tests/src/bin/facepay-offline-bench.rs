@@ -206,8 +206,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
         &[
             "store_id=store-1".into(),
             format!("data_dir={hub_dir:?}"),
-            "http_listen=127.0.0.1:0".into(),
-            format!("zenoh.listen=[\"tcp/127.0.0.1:{}\"]", tests::free_port()),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{}\"]", tests::free_port()),
             format!("mqtt.port={}", broker.port),
             format!("offline.drain_batch={}", cli.batch),
         ],

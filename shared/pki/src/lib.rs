@@ -1,0 +1,246 @@
+//! The fleet's public-key infrastructure: a root CA, certificates for every tier, a revocation
+//! list, and the rustls configurations every link is built from.
+//!
+//! A PKI directory has one layout that scripts and operators can rely on:
+//!
+//! ```text
+//! ca.pem  ca.key                      the chain's root CA (keep ca.key offline in production)
+//! crl.pem                             the revocation list, signed by the CA
+//! index.json                          every certificate issued: name, serial, expiry, revocation
+//! cloud.pem  cloud.key                the cloud (MQTT client, HTTPS server)
+//! broker.pem broker.key               the MQTT broker
+//! hub-<store>.pem  .key               a store's hub (MQTT client, Zenoh server)
+//! edge-<store>-<terminal>.pem  .key   a checkout terminal (Zenoh client)
+//! operator.pem  operator.key          an operator of the admin API (money-moving role)
+//! operator-<name>.pem  .key           more operators, each with its role
+//! ```
+//!
+//! Private keys are written owner-only (0600) and a tier refuses to start on a key file that
+//! others can read ([`check_key_permissions`]). Identities live in the certificate subject: the
+//! common name is what brokers and Zenoh access control match on, the organizational unit is the
+//! role ([`Role`]).
+
+pub mod config;
+mod error;
+mod issue;
+mod load;
+mod token;
+
+pub use config::TlsConfig;
+pub use error::PkiError;
+pub use issue::{IndexEntry, IssueOptions, Pki};
+pub use load::{
+    check_key_permissions, peer_identity, revoked_serials, terminal_common_names, ClientAuth,
+    PeerIdentity, TlsFiles, TlsIdentity,
+};
+pub use token::{bearer_matches, token_digest};
+
+/// What a certificate's holder is, carried in the subject's organizational unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The cloud: the only identity that may publish replies, keys, templates, allowances and
+    /// revocations on the broker.
+    Cloud,
+    /// The MQTT broker.
+    Broker,
+    /// A store's hub; its common name is its store id.
+    Hub,
+    /// A checkout terminal of one store.
+    Edge,
+    /// An operator of the admin API who may move money (opening balances, deposits, hub keys).
+    Operator,
+    /// An operator of the admin API who may only read.
+    Viewer,
+}
+
+impl Role {
+    /// The organizational unit written in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Cloud => "cloud",
+            Role::Broker => "broker",
+            Role::Hub => "hub",
+            Role::Edge => "edge",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    /// The role an organizational unit names.
+    pub fn parse(text: &str) -> Option<Role> {
+        [
+            Role::Cloud,
+            Role::Broker,
+            Role::Hub,
+            Role::Edge,
+            Role::Operator,
+            Role::Viewer,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == text)
+    }
+}
+
+/// Names a hub certificate may not take as a store id: they are other identities' common names.
+pub const RESERVED_STORE_IDS: [&str; 3] = ["cloud", "broker", "operator"];
+
+/// One certificate's holder: its file name in the PKI directory, its common name and its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// File stem in the PKI directory (`hub-store-1` for `hub-store-1.pem`/`.key`).
+    pub name: String,
+    /// Subject common name: what the broker's ACL (`use_identity_as_username`) and Zenoh's access
+    /// control see.
+    pub common_name: String,
+    /// Subject organizational unit.
+    pub role: Role,
+}
+
+impl Identity {
+    /// The cloud.
+    pub fn cloud() -> Self {
+        Identity {
+            name: "cloud".into(),
+            common_name: "cloud".into(),
+            role: Role::Cloud,
+        }
+    }
+
+    /// The MQTT broker.
+    pub fn broker() -> Self {
+        Identity {
+            name: "broker".into(),
+            common_name: "broker".into(),
+            role: Role::Broker,
+        }
+    }
+
+    /// A store's hub: common name = store id, so that the broker's ACL pattern `%u` is the store.
+    pub fn hub(store_id: &str) -> Result<Self, PkiError> {
+        check_id("store id", store_id)?;
+        if RESERVED_STORE_IDS.contains(&store_id) {
+            return Err(PkiError::Invalid(format!(
+                "store id {store_id:?} is reserved for another identity"
+            )));
+        }
+        Ok(Identity {
+            name: format!("hub-{store_id}"),
+            common_name: store_id.into(),
+            role: Role::Hub,
+        })
+    }
+
+    /// A checkout terminal. Its common name `edge:<store>:<terminal>` cannot be mistaken for
+    /// another store's terminal (ids never contain `:`).
+    pub fn edge(store_id: &str, terminal_id: &str) -> Result<Self, PkiError> {
+        check_id("store id", store_id)?;
+        check_id("terminal id", terminal_id)?;
+        Ok(Identity {
+            name: format!("edge-{store_id}-{terminal_id}"),
+            common_name: edge_common_name(store_id, terminal_id),
+            role: Role::Edge,
+        })
+    }
+
+    /// An operator of the admin API: `operator` for the default one (money-moving), or
+    /// `operator-<name>` with the given role.
+    pub fn operator(name: Option<&str>, role: Role) -> Result<Self, PkiError> {
+        if !matches!(role, Role::Operator | Role::Viewer) {
+            return Err(PkiError::Invalid(
+                "an operator's role is operator or viewer".into(),
+            ));
+        }
+        let name = match name {
+            None => "operator".to_string(),
+            Some(n) => {
+                check_id("operator name", n)?;
+                format!("operator-{n}")
+            }
+        };
+        Ok(Identity {
+            common_name: match name.strip_prefix("operator-") {
+                Some(n) => format!("operator:{n}"),
+                None => "operator".into(),
+            },
+            name,
+            role,
+        })
+    }
+}
+
+/// The common name of a store's terminal.
+pub fn edge_common_name(store_id: &str, terminal_id: &str) -> String {
+    format!("edge:{store_id}:{terminal_id}")
+}
+
+/// Ids are what `protocol::validate_id` accepts: 1-64 of letters, digits, `_`, `-`, `.`.
+fn check_id(what: &str, id: &str) -> Result<(), PkiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::Invalid(format!(
+            "{what} {id:?} must be 1-64 letters, digits, '_', '-' or '.'"
+        )))
+    }
+}
+
+/// Registers `facepay_<tier>_tls_certificate_expiry_timestamp_seconds`: when the tier's own
+/// certificate expires, as a Unix time, so that an alert can fire weeks before.
+pub fn register_expiry_gauge(
+    registry: &prometheus::Registry,
+    tier: &str,
+    identity: &TlsIdentity,
+) -> prometheus::IntGauge {
+    let gauge = prometheus::IntGauge::new(
+        format!("facepay_{tier}_tls_certificate_expiry_timestamp_seconds"),
+        "when this tier's TLS certificate expires (Unix time)",
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("registered once per registry");
+    gauge.set(identity.not_after_unix);
+    gauge
+}
+
+/// Installs ring as the process's rustls provider (once; later calls are harmless).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_and_their_names() {
+        let hub = Identity::hub("store-1").unwrap();
+        assert_eq!(
+            (hub.name.as_str(), hub.common_name.as_str()),
+            ("hub-store-1", "store-1")
+        );
+        let edge = Identity::edge("store-1", "till-2").unwrap();
+        assert_eq!(edge.name, "edge-store-1-till-2");
+        assert_eq!(edge.common_name, "edge:store-1:till-2");
+        assert!(Identity::hub("cloud").is_err(), "reserved");
+        assert!(Identity::hub("a/b").is_err());
+        assert!(Identity::edge("s", "").is_err());
+        assert_eq!(
+            Identity::operator(None, Role::Operator).unwrap().name,
+            "operator"
+        );
+        let viewer = Identity::operator(Some("audit"), Role::Viewer).unwrap();
+        assert_eq!(viewer.name, "operator-audit");
+        assert_eq!(viewer.common_name, "operator:audit");
+        assert!(Identity::operator(None, Role::Hub).is_err());
+        for role in [Role::Cloud, Role::Hub, Role::Edge, Role::Viewer] {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The tiers' side: loading their identity, checking key files, building rustls configurations
+//! that verify peers against the CA and the revocation list.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::{
+    client::WebPkiServerVerifier, server::WebPkiClientVerifier, ClientConfig, RootCertStore,
+    ServerConfig,
+};
+use rustls_pki_types::{
+    pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer,
+};
+
+use crate::{PkiError, Role};
+
+/// The files one tier's TLS identity is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate(s) peers must chain to.
+    pub ca: PathBuf,
+    /// This tier's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// This tier's private key (owner-only).
+    pub key: PathBuf,
+    /// The revocation list.
+    pub crl: PathBuf,
+}
+
+/// Whether a server asks its clients for certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client must present a certificate of the CA that is not revoked.
+    Required,
+    /// No client certificate is asked for.
+    None,
+}
+
+/// A tier's loaded TLS identity.
+pub struct TlsIdentity {
+    /// Where it came from.
+    pub files: TlsFiles,
+    /// Its certificate chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Its certificate's subject.
+    pub identity: PeerIdentity,
+    /// When its certificate expires, Unix seconds.
+    pub not_after_unix: i64,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("files", &self.files)
+            .field("identity", &self.identity)
+            .field("not_after_unix", &self.not_after_unix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Refuses a private key file that anyone but its owner can read or write.
+pub fn check_key_permissions(path: &Path) -> Result<(), PkiError> {
+    let meta = std::fs::metadata(path).map_err(PkiError::io(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(PkiError::KeyReadableByOthers {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    Ok(())
+}
+
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let bytes = std::fs::read(path).map_err(PkiError::io(path))?;
+    CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::bad(path, format!("not a PEM certificate file: {e}")))
+}
+
+pub(crate) fn serial_of(der: &CertificateDer<'_>, path: &Path) -> Result<String, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::bad(path, format!("unreadable certificate: {e}")))?;
+    Ok(trimmed_hex(cert.raw_serial()))
+}
+
+/// Serials compare as hex of their bytes without leading zero bytes.
+fn trimmed_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The subject of a peer's certificate: who is on the other end of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Subject common name.
+    pub common_name: String,
+    /// Role, from the organizational unit; `None` for a certificate this PKI did not issue.
+    pub role: Option<Role>,
+    /// Serial, lowercase hex.
+    pub serial: String,
+}
+
+/// Reads the subject of a (verified) peer certificate.
+pub fn peer_identity(der: &CertificateDer<'_>) -> Option<PeerIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let common_name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+    let role = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .and_then(Role::parse);
+    Some(PeerIdentity {
+        common_name,
+        role,
+        serial: trimmed_hex(cert.raw_serial()),
+    })
+}
+
+/// The serials a revocation list names (it is checked against the CA in `ca`).
+pub fn revoked_serials(crl: &Path, ca: &Path) -> Result<HashSet<String>, PkiError> {
+    let bytes = std::fs::read(crl).map_err(PkiError::io(crl))?;
+    let der = CertificateRevocationListDer::from_pem_slice(&bytes)
+        .map_err(|e| PkiError::bad(crl, format!("not a PEM revocation list: {e}")))?;
+    let (_, list) = x509_parser::parse_x509_crl(&der)
+        .map_err(|e| PkiError::bad(crl, format!("unreadable revocation list: {e}")))?;
+    // Only a list the CA signed counts: anyone can write a file of serials.
+    let ca_der = read_certs(ca)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| PkiError::bad(ca, "holds no certificate"))?;
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| PkiError::bad(ca, format!("unreadable certificate: {e}")))?;
+    list.verify_signature(ca_cert.public_key())
+        .map_err(|e| PkiError::bad(crl, format!("not signed by the CA: {e}")))?;
+    Ok(list
+        .iter_revoked_certificates()
+        .map(|r| trimmed_hex(r.raw_serial()))
+        .collect())
+}
+
+/// The common names of `store_id`'s terminals whose certificates (`edge-<store>-*.pem`) sit in
+/// `dir`, valid now and not revoked: the only peers a hub lets query it over Zenoh, whose TLS
+/// checks the CA but not revocation lists.
+pub fn terminal_common_names(
+    dir: &Path,
+    store_id: &str,
+    revoked: &HashSet<String>,
+) -> Result<Vec<String>, PkiError> {
+    let prefix = format!("edge-{store_id}-");
+    let mut names = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(PkiError::io(dir))?;
+    let now = x509_parser::time::ASN1Time::now();
+    for entry in entries {
+        let path = entry.map_err(PkiError::io(dir))?.path();
+        let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        if !(file.starts_with(&prefix) && file.ends_with(".pem")) {
+            continue;
+        }
+        let Some(der) = read_certs(&path)?.into_iter().next() else {
+            continue;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        let Some(peer) = peer_identity(&der) else {
+            continue;
+        };
+        let own_store = peer
+            .common_name
+            .strip_prefix("edge:")
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(store, _)| store == store_id);
+        if own_store
+            && peer.role == Some(Role::Edge)
+            && cert.validity().is_valid_at(now)
+            && !revoked.contains(&peer.serial)
+        {
+            names.push(peer.common_name);
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+impl TlsIdentity {
+    /// Loads and checks a tier's files: the key must be owner-only, the certificate must chain to
+    /// the CA and be valid now, the revocation list must be the CA's and must not name it.
+    pub fn load(files: &TlsFiles) -> Result<Self, PkiError> {
+        check_key_permissions(&files.key)?;
+        let chain = read_certs(&files.cert)?;
+        let leaf = chain
+            .first()
+            .cloned()
+            .ok_or_else(|| PkiError::bad(&files.cert, "holds no certificate"))?;
+        let key = PrivateKeyDer::from_pem_file(&files.key)
+            .map_err(|e| PkiError::bad(&files.key, format!("not a PEM private key: {e}")))?;
+        let mut roots = RootCertStore::empty();
+        for der in read_certs(&files.ca)? {
+            roots
+                .add(der)
+                .map_err(|e| PkiError::bad(&files.ca, format!("not a usable CA: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(PkiError::bad(&files.ca, "holds no certificate"));
+        }
+        let crl_bytes = std::fs::read(&files.crl).map_err(PkiError::io(&files.crl))?;
+        let crls = CertificateRevocationListDer::pem_slice_iter(&crl_bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::bad(&files.crl, format!("not a PEM revocation list: {e}")))?;
+        let revoked = revoked_serials(&files.crl, &files.ca)?;
+        let identity = peer_identity(&leaf)
+            .ok_or_else(|| PkiError::bad(&files.cert, "certificate without a common name"))?;
+        if revoked.contains(&identity.serial) {
+            return Err(PkiError::bad(
+                &files.cert,
+                "this certificate is revoked (crl.pem names it)",
+            ));
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+            .map_err(|e| PkiError::bad(&files.cert, format!("unreadable certificate: {e}")))?;
+        if !cert.validity().is_valid() {
+            return Err(PkiError::bad(
+                &files.cert,
+                format!(
+                    "certificate is not valid now (valid {} to {})",
+                    cert.validity().not_before,
+                    cert.validity().not_after
+                ),
+            ));
+        }
+        let not_after_unix = cert.validity().not_after.timestamp();
+        let this = TlsIdentity {
+            files: files.clone(),
+            chain,
+            key,
+            roots: Arc::new(roots),
+            crls,
+            identity,
+            not_after_unix,
+        };
+        // The certificate must chain to the configured CA: a tier configured with another
+        // fleet's files would otherwise fail only at its first handshake.
+        let verifier = this.client_verifier()?;
+        verifier
+            .verify_client_cert(&leaf, &this.chain[1..], rustls_pki_types::UnixTime::now())
+            .map_err(|e| {
+                PkiError::bad(
+                    &files.cert,
+                    format!("not issued by {}: {e}", files.ca.display()),
+                )
+            })?;
+        Ok(this)
+    }
+
+    /// Its certificate's expiry as RFC 3339 text.
+    pub fn expires(&self) -> String {
+        time::OffsetDateTime::from_unix_timestamp(self.not_after_unix)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| self.not_after_unix.to_string())
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn client_verifier(
+        &self,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, PkiError> {
+        WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+            .with_crls(self.crls.clone())
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    /// A server configuration presenting this identity; with [`ClientAuth::Required`] a client
+    /// without a valid, unrevoked certificate of the CA fails the handshake, before any request.
+    pub fn server_config(&self, client_auth: ClientAuth) -> Result<ServerConfig, PkiError> {
+        let builder = ServerConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let builder = match client_auth {
+            ClientAuth::Required => builder.with_client_cert_verifier(self.client_verifier()?),
+            ClientAuth::None => builder.with_no_client_auth(),
+        };
+        builder
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    /// A client configuration presenting this identity and trusting only servers with a valid,
+    /// unrevoked certificate of the CA.
+    pub fn client_config(&self) -> Result<ClientConfig, PkiError> {
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+                .with_crls(self.crls.clone())
+                .only_check_end_entity_revocation()
+                .build()
+                .map_err(|e| PkiError::Tls(e.to_string()))?;
+        ClientConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PkiError::Tls(e.to_string()))?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Identity, IssueOptions, Pki, TlsConfig};
+
+    fn files(dir: &Path, name: &str) -> TlsFiles {
+        TlsConfig {
+            pki_dir: dir.to_owned(),
+            ..TlsConfig::default()
+        }
+        .files(name)
+    }
+
+    #[test]
+    fn issue_load_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path()).unwrap();
+        assert!(Pki::init(dir.path()).is_err(), "an existing CA is kept");
+        let hub = Identity::hub("store-1").unwrap();
+        pki.issue(&hub, &IssueOptions::default()).unwrap();
+        let loaded = TlsIdentity::load(&files(dir.path(), "hub-store-1")).unwrap();
+        assert_eq!(loaded.identity.common_name, "store-1");
+        assert_eq!(loaded.identity.role, Some(Role::Hub));
+        loaded.server_config(ClientAuth::Required).unwrap();
+        loaded.client_config().unwrap();
+
+        // A reopened CA issues certificates that chain to the same ca.pem.
+        let reopened = Pki::open(dir.path()).unwrap();
+        let edge = Identity::edge("store-1", "till-1").unwrap();
+        reopened.issue(&edge, &IssueOptions::default()).unwrap();
+        TlsIdentity::load(&files(dir.path(), "edge-store-1-till-1")).unwrap();
+        let none = HashSet::new();
+        assert_eq!(
+            terminal_common_names(dir.path(), "store-1", &none).unwrap(),
+            vec!["edge:store-1:till-1".to_string()]
+        );
+        assert!(terminal_common_names(dir.path(), "store-2", &none)
+            .unwrap()
+            .is_empty());
+
+        // Revoked: the list names it, the tier refuses to start on it, the hub drops it.
+        let serial = reopened.revoke("edge-store-1-till-1").unwrap();
+        let revoked =
+            revoked_serials(&dir.path().join("crl.pem"), &dir.path().join("ca.pem")).unwrap();
+        assert!(revoked.contains(&serial), "{revoked:?} {serial}");
+        let err = TlsIdentity::load(&files(dir.path(), "edge-store-1-till-1")).unwrap_err();
+        assert!(err.to_string().contains("revoked"), "{err}");
+        assert!(terminal_common_names(dir.path(), "store-1", &revoked)
+            .unwrap()
+            .is_empty());
+        assert_eq!(reopened.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn expired_and_foreign_certificates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path()).unwrap();
+        let expired = IssueOptions {
+            not_before: time::OffsetDateTime::now_utc() - time::Duration::days(10),
+            validity_days: 1,
+            ..IssueOptions::default()
+        };
+        pki.issue(&Identity::cloud(), &expired).unwrap();
+        let err = TlsIdentity::load(&files(dir.path(), "cloud")).unwrap_err();
+        assert!(err.to_string().contains("not valid now"), "{err}");
+
+        // A certificate of another CA does not chain to this one.
+        let other = tempfile::tempdir().unwrap();
+        Pki::init(other.path())
+            .unwrap()
+            .issue(&Identity::broker(), &IssueOptions::default())
+            .unwrap();
+        let mut mixed = files(dir.path(), "broker");
+        mixed.cert = other.path().join("broker.pem");
+        mixed.key = other.path().join("broker.key");
+        let err = TlsIdentity::load(&mixed).unwrap_err();
+        assert!(err.to_string().contains("not issued by"), "{err}");
+    }
+
+    #[test]
+    fn a_key_others_can_read_is_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path()).unwrap();
+        pki.issue(&Identity::cloud(), &IssueOptions::default())
+            .unwrap();
+        let key = dir.path().join("cloud.key");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = TlsIdentity::load(&files(dir.path(), "cloud")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("cloud.key") && text.contains("readable by others"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_forged_revocation_list_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Pki::init(dir.path()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        Pki::init(other.path()).unwrap();
+        let err =
+            revoked_serials(&other.path().join("crl.pem"), &dir.path().join("ca.pem")).unwrap_err();
+        assert!(err.to_string().contains("not signed by the CA"), "{err}");
+    }
+}

@@ -1,0 +1,787 @@
+//! Every link authenticated: the refusals an attacker on the store network meets, each against
+//! real processes — Mosquitto started from `ops/mosquitto`, the cloud's admin API, a hub's and a
+//! terminal's Zenoh — with a positive control beside each, so that a refusal cannot pass by
+//! accident.
+
+use std::{
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use tests::{
+    charge, ensure_identity, free_port, present_code, test_pki, tls_identity, CloudApi, Mosquitto,
+    Service,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An MQTT client of the broker on `port` with `tls` (none: plain TCP).
+fn mqtt_client(
+    port: u16,
+    client_id: &str,
+    tls: Option<rustls::ClientConfig>,
+) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    }
+    AsyncClient::new(options, 64)
+}
+
+/// A client with the certificate `<name>` of the test PKI.
+fn client_as(port: u16, name: &str, client_id: &str) -> (AsyncClient, EventLoop) {
+    let tls = tls_identity(name).unwrap().client_config().unwrap();
+    mqtt_client(port, client_id, Some(tls))
+}
+
+/// Polls until the broker accepts the connection (true) or the link fails or `timeout` passes.
+async fn connected(eventloop: &mut EventLoop, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                return ack.code == rumqttc::ConnectReturnCode::Success
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
+    }
+}
+
+/// Drives a subscriber and collects the topics of what it receives for `window`; also reports
+/// whether its connection dropped.
+async fn collect(eventloop: &mut EventLoop, window: Duration) -> (Vec<String>, bool) {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut topics = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => topics.push(p.topic),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return (topics, true),
+            Err(_) => return (topics, false),
+        }
+    }
+}
+
+/// Connects, subscribes to `filters`, and waits for the broker's acknowledgement; returns the
+/// return codes of the subscription.
+async fn subscribed(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    filters: &[&str],
+) -> Vec<rumqttc::SubscribeReasonCode> {
+    assert!(connected(eventloop, Duration::from_secs(10)).await);
+    for filter in filters {
+        client.subscribe(*filter, QoS::AtLeastOnce).await.unwrap();
+    }
+    let mut codes = Vec::new();
+    while codes.len() < filters.len() {
+        if let Event::Incoming(Packet::SubAck(ack)) = eventloop.poll().await.unwrap() {
+            codes.extend(ack.return_codes);
+        }
+    }
+    codes
+}
+
+/// Publishes and drives the publisher until the broker acknowledged every message.
+async fn publish_all(port: u16, name: &str, client_id: &str, messages: &[&str]) {
+    let (client, mut eventloop) = client_as(port, name, client_id);
+    assert!(connected(&mut eventloop, Duration::from_secs(10)).await);
+    for topic in messages {
+        client
+            .publish(*topic, QoS::AtLeastOnce, false, b"{}".to_vec())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < messages.len() {
+        if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+fn hub_identity(store: &str) -> String {
+    let identity = pki::Identity::hub(store).unwrap();
+    ensure_identity(&identity).unwrap();
+    identity.name
+}
+
+#[test]
+fn broker_refuses_clients_without_a_fleet_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let hub = hub_identity("store-1");
+    runtime().block_on(async {
+        // Plain MQTT on the broker's port: no session.
+        let (_c, mut plain) = mqtt_client(broker.port, "plain", None);
+        assert!(!connected(&mut plain, Duration::from_secs(3)).await);
+        // TLS that trusts the CA but shows no certificate: refused in the handshake.
+        let roots = {
+            let mut roots = rustls::RootCertStore::empty();
+            for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
+                roots.add(der).unwrap();
+            }
+            roots
+        };
+        let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let (_c, mut anon) = mqtt_client(broker.port, "anonymous", Some(anonymous));
+        assert!(!connected(&mut anon, Duration::from_secs(3)).await);
+        // A certificate of another CA: refused too.
+        let other = tempfile::tempdir().unwrap();
+        tests::make_pki(other.path()).unwrap();
+        let foreign = pki::TlsIdentity::load(
+            &pki::TlsConfig {
+                pki_dir: other.path().to_owned(),
+                ..Default::default()
+            }
+            .files("cloud"),
+        )
+        .unwrap();
+        let (_c, mut stranger) =
+            mqtt_client(broker.port, "cloud", Some(foreign.client_config().unwrap()));
+        assert!(!connected(&mut stranger, Duration::from_secs(3)).await);
+        // The control: the fleet's hub certificate is let in.
+        let (_c, mut ok) = client_as(broker.port, &hub, "store-1");
+        assert!(connected(&mut ok, Duration::from_secs(10)).await);
+    });
+}
+
+#[test]
+fn a_hub_publishes_only_on_its_own_store_request_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let hub = hub_identity("store-1");
+    runtime().block_on(async {
+        let (cloud, mut inbox) = client_as(broker.port, "cloud", "cloud");
+        let codes = subscribed(&cloud, &mut inbox, &["facepay/v1/cloud/requests/+"]).await;
+        assert!(codes
+            .iter()
+            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))));
+        publish_all(
+            broker.port,
+            &hub,
+            "store-1",
+            &[
+                "facepay/v1/cloud/requests/store-2",
+                "facepay/v1/cloud/requests/store-1",
+            ],
+        )
+        .await;
+        let (topics, _) = collect(&mut inbox, Duration::from_secs(2)).await;
+        assert_eq!(
+            topics,
+            vec!["facepay/v1/cloud/requests/store-1".to_string()]
+        );
+    });
+}
+
+#[test]
+fn only_the_cloud_publishes_replies_keys_and_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let (one, two) = (hub_identity("store-1"), hub_identity("store-2"));
+    let broadcasts = [
+        "facepay/v1/stores/store-2/replies",
+        "facepay/v1/stores/store-2/templates",
+        "facepay/v1/keys",
+        "facepay/v1/templates/revocations",
+        "facepay/v1/allowances",
+    ];
+    runtime().block_on(async {
+        let (victim, mut inbox) = client_as(broker.port, &two, "store-2");
+        let codes = subscribed(&victim, &mut inbox, &broadcasts).await;
+        assert!(codes
+            .iter()
+            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))));
+        // Store 1's hub forges every kind of cloud message: none arrives.
+        publish_all(broker.port, &one, "store-1", &broadcasts).await;
+        let (forged, _) = collect(&mut inbox, Duration::from_secs(2)).await;
+        assert!(forged.is_empty(), "forged messages arrived: {forged:?}");
+        // A hub that subscribes to another store's replies and templates hears nothing of them
+        // (Mosquitto acknowledges the subscription but delivers only what the ACL lets it read).
+        let (snoop, mut snoop_loop) = client_as(broker.port, &one, "store-1");
+        subscribed(
+            &snoop,
+            &mut snoop_loop,
+            &[
+                "facepay/v1/stores/store-2/replies",
+                "facepay/v1/stores/store-2/templates",
+            ],
+        )
+        .await;
+        // The cloud's identity publishes the same: every one arrives, at its store only.
+        publish_all(broker.port, "cloud", "cloud", &broadcasts).await;
+        let (genuine, _) = collect(&mut inbox, Duration::from_secs(2)).await;
+        assert_eq!(genuine.len(), broadcasts.len(), "{genuine:?}");
+        let (snooped, _) = collect(&mut snoop_loop, Duration::from_secs(1)).await;
+        assert!(snooped.is_empty(), "store-1 read {snooped:?}");
+    });
+}
+
+#[test]
+fn a_client_id_cannot_be_taken_over_without_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let hub = hub_identity("store-1");
+    runtime().block_on(async {
+        let (cloud, mut inbox) = client_as(broker.port, "cloud", "cloud");
+        subscribed(&cloud, &mut inbox, &["facepay/v1/cloud/requests/+"]).await;
+        // A hub's certificate asking for the cloud's client id gets a session of its own: the
+        // cloud stays connected and keeps its requests.
+        let (_thief, mut thief_loop) = client_as(broker.port, &hub, "cloud");
+        assert!(connected(&mut thief_loop, Duration::from_secs(10)).await);
+        let driver = tokio::spawn(async move {
+            let _ = collect(&mut thief_loop, Duration::from_secs(3)).await;
+        });
+        publish_all(
+            broker.port,
+            &hub,
+            "store-1",
+            &["facepay/v1/cloud/requests/store-1"],
+        )
+        .await;
+        let (topics, dropped) = collect(&mut inbox, Duration::from_secs(2)).await;
+        assert!(!dropped, "the cloud's session was taken over");
+        assert_eq!(
+            topics,
+            vec!["facepay/v1/cloud/requests/store-1".to_string()]
+        );
+        driver.await.unwrap();
+        // The control: the cloud's own certificate does take the session over (a restarted
+        // cloud resumes its session), and the first connection is dropped.
+        let (_again, mut again_loop) = client_as(broker.port, "cloud", "anything");
+        assert!(connected(&mut again_loop, Duration::from_secs(10)).await);
+        let (_, dropped) = collect(&mut inbox, Duration::from_secs(3)).await;
+        assert!(
+            dropped,
+            "a second connection of the cloud's identity replaces the first"
+        );
+    });
+}
+
+/// Runs a binary to its end; its exit status and standard error.
+fn run_to_exit(binary: &str, overrides: &[String]) -> (Option<i32>, String) {
+    let mut command = Command::new(tests::binary_path(binary));
+    for o in overrides {
+        command.arg("--set").arg(o);
+    }
+    let mut child = command
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            use std::io::Read as _;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return (status.code(), stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{binary} kept running with {overrides:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_tier_refuses_to_start_on_a_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    tests::make_pki(&pki_dir).unwrap();
+    let pki = pki::Pki::open(&pki_dir).unwrap();
+    pki.issue(&pki::Identity::hub("store-1").unwrap(), &Default::default())
+        .unwrap();
+    let key = pki_dir.join("hub-store-1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stderr) = run_to_exit(
+        "facepay-hub",
+        &[
+            format!("tls.pki_dir={pki_dir:?}"),
+            format!("data_dir={:?}", dir.path().join("hub")),
+            "metrics.listen=127.0.0.1:0".into(),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{}\"]", free_port()),
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains(&key.display().to_string()) && stderr.contains("readable by others"),
+        "{stderr}"
+    );
+    // Nothing was opened: the journal was never created.
+    assert!(!dir.path().join("hub").exists());
+    // The cloud and the terminal refuse the same way.
+    pki.issue(
+        &pki::Identity::edge("store-1", "till-1").unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let key = pki_dir.join("edge-store-1-till-1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, stderr) = run_to_exit(
+        "facepay-edge",
+        &[
+            format!("tls.pki_dir={pki_dir:?}"),
+            format!("frames_dir={:?}", dir.path().join("frames")),
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains(&key.display().to_string()), "{stderr}");
+    let key = pki_dir.join("cloud.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
+    let (code, stderr) = run_to_exit(
+        "facepay-cloud",
+        &[
+            format!("tls.pki_dir={pki_dir:?}"),
+            format!("data_dir={:?}", dir.path().join("cloud")),
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains(&key.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn the_register_api_beyond_loopback_needs_a_token_and_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    ensure_identity(&pki::Identity::edge("store-1", "till-5").unwrap()).unwrap();
+    // Bound beyond loopback without a token: refused before anything is bound.
+    let (code, stderr) = run_to_exit(
+        "facepay-edge",
+        &[
+            format!("tls.pki_dir={:?}", test_pki()),
+            "terminal_id=till-5".into(),
+            "register_listen=0.0.0.0:0".into(),
+            format!("frames_dir={:?}", dir.path().join("frames")),
+        ],
+    );
+    assert_eq!(code, Some(settings::EXIT_CONFIG), "{stderr}");
+    assert!(stderr.contains("register_token_file"), "{stderr}");
+
+    // With a token: HTTPS with the terminal's certificate, and the token on every request.
+    let token_file = dir.path().join("register-token");
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "terminal_id=till-5".into(),
+            "register_listen=127.0.0.1:0".into(),
+            "scan_timeout_ms=200".into(),
+            format!("register_token_file={token_file:?}"),
+            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", free_port()),
+        ],
+    )
+    .unwrap();
+    assert!(
+        edge.ready["register"].starts_with("https://"),
+        "{:?}",
+        edge.ready
+    );
+    let url = format!("https://{}/v1/charge", edge.http_addr);
+    let body = serde_json::json!({"order_id": "1", "amount_minor": 1, "currency": "EUR"});
+    assert!(
+        ureq::post(&format!("http://{}/v1/charge", edge.http_addr))
+            .send_json(body.clone())
+            .is_err(),
+        "no plain HTTP"
+    );
+    let agent = tests::https_agent(test_pki(), "operator").unwrap();
+    let status = |request: ureq::Request| match request.send_json(body.clone()) {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(code, _)) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status(agent.post(&url)), 401);
+    assert_eq!(
+        status(agent.post(&url).set("Authorization", "Bearer wrong")),
+        401
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    // The right token reaches the checkout, which waits for a code that never comes.
+    let reached = agent
+        .post(&url)
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .send_json(body.clone())
+        .unwrap()
+        .into_json::<protocol::ChargeResult>()
+        .unwrap();
+    assert_eq!(
+        reached.reason,
+        Some(protocol::DeclineReason::NoCodePresented),
+        "{reached:?}"
+    );
+}
+
+#[test]
+fn the_admin_api_answers_operators_only_and_records_who_moved_money() {
+    let dir = tempfile::tempdir().unwrap();
+    // Certificates the cloud must refuse: revoked, expired.
+    {
+        let _ = tests::ensure_identity(
+            &pki::Identity::operator(Some("gone"), pki::Role::Operator).unwrap(),
+        );
+        tests::revoke_in_test_pki("operator-gone").unwrap();
+        tests::issue_in_test_pki(
+            &pki::Identity::operator(Some("expired"), pki::Role::Operator).unwrap(),
+            &pki::IssueOptions {
+                not_before: time::OffsetDateTime::now_utc() - time::Duration::days(30),
+                validity_days: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = tests::start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let admin = cloud.http_addr;
+    let operator = CloudApi::new(admin);
+    let eur = protocol::Currency::parse("EUR").unwrap();
+    operator
+        .open(&protocol::OpenAccount {
+            account_id: "mallory".into(),
+            kind: protocol::AccountKind::Customer,
+            currency: eur,
+            initial_balance_minor: 100,
+            public_key: None,
+        })
+        .unwrap();
+
+    // Plain HTTP, and TLS without a client certificate: refused, nothing moved.
+    let deposit = serde_json::json!({"deposit_id": "d-1", "amount_minor": 99_999});
+    assert!(
+        ureq::post(&format!("http://{admin}/v1/accounts/mallory/deposits"))
+            .send_json(deposit.clone())
+            .is_err()
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
+        roots.add(der).unwrap();
+    }
+    let anonymous = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        ))
+        .build();
+    assert!(anonymous
+        .post(&format!("https://{admin}/v1/accounts/mallory/deposits"))
+        .send_json(deposit.clone())
+        .is_err());
+    // Revoked and expired operator certificates: refused in the handshake.
+    for name in ["operator-gone", "operator-expired"] {
+        let api = CloudApi::as_operator_unchecked(admin, test_pki(), name).unwrap();
+        assert!(
+            api.post("/v1/accounts/mallory/deposits", &deposit).is_err(),
+            "{name} was let in"
+        );
+    }
+    // A valid certificate that is not an operator's (a hub's): forbidden.
+    let hub = CloudApi::as_operator(admin, test_pki(), &hub_identity("store-1")).unwrap();
+    let (status, _) = hub.post("/v1/accounts/mallory/deposits", &deposit).unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(hub.get("/v1/accounts").unwrap().0, 403);
+    // A viewer reads but cannot deposit.
+    let viewer = CloudApi::as_operator(admin, test_pki(), "operator-viewer").unwrap();
+    assert_eq!(viewer.balance("mallory").unwrap(), 100);
+    let (status, body) = viewer
+        .post("/v1/accounts/mallory/deposits", &deposit)
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(operator.balance("mallory").unwrap(), 100, "nothing moved");
+
+    // The operator deposits; the audit trail names who.
+    let (status, body) = operator.deposit("mallory", "d-2", 250).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(operator.balance("mallory").unwrap(), 350);
+    let audit = viewer.audit().unwrap();
+    let actions: Vec<(&str, &str, &str)> = audit
+        .iter()
+        .map(|e| (e.operator.as_str(), e.action.as_str(), e.target.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("operator", "open_account", "mallory"),
+            ("operator", "deposit", "mallory"),
+        ]
+    );
+    assert!(audit[1].detail.contains("amount_minor=250"), "{audit:?}");
+    assert_eq!(audit[1].outcome, "applied");
+}
+
+/// What a terminal or hub hears over Zenoh: a query from a session with the certificate `name`
+/// to `key`, retried for `patience` while no reply comes.
+fn zenoh_query(
+    connect: u16,
+    name: &str,
+    allowed_peers: Vec<String>,
+    key: String,
+    patience: Duration,
+) -> Option<Vec<u8>> {
+    let files = pki::TlsConfig {
+        pki_dir: test_pki().to_owned(),
+        ..Default::default()
+    }
+    .files(name);
+    let config = zlink::ZenohConfig {
+        connect: vec![format!("tls/127.0.0.1:{connect}")],
+        ..Default::default()
+    };
+    let security = zlink::ZenohSecurity {
+        files,
+        allowed_peers,
+        key_exprs: vec!["facepay/**".into()],
+    };
+    let link = zlink::ZenohLink::open(&config, &security).unwrap();
+    let session = link.session().clone();
+    let reply = runtime().block_on(link.spawn(async move {
+        let deadline = tokio::time::Instant::now() + patience;
+        while tokio::time::Instant::now() < deadline {
+            let replies = session
+                .get(&key)
+                .payload(b"not a request".to_vec())
+                .timeout(Duration::from_millis(500))
+                .await
+                .unwrap();
+            if let Ok(reply) = replies.recv_async().await {
+                if let Ok(sample) = reply.result() {
+                    return Some(sample.payload().to_bytes().into_owned());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }));
+    reply.unwrap()
+}
+
+#[test]
+fn a_hub_answers_only_its_own_stores_valid_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, till) in [
+        ("store-3", "till-1"),
+        ("store-3", "till-2"),
+        ("store-4", "till-1"),
+    ] {
+        ensure_identity(&pki::Identity::edge(store, till).unwrap()).unwrap();
+    }
+    tests::revoke_in_test_pki("edge-store-3-till-2").unwrap();
+    let zenoh_port = free_port();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-3".into(),
+            format!("data_dir={:?}", dir.path().join("hub")),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+            format!("mqtt.port={}", free_port()),
+        ],
+    )
+    .unwrap();
+    let key = protocol::keyexpr::hub_authorize("store-3");
+    let peers = vec!["store-3".to_string()];
+    // Its own terminal gets an answer (a refusal of the junk it sent): the control.
+    let answer = zenoh_query(
+        zenoh_port,
+        "edge-store-3-till-1",
+        peers.clone(),
+        key.clone(),
+        Duration::from_secs(10),
+    );
+    assert!(answer.is_some(), "the store's own terminal got no answer");
+    // Another store's terminal, and a revoked terminal of this store: no answer at all.
+    for name in ["edge-store-4-till-1", "edge-store-3-till-2"] {
+        let answer = zenoh_query(
+            zenoh_port,
+            name,
+            peers.clone(),
+            key.clone(),
+            Duration::from_secs(3),
+        );
+        assert!(answer.is_none(), "{name} got an answer");
+    }
+    drop(hub);
+}
+
+/// A rogue that listens where a terminal looks for its hub, with the certificate `name`, and
+/// approves every payment of store-5.
+fn rogue_hub(name: &str, port: u16) -> zlink::ZenohLink {
+    let files = pki::TlsConfig {
+        pki_dir: test_pki().to_owned(),
+        ..Default::default()
+    }
+    .files(name);
+    let config = zlink::ZenohConfig {
+        listen: vec![format!("tls/127.0.0.1:{port}")],
+        ..Default::default()
+    };
+    let security = zlink::ZenohSecurity {
+        files,
+        allowed_peers: vec![
+            pki::edge_common_name("store-5", "till-1"),
+            pki::edge_common_name("store-5", "till-2"),
+        ],
+        key_exprs: vec!["facepay/**".into()],
+    };
+    let link = zlink::ZenohLink::open(&config, &security).unwrap();
+    let session = link.session().clone();
+    let queryable = runtime()
+        .block_on(link.spawn(async move {
+            session
+                .declare_queryable(protocol::keyexpr::hub_authorize("store-5"))
+                .await
+                .unwrap()
+        }))
+        .unwrap();
+    link.spawn(async move {
+        while let Ok(query) = queryable.recv_async().await {
+            let payload = query
+                .payload()
+                .map(|p| p.to_bytes().into_owned())
+                .unwrap_or_default();
+            let Ok(request) = protocol::decode::<protocol::AuthorizeRequest>(&payload) else {
+                continue;
+            };
+            let reply = protocol::AuthorizeReply {
+                payment_id: request.payment_id,
+                decision: protocol::Decision::Approved {
+                    account_id: "victim".into(),
+                    already_paid: false,
+                },
+                offline: false,
+            };
+            let _ = query
+                .reply(query.key_expr().clone(), protocol::encode(&reply))
+                .await;
+        }
+    });
+    link
+}
+
+#[test]
+fn a_terminal_ignores_a_rogue_hub_with_another_stores_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let wallet = paycode::Wallet::generate("victim").unwrap();
+    let mut answers = Vec::new();
+    for (till, rogue) in [("till-1", "store-6"), ("till-2", "store-5")] {
+        let rogue_name = hub_identity(rogue);
+        ensure_identity(&pki::Identity::edge("store-5", till).unwrap()).unwrap();
+        let port = free_port();
+        let _rogue = rogue_hub(&rogue_name, port);
+        let frames = dir.path().join(till);
+        let edge = Service::start(
+            "facepay-edge",
+            &[
+                "store_id=store-5".into(),
+                format!("terminal_id={till}"),
+                "register_listen=127.0.0.1:0".into(),
+                "scan_timeout_ms=3000".into(),
+                format!("frames_dir={frames:?}"),
+                format!("zenoh.connect=[\"tls/127.0.0.1:{port}\"]"),
+            ],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        present_code(&frames, &wallet).unwrap();
+        answers.push(charge(edge.http_addr, "o-1", 100, "EUR").unwrap());
+    }
+    // A rogue with another store's hub certificate is not heard: the store system is
+    // unreachable, nothing approved.
+    let (status, refused) = &answers[0];
+    assert_eq!(*status, 503, "{refused:?}");
+    assert_eq!(refused.status, protocol::ChargeStatus::Declined);
+    // The control: the same rogue with this store's hub certificate would be believed, so the
+    // certificate's identity is what protects the terminal.
+    let (status, fooled) = &answers[1];
+    assert_eq!(
+        (*status, fooled.status),
+        (200, protocol::ChargeStatus::Approved)
+    );
+}
+
+#[test]
+fn key_files_in_a_new_pki_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(tests::binary_path("facepay-pki"))
+        .args(["--dir"])
+        .arg(dir.path())
+        .args([
+            "fleet",
+            "--stores",
+            "store-1,store-2",
+            "--terminals",
+            "till-1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut keys = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "key") {
+            keys += 1;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+    }
+    // CA, cloud, broker, operator, viewer, two hubs, two terminals.
+    assert_eq!(keys, 9);
+    for name in [
+        "ca.pem",
+        "crl.pem",
+        "hub-store-2.pem",
+        "edge-store-1-till-1.pem",
+        "operator.pem",
+    ] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+    let listed = Command::new(tests::binary_path("facepay-pki"))
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("list")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("hub-store-2") && text.contains("expires="),
+        "{text}"
+    );
+}
