@@ -122,7 +122,7 @@ impl StoreSite {
 
     /// Reads one of the hub's metrics.
     pub fn hub_metric(&self, name: &str) -> Option<f64> {
-        crate::get_text(&format!("http://{}/metrics", self.hub.http_addr))
+        crate::get_text(&format!("http://{}/metrics", self.hub.metrics_addr))
             .ok()
             .and_then(|page| crate::metric_value(&page, name))
     }

@@ -230,7 +230,7 @@ fn payments_and_bad_input_through_real_processes() {
     let edge_metrics = get_text(&format!("http://{}/metrics", s.edge.metrics_addr)).unwrap();
     let approved = "facepay_edge_payment_outcomes_total{outcome=\"approved\",reason=\"none\"}";
     assert_eq!(metric_value(&edge_metrics, approved), Some(3.0));
-    let hub_metrics = get_text(&format!("http://{}/metrics", s.hub.http_addr)).unwrap();
+    let hub_metrics = get_text(&format!("http://{}/metrics", s.hub.metrics_addr)).unwrap();
     let replayed =
         "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_replayed\"}";
     assert_eq!(metric_value(&hub_metrics, replayed), Some(1.0));

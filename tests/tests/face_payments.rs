@@ -432,7 +432,7 @@ fn pay_by_face_end_to_end() {
     for totals in admin.totals().unwrap() {
         assert_eq!(totals.sum_of_balances_minor, 0);
     }
-    let page = get_text(&format!("http://{}/metrics", s1.hub.http_addr)).unwrap();
+    let page = get_text(&format!("http://{}/metrics", s1.hub.metrics_addr)).unwrap();
     assert!(
         metric_value(
             &page,

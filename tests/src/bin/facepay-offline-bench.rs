@@ -1,4 +1,4 @@
-//! `facepay-offline-bench`: the issue's numbers for offline payment.
+//! `facepay-offline-bench`: the numbers for offline payment, and what the links cost.
 //!
 //! 1. The hub's offline authorization latency: an `AuthActor` with a real journal on disk and no
 //!    cloud, authorizing payment codes one at a time (code check, nonce reservation, rules,
@@ -6,6 +6,10 @@
 //! 2. Reconciliation: a hub process whose journal holds a backlog of signed offline approvals
 //!    (default 100,000) starts beside Mosquitto and the cloud; time until its journal is empty,
 //!    and payments applied per second at the cloud.
+//! 3. Online code payments at the edge: Mosquitto, the cloud, a hub and a terminal as processes
+//!    (every link TLS, mutually authenticated), the register charging one order at a time with a
+//!    fresh payment code already in front of the scanner; time from the register's request to
+//!    its answer, p50/p99.
 //!
 //! Run it in release: `cargo run --release --bin facepay-offline-bench`.
 
@@ -40,6 +44,9 @@ struct Cli {
     /// Entries per reconciliation batch.
     #[arg(long, default_value_t = 200)]
     batch: usize,
+    /// Online code payments to time at the edge.
+    #[arg(long, default_value_t = 500)]
+    edge_payments: usize,
 }
 
 fn eur() -> Currency {
@@ -54,7 +61,81 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = tempfile::tempdir()?;
     authorization_latency(&cli, dir.path())?;
+    edge_payment_latency(&cli, &dir.path().join("online"))?;
     reconciliation(&cli, dir.path())
+}
+
+fn edge_payment_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let broker = Mosquitto::start(dir)?;
+    let cloud = start_cloud(&dir.join("cloud"), broker.port)?;
+    let api = CloudApi::new(cloud.http_addr);
+    let wallet = Wallet::generate("alice")?;
+    for (id, kind, balance, key) in [
+        ("store-1", AccountKind::Merchant, 0, None),
+        (
+            "alice",
+            AccountKind::Customer,
+            1_000_000_000,
+            Some(wallet.public_key_b64()),
+        ),
+    ] {
+        api.open(&OpenAccount {
+            account_id: id.into(),
+            kind,
+            currency: eur(),
+            initial_balance_minor: balance,
+            public_key: key,
+        })?;
+    }
+    let zenoh_port = tests::free_port();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-1".into(),
+            format!("data_dir={:?}", dir.join("hub")),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+            format!("mqtt.port={}", broker.port),
+        ],
+    )?;
+    tests::wait_for_keys(hub.http_addr, 1, Duration::from_secs(30))?;
+    let frames = dir.join("frames");
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "store_id=store-1".into(),
+            "terminal_id=till-1".into(),
+            "register_listen=127.0.0.1:0".into(),
+            format!("frames_dir={frames:?}"),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+        ],
+    )?;
+    let mut latencies = Vec::with_capacity(cli.edge_payments);
+    // A few untimed payments first: links established, queryables declared.
+    for n in 0..cli.edge_payments + 20 {
+        tests::present_code(&frames, &wallet)?;
+        let started = Instant::now();
+        let (_, result) = tests::charge(edge.http_addr, &format!("o-{n}"), 100, "EUR")?;
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        anyhow::ensure!(
+            result.status == protocol::ChargeStatus::Approved && !result.offline,
+            "payment {n} was not approved online: {result:?}"
+        );
+        if n >= 20 {
+            latencies.push(took);
+        }
+    }
+    let mut sorted = latencies;
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "online code payments at the edge ({} one at a time; register -> edge -> Zenoh -> hub -> \
+         MQTT -> cloud ledger and back): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        sorted.len(),
+        percentile(&sorted, 0.5),
+        percentile(&sorted, 0.99),
+        sorted[sorted.len() - 1]
+    );
+    Ok(())
 }
 
 fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
@@ -220,7 +301,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
     )?;
     let took = started.elapsed();
     let draining = took - ready;
-    let page = tests::get_text(&format!("http://{}/metrics", cloud.http_addr))?;
+    let page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr))?;
     let applied = tests::metric_value(&page, "facepay_cloud_offline_applied_total").unwrap_or(0.0);
     anyhow::ensure!(
         applied as usize == cli.backlog,
