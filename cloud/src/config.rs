@@ -25,6 +25,9 @@ pub struct CloudConfig {
     pub api_listen: String,
     /// `/metrics` and `/healthz`, on a listener of their own.
     pub metrics: telemetry::MetricsConfig,
+    /// How often the revocation list file is read; a newer one applies to the admin API at once
+    /// and is published to every hub.
+    pub crl_poll_interval_ms: u64,
     /// The cloud's certificate (`cloud`), the CA and the revocation list: MQTT client identity
     /// (its client id is the certificate's common name) and the HTTPS APIs' server certificate.
     pub tls: pki::TlsConfig,
@@ -54,6 +57,7 @@ impl Default for CloudConfig {
             admin_listen: "127.0.0.1:9300".into(),
             api_listen: "127.0.0.1:9443".into(),
             metrics: telemetry::MetricsConfig::on("127.0.0.1:9301"),
+            crl_poll_interval_ms: 10_000,
             tls: pki::TlsConfig::default(),
             template_key_file: None,
             api_token_file: None,
@@ -90,6 +94,12 @@ impl Validate for CloudConfig {
         check_socket_addr("admin_listen", &self.admin_listen)?;
         check_socket_addr("api_listen", &self.api_listen)?;
         self.metrics.validate("metrics")?;
+        check_range(
+            "crl_poll_interval_ms",
+            self.crl_poll_interval_ms,
+            100..=3_600_000,
+            "ms",
+        )?;
         self.tls.validate("tls")?;
         if self
             .template_key_file

@@ -12,6 +12,7 @@ pub mod enroll;
 mod error;
 pub mod identity;
 pub mod ledger;
+pub mod revocation;
 
 use std::net::SocketAddr;
 
@@ -63,7 +64,9 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     // TLS first: a key file others can read, a revoked or expired certificate, stop the cloud
     // before it opens anything.
     let tls_files = config.tls.files(&pki::Identity::cloud().name);
-    let tls = pki::TlsIdentity::load(&tls_files).context("loading the cloud's TLS identity")?;
+    let tls = std::sync::Arc::new(
+        pki::TlsIdentity::load(&tls_files).context("loading the cloud's TLS identity")?,
+    );
     if tls.identity.role != Some(pki::Role::Cloud) {
         anyhow::bail!(
             "{} is the certificate of {:?} ({:?}), not of the cloud",
@@ -123,12 +126,22 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let faces = face::worker::start_workers(std::sync::Arc::new(engine), config.face_threads);
 
     let (client, eventloop) = config.mqtt.connect(&tls)?;
+    let link_client = client.clone();
     let link =
         HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected).start();
+    let revocations = revocation::RevocationActor::new(
+        tls.clone(),
+        link_client,
+        std::time::Duration::from_millis(config.crl_poll_interval_ms),
+    )?
+    .start();
     let link_events = link.clone();
     let reconnect = std::time::Duration::from_millis(config.mqtt.reconnect_delay_ms);
     actix::spawn(mqtt::drive(eventloop, reconnect, move |event| {
         let link = link_events.clone();
+        if event == mqtt::LinkEvent::Connected {
+            revocations.do_send(revocation::Republish);
+        }
         async move {
             let _ = link.send(LinkEventMsg(event)).await;
         }

@@ -503,7 +503,7 @@ impl Handler<UplinkEvent> for AuthActor {
             }
             UplinkEvent::KeysBroadcast(batch) => ctx.notify(KeysArrived(batch)),
             UplinkEvent::AllowancesPushed(batch) => ctx.notify(AllowancesArrived(batch.allowances)),
-            UplinkEvent::TemplatesPushed(_) => {}
+            UplinkEvent::TemplatesPushed(_) | UplinkEvent::RevocationListPushed(_) => {}
         }
     }
 }

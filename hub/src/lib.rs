@@ -12,6 +12,7 @@ mod error;
 pub mod hotset;
 pub mod journal;
 pub mod offline;
+pub mod trust;
 pub mod uplink;
 pub mod verify;
 
@@ -50,7 +51,7 @@ pub struct HubHandle {
     /// The public key this hub signs offline approvals with (register it at the cloud).
     pub hub_public_key: String,
     server: actix_web::dev::ServerHandle,
-    _zenoh: zlink::ZenohLink,
+    _trust: Addr<trust::TrustActor>,
 }
 
 impl HubHandle {
@@ -83,8 +84,11 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             config.store_id
         );
     }
-    let revoked = pki::revoked_serials(&tls_files.crl, &tls_files.ca)?;
-    let terminals = pki::terminal_common_names(&config.tls.pki_dir, &config.store_id, &revoked)?;
+    let crl_pem = std::fs::read(&tls_files.crl)
+        .with_context(|| format!("reading {}", tls_files.crl.display()))?;
+    let revocations = pki::RevocationList::parse(&crl_pem, &tls_files.crl, &tls_files.ca)?;
+    let terminals =
+        pki::terminal_common_names(&config.tls.pki_dir, &config.store_id, &revocations.serials)?;
     if terminals.is_empty() {
         tracing::warn!(pki_dir = %config.tls.pki_dir.display(), store_id = config.store_id,
             "no valid terminal certificate (edge-<store>-*.pem) for this store: no terminal can reach the hub");
@@ -184,6 +188,52 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     .start();
     auth.do_send(AttachVerifier(verify.clone()));
 
+    // The store's terminals reach the hub over Zenoh; the trust actor owns the session and
+    // reopens it when a revocation list from the cloud revokes one of them.
+    let open_zenoh: trust::OpenZenoh = {
+        let (zenoh_config, files, store_id) = (
+            config.zenoh.clone(),
+            tls_files.clone(),
+            config.store_id.clone(),
+        );
+        let (auth, verify) = (auth.clone(), verify.clone());
+        Box::new(move |allowed: Vec<String>| {
+            let security = zlink::ZenohSecurity {
+                files: files.clone(),
+                allowed_peers: allowed,
+                key_exprs: vec![protocol::keyexpr::hub_all(&store_id)],
+            };
+            let (zenoh_config, store_id) = (zenoh_config.clone(), store_id.clone());
+            let (auth, verify) = (auth.clone(), verify.clone());
+            Box::pin(async move {
+                let zenoh = tokio::task::spawn_blocking(move || {
+                    zlink::ZenohLink::open(&zenoh_config, &security)
+                })
+                .await
+                .expect("zenoh open does not panic")?;
+                serve_edges(&zenoh, &store_id, auth).await?;
+                serve_verify(&zenoh, &store_id, verify).await?;
+                Ok(zenoh)
+            })
+        })
+    };
+    let zenoh = open_zenoh(terminals.clone()).await?;
+    let trust = trust::TrustActor::new(
+        config.store_id.clone(),
+        tls_files.clone(),
+        config.tls.pki_dir.clone(),
+        revocations.number.clone(),
+        terminals,
+        zenoh,
+        open_zenoh,
+        telemetry::register_gauge(
+            &registry,
+            "facepay_hub_allowed_terminals",
+            "terminals whose certificates may query this hub over Zenoh (valid, not revoked)",
+        ),
+    )
+    .start();
+
     let (client, eventloop) = config.mqtt.connect(&tls)?;
     let breaker_gauge = telemetry::register_gauge(
         &registry,
@@ -193,7 +243,11 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let uplink = UplinkActor::new(
         config.store_id.clone(),
         client,
-        vec![auth.clone().recipient(), verify.clone().recipient()],
+        vec![
+            auth.clone().recipient(),
+            verify.clone().recipient(),
+            trust.clone().recipient(),
+        ],
         connected,
     )
     .with_breaker_gauge(breaker_gauge)
@@ -213,19 +267,6 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         }
     }));
 
-    let zenoh_config = config.zenoh.clone();
-    let security = zlink::ZenohSecurity {
-        files: tls_files.clone(),
-        allowed_peers: terminals,
-        key_exprs: vec![protocol::keyexpr::hub_all(&config.store_id)],
-    };
-    let zenoh =
-        tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config, &security))
-            .await
-            .expect("zenoh open does not panic")?;
-    serve_edges(&zenoh, &config.store_id, auth.clone()).await?;
-    serve_verify(&zenoh, &config.store_id, verify.clone()).await?;
-
     let metrics_tls = match config.metrics.tls {
         true => Some(tls.server_config(pki::ClientAuth::None)?),
         false => None,
@@ -239,7 +280,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         verify,
         hub_public_key,
         server: handle,
-        _zenoh: zenoh,
+        _trust: trust,
     })
 }
 

@@ -37,6 +37,8 @@ pub enum UplinkEvent {
     TemplatesPushed(TemplateBatch),
     /// The cloud revoked offline allowances (accounts in debt or closed).
     AllowancesPushed(AllowanceBatch),
+    /// The cloud pushed the fleet's certificate revocation list (PEM, not yet checked).
+    RevocationListPushed(String),
 }
 
 /// Owns the MQTT client and the table of requests waiting for replies.
@@ -227,6 +229,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     protocol::topics::store_templates(&self.store_id),
                     protocol::topics::template_revocations(),
                     protocol::topics::allowance_updates(),
+                    protocol::topics::revocation_list(),
                 ];
                 return Box::pin(async move {
                     for topic in topics {
@@ -259,6 +262,11 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     match protocol::decode::<AllowanceBatch>(&payload) {
                         Ok(batch) => self.tell(UplinkEvent::AllowancesPushed(batch)),
                         Err(error) => tracing::warn!(%error, "unreadable allowance update dropped"),
+                    }
+                } else if topic == protocol::topics::revocation_list() {
+                    match protocol::decode::<protocol::RevocationListPush>(&payload) {
+                        Ok(push) => self.tell(UplinkEvent::RevocationListPushed(push.crl_pem)),
+                        Err(error) => tracing::warn!(%error, "unreadable revocation list dropped"),
                     }
                 } else if topic == protocol::topics::store_templates(&self.store_id)
                     || topic == protocol::topics::template_revocations()

@@ -424,7 +424,9 @@ impl Handler<UplinkEvent> for VerifyActor {
         match msg {
             UplinkEvent::CloudConnected => self.start_sync(ctx),
             UplinkEvent::TemplatesPushed(batch) => self.apply_batch(batch),
-            UplinkEvent::KeysBroadcast(_) | UplinkEvent::AllowancesPushed(_) => {}
+            UplinkEvent::KeysBroadcast(_)
+            | UplinkEvent::AllowancesPushed(_)
+            | UplinkEvent::RevocationListPushed(_) => {}
         }
     }
 }

@@ -333,18 +333,67 @@ fn shipped_configs_load() {
 }
 
 #[test]
-fn fleet_demo_prints_a_balanced_json_summary() {
-    let out = Command::new(env!("CARGO_BIN_EXE_facepay-fleet"))
-        .arg("--json")
-        .output()
+fn fleet_demo_prints_a_balanced_json_summary_and_serves_over_tls() {
+    use std::io::BufRead as _;
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_facepay-fleet"))
+        .args(["--json", "--serve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut next_json = || -> serde_json::Value {
+        let line = lines.next().expect("a line on stdout").unwrap();
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{e}: stdout carries only JSON, not {line:?}"))
+    };
+    let summary = next_json();
+    let serving = next_json()["serving"].clone();
+
+    // The running fleet: every address named, every link TLS, the admin API for operators only.
+    let pki_dir = std::path::PathBuf::from(serving["pki_dir"].as_str().unwrap());
+    assert!(
+        serving["broker"].as_str().unwrap().starts_with("mqtts://"),
+        "{serving}"
+    );
+    assert_eq!(serving["hubs"].as_array().unwrap().len(), 2, "{serving}");
+    assert_eq!(serving["edges"].as_array().unwrap().len(), 4, "{serving}");
+    assert!(serving["hubs"][0]["zenoh"]
+        .as_str()
+        .unwrap()
+        .starts_with("tls/"));
+    let admin: std::net::SocketAddr = serving["cloud_admin"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    assert!(
+        ureq::get(&format!("http://{admin}/v1/accounts"))
+            .call()
+            .is_err(),
+        "no plain HTTP on the admin API"
+    );
+    let operator = tests::CloudApi::as_operator(admin, &pki_dir, "operator").unwrap();
+    assert_eq!(operator.balance("alice").unwrap(), 10_000 - 1_250 - 300);
+    let metrics = serving["edges"][0]["metrics"].as_str().unwrap();
+    assert!(get_text(metrics)
+        .unwrap()
+        .contains("facepay_edge_payment_requests_total"));
+    assert!(get_text(serving["metrics"].as_str().unwrap())
+        .unwrap()
+        .contains("facepay_cloud_tls_certificate_expiry_timestamp_seconds"));
+    // Ctrl-C (here SIGTERM) stops it cleanly.
+    Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    let out = demo.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(summary["approved"], 11, "{summary}");
     let declined = &summary["declined_by_reason"];
     for reason in [

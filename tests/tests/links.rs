@@ -785,3 +785,187 @@ fn key_files_in_a_new_pki_are_owner_only() {
         "{text}"
     );
 }
+
+#[test]
+fn metrics_can_require_tls_and_basic_auth() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("metrics-users");
+    let digest: String = sha2::Sha256::digest(b"scrape-secret")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&users, format!("# Prometheus\nprometheus:{digest}\n")).unwrap();
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "register_listen=127.0.0.1:0".into(),
+            "metrics.tls=true".into(),
+            format!("metrics.basic_auth_file={users:?}"),
+            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", free_port()),
+        ],
+    )
+    .unwrap();
+    let url = format!("https://{}/metrics", edge.metrics_addr);
+    assert!(
+        ureq::get(&format!("http://{}/metrics", edge.metrics_addr))
+            .call()
+            .is_err(),
+        "no plain HTTP"
+    );
+    // Prometheus trusts the fleet's CA; it needs no client certificate.
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates({
+                let mut roots = rustls::RootCertStore::empty();
+                for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
+                    roots.add(der).unwrap();
+                }
+                roots
+            })
+            .with_no_client_auth(),
+        ))
+        .build();
+    let status = |request: ureq::Request| match request.call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    };
+    use base64::Engine as _;
+    let basic = |user_password: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    };
+    assert_eq!(status(agent.get(&url)).0, 401);
+    assert_eq!(
+        status(
+            agent
+                .get(&url)
+                .set("Authorization", &basic("prometheus:wrong"))
+        )
+        .0,
+        401
+    );
+    let (code, page) = status(
+        agent
+            .get(&url)
+            .set("Authorization", &basic("prometheus:scrape-secret")),
+    );
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("facepay_edge_tls_certificate_expiry_timestamp_seconds"),
+        "{page}"
+    );
+}
+
+#[test]
+fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    for till in ["till-1", "till-2"] {
+        ensure_identity(&pki::Identity::edge("store-8", till).unwrap()).unwrap();
+    }
+    let hub_name = hub_identity("store-8");
+    ensure_identity(&pki::Identity::operator(Some("late"), pki::Role::Operator).unwrap()).unwrap();
+    // The hub has a PKI directory of its own, as in a store: only the cloud can tell it of a
+    // revocation.
+    let hub_pki = dir.path().join("hub-pki");
+    std::fs::create_dir_all(&hub_pki).unwrap();
+    for file in [
+        "ca.pem".to_string(),
+        "crl.pem".to_string(),
+        format!("{hub_name}.pem"),
+        format!("{hub_name}.key"),
+        "edge-store-8-till-1.pem".to_string(),
+        "edge-store-8-till-2.pem".to_string(),
+    ] {
+        std::fs::copy(test_pki().join(&file), hub_pki.join(&file)).unwrap();
+    }
+    let first_list = std::fs::read(hub_pki.join("crl.pem")).unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = tests::start_cloud_with(
+        &dir.path().join("cloud"),
+        broker.port,
+        &["crl_poll_interval_ms=200".into()],
+    )
+    .unwrap();
+    let zenoh_port = free_port();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-8".into(),
+            format!("tls.pki_dir={hub_pki:?}"),
+            format!("data_dir={:?}", dir.path().join("hub")),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+            format!("mqtt.port={}", broker.port),
+        ],
+    )
+    .unwrap();
+    tests::wait_for_metric(
+        hub.metrics_addr,
+        "facepay_hub_cloud_connected",
+        1.0,
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    tests::wait_for_metric(
+        hub.metrics_addr,
+        "facepay_hub_allowed_terminals",
+        2.0,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let key = protocol::keyexpr::hub_authorize("store-8");
+    let peers = vec!["store-8".to_string()];
+    let asks = |name: &str, patience: u64| {
+        zenoh_query(
+            zenoh_port,
+            name,
+            peers.clone(),
+            key.clone(),
+            Duration::from_secs(patience),
+        )
+    };
+    assert!(
+        asks("edge-store-8-till-2", 10).is_some(),
+        "the control: till-2 is answered"
+    );
+    let late =
+        CloudApi::as_operator_unchecked(cloud.http_addr, test_pki(), "operator-late").unwrap();
+    assert_eq!(late.get("/v1/accounts").unwrap().0, 200);
+
+    // Revoked at the CA: the cloud reads the list, refuses the operator at once, and pushes it to
+    // the hub, which drops the terminal.
+    tests::revoke_in_test_pki("edge-store-8-till-2").unwrap();
+    tests::revoke_in_test_pki("operator-late").unwrap();
+    tests::wait_for_metric(
+        hub.metrics_addr,
+        "facepay_hub_allowed_terminals",
+        1.0,
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(
+        asks("edge-store-8-till-2", 3).is_none(),
+        "a revoked terminal is still answered"
+    );
+    assert!(
+        asks("edge-store-8-till-1", 10).is_some(),
+        "the other terminal is answered again"
+    );
+    let late =
+        CloudApi::as_operator_unchecked(cloud.http_addr, test_pki(), "operator-late").unwrap();
+    assert!(
+        late.get("/v1/accounts").is_err(),
+        "a revoked operator is let in"
+    );
+    // The hub kept the newer list for its next start.
+    assert_ne!(std::fs::read(hub_pki.join("crl.pem")).unwrap(), first_list);
+}

@@ -319,10 +319,29 @@ impl Pki {
                 })
             })
             .collect();
+        // Relying parties keep only a list numbered above theirs: always count up, also for two
+        // revocations within one millisecond.
+        let previous = std::fs::read(self.dir.join("crl.pem"))
+            .ok()
+            .and_then(|pem| {
+                crate::RevocationList::parse(
+                    &pem,
+                    &self.dir.join("crl.pem"),
+                    &self.dir.join("ca.pem"),
+                )
+                .ok()
+            })
+            .map(|list| {
+                list.number.iter().fold(0u64, |n, b| {
+                    n.saturating_mul(256).saturating_add(u64::from(*b))
+                })
+            })
+            .unwrap_or(0);
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as u64;
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(5),
             next_update: now + Duration::days(CRL_VALIDITY_DAYS),
-            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            crl_number: SerialNumber::from(now_ms.max(previous + 1)),
             issuing_distribution_point: None,
             revoked_certs,
             key_identifier_method: KeyIdMethod::Sha256,

@@ -31,7 +31,7 @@ pub use error::PkiError;
 pub use issue::{IndexEntry, IssueOptions, Pki};
 pub use load::{
     check_key_permissions, peer_identity, revoked_serials, terminal_common_names, ClientAuth,
-    PeerIdentity, TlsFiles, TlsIdentity,
+    LiveClientVerifier, PeerIdentity, RevocationList, TlsFiles, TlsIdentity,
 };
 pub use token::{bearer_matches, token_digest};
 

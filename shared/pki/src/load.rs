@@ -8,8 +8,9 @@ use std::{
 };
 
 use rustls::{
-    client::WebPkiServerVerifier, server::WebPkiClientVerifier, ClientConfig, RootCertStore,
-    ServerConfig,
+    client::WebPkiServerVerifier,
+    server::{danger::ClientCertVerifier, WebPkiClientVerifier},
+    ClientConfig, RootCertStore, ServerConfig,
 };
 use rustls_pki_types::{
     pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer,
@@ -39,6 +40,95 @@ pub enum ClientAuth {
     None,
 }
 
+/// A client-certificate verifier whose revocation list can be replaced while servers built on it
+/// keep running (the cloud's admin API hears of a revocation without a restart).
+#[derive(Debug)]
+pub struct LiveClientVerifier {
+    roots: Arc<RootCertStore>,
+    hints: Vec<rustls::DistinguishedName>,
+    inner: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+impl LiveClientVerifier {
+    fn build(
+        roots: &Arc<RootCertStore>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+        WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    fn new(
+        roots: Arc<RootCertStore>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Self, PkiError> {
+        let inner = Self::build(&roots, crls)?;
+        Ok(LiveClientVerifier {
+            hints: roots.subjects(),
+            roots,
+            inner: std::sync::RwLock::new(inner),
+        })
+    }
+
+    /// Verifies from now on against `list`.
+    pub fn update(&self, list: &RevocationList) -> Result<(), PkiError> {
+        let crls = CertificateRevocationListDer::pem_slice_iter(&list.pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::Tls(format!("revocation list: {e}")))?;
+        let fresh = Self::build(&self.roots, crls)?;
+        *self.inner.write().expect("not poisoned") = fresh;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.inner.read().expect("not poisoned").clone()
+    }
+}
+
+impl ClientCertVerifier for LiveClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
 /// A tier's loaded TLS identity.
 pub struct TlsIdentity {
     /// Where it came from.
@@ -48,6 +138,7 @@ pub struct TlsIdentity {
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    live: Arc<LiveClientVerifier>,
     /// Its certificate's subject.
     pub identity: PeerIdentity,
     /// When its certificate expires, Unix seconds.
@@ -133,23 +224,62 @@ pub fn peer_identity(der: &CertificateDer<'_>) -> Option<PeerIdentity> {
 /// The serials a revocation list names (it is checked against the CA in `ca`).
 pub fn revoked_serials(crl: &Path, ca: &Path) -> Result<HashSet<String>, PkiError> {
     let bytes = std::fs::read(crl).map_err(PkiError::io(crl))?;
-    let der = CertificateRevocationListDer::from_pem_slice(&bytes)
-        .map_err(|e| PkiError::bad(crl, format!("not a PEM revocation list: {e}")))?;
-    let (_, list) = x509_parser::parse_x509_crl(&der)
-        .map_err(|e| PkiError::bad(crl, format!("unreadable revocation list: {e}")))?;
-    // Only a list the CA signed counts: anyone can write a file of serials.
-    let ca_der = read_certs(ca)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| PkiError::bad(ca, "holds no certificate"))?;
-    let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der)
-        .map_err(|e| PkiError::bad(ca, format!("unreadable certificate: {e}")))?;
-    list.verify_signature(ca_cert.public_key())
-        .map_err(|e| PkiError::bad(crl, format!("not signed by the CA: {e}")))?;
-    Ok(list
-        .iter_revoked_certificates()
-        .map(|r| trimmed_hex(r.raw_serial()))
-        .collect())
+    Ok(RevocationList::parse(&bytes, crl, ca)?.serials)
+}
+
+/// A revocation list checked against the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationList {
+    /// Its CRL number: a newer list has a larger one.
+    pub number: Vec<u8>,
+    /// The revoked serials, lowercase hex.
+    pub serials: HashSet<String>,
+    /// The list as PEM.
+    pub pem: Vec<u8>,
+}
+
+impl RevocationList {
+    /// Parses a PEM revocation list and checks that the CA in `ca` signed it; `origin` names
+    /// where it came from in errors.
+    pub fn parse(pem: &[u8], origin: &Path, ca: &Path) -> Result<Self, PkiError> {
+        let crl = origin;
+        let der = CertificateRevocationListDer::from_pem_slice(pem)
+            .map_err(|e| PkiError::bad(crl, format!("not a PEM revocation list: {e}")))?;
+        let (_, list) = x509_parser::parse_x509_crl(&der)
+            .map_err(|e| PkiError::bad(crl, format!("unreadable revocation list: {e}")))?;
+        // Only a list the CA signed counts: anyone can write a file of serials.
+        let ca_der = read_certs(ca)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| PkiError::bad(ca, "holds no certificate"))?;
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|e| PkiError::bad(ca, format!("unreadable certificate: {e}")))?;
+        list.verify_signature(ca_cert.public_key())
+            .map_err(|e| PkiError::bad(crl, format!("not signed by the CA: {e}")))?;
+        let number = list
+            .crl_number()
+            .map(|n| n.to_bytes_be())
+            .unwrap_or_default();
+        Ok(RevocationList {
+            number,
+            serials: list
+                .iter_revoked_certificates()
+                .map(|r| trimmed_hex(r.raw_serial()))
+                .collect(),
+            pem: pem.to_vec(),
+        })
+    }
+
+    /// Whether this list is newer than one numbered `other`.
+    pub fn newer_than(&self, other: &[u8]) -> bool {
+        let trim = |n: &[u8]| {
+            n.iter()
+                .position(|b| *b != 0)
+                .map_or(Vec::new(), |i| n[i..].to_vec())
+        };
+        let (a, b) = (trim(&self.number), trim(other));
+        (a.len(), a) > (b.len(), b)
+    }
 }
 
 /// The common names of `store_id`'s terminals whose certificates (`edge-<store>-*.pem`) sit in
@@ -246,12 +376,15 @@ impl TlsIdentity {
             ));
         }
         let not_after_unix = cert.validity().not_after.timestamp();
+        let roots = Arc::new(roots);
+        let live = Arc::new(LiveClientVerifier::new(roots.clone(), crls.clone())?);
         let this = TlsIdentity {
             files: files.clone(),
             chain,
             key,
-            roots: Arc::new(roots),
+            roots,
             crls,
+            live,
             identity,
             not_after_unix,
         };
@@ -284,14 +417,14 @@ impl TlsIdentity {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    fn client_verifier(
-        &self,
-    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, PkiError> {
-        WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
-            .with_crls(self.crls.clone())
-            .only_check_end_entity_revocation()
-            .build()
-            .map_err(|e| PkiError::Tls(e.to_string()))
+    fn client_verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+        Ok(self.live.clone())
+    }
+
+    /// Servers built by [`TlsIdentity::server_config`] with client authentication verify
+    /// against `list` from now on.
+    pub fn update_revocations(&self, list: &RevocationList) -> Result<(), PkiError> {
+        self.live.update(list)
     }
 
     /// A server configuration presenting this identity; with [`ClientAuth::Required`] a client
@@ -368,7 +501,15 @@ mod tests {
             .is_empty());
 
         // Revoked: the list names it, the tier refuses to start on it, the hub drops it.
+        let before = std::fs::read(dir.path().join("crl.pem")).unwrap();
+        let before =
+            RevocationList::parse(&before, Path::new("before"), &dir.path().join("ca.pem"))
+                .unwrap();
         let serial = reopened.revoke("edge-store-1-till-1").unwrap();
+        let after = std::fs::read(dir.path().join("crl.pem")).unwrap();
+        let after =
+            RevocationList::parse(&after, Path::new("after"), &dir.path().join("ca.pem")).unwrap();
+        assert!(after.newer_than(&before.number) && !before.newer_than(&after.number));
         let revoked =
             revoked_serials(&dir.path().join("crl.pem"), &dir.path().join("ca.pem")).unwrap();
         assert!(revoked.contains(&serial), "{revoked:?} {serial}");

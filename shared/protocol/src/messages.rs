@@ -522,6 +522,15 @@ pub struct Deposit {
     pub amount_minor: i64,
 }
 
+/// The fleet's certificate revocation list, as the cloud distributes it to the hubs. Receivers
+/// check the CA's signature on it and keep it only when it is newer than theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationListPush {
+    /// The CRL in PEM, as `facepay-pki` wrote it.
+    pub crl_pem: String,
+}
+
 /// One money-moving operator action on the cloud's admin API, as the audit trail keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {

@@ -48,6 +48,11 @@ pub fn allowance_updates() -> String {
     format!("{ROOT}/allowances")
 }
 
+/// The fleet's certificate revocation list, published retained by the cloud for every hub.
+pub fn revocation_list() -> String {
+    format!("{ROOT}/revocations")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,133 @@
+//! The trust actor: owns the hub's Zenoh session and the revocation list it was opened with. When
+//! the cloud pushes a newer revocation list (checked against the CA), it is kept on disk, and if
+//! it revokes a terminal the hub still lets in, the Zenoh session is reopened without it: Zenoh's
+//! TLS reads no revocation lists, so the access-control allow-list is how a revoked terminal is
+//! refused.
+
+use std::{future::Future, path::PathBuf, pin::Pin};
+
+use actix::prelude::*;
+
+use crate::uplink::UplinkEvent;
+
+/// Opens the hub's Zenoh session allowing these terminals (certificate common names) and
+/// declares its queryables on it.
+pub type OpenZenoh =
+    Box<dyn Fn(Vec<String>) -> Pin<Box<dyn Future<Output = anyhow::Result<zlink::ZenohLink>>>>>;
+
+/// Owns the Zenoh session and what it trusts.
+pub struct TrustActor {
+    store_id: String,
+    files: pki::TlsFiles,
+    pki_dir: PathBuf,
+    /// The CRL number in force.
+    number: Vec<u8>,
+    allowed: Vec<String>,
+    zenoh: Option<zlink::ZenohLink>,
+    open: OpenZenoh,
+    allowed_gauge: prometheus::IntGauge,
+}
+
+impl TrustActor {
+    /// An actor over an open session that allows `allowed`, under the list numbered `number`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store_id: String,
+        files: pki::TlsFiles,
+        pki_dir: PathBuf,
+        number: Vec<u8>,
+        allowed: Vec<String>,
+        zenoh: zlink::ZenohLink,
+        open: OpenZenoh,
+        allowed_gauge: prometheus::IntGauge,
+    ) -> Self {
+        allowed_gauge.set(allowed.len() as i64);
+        TrustActor {
+            store_id,
+            files,
+            pki_dir,
+            number,
+            allowed,
+            zenoh: Some(zenoh),
+            open,
+            allowed_gauge,
+        }
+    }
+
+    /// Keeps a pushed list if it is the CA's and newer; the terminals to allow under it when
+    /// they differ from those allowed now.
+    fn take(&mut self, pem: &str) -> Option<Vec<String>> {
+        let origin = std::path::Path::new("revocation list pushed by the cloud");
+        let list = match pki::RevocationList::parse(pem.as_bytes(), origin, &self.files.ca) {
+            Ok(list) => list,
+            Err(error) => {
+                tracing::warn!(%error, "revocation list refused");
+                return None;
+            }
+        };
+        if !list.newer_than(&self.number) {
+            return None;
+        }
+        // Kept on disk so that a restart starts from it; written beside and renamed.
+        let tmp = self.files.crl.with_extension("pushed");
+        if let Err(error) =
+            std::fs::write(&tmp, &list.pem).and_then(|_| std::fs::rename(&tmp, &self.files.crl))
+        {
+            tracing::error!(%error, file = %self.files.crl.display(), "keeping the revocation list failed; applied in memory only");
+        }
+        self.number = list.number.clone();
+        tracing::info!(
+            revoked = list.serials.len(),
+            "newer revocation list from the cloud"
+        );
+        match pki::terminal_common_names(&self.pki_dir, &self.store_id, &list.serials) {
+            Ok(allowed) if allowed != self.allowed => Some(allowed),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::error!(%error, "reading the terminals' certificates failed");
+                None
+            }
+        }
+    }
+}
+
+impl Actor for TrustActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<UplinkEvent> for TrustActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UplinkEvent, ctx: &mut Self::Context) {
+        let UplinkEvent::RevocationListPushed(pem) = msg else {
+            return;
+        };
+        let Some(allowed) = self.take(&pem) else {
+            return;
+        };
+        // The new session listens where the old one did: close the old one first (closing
+        // blocks, so not on this thread). The store's terminals reconnect by themselves; their
+        // queries in between fail fast, unsent.
+        let old = self.zenoh.take();
+        let reopen = (self.open)(allowed.clone());
+        let store_id = self.store_id.clone();
+        let work = async move {
+            let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+            reopen.await
+        };
+        ctx.wait(work.into_actor(self).map(move |opened, actor, _| match opened {
+            Ok(zenoh) => {
+                tracing::warn!(store_id, terminals = allowed.len(), "zenoh reopened without revoked terminals");
+                actor.allowed_gauge.set(allowed.len() as i64);
+                actor.allowed = allowed;
+                actor.zenoh = Some(zenoh);
+            }
+            Err(error) => {
+                // No session: no terminal can reach the hub. Safer than one a revoked terminal
+                // could use; the hub must be restarted.
+                tracing::error!(%error, "reopening zenoh failed: the hub serves no terminal");
+                actor.allowed_gauge.set(0);
+            }
+        }));
+    }
+}
