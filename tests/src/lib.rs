@@ -71,10 +71,12 @@ pub fn make_pki(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One writer at a time in the test PKI: issuing and revoking both rewrite `index.json`.
+static PKI_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Issues a certificate for `identity` in the test PKI unless it has one.
 pub fn ensure_identity(identity: &pki::Identity) -> anyhow::Result<()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().expect("not poisoned");
+    let _guard = PKI_WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let pki = pki::Pki::open(test_pki())?;
     pki.ensure(identity, &pki::IssueOptions::default())?;
     Ok(())
@@ -85,16 +87,14 @@ pub fn issue_in_test_pki(
     identity: &pki::Identity,
     options: &pki::IssueOptions,
 ) -> anyhow::Result<()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().expect("not poisoned");
+    let _guard = PKI_WRITER.lock().unwrap_or_else(|e| e.into_inner());
     pki::Pki::open(test_pki())?.issue(identity, options)?;
     Ok(())
 }
 
 /// Revokes the certificate `<name>` of the test PKI (services started afterwards refuse it).
 pub fn revoke_in_test_pki(name: &str) -> anyhow::Result<()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().expect("not poisoned");
+    let _guard = PKI_WRITER.lock().unwrap_or_else(|e| e.into_inner());
     pki::Pki::open(test_pki())?.revoke(name)?;
     Ok(())
 }
