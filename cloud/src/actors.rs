@@ -345,6 +345,36 @@ pub struct HubLinkActor {
     identity: Addr<IdentityActor>,
     metrics: PaymentMetrics,
     connected: prometheus::IntGauge,
+    /// Stores with a merchant account: the only request topics served.
+    known_stores: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Whether `store_id` is a store the cloud serves: a valid id with a merchant account. Any
+/// certificate of the fleet may publish on the request topic named after its common name (the
+/// broker's ACL pattern); only hubs of real stores are answered.
+async fn is_store(
+    ledger: &Addr<LedgerActor>,
+    known: &std::sync::Mutex<std::collections::HashSet<String>>,
+    store_id: &str,
+) -> bool {
+    if protocol::validate_id("store_id", store_id).is_err() {
+        return false;
+    }
+    if known.lock().expect("not poisoned").contains(store_id) {
+        return true;
+    }
+    let merchant = matches!(
+        ledger.send(LedgerQuery::Account(store_id.to_owned())).await,
+        Ok(Ok(LedgerAnswer::Account(Some(view))))
+            if view.kind == protocol::AccountKind::Merchant && !view.closed
+    );
+    if merchant {
+        known
+            .lock()
+            .expect("not poisoned")
+            .insert(store_id.to_owned());
+    }
+    merchant
 }
 
 impl HubLinkActor {
@@ -362,6 +392,7 @@ impl HubLinkActor {
             identity,
             metrics,
             connected,
+            known_stores: Default::default(),
         }
     }
 }
@@ -424,6 +455,7 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                 let ledger = self.ledger.clone();
                 let identity = self.identity.clone();
                 let metrics = self.metrics.clone();
+                let known_stores = self.known_stores.clone();
                 Box::pin(async move {
                     let started = Instant::now();
                     let request_id = request.request_id;
@@ -431,7 +463,17 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                     if is_payment {
                         metrics.request();
                     }
+                    let known = is_store(&ledger, &known_stores, &store_id).await;
+                    if !known {
+                        tracing::warn!(
+                            store_id,
+                            "request from an identity that is no store's hub refused"
+                        );
+                    }
                     let body = match request.body {
+                        _ if !known => CloudReplyBody::Error {
+                            detail: format!("{store_id:?} is not a store with a merchant account"),
+                        },
                         HubRequestBody::Identify(identify) => {
                             match identity.send(IdentifyCmd(identify)).await {
                                 Ok(Ok(found)) => CloudReplyBody::Identified(found),

@@ -49,18 +49,22 @@ fn json_config(limit: usize) -> web::JsonConfig {
 /// Who may use the admin API, checked on every request before its body is read: TLS already
 /// refused clients without a valid, unrevoked certificate of the fleet's CA; of those, only
 /// operators pass, and a `viewer` only reads.
-pub(crate) fn operator_gate() -> telemetry::Gate {
-    std::sync::Arc::new(|request: &actix_web::dev::ServiceRequest| {
-        let role = request
+pub(crate) fn operator_gate(tls: std::sync::Arc<pki::TlsIdentity>) -> telemetry::Gate {
+    std::sync::Arc::new(move |request: &actix_web::dev::ServiceRequest| {
+        let peer = request
             .conn_data::<telemetry::Peer>()
-            .and_then(|peer| peer.0.as_ref())
+            .and_then(|peer| peer.0.as_ref());
+        // A connection kept open since before a revocation still carries the revoked
+        // certificate: checked on every request against the list in force.
+        let role = peer
+            .filter(|identity| !tls.is_revoked(&identity.serial))
             .and_then(|identity| identity.role);
         let reads = matches!(*request.method(), Method::GET | Method::HEAD);
         let refusal = match role {
             Some(pki::Role::Operator) => return None,
             Some(pki::Role::Viewer) if reads => return None,
             Some(pki::Role::Viewer) => "the viewer role may only read",
-            _ => "an operator certificate is required",
+            _ => "a valid operator certificate is required",
         };
         Some(HttpResponse::Forbidden().json(json!({ "error": "forbidden", "detail": refusal })))
     })
@@ -75,29 +79,30 @@ fn operator_of(request: &HttpRequest) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Records a money-moving action with who did it and how it ended. The action has already
-/// happened: a failure to record it is logged and answered as a storage error.
-async fn audit(
+/// Records a money-moving action with who did it and how it ended (`result`), then hands the
+/// result on. The action has already happened: a failure to record it is logged and answered as
+/// a storage error.
+async fn audited<T>(
     ledger: &Addr<LedgerActor>,
     operator: String,
     action: &str,
     target: &str,
     detail: String,
-    outcome: &Result<(), String>,
-) -> Result<(), HttpResponse> {
+    result: Result<T, HttpResponse>,
+) -> Result<T, HttpResponse> {
     let entry = protocol::AuditEntry {
         at_ms: paycode::now_ms(),
         operator,
         action: action.into(),
         target: target.into(),
         detail,
-        outcome: match outcome {
-            Ok(()) => "applied".into(),
-            Err(why) => format!("refused: {why}"),
+        outcome: match &result {
+            Ok(_) => "applied".into(),
+            Err(refusal) => format!("refused: {}", refusal.status()),
         },
     };
     match ledger.send(RecordAudit(entry)).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => result,
         Ok(Err(e)) => {
             tracing::error!(error = %e, action, target, "recording an operator action failed");
             Err(error_response(e))
@@ -166,22 +171,15 @@ async fn deposit(
         deposit,
     };
     let result = admin(&state, cmd).await;
-    let outcome = result
-        .as_ref()
-        .map(|_| ())
-        .map_err(|r| r.status().to_string());
-    if let Err(response) = audit(
+    let result = audited(
         &state.ledger,
         operator_of(&http),
         "deposit",
         &account_id,
         detail,
-        &outcome,
+        result,
     )
-    .await
-    {
-        return response;
-    }
+    .await;
     match result {
         Ok(view) => HttpResponse::Ok().json(view),
         Err(response) => response,
@@ -200,22 +198,15 @@ async fn set_hub_key(
         public_key: body.public_key.clone(),
     };
     let result = admin(&state, cmd).await;
-    let outcome = result
-        .as_ref()
-        .map(|_| ())
-        .map_err(|r| r.status().to_string());
-    if let Err(response) = audit(
+    let result = audited(
         &state.ledger,
         operator_of(&http),
         "set_hub_key",
         &store_id,
         format!("public_key={}", body.public_key),
-        &outcome,
+        result,
     )
-    .await
-    {
-        return response;
-    }
+    .await;
     match result {
         Ok(_) => {
             HttpResponse::Ok().json(json!({ "store_id": store_id, "hub_key": body.public_key }))
@@ -258,22 +249,15 @@ async fn open_account(
         Ok(Err(e)) => Err(error_response(e)),
         Ok(Ok(key_change)) => Ok(key_change),
     };
-    let outcome = result
-        .as_ref()
-        .map(|_| ())
-        .map_err(|r| r.status().to_string());
-    if let Err(response) = audit(
+    let result = audited(
         &state.ledger,
         operator_of(&http),
         "open_account",
         &account_id,
         detail,
-        &outcome,
+        result,
     )
-    .await
-    {
-        return response;
-    }
+    .await;
     match result {
         Err(response) => response,
         Ok(key_change) => {
@@ -319,8 +303,6 @@ pub const MAX_ENROLL_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub(crate) struct EnrollState {
-    /// SHA-256 of the operator bearer token.
-    pub token_digest: [u8; 32],
     pub ledger: Addr<LedgerActor>,
     pub link: Addr<HubLinkActor>,
     pub identity: Addr<IdentityActor>,
@@ -336,20 +318,14 @@ pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState)
         .route("/v1/customers/{id}/faces", web::post().to(add_face));
 }
 
-/// The enrollment API serves operators only: `Authorization: Bearer <token>`.
-/// `None` when the request carries the operator token, else the 401 to answer.
-fn unauthorized(request: &HttpRequest, state: &EnrollState) -> Option<HttpResponse> {
-    let header = request
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if pki::bearer_matches(header, &state.token_digest) {
-        None
-    } else {
-        Some(HttpResponse::Unauthorized()
+/// The enrollment API serves operators only: `Authorization: Bearer <token>`, checked before
+/// the body (a photo of up to 16 MiB) is read.
+pub(crate) fn token_gate(digest: [u8; 32]) -> telemetry::Gate {
+    telemetry::bearer_gate(digest, || {
+        HttpResponse::Unauthorized()
             .insert_header(("WWW-Authenticate", "Bearer"))
-            .json(json!({ "error": "unauthorized", "detail": "a valid operator bearer token is required" })))
-    }
+            .json(json!({ "error": "unauthorized", "detail": "a valid operator bearer token is required" }))
+    })
 }
 
 fn enroll_error(error: EnrollError) -> HttpResponse {
@@ -377,13 +353,9 @@ fn enroll_error(error: EnrollError) -> HttpResponse {
 }
 
 async fn create_customer(
-    http: HttpRequest,
     state: web::Data<EnrollState>,
     body: web::Json<CreateCustomer>,
 ) -> HttpResponse {
-    if let Some(denied) = unauthorized(&http, &state) {
-        return denied;
-    }
     let request = body.into_inner();
     if let Err(e) = crate::customers::validate_customer(&request) {
         return enroll_error(e.into());
@@ -422,22 +394,15 @@ async fn create_customer(
         Ok(Err(e)) => Err(error_response(e)),
         Ok(Ok(key_change)) => Ok(key_change),
     };
-    let outcome = result
-        .as_ref()
-        .map(|_| ())
-        .map_err(|r| r.status().to_string());
-    if let Err(response) = audit(
+    let result = audited(
         &state.ledger,
         "enrollment-token".into(),
         "open_account",
         &request.customer_id,
         detail,
-        &outcome,
+        result,
     )
-    .await
-    {
-        return response;
-    }
+    .await;
     match result {
         Err(response) => return response,
         Ok(Some(entry)) => state.link.do_send(BroadcastKeys(vec![entry])),
@@ -450,14 +415,7 @@ async fn create_customer(
     }
 }
 
-async fn get_customer(
-    http: HttpRequest,
-    state: web::Data<EnrollState>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Some(denied) = unauthorized(&http, &state) {
-        return denied;
-    }
+async fn get_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
     match state.identity.send(GetCustomer(id.into_inner())).await {
         Err(e) => unavailable(e),
         Ok(Err(e)) => enroll_error(e),
@@ -468,14 +426,10 @@ async fn get_customer(
 }
 
 async fn add_face(
-    http: HttpRequest,
     state: web::Data<EnrollState>,
     id: web::Path<String>,
     body: web::Json<AddFace>,
 ) -> HttpResponse {
-    if let Some(denied) = unauthorized(&http, &state) {
-        return denied;
-    }
     use base64::Engine as _;
     let customer_id = id.into_inner();
     let request = body.into_inner();
@@ -542,14 +496,7 @@ async fn add_face(
     }
 }
 
-async fn erase_customer(
-    http: HttpRequest,
-    state: web::Data<EnrollState>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Some(denied) = unauthorized(&http, &state) {
-        return denied;
-    }
+async fn erase_customer(state: web::Data<EnrollState>, id: web::Path<String>) -> HttpResponse {
     let customer_id = id.into_inner();
     let (removed, update) = match state
         .identity

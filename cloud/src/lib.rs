@@ -154,13 +154,12 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let (admin_addr, admin_server) = telemetry::serve_api(
         &config.admin_listen,
         Some(tls.server_config(pki::ClientAuth::Required)?),
-        Some(api::operator_gate()),
+        Some(api::operator_gate(tls.clone())),
         move |cfg| api::configure(cfg, state.clone()),
     )
     .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
     let token_digest = pki::token_digest(&config.api_token_path())?;
     let enroll_state = api::EnrollState {
-        token_digest,
         ledger: ledger.clone(),
         link,
         identity,
@@ -169,7 +168,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let (api_addr, api_server) = telemetry::serve_api(
         &config.api_listen,
         Some(tls.server_config(pki::ClientAuth::None)?),
-        None,
+        Some(api::token_gate(token_digest)),
         move |cfg| api::configure_enroll(cfg, enroll_state.clone()),
     )
     .with_context(|| format!("binding api_listen {}", config.api_listen))?;

@@ -22,25 +22,13 @@ use crate::checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer}
 /// Refuses, before its body is read, a request without `Authorization: Bearer <token>` for the
 /// token whose SHA-256 is `digest`.
 pub(crate) fn bearer_gate(digest: [u8; 32]) -> telemetry::Gate {
-    std::sync::Arc::new(move |request: &actix_web::dev::ServiceRequest| {
-        if pki::bearer_matches(
-            request
-                .headers()
-                .get(actix_web::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok()),
-            &digest,
-        ) {
-            None
-        } else {
-            Some(
-                HttpResponse::Unauthorized()
-                    .insert_header(("WWW-Authenticate", "Bearer"))
-                    .json(refusal(
-                        DeclineReason::InvalidRequest,
-                        "a valid register token is required".into(),
-                    )),
-            )
-        }
+    telemetry::bearer_gate(digest, || {
+        HttpResponse::Unauthorized()
+            .insert_header(("WWW-Authenticate", "Bearer"))
+            .json(refusal(
+                DeclineReason::InvalidRequest,
+                "a valid register token is required".into(),
+            ))
     })
 }
 

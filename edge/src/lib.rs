@@ -66,7 +66,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let tls_files = config.tls.files(&identity.name);
     let tls = pki::TlsIdentity::load(&tls_files)
         .with_context(|| format!("loading the terminal's TLS identity {}", identity.name))?;
-    if tls.identity.common_name != identity.common_name
+    if !identity.owns_common_name(&tls.identity.common_name)
         || tls.identity.role != Some(pki::Role::Edge)
     {
         anyhow::bail!(

@@ -54,9 +54,10 @@ impl TrustActor {
         }
     }
 
-    /// Keeps a pushed list if it is the CA's and newer; the terminals to allow under it when
-    /// they differ from those allowed now.
-    fn take(&mut self, pem: &str) -> Option<Vec<String>> {
+    /// Checks a pushed list: the CA's and newer than the one in force, it is kept on disk and
+    /// returned with the terminals to allow under it. Fails closed: when the terminals'
+    /// certificates cannot be read, none is allowed.
+    fn take(&mut self, pem: &str) -> Option<(pki::RevocationList, Vec<String>)> {
         let origin = std::path::Path::new("revocation list pushed by the cloud");
         let list = match pki::RevocationList::parse(pem.as_bytes(), origin, &self.files.ca) {
             Ok(list) => list,
@@ -68,6 +69,15 @@ impl TrustActor {
         if !list.newer_than(&self.number) {
             return None;
         }
+        tracing::info!(
+            revoked = list.serials.len(),
+            "newer revocation list from the cloud"
+        );
+        let allowed = pki::terminal_common_names(&self.pki_dir, &self.store_id, &list.serials)
+            .unwrap_or_else(|error| {
+                tracing::error!(%error, "reading the terminals' certificates failed: none is allowed");
+                Vec::new()
+            });
         // Kept on disk so that a restart starts from it; written beside and renamed.
         let tmp = self.files.crl.with_extension("pushed");
         if let Err(error) =
@@ -75,19 +85,7 @@ impl TrustActor {
         {
             tracing::error!(%error, file = %self.files.crl.display(), "keeping the revocation list failed; applied in memory only");
         }
-        self.number = list.number.clone();
-        tracing::info!(
-            revoked = list.serials.len(),
-            "newer revocation list from the cloud"
-        );
-        match pki::terminal_common_names(&self.pki_dir, &self.store_id, &list.serials) {
-            Ok(allowed) if allowed != self.allowed => Some(allowed),
-            Ok(_) => None,
-            Err(error) => {
-                tracing::error!(%error, "reading the terminals' certificates failed");
-                None
-            }
-        }
+        Some((list, allowed))
     }
 }
 
@@ -102,9 +100,13 @@ impl Handler<UplinkEvent> for TrustActor {
         let UplinkEvent::RevocationListPushed(pem) = msg else {
             return;
         };
-        let Some(allowed) = self.take(&pem) else {
+        let Some((list, allowed)) = self.take(&pem) else {
             return;
         };
+        if allowed == self.allowed {
+            self.number = list.number;
+            return;
+        }
         // The new session listens where the old one did: close the old one first (closing
         // blocks, so not on this thread). The store's terminals reconnect by themselves; their
         // queries in between fail fast, unsent.
@@ -121,12 +123,16 @@ impl Handler<UplinkEvent> for TrustActor {
                 actor.allowed_gauge.set(allowed.len() as i64);
                 actor.allowed = allowed;
                 actor.zenoh = Some(zenoh);
+                // In force only now: a list whose reopening failed is taken again when it comes
+                // again (the cloud republishes on every reconnect).
+                actor.number = list.number;
             }
             Err(error) => {
                 // No session: no terminal can reach the hub. Safer than one a revoked terminal
                 // could use; the hub must be restarted.
                 tracing::error!(%error, "reopening zenoh failed: the hub serves no terminal");
                 actor.allowed_gauge.set(0);
+                actor.allowed = Vec::new();
             }
         }));
     }

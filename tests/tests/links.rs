@@ -356,7 +356,10 @@ fn a_tier_refuses_to_start_on_a_key_others_can_read() {
         ],
     );
     assert_ne!(code, Some(0));
-    assert!(stderr.contains(&key.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&key.display().to_string()) && stderr.contains("readable by others"),
+        "{stderr}"
+    );
     let key = pki_dir.join("cloud.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
     let (code, stderr) = run_to_exit(
@@ -367,7 +370,10 @@ fn a_tier_refuses_to_start_on_a_key_others_can_read() {
         ],
     );
     assert_ne!(code, Some(0));
-    assert!(stderr.contains(&key.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&key.display().to_string()) && stderr.contains("readable by others"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -557,6 +563,17 @@ fn zenoh_query(
         ..Default::default()
     }
     .files(name);
+    zenoh_query_with(connect, files, allowed_peers, key, patience)
+}
+
+/// [`zenoh_query`] with these files.
+fn zenoh_query_with(
+    connect: u16,
+    files: pki::TlsFiles,
+    allowed_peers: Vec<String>,
+    key: String,
+    patience: Duration,
+) -> Option<Vec<u8>> {
     let config = zlink::ZenohConfig {
         connect: vec![format!("tls/127.0.0.1:{connect}")],
         ..Default::default()
@@ -600,6 +617,19 @@ fn a_hub_answers_only_its_own_stores_valid_terminals() {
         ensure_identity(&pki::Identity::edge(store, till).unwrap()).unwrap();
     }
     tests::revoke_in_test_pki("edge-store-3-till-2").unwrap();
+    // A terminal whose certificate was replaced (the device was stolen): its old files still
+    // chain to the CA, but the replacement revoked them and carries another name.
+    ensure_identity(&pki::Identity::edge("store-3", "till-3").unwrap()).unwrap();
+    let stolen = dir.path().join("stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    for file in ["edge-store-3-till-3.pem", "edge-store-3-till-3.key"] {
+        std::fs::copy(test_pki().join(file), stolen.join(file)).unwrap();
+    }
+    tests::issue_in_test_pki(
+        &pki::Identity::edge("store-3", "till-3").unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
     let zenoh_port = free_port();
     let hub = Service::start(
         "facepay-hub",
@@ -622,6 +652,33 @@ fn a_hub_answers_only_its_own_stores_valid_terminals() {
         Duration::from_secs(10),
     );
     assert!(answer.is_some(), "the store's own terminal got no answer");
+    // The replaced certificate: no answer; its replacement: answered.
+    let mut stolen_files = pki::TlsConfig {
+        pki_dir: test_pki().to_owned(),
+        ..Default::default()
+    }
+    .files("edge-store-3-till-3");
+    stolen_files.cert = stolen.join("edge-store-3-till-3.pem");
+    stolen_files.key = stolen.join("edge-store-3-till-3.key");
+    let answer = zenoh_query_with(
+        zenoh_port,
+        stolen_files,
+        peers.clone(),
+        key.clone(),
+        Duration::from_secs(3),
+    );
+    assert!(
+        answer.is_none(),
+        "a replaced terminal certificate got an answer"
+    );
+    let answer = zenoh_query(
+        zenoh_port,
+        "edge-store-3-till-3",
+        peers.clone(),
+        key.clone(),
+        Duration::from_secs(10),
+    );
+    assert!(answer.is_some(), "the replacement got no answer");
     // Another store's terminal, and a revoked terminal of this store: no answer at all.
     for name in ["edge-store-4-till-1", "edge-store-3-till-2"] {
         let answer = zenoh_query(
@@ -650,10 +707,15 @@ fn rogue_hub(name: &str, port: u16) -> zlink::ZenohLink {
     };
     let security = zlink::ZenohSecurity {
         files,
-        allowed_peers: vec![
-            pki::edge_common_name("store-5", "till-1"),
-            pki::edge_common_name("store-5", "till-2"),
-        ],
+        allowed_peers: ["till-1", "till-2"]
+            .iter()
+            .map(|till| {
+                tls_identity(&format!("edge-store-5-{till}"))
+                    .unwrap()
+                    .identity
+                    .common_name
+            })
+            .collect(),
         key_exprs: vec!["facepay/**".into()],
     };
     let link = zlink::ZenohLink::open(&config, &security).unwrap();
@@ -696,6 +758,9 @@ fn a_terminal_ignores_a_rogue_hub_with_another_stores_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let wallet = paycode::Wallet::generate("victim").unwrap();
     let mut answers = Vec::new();
+    for till in ["till-1", "till-2"] {
+        ensure_identity(&pki::Identity::edge("store-5", till).unwrap()).unwrap();
+    }
     for (till, rogue) in [("till-1", "store-6"), ("till-2", "store-5")] {
         let rogue_name = hub_identity(rogue);
         ensure_identity(&pki::Identity::edge("store-5", till).unwrap()).unwrap();
@@ -796,6 +861,22 @@ fn metrics_can_require_tls_and_basic_auth() {
         .map(|b| format!("{b:02x}"))
         .collect();
     std::fs::write(&users, format!("# Prometheus\nprometheus:{digest}\n")).unwrap();
+    // Basic auth over plain HTTP is refused before anything is bound.
+    let (code, stderr) = run_to_exit(
+        "facepay-edge",
+        &[
+            format!("tls.pki_dir={:?}", test_pki()),
+            format!("metrics.basic_auth_file={users:?}"),
+            format!("frames_dir={:?}", dir.path().join("frames")),
+        ],
+    );
+    assert_eq!(code, Some(settings::EXIT_CONFIG), "{stderr}");
+    assert!(stderr.contains("metrics.tls"), "{stderr}");
+    // A password file others can read is refused like a key.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let edge = Service::start(
         "facepay-edge",
         &[
@@ -968,4 +1049,77 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
     );
     // The hub kept the newer list for its next start.
     assert_ne!(std::fs::read(hub_pki.join("crl.pem")).unwrap(), first_list);
+}
+
+#[test]
+fn identities_that_are_no_stores_hub_get_nothing_from_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = tests::start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let operator = CloudApi::new(cloud.http_addr);
+    operator
+        .open(&protocol::OpenAccount {
+            account_id: "store-9".into(),
+            kind: protocol::AccountKind::Merchant,
+            currency: protocol::Currency::parse("EUR").unwrap(),
+            initial_balance_minor: 0,
+            public_key: None,
+        })
+        .unwrap();
+    let hub = hub_identity("store-9");
+    ensure_identity(&pki::Identity::edge("store-9", "till-1").unwrap()).unwrap();
+    let edge = "edge-store-9-till-1".to_string();
+    let ask = |name: String| {
+        runtime().block_on(async move {
+            let cn = tls_identity(&name).unwrap().identity.common_name;
+            let (client, mut eventloop) = client_as(broker.port, &name, &cn);
+            subscribed(
+                &client,
+                &mut eventloop,
+                &[&format!("facepay/v1/stores/{cn}/replies")],
+            )
+            .await;
+            let request = protocol::HubRequest {
+                request_id: 1,
+                store_id: cn.clone(),
+                body: protocol::HubRequestBody::KeySync { after_version: 0 },
+            };
+            client
+                .publish(
+                    format!("facepay/v1/cloud/requests/{cn}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    protocol::encode(&request),
+                )
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        return protocol::decode::<protocol::CloudReply>(&p.payload)
+                            .unwrap()
+                            .body
+                    }
+                    Ok(Ok(_)) => {}
+                    other => panic!("no reply: {other:?}"),
+                }
+            }
+        })
+    };
+    // The store's hub is answered: the control.
+    let answer = ask(hub);
+    assert!(
+        matches!(answer, protocol::CloudReplyBody::Keys(_)),
+        "{answer:?}"
+    );
+    // A terminal's certificate, an operator's: the broker lets them publish on the topic named
+    // after them, but the cloud serves no one that is not a store.
+    for name in [edge, "operator".to_string(), "operator-viewer".to_string()] {
+        let answer = ask(name.clone());
+        assert!(
+            matches!(answer, protocol::CloudReplyBody::Error { .. }),
+            "{name}: {answer:?}"
+        );
+    }
 }

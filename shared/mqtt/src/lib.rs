@@ -67,7 +67,7 @@ impl MqttConfig {
 
     /// A client over TLS with a persistent session (`clean_session = false`), so that QoS 1
     /// messages sent while it was away are delivered when it returns. `tls` presents the tier's
-    /// certificate and trusts only a broker certificate of the fleet's CA. The client id is the
+    /// certificate and trusts only a broker's certificate (role `broker`) of the fleet's CA. The client id is the
     /// certificate's common name: a broker configured with `use_identity_as_username` and
     /// `use_username_as_clientid` (ops/mosquitto) gives each certificate its own session, so no
     /// other client can take it over.
@@ -75,7 +75,7 @@ impl MqttConfig {
         &self,
         identity: &pki::TlsIdentity,
     ) -> Result<(AsyncClient, EventLoop), pki::PkiError> {
-        let tls = identity.client_config()?;
+        let tls = identity.client_config_for(pki::Role::Broker)?;
         let client_id = identity.identity.common_name.clone();
         let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
         options

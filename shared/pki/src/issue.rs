@@ -194,29 +194,53 @@ impl Pki {
         &self.dir
     }
 
-    /// Issues a certificate for `identity` and writes `<name>.pem` and `<name>.key` (0600),
-    /// replacing an earlier one of that name.
+    /// Issues a certificate for `identity` and writes `<name>.pem` and `<name>.key` (0600). An
+    /// earlier certificate of that name is revoked (crl.pem rewritten).
     pub fn issue(
         &self,
         identity: &Identity,
         options: &IssueOptions,
     ) -> Result<IndexEntry, PkiError> {
+        let mut index = self.list()?;
+        // One name, one identity: `edge-a-b-c` could be store a's terminal b-c or store a-b's
+        // terminal c; the second to ask is refused rather than overwriting the first's files.
+        if let Some(other) = index
+            .iter()
+            .find(|e| e.name == identity.name && !identity.owns_common_name(&e.common_name))
+        {
+            return Err(PkiError::Invalid(format!(
+                "{} already names the certificate of {:?}; choose other ids",
+                identity.name, other.common_name
+            )));
+        }
         let key = KeyPair::generate()?;
+        let serial = random_serial();
+        let common_name = match identity.role {
+            crate::Role::Edge => {
+                format!("{}:{}", identity.common_name, &hex(serial.as_ref())[..12])
+            }
+            _ => identity.common_name.clone(),
+        };
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.common_name.as_str());
+        dn.push(DnType::CommonName, common_name.as_str());
         dn.push(DnType::OrganizationalUnitName, identity.role.as_str());
         dn.push(DnType::OrganizationName, ORGANIZATION);
         params.distinguished_name = dn;
         params.not_before = options.not_before;
         params.not_after = options.not_before + Duration::days(options.validity_days);
-        let serial = random_serial();
         params.serial_number = Some(serial.clone());
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        // Operators are only ever clients: their certificates cannot serve TLS.
+        params.extended_key_usages = match identity.role {
+            crate::Role::Operator | crate::Role::Viewer => {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            }
+            _ => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         params.use_authority_key_identifier_extension = true;
         let mut sans = vec![SanType::DnsName("localhost".try_into()?)];
         for name in &options.dns_names {
@@ -238,16 +262,29 @@ impl Pki {
         )?;
         let entry = IndexEntry {
             name: identity.name.clone(),
-            common_name: identity.common_name.clone(),
+            common_name,
             role: identity.role,
             serial: hex(serial.as_ref()),
             not_after_unix: (options.not_before + Duration::days(options.validity_days))
                 .unix_timestamp(),
             revoked_at_unix: None,
         };
-        let mut index = self.list()?;
+        // The certificate this one replaces is revoked: its holder (a stolen terminal, say) keeps
+        // no access after the replacement.
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut superseded = false;
+        for earlier in index
+            .iter_mut()
+            .filter(|e| e.name == identity.name && e.revoked_at_unix.is_none())
+        {
+            earlier.revoked_at_unix = Some(now);
+            superseded = true;
+        }
         index.push(entry.clone());
         self.write_index(&index)?;
+        if superseded {
+            self.write_crl(&index)?;
+        }
         Ok(entry)
     }
 
@@ -286,6 +323,13 @@ impl Pki {
         self.write_index(&index)?;
         self.write_crl(&index)?;
         Ok(serial)
+    }
+
+    /// Signs the revocation list again with a new number and validity: relying parties that
+    /// check `next_update` (Mosquitto) refuse an expired list, so re-sign it well within
+    /// [`CRL_VALIDITY_DAYS`] (monthly from cron, say) even when nothing was revoked.
+    pub fn refresh_crl(&self) -> Result<(), PkiError> {
+        self.write_crl(&self.list()?)
     }
 
     /// Every certificate issued, oldest first.

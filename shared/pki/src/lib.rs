@@ -131,8 +131,10 @@ impl Identity {
         })
     }
 
-    /// A checkout terminal. Its common name `edge:<store>:<terminal>` cannot be mistaken for
-    /// another store's terminal (ids never contain `:`).
+    /// A checkout terminal. Its common name `edge:<store>:<terminal>:<generation>` cannot be
+    /// mistaken for another store's terminal (ids never contain `:`), and each certificate
+    /// issued for the terminal has its own (the generation is the start of its serial), so that
+    /// a hub allowing the current certificate by name does not allow a replaced one.
     pub fn edge(store_id: &str, terminal_id: &str) -> Result<Self, PkiError> {
         check_id("store id", store_id)?;
         check_id("terminal id", terminal_id)?;
@@ -169,9 +171,23 @@ impl Identity {
     }
 }
 
-/// The common name of a store's terminal.
+/// The common name of a store's terminal, without its generation.
 pub fn edge_common_name(store_id: &str, terminal_id: &str) -> String {
     format!("edge:{store_id}:{terminal_id}")
+}
+
+impl Identity {
+    /// Whether a certificate's common name is this identity's (for a terminal: of any
+    /// generation).
+    pub fn owns_common_name(&self, common_name: &str) -> bool {
+        match self.role {
+            Role::Edge => common_name
+                .strip_prefix(self.common_name.as_str())
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|generation| !generation.is_empty() && !generation.contains(':')),
+            _ => common_name == self.common_name,
+        }
+    }
 }
 
 /// Ids are what `protocol::validate_id` accepts: 1-64 of letters, digits, `_`, `-`, `.`.

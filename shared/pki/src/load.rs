@@ -47,6 +47,9 @@ pub struct LiveClientVerifier {
     roots: Arc<RootCertStore>,
     hints: Vec<rustls::DistinguishedName>,
     inner: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
+    /// The serials of the list in force: connections made before a revocation are checked
+    /// against it request by request.
+    revoked: std::sync::RwLock<HashSet<String>>,
 }
 
 impl LiveClientVerifier {
@@ -67,13 +70,20 @@ impl LiveClientVerifier {
     fn new(
         roots: Arc<RootCertStore>,
         crls: Vec<CertificateRevocationListDer<'static>>,
+        revoked: HashSet<String>,
     ) -> Result<Self, PkiError> {
         let inner = Self::build(&roots, crls)?;
         Ok(LiveClientVerifier {
             hints: roots.subjects(),
             roots,
             inner: std::sync::RwLock::new(inner),
+            revoked: std::sync::RwLock::new(revoked),
         })
+    }
+
+    /// Whether the list in force names this serial.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.read().expect("not poisoned").contains(serial)
     }
 
     /// Verifies from now on against `list`.
@@ -83,6 +93,7 @@ impl LiveClientVerifier {
             .map_err(|e| PkiError::Tls(format!("revocation list: {e}")))?;
         let fresh = Self::build(&self.roots, crls)?;
         *self.inner.write().expect("not poisoned") = fresh;
+        *self.revoked.write().expect("not poisoned") = list.serials.clone();
         Ok(())
     }
 
@@ -126,6 +137,60 @@ impl ClientCertVerifier for LiveClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.current().supported_verify_schemes()
+    }
+}
+
+/// The CA's server verification, and the server's certificate must have one role.
+#[derive(Debug)]
+struct RoleServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    role: Role,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RoleServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match peer_identity(end_entity).and_then(|peer| peer.role) {
+            Some(role) if role == self.role => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -302,7 +367,9 @@ pub fn terminal_common_names(
         if !(file.starts_with(&prefix) && file.ends_with(".pem")) {
             continue;
         }
-        let Some(der) = read_certs(&path)?.into_iter().next() else {
+        // An unreadable or half-copied file allows nobody.
+        let Some(der) = read_certs(&path).ok().and_then(|c| c.into_iter().next()) else {
+            tracing::warn!(file = %path.display(), "unreadable terminal certificate ignored");
             continue;
         };
         let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
@@ -377,7 +444,11 @@ impl TlsIdentity {
         }
         let not_after_unix = cert.validity().not_after.timestamp();
         let roots = Arc::new(roots);
-        let live = Arc::new(LiveClientVerifier::new(roots.clone(), crls.clone())?);
+        let live = Arc::new(LiveClientVerifier::new(
+            roots.clone(),
+            crls.clone(),
+            revoked.clone(),
+        )?);
         let this = TlsIdentity {
             files: files.clone(),
             chain,
@@ -427,6 +498,12 @@ impl TlsIdentity {
         self.live.update(list)
     }
 
+    /// Whether the revocation list in force names this serial (for connections that were made
+    /// before it came).
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.live.is_revoked(serial)
+    }
+
     /// A server configuration presenting this identity; with [`ClientAuth::Required`] a client
     /// without a valid, unrevoked certificate of the CA fails the handshake, before any request.
     pub fn server_config(&self, client_auth: ClientAuth) -> Result<ServerConfig, PkiError> {
@@ -437,8 +514,37 @@ impl TlsIdentity {
             ClientAuth::Required => builder.with_client_cert_verifier(self.client_verifier()?),
             ClientAuth::None => builder.with_no_client_auth(),
         };
-        builder
+        let mut config = builder
             .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        if client_auth == ClientAuth::Required {
+            // A resumed session is not verified again: with revocation in force mid-run, every
+            // connection must present its certificate afresh.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
+        Ok(config)
+    }
+
+    /// Like [`TlsIdentity::client_config`], and the server's certificate must also have the
+    /// role `server_role` (the MQTT broker's, say): another identity of the fleet that got hold
+    /// of the broker's address is not taken for it.
+    pub fn client_config_for(&self, server_role: Role) -> Result<ClientConfig, PkiError> {
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+                .with_crls(self.crls.clone())
+                .only_check_end_entity_revocation()
+                .build()
+                .map_err(|e| PkiError::Tls(e.to_string()))?;
+        ClientConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PkiError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(RoleServerVerifier {
+                inner,
+                role: server_role,
+            }))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| PkiError::Tls(e.to_string()))
     }
 
@@ -519,6 +625,35 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(reopened.list().unwrap().len(), 2);
+
+        // Reissued: the earlier certificate is revoked, and the hub allows only the new name.
+        let first = reopened.issue(&edge, &IssueOptions::default()).unwrap();
+        let second = reopened.issue(&edge, &IssueOptions::default()).unwrap();
+        assert_ne!(first.common_name, second.common_name);
+        assert!(edge.owns_common_name(&second.common_name));
+        let revoked =
+            revoked_serials(&dir.path().join("crl.pem"), &dir.path().join("ca.pem")).unwrap();
+        assert!(
+            revoked.contains(&first.serial),
+            "the replaced certificate is revoked"
+        );
+        assert!(!revoked.contains(&second.serial));
+        assert_eq!(
+            terminal_common_names(dir.path(), "store-1", &revoked).unwrap(),
+            vec![second.common_name]
+        );
+        // A name that would stand for two identities is refused.
+        reopened
+            .issue(
+                &Identity::edge("a", "b-c").unwrap(),
+                &IssueOptions::default(),
+            )
+            .unwrap();
+        let clash = reopened.issue(
+            &Identity::edge("a-b", "c").unwrap(),
+            &IssueOptions::default(),
+        );
+        assert!(clash.is_err());
     }
 
     #[test]

@@ -74,15 +74,20 @@ impl MetricsConfig {
                 ),
             ));
         }
-        if self
-            .basic_auth_file
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Err((
-                format!("{prefix}.basic_auth_file"),
-                "must not be empty".into(),
-            ));
+        if let Some(path) = &self.basic_auth_file {
+            if path.as_os_str().is_empty() {
+                return Err((
+                    format!("{prefix}.basic_auth_file"),
+                    "must not be empty".into(),
+                ));
+            }
+            // Basic auth over plain HTTP would show the password to the store network.
+            if !self.tls {
+                return Err((
+                    format!("{prefix}.tls"),
+                    "must be true when basic_auth_file is set".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -97,6 +102,22 @@ pub struct Peer(pub Option<pki::PeerIdentity>);
 pub type Gate =
     std::sync::Arc<dyn Fn(&actix_web::dev::ServiceRequest) -> Option<HttpResponse> + Send + Sync>;
 
+/// A gate that refuses, with `refuse()`, every request without `Authorization: Bearer <token>`
+/// for the token whose SHA-256 is `digest`.
+pub fn bearer_gate(digest: [u8; 32], refuse: fn() -> HttpResponse) -> Gate {
+    std::sync::Arc::new(move |request: &actix_web::dev::ServiceRequest| {
+        let header = request
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if pki::bearer_matches(header, &digest) {
+            None
+        } else {
+            Some(refuse())
+        }
+    })
+}
+
 /// Serves `/metrics` and `/healthz` for a registry on one worker thread of the current actix
 /// system; with `tls`, over HTTPS with that configuration. Returns the bound address and the
 /// server's handle.
@@ -108,7 +129,10 @@ pub fn serve_metrics(
     use anyhow::Context as _;
     let users = match &config.basic_auth_file {
         None => None,
-        Some(path) => Some(read_basic_auth_file(path)?),
+        Some(path) => {
+            pki::check_key_permissions(path)?;
+            Some(read_basic_auth_file(path)?)
+        }
     };
     let gate: Option<Gate> = users.map(|users| {
         let users = std::sync::Arc::new(users);

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Creates the root CA and an empty revocation list.
     Init,
-    /// Issues a certificate (replacing the files of an earlier one of the same name).
+    /// Issues a certificate; an earlier one of the same name is revoked and its files replaced.
     Issue {
         #[command(subcommand)]
         who: Who,
@@ -53,6 +53,9 @@ enum Command {
         /// The certificate's file stem.
         name: String,
     },
+    /// Signs crl.pem again (new number, 30 more days); do it monthly, or Mosquitto refuses
+    /// every client once the list expires.
+    Crl,
     /// Lists every certificate issued, with its expiry and revocation.
     List,
 }
@@ -164,7 +167,12 @@ fn main() -> anyhow::Result<()> {
                     identities.push(Identity::edge(store, terminal)?);
                 }
             }
+            // Certificates that exist are kept: reissuing would revoke the ones deployed.
             for identity in &identities {
+                if dir.join(format!("{}.pem", identity.name)).exists() {
+                    println!("kept {} (it exists; `issue` replaces it)", identity.name);
+                    continue;
+                }
                 let entry = pki.issue(identity, &IssueOptions::default())?;
                 print_issued(dir, &entry);
             }
@@ -176,6 +184,10 @@ fn main() -> anyhow::Result<()> {
                 "revoked {name} (serial {serial}); distribute {} to every tier",
                 dir.join("crl.pem").display()
             );
+        }
+        Command::Crl => {
+            Pki::open(dir)?.refresh_crl()?;
+            println!("signed {} again", dir.join("crl.pem").display());
         }
         Command::List => {
             let pki = Pki::open(dir)?;
