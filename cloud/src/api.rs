@@ -318,13 +318,21 @@ pub(crate) fn configure_enroll(cfg: &mut web::ServiceConfig, state: EnrollState)
         .route("/v1/customers/{id}/faces", web::post().to(add_face));
 }
 
-/// The enrollment API serves operators only: `Authorization: Bearer <token>`, checked before
-/// the body (a photo of up to 16 MiB) is read.
-pub(crate) fn token_gate(digest: [u8; 32]) -> telemetry::Gate {
-    telemetry::bearer_gate(digest, || {
+/// The enrollment API serves operators only, checked before the body (a photo of up to 16 MiB)
+/// is read: an operator's client certificate with its role (opening balances move money: a
+/// viewer only reads), and `Authorization: Bearer <token>`.
+pub(crate) fn enroll_gate(
+    tls: std::sync::Arc<pki::TlsIdentity>,
+    digest: [u8; 32],
+) -> telemetry::Gate {
+    let operator = operator_gate(tls);
+    let token = telemetry::bearer_gate(digest, || {
         HttpResponse::Unauthorized()
             .insert_header(("WWW-Authenticate", "Bearer"))
             .json(json!({ "error": "unauthorized", "detail": "a valid operator bearer token is required" }))
+    });
+    std::sync::Arc::new(move |request: &actix_web::dev::ServiceRequest| {
+        operator(request).or_else(|| token(request))
     })
 }
 
@@ -353,6 +361,7 @@ fn enroll_error(error: EnrollError) -> HttpResponse {
 }
 
 async fn create_customer(
+    http: HttpRequest,
     state: web::Data<EnrollState>,
     body: web::Json<CreateCustomer>,
 ) -> HttpResponse {
@@ -396,7 +405,7 @@ async fn create_customer(
     };
     let result = audited(
         &state.ledger,
-        "enrollment-token".into(),
+        operator_of(&http),
         "open_account",
         &request.customer_id,
         detail,

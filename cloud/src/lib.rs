@@ -167,8 +167,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     };
     let (api_addr, api_server) = telemetry::serve_api(
         &config.api_listen,
-        Some(tls.server_config(pki::ClientAuth::None)?),
-        Some(api::token_gate(token_digest)),
+        Some(tls.server_config(pki::ClientAuth::Required)?),
+        Some(api::enroll_gate(tls.clone(), token_digest)),
         move |cfg| api::configure_enroll(cfg, enroll_state.clone()),
     )
     .with_context(|| format!("binding api_listen {}", config.api_listen))?;

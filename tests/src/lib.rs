@@ -728,20 +728,12 @@ pub struct EnrollApi {
 }
 
 impl EnrollApi {
-    /// A client for the API at `addr` trusting the CA certificate(s) in the PEM file `cert`,
-    /// authenticated with the operator token in the file `token`.
+    /// A client for the API at `addr` trusting the CA in the PEM file `cert`, presenting the
+    /// operator's certificate beside it (a PKI directory's layout), and authenticated with the
+    /// operator token in the file `token`.
     pub fn new(addr: &str, cert: &Path, token: &Path) -> anyhow::Result<Self> {
-        use rustls_pki_types::{pem::PemObject, CertificateDer};
-        let mut roots = rustls::RootCertStore::empty();
-        for der in CertificateDer::pem_file_iter(cert)? {
-            roots.add(der?)?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let pki_dir = cert.parent().context("the CA file's directory")?;
+        let tls = raw_client_config(pki_dir, "operator")?;
         let agent = ureq::AgentBuilder::new()
             .tls_config(std::sync::Arc::new(tls))
             .timeout(Duration::from_secs(60))

@@ -74,6 +74,20 @@ impl MetricsConfig {
                 ),
             ));
         }
+        let loopback = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        // No plaintext link leaves the machine: beyond loopback, metrics are HTTPS.
+        if !loopback && !self.tls {
+            return Err((
+                format!("{prefix}.tls"),
+                format!(
+                    "must be true when metrics listen beyond loopback ({})",
+                    self.listen
+                ),
+            ));
+        }
         if let Some(path) = &self.basic_auth_file {
             if path.as_os_str().is_empty() {
                 return Err((
@@ -397,6 +411,25 @@ pub async fn wait_for_shutdown() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_beyond_loopback_or_with_passwords_need_tls() {
+        assert!(MetricsConfig::on("127.0.0.1:9100")
+            .validate("metrics")
+            .is_ok());
+        let open = MetricsConfig::on("0.0.0.0:9100");
+        assert_eq!(open.validate("metrics").unwrap_err().0, "metrics.tls");
+        let tls = MetricsConfig { tls: true, ..open };
+        assert!(tls.validate("metrics").is_ok());
+        let clear_password = MetricsConfig {
+            basic_auth_file: Some("users".into()),
+            ..MetricsConfig::on("127.0.0.1:9100")
+        };
+        assert_eq!(
+            clear_password.validate("metrics").unwrap_err().0,
+            "metrics.tls"
+        );
+    }
 
     #[test]
     fn payment_metrics_render_with_labels() {
