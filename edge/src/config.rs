@@ -30,6 +30,8 @@ pub struct EdgeConfig {
     /// The terminal's certificate (`edge-<store_id>-<terminal_id>`), the CA and the revocation
     /// list.
     pub tls: pki::TlsConfig,
+    /// How often the terminal fetches the revocation list its hub relays.
+    pub revocation_poll_interval_ms: u64,
     /// How long a checkout waits for the customer to present a code.
     pub scan_timeout_ms: u64,
     /// How long to wait for the hub's decision; longer than the hub's own cloud deadline.
@@ -57,6 +59,7 @@ impl Default for EdgeConfig {
             register_token_file: None,
             metrics: telemetry::MetricsConfig::on("127.0.0.1:9100"),
             tls: pki::TlsConfig::default(),
+            revocation_poll_interval_ms: 30_000,
             scan_timeout_ms: 10_000,
             hub_timeout_ms: 5_000,
             frames_dir: "data/edge/frames".into(),
@@ -115,6 +118,12 @@ impl Validate for EdgeConfig {
         }
         self.metrics.validate("metrics")?;
         self.tls.validate("tls")?;
+        check_range(
+            "revocation_poll_interval_ms",
+            self.revocation_poll_interval_ms,
+            100..=3_600_000,
+            "ms",
+        )?;
         check_range("scan_timeout_ms", self.scan_timeout_ms, 100..=120_000, "ms")?;
         check_range("hub_timeout_ms", self.hub_timeout_ms, 100..=120_000, "ms")?;
         check_range(

@@ -24,23 +24,85 @@ pub enum HubUnreachable {
     BadReply(String),
 }
 
-/// Asks the store's hub to authorize payments and verify customers.
+/// How long a relayed revocation list may take to arrive.
+pub const REVOCATION_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the store's hub to authorize payments and verify customers, and acts only on answers
+/// its store's hub certificate signed (valid, not revoked).
 #[derive(Clone)]
 pub struct HubClient {
     zenoh: zlink::ZenohLink,
     key: String,
     verify_key: String,
     timeout: Duration,
+    verifier: std::sync::Arc<pki::HubVerifier>,
+}
+
+/// The answer inside a signed hub reply, if the signature checks.
+fn open_signed(
+    verifier: &pki::HubVerifier,
+    request: &[u8],
+    bytes: &[u8],
+) -> Result<String, String> {
+    let signed: protocol::SignedHubReply =
+        protocol::decode(bytes).map_err(|e| format!("unsigned or unreadable answer: {e}"))?;
+    verifier
+        .verify(
+            request,
+            &signed.reply,
+            &signed.certificate_pem,
+            &signed.signature,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(signed.reply)
 }
 
 impl HubClient {
-    /// A client for a store's hub.
-    pub fn new(zenoh: zlink::ZenohLink, store_id: &str, timeout: Duration) -> Self {
+    /// A client for a store's hub; `verifier` checks its answers. Every `revocation_poll` it
+    /// fetches the revocation list the hub relays and keeps a newer one the CA signed
+    /// (`revoked_gauge` shows how many certificates it revokes).
+    pub fn new(
+        zenoh: zlink::ZenohLink,
+        store_id: &str,
+        timeout: Duration,
+        verifier: pki::HubVerifier,
+        revocation_poll: Duration,
+        revoked_gauge: prometheus::IntGauge,
+    ) -> Self {
+        let verifier = std::sync::Arc::new(verifier);
+        revoked_gauge.set(verifier.revoked_count() as i64);
+        let session = zenoh.session().clone();
+        let key = protocol::keyexpr::hub_revocations(store_id);
+        let poller = verifier.clone();
+        zenoh.spawn(async move {
+            let mut tick = tokio::time::interval(revocation_poll);
+            loop {
+                tick.tick().await;
+                let Ok(replies) = session.get(&key).timeout(REVOCATION_FETCH_TIMEOUT).await else {
+                    continue;
+                };
+                while let Ok(reply) = replies.recv_async().await {
+                    let Ok(sample) = reply.result() else { continue };
+                    match poller.update(&sample.payload().to_bytes()) {
+                        Ok(true) => {
+                            tracing::info!(
+                                revoked = poller.revoked_count(),
+                                "newer revocation list relayed by the hub"
+                            );
+                            revoked_gauge.set(poller.revoked_count() as i64);
+                        }
+                        Ok(false) => {}
+                        Err(error) => tracing::warn!(%error, "relayed revocation list refused"),
+                    }
+                }
+            }
+        });
         HubClient {
             zenoh,
             key: protocol::keyexpr::hub_authorize(store_id),
             verify_key: protocol::keyexpr::hub_verify(store_id),
             timeout,
+            verifier,
         }
     }
 
@@ -68,6 +130,7 @@ impl HubClient {
     ) -> Result<T, HubUnreachable> {
         let session = self.zenoh.session().clone();
         let timeout = self.timeout;
+        let verifier = self.verifier.clone();
         self.zenoh
             .spawn(async move {
                 let deadline = Instant::now() + timeout;
@@ -98,28 +161,47 @@ impl HubClient {
                         .await
                         .map_err(|e| HubUnreachable::BadReply(e.to_string()))?;
                     let started = Instant::now();
-                    match replies.recv_async().await {
-                        Ok(reply) => {
-                            return match reply.result() {
-                                Ok(sample) => protocol::decode(&sample.payload().to_bytes())
-                                    .map_err(|e| HubUnreachable::BadReply(e.to_string())),
-                                Err(error) => {
-                                    let text = String::from_utf8_lossy(&error.payload().to_bytes())
-                                        .into_owned();
-                                    if text.to_lowercase().contains("timeout") {
-                                        Err(HubUnreachable::Timeout(timeout.as_millis() as u64))
-                                    } else {
-                                        Err(HubUnreachable::BadReply(text))
+                    // The first answer the store's hub signed counts; any other (a peer with a
+                    // revoked or foreign certificate) is passed over.
+                    let mut refused = None;
+                    while let Ok(reply) = replies.recv_async().await {
+                        match reply.result() {
+                            Ok(sample) => {
+                                match open_signed(&verifier, &payload, &sample.payload().to_bytes())
+                                {
+                                    Ok(answer) => {
+                                        return protocol::decode(answer.as_bytes())
+                                            .map_err(|e| HubUnreachable::BadReply(e.to_string()))
+                                    }
+                                    Err(why) => {
+                                        tracing::warn!(
+                                            why,
+                                            "an answer not signed by this store's hub was ignored"
+                                        );
+                                        refused = Some(why);
                                     }
                                 }
                             }
+                            Err(error) => {
+                                let text = String::from_utf8_lossy(&error.payload().to_bytes())
+                                    .into_owned();
+                                return if text.to_lowercase().contains("timeout") {
+                                    Err(HubUnreachable::Timeout(timeout.as_millis() as u64))
+                                } else {
+                                    Err(HubUnreachable::BadReply(text))
+                                };
+                            }
                         }
-                        // The reply channel closed without a reply. Immediately: no queryable
-                        // matched; after the timeout: the hub got it but did not answer.
-                        Err(_) if started.elapsed() + RETRY_INTERVAL < remaining => {
-                            tokio::time::sleep(RETRY_INTERVAL).await;
-                        }
-                        Err(_) => return Err(HubUnreachable::Timeout(timeout.as_millis() as u64)),
+                    }
+                    if let Some(why) = refused {
+                        return Err(HubUnreachable::BadReply(why));
+                    }
+                    // The reply channel closed without a reply. Immediately: no queryable
+                    // matched; after the timeout: the hub got it but did not answer.
+                    if started.elapsed() + RETRY_INTERVAL < remaining {
+                        tokio::time::sleep(RETRY_INTERVAL).await;
+                    } else {
+                        return Err(HubUnreachable::Timeout(timeout.as_millis() as u64));
                     }
                 }
             })

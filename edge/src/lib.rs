@@ -139,6 +139,13 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         zenoh,
         &config.store_id,
         Duration::from_millis(config.hub_timeout_ms),
+        tls.hub_verifier(&config.store_id)?,
+        Duration::from_millis(config.revocation_poll_interval_ms),
+        telemetry::register_gauge(
+            &registry,
+            "facepay_edge_revoked_certificates",
+            "certificates the revocation list in force at this terminal revokes",
+        ),
     );
     let settings = CheckoutSettings {
         store_id: config.store_id.clone(),

@@ -196,6 +196,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             tls_files.clone(),
             config.store_id.clone(),
         );
+        let signer = tls.reply_signer()?;
         let (auth, verify) = (auth.clone(), verify.clone());
         Box::new(move |allowed: Vec<String>| {
             let security = zlink::ZenohSecurity {
@@ -204,15 +205,17 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
                 key_exprs: vec![protocol::keyexpr::hub_all(&store_id)],
             };
             let (zenoh_config, store_id) = (zenoh_config.clone(), store_id.clone());
-            let (auth, verify) = (auth.clone(), verify.clone());
+            let (auth, verify, signer) = (auth.clone(), verify.clone(), signer.clone());
+            let crl_file = files.crl.clone();
             Box::pin(async move {
                 let zenoh = tokio::task::spawn_blocking(move || {
                     zlink::ZenohLink::open(&zenoh_config, &security)
                 })
                 .await
                 .expect("zenoh open does not panic")?;
-                serve_edges(&zenoh, &store_id, auth).await?;
-                serve_verify(&zenoh, &store_id, verify).await?;
+                serve_edges(&zenoh, &store_id, auth, signer.clone()).await?;
+                serve_verify(&zenoh, &store_id, verify, signer).await?;
+                serve_revocations(&zenoh, &store_id, crl_file).await?;
                 Ok(zenoh)
             })
         })
@@ -285,10 +288,12 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
 }
 
 /// Declares a queryable on `key` and answers each query, at most [`MAX_CONCURRENT_QUERIES`] at
-/// once, with what `answer` makes of its decoded payload.
+/// once, with what `answer` makes of its decoded payload, signed by `signer` (terminals act only
+/// on answers their store's hub certificate signed).
 async fn serve_queries<Req, F, Fut>(
     zenoh: &zlink::ZenohLink,
     key: String,
+    signer: pki::ReplySigner,
     answer: F,
 ) -> anyhow::Result<()>
 where
@@ -305,6 +310,7 @@ where
         .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))?;
     let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
     let answer = Arc::new(answer);
+    let signer = Arc::new(signer);
     zenoh.spawn(async move {
         while let Ok(query) = queryable.recv_async().await {
             let permit = limit
@@ -313,6 +319,7 @@ where
                 .await
                 .expect("semaphore never closes");
             let answer = answer.clone();
+            let signer = signer.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let payload = query
@@ -320,7 +327,20 @@ where
                     .map(|p| p.to_bytes().into_owned())
                     .unwrap_or_default();
                 let reply = answer(protocol::decode::<Req>(&payload)).await;
-                if let Err(error) = query.reply(query.key_expr().clone(), reply).await {
+                let reply = String::from_utf8(reply).expect("protocol messages are JSON text");
+                let signature = match signer.sign(&payload, &reply) {
+                    Ok(signature) => signature,
+                    Err(error) => {
+                        tracing::error!(%error, "signing an answer failed; not sent");
+                        return;
+                    }
+                };
+                let signed = protocol::encode(&protocol::SignedHubReply {
+                    reply,
+                    certificate_pem: signer.certificate_pem().to_owned(),
+                    signature,
+                });
+                if let Err(error) = query.reply(query.key_expr().clone(), signed).await {
                     tracing::warn!(%error, "replying to edge failed");
                 }
             });
@@ -343,11 +363,13 @@ async fn serve_edges(
     zenoh: &zlink::ZenohLink,
     store_id: &str,
     auth: Addr<AuthActor>,
+    signer: pki::ReplySigner,
 ) -> anyhow::Result<()> {
     let key = protocol::keyexpr::hub_authorize(store_id);
     serve_queries(
         zenoh,
         key,
+        signer,
         move |decoded: Result<protocol::AuthorizeRequest, _>| {
             let auth = auth.clone();
             async move {
@@ -386,11 +408,13 @@ async fn serve_verify(
     zenoh: &zlink::ZenohLink,
     store_id: &str,
     verify: Addr<VerifyActor>,
+    signer: pki::ReplySigner,
 ) -> anyhow::Result<()> {
     let key = protocol::keyexpr::hub_verify(store_id);
     serve_queries(
         zenoh,
         key,
+        signer,
         move |decoded: Result<protocol::VerifyRequest, _>| {
             let verify = verify.clone();
             async move {
@@ -410,4 +434,35 @@ async fn serve_verify(
         },
     )
     .await
+}
+
+/// Declares the store's revocation-list queryable: terminals fetch the list the hub holds (the
+/// CA signed it; they keep it only when it is newer than theirs).
+async fn serve_revocations(
+    zenoh: &zlink::ZenohLink,
+    store_id: &str,
+    crl_file: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    let session = zenoh.session().clone();
+    let key = protocol::keyexpr::hub_revocations(store_id);
+    let declared = key.clone();
+    let queryable = zenoh
+        .spawn(async move { session.declare_queryable(declared).await })
+        .await
+        .expect("declaring does not panic")
+        .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))?;
+    zenoh.spawn(async move {
+        while let Ok(query) = queryable.recv_async().await {
+            // Small, and rewritten by rename: read whole each time.
+            match tokio::fs::read(&crl_file).await {
+                Ok(pem) => {
+                    if let Err(error) = query.reply(query.key_expr().clone(), pem).await {
+                        tracing::warn!(%error, "relaying the revocation list failed");
+                    }
+                }
+                Err(error) => tracing::error!(%error, "reading the revocation list failed"),
+            }
+        }
+    });
+    Ok(())
 }

@@ -693,21 +693,29 @@ fn a_hub_answers_only_its_own_stores_valid_terminals() {
     drop(hub);
 }
 
-/// A rogue that listens where a terminal looks for its hub, with the certificate `name`, and
-/// approves every payment of store-5.
-fn rogue_hub(name: &str, port: u16) -> zlink::ZenohLink {
-    let files = pki::TlsConfig {
+/// A rogue that listens where a terminal looks for its hub with the certificate and key `cert`
+/// and `key` (a hub's, maybe stolen), and approves every payment of store-5, signing its answers
+/// with that key.
+fn rogue_hub(cert: &std::path::Path, key: &std::path::Path, port: u16) -> zlink::ZenohLink {
+    let mut files = pki::TlsConfig {
         pki_dir: test_pki().to_owned(),
         ..Default::default()
     }
-    .files(name);
+    .files("unused");
+    files.cert = cert.to_owned();
+    files.key = key.to_owned();
+    let signer = pki::ReplySigner::from_pem(
+        &std::fs::read(key).unwrap(),
+        std::fs::read_to_string(cert).unwrap(),
+    )
+    .unwrap();
     let config = zlink::ZenohConfig {
         listen: vec![format!("tls/127.0.0.1:{port}")],
         ..Default::default()
     };
     let security = zlink::ZenohSecurity {
         files,
-        allowed_peers: ["till-1", "till-2"]
+        allowed_peers: ["till-1", "till-2", "till-3"]
             .iter()
             .map(|till| {
                 tls_identity(&format!("edge-store-5-{till}"))
@@ -745,8 +753,14 @@ fn rogue_hub(name: &str, port: u16) -> zlink::ZenohLink {
                 },
                 offline: false,
             };
+            let reply = String::from_utf8(protocol::encode(&reply)).unwrap();
+            let signed = protocol::SignedHubReply {
+                signature: signer.sign(&payload, &reply).unwrap(),
+                reply,
+                certificate_pem: signer.certificate_pem().to_owned(),
+            };
             let _ = query
-                .reply(query.key_expr().clone(), protocol::encode(&reply))
+                .reply(query.key_expr().clone(), protocol::encode(&signed))
                 .await;
         }
     });
@@ -754,18 +768,39 @@ fn rogue_hub(name: &str, port: u16) -> zlink::ZenohLink {
 }
 
 #[test]
-fn a_terminal_ignores_a_rogue_hub_with_another_stores_certificate() {
+fn a_terminal_ignores_a_rogue_hub_of_another_store_or_with_a_revoked_key() {
     let dir = tempfile::tempdir().unwrap();
     let wallet = paycode::Wallet::generate("victim").unwrap();
-    let mut answers = Vec::new();
-    for till in ["till-1", "till-2"] {
+    for till in ["till-1", "till-2", "till-3"] {
         ensure_identity(&pki::Identity::edge("store-5", till).unwrap()).unwrap();
     }
-    for (till, rogue) in [("till-1", "store-6"), ("till-2", "store-5")] {
-        let rogue_name = hub_identity(rogue);
-        ensure_identity(&pki::Identity::edge("store-5", till).unwrap()).unwrap();
+    let other = hub_identity("store-6");
+    // Store 5's hub key is stolen; the hub gets a new certificate, which revokes the old one.
+    let stolen = dir.path().join("stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    let five = hub_identity("store-5");
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            test_pki().join(format!("{five}.{ext}")),
+            stolen.join(format!("{five}.{ext}")),
+        )
+        .unwrap();
+    }
+    tests::issue_in_test_pki(&pki::Identity::hub("store-5").unwrap(), &Default::default()).unwrap();
+    let pem = |dir: &std::path::Path, name: &str| {
+        (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        )
+    };
+    let mut answers = Vec::new();
+    for (till, (cert, key)) in [
+        ("till-1", pem(test_pki(), &other)),
+        ("till-2", pem(test_pki(), &five)),
+        ("till-3", pem(&stolen, &five)),
+    ] {
         let port = free_port();
-        let _rogue = rogue_hub(&rogue_name, port);
+        let _rogue = rogue_hub(&cert, &key, port);
         let frames = dir.path().join(till);
         let edge = Service::start(
             "facepay-edge",
@@ -788,12 +823,18 @@ fn a_terminal_ignores_a_rogue_hub_with_another_stores_certificate() {
     let (status, refused) = &answers[0];
     assert_eq!(*status, 503, "{refused:?}");
     assert_eq!(refused.status, protocol::ChargeStatus::Declined);
-    // The control: the same rogue with this store's hub certificate would be believed, so the
-    // certificate's identity is what protects the terminal.
+    // The control: this store's current hub certificate would be believed.
     let (status, fooled) = &answers[1];
     assert_eq!(
         (*status, fooled.status),
         (200, protocol::ChargeStatus::Approved)
+    );
+    // The stolen, revoked key of this store's hub: its signed approval is refused.
+    let (status, refused) = &answers[2];
+    assert_eq!(*status, 503, "{refused:?}");
+    assert!(
+        refused.detail.contains("revoked") || refused.detail.contains("Revoked"),
+        "{refused:?}"
     );
 }
 
@@ -970,6 +1011,17 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
         std::fs::copy(test_pki().join(&file), hub_pki.join(&file)).unwrap();
     }
     let first_list = std::fs::read(hub_pki.join("crl.pem")).unwrap();
+    // A terminal of the store with its own directory too: it hears of revocations from its hub.
+    let edge_pki = dir.path().join("edge-pki");
+    std::fs::create_dir_all(&edge_pki).unwrap();
+    for file in [
+        "ca.pem",
+        "crl.pem",
+        "edge-store-8-till-1.pem",
+        "edge-store-8-till-1.key",
+    ] {
+        std::fs::copy(test_pki().join(file), edge_pki.join(file)).unwrap();
+    }
     let broker = Mosquitto::start(dir.path()).unwrap();
     let cloud = tests::start_cloud_with(
         &dir.path().join("cloud"),
@@ -1003,6 +1055,27 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
         Duration::from_secs(5),
     )
     .unwrap();
+    let edge = Service::start(
+        "facepay-edge",
+        &[
+            "store_id=store-8".into(),
+            "terminal_id=till-1".into(),
+            format!("tls.pki_dir={edge_pki:?}"),
+            "register_listen=127.0.0.1:0".into(),
+            "revocation_poll_interval_ms=200".into(),
+            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+        ],
+    )
+    .unwrap();
+    let revoked_at_edge = || {
+        tests::metric_value(
+            &tests::get_text(&format!("http://{}/metrics", edge.metrics_addr)).unwrap(),
+            "facepay_edge_revoked_certificates",
+        )
+        .unwrap()
+    };
+    let before = revoked_at_edge();
     let key = protocol::keyexpr::hub_authorize("store-8");
     let peers = vec!["store-8".to_string()];
     let asks = |name: &str, patience: u64| {
@@ -1049,6 +1122,16 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
     );
     // The hub kept the newer list for its next start.
     assert_ne!(std::fs::read(hub_pki.join("crl.pem")).unwrap(), first_list);
+    // The terminal fetched it from its hub, checked the CA's signature, and keeps it too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while revoked_at_edge() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminal did not get the newer list"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(std::fs::read(edge_pki.join("crl.pem")).unwrap(), first_list);
 }
 
 #[test]

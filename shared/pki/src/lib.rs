@@ -24,6 +24,7 @@ pub mod config;
 mod error;
 mod issue;
 mod load;
+mod reply;
 mod token;
 
 pub use config::TlsConfig;
@@ -33,6 +34,7 @@ pub use load::{
     check_key_permissions, peer_identity, revoked_serials, terminal_common_names, ClientAuth,
     LiveClientVerifier, PeerIdentity, RevocationList, TlsFiles, TlsIdentity,
 };
+pub use reply::{signed_message, HubVerifier, ReplySigner, REPLY_DOMAIN};
 pub use token::{bearer_matches, token_digest};
 
 /// What a certificate's holder is, carried in the subject's organizational unit.

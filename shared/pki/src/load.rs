@@ -67,7 +67,7 @@ impl LiveClientVerifier {
         .map_err(|e| PkiError::Tls(e.to_string()))
     }
 
-    fn new(
+    pub(crate) fn new(
         roots: Arc<RootCertStore>,
         crls: Vec<CertificateRevocationListDer<'static>>,
         revoked: HashSet<String>,
@@ -79,6 +79,11 @@ impl LiveClientVerifier {
             inner: std::sync::RwLock::new(inner),
             revoked: std::sync::RwLock::new(revoked),
         })
+    }
+
+    /// How many certificates the list in force revokes.
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.read().expect("not poisoned").len()
     }
 
     /// Whether the list in force names this serial.
@@ -482,6 +487,14 @@ impl TlsIdentity {
                     .ok()
             })
             .unwrap_or_else(|| self.not_after_unix.to_string())
+    }
+
+    pub(crate) fn private_key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    pub(crate) fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
     }
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -11,6 +11,11 @@ pub fn hub_verify(store_id: &str) -> String {
     format!("facepay/v1/stores/{store_id}/hub/verify")
 }
 
+/// The queryable a store's hub declares to relay the fleet's revocation list to its terminals.
+pub fn hub_revocations(store_id: &str) -> String {
+    format!("facepay/v1/stores/{store_id}/hub/revocations")
+}
+
 /// Every key expression of a store's hub: what its terminals and the hub may exchange.
 pub fn hub_all(store_id: &str) -> String {
     format!("facepay/v1/stores/{store_id}/hub/**")

@@ -522,6 +522,20 @@ pub struct Deposit {
     pub amount_minor: i64,
 }
 
+/// A hub's answer to a terminal's query, signed with the key of the hub's certificate (see
+/// `pki::signed_message`): a terminal acts only on answers whose signature checks against a hub
+/// certificate of its store that is valid and not revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedHubReply {
+    /// The encoded answer ([`AuthorizeReply`] or [`VerifyReply`] in its envelope), as text.
+    pub reply: String,
+    /// The hub's certificate, PEM.
+    pub certificate_pem: String,
+    /// Base64 ECDSA P-256 SHA-256 signature of the domain, the request's SHA-256 and `reply`.
+    pub signature: String,
+}
+
 /// The fleet's certificate revocation list, as the cloud distributes it to the hubs. Receivers
 /// check the CA's signature on it and keep it only when it is newer than theirs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

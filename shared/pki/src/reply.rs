@@ -1,0 +1,178 @@
+//! What a hub answers its terminals, signed with the key of its certificate: a terminal acts
+//! only on an answer whose signature checks against a hub certificate of its own store that the
+//! CA issued and the revocation list in force does not name. Zenoh's TLS reads no revocation
+//! list and does not show the application the peer's certificate; this is how a terminal refuses
+//! a revoked (stolen) hub key.
+
+use std::{path::PathBuf, sync::Arc};
+
+use rustls::{server::danger::ClientCertVerifier, SignatureScheme};
+use rustls_pki_types::{pem::PemObject, CertificateDer, CertificateRevocationListDer};
+use sha2::Digest as _;
+
+use crate::{load::LiveClientVerifier, PkiError, RevocationList, Role, TlsIdentity};
+
+/// Separates these signatures from any other use of the hub's key.
+pub const REPLY_DOMAIN: &[u8] = b"facepay-hub-reply-v1\n";
+
+/// What is signed: the domain, the SHA-256 of the request the terminal sent (an answer cannot be
+/// replayed for another request), and the answer.
+pub fn signed_message(request: &[u8], reply: &str) -> Vec<u8> {
+    let mut message = REPLY_DOMAIN.to_vec();
+    message.extend_from_slice(&sha2::Sha256::digest(request));
+    message.extend_from_slice(reply.as_bytes());
+    message
+}
+
+/// Signs answers with a hub's certificate key.
+#[derive(Debug, Clone)]
+pub struct ReplySigner {
+    key: Arc<dyn rustls::sign::SigningKey>,
+    certificate_pem: String,
+}
+
+impl ReplySigner {
+    /// The base64 signature of `reply` to `request`.
+    pub fn sign(&self, request: &[u8], reply: &str) -> Result<String, PkiError> {
+        use base64::Engine as _;
+        let signer = self
+            .key
+            .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+            .ok_or_else(|| PkiError::Tls("the key cannot sign ECDSA P-256 SHA-256".into()))?;
+        let signature = signer
+            .sign(&signed_message(request, reply))
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(signature))
+    }
+
+    /// The certificate that verifies the signatures, PEM.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// A signer over a PEM key and certificate as they are (tests forge rogue hubs with it).
+    pub fn from_pem(key_pem: &[u8], certificate_pem: String) -> Result<Self, PkiError> {
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| PkiError::Tls(format!("not a PEM private key: {e}")))?;
+        let key = rustls::crypto::ring::sign::any_ecdsa_type(&key)
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        Ok(ReplySigner {
+            key,
+            certificate_pem,
+        })
+    }
+}
+
+impl TlsIdentity {
+    /// Signs answers with this identity's key.
+    pub fn reply_signer(&self) -> Result<ReplySigner, PkiError> {
+        let key = rustls::crypto::ring::sign::any_ecdsa_type(self.private_key())
+            .map_err(|e| PkiError::Tls(e.to_string()))?;
+        let leaf = self
+            .chain
+            .first()
+            .expect("a loaded identity has a certificate");
+        let certificate_pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(leaf.as_ref())
+            }
+        );
+        Ok(ReplySigner {
+            key,
+            certificate_pem,
+        })
+    }
+
+    /// Checks answers signed by `store_id`'s hub, against this identity's CA and revocation list.
+    pub fn hub_verifier(&self, store_id: &str) -> Result<HubVerifier, PkiError> {
+        let pem = std::fs::read(&self.files.crl).map_err(PkiError::io(&self.files.crl))?;
+        let list = RevocationList::parse(&pem, &self.files.crl, &self.files.ca)?;
+        let crls = crls_of(&list)?;
+        Ok(HubVerifier {
+            store_id: store_id.to_owned(),
+            ca: self.files.ca.clone(),
+            crl_file: self.files.crl.clone(),
+            verifier: LiveClientVerifier::new(self.roots(), crls, list.serials.clone())?,
+            number: std::sync::Mutex::new(list.number),
+        })
+    }
+}
+
+fn crls_of(list: &RevocationList) -> Result<Vec<CertificateRevocationListDer<'static>>, PkiError> {
+    CertificateRevocationListDer::pem_slice_iter(&list.pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Tls(format!("revocation list: {e}")))
+}
+
+/// A terminal's check of its hub's answers.
+#[derive(Debug)]
+pub struct HubVerifier {
+    store_id: String,
+    ca: PathBuf,
+    crl_file: PathBuf,
+    verifier: LiveClientVerifier,
+    number: std::sync::Mutex<Vec<u8>>,
+}
+
+impl HubVerifier {
+    /// Checks that `signature` signs `reply` to `request` with the key of `certificate_pem`, a
+    /// certificate of this store's hub that the CA issued, valid now and not revoked.
+    pub fn verify(
+        &self,
+        request: &[u8],
+        reply: &str,
+        certificate_pem: &str,
+        signature: &str,
+    ) -> Result<(), PkiError> {
+        use base64::Engine as _;
+        let refused = |why: String| PkiError::Tls(format!("hub answer refused: {why}"));
+        let der = CertificateDer::from_pem_slice(certificate_pem.as_bytes())
+            .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
+        self.verifier
+            .verify_client_cert(&der, &[], rustls_pki_types::UnixTime::now())
+            .map_err(|e| refused(format!("certificate: {e}")))?;
+        let peer = crate::peer_identity(&der).ok_or_else(|| refused("no subject".into()))?;
+        if peer.role != Some(Role::Hub) || peer.common_name != self.store_id {
+            return Err(refused(format!(
+                "{:?} is not the hub of {}",
+                peer.common_name, self.store_id
+            )));
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
+        let signature = base64::engine::general_purpose::STANDARD
+            .decode(signature)
+            .map_err(|e| refused(format!("signature: {e}")))?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &cert.public_key().subject_public_key.data,
+        )
+        .verify(&signed_message(request, reply), &signature)
+        .map_err(|_| refused("the signature does not match".into()))
+    }
+
+    /// Takes a revocation list relayed by the hub when the CA signed it and it is newer than the
+    /// one in force; keeps it in the terminal's `crl.pem`. Whether it was taken.
+    pub fn update(&self, pem: &[u8]) -> Result<bool, PkiError> {
+        let origin = std::path::Path::new("revocation list relayed by the hub");
+        let list = RevocationList::parse(pem, origin, &self.ca)?;
+        let mut number = self.number.lock().expect("not poisoned");
+        if !list.newer_than(&number) {
+            return Ok(false);
+        }
+        self.verifier.update(&list)?;
+        *number = list.number.clone();
+        let tmp = self.crl_file.with_extension("relayed");
+        std::fs::write(&tmp, &list.pem)
+            .and_then(|_| std::fs::rename(&tmp, &self.crl_file))
+            .map_err(PkiError::io(&self.crl_file))?;
+        Ok(true)
+    }
+
+    /// How many certificates the list in force revokes.
+    pub fn revoked_count(&self) -> usize {
+        self.verifier.revoked_count()
+    }
+}
