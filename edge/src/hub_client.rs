@@ -76,14 +76,29 @@ impl HubClient {
         let poller = verifier.clone();
         zenoh.spawn(async move {
             let mut tick = tokio::time::interval(revocation_poll);
-            loop {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_refusal = String::new();
+            // Ends with the session (the terminal stopping).
+            while !session.is_closed() {
                 tick.tick().await;
-                let Ok(replies) = session.get(&key).timeout(REVOCATION_FETCH_TIMEOUT).await else {
+                // Every peer's answer is looked at (no consolidation): a rogue cannot hide the
+                // hub's newer list behind an older one.
+                let Ok(replies) = session
+                    .get(&key)
+                    .consolidation(zlink::zenoh::query::ConsolidationMode::None)
+                    .timeout(REVOCATION_FETCH_TIMEOUT.min(revocation_poll))
+                    .await
+                else {
                     continue;
                 };
                 while let Ok(reply) = replies.recv_async().await {
                     let Ok(sample) = reply.result() else { continue };
-                    match poller.update(&sample.payload().to_bytes()) {
+                    let pem = sample.payload().to_bytes().into_owned();
+                    let verifier = poller.clone();
+                    let taken = tokio::task::spawn_blocking(move || verifier.update(&pem))
+                        .await
+                        .expect("updating does not panic");
+                    match taken {
                         Ok(true) => {
                             tracing::info!(
                                 revoked = poller.revoked_count(),
@@ -92,7 +107,13 @@ impl HubClient {
                             revoked_gauge.set(poller.revoked_count() as i64);
                         }
                         Ok(false) => {}
-                        Err(error) => tracing::warn!(%error, "relayed revocation list refused"),
+                        Err(error) => {
+                            let text = error.to_string();
+                            if text != last_refusal {
+                                tracing::warn!(error = text, "relayed revocation list refused");
+                                last_refusal = text;
+                            }
+                        }
                     }
                 }
             }
@@ -154,9 +175,12 @@ impl HubClient {
                     if remaining.is_zero() {
                         return Err(HubUnreachable::NoHub);
                     }
+                    // Every peer's answer is looked at (no consolidation, which would keep one
+                    // answer per key and let a rogue's hide the hub's).
                     let replies = session
                         .get(&key)
                         .payload(payload.clone())
+                        .consolidation(zlink::zenoh::query::ConsolidationMode::None)
                         .timeout(remaining)
                         .await
                         .map_err(|e| HubUnreachable::BadReply(e.to_string()))?;
@@ -182,19 +206,20 @@ impl HubClient {
                                     }
                                 }
                             }
+                            // An error answer is unsigned: noted, and a signed answer awaited.
                             Err(error) => {
                                 let text = String::from_utf8_lossy(&error.payload().to_bytes())
                                     .into_owned();
-                                return if text.to_lowercase().contains("timeout") {
-                                    Err(HubUnreachable::Timeout(timeout.as_millis() as u64))
-                                } else {
-                                    Err(HubUnreachable::BadReply(text))
-                                };
+                                refused = Some(text);
                             }
                         }
                     }
                     if let Some(why) = refused {
-                        return Err(HubUnreachable::BadReply(why));
+                        return if why.to_lowercase().contains("timeout") {
+                            Err(HubUnreachable::Timeout(timeout.as_millis() as u64))
+                        } else {
+                            Err(HubUnreachable::BadReply(why))
+                        };
                     }
                     // The reply channel closed without a reply. Immediately: no queryable
                     // matched; after the timeout: the hub got it but did not answer.

@@ -188,6 +188,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     .start();
     auth.do_send(AttachVerifier(verify.clone()));
 
+    let in_force: trust::ListInForce =
+        std::sync::Arc::new(std::sync::RwLock::new(revocations.pem.clone()));
     // The store's terminals reach the hub over Zenoh; the trust actor owns the session and
     // reopens it when a revocation list from the cloud revokes one of them.
     let open_zenoh: trust::OpenZenoh = {
@@ -197,6 +199,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             config.store_id.clone(),
         );
         let signer = tls.reply_signer()?;
+        let in_force = in_force.clone();
         let (auth, verify) = (auth.clone(), verify.clone());
         Box::new(move |allowed: Vec<String>| {
             let security = zlink::ZenohSecurity {
@@ -206,7 +209,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             };
             let (zenoh_config, store_id) = (zenoh_config.clone(), store_id.clone());
             let (auth, verify, signer) = (auth.clone(), verify.clone(), signer.clone());
-            let crl_file = files.crl.clone();
+            let in_force = in_force.clone();
             Box::pin(async move {
                 let zenoh = tokio::task::spawn_blocking(move || {
                     zlink::ZenohLink::open(&zenoh_config, &security)
@@ -215,7 +218,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
                 .expect("zenoh open does not panic")?;
                 serve_edges(&zenoh, &store_id, auth, signer.clone()).await?;
                 serve_verify(&zenoh, &store_id, verify, signer).await?;
-                serve_revocations(&zenoh, &store_id, crl_file).await?;
+                serve_revocations(&zenoh, &store_id, in_force).await?;
                 Ok(zenoh)
             })
         })
@@ -223,6 +226,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let zenoh = open_zenoh(terminals.clone()).await?;
     let trust = trust::TrustActor::new(
         config.store_id.clone(),
+        in_force,
         tls_files.clone(),
         config.tls.pki_dir.clone(),
         revocations.number.clone(),
@@ -436,12 +440,12 @@ async fn serve_verify(
     .await
 }
 
-/// Declares the store's revocation-list queryable: terminals fetch the list the hub holds (the
-/// CA signed it; they keep it only when it is newer than theirs).
+/// Declares the store's revocation-list queryable: terminals fetch the list the hub holds in force
+/// (the CA signed it; they keep it only when it is newer than theirs).
 async fn serve_revocations(
     zenoh: &zlink::ZenohLink,
     store_id: &str,
-    crl_file: std::path::PathBuf,
+    in_force: trust::ListInForce,
 ) -> anyhow::Result<()> {
     let session = zenoh.session().clone();
     let key = protocol::keyexpr::hub_revocations(store_id);
@@ -453,14 +457,9 @@ async fn serve_revocations(
         .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))?;
     zenoh.spawn(async move {
         while let Ok(query) = queryable.recv_async().await {
-            // Small, and rewritten by rename: read whole each time.
-            match tokio::fs::read(&crl_file).await {
-                Ok(pem) => {
-                    if let Err(error) = query.reply(query.key_expr().clone(), pem).await {
-                        tracing::warn!(%error, "relaying the revocation list failed");
-                    }
-                }
-                Err(error) => tracing::error!(%error, "reading the revocation list failed"),
+            let pem = in_force.read().expect("not poisoned").clone();
+            if let Err(error) = query.reply(query.key_expr().clone(), pem).await {
+                tracing::warn!(%error, "relaying the revocation list failed");
             }
         }
     });

@@ -15,9 +15,13 @@ use crate::uplink::UplinkEvent;
 pub type OpenZenoh =
     Box<dyn Fn(Vec<String>) -> Pin<Box<dyn Future<Output = anyhow::Result<zlink::ZenohLink>>>>>;
 
+/// The revocation list in force at the hub, as PEM: what it relays to its terminals.
+pub type ListInForce = std::sync::Arc<std::sync::RwLock<Vec<u8>>>;
+
 /// Owns the Zenoh session and what it trusts.
 pub struct TrustActor {
     store_id: String,
+    in_force: ListInForce,
     files: pki::TlsFiles,
     pki_dir: PathBuf,
     /// The CRL number in force.
@@ -33,6 +37,7 @@ impl TrustActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store_id: String,
+        in_force: ListInForce,
         files: pki::TlsFiles,
         pki_dir: PathBuf,
         number: Vec<u8>,
@@ -44,6 +49,7 @@ impl TrustActor {
         allowed_gauge.set(allowed.len() as i64);
         TrustActor {
             store_id,
+            in_force,
             files,
             pki_dir,
             number,
@@ -73,6 +79,8 @@ impl TrustActor {
             revoked = list.serials.len(),
             "newer revocation list from the cloud"
         );
+        // Relayed to the terminals at once, whatever happens to the file or the session.
+        *self.in_force.write().expect("not poisoned") = list.pem.clone();
         let allowed = pki::terminal_common_names(&self.pki_dir, &self.store_id, &list.serials)
             .unwrap_or_else(|error| {
                 tracing::error!(%error, "reading the terminals' certificates failed: none is allowed");

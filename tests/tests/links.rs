@@ -694,9 +694,14 @@ fn a_hub_answers_only_its_own_stores_valid_terminals() {
 }
 
 /// A rogue that listens where a terminal looks for its hub with the certificate and key `cert`
-/// and `key` (a hub's, maybe stolen), and approves every payment of store-5, signing its answers
-/// with that key.
-fn rogue_hub(cert: &std::path::Path, key: &std::path::Path, port: u16) -> zlink::ZenohLink {
+/// and `key` (a hub's, maybe stolen), and approves every payment of store-5.
+/// Its answers are signed with `signing` (certificate, key), or not at all.
+fn rogue_hub(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    signing: Option<(&std::path::Path, &std::path::Path)>,
+    port: u16,
+) -> zlink::ZenohLink {
     let mut files = pki::TlsConfig {
         pki_dir: test_pki().to_owned(),
         ..Default::default()
@@ -704,11 +709,13 @@ fn rogue_hub(cert: &std::path::Path, key: &std::path::Path, port: u16) -> zlink:
     .files("unused");
     files.cert = cert.to_owned();
     files.key = key.to_owned();
-    let signer = pki::ReplySigner::from_pem(
-        &std::fs::read(key).unwrap(),
-        std::fs::read_to_string(cert).unwrap(),
-    )
-    .unwrap();
+    let signer = signing.map(|(cert, key)| {
+        pki::ReplySigner::from_pem(
+            &std::fs::read(key).unwrap(),
+            std::fs::read_to_string(cert).unwrap(),
+        )
+        .unwrap()
+    });
     let config = zlink::ZenohConfig {
         listen: vec![format!("tls/127.0.0.1:{port}")],
         ..Default::default()
@@ -753,15 +760,19 @@ fn rogue_hub(cert: &std::path::Path, key: &std::path::Path, port: u16) -> zlink:
                 },
                 offline: false,
             };
-            let reply = String::from_utf8(protocol::encode(&reply)).unwrap();
-            let signed = protocol::SignedHubReply {
-                signature: signer.sign(&payload, &reply).unwrap(),
-                reply,
-                certificate_pem: signer.certificate_pem().to_owned(),
+            let answer = match &signer {
+                Some(signer) => {
+                    let reply = String::from_utf8(protocol::encode(&reply)).unwrap();
+                    protocol::encode(&protocol::SignedHubReply {
+                        signature: signer.sign(&payload, &reply).unwrap(),
+                        reply,
+                        certificate_pem: signer.certificate_pem().to_owned(),
+                    })
+                }
+                // An answer as hubs sent them before they signed.
+                None => protocol::encode(&reply),
             };
-            let _ = query
-                .reply(query.key_expr().clone(), protocol::encode(&signed))
-                .await;
+            let _ = query.reply(query.key_expr().clone(), answer).await;
         }
     });
     link
@@ -794,13 +805,22 @@ fn a_terminal_ignores_a_rogue_hub_of_another_store_or_with_a_revoked_key() {
         )
     };
     let mut answers = Vec::new();
-    for (till, (cert, key)) in [
-        ("till-1", pem(test_pki(), &other)),
-        ("till-2", pem(test_pki(), &five)),
-        ("till-3", pem(&stolen, &five)),
+    let (current, foreign) = (pem(test_pki(), &five), pem(test_pki(), &other));
+    for (till, (cert, key), signing) in [
+        ("till-1", foreign.clone(), Some(foreign.clone())),
+        ("till-2", current.clone(), Some(current.clone())),
+        ("till-3", pem(&stolen, &five), Some(pem(&stolen, &five))),
+        // This store's certificate on the link, but answers unsigned or signed by another hub.
+        ("till-1", current.clone(), None),
+        ("till-2", current.clone(), Some(foreign.clone())),
     ] {
         let port = free_port();
-        let _rogue = rogue_hub(&cert, &key, port);
+        let _rogue = rogue_hub(
+            &cert,
+            &key,
+            signing.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+            port,
+        );
         let frames = dir.path().join(till);
         let edge = Service::start(
             "facepay-edge",
@@ -836,6 +856,12 @@ fn a_terminal_ignores_a_rogue_hub_of_another_store_or_with_a_revoked_key() {
         refused.detail.contains("revoked") || refused.detail.contains("Revoked"),
         "{refused:?}"
     );
+    // Unsigned answers, and answers another store's hub signed: refused.
+    for (n, why) in [(3, "unsigned"), (4, "hub answer refused")] {
+        let (status, refused) = &answers[n];
+        assert_eq!(*status, 503, "{refused:?}");
+        assert!(refused.detail.contains(why), "{refused:?}");
+    }
 }
 
 #[test]

@@ -47,6 +47,8 @@ pub struct LiveClientVerifier {
     roots: Arc<RootCertStore>,
     hints: Vec<rustls::DistinguishedName>,
     inner: std::sync::RwLock<Arc<dyn ClientCertVerifier>>,
+    /// Refuse every certificate once the list in force is past its next update.
+    enforce_expiry: bool,
     /// The serials of the list in force: connections made before a revocation are checked
     /// against it request by request.
     revoked: std::sync::RwLock<HashSet<String>>,
@@ -56,27 +58,34 @@ impl LiveClientVerifier {
     fn build(
         roots: &Arc<RootCertStore>,
         crls: Vec<CertificateRevocationListDer<'static>>,
+        enforce_expiry: bool,
     ) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
-        WebPkiClientVerifier::builder_with_provider(
+        let builder = WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
             Arc::new(rustls::crypto::ring::default_provider()),
         )
         .with_crls(crls)
-        .only_check_end_entity_revocation()
-        .build()
-        .map_err(|e| PkiError::Tls(e.to_string()))
+        .only_check_end_entity_revocation();
+        let builder = if enforce_expiry {
+            builder.enforce_revocation_expiration()
+        } else {
+            builder
+        };
+        builder.build().map_err(|e| PkiError::Tls(e.to_string()))
     }
 
     pub(crate) fn new(
         roots: Arc<RootCertStore>,
         crls: Vec<CertificateRevocationListDer<'static>>,
         revoked: HashSet<String>,
+        enforce_expiry: bool,
     ) -> Result<Self, PkiError> {
-        let inner = Self::build(&roots, crls)?;
+        let inner = Self::build(&roots, crls, enforce_expiry)?;
         Ok(LiveClientVerifier {
             hints: roots.subjects(),
             roots,
             inner: std::sync::RwLock::new(inner),
+            enforce_expiry,
             revoked: std::sync::RwLock::new(revoked),
         })
     }
@@ -96,7 +105,7 @@ impl LiveClientVerifier {
         let crls = CertificateRevocationListDer::pem_slice_iter(&list.pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| PkiError::Tls(format!("revocation list: {e}")))?;
-        let fresh = Self::build(&self.roots, crls)?;
+        let fresh = Self::build(&self.roots, crls, self.enforce_expiry)?;
         *self.inner.write().expect("not poisoned") = fresh;
         *self.revoked.write().expect("not poisoned") = list.serials.clone();
         Ok(())
@@ -304,7 +313,7 @@ pub struct RevocationList {
     pub number: Vec<u8>,
     /// The revoked serials, lowercase hex.
     pub serials: HashSet<String>,
-    /// The list as PEM.
+    /// The verified list as PEM (re-encoded from what was checked).
     pub pem: Vec<u8>,
 }
 
@@ -330,13 +339,28 @@ impl RevocationList {
             .crl_number()
             .map(|n| n.to_bytes_be())
             .unwrap_or_default();
+        // Kept as the verified list alone, re-encoded: whatever else the bytes held is dropped.
+        let pem = {
+            use base64::Engine as _;
+            let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+            let lines: Vec<&str> = body
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+                .collect();
+            format!(
+                "-----BEGIN X509 CRL-----\n{}\n-----END X509 CRL-----\n",
+                lines.join("\n")
+            )
+            .into_bytes()
+        };
         Ok(RevocationList {
             number,
             serials: list
                 .iter_revoked_certificates()
                 .map(|r| trimmed_hex(r.raw_serial()))
                 .collect(),
-            pem: pem.to_vec(),
+            pem,
         })
     }
 
@@ -453,6 +477,7 @@ impl TlsIdentity {
             roots.clone(),
             crls.clone(),
             revoked.clone(),
+            false,
         )?);
         let this = TlsIdentity {
             files: files.clone(),

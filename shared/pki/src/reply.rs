@@ -68,6 +68,17 @@ impl TlsIdentity {
     pub fn reply_signer(&self) -> Result<ReplySigner, PkiError> {
         let key = rustls::crypto::ring::sign::any_ecdsa_type(self.private_key())
             .map_err(|e| PkiError::Tls(e.to_string()))?;
+        // Terminals check P-256 signatures: another key would sign nothing, found only when the
+        // first payment's answer could not be sent. Refused at start instead.
+        if key
+            .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+            .is_none()
+        {
+            return Err(PkiError::bad(
+                &self.files.key,
+                "the hub's key must be ECDSA P-256 (facepay-pki issues such keys)",
+            ));
+        }
         let leaf = self
             .chain
             .first()
@@ -94,7 +105,9 @@ impl TlsIdentity {
             store_id: store_id.to_owned(),
             ca: self.files.ca.clone(),
             crl_file: self.files.crl.clone(),
-            verifier: LiveClientVerifier::new(self.roots(), crls, list.serials.clone())?,
+            // A list past its next update refuses every hub: a terminal cut off with a rogue that
+            // withholds newer lists trusts a stolen key at most until the list expires.
+            verifier: LiveClientVerifier::new(self.roots(), crls, list.serials.clone(), true)?,
             number: std::sync::Mutex::new(list.number),
         })
     }
@@ -154,7 +167,8 @@ impl HubVerifier {
     }
 
     /// Takes a revocation list relayed by the hub when the CA signed it and it is newer than the
-    /// one in force; keeps it in the terminal's `crl.pem`. Whether it was taken.
+    /// one in force, and keeps it in the terminal's `crl.pem` (unless that file already holds a
+    /// list at least as new). Whether it was taken. Blocking: file I/O.
     pub fn update(&self, pem: &[u8]) -> Result<bool, PkiError> {
         let origin = std::path::Path::new("revocation list relayed by the hub");
         let list = RevocationList::parse(pem, origin, &self.ca)?;
@@ -164,15 +178,135 @@ impl HubVerifier {
         }
         self.verifier.update(&list)?;
         *number = list.number.clone();
-        let tmp = self.crl_file.with_extension("relayed");
-        std::fs::write(&tmp, &list.pem)
-            .and_then(|_| std::fs::rename(&tmp, &self.crl_file))
-            .map_err(PkiError::io(&self.crl_file))?;
+        drop(number);
+        if let Err(error) = self.keep(&list) {
+            tracing::error!(%error, "keeping the relayed revocation list failed; in force in memory");
+        }
         Ok(true)
+    }
+
+    fn keep(&self, list: &RevocationList) -> Result<(), PkiError> {
+        let on_disk = std::fs::read(&self.crl_file)
+            .ok()
+            .and_then(|pem| RevocationList::parse(&pem, &self.crl_file, &self.ca).ok());
+        if on_disk.is_some_and(|kept| !list.newer_than(&kept.number)) {
+            return Ok(());
+        }
+        let dir = self
+            .crl_file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(PkiError::io(dir))?;
+        use std::io::Write as _;
+        tmp.write_all(&list.pem)
+            .and_then(|_| tmp.as_file().sync_all())
+            .map_err(PkiError::io(tmp.path()))?;
+        tmp.persist(&self.crl_file)
+            .map_err(|e| PkiError::io(&self.crl_file)(e.error))?;
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
     }
 
     /// How many certificates the list in force revokes.
     pub fn revoked_count(&self) -> usize {
         self.verifier.revoked_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Identity, IssueOptions, Pki, TlsConfig};
+
+    fn identity(dir: &std::path::Path, name: &str) -> TlsIdentity {
+        let files = TlsConfig {
+            pki_dir: dir.to_owned(),
+            ..TlsConfig::default()
+        }
+        .files(name);
+        TlsIdentity::load(&files).unwrap()
+    }
+
+    #[test]
+    fn a_terminal_takes_only_its_hubs_signed_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path()).unwrap();
+        for id in [
+            Identity::hub("store-1").unwrap(),
+            Identity::hub("store-2").unwrap(),
+            Identity::edge("store-1", "till-1").unwrap(),
+        ] {
+            pki.issue(&id, &IssueOptions::default()).unwrap();
+        }
+        let terminal = identity(dir.path(), "edge-store-1-till-1");
+        let verifier = terminal.hub_verifier("store-1").unwrap();
+        let hub = identity(dir.path(), "hub-store-1").reply_signer().unwrap();
+        let signature = hub.sign(b"request", "answer").unwrap();
+        verifier
+            .verify(b"request", "answer", hub.certificate_pem(), &signature)
+            .unwrap();
+        // Another answer, another request: the signature does not carry over.
+        assert!(verifier
+            .verify(b"request", "approved", hub.certificate_pem(), &signature)
+            .is_err());
+        assert!(verifier
+            .verify(
+                b"other request",
+                "answer",
+                hub.certificate_pem(),
+                &signature
+            )
+            .is_err());
+        // Another store's hub, and a terminal's certificate, sign nothing for store-1.
+        let other = identity(dir.path(), "hub-store-2").reply_signer().unwrap();
+        let forged = other.sign(b"request", "answer").unwrap();
+        assert!(verifier
+            .verify(b"request", "answer", other.certificate_pem(), &forged)
+            .is_err());
+        let till = terminal.reply_signer().unwrap();
+        let forged = till.sign(b"request", "answer").unwrap();
+        assert!(verifier
+            .verify(b"request", "answer", till.certificate_pem(), &forged)
+            .is_err());
+        // store-1's certificate with store-2's signature: refused.
+        assert!(verifier
+            .verify(
+                b"request",
+                "answer",
+                hub.certificate_pem(),
+                &other.sign(b"request", "answer").unwrap()
+            )
+            .is_err());
+
+        // A newer list revoking the hub: taken, kept on disk, and the hub refused; an older one
+        // (the first) and a forged one are not taken.
+        let first = std::fs::read(dir.path().join("crl.pem")).unwrap();
+        pki.revoke("hub-store-1").unwrap();
+        let newer = std::fs::read(dir.path().join("crl.pem")).unwrap();
+        // The terminal's own file still holds the first list.
+        std::fs::write(dir.path().join("crl.pem"), &first).unwrap();
+        assert!(verifier.update(&newer).unwrap());
+        assert!(verifier
+            .verify(b"request", "answer", hub.certificate_pem(), &signature)
+            .is_err());
+        assert_eq!(verifier.revoked_count(), 1);
+        let kept = std::fs::read(dir.path().join("crl.pem")).unwrap();
+        assert_ne!(kept, first, "the newer list is kept on disk");
+        assert!(
+            !verifier.update(&first).unwrap(),
+            "an older list is not taken"
+        );
+        assert!(!verifier.update(&newer).unwrap(), "nor the same one again");
+        let stranger = tempfile::tempdir().unwrap();
+        Pki::init(stranger.path()).unwrap();
+        let forged = std::fs::read(stranger.path().join("crl.pem")).unwrap();
+        assert!(
+            verifier.update(&forged).is_err(),
+            "a list the CA did not sign"
+        );
+        assert_eq!(verifier.revoked_count(), 1);
     }
 }
