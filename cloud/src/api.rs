@@ -111,6 +111,33 @@ async fn audited<T>(
     }
 }
 
+/// Opens an account (its opening balance moves money) and records who did it.
+async fn open_audited(
+    ledger: &Addr<LedgerActor>,
+    operator: String,
+    request: OpenAccount,
+) -> Result<Option<protocol::KeyEntry>, HttpResponse> {
+    let account_id = request.account_id.clone();
+    let detail = format!(
+        "kind={:?} currency={} initial_balance_minor={}",
+        request.kind, request.currency, request.initial_balance_minor
+    );
+    let result = match ledger.send(OpenAccountCmd(request)).await {
+        Err(e) => Err(unavailable(e)),
+        Ok(Err(e)) => Err(error_response(e)),
+        Ok(Ok(key_change)) => Ok(key_change),
+    };
+    audited(
+        ledger,
+        operator,
+        "open_account",
+        &account_id,
+        detail,
+        result,
+    )
+    .await
+}
+
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
     cfg.app_data(web::Data::new(state))
         .app_data(json_config(MAX_BODY_BYTES))
@@ -240,24 +267,7 @@ async fn open_account(
 ) -> HttpResponse {
     let request = body.into_inner();
     let account_id = request.account_id.clone();
-    let detail = format!(
-        "kind={:?} currency={} initial_balance_minor={}",
-        request.kind, request.currency, request.initial_balance_minor
-    );
-    let result = match state.ledger.send(OpenAccountCmd(request)).await {
-        Err(e) => Err(unavailable(e)),
-        Ok(Err(e)) => Err(error_response(e)),
-        Ok(Ok(key_change)) => Ok(key_change),
-    };
-    let result = audited(
-        &state.ledger,
-        operator_of(&http),
-        "open_account",
-        &account_id,
-        detail,
-        result,
-    )
-    .await;
+    let result = open_audited(&state.ledger, operator_of(&http), request).await;
     match result {
         Err(response) => response,
         Ok(key_change) => {
@@ -394,24 +404,7 @@ async fn create_customer(
         initial_balance_minor: request.initial_balance_minor,
         public_key: request.public_key.clone(),
     };
-    let detail = format!(
-        "kind=Customer currency={} initial_balance_minor={}",
-        open.currency, open.initial_balance_minor
-    );
-    let result = match state.ledger.send(OpenAccountCmd(open)).await {
-        Err(e) => Err(unavailable(e)),
-        Ok(Err(e)) => Err(error_response(e)),
-        Ok(Ok(key_change)) => Ok(key_change),
-    };
-    let result = audited(
-        &state.ledger,
-        operator_of(&http),
-        "open_account",
-        &request.customer_id,
-        detail,
-        result,
-    )
-    .await;
+    let result = open_audited(&state.ledger, operator_of(&http), open).await;
     match result {
         Err(response) => return response,
         Ok(Some(entry)) => state.link.do_send(BroadcastKeys(vec![entry])),

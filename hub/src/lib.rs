@@ -291,6 +291,24 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     })
 }
 
+/// Declares a queryable on `key`, on the Zenoh runtime.
+async fn declare_queryable(
+    zenoh: &zlink::ZenohLink,
+    key: String,
+) -> anyhow::Result<
+    zlink::zenoh::query::Queryable<
+        zlink::zenoh::handlers::FifoChannelHandler<zlink::zenoh::query::Query>,
+    >,
+> {
+    let session = zenoh.session().clone();
+    let declared = key.clone();
+    zenoh
+        .spawn(async move { session.declare_queryable(declared).await })
+        .await
+        .expect("declaring does not panic")
+        .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))
+}
+
 /// Declares a queryable on `key` and answers each query, at most [`MAX_CONCURRENT_QUERIES`] at
 /// once, with what `answer` makes of its decoded payload, signed by `signer` (terminals act only
 /// on answers their store's hub certificate signed).
@@ -305,13 +323,7 @@ where
     F: Fn(Result<Req, protocol::WireError>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
 {
-    let session = zenoh.session().clone();
-    let declared = key.clone();
-    let queryable = zenoh
-        .spawn(async move { session.declare_queryable(declared).await })
-        .await
-        .expect("declaring does not panic")
-        .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))?;
+    let queryable = declare_queryable(zenoh, key).await?;
     let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
     let answer = Arc::new(answer);
     let signer = Arc::new(signer);
@@ -447,14 +459,7 @@ async fn serve_revocations(
     store_id: &str,
     in_force: trust::ListInForce,
 ) -> anyhow::Result<()> {
-    let session = zenoh.session().clone();
-    let key = protocol::keyexpr::hub_revocations(store_id);
-    let declared = key.clone();
-    let queryable = zenoh
-        .spawn(async move { session.declare_queryable(declared).await })
-        .await
-        .expect("declaring does not panic")
-        .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))?;
+    let queryable = declare_queryable(zenoh, protocol::keyexpr::hub_revocations(store_id)).await?;
     zenoh.spawn(async move {
         while let Ok(query) = queryable.recv_async().await {
             let pem = in_force.read().expect("not poisoned").clone();

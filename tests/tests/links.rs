@@ -41,6 +41,19 @@ fn mqtt_client(
     AsyncClient::new(options, 64)
 }
 
+/// TLS that trusts the test PKI's CA and shows no certificate.
+fn anonymous_tls() -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
+        roots.add(der).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// A client with the certificate `<name>` of the test PKI.
 fn client_as(port: u16, name: &str, client_id: &str) -> (AsyncClient, EventLoop) {
     let tls = tls_identity(name).unwrap().client_config().unwrap();
@@ -131,21 +144,7 @@ fn broker_refuses_clients_without_a_fleet_certificate() {
         let (_c, mut plain) = mqtt_client(broker.port, "plain", None);
         assert!(!connected(&mut plain, Duration::from_secs(3)).await);
         // TLS that trusts the CA but shows no certificate: refused in the handshake.
-        let roots = {
-            let mut roots = rustls::RootCertStore::empty();
-            for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
-                roots.add(der).unwrap();
-            }
-            roots
-        };
-        let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let (_c, mut anon) = mqtt_client(broker.port, "anonymous", Some(anonymous));
+        let (_c, mut anon) = mqtt_client(broker.port, "anonymous", Some(anonymous_tls()));
         assert!(!connected(&mut anon, Duration::from_secs(3)).await);
         // A certificate of another CA: refused too.
         let other = tempfile::tempdir().unwrap();
@@ -488,20 +487,8 @@ fn the_admin_api_answers_operators_only_and_records_who_moved_money() {
             .send_json(deposit.clone())
             .is_err()
     );
-    let mut roots = rustls::RootCertStore::empty();
-    for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
-        roots.add(der).unwrap();
-    }
     let anonymous = ureq::AgentBuilder::new()
-        .tls_config(Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        ))
+        .tls_config(Arc::new(anonymous_tls()))
         .build();
     assert!(anonymous
         .post(&format!("https://{admin}/v1/accounts/mallory/deposits"))
@@ -964,21 +951,7 @@ fn metrics_can_require_tls_and_basic_auth() {
     );
     // Prometheus trusts the fleet's CA; it needs no client certificate.
     let agent = ureq::AgentBuilder::new()
-        .tls_config(Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates({
-                let mut roots = rustls::RootCertStore::empty();
-                for der in tests::read_pem_certs(&test_pki().join("ca.pem")) {
-                    roots.add(der).unwrap();
-                }
-                roots
-            })
-            .with_no_client_auth(),
-        ))
+        .tls_config(Arc::new(anonymous_tls()))
         .build();
     let status = |request: ureq::Request| match request.call() {
         Ok(r) => (r.status(), r.into_string().unwrap()),

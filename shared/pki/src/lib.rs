@@ -227,6 +227,17 @@ pub fn register_expiry_gauge(
     gauge
 }
 
+/// A Unix time as RFC 3339 text (the number itself if it is out of range).
+pub fn rfc3339(unix_seconds: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_seconds)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix_seconds.to_string())
+}
+
 /// Installs ring as the process's rustls provider (once; later calls are harmless).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -505,13 +505,7 @@ impl TlsIdentity {
 
     /// Its certificate's expiry as RFC 3339 text.
     pub fn expires(&self) -> String {
-        time::OffsetDateTime::from_unix_timestamp(self.not_after_unix)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| self.not_after_unix.to_string())
+        crate::rfc3339(self.not_after_unix)
     }
 
     pub(crate) fn private_key(&self) -> &PrivateKeyDer<'static> {
@@ -564,43 +558,41 @@ impl TlsIdentity {
         Ok(config)
     }
 
-    /// Like [`TlsIdentity::client_config`], and the server's certificate must also have the
-    /// role `server_role` (the MQTT broker's, say): another identity of the fleet that got hold
-    /// of the broker's address is not taken for it.
-    pub fn client_config_for(&self, server_role: Role) -> Result<ClientConfig, PkiError> {
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), Self::provider())
-                .with_crls(self.crls.clone())
-                .only_check_end_entity_revocation()
-                .build()
-                .map_err(|e| PkiError::Tls(e.to_string()))?;
+    fn server_verifier(&self) -> Result<Arc<WebPkiServerVerifier>, PkiError> {
+        WebPkiServerVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+            .with_crls(self.crls.clone())
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    fn client_config_with(
+        &self,
+        verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    ) -> Result<ClientConfig, PkiError> {
         ClientConfig::builder_with_provider(Self::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| PkiError::Tls(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(RoleServerVerifier {
-                inner,
-                role: server_role,
-            }))
+            .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| PkiError::Tls(e.to_string()))
+    }
+
+    /// Like [`TlsIdentity::client_config`], and the server's certificate must also have the
+    /// role `server_role` (the MQTT broker's, say): another identity of the fleet that got hold
+    /// of the broker's address is not taken for it.
+    pub fn client_config_for(&self, server_role: Role) -> Result<ClientConfig, PkiError> {
+        self.client_config_with(Arc::new(RoleServerVerifier {
+            inner: self.server_verifier()?,
+            role: server_role,
+        }))
     }
 
     /// A client configuration presenting this identity and trusting only servers with a valid,
     /// unrevoked certificate of the CA.
     pub fn client_config(&self) -> Result<ClientConfig, PkiError> {
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), Self::provider())
-                .with_crls(self.crls.clone())
-                .only_check_end_entity_revocation()
-                .build()
-                .map_err(|e| PkiError::Tls(e.to_string()))?;
-        ClientConfig::builder_with_provider(Self::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| PkiError::Tls(e.to_string()))?
-            .with_webpki_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| PkiError::Tls(e.to_string()))
+        self.client_config_with(self.server_verifier()?)
     }
 }
 

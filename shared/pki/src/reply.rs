@@ -109,6 +109,7 @@ impl TlsIdentity {
             // withholds newer lists trusts a stolen key at most until the list expires.
             verifier: LiveClientVerifier::new(self.roots(), crls, list.serials.clone(), true)?,
             number: std::sync::Mutex::new(list.number),
+            checked: std::sync::Mutex::new(None),
         })
     }
 }
@@ -127,7 +128,12 @@ pub struct HubVerifier {
     crl_file: PathBuf,
     verifier: LiveClientVerifier,
     number: std::sync::Mutex<Vec<u8>>,
+    /// The last certificate that passed, under which list, and when.
+    checked: std::sync::Mutex<Option<(String, Vec<u8>, std::time::Instant)>>,
 }
+
+/// How long a hub certificate that passed its checks is taken without checking it again.
+pub const CERTIFICATE_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl HubVerifier {
     /// Checks that `signature` signs `reply` to `request` with the key of `certificate_pem`, a
@@ -143,15 +149,36 @@ impl HubVerifier {
         let refused = |why: String| PkiError::Tls(format!("hub answer refused: {why}"));
         let der = CertificateDer::from_pem_slice(certificate_pem.as_bytes())
             .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
-        self.verifier
-            .verify_client_cert(&der, &[], rustls_pki_types::UnixTime::now())
-            .map_err(|e| refused(format!("certificate: {e}")))?;
-        let peer = crate::peer_identity(&der).ok_or_else(|| refused("no subject".into()))?;
-        if peer.role != Some(Role::Hub) || peer.common_name != self.store_id {
-            return Err(refused(format!(
-                "{:?} is not the hub of {}",
-                peer.common_name, self.store_id
-            )));
+        // The certificate's chain, revocation and identity are checked once per certificate and
+        // list, and again at least every `CERTIFICATE_RECHECK` (expiry of the certificate and of
+        // the list); the signature on every answer.
+        let number = self.number.lock().expect("not poisoned").clone();
+        let fresh = self
+            .checked
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .is_some_and(|(pem, checked_number, at)| {
+                pem == certificate_pem
+                    && *checked_number == number
+                    && at.elapsed() < CERTIFICATE_RECHECK
+            });
+        if !fresh {
+            self.verifier
+                .verify_client_cert(&der, &[], rustls_pki_types::UnixTime::now())
+                .map_err(|e| refused(format!("certificate: {e}")))?;
+            let peer = crate::peer_identity(&der).ok_or_else(|| refused("no subject".into()))?;
+            if peer.role != Some(Role::Hub) || peer.common_name != self.store_id {
+                return Err(refused(format!(
+                    "{:?} is not the hub of {}",
+                    peer.common_name, self.store_id
+                )));
+            }
+            *self.checked.lock().expect("not poisoned") = Some((
+                certificate_pem.to_owned(),
+                number,
+                std::time::Instant::now(),
+            ));
         }
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| refused(format!("unreadable certificate: {e}")))?;

@@ -110,13 +110,7 @@ fn identity(who: &Who) -> anyhow::Result<Identity> {
 }
 
 fn print_issued(dir: &std::path::Path, entry: &pki::IndexEntry) {
-    let expires = time::OffsetDateTime::from_unix_timestamp(entry.not_after_unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default();
+    let expires = pki::rfc3339(entry.not_after_unix);
     println!(
         "issued {name} (cn={cn}, role={role}, serial={serial}) expires {expires}: {pem}, {key} (0600)",
         name = entry.name,
@@ -198,13 +192,7 @@ fn main() -> anyhow::Result<()> {
                     None if entry.not_after_unix < now => "expired",
                     None => "valid",
                 };
-                let expires = time::OffsetDateTime::from_unix_timestamp(entry.not_after_unix)
-                    .ok()
-                    .and_then(|t| {
-                        t.format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    })
-                    .unwrap_or_default();
+                let expires = pki::rfc3339(entry.not_after_unix);
                 println!(
                     "{state:8} {name:32} cn={cn} role={role} serial={serial} expires={expires}",
                     name = entry.name,
