@@ -125,7 +125,7 @@ pub fn validate_charge(request: &ChargeRequest) -> Result<(i64, Currency), Decis
 
 fn unreachable_decision(error: HubUnreachable) -> Decision {
     match error {
-        HubUnreachable::NoHub => Decision::declined(
+        HubUnreachable::NoHub | HubUnreachable::ListExpired => Decision::declined(
             DeclineReason::StoreSystemUnreachable,
             format!("{error}; nothing was charged"),
         ),

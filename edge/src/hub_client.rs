@@ -16,6 +16,10 @@ pub enum HubUnreachable {
     /// No hub answered: the request never reached one, nothing was recorded.
     #[error("no store hub reachable")]
     NoHub,
+    /// The terminal's revocation list is past its next update: it could check no hub's answer,
+    /// so nothing was sent.
+    #[error("the terminal's revocation list has expired; nothing was sent")]
+    ListExpired,
     /// The hub got the request but did not answer in time.
     #[error("the store hub did not answer within {0} ms")]
     Timeout(u64),
@@ -149,6 +153,9 @@ impl HubClient {
         key: String,
         payload: Vec<u8>,
     ) -> Result<T, HubUnreachable> {
+        if self.verifier.list_expired() {
+            return Err(HubUnreachable::ListExpired);
+        }
         let session = self.zenoh.session().clone();
         let timeout = self.timeout;
         let verifier = self.verifier.clone();

@@ -226,6 +226,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let zenoh = open_zenoh(terminals.clone()).await?;
     let trust = trust::TrustActor::new(
         config.store_id.clone(),
+        tls.identity.serial.clone(),
         in_force,
         tls_files.clone(),
         config.tls.pki_dir.clone(),

@@ -21,6 +21,8 @@ pub type ListInForce = std::sync::Arc<std::sync::RwLock<Vec<u8>>>;
 /// Owns the Zenoh session and what it trusts.
 pub struct TrustActor {
     store_id: String,
+    /// The serial of the hub's own certificate.
+    own_serial: String,
     in_force: ListInForce,
     files: pki::TlsFiles,
     pki_dir: PathBuf,
@@ -37,6 +39,7 @@ impl TrustActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store_id: String,
+        own_serial: String,
         in_force: ListInForce,
         files: pki::TlsFiles,
         pki_dir: PathBuf,
@@ -49,6 +52,7 @@ impl TrustActor {
         allowed_gauge.set(allowed.len() as i64);
         TrustActor {
             store_id,
+            own_serial,
             in_force,
             files,
             pki_dir,
@@ -81,6 +85,14 @@ impl TrustActor {
         );
         // Relayed to the terminals at once, whatever happens to the file or the session.
         *self.in_force.write().expect("not poisoned") = list.pem.clone();
+        // A list that revokes the hub's own certificate: terminals refuse its answers, so it
+        // must take no request at all (it would act on it unheard). It serves no terminal.
+        if list.serials.contains(&self.own_serial) {
+            tracing::error!(
+                "the revocation list revokes this hub's certificate: it serves no terminal"
+            );
+            return Some((list, Vec::new()));
+        }
         let allowed = pki::terminal_common_names(&self.pki_dir, &self.store_id, &list.serials)
             .unwrap_or_else(|error| {
                 tracing::error!(%error, "reading the terminals' certificates failed: none is allowed");

@@ -309,7 +309,11 @@ impl Service {
             command.arg("--set").arg(o);
         }
         let mut child = command
-            .env("RUST_LOG", "warn")
+            // FACEPAY_TEST_LOG=info shows the services' own logs when a test needs a look.
+            .env(
+                "RUST_LOG",
+                std::env::var("FACEPAY_TEST_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

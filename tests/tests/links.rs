@@ -1131,6 +1131,18 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_ne!(std::fs::read(edge_pki.join("crl.pem")).unwrap(), first_list);
+
+    // The hub's own certificate revoked: its terminals would refuse its answers, so it takes no
+    // request at all (nothing moves unheard).
+    tests::revoke_in_test_pki(&hub_name).unwrap();
+    tests::wait_for_metric(
+        hub.metrics_addr,
+        "facepay_hub_allowed_terminals",
+        0.0,
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(asks("edge-store-8-till-1", 3).is_none());
 }
 
 #[test]

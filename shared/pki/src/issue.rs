@@ -350,6 +350,15 @@ impl Pki {
     }
 
     fn write_crl(&self, index: &[IndexEntry]) -> Result<(), PkiError> {
+        self.write_crl_valid_for(index, Duration::days(CRL_VALIDITY_DAYS))
+    }
+
+    /// Writes the list with `validity` from now to its next update (tests make stale lists).
+    pub(crate) fn write_crl_valid_for(
+        &self,
+        index: &[IndexEntry],
+        validity: Duration,
+    ) -> Result<(), PkiError> {
         let now = OffsetDateTime::now_utc();
         let revoked_certs = index
             .iter()
@@ -384,7 +393,7 @@ impl Pki {
         let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as u64;
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+            next_update: now + validity,
             crl_number: SerialNumber::from(now_ms.max(previous + 1)),
             issuing_distribution_point: None,
             revoked_certs,

@@ -315,6 +315,8 @@ pub struct RevocationList {
     pub serials: HashSet<String>,
     /// The verified list as PEM (re-encoded from what was checked).
     pub pem: Vec<u8>,
+    /// When a newer list is due (Unix seconds): past it, the list is stale.
+    pub next_update_unix: Option<i64>,
 }
 
 impl RevocationList {
@@ -354,7 +356,9 @@ impl RevocationList {
             )
             .into_bytes()
         };
+        let next_update_unix = list.next_update().map(|t| t.timestamp());
         Ok(RevocationList {
+            next_update_unix,
             number,
             serials: list
                 .iter_revoked_certificates()

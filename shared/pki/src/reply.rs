@@ -108,6 +108,7 @@ impl TlsIdentity {
             // A list past its next update refuses every hub: a terminal cut off with a rogue that
             // withholds newer lists trusts a stolen key at most until the list expires.
             verifier: LiveClientVerifier::new(self.roots(), crls, list.serials.clone(), true)?,
+            next_update_unix: std::sync::Mutex::new(list.next_update_unix),
             number: std::sync::Mutex::new(list.number),
             checked: std::sync::Mutex::new(None),
         })
@@ -128,6 +129,7 @@ pub struct HubVerifier {
     crl_file: PathBuf,
     verifier: LiveClientVerifier,
     number: std::sync::Mutex<Vec<u8>>,
+    next_update_unix: std::sync::Mutex<Option<i64>>,
     /// The last certificate that passed, under which list, and when.
     checked: std::sync::Mutex<Option<(String, Vec<u8>, std::time::Instant)>>,
 }
@@ -205,6 +207,7 @@ impl HubVerifier {
         }
         self.verifier.update(&list)?;
         *number = list.number.clone();
+        *self.next_update_unix.lock().expect("not poisoned") = list.next_update_unix;
         drop(number);
         if let Err(error) = self.keep(&list) {
             tracing::error!(%error, "keeping the relayed revocation list failed; in force in memory");
@@ -235,6 +238,16 @@ impl HubVerifier {
             let _ = dir.sync_all();
         }
         Ok(())
+    }
+
+    /// Whether the list in force is past its next update. Every hub answer is then refused, so a
+    /// terminal must not send a request at all (the hub would act on it, unheard).
+    pub fn list_expired(&self) -> bool {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.next_update_unix
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|next| next < now)
     }
 
     /// How many certificates the list in force revokes.
@@ -335,5 +348,13 @@ mod tests {
             "a list the CA did not sign"
         );
         assert_eq!(verifier.revoked_count(), 1);
+
+        // A list past its next update: the terminal knows before it sends anything.
+        assert!(!verifier.list_expired());
+        pki.write_crl_valid_for(&pki.list().unwrap(), time::Duration::minutes(-1))
+            .unwrap();
+        let stale = std::fs::read(dir.path().join("crl.pem")).unwrap();
+        assert!(verifier.update(&stale).unwrap());
+        assert!(verifier.list_expired());
     }
 }
