@@ -62,13 +62,19 @@ struct TransferRecord {
 
 impl TransferRecord {
     /// Money issued into an account: its opening balance, a deposit.
-    fn issuance(issuer: &str, account_id: &str, amount_minor: i64, currency: Currency) -> Self {
+    fn issuance(
+        issuer: &str,
+        account_id: &str,
+        amount_minor: i64,
+        currency: Currency,
+        at_ms: u64,
+    ) -> Self {
         TransferRecord {
             debit_account_id: issuer.to_owned(),
             credit_account_id: account_id.to_owned(),
             amount_minor,
             currency,
-            applied_at_ms: now_ms(),
+            applied_at_ms: at_ms,
             code_nonce: None,
             store_id: None,
             terminal_id: None,
@@ -79,13 +85,13 @@ impl TransferRecord {
     }
 
     /// A customer's payment to a store, approved online or (`offline`) by the store's hub alone.
-    fn payment(store_id: &str, request: &CloudAuthorize, offline: bool) -> Self {
+    fn payment(store_id: &str, request: &CloudAuthorize, offline: bool, at_ms: u64) -> Self {
         TransferRecord {
             debit_account_id: request.account_id.clone(),
             credit_account_id: store_id.to_owned(),
             amount_minor: request.amount_minor,
             currency: request.currency,
-            applied_at_ms: now_ms(),
+            applied_at_ms: at_ms,
             code_nonce: Some(request.code_nonce.clone()),
             store_id: Some(store_id.to_owned()),
             terminal_id: Some(request.terminal_id.clone()),
@@ -126,6 +132,8 @@ pub struct Ledger {
     /// Money-moving operator actions, by a sequence number.
     audit: sled::Tree,
     policy: OfflinePolicy,
+    /// The one time source: when transfers were applied, conflicts recorded.
+    clock: clock::SharedClock,
 }
 
 fn issuance_account(currency: Currency) -> String {
@@ -159,13 +167,6 @@ fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
     format!("{account_id}/{nonce}").into_bytes()
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Ledger {
     /// Opens (or creates) the ledger in a directory.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
@@ -187,8 +188,15 @@ impl Ledger {
             hub_keys: tree("hub_keys")?,
             audit: tree("audit")?,
             policy: OfflinePolicy::default(),
+            clock: clock::system(),
             db,
         })
+    }
+
+    /// Reads time from `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: clock::SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sets how much the cloud grants hubs for offline payment.
@@ -267,6 +275,7 @@ impl Ledger {
         }
         let issuance = issuance_account(request.currency);
         let transfer_id = format!("open:{}", request.account_id);
+        let now_ms = self.clock.now_ms();
         let created = unwrap_tx((&self.accounts, &self.transfers, &self.keys).transaction(
             |(accounts, transfers, keys)| -> TxResult<Option<KeyEntry>> {
                 if let Some(existing) = accounts.get(request.account_id.as_bytes())? {
@@ -315,6 +324,7 @@ impl Ledger {
                         &request.account_id,
                         request.initial_balance_minor,
                         request.currency,
+                        now_ms,
                     );
                     transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 }
@@ -355,6 +365,7 @@ impl Ledger {
     ) -> Result<(Decision, Option<Allowance>), LedgerError> {
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
         let policy = self.policy;
+        let now_ms = self.clock.now_ms();
         let trees = (
             &self.accounts,
             &self.transfers,
@@ -364,8 +375,9 @@ impl Ledger {
         );
         let answer = unwrap_tx(trees.transaction(
             |(accounts, transfers, nonces, grants, by_account)| {
-                let decision =
-                    Self::authorize_tx(accounts, transfers, nonces, store_id, request, &nonce_key)?;
+                let decision = Self::authorize_tx(
+                    accounts, transfers, nonces, store_id, request, &nonce_key, now_ms,
+                )?;
                 let allowance = match &decision {
                     Decision::Approved { .. } => offline::grant(
                         policy,
@@ -385,6 +397,13 @@ impl Ledger {
         Ok(answer)
     }
 
+    /// One authorization, in the ledger's transaction. The request's own code nonce is looked up
+    /// first: a nonce already seen answers what it was answered then (a hub repeating a request it
+    /// got no answer to), or, for another payment, is a replay; a nonce a void burnt never reaches
+    /// the order's transfer. Only an unseen nonce may pay, or take over the order's transfer as
+    /// its latest attempt. Every answer is recorded under the nonce, so that a later void of this
+    /// attempt knows what it voids and a repeat hears the same answer.
+    #[allow(clippy::too_many_arguments)]
     fn authorize_tx(
         accounts: &sled::transaction::TransactionalTree,
         transfers: &sled::transaction::TransactionalTree,
@@ -392,51 +411,22 @@ impl Ledger {
         store_id: &str,
         request: &CloudAuthorize,
         nonce_key: &[u8],
+        now_ms: u64,
     ) -> TxResult<Decision> {
-        if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
-            let existing: TransferRecord = decode(&existing);
-            let same = existing.debit_account_id == request.account_id
-                && existing.credit_account_id == store_id
-                && existing.amount_minor == request.amount_minor
-                && existing.currency == request.currency;
-            return Ok(if existing.voided {
-                Decision::declined(
-                    DeclineReason::DuplicateOrderId,
-                    "this order's payment was voided; charge it under a new order id",
-                )
-            } else if same {
-                // The latest attempt told "approved" owns the transfer: a void of an
-                // earlier attempt that timed out must no longer reverse it. A transfer
-                // a hub approved offline stays its own.
-                if !existing.offline && existing.code_nonce.as_deref() != Some(&request.code_nonce)
-                {
-                    let owned = TransferRecord {
-                        code_nonce: Some(request.code_nonce.clone()),
-                        ..existing.clone()
-                    };
-                    transfers.insert(request.payment_id.as_bytes(), encode(&owned))?;
-                }
-                Decision::Approved {
-                    account_id: request.account_id.clone(),
-                    already_paid: true,
-                }
-            } else {
-                Decision::declined(
-                    DeclineReason::DuplicateOrderId,
-                    format!(
-                        "order {} was already paid with other details ({} from {})",
-                        request.order_id,
-                        existing.currency.format(existing.amount_minor),
-                        existing.debit_account_id
-                    ),
-                )
-            });
-        }
         if let Some(seen) = nonces.get(nonce_key)? {
             let seen: NonceRecord = decode(&seen);
-            // A hub repeating a request it got no answer to hears the first answer.
             return Ok(if seen.payment_id == request.payment_id {
-                seen.decision
+                let transfer: Option<TransferRecord> = transfers
+                    .get(request.payment_id.as_bytes())?
+                    .map(|b| decode(&b));
+                match (&seen.decision, transfer) {
+                    // Paid then, moved back since (by a later attempt's void): not paid now.
+                    (Decision::Approved { .. }, Some(t)) if t.voided => Decision::declined(
+                        DeclineReason::DuplicateOrderId,
+                        "this order's payment was voided; charge it under a new order id",
+                    ),
+                    _ => seen.decision,
+                }
             } else {
                 Decision::declined(
                     DeclineReason::CodeReplayed,
@@ -444,7 +434,47 @@ impl Ledger {
                 )
             });
         }
-        let decision = Self::try_apply(accounts, transfers, store_id, request)?;
+        let decision = match transfers.get(request.payment_id.as_bytes())? {
+            Some(existing) => {
+                let existing: TransferRecord = decode(&existing);
+                let same = existing.debit_account_id == request.account_id
+                    && existing.credit_account_id == store_id
+                    && existing.amount_minor == request.amount_minor
+                    && existing.currency == request.currency;
+                if existing.voided {
+                    Decision::declined(
+                        DeclineReason::DuplicateOrderId,
+                        "this order's payment was voided; charge it under a new order id",
+                    )
+                } else if same {
+                    // The latest attempt told "approved" owns the transfer: a void of an
+                    // earlier attempt that timed out must no longer reverse it. A transfer a hub
+                    // approved offline stays its own.
+                    if !existing.offline {
+                        let owned = TransferRecord {
+                            code_nonce: Some(request.code_nonce.clone()),
+                            ..existing.clone()
+                        };
+                        transfers.insert(request.payment_id.as_bytes(), encode(&owned))?;
+                    }
+                    Decision::Approved {
+                        account_id: request.account_id.clone(),
+                        already_paid: true,
+                    }
+                } else {
+                    Decision::declined(
+                        DeclineReason::DuplicateOrderId,
+                        format!(
+                            "order {} was already paid with other details ({} from {})",
+                            request.order_id,
+                            existing.currency.format(existing.amount_minor),
+                            existing.debit_account_id
+                        ),
+                    )
+                }
+            }
+            None => Self::try_apply(accounts, transfers, store_id, request, now_ms)?,
+        };
         let record = NonceRecord {
             payment_id: request.payment_id.clone(),
             decision: decision.clone(),
@@ -458,6 +488,7 @@ impl Ledger {
         transfers: &sled::transaction::TransactionalTree,
         store_id: &str,
         request: &CloudAuthorize,
+        now_ms: u64,
     ) -> TxResult<Decision> {
         let Some(customer) = accounts.get(request.account_id.as_bytes())? else {
             return Ok(Decision::declined(
@@ -511,7 +542,7 @@ impl Ledger {
             .expect("merchant balance stays far below i64::MAX");
         accounts.insert(request.account_id.as_bytes(), encode(&customer))?;
         accounts.insert(store_id.as_bytes(), encode(&merchant))?;
-        let transfer = TransferRecord::payment(store_id, request, false);
+        let transfer = TransferRecord::payment(store_id, request, false, now_ms);
         transfers.insert(request.payment_id.as_bytes(), encode(&transfer))?;
         Ok(Decision::Approved {
             account_id: request.account_id.clone(),
@@ -519,12 +550,23 @@ impl Ledger {
         })
     }
 
-    /// Voids a payment attempt whose answer a hub did not receive. If that attempt moved money, a
-    /// reversing transfer `<payment id>#void` moves it back; if it never arrived, its code is burnt
-    /// so that a late delivery cannot apply it. Returns whether money was moved back. Idempotent.
+    /// Voids a payment attempt whose answer a hub did not receive. If that attempt moved money
+    /// (it still owns the order's transfer), a reversing transfer `<payment id>#void` moves it
+    /// back; if it never arrived, its code is burnt so that a late delivery cannot apply it or
+    /// take over the order's transfer. Either way the attempt's nonce now answers "voided", so a
+    /// repeat of the attempt cannot be told "approved" for money that moved back. Returns whether
+    /// money was moved back. Idempotent.
     pub fn void(&self, store_id: &str, request: &VoidPayment) -> Result<bool, LedgerError> {
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
         let reversal_id = format!("{}#void", request.payment_id);
+        let now_ms = self.clock.now_ms();
+        let voided = NonceRecord {
+            payment_id: request.payment_id.clone(),
+            decision: Decision::declined(
+                DeclineReason::CloudUnreachable,
+                "the store voided this attempt after its deadline passed",
+            ),
+        };
         let reversed = unwrap_tx((&self.accounts, &self.transfers, &self.nonces).transaction(
             |(accounts, transfers, nonces)| -> TxResult<bool> {
                 if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
@@ -551,7 +593,7 @@ impl Ledger {
                         let reversal = TransferRecord {
                             debit_account_id: existing.credit_account_id.clone(),
                             credit_account_id: existing.debit_account_id.clone(),
-                            applied_at_ms: now_ms(),
+                            applied_at_ms: now_ms,
                             voided: false,
                             offline: false,
                             ..existing.clone()
@@ -559,21 +601,28 @@ impl Ledger {
                         transfers.insert(reversal_id.as_bytes(), encode(&reversal))?;
                         existing.voided = true;
                         transfers.insert(request.payment_id.as_bytes(), encode(&existing))?;
+                        nonces.insert(nonce_key.clone(), encode(&voided))?;
                         return Ok(true);
                     }
                     if this_attempt {
                         return Ok(false);
                     }
                 }
-                if nonces.get(&nonce_key)?.is_none() {
-                    let record = NonceRecord {
-                        payment_id: request.payment_id.clone(),
-                        decision: Decision::declined(
-                            DeclineReason::CloudUnreachable,
-                            "the store voided this attempt after its deadline passed",
-                        ),
-                    };
-                    nonces.insert(nonce_key.clone(), encode(&record))?;
+                // The attempt never arrived (burn its nonce), or it was declined, or another
+                // attempt owns the transfer now: nothing moves back. A nonce that paid or took
+                // over a transfer another attempt has since taken over keeps its record.
+                match nonces.get(&nonce_key)? {
+                    None => {
+                        nonces.insert(nonce_key.clone(), encode(&voided))?;
+                    }
+                    Some(seen) => {
+                        let seen: NonceRecord = decode(&seen);
+                        if seen.payment_id == request.payment_id
+                            && matches!(seen.decision, Decision::Declined { .. })
+                        {
+                            nonces.insert(nonce_key.clone(), encode(&voided))?;
+                        }
+                    }
                 }
                 Ok(false)
             },
@@ -935,6 +984,51 @@ mod tests {
     }
 
     #[test]
+    fn a_nonce_a_void_burnt_never_takes_over_the_order_transfer() {
+        let (_d, l) = ledger();
+        // Attempt 1 paid; its answer was lost, the hub will void it.
+        assert!(matches!(
+            l.authorize("store-1", &pay("o1", "n1", 700)).unwrap(),
+            Decision::Approved { .. }
+        ));
+        // The cashier's retry (attempt 2) timed out too: its void overtook the request itself.
+        let void = |nonce: &str| VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+        };
+        assert!(!l.void("store-1", &void("n2")).unwrap());
+        // The late attempt 2 must not take the transfer over (the register heard "declined").
+        let late = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        assert!(matches!(late, Decision::Declined { .. }), "{late:?}");
+        // So the void of attempt 1 still moves the money back.
+        assert!(l.void("store-1", &void("n1")).unwrap());
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_repeat_of_an_attempt_whose_payment_moved_back_hears_declined() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        // Attempt 2 takes the transfer over, then is voided: the money moves back.
+        l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        let void = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n2".into(),
+        };
+        assert!(l.void("store-1", &void).unwrap());
+        for nonce in ["n1", "n2"] {
+            let again = l.authorize("store-1", &pay("o1", nonce, 700)).unwrap();
+            assert!(matches!(again, Decision::Declined { .. }), "{nonce}: {again:?}");
+        }
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
     fn accounts_open_once_and_keys_are_versioned() {
         let (_d, l) = ledger();
         let same = OpenAccount {
@@ -1016,8 +1110,36 @@ mod tests {
             public_key: None,
         })
         .unwrap();
+        l.open_account(&OpenAccount {
+            account_id: "alice".into(),
+            kind: AccountKind::Customer,
+            currency: eur(),
+            initial_balance_minor: 10_000,
+            public_key: None,
+        })
+        .unwrap();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        l.authorize("store-1", &pay("o2", "n2", 300)).unwrap();
+        let void = VoidPayment {
+            payment_id: "store-1:o2".into(),
+            account_id: "alice".into(),
+            code_nonce: "n2".into(),
+        };
+        assert!(l.void("store-1", &void).unwrap());
+        let transfers_before = l.transfers().unwrap();
         drop(l);
         let l = Ledger::open(&path).unwrap();
-        assert!(l.account("store-1").unwrap().is_some());
+        // Balances, transfers and spent codes are all still there.
+        assert_eq!(balance(&l, "alice"), 9_300);
+        assert_eq!(balance(&l, "store-1"), 700);
+        assert_eq!(l.transfers().unwrap(), transfers_before);
+        assert_eq!(
+            l.authorize("store-1", &pay("o3", "n1", 100))
+                .unwrap()
+                .reason(),
+            Some(DeclineReason::CodeReplayed)
+        );
+        assert!(!l.void("store-1", &void).unwrap(), "the void is remembered");
+        books_balance(&l);
     }
 }

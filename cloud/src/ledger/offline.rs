@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{Transactional, TransactionalTree};
 
 use super::{
-    abort, decode, encode, issuance_account, nonce_key, now_ms, unwrap_tx, view, AccountRecord,
+    abort, decode, encode, issuance_account, nonce_key, unwrap_tx, view, AccountRecord,
     Ledger, NonceRecord, TransferRecord, TxResult,
 };
 use crate::error::LedgerError;
@@ -372,6 +372,7 @@ impl Ledger {
         store_id: &str,
         entry: &OfflinePayment,
     ) -> Result<Applied, LedgerError> {
+        let now_ms = self.clock.now_ms();
         let trees = (
             &self.accounts,
             &self.transfers,
@@ -388,7 +389,7 @@ impl Ledger {
                     let record = Conflict {
                         entry: entry.clone(),
                         detail: detail.clone(),
-                        recorded_at_ms: now_ms(),
+                        recorded_at_ms: now_ms,
                     };
                     conflicts.insert(entry.payment_id.as_bytes(), encode(&record))?;
                     Ok((ReconcileOutcome::Conflict { detail }, None, None))
@@ -468,7 +469,8 @@ impl Ledger {
                 }
                 accounts.insert(entry.account_id.as_bytes(), encode(&customer))?;
                 accounts.insert(store_id.as_bytes(), encode(&merchant))?;
-                let transfer = TransferRecord::payment(store_id, &entry.as_request(), true);
+                let transfer =
+                    TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 // The code or token is spent: a later online replay of it is refused. If it had
                 // already paid another payment, the operator hears of it.
@@ -493,7 +495,7 @@ impl Ledger {
                             let record = CodeReuse {
                                 entry: entry.clone(),
                                 first_payment_id: first.payment_id.clone(),
-                                recorded_at_ms: now_ms(),
+                                recorded_at_ms: now_ms,
                             };
                             code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
                             first_payment = Some(first.payment_id);
@@ -524,6 +526,7 @@ impl Ledger {
             )));
         }
         let transfer_id = format!("deposit:{}", deposit.deposit_id);
+        let now_ms = self.clock.now_ms();
         let account = unwrap_tx((&self.accounts, &self.transfers, &self.debts).transaction(
             |(accounts, transfers, debts)| -> TxResult<AccountRecord> {
                 let Some(bytes) = accounts.get(account_id.as_bytes())? else {
@@ -567,6 +570,7 @@ impl Ledger {
                     account_id,
                     deposit.amount_minor,
                     account.currency,
+                    now_ms,
                 );
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 Ok(account)
