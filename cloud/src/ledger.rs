@@ -1022,7 +1022,10 @@ mod tests {
         assert!(l.void("store-1", &void).unwrap());
         for nonce in ["n1", "n2"] {
             let again = l.authorize("store-1", &pay("o1", nonce, 700)).unwrap();
-            assert!(matches!(again, Decision::Declined { .. }), "{nonce}: {again:?}");
+            assert!(
+                matches!(again, Decision::Declined { .. }),
+                "{nonce}: {again:?}"
+            );
         }
         assert_eq!(balance(&l, "alice"), 10_000);
         books_balance(&l);

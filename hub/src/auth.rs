@@ -15,13 +15,13 @@ use paycode::{SignedCode, Validity};
 use protocol::{
     Allowance, AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision,
     DeclineReason, HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment,
-    OfflineReservation, PaymentProof, VoidPayment,
+    OfflineReservation, PaymentProof, ReconcileOutcome, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
 use crate::{
     error::HubError,
-    journal::{Journal, JournalActor, JournalAnswer, JournalCmd, JournalEntry, Reservation},
+    journal::{Journal, JournalEntry, JournalWorker, Reservation},
     offline::OfflineBook,
     uplink::{CallCloud, UplinkActor, UplinkEvent},
     verify::{RedeemToken, VerifyActor},
@@ -107,7 +107,8 @@ pub struct AuthActor {
     settings: AuthSettings,
     keys: HashMap<String, VerifyingKey>,
     key_version: u64,
-    journal: Addr<JournalActor>,
+    journal: JournalWorker,
+    clock: clock::SharedClock,
     uplink: Option<Addr<UplinkActor>>,
     metrics: PaymentMetrics,
     keys_gauge: prometheus::IntGauge,
@@ -129,7 +130,8 @@ impl AuthActor {
         settings: AuthSettings,
         stored_keys: Vec<KeyEntry>,
         key_version: u64,
-        journal: Addr<JournalActor>,
+        journal: JournalWorker,
+        clock: clock::SharedClock,
         metrics: PaymentMetrics,
         keys_gauge: prometheus::IntGauge,
         offline: OfflineSetup,
@@ -139,6 +141,7 @@ impl AuthActor {
             keys: HashMap::new(),
             key_version,
             journal,
+            clock,
             uplink: None,
             metrics,
             keys_gauge,
@@ -182,20 +185,19 @@ impl AuthActor {
         let batch_size = self.drain_batch;
         let me = ctx.address();
         let drain = async move {
-            let voids = match journal.send(JournalCmd::PendingVoids).await {
-                Ok(Ok(JournalAnswer::Voids(v))) => v,
-                _ => return,
-            };
-            for void in voids {
-                if !deliver_void(&uplink, &journal, void).await {
+            loop {
+                // Voids first, read again before every batch: a void queued while the backlog
+                // drains goes before the next batch, never after it.
+                let voids = journal.run(|j| j.pending_voids()).await;
+                for void in voids {
+                    if !deliver_void(&uplink, &journal, void).await {
+                        return;
+                    }
+                }
+                let batch = journal.run(move |j| j.offline_batch(batch_size)).await;
+                if batch.is_empty() {
                     return;
                 }
-            }
-            loop {
-                let batch = match journal.send(JournalCmd::OfflineBatch(batch_size)).await {
-                    Ok(Ok(JournalAnswer::Offline(batch))) if !batch.is_empty() => batch,
-                    _ => return,
-                };
                 let call = CallCloud {
                     body: HubRequestBody::Reconcile(OfflineBatch { entries: batch }),
                     timeout: DRAIN_TIMEOUT,
@@ -207,19 +209,34 @@ impl AuthActor {
                         return;
                     }
                 };
-                let settled: Vec<u64> = results
-                    .iter()
-                    .filter(|r| r.settled())
-                    .map(|r| r.seq)
-                    .collect();
-                let stuck = results.len() - settled.len();
-                match journal.send(JournalCmd::RetireOffline(settled)).await {
-                    Ok(Ok(JournalAnswer::Offline(retired))) => me.do_send(OfflineRetired(retired)),
-                    other => {
-                        tracing::error!(?other, "retiring reconciled entries failed");
-                        return;
+                // Applied (now or before) entries are retired; a conflict is kept in the
+                // journal for an operator; a rejected entry stays in the backlog.
+                let mut settled = Vec::new();
+                let mut conflicts = Vec::new();
+                for result in &results {
+                    match &result.outcome {
+                        ReconcileOutcome::Applied { .. } | ReconcileOutcome::AlreadyApplied => {
+                            settled.push(result.seq)
+                        }
+                        ReconcileOutcome::Conflict { detail } => {
+                            conflicts.push((result.seq, detail.clone()))
+                        }
+                        ReconcileOutcome::Rejected { .. } => {}
                     }
                 }
+                let stuck = results.len() - settled.len() - conflicts.len();
+                let retired = journal
+                    .run(move |j| {
+                        let mut retired = j.retire_offline(&settled)?;
+                        for (seq, detail) in &conflicts {
+                            if let Some(entry) = j.keep_conflict(*seq, detail)? {
+                                retired.push(entry);
+                            }
+                        }
+                        Ok(retired)
+                    })
+                    .await;
+                me.do_send(OfflineRetired(retired));
                 if stuck > 0 {
                     tracing::warn!(
                         stuck,
@@ -324,6 +341,7 @@ impl AuthActor {
 
     /// A payment code's form, signature (with the account's key) and validity window.
     fn check_code(&self, code: &str) -> Result<SignedCode, Decision> {
+        let now_ms = self.clock.now_ms();
         let code = SignedCode::parse(code)
             .map_err(|e| Decision::declined(e.decline_reason(), e.to_string()))?;
         let key = self.keys.get(&code.account_id).ok_or_else(|| {
@@ -332,7 +350,7 @@ impl AuthActor {
                 format!("account {} is unknown to this store", code.account_id),
             )
         })?;
-        code.verify(key, paycode::now_ms(), self.settings.validity)
+        code.verify(key, now_ms, self.settings.validity)
             .map_err(|e| Decision::declined(e.decline_reason(), e.to_string()))?;
         Ok(code)
     }
@@ -368,10 +386,11 @@ impl AuthActor {
     }
 }
 
-/// Delivers a void; true once the cloud acknowledged it and the journal retired it.
+/// Delivers a void; true once the cloud acknowledged it (about this very payment) and the journal
+/// retired it.
 async fn deliver_void(
     uplink: &Addr<UplinkActor>,
-    journal: &Addr<JournalActor>,
+    journal: &JournalWorker,
     void: VoidPayment,
 ) -> bool {
     let call = CallCloud {
@@ -379,15 +398,19 @@ async fn deliver_void(
         timeout: MAINTENANCE_TIMEOUT,
     };
     match uplink.send(call).await {
-        Ok(Ok(CloudReplyBody::Voided { reversed, .. })) => {
+        Ok(Ok(CloudReplyBody::Voided {
+            payment_id,
+            reversed,
+        })) if payment_id == void.payment_id => {
             tracing::info!(payment_id = void.payment_id, reversed, "void delivered");
-            matches!(journal.send(JournalCmd::RetireVoid(void)).await, Ok(Ok(_)))
+            journal.run(move |j| j.retire_void(&void)).await;
+            true
         }
         other => {
             tracing::info!(
                 payment_id = void.payment_id,
                 ?other,
-                "void not delivered yet; kept for reconnect"
+                "void not delivered yet; retried on the drain timer and on reconnect"
             );
             false
         }
@@ -399,16 +422,18 @@ impl Actor for AuthActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(AUTH_MAILBOX);
-        ctx.run_interval(self.drain_interval, |actor, ctx| {
-            if actor.offline.entries() > 0 {
-                actor.start_drain(ctx);
-            }
-        });
+        // Voids and the backlog are retried on a timer as well as on reconnect: a void that
+        // failed once must not wait for the next outage to be delivered.
+        ctx.run_interval(self.drain_interval, |actor, ctx| actor.start_drain(ctx));
         ctx.run_interval(NONCE_PRUNE_INTERVAL, |actor, _| {
             let horizon =
                 actor.settings.validity.window_ms + 2 * actor.settings.validity.clock_skew_ms;
-            let cutoff_ms = paycode::now_ms().saturating_sub(horizon);
-            actor.journal.do_send(JournalCmd::PruneNonces { cutoff_ms });
+            let cutoff_ms = actor.clock.now_ms().saturating_sub(horizon);
+            actor.journal.spawn(move |j| {
+                let removed = j.prune_nonces(cutoff_ms)?;
+                tracing::debug!(removed, "pruned expired code nonces");
+                Ok(())
+            });
         });
     }
 }
@@ -474,7 +499,9 @@ impl Handler<KeysArrived> for AuthActor {
         // A broadcast that skips versions means some were missed: fetch them.
         let gap = msg.0.entries.iter().map(|e| e.version).min().unwrap_or(0) > self.key_version + 1;
         self.key_version = self.key_version.max(newest);
-        self.journal.do_send(JournalCmd::StoreKeys(msg.0.entries));
+        let entries = msg.0.entries;
+        self.journal
+            .spawn(move |j| j.store_keys(&entries).map(|_| ()));
         if gap {
             ctx.notify(SyncKeys);
         }
@@ -534,10 +561,12 @@ impl Handler<Authorize> for AuthActor {
         };
         let verifier = self.verifier.clone();
         let metrics = self.metrics.clone();
+        let now_ms = self.clock.now_ms();
         Box::pin(async move {
             let mut entry = JournalEntry::for_request(
                 &request,
                 Decision::declined(DeclineReason::Internal, ""),
+                now_ms,
             );
             let proven = match (checked, code_checked, &request.proof) {
                 (Err(decision), _, _) => Err(decision),
@@ -553,58 +582,54 @@ impl Handler<Authorize> for AuthActor {
                 }
                 (Ok(()), None, PaymentProof::Code(_)) => unreachable!("codes are checked above"),
             };
-            let (decision, offline) = match &proven {
-                Err(decision) => (decision.clone(), false),
+            let outcome = match &proven {
+                Err(decision) => Outcome::decided(decision.clone()),
                 Ok(proven) => {
                     entry.account_id = Some(proven.account_id.clone());
                     entry.code_nonce = Some(proven.nonce.clone());
                     authorize_verified(&request, proven, &hub).await
                 }
             };
-            entry.decision = decision.clone();
-            let journal = &hub.journal;
-            let decision = match journal.send(JournalCmd::Record(Box::new(entry))).await {
-                Ok(Ok(_)) => decision,
-                // An offline approval is journaled (and flushed) on its own before this record:
-                // it stands, and the cloud will apply it.
-                _ if offline => decision,
-                failure => {
-                    tracing::error!(
-                        ?failure,
-                        payment_id = request.payment_id,
-                        "journal write failed"
-                    );
-                    // The hub cannot prove what it answered; refuse, and undo at the cloud if needed.
-                    if let (Decision::Approved { account_id, .. }, Ok(proven), Some(uplink)) =
-                        (&decision, &proven, hub.uplink.as_ref())
-                    {
-                        let void = VoidPayment {
-                            payment_id: request.payment_id.clone(),
-                            account_id: account_id.clone(),
-                            code_nonce: proven.nonce.clone(),
-                        };
-                        deliver_void(uplink, journal, void).await;
-                    }
-                    Decision::declined(
-                        DeclineReason::Internal,
-                        "the store system could not record the payment",
-                    )
-                }
-            };
-            metrics.outcome(decision.reason(), started.elapsed());
+            entry.decision = outcome.decision.clone();
+            // The decision and the closing of the attempt it answers are journaled together
+            // before the edge hears it; a failure here stops the hub (the restart voids the
+            // attempt), it never answers "declined" for money that moved.
+            let attempt = outcome.answered_attempt.clone();
+            hub.journal
+                .run(move |j| j.record(&entry, attempt.as_ref()))
+                .await;
+            metrics.outcome(outcome.decision.reason(), started.elapsed());
             AuthorizeReply {
                 payment_id: request.payment_id,
-                decision,
-                offline,
+                decision: outcome.decision,
+                offline: outcome.offline,
             }
         })
+    }
+}
+
+/// What became of one authorization: the decision the edge hears, whether the hub made it alone,
+/// and the attempt at the cloud it answers (closed in the journal with the decision).
+struct Outcome {
+    decision: Decision,
+    offline: bool,
+    answered_attempt: Option<VoidPayment>,
+}
+
+impl Outcome {
+    fn decided(decision: Decision) -> Self {
+        Outcome {
+            decision,
+            offline: false,
+            answered_attempt: None,
+        }
     }
 }
 
 /// What an authorization in flight needs from the hub.
 struct HubParts {
     me: Addr<AuthActor>,
-    journal: Addr<JournalActor>,
+    journal: JournalWorker,
     uplink: Option<Addr<UplinkActor>>,
     cloud_timeout: Duration,
     approved_offline: prometheus::IntCounter,
@@ -640,75 +665,116 @@ async fn redeem(
     }
 }
 
-/// Spends the proof's nonce, then asks the cloud; when the cloud cannot be reached, decides
-/// offline. Returns the decision and whether it was made offline.
+/// An order this hub already approved is answered from the journal: never sent to the cloud
+/// again (an order approved offline may not be in the ledger yet, and a second attempt under it
+/// could only confuse which attempt owns the transfer).
+fn answer_from_journal(
+    request: &AuthorizeRequest,
+    proven: &Proven,
+    paid: &crate::journal::Paid,
+) -> Decision {
+    let same = paid.account_id == proven.account_id
+        && paid.amount_minor == request.amount_minor
+        && paid.currency == request.currency.as_str();
+    if same {
+        Decision::Approved {
+            account_id: proven.account_id.clone(),
+            already_paid: true,
+        }
+    } else {
+        Decision::declined(
+            DeclineReason::DuplicateOrderId,
+            format!(
+                "order {} was already paid with other details",
+                request.order_id
+            ),
+        )
+    }
+}
+
+/// The attempt's state: received, proof checked (by the caller), order looked up in the
+/// journal, nonce reserved, attempt recorded durably, sent, then approved / declined by the
+/// cloud, or ambiguous (voided) — or decided offline when it could not be sent.
 async fn authorize_verified(
     request: &AuthorizeRequest,
     proven: &Proven,
     hub: &HubParts,
-) -> (Decision, bool) {
-    let journal = &hub.journal;
-    let nonce = proven.nonce.clone();
-    let reserve = JournalCmd::ReserveNonce {
-        account_id: proven.account_id.clone(),
-        nonce: nonce.clone(),
-        payment_id: request.payment_id.clone(),
-        issued_at_ms: proven.keep_from_ms,
+) -> Outcome {
+    let payment_id = request.payment_id.clone();
+    if let Some(paid) = hub.journal.run(move |j| j.paid(&payment_id)).await {
+        return Outcome::decided(answer_from_journal(request, proven, &paid));
+    }
+    let (account_id, nonce, payment_id, issued_at_ms) = (
+        proven.account_id.clone(),
+        proven.nonce.clone(),
+        request.payment_id.clone(),
+        proven.keep_from_ms,
+    );
+    let reservation = hub
+        .journal
+        .run(move |j| j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms))
+        .await;
+    let refused = |reason: DeclineReason, detail: String| {
+        Outcome::decided(Decision::declined(reason, detail))
     };
-    match journal.send(reserve).await {
-        Ok(Ok(JournalAnswer::Reservation(Reservation::Fresh | Reservation::SamePayment))) => {}
-        Ok(Ok(JournalAnswer::Reservation(Reservation::Replayed { first_payment_id })))
-            if proven.token =>
-        {
-            return (
-                Decision::declined(
-                    DeclineReason::TokenInvalid,
-                    format!(
-                        "this payment token was already spent on {first_payment_id}; verify the \
-                         customer again"
-                    ),
-                ),
-                false,
+    let what = if proven.token {
+        "payment token"
+    } else {
+        "payment code"
+    };
+    let reason = if proven.token {
+        DeclineReason::TokenInvalid
+    } else {
+        DeclineReason::CodeReplayed
+    };
+    match reservation {
+        Reservation::Fresh | Reservation::SamePayment => {}
+        Reservation::Replayed { first_payment_id } => {
+            return refused(
+                reason,
+                format!("this {what} was already used for {first_payment_id}; show a fresh one"),
             )
         }
-        Ok(Ok(JournalAnswer::Reservation(Reservation::Replayed { first_payment_id }))) => {
-            return (
-                Decision::declined(
-                    DeclineReason::CodeReplayed,
-                    format!(
-                        "this payment code was already used for {first_payment_id}; show a fresh \
-                         code"
-                    ),
-                ),
-                false,
+        Reservation::Voided => {
+            return refused(
+                reason,
+                format!("this {what}'s earlier attempt was voided; show a fresh one"),
             )
         }
-        other => {
-            tracing::error!(?other, "nonce reservation failed");
-            return (
-                Decision::declined(
-                    DeclineReason::Internal,
-                    "the store system could not record the code",
-                ),
-                false,
-            );
+        Reservation::Expired => {
+            return refused(
+                if proven.token {
+                    DeclineReason::TokenInvalid
+                } else {
+                    DeclineReason::CodeExpired
+                },
+                format!("this {what} is too old; show a fresh one"),
+            )
         }
     }
     let Some(uplink) = hub.uplink.as_ref() else {
-        return decide_offline(request, proven, hub, "the hub is still starting", false).await;
+        return decide_offline(request, proven, hub, "the hub is still starting", None).await;
     };
     let Ok(offline_reservation) = hub.me.send(ReservationOf(proven.account_id.clone())).await
     else {
-        return (
-            Decision::declined(DeclineReason::Internal, "the store system is stopping"),
-            false,
-        );
+        return Outcome::decided(Decision::declined(
+            DeclineReason::Internal,
+            "the store system is stopping",
+        ));
     };
+    let attempt = VoidPayment {
+        payment_id: request.payment_id.clone(),
+        account_id: proven.account_id.clone(),
+        code_nonce: proven.nonce.clone(),
+    };
+    // Durable before it can be published: a hub that stops from here on voids it at restart.
+    let begun = attempt.clone();
+    hub.journal.run(move |j| j.begin_attempt(&begun)).await;
     let call = CallCloud {
         body: HubRequestBody::Authorize(CloudAuthorize {
             payment_id: request.payment_id.clone(),
             account_id: proven.account_id.clone(),
-            code_nonce: nonce,
+            code_nonce: proven.nonce.clone(),
             amount_minor: request.amount_minor,
             currency: request.currency,
             terminal_id: request.terminal_id.clone(),
@@ -719,161 +785,109 @@ async fn authorize_verified(
     };
     let failure = match uplink.send(call).await {
         Ok(Ok(CloudReplyBody::Authorized {
+            payment_id,
             decision,
             allowance,
-            ..
-        })) => {
+        })) if payment_id == request.payment_id => {
             if let Some(allowance) = allowance {
                 hub.me.do_send(AllowancesArrived(vec![allowance]));
             }
-            return (decision, false);
+            return Outcome {
+                decision,
+                offline: false,
+                answered_attempt: Some(attempt),
+            };
         }
         // Not sent: nothing can have been applied.
         Ok(Err(
             error @ (HubError::CircuitOpen(_)
             | HubError::UplinkSaturated
             | HubError::CloudDisconnected),
-        )) => return decide_offline(request, proven, hub, &error.to_string(), false).await,
-        Ok(Ok(CloudReplyBody::Error { detail })) => {
-            // The cloud aborted the transaction: nothing was applied.
-            return (
-                Decision::declined(
-                    DeclineReason::Internal,
-                    format!("the cloud failed: {detail}"),
-                ),
-                false,
-            );
+        )) => {
+            let unsent = attempt.clone();
+            hub.journal.run(move |j| j.drop_attempt(&unsent)).await;
+            return decide_offline(request, proven, hub, &error.to_string(), None).await;
         }
+        // The cloud failed while it handled the request, or answered about another payment: it
+        // may or may not have applied this one.
+        Ok(Ok(CloudReplyBody::Error { detail })) => format!("the cloud failed: {detail}"),
         Ok(Ok(other)) => format!("unexpected cloud answer {other:?}"),
         Ok(Err(error)) => error.to_string(),
         Err(error) => error.to_string(),
     };
     // Sent but unanswered: the cloud may or may not have applied it.
-    decide_offline(request, proven, hub, &failure, true).await
+    decide_offline(request, proven, hub, &failure, Some(attempt)).await
 }
 
 /// Decides without the cloud. Approved: the entry is signed, journaled and flushed before the
-/// edge hears it, and reconciled later. Declined after an attempt the cloud may have received
-/// (`ambiguous`): a void is queued, so that the cloud moves the money back or refuses the attempt
-/// when it arrives late, and the edge hears "nothing was charged".
+/// edge hears it, and reconciled later. An attempt the cloud may have received (`ambiguous`) is
+/// voided whatever is decided, so that the cloud moves its money back or refuses it when it
+/// arrives late; a declined edge hears "nothing was charged".
 async fn decide_offline(
     request: &AuthorizeRequest,
     proven: &Proven,
     hub: &HubParts,
     failure: &str,
-    ambiguous: bool,
-) -> (Decision, bool) {
-    let journal = &hub.journal;
-    let decision = match journal
-        .send(JournalCmd::Paid(request.payment_id.clone()))
-        .await
-    {
-        Ok(Ok(JournalAnswer::Paid(Some(paid)))) => {
-            let same = paid.account_id == proven.account_id
-                && paid.amount_minor == request.amount_minor
-                && paid.currency == request.currency.as_str();
-            return if same {
-                (
-                    Decision::Approved {
-                        account_id: proven.account_id.clone(),
-                        already_paid: true,
-                    },
-                    false,
-                )
-            } else {
-                (
-                    Decision::declined(
-                        DeclineReason::DuplicateOrderId,
-                        format!(
-                            "order {} was already paid with other details",
-                            request.order_id
-                        ),
-                    ),
-                    false,
-                )
-            };
-        }
-        Ok(Ok(JournalAnswer::Paid(None))) => {
-            let approve = ApproveOffline {
-                request: request.clone(),
-                account_id: proven.account_id.clone(),
-                nonce: proven.nonce.clone(),
-            };
-            match hub.me.send(approve).await {
-                Ok(Ok(entry)) => {
-                    match journal
-                        .send(JournalCmd::RecordOffline(Box::new(entry.clone())))
-                        .await
-                    {
-                        Ok(Ok(_)) => {
-                            hub.approved_offline.inc();
-                            tracing::info!(
-                                payment_id = request.payment_id,
-                                seq = entry.seq,
-                                failure,
-                                "approved offline"
-                            );
-                            return (
-                                Decision::Approved {
-                                    account_id: proven.account_id.clone(),
-                                    already_paid: false,
-                                },
-                                true,
-                            );
-                        }
-                        other => {
-                            tracing::error!(?other, "journaling an offline approval failed");
-                            hub.me.do_send(ReleaseOffline(entry));
-                            Decision::declined(
-                                DeclineReason::Internal,
-                                "the store system could not record the payment; nothing was charged",
-                            )
-                        }
-                    }
-                }
-                Ok(Err(Decision::Declined { reason, detail })) => {
-                    Decision::declined(reason, format!("{detail} ({failure}); nothing was charged"))
-                }
-                Ok(Err(approved)) => approved,
-                Err(error) => {
-                    Decision::declined(DeclineReason::Internal, format!("hub unavailable: {error}"))
-                }
-            }
-        }
-        other => {
-            tracing::error!(?other, "reading the journal failed");
-            Decision::declined(
-                DeclineReason::Internal,
-                "the store system could not read its journal; nothing was charged",
-            )
-        }
-    };
-    if ambiguous {
-        void_attempt(request, proven, hub).await;
+    ambiguous: Option<VoidPayment>,
+) -> Outcome {
+    let decision = decide_offline_alone(request, proven, hub, failure).await;
+    let offline = matches!(decision, Decision::Approved { .. });
+    if let Some(attempt) = ambiguous {
+        void_attempt(attempt, hub).await;
     }
-    (decision, false)
+    Outcome {
+        decision,
+        offline,
+        answered_attempt: None,
+    }
 }
 
-async fn void_attempt(request: &AuthorizeRequest, proven: &Proven, hub: &HubParts) {
-    let void = VoidPayment {
-        payment_id: request.payment_id.clone(),
+async fn decide_offline_alone(
+    request: &AuthorizeRequest,
+    proven: &Proven,
+    hub: &HubParts,
+    failure: &str,
+) -> Decision {
+    let approve = ApproveOffline {
+        request: request.clone(),
         account_id: proven.account_id.clone(),
-        code_nonce: proven.nonce.clone(),
+        nonce: proven.nonce.clone(),
     };
-    match hub.journal.send(JournalCmd::QueueVoid(void.clone())).await {
-        Ok(Ok(_)) => {
-            if let Some(uplink) = hub.uplink.clone() {
-                let journal = hub.journal.clone();
-                actix::spawn(async move {
-                    deliver_void(&uplink, &journal, void).await;
-                });
+    match hub.me.send(approve).await {
+        Ok(Ok(entry)) => {
+            let recorded = entry.clone();
+            hub.journal.run(move |j| j.record_offline(&recorded)).await;
+            hub.approved_offline.inc();
+            tracing::info!(
+                payment_id = request.payment_id,
+                seq = entry.seq,
+                failure,
+                "approved offline"
+            );
+            Decision::Approved {
+                account_id: proven.account_id.clone(),
+                already_paid: false,
             }
         }
-        other => tracing::error!(
-            ?other,
-            payment_id = request.payment_id,
-            "queueing a void failed"
-        ),
+        Ok(Err(Decision::Declined { reason, detail })) => {
+            Decision::declined(reason, format!("{detail} ({failure}); nothing was charged"))
+        }
+        Ok(Err(approved)) => approved,
+        Err(error) => {
+            Decision::declined(DeclineReason::Internal, format!("hub unavailable: {error}"))
+        }
+    }
+}
+
+/// Voids an attempt whose outcome is unknown: closed and queued durably, then delivered.
+async fn void_attempt(attempt: VoidPayment, hub: &HubParts) {
+    let voided = attempt.clone();
+    hub.journal.run(move |j| j.void_attempt(&voided)).await;
+    if let Some(uplink) = hub.uplink.clone() {
+        let journal = hub.journal.clone();
+        actix::spawn(async move {
+            deliver_void(&uplink, &journal, attempt).await;
+        });
     }
 }
 
@@ -892,12 +906,10 @@ impl Handler<ApproveOffline> for AuthActor {
         let request = &msg.request;
         self.offline
             .check(&msg.account_id, request.amount_minor, request.currency)?;
-        let seq = self.seqs.next_seq().map_err(|e| {
-            Decision::declined(
-                DeclineReason::Internal,
-                format!("the store system could not number the payment: {e}"),
-            )
-        })?;
+        let seq = self
+            .seqs
+            .next_seq()
+            .unwrap_or_else(|e| storage::fail_stop("numbering an offline approval", &e));
         let mut entry = OfflinePayment {
             seq,
             payment_id: request.payment_id.clone(),
@@ -908,7 +920,7 @@ impl Handler<ApproveOffline> for AuthActor {
             nonce: msg.nonce,
             amount_minor: request.amount_minor,
             currency: request.currency,
-            approved_at_ms: paycode::now_ms(),
+            approved_at_ms: self.clock.now_ms(),
             signature: String::new(),
         };
         self.signer.sign(&mut entry);
@@ -970,7 +982,9 @@ impl Handler<AllowancesArrived> for AuthActor {
         for allowance in &msg.0 {
             self.offline.set_allowance(allowance.clone());
         }
-        self.journal.do_send(JournalCmd::StoreAllowances(msg.0));
+        let allowances = msg.0;
+        self.journal
+            .spawn(move |j| j.store_allowances(&allowances).map(|_| ()));
     }
 }
 
@@ -987,7 +1001,10 @@ impl Handler<AllowancesSynced> for AuthActor {
             self.offline.set_allowance(allowance.clone());
         }
         self.offline.keep_only(&listed);
-        self.journal.do_send(JournalCmd::StoreAllowances(msg.0));
-        self.journal.do_send(JournalCmd::KeepOnlyAllowances(listed));
+        let allowances = msg.0;
+        self.journal.spawn(move |j| {
+            j.store_allowances(&allowances)?;
+            j.keep_only_allowances(&listed).map(|_| ())
+        });
     }
 }

@@ -1,10 +1,11 @@
 //! The hub's durable journal in `sled`: every decision, the nonces of the codes it has seen, the
-//! account keys the cloud distributed, and the voids still to deliver. Every write is flushed
-//! before the caller goes on, so that what the hub answered survives a crash.
+//! attempts sent to the cloud and not yet decided, the account keys the cloud distributed, and the
+//! voids still to deliver. Every write is flushed before the caller goes on, so that what the hub
+//! answered survives a crash; a failed write or flush stops the process
+//! ([`storage::fail_stop`]), since nobody knows what is on disk after it.
 
 use std::path::Path;
 
-use actix::prelude::*;
 use protocol::{Allowance, AuthorizeRequest, Decision, KeyEntry, OfflinePayment, VoidPayment};
 use serde::{Deserialize, Serialize};
 use sled::transaction::Transactional;
@@ -33,10 +34,10 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
-    /// An entry for a request, before its code was read.
-    pub fn for_request(request: &AuthorizeRequest, decision: Decision) -> Self {
+    /// An entry for a request, before its code was read, decided at `now_ms`.
+    pub fn for_request(request: &AuthorizeRequest, decision: Decision, now_ms: u64) -> Self {
         JournalEntry {
-            decided_at_ms: paycode::now_ms(),
+            decided_at_ms: now_ms,
             payment_id: request.payment_id.clone(),
             terminal_id: request.terminal_id.clone(),
             amount_minor: request.amount_minor,
@@ -52,6 +53,10 @@ impl JournalEntry {
 struct NonceUse {
     payment_id: String,
     issued_at_ms: u64,
+    /// The attempt made with it was voided: the code may not be sent to the cloud again (a repeat
+    /// could hear "approved" before the void lands, and the void would then take the money back).
+    #[serde(default)]
+    voided: bool,
 }
 
 /// The outcome of reserving a code's nonce.
@@ -66,6 +71,11 @@ pub enum Reservation {
         /// The payment it was used for.
         first_payment_id: String,
     },
+    /// The code was used for this payment, and that attempt was voided: a fresh code is needed.
+    Voided,
+    /// The code was issued before the nonces this hub has forgotten: it may have been used, so it
+    /// is refused whatever the clock says now (a clock stepped backwards cannot revive it).
+    Expired,
 }
 
 /// The journal database. Clones share it.
@@ -82,6 +92,11 @@ pub struct Journal {
     allowances: sled::Tree,
     /// Payment ids this hub answered "approved", with what was approved.
     paid: sled::Tree,
+    /// Attempts sent (or about to be sent) to the cloud whose answer is not journaled yet, by
+    /// `<payment id>#<nonce>`: a restart voids each (see [`Journal::recover_attempts`]).
+    attempts: sled::Tree,
+    /// Offline approvals the cloud could not apply as approved, kept for an operator by sequence.
+    conflicts: sled::Tree,
 }
 
 /// What the hub approved under a payment id.
@@ -100,6 +115,22 @@ fn storage_error(e: impl std::fmt::Display) -> HubError {
 }
 
 const KEY_VERSION: &[u8] = b"key_version";
+/// Nonces of codes issued before this time (ms) were pruned: such codes are refused.
+const NONCES_PRUNED_BEFORE: &[u8] = b"nonces_pruned_before_ms";
+
+fn attempt_key(attempt: &VoidPayment) -> Vec<u8> {
+    format!("{}#{}", attempt.payment_id, attempt.code_nonce).into_bytes()
+}
+
+fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
+    format!("{account_id}/{nonce}").into_bytes()
+}
+
+type TxResult<T> = Result<T, sled::transaction::ConflictableTransactionError<()>>;
+
+fn tx_error(e: sled::transaction::TransactionError<()>) -> HubError {
+    storage_error(format!("{e:?}"))
+}
 
 impl Journal {
     /// Opens (or creates) the journal in a directory.
@@ -113,12 +144,26 @@ impl Journal {
             offline: db.open_tree("offline").map_err(storage_error)?,
             allowances: db.open_tree("allowances").map_err(storage_error)?,
             paid: db.open_tree("paid").map_err(storage_error)?,
+            attempts: db.open_tree("attempts").map_err(storage_error)?,
+            conflicts: db.open_tree("conflicts").map_err(storage_error)?,
             db,
         })
     }
 
+    /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]).
     fn flush(&self) -> Result<(), HubError> {
-        self.db.flush().map(|_| ()).map_err(storage_error)
+        storage::flush_or_stop(&self.db, "hub-journal-flush");
+        Ok(())
+    }
+
+    /// Codes issued before this time are refused: their nonces may have been pruned.
+    pub fn nonces_pruned_before_ms(&self) -> Result<u64, HubError> {
+        Ok(self
+            .db
+            .get(NONCES_PRUNED_BEFORE)
+            .map_err(storage_error)?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes")))
+            .unwrap_or(0))
     }
 
     /// Records that a code's nonce is being used for a payment, unless it was used before.
@@ -129,15 +174,20 @@ impl Journal {
         payment_id: &str,
         issued_at_ms: u64,
     ) -> Result<Reservation, HubError> {
-        let key = format!("{account_id}/{nonce}");
+        storage::fail::fail_point!("hub-journal-reserve", |_| Err(storage_error("injected")));
+        if issued_at_ms < self.nonces_pruned_before_ms()? {
+            return Ok(Reservation::Expired);
+        }
+        let key = nonce_key(account_id, nonce);
         let value = serde_json::to_vec(&NonceUse {
             payment_id: payment_id.to_owned(),
             issued_at_ms,
+            voided: false,
         })
         .expect("serialises");
         let previous = self
             .nonces
-            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(value))
             .map_err(storage_error)?;
         let reservation = match previous {
             Ok(()) => Reservation::Fresh,
@@ -145,12 +195,14 @@ impl Journal {
                 let used: NonceUse =
                     serde_json::from_slice(&cas.current.expect("present on conflict"))
                         .expect("journal nonce records are readable");
-                if used.payment_id == payment_id {
-                    Reservation::SamePayment
-                } else {
+                if used.payment_id != payment_id {
                     Reservation::Replayed {
                         first_payment_id: used.payment_id,
                     }
+                } else if used.voided {
+                    Reservation::Voided
+                } else {
+                    Reservation::SamePayment
                 }
             }
         };
@@ -158,8 +210,15 @@ impl Journal {
         Ok(reservation)
     }
 
-    /// Forgets nonces of codes issued before `cutoff_ms`: such codes are refused as expired anyway.
+    /// Forgets nonces of codes issued before `cutoff_ms`, and from then on refuses such codes
+    /// ([`Reservation::Expired`]) whatever the clock says: the cutoff only moves forward.
     pub fn prune_nonces(&self, cutoff_ms: u64) -> Result<usize, HubError> {
+        let cutoff_ms = cutoff_ms.max(self.nonces_pruned_before_ms()?);
+        // The cutoff is durable before any nonce goes, so no code below it is ever accepted.
+        self.db
+            .insert(NONCES_PRUNED_BEFORE, &cutoff_ms.to_be_bytes())
+            .map_err(storage_error)?;
+        self.flush()?;
         let mut removed = 0;
         for item in self.nonces.iter() {
             let (key, value) = item.map_err(storage_error)?;
@@ -173,33 +232,167 @@ impl Journal {
         Ok(removed)
     }
 
-    /// Appends a decision (and, for an approval, what was paid under its id) and flushes it.
-    pub fn record(&self, entry: &JournalEntry) -> Result<(), HubError> {
-        let id = self.db.generate_id().map_err(storage_error)?;
-        self.decisions
+    /// Records, durably, that an attempt is about to be sent to the cloud: until its answer is
+    /// journaled ([`Journal::record`]) or it is voided, a restart voids it.
+    pub fn begin_attempt(&self, attempt: &VoidPayment) -> Result<(), HubError> {
+        self.attempts
             .insert(
-                id.to_be_bytes(),
-                serde_json::to_vec(entry).expect("serialises"),
+                attempt_key(attempt),
+                serde_json::to_vec(attempt).expect("serialises"),
             )
             .map_err(storage_error)?;
-        if let (Decision::Approved { account_id, .. }, false) = (
-            &entry.decision,
-            self.paid
-                .contains_key(entry.payment_id.as_bytes())
-                .map_err(storage_error)?,
-        ) {
-            let paid = Paid {
-                account_id: account_id.clone(),
-                amount_minor: entry.amount_minor,
-                currency: entry.currency.clone(),
-            };
-            self.paid
-                .insert(
-                    entry.payment_id.as_bytes(),
-                    serde_json::to_vec(&paid).expect("serialises"),
-                )
-                .map_err(storage_error)?;
+        self.flush()
+    }
+
+    /// Forgets an attempt that was never sent (the link refused it before publishing).
+    pub fn drop_attempt(&self, attempt: &VoidPayment) -> Result<(), HubError> {
+        self.attempts
+            .remove(attempt_key(attempt))
+            .map_err(storage_error)?;
+        self.flush()
+    }
+
+    /// Attempts whose answer was never journaled.
+    pub fn open_attempts(&self) -> Result<Vec<VoidPayment>, HubError> {
+        self.attempts
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
+                    .expect("journal attempts are readable"))
+            })
+            .collect()
+    }
+
+    /// Voids an attempt whose outcome is unknown, atomically: the attempt is closed, the void
+    /// queued for delivery, and its code may not be sent again.
+    pub fn void_attempt(&self, attempt: &VoidPayment) -> Result<(), HubError> {
+        let key = nonce_key(&attempt.account_id, &attempt.code_nonce);
+        let value = serde_json::to_vec(attempt).expect("serialises");
+        (&self.attempts, &self.voids, &self.nonces)
+            .transaction(|(attempts, voids, nonces)| -> TxResult<()> {
+                attempts.remove(attempt_key(attempt))?;
+                voids.insert(attempt_key(attempt), value.clone())?;
+                let used = match nonces.get(&key)? {
+                    Some(v) => NonceUse {
+                        voided: true,
+                        ..serde_json::from_slice(&v).expect("journal nonce records are readable")
+                    },
+                    None => NonceUse {
+                        payment_id: attempt.payment_id.clone(),
+                        issued_at_ms: u64::MAX,
+                        voided: true,
+                    },
+                };
+                if used.payment_id == attempt.payment_id {
+                    nonces.insert(key.clone(), serde_json::to_vec(&used).expect("serialises"))?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush()
+    }
+
+    /// At start: voids every attempt whose answer was never journaled (the hub stopped while
+    /// waiting for the cloud, or before it could journal the answer). Returns how many.
+    pub fn recover_attempts(&self) -> Result<usize, HubError> {
+        let open = self.open_attempts()?;
+        for attempt in &open {
+            self.void_attempt(attempt)?;
         }
+        Ok(open.len())
+    }
+
+    /// Keeps an offline approval the cloud could not apply as approved, for an operator, and
+    /// removes it from the backlog (atomically).
+    /// Returns the entry moved, if it was still in the backlog.
+    pub fn keep_conflict(
+        &self,
+        seq: u64,
+        detail: &str,
+    ) -> Result<Option<OfflinePayment>, HubError> {
+        let moved = (&self.offline, &self.conflicts)
+            .transaction(|(offline, conflicts)| -> TxResult<Option<OfflinePayment>> {
+                let Some(entry) = offline.remove(&seq.to_be_bytes())? else {
+                    return Ok(None);
+                };
+                let entry: OfflinePayment =
+                    serde_json::from_slice(&entry).expect("journal offline entries are readable");
+                let kept = HeldConflict {
+                    entry: entry.clone(),
+                    detail: detail.to_owned(),
+                };
+                conflicts.insert(
+                    &seq.to_be_bytes(),
+                    serde_json::to_vec(&kept).expect("serialises"),
+                )?;
+                Ok(Some(entry))
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(moved)
+    }
+
+    /// Offline approvals the cloud could not apply as approved, waiting for an operator.
+    pub fn conflicts(&self) -> Result<Vec<HeldConflict>, HubError> {
+        self.conflicts
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
+                    .expect("journal conflicts are readable"))
+            })
+            .collect()
+    }
+
+    /// An operator resolved a conflict (settled with the customer and the store): it is dropped.
+    /// Returns whether it was held.
+    pub fn resolve_conflict(&self, seq: u64) -> Result<bool, HubError> {
+        let held = self
+            .conflicts
+            .remove(seq.to_be_bytes())
+            .map_err(storage_error)?
+            .is_some();
+        self.flush()?;
+        Ok(held)
+    }
+
+    /// Appends a decision (and, for an approval, what was paid under its id) and flushes it, in one
+    /// transaction with closing the attempt it answers (`attempt`: sent to the cloud, answered):
+    /// a crash leaves either both (the answer stands) or neither (the restart voids the attempt).
+    pub fn record(
+        &self,
+        entry: &JournalEntry,
+        attempt: Option<&VoidPayment>,
+    ) -> Result<(), HubError> {
+        storage::fail::fail_point!("hub-journal-record", |_| Err(storage_error("injected")));
+        let id = self.db.generate_id().map_err(storage_error)?;
+        let value = serde_json::to_vec(entry).expect("serialises");
+        let paid = match &entry.decision {
+            Decision::Approved { account_id, .. } => Some(
+                serde_json::to_vec(&Paid {
+                    account_id: account_id.clone(),
+                    amount_minor: entry.amount_minor,
+                    currency: entry.currency.clone(),
+                })
+                .expect("serialises"),
+            ),
+            Decision::Declined { .. } => None,
+        };
+        (&self.decisions, &self.paid, &self.attempts)
+            .transaction(|(decisions, paid_tree, attempts)| -> TxResult<()> {
+                decisions.insert(&id.to_be_bytes(), value.clone())?;
+                if let Some(paid) = &paid {
+                    if paid_tree.get(entry.payment_id.as_bytes())?.is_none() {
+                        paid_tree.insert(entry.payment_id.as_bytes(), paid.clone())?;
+                    }
+                }
+                if let Some(attempt) = attempt {
+                    attempts.remove(attempt_key(attempt))?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
         self.flush()
     }
 
@@ -441,135 +634,75 @@ impl Journal {
     }
 }
 
-/// Owns the journal on a dedicated thread: every operation ends in a disk flush.
-pub struct JournalActor {
-    journal: Journal,
+/// An offline approval the cloud reported as a conflict, held for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldConflict {
+    /// The entry as the hub signed it.
+    pub entry: OfflinePayment,
+    /// What the cloud said conflicts.
+    pub detail: String,
 }
 
-impl JournalActor {
-    /// Wraps an opened journal.
-    pub fn new(journal: Journal) -> Self {
-        JournalActor { journal }
+/// Most journal operations waiting for the journal thread; a caller beyond it waits (without
+/// holding an async thread) until there is room.
+pub const JOURNAL_QUEUE: usize = 256;
+
+type Job = Box<dyn FnOnce(&Journal) + Send>;
+
+/// Owns the journal on a dedicated thread fed by a bounded queue: every operation ends in a disk
+/// flush, which must not run on an async thread. Each call returns its own typed result. A
+/// storage error stops the process ([`storage::fail_stop`]): after a failed write nobody knows
+/// what is on disk, and answering "nothing was written" is how money moves after "declined".
+#[derive(Clone)]
+pub struct JournalWorker {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+}
+
+impl JournalWorker {
+    /// Starts the journal thread.
+    pub fn start(journal: Journal) -> Self {
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<Job>(JOURNAL_QUEUE);
+        std::thread::Builder::new()
+            .name("hub-journal".into())
+            .spawn(move || {
+                while let Some(job) = queue.blocking_recv() {
+                    job(&journal);
+                }
+            })
+            .expect("spawning the journal thread");
+        JournalWorker { jobs }
     }
-}
 
-impl Actor for JournalActor {
-    type Context = SyncContext<Self>;
-}
+    /// Runs `op` on the journal thread and returns its result; a storage error stops the process.
+    pub async fn run<T, F>(&self, op: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&Journal) -> Result<T, HubError> + Send + 'static,
+    {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let job: Job = Box::new(move |journal| {
+            let result = match op(journal) {
+                Ok(value) => value,
+                Err(error) => storage::fail_stop("a hub journal operation", &error),
+            };
+            let _ = tx.send(result);
+        });
+        if self.jobs.send(job).await.is_err() {
+            storage::fail_stop("the hub journal", &"its thread stopped");
+        }
+        match rx.await {
+            Ok(value) => value,
+            Err(_) => storage::fail_stop("the hub journal", &"its thread stopped"),
+        }
+    }
 
-/// Journal commands, one closed set.
-#[derive(Message)]
-#[rtype(result = "Result<JournalAnswer, HubError>")]
-pub enum JournalCmd {
-    /// See [`Journal::reserve_nonce`].
-    ReserveNonce {
-        /// Account.
-        account_id: String,
-        /// Code nonce.
-        nonce: String,
-        /// Payment.
-        payment_id: String,
-        /// When the code was issued.
-        issued_at_ms: u64,
-    },
-    /// See [`Journal::record`].
-    Record(Box<JournalEntry>),
-    /// See [`Journal::store_keys`].
-    StoreKeys(Vec<KeyEntry>),
-    /// See [`Journal::queue_void`].
-    QueueVoid(VoidPayment),
-    /// See [`Journal::pending_voids`].
-    PendingVoids,
-    /// See [`Journal::retire_void`].
-    RetireVoid(VoidPayment),
-    /// See [`Journal::prune_nonces`].
-    PruneNonces {
-        /// Codes issued before this are forgotten.
-        cutoff_ms: u64,
-    },
-    /// See [`Journal::paid`].
-    Paid(String),
-    /// See [`Journal::record_offline`].
-    RecordOffline(Box<OfflinePayment>),
-    /// See [`Journal::offline_batch`].
-    OfflineBatch(usize),
-    /// See [`Journal::retire_offline`].
-    RetireOffline(Vec<u64>),
-    /// See [`Journal::store_allowances`].
-    StoreAllowances(Vec<Allowance>),
-    /// See [`Journal::keep_only_allowances`].
-    KeepOnlyAllowances(std::collections::HashSet<String>),
-}
-
-/// Answers to [`JournalCmd`].
-#[derive(Debug)]
-pub enum JournalAnswer {
-    /// Nothing to report.
-    Done,
-    /// Result of a reservation.
-    Reservation(Reservation),
-    /// New highest key version.
-    KeyVersion(u64),
-    /// Pending voids.
-    Voids(Vec<VoidPayment>),
-    /// What was approved under a payment id.
-    Paid(Option<Paid>),
-    /// Offline approvals (a batch, or those retired).
-    Offline(Vec<OfflinePayment>),
-    /// Allowances kept.
-    Allowances(Vec<Allowance>),
-    /// Accounts whose allowances were dropped.
-    Dropped(Vec<String>),
-}
-
-impl Handler<JournalCmd> for JournalActor {
-    type Result = Result<JournalAnswer, HubError>;
-
-    fn handle(&mut self, msg: JournalCmd, _: &mut Self::Context) -> Self::Result {
-        let j = &self.journal;
-        Ok(match msg {
-            JournalCmd::ReserveNonce {
-                account_id,
-                nonce,
-                payment_id,
-                issued_at_ms,
-            } => JournalAnswer::Reservation(j.reserve_nonce(
-                &account_id,
-                &nonce,
-                &payment_id,
-                issued_at_ms,
-            )?),
-            JournalCmd::Record(entry) => {
-                j.record(&entry)?;
-                JournalAnswer::Done
-            }
-            JournalCmd::StoreKeys(entries) => JournalAnswer::KeyVersion(j.store_keys(&entries)?),
-            JournalCmd::QueueVoid(void) => {
-                j.queue_void(&void)?;
-                JournalAnswer::Done
-            }
-            JournalCmd::PendingVoids => JournalAnswer::Voids(j.pending_voids()?),
-            JournalCmd::RetireVoid(void) => {
-                j.retire_void(&void)?;
-                JournalAnswer::Done
-            }
-            JournalCmd::Paid(payment_id) => JournalAnswer::Paid(j.paid(&payment_id)?),
-            JournalCmd::RecordOffline(entry) => {
-                j.record_offline(&entry)?;
-                JournalAnswer::Done
-            }
-            JournalCmd::OfflineBatch(max) => JournalAnswer::Offline(j.offline_batch(max)?),
-            JournalCmd::RetireOffline(seqs) => JournalAnswer::Offline(j.retire_offline(&seqs)?),
-            JournalCmd::StoreAllowances(a) => JournalAnswer::Allowances(j.store_allowances(&a)?),
-            JournalCmd::KeepOnlyAllowances(listed) => {
-                JournalAnswer::Dropped(j.keep_only_allowances(&listed)?)
-            }
-            JournalCmd::PruneNonces { cutoff_ms } => {
-                let removed = j.prune_nonces(cutoff_ms)?;
-                tracing::debug!(removed, "pruned expired code nonces");
-                JournalAnswer::Done
-            }
-        })
+    /// Runs `op` on the journal thread without waiting for it (stores that only need to happen).
+    pub fn spawn<F>(&self, op: F)
+    where
+        F: FnOnce(&Journal) -> Result<(), HubError> + Send + 'static,
+    {
+        let worker = self.clone();
+        tokio::spawn(async move { worker.run(op).await });
     }
 }
 
@@ -634,6 +767,84 @@ mod tests {
         let keys = j.keys().unwrap();
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].account_id, "b");
+    }
+
+    fn attempt(order: &str, nonce: &str) -> VoidPayment {
+        VoidPayment {
+            payment_id: format!("s:{order}"),
+            account_id: "a".into(),
+            code_nonce: nonce.into(),
+        }
+    }
+
+    #[test]
+    fn an_attempt_left_open_is_voided_at_restart_and_its_code_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let j = Journal::open(&path).unwrap();
+            assert_eq!(
+                j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+                Reservation::Fresh
+            );
+            j.begin_attempt(&attempt("o1", "n1")).unwrap();
+            // o2 was answered: its attempt closes with the decision.
+            j.begin_attempt(&attempt("o2", "n2")).unwrap();
+            let request = AuthorizeRequest {
+                payment_id: "s:o2".into(),
+                store_id: "s".into(),
+                terminal_id: "t".into(),
+                order_id: "o2".into(),
+                amount_minor: 5,
+                currency: protocol::Currency::parse("EUR").unwrap(),
+                proof: protocol::PaymentProof::Code("x".into()),
+            };
+            let entry = JournalEntry::for_request(
+                &request,
+                Decision::declined(protocol::DeclineReason::InsufficientFunds, ""),
+                0,
+            );
+            j.record(&entry, Some(&attempt("o2", "n2"))).unwrap();
+            assert_eq!(j.open_attempts().unwrap(), vec![attempt("o1", "n1")]);
+            // The hub stops here, waiting for the cloud's answer to o1.
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.recover_attempts().unwrap(), 1);
+        assert!(j.open_attempts().unwrap().is_empty());
+        assert_eq!(j.pending_voids().unwrap(), vec![attempt("o1", "n1")]);
+        // The cashier retries o1 with the same code: it must not go to the cloud again (it could
+        // hear "approved" there before the void lands and takes the money back).
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+            Reservation::Voided
+        );
+        assert_eq!(j.recover_attempts().unwrap(), 0, "recovery is idempotent");
+    }
+
+    #[test]
+    fn a_pruned_nonce_cannot_come_back_after_the_clock_steps_back() {
+        let (_d, j) = journal();
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o1", 1_000).unwrap(),
+            Reservation::Fresh
+        );
+        assert_eq!(j.prune_nonces(2_000).unwrap(), 1);
+        // The clock stepped back: the code's window looks open again, its nonce is gone.
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o2", 1_000).unwrap(),
+            Reservation::Expired
+        );
+        // A later prune by a clock that went back does not lower the cutoff.
+        j.prune_nonces(500).unwrap();
+        assert_eq!(j.nonces_pruned_before_ms().unwrap(), 2_000);
+        assert_eq!(
+            j.reserve_nonce("a", "n1", "s:o3", 1_000).unwrap(),
+            Reservation::Expired
+        );
+        assert_eq!(
+            j.reserve_nonce("a", "n9", "s:o4", 2_000).unwrap(),
+            Reservation::Fresh
+        );
     }
 
     #[test]
@@ -709,6 +920,26 @@ mod offline_tests {
     }
 
     #[test]
+    fn a_conflict_leaves_the_backlog_and_stays_until_an_operator_resolves_it() {
+        let (_d, j) = {
+            let dir = tempfile::tempdir().unwrap();
+            let j = Journal::open(&dir.path().join("j")).unwrap();
+            (dir, j)
+        };
+        j.record_offline(&entry(7, "o1", 100)).unwrap();
+        let moved = j.keep_conflict(7, "paid with other details").unwrap();
+        assert_eq!(moved.map(|e| e.seq), Some(7));
+        assert!(j.offline_entries().unwrap().is_empty());
+        assert_eq!(j.keep_conflict(7, "again").unwrap(), None);
+        let held = j.conflicts().unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].detail, "paid with other details");
+        assert!(j.resolve_conflict(7).unwrap());
+        assert!(!j.resolve_conflict(7).unwrap());
+        assert!(j.conflicts().unwrap().is_empty());
+    }
+
+    #[test]
     fn only_newer_allowances_replace_held_ones() {
         let (_d, j) = {
             let dir = tempfile::tempdir().unwrap();
@@ -759,8 +990,9 @@ mod offline_tests {
         let declined = JournalEntry::for_request(
             &request,
             Decision::declined(protocol::DeclineReason::CodeExpired, ""),
+            0,
         );
-        j.record(&declined).unwrap();
+        j.record(&declined, None).unwrap();
         assert!(j.paid("s:o1").unwrap().is_none());
         let approved = JournalEntry::for_request(
             &request,
@@ -768,8 +1000,9 @@ mod offline_tests {
                 account_id: "a".into(),
                 already_paid: false,
             },
+            0,
         );
-        j.record(&approved).unwrap();
+        j.record(&approved, None).unwrap();
         assert_eq!(
             j.paid("s:o1").unwrap(),
             Some(Paid {

@@ -30,7 +30,7 @@ pub use error::HubError;
 use crate::{
     auth::{AttachUplink, AttachVerifier, AuthActor, AuthSettings, Authorize},
     hotset::HotSet,
-    journal::{Journal, JournalActor},
+    journal::{Journal, JournalWorker},
     uplink::{LinkEventMsg, UplinkActor},
     verify::{Verify, VerifyActor, VerifyMetrics, VerifySettings},
 };
@@ -118,6 +118,23 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let path = config.data_dir.join("journal");
     let journal =
         Journal::open(&path).with_context(|| format!("opening journal at {}", path.display()))?;
+    // Attempts the cloud may have received whose answer was never journaled (the hub stopped
+    // while it waited, or could not journal the answer): each is voided before anything else.
+    let recovered = journal.recover_attempts()?;
+    if recovered > 0 {
+        tracing::warn!(
+            attempts = recovered,
+            "attempts left undecided by the last run are voided"
+        );
+    }
+    let held_conflicts = journal.conflicts()?;
+    if !held_conflicts.is_empty() {
+        tracing::warn!(
+            conflicts = held_conflicts.len(),
+            "offline approvals the cloud could not apply wait for an operator"
+        );
+    }
+    let clock = clock::system();
     let stored_keys = journal.keys()?;
     let key_version = journal.key_version()?;
     let signing_path = config.signing_key_path();
@@ -140,10 +157,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             "offline approvals wait for reconciliation"
         );
     }
-    let journal_addr = {
-        let journal = journal.clone();
-        SyncArbiter::start(1, move || JournalActor::new(journal.clone()))
-    };
+    let journal_worker = JournalWorker::start(journal.clone());
 
     let settings = AuthSettings {
         store_id: config.store_id.clone(),
@@ -157,7 +171,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         settings,
         stored_keys,
         key_version,
-        journal_addr.clone(),
+        journal_worker.clone(),
+        clock.clone(),
         metrics,
         keys_gauge,
         offline_setup,
@@ -182,7 +197,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         verify_settings,
         hot,
         auth.clone(),
-        journal_addr,
+        journal_worker,
         VerifyMetrics::register(&registry),
     )
     .start();

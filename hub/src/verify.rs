@@ -20,7 +20,7 @@ use crate::{
     auth::{AuthActor, CheckCode},
     config::IdentifyConfig,
     hotset::{HotSet, LockoutPolicy, Scored},
-    journal::{JournalActor, JournalAnswer, JournalCmd, Reservation},
+    journal::{JournalWorker, Reservation},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
 };
 
@@ -127,7 +127,7 @@ pub struct VerifyActor {
     challenges: HashMap<String, Challenge>,
     policy: LockoutPolicy,
     auth: Addr<AuthActor>,
-    journal: Addr<JournalActor>,
+    journal: JournalWorker,
     uplink: Option<Addr<UplinkActor>>,
     metrics: VerifyMetrics,
     syncing: bool,
@@ -179,7 +179,7 @@ impl VerifyActor {
         settings: VerifySettings,
         hot: HotSet,
         auth: Addr<AuthActor>,
-        journal: Addr<JournalActor>,
+        journal: JournalWorker,
         metrics: VerifyMetrics,
     ) -> Self {
         let policy = LockoutPolicy {
@@ -528,25 +528,26 @@ impl Handler<Verify> for VerifyActor {
                         }
                     };
                     // The code is single-use: spent on this verification.
-                    let reserve = JournalCmd::ReserveNonce {
-                        account_id: code.account_id.clone(),
-                        nonce: code.nonce_hex(),
-                        payment_id: format!("verify:{}", code.nonce_hex()),
-                        issued_at_ms: code.issued_at_ms,
-                    };
-                    match journal.send(reserve).await {
-                        Ok(Ok(JournalAnswer::Reservation(Reservation::Fresh))) => Ok(code),
-                        Ok(Ok(JournalAnswer::Reservation(_))) => Err(VerifyReply::refused(
+                    let (account_id, nonce, issued_at_ms) =
+                        (code.account_id.clone(), code.nonce_hex(), code.issued_at_ms);
+                    let reservation = journal
+                        .run(move |j| {
+                            let payment_id = format!("verify:{nonce}");
+                            j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
+                        })
+                        .await;
+                    match reservation {
+                        Reservation::Fresh => Ok(code),
+                        Reservation::Expired => Err(VerifyReply::refused(
+                            DeclineReason::CodeExpired,
+                            "this payment code is too old; show a fresh code",
+                        )),
+                        Reservation::SamePayment
+                        | Reservation::Replayed { .. }
+                        | Reservation::Voided => Err(VerifyReply::refused(
                             DeclineReason::CodeReplayed,
                             "this payment code was already used; show a fresh code",
                         )),
-                        other => {
-                            tracing::error!(?other, "nonce reservation failed");
-                            Err(VerifyReply::refused(
-                                DeclineReason::Internal,
-                                "the store system could not record the code",
-                            ))
-                        }
                     }
                 };
                 Box::pin(checked.into_actor(self).then(move |checked, actor, _| {

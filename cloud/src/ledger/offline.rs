@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{Transactional, TransactionalTree};
 
 use super::{
-    abort, decode, encode, issuance_account, nonce_key, unwrap_tx, view, AccountRecord,
-    Ledger, NonceRecord, TransferRecord, TxResult,
+    abort, decode, encode, issuance_account, nonce_key, unwrap_tx, view, AccountRecord, Ledger,
+    NonceRecord, TransferRecord, TxResult,
 };
 use crate::error::LedgerError;
 
@@ -469,8 +469,7 @@ impl Ledger {
                 }
                 accounts.insert(entry.account_id.as_bytes(), encode(&customer))?;
                 accounts.insert(store_id.as_bytes(), encode(&merchant))?;
-                let transfer =
-                    TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
+                let transfer = TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 // The code or token is spent: a later online replay of it is refused. If it had
                 // already paid another payment, the operator hears of it.

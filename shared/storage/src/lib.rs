@@ -8,6 +8,8 @@
 
 pub mod seal;
 
+pub use fail;
+
 use std::{path::Path, time::Duration};
 
 pub use seal::{key_file, SealError, Sealer};
@@ -30,6 +32,37 @@ pub fn open_sled(path: &Path) -> sled::Result<sled::Db> {
             }
             other => return other,
         }
+    }
+}
+
+/// Stops the process after a storage error. After a failed write or flush nobody knows what is on
+/// disk, so answering "nothing was written" (or carrying on) is how money moves after "declined"
+/// (PostgreSQL's fsync lesson): the process stops, and its restart recovers from what the disk
+/// holds. `abort` rather than `exit`: nothing may be flushed on the way out.
+pub fn fail_stop(what: &str, error: &dyn std::fmt::Display) -> ! {
+    eprintln!("fatal: {what} failed: {error}; stopping (the restart recovers from the disk)");
+    std::process::abort()
+}
+
+/// Flushes a database to disk; on failure the process stops ([`fail_stop`]). `failpoint` names
+/// the failpoint that can inject the failure (the chaos suite's disk faults).
+pub fn flush_or_stop(db: &sled::Db, failpoint: &str) {
+    let injected = || -> sled::Result<usize> {
+        fail::fail_point!(failpoint, |_| Err(sled::Error::Io(std::io::Error::other(
+            format!("injected by the failpoint {failpoint}")
+        ))));
+        Ok(0)
+    };
+    if let Err(error) = injected().and_then(|_| db.flush()) {
+        fail_stop(&format!("flushing the database ({failpoint})"), &error);
+    }
+}
+
+/// Reads the failpoints set in the `FAILPOINTS` environment variable (`name=action;...`, the
+/// `fail` crate's syntax), when this build has them; call once at the start of a binary.
+pub fn failpoints_from_env() {
+    if fail::has_failpoints() {
+        std::mem::forget(fail::FailScenario::setup());
     }
 }
 

@@ -19,7 +19,7 @@ use actix::prelude::*;
 use clap::Parser;
 use hub::{
     auth::{AuthActor, AuthSettings, Authorize, OfflineMetrics, OfflineSetup},
-    journal::{Journal, JournalActor},
+    journal::{Journal, JournalWorker},
     offline::OfflineBook,
 };
 use paycode::{hubsig::HubSigner, Validity, Wallet};
@@ -170,10 +170,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
     let n = cli.authorizations;
     let latencies = actix::System::new().block_on(async move {
         let registry = prometheus::Registry::new();
-        let journal_addr = {
-            let j = journal.clone();
-            SyncArbiter::start(1, move || JournalActor::new(j.clone()))
-        };
+        let journal_worker = JournalWorker::start(journal.clone());
         let setup = OfflineSetup {
             book: OfflineBook::new(&config, allowances, &[]),
             signer: std::sync::Arc::new(HubSigner::from_seed(&[9; 32])),
@@ -193,7 +190,8 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             },
             keys,
             50,
-            journal_addr,
+            journal_worker,
+            clock::system(),
             telemetry::PaymentMetrics::register(&registry, "hub"),
             telemetry::register_gauge(&registry, "keys", "keys"),
             setup,
