@@ -17,6 +17,8 @@ fn main() -> anyhow::Result<()> {
     let config: cloud::CloudConfig =
         settings::load_or_exit("facepay-cloud", cloud::config::ENV_PREFIX, &cli.config);
     telemetry::init_tracing();
+    // Injected storage faults for the chaos suite; only in builds with the failpoints feature.
+    storage::failpoints_from_env();
     actix::System::new().block_on(async move {
         let handle = cloud::start(config).await?;
         println!(

@@ -17,6 +17,8 @@ fn main() -> anyhow::Result<()> {
     let config: hub::HubConfig =
         settings::load_or_exit("facepay-hub", hub::config::ENV_PREFIX, &cli.config);
     telemetry::init_tracing();
+    // Injected storage faults for the chaos suite; only in builds with the failpoints feature.
+    storage::failpoints_from_env();
     actix::System::new().block_on(async move {
         let handle = hub::start(config).await?;
         println!(

@@ -285,6 +285,16 @@ impl Service {
     /// Runs `binary --set k=v ...` with the test PKI (its certificate issued if needed) and
     /// waits for its ready line.
     pub fn start(binary: &str, overrides: &[String]) -> anyhow::Result<Self> {
+        Self::start_with_env(binary, overrides, &[])
+    }
+
+    /// [`Service::start`] with more environment variables (`FAILPOINTS` for injected storage
+    /// faults, `FACEPAY_CLOCK_OFFSET_MS` for a clock stepped away).
+    pub fn start_with_env(
+        binary: &str,
+        overrides: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         if override_value(overrides, "tls.pki_dir").is_none() {
             if let Some(identity) = identity_of(binary, overrides)? {
                 ensure_identity(&identity)?;
@@ -308,6 +318,7 @@ impl Service {
         for o in overrides {
             command.arg("--set").arg(o);
         }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             // FACEPAY_TEST_LOG=info shows the services' own logs when a test needs a look.
             .env(
@@ -361,6 +372,11 @@ impl Service {
             metrics_addr,
             ready,
         })
+    }
+
+    /// Whether the process has ended, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Kills the process at once (SIGKILL).

@@ -91,12 +91,18 @@ impl StoreSite {
 
     /// Kills the hub (SIGKILL) and starts it again on the same data and ports.
     pub fn restart_hub(&mut self) -> anyhow::Result<()> {
+        self.restart_hub_with_env(&[])
+    }
+
+    /// [`StoreSite::restart_hub`] with environment variables for the new hub process (failpoints,
+    /// a clock offset).
+    pub fn restart_hub_with_env(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
         self.hub.kill();
         // The journal's lock and the Zenoh port are released when the process is gone; a
         // retry covers the moment the kernel takes.
         let mut tries = 0;
         loop {
-            match Service::start("facepay-hub", &self.hub_args) {
+            match Service::start_with_env("facepay-hub", &self.hub_args, env) {
                 Ok(hub) => {
                     self.hub = hub;
                     return Ok(());

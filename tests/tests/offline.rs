@@ -63,6 +63,25 @@ fn wait_drained(site: &StoreSite) {
     .unwrap();
 }
 
+/// Pays once the terminal reaches the (restarted) hub: retried while the terminal says the
+/// store system is unreachable and the hub is still running.
+fn pay_once_reachable(
+    site: &mut StoreSite,
+    wallet: &Wallet,
+    order: &str,
+    amount: i64,
+) -> protocol::ChargeResult {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let heard = pay(site, wallet, order, amount);
+        let unreachable = heard.reason == Some(DeclineReason::StoreSystemUnreachable);
+        if !unreachable || site.hub.exited().is_some() || Instant::now() > deadline {
+            return heard;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn wait_keys(site: &StoreSite, count: usize) {
     tests::wait_for_keys(site.hub_http(), count, Duration::from_secs(20)).unwrap();
 }
@@ -390,4 +409,69 @@ fn fastrand_order() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// Storage errors are fail-stop: a hub that cannot journal the cloud's answer stops instead of
+/// answering "declined" (the money moved), and its restart voids the attempt it never recorded,
+/// so the money moves back. A hub that cannot reserve a code stops before anything is sent.
+#[test]
+fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let mut site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
+    wait_keys(&site, 1);
+    let failpoint = |name: &str| vec![("FAILPOINTS".to_owned(), format!("{name}=return"))];
+
+    // The cloud approves o1; the hub's journal write of that answer fails.
+    site.restart_hub_with_env(&failpoint("hub-journal-record"))
+        .unwrap();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    wait_keys(&site, 1);
+    let heard = pay_once_reachable(&mut site, &alice, "o1", 700);
+    assert_ne!(heard.status, ChargeStatus::Approved, "{heard:?}");
+    assert_eq!(
+        heard.reason,
+        Some(DeclineReason::StoreSystemUnreachable),
+        "the register hears no decline from a hub that cannot record: {heard:?}"
+    );
+    wait_until("the hub stops", Duration::from_secs(10), || {
+        site.hub.exited().is_some()
+    });
+    let applied = |id: &str| api.transfers().unwrap().iter().any(|t| t.transfer_id == id);
+    assert!(applied("store-1:o1"), "the cloud applied the attempt");
+
+    // The restart voids the attempt it never recorded: the money moves back.
+    site.restart_hub_with_env(&[]).unwrap();
+    wait_until("the attempt is voided", Duration::from_secs(30), || {
+        applied("store-1:o1#void")
+    });
+    let balance = |id: &str| api.account(id).unwrap().balance_minor;
+    assert_eq!(balance("alice"), 10_000);
+    assert_eq!(balance("store-1"), 0);
+
+    // A hub that cannot reserve the code stops before it sends anything.
+    site.restart_hub_with_env(&failpoint("hub-journal-reserve"))
+        .unwrap();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    wait_keys(&site, 1);
+    let heard = pay_once_reachable(&mut site, &alice, "o2", 300);
+    assert_eq!(
+        heard.reason,
+        Some(DeclineReason::StoreSystemUnreachable),
+        "{heard:?}"
+    );
+    wait_until("the hub stops", Duration::from_secs(10), || {
+        site.hub.exited().is_some()
+    });
+    assert!(!applied("store-1:o2"));
+    site.restart_hub_with_env(&[]).unwrap();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    let heard = pay_once_reachable(&mut site, &alice, "o2", 300);
+    assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
+    assert_eq!(balance("alice"), 9_700);
+    api.assert_books_balance().unwrap();
 }
