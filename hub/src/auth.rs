@@ -20,8 +20,9 @@ use protocol::{
 use telemetry::PaymentMetrics;
 
 use crate::{
+    attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer},
     error::HubError,
-    journal::{Journal, JournalEntry, JournalWorker, Reservation},
+    journal::{Journal, JournalEntry, JournalWorker},
     offline::OfflineBook,
     uplink::{CallCloud, UplinkActor, UplinkEvent},
     verify::{RedeemToken, VerifyActor},
@@ -474,16 +475,6 @@ impl Handler<CheckCode> for AuthActor {
     }
 }
 
-/// Who a proof says pays, and the single-use nonce that spends it.
-#[derive(Debug, Clone)]
-struct Proven {
-    account_id: String,
-    nonce: String,
-    /// For nonce pruning: the code's issue time, or the token's expiry.
-    keep_from_ms: u64,
-    token: bool,
-}
-
 #[derive(Message)]
 #[rtype(result = "()")]
 struct KeysArrived(KeyBatch);
@@ -571,7 +562,7 @@ impl Handler<Authorize> for AuthActor {
             let proven = match (checked, code_checked, &request.proof) {
                 (Err(decision), _, _) => Err(decision),
                 (Ok(()), Some(Err(decision)), _) => Err(decision),
-                (Ok(()), Some(Ok(code)), _) => Ok(Proven {
+                (Ok(()), Some(Ok(code)), _) => Ok(Payer {
                     account_id: code.account_id.clone(),
                     nonce: code.nonce_hex(),
                     keep_from_ms: code.issued_at_ms,
@@ -583,7 +574,11 @@ impl Handler<Authorize> for AuthActor {
                 (Ok(()), None, PaymentProof::Code(_)) => unreachable!("codes are checked above"),
             };
             let outcome = match &proven {
-                Err(decision) => Outcome::decided(decision.clone()),
+                Err(decision) => Outcome {
+                    decision: decision.clone(),
+                    offline: false,
+                    answered_attempt: None,
+                },
                 Ok(proven) => {
                     entry.account_id = Some(proven.account_id.clone());
                     entry.code_nonce = Some(proven.nonce.clone());
@@ -608,24 +603,6 @@ impl Handler<Authorize> for AuthActor {
     }
 }
 
-/// What became of one authorization: the decision the edge hears, whether the hub made it alone,
-/// and the attempt at the cloud it answers (closed in the journal with the decision).
-struct Outcome {
-    decision: Decision,
-    offline: bool,
-    answered_attempt: Option<VoidPayment>,
-}
-
-impl Outcome {
-    fn decided(decision: Decision) -> Self {
-        Outcome {
-            decision,
-            offline: false,
-            answered_attempt: None,
-        }
-    }
-}
-
 /// What an authorization in flight needs from the hub.
 struct HubParts {
     me: Addr<AuthActor>,
@@ -639,7 +616,7 @@ async fn redeem(
     verifier: Option<&Addr<VerifyActor>>,
     token: &str,
     terminal_id: &str,
-) -> Result<Proven, Decision> {
+) -> Result<Payer, Decision> {
     let Some(verifier) = verifier else {
         return Err(Decision::declined(
             DeclineReason::TokenInvalid,
@@ -651,7 +628,7 @@ async fn redeem(
         terminal_id: terminal_id.to_owned(),
     };
     match verifier.send(redeem).await {
-        Ok(Ok(t)) => Ok(Proven {
+        Ok(Ok(t)) => Ok(Payer {
             account_id: t.account_id,
             nonce: token.to_owned(),
             keep_from_ms: t.expires_at_ms,
@@ -665,116 +642,66 @@ async fn redeem(
     }
 }
 
-/// An order this hub already approved is answered from the journal: never sent to the cloud
-/// again (an order approved offline may not be in the ledger yet, and a second attempt under it
-/// could only confuse which attempt owns the transfer).
-fn answer_from_journal(
-    request: &AuthorizeRequest,
-    proven: &Proven,
-    paid: &crate::journal::Paid,
-) -> Decision {
-    let same = paid.account_id == proven.account_id
-        && paid.amount_minor == request.amount_minor
-        && paid.currency == request.currency.as_str();
-    if same {
-        Decision::Approved {
-            account_id: proven.account_id.clone(),
-            already_paid: true,
-        }
-    } else {
-        Decision::declined(
-            DeclineReason::DuplicateOrderId,
-            format!(
-                "order {} was already paid with other details",
-                request.order_id
-            ),
-        )
+/// Carries one attempt's state machine ([`crate::attempt`]): performs each effect it asks for
+/// and feeds back what came of it, until it finishes.
+async fn authorize_verified(request: &AuthorizeRequest, payer: &Payer, hub: &HubParts) -> Outcome {
+    let (mut attempt, mut effect) = Attempt::start(request, payer.clone(), hub.uplink.is_some());
+    loop {
+        let event = match effect {
+            Effect::LookUpOrder => {
+                let payment_id = request.payment_id.clone();
+                Event::Order(hub.journal.run(move |j| j.paid(&payment_id)).await)
+            }
+            Effect::ReserveNonce => {
+                let (account_id, nonce, payment_id, issued_at_ms) = (
+                    payer.account_id.clone(),
+                    payer.nonce.clone(),
+                    request.payment_id.clone(),
+                    payer.keep_from_ms,
+                );
+                Event::Reserved(
+                    hub.journal
+                        .run(move |j| {
+                            j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
+                        })
+                        .await,
+                )
+            }
+            Effect::RecordAttempt(record) => {
+                hub.journal.run(move |j| j.begin_attempt(&record)).await;
+                Event::AttemptRecorded
+            }
+            Effect::Send(_) => Event::Cloud(send_attempt(request, payer, hub).await),
+            Effect::DropAttempt(record) => {
+                hub.journal.run(move |j| j.drop_attempt(&record)).await;
+                Event::AttemptDropped
+            }
+            Effect::DecideOffline { failure } => {
+                Event::Offline(decide_offline(request, payer, hub, &failure).await)
+            }
+            Effect::Void(record) => {
+                void_attempt(record, hub).await;
+                Event::Voided
+            }
+            Effect::Finish(outcome) => return outcome,
+        };
+        effect = attempt.on(event);
     }
 }
 
-/// The attempt's state: received, proof checked (by the caller), order looked up in the
-/// journal, nonce reserved, attempt recorded durably, sent, then approved / declined by the
-/// cloud, or ambiguous (voided) — or decided offline when it could not be sent.
-async fn authorize_verified(
-    request: &AuthorizeRequest,
-    proven: &Proven,
-    hub: &HubParts,
-) -> Outcome {
-    let payment_id = request.payment_id.clone();
-    if let Some(paid) = hub.journal.run(move |j| j.paid(&payment_id)).await {
-        return Outcome::decided(answer_from_journal(request, proven, &paid));
-    }
-    let (account_id, nonce, payment_id, issued_at_ms) = (
-        proven.account_id.clone(),
-        proven.nonce.clone(),
-        request.payment_id.clone(),
-        proven.keep_from_ms,
-    );
-    let reservation = hub
-        .journal
-        .run(move |j| j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms))
-        .await;
-    let refused = |reason: DeclineReason, detail: String| {
-        Outcome::decided(Decision::declined(reason, detail))
-    };
-    let what = if proven.token {
-        "payment token"
-    } else {
-        "payment code"
-    };
-    let reason = if proven.token {
-        DeclineReason::TokenInvalid
-    } else {
-        DeclineReason::CodeReplayed
-    };
-    match reservation {
-        Reservation::Fresh | Reservation::SamePayment => {}
-        Reservation::Replayed { first_payment_id } => {
-            return refused(
-                reason,
-                format!("this {what} was already used for {first_payment_id}; show a fresh one"),
-            )
-        }
-        Reservation::Voided => {
-            return refused(
-                reason,
-                format!("this {what}'s earlier attempt was voided; show a fresh one"),
-            )
-        }
-        Reservation::Expired => {
-            return refused(
-                if proven.token {
-                    DeclineReason::TokenInvalid
-                } else {
-                    DeclineReason::CodeExpired
-                },
-                format!("this {what} is too old; show a fresh one"),
-            )
-        }
-    }
+/// Sends a recorded attempt to the cloud and reports what the link did with it.
+async fn send_attempt(request: &AuthorizeRequest, payer: &Payer, hub: &HubParts) -> CloudResult {
     let Some(uplink) = hub.uplink.as_ref() else {
-        return decide_offline(request, proven, hub, "the hub is still starting", None).await;
+        return CloudResult::NotSent("the hub has no cloud link yet".into());
     };
-    let Ok(offline_reservation) = hub.me.send(ReservationOf(proven.account_id.clone())).await
-    else {
-        return Outcome::decided(Decision::declined(
-            DeclineReason::Internal,
-            "the store system is stopping",
-        ));
+    let Ok(offline_reservation) = hub.me.send(ReservationOf(payer.account_id.clone())).await else {
+        return CloudResult::NotSent("the store system is stopping".into());
     };
-    let attempt = VoidPayment {
-        payment_id: request.payment_id.clone(),
-        account_id: proven.account_id.clone(),
-        code_nonce: proven.nonce.clone(),
-    };
-    // Durable before it can be published: a hub that stops from here on voids it at restart.
-    let begun = attempt.clone();
-    hub.journal.run(move |j| j.begin_attempt(&begun)).await;
     let call = CallCloud {
         body: HubRequestBody::Authorize(CloudAuthorize {
             payment_id: request.payment_id.clone(),
-            account_id: proven.account_id.clone(),
-            code_nonce: proven.nonce.clone(),
+            account_id: payer.account_id.clone(),
+            code_nonce: payer.nonce.clone(),
             amount_minor: request.amount_minor,
             currency: request.currency,
             terminal_id: request.terminal_id.clone(),
@@ -783,75 +710,49 @@ async fn authorize_verified(
         }),
         timeout: hub.cloud_timeout,
     };
-    let failure = match uplink.send(call).await {
+    match uplink.send(call).await {
         Ok(Ok(CloudReplyBody::Authorized {
             payment_id,
             decision,
             allowance,
-        })) if payment_id == request.payment_id => {
-            if let Some(allowance) = allowance {
+        })) => {
+            if let (Some(allowance), true) = (allowance, payment_id == request.payment_id) {
                 hub.me.do_send(AllowancesArrived(vec![allowance]));
             }
-            return Outcome {
+            CloudResult::Answered {
+                payment_id,
                 decision,
-                offline: false,
-                answered_attempt: Some(attempt),
-            };
+            }
         }
         // Not sent: nothing can have been applied.
         Ok(Err(
             error @ (HubError::CircuitOpen(_)
             | HubError::UplinkSaturated
             | HubError::CloudDisconnected),
-        )) => {
-            let unsent = attempt.clone();
-            hub.journal.run(move |j| j.drop_attempt(&unsent)).await;
-            return decide_offline(request, proven, hub, &error.to_string(), None).await;
+        )) => CloudResult::NotSent(error.to_string()),
+        // The cloud failed while it handled the request: it may or may not have applied it.
+        Ok(Ok(CloudReplyBody::Error { detail })) => {
+            CloudResult::Unanswered(format!("the cloud failed: {detail}"))
         }
-        // The cloud failed while it handled the request, or answered about another payment: it
-        // may or may not have applied this one.
-        Ok(Ok(CloudReplyBody::Error { detail })) => format!("the cloud failed: {detail}"),
-        Ok(Ok(other)) => format!("unexpected cloud answer {other:?}"),
-        Ok(Err(error)) => error.to_string(),
-        Err(error) => error.to_string(),
-    };
-    // Sent but unanswered: the cloud may or may not have applied it.
-    decide_offline(request, proven, hub, &failure, Some(attempt)).await
+        Ok(Ok(other)) => CloudResult::Unanswered(format!("unexpected cloud answer {other:?}")),
+        Ok(Err(error)) => CloudResult::Unanswered(error.to_string()),
+        Err(error) => CloudResult::Unanswered(error.to_string()),
+    }
 }
 
 /// Decides without the cloud. Approved: the entry is signed, journaled and flushed before the
-/// edge hears it, and reconciled later. An attempt the cloud may have received (`ambiguous`) is
-/// voided whatever is decided, so that the cloud moves its money back or refuses it when it
-/// arrives late; a declined edge hears "nothing was charged".
+/// edge hears it, and reconciled later. (An attempt the cloud may have received is voided by the
+/// state machine after this, whatever is decided.)
 async fn decide_offline(
     request: &AuthorizeRequest,
-    proven: &Proven,
-    hub: &HubParts,
-    failure: &str,
-    ambiguous: Option<VoidPayment>,
-) -> Outcome {
-    let decision = decide_offline_alone(request, proven, hub, failure).await;
-    let offline = matches!(decision, Decision::Approved { .. });
-    if let Some(attempt) = ambiguous {
-        void_attempt(attempt, hub).await;
-    }
-    Outcome {
-        decision,
-        offline,
-        answered_attempt: None,
-    }
-}
-
-async fn decide_offline_alone(
-    request: &AuthorizeRequest,
-    proven: &Proven,
+    payer: &Payer,
     hub: &HubParts,
     failure: &str,
 ) -> Decision {
     let approve = ApproveOffline {
         request: request.clone(),
-        account_id: proven.account_id.clone(),
-        nonce: proven.nonce.clone(),
+        account_id: payer.account_id.clone(),
+        nonce: payer.nonce.clone(),
     };
     match hub.me.send(approve).await {
         Ok(Ok(entry)) => {
@@ -865,7 +766,7 @@ async fn decide_offline_alone(
                 "approved offline"
             );
             Decision::Approved {
-                account_id: proven.account_id.clone(),
+                account_id: payer.account_id.clone(),
                 already_paid: false,
             }
         }

@@ -5,6 +5,7 @@
 //! cloud over MQTT to move the money, journals every decision durably in `sled`, and answers. See
 //! `README.md` in this folder for the actors and their messages.
 
+pub mod attempt;
 pub mod auth;
 pub mod breaker;
 pub mod config;
