@@ -58,6 +58,23 @@ struct TransferRecord {
     /// so a void of an earlier online attempt no longer reverses it.
     #[serde(default)]
     offline: bool,
+    /// The nonces of the online attempts told "approved" for this payment and not voided since
+    /// (empty in records written before it was kept: then `code_nonce` alone). The money moves
+    /// back only when the last of them is voided: any one of them may be the answer the
+    /// register heard.
+    #[serde(default)]
+    approved_nonces: Vec<String>,
+}
+
+impl TransferRecord {
+    /// The attempts told "approved" for this payment and not voided.
+    fn holders(&self) -> Vec<String> {
+        if self.approved_nonces.is_empty() {
+            self.code_nonce.iter().cloned().collect()
+        } else {
+            self.approved_nonces.clone()
+        }
+    }
 }
 
 impl TransferRecord {
@@ -81,6 +98,7 @@ impl TransferRecord {
             order_id: None,
             voided: false,
             offline: false,
+            approved_nonces: Vec::new(),
         }
     }
 
@@ -98,6 +116,7 @@ impl TransferRecord {
             order_id: Some(request.order_id.clone()),
             voided: false,
             offline,
+            approved_nonces: vec![request.code_nonce.clone()],
         }
     }
 }
@@ -107,6 +126,10 @@ impl TransferRecord {
 struct NonceRecord {
     payment_id: String,
     decision: Decision,
+    /// The amount and currency the nonce was presented with (absent in records written before
+    /// they were kept): a repeat with other details is not the same request.
+    #[serde(default)]
+    amount: Option<(i64, Currency)>,
 }
 
 /// The ledger database. Clones share the same database.
@@ -415,7 +438,15 @@ impl Ledger {
     ) -> TxResult<Decision> {
         if let Some(seen) = nonces.get(nonce_key)? {
             let seen: NonceRecord = decode(&seen);
-            return Ok(if seen.payment_id == request.payment_id {
+            let same_details = seen
+                .amount
+                .is_none_or(|amount| amount == (request.amount_minor, request.currency));
+            return Ok(if seen.payment_id == request.payment_id && !same_details {
+                Decision::declined(
+                    DeclineReason::DuplicateOrderId,
+                    "this code was already presented for this order with another amount",
+                )
+            } else if seen.payment_id == request.payment_id {
                 let transfer: Option<TransferRecord> = transfers
                     .get(request.payment_id.as_bytes())?
                     .map(|b| decode(&b));
@@ -447,15 +478,19 @@ impl Ledger {
                         "this order's payment was voided; charge it under a new order id",
                     )
                 } else if same {
-                    // The latest attempt told "approved" owns the transfer: a void of an
-                    // earlier attempt that timed out must no longer reverse it. A transfer a hub
-                    // approved offline stays its own.
+                    // This attempt is told "approved" too: the money moves back only when every
+                    // attempt told so is voided (a void of an earlier attempt that timed out
+                    // must not reverse what this one may tell the register, nor a late attempt's
+                    // void what an earlier one told it). A transfer a hub approved offline stays
+                    // its own.
                     if !existing.offline {
-                        let owned = TransferRecord {
-                            code_nonce: Some(request.code_nonce.clone()),
+                        let mut holders = existing.holders();
+                        holders.push(request.code_nonce.clone());
+                        let held = TransferRecord {
+                            approved_nonces: holders,
                             ..existing.clone()
                         };
-                        transfers.insert(request.payment_id.as_bytes(), encode(&owned))?;
+                        transfers.insert(request.payment_id.as_bytes(), encode(&held))?;
                     }
                     Decision::Approved {
                         account_id: request.account_id.clone(),
@@ -478,6 +513,7 @@ impl Ledger {
         let record = NonceRecord {
             payment_id: request.payment_id.clone(),
             decision: decision.clone(),
+            amount: Some((request.amount_minor, request.currency)),
         };
         nonces.insert(nonce_key, encode(&record))?;
         Ok(decision)
@@ -566,14 +602,24 @@ impl Ledger {
                 DeclineReason::CloudUnreachable,
                 "the store voided this attempt after its deadline passed",
             ),
+            amount: None,
         };
         let reversed = unwrap_tx((&self.accounts, &self.transfers, &self.nonces).transaction(
             |(accounts, transfers, nonces)| -> TxResult<bool> {
                 if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
                     let mut existing: TransferRecord = decode(&existing);
-                    let this_attempt = existing.code_nonce.as_deref() == Some(&request.code_nonce)
+                    let mut holders = existing.holders();
+                    let this_attempt = holders.contains(&request.code_nonce)
                         && existing.credit_account_id == store_id
                         && !existing.offline;
+                    if this_attempt && !existing.voided && holders.len() > 1 {
+                        // Another attempt told "approved" still stands: nothing moves back.
+                        holders.retain(|n| n != &request.code_nonce);
+                        existing.approved_nonces = holders;
+                        transfers.insert(request.payment_id.as_bytes(), encode(&existing))?;
+                        nonces.insert(nonce_key.clone(), encode(&voided))?;
+                        return Ok(false);
+                    }
                     if this_attempt && !existing.voided {
                         let mut customer: AccountRecord = decode(
                             &accounts
@@ -596,10 +642,12 @@ impl Ledger {
                             applied_at_ms: now_ms,
                             voided: false,
                             offline: false,
+                            approved_nonces: Vec::new(),
                             ..existing.clone()
                         };
                         transfers.insert(reversal_id.as_bytes(), encode(&reversal))?;
                         existing.voided = true;
+                        existing.approved_nonces.clear();
                         transfers.insert(request.payment_id.as_bytes(), encode(&existing))?;
                         nonces.insert(nonce_key.clone(), encode(&voided))?;
                         return Ok(true);
@@ -1009,17 +1057,57 @@ mod tests {
     }
 
     #[test]
-    fn a_repeat_of_an_attempt_whose_payment_moved_back_hears_declined() {
+    fn a_code_repeated_for_its_order_with_another_amount_is_not_told_approved() {
+        // Found by the simulation (seed 16): the attempt paid 700, its answer was lost; the
+        // cashier retried the order for 900 showing the same code.
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
-        // Attempt 2 takes the transfer over, then is voided: the money moves back.
+        let again = l.authorize("store-1", &pay("o1", "n1", 900)).unwrap();
+        assert_eq!(
+            again.reason(),
+            Some(DeclineReason::DuplicateOrderId),
+            "{again:?}"
+        );
+        let same = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(same, Decision::Approved { .. }), "{same:?}");
+        assert_eq!(balance(&l, "alice"), 9_300);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_late_attempt_voided_does_not_take_back_what_an_earlier_one_told_approved() {
+        // Found by the simulation (seed 106): attempt 1 timed out (the hub restarted and voids
+        // it), attempt 2 paid and the register heard "approved"; attempt 1 then arrived late
+        // and was told "already paid", and its void arrived after it.
+        let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        let late = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(late, Decision::Approved { .. }), "{late:?}");
         let void = VoidPayment {
             payment_id: "store-1:o1".into(),
             account_id: "alice".into(),
-            code_nonce: "n2".into(),
+            code_nonce: "n1".into(),
         };
-        assert!(l.void("store-1", &void).unwrap());
+        assert!(!l.void("store-1", &void).unwrap());
+        assert_eq!(balance(&l, "alice"), 9_300);
+        assert_eq!(balance(&l, "store-1"), 700);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_repeat_of_an_attempt_whose_payment_moved_back_hears_declined() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        // Attempt 2 is told "already paid"; both attempts go unanswered and are voided: the
+        // money moves back with the last void.
+        l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        let void = |nonce: &str| VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+        };
+        assert!(!l.void("store-1", &void("n2")).unwrap());
+        assert!(l.void("store-1", &void("n1")).unwrap());
         for nonce in ["n1", "n2"] {
             let again = l.authorize("store-1", &pay("o1", nonce, 700)).unwrap();
             assert!(

@@ -15,7 +15,7 @@ use paycode::{SignedCode, Validity};
 use protocol::{
     Allowance, AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision,
     DeclineReason, HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment,
-    OfflineReservation, PaymentProof, ReconcileOutcome, VoidPayment,
+    OfflineReservation, PaymentProof, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
@@ -210,22 +210,9 @@ impl AuthActor {
                         return;
                     }
                 };
-                // Applied (now or before) entries are retired; a conflict is kept in the
-                // journal for an operator; a rejected entry stays in the backlog.
-                let mut settled = Vec::new();
-                let mut conflicts = Vec::new();
-                for result in &results {
-                    match &result.outcome {
-                        ReconcileOutcome::Applied { .. } | ReconcileOutcome::AlreadyApplied => {
-                            settled.push(result.seq)
-                        }
-                        ReconcileOutcome::Conflict { detail } => {
-                            conflicts.push((result.seq, detail.clone()))
-                        }
-                        ReconcileOutcome::Rejected { .. } => {}
-                    }
-                }
-                let stuck = results.len() - settled.len() - conflicts.len();
+                let sorted = crate::offline::sort_results(&results);
+                let stuck = sorted.refused;
+                let (settled, conflicts) = (sorted.settled, sorted.conflicts);
                 let retired = journal
                     .run(move |j| {
                         let mut retired = j.retire_offline(&settled)?;

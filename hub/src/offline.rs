@@ -177,6 +177,34 @@ impl OfflineBook {
     }
 }
 
+/// What the cloud made of a reconciliation batch, sorted for the journal: entries applied (now or
+/// before) are retired, conflicts are kept for an operator, refused entries stay in the backlog.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SortedResults {
+    /// Sequence numbers to retire.
+    pub settled: Vec<u64>,
+    /// Sequence numbers to keep for an operator, with what conflicts.
+    pub conflicts: Vec<(u64, String)>,
+    /// Entries refused (they stay in the backlog and stop the drain).
+    pub refused: usize,
+}
+
+/// Sorts a batch's results ([`SortedResults`]).
+pub fn sort_results(results: &[protocol::ReconcileResult]) -> SortedResults {
+    let mut sorted = SortedResults::default();
+    for result in results {
+        match &result.outcome {
+            protocol::ReconcileOutcome::Applied { .. }
+            | protocol::ReconcileOutcome::AlreadyApplied => sorted.settled.push(result.seq),
+            protocol::ReconcileOutcome::Conflict { detail } => {
+                sorted.conflicts.push((result.seq, detail.clone()))
+            }
+            protocol::ReconcileOutcome::Rejected { .. } => sorted.refused += 1,
+        }
+    }
+    sorted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 pub mod chaos;
 pub mod proxy;
+pub mod sim;
 pub mod store;
 
 use std::{

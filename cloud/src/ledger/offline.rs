@@ -483,6 +483,7 @@ impl Ledger {
                                 account_id: entry.account_id.clone(),
                                 already_paid: false,
                             },
+                            amount: Some((entry.amount_minor, entry.currency)),
                         };
                         nonces.insert(nonce_key, encode(&record))?;
                     }

@@ -1,0 +1,1093 @@
+//! A deterministic simulation of one store's hub, the cloud's ledger and the network between
+//! them (TigerBeetle's VOPR is the model): the hub's attempt state machine
+//! ([`hub::attempt`]), its real journal, offline book and signer, and the cloud's real ledger,
+//! driven by one seeded scheduler with a simulated clock. The network loses, duplicates, delays
+//! (so reorders) and misroutes messages; the link is cut and healed; the cloud fails after
+//! applying; the hub crashes and restarts with its disk or without it; its clock steps backwards
+//! and forwards; cashiers retry orders whose outcome they did not hear, with the same amount or
+//! another, with the same code or a fresh one. After every run the faults heal, the hub drains,
+//! and the history is checked against the ledger.
+//!
+//! Everything that happens is decided by the seed: a failing seed prints and replays exactly
+//! (`facepay-sim --seed N`). The storage is real sled on a RAM disk where there is one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+};
+
+use anyhow::bail;
+use cloud::ledger::{Ledger, OfflinePolicy};
+use hub::{
+    attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer},
+    journal::{Journal, JournalEntry},
+    offline::OfflineBook,
+};
+use paycode::hubsig::HubSigner;
+use protocol::{
+    synthetic::Rng, AccountKind, AuthorizeRequest, CloudAuthorize, Currency, Decision,
+    DeclineReason, OfflinePayment, OpenAccount, PaymentProof, ReconcileResult, VoidPayment,
+};
+
+const STORE: &str = "store-1";
+const TERMINALS: usize = 3;
+const CUSTOMERS: usize = 3;
+const OPENING_BALANCE: i64 = 20_000;
+/// Simulated time a run lasts, ms.
+const RUN_MS: u64 = 20_000;
+/// The hub's deadline for the cloud, ms.
+const CLOUD_TIMEOUT_MS: u64 = 300;
+/// How often the hub drains voids and its backlog, ms.
+const DRAIN_INTERVAL_MS: u64 = 200;
+
+/// What a run did, for the report.
+#[derive(Debug, Default, Clone)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// Attempts the cashiers made.
+    pub attempts: usize,
+    /// Heard approved (of which offline).
+    pub approved: usize,
+    /// Heard approved offline.
+    pub approved_offline: usize,
+    /// Heard declined.
+    pub declined: usize,
+    /// Heard nothing (the hub crashed while deciding).
+    pub unknown: usize,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, usize>,
+    /// Offline approvals lost with a wiped hub disk (the stated cost of losing the disk: the
+    /// store was told "approved" and the money never reaches it).
+    pub lost_with_disk: usize,
+    /// Voids lost with a wiped hub disk whose attempt the cloud had applied: the register heard
+    /// "declined" and the customer stays charged (the stated cost of losing the disk until the
+    /// cloud expires unconfirmed transfers itself).
+    pub charged_after_decline_with_disk_lost: usize,
+    /// Approvals forgotten with a wiped hub disk whose money a later attempt's void moved back:
+    /// the register heard "approved" and the store does not get the money.
+    pub reversed_after_approval_with_disk_lost: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Heard {
+    Approved { offline: bool },
+    Declined(DeclineReason),
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    order: String,
+    account: usize,
+    amount_minor: i64,
+    heard: Heard,
+}
+
+#[derive(Debug, Clone)]
+enum ToCloud {
+    Authorize(CloudAuthorize),
+    Void(VoidPayment),
+    Reconcile(Vec<OfflinePayment>),
+}
+
+#[derive(Debug, Clone)]
+enum ToHub {
+    Authorized {
+        payment_id: String,
+        decision: Decision,
+        allowance: Option<protocol::Allowance>,
+    },
+    Failed,
+    Voided {
+        payment_id: String,
+    },
+    Reconciled(Vec<ReconcileResult>),
+    Allowances(Vec<protocol::Allowance>),
+}
+
+#[derive(Debug, Clone)]
+enum Happening {
+    /// A terminal starts its next charge.
+    Charge(usize),
+    /// An attempt's next effect runs.
+    Step(u64),
+    /// A request's deadline passes.
+    Deadline(u64),
+    /// A message reaches the cloud.
+    AtCloud(u64, ToCloud),
+    /// A message reaches the hub (in the hub's incarnation `epoch`).
+    AtHub(u64, u64, ToHub),
+    /// The hub drains voids and its backlog.
+    Drain,
+    /// The hub prunes old nonces.
+    Prune,
+    /// A fault begins.
+    Fault(Fault),
+    /// A cut heals.
+    Heal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Cut,
+    CrashHub,
+    WipeHub,
+    ClockBack,
+    ClockForward,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Cut => "cut",
+            Fault::CrashHub => "crash_hub",
+            Fault::WipeHub => "wipe_hub",
+            Fault::ClockBack => "clock_back",
+            Fault::ClockForward => "clock_forward",
+        }
+    }
+}
+
+/// One attempt in flight at the hub.
+struct InFlight {
+    terminal: usize,
+    op: usize,
+    request: AuthorizeRequest,
+    payer: Payer,
+    machine: Attempt,
+    effect: Effect,
+}
+
+/// What a sent request waits for.
+enum Waiting {
+    Attempt(u64),
+    Void(VoidPayment),
+    Batch,
+}
+
+struct Hub {
+    dir: PathBuf,
+    journal: Journal,
+    book: OfflineBook,
+    signer: HubSigner,
+    /// The hub's clock offset from the simulated time, ms (clock jumps).
+    clock_offset_ms: i64,
+    epoch: u64,
+    attempts: BTreeMap<u64, InFlight>,
+    waiting: HashMap<u64, Waiting>,
+    draining: bool,
+}
+
+/// A code as the customer's phone shows it: its nonce and when it was issued.
+type Code = (String, u64);
+
+struct Terminal {
+    last: Option<(String, usize, i64, Code)>,
+    busy: bool,
+}
+
+struct Sim {
+    rng: Rng,
+    now_ms: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Happening>,
+    ledger: Ledger,
+    hub: Hub,
+    cut: bool,
+    terminals: Vec<Terminal>,
+    ops: Vec<Op>,
+    next_id: u64,
+    report: SimReport,
+    /// Offline approvals the hub approved and still held when its disk was wiped.
+    lost: BTreeSet<String>,
+    /// Payments whose void (or undecided attempt) was lost with a wiped disk.
+    lost_voids: BTreeSet<String>,
+    /// Payments the hub had approved when its disk was wiped.
+    forgotten: BTreeSet<String>,
+    faults_on: bool,
+}
+
+fn eur() -> Currency {
+    Currency::parse("EUR").expect("EUR")
+}
+
+fn account(n: usize) -> String {
+    format!("cust-{n}")
+}
+
+fn offline_config() -> hub::config::OfflineConfig {
+    hub::config::OfflineConfig {
+        payment_ceiling_minor: 1_500,
+        store_ceiling_minor: 6_000,
+        ..Default::default()
+    }
+}
+
+/// Where a run keeps its databases: a RAM disk when the machine has one (flushes are cheap).
+fn scratch_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, dir: &Path) -> anyhow::Result<Self> {
+        let ledger = Ledger::open(&dir.join("ledger"))?.with_offline_policy(OfflinePolicy {
+            store_allowance_minor: 3_000,
+            account_cap_minor: 3_000,
+        });
+        let open = |id: String, kind, balance| {
+            ledger.open_account(&OpenAccount {
+                account_id: id,
+                kind,
+                currency: eur(),
+                initial_balance_minor: balance,
+                public_key: None,
+            })
+        };
+        open(STORE.into(), AccountKind::Merchant, 0)?;
+        for n in 0..CUSTOMERS {
+            open(account(n), AccountKind::Customer, OPENING_BALANCE)?;
+        }
+        let signer = HubSigner::from_seed(&[7; 32]);
+        ledger.set_hub_key(STORE, &signer.public_key_b64())?;
+        let hub_dir = dir.join("hub-0");
+        let journal = Journal::open(&hub_dir)?;
+        let hub = Hub {
+            dir: hub_dir,
+            journal,
+            book: OfflineBook::new(&offline_config(), Vec::new(), &[]),
+            signer,
+            clock_offset_ms: 0,
+            epoch: 0,
+            attempts: BTreeMap::new(),
+            waiting: HashMap::new(),
+            draining: false,
+        };
+        let mut sim = Sim {
+            rng: Rng::new(seed),
+            now_ms: 1_000_000,
+            seq: 0,
+            queue: BTreeMap::new(),
+            ledger,
+            hub,
+            cut: false,
+            terminals: (0..TERMINALS)
+                .map(|_| Terminal {
+                    last: None,
+                    busy: false,
+                })
+                .collect(),
+            ops: Vec::new(),
+            next_id: 0,
+            report: SimReport {
+                seed,
+                ..SimReport::default()
+            },
+            lost: BTreeSet::new(),
+            lost_voids: BTreeSet::new(),
+            forgotten: BTreeSet::new(),
+            faults_on: true,
+        };
+        for t in 0..TERMINALS {
+            let at = sim.rng.below(50);
+            sim.at(at, Happening::Charge(t));
+        }
+        sim.at(DRAIN_INTERVAL_MS, Happening::Drain);
+        sim.at(1_000, Happening::Prune);
+        // The faults: one of each kind at a seeded time (every run covers every kind), then more
+        // at random.
+        let kinds = [
+            Fault::Cut,
+            Fault::CrashHub,
+            Fault::WipeHub,
+            Fault::ClockBack,
+            Fault::ClockForward,
+        ];
+        for kind in kinds {
+            let at = 500 + sim.rng.below(RUN_MS - 3_000);
+            sim.at(at, Happening::Fault(kind));
+        }
+        for _ in 0..sim.rng.below(6) {
+            let kind = kinds[sim.rng.below(kinds.len() as u64) as usize];
+            let at = 500 + sim.rng.below(RUN_MS - 3_000);
+            sim.at(at, Happening::Fault(kind));
+        }
+        Ok(sim)
+    }
+
+    fn at(&mut self, delay_ms: u64, happening: Happening) {
+        self.seq += 1;
+        self.queue
+            .insert((self.now_ms + delay_ms, self.seq), happening);
+    }
+
+    fn hub_now(&self) -> u64 {
+        (self.now_ms as i64 + self.hub.clock_offset_ms).max(0) as u64
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.faults_on && self.rng.below(100) < percent
+    }
+
+    /// Puts a message on the network: lost, duplicated and delayed by the seed.
+    fn send_to_cloud(&mut self, request_id: u64, message: ToCloud) {
+        if self.cut || self.chance(5) {
+            return;
+        }
+        let copies = if self.chance(5) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(if self.faults_on { 250 } else { 20 });
+            self.at(delay, Happening::AtCloud(request_id, message.clone()));
+        }
+    }
+
+    fn send_to_hub(&mut self, request_id: u64, message: ToHub) {
+        if self.cut || self.chance(5) {
+            return;
+        }
+        let copies = if self.chance(5) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(if self.faults_on { 250 } else { 20 });
+            let epoch = self.hub.epoch;
+            self.at(delay, Happening::AtHub(epoch, request_id, message.clone()));
+        }
+    }
+
+    fn run(mut self) -> anyhow::Result<SimReport> {
+        let mut steps = 0u64;
+        while let Some(((at, _), happening)) = self.queue.pop_first() {
+            steps += 1;
+            if steps > 2_000_000 {
+                bail!("the simulation did not settle");
+            }
+            self.now_ms = at;
+            let end = 1_000_000 + RUN_MS;
+            if self.now_ms > end && self.faults_on {
+                // Heal everything; no new charges; let the hub drain.
+                self.faults_on = false;
+                self.cut = false;
+            }
+            if self.now_ms > end + 60_000 {
+                break;
+            }
+            self.happen(happening)?;
+        }
+        self.check()?;
+        Ok(self.report)
+    }
+
+    fn happen(&mut self, happening: Happening) -> anyhow::Result<()> {
+        match happening {
+            Happening::Charge(t) => self.charge(t),
+            Happening::Step(id) => self.step(id),
+            Happening::Deadline(request_id) => match self.hub.waiting.remove(&request_id) {
+                Some(Waiting::Attempt(id)) => self.feed(
+                    id,
+                    Event::Cloud(CloudResult::Unanswered("deadline passed".into())),
+                ),
+                Some(Waiting::Void(_) | Waiting::Batch) => self.hub.draining = false,
+                None => {}
+            },
+            Happening::AtCloud(request_id, message) => self.at_cloud(request_id, message)?,
+            Happening::AtHub(epoch, request_id, message) => {
+                if epoch == self.hub.epoch {
+                    self.at_hub(request_id, message)?;
+                }
+            }
+            Happening::Drain => {
+                self.drain()?;
+                if self.faults_on || !self.quiet()? {
+                    self.at(DRAIN_INTERVAL_MS, Happening::Drain);
+                }
+            }
+            Happening::Prune => {
+                let horizon = 60_000 + 2 * 5_000;
+                let cutoff = self.hub_now().saturating_sub(horizon);
+                self.hub.journal.prune_nonces(cutoff)?;
+                if self.faults_on {
+                    self.at(1_000, Happening::Prune);
+                }
+            }
+            Happening::Fault(fault) => {
+                if !self.faults_on {
+                    return Ok(());
+                }
+                *self.report.faults.entry(fault.name()).or_default() += 1;
+                match fault {
+                    Fault::Cut => {
+                        self.cut = true;
+                        let hold = 300 + self.rng.below(2_000);
+                        self.at(hold, Happening::Heal);
+                    }
+                    Fault::CrashHub => self.restart_hub(false)?,
+                    Fault::WipeHub => self.restart_hub(true)?,
+                    Fault::ClockBack => self.hub.clock_offset_ms -= 90_000,
+                    Fault::ClockForward => self.hub.clock_offset_ms += 90_000,
+                }
+            }
+            Happening::Heal => self.cut = false,
+        }
+        Ok(())
+    }
+
+    /// Whether nothing is left to deliver.
+    fn quiet(&self) -> anyhow::Result<bool> {
+        Ok(self.hub.journal.pending_voids()?.is_empty()
+            && self.hub.journal.offline_batch(1)?.is_empty()
+            && self.hub.attempts.is_empty())
+    }
+
+    fn charge(&mut self, t: usize) {
+        if !self.faults_on || self.terminals[t].busy {
+            return;
+        }
+        // A cashier retries the last order (its outcome unheard or declined) or rings up a
+        // new one; a retry shows the same code again or a fresh one.
+        let retry = match (&self.terminals[t].last, self.rng.below(100)) {
+            (Some(last), r) if r < 35 => Some(last.clone()),
+            _ => None,
+        };
+        let (order, customer, amount, nonce) = match retry {
+            Some((order, customer, amount, nonce)) => {
+                let amount = if self.rng.below(100) < 70 {
+                    amount
+                } else {
+                    100 + self.rng.below(1_800) as i64
+                };
+                // The same code again, while its window is open (the hub's proof check refuses
+                // it after; its issue time is the code's own, whatever the hub's clock says).
+                let nonce = if self.rng.below(100) < 30 && self.hub_now() < nonce.1 + 60_000 {
+                    nonce
+                } else {
+                    self.fresh_nonce()
+                };
+                (order, customer, amount, nonce)
+            }
+            None => {
+                self.next_id += 1;
+                let order = format!("t{t}-{}", self.next_id);
+                let customer = self.rng.below(CUSTOMERS as u64) as usize;
+                let amount = 100 + self.rng.below(1_800) as i64;
+                (order, customer, amount, self.fresh_nonce())
+            }
+        };
+        self.terminals[t].last = Some((order.clone(), customer, amount, nonce.clone()));
+        self.terminals[t].busy = true;
+        let request = AuthorizeRequest {
+            payment_id: protocol::payment_id(STORE, &order),
+            store_id: STORE.into(),
+            terminal_id: format!("till-{t}"),
+            order_id: order.clone(),
+            amount_minor: amount,
+            currency: eur(),
+            proof: PaymentProof::Code("simulated".into()),
+        };
+        let payer = Payer {
+            account_id: account(customer),
+            nonce: nonce.0,
+            keep_from_ms: nonce.1,
+            token: false,
+        };
+        self.ops.push(Op {
+            order,
+            account: customer,
+            amount_minor: amount,
+            heard: Heard::Unknown,
+        });
+        self.report.attempts += 1;
+        let (machine, effect) = Attempt::start(&request, payer.clone(), true);
+        self.next_id += 1;
+        let id = self.next_id;
+        self.hub.attempts.insert(
+            id,
+            InFlight {
+                terminal: t,
+                op: self.ops.len() - 1,
+                request,
+                payer,
+                machine,
+                effect,
+            },
+        );
+        let delay = self.rng.below(3);
+        self.at(delay, Happening::Step(id));
+    }
+
+    fn fresh_nonce(&mut self) -> Code {
+        (format!("{:016x}", self.rng.next_u64()), self.hub_now())
+    }
+
+    fn feed(&mut self, id: u64, event: Event) {
+        if let Some(flight) = self.hub.attempts.get_mut(&id) {
+            if std::env::var("FACEPAY_SIM_TRACE").ok().as_deref()
+                == Some(&flight.request.payment_id)
+            {
+                eprintln!(
+                    "{} attempt {id} {:?} <- {event:?}",
+                    self.now_ms, flight.payer.nonce
+                );
+            }
+            flight.effect = flight.machine.on(event);
+            if std::env::var("FACEPAY_SIM_TRACE").ok().as_deref()
+                == Some(&flight.request.payment_id)
+            {
+                eprintln!("{} attempt {id} -> {:?}", self.now_ms, flight.effect);
+            }
+            let delay = self.rng.below(3);
+            self.at(delay, Happening::Step(id));
+        }
+    }
+
+    /// Runs an attempt's pending effect (as the payment actor does).
+    fn step(&mut self, id: u64) {
+        let Some(flight) = self.hub.attempts.get(&id) else {
+            return;
+        };
+        let (effect, request, payer) = (
+            flight.effect.clone(),
+            flight.request.clone(),
+            flight.payer.clone(),
+        );
+        let journal = self.hub.journal.clone();
+        let event = match effect {
+            Effect::LookUpOrder => Event::Order(journal.paid(&request.payment_id).expect("paid")),
+            Effect::ReserveNonce => Event::Reserved(
+                journal
+                    .reserve_nonce(
+                        &payer.account_id,
+                        &payer.nonce,
+                        &request.payment_id,
+                        payer.keep_from_ms,
+                    )
+                    .expect("reserve"),
+            ),
+            Effect::RecordAttempt(record) => {
+                journal.begin_attempt(&record).expect("begin");
+                Event::AttemptRecorded
+            }
+            Effect::Send(_) => {
+                if self.cut && self.rng.below(2) == 0 {
+                    // The hub knows the broker is gone: refused before publishing.
+                    Event::Cloud(CloudResult::NotSent("disconnected".into()))
+                } else {
+                    self.next_id += 1;
+                    let request_id = self.next_id;
+                    self.hub.waiting.insert(request_id, Waiting::Attempt(id));
+                    let authorize = CloudAuthorize {
+                        payment_id: request.payment_id.clone(),
+                        account_id: payer.account_id.clone(),
+                        code_nonce: payer.nonce.clone(),
+                        amount_minor: request.amount_minor,
+                        currency: request.currency,
+                        terminal_id: request.terminal_id.clone(),
+                        order_id: request.order_id.clone(),
+                        offline_reservation: self.hub.book.reservation(&payer.account_id),
+                    };
+                    self.send_to_cloud(request_id, ToCloud::Authorize(authorize));
+                    self.at(CLOUD_TIMEOUT_MS, Happening::Deadline(request_id));
+                    return;
+                }
+            }
+            Effect::DropAttempt(record) => {
+                journal.drop_attempt(&record).expect("drop");
+                Event::AttemptDropped
+            }
+            Effect::DecideOffline { .. } => Event::Offline(self.decide_offline(&request, &payer)),
+            Effect::Void(record) => {
+                journal.void_attempt(&record).expect("void");
+                Event::Voided
+            }
+            Effect::Finish(outcome) => {
+                self.finish(id, outcome);
+                return;
+            }
+        };
+        self.feed(id, event);
+    }
+
+    fn decide_offline(&mut self, request: &AuthorizeRequest, payer: &Payer) -> Decision {
+        if let Err(declined) =
+            self.hub
+                .book
+                .check(&payer.account_id, request.amount_minor, request.currency)
+        {
+            return declined;
+        }
+        let mut entry = OfflinePayment {
+            seq: self.hub.journal.next_seq().expect("seq"),
+            payment_id: request.payment_id.clone(),
+            store_id: STORE.into(),
+            terminal_id: request.terminal_id.clone(),
+            order_id: request.order_id.clone(),
+            account_id: payer.account_id.clone(),
+            nonce: payer.nonce.clone(),
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            approved_at_ms: self.hub_now(),
+            signature: String::new(),
+        };
+        self.hub.signer.sign(&mut entry);
+        self.hub
+            .journal
+            .record_offline(&entry)
+            .expect("record offline");
+        self.hub.book.hold(&entry.account_id, entry.amount_minor);
+        Decision::Approved {
+            account_id: payer.account_id.clone(),
+            already_paid: false,
+        }
+    }
+
+    fn finish(&mut self, id: u64, outcome: Outcome) {
+        let flight = self.hub.attempts.remove(&id).expect("in flight");
+        let mut entry =
+            JournalEntry::for_request(&flight.request, outcome.decision.clone(), self.hub_now());
+        entry.account_id = Some(flight.payer.account_id.clone());
+        entry.code_nonce = Some(flight.payer.nonce.clone());
+        self.hub
+            .journal
+            .record(&entry, outcome.answered_attempt.as_ref())
+            .expect("record");
+        let heard = match &outcome.decision {
+            Decision::Approved { .. } => {
+                self.report.approved += 1;
+                if outcome.offline {
+                    self.report.approved_offline += 1;
+                }
+                Heard::Approved {
+                    offline: outcome.offline,
+                }
+            }
+            Decision::Declined { reason, .. } => {
+                self.report.declined += 1;
+                Heard::Declined(*reason)
+            }
+        };
+        self.ops[flight.op].heard = heard;
+        self.terminal_free(flight.terminal);
+    }
+
+    fn terminal_free(&mut self, t: usize) {
+        self.terminals[t].busy = false;
+        let think = 5 + self.rng.below(60);
+        self.at(think, Happening::Charge(t));
+    }
+
+    /// The cloud applies what arrives, in arrival order, and answers.
+    fn at_cloud(&mut self, request_id: u64, message: ToCloud) -> anyhow::Result<()> {
+        if let Ok(traced) = std::env::var("FACEPAY_SIM_TRACE") {
+            if format!("{message:?}").contains(&format!("{traced:?}")) {
+                eprintln!("{} cloud <- {request_id} {message:?}", self.now_ms);
+            }
+        }
+        match message {
+            ToCloud::Authorize(request) => {
+                let (decision, allowance) =
+                    self.ledger.authorize_with_allowance(STORE, &request)?;
+                // The cloud may fail after it applied (its reply is an error): ambiguous.
+                let reply = if self.chance(3) {
+                    ToHub::Failed
+                } else {
+                    let payment_id = if self.chance(2) {
+                        // A reply about another payment reaches this request.
+                        "store-1:misrouted".into()
+                    } else {
+                        request.payment_id.clone()
+                    };
+                    ToHub::Authorized {
+                        payment_id,
+                        decision,
+                        allowance,
+                    }
+                };
+                self.send_to_hub(request_id, reply);
+            }
+            ToCloud::Void(void) => {
+                self.ledger.void(STORE, &void)?;
+                self.send_to_hub(
+                    request_id,
+                    ToHub::Voided {
+                        payment_id: void.payment_id,
+                    },
+                );
+            }
+            ToCloud::Reconcile(entries) => {
+                let done = self.ledger.reconcile(STORE, &entries)?;
+                let results = entries
+                    .iter()
+                    .zip(done.outcomes)
+                    .map(|(entry, outcome)| ReconcileResult {
+                        seq: entry.seq,
+                        payment_id: entry.payment_id.clone(),
+                        outcome,
+                    })
+                    .collect();
+                if !done.revocations.is_empty() {
+                    self.send_to_hub(0, ToHub::Allowances(done.revocations));
+                }
+                self.send_to_hub(request_id, ToHub::Reconciled(results));
+            }
+        }
+        Ok(())
+    }
+
+    fn at_hub(&mut self, request_id: u64, message: ToHub) -> anyhow::Result<()> {
+        if let ToHub::Allowances(allowances) = &message {
+            for allowance in allowances {
+                self.hub.book.set_allowance(allowance.clone());
+            }
+            self.hub.journal.store_allowances(allowances)?;
+            return Ok(());
+        }
+        let Some(waiting) = self.hub.waiting.remove(&request_id) else {
+            return Ok(()); // late or duplicated: dropped, as the uplink does
+        };
+        match (waiting, message) {
+            (
+                Waiting::Attempt(id),
+                ToHub::Authorized {
+                    payment_id,
+                    decision,
+                    allowance,
+                },
+            ) => {
+                let expected = self
+                    .hub
+                    .attempts
+                    .get(&id)
+                    .map(|f| f.request.payment_id.clone());
+                if let (Some(allowance), true) = (allowance, expected == Some(payment_id.clone())) {
+                    self.hub.book.set_allowance(allowance.clone());
+                    self.hub.journal.store_allowances(&[allowance])?;
+                }
+                self.feed(
+                    id,
+                    Event::Cloud(CloudResult::Answered {
+                        payment_id,
+                        decision,
+                    }),
+                );
+            }
+            (Waiting::Attempt(id), _) => self.feed(
+                id,
+                Event::Cloud(CloudResult::Unanswered("the cloud failed".into())),
+            ),
+            (Waiting::Void(void), ToHub::Voided { payment_id })
+                if payment_id == void.payment_id =>
+            {
+                self.hub.journal.retire_void(&void)?;
+                self.hub.draining = false;
+                self.drain()?;
+            }
+            (Waiting::Batch, ToHub::Reconciled(results)) => {
+                let sorted = hub::offline::sort_results(&results);
+                let mut retired = self.hub.journal.retire_offline(&sorted.settled)?;
+                for (seq, detail) in &sorted.conflicts {
+                    retired.extend(self.hub.journal.keep_conflict(*seq, detail)?);
+                }
+                for entry in &retired {
+                    self.hub.book.release(&entry.account_id, entry.amount_minor);
+                }
+                self.hub.draining = false;
+                if sorted.refused == 0 {
+                    self.drain()?;
+                }
+            }
+            _ => self.hub.draining = false,
+        }
+        Ok(())
+    }
+
+    /// The hub's drain, as the offline actor does it: voids first (read again every time), then
+    /// one batch; one request in flight.
+    fn drain(&mut self) -> anyhow::Result<()> {
+        if self.hub.draining || (self.cut && self.rng.below(2) == 0) {
+            return Ok(());
+        }
+        if let Some(void) = self.hub.journal.pending_voids()?.into_iter().next() {
+            self.next_id += 1;
+            let request_id = self.next_id;
+            self.hub
+                .waiting
+                .insert(request_id, Waiting::Void(void.clone()));
+            self.hub.draining = true;
+            self.send_to_cloud(request_id, ToCloud::Void(void));
+            self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
+            return Ok(());
+        }
+        let batch = self.hub.journal.offline_batch(5)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.next_id += 1;
+        let request_id = self.next_id;
+        self.hub.waiting.insert(request_id, Waiting::Batch);
+        self.hub.draining = true;
+        self.send_to_cloud(request_id, ToCloud::Reconcile(batch));
+        self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
+        Ok(())
+    }
+
+    /// The hub crashes: what was in flight is lost (the cashiers hear nothing), and it starts
+    /// again with its disk (voiding the attempts it never closed) or without it.
+    fn restart_hub(&mut self, wipe: bool) -> anyhow::Result<()> {
+        for (_, flight) in std::mem::take(&mut self.hub.attempts) {
+            self.report.unknown += 1;
+            self.terminals[flight.terminal].busy = false;
+            let think = 5 + self.rng.below(60);
+            self.seq += 1;
+            self.queue.insert(
+                (self.now_ms + think, self.seq),
+                Happening::Charge(flight.terminal),
+            );
+        }
+        self.hub.waiting.clear();
+        self.hub.draining = false;
+        self.hub.epoch += 1;
+        if wipe {
+            for entry in self.hub.journal.offline_entries()? {
+                self.lost.insert(entry.payment_id);
+            }
+            // What the hub approved is forgotten too: a retry of such an order goes to the
+            // cloud again, and its void can move back money the register heard approved.
+            for decision in self.hub.journal.decisions()? {
+                if matches!(decision.decision, Decision::Approved { .. }) {
+                    self.forgotten.insert(decision.payment_id);
+                }
+            }
+            self.report.lost_with_disk = self.lost.len();
+            let journal = &self.hub.journal;
+            for void in journal
+                .pending_voids()?
+                .into_iter()
+                .chain(journal.open_attempts()?)
+            {
+                self.lost_voids.insert(void.payment_id);
+            }
+            let dir = self
+                .hub
+                .dir
+                .with_file_name(format!("hub-{}", self.hub.epoch));
+            self.hub.journal = Journal::open(&dir)?;
+            self.hub.dir = dir;
+        }
+        // Every write was flushed: the journal holds exactly what a restart would read.
+        self.hub.journal.recover_attempts()?;
+        self.hub.book = OfflineBook::new(
+            &offline_config(),
+            self.hub.journal.allowances()?,
+            &self.hub.journal.offline_entries()?,
+        );
+        Ok(())
+    }
+
+    /// The history against the ledger.
+    fn check(&mut self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        if !self.quiet()? {
+            problems.push("the hub did not drain after the faults healed".to_owned());
+        }
+        if !self.hub.journal.open_attempts()?.is_empty() {
+            problems.push("attempts left open".to_owned());
+        }
+        let transfers = self.ledger.transfers()?;
+        let ids: BTreeSet<&str> = transfers.iter().map(|t| t.transfer_id.as_str()).collect();
+        let by_id: HashMap<&str, &protocol::TransferView> = transfers
+            .iter()
+            .map(|t| (t.transfer_id.as_str(), t))
+            .collect();
+        let live = |payment_id: &str| -> Vec<&protocol::TransferView> {
+            let mut found = Vec::new();
+            if let (Some(t), false) = (
+                by_id.get(payment_id),
+                ids.contains(format!("{payment_id}#void").as_str()),
+            ) {
+                found.push(*t);
+            }
+            if let Some(t) = by_id.get(format!("{payment_id}#offline").as_str()) {
+                found.push(*t);
+            }
+            found
+        };
+        let mut orders: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+        for op in &self.ops {
+            orders.entry(op.order.as_str()).or_default().push(op);
+        }
+        // Offline approvals the cloud could not apply as approved, kept for an operator.
+        let conflicts: BTreeSet<String> = self
+            .ledger
+            .conflicts()?
+            .into_iter()
+            .map(|c| c.entry.payment_id)
+            .collect();
+        let mut spent: HashMap<String, i64> = HashMap::new();
+        for (order, ops) in &orders {
+            let payment_id = protocol::payment_id(STORE, order);
+            let found = live(&payment_id);
+            let approved: Vec<&&Op> = ops
+                .iter()
+                .filter(|o| matches!(o.heard, Heard::Approved { .. }))
+                .collect();
+            let heard = || {
+                let mut told: Vec<String> = ops
+                    .iter()
+                    .map(|o| format!("{}:{}:{:?}", account(o.account), o.amount_minor, o.heard))
+                    .collect();
+                if self.lost.contains(&payment_id) {
+                    told.push("offline approval lost with the disk".into());
+                }
+                if self.lost_voids.contains(&payment_id) {
+                    told.push("void lost with the disk".into());
+                }
+                if self.forgotten.contains(&payment_id) {
+                    told.push("approval forgotten with the disk".into());
+                }
+                told.join(", ")
+            };
+            if found.len() > 1 {
+                problems.push(format!(
+                    "{payment_id} paid {} times ({})",
+                    found.len(),
+                    heard()
+                ));
+                continue;
+            }
+            if let Some(t) = found.first() {
+                spent
+                    .entry(t.debit_account_id.clone())
+                    .and_modify(|s| *s += t.amount_minor)
+                    .or_insert(t.amount_minor);
+                let invoked = ops.iter().any(|o| {
+                    account(o.account) == t.debit_account_id && o.amount_minor == t.amount_minor
+                });
+                if !invoked {
+                    problems.push(format!(
+                        "{payment_id} in the ledger as {t:?}, never invoked so"
+                    ));
+                }
+            }
+            let lost = self.lost.contains(&payment_id);
+            let same = |o: &&&Op, t: &protocol::TransferView| {
+                account(o.account) == t.debit_account_id && o.amount_minor == t.amount_minor
+            };
+            if approved.iter().any(|o| {
+                (o.account, o.amount_minor) != (approved[0].account, approved[0].amount_minor)
+            }) && !lost
+                && !self.forgotten.contains(&payment_id)
+            {
+                problems.push(format!(
+                    "{payment_id} heard approved with different details ({})",
+                    heard()
+                ));
+            }
+            if !approved.is_empty() {
+                match found.first() {
+                    None if lost => {}
+                    None if self.forgotten.contains(&payment_id) => {
+                        self.report.reversed_after_approval_with_disk_lost += 1
+                    }
+                    None => problems.push(format!(
+                        "{payment_id} heard approved, not in the ledger ({})",
+                        heard()
+                    )),
+                    Some(t)
+                        if !approved.iter().any(|o| same(o, t))
+                            && (lost || conflicts.contains(&payment_id))
+                            && self.lost_voids.contains(&payment_id)
+                            && ops.iter().any(|o| same(&o, t)) =>
+                    {
+                        // Both costs of the wiped disk at once: the approval offline never
+                        // reaches the ledger, and an earlier declined attempt stays charged.
+                        self.report.charged_after_decline_with_disk_lost += 1;
+                    }
+                    Some(t) if !approved.iter().any(|o| same(o, t)) => problems.push(format!(
+                        "{payment_id} heard approved ({}), ledger has {t:?}",
+                        heard()
+                    )),
+                    Some(_) => {}
+                }
+            } else if ops.iter().all(|o| matches!(o.heard, Heard::Declined(_))) && !found.is_empty()
+            {
+                if self.lost_voids.contains(&payment_id) {
+                    self.report.charged_after_decline_with_disk_lost += 1;
+                } else {
+                    problems.push(format!(
+                        "{payment_id} heard only declined, but paid in the ledger ({})",
+                        heard()
+                    ));
+                }
+            }
+        }
+        // Each account's balance is what the history implies, not merely a sum that balances.
+        for n in 0..CUSTOMERS {
+            let id = account(n);
+            let expected = OPENING_BALANCE - spent.get(&id).copied().unwrap_or(0);
+            let held = self
+                .ledger
+                .account(&id)?
+                .map(|a| a.balance_minor)
+                .unwrap_or_default();
+            if held != expected {
+                problems.push(format!("{id} holds {held}, its history implies {expected}"));
+            }
+        }
+        let store_expected: i64 = spent.values().sum();
+        let store_held = self
+            .ledger
+            .account(STORE)?
+            .map(|a| a.balance_minor)
+            .unwrap_or_default();
+        if store_held != store_expected {
+            problems.push(format!(
+                "{STORE} holds {store_held}, its history implies {store_expected}"
+            ));
+        }
+        if !problems.is_empty() {
+            bail!(
+                "seed {}: {} problems:\n  {}",
+                self.report.seed,
+                problems.len(),
+                problems.join("\n  ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed; the error names it and what went wrong.
+pub fn run_seed(seed: u64) -> anyhow::Result<SimReport> {
+    let dir = tempfile::Builder::new()
+        .prefix("facepay-sim-")
+        .tempdir_in(scratch_root())?;
+    let sim = Sim::new(seed, dir.path())?;
+    let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
+    match report {
+        Ok(report) => report,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            bail!("seed {seed}: panicked: {what}")
+        }
+    }
+}
+
+/// Runs `count` seeds from `first`; stops at the first failure. Returns the reports.
+pub fn run_seeds(first: u64, count: u64) -> anyhow::Result<Vec<SimReport>> {
+    (first..first + count).map(run_seed).collect()
+}
+
+/// Shared for the binary and the test: the default first seed (printed, so a run replays).
+pub fn default_seed() -> u64 {
+    std::env::var("FACEPAY_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(paycode::now_ms)
+}
