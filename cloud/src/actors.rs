@@ -174,6 +174,14 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                         reversed,
                     })
             }
+            HubRequestBody::Post(posts) => posts
+                .iter()
+                .map(|post| self.ledger.post(&store_id, post))
+                .collect::<Result<Vec<bool>, _>>()
+                .map(|posted| CloudReplyBody::Posted {
+                    payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
+                    posted,
+                }),
             HubRequestBody::KeySync { after_version } => self
                 .ledger
                 .keys_after(after_version)
@@ -183,6 +191,11 @@ impl Handler<ApplyHubRequest> for LedgerActor {
             ),
         };
         let body = reply.unwrap_or_else(|error| {
+            if let LedgerError::Storage(_) = error {
+                // Nobody knows what the ledger holds after a storage error: stop, and let the
+                // restart read it (the hub hears nothing, and voids or resends).
+                storage::fail_stop("a ledger operation", &error);
+            }
             tracing::error!(%error, store_id, "ledger operation failed");
             CloudReplyBody::Error {
                 detail: error.to_string(),
@@ -397,10 +410,37 @@ impl HubLinkActor {
     }
 }
 
+/// How often the ledger moves back pending payments whose hub never confirmed them.
+pub const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Actor for HubLinkActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(HUB_LINK_MAILBOX);
+        ctx.run_interval(EXPIRY_INTERVAL, |actor, _| {
+            let ledger = actor.ledger.clone();
+            actix::spawn(async move {
+                match ledger.send(ExpirePending).await {
+                    Ok(Ok(0)) | Err(_) => {}
+                    Ok(Ok(expired)) => {
+                        tracing::warn!(expired, "pending payments expired unconfirmed")
+                    }
+                    Ok(Err(error)) => storage::fail_stop("expiring pending payments", &error),
+                }
+            });
+        });
+    }
+}
+
+/// Move back pending payments whose deadline passed; returns how many.
+#[derive(Message)]
+#[rtype(result = "Result<usize, LedgerError>")]
+pub struct ExpirePending;
+
+impl Handler<ExpirePending> for LedgerActor {
+    type Result = Result<usize, LedgerError>;
+    fn handle(&mut self, _: ExpirePending, _: &mut Self::Context) -> Self::Result {
+        self.ledger.expire_pending()
     }
 }
 

@@ -28,6 +28,9 @@ pub struct CloudConfig {
     /// How often the revocation list file is read; a newer one applies to the admin API at once
     /// and is published to every hub.
     pub crl_poll_interval_ms: u64,
+    /// How long an online payment stays pending without its hub's confirmation (post) before the
+    /// cloud moves it back itself: the hub died or lost its disk with the attempt.
+    pub pending_transfer_ttl_seconds: u64,
     /// The cloud's certificate (`cloud`), the CA and the revocation list: MQTT client identity
     /// (its client id is the certificate's common name) and the HTTPS APIs' server certificate.
     pub tls: pki::TlsConfig,
@@ -58,6 +61,7 @@ impl Default for CloudConfig {
             api_listen: "127.0.0.1:9443".into(),
             metrics: telemetry::MetricsConfig::on("127.0.0.1:9301"),
             crl_poll_interval_ms: 10_000,
+            pending_transfer_ttl_seconds: 86_400,
             tls: pki::TlsConfig::default(),
             template_key_file: None,
             api_token_file: None,
@@ -99,6 +103,12 @@ impl Validate for CloudConfig {
             self.crl_poll_interval_ms,
             100..=3_600_000,
             "ms",
+        )?;
+        check_range(
+            "pending_transfer_ttl_seconds",
+            self.pending_transfer_ttl_seconds,
+            10..=30 * 86_400,
+            "seconds",
         )?;
         self.tls.validate("tls")?;
         if self

@@ -25,6 +25,28 @@ mod offline;
 
 pub use offline::{CodeReuse, Conflict, OfflinePolicy, Reconciliation, ALLOWANCE_PAGE};
 
+/// How long an online payment waits for its post before the cloud moves it back: a day, so that
+/// a hub cut off for hours still confirms what it approved.
+pub const DEFAULT_PENDING_TTL_MS: u64 = 24 * 3600 * 1000;
+
+fn pending_key(deadline_ms: u64, payment_id: &str) -> Vec<u8> {
+    let mut key = deadline_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(payment_id.as_bytes());
+    key
+}
+
+/// A post that came after its payment expired or was voided: the register heard "approved" and
+/// the money is not in the store's account. For the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatePost {
+    /// The store.
+    pub store_id: String,
+    /// The post.
+    pub post: protocol::PostPayment,
+    /// When it came.
+    pub recorded_at_ms: u64,
+}
+
 /// Most key changes returned by one [`Ledger::keys_after`] call.
 pub const KEY_BATCH_MAX: usize = 500;
 
@@ -64,6 +86,14 @@ struct TransferRecord {
     /// register heard.
     #[serde(default)]
     approved_nonces: Vec<String>,
+    /// Final: the hub confirmed it (or it was issued, or applied from an offline approval). A
+    /// payment not posted is pending: a void moves it back, and so does its expiry.
+    #[serde(default)]
+    posted: bool,
+    /// When a pending payment expires (the cloud moves it back itself: the hub that asked for it
+    /// died or lost its disk before confirming it). Absent in records written before it existed.
+    #[serde(default)]
+    pending_until_ms: Option<u64>,
 }
 
 impl TransferRecord {
@@ -99,6 +129,8 @@ impl TransferRecord {
             voided: false,
             offline: false,
             approved_nonces: Vec::new(),
+            posted: true,
+            pending_until_ms: None,
         }
     }
 
@@ -117,6 +149,9 @@ impl TransferRecord {
             voided: false,
             offline,
             approved_nonces: vec![request.code_nonce.clone()],
+            // An offline approval is final when applied; an online one waits for its post.
+            posted: offline,
+            pending_until_ms: None,
         }
     }
 }
@@ -152,6 +187,12 @@ pub struct Ledger {
     code_reuse: sled::Tree,
     /// Each store's hub signing key.
     hub_keys: sled::Tree,
+    /// Pending payments by `<deadline, big-endian ms><payment id>`, for their expiry.
+    pending: sled::Tree,
+    /// Posts that came after their payment expired or was voided, for the operator.
+    late_posts: sled::Tree,
+    /// How long an online payment stays pending without its post before the cloud expires it.
+    pending_ttl_ms: u64,
     /// Money-moving operator actions, by a sequence number.
     audit: sled::Tree,
     policy: OfflinePolicy,
@@ -190,6 +231,70 @@ fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
     format!("{account_id}/{nonce}").into_bytes()
 }
 
+/// What a voided (or expired) attempt's nonce answers from then on.
+fn voided_nonce(payment_id: &str) -> NonceRecord {
+    NonceRecord {
+        payment_id: payment_id.to_owned(),
+        decision: Decision::declined(
+            DeclineReason::CloudUnreachable,
+            "the store voided this attempt after its deadline passed",
+        ),
+        amount: None,
+    }
+}
+
+/// Moves a pending payment back with a reversing transfer `<payment id>#void`; every attempt
+/// that held it now answers "voided".
+fn reverse_tx(
+    accounts: &sled::transaction::TransactionalTree,
+    transfers: &sled::transaction::TransactionalTree,
+    nonces: &sled::transaction::TransactionalTree,
+    pending: &sled::transaction::TransactionalTree,
+    payment_id: &str,
+    mut existing: TransferRecord,
+    now_ms: u64,
+) -> TxResult<()> {
+    let mut customer: AccountRecord = decode(
+        &accounts
+            .get(existing.debit_account_id.as_bytes())?
+            .expect("debited account exists"),
+    );
+    let mut merchant: AccountRecord = decode(
+        &accounts
+            .get(existing.credit_account_id.as_bytes())?
+            .expect("credited account exists"),
+    );
+    customer.balance_minor += existing.amount_minor;
+    merchant.balance_minor -= existing.amount_minor;
+    accounts.insert(existing.debit_account_id.as_bytes(), encode(&customer))?;
+    accounts.insert(existing.credit_account_id.as_bytes(), encode(&merchant))?;
+    let reversal = TransferRecord {
+        debit_account_id: existing.credit_account_id.clone(),
+        credit_account_id: existing.debit_account_id.clone(),
+        applied_at_ms: now_ms,
+        voided: false,
+        offline: false,
+        approved_nonces: Vec::new(),
+        posted: true,
+        pending_until_ms: None,
+        ..existing.clone()
+    };
+    transfers.insert(format!("{payment_id}#void").as_bytes(), encode(&reversal))?;
+    for holder in existing.holders() {
+        nonces.insert(
+            nonce_key(&existing.debit_account_id, &holder),
+            encode(&voided_nonce(payment_id)),
+        )?;
+    }
+    if let Some(deadline) = existing.pending_until_ms.take() {
+        pending.remove(pending_key(deadline, payment_id))?;
+    }
+    existing.voided = true;
+    existing.approved_nonces.clear();
+    transfers.insert(payment_id.as_bytes(), encode(&existing))?;
+    Ok(())
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger in a directory.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
@@ -209,11 +314,20 @@ impl Ledger {
             conflicts: tree("conflicts")?,
             code_reuse: tree("code_reuse")?,
             hub_keys: tree("hub_keys")?,
+            pending: tree("pending")?,
+            late_posts: tree("late_posts")?,
+            pending_ttl_ms: DEFAULT_PENDING_TTL_MS,
             audit: tree("audit")?,
             policy: OfflinePolicy::default(),
             clock: clock::system(),
             db,
         })
+    }
+
+    /// Expires pending payments `ttl_ms` after they were applied.
+    pub fn with_pending_ttl(mut self, ttl_ms: u64) -> Self {
+        self.pending_ttl_ms = ttl_ms;
+        self
     }
 
     /// Reads time from `clock` instead of the system clock.
@@ -252,11 +366,11 @@ impl Ledger {
             .collect()
     }
 
+    /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]): after a failed flush
+    /// nobody knows what the ledger holds.
     fn flush(&self) -> Result<(), LedgerError> {
-        self.db
-            .flush()
-            .map(|_| ())
-            .map_err(|e| LedgerError::Storage(e.to_string()))
+        storage::flush_or_stop(&self.db, "cloud-ledger-flush");
+        Ok(())
     }
 
     /// Opens an account and funds it from the issuance account of its currency. Opening the same
@@ -395,12 +509,30 @@ impl Ledger {
             &self.nonces,
             &self.grants,
             &self.grants_by_account,
+            &self.pending,
         );
+        let deadline_ms = now_ms.saturating_add(self.pending_ttl_ms);
         let answer = unwrap_tx(trees.transaction(
-            |(accounts, transfers, nonces, grants, by_account)| {
+            |(accounts, transfers, nonces, grants, by_account, pending)| {
                 let decision = Self::authorize_tx(
-                    accounts, transfers, nonces, store_id, request, &nonce_key, now_ms,
+                    accounts,
+                    transfers,
+                    nonces,
+                    store_id,
+                    request,
+                    &nonce_key,
+                    (now_ms, deadline_ms),
                 )?;
+                if let Decision::Approved {
+                    already_paid: false,
+                    ..
+                } = &decision
+                {
+                    pending.insert(
+                        pending_key(deadline_ms, &request.payment_id),
+                        request.payment_id.as_bytes(),
+                    )?;
+                }
                 let allowance = match &decision {
                     Decision::Approved { .. } => offline::grant(
                         policy,
@@ -434,7 +566,7 @@ impl Ledger {
         store_id: &str,
         request: &CloudAuthorize,
         nonce_key: &[u8],
-        now_ms: u64,
+        (now_ms, deadline_ms): (u64, u64),
     ) -> TxResult<Decision> {
         if let Some(seen) = nonces.get(nonce_key)? {
             let seen: NonceRecord = decode(&seen);
@@ -483,7 +615,7 @@ impl Ledger {
                     // must not reverse what this one may tell the register, nor a late attempt's
                     // void what an earlier one told it). A transfer a hub approved offline stays
                     // its own.
-                    if !existing.offline {
+                    if !existing.offline && !existing.posted {
                         let mut holders = existing.holders();
                         holders.push(request.code_nonce.clone());
                         let held = TransferRecord {
@@ -508,7 +640,7 @@ impl Ledger {
                     )
                 }
             }
-            None => Self::try_apply(accounts, transfers, store_id, request, now_ms)?,
+            None => Self::try_apply(accounts, transfers, store_id, request, now_ms, deadline_ms)?,
         };
         let record = NonceRecord {
             payment_id: request.payment_id.clone(),
@@ -525,6 +657,7 @@ impl Ledger {
         store_id: &str,
         request: &CloudAuthorize,
         now_ms: u64,
+        deadline_ms: u64,
     ) -> TxResult<Decision> {
         let Some(customer) = accounts.get(request.account_id.as_bytes())? else {
             return Ok(Decision::declined(
@@ -578,7 +711,10 @@ impl Ledger {
             .expect("merchant balance stays far below i64::MAX");
         accounts.insert(request.account_id.as_bytes(), encode(&customer))?;
         accounts.insert(store_id.as_bytes(), encode(&merchant))?;
-        let transfer = TransferRecord::payment(store_id, request, false, now_ms);
+        let transfer = TransferRecord {
+            pending_until_ms: Some(deadline_ms),
+            ..TransferRecord::payment(store_id, request, false, now_ms)
+        };
         transfers.insert(request.payment_id.as_bytes(), encode(&transfer))?;
         Ok(Decision::Approved {
             account_id: request.account_id.clone(),
@@ -587,32 +723,27 @@ impl Ledger {
     }
 
     /// Voids a payment attempt whose answer a hub did not receive. If that attempt moved money
-    /// (it still owns the order's transfer), a reversing transfer `<payment id>#void` moves it
-    /// back; if it never arrived, its code is burnt so that a late delivery cannot apply it or
-    /// take over the order's transfer. Either way the attempt's nonce now answers "voided", so a
-    /// repeat of the attempt cannot be told "approved" for money that moved back. Returns whether
+    /// and the payment is still pending, and no other attempt told "approved" for it stands, a
+    /// reversing transfer `<payment id>#void` moves it back; if it never arrived, its code is
+    /// burnt so that a late delivery cannot apply it or join the order's transfer. Either way the
+    /// attempt's nonce now answers "voided", so a repeat of the attempt cannot be told "approved"
+    /// for money that moved back. A posted payment is final: a void leaves it. Returns whether
     /// money was moved back. Idempotent.
     pub fn void(&self, store_id: &str, request: &VoidPayment) -> Result<bool, LedgerError> {
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
-        let reversal_id = format!("{}#void", request.payment_id);
         let now_ms = self.clock.now_ms();
-        let voided = NonceRecord {
-            payment_id: request.payment_id.clone(),
-            decision: Decision::declined(
-                DeclineReason::CloudUnreachable,
-                "the store voided this attempt after its deadline passed",
-            ),
-            amount: None,
-        };
-        let reversed = unwrap_tx((&self.accounts, &self.transfers, &self.nonces).transaction(
-            |(accounts, transfers, nonces)| -> TxResult<bool> {
+        let voided = voided_nonce(&request.payment_id);
+        let trees = (&self.accounts, &self.transfers, &self.nonces, &self.pending);
+        let reversed = unwrap_tx(trees.transaction(
+            |(accounts, transfers, nonces, pending)| -> TxResult<bool> {
                 if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
                     let mut existing: TransferRecord = decode(&existing);
                     let mut holders = existing.holders();
                     let this_attempt = holders.contains(&request.code_nonce)
                         && existing.credit_account_id == store_id
                         && !existing.offline;
-                    if this_attempt && !existing.voided && holders.len() > 1 {
+                    let voidable = this_attempt && !existing.voided && !existing.posted;
+                    if voidable && holders.len() > 1 {
                         // Another attempt told "approved" still stands: nothing moves back.
                         holders.retain(|n| n != &request.code_nonce);
                         existing.approved_nonces = holders;
@@ -620,36 +751,16 @@ impl Ledger {
                         nonces.insert(nonce_key.clone(), encode(&voided))?;
                         return Ok(false);
                     }
-                    if this_attempt && !existing.voided {
-                        let mut customer: AccountRecord = decode(
-                            &accounts
-                                .get(existing.debit_account_id.as_bytes())?
-                                .expect("debited account exists"),
-                        );
-                        let mut merchant: AccountRecord = decode(
-                            &accounts
-                                .get(existing.credit_account_id.as_bytes())?
-                                .expect("credited account exists"),
-                        );
-                        customer.balance_minor += existing.amount_minor;
-                        merchant.balance_minor -= existing.amount_minor;
-                        accounts.insert(existing.debit_account_id.as_bytes(), encode(&customer))?;
-                        accounts
-                            .insert(existing.credit_account_id.as_bytes(), encode(&merchant))?;
-                        let reversal = TransferRecord {
-                            debit_account_id: existing.credit_account_id.clone(),
-                            credit_account_id: existing.debit_account_id.clone(),
-                            applied_at_ms: now_ms,
-                            voided: false,
-                            offline: false,
-                            approved_nonces: Vec::new(),
-                            ..existing.clone()
-                        };
-                        transfers.insert(reversal_id.as_bytes(), encode(&reversal))?;
-                        existing.voided = true;
-                        existing.approved_nonces.clear();
-                        transfers.insert(request.payment_id.as_bytes(), encode(&existing))?;
-                        nonces.insert(nonce_key.clone(), encode(&voided))?;
+                    if voidable {
+                        reverse_tx(
+                            accounts,
+                            transfers,
+                            nonces,
+                            pending,
+                            &request.payment_id,
+                            existing,
+                            now_ms,
+                        )?;
                         return Ok(true);
                     }
                     if this_attempt {
@@ -657,8 +768,8 @@ impl Ledger {
                     }
                 }
                 // The attempt never arrived (burn its nonce), or it was declined, or another
-                // attempt owns the transfer now: nothing moves back. A nonce that paid or took
-                // over a transfer another attempt has since taken over keeps its record.
+                // attempt holds the transfer: nothing moves back. A nonce that paid or joined a
+                // transfer keeps its record.
                 match nonces.get(&nonce_key)? {
                     None => {
                         nonces.insert(nonce_key.clone(), encode(&voided))?;
@@ -677,6 +788,125 @@ impl Ledger {
         ))?;
         self.flush()?;
         Ok(reversed)
+    }
+
+    /// Posts a payment the hub approved with the cloud's answer and journaled: from now on no void
+    /// or expiry moves it back. Returns false when it was no longer pending for this attempt (it
+    /// expired, or every attempt told "approved" was voided first): the register heard
+    /// "approved" and the money is not in the store's account, so the post is kept for the
+    /// operator ([`Ledger::late_posts`]). Idempotent.
+    pub fn post(
+        &self,
+        store_id: &str,
+        request: &protocol::PostPayment,
+    ) -> Result<bool, LedgerError> {
+        let now_ms = self.clock.now_ms();
+        let trees = (&self.transfers, &self.pending, &self.late_posts);
+        let posted = unwrap_tx(trees.transaction(
+            |(transfers, pending, late_posts)| -> TxResult<bool> {
+                let existing: Option<TransferRecord> = transfers
+                    .get(request.payment_id.as_bytes())?
+                    .map(|b| decode(&b));
+                match existing {
+                    Some(t) if t.credit_account_id == store_id && (t.posted || t.offline) => {
+                        Ok(true)
+                    }
+                    Some(mut t)
+                        if t.credit_account_id == store_id
+                            && !t.voided
+                            && t.holders().contains(&request.code_nonce) =>
+                    {
+                        if let Some(deadline) = t.pending_until_ms.take() {
+                            pending.remove(pending_key(deadline, &request.payment_id))?;
+                        }
+                        t.posted = true;
+                        transfers.insert(request.payment_id.as_bytes(), encode(&t))?;
+                        Ok(true)
+                    }
+                    _ => {
+                        let late = LatePost {
+                            store_id: store_id.to_owned(),
+                            post: request.clone(),
+                            recorded_at_ms: now_ms,
+                        };
+                        late_posts.insert(request.payment_id.as_bytes(), encode(&late))?;
+                        Ok(false)
+                    }
+                }
+            },
+        ))?;
+        self.flush()?;
+        if !posted {
+            tracing::error!(
+                store_id,
+                payment_id = request.payment_id,
+                "a post came after its payment expired or was voided; kept for the operator"
+            );
+        }
+        Ok(posted)
+    }
+
+    /// Posts that came after their payment expired or was voided.
+    pub fn late_posts(&self) -> Result<Vec<LatePost>, LedgerError> {
+        self.late_posts
+            .iter()
+            .values()
+            .map(|v| {
+                v.map(|bytes| decode(&bytes))
+                    .map_err(|e| LedgerError::Storage(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Moves back every pending payment whose deadline passed (its hub never confirmed it: it died
+    /// or lost its disk with the attempt). Returns how many.
+    pub fn expire_pending(&self) -> Result<usize, LedgerError> {
+        let now_ms = self.clock.now_ms();
+        let due: Vec<(Vec<u8>, String)> = self
+            .pending
+            .range(..now_ms.saturating_add(1).to_be_bytes().to_vec())
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), String::from_utf8_lossy(&v).into_owned()))
+                    .map_err(|e| LedgerError::Storage(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut expired = 0;
+        for (key, payment_id) in due {
+            let trees = (&self.accounts, &self.transfers, &self.nonces, &self.pending);
+            let moved = unwrap_tx(trees.transaction(
+                |(accounts, transfers, nonces, pending)| -> TxResult<bool> {
+                    pending.remove(key.clone())?;
+                    let Some(existing) = transfers.get(payment_id.as_bytes())? else {
+                        return Ok(false);
+                    };
+                    let existing: TransferRecord = decode(&existing);
+                    if existing.voided || existing.posted || existing.offline {
+                        return Ok(false);
+                    }
+                    reverse_tx(
+                        accounts,
+                        transfers,
+                        nonces,
+                        pending,
+                        &payment_id,
+                        existing,
+                        now_ms,
+                    )?;
+                    Ok(true)
+                },
+            ))?;
+            if moved {
+                tracing::warn!(
+                    payment_id,
+                    "pending payment expired unconfirmed; moved back"
+                );
+                expired += 1;
+            }
+        }
+        if expired > 0 {
+            self.flush()?;
+        }
+        Ok(expired)
     }
 
     /// Closes a customer account (the customer was erased): it takes no more payments, and its
@@ -1116,6 +1346,57 @@ mod tests {
             );
         }
         assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_payment_never_confirmed_expires_and_moves_back_and_a_late_post_is_kept() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        // The cloud applies it; the hub that asked for it loses its disk before it confirms.
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert_eq!(balance(&l, "alice"), 9_300);
+        clock.advance(59_999);
+        assert_eq!(l.expire_pending().unwrap(), 0, "not before its deadline");
+        clock.advance(1);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        assert_eq!(l.expire_pending().unwrap(), 0, "once");
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+        // A repeat of the attempt is not told "approved".
+        let again = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(again, Decision::Declined { .. }), "{again:?}");
+        // A hub that was only cut off confirms too late: kept for the operator.
+        let post = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(!l.post("store-1", &post).unwrap());
+        assert_eq!(l.late_posts().unwrap().len(), 1);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_posted_payment_is_final_no_void_or_expiry_moves_it_back() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let attempt = |nonce: &str| VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+        };
+        assert!(l.post("store-1", &attempt("n1")).unwrap());
+        assert!(l.post("store-1", &attempt("n1")).unwrap(), "idempotent");
+        assert!(!l.void("store-1", &attempt("n1")).unwrap());
+        clock.advance(120_000);
+        assert_eq!(l.expire_pending().unwrap(), 0);
+        assert_eq!(balance(&l, "alice"), 9_300);
+        assert_eq!(balance(&l, "store-1"), 700);
+        assert!(l.late_posts().unwrap().is_empty());
         books_balance(&l);
     }
 

@@ -90,7 +90,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let ledger_path = config.data_dir.join("ledger");
     let ledger = ledger::Ledger::open(&ledger_path)
         .with_context(|| format!("opening ledger at {}", ledger_path.display()))?
-        .with_offline_policy(config.offline);
+        .with_offline_policy(config.offline)
+        .with_pending_ttl(config.pending_transfer_ttl_seconds * 1000);
     let offline_metrics = actors::OfflineMetrics::register(&registry);
     let ledger = SyncArbiter::start(1, move || {
         // One thread: the ledger has a single writer.

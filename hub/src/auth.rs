@@ -195,6 +195,13 @@ impl AuthActor {
                         return;
                     }
                 }
+                // Then the approvals to confirm, before their pending payments expire.
+                let posts = journal.run(|j| j.pending_posts()).await;
+                for batch in posts.chunks(batch_size.max(1)) {
+                    if !deliver_posts(&uplink, &journal, batch.to_vec()).await {
+                        return;
+                    }
+                }
                 let batch = journal.run(move |j| j.offline_batch(batch_size)).await;
                 if batch.is_empty() {
                     return;
@@ -399,6 +406,47 @@ async fn deliver_void(
                 payment_id = void.payment_id,
                 ?other,
                 "void not delivered yet; retried on the drain timer and on reconnect"
+            );
+            false
+        }
+    }
+}
+
+/// Delivers a batch of posts; true once the cloud acknowledged them (about these very payments)
+/// and the journal retired them.
+async fn deliver_posts(
+    uplink: &Addr<UplinkActor>,
+    journal: &JournalWorker,
+    posts: Vec<protocol::PostPayment>,
+) -> bool {
+    let call = CallCloud {
+        body: HubRequestBody::Post(posts.clone()),
+        timeout: MAINTENANCE_TIMEOUT,
+    };
+    let expected: Vec<String> = posts.iter().map(|p| p.payment_id.clone()).collect();
+    match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::Posted {
+            payment_ids,
+            posted,
+        })) if payment_ids == expected && posted.len() == expected.len() => {
+            for (payment_id, posted) in payment_ids.iter().zip(&posted) {
+                if !posted {
+                    tracing::error!(
+                        payment_id,
+                        "the cloud moved this approved payment back before its post; an operator settles it"
+                    );
+                }
+            }
+            journal
+                .run(move |j| posts.iter().try_for_each(|p| j.retire_post(p)))
+                .await;
+            true
+        }
+        other => {
+            tracing::info!(
+                posts = expected.len(),
+                ?other,
+                "posts not delivered yet; retried on the drain timer and on reconnect"
             );
             false
         }

@@ -97,6 +97,9 @@ pub struct Journal {
     attempts: sled::Tree,
     /// Offline approvals the cloud could not apply as approved, kept for an operator by sequence.
     conflicts: sled::Tree,
+    /// Approvals the cloud answered and this hub journaled, to confirm (post) at the cloud, by
+    /// `<payment id>#<nonce>`: until posted, the cloud's payment is pending and would expire.
+    posts: sled::Tree,
 }
 
 /// What the hub approved under a payment id.
@@ -146,6 +149,7 @@ impl Journal {
             paid: db.open_tree("paid").map_err(storage_error)?,
             attempts: db.open_tree("attempts").map_err(storage_error)?,
             conflicts: db.open_tree("conflicts").map_err(storage_error)?,
+            posts: db.open_tree("posts").map_err(storage_error)?,
             db,
         })
     }
@@ -379,8 +383,8 @@ impl Journal {
             ),
             Decision::Declined { .. } => None,
         };
-        (&self.decisions, &self.paid, &self.attempts)
-            .transaction(|(decisions, paid_tree, attempts)| -> TxResult<()> {
+        (&self.decisions, &self.paid, &self.attempts, &self.posts)
+            .transaction(|(decisions, paid_tree, attempts, posts)| -> TxResult<()> {
                 decisions.insert(&id.to_be_bytes(), value.clone())?;
                 if let Some(paid) = &paid {
                     if paid_tree.get(entry.payment_id.as_bytes())?.is_none() {
@@ -389,6 +393,13 @@ impl Journal {
                 }
                 if let Some(attempt) = attempt {
                     attempts.remove(attempt_key(attempt))?;
+                    // The cloud approved it: confirm it there, so that it no longer expires.
+                    if paid.is_some() {
+                        posts.insert(
+                            attempt_key(attempt),
+                            serde_json::to_vec(attempt).expect("serialises"),
+                        )?;
+                    }
                 }
                 Ok(())
             })
@@ -624,6 +635,26 @@ impl Journal {
                     .expect("journal voids are readable"))
             })
             .collect()
+    }
+
+    /// Posts still to deliver.
+    pub fn pending_posts(&self) -> Result<Vec<protocol::PostPayment>, HubError> {
+        self.posts
+            .iter()
+            .values()
+            .map(|v| {
+                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
+                    .expect("journal posts are readable"))
+            })
+            .collect()
+    }
+
+    /// Drops a post the cloud acknowledged.
+    pub fn retire_post(&self, post: &protocol::PostPayment) -> Result<(), HubError> {
+        self.posts
+            .remove(attempt_key(post))
+            .map_err(storage_error)?;
+        self.flush()
     }
 
     /// Drops a void the cloud acknowledged.

@@ -39,6 +39,10 @@ const RUN_MS: u64 = 20_000;
 const CLOUD_TIMEOUT_MS: u64 = 300;
 /// How often the hub drains voids and its backlog, ms.
 const DRAIN_INTERVAL_MS: u64 = 200;
+/// How long a payment stays pending at the cloud without its post, ms.
+const PENDING_TTL_MS: u64 = 60_000;
+/// How often the cloud expires pending payments, ms.
+const EXPIRY_INTERVAL_MS: u64 = 1_000;
 
 /// What a run did, for the report.
 #[derive(Debug, Default, Clone)]
@@ -60,13 +64,12 @@ pub struct SimReport {
     /// Offline approvals lost with a wiped hub disk (the stated cost of losing the disk: the
     /// store was told "approved" and the money never reaches it).
     pub lost_with_disk: usize,
-    /// Voids lost with a wiped hub disk whose attempt the cloud had applied: the register heard
-    /// "declined" and the customer stays charged (the stated cost of losing the disk until the
-    /// cloud expires unconfirmed transfers itself).
-    pub charged_after_decline_with_disk_lost: usize,
-    /// Approvals forgotten with a wiped hub disk whose money a later attempt's void moved back:
-    /// the register heard "approved" and the store does not get the money.
+    /// Online approvals whose post was lost with a wiped hub disk: the cloud moved them back
+    /// when they expired; the register heard "approved" and the store does not get the money.
     pub reversed_after_approval_with_disk_lost: usize,
+    /// Offline approvals in conflict with a pending attempt whose void was lost with a wiped
+    /// disk: kept for the operator; the store does not get the money until one settles it.
+    pub conflicts_with_disk_lost: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +91,7 @@ struct Op {
 enum ToCloud {
     Authorize(CloudAuthorize),
     Void(VoidPayment),
+    Post(Vec<VoidPayment>),
     Reconcile(Vec<OfflinePayment>),
 }
 
@@ -101,6 +105,9 @@ enum ToHub {
     Failed,
     Voided {
         payment_id: String,
+    },
+    Posted {
+        payment_ids: Vec<String>,
     },
     Reconciled(Vec<ReconcileResult>),
     Allowances(Vec<protocol::Allowance>),
@@ -122,6 +129,8 @@ enum Happening {
     Drain,
     /// The hub prunes old nonces.
     Prune,
+    /// The cloud expires pending payments.
+    Expire,
     /// A fault begins.
     Fault(Fault),
     /// A cut heals.
@@ -163,6 +172,7 @@ struct InFlight {
 enum Waiting {
     Attempt(u64),
     Void(VoidPayment),
+    Post(Vec<VoidPayment>),
     Batch,
 }
 
@@ -193,6 +203,8 @@ struct Sim {
     seq: u64,
     queue: BTreeMap<(u64, u64), Happening>,
     ledger: Ledger,
+    /// The cloud's clock: the simulated time.
+    cloud_clock: std::sync::Arc<clock::ManualClock>,
     hub: Hub,
     cut: bool,
     terminals: Vec<Terminal>,
@@ -236,10 +248,14 @@ fn scratch_root() -> PathBuf {
 
 impl Sim {
     fn new(seed: u64, dir: &Path) -> anyhow::Result<Self> {
-        let ledger = Ledger::open(&dir.join("ledger"))?.with_offline_policy(OfflinePolicy {
-            store_allowance_minor: 3_000,
-            account_cap_minor: 3_000,
-        });
+        let cloud_clock = clock::ManualClock::new(1_000_000);
+        let ledger = Ledger::open(&dir.join("ledger"))?
+            .with_offline_policy(OfflinePolicy {
+                store_allowance_minor: 3_000,
+                account_cap_minor: 3_000,
+            })
+            .with_pending_ttl(PENDING_TTL_MS)
+            .with_clock(cloud_clock.clone());
         let open = |id: String, kind, balance| {
             ledger.open_account(&OpenAccount {
                 account_id: id,
@@ -274,6 +290,7 @@ impl Sim {
             seq: 0,
             queue: BTreeMap::new(),
             ledger,
+            cloud_clock,
             hub,
             cut: false,
             terminals: (0..TERMINALS)
@@ -299,6 +316,7 @@ impl Sim {
         }
         sim.at(DRAIN_INTERVAL_MS, Happening::Drain);
         sim.at(1_000, Happening::Prune);
+        sim.at(EXPIRY_INTERVAL_MS, Happening::Expire);
         // The faults: one of each kind at a seeded time (every run covers every kind), then more
         // at random.
         let kinds = [
@@ -366,13 +384,14 @@ impl Sim {
                 bail!("the simulation did not settle");
             }
             self.now_ms = at;
+            self.cloud_clock.set(at);
             let end = 1_000_000 + RUN_MS;
             if self.now_ms > end && self.faults_on {
                 // Heal everything; no new charges; let the hub drain.
                 self.faults_on = false;
                 self.cut = false;
             }
-            if self.now_ms > end + 60_000 {
+            if self.now_ms > end + 60_000 + PENDING_TTL_MS {
                 break;
             }
             self.happen(happening)?;
@@ -390,7 +409,9 @@ impl Sim {
                     id,
                     Event::Cloud(CloudResult::Unanswered("deadline passed".into())),
                 ),
-                Some(Waiting::Void(_) | Waiting::Batch) => self.hub.draining = false,
+                Some(Waiting::Void(_) | Waiting::Post(_) | Waiting::Batch) => {
+                    self.hub.draining = false
+                }
                 None => {}
             },
             Happening::AtCloud(request_id, message) => self.at_cloud(request_id, message)?,
@@ -403,6 +424,12 @@ impl Sim {
                 self.drain()?;
                 if self.faults_on || !self.quiet()? {
                     self.at(DRAIN_INTERVAL_MS, Happening::Drain);
+                }
+            }
+            Happening::Expire => {
+                self.ledger.expire_pending()?;
+                if self.faults_on || self.now_ms < 1_000_000 + RUN_MS + 2 * PENDING_TTL_MS {
+                    self.at(EXPIRY_INTERVAL_MS, Happening::Expire);
                 }
             }
             Happening::Prune => {
@@ -438,6 +465,7 @@ impl Sim {
     /// Whether nothing is left to deliver.
     fn quiet(&self) -> anyhow::Result<bool> {
         Ok(self.hub.journal.pending_voids()?.is_empty()
+            && self.hub.journal.pending_posts()?.is_empty()
             && self.hub.journal.offline_batch(1)?.is_empty()
             && self.hub.attempts.is_empty())
     }
@@ -716,6 +744,17 @@ impl Sim {
                     },
                 );
             }
+            ToCloud::Post(posts) => {
+                for post in &posts {
+                    self.ledger.post(STORE, post)?;
+                }
+                self.send_to_hub(
+                    request_id,
+                    ToHub::Posted {
+                        payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
+                    },
+                );
+            }
             ToCloud::Reconcile(entries) => {
                 let done = self.ledger.reconcile(STORE, &entries)?;
                 let results = entries
@@ -784,6 +823,15 @@ impl Sim {
                 self.hub.draining = false;
                 self.drain()?;
             }
+            (Waiting::Post(posts), ToHub::Posted { payment_ids })
+                if payment_ids.iter().eq(posts.iter().map(|p| &p.payment_id)) =>
+            {
+                for post in &posts {
+                    self.hub.journal.retire_post(post)?;
+                }
+                self.hub.draining = false;
+                self.drain()?;
+            }
             (Waiting::Batch, ToHub::Reconciled(results)) => {
                 let sorted = hub::offline::sort_results(&results);
                 let mut retired = self.hub.journal.retire_offline(&sorted.settled)?;
@@ -817,6 +865,24 @@ impl Sim {
                 .insert(request_id, Waiting::Void(void.clone()));
             self.hub.draining = true;
             self.send_to_cloud(request_id, ToCloud::Void(void));
+            self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
+            return Ok(());
+        }
+        let posts: Vec<VoidPayment> = self
+            .hub
+            .journal
+            .pending_posts()?
+            .into_iter()
+            .take(20)
+            .collect();
+        if !posts.is_empty() {
+            self.next_id += 1;
+            let request_id = self.next_id;
+            self.hub
+                .waiting
+                .insert(request_id, Waiting::Post(posts.clone()));
+            self.hub.draining = true;
+            self.send_to_cloud(request_id, ToCloud::Post(posts));
             self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
             return Ok(());
         }
@@ -986,25 +1052,21 @@ impl Sim {
                 ));
             }
             if !approved.is_empty() {
+                let forgotten = self.forgotten.contains(&payment_id);
+                let conflicted =
+                    conflicts.contains(&payment_id) && self.lost_voids.contains(&payment_id);
                 match found.first() {
+                    // The costs of a wiped hub disk, stated and counted: an offline approval
+                    // that never reaches the cloud; an online approval never confirmed, which
+                    // the cloud moves back when it expires; an offline approval in conflict
+                    // with a pending attempt whose void was lost.
                     None if lost => {}
-                    None if self.forgotten.contains(&payment_id) => {
-                        self.report.reversed_after_approval_with_disk_lost += 1
-                    }
+                    None if forgotten => self.report.reversed_after_approval_with_disk_lost += 1,
+                    None if conflicted => self.report.conflicts_with_disk_lost += 1,
                     None => problems.push(format!(
                         "{payment_id} heard approved, not in the ledger ({})",
                         heard()
                     )),
-                    Some(t)
-                        if !approved.iter().any(|o| same(o, t))
-                            && (lost || conflicts.contains(&payment_id))
-                            && self.lost_voids.contains(&payment_id)
-                            && ops.iter().any(|o| same(&o, t)) =>
-                    {
-                        // Both costs of the wiped disk at once: the approval offline never
-                        // reaches the ledger, and an earlier declined attempt stays charged.
-                        self.report.charged_after_decline_with_disk_lost += 1;
-                    }
                     Some(t) if !approved.iter().any(|o| same(o, t)) => problems.push(format!(
                         "{payment_id} heard approved ({}), ledger has {t:?}",
                         heard()
@@ -1013,14 +1075,10 @@ impl Sim {
                 }
             } else if ops.iter().all(|o| matches!(o.heard, Heard::Declined(_))) && !found.is_empty()
             {
-                if self.lost_voids.contains(&payment_id) {
-                    self.report.charged_after_decline_with_disk_lost += 1;
-                } else {
-                    problems.push(format!(
-                        "{payment_id} heard only declined, but paid in the ledger ({})",
-                        heard()
-                    ));
-                }
+                problems.push(format!(
+                    "{payment_id} heard only declined, but paid in the ledger ({})",
+                    heard()
+                ));
             }
         }
         // Each account's balance is what the history implies, not merely a sum that balances.

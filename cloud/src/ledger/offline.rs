@@ -412,7 +412,9 @@ impl Ledger {
                         // approval takes it over, so a void of that attempt cannot reverse it.
                         if !existing.offline {
                             existing.offline = true;
+                            existing.posted = true;
                             existing.code_nonce = Some(entry.nonce.clone());
+                            // Final now: its expiry entry is left to find it posted.
                             transfers.insert(transfer_id.as_bytes(), encode(&existing))?;
                         }
                         return Ok((ReconcileOutcome::AlreadyApplied, None, None));

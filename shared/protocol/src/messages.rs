@@ -321,6 +321,9 @@ pub enum HubRequestBody {
     Authorize(CloudAuthorize),
     /// Undo, or pre-empt, a payment whose answer the hub did not get in time.
     Void(VoidPayment),
+    /// Confirm payments the cloud approved and the hub journaled: their pending transfers are
+    /// posted, and can no longer be voided or expire.
+    Post(Vec<PostPayment>),
     /// Send the account keys changed after `after_version`.
     KeySync {
         /// Highest key version the hub holds; 0 for none.
@@ -377,6 +380,9 @@ pub struct VoidPayment {
     pub code_nonce: String,
 }
 
+/// A post: the attempt the cloud approved, confirmed by the hub that journaled the approval.
+pub type PostPayment = VoidPayment;
+
 /// The cloud's answer to a [`HubRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CloudReply {
@@ -413,6 +419,14 @@ pub enum CloudReplyBody {
         payment_id: String,
         /// True when money had moved and was moved back.
         reversed: bool,
+    },
+    /// Posts were recorded, one result per post in order: false when the transfer was no longer
+    /// pending for that attempt (it expired or was voided first), kept for the operator.
+    Posted {
+        /// The payments, in the request's order.
+        payment_ids: Vec<String>,
+        /// Whether each was posted.
+        posted: Vec<bool>,
     },
     /// Account keys, oldest change first.
     Keys(KeyBatch),

@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         totals.declined += report.declined;
         totals.unknown += report.unknown;
         totals.lost_with_disk += report.lost_with_disk;
-        totals.charged_after_decline_with_disk_lost += report.charged_after_decline_with_disk_lost;
+        totals.conflicts_with_disk_lost += report.conflicts_with_disk_lost;
         totals.reversed_after_approval_with_disk_lost +=
             report.reversed_after_approval_with_disk_lost;
         for (kind, n) in report.faults {
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "facepay-sim: {} seeds passed in {secs:.1} s ({:.0} seeds/min); attempts {} approved {} \
          (offline {}) declined {} unknown {}; faults {:?}; lost with a wiped disk: {} offline \
-         approvals, {} charged after a decline, {} approvals reversed",
+         approvals, {} online approvals expired unconfirmed, {} conflicts for the operator",
         cli.seeds,
         cli.seeds as f64 * 60.0 / secs,
         totals.attempts,
@@ -54,8 +54,8 @@ fn main() -> anyhow::Result<()> {
         totals.unknown,
         totals.faults,
         totals.lost_with_disk,
-        totals.charged_after_decline_with_disk_lost,
         totals.reversed_after_approval_with_disk_lost,
+        totals.conflicts_with_disk_lost,
     );
     Ok(())
 }
