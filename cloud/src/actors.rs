@@ -174,7 +174,7 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                         reversed,
                     })
             }
-            HubRequestBody::Post(posts) => posts
+            HubRequestBody::Post(protocol::PostBatch { posts }) => posts
                 .iter()
                 .map(|post| self.ledger.post(&store_id, post))
                 .collect::<Result<Vec<bool>, _>>()

@@ -987,6 +987,7 @@ impl Ledger {
             .map(|item| {
                 let (k, v) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
                 let t: TransferRecord = decode(&v);
+                let pending = !t.posted && !t.offline && !t.voided;
                 Ok(TransferView {
                     transfer_id: String::from_utf8(k.to_vec()).expect("ids are UTF-8"),
                     debit_account_id: t.debit_account_id,
@@ -994,6 +995,7 @@ impl Ledger {
                     amount_minor: t.amount_minor,
                     currency: t.currency,
                     applied_at_ms: t.applied_at_ms,
+                    pending,
                 })
             })
             .collect()

@@ -420,7 +420,9 @@ async fn deliver_posts(
     posts: Vec<protocol::PostPayment>,
 ) -> bool {
     let call = CallCloud {
-        body: HubRequestBody::Post(posts.clone()),
+        body: HubRequestBody::Post(protocol::PostBatch {
+            posts: posts.clone(),
+        }),
         timeout: MAINTENANCE_TIMEOUT,
     };
     let expected: Vec<String> = posts.iter().map(|p| p.payment_id.clone()).collect();

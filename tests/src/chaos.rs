@@ -22,7 +22,7 @@ use anyhow::{bail, Context as _};
 use paycode::Wallet;
 use protocol::{synthetic::Rng, AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
 
-use crate::{charge, present_code, start_cloud, store::StoreSite, CloudApi, Mosquitto, Service};
+use crate::{charge, present_code, store::StoreSite, CloudApi, Mosquitto, Service};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -88,6 +88,56 @@ pub enum Fault {
     KillCloud,
     /// Restart the broker (it keeps nothing).
     RestartBroker,
+    /// Black-hole a hub's link to the broker: bytes vanish, no connection closes.
+    BlackholeHub(usize),
+    /// Pause the cloud (SIGSTOP) past the hubs' deadline, then let it go on (SIGCONT): it
+    /// applies what waited, late.
+    PauseCloud,
+    /// Restart a hub whose journal fails its next write (a failpoint): it stops there, and the
+    /// harness starts it again without the fault.
+    DiskFaultHub(usize),
+    /// Restart a hub with its clock 90 s ahead or behind, then again with the right time.
+    ClockJumpHub(usize, i64),
+    /// kill -9 a hub and delete its journal (a lost disk), then start it again.
+    WipeHub(usize),
+}
+
+impl Fault {
+    /// Every kind once (the hub and the clock step are placeholders), for the schedule.
+    pub const KINDS: usize = 11;
+
+    /// The kind's name, for coverage reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::PartitionHub(_) => "partition_hub",
+            Fault::PartitionTerminals(_) => "partition_terminals",
+            Fault::PartitionBoth(_) => "partition_both",
+            Fault::KillHub(_) => "kill_hub",
+            Fault::KillCloud => "kill_cloud",
+            Fault::RestartBroker => "restart_broker",
+            Fault::BlackholeHub(_) => "blackhole_hub",
+            Fault::PauseCloud => "pause_cloud",
+            Fault::DiskFaultHub(_) => "disk_fault_hub",
+            Fault::ClockJumpHub(..) => "clock_jump_hub",
+            Fault::WipeHub(_) => "wipe_hub",
+        }
+    }
+
+    fn of_kind(kind: u64, store: usize, ahead: bool) -> Self {
+        match kind {
+            0 => Fault::PartitionHub(store),
+            1 => Fault::PartitionTerminals(store),
+            2 => Fault::PartitionBoth(store),
+            3 => Fault::KillHub(store),
+            4 => Fault::KillCloud,
+            5 => Fault::RestartBroker,
+            6 => Fault::BlackholeHub(store),
+            7 => Fault::PauseCloud,
+            8 => Fault::DiskFaultHub(store),
+            9 => Fault::ClockJumpHub(store, if ahead { 90_000 } else { -90_000 }),
+            _ => Fault::WipeHub(store),
+        }
+    }
 }
 
 /// A fault, when it starts (after the workload starts) and how long it lasts.
@@ -101,24 +151,28 @@ pub struct Step {
     pub hold: Duration,
 }
 
-/// The fault schedule a seed gives for a run of `duration`.
+/// The fault schedule a seed gives for a run of `duration`: every kind once, in a seeded order,
+/// then kinds at random while time is left. Faults overlap: a new one may begin while the last
+/// one's backlog drains or its voids are in flight.
 pub fn schedule(seed: u64, duration: Duration) -> Vec<Step> {
     let mut rng = Rng::new(seed ^ 0x00c4_a05e);
+    let mut kinds: Vec<u64> = (0..Fault::KINDS as u64).collect();
+    for i in (1..kinds.len()).rev() {
+        kinds.swap(i, rng.below(i as u64 + 1) as usize);
+    }
     let mut steps = Vec::new();
     let mut at = Duration::from_millis(1_000 + rng.below(1_000));
-    while at + Duration::from_secs(4) < duration {
-        let store = rng.below(2) as usize;
-        let fault = match rng.below(6) {
-            0 => Fault::PartitionHub(store),
-            1 => Fault::PartitionTerminals(store),
-            2 => Fault::PartitionBoth(store),
-            3 => Fault::KillHub(store),
-            4 => Fault::KillCloud,
-            _ => Fault::RestartBroker,
-        };
-        let hold = Duration::from_millis(1_500 + rng.below(3_000));
+    let mut n = 0;
+    while at + Duration::from_secs(3) < duration || n < kinds.len() {
+        let kind = kinds
+            .get(n)
+            .copied()
+            .unwrap_or_else(|| rng.below(Fault::KINDS as u64));
+        let fault = Fault::of_kind(kind, rng.below(2) as usize, rng.below(2) == 0);
+        let hold = Duration::from_millis(1_000 + rng.below(2_500));
         steps.push(Step { at, fault, hold });
-        at += hold + Duration::from_millis(1_000 + rng.below(2_000));
+        at += hold + Duration::from_millis(300 + rng.below(1_500));
+        n += 1;
     }
     steps
 }
@@ -148,6 +202,8 @@ pub struct Op {
     pub account: String,
     /// Amount.
     pub amount_minor: i64,
+    /// When the charge was invoked, ms since the epoch.
+    pub invoked_ms: u64,
     /// When the answer came, ms since the epoch.
     pub answered_ms: u64,
     /// What the terminal said.
@@ -179,6 +235,28 @@ pub struct Report {
     pub max_account_exposure: i64,
     /// Highest unreconciled offline amount of one store seen on its hub's metric.
     pub max_store_exposure: i64,
+    /// Unknown outcomes the ledger resolved as paid, and as not paid.
+    pub unknown_paid: usize,
+    /// Unknown outcomes the ledger resolved as not paid.
+    pub unknown_unpaid: usize,
+    /// Orders a cashier charged again after an unknown outcome.
+    pub retries: usize,
+    /// Fault kinds injected.
+    pub fault_kinds: std::collections::BTreeSet<&'static str>,
+    /// What wiped journals cost (offline approvals lost, approvals never confirmed and moved
+    /// back, conflicts for the operator).
+    pub lost_with_disk: usize,
+}
+
+/// What wiped hub journals held: the costs the checker accepts and counts.
+#[derive(Debug, Default, Clone)]
+pub struct DiskLosses {
+    /// Offline approvals not yet reconciled.
+    pub offline: std::collections::BTreeSet<String>,
+    /// Payments the hub had approved.
+    pub approved: std::collections::BTreeSet<String>,
+    /// Payments with a void or an undecided attempt.
+    pub voids: std::collections::BTreeSet<String>,
 }
 
 struct World {
@@ -186,6 +264,7 @@ struct World {
     broker: Mosquitto,
     cloud: Service,
     sites: Vec<StoreSite>,
+    losses: DiskLosses,
 }
 
 impl World {
@@ -222,9 +301,22 @@ pub fn run(dir: &Path, config: &ChaosConfig) -> anyhow::Result<Report> {
     })
 }
 
+/// The cloud's settings in a chaos run: grants sized so that the account cap binds (two stores
+/// at their allowance would pass it), and pending payments that expire within the run.
+fn cloud_settings(config: &ChaosConfig) -> Vec<String> {
+    vec![
+        format!(
+            "offline.store_allowance_minor={}",
+            config.account_cap_minor * 3 / 4
+        ),
+        format!("offline.account_cap_minor={}", config.account_cap_minor),
+        "pending_transfer_ttl_seconds=20".into(),
+    ]
+}
+
 fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result<Report> {
     let broker = Mosquitto::start(dir)?;
-    let cloud = start_cloud(&dir.join("cloud"), broker.port)?;
+    let cloud = crate::start_cloud_with(&dir.join("cloud"), broker.port, &cloud_settings(config))?;
     let api = CloudApi::new(cloud.http_addr);
     let open = |id: &str, kind, balance, key: Option<String>| {
         api.open(&OpenAccount {
@@ -276,13 +368,13 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
             }
         }
     }
-    let issued: i64 = config.balance_minor * config.customers as i64;
 
     let world = Arc::new(Mutex::new(World {
         dir: dir.to_owned(),
         broker,
         cloud,
         sites,
+        losses: DiskLosses::default(),
     }));
     let history = Arc::new(Mutex::new(Vec::<Op>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -307,11 +399,27 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         workers.push(std::thread::spawn(move || {
             let mut rng = Rng::new(seed);
             let mut n = 0;
+            // The last order whose outcome the cashier did not hear: charged again, half the
+            // time, with the same amount or (a third of those) another.
+            let mut unheard: Option<(String, usize, i64)> = None;
             while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let wallet = &wallets[rng.below(wallets.len() as u64) as usize];
-                let amount = 50 + rng.below(1_200) as i64;
-                let order = format!("t{t}-{n}");
+                let (order, customer, amount) = match unheard.take() {
+                    Some((order, customer, amount)) if rng.below(2) == 0 => {
+                        let amount = if rng.below(3) == 0 {
+                            50 + rng.below(1_200) as i64
+                        } else {
+                            amount
+                        };
+                        (order, customer, amount)
+                    }
+                    _ => {
+                        n += 1;
+                        let customer = rng.below(wallets.len() as u64) as usize;
+                        (format!("t{t}-{n}"), customer, 50 + rng.below(1_200) as i64)
+                    }
+                };
+                let wallet = &wallets[customer];
+                let invoked_ms = now_ms();
                 let outcome = match present_code(&frames, wallet)
                     .and_then(|_| charge(edge, &order, amount, "EUR"))
                 {
@@ -327,11 +435,15 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
                     },
                     Err(e) => Outcome::Unknown(e.to_string()),
                 };
+                if let Outcome::Unknown(_) = outcome {
+                    unheard = Some((order.clone(), customer, amount));
+                }
                 history.lock().unwrap().push(Op {
                     store: store.clone(),
                     payment_id: format!("{store}:{order}"),
                     account: wallet.account_id().to_owned(),
                     amount_minor: amount,
+                    invoked_ms,
                     answered_ms: now_ms(),
                     outcome,
                 });
@@ -339,55 +451,66 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         }));
     }
     // The exposure monitor: each hub's unreconciled offline total, while it is up.
+    // A hub that answers without the metric fails the run (a renamed metric must not leave the
+    // maximum at 0); one that does not answer is down (killed, restarting).
     let monitor = {
         let (world, stop, max) = (world.clone(), stop.clone(), max_store_exposure.clone());
-        std::thread::spawn(move || {
+        std::thread::spawn(move || -> anyhow::Result<usize> {
+            let mut reads = 0;
             while !stop.load(Ordering::Relaxed) {
                 let addrs: Vec<SocketAddr> = world.lock().unwrap().hub_addrs();
                 for addr in addrs {
                     if let Ok(page) = crate::get_text(&format!("http://{addr}/metrics")) {
-                        if let Some(v) =
-                            crate::metric_value(&page, "facepay_hub_offline_exposure_minor")
-                        {
-                            let mut m = max.lock().unwrap();
-                            *m = (*m).max(v as i64);
-                        }
+                        let v = crate::metric_value(&page, "facepay_hub_offline_exposure_minor")
+                            .with_context(|| {
+                                format!("hub {addr} answers without its exposure metric")
+                            })?;
+                        reads += 1;
+                        let mut m = max.lock().unwrap();
+                        *m = (*m).max(v as i64);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
+            Ok(reads)
         })
     };
 
-    // The faults, on schedule.
+    // The faults, on schedule; a new fault may land while the last one's backlog drains.
     let started = Instant::now();
     let mut fault_error = None;
-    let mut drain = Duration::ZERO;
     for step in steps {
         if let Some(wait) = step.at.checked_sub(started.elapsed()) {
             std::thread::sleep(wait);
         }
-        match inject(&world, step).and_then(|_| drained(&world)) {
-            Ok(took) => drain = drain.max(took),
-            Err(e) => {
-                fault_error = Some(e);
-                break;
-            }
+        if let Err(e) = inject(&world, config, step) {
+            fault_error = Some(e);
+            break;
         }
     }
     if let Some(wait) = config.duration.checked_sub(started.elapsed()) {
         std::thread::sleep(wait);
     }
     stop.store(true, Ordering::Relaxed);
+    // A worker or the monitor that panicked fails the run: its checks did not happen.
     for w in workers {
-        let _ = w.join();
+        if w.join().is_err() {
+            bail!("a terminal worker panicked");
+        }
     }
-    let _ = monitor.join();
+    let monitor_reads = match monitor.join() {
+        Ok(reads) => reads?,
+        Err(_) => bail!("the exposure monitor panicked"),
+    };
+    if monitor_reads == 0 {
+        bail!("the exposure monitor never read a hub's metrics");
+    }
     if let Some(e) = fault_error {
         return Err(e.context("injecting a fault"));
     }
 
     // Heal everything (every fault was healed after its hold) and wait for the journals.
+    let healed = Instant::now();
     let (cloud_http, hubs) = {
         let w = world.lock().unwrap();
         for s in &w.sites {
@@ -397,26 +520,24 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         (w.cloud.http_addr, w.hub_addrs())
     };
     for hub in &hubs {
-        crate::wait_for_metric(
-            *hub,
-            "facepay_hub_offline_backlog",
-            0.0,
-            Duration::from_secs(120),
-        )
-        .context("a hub's journal did not drain")?;
+        crate::wait_for_metric(*hub, "facepay_hub_offline_backlog", 0.0, DRAIN_BOUND)
+            .context("a hub's journal did not drain")?;
     }
+    let drain = healed.elapsed();
     let api = CloudApi::new(cloud_http);
     let history = history.lock().unwrap().clone();
-    // Voids of timed-out attempts go on reconnect: give them a moment to land.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let losses = world.lock().unwrap().losses.clone();
+    // Voids and posts go on the drain timer, and attempts of a wiped journal expire at the
+    // cloud: give them the time that takes (the expiry is 20 s).
+    let deadline = Instant::now() + Duration::from_secs(60);
     let checked = loop {
-        match check(&api, &history, issued) {
-            Ok(max) => break Ok(max),
+        match check(&api, &history, config, &losses) {
+            Ok(checked) => break Ok(checked),
             Err(e) if Instant::now() > deadline => break Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            Err(_) => std::thread::sleep(Duration::from_millis(1_000)),
         }
     };
-    let max_account_exposure = checked?;
+    let checked = checked?;
     let max_store = *max_store_exposure.lock().unwrap();
     if max_store > config.store_ceiling_minor {
         bail!(
@@ -424,9 +545,10 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
             config.store_ceiling_minor
         );
     }
-    if max_account_exposure > config.account_cap_minor {
+    if checked.max_account_exposure > config.account_cap_minor {
         bail!(
-            "an account had {max_account_exposure} unreconciled offline, above the cap {}",
+            "an account had {} unreconciled offline, above the cap {}",
+            checked.max_account_exposure,
             config.account_cap_minor
         );
     }
@@ -437,6 +559,10 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         }
     }
     let count = |f: fn(&Outcome) -> bool| history.iter().filter(|o| f(&o.outcome)).count();
+    let mut orders = std::collections::HashMap::<&str, usize>::new();
+    for op in &history {
+        *orders.entry(op.payment_id.as_str()).or_default() += 1;
+    }
     Ok(Report {
         seed: config.seed,
         faults: steps.len(),
@@ -447,28 +573,39 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         unknown: count(|o| matches!(o, Outcome::Unknown(_))),
         drain,
         declines,
-        max_account_exposure,
+        max_account_exposure: checked.max_account_exposure,
         max_store_exposure: max_store,
+        unknown_paid: checked.unknown_paid,
+        unknown_unpaid: checked.unknown_unpaid,
+        retries: orders.values().map(|n| n - 1).sum(),
+        fault_kinds: steps.iter().map(|s| s.fault.kind()).collect(),
+        lost_with_disk: checked.lost_with_disk,
     })
 }
 
 /// Longest a healed hub may take to empty its journal before the run fails.
 pub const DRAIN_BOUND: Duration = Duration::from_secs(60);
 
-/// After a fault is healed: how long until both hubs' journals are empty (payments keep flowing,
-/// so new offline approvals can only come from a fault still being noticed).
-fn drained(world: &Arc<Mutex<World>>) -> anyhow::Result<Duration> {
-    let healed = Instant::now();
-    let hubs: Vec<SocketAddr> = world.lock().unwrap().hub_addrs();
-    for hub in hubs {
-        crate::wait_for_metric(hub, "facepay_hub_offline_backlog", 0.0, DRAIN_BOUND)
-            .context("a healed hub's journal did not drain")?;
+/// What a wiped journal held, read from its files once its hub is dead.
+fn read_losses(journal_dir: &Path, losses: &mut DiskLosses) -> anyhow::Result<()> {
+    let journal = hub::journal::Journal::open(journal_dir)?;
+    for entry in journal.offline_entries()? {
+        losses.offline.insert(entry.payment_id);
     }
-    Ok(healed.elapsed())
+    for decision in journal.decisions()? {
+        if matches!(decision.decision, protocol::Decision::Approved { .. }) {
+            losses.approved.insert(decision.payment_id);
+        }
+    }
+    for void in journal.pending_voids()?.into_iter().chain(journal.open_attempts()?) {
+        losses.voids.insert(void.payment_id);
+    }
+    Ok(())
 }
 
-fn inject(world: &Arc<Mutex<World>>, step: &Step) -> anyhow::Result<()> {
+fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyhow::Result<()> {
     let mut w = world.lock().unwrap();
+    let mut hold = step.hold;
     match step.fault {
         Fault::PartitionHub(i) => w.sites[i].uplink.cut(),
         Fault::PartitionTerminals(i) => w.sites[i].downlink.cut(),
@@ -476,8 +613,14 @@ fn inject(world: &Arc<Mutex<World>>, step: &Step) -> anyhow::Result<()> {
             w.sites[i].uplink.cut();
             w.sites[i].downlink.cut();
         }
+        Fault::BlackholeHub(i) => w.sites[i].uplink.blackhole(),
         Fault::KillHub(i) => w.sites[i].hub.kill(),
         Fault::KillCloud => w.cloud.kill(),
+        Fault::PauseCloud => {
+            // Past the hubs' deadline (1.5 s): what waited is applied late.
+            hold = hold.max(Duration::from_millis(2_500));
+            signal(w.cloud.pid(), "-STOP")?;
+        }
         Fault::RestartBroker => {
             let dir = w.dir.clone();
             let port = w.broker.port;
@@ -485,30 +628,87 @@ fn inject(world: &Arc<Mutex<World>>, step: &Step) -> anyhow::Result<()> {
                 .restart(&dir)
                 .with_context(|| format!("restarting the broker on {port}"))?;
         }
+        Fault::DiskFaultHub(i) => {
+            let env = [(
+                "FAILPOINTS".to_owned(),
+                "hub-journal-record=return".to_owned(),
+            )];
+            w.sites[i].restart_hub_with_env(&env)?;
+        }
+        Fault::ClockJumpHub(i, offset_ms) => {
+            let env = [(clock::OFFSET_ENV.to_owned(), offset_ms.to_string())];
+            w.sites[i].restart_hub_with_env(&env)?;
+        }
+        Fault::WipeHub(i) => {
+            w.sites[i].hub.kill();
+            let journal = w.sites[i].hub_data_dir().join("journal");
+            // sled's lock goes with the dead process; the harness reads what is lost.
+            let mut losses = std::mem::take(&mut w.losses);
+            read_losses(&journal, &mut losses)
+                .with_context(|| format!("reading the wiped journal {}", journal.display()))?;
+            w.losses = losses;
+            std::fs::remove_dir_all(&journal)?;
+            w.sites[i].restart_hub()?;
+        }
     }
     drop(w);
-    std::thread::sleep(step.hold);
+    std::thread::sleep(hold);
     let mut w = world.lock().unwrap();
     match step.fault {
-        Fault::PartitionHub(i) => w.sites[i].uplink.heal(),
+        Fault::PartitionHub(i) | Fault::BlackholeHub(i) => w.sites[i].uplink.heal(),
         Fault::PartitionTerminals(i) => w.sites[i].downlink.heal(),
         Fault::PartitionBoth(i) => {
             w.sites[i].uplink.heal();
             w.sites[i].downlink.heal();
         }
-        Fault::KillHub(i) => w.sites[i].restart_hub()?,
+        Fault::KillHub(i) | Fault::DiskFaultHub(i) | Fault::ClockJumpHub(i, _) => {
+            w.sites[i].restart_hub()?
+        }
         Fault::KillCloud => {
             let dir = w.dir.join("cloud");
-            w.cloud = start_cloud(&dir, w.broker.port)?;
+            w.cloud = crate::start_cloud_with(&dir, w.broker.port, &cloud_settings(config))?;
         }
-        Fault::RestartBroker => {}
+        Fault::PauseCloud => signal(w.cloud.pid(), "-CONT")?,
+        Fault::RestartBroker | Fault::WipeHub(_) => {}
     }
     Ok(())
 }
 
-/// Checks the history against the ledger; returns the highest unreconciled offline amount one
-/// account had over all stores at once.
-pub fn check(api: &CloudApi, history: &[Op], issued: i64) -> anyhow::Result<i64> {
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill {signal} {pid} failed");
+    }
+    Ok(())
+}
+
+/// What the check found beside problems.
+#[derive(Debug, Clone, Default)]
+pub struct Checked {
+    /// Highest unreconciled offline amount one account had over all stores at once, from the
+    /// ledger's application times.
+    pub max_account_exposure: i64,
+    /// Unknown outcomes resolved as paid.
+    pub unknown_paid: usize,
+    /// Unknown outcomes resolved as not paid.
+    pub unknown_unpaid: usize,
+    /// Approvals a wiped journal cost.
+    pub lost_with_disk: usize,
+}
+
+/// Checks the history against the ledger, order by order (a cashier may charge an order again
+/// after an unknown outcome): an order heard approved is paid exactly once, with an amount and
+/// account it was invoked with; an order heard only declined is not paid; every unknown outcome
+/// is resolved against the ledger; nothing stays pending; every account holds what the history
+/// implies. What wiped journals cost is accepted only for the payments they held, and counted.
+pub fn check(
+    api: &CloudApi,
+    history: &[Op],
+    config: &ChaosConfig,
+    losses: &DiskLosses,
+) -> anyhow::Result<Checked> {
     let transfers = api.transfers()?;
     let by_id: HashMap<&str, &protocol::TransferView> = transfers
         .iter()
@@ -527,79 +727,141 @@ pub fn check(api: &CloudApi, history: &[Op], issued: i64) -> anyhow::Result<i64>
         found
     };
     let mut problems = Vec::new();
-    let mut intervals: HashMap<&str, Vec<(u64, u64, i64)>> = HashMap::new();
+    for t in &transfers {
+        if t.pending {
+            problems.push(format!(
+                "{} still pending: its hub neither confirmed it nor let it expire",
+                t.transfer_id
+            ));
+        }
+    }
+    let mut orders: std::collections::BTreeMap<&str, Vec<&Op>> = Default::default();
     for op in history {
-        let found = live(&op.payment_id);
-        match &op.outcome {
-            Outcome::Ok { offline } => {
-                if found.len() != 1 {
-                    problems.push(format!(
-                        "{} approved but {} times in the ledger",
-                        op.payment_id,
-                        found.len()
-                    ));
-                } else if found[0].amount_minor != op.amount_minor
-                    || found[0].debit_account_id != op.account
-                {
-                    problems.push(format!(
-                        "{} approved as {} from {}, ledger has {:?}",
-                        op.payment_id, op.amount_minor, op.account, found[0]
-                    ));
-                } else if *offline {
-                    intervals.entry(op.account.as_str()).or_default().push((
-                        op.answered_ms,
-                        found[0].applied_at_ms,
-                        op.amount_minor,
-                    ));
+        orders.entry(op.payment_id.as_str()).or_default().push(op);
+    }
+    let mut checked = Checked::default();
+    let mut spent: HashMap<String, i64> = HashMap::new();
+    let mut received: HashMap<String, i64> = HashMap::new();
+    let mut intervals: HashMap<&str, Vec<(u64, u64, i64)>> = HashMap::new();
+    for (payment_id, ops) in &orders {
+        let found = live(payment_id);
+        let told = || {
+            ops.iter()
+                .map(|o| format!("{}:{}:{:?}", o.account, o.amount_minor, o.outcome))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if found.len() > 1 {
+            problems.push(format!("{payment_id} paid {} times ({})", found.len(), told()));
+            continue;
+        }
+        let same = |o: &Op, t: &protocol::TransferView| {
+            o.account == t.debit_account_id && o.amount_minor == t.amount_minor
+        };
+        let lost = losses.offline.contains(*payment_id)
+            || losses.approved.contains(*payment_id)
+            || losses.voids.contains(*payment_id);
+        if let Some(t) = found.first() {
+            *spent.entry(t.debit_account_id.clone()).or_default() += t.amount_minor;
+            *received.entry(t.credit_account_id.clone()).or_default() += t.amount_minor;
+            if !ops.iter().any(|o| same(o, t)) {
+                problems.push(format!("{payment_id} in the ledger as {t:?}, never invoked so"));
+            }
+        }
+        for op in ops.iter().filter(|o| matches!(o.outcome, Outcome::Unknown(_))) {
+            match found.first() {
+                Some(t) if same(op, t) => checked.unknown_paid += 1,
+                _ => checked.unknown_unpaid += 1,
+            }
+        }
+        let approved: Vec<&&Op> = ops
+            .iter()
+            .filter(|o| matches!(o.outcome, Outcome::Ok { .. }))
+            .collect();
+        if !approved.is_empty() {
+            let first = approved[0];
+            if approved
+                .iter()
+                .any(|o| (&o.account, o.amount_minor) != (&first.account, first.amount_minor))
+                && !lost
+            {
+                problems.push(format!(
+                    "{payment_id} heard approved with different details ({})",
+                    told()
+                ));
+            }
+            match found.first() {
+                // A wiped journal's cost: an offline approval never reconciled, an approval
+                // never confirmed (moved back when it expired), a conflict for the operator.
+                None if lost => checked.lost_with_disk += 1,
+                None => problems.push(format!(
+                    "{payment_id} heard approved, not in the ledger ({})",
+                    told()
+                )),
+                Some(t) if !approved.iter().any(|o| same(o, t)) => problems.push(format!(
+                    "{payment_id} heard approved ({}), the ledger has {t:?}",
+                    told()
+                )),
+                Some(t) => {
+                    for op in approved
+                        .iter()
+                        .filter(|o| matches!(o.outcome, Outcome::Ok { offline: true }))
+                    {
+                        intervals.entry(op.account.as_str()).or_default().push((
+                            op.answered_ms,
+                            t.applied_at_ms,
+                            op.amount_minor,
+                        ));
+                    }
                 }
             }
-            Outcome::Failed(reason) => {
-                if !found.is_empty() {
-                    problems.push(format!(
-                        "{} declined ({reason}) but in the ledger",
-                        op.payment_id
-                    ));
-                }
-            }
-            Outcome::Unknown(_) => {
-                if found.len() > 1 {
-                    problems.push(format!(
-                        "{} in the ledger {} times",
-                        op.payment_id,
-                        found.len()
-                    ));
-                }
-            }
+        } else if ops.iter().all(|o| matches!(o.outcome, Outcome::Failed(_)))
+            && !found.is_empty()
+        {
+            problems.push(format!(
+                "{payment_id} heard only declined, but paid in the ledger ({})",
+                told()
+            ));
         }
     }
     // Every store payment in the ledger was invoked by the workload (or priming).
-    let invoked: std::collections::HashSet<&str> =
-        history.iter().map(|o| o.payment_id.as_str()).collect();
     for t in &transfers {
         let base = t
             .transfer_id
             .trim_end_matches("#offline")
             .trim_end_matches("#void");
-        if base.starts_with("store-") && !base.contains(":prime-") && !invoked.contains(base) {
+        if base.starts_with("store-") && !base.contains(":prime-") && !orders.contains_key(base) {
             problems.push(format!("{} in the ledger was never invoked", t.transfer_id));
         }
     }
-    // Money is conserved: customers and stores hold exactly what was issued.
-    let accounts = api.accounts()?;
-    let held: i64 = accounts
-        .iter()
-        .filter(|a| a.kind != AccountKind::Issuance)
-        .map(|a| a.balance_minor)
-        .sum();
-    if held != issued {
-        problems.push(format!("accounts hold {held}, {issued} was issued"));
+    // Every account holds what the history implies (each customer paid 1 at each store while
+    // priming), not merely a sum that balances.
+    let stores = ["store-1", "store-2"];
+    for account in api.accounts()? {
+        let expected = match account.kind {
+            AccountKind::Customer => {
+                config.balance_minor
+                    - stores.len() as i64
+                    - spent.get(&account.account_id).copied().unwrap_or(0)
+            }
+            AccountKind::Merchant => {
+                config.customers as i64
+                    + received.get(&account.account_id).copied().unwrap_or(0)
+            }
+            AccountKind::Issuance => continue,
+        };
+        if account.balance_minor != expected {
+            problems.push(format!(
+                "{} holds {}, its history implies {expected}",
+                account.account_id, account.balance_minor
+            ));
+        }
     }
     api.assert_books_balance()?;
     if !problems.is_empty() {
         bail!("{} problems:\n  {}", problems.len(), problems.join("\n  "));
     }
     // Offline exposure per account over time: approved (answered) until applied at the cloud.
-    let mut max = 0;
     for spans in intervals.values() {
         let mut events: Vec<(u64, i64)> = spans
             .iter()
@@ -609,8 +871,8 @@ pub fn check(api: &CloudApi, history: &[Op], issued: i64) -> anyhow::Result<i64>
         let mut level = 0;
         for (_, delta) in events {
             level += delta;
-            max = max.max(level);
+            checked.max_account_exposure = checked.max_account_exposure.max(level);
         }
     }
-    Ok(max)
+    Ok(checked)
 }

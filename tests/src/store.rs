@@ -25,6 +25,7 @@ pub struct StoreSite {
     /// Terminals <-> hub.
     pub downlink: FaultProxy,
     hub_args: Vec<String>,
+    hub_data_dir: PathBuf,
 }
 
 impl StoreSite {
@@ -38,10 +39,11 @@ impl StoreSite {
         hub_extra: &[String],
     ) -> anyhow::Result<Self> {
         let uplink = FaultProxy::start(([127, 0, 0, 1], broker_port).into())?;
+        let hub_data_dir = dir.join(format!("hub-{store_id}"));
         let zenoh_port = free_port();
         let mut hub_args = vec![
             format!("store_id={store_id}"),
-            format!("data_dir={:?}", dir.join(format!("hub-{store_id}"))),
+            format!("data_dir={hub_data_dir:?}"),
             format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
             format!("mqtt.port={}", uplink.port),
             "mqtt.keep_alive_seconds=1".into(),
@@ -76,7 +78,13 @@ impl StoreSite {
             uplink,
             downlink,
             hub_args,
+            hub_data_dir,
         })
+    }
+
+    /// The hub's data directory (its journal is `journal/` in it).
+    pub fn hub_data_dir(&self) -> &Path {
+        &self.hub_data_dir
     }
 
     /// The key the hub signs offline approvals with.

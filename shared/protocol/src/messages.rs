@@ -323,7 +323,7 @@ pub enum HubRequestBody {
     Void(VoidPayment),
     /// Confirm payments the cloud approved and the hub journaled: their pending transfers are
     /// posted, and can no longer be voided or expire.
-    Post(Vec<PostPayment>),
+    Post(PostBatch),
     /// Send the account keys changed after `after_version`.
     KeySync {
         /// Highest key version the hub holds; 0 for none.
@@ -382,6 +382,13 @@ pub struct VoidPayment {
 
 /// A post: the attempt the cloud approved, confirmed by the hub that journaled the approval.
 pub type PostPayment = VoidPayment;
+
+/// Posts sent together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostBatch {
+    /// The posts, in order.
+    pub posts: Vec<PostPayment>,
+}
 
 /// The cloud's answer to a [`HubRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -592,6 +599,9 @@ pub struct TransferView {
     pub currency: Currency,
     /// Milliseconds since the Unix epoch when applied.
     pub applied_at_ms: u64,
+    /// An online payment its hub has not confirmed yet: a void or its expiry still moves it back.
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// Totals over the whole ledger, per currency.
