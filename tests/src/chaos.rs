@@ -597,7 +597,11 @@ fn read_losses(journal_dir: &Path, losses: &mut DiskLosses) -> anyhow::Result<()
             losses.approved.insert(decision.payment_id);
         }
     }
-    for void in journal.pending_voids()?.into_iter().chain(journal.open_attempts()?) {
+    for void in journal
+        .pending_voids()?
+        .into_iter()
+        .chain(journal.open_attempts()?)
+    {
         losses.voids.insert(void.payment_id);
     }
     Ok(())
@@ -752,7 +756,11 @@ pub fn check(
                 .join(", ")
         };
         if found.len() > 1 {
-            problems.push(format!("{payment_id} paid {} times ({})", found.len(), told()));
+            problems.push(format!(
+                "{payment_id} paid {} times ({})",
+                found.len(),
+                told()
+            ));
             continue;
         }
         let same = |o: &Op, t: &protocol::TransferView| {
@@ -765,10 +773,15 @@ pub fn check(
             *spent.entry(t.debit_account_id.clone()).or_default() += t.amount_minor;
             *received.entry(t.credit_account_id.clone()).or_default() += t.amount_minor;
             if !ops.iter().any(|o| same(o, t)) {
-                problems.push(format!("{payment_id} in the ledger as {t:?}, never invoked so"));
+                problems.push(format!(
+                    "{payment_id} in the ledger as {t:?}, never invoked so"
+                ));
             }
         }
-        for op in ops.iter().filter(|o| matches!(o.outcome, Outcome::Unknown(_))) {
+        for op in ops
+            .iter()
+            .filter(|o| matches!(o.outcome, Outcome::Unknown(_)))
+        {
             match found.first() {
                 Some(t) if same(op, t) => checked.unknown_paid += 1,
                 _ => checked.unknown_unpaid += 1,
@@ -815,9 +828,7 @@ pub fn check(
                     }
                 }
             }
-        } else if ops.iter().all(|o| matches!(o.outcome, Outcome::Failed(_)))
-            && !found.is_empty()
-        {
+        } else if ops.iter().all(|o| matches!(o.outcome, Outcome::Failed(_))) && !found.is_empty() {
             problems.push(format!(
                 "{payment_id} heard only declined, but paid in the ledger ({})",
                 told()
@@ -845,8 +856,7 @@ pub fn check(
                     - spent.get(&account.account_id).copied().unwrap_or(0)
             }
             AccountKind::Merchant => {
-                config.customers as i64
-                    + received.get(&account.account_id).copied().unwrap_or(0)
+                config.customers as i64 + received.get(&account.account_id).copied().unwrap_or(0)
             }
             AccountKind::Issuance => continue,
         };

@@ -244,7 +244,93 @@ pub fn binary_path(name: &str) -> PathBuf {
     } else {
         dir
     };
-    dir.join(name)
+    let path = dir.join(name);
+    assert_fresh(&path);
+    path
+}
+
+/// Panics when a tier binary is missing or older than a source file of the workspace: `cargo
+/// test -p tests` alone builds the test binaries, not the tiers', and a cross-process test must
+/// not pass or fail on yesterday's code. `cargo build --workspace --all-targets` (what
+/// `tests/run.sh` does first) makes them fresh.
+fn assert_fresh(binary: &Path) {
+    fn newest(dir: &Path, newest_seen: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                newest(&path, newest_seen);
+            } else if path.extension().is_some_and(|e| e == "rs" || e == "toml") {
+                if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                    if newest_seen.as_ref().is_none_or(|(t, _)| modified > *t) {
+                        *newest_seen = Some((modified, path));
+                    }
+                }
+            }
+        }
+    }
+    static CHECKED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+        std::sync::OnceLock::new();
+    let checked = CHECKED.get_or_init(Default::default);
+    if checked.lock().expect("not poisoned").contains(binary) {
+        return;
+    }
+    let built = std::fs::metadata(binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run `cargo build --workspace --all-targets` first",
+                binary.display()
+            )
+        });
+    // The binary's own crate and every workspace crate it depends on (cargo relinks it when one
+    // of those changes, and only then).
+    fn crate_dirs(root: &Path, dir: &Path, seen: &mut std::collections::BTreeSet<PathBuf>) {
+        if !seen.insert(dir.to_owned()) {
+            return;
+        }
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap_or_default();
+        for line in manifest.lines() {
+            let name = line.split(['.', ' ', '=']).next().unwrap_or_default();
+            for candidate in [root.join("shared").join(name), root.join(name)] {
+                if !name.is_empty() && candidate.join("Cargo.toml").exists() {
+                    crate_dirs(root, &candidate, seen);
+                }
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let name = binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let own = match name {
+        "facepay-hub" => root.join("hub"),
+        "facepay-edge" => root.join("edge"),
+        "facepay-cloud" => root.join("cloud"),
+        "facepay-pki" => root.join("shared/pki"),
+        _ => root.join("tests"),
+    };
+    let mut dirs = std::collections::BTreeSet::new();
+    crate_dirs(&root, &own, &mut dirs);
+    let mut newest_seen = None;
+    for dir in &dirs {
+        newest(&dir.join("src"), &mut newest_seen);
+    }
+    if let Some((modified, source)) = newest_seen {
+        assert!(
+            modified <= built,
+            "{} is older than {}: run `cargo build --workspace --all-targets` first",
+            binary.display(),
+            source.display()
+        );
+    }
+    checked
+        .lock()
+        .expect("not poisoned")
+        .insert(binary.to_owned());
 }
 
 /// A facepay binary running as a child process, killed on drop.

@@ -280,20 +280,24 @@ fn pay_by_face_end_to_end() {
     // The token is single-use: another order is refused.
     let again = pay(s1.edge.http_addr, "f-2", 100, &token);
     assert_eq!(again.reason, Some(DeclineReason::TokenInvalid), "{again:?}");
-    // And bound to its store's terminal.
-    let elsewhere = pay(s2.edge.http_addr, "f-3", 100, &token);
+    // And bound to its store: a fresh, unspent token shown at another store's terminal (with
+    // the same terminal name) is refused there, and still pays at its own.
+    let fresh = token_of(&look(&s1, &face_fixture("bruno-2.jpg"), "face"), "bruno");
+    let elsewhere = pay(s2.edge.http_addr, "f-3", 100, &fresh);
     assert_eq!(
         elsewhere.reason,
         Some(DeclineReason::TokenInvalid),
         "{elsewhere:?}"
     );
+    let home = pay(s1.edge.http_addr, "f-3", 100, &fresh);
+    assert_eq!(home.status, ChargeStatus::Approved, "{home:?}");
     let (status, made_up) =
         charge_with_token(s1.edge.http_addr, "f-4", 100, "EUR", "tok_nope").unwrap();
     assert_eq!(
         (status, made_up.reason),
         (200, Some(DeclineReason::TokenInvalid))
     );
-    assert_eq!(admin.balance("bruno").unwrap(), 10_000 - 1_234);
+    assert_eq!(admin.balance("bruno").unwrap(), 10_000 - 1_234 - 100);
 
     // --- Unenrolled person, spoof --------------------------------------------------------------
     let transfers_before = admin.transfers().unwrap().len();

@@ -51,20 +51,33 @@ fn every_labelled_identity_pays_as_itself() {
         "../shared/faces/labelled must be beside the repository"
     );
     let engine = FaceEngine::load_default(FaceConfig::default()).unwrap();
-    let embed = |file: &str| {
+    // Photos the gates refuse (prints of prints, no face) are not usable at a terminal either:
+    // each is named with its reason, and they may not be more than a quarter of the photos.
+    let mut refused: Vec<String> = Vec::new();
+    let mut embed = |file: &str| {
         let bytes = std::fs::read(dir.join(file)).unwrap();
         let analysis = engine.analyze(&bytes, Gates::All).unwrap();
-        // Photos the liveness gate refuses (prints of prints) are not usable at a terminal either.
-        analysis.embedding.filter(|_| analysis.refusal.is_none())
+        match (&analysis.refusal, analysis.embedding) {
+            (None, Some(embedding)) => Some(embedding),
+            (refusal, _) => {
+                refused.push(format!("{file}: {refusal:?}"));
+                None
+            }
+        }
     };
+    let groups = identities(&dir);
+    let photos: usize = groups.iter().map(Vec::len).sum();
     let mut enrolled = Vec::new();
     let mut probes = Vec::new();
-    for (i, group) in identities(&dir).iter().enumerate() {
+    let mut dropped = Vec::new();
+    for (i, group) in groups.iter().enumerate() {
         let usable: Vec<(String, Vec<f32>)> = group
             .iter()
             .filter_map(|f| embed(f).map(|e| (f.clone(), e)))
             .collect();
         if usable.len() < 2 {
+            // Fewer than two usable photos: nothing to enroll and probe with.
+            dropped.push(group.join("+"));
             continue;
         }
         let account = format!("id-{i}");
@@ -79,6 +92,20 @@ fn every_labelled_identity_pays_as_itself() {
             probes.push((account.clone(), file.clone(), embedding.clone()));
         }
     }
+    eprintln!(
+        "{} of {photos} photos refused: {refused:#?}\n{} of {} identities dropped: {dropped:?}",
+        refused.len(),
+        dropped.len(),
+        groups.len()
+    );
+    assert!(
+        refused.len() * 4 <= photos,
+        "more than a quarter of the photos refused: {refused:#?}"
+    );
+    assert!(
+        dropped.len() * 4 <= groups.len(),
+        "more than a quarter of the identities dropped: {dropped:?}"
+    );
     assert!(enrolled.len() >= 6, "{} identities usable", enrolled.len());
     let index = HotIndex::build(&enrolled);
     let rule = IdentifyConfig::default();

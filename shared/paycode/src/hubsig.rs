@@ -71,12 +71,30 @@ mod tests {
         signer.sign(&mut e);
         verify_hub_signature(&signer.public_key_b64(), &e).unwrap();
 
-        let mut more = e.clone();
-        more.amount_minor += 1;
-        assert!(verify_hub_signature(&signer.public_key_b64(), &more).is_err());
-        let mut other = e.clone();
-        other.account_id = "mallory".into();
-        assert!(verify_hub_signature(&signer.public_key_b64(), &other).is_err());
+        // Every signed field, changed alone, breaks the signature.
+        let changes: [(&str, fn(&mut OfflinePayment)); 10] = [
+            ("seq", |e| e.seq += 1),
+            ("payment_id", |e| e.payment_id = "s1:o2".into()),
+            ("store_id", |e| e.store_id = "s2".into()),
+            ("terminal_id", |e| e.terminal_id = "t2".into()),
+            ("order_id", |e| e.order_id = "o2".into()),
+            ("account_id", |e| e.account_id = "mallory".into()),
+            ("nonce", |e| e.nonce = "m".into()),
+            ("amount_minor", |e| e.amount_minor += 1),
+            ("currency", |e| {
+                e.currency = protocol::Currency::parse("USD").unwrap()
+            }),
+            ("approved_at_ms", |e| e.approved_at_ms += 1),
+        ];
+        for (field, change) in changes {
+            let mut changed = e.clone();
+            change(&mut changed);
+            assert_ne!(changed, e, "{field} changed");
+            assert!(
+                verify_hub_signature(&signer.public_key_b64(), &changed).is_err(),
+                "{field} is not covered by the signature"
+            );
+        }
 
         let stranger = HubSigner::from_seed(&[4; 32]);
         assert!(verify_hub_signature(&stranger.public_key_b64(), &e).is_err());

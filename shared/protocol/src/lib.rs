@@ -159,7 +159,6 @@ mod tests {
         assert_eq!(format!("{back:?}"), format!("{posted:?}"));
     }
 
-
     #[test]
     fn envelope_round_trips_and_refuses_other_versions() {
         let reply = AuthorizeReply {
