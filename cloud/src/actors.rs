@@ -354,8 +354,8 @@ pub const HUB_LINK_MAILBOX: usize = 64;
 /// and broadcasts account key changes.
 pub struct HubLinkActor {
     client: mqtt::Client,
-    ledger: Addr<LedgerActor>,
-    identity: Addr<IdentityActor>,
+    ledger: crate::bounded::Bounded<LedgerActor>,
+    identity: crate::bounded::Bounded<IdentityActor>,
     metrics: PaymentMetrics,
     connected: prometheus::IntGauge,
     /// Stores with a merchant account: the only request topics served.
@@ -366,7 +366,7 @@ pub struct HubLinkActor {
 /// certificate of the fleet may publish on the request topic named after its common name (the
 /// broker's ACL pattern); only hubs of real stores are answered.
 async fn is_store(
-    ledger: &Addr<LedgerActor>,
+    ledger: &crate::bounded::Bounded<LedgerActor>,
     known: &std::sync::Mutex<std::collections::HashSet<String>>,
     store_id: &str,
 ) -> bool {
@@ -394,8 +394,8 @@ impl HubLinkActor {
     /// A link over an MQTT client whose event loop the caller drives into this actor.
     pub fn new(
         client: mqtt::Client,
-        ledger: Addr<LedgerActor>,
-        identity: Addr<IdentityActor>,
+        ledger: crate::bounded::Bounded<LedgerActor>,
+        identity: crate::bounded::Bounded<IdentityActor>,
         metrics: PaymentMetrics,
         connected: prometheus::IntGauge,
     ) -> Self {

@@ -27,7 +27,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub(crate) struct ApiState {
-    pub ledger: Addr<LedgerActor>,
+    pub ledger: crate::bounded::Bounded<LedgerActor>,
     pub link: Addr<HubLinkActor>,
 }
 
@@ -83,7 +83,7 @@ fn operator_of(request: &HttpRequest) -> String {
 /// result on. The action has already happened: a failure to record it is logged and answered as
 /// a storage error.
 async fn audited<T>(
-    ledger: &Addr<LedgerActor>,
+    ledger: &crate::bounded::Bounded<LedgerActor>,
     operator: String,
     action: &str,
     target: &str,
@@ -113,7 +113,7 @@ async fn audited<T>(
 
 /// Opens an account (its opening balance moves money) and records who did it.
 async fn open_audited(
-    ledger: &Addr<LedgerActor>,
+    ledger: &crate::bounded::Bounded<LedgerActor>,
     operator: String,
     request: OpenAccount,
 ) -> Result<Option<protocol::KeyEntry>, HttpResponse> {
@@ -313,9 +313,9 @@ pub const MAX_ENROLL_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub(crate) struct EnrollState {
-    pub ledger: Addr<LedgerActor>,
+    pub ledger: crate::bounded::Bounded<LedgerActor>,
     pub link: Addr<HubLinkActor>,
-    pub identity: Addr<IdentityActor>,
+    pub identity: crate::bounded::Bounded<IdentityActor>,
     pub faces: Addr<face::worker::FaceWorker>,
 }
 

@@ -6,6 +6,7 @@
 
 pub mod actors;
 mod api;
+pub mod bounded;
 pub mod config;
 pub mod customers;
 pub mod enroll;
@@ -40,7 +41,7 @@ pub struct CloudHandle {
     /// When the cloud's certificate expires (RFC 3339).
     pub cert_expires: String,
     /// The ledger actor, for in-process callers (the fleet demo).
-    pub ledger: Addr<LedgerActor>,
+    pub ledger: crate::bounded::Bounded<LedgerActor>,
     servers: Vec<actix_web::dev::ServerHandle>,
 }
 
@@ -93,10 +94,13 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         .with_offline_policy(config.offline)
         .with_pending_ttl(config.pending_transfer_ttl_seconds * 1000);
     let offline_metrics = actors::OfflineMetrics::register(&registry);
-    let ledger = SyncArbiter::start(1, move || {
-        // One thread: the ledger has a single writer.
-        LedgerActor::new(ledger.clone()).with_metrics(offline_metrics.clone())
-    });
+    let ledger = bounded::Bounded::new(
+        SyncArbiter::start(1, move || {
+            // One thread: the ledger has a single writer.
+            LedgerActor::new(ledger.clone()).with_metrics(offline_metrics.clone())
+        }),
+        bounded::LEDGER_QUEUE,
+    );
 
     let templates_gauge = telemetry::register_gauge(
         &registry,
@@ -116,12 +120,15 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     .context("opening the identity index")?;
     let slot = std::sync::Mutex::new(Some(actor));
     // One thread: the store and the index have a single writer.
-    let identity = SyncArbiter::start(1, move || {
-        slot.lock()
-            .expect("not poisoned")
-            .take()
-            .expect("one identity thread")
-    });
+    let identity = bounded::Bounded::new(
+        SyncArbiter::start(1, move || {
+            slot.lock()
+                .expect("not poisoned")
+                .take()
+                .expect("one identity thread")
+        }),
+        bounded::IDENTITY_QUEUE,
+    );
     let engine =
         face::FaceEngine::load_default(config.face.clone()).context("loading the face models")?;
     let faces = face::worker::start_workers(std::sync::Arc::new(engine), config.face_threads);

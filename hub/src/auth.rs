@@ -23,9 +23,9 @@ use crate::{
     attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer},
     error::HubError,
     journal::{Journal, JournalEntry, JournalWorker},
+    messages::{CheckCode, RedeemToken},
     offline::OfflineBook,
     uplink::{CallCloud, UplinkActor, UplinkEvent},
-    verify::{RedeemToken, VerifyActor},
 };
 
 /// Mailbox bound of the authorization actor; a full mailbox makes the edge's query wait.
@@ -93,8 +93,10 @@ impl OfflineMetrics {
 }
 
 /// What the authorization actor needs to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuthSettings {
+    /// The one time source (code windows, offline approvals, nonce pruning).
+    pub clock: clock::SharedClock,
     /// The hub's store.
     pub store_id: String,
     /// Code validity window and clock-skew tolerance.
@@ -114,7 +116,7 @@ pub struct AuthActor {
     metrics: PaymentMetrics,
     keys_gauge: prometheus::IntGauge,
     syncing: bool,
-    verifier: Option<Addr<VerifyActor>>,
+    verifier: Option<Recipient<RedeemToken>>,
     offline: OfflineBook,
     signer: Arc<HubSigner>,
     seqs: Journal,
@@ -132,17 +134,16 @@ impl AuthActor {
         stored_keys: Vec<KeyEntry>,
         key_version: u64,
         journal: JournalWorker,
-        clock: clock::SharedClock,
         metrics: PaymentMetrics,
         keys_gauge: prometheus::IntGauge,
         offline: OfflineSetup,
     ) -> Self {
         let mut actor = AuthActor {
+            clock: settings.clock.clone(),
             settings,
             keys: HashMap::new(),
             key_version,
             journal,
-            clock,
             uplink: None,
             metrics,
             keys_gauge,
@@ -491,7 +492,7 @@ impl Handler<AttachUplink> for AuthActor {
 /// Give the actor the verify actor, which redeems payment tokens.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AttachVerifier(pub Addr<VerifyActor>);
+pub struct AttachVerifier(pub Recipient<RedeemToken>);
 
 impl Handler<AttachVerifier> for AuthActor {
     type Result = ();
@@ -499,11 +500,6 @@ impl Handler<AttachVerifier> for AuthActor {
         self.verifier = Some(msg.0);
     }
 }
-
-/// Check a payment code (form, key, signature, window) without spending it.
-#[derive(Message)]
-#[rtype(result = "Result<SignedCode, Decision>")]
-pub struct CheckCode(pub String);
 
 impl Handler<CheckCode> for AuthActor {
     type Result = Result<SignedCode, Decision>;
@@ -650,7 +646,7 @@ struct HubParts {
 }
 
 async fn redeem(
-    verifier: Option<&Addr<VerifyActor>>,
+    verifier: Option<&Recipient<RedeemToken>>,
     token: &str,
     terminal_id: &str,
 ) -> Result<Payer, Decision> {

@@ -12,6 +12,7 @@ pub mod config;
 mod error;
 pub mod hotset;
 pub mod journal;
+pub mod messages;
 pub mod offline;
 pub mod trust;
 pub mod uplink;
@@ -161,6 +162,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let journal_worker = JournalWorker::start(journal.clone());
 
     let settings = AuthSettings {
+        clock: clock.clone(),
         store_id: config.store_id.clone(),
         validity: Validity {
             window_ms: config.code_validity_seconds * 1000,
@@ -173,7 +175,6 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         stored_keys,
         key_version,
         journal_worker.clone(),
-        clock.clone(),
         metrics,
         keys_gauge,
         offline_setup,
@@ -197,12 +198,13 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let verify = VerifyActor::new(
         verify_settings,
         hot,
-        auth.clone(),
+        auth.clone().recipient(),
         journal_worker,
         VerifyMetrics::register(&registry),
+        clock.clone(),
     )
     .start();
-    auth.do_send(AttachVerifier(verify.clone()));
+    auth.do_send(AttachVerifier(verify.clone().recipient()));
 
     let in_force: trust::ListInForce =
         std::sync::Arc::new(std::sync::RwLock::new(revocations.pem.clone()));

@@ -63,9 +63,9 @@ impl UplinkActor {
         listeners: Vec<Recipient<UplinkEvent>>,
         connected_gauge: prometheus::IntGauge,
     ) -> Self {
-        // Request ids only need to be unique among this process's requests, but starting from the
-        // clock keeps a restarted hub from matching a stale reply to a new request.
-        let next_request_id = paycode::now_ms() << 16;
+        // Request ids only need to be unique among this process's requests, but a random start
+        // keeps a restarted hub from matching a stale reply to a new request.
+        let next_request_id = u64::from(rand::random::<u32>()) << 24;
         UplinkActor {
             store_id,
             client,

@@ -17,10 +17,10 @@ use protocol::{
 use rand::RngCore;
 
 use crate::{
-    auth::{AuthActor, CheckCode},
     config::IdentifyConfig,
     hotset::{HotSet, LockoutPolicy, Scored},
     journal::{JournalWorker, Reservation},
+    messages::{CheckCode, RedeemToken, Token},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
 };
 
@@ -30,17 +30,6 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// Mailbox bound.
 pub const VERIFY_MAILBOX: usize = 256;
-
-/// A payment token the hub issued.
-#[derive(Debug, Clone)]
-pub struct Token {
-    /// The account it charges.
-    pub account_id: String,
-    /// The terminal it is bound to.
-    pub terminal_id: String,
-    /// Expiry, ms since the epoch.
-    pub expires_at_ms: u64,
-}
 
 #[derive(Debug, Clone)]
 struct Challenge {
@@ -126,7 +115,8 @@ pub struct VerifyActor {
     tokens: HashMap<String, Token>,
     challenges: HashMap<String, Challenge>,
     policy: LockoutPolicy,
-    auth: Addr<AuthActor>,
+    auth: Recipient<CheckCode>,
+    clock: clock::SharedClock,
     journal: JournalWorker,
     uplink: Option<Addr<UplinkActor>>,
     metrics: VerifyMetrics,
@@ -178,9 +168,10 @@ impl VerifyActor {
     pub fn new(
         settings: VerifySettings,
         hot: HotSet,
-        auth: Addr<AuthActor>,
+        auth: Recipient<CheckCode>,
         journal: JournalWorker,
         metrics: VerifyMetrics,
+        clock: clock::SharedClock,
     ) -> Self {
         let policy = LockoutPolicy {
             free: settings.identify.free_failures,
@@ -196,6 +187,7 @@ impl VerifyActor {
             policy,
             auth,
             journal,
+            clock,
             uplink: None,
             metrics,
             syncing: false,
@@ -215,7 +207,7 @@ impl VerifyActor {
         if entries.is_empty() {
             return;
         }
-        if let Err(error) = self.hot.upsert(entries, paycode::now_ms()) {
+        if let Err(error) = self.hot.upsert(entries, self.clock.now_ms()) {
             tracing::warn!(%error, "caching templates from the cloud failed");
         }
         self.metrics
@@ -225,7 +217,7 @@ impl VerifyActor {
 
     fn locked(&self, account_id: &str) -> Option<VerifyReply> {
         let state = self.hot.lockout(account_id);
-        let now = paycode::now_ms();
+        let now = self.clock.now_ms();
         (state.locked_until_ms > now).then(|| {
             VerifyReply::refused(
                 DeclineReason::FacePaymentLocked,
@@ -243,7 +235,7 @@ impl VerifyActor {
         if let Some(locked) = self.locked(account_id) {
             return locked;
         }
-        let expires_at_ms = paycode::now_ms() + self.settings.identify.token_ttl_seconds * 1000;
+        let expires_at_ms = self.clock.now_ms() + self.settings.identify.token_ttl_seconds * 1000;
         let token = random_id("tok_");
         self.tokens.insert(
             token.clone(),
@@ -253,7 +245,7 @@ impl VerifyActor {
                 expires_at_ms,
             },
         );
-        self.hot.seen(account_id, paycode::now_ms());
+        self.hot.seen(account_id, self.clock.now_ms());
         VerifyReply::Verified {
             token,
             account_id: account_id.to_owned(),
@@ -270,7 +262,8 @@ impl VerifyActor {
             .get(&candidates[0])
             .map(|e| e.second_factor)
             .unwrap_or(SecondFactorKind::Pin);
-        let expires_at_ms = paycode::now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
+        let expires_at_ms =
+            self.clock.now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
         let challenge_id = random_id("chl_");
         self.challenges.insert(
             challenge_id.clone(),
@@ -399,7 +392,7 @@ impl Actor for VerifyActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(VERIFY_MAILBOX);
         ctx.run_interval(PRUNE_INTERVAL, |actor, _| {
-            let now = paycode::now_ms();
+            let now = actor.clock.now_ms();
             actor.tokens.retain(|_, t| t.expires_at_ms > now);
             actor.challenges.retain(|_, c| c.expires_at_ms > now);
         });
@@ -431,16 +424,6 @@ impl Handler<UplinkEvent> for VerifyActor {
     }
 }
 
-/// Check a payment token presented with a charge: the account it charges, or why not.
-#[derive(Message)]
-#[rtype(result = "Result<Token, String>")]
-pub struct RedeemToken {
-    /// The token.
-    pub token: String,
-    /// The terminal presenting it.
-    pub terminal_id: String,
-}
-
 impl Handler<RedeemToken> for VerifyActor {
     type Result = Result<Token, String>;
     fn handle(&mut self, msg: RedeemToken, _: &mut Self::Context) -> Self::Result {
@@ -448,7 +431,7 @@ impl Handler<RedeemToken> for VerifyActor {
             .tokens
             .get(&msg.token)
             .ok_or("unknown or expired payment token; verify the customer again")?;
-        if token.expires_at_ms <= paycode::now_ms() {
+        if token.expires_at_ms <= self.clock.now_ms() {
             return Err("the payment token expired; verify the customer again".into());
         }
         if token.terminal_id != msg.terminal_id {
@@ -625,7 +608,7 @@ impl VerifyActor {
                 "unknown or expired second-factor challenge; verify the customer again",
             ));
         };
-        if challenge.terminal_id != terminal || challenge.expires_at_ms <= paycode::now_ms() {
+        if challenge.terminal_id != terminal || challenge.expires_at_ms <= self.clock.now_ms() {
             return refuse(VerifyReply::refused(
                 DeclineReason::InvalidRequest,
                 "unknown or expired second-factor challenge; verify the customer again",
@@ -668,7 +651,7 @@ impl VerifyActor {
                         let account = &challenge.candidates[0];
                         let state = actor
                             .policy
-                            .fail(actor.hot.lockout(account), paycode::now_ms());
+                            .fail(actor.hot.lockout(account), actor.clock.now_ms());
                         if let Err(error) = actor.hot.set_lockout(account, state) {
                             tracing::error!(%error, "recording the lockout failed");
                         }
@@ -676,7 +659,7 @@ impl VerifyActor {
                             format!(
                                 "wrong {}; face payment is now locked for {} s",
                                 challenge.kind.as_str(),
-                                (state.locked_until_ms - paycode::now_ms()).div_ceil(1000)
+                                (state.locked_until_ms - actor.clock.now_ms()).div_ceil(1000)
                             )
                         } else {
                             format!(

@@ -72,7 +72,8 @@ mod tests {
         verify_hub_signature(&signer.public_key_b64(), &e).unwrap();
 
         // Every signed field, changed alone, breaks the signature.
-        let changes: [(&str, fn(&mut OfflinePayment)); 10] = [
+        type Change = fn(&mut OfflinePayment);
+        let changes: [(&str, Change); 10] = [
             ("seq", |e| e.seq += 1),
             ("payment_id", |e| e.payment_id = "s1:o2".into()),
             ("store_id", |e| e.store_id = "s2".into()),

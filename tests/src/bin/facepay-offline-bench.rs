@@ -181,6 +181,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
         };
         let auth = AuthActor::new(
             AuthSettings {
+                clock: clock::system(),
                 store_id: "store-1".into(),
                 validity: Validity {
                     window_ms: 60_000,
@@ -191,7 +192,6 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             keys,
             50,
             journal_worker,
-            clock::system(),
             telemetry::PaymentMetrics::register(&registry, "hub"),
             telemetry::register_gauge(&registry, "keys", "keys"),
             setup,
