@@ -306,12 +306,22 @@ fn assert_fresh(binary: &Path) {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let own = match name {
-        "facepay-hub" => root.join("hub"),
-        "facepay-edge" => root.join("edge"),
-        "facepay-cloud" => root.join("cloud"),
-        "facepay-pki" => root.join("shared/pki"),
-        _ => root.join("tests"),
+    // The crate whose manifest declares the binary.
+    let mut candidates = vec![
+        root.join("edge"),
+        root.join("hub"),
+        root.join("cloud"),
+        root.join("tests"),
+    ];
+    if let Ok(shared) = std::fs::read_dir(root.join("shared")) {
+        candidates.extend(shared.flatten().map(|e| e.path()));
+    }
+    let declared = format!("name = \"{name}\"");
+    let Some(own) = candidates.into_iter().find(|dir| {
+        std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|m| m.contains(&declared))
+            || dir.join("src/bin").join(format!("{name}.rs")).exists()
+    }) else {
+        panic!("no workspace crate declares the binary {name}");
     };
     let mut dirs = std::collections::BTreeSet::new();
     crate_dirs(&root, &own, &mut dirs);
