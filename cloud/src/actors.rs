@@ -174,10 +174,9 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                         reversed,
                     })
             }
-            HubRequestBody::Post(protocol::PostBatch { posts }) => posts
-                .iter()
-                .map(|post| self.ledger.post(&store_id, post))
-                .collect::<Result<Vec<bool>, _>>()
+            HubRequestBody::Post(protocol::PostBatch { posts }) => self
+                .ledger
+                .post_batch(&store_id, &posts)
                 .map(|posted| CloudReplyBody::Posted {
                     payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
                     posted,

@@ -500,6 +500,15 @@ impl Ledger {
         store_id: &str,
         request: &CloudAuthorize,
     ) -> Result<(Decision, Option<Allowance>), LedgerError> {
+        // A hub's request is checked where it is used: an amount out of range never reaches the
+        // balances (a negative one would pay the customer).
+        if !(0..=protocol::MAX_AMOUNT_MINOR).contains(&request.amount_minor) {
+            return Err(LedgerError::Invalid(format!(
+                "amount_minor must be from 0 to {}, got {}",
+                protocol::MAX_AMOUNT_MINOR,
+                request.amount_minor
+            )));
+        }
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
         let policy = self.policy;
         let now_ms = self.clock.now_ms();
@@ -515,24 +524,12 @@ impl Ledger {
         let answer = unwrap_tx(trees.transaction(
             |(accounts, transfers, nonces, grants, by_account, pending)| {
                 let decision = Self::authorize_tx(
-                    accounts,
-                    transfers,
-                    nonces,
+                    (accounts, transfers, nonces, pending),
                     store_id,
                     request,
                     &nonce_key,
                     (now_ms, deadline_ms),
                 )?;
-                if let Decision::Approved {
-                    already_paid: false,
-                    ..
-                } = &decision
-                {
-                    pending.insert(
-                        pending_key(deadline_ms, &request.payment_id),
-                        request.payment_id.as_bytes(),
-                    )?;
-                }
                 let allowance = match &decision {
                     Decision::Approved { .. } => offline::grant(
                         policy,
@@ -558,11 +555,13 @@ impl Ledger {
     /// the order's transfer. Only an unseen nonce may pay, or take over the order's transfer as
     /// its latest attempt. Every answer is recorded under the nonce, so that a later void of this
     /// attempt knows what it voids and a repeat hears the same answer.
-    #[allow(clippy::too_many_arguments)]
     fn authorize_tx(
-        accounts: &sled::transaction::TransactionalTree,
-        transfers: &sled::transaction::TransactionalTree,
-        nonces: &sled::transaction::TransactionalTree,
+        (accounts, transfers, nonces, pending): (
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+        ),
         store_id: &str,
         request: &CloudAuthorize,
         nonce_key: &[u8],
@@ -597,6 +596,36 @@ impl Ledger {
                 )
             });
         }
+        // An order a hub approved offline (applied as `#offline` after an online attempt under it
+        // was voided) is paid: a retry hears so, never "charge it under a new order id".
+        let offline_id = format!("{}#offline", request.payment_id);
+        if let Some(paid) = transfers.get(offline_id.as_bytes())? {
+            let paid: TransferRecord = decode(&paid);
+            let decision = if paid.debit_account_id == request.account_id
+                && paid.amount_minor == request.amount_minor
+                && paid.currency == request.currency
+            {
+                Decision::Approved {
+                    account_id: request.account_id.clone(),
+                    already_paid: true,
+                }
+            } else {
+                Decision::declined(
+                    DeclineReason::DuplicateOrderId,
+                    format!(
+                        "order {} was already paid with other details",
+                        request.order_id
+                    ),
+                )
+            };
+            let record = NonceRecord {
+                payment_id: request.payment_id.clone(),
+                decision: decision.clone(),
+                amount: Some((request.amount_minor, request.currency)),
+            };
+            nonces.insert(nonce_key, encode(&record))?;
+            return Ok(decision);
+        }
         let decision = match transfers.get(request.payment_id.as_bytes())? {
             Some(existing) => {
                 let existing: TransferRecord = decode(&existing);
@@ -615,11 +644,20 @@ impl Ledger {
                     // must not reverse what this one may tell the register, nor a late attempt's
                     // void what an earlier one told it). A transfer a hub approved offline stays
                     // its own.
+                    // The joining attempt gets the full time to be posted: its deadline moves.
                     if !existing.offline && !existing.posted {
                         let mut holders = existing.holders();
                         holders.push(request.code_nonce.clone());
+                        if let Some(old) = existing.pending_until_ms {
+                            pending.remove(pending_key(old, &request.payment_id))?;
+                        }
+                        pending.insert(
+                            pending_key(deadline_ms, &request.payment_id),
+                            request.payment_id.as_bytes(),
+                        )?;
                         let held = TransferRecord {
                             approved_nonces: holders,
+                            pending_until_ms: Some(deadline_ms),
                             ..existing.clone()
                         };
                         transfers.insert(request.payment_id.as_bytes(), encode(&held))?;
@@ -640,7 +678,17 @@ impl Ledger {
                     )
                 }
             }
-            None => Self::try_apply(accounts, transfers, store_id, request, now_ms, deadline_ms)?,
+            None => {
+                let decision =
+                    Self::try_apply(accounts, transfers, store_id, request, now_ms, deadline_ms)?;
+                if let Decision::Approved { .. } = decision {
+                    pending.insert(
+                        pending_key(deadline_ms, &request.payment_id),
+                        request.payment_id.as_bytes(),
+                    )?;
+                }
+                decision
+            }
         };
         let record = NonceRecord {
             payment_id: request.payment_id.clone(),
@@ -800,7 +848,49 @@ impl Ledger {
         store_id: &str,
         request: &protocol::PostPayment,
     ) -> Result<bool, LedgerError> {
+        let posted = self.post_one(store_id, request)?;
+        self.flush()?;
+        Ok(posted)
+    }
+
+    /// Posts a batch (at most [`protocol::POST_BATCH_MAX`]) with one flush; one result per post.
+    pub fn post_batch(
+        &self,
+        store_id: &str,
+        posts: &[protocol::PostPayment],
+    ) -> Result<Vec<bool>, LedgerError> {
+        if posts.len() > protocol::POST_BATCH_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "at most {} posts per batch",
+                protocol::POST_BATCH_MAX
+            )));
+        }
+        let posted = posts
+            .iter()
+            .map(|post| self.post_one(store_id, post))
+            .collect::<Result<Vec<bool>, _>>()?;
+        self.flush()?;
+        Ok(posted)
+    }
+
+    fn post_one(
+        &self,
+        store_id: &str,
+        request: &protocol::PostPayment,
+    ) -> Result<bool, LedgerError> {
+        // A store confirms only its own payments.
+        if !request
+            .payment_id
+            .strip_prefix(store_id)
+            .is_some_and(|rest| rest.starts_with(':'))
+        {
+            return Err(LedgerError::Invalid(format!(
+                "{} is not a payment of store {store_id}",
+                request.payment_id
+            )));
+        }
         let now_ms = self.clock.now_ms();
+        let late_key = format!("{store_id}/{}", request.payment_id);
         let trees = (&self.transfers, &self.pending, &self.late_posts);
         let posted = unwrap_tx(trees.transaction(
             |(transfers, pending, late_posts)| -> TxResult<bool> {
@@ -829,13 +919,12 @@ impl Ledger {
                             post: request.clone(),
                             recorded_at_ms: now_ms,
                         };
-                        late_posts.insert(request.payment_id.as_bytes(), encode(&late))?;
+                        late_posts.insert(late_key.as_bytes(), encode(&late))?;
                         Ok(false)
                     }
                 }
             },
         ))?;
-        self.flush()?;
         if !posted {
             tracing::error!(
                 store_id,
@@ -1399,6 +1488,62 @@ mod tests {
         assert_eq!(balance(&l, "alice"), 9_300);
         assert_eq!(balance(&l, "store-1"), 700);
         assert!(l.late_posts().unwrap().is_empty());
+        books_balance(&l);
+    }
+
+    #[test]
+    fn an_amount_out_of_range_never_reaches_the_balances() {
+        let (_d, l) = ledger();
+        for amount in [-500, i64::MIN, protocol::MAX_AMOUNT_MINOR + 1] {
+            assert!(matches!(
+                l.authorize("store-1", &pay("o1", "n1", amount)),
+                Err(LedgerError::Invalid(_))
+            ));
+        }
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_retry_of_an_order_paid_offline_hears_it_was_paid() {
+        // Found by review: after the hub lost its disk, a retry of an order whose online attempt
+        // was voided and whose offline approval was applied as `#offline`.
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let void = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(l.void("store-1", &void).unwrap());
+        let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
+        l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
+        let mut entry = protocol::OfflinePayment {
+            seq: 1,
+            payment_id: "store-1:o1".into(),
+            store_id: "store-1".into(),
+            terminal_id: "t1".into(),
+            order_id: "o1".into(),
+            account_id: "alice".into(),
+            nonce: "n1".into(),
+            amount_minor: 700,
+            currency: eur(),
+            approved_at_ms: 1,
+            signature: String::new(),
+        };
+        signer.sign(&mut entry);
+        l.reconcile("store-1", &[entry]).unwrap();
+        let retry = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        assert_eq!(
+            retry,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: true
+            }
+        );
+        let other = l.authorize("store-1", &pay("o1", "n3", 900)).unwrap();
+        assert_eq!(other.reason(), Some(DeclineReason::DuplicateOrderId));
+        assert_eq!(balance(&l, "alice"), 9_300);
         books_balance(&l);
     }
 

@@ -103,6 +103,8 @@ pub enum Event {
     Reserved(Reservation),
     /// The attempt record is durable.
     AttemptRecorded,
+    /// Another attempt for the same payment is open: this one was not recorded.
+    AttemptRefused,
     /// What the cloud link did with the attempt.
     Cloud(CloudResult),
     /// The attempt record was dropped.
@@ -225,6 +227,10 @@ impl Attempt {
                 self.state = State::Sent;
                 Effect::Send(self.record())
             }
+            (State::NonceReserved, Event::AttemptRefused) => self.refuse(
+                DeclineReason::TerminalBusy,
+                "this order is being charged right now; wait for that answer".into(),
+            ),
             (
                 State::Sent,
                 Event::Cloud(CloudResult::Answered {

@@ -198,7 +198,7 @@ impl AuthActor {
                 }
                 // Then the approvals to confirm, before their pending payments expire.
                 let posts = journal.run(|j| j.pending_posts()).await;
-                for batch in posts.chunks(batch_size.max(1)) {
+                for batch in posts.chunks(batch_size.clamp(1, protocol::POST_BATCH_MAX)) {
                     if !deliver_posts(&uplink, &journal, batch.to_vec()).await {
                         return;
                     }
@@ -701,8 +701,10 @@ async fn authorize_verified(request: &AuthorizeRequest, payer: &Payer, hub: &Hub
                 )
             }
             Effect::RecordAttempt(record) => {
-                hub.journal.run(move |j| j.begin_attempt(&record)).await;
-                Event::AttemptRecorded
+                match hub.journal.run(move |j| j.begin_attempt(&record)).await {
+                    true => Event::AttemptRecorded,
+                    false => Event::AttemptRefused,
+                }
             }
             Effect::Send(_) => Event::Cloud(send_attempt(request, payer, hub).await),
             Effect::DropAttempt(record) => {

@@ -217,35 +217,57 @@ impl Journal {
     /// Forgets nonces of codes issued before `cutoff_ms`, and from then on refuses such codes
     /// ([`Reservation::Expired`]) whatever the clock says: the cutoff only moves forward.
     pub fn prune_nonces(&self, cutoff_ms: u64) -> Result<usize, HubError> {
-        let cutoff_ms = cutoff_ms.max(self.nonces_pruned_before_ms()?);
-        // The cutoff is durable before any nonce goes, so no code below it is ever accepted.
-        self.db
-            .insert(NONCES_PRUNED_BEFORE, &cutoff_ms.to_be_bytes())
-            .map_err(storage_error)?;
-        self.flush()?;
-        let mut removed = 0;
+        let mut pruned = Vec::new();
+        let mut newest_pruned = None;
         for item in self.nonces.iter() {
             let (key, value) = item.map_err(storage_error)?;
             let used: NonceUse =
                 serde_json::from_slice(&value).expect("journal nonce records are readable");
             if used.issued_at_ms < cutoff_ms {
-                self.nonces.remove(key).map_err(storage_error)?;
-                removed += 1;
+                pruned.push(key);
+                newest_pruned = newest_pruned.max(Some(used.issued_at_ms));
             }
         }
-        Ok(removed)
+        let Some(newest_pruned) = newest_pruned else {
+            return Ok(0);
+        };
+        // The cutoff covers exactly the codes whose nonces go (not the clock's cutoff: a clock
+        // stepped far ahead must not refuse, once corrected, codes never used), and it is durable
+        // before any nonce goes, so no pruned code is ever accepted again.
+        let before_ms = (newest_pruned + 1).max(self.nonces_pruned_before_ms()?);
+        self.db
+            .insert(NONCES_PRUNED_BEFORE, &before_ms.to_be_bytes())
+            .map_err(storage_error)?;
+        self.flush()?;
+        for key in &pruned {
+            self.nonces.remove(key).map_err(storage_error)?;
+        }
+        Ok(pruned.len())
     }
 
     /// Records, durably, that an attempt is about to be sent to the cloud: until its answer is
     /// journaled ([`Journal::record`]) or it is voided, a restart voids it.
-    pub fn begin_attempt(&self, attempt: &VoidPayment) -> Result<(), HubError> {
+    /// Returns false, recording nothing, while another attempt for the same payment is open: one
+    /// attempt per payment at a time (two at once, with the same code, could have one voided
+    /// under the other's approval).
+    pub fn begin_attempt(&self, attempt: &VoidPayment) -> Result<bool, HubError> {
+        let prefix = format!("{}#", attempt.payment_id);
+        if self
+            .attempts
+            .scan_prefix(prefix.as_bytes())
+            .next()
+            .is_some()
+        {
+            return Ok(false);
+        }
         self.attempts
             .insert(
                 attempt_key(attempt),
                 serde_json::to_vec(attempt).expect("serialises"),
             )
             .map_err(storage_error)?;
-        self.flush()
+        self.flush()?;
+        Ok(true)
     }
 
     /// Forgets an attempt that was never sent (the link refused it before publishing).
@@ -273,9 +295,13 @@ impl Journal {
     pub fn void_attempt(&self, attempt: &VoidPayment) -> Result<(), HubError> {
         let key = nonce_key(&attempt.account_id, &attempt.code_nonce);
         let value = serde_json::to_vec(attempt).expect("serialises");
-        (&self.attempts, &self.voids, &self.nonces)
-            .transaction(|(attempts, voids, nonces)| -> TxResult<()> {
+        (&self.attempts, &self.voids, &self.nonces, &self.posts)
+            .transaction(|(attempts, voids, nonces, posts)| -> TxResult<()> {
                 attempts.remove(attempt_key(attempt))?;
+                if posts.get(attempt_key(attempt))?.is_some() {
+                    // Its approval was journaled: it is confirmed, never voided.
+                    return Ok(());
+                }
                 voids.insert(attempt_key(attempt), value.clone())?;
                 let used = match nonces.get(&key)? {
                     Some(v) => NonceUse {
@@ -818,9 +844,11 @@ mod tests {
                 j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
                 Reservation::Fresh
             );
-            j.begin_attempt(&attempt("o1", "n1")).unwrap();
+            assert!(j.begin_attempt(&attempt("o1", "n1")).unwrap());
+            // One attempt per payment at a time: a second one for o1 is refused.
+            assert!(!j.begin_attempt(&attempt("o1", "n9")).unwrap());
             // o2 was answered: its attempt closes with the decision.
-            j.begin_attempt(&attempt("o2", "n2")).unwrap();
+            assert!(j.begin_attempt(&attempt("o2", "n2")).unwrap());
             let request = AuthorizeRequest {
                 payment_id: "s:o2".into(),
                 store_id: "s".into(),
@@ -865,9 +893,14 @@ mod tests {
             j.reserve_nonce("a", "n1", "s:o2", 1_000).unwrap(),
             Reservation::Expired
         );
-        // A later prune by a clock that went back does not lower the cutoff.
+        // A later prune by a clock that went back does not lower the cutoff; the cutoff covers
+        // the codes pruned, not the clock's (a clock stepped ahead refuses no unused code later).
         j.prune_nonces(500).unwrap();
-        assert_eq!(j.nonces_pruned_before_ms().unwrap(), 2_000);
+        assert_eq!(j.nonces_pruned_before_ms().unwrap(), 1_001);
+        assert_eq!(
+            j.reserve_nonce("a", "n2", "s:o5", 1_500).unwrap(),
+            Reservation::Fresh
+        );
         assert_eq!(
             j.reserve_nonce("a", "n1", "s:o3", 1_000).unwrap(),
             Reservation::Expired

@@ -65,7 +65,7 @@ impl UplinkActor {
     ) -> Self {
         // Request ids only need to be unique among this process's requests, but a random start
         // keeps a restarted hub from matching a stale reply to a new request.
-        let next_request_id = u64::from(rand::random::<u32>()) << 24;
+        let next_request_id = rand::random::<u64>() >> 1;
         UplinkActor {
             store_id,
             client,

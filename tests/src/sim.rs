@@ -161,6 +161,9 @@ impl Fault {
 /// One attempt in flight at the hub.
 struct InFlight {
     terminal: usize,
+    /// A second request for the same charge sent while the first is in flight (a terminal's
+    /// retry after its own deadline, or a rogue terminal): it does not free the terminal.
+    duplicate: bool,
     op: usize,
     request: AuthorizeRequest,
     payer: Payer,
@@ -528,22 +531,31 @@ impl Sim {
             heard: Heard::Unknown,
         });
         self.report.attempts += 1;
-        let (machine, effect) = Attempt::start(&request, payer.clone(), true);
-        self.next_id += 1;
-        let id = self.next_id;
-        self.hub.attempts.insert(
-            id,
-            InFlight {
-                terminal: t,
-                op: self.ops.len() - 1,
-                request,
-                payer,
-                machine,
-                effect,
-            },
-        );
-        let delay = self.rng.below(3);
-        self.at(delay, Happening::Step(id));
+        let copies = if self.chance(10) { 2 } else { 1 };
+        for copy in 0..copies {
+            if copy == 1 {
+                let op = self.ops.last().expect("pushed above").clone();
+                self.ops.push(op);
+                self.report.attempts += 1;
+            }
+            let (machine, effect) = Attempt::start(&request, payer.clone(), true);
+            self.next_id += 1;
+            let id = self.next_id;
+            self.hub.attempts.insert(
+                id,
+                InFlight {
+                    terminal: t,
+                    duplicate: copy == 1,
+                    op: self.ops.len() - 1,
+                    request: request.clone(),
+                    payer: payer.clone(),
+                    machine,
+                    effect,
+                },
+            );
+            let delay = self.rng.below(3 + 50 * copy);
+            self.at(delay, Happening::Step(id));
+        }
     }
 
     fn fresh_nonce(&mut self) -> Code {
@@ -594,10 +606,10 @@ impl Sim {
                     )
                     .expect("reserve"),
             ),
-            Effect::RecordAttempt(record) => {
-                journal.begin_attempt(&record).expect("begin");
-                Event::AttemptRecorded
-            }
+            Effect::RecordAttempt(record) => match journal.begin_attempt(&record).expect("begin") {
+                true => Event::AttemptRecorded,
+                false => Event::AttemptRefused,
+            },
             Effect::Send(_) => {
                 if self.cut && self.rng.below(2) == 0 {
                     // The hub knows the broker is gone: refused before publishing.
@@ -697,7 +709,9 @@ impl Sim {
             }
         };
         self.ops[flight.op].heard = heard;
-        self.terminal_free(flight.terminal);
+        if !flight.duplicate {
+            self.terminal_free(flight.terminal);
+        }
     }
 
     fn terminal_free(&mut self, t: usize) {
@@ -904,6 +918,9 @@ impl Sim {
     fn restart_hub(&mut self, wipe: bool) -> anyhow::Result<()> {
         for (_, flight) in std::mem::take(&mut self.hub.attempts) {
             self.report.unknown += 1;
+            if flight.duplicate {
+                continue;
+            }
             self.terminals[flight.terminal].busy = false;
             let think = 5 + self.rng.below(60);
             self.seq += 1;

@@ -418,6 +418,19 @@ impl Ledger {
                             transfers.insert(transfer_id.as_bytes(), encode(&existing))?;
                         }
                         return Ok((ReconcileOutcome::AlreadyApplied, None, None));
+                    } else if !existing.posted && !existing.offline {
+                        // An online attempt with other details is still pending: its void or its
+                        // expiry may yet move it back. Not a conflict yet: the entry stays in the
+                        // hub's backlog and is tried again (voids go first).
+                        return Ok((
+                            ReconcileOutcome::Rejected {
+                                detail: "an online payment with other details is still pending \
+                                         under this id; tried again later"
+                                    .into(),
+                            },
+                            None,
+                            None,
+                        ));
                     } else {
                         return conflict(format!(
                             "payment id already paid with other details ({} from {})",
@@ -957,6 +970,20 @@ mod tests {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
             .unwrap();
+        // While the online payment is pending (its void or expiry may still move it back) the
+        // entry is refused for now and stays in the hub's backlog.
+        let Reconciliation { outcomes, .. } = l
+            .reconcile("store-1", &[offline("store-1", 1, "o1", "n2", 999)])
+            .unwrap();
+        assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
+        assert!(l.conflicts().unwrap().is_empty());
+        // Once it is posted, it is final: a conflict for the operator.
+        let post = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(l.post("store-1", &post).unwrap());
         let Reconciliation { outcomes, .. } = l
             .reconcile("store-1", &[offline("store-1", 1, "o1", "n2", 999)])
             .unwrap();
@@ -965,6 +992,35 @@ mod tests {
         assert_eq!(conflicts.len(), 1);
         assert_eq!(conflicts[0].entry.amount_minor, 999);
         assert_eq!(balance(&l, "alice"), 9_000);
+    }
+
+    #[test]
+    fn an_offline_entry_waits_out_a_pending_online_attempt_and_applies_once_it_is_voided() {
+        // Found by review: a pending online attempt with other details made the offline approval
+        // a permanent conflict, though its void moved the money back a moment later.
+        let (_d, l) = ledger();
+        l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
+            .unwrap();
+        let entry = offline("store-1", 1, "o1", "n2", 999);
+        let first = l.reconcile("store-1", &[entry.clone()]).unwrap();
+        assert!(matches!(
+            first.outcomes[0],
+            ReconcileOutcome::Rejected { .. }
+        ));
+        let void = VoidPayment {
+            payment_id: "store-1:o1".into(),
+            account_id: "alice".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(l.void("store-1", &void).unwrap());
+        let second = l.reconcile("store-1", &[entry]).unwrap();
+        assert!(matches!(
+            second.outcomes[0],
+            ReconcileOutcome::Applied { .. }
+        ));
+        assert_eq!(balance(&l, "alice"), 10_000 - 999);
+        assert!(l.conflicts().unwrap().is_empty());
+        books_balance(&l);
     }
 
     #[test]

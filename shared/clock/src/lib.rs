@@ -31,12 +31,18 @@ pub struct SystemClock {
 pub const OFFSET_ENV: &str = "FACEPAY_CLOCK_OFFSET_MS";
 
 impl SystemClock {
-    /// The system clock, offset by [`OFFSET_ENV`] when it is set to a number.
+    /// The system clock, offset by [`OFFSET_ENV`] when it is set to a number, in debug builds
+    /// (the test builds) only: a release build ignores it, so no environment can step a deployed
+    /// tier's clock.
     pub fn from_env() -> Self {
-        let offset_ms = std::env::var(OFFSET_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .unwrap_or(0);
+        let offset_ms = match std::env::var(OFFSET_ENV) {
+            Ok(v) if cfg!(debug_assertions) => v.trim().parse::<i64>().unwrap_or(0),
+            Ok(_) => {
+                eprintln!("{OFFSET_ENV} is ignored: release builds keep the system clock");
+                0
+            }
+            Err(_) => 0,
+        };
         SystemClock {
             offset_ms: AtomicI64::new(offset_ms),
         }

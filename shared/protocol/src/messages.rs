@@ -383,6 +383,9 @@ pub struct VoidPayment {
 /// A post: the attempt the cloud approved, confirmed by the hub that journaled the approval.
 pub type PostPayment = VoidPayment;
 
+/// Most posts in one [`PostBatch`]; the cloud refuses larger batches.
+pub const POST_BATCH_MAX: usize = 1_000;
+
 /// Posts sent together.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostBatch {

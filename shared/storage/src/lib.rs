@@ -59,10 +59,14 @@ pub fn flush_or_stop(db: &sled::Db, failpoint: &str) {
 }
 
 /// Reads the failpoints set in the `FAILPOINTS` environment variable (`name=action;...`, the
-/// `fail` crate's syntax), when this build has them; call once at the start of a binary.
+/// `fail` crate's syntax); call once at the start of a binary. Only debug builds with the
+/// `failpoints` feature (the test builds) honour it: a release build ignores the variable, so no
+/// environment can make a deployed tier fail on purpose.
 pub fn failpoints_from_env() {
-    if fail::has_failpoints() {
+    if fail::has_failpoints() && cfg!(debug_assertions) {
         std::mem::forget(fail::FailScenario::setup());
+    } else if std::env::var_os("FAILPOINTS").is_some() {
+        eprintln!("FAILPOINTS is ignored: this build honours no failpoints");
     }
 }
 
