@@ -1002,7 +1002,9 @@ mod tests {
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
             .unwrap();
         let entry = offline("store-1", 1, "o1", "n2", 999);
-        let first = l.reconcile("store-1", &[entry.clone()]).unwrap();
+        let first = l
+            .reconcile("store-1", std::slice::from_ref(&entry))
+            .unwrap();
         assert!(matches!(
             first.outcomes[0],
             ReconcileOutcome::Rejected { .. }
