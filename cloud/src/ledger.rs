@@ -1201,6 +1201,15 @@ mod tests {
         }
     }
 
+    /// Alice's attempt at `store-1:<order>` with `nonce`, as a void or a post names it.
+    fn attempt(order: &str, nonce: &str) -> VoidPayment {
+        VoidPayment {
+            payment_id: format!("store-1:{order}"),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+        }
+    }
+
     fn balance(l: &Ledger, id: &str) -> i64 {
         l.account(id).unwrap().unwrap().balance_minor
     }
@@ -1302,11 +1311,7 @@ mod tests {
     fn void_reverses_an_applied_attempt_and_burns_an_unseen_one() {
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
-        let void = VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: "n1".into(),
-        };
+        let void = attempt("o1", "n1");
         assert!(l.void("store-1", &void).unwrap());
         assert!(
             !l.void("store-1", &void).unwrap(),
@@ -1315,11 +1320,7 @@ mod tests {
         assert_eq!(balance(&l, "alice"), 10_000);
         assert_eq!(balance(&l, "store-1"), 0);
 
-        let early = VoidPayment {
-            payment_id: "store-1:o2".into(),
-            account_id: "alice".into(),
-            code_nonce: "n2".into(),
-        };
+        let early = attempt("o2", "n2");
         assert!(!l.void("store-1", &early).unwrap());
         let late = l.authorize("store-1", &pay("o2", "n2", 100)).unwrap();
         assert!(matches!(late, Decision::Declined { .. }), "{late:?}");
@@ -1342,11 +1343,7 @@ mod tests {
             }
         );
         // The late void of attempt 1 must not take back money the retry reported as paid.
-        let void = VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: "n1".into(),
-        };
+        let void = attempt("o1", "n1");
         assert!(!l.void("store-1", &void).unwrap());
         assert_eq!(balance(&l, "store-1"), 700);
         books_balance(&l);
@@ -1361,11 +1358,7 @@ mod tests {
             Decision::Approved { .. }
         ));
         // The cashier's retry (attempt 2) timed out too: its void overtook the request itself.
-        let void = |nonce: &str| VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: nonce.into(),
-        };
+        let void = |nonce: &str| attempt("o1", nonce);
         assert!(!l.void("store-1", &void("n2")).unwrap());
         // The late attempt 2 must not take the transfer over (the register heard "declined").
         let late = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
@@ -1404,11 +1397,7 @@ mod tests {
         l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
         let late = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         assert!(matches!(late, Decision::Approved { .. }), "{late:?}");
-        let void = VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: "n1".into(),
-        };
+        let void = attempt("o1", "n1");
         assert!(!l.void("store-1", &void).unwrap());
         assert_eq!(balance(&l, "alice"), 9_300);
         assert_eq!(balance(&l, "store-1"), 700);
@@ -1422,11 +1411,7 @@ mod tests {
         // Attempt 2 is told "already paid"; both attempts go unanswered and are voided: the
         // money moves back with the last void.
         l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
-        let void = |nonce: &str| VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: nonce.into(),
-        };
+        let void = |nonce: &str| attempt("o1", nonce);
         assert!(!l.void("store-1", &void("n2")).unwrap());
         assert!(l.void("store-1", &void("n1")).unwrap());
         for nonce in ["n1", "n2"] {
@@ -1459,11 +1444,7 @@ mod tests {
         let again = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         assert!(matches!(again, Decision::Declined { .. }), "{again:?}");
         // A hub that was only cut off confirms too late: kept for the operator.
-        let post = VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: "n1".into(),
-        };
+        let post = attempt("o1", "n1");
         assert!(!l.post("store-1", &post).unwrap());
         assert_eq!(l.late_posts().unwrap().len(), 1);
         books_balance(&l);
@@ -1475,11 +1456,7 @@ mod tests {
         let clock = clock::ManualClock::new(1_000_000);
         let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
-        let attempt = |nonce: &str| VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: nonce.into(),
-        };
+        let attempt = |nonce: &str| attempt("o1", nonce);
         assert!(l.post("store-1", &attempt("n1")).unwrap());
         assert!(l.post("store-1", &attempt("n1")).unwrap(), "idempotent");
         assert!(!l.void("store-1", &attempt("n1")).unwrap());
@@ -1510,11 +1487,7 @@ mod tests {
         // was voided and whose offline approval was applied as `#offline`.
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
-        let void = VoidPayment {
-            payment_id: "store-1:o1".into(),
-            account_id: "alice".into(),
-            code_nonce: "n1".into(),
-        };
+        let void = attempt("o1", "n1");
         assert!(l.void("store-1", &void).unwrap());
         let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
         l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
@@ -1639,11 +1612,7 @@ mod tests {
         .unwrap();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         l.authorize("store-1", &pay("o2", "n2", 300)).unwrap();
-        let void = VoidPayment {
-            payment_id: "store-1:o2".into(),
-            account_id: "alice".into(),
-            code_nonce: "n2".into(),
-        };
+        let void = attempt("o2", "n2");
         assert!(l.void("store-1", &void).unwrap());
         let transfers_before = l.transfers().unwrap();
         drop(l);

@@ -473,5 +473,18 @@ fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
     let heard = pay_once_reachable(&mut site, &alice, "o2", 300);
     assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
     assert_eq!(balance("alice"), 9_700);
+
+    // Found by the chaos suite: a retry of a paid order whose code no longer passes (here the
+    // hub's clock is 90 s ahead, so every code looks expired) hears "already paid", never
+    // "declined"; a new order with such a code is declined.
+    let ahead = [(clock::OFFSET_ENV.to_owned(), "90000".to_owned())];
+    site.restart_hub_with_env(&ahead).unwrap();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    let heard = pay_once_reachable(&mut site, &alice, "o2", 300);
+    assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
+    assert!(heard.already_paid, "{heard:?}");
+    let heard = pay_once_reachable(&mut site, &alice, "o3", 300);
+    assert_eq!(heard.reason, Some(DeclineReason::CodeExpired), "{heard:?}");
+    assert_eq!(balance("alice"), 9_700);
     api.assert_books_balance().unwrap();
 }
