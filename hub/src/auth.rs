@@ -172,9 +172,10 @@ impl AuthActor {
             .set(self.offline.store_total());
     }
 
-    /// Drains the journal to the cloud: queued voids first, then offline approvals in batches,
-    /// one batch in flight, each entry retired only once the cloud acknowledged it. Stops at the
-    /// first failure; the next reconnect or tick resumes where it stopped.
+    /// Drains the journal to the cloud: queued voids first (read again before every batch), then
+    /// posts, then offline approvals in batches, one request in flight, each retired only once the
+    /// cloud acknowledged it, in answers about exactly what was sent. Stops at the first failure;
+    /// the next tick or reconnect resumes where it stopped.
     fn start_drain(&mut self, ctx: &mut Context<Self>) {
         let Some(uplink) = self.uplink.clone() else {
             return;
@@ -207,12 +208,24 @@ impl AuthActor {
                 if batch.is_empty() {
                     return;
                 }
+                let sent: Vec<(u64, String)> = batch
+                    .iter()
+                    .map(|e| (e.seq, e.payment_id.clone()))
+                    .collect();
                 let call = CallCloud {
                     body: HubRequestBody::Reconcile(OfflineBatch { entries: batch }),
                     timeout: DRAIN_TIMEOUT,
                 };
                 let results = match uplink.send(call).await {
-                    Ok(Ok(CloudReplyBody::Reconciled { results })) => results,
+                    // An answer about other entries retires nothing.
+                    Ok(Ok(CloudReplyBody::Reconciled { results }))
+                        if results
+                            .iter()
+                            .map(|r| (r.seq, r.payment_id.clone()))
+                            .eq(sent.iter().cloned()) =>
+                    {
+                        results
+                    }
                     other => {
                         tracing::info!(?other, "reconciliation paused; resumed on reconnect");
                         return;
