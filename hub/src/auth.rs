@@ -644,6 +644,18 @@ impl Handler<Authorize> for AuthActor {
             hub.journal
                 .run(move |j| j.record(&entry, attempt.as_ref()))
                 .await;
+            // Confirm an approval at once (the drain retries it): until posted, the cloud's
+            // payment is pending, and a lost disk would let it expire.
+            if let (Decision::Approved { .. }, Some(post), Some(uplink)) = (
+                &outcome.decision,
+                outcome.answered_attempt.clone(),
+                hub.uplink.clone(),
+            ) {
+                let journal = hub.journal.clone();
+                actix::spawn(async move {
+                    deliver_posts(&uplink, &journal, vec![post]).await;
+                });
+            }
             metrics.outcome(outcome.decision.reason(), started.elapsed());
             AuthorizeReply {
                 payment_id: request.payment_id,
