@@ -188,6 +188,25 @@ impl Attempt {
         &self.state
     }
 
+    /// What [`Effect::Send`] sends: the attempt as the cloud applies it, with what the store
+    /// holds unreconciled for the account (`reservation`, from the offline book).
+    pub fn cloud_request(
+        request: &AuthorizeRequest,
+        payer: &Payer,
+        reservation: protocol::OfflineReservation,
+    ) -> protocol::CloudAuthorize {
+        protocol::CloudAuthorize {
+            payment_id: request.payment_id.clone(),
+            account_id: payer.account_id.clone(),
+            code_nonce: payer.nonce.clone(),
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            terminal_id: request.terminal_id.clone(),
+            order_id: request.order_id.clone(),
+            offline_reservation: reservation,
+        }
+    }
+
     /// The attempt as the cloud and the journal know it.
     pub fn record(&self) -> VoidPayment {
         VoidPayment {

@@ -13,9 +13,9 @@ use ed25519_dalek::VerifyingKey;
 use paycode::hubsig::HubSigner;
 use paycode::{SignedCode, Validity};
 use protocol::{
-    Allowance, AuthorizeReply, AuthorizeRequest, CloudAuthorize, CloudReplyBody, Decision,
-    DeclineReason, HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment,
-    OfflineReservation, PaymentProof, VoidPayment,
+    Allowance, AuthorizeReply, AuthorizeRequest, CloudReplyBody, Decision, DeclineReason,
+    HubRequestBody, KeyBatch, KeyEntry, OfflineBatch, OfflinePayment, OfflineReservation,
+    PaymentProof, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
@@ -784,16 +784,11 @@ async fn send_attempt(request: &AuthorizeRequest, payer: &Payer, hub: &HubParts)
         return CloudResult::NotSent("the store system is stopping".into());
     };
     let call = CallCloud {
-        body: HubRequestBody::Authorize(CloudAuthorize {
-            payment_id: request.payment_id.clone(),
-            account_id: payer.account_id.clone(),
-            code_nonce: payer.nonce.clone(),
-            amount_minor: request.amount_minor,
-            currency: request.currency,
-            terminal_id: request.terminal_id.clone(),
-            order_id: request.order_id.clone(),
+        body: HubRequestBody::Authorize(Attempt::cloud_request(
+            request,
+            payer,
             offline_reservation,
-        }),
+        )),
         timeout: hub.cloud_timeout,
     };
     match uplink.send(call).await {

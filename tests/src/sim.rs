@@ -618,16 +618,11 @@ impl Sim {
                     self.next_id += 1;
                     let request_id = self.next_id;
                     self.hub.waiting.insert(request_id, Waiting::Attempt(id));
-                    let authorize = CloudAuthorize {
-                        payment_id: request.payment_id.clone(),
-                        account_id: payer.account_id.clone(),
-                        code_nonce: payer.nonce.clone(),
-                        amount_minor: request.amount_minor,
-                        currency: request.currency,
-                        terminal_id: request.terminal_id.clone(),
-                        order_id: request.order_id.clone(),
-                        offline_reservation: self.hub.book.reservation(&payer.account_id),
-                    };
+                    let authorize = Attempt::cloud_request(
+                        &request,
+                        &payer,
+                        self.hub.book.reservation(&payer.account_id),
+                    );
                     self.send_to_cloud(request_id, ToCloud::Authorize(authorize));
                     self.at(CLOUD_TIMEOUT_MS, Happening::Deadline(request_id));
                     return;
