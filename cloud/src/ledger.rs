@@ -94,6 +94,10 @@ struct TransferRecord {
     /// died or lost its disk before confirming it). Absent in records written before it existed.
     #[serde(default)]
     pending_until_ms: Option<u64>,
+    /// Moved back by its expiry (not by a void): the attempts that held it then. A post from one
+    /// of them still charges it, as `<payment id>#posted`.
+    #[serde(default)]
+    expired_holders: Vec<String>,
 }
 
 impl TransferRecord {
@@ -131,6 +135,7 @@ impl TransferRecord {
             approved_nonces: Vec::new(),
             posted: true,
             pending_until_ms: None,
+            expired_holders: Vec::new(),
         }
     }
 
@@ -152,6 +157,7 @@ impl TransferRecord {
             // An offline approval is final when applied; an online one waits for its post.
             posted: offline,
             pending_until_ms: None,
+            expired_holders: Vec::new(),
         }
     }
 }
@@ -277,6 +283,7 @@ fn reverse_tx(
         approved_nonces: Vec::new(),
         posted: true,
         pending_until_ms: None,
+        expired_holders: Vec::new(),
         ..existing.clone()
     };
     transfers.insert(format!("{payment_id}#void").as_bytes(), encode(&reversal))?;
@@ -581,7 +588,23 @@ impl Ledger {
                 let transfer: Option<TransferRecord> = transfers
                     .get(request.payment_id.as_bytes())?
                     .map(|b| decode(&b));
+                let charged_later = [
+                    format!("{}#offline", request.payment_id),
+                    format!("{}#posted", request.payment_id),
+                ]
+                .iter()
+                .map(|id| transfers.get(id.as_bytes()))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .any(|t| t.is_some());
                 match (&seen.decision, transfer) {
+                    // Moved back, then charged again (an offline approval, a late post): paid.
+                    (Decision::Approved { .. }, Some(t)) if t.voided && charged_later => {
+                        Decision::Approved {
+                            account_id: request.account_id.clone(),
+                            already_paid: true,
+                        }
+                    }
                     // Paid then, moved back since (by a later attempt's void): not paid now.
                     (Decision::Approved { .. }, Some(t)) if t.voided => Decision::declined(
                         DeclineReason::DuplicateOrderId,
@@ -597,9 +620,19 @@ impl Ledger {
             });
         }
         // An order a hub approved offline (applied as `#offline` after an online attempt under it
-        // was voided) is paid: a retry hears so, never "charge it under a new order id".
-        let offline_id = format!("{}#offline", request.payment_id);
-        if let Some(paid) = transfers.get(offline_id.as_bytes())? {
+        // was voided), or confirmed after it expired (`#posted`), is paid: a retry hears so,
+        // never "charge it under a new order id".
+        let charged_again = [
+            format!("{}#offline", request.payment_id),
+            format!("{}#posted", request.payment_id),
+        ]
+        .iter()
+        .map(|id| transfers.get(id.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .next();
+        if let Some(paid) = charged_again {
             let paid: TransferRecord = decode(&paid);
             let decision = if paid.debit_account_id == request.account_id
                 && paid.amount_minor == request.amount_minor
@@ -891,13 +924,61 @@ impl Ledger {
         }
         let now_ms = self.clock.now_ms();
         let late_key = format!("{store_id}/{}", request.payment_id);
-        let trees = (&self.transfers, &self.pending, &self.late_posts);
+        let trees = (
+            &self.transfers,
+            &self.pending,
+            &self.late_posts,
+            &self.accounts,
+            &self.grants,
+            &self.grants_by_account,
+            &self.debts,
+        );
         let posted = unwrap_tx(trees.transaction(
-            |(transfers, pending, late_posts)| -> TxResult<bool> {
+            |(transfers, pending, late_posts, accounts, grants, by_account, debts)| -> TxResult<bool> {
                 let existing: Option<TransferRecord> = transfers
                     .get(request.payment_id.as_bytes())?
                     .map(|b| decode(&b));
                 match existing {
+                    // It expired before this confirmation came (the hub was cut off longer than
+                    // the deadline): the store was promised the money, so it is charged now,
+                    // once, as `<payment id>#posted`, into debt if need be.
+                    Some(t)
+                        if t.credit_account_id == store_id
+                            && t.voided
+                            && t.expired_holders.contains(&request.code_nonce) =>
+                    {
+                        let posted_id = format!("{}#posted", request.payment_id);
+                        if transfers.get(posted_id.as_bytes())?.is_some() {
+                            return Ok(true);
+                        }
+                        let mut customer: AccountRecord = decode(
+                            &accounts
+                                .get(t.debit_account_id.as_bytes())?
+                                .expect("debited account exists"),
+                        );
+                        let mut merchant: AccountRecord = decode(
+                            &accounts
+                                .get(store_id.as_bytes())?
+                                .expect("credited account exists"),
+                        );
+                        offline::apply_promised(
+                            (accounts, grants, by_account, debts),
+                            (&t.debit_account_id, &mut customer),
+                            (store_id, &mut merchant),
+                            t.amount_minor,
+                        )?;
+                        let charged = TransferRecord {
+                            applied_at_ms: now_ms,
+                            voided: false,
+                            posted: true,
+                            pending_until_ms: None,
+                            expired_holders: Vec::new(),
+                            approved_nonces: vec![request.code_nonce.clone()],
+                            ..t
+                        };
+                        transfers.insert(posted_id.as_bytes(), encode(&charged))?;
+                        Ok(true)
+                    }
                     Some(t) if t.credit_account_id == store_id && (t.posted || t.offline) => {
                         Ok(true)
                     }
@@ -968,10 +1049,11 @@ impl Ledger {
                     let Some(existing) = transfers.get(payment_id.as_bytes())? else {
                         return Ok(false);
                     };
-                    let existing: TransferRecord = decode(&existing);
+                    let mut existing: TransferRecord = decode(&existing);
                     if existing.voided || existing.posted || existing.offline {
                         return Ok(false);
                     }
+                    existing.expired_holders = existing.holders();
                     reverse_tx(
                         accounts,
                         transfers,
@@ -1426,7 +1508,7 @@ mod tests {
     }
 
     #[test]
-    fn a_payment_never_confirmed_expires_and_moves_back_and_a_late_post_is_kept() {
+    fn a_payment_never_confirmed_expires_and_moves_back() {
         let (_d, l) = ledger();
         let clock = clock::ManualClock::new(1_000_000);
         let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
@@ -1443,10 +1525,42 @@ mod tests {
         // A repeat of the attempt is not told "approved".
         let again = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         assert!(matches!(again, Decision::Declined { .. }), "{again:?}");
-        // A hub that was only cut off confirms too late: kept for the operator.
-        let post = attempt("o1", "n1");
-        assert!(!l.post("store-1", &post).unwrap());
-        assert_eq!(l.late_posts().unwrap().len(), 1);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_confirmation_after_the_expiry_charges_the_payment_once_into_debt_if_need_be() {
+        // Both reviews: a hub cut off longer than the deadline confirms an approval the register
+        // heard; the store was promised the money.
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        // Meanwhile the customer spent nearly everything elsewhere.
+        l.authorize("store-1", &pay("o2", "n2", 9_900)).unwrap();
+        assert_eq!(balance(&l, "alice"), 100);
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap(), "once");
+        assert_eq!(balance(&l, "alice"), -600);
+        assert!(l.account("alice").unwrap().unwrap().in_debt);
+        assert_eq!(balance(&l, "store-1"), 10_600);
+        assert!(l.late_posts().unwrap().is_empty());
+        // A retry of the order hears it is paid; a post from an attempt that never held it is
+        // kept for the operator.
+        let retry = l.authorize("store-1", &pay("o1", "n3", 700)).unwrap();
+        assert!(
+            matches!(
+                retry,
+                Decision::Approved {
+                    already_paid: true,
+                    ..
+                }
+            ),
+            "{retry:?}"
+        );
+        assert!(!l.post("store-1", &attempt("o1", "n9")).unwrap());
         books_balance(&l);
     }
 

@@ -725,8 +725,10 @@ pub fn check(
         if let (Some(t), false) = (by_id.get(id), reversed) {
             found.push(*t);
         }
-        if let Some(t) = by_id.get(format!("{id}#offline").as_str()) {
-            found.push(*t);
+        for charged in ["offline", "posted"] {
+            if let Some(t) = by_id.get(format!("{id}#{charged}").as_str()) {
+                found.push(*t);
+            }
         }
         found
     };
@@ -840,6 +842,7 @@ pub fn check(
         let base = t
             .transfer_id
             .trim_end_matches("#offline")
+            .trim_end_matches("#posted")
             .trim_end_matches("#void");
         if base.starts_with("store-") && !base.contains(":prime-") && !orders.contains_key(base) {
             problems.push(format!("{} in the ledger was never invoked", t.transfer_id));

@@ -987,8 +987,10 @@ impl Sim {
             ) {
                 found.push(*t);
             }
-            if let Some(t) = by_id.get(format!("{payment_id}#offline").as_str()) {
-                found.push(*t);
+            for charged in ["offline", "posted"] {
+                if let Some(t) = by_id.get(format!("{payment_id}#{charged}").as_str()) {
+                    found.push(*t);
+                }
             }
             found
         };

@@ -202,6 +202,43 @@ pub(super) fn grant(
     }))
 }
 
+/// Moves a payment the store was promised from the customer to the store: even when the balance
+/// no longer covers it (online spending elsewhere meanwhile), and then the account goes into debt
+/// and its allowances are revoked everywhere. Shared by offline approvals at reconciliation and
+/// by confirmations (posts) of online payments that expired before they came. Returns whether the
+/// account is in debt, and the revocation to broadcast.
+pub(super) fn apply_promised(
+    (accounts, grants, by_account, debts): (
+        &TransactionalTree,
+        &TransactionalTree,
+        &TransactionalTree,
+        &TransactionalTree,
+    ),
+    (account_id, customer): (&str, &mut AccountRecord),
+    (store_id, merchant): (&str, &mut AccountRecord),
+    amount_minor: i64,
+) -> TxResult<(bool, Option<Allowance>)> {
+    customer.balance_minor -= amount_minor;
+    merchant.balance_minor += amount_minor;
+    let mut revoked = None;
+    if customer.balance_minor < 0 {
+        if !customer.in_debt {
+            customer.in_debt = true;
+            debts.insert(account_id.as_bytes(), &[])?;
+        }
+        revoked = Some(revoke_all(
+            customer.currency,
+            grants,
+            by_account,
+            account_id,
+            false,
+        )?);
+    }
+    accounts.insert(account_id.as_bytes(), encode(&*customer))?;
+    accounts.insert(store_id.as_bytes(), encode(&*merchant))?;
+    Ok((customer.in_debt, revoked))
+}
+
 /// The stores holding a grant for an account. sled's transactional trees cannot scan, so the
 /// list lives under one key per account in `by_account` (`<account>/` -> stores).
 fn known_stores(by_account: &TransactionalTree, account_id: &str) -> TxResult<Vec<String>> {
@@ -464,26 +501,12 @@ impl Ledger {
                         entry.currency, customer.currency, merchant.currency
                     ));
                 }
-                // The store was promised the money: it is applied even when the balance no longer
-                // covers it (online spending elsewhere meanwhile), and the account goes into debt.
-                customer.balance_minor -= entry.amount_minor;
-                merchant.balance_minor += entry.amount_minor;
-                let mut revoked = None;
-                if customer.balance_minor < 0 {
-                    if !customer.in_debt {
-                        customer.in_debt = true;
-                        debts.insert(entry.account_id.as_bytes(), &[])?;
-                    }
-                    revoked = Some(revoke_all(
-                        customer.currency,
-                        grants,
-                        by_account,
-                        &entry.account_id,
-                        false,
-                    )?);
-                }
-                accounts.insert(entry.account_id.as_bytes(), encode(&customer))?;
-                accounts.insert(store_id.as_bytes(), encode(&merchant))?;
+                let (in_debt, revoked) = apply_promised(
+                    (accounts, grants, by_account, debts),
+                    (&entry.account_id, &mut customer),
+                    (store_id, &mut merchant),
+                    entry.amount_minor,
+                )?;
                 let transfer = TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
                 // The code or token is spent: a later online replay of it is refused. If it had
@@ -518,9 +541,7 @@ impl Ledger {
                     }
                 }
                 Ok((
-                    ReconcileOutcome::Applied {
-                        in_debt: customer.in_debt,
-                    },
+                    ReconcileOutcome::Applied { in_debt },
                     revoked,
                     first_payment,
                 ))
