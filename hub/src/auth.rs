@@ -924,19 +924,6 @@ impl Handler<ReservationOf> for AuthActor {
     }
 }
 
-/// An offline approval could not be journaled: it no longer counts.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct ReleaseOffline(OfflinePayment);
-
-impl Handler<ReleaseOffline> for AuthActor {
-    type Result = ();
-    fn handle(&mut self, msg: ReleaseOffline, _: &mut Self::Context) {
-        self.offline.release(&msg.0.account_id, msg.0.amount_minor);
-        self.show_offline();
-    }
-}
-
 /// The cloud acknowledged these entries and the journal retired them.
 #[derive(Message)]
 #[rtype(result = "()")]
