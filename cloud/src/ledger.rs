@@ -237,6 +237,20 @@ fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
     format!("{account_id}/{nonce}").into_bytes()
 }
 
+/// The payment charged again after its online transfer was moved back: an offline approval
+/// (`#offline`) or a confirmation after the expiry (`#posted`).
+fn charged_again(
+    transfers: &sled::transaction::TransactionalTree,
+    payment_id: &str,
+) -> TxResult<Option<TransferRecord>> {
+    for suffix in ["offline", "posted"] {
+        if let Some(t) = transfers.get(format!("{payment_id}#{suffix}").as_bytes())? {
+            return Ok(Some(decode(&t)));
+        }
+    }
+    Ok(None)
+}
+
 /// What a voided (or expired) attempt's nonce answers from then on.
 fn voided_nonce(payment_id: &str) -> NonceRecord {
     NonceRecord {
@@ -588,15 +602,7 @@ impl Ledger {
                 let transfer: Option<TransferRecord> = transfers
                     .get(request.payment_id.as_bytes())?
                     .map(|b| decode(&b));
-                let charged_later = [
-                    format!("{}#offline", request.payment_id),
-                    format!("{}#posted", request.payment_id),
-                ]
-                .iter()
-                .map(|id| transfers.get(id.as_bytes()))
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .any(|t| t.is_some());
+                let charged_later = charged_again(transfers, &request.payment_id)?.is_some();
                 match (&seen.decision, transfer) {
                     // Moved back, then charged again (an offline approval, a late post): paid.
                     (Decision::Approved { .. }, Some(t)) if t.voided && charged_later => {
@@ -622,18 +628,7 @@ impl Ledger {
         // An order a hub approved offline (applied as `#offline` after an online attempt under it
         // was voided), or confirmed after it expired (`#posted`), is paid: a retry hears so,
         // never "charge it under a new order id".
-        let charged_again = [
-            format!("{}#offline", request.payment_id),
-            format!("{}#posted", request.payment_id),
-        ]
-        .iter()
-        .map(|id| transfers.get(id.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .next();
-        if let Some(paid) = charged_again {
-            let paid: TransferRecord = decode(&paid);
+        if let Some(paid) = charged_again(transfers, &request.payment_id)? {
             let decision = if paid.debit_account_id == request.account_id
                 && paid.amount_minor == request.amount_minor
                 && paid.currency == request.currency

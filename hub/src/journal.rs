@@ -131,6 +131,18 @@ fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
 
 type TxResult<T> = Result<T, sled::transaction::ConflictableTransactionError<()>>;
 
+/// Every record of a tree, in key order. A record the journal cannot read means it is corrupt:
+/// carrying on could answer wrongly, so it panics with `what`.
+fn read_all<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    what: &str,
+) -> Result<Vec<T>, HubError> {
+    tree.iter()
+        .values()
+        .map(|v| Ok(serde_json::from_slice(&v.map_err(storage_error)?).expect(what)))
+        .collect()
+}
+
 fn tx_error(e: sled::transaction::TransactionError<()>) -> HubError {
     storage_error(format!("{e:?}"))
 }
@@ -280,14 +292,7 @@ impl Journal {
 
     /// Attempts whose answer was never journaled.
     pub fn open_attempts(&self) -> Result<Vec<VoidPayment>, HubError> {
-        self.attempts
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal attempts are readable"))
-            })
-            .collect()
+        read_all(&self.attempts, "journal attempts are readable")
     }
 
     /// Voids an attempt whose outcome is unknown, atomically: the attempt is closed, the void
@@ -365,14 +370,7 @@ impl Journal {
 
     /// Offline approvals the cloud could not apply as approved, waiting for an operator.
     pub fn conflicts(&self) -> Result<Vec<HeldConflict>, HubError> {
-        self.conflicts
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal conflicts are readable"))
-            })
-            .collect()
+        read_all(&self.conflicts, "journal conflicts are readable")
     }
 
     /// An operator resolved a conflict (settled with the customer and the store): it is dropped.
@@ -567,26 +565,12 @@ impl Journal {
 
     /// Every allowance held.
     pub fn allowances(&self) -> Result<Vec<Allowance>, HubError> {
-        self.allowances
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal allowances are readable"))
-            })
-            .collect()
+        read_all(&self.allowances, "journal allowances are readable")
     }
 
     /// Every decision, oldest first.
     pub fn decisions(&self) -> Result<Vec<JournalEntry>, HubError> {
-        self.decisions
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal entries are readable"))
-            })
-            .collect()
+        read_all(&self.decisions, "journal entries are readable")
     }
 
     /// Stores key changes and the highest version seen; returns the new highest version.
@@ -629,14 +613,7 @@ impl Journal {
 
     /// Every stored key.
     pub fn keys(&self) -> Result<Vec<KeyEntry>, HubError> {
-        self.keys
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal keys are readable"))
-            })
-            .collect()
+        read_all(&self.keys, "journal keys are readable")
     }
 
     /// Queues a void for delivery to the cloud.
@@ -653,26 +630,12 @@ impl Journal {
 
     /// Voids still to deliver.
     pub fn pending_voids(&self) -> Result<Vec<VoidPayment>, HubError> {
-        self.voids
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal voids are readable"))
-            })
-            .collect()
+        read_all(&self.voids, "journal voids are readable")
     }
 
     /// Posts still to deliver.
     pub fn pending_posts(&self) -> Result<Vec<protocol::PostPayment>, HubError> {
-        self.posts
-            .iter()
-            .values()
-            .map(|v| {
-                Ok(serde_json::from_slice(&v.map_err(storage_error)?)
-                    .expect("journal posts are readable"))
-            })
-            .collect()
+        read_all(&self.posts, "journal posts are readable")
     }
 
     /// Drops a post the cloud acknowledged.

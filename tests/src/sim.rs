@@ -867,14 +867,7 @@ impl Sim {
             return Ok(());
         }
         if let Some(void) = self.hub.journal.pending_voids()?.into_iter().next() {
-            self.next_id += 1;
-            let request_id = self.next_id;
-            self.hub
-                .waiting
-                .insert(request_id, Waiting::Void(void.clone()));
-            self.hub.draining = true;
-            self.send_to_cloud(request_id, ToCloud::Void(void));
-            self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
+            self.drain_request(Waiting::Void(void.clone()), ToCloud::Void(void));
             return Ok(());
         }
         let posts: Vec<VoidPayment> = self
@@ -885,27 +878,24 @@ impl Sim {
             .take(20)
             .collect();
         if !posts.is_empty() {
-            self.next_id += 1;
-            let request_id = self.next_id;
-            self.hub
-                .waiting
-                .insert(request_id, Waiting::Post(posts.clone()));
-            self.hub.draining = true;
-            self.send_to_cloud(request_id, ToCloud::Post(posts));
-            self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
+            self.drain_request(Waiting::Post(posts.clone()), ToCloud::Post(posts));
             return Ok(());
         }
         let batch = self.hub.journal.offline_batch(5)?;
-        if batch.is_empty() {
-            return Ok(());
+        if !batch.is_empty() {
+            self.drain_request(Waiting::Batch, ToCloud::Reconcile(batch));
         }
+        Ok(())
+    }
+
+    /// Sends the drain's one request in flight, with its deadline.
+    fn drain_request(&mut self, waiting: Waiting, message: ToCloud) {
         self.next_id += 1;
         let request_id = self.next_id;
-        self.hub.waiting.insert(request_id, Waiting::Batch);
+        self.hub.waiting.insert(request_id, waiting);
         self.hub.draining = true;
-        self.send_to_cloud(request_id, ToCloud::Reconcile(batch));
+        self.send_to_cloud(request_id, message);
         self.at(CLOUD_TIMEOUT_MS * 3, Happening::Deadline(request_id));
-        Ok(())
     }
 
     /// The hub crashes: what was in flight is lost (the cashiers hear nothing), and it starts
