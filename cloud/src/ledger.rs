@@ -602,7 +602,11 @@ impl Ledger {
                 let transfer: Option<TransferRecord> = transfers
                     .get(request.payment_id.as_bytes())?
                     .map(|b| decode(&b));
-                let charged_later = charged_again(transfers, &request.payment_id)?.is_some();
+                let charged_later =
+                    charged_again(transfers, &request.payment_id)?.is_some_and(|t| {
+                        t.debit_account_id == request.account_id
+                            && t.amount_minor == request.amount_minor
+                    });
                 match (&seen.decision, transfer) {
                     // Moved back, then charged again (an offline approval, a late post): paid.
                     (Decision::Approved { .. }, Some(t)) if t.voided && charged_later => {
@@ -814,6 +818,15 @@ impl Ledger {
             |(accounts, transfers, nonces, pending)| -> TxResult<bool> {
                 if let Some(existing) = transfers.get(request.payment_id.as_bytes())? {
                     let mut existing: TransferRecord = decode(&existing);
+                    // Expired already: a voided attempt may no longer confirm it later.
+                    if existing.expired_holders.contains(&request.code_nonce) {
+                        existing
+                            .expired_holders
+                            .retain(|n| n != &request.code_nonce);
+                        transfers.insert(request.payment_id.as_bytes(), encode(&existing))?;
+                        nonces.insert(nonce_key.clone(), encode(&voided))?;
+                        return Ok(false);
+                    }
                     let mut holders = existing.holders();
                     let this_attempt = holders.contains(&request.code_nonce)
                         && existing.credit_account_id == store_id
@@ -927,80 +940,122 @@ impl Ledger {
             &self.grants,
             &self.grants_by_account,
             &self.debts,
+            &self.nonces,
         );
-        let posted = unwrap_tx(trees.transaction(
-            |(transfers, pending, late_posts, accounts, grants, by_account, debts)| -> TxResult<bool> {
-                let existing: Option<TransferRecord> = transfers
-                    .get(request.payment_id.as_bytes())?
-                    .map(|b| decode(&b));
-                match existing {
-                    // It expired before this confirmation came (the hub was cut off longer than
-                    // the deadline): the store was promised the money, so it is charged now,
-                    // once, as `<payment id>#posted`, into debt if need be.
-                    Some(t)
-                        if t.credit_account_id == store_id
-                            && t.voided
-                            && t.expired_holders.contains(&request.code_nonce) =>
-                    {
-                        let posted_id = format!("{}#posted", request.payment_id);
-                        if transfers.get(posted_id.as_bytes())?.is_some() {
-                            return Ok(true);
+        let posted =
+            unwrap_tx(
+                trees.transaction(
+                    |(
+                        transfers,
+                        pending,
+                        late_posts,
+                        accounts,
+                        grants,
+                        by_account,
+                        debts,
+                        nonces,
+                    )|
+                     -> TxResult<bool> {
+                        let existing: Option<TransferRecord> = transfers
+                            .get(request.payment_id.as_bytes())?
+                            .map(|b| decode(&b));
+                        match existing {
+                            // It expired before this confirmation came (the hub was cut off longer than
+                            // the deadline): the store was promised the money, so it is charged now,
+                            // once, as `<payment id>#posted`, into debt if need be.
+                            Some(t)
+                                if t.credit_account_id == store_id
+                                    && t.voided
+                                    && t.expired_holders.contains(&request.code_nonce) =>
+                            {
+                                let posted_id = format!("{}#posted", request.payment_id);
+                                // Charged again already (this post, or an offline approval): never twice.
+                                if let Some(again) = charged_again(transfers, &request.payment_id)?
+                                {
+                                    if again.debit_account_id == t.debit_account_id
+                                        && again.amount_minor == t.amount_minor
+                                    {
+                                        return Ok(true);
+                                    }
+                                    let late = LatePost {
+                                        store_id: store_id.to_owned(),
+                                        post: request.clone(),
+                                        recorded_at_ms: now_ms,
+                                    };
+                                    late_posts.insert(late_key.as_bytes(), encode(&late))?;
+                                    return Ok(false);
+                                }
+                                // The posting attempt's code answers "approved" again.
+                                let record = NonceRecord {
+                                    payment_id: request.payment_id.clone(),
+                                    decision: Decision::Approved {
+                                        account_id: t.debit_account_id.clone(),
+                                        already_paid: false,
+                                    },
+                                    amount: Some((t.amount_minor, t.currency)),
+                                };
+                                nonces.insert(
+                                    nonce_key(&t.debit_account_id, &request.code_nonce),
+                                    encode(&record),
+                                )?;
+                                let mut customer: AccountRecord = decode(
+                                    &accounts
+                                        .get(t.debit_account_id.as_bytes())?
+                                        .expect("debited account exists"),
+                                );
+                                let mut merchant: AccountRecord = decode(
+                                    &accounts
+                                        .get(store_id.as_bytes())?
+                                        .expect("credited account exists"),
+                                );
+                                offline::apply_promised(
+                                    (accounts, grants, by_account, debts),
+                                    (&t.debit_account_id, &mut customer),
+                                    (store_id, &mut merchant),
+                                    t.amount_minor,
+                                )?;
+                                let charged = TransferRecord {
+                                    applied_at_ms: now_ms,
+                                    voided: false,
+                                    posted: true,
+                                    pending_until_ms: None,
+                                    expired_holders: Vec::new(),
+                                    approved_nonces: vec![request.code_nonce.clone()],
+                                    ..t
+                                };
+                                transfers.insert(posted_id.as_bytes(), encode(&charged))?;
+                                Ok(true)
+                            }
+                            Some(t)
+                                if t.credit_account_id == store_id && (t.posted || t.offline) =>
+                            {
+                                Ok(true)
+                            }
+                            Some(mut t)
+                                if t.credit_account_id == store_id
+                                    && !t.voided
+                                    && t.holders().contains(&request.code_nonce) =>
+                            {
+                                if let Some(deadline) = t.pending_until_ms.take() {
+                                    pending.remove(pending_key(deadline, &request.payment_id))?;
+                                }
+                                t.posted = true;
+                                transfers.insert(request.payment_id.as_bytes(), encode(&t))?;
+                                Ok(true)
+                            }
+                            _ => {
+                                let late = LatePost {
+                                    store_id: store_id.to_owned(),
+                                    post: request.clone(),
+                                    recorded_at_ms: now_ms,
+                                };
+                                late_posts.insert(late_key.as_bytes(), encode(&late))?;
+                                Ok(false)
+                            }
                         }
-                        let mut customer: AccountRecord = decode(
-                            &accounts
-                                .get(t.debit_account_id.as_bytes())?
-                                .expect("debited account exists"),
-                        );
-                        let mut merchant: AccountRecord = decode(
-                            &accounts
-                                .get(store_id.as_bytes())?
-                                .expect("credited account exists"),
-                        );
-                        offline::apply_promised(
-                            (accounts, grants, by_account, debts),
-                            (&t.debit_account_id, &mut customer),
-                            (store_id, &mut merchant),
-                            t.amount_minor,
-                        )?;
-                        let charged = TransferRecord {
-                            applied_at_ms: now_ms,
-                            voided: false,
-                            posted: true,
-                            pending_until_ms: None,
-                            expired_holders: Vec::new(),
-                            approved_nonces: vec![request.code_nonce.clone()],
-                            ..t
-                        };
-                        transfers.insert(posted_id.as_bytes(), encode(&charged))?;
-                        Ok(true)
-                    }
-                    Some(t) if t.credit_account_id == store_id && (t.posted || t.offline) => {
-                        Ok(true)
-                    }
-                    Some(mut t)
-                        if t.credit_account_id == store_id
-                            && !t.voided
-                            && t.holders().contains(&request.code_nonce) =>
-                    {
-                        if let Some(deadline) = t.pending_until_ms.take() {
-                            pending.remove(pending_key(deadline, &request.payment_id))?;
-                        }
-                        t.posted = true;
-                        transfers.insert(request.payment_id.as_bytes(), encode(&t))?;
-                        Ok(true)
-                    }
-                    _ => {
-                        let late = LatePost {
-                            store_id: store_id.to_owned(),
-                            post: request.clone(),
-                            recorded_at_ms: now_ms,
-                        };
-                        late_posts.insert(late_key.as_bytes(), encode(&late))?;
-                        Ok(false)
-                    }
-                }
-            },
-        ))?;
+                    },
+                ),
+            )?;
         if !posted {
             tracing::error!(
                 store_id,
@@ -1555,7 +1610,26 @@ mod tests {
             ),
             "{retry:?}"
         );
+        // So does a repeat of the posting attempt's own code.
+        let repeat = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(repeat, Decision::Approved { .. }), "{repeat:?}");
         assert!(!l.post("store-1", &attempt("o1", "n9")).unwrap());
+        assert_eq!(balance(&l, "alice"), -600);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_voided_attempt_cannot_confirm_an_expired_payment() {
+        // Review: a void arriving after the expiry must take that attempt out of the holders.
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        assert!(!l.void("store-1", &attempt("o1", "n1")).unwrap());
+        assert!(!l.post("store-1", &attempt("o1", "n1")).unwrap());
+        assert_eq!(balance(&l, "alice"), 10_000);
         books_balance(&l);
     }
 

@@ -364,6 +364,23 @@ impl AuthActor {
         Ok(code)
     }
 
+    /// The account a code's signature proves, when the code was refused only because it is
+    /// outside its time window (expired, or not yet valid by this hub's clock).
+    fn expired_code_account(&self, code: &str, refused: &Decision) -> Option<String> {
+        if !matches!(
+            refused.reason(),
+            Some(DeclineReason::CodeExpired | DeclineReason::CodeNotYetValid)
+        ) {
+            return None;
+        }
+        let code = SignedCode::parse(code).ok()?;
+        let key = self.keys.get(&code.account_id)?;
+        // Checked at its own issue time: the signature, not the window.
+        code.verify(key, code.issued_at_ms, self.settings.validity)
+            .ok()
+            .map(|()| code.account_id)
+    }
+
     fn start_key_sync(&mut self, ctx: &mut Context<Self>) {
         let Some(uplink) = self.uplink.clone() else {
             return;
@@ -589,6 +606,13 @@ impl Handler<Authorize> for AuthActor {
             (Ok(()), PaymentProof::Code(code)) => Some(self.check_code(code)),
             _ => None,
         };
+        // A code refused only for its time window still proves who shows it.
+        let window_only = match (&code_checked, &request.proof) {
+            (Some(Err(refused)), PaymentProof::Code(code)) => {
+                self.expired_code_account(code, refused)
+            }
+            _ => None,
+        };
         let hub = HubParts {
             me: ctx.address(),
             journal: self.journal.clone(),
@@ -624,7 +648,7 @@ impl Handler<Authorize> for AuthActor {
                 // longer passes (the code expired meanwhile, a clock stepped): "declined" would
                 // be a lie about money that moved. Found by the chaos suite.
                 Err(decision) => Outcome {
-                    decision: paid_despite_proof(&request, &hub.journal)
+                    decision: paid_despite_expiry(&request, window_only, &hub.journal)
                         .await
                         .unwrap_or_else(|| decision.clone()),
                     offline: false,
@@ -666,25 +690,24 @@ impl Handler<Authorize> for AuthActor {
     }
 }
 
-/// The answer for a request whose proof failed when its order is paid here with the same
-/// amount: "approved, already paid" (the account from the journal). Requests whose ids or store
-/// are invalid never reach the journal.
-async fn paid_despite_proof(
+/// The answer for a request whose code was refused only for its time window (`account`: the
+/// account its signature proves) when its order is paid here by that account with the same
+/// amount: "approved, already paid". Any other refused proof never reaches the journal.
+async fn paid_despite_expiry(
     request: &AuthorizeRequest,
+    account: Option<String>,
     journal: &JournalWorker,
 ) -> Option<Decision> {
-    if protocol::validate_id("order_id", &request.order_id).is_err()
-        || request.payment_id != protocol::payment_id(&request.store_id, &request.order_id)
-    {
-        return None;
-    }
+    let account = account?;
     let payment_id = request.payment_id.clone();
     let paid = journal.run(move |j| j.paid(&payment_id)).await?;
-    (paid.amount_minor == request.amount_minor && paid.currency == request.currency.as_str())
-        .then_some(Decision::Approved {
-            account_id: paid.account_id,
-            already_paid: true,
-        })
+    (paid.account_id == account
+        && paid.amount_minor == request.amount_minor
+        && paid.currency == request.currency.as_str())
+    .then_some(Decision::Approved {
+        account_id: paid.account_id,
+        already_paid: true,
+    })
 }
 
 /// What an authorization in flight needs from the hub.

@@ -422,15 +422,16 @@ fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
     let api = CloudApi::new(cloud.http_addr);
     open(&api, "store-1", AccountKind::Merchant, 0);
     let alice = open(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let bob = open(&api, "bob", AccountKind::Customer, 10_000).unwrap();
     let mut site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
-    wait_keys(&site, 1);
+    wait_keys(&site, 2);
     let failpoint = |name: &str| vec![("FAILPOINTS".to_owned(), format!("{name}=return"))];
 
     // The cloud approves o1; the hub's journal write of that answer fails.
     site.restart_hub_with_env(&failpoint("hub-journal-record"))
         .unwrap();
     site.wait_connected(true, Duration::from_secs(20)).unwrap();
-    wait_keys(&site, 1);
+    wait_keys(&site, 2);
     let heard = pay_once_reachable(&mut site, &alice, "o1", 700);
     assert_ne!(heard.status, ChargeStatus::Approved, "{heard:?}");
     assert_eq!(
@@ -457,7 +458,7 @@ fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
     site.restart_hub_with_env(&failpoint("hub-journal-reserve"))
         .unwrap();
     site.wait_connected(true, Duration::from_secs(20)).unwrap();
-    wait_keys(&site, 1);
+    wait_keys(&site, 2);
     let heard = pay_once_reachable(&mut site, &alice, "o2", 300);
     assert_eq!(
         heard.reason,
@@ -484,6 +485,9 @@ fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
     assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
     assert!(heard.already_paid, "{heard:?}");
     let heard = pay_once_reachable(&mut site, &alice, "o3", 300);
+    assert_eq!(heard.reason, Some(DeclineReason::CodeExpired), "{heard:?}");
+    // Only the account that paid: another customer's (expired) code is declined.
+    let heard = pay_once_reachable(&mut site, &bob, "o2", 300);
     assert_eq!(heard.reason, Some(DeclineReason::CodeExpired), "{heard:?}");
     assert_eq!(balance("alice"), 9_700);
     api.assert_books_balance().unwrap();

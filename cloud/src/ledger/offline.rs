@@ -476,8 +476,8 @@ impl Ledger {
                         ));
                     }
                 }
-                if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
-                    let existing: TransferRecord = decode(&existing);
+                // Charged again already, offline or by a late confirmation: never twice.
+                if let Some(existing) = super::charged_again(transfers, &entry.payment_id)? {
                     return if same(&existing) {
                         Ok((ReconcileOutcome::AlreadyApplied, None, None))
                     } else {
