@@ -4,22 +4,22 @@
 
 use actix::Addr;
 use actix_web::{http::Method, web, HttpRequest, HttpResponse};
-use protocol::{
-    AccountKind, AccountView, AddFace, CreateCustomer, Currency, Deposit, HubKey, OpenAccount,
-};
+use protocol::{AccountKind, AddFace, CreateCustomer, Currency, Deposit, HubKey, OpenAccount};
 use serde_json::json;
 
 use crate::{
-    actors::{
-        AdminCmd, BroadcastAllowances, BroadcastKeys, BroadcastTemplates, CloseAccountCmd,
-        HubLinkActor, LedgerActor, LedgerAnswer, LedgerQuery, OpenAccountCmd, RecordAudit,
-    },
     customers::CustomerError,
     enroll::{
         AddTemplateCmd, CheckNewCustomer, CreateCustomerCmd, EnrollError, EraseCustomer,
         GetCustomer, IdentityActor,
     },
     error::LedgerError,
+    hub_link::{BroadcastAllowances, BroadcastKeys, BroadcastTemplates, HubLinkActor},
+    ledger::Ledger,
+    ledger_actor::{
+        CloseAccountCmd, DepositCmd, LedgerActor, OpenAccountCmd, ReadLedger, RecordAudit,
+        SetHubKeyCmd,
+    },
 };
 
 /// Largest request body accepted.
@@ -142,43 +142,43 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
     cfg.app_data(web::Data::new(state))
         .app_data(json_config(MAX_BODY_BYTES))
         .route("/v1/accounts", web::post().to(open_account))
-        .route("/v1/accounts", listing(LedgerQuery::Accounts))
+        .route("/v1/accounts", listing(Ledger::accounts))
         .route("/v1/accounts/{id}", web::get().to(get_account))
         .route("/v1/accounts/{id}/deposits", web::post().to(deposit))
         .route("/v1/stores/{id}/hub-key", web::put().to(set_hub_key))
-        .route("/v1/debts", listing(LedgerQuery::Debts))
-        .route(
-            "/v1/reconciliation/conflicts",
-            listing(LedgerQuery::Conflicts),
-        )
+        .route("/v1/debts", listing(Ledger::debts))
+        .route("/v1/reconciliation/conflicts", listing(Ledger::conflicts))
         .route(
             "/v1/reconciliation/code-reuse",
-            listing(LedgerQuery::CodeReuses),
+            listing(Ledger::code_reuses),
         )
-        .route("/v1/transfers", listing(LedgerQuery::Transfers))
-        .route("/v1/ledger/totals", listing(LedgerQuery::Totals))
-        .route("/v1/audit", listing(LedgerQuery::Audit));
+        .route("/v1/reconciliation/late-posts", listing(Ledger::late_posts))
+        .route("/v1/transfers", listing(Ledger::transfers))
+        .route("/v1/ledger/totals", listing(Ledger::totals))
+        .route("/v1/audit", listing(Ledger::audit_trail));
 }
 
-/// A GET route answering one ledger query with its JSON.
-fn listing(q: LedgerQuery) -> actix_web::Route {
-    web::get().to(move |state: web::Data<ApiState>| {
-        let q = q.clone();
-        async move {
-            match query(&state, q).await {
-                Ok(answer) => HttpResponse::Ok().json(answer),
-                Err(response) => response,
-            }
+/// A GET route answering one read of the ledger with its JSON.
+fn listing<T>(read: fn(&Ledger) -> Result<T, LedgerError>) -> actix_web::Route
+where
+    T: serde::Serialize + Send + 'static,
+{
+    web::get().to(move |state: web::Data<ApiState>| async move {
+        match query(&state, read).await {
+            Ok(answer) => HttpResponse::Ok().json(answer),
+            Err(response) => response,
         }
     })
 }
 
-async fn admin(state: &ApiState, cmd: AdminCmd) -> Result<Option<AccountView>, HttpResponse> {
-    match state.ledger.send(cmd).await {
-        Err(e) => Err(unavailable(e)),
-        Ok(Err(e)) => Err(error_response(e)),
-        Ok(Ok(answer)) => Ok(answer),
-    }
+/// Sends a command to the ledger thread; its error as the HTTP answer.
+async fn command<M>(state: &ApiState, cmd: M) -> Result<M::Result, HttpResponse>
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+    LedgerActor: actix::Handler<M>,
+{
+    state.ledger.send(cmd).await.map_err(unavailable)
 }
 
 async fn deposit(
@@ -193,11 +193,14 @@ async fn deposit(
         "deposit_id={} amount_minor={}",
         deposit.deposit_id, deposit.amount_minor
     );
-    let cmd = AdminCmd::Deposit {
+    let cmd = DepositCmd {
         account_id: account_id.clone(),
         deposit,
     };
-    let result = admin(&state, cmd).await;
+    let result = match command(&state, cmd).await {
+        Ok(answer) => answer.map_err(error_response),
+        Err(response) => Err(response),
+    };
     let result = audited(
         &state.ledger,
         operator_of(&http),
@@ -220,11 +223,14 @@ async fn set_hub_key(
     body: web::Json<HubKey>,
 ) -> HttpResponse {
     let store_id = id.into_inner();
-    let cmd = AdminCmd::SetHubKey {
+    let cmd = SetHubKeyCmd {
         store_id: store_id.clone(),
         public_key: body.public_key.clone(),
     };
-    let result = admin(&state, cmd).await;
+    let result = match command(&state, cmd).await {
+        Ok(answer) => answer.map_err(error_response),
+        Err(response) => Err(response),
+    };
     let result = audited(
         &state.ledger,
         operator_of(&http),
@@ -275,30 +281,31 @@ async fn open_account(
             if let Some(entry) = key_change {
                 state.link.do_send(BroadcastKeys(vec![entry]));
             }
-            match query(&state, LedgerQuery::Account(account_id)).await {
-                Ok(LedgerAnswer::Account(Some(view))) if created => {
-                    HttpResponse::Created().json(view)
-                }
-                Ok(LedgerAnswer::Account(Some(view))) => HttpResponse::Ok().json(view),
-                Ok(_) => HttpResponse::InternalServerError().finish(),
+            match query(&state, move |l| l.account(&account_id)).await {
+                Ok(Some(view)) if created => HttpResponse::Created().json(view),
+                Ok(Some(view)) => HttpResponse::Ok().json(view),
+                Ok(None) => HttpResponse::InternalServerError().finish(),
                 Err(response) => response,
             }
         }
     }
 }
 
-async fn query(state: &ApiState, q: LedgerQuery) -> Result<LedgerAnswer, HttpResponse> {
-    match state.ledger.send(q).await {
-        Err(e) => Err(unavailable(e)),
-        Ok(Err(e)) => Err(error_response(e)),
-        Ok(Ok(answer)) => Ok(answer),
-    }
+/// Reads the ledger on its thread.
+async fn query<T: Send + 'static>(
+    state: &ApiState,
+    read: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+) -> Result<T, HttpResponse> {
+    command(state, ReadLedger::new(read))
+        .await?
+        .map_err(error_response)
 }
 
 async fn get_account(state: web::Data<ApiState>, id: web::Path<String>) -> HttpResponse {
-    match query(&state, LedgerQuery::Account(id.into_inner())).await {
-        Ok(LedgerAnswer::Account(Some(view))) => HttpResponse::Ok().json(view),
-        Ok(_) => HttpResponse::NotFound()
+    let id = id.into_inner();
+    match query(&state, move |l| l.account(&id)).await {
+        Ok(Some(view)) => HttpResponse::Ok().json(view),
+        Ok(None) => HttpResponse::NotFound()
             .json(json!({ "error": "not_found", "detail": "no such account" })),
         Err(response) => response,
     }
@@ -532,4 +539,71 @@ async fn erase_customer(state: web::Data<EnrollState>, id: web::Path<String>) ->
         "erased": true,
         "templates_removed": removed,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The admin API lists the confirmations that came too late (here, one for a payment the
+    /// ledger never saw), read from the ledger thread as their own type.
+    #[actix::test]
+    async fn late_posts_are_listed_for_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        let posted = ledger
+            .post(
+                "store-1",
+                &protocol::PostPayment {
+                    payment_id: "store-1:o-1".into(),
+                    account_id: "alice".into(),
+                    code_nonce: "n-1".into(),
+                },
+            )
+            .unwrap();
+        assert!(
+            !posted,
+            "a post of an unknown payment is kept as late, not applied"
+        );
+        let ledger = crate::bounded::Bounded::new(
+            actix::SyncArbiter::start(1, move || LedgerActor::new(ledger.clone())),
+            4,
+        );
+        let (client, _eventloop) =
+            mqtt::Client::new(rumqttc::MqttOptions::new("test", "127.0.0.1", 1), 4);
+        let store = crate::customers::CustomerStore::open(
+            &dir.path().join("customers"),
+            &dir.path().join("template.key"),
+        )
+        .unwrap();
+        let identity = IdentityActor::open(
+            store,
+            dir.path().join("identity.faiss"),
+            crate::enroll::IdentityConfig::default(),
+            prometheus::IntGauge::new("t", "t").unwrap(),
+        )
+        .unwrap();
+        let slot = std::sync::Mutex::new(Some(identity));
+        let identity = actix::SyncArbiter::start(1, move || slot.lock().unwrap().take().unwrap());
+        let link = actix::Actor::start(HubLinkActor::new(
+            client,
+            ledger.clone(),
+            crate::bounded::Bounded::new(identity, 1),
+            telemetry::PaymentMetrics::register(&prometheus::Registry::new(), "cloud"),
+            prometheus::IntGauge::new("c", "c").unwrap(),
+        ));
+        let state = ApiState { ledger, link };
+        let app = actix_web::test::init_service(
+            actix_web::App::new().configure(move |cfg| configure(cfg, state.clone())),
+        )
+        .await;
+        let request = actix_web::test::TestRequest::get()
+            .uri("/v1/reconciliation/late-posts")
+            .to_request();
+        let late: Vec<crate::ledger::LatePost> =
+            actix_web::test::call_and_read_body_json(&app, request).await;
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].store_id, "store-1");
+        assert_eq!(late[0].post.payment_id, "store-1:o-1");
+    }
 }

@@ -4,15 +4,16 @@
 //! key sync) and distributes account public keys to them, and offers an admin HTTP API with
 //! Prometheus metrics. See `README.md` in this folder for the actors and their messages.
 
-pub mod actors;
 mod api;
 pub mod bounded;
 pub mod config;
 pub mod customers;
 pub mod enroll;
 mod error;
+pub mod hub_link;
 pub mod identity;
 pub mod ledger;
+pub mod ledger_actor;
 pub mod revocation;
 
 use std::net::SocketAddr;
@@ -24,7 +25,10 @@ use prometheus::Registry;
 pub use config::CloudConfig;
 pub use error::LedgerError;
 
-use crate::actors::{HubLinkActor, LedgerActor, LinkEventMsg};
+use crate::{
+    hub_link::{HubLinkActor, LinkEventMsg},
+    ledger_actor::LedgerActor,
+};
 
 /// A running cloud.
 pub struct CloudHandle {
@@ -93,7 +97,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         .with_context(|| format!("opening ledger at {}", ledger_path.display()))?
         .with_offline_policy(config.offline)
         .with_pending_ttl(config.pending_transfer_ttl_seconds * 1000);
-    let offline_metrics = actors::OfflineMetrics::register(&registry);
+    let offline_metrics = ledger_actor::OfflineMetrics::register(&registry);
     let ledger = bounded::Bounded::new(
         SyncArbiter::start(1, move || {
             // One thread: the ledger has a single writer.

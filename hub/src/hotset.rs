@@ -175,6 +175,18 @@ impl LockoutPolicy {
     }
 }
 
+/// Most hot-set operations waiting for its thread.
+pub const HOT_SET_QUEUE: usize = 256;
+
+/// The hot set on its own thread ([`storage::Worker`]): the top-2 scan and sled writes never run
+/// on an async thread.
+pub type HotSetWorker = storage::Worker<HotSet>;
+
+/// Starts the hot set's thread.
+pub fn start_worker(hot: HotSet) -> HotSetWorker {
+    storage::Worker::start("hub-hot-set", HOT_SET_QUEUE, hot)
+}
+
 /// The hot set: entries in memory, sealed in sled, and the exact index over them.
 pub struct HotSet {
     entries: HashMap<String, HeldEntry>,

@@ -667,63 +667,14 @@ pub struct HeldConflict {
 /// holding an async thread) until there is room.
 pub const JOURNAL_QUEUE: usize = 256;
 
-type Job = Box<dyn FnOnce(&Journal) + Send>;
+/// Owns the journal on a dedicated thread fed by a bounded queue ([`storage::Worker`]): every
+/// operation ends in a disk flush, which must not run on an async thread. A storage error stops
+/// the process ([`storage::fail_stop`]).
+pub type JournalWorker = storage::Worker<Journal>;
 
-/// Owns the journal on a dedicated thread fed by a bounded queue: every operation ends in a disk
-/// flush, which must not run on an async thread. Each call returns its own typed result. A
-/// storage error stops the process ([`storage::fail_stop`]): after a failed write nobody knows
-/// what is on disk, and answering "nothing was written" is how money moves after "declined".
-#[derive(Clone)]
-pub struct JournalWorker {
-    jobs: tokio::sync::mpsc::Sender<Job>,
-}
-
-impl JournalWorker {
-    /// Starts the journal thread.
-    pub fn start(journal: Journal) -> Self {
-        let (jobs, mut queue) = tokio::sync::mpsc::channel::<Job>(JOURNAL_QUEUE);
-        std::thread::Builder::new()
-            .name("hub-journal".into())
-            .spawn(move || {
-                while let Some(job) = queue.blocking_recv() {
-                    job(&journal);
-                }
-            })
-            .expect("spawning the journal thread");
-        JournalWorker { jobs }
-    }
-
-    /// Runs `op` on the journal thread and returns its result; a storage error stops the process.
-    pub async fn run<T, F>(&self, op: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(&Journal) -> Result<T, HubError> + Send + 'static,
-    {
-        let (tx, rx) = futures::channel::oneshot::channel();
-        let job: Job = Box::new(move |journal| {
-            let result = match op(journal) {
-                Ok(value) => value,
-                Err(error) => storage::fail_stop("a hub journal operation", &error),
-            };
-            let _ = tx.send(result);
-        });
-        if self.jobs.send(job).await.is_err() {
-            storage::fail_stop("the hub journal", &"its thread stopped");
-        }
-        match rx.await {
-            Ok(value) => value,
-            Err(_) => storage::fail_stop("the hub journal", &"its thread stopped"),
-        }
-    }
-
-    /// Runs `op` on the journal thread without waiting for it (stores that only need to happen).
-    pub fn spawn<F>(&self, op: F)
-    where
-        F: FnOnce(&Journal) -> Result<(), HubError> + Send + 'static,
-    {
-        let worker = self.clone();
-        tokio::spawn(async move { worker.run(op).await });
-    }
+/// Starts the journal thread.
+pub fn start_worker(journal: Journal) -> JournalWorker {
+    storage::Worker::start("hub-journal", JOURNAL_QUEUE, journal)
 }
 
 #[cfg(test)]

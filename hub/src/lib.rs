@@ -6,14 +6,15 @@
 //! `README.md` in this folder for the actors and their messages.
 
 pub mod attempt;
-pub mod auth;
+pub mod book;
 pub mod breaker;
 pub mod config;
+pub mod credentials;
 mod error;
 pub mod hotset;
 pub mod journal;
-pub mod messages;
 pub mod offline;
+pub mod payment;
 pub mod trust;
 pub mod uplink;
 pub mod verify;
@@ -30,11 +31,13 @@ pub use config::HubConfig;
 pub use error::HubError;
 
 use crate::{
-    auth::{AttachUplink, AttachVerifier, AuthActor, AuthSettings, Authorize},
+    credentials::CredentialsActor,
     hotset::HotSet,
-    journal::{Journal, JournalWorker},
+    journal::Journal,
+    offline::{OfflineActor, OfflineMetrics, OfflineSetup},
+    payment::{Authorize, PaymentActor, PaymentPeers, PaymentSettings},
     uplink::{LinkEventMsg, UplinkActor},
-    verify::{Verify, VerifyActor, VerifyMetrics, VerifySettings},
+    verify::{Verify, VerifyActor, VerifyMetrics, VerifyPeers, VerifySettings},
 };
 
 /// Most edge queries in flight at once; more wait in Zenoh.
@@ -46,8 +49,8 @@ pub struct HubHandle {
     pub metrics_addr: SocketAddr,
     /// When the hub's certificate expires (RFC 3339).
     pub cert_expires: String,
-    /// The authorization actor.
-    pub auth: Addr<AuthActor>,
+    /// The payment actor.
+    pub payment: Addr<PaymentActor>,
     /// The verification actor.
     pub verify: Addr<VerifyActor>,
     /// The public key this hub signs offline approvals with (register it at the cloud).
@@ -137,21 +140,23 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         );
     }
     let clock = clock::system();
-    let stored_keys = journal.keys()?;
-    let key_version = journal.key_version()?;
+    let validity = Validity {
+        window_ms: config.code_validity_seconds * 1000,
+        clock_skew_ms: config.clock_skew_seconds * 1000,
+    };
     let signing_path = config.signing_key_path();
     let seed = storage::key_file(&signing_path, true)
         .with_context(|| format!("reading the hub signing key {}", signing_path.display()))?;
     let signer = std::sync::Arc::new(paycode::hubsig::HubSigner::from_seed(&seed));
     let hub_public_key = signer.public_key_b64();
     let pending = journal.offline_entries()?;
-    let offline_setup = auth::OfflineSetup {
-        book: offline::OfflineBook::new(&config.offline, journal.allowances()?, &pending),
+    let offline_setup = OfflineSetup {
+        book: book::OfflineBook::new(&config.offline, journal.allowances()?, &pending),
         signer,
         journal: journal.clone(),
         drain_batch: config.offline.drain_batch,
         drain_interval: Duration::from_millis(config.offline.drain_interval_ms),
-        metrics: auth::OfflineMetrics::register(&registry),
+        metrics: OfflineMetrics::register(&registry),
     };
     if !pending.is_empty() {
         tracing::info!(
@@ -159,27 +164,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             "offline approvals wait for reconciliation"
         );
     }
-    let journal_worker = JournalWorker::start(journal.clone());
-
-    let settings = AuthSettings {
-        clock: clock.clone(),
-        store_id: config.store_id.clone(),
-        validity: Validity {
-            window_ms: config.code_validity_seconds * 1000,
-            clock_skew_ms: config.clock_skew_seconds * 1000,
-        },
-        cloud_timeout: Duration::from_millis(config.cloud_timeout_ms),
-    };
-    let auth = AuthActor::new(
-        settings,
-        stored_keys,
-        key_version,
-        journal_worker.clone(),
-        metrics,
-        keys_gauge,
-        offline_setup,
-    )
-    .start();
+    let journal_worker = journal::start_worker(journal.clone());
 
     let hot_path = config.data_dir.join("hotset");
     let hot = HotSet::open(
@@ -190,21 +175,64 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     )
     .with_context(|| format!("opening the hot set at {}", hot_path.display()))?;
     tracing::info!(templates = hot.template_count(), "hot set loaded");
-    let verify_settings = VerifySettings {
-        store_id: config.store_id.clone(),
-        identify: config.identify.clone(),
-        identify_timeout: Duration::from_millis(config.identify_timeout_ms),
-    };
+    let verify_metrics = VerifyMetrics::register(&registry);
+    verify_metrics
+        .hot_templates
+        .set(hot.template_count() as i64);
+
+    // The actors are wired once, each given the addresses it asks; the uplink's address exists
+    // before it starts, so nothing is attached afterwards and nobody messages itself.
+    let uplink_context = Context::<UplinkActor>::new();
+    let uplink_addr = uplink_context.address();
+    let credentials = CredentialsActor::new(
+        clock.clone(),
+        validity,
+        &journal.keys()?,
+        journal.key_version()?,
+        journal_worker.clone(),
+        Some(uplink_addr.clone()),
+        keys_gauge,
+    )
+    .start();
+    let offline = OfflineActor::new(
+        clock.clone(),
+        offline_setup,
+        journal_worker.clone(),
+        Some(uplink_addr.clone()),
+    )
+    .start();
+    let payment = PaymentActor::new(
+        PaymentSettings {
+            clock: clock.clone(),
+            store_id: config.store_id.clone(),
+            validity,
+            cloud_timeout: Duration::from_millis(config.cloud_timeout_ms),
+        },
+        PaymentPeers {
+            journal: journal_worker.clone(),
+            credentials: credentials.clone(),
+            offline: offline.clone(),
+            uplink: Some(uplink_addr.clone()),
+        },
+        metrics,
+    )
+    .start();
     let verify = VerifyActor::new(
-        verify_settings,
-        hot,
-        auth.clone().recipient(),
-        journal_worker,
-        VerifyMetrics::register(&registry),
+        VerifySettings {
+            store_id: config.store_id.clone(),
+            identify: config.identify.clone(),
+            identify_timeout: Duration::from_millis(config.identify_timeout_ms),
+        },
+        VerifyPeers {
+            hot: hotset::start_worker(hot),
+            credentials: credentials.clone(),
+            journal: journal_worker,
+            uplink: Some(uplink_addr.clone()),
+        },
+        verify_metrics,
         clock.clone(),
     )
     .start();
-    auth.do_send(AttachVerifier(verify.clone().recipient()));
 
     let in_force: trust::ListInForce =
         std::sync::Arc::new(std::sync::RwLock::new(revocations.pem.clone()));
@@ -218,7 +246,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         );
         let signer = tls.reply_signer()?;
         let in_force = in_force.clone();
-        let (auth, verify) = (auth.clone(), verify.clone());
+        let (payment, verify) = (payment.clone(), verify.clone());
         Box::new(move |allowed: Vec<String>| {
             let security = zlink::ZenohSecurity {
                 files: files.clone(),
@@ -226,7 +254,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
                 key_exprs: vec![protocol::keyexpr::hub_all(&store_id)],
             };
             let (zenoh_config, store_id) = (zenoh_config.clone(), store_id.clone());
-            let (auth, verify, signer) = (auth.clone(), verify.clone(), signer.clone());
+            let (payment, verify, signer) = (payment.clone(), verify.clone(), signer.clone());
             let in_force = in_force.clone();
             Box::pin(async move {
                 let zenoh = tokio::task::spawn_blocking(move || {
@@ -234,7 +262,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
                 })
                 .await
                 .expect("zenoh open does not panic")?;
-                serve_edges(&zenoh, &store_id, auth, signer.clone()).await?;
+                serve_edges(&zenoh, &store_id, payment, signer.clone()).await?;
                 serve_verify(&zenoh, &store_id, verify, signer).await?;
                 serve_revocations(&zenoh, &store_id, in_force).await?;
                 Ok(zenoh)
@@ -270,7 +298,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         config.store_id.clone(),
         client,
         vec![
-            auth.clone().recipient(),
+            credentials.recipient(),
+            offline.recipient(),
             verify.clone().recipient(),
             trust.clone().recipient(),
         ],
@@ -281,10 +310,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         &registry,
         "facepay_hub_offline",
         "1 while the hub authorizes offline (broker lost or circuit breaker not closed)",
-    ))
-    .start();
-    auth.do_send(AttachUplink(uplink.clone()));
-    verify.do_send(verify::AttachUplink(uplink.clone()));
+    ));
+    let uplink = uplink_context.run(uplink);
     let reconnect = Duration::from_millis(config.mqtt.reconnect_delay_ms);
     actix::spawn(mqtt::drive(eventloop, reconnect, move |event| {
         let uplink = uplink.clone();
@@ -302,7 +329,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     Ok(HubHandle {
         metrics_addr,
         cert_expires: tls.expires(),
-        auth,
+        payment,
         verify,
         hub_public_key,
         server: handle,
@@ -393,11 +420,11 @@ fn wire_reason(error: &protocol::WireError) -> protocol::DeclineReason {
     }
 }
 
-/// Declares the store's authorize queryable and answers each query through the auth actor.
+/// Declares the store's authorize queryable and answers each query through the payment actor.
 async fn serve_edges(
     zenoh: &zlink::ZenohLink,
     store_id: &str,
-    auth: Addr<AuthActor>,
+    payment: Addr<PaymentActor>,
     signer: pki::ReplySigner,
 ) -> anyhow::Result<()> {
     let key = protocol::keyexpr::hub_authorize(store_id);
@@ -406,21 +433,22 @@ async fn serve_edges(
         key,
         signer,
         move |decoded: Result<protocol::AuthorizeRequest, _>| {
-            let auth = auth.clone();
+            let payment = payment.clone();
             async move {
                 let reply = match decoded {
                     Ok(request) => {
                         let payment_id = request.payment_id.clone();
-                        auth.send(Authorize(request)).await.unwrap_or_else(|error| {
-                            protocol::AuthorizeReply {
+                        payment
+                            .send(Authorize(request))
+                            .await
+                            .unwrap_or_else(|error| protocol::AuthorizeReply {
                                 payment_id,
                                 decision: protocol::Decision::declined(
                                     protocol::DeclineReason::Internal,
                                     format!("hub unavailable: {error}"),
                                 ),
                                 offline: false,
-                            }
-                        })
+                            })
                     }
                     Err(error) => protocol::AuthorizeReply {
                         payment_id: String::new(),

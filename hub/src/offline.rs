@@ -1,359 +1,496 @@
-//! Offline authorization: the rules a hub applies alone while the cloud is unreachable, and the
-//! book of what it holds unreconciled.
-//!
-//! A payment is approved offline only if every rule passes, checked in this order, and the
-//! decline names the rule that refused:
-//! 1. offline payment is enabled and the amount is at most `payment_ceiling_minor`
-//!    (`offline_amount_over_limit`);
-//! 2. the account is not blocked by the cloud (in debt, closed: `account_blocked`);
-//! 3. the cloud granted the account an allowance at this store, in the payment's currency, and what
-//!    the store holds unreconciled for it plus this amount stays within it
-//!    (`offline_allowance_exceeded`);
-//! 4. the store's unreconciled total plus this amount stays within `store_ceiling_minor`
-//!    (`offline_store_limit_reached`).
-//!
-//! Only accounts the hub already knows can get this far: a code needs the account's key, a token
-//! a face matched in the hot set.
+//! Offline payment at the hub: the book of what the store holds unreconciled ([`OfflineBook`]),
+//! the allowances the cloud grants (pushed and synced), offline approvals signed with the hub's
+//! key, and the drain that delivers what the journal queued for the cloud: voids first, then
+//! confirmations (posts), then the offline backlog in batches.
 
-use std::collections::HashMap;
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use protocol::{Allowance, Currency, Decision, DeclineReason, OfflinePayment, OfflineReservation};
+use actix::prelude::*;
+use paycode::hubsig::HubSigner;
+use protocol::{
+    Allowance, AuthorizeRequest, CloudReplyBody, Decision, HubRequestBody, OfflineBatch,
+    OfflinePayment, OfflineReservation, VoidPayment,
+};
 
-use crate::config::OfflineConfig;
+use crate::{
+    book::OfflineBook,
+    journal::{Journal, JournalWorker},
+    uplink::{CallCloud, UplinkActor, UplinkEvent},
+};
 
-/// What the store holds unreconciled, and the allowances it may spend. Owned by the
-/// authorization actor, rebuilt from the journal at start.
-#[derive(Debug, Default)]
-pub struct OfflineBook {
-    enabled: bool,
-    payment_ceiling_minor: i64,
-    store_ceiling_minor: i64,
-    allowances: HashMap<String, Allowance>,
-    outstanding: HashMap<String, i64>,
-    store_total: i64,
-    entries: usize,
+/// Mailbox bound.
+pub const OFFLINE_MAILBOX: usize = 256;
+/// Deadline of void, post and allowance-sync requests.
+pub const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of one reconciliation batch.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the offline actor starts with.
+pub struct OfflineSetup {
+    /// Rules and what the journal holds unreconciled.
+    pub book: OfflineBook,
+    /// The hub's signing key.
+    pub signer: Arc<HubSigner>,
+    /// The journal (sequence numbers only; writes go through the journal thread).
+    pub journal: Journal,
+    /// Entries per reconciliation batch.
+    pub drain_batch: usize,
+    /// How often the drain runs even with no reconnect.
+    pub drain_interval: Duration,
+    /// Metrics.
+    pub metrics: OfflineMetrics,
 }
 
-impl OfflineBook {
-    /// A book under `config`'s bounds, with the allowances and unreconciled entries the journal
-    /// holds.
+/// The hub's offline metrics.
+#[derive(Clone)]
+pub struct OfflineMetrics {
+    backlog: prometheus::IntGauge,
+    exposure: prometheus::IntGauge,
+    approved: prometheus::IntCounter,
+    reconciled: prometheus::IntCounter,
+}
+
+impl OfflineMetrics {
+    /// Registers `facepay_hub_offline_backlog`, `facepay_hub_offline_exposure_minor`,
+    /// `facepay_hub_offline_approved_total` and `facepay_hub_offline_reconciled_total`.
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        OfflineMetrics {
+            backlog: telemetry::register_gauge(
+                registry,
+                "facepay_hub_offline_backlog",
+                "offline approvals journaled and not yet acknowledged by the cloud",
+            ),
+            exposure: telemetry::register_gauge(
+                registry,
+                "facepay_hub_offline_exposure_minor",
+                "total amount of offline approvals not yet acknowledged, minor units",
+            ),
+            approved: telemetry::register_counter(
+                registry,
+                "facepay_hub_offline_approved_total",
+                "payments approved offline",
+            ),
+            reconciled: telemetry::register_counter(
+                registry,
+                "facepay_hub_offline_reconciled_total",
+                "offline approvals the cloud acknowledged (and the journal retired)",
+            ),
+        }
+    }
+}
+
+/// Owns the offline book, the hub's signing key, the allowances and the drain.
+pub struct OfflineActor {
+    clock: clock::SharedClock,
+    book: OfflineBook,
+    signer: Arc<HubSigner>,
+    seqs: Journal,
+    journal: JournalWorker,
+    uplink: Option<Addr<UplinkActor>>,
+    drain_batch: usize,
+    drain_interval: Duration,
+    draining: bool,
+    /// Something was queued while a drain ran: run it again when it ends.
+    again: bool,
+    syncing_allowances: bool,
+    metrics: OfflineMetrics,
+}
+
+impl OfflineActor {
+    /// An actor over the book the journal's entries and allowances rebuilt.
     pub fn new(
-        config: &OfflineConfig,
-        allowances: Vec<Allowance>,
-        pending: &[OfflinePayment],
+        clock: clock::SharedClock,
+        setup: OfflineSetup,
+        journal: JournalWorker,
+        uplink: Option<Addr<UplinkActor>>,
     ) -> Self {
-        let mut book = OfflineBook {
-            enabled: config.enabled,
-            payment_ceiling_minor: config.payment_ceiling_minor,
-            store_ceiling_minor: config.store_ceiling_minor,
-            ..OfflineBook::default()
+        let actor = OfflineActor {
+            clock,
+            book: setup.book,
+            signer: setup.signer,
+            seqs: setup.journal,
+            journal,
+            uplink,
+            drain_batch: setup.drain_batch,
+            drain_interval: setup.drain_interval,
+            draining: false,
+            again: false,
+            syncing_allowances: false,
+            metrics: setup.metrics,
         };
-        for allowance in allowances {
-            book.allowances
-                .insert(allowance.account_id.clone(), allowance);
-        }
-        for entry in pending {
-            book.hold(&entry.account_id, entry.amount_minor);
-        }
-        book
+        actor.show();
+        actor
     }
 
-    /// Checks every rule for a payment; `Ok` means it may be approved offline.
-    pub fn check(
-        &self,
-        account_id: &str,
-        amount_minor: i64,
-        currency: Currency,
-    ) -> Result<(), Decision> {
-        if !self.enabled {
-            return Err(Decision::declined(
-                DeclineReason::CloudUnreachable,
-                "the cloud is unreachable and this store does not approve payments offline",
-            ));
+    fn show(&self) {
+        self.metrics.backlog.set(self.book.entries() as i64);
+        self.metrics.exposure.set(self.book.store_total());
+    }
+
+    /// Starts the drain, or asks the running one to go round again.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        if self.uplink.is_none() {
+            return;
         }
-        if amount_minor > self.payment_ceiling_minor {
-            return Err(Decision::declined(
-                DeclineReason::OfflineAmountOverLimit,
-                format!(
-                    "the cloud is unreachable; offline, payments up to {} are approved",
-                    currency.format(self.payment_ceiling_minor)
-                ),
-            ));
+        if self.draining {
+            self.again = true;
+            return;
         }
-        let Some(allowance) = self.allowances.get(account_id) else {
-            return Err(Decision::declined(
-                DeclineReason::OfflineAllowanceExceeded,
-                format!("the cloud is unreachable and account {account_id} has no offline allowance at this store"),
-            ));
+        self.draining = true;
+        self.again = false;
+        self.drain_step(ctx);
+    }
+
+    /// One round of the drain ([`drain_once`]); goes on while batches settle, and once more when
+    /// something was queued meanwhile.
+    fn drain_step(&mut self, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            self.draining = false;
+            return;
         };
-        if allowance.blocked {
-            return Err(Decision::declined(
-                DeclineReason::AccountBlocked,
-                format!("account {account_id} is blocked until its debt is settled"),
-            ));
-        }
-        let held = self.outstanding(account_id);
-        if allowance.currency != currency || held + amount_minor > allowance.amount_minor {
-            return Err(Decision::declined(
-                DeclineReason::OfflineAllowanceExceeded,
-                format!(
-                    "the cloud is unreachable; account {account_id} may spend {} offline here and {} is pending",
-                    allowance.currency.format(allowance.amount_minor),
-                    allowance.currency.format(held)
-                ),
-            ));
-        }
-        if self.store_total + amount_minor > self.store_ceiling_minor {
-            return Err(Decision::declined(
-                DeclineReason::OfflineStoreLimitReached,
-                "the cloud is unreachable and this store has reached its offline limit",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Counts an approved payment as held until the cloud acknowledges it.
-    pub fn hold(&mut self, account_id: &str, amount_minor: i64) {
-        *self.outstanding.entry(account_id.to_owned()).or_default() += amount_minor;
-        self.store_total += amount_minor;
-        self.entries += 1;
-    }
-
-    /// Releases a payment the cloud acknowledged (or one that was never journaled).
-    pub fn release(&mut self, account_id: &str, amount_minor: i64) {
-        if let Some(held) = self.outstanding.get_mut(account_id) {
-            *held -= amount_minor;
-            if *held <= 0 {
-                self.outstanding.remove(account_id);
+        let (journal, batch_size) = (self.journal.clone(), self.drain_batch);
+        let step = async move { drain_once(&uplink, &journal, batch_size).await };
+        ctx.spawn(step.into_actor(self).map(|step, actor, ctx| {
+            for entry in &step.retired {
+                actor.book.release(&entry.account_id, entry.amount_minor);
             }
-        }
-        self.store_total -= amount_minor;
-        self.entries = self.entries.saturating_sub(1);
-    }
-
-    /// Takes a newer grant or revocation; older versions are ignored.
-    pub fn set_allowance(&mut self, allowance: Allowance) {
-        match self.allowances.get(&allowance.account_id) {
-            Some(held) if held.version >= allowance.version => {}
-            _ => {
-                self.allowances
-                    .insert(allowance.account_id.clone(), allowance);
+            actor.metrics.reconciled.inc_by(step.retired.len() as u64);
+            actor.show();
+            if step.more || std::mem::take(&mut actor.again) {
+                actor.drain_step(ctx);
+            } else {
+                actor.draining = false;
             }
-        }
+        }));
     }
 
-    /// Forgets the allowances of accounts the cloud no longer lists for this store.
-    pub fn keep_only(&mut self, listed: &std::collections::HashSet<String>) {
-        self.allowances
-            .retain(|account, _| listed.contains(account));
-    }
-
-    /// What the store may still hold unreconciled for an account under the allowance it holds,
-    /// reported to the cloud with each online payment so that a refreshed grant keeps it counted.
-    pub fn reservation(&self, account_id: &str) -> OfflineReservation {
-        let allowance = self.allowances.get(account_id);
-        let granted = allowance
-            .filter(|a| !a.blocked)
-            .map_or(0, |a| a.amount_minor);
-        OfflineReservation {
-            amount_minor: self.outstanding(account_id).max(granted),
-            allowance_version: allowance.map_or(0, |a| a.version),
-        }
-    }
-
-    /// What the store holds unreconciled for an account.
-    pub fn outstanding(&self, account_id: &str) -> i64 {
-        self.outstanding.get(account_id).copied().unwrap_or(0)
-    }
-
-    /// What the store holds unreconciled in all.
-    pub fn store_total(&self) -> i64 {
-        self.store_total
-    }
-
-    /// Unreconciled entries.
-    pub fn entries(&self) -> usize {
-        self.entries
-    }
-}
-
-/// What the cloud made of a reconciliation batch, sorted for the journal: entries applied (now or
-/// before) are retired, conflicts are kept for an operator, refused entries stay in the backlog.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct SortedResults {
-    /// Sequence numbers to retire.
-    pub settled: Vec<u64>,
-    /// Sequence numbers to keep for an operator, with what conflicts.
-    pub conflicts: Vec<(u64, String)>,
-    /// Entries refused (they stay in the backlog and stop the drain).
-    pub refused: usize,
-}
-
-/// Sorts a batch's results ([`SortedResults`]).
-pub fn sort_results(results: &[protocol::ReconcileResult]) -> SortedResults {
-    let mut sorted = SortedResults::default();
-    for result in results {
-        match &result.outcome {
-            protocol::ReconcileOutcome::Applied { .. }
-            | protocol::ReconcileOutcome::AlreadyApplied => sorted.settled.push(result.seq),
-            protocol::ReconcileOutcome::Conflict { detail } => {
-                sorted.conflicts.push((result.seq, detail.clone()))
-            }
-            protocol::ReconcileOutcome::Rejected { .. } => sorted.refused += 1,
-        }
-    }
-    sorted
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn eur() -> Currency {
-        Currency::parse("EUR").unwrap()
-    }
-
-    fn grant(account: &str, amount: i64, version: u64) -> Allowance {
-        Allowance {
-            account_id: account.into(),
-            amount_minor: amount,
-            currency: eur(),
-            blocked: false,
-            version,
-        }
-    }
-
-    fn book() -> OfflineBook {
-        let config = OfflineConfig {
-            payment_ceiling_minor: 2_000,
-            store_ceiling_minor: 4_000,
-            ..OfflineConfig::default()
+    /// Fetches this store's allowances page by page; a complete sync replaces what is held.
+    fn sync_allowances(&mut self, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            return;
         };
-        OfflineBook::new(
-            &config,
-            vec![grant("a", 3_000, 1), grant("b", 3_000, 1)],
-            &[],
-        )
+        if self.syncing_allowances {
+            return;
+        }
+        self.syncing_allowances = true;
+        let sync = async move {
+            let mut all = Vec::new();
+            let mut after_account = None;
+            loop {
+                let call = CallCloud {
+                    body: HubRequestBody::AllowanceSync { after_account },
+                    timeout: MAINTENANCE_TIMEOUT,
+                };
+                match uplink.send(call).await {
+                    Ok(Ok(CloudReplyBody::Allowances(batch))) => {
+                        all.extend(batch.allowances);
+                        match batch.next_after {
+                            Some(next) => after_account = Some(next),
+                            None => return Some(all),
+                        }
+                    }
+                    other => {
+                        tracing::info!(?other, "allowance sync failed; retried on reconnect");
+                        return None;
+                    }
+                }
+            }
+        };
+        ctx.spawn(sync.into_actor(self).map(|all, actor, _| {
+            actor.syncing_allowances = false;
+            if let Some(all) = all {
+                actor.allowances_synced(all);
+            }
+        }));
     }
 
-    fn reason(r: Result<(), Decision>) -> Option<DeclineReason> {
-        r.err().and_then(|d| d.reason())
+    fn allowances_arrived(&mut self, allowances: Vec<Allowance>) {
+        for allowance in &allowances {
+            self.book.set_allowance(allowance.clone());
+        }
+        self.journal
+            .spawn(move |j| j.store_allowances(&allowances).map(|_| ()));
     }
 
-    #[test]
-    fn each_rule_refuses_with_its_own_reason() {
-        let mut b = book();
-        assert_eq!(
-            reason(b.check("a", 2_001, eur())),
-            Some(DeclineReason::OfflineAmountOverLimit)
-        );
-        assert_eq!(
-            reason(b.check("stranger", 100, eur())),
-            Some(DeclineReason::OfflineAllowanceExceeded)
-        );
-        assert_eq!(
-            reason(b.check("a", 100, Currency::parse("USD").unwrap())),
-            Some(DeclineReason::OfflineAllowanceExceeded)
-        );
-        assert!(b.check("a", 2_000, eur()).is_ok());
-        b.hold("a", 2_000);
-        // 2000 held + 1500 > 3000 allowance.
-        assert_eq!(
-            reason(b.check("a", 1_500, eur())),
-            Some(DeclineReason::OfflineAllowanceExceeded)
-        );
-        assert!(b.check("a", 1_000, eur()).is_ok());
-        b.hold("b", 1_500);
-        // Store: 3500 held + 1000 > 4000.
-        assert_eq!(
-            reason(b.check("b", 1_000, eur())),
-            Some(DeclineReason::OfflineStoreLimitReached)
-        );
-        assert_eq!(b.store_total(), 3_500);
-        b.release("a", 2_000);
-        assert_eq!(b.outstanding("a"), 0);
-        assert!(b.check("b", 1_000, eur()).is_ok());
-        b.set_allowance(Allowance {
-            blocked: true,
-            amount_minor: 0,
-            ..grant("b", 0, 2)
+    /// A complete allowance sync: what the cloud lists replaces what is held.
+    fn allowances_synced(&mut self, allowances: Vec<Allowance>) {
+        let listed: HashSet<String> = allowances.iter().map(|a| a.account_id.clone()).collect();
+        for allowance in &allowances {
+            self.book.set_allowance(allowance.clone());
+        }
+        self.book.keep_only(&listed);
+        self.journal.spawn(move |j| {
+            j.store_allowances(&allowances)?;
+            j.keep_only_allowances(&listed).map(|_| ())
         });
-        assert_eq!(
-            reason(b.check("b", 10, eur())),
-            Some(DeclineReason::AccountBlocked)
-        );
-        // An older grant arriving late does not unblock.
-        b.set_allowance(grant("b", 3_000, 1));
-        assert_eq!(
-            reason(b.check("b", 10, eur())),
-            Some(DeclineReason::AccountBlocked)
-        );
-        b.set_allowance(grant("b", 3_000, 3));
-        assert!(b.check("b", 10, eur()).is_ok());
     }
+}
 
-    #[test]
-    fn the_reservation_reported_is_the_larger_of_held_and_granted() {
-        let mut b = book();
-        let none = b.reservation("stranger");
-        assert_eq!((none.amount_minor, none.allowance_version), (0, 0));
-        assert_eq!(b.reservation("a").amount_minor, 3_000);
-        b.hold("a", 2_000);
-        // A smaller grant arrives while 2000 is held: the store may still hold 2000.
-        b.set_allowance(grant("a", 1_000, 2));
-        let r = b.reservation("a");
-        assert_eq!((r.amount_minor, r.allowance_version), (2_000, 2));
-        b.release("a", 2_000);
-        assert_eq!(b.reservation("a").amount_minor, 1_000);
-        // Blocked: only what is held counts.
-        b.hold("a", 500);
-        b.set_allowance(Allowance {
-            blocked: true,
-            amount_minor: 0,
-            ..grant("a", 0, 3)
-        });
-        let r = b.reservation("a");
-        assert_eq!((r.amount_minor, r.allowance_version), (500, 3));
+impl Actor for OfflineActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(OFFLINE_MAILBOX);
+        // Voids and the backlog are retried on a timer as well as on reconnect: a void that
+        // failed once must not wait for the next outage to be delivered.
+        ctx.run_interval(self.drain_interval, |actor, ctx| actor.drain(ctx));
     }
+}
 
-    #[test]
-    fn a_restarted_hub_counts_what_its_journal_still_holds() {
-        let entry = |seq, account: &str, amount| OfflinePayment {
+impl Handler<UplinkEvent> for OfflineActor {
+    type Result = ();
+    fn handle(&mut self, msg: UplinkEvent, ctx: &mut Self::Context) {
+        match msg {
+            UplinkEvent::CloudConnected => {
+                self.sync_allowances(ctx);
+                self.drain(ctx);
+            }
+            UplinkEvent::AllowancesPushed(batch) => self.allowances_arrived(batch.allowances),
+            UplinkEvent::KeysBroadcast(_)
+            | UplinkEvent::TemplatesPushed(_)
+            | UplinkEvent::RevocationListPushed(_) => {}
+        }
+    }
+}
+
+/// Deliver what the journal queued (a void, a post) now rather than on the next tick.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeliverQueued;
+
+impl Handler<DeliverQueued> for OfflineActor {
+    type Result = ();
+    fn handle(&mut self, _: DeliverQueued, ctx: &mut Self::Context) {
+        self.drain(ctx);
+    }
+}
+
+/// Check the offline rules for a payment and, if they pass, sign it and count it as held. The
+/// caller journals the signed entry before anyone hears "approved".
+#[derive(Message)]
+#[rtype(result = "Result<OfflinePayment, Decision>")]
+pub struct ApproveOffline {
+    /// The payment.
+    pub request: AuthorizeRequest,
+    /// The account its proof names.
+    pub account_id: String,
+    /// The proof's single-use nonce (a code's, or the token).
+    pub nonce: String,
+}
+
+impl Handler<ApproveOffline> for OfflineActor {
+    type Result = Result<OfflinePayment, Decision>;
+    fn handle(&mut self, msg: ApproveOffline, _: &mut Self::Context) -> Self::Result {
+        let request = &msg.request;
+        self.book
+            .check(&msg.account_id, request.amount_minor, request.currency)?;
+        let seq = self
+            .seqs
+            .next_seq()
+            .unwrap_or_else(|e| storage::fail_stop("numbering an offline approval", &e));
+        let mut entry = OfflinePayment {
             seq,
-            payment_id: format!("s:{seq}"),
-            store_id: "s".into(),
-            terminal_id: "t".into(),
-            order_id: format!("{seq}"),
-            account_id: account.into(),
-            nonce: format!("n{seq}"),
-            amount_minor: amount,
-            currency: eur(),
-            approved_at_ms: 0,
+            payment_id: request.payment_id.clone(),
+            store_id: request.store_id.clone(),
+            terminal_id: request.terminal_id.clone(),
+            order_id: request.order_id.clone(),
+            account_id: msg.account_id,
+            nonce: msg.nonce,
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            approved_at_ms: self.clock.now_ms(),
             signature: String::new(),
         };
-        let config = OfflineConfig::default();
-        let b = OfflineBook::new(
-            &config,
-            vec![grant("a", 3_000, 1)],
-            &[entry(1, "a", 1_000), entry(2, "a", 1_500)],
+        self.signer.sign(&mut entry);
+        self.book.hold(&entry.account_id, entry.amount_minor);
+        self.metrics.approved.inc();
+        self.show();
+        Ok(entry)
+    }
+}
+
+/// What the store may still hold unreconciled for an account, for the cloud to count.
+#[derive(Message)]
+#[rtype(result = "OfflineReservation")]
+pub struct ReservationOf(pub String);
+
+impl Handler<ReservationOf> for OfflineActor {
+    type Result = MessageResult<ReservationOf>;
+    fn handle(&mut self, msg: ReservationOf, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.book.reservation(&msg.0))
+    }
+}
+
+/// A grant the cloud sent with its answer to a payment.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AllowanceGranted(pub Allowance);
+
+impl Handler<AllowanceGranted> for OfflineActor {
+    type Result = ();
+    fn handle(&mut self, msg: AllowanceGranted, _: &mut Self::Context) {
+        self.allowances_arrived(vec![msg.0]);
+    }
+}
+
+/// What one round of the drain did.
+struct DrainStep {
+    /// Offline entries the cloud acknowledged (applied, or kept as conflicts) and the journal
+    /// retired from the backlog.
+    retired: Vec<OfflinePayment>,
+    /// A whole batch settled: there may be more.
+    more: bool,
+}
+
+/// One round of the drain: queued voids first (read again every round, so that a void queued
+/// while the backlog drains goes before the next batch, never after it), then posts (before their
+/// pending payments expire), then one batch of offline approvals, each retired only once the
+/// cloud acknowledged it in an answer about exactly what was sent. Stops at the first failure;
+/// the next tick or reconnect resumes where it stopped.
+async fn drain_once(
+    uplink: &Addr<UplinkActor>,
+    journal: &JournalWorker,
+    batch_size: usize,
+) -> DrainStep {
+    let stopped = DrainStep {
+        retired: Vec::new(),
+        more: false,
+    };
+    for void in journal.run(|j| j.pending_voids()).await {
+        if !deliver_void(uplink, journal, void).await {
+            return stopped;
+        }
+    }
+    let posts = journal.run(|j| j.pending_posts()).await;
+    for batch in posts.chunks(batch_size.clamp(1, protocol::POST_BATCH_MAX)) {
+        if !deliver_posts(uplink, journal, batch.to_vec()).await {
+            return stopped;
+        }
+    }
+    let batch = journal.run(move |j| j.offline_batch(batch_size)).await;
+    if batch.is_empty() {
+        return stopped;
+    }
+    let sent: Vec<(u64, String)> = batch
+        .iter()
+        .map(|e| (e.seq, e.payment_id.clone()))
+        .collect();
+    let call = CallCloud {
+        body: HubRequestBody::Reconcile(OfflineBatch { entries: batch }),
+        timeout: DRAIN_TIMEOUT,
+    };
+    let results = match uplink.send(call).await {
+        // An answer about other entries retires nothing.
+        Ok(Ok(CloudReplyBody::Reconciled { results }))
+            if results
+                .iter()
+                .map(|r| (r.seq, r.payment_id.clone()))
+                .eq(sent.iter().cloned()) =>
+        {
+            results
+        }
+        other => {
+            tracing::info!(?other, "reconciliation paused; resumed on reconnect");
+            return stopped;
+        }
+    };
+    let sorted = crate::book::sort_results(&results);
+    let stuck = sorted.refused;
+    let (settled, conflicts) = (sorted.settled, sorted.conflicts);
+    let retired = journal
+        .run(move |j| {
+            let mut retired = j.retire_offline(&settled)?;
+            for (seq, detail) in &conflicts {
+                if let Some(entry) = j.keep_conflict(*seq, detail)? {
+                    retired.push(entry);
+                }
+            }
+            Ok::<_, crate::HubError>(retired)
+        })
+        .await;
+    if stuck > 0 {
+        tracing::warn!(
+            stuck,
+            first = ?results.iter().find(|r| !r.settled()),
+            "the cloud refused offline entries; kept in the journal"
         );
-        assert_eq!(b.outstanding("a"), 2_500);
-        assert_eq!(b.entries(), 2);
-        assert_eq!(
-            reason(b.check("a", 600, eur())),
-            Some(DeclineReason::OfflineAllowanceExceeded)
-        );
-        let off = OfflineBook::new(
-            &OfflineConfig {
-                enabled: false,
-                ..config
-            },
-            vec![grant("a", 3_000, 1)],
-            &[],
-        );
-        assert_eq!(
-            reason(off.check("a", 1, eur())),
-            Some(DeclineReason::CloudUnreachable)
-        );
+    }
+    DrainStep {
+        retired,
+        more: stuck == 0,
+    }
+}
+
+/// Delivers a void; true once the cloud acknowledged it (about this very payment) and the journal
+/// retired it.
+async fn deliver_void(
+    uplink: &Addr<UplinkActor>,
+    journal: &JournalWorker,
+    void: VoidPayment,
+) -> bool {
+    let call = CallCloud {
+        body: HubRequestBody::Void(void.clone()),
+        timeout: MAINTENANCE_TIMEOUT,
+    };
+    match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::Voided {
+            payment_id,
+            reversed,
+        })) if payment_id == void.payment_id => {
+            tracing::info!(payment_id = void.payment_id, reversed, "void delivered");
+            journal.run(move |j| j.retire_void(&void)).await;
+            true
+        }
+        other => {
+            tracing::info!(
+                payment_id = void.payment_id,
+                ?other,
+                "void not delivered yet; retried on the drain timer and on reconnect"
+            );
+            false
+        }
+    }
+}
+
+/// Delivers a batch of posts; true once the cloud acknowledged them (about these very payments)
+/// and the journal retired them.
+async fn deliver_posts(
+    uplink: &Addr<UplinkActor>,
+    journal: &JournalWorker,
+    posts: Vec<protocol::PostPayment>,
+) -> bool {
+    let call = CallCloud {
+        body: HubRequestBody::Post(protocol::PostBatch {
+            posts: posts.clone(),
+        }),
+        timeout: MAINTENANCE_TIMEOUT,
+    };
+    let expected: Vec<String> = posts.iter().map(|p| p.payment_id.clone()).collect();
+    match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::Posted {
+            payment_ids,
+            posted,
+        })) if payment_ids == expected && posted.len() == expected.len() => {
+            for (payment_id, posted) in payment_ids.iter().zip(&posted) {
+                if !posted {
+                    tracing::error!(
+                        payment_id,
+                        "the cloud moved this approved payment back before its post; an operator settles it"
+                    );
+                }
+            }
+            journal
+                .run(move |j| posts.iter().try_for_each(|p| j.retire_post(p)))
+                .await;
+            true
+        }
+        other => {
+            tracing::info!(
+                posts = expected.len(),
+                ?other,
+                "posts not delivered yet; retried on the drain timer and on reconnect"
+            );
+            false
+        }
     }
 }

@@ -14,19 +14,18 @@ use protocol::{
     CloudIdentify, CloudReplyBody, DeclineReason, HotEntry, HubRequestBody, SecondFactorAnswer,
     SecondFactorKind, TemplateBatch, TemplateChange, VerifyBody, VerifyReply, VerifyRequest,
 };
-use rand::RngCore;
 
 use crate::{
     config::IdentifyConfig,
-    hotset::{HotSet, LockoutPolicy, Scored},
+    credentials::{CheckCode, CredentialsActor, ForgetAccounts, IssueToken},
+    hotset::{HotSet, HotSetWorker, LockoutPolicy, Scored},
     journal::{JournalWorker, Reservation},
-    messages::{CheckCode, RedeemToken, Token},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
 };
 
 /// Deadline of template syncs.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often expired tokens and challenges are dropped.
+/// How often expired challenges are dropped.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// Mailbox bound.
 pub const VERIFY_MAILBOX: usize = 256;
@@ -108,28 +107,6 @@ impl VerifyMetrics {
     }
 }
 
-/// Owns the hot set, the tokens, the challenges and the lockouts.
-pub struct VerifyActor {
-    settings: VerifySettings,
-    hot: HotSet,
-    tokens: HashMap<String, Token>,
-    challenges: HashMap<String, Challenge>,
-    policy: LockoutPolicy,
-    auth: Recipient<CheckCode>,
-    clock: clock::SharedClock,
-    journal: JournalWorker,
-    uplink: Option<Addr<UplinkActor>>,
-    metrics: VerifyMetrics,
-    syncing: bool,
-}
-
-fn random_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
-}
-
 /// What the identification rule concluded from the scores.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Conclusion {
@@ -163,13 +140,258 @@ pub fn conclude(top: &[Scored], rule: &IdentifyConfig) -> Conclusion {
     }
 }
 
+/// Owns the identification rule, the challenges and the lockout policy. The hot set (templates,
+/// lockouts, the exact index) lives on its own thread ([`HotSetWorker`]): the top-2 scan and sled
+/// writes never run on the actix thread. Tokens are the credentials actor's.
+pub struct VerifyActor {
+    settings: VerifySettings,
+    hot: HotSetWorker,
+    challenges: HashMap<String, Challenge>,
+    policy: LockoutPolicy,
+    credentials: Addr<CredentialsActor>,
+    clock: clock::SharedClock,
+    journal: JournalWorker,
+    uplink: Option<Addr<UplinkActor>>,
+    metrics: VerifyMetrics,
+    syncing: bool,
+}
+
+/// Whom the verify actor asks.
+pub struct VerifyPeers {
+    /// The hot set's thread.
+    pub hot: HotSetWorker,
+    /// Keys (to check a code) and tokens (to issue one).
+    pub credentials: Addr<CredentialsActor>,
+    /// The journal (a code shown with a face is spent there).
+    pub journal: JournalWorker,
+    /// The cloud (1:N search on a miss, template sync).
+    pub uplink: Option<Addr<UplinkActor>>,
+}
+
+/// What a verification leads to, decided on the hot set's thread.
+#[derive(Debug, Clone, PartialEq)]
+enum Next {
+    /// Answer this.
+    Reply(VerifyReply),
+    /// Issue a payment token for this account.
+    Token(String),
+    /// Ask the second factor of these accounts (likeliest first).
+    Challenge {
+        candidates: Vec<String>,
+        kind: SecondFactorKind,
+    },
+}
+
+fn not_recognized() -> Next {
+    Next::Reply(VerifyReply::refused(
+        DeclineReason::FaceNotRecognized,
+        "this face matches no enrolled customer; pay with a code or enroll",
+    ))
+}
+
+/// The refusal for an account whose face payment is locked at `now`.
+fn locked(hot: &HotSet, account_id: &str, now: u64) -> Option<VerifyReply> {
+    let state = hot.lockout(account_id);
+    (state.locked_until_ms > now).then(|| {
+        VerifyReply::refused(
+            DeclineReason::FacePaymentLocked,
+            format!(
+                "face payment is locked after {} wrong second factors; retry in {} s or pay with \
+                 a code",
+                state.failures,
+                (state.locked_until_ms - now).div_ceil(1000)
+            ),
+        )
+    })
+}
+
+/// What a conclusion of the rule leads to (hot set thread).
+fn next_for(hot: &mut HotSet, conclusion: Conclusion, now: u64) -> Next {
+    match conclusion {
+        Conclusion::Unknown => not_recognized(),
+        Conclusion::Accept(account) => match locked(hot, &account, now) {
+            Some(refused) => Next::Reply(refused),
+            None => {
+                hot.seen(&account, now);
+                Next::Token(account)
+            }
+        },
+        Conclusion::Ask(candidates) => match locked(hot, &candidates[0], now) {
+            Some(refused) => Next::Reply(refused),
+            None => {
+                let kind = hot
+                    .get(&candidates[0])
+                    .map(|e| e.second_factor)
+                    .unwrap_or(SecondFactorKind::Pin);
+                Next::Challenge { candidates, kind }
+            }
+        },
+    }
+}
+
+/// 1:N in the hot set (hot set thread): none when nobody is close enough.
+fn identify(
+    hot: &mut HotSet,
+    embedding: &[f32],
+    rule: &IdentifyConfig,
+    now: u64,
+    metrics: &VerifyMetrics,
+) -> Option<Next> {
+    let started = Instant::now();
+    let top = hot.index().top2(embedding);
+    metrics
+        .identify_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match conclude(&top, rule) {
+        Conclusion::Unknown => None,
+        conclusion => Some(next_for(hot, conclusion, now)),
+    }
+}
+
+/// 1:1 against the account a code named (hot set thread): none when the hot set holds no face
+/// of it.
+fn one_to_one(
+    hot: &mut HotSet,
+    account: &str,
+    embedding: &[f32],
+    rule: &IdentifyConfig,
+    now: u64,
+) -> Option<Next> {
+    let score = hot.index().score_account(account, embedding)?;
+    Some(if score < rule.match_threshold {
+        Next::Reply(VerifyReply::refused(
+            DeclineReason::FaceMismatch,
+            format!("the face does not match the owner of this payment code (cosine {score:.2})"),
+        ))
+    } else if score < rule.accept_threshold {
+        next_for(hot, Conclusion::Ask(vec![account.to_owned()]), now)
+    } else {
+        next_for(hot, Conclusion::Accept(account.to_owned()), now)
+    })
+}
+
+/// Caches templates the cloud sent (hot set thread).
+fn cache(hot: &mut HotSet, entries: Vec<HotEntry>, now: u64, metrics: &VerifyMetrics) {
+    if entries.is_empty() {
+        return;
+    }
+    if let Err(error) = hot.upsert(entries, now) {
+        tracing::warn!(%error, "caching templates from the cloud failed");
+    }
+    metrics.hot_templates.set(hot.template_count() as i64);
+}
+
+/// Applies a batch of template changes in order (hot set thread); returns the accounts revoked.
+fn apply_batch(
+    hot: &mut HotSet,
+    batch: TemplateBatch,
+    now: u64,
+    metrics: &VerifyMetrics,
+) -> Vec<String> {
+    let mut upserts = Vec::new();
+    let mut revoked = Vec::new();
+    for update in batch.updates {
+        match update.change {
+            TemplateChange::Upsert(entry) => upserts.push(entry),
+            TemplateChange::Revoke { account_id } => {
+                upserts.retain(|e: &HotEntry| e.account_id != account_id);
+                match hot.revoke(&account_id) {
+                    Ok(true) => tracing::info!(account_id, "templates revoked"),
+                    Ok(false) => {}
+                    Err(error) => tracing::error!(%error, account_id, "revoking failed"),
+                }
+                revoked.push(account_id);
+            }
+        }
+    }
+    cache(hot, upserts, now, metrics);
+    metrics.hot_templates.set(hot.template_count() as i64);
+    revoked
+}
+
+/// Asks the cloud's 1:N search (or 1:1 for `account_id`); the candidates it sent, or none when
+/// it is unreachable.
+async fn ask_cloud(
+    uplink: Option<Addr<UplinkActor>>,
+    timeout: Duration,
+    embedding: Vec<f32>,
+    account_id: Option<String>,
+) -> Vec<HotEntry> {
+    let Some(uplink) = uplink else {
+        return Vec::new();
+    };
+    let call = CallCloud {
+        body: HubRequestBody::Identify(CloudIdentify {
+            embedding,
+            account_id,
+        }),
+        timeout,
+    };
+    match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::Identified(found))) => found.candidates,
+        other => {
+            tracing::info!(
+                ?other,
+                "cloud identify unavailable; deciding on the hot set"
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Spends a code shown with a face: checked with the account's key, its nonce reserved in the
+/// journal (single use).
+async fn spend_code(
+    code: String,
+    credentials: Addr<CredentialsActor>,
+    journal: JournalWorker,
+) -> Result<SignedCode, VerifyReply> {
+    let code: SignedCode = match credentials.send(CheckCode(code)).await {
+        Ok(Ok(code)) => code,
+        Ok(Err(refused)) => {
+            let (reason, detail) = match refused.decision {
+                protocol::Decision::Declined { reason, detail } => (reason, detail),
+                protocol::Decision::Approved { .. } => (DeclineReason::Internal, String::new()),
+            };
+            return Err(VerifyReply::refused(reason, detail));
+        }
+        Err(e) => {
+            return Err(VerifyReply::refused(
+                DeclineReason::Internal,
+                format!("code check unavailable: {e}"),
+            ))
+        }
+    };
+    let (account_id, nonce, issued_at_ms) =
+        (code.account_id.clone(), code.nonce_hex(), code.issued_at_ms);
+    let reservation = journal
+        .run(move |j| {
+            let payment_id = format!("verify:{nonce}");
+            j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
+        })
+        .await;
+    match reservation {
+        Reservation::Fresh => Ok(code),
+        Reservation::Expired => Err(VerifyReply::refused(
+            DeclineReason::CodeExpired,
+            "this payment code is too old; show a fresh code",
+        )),
+        Reservation::SamePayment | Reservation::Replayed { .. } | Reservation::Voided => {
+            Err(VerifyReply::refused(
+                DeclineReason::CodeReplayed,
+                "this payment code was already used; show a fresh code",
+            ))
+        }
+    }
+}
+
+type Answer = Pin<Box<dyn ActorFuture<VerifyActor, Output = VerifyReply>>>;
+
 impl VerifyActor {
-    /// A verify actor over an opened hot set.
+    /// A verify actor over a hot set on its own thread.
     pub fn new(
         settings: VerifySettings,
-        hot: HotSet,
-        auth: Recipient<CheckCode>,
-        journal: JournalWorker,
+        peers: VerifyPeers,
         metrics: VerifyMetrics,
         clock: clock::SharedClock,
     ) -> Self {
@@ -178,97 +400,33 @@ impl VerifyActor {
             base_ms: settings.identify.lockout_base_seconds * 1000,
             max_ms: settings.identify.lockout_max_seconds * 1000,
         };
-        metrics.hot_templates.set(hot.template_count() as i64);
         VerifyActor {
             settings,
-            hot,
-            tokens: HashMap::new(),
+            hot: peers.hot,
             challenges: HashMap::new(),
             policy,
-            auth,
-            journal,
+            credentials: peers.credentials,
+            journal: peers.journal,
             clock,
-            uplink: None,
+            uplink: peers.uplink,
             metrics,
             syncing: false,
         }
     }
 
-    fn top2(&self, embedding: &[f32]) -> Vec<Scored> {
-        let started = Instant::now();
-        let top = self.hot.index().top2(embedding);
-        self.metrics
-            .identify_seconds
-            .observe(started.elapsed().as_secs_f64());
-        top
-    }
-
-    fn cache(&mut self, entries: Vec<HotEntry>) {
-        if entries.is_empty() {
-            return;
-        }
-        if let Err(error) = self.hot.upsert(entries, self.clock.now_ms()) {
-            tracing::warn!(%error, "caching templates from the cloud failed");
-        }
-        self.metrics
-            .hot_templates
-            .set(self.hot.template_count() as i64);
-    }
-
-    fn locked(&self, account_id: &str) -> Option<VerifyReply> {
-        let state = self.hot.lockout(account_id);
-        let now = self.clock.now_ms();
-        (state.locked_until_ms > now).then(|| {
-            VerifyReply::refused(
-                DeclineReason::FacePaymentLocked,
-                format!(
-                    "face payment is locked after {} wrong second factors; retry in {} s or pay \
-                     with a code",
-                    state.failures,
-                    (state.locked_until_ms - now).div_ceil(1000)
-                ),
-            )
-        })
-    }
-
-    fn issue_token(&mut self, account_id: &str, terminal_id: &str) -> VerifyReply {
-        if let Some(locked) = self.locked(account_id) {
-            return locked;
-        }
-        let expires_at_ms = self.clock.now_ms() + self.settings.identify.token_ttl_seconds * 1000;
-        let token = random_id("tok_");
-        self.tokens.insert(
-            token.clone(),
-            Token {
-                account_id: account_id.to_owned(),
-                terminal_id: terminal_id.to_owned(),
-                expires_at_ms,
-            },
-        );
-        self.hot.seen(account_id, self.clock.now_ms());
-        VerifyReply::Verified {
-            token,
-            account_id: account_id.to_owned(),
-            expires_at_ms,
-        }
-    }
-
-    fn challenge(&mut self, candidates: Vec<String>, terminal_id: &str) -> VerifyReply {
-        if let Some(locked) = self.locked(&candidates[0]) {
-            return locked;
-        }
-        let kind = self
-            .hot
-            .get(&candidates[0])
-            .map(|e| e.second_factor)
-            .unwrap_or(SecondFactorKind::Pin);
+    fn challenge(
+        &mut self,
+        candidates: Vec<String>,
+        kind: SecondFactorKind,
+        terminal_id: String,
+    ) -> VerifyReply {
         let expires_at_ms =
             self.clock.now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
-        let challenge_id = random_id("chl_");
+        let challenge_id = crate::credentials::random_id("chl_");
         self.challenges.insert(
             challenge_id.clone(),
             Challenge {
-                terminal_id: terminal_id.to_owned(),
+                terminal_id,
                 candidates,
                 kind,
                 expires_at_ms,
@@ -281,39 +439,71 @@ impl VerifyActor {
         }
     }
 
-    fn act_on(&mut self, conclusion: Conclusion, terminal_id: &str) -> VerifyReply {
-        match conclusion {
-            Conclusion::Unknown => VerifyReply::refused(
-                DeclineReason::FaceNotRecognized,
-                "this face matches no enrolled customer; pay with a code or enroll",
-            ),
-            Conclusion::Accept(account) => self.issue_token(&account, terminal_id),
-            Conclusion::Ask(candidates) => self.challenge(candidates, terminal_id),
+    /// Turns what the hot set decided into the answer: a token from the credentials actor, a
+    /// challenge held here, or the reply as is.
+    fn answer(&mut self, next: Next, terminal_id: String) -> Answer {
+        match next {
+            Next::Reply(reply) => Box::pin(fut::ready(reply)),
+            Next::Challenge { candidates, kind } => {
+                Box::pin(fut::ready(self.challenge(candidates, kind, terminal_id)))
+            }
+            Next::Token(account_id) => {
+                let issue = self.credentials.send(IssueToken {
+                    account_id: account_id.clone(),
+                    terminal_id,
+                    ttl_ms: self.settings.identify.token_ttl_seconds * 1000,
+                });
+                Box::pin(
+                    async move {
+                        match issue.await {
+                            Ok(issued) => VerifyReply::Verified {
+                                token: issued.token,
+                                account_id,
+                                expires_at_ms: issued.issued.expires_at_ms,
+                            },
+                            Err(e) => VerifyReply::refused(
+                                DeclineReason::Internal,
+                                format!("token issue unavailable: {e}"),
+                            ),
+                        }
+                    }
+                    .into_actor(self),
+                )
+            }
         }
     }
 
-    fn apply_batch(&mut self, batch: TemplateBatch) {
-        let mut upserts = Vec::new();
-        for update in batch.updates {
-            match update.change {
-                TemplateChange::Upsert(entry) => upserts.push(entry),
-                TemplateChange::Revoke { account_id } => {
-                    upserts.retain(|e: &HotEntry| e.account_id != account_id);
-                    self.tokens.retain(|_, t| t.account_id != account_id);
-                    self.challenges
-                        .retain(|_, c| !c.candidates.contains(&account_id));
-                    match self.hot.revoke(&account_id) {
-                        Ok(true) => tracing::info!(account_id, "templates revoked"),
-                        Ok(false) => {}
-                        Err(error) => tracing::error!(%error, account_id, "revoking failed"),
+    /// Template changes, pushed or synced, applied in order: the actor waits for the hot set's
+    /// thread (changes are rare), then drops the revoked accounts' challenges and tokens.
+    fn apply_templates(
+        &mut self,
+        batch: TemplateBatch,
+        cursor: Option<u64>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (clock, metrics) = (self.clock.clone(), self.metrics.clone());
+        let hot = self.hot.clone();
+        let apply = async move {
+            hot.call(move |h| {
+                let revoked = apply_batch(h, batch, clock.now_ms(), &metrics);
+                if let Some(cursor) = cursor {
+                    if let Err(error) = h.set_sync_cursor(cursor) {
+                        tracing::error!(%error, "saving the template cursor failed");
                     }
                 }
+                revoked
+            })
+            .await
+        };
+        ctx.wait(apply.into_actor(self).map(|revoked, actor, _| {
+            if revoked.is_empty() {
+                return;
             }
-        }
-        self.cache(upserts);
-        self.metrics
-            .hot_templates
-            .set(self.hot.template_count() as i64);
+            actor
+                .challenges
+                .retain(|_, c| !c.candidates.iter().any(|a| revoked.contains(a)));
+            actor.credentials.do_send(ForgetAccounts(revoked));
+        }));
     }
 
     fn start_sync(&mut self, ctx: &mut Context<Self>) {
@@ -324,21 +514,22 @@ impl VerifyActor {
             return;
         }
         self.syncing = true;
-        let call = uplink.send(CallCloud {
-            body: HubRequestBody::TemplateSync {
-                after_version: self.hot.sync_cursor(),
-            },
-            timeout: SYNC_TIMEOUT,
-        });
-        ctx.spawn(call.into_actor(self).map(|result, actor, ctx| {
+        let hot = self.hot.clone();
+        let sync = async move {
+            let after_version = hot.call(|h| h.sync_cursor()).await;
+            uplink
+                .send(CallCloud {
+                    body: HubRequestBody::TemplateSync { after_version },
+                    timeout: SYNC_TIMEOUT,
+                })
+                .await
+        };
+        ctx.spawn(sync.into_actor(self).map(|result, actor, ctx| {
             actor.syncing = false;
             match result {
                 Ok(Ok(CloudReplyBody::Templates(batch))) => {
                     let (more, cursor) = (batch.more, batch.up_to_version);
-                    actor.apply_batch(batch);
-                    if let Err(error) = actor.hot.set_sync_cursor(cursor) {
-                        tracing::error!(%error, "saving the template cursor failed");
-                    }
+                    actor.apply_templates(batch, Some(cursor), ctx);
                     if more {
                         actor.start_sync(ctx);
                     }
@@ -352,37 +543,172 @@ impl VerifyActor {
         }));
     }
 
-    /// Asks the cloud; returns the candidates it sent (already cached), or none when it is
-    /// unreachable.
-    fn ask_cloud(
-        &self,
-        embedding: Vec<f32>,
-        account_id: Option<String>,
-    ) -> impl std::future::Future<Output = Vec<HotEntry>> {
-        let uplink = self.uplink.clone();
-        let timeout = self.settings.identify_timeout;
-        async move {
-            let Some(uplink) = uplink else {
-                return Vec::new();
-            };
-            let call = CallCloud {
-                body: HubRequestBody::Identify(CloudIdentify {
-                    embedding,
-                    account_id,
-                }),
-                timeout,
-            };
-            match uplink.send(call).await {
-                Ok(Ok(CloudReplyBody::Identified(found))) => found.candidates,
-                other => {
-                    tracing::info!(
-                        ?other,
-                        "cloud identify unavailable; deciding on the hot set"
-                    );
-                    Vec::new()
-                }
+    /// Identifies a face: the hot set first, the cloud's 1:N search on a miss (a hit is cached).
+    fn face(&mut self, embedding: Vec<f32>, terminal: String) -> Answer {
+        let (hot, clock, metrics) = (self.hot.clone(), self.clock.clone(), self.metrics.clone());
+        let rule = self.settings.identify.clone();
+        let ask = (self.uplink.clone(), self.settings.identify_timeout);
+        let find = async move {
+            let (probe, first_rule, first) = (embedding.clone(), rule.clone(), metrics.clone());
+            let now = clock.now_ms();
+            if let Some(next) = hot
+                .call(move |h| identify(h, &probe, &first_rule, now, &first))
+                .await
+            {
+                return next;
             }
+            // Not in the hot set: the cloud searches everyone; a hit is cached here.
+            let found = ask_cloud(ask.0, ask.1, embedding.clone(), None).await;
+            hot.call(move |h| {
+                let now = clock.now_ms();
+                cache(h, found, now, &metrics);
+                identify(h, &embedding, &rule, now, &metrics).unwrap_or_else(not_recognized)
+            })
+            .await
+        };
+        Box::pin(
+            find.into_actor(self)
+                .then(move |next, actor, _| actor.answer(next, terminal)),
+        )
+    }
+
+    /// Confirms by face the owner of a code (which is spent on it).
+    fn code_and_face(&mut self, code: String, embedding: Vec<f32>, terminal: String) -> Answer {
+        let (hot, clock, metrics) = (self.hot.clone(), self.clock.clone(), self.metrics.clone());
+        let rule = self.settings.identify.clone();
+        let ask = (self.uplink.clone(), self.settings.identify_timeout);
+        let spend = spend_code(code, self.credentials.clone(), self.journal.clone());
+        let step = async move {
+            let account = match spend.await {
+                Ok(code) => code.account_id,
+                Err(refused) => return Next::Reply(refused),
+            };
+            let (probe, first_rule, held) = (embedding.clone(), rule.clone(), account.clone());
+            let now = clock.now_ms();
+            if let Some(next) = hot
+                .call(move |h| one_to_one(h, &held, &probe, &first_rule, now))
+                .await
+            {
+                return next;
+            }
+            let found = ask_cloud(ask.0, ask.1, embedding.clone(), Some(account.clone())).await;
+            hot.call(move |h| {
+                let now = clock.now_ms();
+                cache(h, found, now, &metrics);
+                one_to_one(h, &account, &embedding, &rule, now).unwrap_or_else(|| {
+                    Next::Reply(VerifyReply::refused(
+                        DeclineReason::FaceNotRecognized,
+                        format!(
+                            "account {account} has no enrolled face here or the cloud is \
+                             unreachable"
+                        ),
+                    ))
+                })
+            })
+            .await
+        };
+        Box::pin(
+            step.into_actor(self)
+                .then(move |next, actor, _| actor.answer(next, terminal)),
+        )
+    }
+
+    /// Checks a second-factor answer: one answer per challenge; a right one for any candidate
+    /// issues its token, a wrong one counts against the likeliest candidate.
+    fn second_factor(&mut self, answer: SecondFactorAnswer, terminal: String) -> Answer {
+        let unknown = || {
+            Box::pin(fut::ready(VerifyReply::refused(
+                DeclineReason::InvalidRequest,
+                "unknown or expired second-factor challenge; verify the customer again",
+            ))) as Answer
+        };
+        // One answer per challenge: a wrong one needs a new look at the camera.
+        let Some(challenge) = self.challenges.remove(&answer.challenge_id) else {
+            return unknown();
+        };
+        if challenge.terminal_id != terminal || challenge.expires_at_ms <= self.clock.now_ms() {
+            return unknown();
         }
+        let (hot, clock, policy) = (self.hot.clone(), self.clock.clone(), self.policy);
+        let value = answer.value;
+        let step = async move {
+            let Challenge {
+                candidates, kind, ..
+            } = challenge;
+            let first = candidates[0].clone();
+            let lookup = candidates.clone();
+            let now = clock.now_ms();
+            let (refused, hashes) = hot
+                .call(move |h| {
+                    let hashes: Vec<(String, String)> = lookup
+                        .iter()
+                        .filter_map(|account| {
+                            h.get(account)
+                                .filter(|e| e.second_factor == kind)
+                                .map(|e| (account.clone(), e.second_factor_hash.clone()))
+                        })
+                        .collect();
+                    (locked(h, &lookup[0], now), hashes)
+                })
+                .await;
+            if let Some(refused) = refused {
+                return Next::Reply(refused);
+            }
+            // Argon2 takes tens of milliseconds: on a blocking thread.
+            let matched = tokio::task::spawn_blocking(move || {
+                let well_formed =
+                    (4..=8).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
+                hashes
+                    .into_iter()
+                    .find(|(_, hash)| well_formed && hash_matches(&value, hash))
+                    .map(|(account, _)| account)
+            })
+            .await;
+            match matched {
+                Ok(Some(account)) => {
+                    hot.call(move |h| {
+                        if let Err(error) = h.set_lockout(&account, Default::default()) {
+                            tracing::error!(%error, "clearing the lockout failed");
+                        }
+                        h.seen(&account, clock.now_ms());
+                        Next::Token(account)
+                    })
+                    .await
+                }
+                Ok(None) => {
+                    hot.call(move |h| {
+                        let now = clock.now_ms();
+                        let state = policy.fail(h.lockout(&first), now);
+                        if let Err(error) = h.set_lockout(&first, state) {
+                            tracing::error!(%error, "recording the lockout failed");
+                        }
+                        let detail = if state.locked_until_ms > 0 {
+                            format!(
+                                "wrong {}; face payment is now locked for {} s",
+                                kind.as_str(),
+                                (state.locked_until_ms - now).div_ceil(1000)
+                            )
+                        } else {
+                            format!(
+                                "wrong {}; face payment locks after {} more wrong answers",
+                                kind.as_str(),
+                                policy.free + 1 - state.failures
+                            )
+                        };
+                        Next::Reply(VerifyReply::refused(
+                            DeclineReason::SecondFactorWrong,
+                            detail,
+                        ))
+                    })
+                    .await
+                }
+                Err(e) => Next::Reply(VerifyReply::refused(DeclineReason::Internal, e.to_string())),
+            }
+        };
+        Box::pin(
+            step.into_actor(self)
+                .then(move |next, actor, _| actor.answer(next, terminal)),
+        )
     }
 }
 
@@ -393,21 +719,8 @@ impl Actor for VerifyActor {
         ctx.set_mailbox_capacity(VERIFY_MAILBOX);
         ctx.run_interval(PRUNE_INTERVAL, |actor, _| {
             let now = actor.clock.now_ms();
-            actor.tokens.retain(|_, t| t.expires_at_ms > now);
             actor.challenges.retain(|_, c| c.expires_at_ms > now);
         });
-    }
-}
-
-/// Give the actor its uplink.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AttachUplink(pub Addr<UplinkActor>);
-
-impl Handler<AttachUplink> for VerifyActor {
-    type Result = ();
-    fn handle(&mut self, msg: AttachUplink, _: &mut Self::Context) {
-        self.uplink = Some(msg.0);
     }
 }
 
@@ -416,28 +729,11 @@ impl Handler<UplinkEvent> for VerifyActor {
     fn handle(&mut self, msg: UplinkEvent, ctx: &mut Self::Context) {
         match msg {
             UplinkEvent::CloudConnected => self.start_sync(ctx),
-            UplinkEvent::TemplatesPushed(batch) => self.apply_batch(batch),
+            UplinkEvent::TemplatesPushed(batch) => self.apply_templates(batch, None, ctx),
             UplinkEvent::KeysBroadcast(_)
             | UplinkEvent::AllowancesPushed(_)
             | UplinkEvent::RevocationListPushed(_) => {}
         }
-    }
-}
-
-impl Handler<RedeemToken> for VerifyActor {
-    type Result = Result<Token, String>;
-    fn handle(&mut self, msg: RedeemToken, _: &mut Self::Context) -> Self::Result {
-        let token = self
-            .tokens
-            .get(&msg.token)
-            .ok_or("unknown or expired payment token; verify the customer again")?;
-        if token.expires_at_ms <= self.clock.now_ms() {
-            return Err("the payment token expired; verify the customer again".into());
-        }
-        if token.terminal_id != msg.terminal_id {
-            return Err("the payment token was issued to another terminal".into());
-        }
-        Ok(token.clone())
     }
 }
 
@@ -464,215 +760,26 @@ impl Handler<Verify> for VerifyActor {
                 e.to_string(),
             ));
         }
-        let terminal = request.terminal_id.clone();
-        let fut: Self::Result = match request.body {
+        let terminal = request.terminal_id;
+        let answer = match request.body {
             VerifyBody::Face { embedding } => {
                 if let Err(e) = protocol::validate_embedding(&embedding) {
                     return refuse(VerifyReply::refused(DeclineReason::InvalidRequest, e));
                 }
-                let top = self.top2(&embedding);
-                let conclusion = conclude(&top, &self.settings.identify);
-                if conclusion != Conclusion::Unknown {
-                    refuse(self.act_on(conclusion, &terminal))
-                } else {
-                    // Not in the hot set: the cloud searches everyone; a hit is cached here.
-                    let ask = self.ask_cloud(embedding.clone(), None);
-                    Box::pin(ask.into_actor(self).map(move |found, actor, _| {
-                        actor.cache(found);
-                        let top = actor.top2(&embedding);
-                        let conclusion = conclude(&top, &actor.settings.identify);
-                        actor.act_on(conclusion, &terminal)
-                    }))
-                }
+                self.face(embedding, terminal)
             }
             VerifyBody::CodeAndFace { code, embedding } => {
                 if let Err(e) = protocol::validate_embedding(&embedding) {
                     return refuse(VerifyReply::refused(DeclineReason::InvalidRequest, e));
                 }
-                let auth = self.auth.clone();
-                let journal = self.journal.clone();
-                let checked = async move {
-                    let code: SignedCode = match auth.send(CheckCode(code)).await {
-                        Ok(Ok(code)) => code,
-                        Ok(Err(decision)) => {
-                            let (reason, detail) = match decision {
-                                protocol::Decision::Declined { reason, detail } => (reason, detail),
-                                protocol::Decision::Approved { .. } => {
-                                    (DeclineReason::Internal, String::new())
-                                }
-                            };
-                            return Err(VerifyReply::refused(reason, detail));
-                        }
-                        Err(e) => {
-                            return Err(VerifyReply::refused(
-                                DeclineReason::Internal,
-                                format!("code check unavailable: {e}"),
-                            ))
-                        }
-                    };
-                    // The code is single-use: spent on this verification.
-                    let (account_id, nonce, issued_at_ms) =
-                        (code.account_id.clone(), code.nonce_hex(), code.issued_at_ms);
-                    let reservation = journal
-                        .run(move |j| {
-                            let payment_id = format!("verify:{nonce}");
-                            j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
-                        })
-                        .await;
-                    match reservation {
-                        Reservation::Fresh => Ok(code),
-                        Reservation::Expired => Err(VerifyReply::refused(
-                            DeclineReason::CodeExpired,
-                            "this payment code is too old; show a fresh code",
-                        )),
-                        Reservation::SamePayment
-                        | Reservation::Replayed { .. }
-                        | Reservation::Voided => Err(VerifyReply::refused(
-                            DeclineReason::CodeReplayed,
-                            "this payment code was already used; show a fresh code",
-                        )),
-                    }
-                };
-                Box::pin(checked.into_actor(self).then(move |checked, actor, _| {
-                    let code = match checked {
-                        Ok(code) => code,
-                        Err(reply) => {
-                            return Box::pin(fut::ready(reply))
-                                as Pin<Box<dyn ActorFuture<Self, Output = VerifyReply>>>
-                        }
-                    };
-                    let account = code.account_id.clone();
-                    let held = actor.hot.index().score_account(&account, &embedding);
-                    let fetch = if held.is_none() {
-                        Some(actor.ask_cloud(embedding.clone(), Some(account.clone())))
-                    } else {
-                        None
-                    };
-                    Box::pin(
-                        async move {
-                            match fetch {
-                                Some(f) => f.await,
-                                None => Vec::new(),
-                            }
-                        }
-                        .into_actor(actor)
-                        .map(move |found, actor, _| {
-                            actor.cache(found);
-                            actor.one_to_one(&account, &embedding, &terminal)
-                        }),
-                    )
-                }))
+                self.code_and_face(code, embedding, terminal)
             }
             VerifyBody::SecondFactor(answer) => self.second_factor(answer, terminal),
         };
-        Box::pin(fut.map(|reply, actor, _| {
+        Box::pin(answer.map(|reply, actor, _| {
             actor.metrics.count(&reply);
             reply
         }))
-    }
-}
-
-impl VerifyActor {
-    fn one_to_one(&mut self, account: &str, embedding: &[f32], terminal: &str) -> VerifyReply {
-        let Some(score) = self.hot.index().score_account(account, embedding) else {
-            return VerifyReply::refused(
-                DeclineReason::FaceNotRecognized,
-                format!("account {account} has no enrolled face here or the cloud is unreachable"),
-            );
-        };
-        if score < self.settings.identify.match_threshold {
-            return VerifyReply::refused(
-                DeclineReason::FaceMismatch,
-                format!(
-                    "the face does not match the owner of this payment code (cosine {score:.2})"
-                ),
-            );
-        }
-        if score < self.settings.identify.accept_threshold {
-            return self.challenge(vec![account.to_owned()], terminal);
-        }
-        self.issue_token(account, terminal)
-    }
-
-    fn second_factor(
-        &mut self,
-        answer: SecondFactorAnswer,
-        terminal: String,
-    ) -> <Self as Handler<Verify>>::Result {
-        let refuse =
-            |reply: VerifyReply| Box::pin(fut::ready(reply)) as <Self as Handler<Verify>>::Result;
-        // One answer per challenge: a wrong one needs a new look at the camera.
-        let Some(challenge) = self.challenges.remove(&answer.challenge_id) else {
-            return refuse(VerifyReply::refused(
-                DeclineReason::InvalidRequest,
-                "unknown or expired second-factor challenge; verify the customer again",
-            ));
-        };
-        if challenge.terminal_id != terminal || challenge.expires_at_ms <= self.clock.now_ms() {
-            return refuse(VerifyReply::refused(
-                DeclineReason::InvalidRequest,
-                "unknown or expired second-factor challenge; verify the customer again",
-            ));
-        }
-        if let Some(locked) = self.locked(&challenge.candidates[0]) {
-            return refuse(locked);
-        }
-        let hashes: Vec<(String, String)> = challenge
-            .candidates
-            .iter()
-            .filter_map(|account| {
-                self.hot
-                    .get(account)
-                    .filter(|e| e.second_factor == challenge.kind)
-                    .map(|e| (account.clone(), e.second_factor_hash.clone()))
-            })
-            .collect();
-        let value = answer.value;
-        // Argon2 takes tens of milliseconds: off the actor's thread.
-        let check = tokio::task::spawn_blocking(move || {
-            let well_formed =
-                (4..=8).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
-            hashes
-                .into_iter()
-                .find(|(_, hash)| well_formed && hash_matches(&value, hash))
-                .map(|(account, _)| account)
-        });
-        Box::pin(
-            check
-                .into_actor(self)
-                .map(move |matched, actor, _| match matched {
-                    Ok(Some(account)) => {
-                        if let Err(error) = actor.hot.set_lockout(&account, Default::default()) {
-                            tracing::error!(%error, "clearing the lockout failed");
-                        }
-                        actor.issue_token(&account, &terminal)
-                    }
-                    Ok(None) => {
-                        let account = &challenge.candidates[0];
-                        let state = actor
-                            .policy
-                            .fail(actor.hot.lockout(account), actor.clock.now_ms());
-                        if let Err(error) = actor.hot.set_lockout(account, state) {
-                            tracing::error!(%error, "recording the lockout failed");
-                        }
-                        let detail = if state.locked_until_ms > 0 {
-                            format!(
-                                "wrong {}; face payment is now locked for {} s",
-                                challenge.kind.as_str(),
-                                (state.locked_until_ms - actor.clock.now_ms()).div_ceil(1000)
-                            )
-                        } else {
-                            format!(
-                                "wrong {}; face payment locks after {} more wrong answers",
-                                challenge.kind.as_str(),
-                                actor.policy.free + 1 - state.failures
-                            )
-                        };
-                        VerifyReply::refused(DeclineReason::SecondFactorWrong, detail)
-                    }
-                    Err(e) => VerifyReply::refused(DeclineReason::Internal, e.to_string()),
-                }),
-        )
     }
 }
 

@@ -22,7 +22,9 @@ use anyhow::{bail, Context as _};
 use paycode::Wallet;
 use protocol::{synthetic::Rng, AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
 
-use crate::{charge, present_code, store::StoreSite, CloudApi, Mosquitto, Service};
+use crate::{
+    charge, present_code, proxy::FaultProxy, store::StoreSite, CloudApi, Mosquitto, Service,
+};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -86,8 +88,16 @@ pub enum Fault {
     KillHub(usize),
     /// kill -9 the cloud, then start it again.
     KillCloud,
-    /// Restart the broker (it keeps nothing).
+    /// kill -9 the broker and start it again without its disk (it keeps nothing).
     RestartBroker,
+    /// Stop the broker gracefully and start it again with its persistence (as shipped): persistent
+    /// sessions and the QoS 1 messages queued for them survive.
+    RestartBrokerKeep,
+    /// Cut the cloud from the broker (every hub stays connected to it).
+    PartitionCloud,
+    /// Restart the cloud with a ledger whose next flush fails (a failpoint, as a full or failing
+    /// disk): it stops there, and the harness starts it again without the fault.
+    DiskFaultCloud,
     /// Black-hole a hub's link to the broker: bytes vanish, no connection closes.
     BlackholeHub(usize),
     /// Pause the cloud (SIGSTOP) past the hubs' deadline, then let it go on (SIGCONT): it
@@ -104,7 +114,7 @@ pub enum Fault {
 
 impl Fault {
     /// Every kind once (the hub and the clock step are placeholders), for the schedule.
-    pub const KINDS: usize = 11;
+    pub const KINDS: usize = 14;
 
     /// The kind's name, for coverage reports.
     pub fn kind(&self) -> &'static str {
@@ -120,6 +130,9 @@ impl Fault {
             Fault::DiskFaultHub(_) => "disk_fault_hub",
             Fault::ClockJumpHub(..) => "clock_jump_hub",
             Fault::WipeHub(_) => "wipe_hub",
+            Fault::RestartBrokerKeep => "restart_broker_keep",
+            Fault::PartitionCloud => "partition_cloud",
+            Fault::DiskFaultCloud => "disk_fault_cloud",
         }
     }
 
@@ -135,7 +148,10 @@ impl Fault {
             7 => Fault::PauseCloud,
             8 => Fault::DiskFaultHub(store),
             9 => Fault::ClockJumpHub(store, if ahead { 90_000 } else { -90_000 }),
-            _ => Fault::WipeHub(store),
+            10 => Fault::WipeHub(store),
+            11 => Fault::RestartBrokerKeep,
+            12 => Fault::PartitionCloud,
+            _ => Fault::DiskFaultCloud,
         }
     }
 }
@@ -262,6 +278,8 @@ pub struct DiskLosses {
 struct World {
     dir: PathBuf,
     broker: Mosquitto,
+    /// The cloud reaches the broker through it.
+    cloud_link: FaultProxy,
     cloud: Service,
     sites: Vec<StoreSite>,
     losses: DiskLosses,
@@ -315,8 +333,10 @@ fn cloud_settings(config: &ChaosConfig) -> Vec<String> {
 }
 
 fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result<Report> {
-    let broker = Mosquitto::start(dir)?;
-    let cloud = crate::start_cloud_with(&dir.join("cloud"), broker.port, &cloud_settings(config))?;
+    let broker = Mosquitto::start_persistent(dir)?;
+    let cloud_link = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], broker.port)))?;
+    let cloud =
+        crate::start_cloud_with(&dir.join("cloud"), cloud_link.port, &cloud_settings(config))?;
     let api = CloudApi::new(cloud.http_addr);
     let open = |id: &str, kind, balance, key: Option<String>| {
         api.open(&OpenAccount {
@@ -372,6 +392,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
     let world = Arc::new(Mutex::new(World {
         dir: dir.to_owned(),
         broker,
+        cloud_link,
         cloud,
         sites,
         losses: DiskLosses::default(),
@@ -632,6 +653,27 @@ fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyho
                 .restart(&dir)
                 .with_context(|| format!("restarting the broker on {port}"))?;
         }
+        Fault::RestartBrokerKeep => {
+            let dir = w.dir.clone();
+            w.broker
+                .restart_gracefully(&dir)
+                .context("restarting the broker gracefully")?;
+        }
+        Fault::PartitionCloud => w.cloud_link.cut(),
+        Fault::DiskFaultCloud => {
+            w.cloud.kill();
+            let env = [(
+                "FAILPOINTS".to_owned(),
+                "cloud-ledger-flush=return".to_owned(),
+            )];
+            let dir = w.dir.join("cloud");
+            w.cloud = crate::start_cloud_with_env(
+                &dir,
+                w.cloud_link.port,
+                &cloud_settings(config),
+                &env,
+            )?;
+        }
         Fault::DiskFaultHub(i) => {
             let env = [(
                 "FAILPOINTS".to_owned(),
@@ -668,12 +710,15 @@ fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyho
         Fault::KillHub(i) | Fault::DiskFaultHub(i) | Fault::ClockJumpHub(i, _) => {
             w.sites[i].restart_hub()?
         }
-        Fault::KillCloud => {
+        Fault::KillCloud | Fault::DiskFaultCloud => {
+            // The faulty cloud may still run (no payment reached a flush): stopped first.
+            w.cloud.kill();
             let dir = w.dir.join("cloud");
-            w.cloud = crate::start_cloud_with(&dir, w.broker.port, &cloud_settings(config))?;
+            w.cloud = crate::start_cloud_with(&dir, w.cloud_link.port, &cloud_settings(config))?;
         }
         Fault::PauseCloud => signal(w.cloud.pid(), "-CONT")?,
-        Fault::RestartBroker | Fault::WipeHub(_) => {}
+        Fault::PartitionCloud => w.cloud_link.heal(),
+        Fault::RestartBroker | Fault::RestartBrokerKeep | Fault::WipeHub(_) => {}
     }
     Ok(())
 }

@@ -141,9 +141,14 @@ pub fn tls_identity(name: &str) -> anyhow::Result<pki::TlsIdentity> {
 }
 
 /// The shipped Mosquitto configuration (`ops/mosquitto/mosquitto.conf`) with its paths pointing
-/// at `pki_dir` and the shipped ACL file, listening on `127.0.0.1:port`, without persistence
-/// (a test restart loses sessions, as with a broker that lost its disk) and as root.
-pub fn mosquitto_config(pki_dir: &Path, port: u16) -> anyhow::Result<String> {
+/// at `pki_dir` and the shipped ACL file, listening on `127.0.0.1:port`, as root, and with
+/// persistence in `persistence` (as shipped) or none (a restart loses sessions, as with a broker
+/// that lost its disk).
+pub fn mosquitto_config(
+    pki_dir: &Path,
+    port: u16,
+    persistence: Option<&Path>,
+) -> anyhow::Result<String> {
     let ops = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/mosquitto");
     let shipped = std::fs::read_to_string(ops.join("mosquitto.conf"))
         .context("reading ops/mosquitto/mosquitto.conf")?;
@@ -162,7 +167,14 @@ pub fn mosquitto_config(pki_dir: &Path, port: u16) -> anyhow::Result<String> {
             out.push('\n');
         }
     }
-    out.push_str("persistence false\nuser root\n");
+    match persistence {
+        Some(dir) => out.push_str(&format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        )),
+        None => out.push_str("persistence false\n"),
+    }
+    out.push_str("user root\n");
     Ok(out)
 }
 
@@ -171,6 +183,7 @@ pub struct Mosquitto {
     child: Child,
     /// Its port.
     pub port: u16,
+    persistence: Option<PathBuf>,
 }
 
 impl Mosquitto {
@@ -187,12 +200,33 @@ impl Mosquitto {
 
     /// Starts Debian's `mosquitto` on `port` with the certificates of `pki_dir`.
     pub fn start_with_pki(dir: &Path, port: u16, pki_dir: &Path) -> anyhow::Result<Self> {
+        Self::launch(dir, port, pki_dir, None)
+    }
+
+    /// Starts Debian's `mosquitto` on a free port with persistence in `dir/mosquitto-db` (as
+    /// `ops/mosquitto` ships it): a graceful restart ([`Mosquitto::restart_gracefully`]) keeps
+    /// persistent sessions and the QoS 1 messages queued for them.
+    pub fn start_persistent(dir: &Path) -> anyhow::Result<Self> {
+        let db = dir.join("mosquitto-db");
+        std::fs::create_dir_all(&db)?;
+        Self::launch(dir, free_port(), test_pki(), Some(db))
+    }
+
+    fn launch(
+        dir: &Path,
+        port: u16,
+        pki_dir: &Path,
+        persistence: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, mosquitto_config(pki_dir, port)?)?;
+        std::fs::write(
+            &conf,
+            mosquitto_config(pki_dir, port, persistence.as_deref())?,
+        )?;
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)
@@ -200,7 +234,11 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .context("starting mosquitto")?;
-        let broker = Mosquitto { child, port };
+        let broker = Mosquitto {
+            child,
+            port,
+            persistence,
+        };
         wait_for_port(port, Duration::from_secs(10))?;
         Ok(broker)
     }
@@ -210,11 +248,31 @@ impl Mosquitto {
     pub fn restart(&mut self, dir: &Path) -> anyhow::Result<()> {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(db) = &self.persistence {
+            // A broker that lost its disk.
+            let _ = std::fs::remove_dir_all(db);
+            std::fs::create_dir_all(db)?;
+        }
+        self.start_again(dir)
+    }
+
+    /// Stops the broker as an operator would (SIGTERM: it saves its persistence file) and starts
+    /// it again on the same port with the same persistence: persistent sessions and their queued
+    /// QoS 1 messages survive.
+    pub fn restart_gracefully(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        self.start_again(dir)
+    }
+
+    fn start_again(&mut self, dir: &Path) -> anyhow::Result<()> {
         let port = self.port;
         // The old process's socket may linger for a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Self::start_on(dir, port) {
+            match Self::launch(dir, port, test_pki(), self.persistence.clone()) {
                 Ok(mut fresh) => {
                     std::mem::swap(&mut self.child, &mut fresh.child);
                     // `fresh` now holds the dead child; dropping it is harmless.
@@ -506,6 +564,16 @@ pub fn start_cloud_with(
     mqtt_port: u16,
     extra: &[String],
 ) -> anyhow::Result<Service> {
+    start_cloud_with_env(data_dir, mqtt_port, extra, &[])
+}
+
+/// [`start_cloud_with`] with environment variables (the chaos suite's failpoints).
+pub fn start_cloud_with_env(
+    data_dir: &Path,
+    mqtt_port: u16,
+    extra: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<Service> {
     let mut overrides = vec![
         format!("data_dir={data_dir:?}"),
         "admin_listen=127.0.0.1:0".into(),
@@ -513,7 +581,7 @@ pub fn start_cloud_with(
         format!("mqtt.port={mqtt_port}"),
     ];
     overrides.extend_from_slice(extra);
-    Service::start("facepay-cloud", &overrides)
+    Service::start_with_env("facepay-cloud", &overrides, env)
 }
 
 /// Sends a JSON body and returns the status and the JSON answer, whatever the status.

@@ -20,8 +20,8 @@ use anyhow::bail;
 use cloud::ledger::{Ledger, OfflinePolicy};
 use hub::{
     attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer},
+    book::OfflineBook,
     journal::{Journal, JournalEntry},
-    offline::OfflineBook,
 };
 use paycode::hubsig::HubSigner;
 use protocol::{
@@ -842,7 +842,7 @@ impl Sim {
                 self.drain()?;
             }
             (Waiting::Batch, ToHub::Reconciled(results)) => {
-                let sorted = hub::offline::sort_results(&results);
+                let sorted = hub::book::sort_results(&results);
                 let mut retired = self.hub.journal.retire_offline(&sorted.settled)?;
                 for (seq, detail) in &sorted.conflicts {
                     retired.extend(self.hub.journal.keep_conflict(*seq, detail)?);

@@ -13,16 +13,19 @@ fn seed() -> u64 {
     }
 }
 
-const EVERY_KIND: [&str; 11] = [
+const EVERY_KIND: [&str; 14] = [
     "partition_hub",
     "partition_terminals",
     "partition_both",
     "kill_hub",
     "kill_cloud",
     "restart_broker",
+    "restart_broker_keep",
     "blackhole_hub",
+    "partition_cloud",
     "pause_cloud",
     "disk_fault_hub",
+    "disk_fault_cloud",
     "clock_jump_hub",
     "wipe_hub",
 ];

@@ -7,12 +7,14 @@
 //! error, or a lock still held after [`LOCK_WAIT`] (another process owns the database), is returned.
 
 pub mod seal;
+pub mod worker;
 
 pub use fail;
 
 use std::{path::Path, time::Duration};
 
 pub use seal::{key_file, SealError, Sealer};
+pub use worker::Worker;
 
 /// How long to wait for a lock left by handles of this process that are closing.
 pub const LOCK_WAIT: Duration = Duration::from_secs(3);

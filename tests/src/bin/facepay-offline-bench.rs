@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use clap::Parser;
 use hub::{
-    auth::{AuthActor, AuthSettings, Authorize, OfflineMetrics, OfflineSetup},
-    journal::{Journal, JournalWorker},
-    offline::OfflineBook,
+    book::OfflineBook,
+    credentials::CredentialsActor,
+    journal::Journal,
+    offline::{OfflineActor, OfflineMetrics, OfflineSetup},
+    payment::{Authorize, PaymentActor, PaymentPeers, PaymentSettings},
 };
 use paycode::{hubsig::HubSigner, Validity, Wallet};
 use protocol::{
@@ -170,7 +172,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
     let n = cli.authorizations;
     let latencies = actix::System::new().block_on(async move {
         let registry = prometheus::Registry::new();
-        let journal_worker = JournalWorker::start(journal.clone());
+        let journal_worker = hub::journal::start_worker(journal.clone());
         let setup = OfflineSetup {
             book: OfflineBook::new(&config, allowances, &[]),
             signer: std::sync::Arc::new(HubSigner::from_seed(&[9; 32])),
@@ -179,22 +181,37 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             drain_interval: Duration::from_secs(3600),
             metrics: OfflineMetrics::register(&registry),
         };
-        let auth = AuthActor::new(
-            AuthSettings {
-                clock: clock::system(),
+        let clock = clock::system();
+        let validity = Validity {
+            window_ms: 60_000,
+            clock_skew_ms: 5_000,
+        };
+        // No cloud link: every payment is decided offline.
+        let credentials = CredentialsActor::new(
+            clock.clone(),
+            validity,
+            &keys,
+            50,
+            journal_worker.clone(),
+            None,
+            telemetry::register_gauge(&registry, "keys", "keys"),
+        )
+        .start();
+        let offline = OfflineActor::new(clock.clone(), setup, journal_worker.clone(), None).start();
+        let auth = PaymentActor::new(
+            PaymentSettings {
+                clock,
                 store_id: "store-1".into(),
-                validity: Validity {
-                    window_ms: 60_000,
-                    clock_skew_ms: 5_000,
-                },
+                validity,
                 cloud_timeout: Duration::from_secs(1),
             },
-            keys,
-            50,
-            journal_worker,
+            PaymentPeers {
+                journal: journal_worker,
+                credentials,
+                offline,
+                uplink: None,
+            },
             telemetry::PaymentMetrics::register(&registry, "hub"),
-            telemetry::register_gauge(&registry, "keys", "keys"),
-            setup,
         )
         .start();
         let mut latencies = Vec::with_capacity(n);

@@ -1,0 +1,954 @@
+//! The double-entry ledger of record, in `sled`.
+//!
+//! Every movement of money is one transfer from a debit account to a credit account; balances are
+//! the sum of the transfers touching an account. Money enters the system only through an
+//! issuance account per currency (whose balance is minus everything issued), so the sum of all
+//! balances is always zero. A payment's id is its transfer's idempotency key: applying the same
+//! payment again moves nothing and answers as the first time; the same id with other fields is
+//! refused (TigerBeetle's rule). Declined payments write no transfer.
+//!
+//! All writes of one operation happen in one sled transaction and are flushed to disk before the
+//! caller hears the result.
+
+use std::path::Path;
+
+use protocol::{
+    AccountKind, AccountView, Allowance, CloudAuthorize, Currency, Decision, DeclineReason,
+    KeyEntry, LedgerTotals, OpenAccount, TransferView, VoidPayment,
+};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::error::LedgerError;
+
+mod accounts;
+mod allowances;
+mod offline;
+mod payments;
+mod queries;
+
+pub use allowances::{OfflinePolicy, ALLOWANCE_PAGE};
+pub use offline::{CodeReuse, Conflict, Reconciliation};
+
+/// How long an online payment waits for its post before the cloud moves it back: a day, so that
+/// a hub cut off for hours still confirms what it approved.
+pub const DEFAULT_PENDING_TTL_MS: u64 = 24 * 3600 * 1000;
+
+fn pending_key(deadline_ms: u64, payment_id: &str) -> Vec<u8> {
+    let mut key = deadline_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(payment_id.as_bytes());
+    key
+}
+
+/// A post that came after its payment expired or was voided: the register heard "approved" and
+/// the money is not in the store's account. For the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatePost {
+    /// The store.
+    pub store_id: String,
+    /// The post.
+    pub post: protocol::PostPayment,
+    /// When it came.
+    pub recorded_at_ms: u64,
+}
+
+/// Most key changes returned by one [`Ledger::keys_after`] call.
+pub const KEY_BATCH_MAX: usize = 500;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct AccountRecord {
+    kind: AccountKind,
+    currency: Currency,
+    balance_minor: i64,
+    public_key: Option<String>,
+    /// Set when the customer is erased: no more payments.
+    #[serde(default)]
+    closed: bool,
+    /// Offline payments took the balance below zero; cleared by a deposit that settles it.
+    #[serde(default)]
+    in_debt: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct TransferRecord {
+    debit_account_id: String,
+    credit_account_id: String,
+    amount_minor: i64,
+    currency: Currency,
+    applied_at_ms: u64,
+    code_nonce: Option<String>,
+    store_id: Option<String>,
+    terminal_id: Option<String>,
+    order_id: Option<String>,
+    voided: bool,
+    /// Approved by a hub offline and applied at reconciliation: only that hub's journal owns it,
+    /// so a void of an earlier online attempt no longer reverses it.
+    #[serde(default)]
+    offline: bool,
+    /// The nonces of the online attempts told "approved" for this payment and not voided since
+    /// (empty in records written before it was kept: then `code_nonce` alone). The money moves
+    /// back only when the last of them is voided: any one of them may be the answer the
+    /// register heard.
+    #[serde(default)]
+    approved_nonces: Vec<String>,
+    /// Final: the hub confirmed it (or it was issued, or applied from an offline approval). A
+    /// payment not posted is pending: a void moves it back, and so does its expiry.
+    #[serde(default)]
+    posted: bool,
+    /// When a pending payment expires (the cloud moves it back itself: the hub that asked for it
+    /// died or lost its disk before confirming it). Absent in records written before it existed.
+    #[serde(default)]
+    pending_until_ms: Option<u64>,
+    /// Moved back by its expiry (not by a void): the attempts that held it then. A post from one
+    /// of them still charges it, as `<payment id>#posted`.
+    #[serde(default)]
+    expired_holders: Vec<String>,
+}
+
+impl TransferRecord {
+    /// The attempts told "approved" for this payment and not voided.
+    fn holders(&self) -> Vec<String> {
+        if self.approved_nonces.is_empty() {
+            self.code_nonce.iter().cloned().collect()
+        } else {
+            self.approved_nonces.clone()
+        }
+    }
+}
+
+impl TransferRecord {
+    /// Money issued into an account: its opening balance, a deposit.
+    fn issuance(
+        issuer: &str,
+        account_id: &str,
+        amount_minor: i64,
+        currency: Currency,
+        at_ms: u64,
+    ) -> Self {
+        TransferRecord {
+            debit_account_id: issuer.to_owned(),
+            credit_account_id: account_id.to_owned(),
+            amount_minor,
+            currency,
+            applied_at_ms: at_ms,
+            code_nonce: None,
+            store_id: None,
+            terminal_id: None,
+            order_id: None,
+            voided: false,
+            offline: false,
+            approved_nonces: Vec::new(),
+            posted: true,
+            pending_until_ms: None,
+            expired_holders: Vec::new(),
+        }
+    }
+
+    /// A customer's payment to a store, approved online or (`offline`) by the store's hub alone.
+    fn payment(store_id: &str, request: &CloudAuthorize, offline: bool, at_ms: u64) -> Self {
+        TransferRecord {
+            debit_account_id: request.account_id.clone(),
+            credit_account_id: store_id.to_owned(),
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            applied_at_ms: at_ms,
+            code_nonce: Some(request.code_nonce.clone()),
+            store_id: Some(store_id.to_owned()),
+            terminal_id: Some(request.terminal_id.clone()),
+            order_id: Some(request.order_id.clone()),
+            voided: false,
+            offline,
+            approved_nonces: vec![request.code_nonce.clone()],
+            // An offline approval is final when applied; an online one waits for its post.
+            posted: offline,
+            pending_until_ms: None,
+            expired_holders: Vec::new(),
+        }
+    }
+}
+
+/// What became of a code nonce: the payment it was presented for, and the decision then.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct NonceRecord {
+    payment_id: String,
+    decision: Decision,
+    /// The amount and currency the nonce was presented with (absent in records written before
+    /// they were kept): a repeat with other details is not the same request.
+    #[serde(default)]
+    amount: Option<(i64, Currency)>,
+}
+
+/// The ledger database. Clones share the same database.
+#[derive(Clone)]
+pub struct Ledger {
+    db: sled::Db,
+    accounts: sled::Tree,
+    transfers: sled::Tree,
+    nonces: sled::Tree,
+    keys: sled::Tree,
+    /// Offline allowances by `<store>/<account>` (for a store's sync).
+    grants: sled::Tree,
+    /// The stores holding a grant, by `<account>/` (for an account's total).
+    grants_by_account: sled::Tree,
+    /// Accounts in debt.
+    debts: sled::Tree,
+    /// Offline payments that could not be applied as approved, for the operator.
+    conflicts: sled::Tree,
+    /// Offline payments whose code or token had already paid another payment, for the operator.
+    code_reuse: sled::Tree,
+    /// Each store's hub signing key.
+    hub_keys: sled::Tree,
+    /// Pending payments by `<deadline, big-endian ms><payment id>`, for their expiry.
+    pending: sled::Tree,
+    /// Posts that came after their payment expired or was voided, for the operator.
+    late_posts: sled::Tree,
+    /// How long an online payment stays pending without its post before the cloud expires it.
+    pending_ttl_ms: u64,
+    /// Money-moving operator actions, by a sequence number.
+    audit: sled::Tree,
+    policy: OfflinePolicy,
+    /// The one time source: when transfers were applied, conflicts recorded.
+    clock: clock::SharedClock,
+}
+
+fn issuance_account(currency: Currency) -> String {
+    format!("issuance.{currency}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("ledger records serialise")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> T {
+    // The ledger writes every record it reads; one it cannot read means the store is corrupt,
+    // and carrying on would risk a wrong balance.
+    serde_json::from_slice(bytes).expect("ledger record is readable")
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<LedgerError>>;
+
+fn abort<T>(error: LedgerError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(error))
+}
+
+fn unwrap_tx<T>(result: Result<T, TransactionError<LedgerError>>) -> Result<T, LedgerError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => LedgerError::Storage(e.to_string()),
+    })
+}
+
+fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
+    format!("{account_id}/{nonce}").into_bytes()
+}
+
+/// The payment charged again after its online transfer was moved back: an offline approval
+/// (`#offline`) or a confirmation after the expiry (`#posted`).
+fn charged_again(
+    transfers: &sled::transaction::TransactionalTree,
+    payment_id: &str,
+) -> TxResult<Option<TransferRecord>> {
+    for suffix in ["offline", "posted"] {
+        if let Some(t) = transfers.get(format!("{payment_id}#{suffix}").as_bytes())? {
+            return Ok(Some(decode(&t)));
+        }
+    }
+    Ok(None)
+}
+
+/// What a voided (or expired) attempt's nonce answers from then on.
+fn voided_nonce(payment_id: &str) -> NonceRecord {
+    NonceRecord {
+        payment_id: payment_id.to_owned(),
+        decision: Decision::declined(
+            DeclineReason::CloudUnreachable,
+            "the store voided this attempt after its deadline passed",
+        ),
+        amount: None,
+    }
+}
+
+/// Moves a pending payment back with a reversing transfer `<payment id>#void`; every attempt
+/// that held it now answers "voided".
+fn reverse_tx(
+    accounts: &sled::transaction::TransactionalTree,
+    transfers: &sled::transaction::TransactionalTree,
+    nonces: &sled::transaction::TransactionalTree,
+    pending: &sled::transaction::TransactionalTree,
+    payment_id: &str,
+    mut existing: TransferRecord,
+    now_ms: u64,
+) -> TxResult<()> {
+    let mut customer: AccountRecord = decode(
+        &accounts
+            .get(existing.debit_account_id.as_bytes())?
+            .expect("debited account exists"),
+    );
+    let mut merchant: AccountRecord = decode(
+        &accounts
+            .get(existing.credit_account_id.as_bytes())?
+            .expect("credited account exists"),
+    );
+    customer.balance_minor += existing.amount_minor;
+    merchant.balance_minor -= existing.amount_minor;
+    accounts.insert(existing.debit_account_id.as_bytes(), encode(&customer))?;
+    accounts.insert(existing.credit_account_id.as_bytes(), encode(&merchant))?;
+    let reversal = TransferRecord {
+        debit_account_id: existing.credit_account_id.clone(),
+        credit_account_id: existing.debit_account_id.clone(),
+        applied_at_ms: now_ms,
+        voided: false,
+        offline: false,
+        approved_nonces: Vec::new(),
+        posted: true,
+        pending_until_ms: None,
+        expired_holders: Vec::new(),
+        ..existing.clone()
+    };
+    transfers.insert(format!("{payment_id}#void").as_bytes(), encode(&reversal))?;
+    for holder in existing.holders() {
+        nonces.insert(
+            nonce_key(&existing.debit_account_id, &holder),
+            encode(&voided_nonce(payment_id)),
+        )?;
+    }
+    if let Some(deadline) = existing.pending_until_ms.take() {
+        pending.remove(pending_key(deadline, payment_id))?;
+    }
+    existing.voided = true;
+    existing.approved_nonces.clear();
+    transfers.insert(payment_id.as_bytes(), encode(&existing))?;
+    Ok(())
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in a directory.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let db = storage::open_sled(path).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| LedgerError::Storage(e.to_string()))
+        };
+        Ok(Ledger {
+            accounts: tree("accounts")?,
+            transfers: tree("transfers")?,
+            nonces: tree("nonces")?,
+            keys: tree("keys")?,
+            grants: tree("grants")?,
+            grants_by_account: tree("grants_by_account")?,
+            debts: tree("debts")?,
+            conflicts: tree("conflicts")?,
+            code_reuse: tree("code_reuse")?,
+            hub_keys: tree("hub_keys")?,
+            pending: tree("pending")?,
+            late_posts: tree("late_posts")?,
+            pending_ttl_ms: DEFAULT_PENDING_TTL_MS,
+            audit: tree("audit")?,
+            policy: OfflinePolicy::default(),
+            clock: clock::system(),
+            db,
+        })
+    }
+
+    /// Expires pending payments `ttl_ms` after they were applied.
+    pub fn with_pending_ttl(mut self, ttl_ms: u64) -> Self {
+        self.pending_ttl_ms = ttl_ms;
+        self
+    }
+
+    /// Reads time from `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: clock::SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets how much the cloud grants hubs for offline payment.
+    pub fn with_offline_policy(mut self, policy: OfflinePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Appends an operator action to the audit trail, flushed.
+    pub fn record_audit(&self, entry: &protocol::AuditEntry) -> Result<(), LedgerError> {
+        let id = self
+            .db
+            .generate_id()
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        self.audit
+            .insert(id.to_be_bytes(), encode(entry))
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        self.flush()
+    }
+
+    /// The audit trail, oldest first.
+    pub fn audit_trail(&self) -> Result<Vec<protocol::AuditEntry>, LedgerError> {
+        self.audit
+            .iter()
+            .values()
+            .map(|v| {
+                v.map(|bytes| decode(&bytes))
+                    .map_err(|e| LedgerError::Storage(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]): after a failed flush
+    /// nobody knows what the ledger holds.
+    fn flush(&self) -> Result<(), LedgerError> {
+        storage::flush_or_stop(&self.db, "cloud-ledger-flush");
+        Ok(())
+    }
+}
+
+fn empty_totals(currency: Currency) -> LedgerTotals {
+    LedgerTotals {
+        currency,
+        total_debits_minor: 0,
+        total_credits_minor: 0,
+        sum_of_balances_minor: 0,
+        issued_minor: 0,
+        transfers: 0,
+    }
+}
+
+fn view(account_id: &str, r: AccountRecord) -> AccountView {
+    AccountView {
+        account_id: account_id.to_owned(),
+        kind: r.kind,
+        currency: r.currency,
+        balance_minor: r.balance_minor,
+        public_key: r.public_key,
+        closed: r.closed,
+        in_debt: r.in_debt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use paycode::Wallet;
+
+    fn eur() -> Currency {
+        Currency::parse("EUR").unwrap()
+    }
+
+    fn ledger() -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        ledger
+            .open_account(&OpenAccount {
+                account_id: "store-1".into(),
+                kind: AccountKind::Merchant,
+                currency: eur(),
+                initial_balance_minor: 0,
+                public_key: None,
+            })
+            .unwrap();
+        let key = Wallet::generate("alice").unwrap().public_key_b64();
+        let entry = ledger
+            .open_account(&OpenAccount {
+                account_id: "alice".into(),
+                kind: AccountKind::Customer,
+                currency: eur(),
+                initial_balance_minor: 10_000,
+                public_key: Some(key),
+            })
+            .unwrap();
+        assert_eq!(entry.unwrap().version, 1);
+        (dir, ledger)
+    }
+
+    fn pay(payment: &str, nonce: &str, amount: i64) -> CloudAuthorize {
+        CloudAuthorize {
+            payment_id: format!("store-1:{payment}"),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur(),
+            terminal_id: "t1".into(),
+            order_id: payment.into(),
+            offline_reservation: Default::default(),
+        }
+    }
+
+    /// Alice's attempt at `store-1:<order>` with `nonce`, as a void or a post names it.
+    fn attempt(order: &str, nonce: &str) -> VoidPayment {
+        VoidPayment {
+            payment_id: format!("store-1:{order}"),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+        }
+    }
+
+    fn balance(l: &Ledger, id: &str) -> i64 {
+        l.account(id).unwrap().unwrap().balance_minor
+    }
+
+    fn books_balance(l: &Ledger) {
+        for t in l.totals().unwrap() {
+            assert_eq!(t.sum_of_balances_minor, 0);
+            assert_eq!(t.total_debits_minor, t.total_credits_minor);
+        }
+    }
+
+    #[test]
+    fn payment_moves_money_once() {
+        let (_d, l) = ledger();
+        let d = l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
+        assert_eq!(
+            d,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: false
+            }
+        );
+        assert_eq!(balance(&l, "alice"), 7_500);
+        assert_eq!(balance(&l, "store-1"), 2_500);
+        // The same payment again, even with a fresh code: nothing moves.
+        let d = l.authorize("store-1", &pay("o1", "n2", 2_500)).unwrap();
+        assert_eq!(
+            d,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: true
+            }
+        );
+        assert_eq!(balance(&l, "alice"), 7_500);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn same_order_other_amount_is_refused() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
+        let d = l.authorize("store-1", &pay("o1", "n2", 9_00)).unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::DuplicateOrderId));
+        assert_eq!(balance(&l, "alice"), 7_500);
+    }
+
+    #[test]
+    fn replayed_nonce_is_refused_but_a_retry_hears_the_first_answer() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 100)).unwrap();
+        let d = l.authorize("store-1", &pay("o2", "n1", 100)).unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::CodeReplayed));
+        let d = l.authorize("store-1", &pay("o3", "n3", 1_000_000)).unwrap();
+        assert_eq!(d.reason(), Some(DeclineReason::InsufficientFunds));
+        let again = l.authorize("store-1", &pay("o3", "n3", 1_000_000)).unwrap();
+        assert_eq!(again, d);
+        assert_eq!(balance(&l, "alice"), 9_900);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn declines() {
+        let (_d, l) = ledger();
+        let mut unknown = pay("o1", "n1", 100);
+        unknown.account_id = "nobody".into();
+        assert_eq!(
+            l.authorize("store-1", &unknown).unwrap().reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+        assert_eq!(
+            l.authorize("store-9", &pay("o2", "n2", 100))
+                .unwrap()
+                .reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+        let mut usd = pay("o3", "n3", 100);
+        usd.currency = Currency::parse("USD").unwrap();
+        assert_eq!(
+            l.authorize("store-1", &usd).unwrap().reason(),
+            Some(DeclineReason::CurrencyMismatch)
+        );
+        assert_eq!(
+            l.authorize("store-1", &pay("o4", "n4", 10_001))
+                .unwrap()
+                .reason(),
+            Some(DeclineReason::InsufficientFunds)
+        );
+        assert_eq!(
+            l.authorize("store-1", &pay("o5", "n5", 10_000))
+                .unwrap()
+                .reason(),
+            None
+        );
+        assert_eq!(balance(&l, "alice"), 0);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn void_reverses_an_applied_attempt_and_burns_an_unseen_one() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let void = attempt("o1", "n1");
+        assert!(l.void("store-1", &void).unwrap());
+        assert!(
+            !l.void("store-1", &void).unwrap(),
+            "voiding twice moves nothing"
+        );
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+
+        let early = attempt("o2", "n2");
+        assert!(!l.void("store-1", &early).unwrap());
+        let late = l.authorize("store-1", &pay("o2", "n2", 100)).unwrap();
+        assert!(matches!(late, Decision::Declined { .. }), "{late:?}");
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn void_of_a_timed_out_attempt_spares_a_later_confirmed_one() {
+        let (_d, l) = ledger();
+        // Attempt 1 applied, but its answer was lost: the hub will void it.
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        // The register retries the order with a fresh code and hears "approved, already paid".
+        let retry = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        assert_eq!(
+            retry,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: true
+            }
+        );
+        // The late void of attempt 1 must not take back money the retry reported as paid.
+        let void = attempt("o1", "n1");
+        assert!(!l.void("store-1", &void).unwrap());
+        assert_eq!(balance(&l, "store-1"), 700);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_nonce_a_void_burnt_never_takes_over_the_order_transfer() {
+        let (_d, l) = ledger();
+        // Attempt 1 paid; its answer was lost, the hub will void it.
+        assert!(matches!(
+            l.authorize("store-1", &pay("o1", "n1", 700)).unwrap(),
+            Decision::Approved { .. }
+        ));
+        // The cashier's retry (attempt 2) timed out too: its void overtook the request itself.
+        let void = |nonce: &str| attempt("o1", nonce);
+        assert!(!l.void("store-1", &void("n2")).unwrap());
+        // The late attempt 2 must not take the transfer over (the register heard "declined").
+        let late = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        assert!(matches!(late, Decision::Declined { .. }), "{late:?}");
+        // So the void of attempt 1 still moves the money back.
+        assert!(l.void("store-1", &void("n1")).unwrap());
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_code_repeated_for_its_order_with_another_amount_is_not_told_approved() {
+        // Found by the simulation (seed 16): the attempt paid 700, its answer was lost; the
+        // cashier retried the order for 900 showing the same code.
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let again = l.authorize("store-1", &pay("o1", "n1", 900)).unwrap();
+        assert_eq!(
+            again.reason(),
+            Some(DeclineReason::DuplicateOrderId),
+            "{again:?}"
+        );
+        let same = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(same, Decision::Approved { .. }), "{same:?}");
+        assert_eq!(balance(&l, "alice"), 9_300);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_late_attempt_voided_does_not_take_back_what_an_earlier_one_told_approved() {
+        // Found by the simulation (seed 106): attempt 1 timed out (the hub restarted and voids
+        // it), attempt 2 paid and the register heard "approved"; attempt 1 then arrived late
+        // and was told "already paid", and its void arrived after it.
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        let late = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(late, Decision::Approved { .. }), "{late:?}");
+        let void = attempt("o1", "n1");
+        assert!(!l.void("store-1", &void).unwrap());
+        assert_eq!(balance(&l, "alice"), 9_300);
+        assert_eq!(balance(&l, "store-1"), 700);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_repeat_of_an_attempt_whose_payment_moved_back_hears_declined() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        // Attempt 2 is told "already paid"; both attempts go unanswered and are voided: the
+        // money moves back with the last void.
+        l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        let void = |nonce: &str| attempt("o1", nonce);
+        assert!(!l.void("store-1", &void("n2")).unwrap());
+        assert!(l.void("store-1", &void("n1")).unwrap());
+        for nonce in ["n1", "n2"] {
+            let again = l.authorize("store-1", &pay("o1", nonce, 700)).unwrap();
+            assert!(
+                matches!(again, Decision::Declined { .. }),
+                "{nonce}: {again:?}"
+            );
+        }
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_payment_never_confirmed_expires_and_moves_back() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        // The cloud applies it; the hub that asked for it loses its disk before it confirms.
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert_eq!(balance(&l, "alice"), 9_300);
+        clock.advance(59_999);
+        assert_eq!(l.expire_pending().unwrap(), 0, "not before its deadline");
+        clock.advance(1);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        assert_eq!(l.expire_pending().unwrap(), 0, "once");
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+        // A repeat of the attempt is not told "approved".
+        let again = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(again, Decision::Declined { .. }), "{again:?}");
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_confirmation_after_the_expiry_charges_the_payment_once_into_debt_if_need_be() {
+        // Both reviews: a hub cut off longer than the deadline confirms an approval the register
+        // heard; the store was promised the money.
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        // Meanwhile the customer spent nearly everything elsewhere.
+        l.authorize("store-1", &pay("o2", "n2", 9_900)).unwrap();
+        assert_eq!(balance(&l, "alice"), 100);
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap(), "once");
+        assert_eq!(balance(&l, "alice"), -600);
+        assert!(l.account("alice").unwrap().unwrap().in_debt);
+        assert_eq!(balance(&l, "store-1"), 10_600);
+        assert!(l.late_posts().unwrap().is_empty());
+        // A retry of the order hears it is paid; a post from an attempt that never held it is
+        // kept for the operator.
+        let retry = l.authorize("store-1", &pay("o1", "n3", 700)).unwrap();
+        assert!(
+            matches!(
+                retry,
+                Decision::Approved {
+                    already_paid: true,
+                    ..
+                }
+            ),
+            "{retry:?}"
+        );
+        // So does a repeat of the posting attempt's own code.
+        let repeat = l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(matches!(repeat, Decision::Approved { .. }), "{repeat:?}");
+        assert!(!l.post("store-1", &attempt("o1", "n9")).unwrap());
+        assert_eq!(balance(&l, "alice"), -600);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_voided_attempt_cannot_confirm_an_expired_payment() {
+        // Review: a void arriving after the expiry must take that attempt out of the holders.
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        assert!(!l.void("store-1", &attempt("o1", "n1")).unwrap());
+        assert!(!l.post("store-1", &attempt("o1", "n1")).unwrap());
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_posted_payment_is_final_no_void_or_expiry_moves_it_back() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let attempt = |nonce: &str| attempt("o1", nonce);
+        assert!(l.post("store-1", &attempt("n1")).unwrap());
+        assert!(l.post("store-1", &attempt("n1")).unwrap(), "idempotent");
+        assert!(!l.void("store-1", &attempt("n1")).unwrap());
+        clock.advance(120_000);
+        assert_eq!(l.expire_pending().unwrap(), 0);
+        assert_eq!(balance(&l, "alice"), 9_300);
+        assert_eq!(balance(&l, "store-1"), 700);
+        assert!(l.late_posts().unwrap().is_empty());
+        books_balance(&l);
+    }
+
+    #[test]
+    fn an_amount_out_of_range_never_reaches_the_balances() {
+        let (_d, l) = ledger();
+        for amount in [-500, i64::MIN, protocol::MAX_AMOUNT_MINOR + 1] {
+            assert!(matches!(
+                l.authorize("store-1", &pay("o1", "n1", amount)),
+                Err(LedgerError::Invalid(_))
+            ));
+        }
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_retry_of_an_order_paid_offline_hears_it_was_paid() {
+        // Found by review: after the hub lost its disk, a retry of an order whose online attempt
+        // was voided and whose offline approval was applied as `#offline`.
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        let void = attempt("o1", "n1");
+        assert!(l.void("store-1", &void).unwrap());
+        let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
+        l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
+        let mut entry = protocol::OfflinePayment {
+            seq: 1,
+            payment_id: "store-1:o1".into(),
+            store_id: "store-1".into(),
+            terminal_id: "t1".into(),
+            order_id: "o1".into(),
+            account_id: "alice".into(),
+            nonce: "n1".into(),
+            amount_minor: 700,
+            currency: eur(),
+            approved_at_ms: 1,
+            signature: String::new(),
+        };
+        signer.sign(&mut entry);
+        l.reconcile("store-1", &[entry]).unwrap();
+        let retry = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
+        assert_eq!(
+            retry,
+            Decision::Approved {
+                account_id: "alice".into(),
+                already_paid: true
+            }
+        );
+        let other = l.authorize("store-1", &pay("o1", "n3", 900)).unwrap();
+        assert_eq!(other.reason(), Some(DeclineReason::DuplicateOrderId));
+        assert_eq!(balance(&l, "alice"), 9_300);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn accounts_open_once_and_keys_are_versioned() {
+        let (_d, l) = ledger();
+        let same = OpenAccount {
+            account_id: "store-1".into(),
+            kind: AccountKind::Merchant,
+            currency: eur(),
+            initial_balance_minor: 0,
+            public_key: None,
+        };
+        assert_eq!(l.open_account(&same).unwrap(), None);
+        let other = OpenAccount {
+            initial_balance_minor: 5,
+            ..same.clone()
+        };
+        assert!(matches!(
+            l.open_account(&other),
+            Err(LedgerError::Conflict(_))
+        ));
+        // A face-only customer has no wallet key: nothing to distribute.
+        let no_key = OpenAccount {
+            account_id: "carol".into(),
+            kind: AccountKind::Customer,
+            ..same.clone()
+        };
+        assert_eq!(l.open_account(&no_key).unwrap(), None);
+        let bad_key = OpenAccount {
+            public_key: Some("not-a-key".into()),
+            account_id: "dave".into(),
+            ..no_key.clone()
+        };
+        assert!(matches!(
+            l.open_account(&bad_key),
+            Err(LedgerError::Invalid(_))
+        ));
+        let bob = OpenAccount {
+            account_id: "bob".into(),
+            public_key: Some(Wallet::generate("bob").unwrap().public_key_b64()),
+            ..no_key
+        };
+        assert_eq!(l.open_account(&bob).unwrap().unwrap().version, 2);
+        let (all, more) = l.keys_after(0).unwrap();
+        assert_eq!((all.len(), more), (2, false));
+        let (after_one, _) = l.keys_after(1).unwrap();
+        assert_eq!(after_one[0].account_id, "bob");
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_closed_account_takes_no_payment_and_its_key_is_revoked() {
+        let (_d, l) = ledger();
+        let revoked = l.close_account("alice").unwrap().unwrap();
+        assert_eq!(revoked.public_key, None);
+        assert_eq!(l.keys_after(revoked.version - 1).unwrap().0, vec![revoked]);
+        assert_eq!(
+            l.close_account("alice").unwrap(),
+            None,
+            "closing twice is a no-op"
+        );
+        assert_eq!(l.close_account("nobody").unwrap(), None);
+        let view = l.account("alice").unwrap().unwrap();
+        assert!(view.closed && view.public_key.is_none());
+        let decision = l
+            .authorize("store-1", &pay("o-closed", "n-closed", 100))
+            .unwrap();
+        assert_eq!(decision.reason(), Some(DeclineReason::UnknownAccount));
+        books_balance(&l);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        let l = Ledger::open(&path).unwrap();
+        l.open_account(&OpenAccount {
+            account_id: "store-1".into(),
+            kind: AccountKind::Merchant,
+            currency: eur(),
+            initial_balance_minor: 0,
+            public_key: None,
+        })
+        .unwrap();
+        l.open_account(&OpenAccount {
+            account_id: "alice".into(),
+            kind: AccountKind::Customer,
+            currency: eur(),
+            initial_balance_minor: 10_000,
+            public_key: None,
+        })
+        .unwrap();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        l.authorize("store-1", &pay("o2", "n2", 300)).unwrap();
+        let void = attempt("o2", "n2");
+        assert!(l.void("store-1", &void).unwrap());
+        let transfers_before = l.transfers().unwrap();
+        drop(l);
+        let l = Ledger::open(&path).unwrap();
+        // Balances, transfers and spent codes are all still there.
+        assert_eq!(balance(&l, "alice"), 9_300);
+        assert_eq!(balance(&l, "store-1"), 700);
+        assert_eq!(l.transfers().unwrap(), transfers_before);
+        assert_eq!(
+            l.authorize("store-1", &pay("o3", "n1", 100))
+                .unwrap()
+                .reason(),
+            Some(DeclineReason::CodeReplayed)
+        );
+        assert!(!l.void("store-1", &void).unwrap(), "the void is remembered");
+        books_balance(&l);
+    }
+}

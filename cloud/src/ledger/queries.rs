@@ -1,0 +1,88 @@
+//! Read-only views of the ledger: accounts, transfers, per-currency totals.
+
+use super::*;
+
+impl Ledger {
+    /// One account.
+    pub fn account(&self, account_id: &str) -> Result<Option<AccountView>, LedgerError> {
+        let record = self
+            .accounts
+            .get(account_id.as_bytes())
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        Ok(record.map(|b| view(account_id, decode(&b))))
+    }
+
+    /// Every account, issuance accounts included, ordered by id.
+    pub fn accounts(&self) -> Result<Vec<AccountView>, LedgerError> {
+        self.accounts
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
+                Ok(view(
+                    std::str::from_utf8(&k).expect("ids are UTF-8"),
+                    decode(&v),
+                ))
+            })
+            .collect()
+    }
+
+    /// Every transfer, ordered by id.
+    pub fn transfers(&self) -> Result<Vec<TransferView>, LedgerError> {
+        self.transfers
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
+                let t: TransferRecord = decode(&v);
+                let pending = !t.posted && !t.offline && !t.voided;
+                Ok(TransferView {
+                    transfer_id: String::from_utf8(k.to_vec()).expect("ids are UTF-8"),
+                    debit_account_id: t.debit_account_id,
+                    credit_account_id: t.credit_account_id,
+                    amount_minor: t.amount_minor,
+                    currency: t.currency,
+                    applied_at_ms: t.applied_at_ms,
+                    pending,
+                })
+            })
+            .collect()
+    }
+
+    /// Totals per currency. Balances are recomputed from the transfers and checked against the
+    /// stored balances: a difference is a broken invariant and panics rather than report wrong books.
+    pub fn totals(&self) -> Result<Vec<LedgerTotals>, LedgerError> {
+        use std::collections::BTreeMap;
+        let accounts = self.accounts()?;
+        let mut from_transfers: BTreeMap<String, i64> = BTreeMap::new();
+        let mut totals: BTreeMap<String, LedgerTotals> = BTreeMap::new();
+        for t in self.transfers()? {
+            *from_transfers
+                .entry(t.debit_account_id.clone())
+                .or_default() -= t.amount_minor;
+            *from_transfers
+                .entry(t.credit_account_id.clone())
+                .or_default() += t.amount_minor;
+            let entry = totals
+                .entry(t.currency.to_string())
+                .or_insert_with(|| empty_totals(t.currency));
+            entry.total_debits_minor += t.amount_minor;
+            entry.total_credits_minor += t.amount_minor;
+            entry.transfers += 1;
+        }
+        for a in &accounts {
+            let derived = from_transfers.get(&a.account_id).copied().unwrap_or(0);
+            assert_eq!(
+                derived, a.balance_minor,
+                "stored balance of {} disagrees with its transfers",
+                a.account_id
+            );
+            let entry = totals
+                .entry(a.currency.to_string())
+                .or_insert_with(|| empty_totals(a.currency));
+            entry.sum_of_balances_minor += a.balance_minor;
+            if a.kind == AccountKind::Issuance {
+                entry.issued_minor -= a.balance_minor;
+            }
+        }
+        Ok(totals.into_values().collect())
+    }
+}

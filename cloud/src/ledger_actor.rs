@@ -1,0 +1,309 @@
+//! The ledger's actor: the ledger on its own thread (a `SyncArbiter` of one, reached only through
+//! [`crate::bounded::Bounded`]), with one message per operation and one reply type per message.
+
+use actix::prelude::*;
+use protocol::{
+    AccountView, Allowance, AllowanceBatch, CloudReplyBody, Deposit, HubRequest, HubRequestBody,
+    KeyBatch, KeyEntry, OpenAccount, ReconcileOutcome, ReconcileResult,
+};
+
+use crate::{error::LedgerError, ledger::Ledger};
+
+/// Owns the ledger database. Runs on a dedicated thread (a `SyncArbiter` of one) because every
+/// operation ends in a disk flush; one thread also serialises all writes.
+pub struct LedgerActor {
+    ledger: Ledger,
+    offline: Option<OfflineMetrics>,
+}
+
+impl LedgerActor {
+    /// Wraps an opened ledger.
+    pub fn new(ledger: Ledger) -> Self {
+        LedgerActor {
+            ledger,
+            offline: None,
+        }
+    }
+
+    /// Counts reconciliation outcomes and accounts in debt on `metrics`.
+    pub fn with_metrics(mut self, metrics: OfflineMetrics) -> Self {
+        if let Ok(debts) = self.ledger.debts() {
+            metrics.in_debt.set(debts.len() as i64);
+        }
+        self.offline = Some(metrics);
+        self
+    }
+
+    fn count_debts(&self) {
+        if let (Some(m), Ok(debts)) = (&self.offline, self.ledger.debts()) {
+            m.in_debt.set(debts.len() as i64);
+        }
+    }
+}
+
+/// The cloud's reconciliation metrics.
+#[derive(Clone)]
+pub struct OfflineMetrics {
+    applied: prometheus::IntCounter,
+    conflicts: prometheus::IntCounter,
+    rejected: prometheus::IntCounter,
+    code_reuses: prometheus::IntCounter,
+    in_debt: prometheus::IntGauge,
+}
+
+impl OfflineMetrics {
+    /// Registers `facepay_cloud_offline_{applied,conflicts,rejected,code_reuse}_total` and
+    /// `facepay_cloud_accounts_in_debt`.
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        OfflineMetrics {
+            applied: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_applied_total",
+                "offline payments applied at reconciliation (resends not counted)",
+            ),
+            conflicts: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_conflicts_total",
+                "offline payments that could not be applied as approved (kept for the operator)",
+            ),
+            rejected: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_rejected_total",
+                "offline entries refused (unknown hub key, bad signature); the hub keeps them",
+            ),
+            code_reuses: telemetry::register_counter(
+                registry,
+                "facepay_cloud_offline_code_reuse_total",
+                "offline payments applied although their code or token had already paid another",
+            ),
+            in_debt: telemetry::register_gauge(
+                registry,
+                "facepay_cloud_accounts_in_debt",
+                "customer accounts whose balance offline payments took below zero",
+            ),
+        }
+    }
+}
+
+impl Actor for LedgerActor {
+    type Context = SyncContext<Self>;
+}
+
+/// What the ledger answers a hub, and the allowance revocations to broadcast to every hub.
+pub struct HubAnswer {
+    /// The reply.
+    pub body: CloudReplyBody,
+    /// Accounts that lost their offline allowances (they went into debt).
+    pub revocations: Vec<Allowance>,
+}
+
+/// Carry out a hub's request against the ledger.
+#[derive(Message)]
+#[rtype(result = "HubAnswer")]
+pub struct ApplyHubRequest(pub HubRequest);
+
+impl Handler<ApplyHubRequest> for LedgerActor {
+    type Result = MessageResult<ApplyHubRequest>;
+
+    fn handle(&mut self, msg: ApplyHubRequest, _: &mut Self::Context) -> Self::Result {
+        let HubRequest { store_id, body, .. } = msg.0;
+        let mut revocations = Vec::new();
+        let reply = match body {
+            HubRequestBody::Authorize(request) => self
+                .ledger
+                .authorize_with_allowance(&store_id, &request)
+                .map(|(decision, allowance)| CloudReplyBody::Authorized {
+                    payment_id: request.payment_id,
+                    decision,
+                    allowance,
+                }),
+            HubRequestBody::Reconcile(batch) => {
+                let applied = self.ledger.reconcile(&store_id, &batch.entries);
+                applied.map(|done| {
+                    let outcomes = done.outcomes;
+                    revocations = done.revocations;
+                    let results: Vec<ReconcileResult> = batch
+                        .entries
+                        .iter()
+                        .zip(outcomes)
+                        .map(|(entry, outcome)| ReconcileResult {
+                            seq: entry.seq,
+                            payment_id: entry.payment_id.clone(),
+                            outcome,
+                        })
+                        .collect();
+                    if let Some(m) = &self.offline {
+                        for r in &results {
+                            match r.outcome {
+                                ReconcileOutcome::Applied { .. } => m.applied.inc(),
+                                ReconcileOutcome::Conflict { .. } => m.conflicts.inc(),
+                                ReconcileOutcome::Rejected { .. } => m.rejected.inc(),
+                                ReconcileOutcome::AlreadyApplied => {}
+                            }
+                        }
+                        m.code_reuses.inc_by(done.code_reuses as u64);
+                    }
+                    if !revocations.is_empty() {
+                        self.count_debts();
+                    }
+                    CloudReplyBody::Reconciled { results }
+                })
+            }
+            HubRequestBody::AllowanceSync { after_account } => self
+                .ledger
+                .allowances(&store_id, after_account.as_deref())
+                .map(|(allowances, next_after)| {
+                    CloudReplyBody::Allowances(AllowanceBatch {
+                        allowances,
+                        next_after,
+                    })
+                }),
+            HubRequestBody::Void(request) => {
+                self.ledger
+                    .void(&store_id, &request)
+                    .map(|reversed| CloudReplyBody::Voided {
+                        payment_id: request.payment_id,
+                        reversed,
+                    })
+            }
+            HubRequestBody::Post(protocol::PostBatch { posts }) => self
+                .ledger
+                .post_batch(&store_id, &posts)
+                .map(|posted| CloudReplyBody::Posted {
+                    payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
+                    posted,
+                }),
+            HubRequestBody::KeySync { after_version } => self
+                .ledger
+                .keys_after(after_version)
+                .map(|(entries, more)| CloudReplyBody::Keys(KeyBatch { entries, more })),
+            HubRequestBody::TemplateSync { .. } | HubRequestBody::Identify(_) => Err(
+                LedgerError::Invalid("identity requests are served by the identity actor".into()),
+            ),
+        };
+        let body = reply.unwrap_or_else(|error| {
+            if let LedgerError::Storage(_) = error {
+                // Nobody knows what the ledger holds after a storage error: stop, and let the
+                // restart read it (the hub hears nothing, and voids or resends).
+                storage::fail_stop("a ledger operation", &error);
+            }
+            tracing::error!(%error, store_id, "ledger operation failed");
+            CloudReplyBody::Error {
+                detail: error.to_string(),
+            }
+        });
+        MessageResult(HubAnswer { body, revocations })
+    }
+}
+
+/// Open an account.
+#[derive(Message)]
+#[rtype(result = "Result<Option<KeyEntry>, LedgerError>")]
+pub struct OpenAccountCmd(pub OpenAccount);
+
+impl Handler<OpenAccountCmd> for LedgerActor {
+    type Result = Result<Option<KeyEntry>, LedgerError>;
+    fn handle(&mut self, msg: OpenAccountCmd, _: &mut Self::Context) -> Self::Result {
+        self.ledger.open_account(&msg.0)
+    }
+}
+
+/// Close a customer's account (erasure): the key revocation and the allowance revocation to
+/// broadcast.
+#[derive(Message)]
+#[rtype(result = "Result<(Option<KeyEntry>, Option<Allowance>), LedgerError>")]
+pub struct CloseAccountCmd(pub String);
+
+impl Handler<CloseAccountCmd> for LedgerActor {
+    type Result = Result<(Option<KeyEntry>, Option<Allowance>), LedgerError>;
+    fn handle(&mut self, msg: CloseAccountCmd, _: &mut Self::Context) -> Self::Result {
+        let key = self.ledger.close_account(&msg.0)?;
+        let allowance = self.ledger.revoke_allowances(&msg.0)?;
+        Ok((key, allowance))
+    }
+}
+
+/// Credit a deposit to an account (idempotent by deposit id): the account after it.
+#[derive(Message)]
+#[rtype(result = "Result<AccountView, LedgerError>")]
+pub struct DepositCmd {
+    /// The account.
+    pub account_id: String,
+    /// The deposit.
+    pub deposit: Deposit,
+}
+
+impl Handler<DepositCmd> for LedgerActor {
+    type Result = Result<AccountView, LedgerError>;
+    fn handle(&mut self, msg: DepositCmd, _: &mut Self::Context) -> Self::Result {
+        let account = self.ledger.deposit(&msg.account_id, &msg.deposit)?;
+        self.count_debts();
+        Ok(account)
+    }
+}
+
+/// Register the public key a store's hub signs offline approvals with.
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct SetHubKeyCmd {
+    /// The store.
+    pub store_id: String,
+    /// Its hub's Ed25519 public key, base64.
+    pub public_key: String,
+}
+
+impl Handler<SetHubKeyCmd> for LedgerActor {
+    type Result = Result<(), LedgerError>;
+    fn handle(&mut self, msg: SetHubKeyCmd, _: &mut Self::Context) -> Self::Result {
+        self.ledger.set_hub_key(&msg.store_id, &msg.public_key)
+    }
+}
+
+/// Record an operator's money-moving action in the audit trail.
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct RecordAudit(pub protocol::AuditEntry);
+
+impl Handler<RecordAudit> for LedgerActor {
+    type Result = Result<(), LedgerError>;
+    fn handle(&mut self, msg: RecordAudit, _: &mut Self::Context) -> Self::Result {
+        self.ledger.record_audit(&msg.0)
+    }
+}
+
+/// A read-only question about the ledger, answered with its own type: `ReadLedger::new(|l|
+/// l.accounts())` is answered with `Result<Vec<AccountView>, LedgerError>`.
+pub struct ReadLedger<T>(Box<Read<T>>);
+
+/// A read of the ledger on its thread.
+type Read<T> = dyn FnOnce(&Ledger) -> Result<T, LedgerError> + Send;
+
+impl<T> ReadLedger<T> {
+    /// A question.
+    pub fn new(read: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static) -> Self {
+        ReadLedger(Box::new(read))
+    }
+}
+
+impl<T: Send + 'static> Message for ReadLedger<T> {
+    type Result = Result<T, LedgerError>;
+}
+
+impl<T: Send + 'static> Handler<ReadLedger<T>> for LedgerActor {
+    type Result = Result<T, LedgerError>;
+    fn handle(&mut self, msg: ReadLedger<T>, _: &mut Self::Context) -> Self::Result {
+        (msg.0)(&self.ledger)
+    }
+}
+
+/// Move back pending payments whose deadline passed; returns how many.
+#[derive(Message)]
+#[rtype(result = "Result<usize, LedgerError>")]
+pub struct ExpirePending;
+
+impl Handler<ExpirePending> for LedgerActor {
+    type Result = Result<usize, LedgerError>;
+    fn handle(&mut self, _: ExpirePending, _: &mut Self::Context) -> Self::Result {
+        self.ledger.expire_pending()
+    }
+}

@@ -1,0 +1,406 @@
+//! What proves who pays: the account keys the cloud replicates to the hub (to check payment codes
+//! offline) and the payment tokens a face verification issues. The payment and verify actors ask
+//! this one; it asks nobody but the journal (to keep keys) and the uplink (to sync them).
+
+use std::{collections::HashMap, time::Duration};
+
+use actix::prelude::*;
+use ed25519_dalek::VerifyingKey;
+use paycode::{SignedCode, Validity};
+use protocol::{CloudReplyBody, Decision, DeclineReason, HubRequestBody, KeyBatch, KeyEntry};
+use rand::RngCore;
+
+use crate::{
+    journal::JournalWorker,
+    uplink::{CallCloud, UplinkActor, UplinkEvent},
+};
+
+/// Mailbox bound.
+pub const CREDENTIALS_MAILBOX: usize = 256;
+/// Deadline of a key-sync request.
+pub const KEY_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often expired tokens are dropped.
+pub const TOKEN_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A payment token the hub issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The account it charges.
+    pub account_id: String,
+    /// The terminal it is bound to.
+    pub terminal_id: String,
+    /// Expiry, ms since the epoch.
+    pub expires_at_ms: u64,
+}
+
+/// Owns the replicated account keys and the payment tokens.
+pub struct CredentialsActor {
+    clock: clock::SharedClock,
+    validity: Validity,
+    keys: HashMap<String, VerifyingKey>,
+    key_version: u64,
+    tokens: HashMap<String, Token>,
+    journal: JournalWorker,
+    uplink: Option<Addr<UplinkActor>>,
+    syncing: bool,
+    keys_gauge: prometheus::IntGauge,
+}
+
+impl CredentialsActor {
+    /// An actor with the keys the journal holds (`stored`, up to `key_version`).
+    pub fn new(
+        clock: clock::SharedClock,
+        validity: Validity,
+        stored: &[KeyEntry],
+        key_version: u64,
+        journal: JournalWorker,
+        uplink: Option<Addr<UplinkActor>>,
+        keys_gauge: prometheus::IntGauge,
+    ) -> Self {
+        let mut actor = CredentialsActor {
+            clock,
+            validity,
+            keys: HashMap::new(),
+            key_version,
+            tokens: HashMap::new(),
+            journal,
+            uplink,
+            syncing: false,
+            keys_gauge,
+        };
+        actor.apply_keys(stored);
+        actor
+    }
+
+    fn apply_keys(&mut self, entries: &[KeyEntry]) {
+        for entry in entries {
+            match entry.public_key.as_deref().map(paycode::parse_public_key) {
+                Some(Ok(key)) => {
+                    self.keys.insert(entry.account_id.clone(), key);
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, account_id = entry.account_id, "unusable key from the cloud ignored")
+                }
+                None => {
+                    self.keys.remove(&entry.account_id);
+                }
+            }
+        }
+        self.keys_gauge.set(self.keys.len() as i64);
+    }
+
+    /// Applies a batch of key changes, keeps it in the journal, and fetches what a gap in the
+    /// versions says was missed.
+    fn keys_arrived(&mut self, batch: KeyBatch, ctx: &mut Context<Self>) {
+        if batch.entries.is_empty() {
+            return;
+        }
+        self.apply_keys(&batch.entries);
+        let newest = batch.entries.iter().map(|e| e.version).max().unwrap_or(0);
+        let oldest = batch.entries.iter().map(|e| e.version).min().unwrap_or(0);
+        let gap = oldest > self.key_version.saturating_add(1);
+        self.key_version = self.key_version.max(newest);
+        let entries = batch.entries;
+        self.journal
+            .spawn(move |j| j.store_keys(&entries).map(|_| ()));
+        if gap {
+            self.sync_keys(ctx);
+        }
+    }
+
+    fn sync_keys(&mut self, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            return;
+        };
+        if self.syncing {
+            return;
+        }
+        self.syncing = true;
+        let call = uplink.send(CallCloud {
+            body: HubRequestBody::KeySync {
+                after_version: self.key_version,
+            },
+            timeout: KEY_SYNC_TIMEOUT,
+        });
+        ctx.spawn(call.into_actor(self).map(|result, actor, ctx| {
+            actor.syncing = false;
+            match result {
+                Ok(Ok(CloudReplyBody::Keys(batch))) => {
+                    let more = batch.more && !batch.entries.is_empty();
+                    actor.keys_arrived(batch, ctx);
+                    if more {
+                        actor.sync_keys(ctx);
+                    }
+                }
+                Ok(Ok(other)) => tracing::warn!(?other, "unexpected answer to key sync"),
+                Ok(Err(error)) => tracing::warn!(%error, "key sync failed; retried on reconnect"),
+                Err(error) => tracing::warn!(%error, "uplink unavailable for key sync"),
+            }
+        }));
+    }
+
+    /// A payment code's form, signature (with the account's key) and validity window.
+    fn check_code(&self, code: &str) -> Result<SignedCode, RefusedCode> {
+        let now_ms = self.clock.now_ms();
+        let refused = |decision| RefusedCode {
+            decision,
+            signed_by: None,
+        };
+        let code = SignedCode::parse(code)
+            .map_err(|e| refused(Decision::declined(e.decline_reason(), e.to_string())))?;
+        let Some(key) = self.keys.get(&code.account_id) else {
+            return Err(refused(Decision::declined(
+                DeclineReason::UnknownAccount,
+                format!("account {} is unknown to this store", code.account_id),
+            )));
+        };
+        code.verify(key, now_ms, self.validity).map_err(|e| {
+            let decision = Decision::declined(e.decline_reason(), e.to_string());
+            // A code refused only for its time window still proves who shows it: checked at its
+            // own issue time, the signature, not the window.
+            let window_only = matches!(
+                decision.reason(),
+                Some(DeclineReason::CodeExpired | DeclineReason::CodeNotYetValid)
+            ) && code.verify(key, code.issued_at_ms, self.validity).is_ok();
+            RefusedCode {
+                decision,
+                signed_by: window_only.then(|| code.account_id.clone()),
+            }
+        })?;
+        Ok(code)
+    }
+}
+
+impl Actor for CredentialsActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(CREDENTIALS_MAILBOX);
+        ctx.run_interval(TOKEN_PRUNE_INTERVAL, |actor, _| {
+            let now = actor.clock.now_ms();
+            actor.tokens.retain(|_, t| t.expires_at_ms > now);
+        });
+    }
+}
+
+impl Handler<UplinkEvent> for CredentialsActor {
+    type Result = ();
+    fn handle(&mut self, msg: UplinkEvent, ctx: &mut Self::Context) {
+        match msg {
+            UplinkEvent::CloudConnected => self.sync_keys(ctx),
+            UplinkEvent::KeysBroadcast(batch) => self.keys_arrived(batch, ctx),
+            UplinkEvent::TemplatesPushed(_)
+            | UplinkEvent::AllowancesPushed(_)
+            | UplinkEvent::RevocationListPushed(_) => {}
+        }
+    }
+}
+
+/// Why a payment code was refused.
+#[derive(Debug, Clone)]
+pub struct RefusedCode {
+    /// The decline to answer.
+    pub decision: Decision,
+    /// The account whose key signed the code, when it was refused only for its time window
+    /// (expired, or not yet valid by this hub's clock): a retry of an order that account already
+    /// paid here can still hear "already paid".
+    pub signed_by: Option<String>,
+}
+
+/// Check a payment code (form, key, signature, window) without spending it.
+#[derive(Message)]
+#[rtype(result = "Result<SignedCode, RefusedCode>")]
+pub struct CheckCode(pub String);
+
+impl Handler<CheckCode> for CredentialsActor {
+    type Result = Result<SignedCode, RefusedCode>;
+    fn handle(&mut self, msg: CheckCode, _: &mut Self::Context) -> Self::Result {
+        self.check_code(&msg.0)
+    }
+}
+
+/// Issue a payment token: `ttl_ms` for `account_id` at `terminal_id`.
+#[derive(Message)]
+#[rtype(result = "IssuedToken")]
+pub struct IssueToken {
+    /// The account it charges.
+    pub account_id: String,
+    /// The terminal it is bound to.
+    pub terminal_id: String,
+    /// How long it stays valid.
+    pub ttl_ms: u64,
+}
+
+/// A token just issued.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The token (`tok_` and 32 hex digits of randomness).
+    pub token: String,
+    /// What it stands for.
+    pub issued: Token,
+}
+
+impl Handler<IssueToken> for CredentialsActor {
+    type Result = MessageResult<IssueToken>;
+    fn handle(&mut self, msg: IssueToken, _: &mut Self::Context) -> Self::Result {
+        let issued = Token {
+            account_id: msg.account_id,
+            terminal_id: msg.terminal_id,
+            expires_at_ms: self.clock.now_ms().saturating_add(msg.ttl_ms),
+        };
+        let token = random_id("tok_");
+        self.tokens.insert(token.clone(), issued.clone());
+        MessageResult(IssuedToken { token, issued })
+    }
+}
+
+/// Check a payment token presented with a charge: what it stands for, or why not. (Single use is
+/// the journal's: the token is reserved there like a code's nonce.)
+#[derive(Message)]
+#[rtype(result = "Result<Token, String>")]
+pub struct RedeemToken {
+    /// The token.
+    pub token: String,
+    /// The terminal presenting it.
+    pub terminal_id: String,
+}
+
+impl Handler<RedeemToken> for CredentialsActor {
+    type Result = Result<Token, String>;
+    fn handle(&mut self, msg: RedeemToken, _: &mut Self::Context) -> Self::Result {
+        let token = self
+            .tokens
+            .get(&msg.token)
+            .ok_or("unknown or expired payment token; verify the customer again")?;
+        if token.expires_at_ms <= self.clock.now_ms() {
+            return Err("the payment token expired; verify the customer again".into());
+        }
+        if token.terminal_id != msg.terminal_id {
+            return Err("the payment token was issued to another terminal".into());
+        }
+        Ok(token.clone())
+    }
+}
+
+/// Drop every token of these accounts (their templates were revoked: erasure).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetAccounts(pub Vec<String>);
+
+impl Handler<ForgetAccounts> for CredentialsActor {
+    type Result = ();
+    fn handle(&mut self, msg: ForgetAccounts, _: &mut Self::Context) {
+        self.tokens.retain(|_, t| !msg.0.contains(&t.account_id));
+    }
+}
+
+/// A random identifier: `prefix` and 32 hex digits.
+pub fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(clock: clock::SharedClock, wallet: &paycode::Wallet) -> Addr<CredentialsActor> {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = crate::journal::Journal::open(&dir.path().join("j")).unwrap();
+        std::mem::forget(dir);
+        let keys = [KeyEntry {
+            account_id: wallet.account_id().into(),
+            version: 1,
+            public_key: Some(wallet.public_key_b64()),
+        }];
+        let gauge = prometheus::IntGauge::new("keys", "keys").unwrap();
+        CredentialsActor::new(
+            clock,
+            Validity {
+                window_ms: 60_000,
+                clock_skew_ms: 5_000,
+            },
+            &keys,
+            1,
+            crate::journal::start_worker(journal),
+            None,
+            gauge,
+        )
+        .start()
+    }
+
+    #[actix::test]
+    async fn codes_are_checked_with_the_replicated_key_and_an_expired_one_still_names_its_signer() {
+        let clock = clock::ManualClock::new(1_000_000);
+        let wallet = paycode::Wallet::generate("acct-1").unwrap();
+        let credentials = actor(clock.clone(), &wallet);
+        let code = wallet.issue_code(1_000_000);
+        let checked = credentials.send(CheckCode(code.clone())).await.unwrap();
+        assert_eq!(checked.unwrap().account_id, "acct-1");
+        // Past its window: refused, but its signature still names the account.
+        clock.advance(120_000);
+        let refused = credentials
+            .send(CheckCode(code))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.decision.reason(), Some(DeclineReason::CodeExpired));
+        assert_eq!(refused.signed_by.as_deref(), Some("acct-1"));
+        // Signed by a key this store does not hold: no signer named.
+        let stranger = paycode::Wallet::generate("acct-2").unwrap();
+        let refused = credentials
+            .send(CheckCode(stranger.issue_code(1_120_000)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            refused.decision.reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+        assert_eq!(refused.signed_by, None);
+    }
+
+    #[actix::test]
+    async fn a_token_is_bound_to_its_terminal_expires_and_is_forgotten_with_its_account() {
+        let clock = clock::ManualClock::new(1_000_000);
+        let wallet = paycode::Wallet::generate("acct-1").unwrap();
+        let credentials = actor(clock.clone(), &wallet);
+        let issue = |account: &str| IssueToken {
+            account_id: account.into(),
+            terminal_id: "till-1".into(),
+            ttl_ms: 30_000,
+        };
+        let redeem = |token: &str, terminal: &str| RedeemToken {
+            token: token.into(),
+            terminal_id: terminal.into(),
+        };
+        let a = credentials.send(issue("acct-1")).await.unwrap();
+        assert_eq!(a.issued.expires_at_ms, 1_030_000);
+        assert_eq!(
+            credentials.send(redeem(&a.token, "till-1")).await.unwrap(),
+            Ok(a.issued.clone())
+        );
+        let other_terminal = credentials.send(redeem(&a.token, "till-2")).await.unwrap();
+        assert!(other_terminal.unwrap_err().contains("another terminal"));
+        let b = credentials.send(issue("acct-2")).await.unwrap();
+        credentials
+            .send(ForgetAccounts(vec!["acct-2".into()]))
+            .await
+            .unwrap();
+        assert!(credentials
+            .send(redeem(&b.token, "till-1"))
+            .await
+            .unwrap()
+            .is_err());
+        assert!(credentials
+            .send(redeem(&a.token, "till-1"))
+            .await
+            .unwrap()
+            .is_ok());
+        clock.advance(30_000);
+        let expired = credentials.send(redeem(&a.token, "till-1")).await.unwrap();
+        assert!(expired.unwrap_err().contains("expired"));
+    }
+}

@@ -1,0 +1,422 @@
+//! Authorization at the hub: check the request and its proof (a payment code checked with the
+//! account's replicated key, or a payment token a face verification issued), then carry the
+//! attempt's state machine ([`crate::attempt`]): reserve the nonce, record the attempt, ask the
+//! cloud or decide offline, void what is ambiguous, journal the decision, answer the edge.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use paycode::Validity;
+use protocol::{
+    AuthorizeReply, AuthorizeRequest, CloudReplyBody, Decision, DeclineReason, HubRequestBody,
+    PaymentProof, VoidPayment,
+};
+use telemetry::PaymentMetrics;
+
+use crate::{
+    attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer},
+    credentials::{CheckCode, CredentialsActor, RedeemToken},
+    error::HubError,
+    journal::{JournalEntry, JournalWorker},
+    offline::{AllowanceGranted, ApproveOffline, DeliverQueued, OfflineActor, ReservationOf},
+    uplink::{CallCloud, UplinkActor},
+};
+
+/// Mailbox bound; a full mailbox makes the edge's query wait.
+pub const PAYMENT_MAILBOX: usize = 256;
+/// How often expired code nonces are pruned from the journal.
+pub const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the payment actor needs to know.
+#[derive(Clone)]
+pub struct PaymentSettings {
+    /// The one time source (journal timestamps, nonce pruning).
+    pub clock: clock::SharedClock,
+    /// The hub's store.
+    pub store_id: String,
+    /// Code validity window and clock-skew tolerance (how long a nonce must be remembered).
+    pub validity: Validity,
+    /// How long to wait for the cloud.
+    pub cloud_timeout: Duration,
+}
+
+/// Whom the payment actor asks.
+#[derive(Clone)]
+pub struct PaymentPeers {
+    /// The journal thread.
+    pub journal: JournalWorker,
+    /// Keys and tokens.
+    pub credentials: Addr<CredentialsActor>,
+    /// Offline rules, signing, delivery of what the journal queued.
+    pub offline: Addr<OfflineActor>,
+    /// The cloud (none: every payment is decided offline).
+    pub uplink: Option<Addr<UplinkActor>>,
+}
+
+/// Decides payments; owns no state of its own beyond its settings (the journal holds every
+/// attempt, the credentials actor the keys, the offline actor the book).
+pub struct PaymentActor {
+    settings: PaymentSettings,
+    peers: PaymentPeers,
+    metrics: PaymentMetrics,
+}
+
+impl PaymentActor {
+    /// A payment actor.
+    pub fn new(settings: PaymentSettings, peers: PaymentPeers, metrics: PaymentMetrics) -> Self {
+        PaymentActor {
+            settings,
+            peers,
+            metrics,
+        }
+    }
+
+    /// The checks of a request's shape that need no I/O.
+    fn check_request(&self, request: &AuthorizeRequest) -> Result<(), Decision> {
+        for (kind, id) in [
+            ("store_id", &request.store_id),
+            ("terminal_id", &request.terminal_id),
+            ("order_id", &request.order_id),
+        ] {
+            protocol::validate_id(kind, id)
+                .map_err(|e| Decision::declined(DeclineReason::InvalidRequest, e.to_string()))?;
+        }
+        if request.store_id != self.settings.store_id {
+            return Err(Decision::declined(
+                DeclineReason::InvalidRequest,
+                format!(
+                    "this hub serves store {}, not {}",
+                    self.settings.store_id, request.store_id
+                ),
+            ));
+        }
+        if request.payment_id != protocol::payment_id(&request.store_id, &request.order_id) {
+            return Err(Decision::declined(
+                DeclineReason::InvalidRequest,
+                "payment_id does not match store and order",
+            ));
+        }
+        protocol::validate_amount(&request.amount_minor.into())
+            .map_err(|e| Decision::declined(DeclineReason::InvalidAmount, e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl Actor for PaymentActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(PAYMENT_MAILBOX);
+        ctx.run_interval(NONCE_PRUNE_INTERVAL, |actor, _| {
+            let validity = actor.settings.validity;
+            let horizon = validity.window_ms + 2 * validity.clock_skew_ms;
+            let cutoff_ms = actor.settings.clock.now_ms().saturating_sub(horizon);
+            actor.peers.journal.spawn(move |j| {
+                let removed = j.prune_nonces(cutoff_ms)?;
+                tracing::debug!(removed, "pruned expired code nonces");
+                Ok::<_, HubError>(())
+            });
+        });
+    }
+}
+
+/// Authorize a payment an edge presents.
+#[derive(Message)]
+#[rtype(result = "AuthorizeReply")]
+pub struct Authorize(pub AuthorizeRequest);
+
+impl Handler<Authorize> for PaymentActor {
+    type Result = ResponseFuture<AuthorizeReply>;
+
+    fn handle(&mut self, msg: Authorize, _: &mut Self::Context) -> Self::Result {
+        let started = Instant::now();
+        self.metrics.request();
+        let request = msg.0;
+        let checked = self.check_request(&request);
+        let peers = self.peers.clone();
+        let cloud_timeout = self.settings.cloud_timeout;
+        let metrics = self.metrics.clone();
+        let now_ms = self.settings.clock.now_ms();
+        Box::pin(async move {
+            let mut entry = JournalEntry::for_request(
+                &request,
+                Decision::declined(DeclineReason::Internal, ""),
+                now_ms,
+            );
+            let proven = match checked {
+                Err(decision) => Err((decision, None)),
+                Ok(()) => prove(&request, &peers.credentials).await,
+            };
+            let outcome = match proven {
+                // A retry of an order this hub already approved hears so even when its proof no
+                // longer passes (the code expired meanwhile, a clock stepped): "declined" would
+                // be a lie about money that moved. Found by the chaos suite.
+                Err((decision, signed_by)) => Outcome {
+                    decision: paid_despite_expiry(&request, signed_by, &peers.journal)
+                        .await
+                        .unwrap_or(decision),
+                    offline: false,
+                    answered_attempt: None,
+                },
+                Ok(proven) => {
+                    entry.account_id = Some(proven.account_id.clone());
+                    entry.code_nonce = Some(proven.nonce.clone());
+                    authorize_verified(&request, &proven, &peers, cloud_timeout).await
+                }
+            };
+            entry.decision = outcome.decision.clone();
+            // The decision and the closing of the attempt it answers are journaled together
+            // before the edge hears it; a failure here stops the hub (the restart voids the
+            // attempt), it never answers "declined" for money that moved.
+            let attempt = outcome.answered_attempt.clone();
+            peers
+                .journal
+                .run(move |j| j.record(&entry, attempt.as_ref()))
+                .await;
+            // An approval is confirmed at once (the journal queued its post; the drain retries
+            // it): until posted, the cloud's payment is pending, and a lost disk would let it
+            // expire.
+            if let (Decision::Approved { .. }, Some(_)) =
+                (&outcome.decision, &outcome.answered_attempt)
+            {
+                peers.offline.do_send(DeliverQueued);
+            }
+            metrics.outcome(outcome.decision.reason(), started.elapsed());
+            AuthorizeReply {
+                payment_id: request.payment_id,
+                decision: outcome.decision,
+                offline: outcome.offline,
+            }
+        })
+    }
+}
+
+/// Who pays, from the request's proof; or the decline, with the account whose key signed a code
+/// refused only for its time window.
+async fn prove(
+    request: &AuthorizeRequest,
+    credentials: &Addr<CredentialsActor>,
+) -> Result<Payer, (Decision, Option<String>)> {
+    let unavailable = |e: MailboxError| {
+        (
+            Decision::declined(DeclineReason::Internal, format!("hub unavailable: {e}")),
+            None,
+        )
+    };
+    match &request.proof {
+        PaymentProof::Code(code) => {
+            match credentials
+                .send(CheckCode(code.clone()))
+                .await
+                .map_err(unavailable)?
+            {
+                Ok(code) => Ok(Payer {
+                    account_id: code.account_id.clone(),
+                    nonce: code.nonce_hex(),
+                    keep_from_ms: code.issued_at_ms,
+                    token: false,
+                }),
+                Err(refused) => Err((refused.decision, refused.signed_by)),
+            }
+        }
+        PaymentProof::Token(token) => {
+            let redeem = RedeemToken {
+                token: token.clone(),
+                terminal_id: request.terminal_id.clone(),
+            };
+            match credentials.send(redeem).await.map_err(unavailable)? {
+                Ok(t) => Ok(Payer {
+                    account_id: t.account_id,
+                    nonce: token.clone(),
+                    keep_from_ms: t.expires_at_ms,
+                    token: true,
+                }),
+                Err(detail) => Err((
+                    Decision::declined(DeclineReason::TokenInvalid, detail),
+                    None,
+                )),
+            }
+        }
+    }
+}
+
+/// The answer for a request whose code was refused only for its time window (`account`: the
+/// account its signature proves) when its order is paid here by that account with the same
+/// amount: "approved, already paid". Any other refused proof never reaches the journal.
+async fn paid_despite_expiry(
+    request: &AuthorizeRequest,
+    account: Option<String>,
+    journal: &JournalWorker,
+) -> Option<Decision> {
+    let account = account?;
+    let payment_id = request.payment_id.clone();
+    let paid = journal.run(move |j| j.paid(&payment_id)).await?;
+    (paid.account_id == account
+        && paid.amount_minor == request.amount_minor
+        && paid.currency == request.currency.as_str())
+    .then_some(Decision::Approved {
+        account_id: paid.account_id,
+        already_paid: true,
+    })
+}
+
+/// Carries one attempt's state machine ([`crate::attempt`]): performs each effect it asks for
+/// and feeds back what came of it, until it finishes.
+async fn authorize_verified(
+    request: &AuthorizeRequest,
+    payer: &Payer,
+    peers: &PaymentPeers,
+    cloud_timeout: Duration,
+) -> Outcome {
+    let journal = &peers.journal;
+    let (mut attempt, mut effect) = Attempt::start(request, payer.clone(), peers.uplink.is_some());
+    loop {
+        let event = match effect {
+            Effect::LookUpOrder => {
+                let payment_id = request.payment_id.clone();
+                Event::Order(journal.run(move |j| j.paid(&payment_id)).await)
+            }
+            Effect::ReserveNonce => {
+                let (account_id, nonce, payment_id, issued_at_ms) = (
+                    payer.account_id.clone(),
+                    payer.nonce.clone(),
+                    request.payment_id.clone(),
+                    payer.keep_from_ms,
+                );
+                Event::Reserved(
+                    journal
+                        .run(move |j| {
+                            j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
+                        })
+                        .await,
+                )
+            }
+            Effect::RecordAttempt(record) => {
+                match journal.run(move |j| j.begin_attempt(&record)).await {
+                    true => Event::AttemptRecorded,
+                    false => Event::AttemptRefused,
+                }
+            }
+            Effect::Send(_) => {
+                Event::Cloud(send_attempt(request, payer, peers, cloud_timeout).await)
+            }
+            Effect::DropAttempt(record) => {
+                journal.run(move |j| j.drop_attempt(&record)).await;
+                Event::AttemptDropped
+            }
+            Effect::DecideOffline { failure } => {
+                Event::Offline(decide_offline(request, payer, peers, &failure).await)
+            }
+            Effect::Void(record) => {
+                void_attempt(record, peers).await;
+                Event::Voided
+            }
+            Effect::Finish(outcome) => return outcome,
+        };
+        effect = attempt.on(event);
+    }
+}
+
+/// Sends a recorded attempt to the cloud and reports what the link did with it.
+async fn send_attempt(
+    request: &AuthorizeRequest,
+    payer: &Payer,
+    peers: &PaymentPeers,
+    cloud_timeout: Duration,
+) -> CloudResult {
+    let Some(uplink) = peers.uplink.as_ref() else {
+        return CloudResult::NotSent("the hub has no cloud link".into());
+    };
+    let Ok(offline_reservation) = peers
+        .offline
+        .send(ReservationOf(payer.account_id.clone()))
+        .await
+    else {
+        return CloudResult::NotSent("the store system is stopping".into());
+    };
+    let call = CallCloud {
+        body: HubRequestBody::Authorize(Attempt::cloud_request(
+            request,
+            payer,
+            offline_reservation,
+        )),
+        timeout: cloud_timeout,
+    };
+    match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::Authorized {
+            payment_id,
+            decision,
+            allowance,
+        })) => {
+            if let (Some(allowance), true) = (allowance, payment_id == request.payment_id) {
+                peers.offline.do_send(AllowanceGranted(allowance));
+            }
+            CloudResult::Answered {
+                payment_id,
+                decision,
+            }
+        }
+        // Not sent: nothing can have been applied.
+        Ok(Err(
+            error @ (HubError::CircuitOpen(_)
+            | HubError::UplinkSaturated
+            | HubError::CloudDisconnected),
+        )) => CloudResult::NotSent(error.to_string()),
+        // The cloud failed while it handled the request: it may or may not have applied it.
+        Ok(Ok(CloudReplyBody::Error { detail })) => {
+            CloudResult::Unanswered(format!("the cloud failed: {detail}"))
+        }
+        Ok(Ok(other)) => CloudResult::Unanswered(format!("unexpected cloud answer {other:?}")),
+        Ok(Err(error)) => CloudResult::Unanswered(error.to_string()),
+        Err(error) => CloudResult::Unanswered(error.to_string()),
+    }
+}
+
+/// Decides without the cloud. Approved: the entry is signed, journaled and flushed before the
+/// edge hears it, and reconciled later. (An attempt the cloud may have received is voided by the
+/// state machine after this, whatever is decided.)
+async fn decide_offline(
+    request: &AuthorizeRequest,
+    payer: &Payer,
+    peers: &PaymentPeers,
+    failure: &str,
+) -> Decision {
+    let approve = ApproveOffline {
+        request: request.clone(),
+        account_id: payer.account_id.clone(),
+        nonce: payer.nonce.clone(),
+    };
+    match peers.offline.send(approve).await {
+        Ok(Ok(entry)) => {
+            let recorded = entry.clone();
+            peers
+                .journal
+                .run(move |j| j.record_offline(&recorded))
+                .await;
+            tracing::info!(
+                payment_id = request.payment_id,
+                seq = entry.seq,
+                failure,
+                "approved offline"
+            );
+            Decision::Approved {
+                account_id: payer.account_id.clone(),
+                already_paid: false,
+            }
+        }
+        Ok(Err(Decision::Declined { reason, detail })) => {
+            Decision::declined(reason, format!("{detail} ({failure}); nothing was charged"))
+        }
+        Ok(Err(approved)) => approved,
+        Err(error) => {
+            Decision::declined(DeclineReason::Internal, format!("hub unavailable: {error}"))
+        }
+    }
+}
+
+/// Voids an attempt whose outcome is unknown: closed and queued durably, then delivered by the
+/// offline actor's drain (at once, and retried on its timer).
+async fn void_attempt(attempt: VoidPayment, peers: &PaymentPeers) {
+    peers.journal.run(move |j| j.void_attempt(&attempt)).await;
+    peers.offline.do_send(DeliverQueued);
+}
