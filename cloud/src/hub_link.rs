@@ -27,14 +27,19 @@ use crate::{
 
 /// Mailbox bound of the hub link: link events wait in the MQTT client beyond this.
 pub const HUB_LINK_MAILBOX: usize = 64;
-/// Requests one store may have waiting on its lane; beyond it the MQTT driver waits (for every
-/// store: a store that floods the cloud slows the link, it never makes it drop a request).
+/// Payment requests (authorize, void, post, reconcile, syncs) one store may have waiting on its
+/// lane. Beyond it the request is answered at once with an error (the hub voids or retries): the
+/// MQTT driver never waits for a lane, so one store can never stall another.
 pub const STORE_LANE_QUEUE: usize = 256;
-/// Identity requests (1:N searches, template syncs) waiting for the identity lane.
-pub const IDENTITY_LANE_QUEUE: usize = 256;
-/// Most store lanes at once (the broker's ACL lets only certificate holders publish, each on the
-/// topic of its own name; requests for stores beyond this are dropped, unanswered).
-pub const MAX_STORE_LANES: usize = 100_000;
+/// Identity requests (1:N searches, template syncs) one store may have waiting on its identity
+/// lane; beyond it they are answered with an error at once (the hub decides on its hot set).
+pub const IDENTITY_LANE_QUEUE: usize = 16;
+/// A lane idle this long closes (what it took is still served); the next request opens a new
+/// one, which starts only once the old one has finished, so a store's order holds across them.
+pub const LANE_IDLE: Duration = Duration::from_secs(60);
+/// Most lanes at once (the broker's ACL lets only certificate holders publish, each on the topic
+/// of its own name); a request that would need another is answered with an error.
+pub const MAX_LANES: usize = 100_000;
 /// How often the ledger moves back pending payments whose hub never confirmed them.
 pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -48,12 +53,46 @@ struct Serving {
     known_stores: Mutex<HashSet<String>>,
 }
 
+/// Which of a store's two lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LaneKind {
+    /// Everything that touches the ledger, in order.
+    Payments,
+    /// 1:N searches and template syncs: never in the way of a payment.
+    Identity,
+}
+
+impl LaneKind {
+    fn of(request: &HubRequest) -> Self {
+        match request.body {
+            HubRequestBody::Identify(_) | HubRequestBody::TemplateSync { .. } => LaneKind::Identity,
+            _ => LaneKind::Payments,
+        }
+    }
+
+    fn queue(self) -> usize {
+        match self {
+            LaneKind::Payments => STORE_LANE_QUEUE,
+            LaneKind::Identity => IDENTITY_LANE_QUEUE,
+        }
+    }
+}
+
+/// Resolves when a lane's task has served everything it took.
+type Finished = futures::future::Shared<tokio::sync::oneshot::Receiver<()>>;
+
+/// A lane: where to send, and when it has finished.
+#[derive(Clone)]
+struct Lane {
+    sender: mpsc::Sender<HubRequest>,
+    finished: Finished,
+}
+
 /// Serves the hubs.
 pub struct HubLinkActor {
     serving: Arc<Serving>,
     connected: prometheus::IntGauge,
-    lanes: HashMap<String, mpsc::Sender<HubRequest>>,
-    identity_lane: Option<mpsc::Sender<HubRequest>>,
+    lanes: HashMap<(String, LaneKind), Lane>,
 }
 
 impl HubLinkActor {
@@ -75,44 +114,101 @@ impl HubLinkActor {
             }),
             connected,
             lanes: HashMap::new(),
-            identity_lane: None,
         }
     }
 
-    /// The lane a request goes to: the identity lane, or its store's (created on first use).
-    fn lane_for(&mut self, request: &HubRequest) -> Option<mpsc::Sender<HubRequest>> {
-        if matches!(
-            request.body,
-            HubRequestBody::Identify(_) | HubRequestBody::TemplateSync { .. }
-        ) {
-            return self.identity_lane.clone();
+    /// Puts a request on its store's lane without waiting; why not, when there is no room.
+    fn dispatch(&mut self, request: HubRequest) -> Result<(), &'static str> {
+        let key = (request.store_id.clone(), LaneKind::of(&request));
+        let mut request = request;
+        // At most twice: a lane may close (idle) between the look-up and the send.
+        for _ in 0..2 {
+            let lane = match self.lanes.get(&key) {
+                Some(lane) if !lane.sender.is_closed() => lane.clone(),
+                previous => {
+                    let after = previous.map(|l| l.finished.clone());
+                    if after.is_none() && self.lanes.len() >= MAX_LANES {
+                        self.lanes.retain(|_, l| l.finished.peek().is_none());
+                        if self.lanes.len() >= MAX_LANES {
+                            return Err("the cloud serves too many stores at once");
+                        }
+                    }
+                    let lane = start_lane(
+                        key.1.queue(),
+                        LANE_IDLE,
+                        after,
+                        serve_with(self.serving.clone()),
+                    );
+                    self.lanes.insert(key.clone(), lane.clone());
+                    lane
+                }
+            };
+            match lane.sender.try_send(request) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err("the cloud is busy with this store's requests; retry")
+                }
+                Err(mpsc::error::TrySendError::Closed(back)) => request = back,
+            }
         }
-        if let Some(lane) = self.lanes.get(&request.store_id) {
-            return Some(lane.clone());
-        }
-        if self.lanes.len() >= MAX_STORE_LANES {
-            return None;
-        }
-        let lane = start_lane(STORE_LANE_QUEUE, serve_with(self.serving.clone()));
-        self.lanes.insert(request.store_id.clone(), lane.clone());
-        Some(lane)
+        Err("the store's lane is closing; retry")
+    }
+
+    /// Answers a request the cloud could not take with an error, without waiting for the
+    /// publish (the MQTT driver must never wait on its own client).
+    fn refuse(&self, store_id: String, request_id: u64, detail: &str) {
+        tracing::warn!(store_id, detail, "hub request refused");
+        let client = self.serving.client.clone();
+        let reply = protocol::encode(&CloudReply {
+            request_id,
+            body: CloudReplyBody::Error {
+                detail: detail.to_owned(),
+            },
+        });
+        actix::spawn(async move {
+            let topic = protocol::topics::store_replies(&store_id);
+            if let Err(error) = client.publish(topic, QoS::AtLeastOnce, false, reply).await {
+                tracing::warn!(%error, "publishing a refusal failed");
+            }
+        });
     }
 }
 
 /// A lane: one task serving its requests one after the other, in arrival order, at most `queue`
-/// of them waiting.
-fn start_lane<F, Fut>(queue: usize, serve: F) -> mpsc::Sender<HubRequest>
+/// of them waiting; it starts once `after` (the store's previous lane) has finished, and closes
+/// when idle for `idle`, serving what it took first.
+fn start_lane<F, Fut>(queue: usize, idle: Duration, after: Option<Finished>, serve: F) -> Lane
 where
     F: Fn(HubRequest) -> Fut + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
-    let (lane, mut waiting) = mpsc::channel::<HubRequest>(queue);
+    use futures::FutureExt as _;
+    let (sender, mut waiting) = mpsc::channel::<HubRequest>(queue);
+    let (done, finished) = tokio::sync::oneshot::channel();
     actix::spawn(async move {
-        while let Some(request) = waiting.recv().await {
-            serve(request).await;
+        if let Some(previous) = after {
+            let _ = previous.await;
         }
+        loop {
+            match tokio::time::timeout(idle, waiting.recv()).await {
+                Ok(Some(request)) => serve(request).await,
+                Ok(None) => break,
+                Err(_) => {
+                    // Closed to new requests; what was queued before is still served.
+                    waiting.close();
+                    while let Some(request) = waiting.recv().await {
+                        serve(request).await;
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = done.send(());
     });
-    lane
+    Lane {
+        sender,
+        finished: finished.shared(),
+    }
 }
 
 /// Serves each request of a lane with the link's ledger, identity thread and client.
@@ -129,11 +225,9 @@ impl Actor for HubLinkActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(HUB_LINK_MAILBOX);
-        self.identity_lane = Some(start_lane(
-            IDENTITY_LANE_QUEUE,
-            serve_with(self.serving.clone()),
-        ));
         ctx.run_interval(EXPIRY_INTERVAL, |actor, _| {
+            // Lanes that closed and finished are forgotten.
+            actor.lanes.retain(|_, l| l.finished.peek().is_none());
             let ledger = actor.serving.ledger.clone();
             actix::spawn(async move {
                 match ledger.send(ExpirePending).await {
@@ -264,22 +358,25 @@ pub struct LinkEventMsg(pub LinkEvent);
 impl Handler<LinkEventMsg> for HubLinkActor {
     type Result = ResponseFuture<()>;
 
-    /// Answers as soon as the request is on its lane (the MQTT driver waits only when that lane
-    /// is full), never when it has been served.
+    /// Answers as soon as the request is on its lane, or refused: the MQTT driver never waits
+    /// for a request to be served, nor for room on a lane.
     fn handle(&mut self, msg: LinkEventMsg, _: &mut Self::Context) -> Self::Result {
         let client = self.serving.client.clone();
         match msg.0 {
             LinkEvent::Connected => {
                 self.connected.set(1);
                 tracing::info!("cloud connected to broker");
-                Box::pin(async move {
+                // Not awaited here: the subscribe waits for room in the client's queue, which
+                // only the driver (waiting on this handler) empties.
+                actix::spawn(async move {
                     if let Err(error) = client
                         .subscribe(protocol::topics::cloud_requests_filter(), QoS::AtLeastOnce)
                         .await
                     {
                         tracing::warn!(%error, "subscribing to hub requests failed");
                     }
-                })
+                });
+                Box::pin(async {})
             }
             LinkEvent::Disconnected(_) => {
                 self.connected.set(0);
@@ -306,15 +403,11 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                     );
                     return Box::pin(async {});
                 }
-                let Some(lane) = self.lane_for(&request) else {
-                    tracing::error!(store_id, "too many store lanes; request dropped");
-                    return Box::pin(async {});
-                };
-                Box::pin(async move {
-                    if lane.send(request).await.is_err() {
-                        tracing::error!(store_id, "a store lane stopped; request dropped");
-                    }
-                })
+                let request_id = request.request_id;
+                if let Err(why) = self.dispatch(request) {
+                    self.refuse(store_id, request_id, why);
+                }
+                Box::pin(async {})
             }
         }
     }
@@ -433,7 +526,7 @@ mod tests {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let lane = |held: bool| {
             let (done, gate) = (done.clone(), gate.clone());
-            start_lane(4, move |r: HubRequest| {
+            start_lane(4, LANE_IDLE, None, move |r: HubRequest| {
                 let (done, gate) = (done.clone(), gate.clone());
                 async move {
                     if held {
@@ -445,9 +538,15 @@ mod tests {
         };
         let (held, free) = (lane(true), lane(false));
         for id in 1..=3 {
-            held.send(request("held-store", id)).await.unwrap();
-            free.send(request("free-store", id)).await.unwrap();
+            held.sender.try_send(request("held-store", id)).unwrap();
+            free.sender.try_send(request("free-store", id)).unwrap();
         }
+        // Full: the request comes back at once (the MQTT driver never waits for a lane).
+        held.sender.try_send(request("held-store", 4)).unwrap();
+        assert!(matches!(
+            held.sender.try_send(request("held-store", 5)),
+            Err(mpsc::error::TrySendError::Full(_))
+        ));
         async fn next(finished: &mut mpsc::UnboundedReceiver<(String, u64)>) -> (String, u64) {
             tokio::time::timeout(Duration::from_secs(30), finished.recv())
                 .await
@@ -458,9 +557,57 @@ mod tests {
         for id in 1..=3 {
             assert_eq!(next(&mut finished).await, ("free-store".to_string(), id));
         }
-        gate.add_permits(3);
-        for id in 1..=3 {
+        gate.add_permits(4);
+        for id in 1..=4 {
             assert_eq!(next(&mut finished).await, ("held-store".to_string(), id));
         }
+    }
+
+    /// An idle lane closes and finishes; the store's next lane serves only after the previous
+    /// one has served everything it took, so a store's order holds across lanes.
+    #[actix::test]
+    async fn an_idle_lane_closes_and_the_next_one_waits_for_it() {
+        let (done, mut finished) = mpsc::unbounded_channel::<u64>();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let serve = |held: bool| {
+            let (done, gate) = (done.clone(), gate.clone());
+            move |r: HubRequest| {
+                let (done, gate) = (done.clone(), gate.clone());
+                async move {
+                    if held {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    done.send(r.request_id).unwrap();
+                }
+            }
+        };
+        // The first lane takes request 1 and is held serving it.
+        let first = start_lane(4, Duration::from_millis(20), None, serve(true));
+        first.sender.try_send(request("s", 1)).unwrap();
+        // A second lane for the same store (as after the first closed) takes request 2.
+        let second = start_lane(4, LANE_IDLE, Some(first.finished.clone()), serve(false));
+        second.sender.try_send(request("s", 2)).unwrap();
+        drop(first.sender);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.add_permits(1);
+        let order = [
+            finished.recv().await.unwrap(),
+            finished.recv().await.unwrap(),
+        ];
+        assert_eq!(order, [1, 2], "the second lane overtook the first");
+        tokio::time::timeout(Duration::from_secs(30), first.finished.clone())
+            .await
+            .expect("the first lane finished")
+            .unwrap();
+        // Idle, a lane closes by itself.
+        let idle = start_lane(4, Duration::from_millis(20), None, serve(false));
+        tokio::time::timeout(Duration::from_secs(30), idle.finished.clone())
+            .await
+            .expect("an idle lane closes")
+            .unwrap();
+        assert!(idle.sender.is_closed());
     }
 }

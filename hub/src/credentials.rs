@@ -2,7 +2,10 @@
 //! offline) and the payment tokens a face verification issues. The payment and verify actors ask
 //! this one; it asks nobody but the journal (to keep keys) and the uplink (to sync them).
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
@@ -40,6 +43,9 @@ pub struct CredentialsActor {
     keys: HashMap<String, VerifyingKey>,
     key_version: u64,
     tokens: HashMap<String, Token>,
+    /// Accounts whose templates were revoked (erased customers): no token is ever issued for
+    /// them again, even by a verification that matched their face just before.
+    erased: HashSet<String>,
     journal: JournalWorker,
     uplink: Option<Addr<UplinkActor>>,
     syncing: bool,
@@ -63,6 +69,7 @@ impl CredentialsActor {
             keys: HashMap::new(),
             key_version,
             tokens: HashMap::new(),
+            erased: HashSet::new(),
             journal,
             uplink,
             syncing: false,
@@ -219,9 +226,9 @@ impl Handler<CheckCode> for CredentialsActor {
     }
 }
 
-/// Issue a payment token: `ttl_ms` for `account_id` at `terminal_id`.
+/// Issue a payment token: `ttl_ms` for `account_id` at `terminal_id`; none for an erased account.
 #[derive(Message)]
-#[rtype(result = "IssuedToken")]
+#[rtype(result = "Option<IssuedToken>")]
 pub struct IssueToken {
     /// The account it charges.
     pub account_id: String,
@@ -241,8 +248,11 @@ pub struct IssuedToken {
 }
 
 impl Handler<IssueToken> for CredentialsActor {
-    type Result = MessageResult<IssueToken>;
+    type Result = Option<IssuedToken>;
     fn handle(&mut self, msg: IssueToken, _: &mut Self::Context) -> Self::Result {
+        if self.erased.contains(&msg.account_id) {
+            return None;
+        }
         let issued = Token {
             account_id: msg.account_id,
             terminal_id: msg.terminal_id,
@@ -250,14 +260,28 @@ impl Handler<IssueToken> for CredentialsActor {
         };
         let token = random_id("tok_");
         self.tokens.insert(token.clone(), issued.clone());
-        MessageResult(IssuedToken { token, issued })
+        Some(IssuedToken { token, issued })
     }
+}
+
+/// Why a payment token is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefused {
+    /// Never issued here, or dropped (expired and pruned, or its account erased).
+    #[error("unknown or expired payment token; verify the customer again")]
+    Unknown,
+    /// Past its lifetime.
+    #[error("the payment token expired; verify the customer again")]
+    Expired,
+    /// Presented by another terminal than the one it was issued to.
+    #[error("the payment token was issued to another terminal")]
+    OtherTerminal,
 }
 
 /// Check a payment token presented with a charge: what it stands for, or why not. (Single use is
 /// the journal's: the token is reserved there like a code's nonce.)
 #[derive(Message)]
-#[rtype(result = "Result<Token, String>")]
+#[rtype(result = "Result<Token, TokenRefused>")]
 pub struct RedeemToken {
     /// The token.
     pub token: String,
@@ -266,23 +290,21 @@ pub struct RedeemToken {
 }
 
 impl Handler<RedeemToken> for CredentialsActor {
-    type Result = Result<Token, String>;
+    type Result = Result<Token, TokenRefused>;
     fn handle(&mut self, msg: RedeemToken, _: &mut Self::Context) -> Self::Result {
-        let token = self
-            .tokens
-            .get(&msg.token)
-            .ok_or("unknown or expired payment token; verify the customer again")?;
+        let token = self.tokens.get(&msg.token).ok_or(TokenRefused::Unknown)?;
         if token.expires_at_ms <= self.clock.now_ms() {
-            return Err("the payment token expired; verify the customer again".into());
+            return Err(TokenRefused::Expired);
         }
         if token.terminal_id != msg.terminal_id {
-            return Err("the payment token was issued to another terminal".into());
+            return Err(TokenRefused::OtherTerminal);
         }
         Ok(token.clone())
     }
 }
 
-/// Drop every token of these accounts (their templates were revoked: erasure).
+/// Drop every token of these accounts and never issue one for them again (their templates were
+/// revoked: erasure).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ForgetAccounts(pub Vec<String>);
@@ -291,6 +313,7 @@ impl Handler<ForgetAccounts> for CredentialsActor {
     type Result = ();
     fn handle(&mut self, msg: ForgetAccounts, _: &mut Self::Context) {
         self.tokens.retain(|_, t| !msg.0.contains(&t.account_id));
+        self.erased.extend(msg.0);
     }
 }
 
@@ -376,24 +399,25 @@ mod tests {
             token: token.into(),
             terminal_id: terminal.into(),
         };
-        let a = credentials.send(issue("acct-1")).await.unwrap();
+        let a = credentials.send(issue("acct-1")).await.unwrap().unwrap();
         assert_eq!(a.issued.expires_at_ms, 1_030_000);
         assert_eq!(
             credentials.send(redeem(&a.token, "till-1")).await.unwrap(),
             Ok(a.issued.clone())
         );
         let other_terminal = credentials.send(redeem(&a.token, "till-2")).await.unwrap();
-        assert!(other_terminal.unwrap_err().contains("another terminal"));
-        let b = credentials.send(issue("acct-2")).await.unwrap();
+        assert_eq!(other_terminal, Err(TokenRefused::OtherTerminal));
+        let b = credentials.send(issue("acct-2")).await.unwrap().unwrap();
         credentials
             .send(ForgetAccounts(vec!["acct-2".into()]))
             .await
             .unwrap();
-        assert!(credentials
-            .send(redeem(&b.token, "till-1"))
-            .await
-            .unwrap()
-            .is_err());
+        assert_eq!(
+            credentials.send(redeem(&b.token, "till-1")).await.unwrap(),
+            Err(TokenRefused::Unknown)
+        );
+        // A verification that matched the erased face just before gets no token for it.
+        assert!(credentials.send(issue("acct-2")).await.unwrap().is_none());
         assert!(credentials
             .send(redeem(&a.token, "till-1"))
             .await
@@ -401,6 +425,6 @@ mod tests {
             .is_ok());
         clock.advance(30_000);
         let expired = credentials.send(redeem(&a.token, "till-1")).await.unwrap();
-        assert!(expired.unwrap_err().contains("expired"));
+        assert_eq!(expired, Err(TokenRefused::Expired));
     }
 }

@@ -90,8 +90,13 @@ pub struct OfflineActor {
     drain_batch: usize,
     drain_interval: Duration,
     draining: bool,
-    /// Something was queued while a drain ran: run it again when it ends.
+    /// Asked to drain while a drain ran: run it again when it ends.
     again: bool,
+    /// Voids and posts being delivered at once (apart from the drain, so that they never wait
+    /// behind a reconciliation batch).
+    delivering: bool,
+    /// Something was queued while they were being delivered: deliver again.
+    deliver_again: bool,
     syncing_allowances: bool,
     metrics: OfflineMetrics,
 }
@@ -115,6 +120,8 @@ impl OfflineActor {
             drain_interval: setup.drain_interval,
             draining: false,
             again: false,
+            delivering: false,
+            deliver_again: false,
             syncing_allowances: false,
             metrics: setup.metrics,
         };
@@ -160,6 +167,29 @@ impl OfflineActor {
                 actor.drain_step(ctx);
             } else {
                 actor.draining = false;
+            }
+        }));
+    }
+
+    /// Delivers the queued voids and posts now, one delivery at a time, again if more were
+    /// queued meanwhile. (The drain delivers them too, before every batch; a void or post sent
+    /// twice is answered the same.)
+    fn deliver(&mut self, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            return;
+        };
+        if self.delivering {
+            self.deliver_again = true;
+            return;
+        }
+        self.delivering = true;
+        self.deliver_again = false;
+        let (journal, batch_size) = (self.journal.clone(), self.drain_batch);
+        let delivery = async move { deliver_queued(&uplink, &journal, batch_size).await };
+        ctx.spawn(delivery.into_actor(self).map(|_, actor, ctx| {
+            actor.delivering = false;
+            if std::mem::take(&mut actor.deliver_again) {
+                actor.deliver(ctx);
             }
         }));
     }
@@ -261,7 +291,7 @@ pub struct DeliverQueued;
 impl Handler<DeliverQueued> for OfflineActor {
     type Result = ();
     fn handle(&mut self, _: DeliverQueued, ctx: &mut Self::Context) {
-        self.drain(ctx);
+        self.deliver(ctx);
     }
 }
 
@@ -356,16 +386,8 @@ async fn drain_once(
         retired: Vec::new(),
         more: false,
     };
-    for void in journal.run(|j| j.pending_voids()).await {
-        if !deliver_void(uplink, journal, void).await {
-            return stopped;
-        }
-    }
-    let posts = journal.run(|j| j.pending_posts()).await;
-    for batch in posts.chunks(batch_size.clamp(1, protocol::POST_BATCH_MAX)) {
-        if !deliver_posts(uplink, journal, batch.to_vec()).await {
-            return stopped;
-        }
+    if !deliver_queued(uplink, journal, batch_size).await {
+        return stopped;
     }
     let batch = journal.run(move |j| j.offline_batch(batch_size)).await;
     if batch.is_empty() {
@@ -419,6 +441,27 @@ async fn drain_once(
         retired,
         more: stuck == 0,
     }
+}
+
+/// Delivers the queued voids, then the queued posts in batches; true once every one was
+/// acknowledged and retired, false at the first failure.
+async fn deliver_queued(
+    uplink: &Addr<UplinkActor>,
+    journal: &JournalWorker,
+    batch_size: usize,
+) -> bool {
+    for void in journal.run(|j| j.pending_voids()).await {
+        if !deliver_void(uplink, journal, void).await {
+            return false;
+        }
+    }
+    let posts = journal.run(|j| j.pending_posts()).await;
+    for batch in posts.chunks(batch_size.clamp(1, protocol::POST_BATCH_MAX)) {
+        if !deliver_posts(uplink, journal, batch.to_vec()).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Delivers a void; true once the cloud acknowledged it (about this very payment) and the journal

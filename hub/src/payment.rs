@@ -231,8 +231,8 @@ async fn prove(
                     keep_from_ms: t.expires_at_ms,
                     token: true,
                 }),
-                Err(detail) => Err((
-                    Decision::declined(DeclineReason::TokenInvalid, detail),
+                Err(refused) => Err((
+                    Decision::declined(DeclineReason::TokenInvalid, refused.to_string()),
                     None,
                 )),
             }

@@ -231,7 +231,9 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     protocol::topics::allowance_updates(),
                     protocol::topics::revocation_list(),
                 ];
-                return Box::pin(async move {
+                // Not awaited by the driver: a subscribe waits for room in the client's queue,
+                // which only the driver empties.
+                actix::spawn(async move {
                     for topic in topics {
                         if let Err(error) = client.subscribe(topic, QoS::AtLeastOnce).await {
                             tracing::warn!(%error, "subscribing failed");

@@ -456,11 +456,15 @@ impl VerifyActor {
                 Box::pin(
                     async move {
                         match issue.await {
-                            Ok(issued) => VerifyReply::Verified {
+                            Ok(Some(issued)) => VerifyReply::Verified {
                                 token: issued.token,
                                 account_id,
                                 expires_at_ms: issued.issued.expires_at_ms,
                             },
+                            Ok(None) => VerifyReply::refused(
+                                DeclineReason::FaceNotRecognized,
+                                "this customer's face is no longer enrolled",
+                            ),
                             Err(e) => VerifyReply::refused(
                                 DeclineReason::Internal,
                                 format!("token issue unavailable: {e}"),
@@ -473,14 +477,29 @@ impl VerifyActor {
         }
     }
 
-    /// Template changes, pushed or synced, applied in order: the actor waits for the hot set's
-    /// thread (changes are rare), then drops the revoked accounts' challenges and tokens.
+    /// Template changes, pushed or synced, applied in order. The revoked accounts' challenges and
+    /// tokens go first, at once (the credentials actor then refuses any token for them, even to a
+    /// verification already under way); then the actor waits for the hot set's thread (changes
+    /// are rare).
     fn apply_templates(
         &mut self,
         batch: TemplateBatch,
         cursor: Option<u64>,
         ctx: &mut Context<Self>,
     ) {
+        let revoked: Vec<String> = batch
+            .updates
+            .iter()
+            .filter_map(|u| match &u.change {
+                TemplateChange::Revoke { account_id } => Some(account_id.clone()),
+                TemplateChange::Upsert(_) => None,
+            })
+            .collect();
+        if !revoked.is_empty() {
+            self.challenges
+                .retain(|_, c| !c.candidates.iter().any(|a| revoked.contains(a)));
+            self.credentials.do_send(ForgetAccounts(revoked));
+        }
         let (clock, metrics) = (self.clock.clone(), self.metrics.clone());
         let hot = self.hot.clone();
         let apply = async move {
@@ -495,15 +514,16 @@ impl VerifyActor {
             })
             .await
         };
-        ctx.wait(apply.into_actor(self).map(|revoked, actor, _| {
-            if revoked.is_empty() {
-                return;
-            }
-            actor
-                .challenges
-                .retain(|_, c| !c.candidates.iter().any(|a| revoked.contains(a)));
-            actor.credentials.do_send(ForgetAccounts(revoked));
-        }));
+        ctx.wait(
+            apply
+                .into_actor(self)
+                .map(|revoked: Vec<String>, actor, _| {
+                    // A challenge issued while the hot set was still revoking.
+                    actor
+                        .challenges
+                        .retain(|_, c| !c.candidates.iter().any(|a| revoked.contains(a)));
+                }),
+        );
     }
 
     fn start_sync(&mut self, ctx: &mut Context<Self>) {

@@ -492,3 +492,72 @@ fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
     assert_eq!(balance("alice"), 9_700);
     api.assert_books_balance().unwrap();
 }
+
+/// An operator lists the conflicts a stopped hub holds and resolves one with `facepay-hub
+/// conflicts`; a running hub's journal is refused with a clear error, and resolving one that is
+/// not held fails.
+#[test]
+fn an_operator_lists_and_resolves_the_conflicts_a_hub_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("hub");
+    {
+        let journal = hub::journal::Journal::open(&data_dir.join("journal")).unwrap();
+        for (seq, order) in [(1u64, "o-1"), (2, "o-2")] {
+            let entry = protocol::OfflinePayment {
+                seq,
+                payment_id: format!("store-1:{order}"),
+                store_id: "store-1".into(),
+                terminal_id: "till-1".into(),
+                order_id: order.into(),
+                account_id: "alice".into(),
+                nonce: format!("n-{seq}"),
+                amount_minor: 700,
+                currency: eur(),
+                approved_at_ms: 1,
+                signature: "sig".into(),
+            };
+            journal.record_offline(&entry).unwrap();
+            assert!(journal
+                .keep_conflict(seq, "the order was paid online with another amount")
+                .unwrap()
+                .is_some());
+        }
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(tests::binary_path("facepay-hub"))
+            .arg("--set")
+            .arg(format!("data_dir={data_dir:?}"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, listed, _) = run(&["conflicts"]);
+    assert_eq!(code, Some(0));
+    let held: Vec<hub::journal::HeldConflict> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(held.len(), 2, "{listed}");
+    assert_eq!(held[0].entry.payment_id, "store-1:o-1");
+    assert!(held[0].detail.contains("another amount"));
+
+    let (code, out, _) = run(&["conflicts", "--resolve", "1"]);
+    assert_eq!((code, out.trim()), (Some(0), "resolved 1"));
+    let (code, _, err) = run(&["conflicts", "--resolve", "1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no conflict 1 is held"), "{err}");
+    let (_, listed, _) = run(&["conflicts"]);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.contains("store-1:o-2"));
+
+    // While something holds the journal (a running hub), the command refuses, naming why.
+    let _held = hub::journal::Journal::open(&data_dir.join("journal")).unwrap();
+    let (code, _, err) = run(&["conflicts"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("is the hub still running"), "{err}");
+}

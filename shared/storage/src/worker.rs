@@ -76,15 +76,34 @@ impl<S: Send + 'static> Worker<S> {
         .await
     }
 
-    /// Like [`Worker::run`] without waiting for the result (stores that only need to happen);
-    /// needs a Tokio runtime.
+    /// Like [`Worker::run`] without waiting for the result (stores that only need to happen).
+    /// Queued at once when there is room, so that calls made one after the other run in that
+    /// order; only when the queue is full does it wait on a task (needs a Tokio runtime).
     pub fn spawn<E, F>(&self, op: F)
     where
         E: Display + Send + 'static,
         F: FnOnce(&mut S) -> Result<(), E> + Send + 'static,
     {
-        let worker = self.clone();
-        tokio::spawn(async move { worker.run(op).await });
+        let name = self.name;
+        let job: Job<S> = Box::new(move |state| {
+            if let Err(error) = op(state) {
+                crate::fail_stop(name, &error);
+            }
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let jobs = self.jobs.clone();
+                tokio::spawn(async move {
+                    if jobs.send(job).await.is_err() {
+                        crate::fail_stop(name, &"its thread stopped");
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                crate::fail_stop(name, &"its thread stopped")
+            }
+        }
     }
 }
 
