@@ -167,9 +167,7 @@ impl HubLinkActor {
         });
         actix::spawn(async move {
             let topic = protocol::topics::store_replies(&store_id);
-            if let Err(error) = client.publish(topic, QoS::AtLeastOnce, false, reply).await {
-                tracing::warn!(%error, "publishing a refusal failed");
-            }
+            publish(&client, topic, reply, "publishing a refusal").await;
         });
     }
 }
@@ -413,6 +411,16 @@ impl Handler<LinkEventMsg> for HubLinkActor {
     }
 }
 
+/// Publishes `payload` on `topic` (QoS 1, not retained); a failure is logged as `what` failing.
+async fn publish(client: &mqtt::Client, topic: String, payload: Vec<u8>, what: &str) {
+    if let Err(error) = client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+    {
+        tracing::warn!(%error, "{what} failed");
+    }
+}
+
 /// Tells every hub that accounts lost their offline allowances. A hub that misses it (away, broker
 /// restarted) learns it from its allowance sync on reconnect.
 async fn publish_allowances(client: &mqtt::Client, allowances: Vec<Allowance>) {
@@ -420,17 +428,8 @@ async fn publish_allowances(client: &mqtt::Client, allowances: Vec<Allowance>) {
         allowances,
         next_after: None,
     });
-    if let Err(error) = client
-        .publish(
-            protocol::topics::allowance_updates(),
-            QoS::AtLeastOnce,
-            false,
-            batch,
-        )
-        .await
-    {
-        tracing::warn!(%error, "broadcasting allowance revocations failed");
-    }
+    let topic = protocol::topics::allowance_updates();
+    publish(client, topic, batch, "broadcasting allowance revocations").await;
 }
 
 /// Broadcast allowance revocations to every hub.
@@ -461,17 +460,8 @@ impl Handler<BroadcastKeys> for HubLinkActor {
                 more: false,
             });
             // Hubs that miss this (offline, broker down) catch up with a key sync on reconnect.
-            if let Err(error) = client
-                .publish(
-                    protocol::topics::key_updates(),
-                    QoS::AtLeastOnce,
-                    false,
-                    batch,
-                )
-                .await
-            {
-                tracing::warn!(%error, "broadcasting key change failed");
-            }
+            let topic = protocol::topics::key_updates();
+            publish(&client, topic, batch, "broadcasting a key change").await;
         })
     }
 }
@@ -499,9 +489,7 @@ impl Handler<BroadcastTemplates> for HubLinkActor {
                 more: false,
             });
             // Hubs that miss this catch up with a template sync on reconnect.
-            if let Err(error) = client.publish(topic, QoS::AtLeastOnce, false, batch).await {
-                tracing::warn!(%error, "pushing a template change failed");
-            }
+            publish(&client, topic, batch, "pushing a template change").await;
         })
     }
 }

@@ -1143,36 +1143,11 @@ pub fn run_seed(seed: u64) -> anyhow::Result<SimReport> {
     }
 }
 
-/// Runs `count` seeds from `first`, one thread per core (each seed is independent and replays
-/// alone); stops taking new seeds at the first failure and returns the lowest failing seed's
-/// error, or every report in seed order.
+/// Runs `count` seeds from `first`; stops at the first failure. Returns the reports. (One seed
+/// after the other: on two cores, seeds on both ran slower than in turn, sled's own threads
+/// taking the second core.)
 pub fn run_seeds(first: u64, count: u64) -> anyhow::Result<Vec<SimReport>> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(count.max(1) as usize);
-    let end = first.saturating_add(count);
-    let next = AtomicU64::new(first);
-    let failed = AtomicBool::new(false);
-    let done = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let seed = next.fetch_add(1, Ordering::SeqCst);
-                if seed >= end || failed.load(Ordering::SeqCst) {
-                    return;
-                }
-                let result = run_seed(seed);
-                if result.is_err() {
-                    failed.store(true, Ordering::SeqCst);
-                }
-                done.lock().expect("not poisoned").push((seed, result));
-            });
-        }
-    });
-    let mut done = done.into_inner().expect("not poisoned");
-    done.sort_by_key(|(seed, _)| *seed);
-    done.into_iter().map(|(_, result)| result).collect()
+    (first..first + count).map(run_seed).collect()
 }
 
 /// Shared for the binary and the test: the default first seed (printed, so a run replays).

@@ -75,17 +75,20 @@ impl Ledger {
                         in_debt: false,
                     },
                 };
-                issuer.balance_minor -= request.initial_balance_minor;
-                accounts.insert(issuance.as_bytes(), encode(&issuer))?;
-                let account = AccountRecord {
+                let mut account = AccountRecord {
                     kind: request.kind,
                     currency: request.currency,
-                    balance_minor: request.initial_balance_minor,
+                    balance_minor: 0,
                     public_key: request.public_key.clone(),
                     closed: false,
                     in_debt: false,
                 };
-                accounts.insert(request.account_id.as_bytes(), encode(&account))?;
+                apply_transfer(
+                    accounts,
+                    (&issuance, &mut issuer),
+                    (&request.account_id, &mut account),
+                    request.initial_balance_minor,
+                )?;
                 if request.initial_balance_minor > 0 {
                     let transfer = TransferRecord::issuance(
                         &issuance,

@@ -270,6 +270,31 @@ fn voided_nonce(payment_id: &str) -> NonceRecord {
     }
 }
 
+/// Moves `amount_minor` from `debit` to `credit` and writes both accounts: the one place a
+/// balance changes, for online and offline payments, their reversals, deposits and openings.
+/// Whether the debit may go below zero is the caller's rule; an overflow aborts the transaction
+/// (no input can make a balance wrap).
+fn apply_transfer(
+    accounts: &sled::transaction::TransactionalTree,
+    (debit_id, debit): (&str, &mut AccountRecord),
+    (credit_id, credit): (&str, &mut AccountRecord),
+    amount_minor: i64,
+) -> TxResult<()> {
+    let (Some(debited), Some(credited)) = (
+        debit.balance_minor.checked_sub(amount_minor),
+        credit.balance_minor.checked_add(amount_minor),
+    ) else {
+        return abort(LedgerError::Invalid(format!(
+            "moving {amount_minor} from {debit_id} to {credit_id} would overflow a balance"
+        )));
+    };
+    debit.balance_minor = debited;
+    credit.balance_minor = credited;
+    accounts.insert(debit_id.as_bytes(), encode(&*debit))?;
+    accounts.insert(credit_id.as_bytes(), encode(&*credit))?;
+    Ok(())
+}
+
 /// Moves a pending payment back with a reversing transfer `<payment id>#void`; every attempt
 /// that held it now answers "voided".
 fn reverse_tx(
@@ -291,10 +316,12 @@ fn reverse_tx(
             .get(existing.credit_account_id.as_bytes())?
             .expect("credited account exists"),
     );
-    customer.balance_minor += existing.amount_minor;
-    merchant.balance_minor -= existing.amount_minor;
-    accounts.insert(existing.debit_account_id.as_bytes(), encode(&customer))?;
-    accounts.insert(existing.credit_account_id.as_bytes(), encode(&merchant))?;
+    apply_transfer(
+        accounts,
+        (&existing.credit_account_id, &mut merchant),
+        (&existing.debit_account_id, &mut customer),
+        existing.amount_minor,
+    )?;
     let reversal = TransferRecord {
         debit_account_id: existing.credit_account_id.clone(),
         credit_account_id: existing.debit_account_id.clone(),
@@ -920,6 +947,40 @@ mod tests {
             .unwrap();
         assert_eq!(decision.reason(), Some(DeclineReason::UnknownAccount));
         books_balance(&l);
+    }
+
+    /// The one place balances change refuses to wrap one: the transaction aborts, nothing moves.
+    #[test]
+    fn a_transfer_that_would_overflow_a_balance_aborts_and_moves_nothing() {
+        let (_dir, l) = ledger();
+        let record = |balance_minor| AccountRecord {
+            kind: AccountKind::Customer,
+            currency: eur(),
+            balance_minor,
+            public_key: None,
+            closed: false,
+            in_debt: false,
+        };
+        let moved = unwrap_tx(l.accounts.transaction(|accounts| {
+            let (mut from, mut to) = (record(10), record(i64::MAX - 5));
+            apply_transfer(accounts, ("from", &mut from), ("to", &mut to), 6)
+        }));
+        assert!(matches!(moved, Err(LedgerError::Invalid(_))), "{moved:?}");
+        assert!(l.accounts.get("to").unwrap().is_none());
+        let moved = unwrap_tx(l.accounts.transaction(|accounts| {
+            let (mut from, mut to) = (record(i64::MIN + 5), record(0));
+            apply_transfer(accounts, ("from", &mut from), ("to", &mut to), 6)
+        }));
+        assert!(matches!(moved, Err(LedgerError::Invalid(_))), "{moved:?}");
+        // Within range: both written.
+        unwrap_tx(l.accounts.transaction(|accounts| {
+            let (mut from, mut to) = (record(10), record(i64::MAX - 6));
+            apply_transfer(accounts, ("from", &mut from), ("to", &mut to), 6)
+        }))
+        .unwrap();
+        let to: AccountRecord = decode(&l.accounts.get("to").unwrap().unwrap());
+        let from: AccountRecord = decode(&l.accounts.get("from").unwrap().unwrap());
+        assert_eq!((from.balance_minor, to.balance_minor), (4, i64::MAX));
     }
 
     #[test]

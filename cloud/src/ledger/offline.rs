@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{Transactional, TransactionalTree};
 
 use super::{
-    abort, allowances::revoke_all, decode, encode, issuance_account, nonce_key, unwrap_tx, view,
-    AccountRecord, Ledger, NonceRecord, TransferRecord, TxResult,
+    abort, allowances::revoke_all, apply_transfer, decode, encode, issuance_account, nonce_key,
+    unwrap_tx, view, AccountRecord, Ledger, NonceRecord, TransferRecord, TxResult,
 };
 use crate::error::LedgerError;
 
@@ -72,8 +72,12 @@ pub(super) fn apply_promised(
     (store_id, merchant): (&str, &mut AccountRecord),
     amount_minor: i64,
 ) -> TxResult<(bool, Option<Allowance>)> {
-    customer.balance_minor -= amount_minor;
-    merchant.balance_minor += amount_minor;
+    apply_transfer(
+        accounts,
+        (account_id, customer),
+        (store_id, merchant),
+        amount_minor,
+    )?;
     let mut revoked = None;
     if customer.balance_minor < 0 {
         if !customer.in_debt {
@@ -89,7 +93,6 @@ pub(super) fn apply_promised(
         )?);
     }
     accounts.insert(account_id.as_bytes(), encode(&*customer))?;
-    accounts.insert(store_id.as_bytes(), encode(&*merchant))?;
     Ok((customer.in_debt, revoked))
 }
 
@@ -387,14 +390,17 @@ impl Ledger {
                         .get(issuance.as_bytes())?
                         .expect("an account's currency has an issuance account"),
                 );
-                issuer.balance_minor -= deposit.amount_minor;
-                account.balance_minor += deposit.amount_minor;
+                apply_transfer(
+                    accounts,
+                    (&issuance, &mut issuer),
+                    (account_id, &mut account),
+                    deposit.amount_minor,
+                )?;
                 if account.in_debt && account.balance_minor >= 0 {
                     account.in_debt = false;
                     debts.remove(account_id.as_bytes())?;
+                    accounts.insert(account_id.as_bytes(), encode(&account))?;
                 }
-                accounts.insert(issuance.as_bytes(), encode(&issuer))?;
-                accounts.insert(account_id.as_bytes(), encode(&account))?;
                 let transfer = TransferRecord::issuance(
                     &issuance,
                     account_id,

@@ -285,13 +285,12 @@ impl Ledger {
                 ),
             ));
         }
-        customer.balance_minor -= request.amount_minor;
-        merchant.balance_minor = merchant
-            .balance_minor
-            .checked_add(request.amount_minor)
-            .expect("merchant balance stays far below i64::MAX");
-        accounts.insert(request.account_id.as_bytes(), encode(&customer))?;
-        accounts.insert(store_id.as_bytes(), encode(&merchant))?;
+        apply_transfer(
+            accounts,
+            (&request.account_id, &mut customer),
+            (store_id, &mut merchant),
+            request.amount_minor,
+        )?;
         let transfer = TransferRecord {
             pending_until_ms: Some(deadline_ms),
             ..TransferRecord::payment(store_id, request, false, now_ms)
