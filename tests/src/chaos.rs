@@ -93,8 +93,9 @@ pub enum Fault {
     /// Stop the broker gracefully and start it again with its persistence (as shipped): persistent
     /// sessions and the QoS 1 messages queued for them survive.
     RestartBrokerKeep,
-    /// Cut the cloud from the broker (every hub stays connected to it).
-    PartitionCloud,
+    /// Cut the cloud from the broker (every hub stays connected to it); black-holed (bytes
+    /// vanish, no connection closes: only keep-alives notice) when `true`.
+    PartitionCloud(bool),
     /// Restart the cloud with a ledger whose next flush fails (a failpoint, as a full or failing
     /// disk): it stops there, and the harness starts it again without the fault.
     DiskFaultCloud,
@@ -131,7 +132,7 @@ impl Fault {
             Fault::ClockJumpHub(..) => "clock_jump_hub",
             Fault::WipeHub(_) => "wipe_hub",
             Fault::RestartBrokerKeep => "restart_broker_keep",
-            Fault::PartitionCloud => "partition_cloud",
+            Fault::PartitionCloud(_) => "partition_cloud",
             Fault::DiskFaultCloud => "disk_fault_cloud",
         }
     }
@@ -150,7 +151,7 @@ impl Fault {
             9 => Fault::ClockJumpHub(store, if ahead { 90_000 } else { -90_000 }),
             10 => Fault::WipeHub(store),
             11 => Fault::RestartBrokerKeep,
-            12 => Fault::PartitionCloud,
+            12 => Fault::PartitionCloud(ahead),
             _ => Fault::DiskFaultCloud,
         }
     }
@@ -262,6 +263,9 @@ pub struct Report {
     /// What wiped journals cost (offline approvals lost, approvals never confirmed and moved
     /// back, conflicts for the operator).
     pub lost_with_disk: usize,
+    /// Cloud ledger flush failures injected that stopped the cloud (the rest met no write while
+    /// they lasted).
+    pub cloud_disk_faults_fired: usize,
 }
 
 /// What wiped hub journals held: the costs the checker accepts and counts.
@@ -283,6 +287,7 @@ struct World {
     cloud: Service,
     sites: Vec<StoreSite>,
     losses: DiskLosses,
+    cloud_disk_faults_fired: usize,
 }
 
 impl World {
@@ -396,6 +401,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         cloud,
         sites,
         losses: DiskLosses::default(),
+        cloud_disk_faults_fired: 0,
     }));
     let history = Arc::new(Mutex::new(Vec::<Op>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -547,7 +553,10 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
     let drain = healed.elapsed();
     let api = CloudApi::new(cloud_http);
     let history = history.lock().unwrap().clone();
-    let losses = world.lock().unwrap().losses.clone();
+    let (losses, cloud_disk_faults_fired) = {
+        let w = world.lock().unwrap();
+        (w.losses.clone(), w.cloud_disk_faults_fired)
+    };
     // Voids and posts go on the drain timer, and attempts of a wiped journal expire at the
     // cloud: give them the time that takes (the expiry is 20 s).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -601,6 +610,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         retries: orders.values().map(|n| n - 1).sum(),
         fault_kinds: steps.iter().map(|s| s.fault.kind()).collect(),
         lost_with_disk: checked.lost_with_disk,
+        cloud_disk_faults_fired,
     })
 }
 
@@ -659,7 +669,8 @@ fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyho
                 .restart_gracefully(&dir)
                 .context("restarting the broker gracefully")?;
         }
-        Fault::PartitionCloud => w.cloud_link.cut(),
+        Fault::PartitionCloud(false) => w.cloud_link.cut(),
+        Fault::PartitionCloud(true) => w.cloud_link.blackhole(),
         Fault::DiskFaultCloud => {
             w.cloud.kill();
             let env = [(
@@ -711,13 +722,16 @@ fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyho
             w.sites[i].restart_hub()?
         }
         Fault::KillCloud | Fault::DiskFaultCloud => {
+            if step.fault == Fault::DiskFaultCloud && w.cloud.exited().is_some() {
+                w.cloud_disk_faults_fired += 1;
+            }
             // The faulty cloud may still run (no payment reached a flush): stopped first.
             w.cloud.kill();
             let dir = w.dir.join("cloud");
             w.cloud = crate::start_cloud_with(&dir, w.cloud_link.port, &cloud_settings(config))?;
         }
         Fault::PauseCloud => signal(w.cloud.pid(), "-CONT")?,
-        Fault::PartitionCloud => w.cloud_link.heal(),
+        Fault::PartitionCloud(_) => w.cloud_link.heal(),
         Fault::RestartBroker | Fault::RestartBrokerKeep | Fault::WipeHub(_) => {}
     }
     Ok(())
