@@ -86,6 +86,15 @@ type Finished = futures::future::Shared<tokio::sync::oneshot::Receiver<()>>;
 struct Lane {
     sender: mpsc::Sender<HubRequest>,
     finished: Finished,
+    /// Set once it has served everything it took (what the map is pruned by: `finished` itself
+    /// resolves only for whoever polls it).
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Lane {
+    fn is_done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Serves the hubs.
@@ -128,7 +137,7 @@ impl HubLinkActor {
                 previous => {
                     let after = previous.map(|l| l.finished.clone());
                     if after.is_none() && self.lanes.len() >= MAX_LANES {
-                        self.lanes.retain(|_, l| l.finished.peek().is_none());
+                        self.lanes.retain(|_, l| !l.is_done());
                         if self.lanes.len() >= MAX_LANES {
                             return Err("the cloud serves too many stores at once");
                         }
@@ -165,10 +174,12 @@ impl HubLinkActor {
                 detail: detail.to_owned(),
             },
         });
-        actix::spawn(async move {
-            let topic = protocol::topics::store_replies(&store_id);
-            publish(&client, topic, reply, "publishing a refusal").await;
-        });
+        // Never waits: with the client's queue full the refusal is dropped, and the hub hears
+        // nothing, which it treats the same (unanswered).
+        let topic = protocol::topics::store_replies(&store_id);
+        if let Err(error) = client.try_publish(topic, QoS::AtLeastOnce, false, reply) {
+            tracing::warn!(%error, "refusal dropped: the client's queue is full");
+        }
     }
 }
 
@@ -183,6 +194,8 @@ where
     use futures::FutureExt as _;
     let (sender, mut waiting) = mpsc::channel::<HubRequest>(queue);
     let (done, finished) = tokio::sync::oneshot::channel();
+    let done_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done_flag.clone();
     actix::spawn(async move {
         if let Some(previous) = after {
             let _ = previous.await;
@@ -201,11 +214,13 @@ where
                 }
             }
         }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = done.send(());
     });
     Lane {
         sender,
         finished: finished.shared(),
+        done: done_flag,
     }
 }
 
@@ -225,7 +240,7 @@ impl Actor for HubLinkActor {
         ctx.set_mailbox_capacity(HUB_LINK_MAILBOX);
         ctx.run_interval(EXPIRY_INTERVAL, |actor, _| {
             // Lanes that closed and finished are forgotten.
-            actor.lanes.retain(|_, l| l.finished.peek().is_none());
+            actor.lanes.retain(|_, l| !l.is_done());
             let ledger = actor.serving.ledger.clone();
             actix::spawn(async move {
                 match ledger.send(ExpirePending).await {
@@ -590,12 +605,17 @@ mod tests {
             .await
             .expect("the first lane finished")
             .unwrap();
-        // Idle, a lane closes by itself.
+        // Idle, a lane closes by itself and says it is done (what the map is pruned by), without
+        // anyone polling its `finished`.
         let idle = start_lane(4, Duration::from_millis(20), None, serve(false));
-        tokio::time::timeout(Duration::from_secs(30), idle.finished.clone())
-            .await
-            .expect("an idle lane closes")
-            .unwrap();
+        assert!(!idle.is_done());
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !idle.is_done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("an idle lane closes");
         assert!(idle.sender.is_closed());
     }
 }

@@ -171,7 +171,9 @@ impl Journal {
 
     /// A journal that never waits for the disk, for the deterministic simulation only: it
     /// crashes a hub by dropping everything but this handle, which then holds exactly what a
-    /// flushed disk would (every write is complete before its caller goes on). Never in a hub.
+    /// flushed disk would (every write is complete before its caller goes on). Never in a hub:
+    /// only builds with the `sim` feature (the tests crate's) have it.
+    #[cfg(feature = "sim")]
     pub fn without_flushes(mut self) -> Self {
         self.flushes = false;
         self
@@ -590,20 +592,22 @@ impl Journal {
     pub fn store_keys(&self, entries: &[KeyEntry]) -> Result<u64, HubError> {
         let mut version = self.key_version()?;
         for entry in entries {
-            match &entry.public_key {
-                Some(_) => self
-                    .keys
+            // Only a newer change replaces what is held, and a revocation is kept (a key without
+            // its public key): batches written out of order never bring a revoked key back.
+            let held = self
+                .keys
+                .get(entry.account_id.as_bytes())
+                .map_err(storage_error)?
+                .map(|v| {
+                    serde_json::from_slice::<KeyEntry>(&v).expect("journal keys are readable")
+                });
+            if held.is_none_or(|held| held.version < entry.version) {
+                self.keys
                     .insert(
                         entry.account_id.as_bytes(),
                         serde_json::to_vec(entry).expect("serialises"),
                     )
-                    .map(|_| ())
-                    .map_err(storage_error)?,
-                None => self
-                    .keys
-                    .remove(entry.account_id.as_bytes())
-                    .map(|_| ())
-                    .map_err(storage_error)?,
+                    .map_err(storage_error)?;
             }
             version = version.max(entry.version);
         }
@@ -624,9 +628,10 @@ impl Journal {
             .unwrap_or(0))
     }
 
-    /// Every stored key.
+    /// Every key held (revocations are kept beside them, but not listed).
     pub fn keys(&self) -> Result<Vec<KeyEntry>, HubError> {
-        read_all(&self.keys, "journal keys are readable")
+        let all: Vec<KeyEntry> = read_all(&self.keys, "journal keys are readable")?;
+        Ok(all.into_iter().filter(|k| k.public_key.is_some()).collect())
     }
 
     /// Queues a void for delivery to the cloud.
@@ -745,6 +750,8 @@ mod tests {
                 2
             );
             assert_eq!(j.store_keys(&[entry("a", 3, None)]).unwrap(), 3);
+            // A batch written late (out of order) brings no revoked key back.
+            assert_eq!(j.store_keys(&[entry("a", 1, Some("ka"))]).unwrap(), 3);
         }
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.key_version().unwrap(), 3);

@@ -432,7 +432,9 @@ impl Ledger {
     }
 
     /// A ledger that never waits for the disk, for the deterministic simulation only (its cloud
-    /// never restarts, and every write is complete before its caller goes on). Never in a cloud.
+    /// never restarts, and every write is complete before its caller goes on). Never in a cloud:
+    /// only builds with the `sim` feature (the tests crate's) have it.
+    #[cfg(feature = "sim")]
     pub fn without_flushes(mut self) -> Self {
         self.flushes = false;
         self
