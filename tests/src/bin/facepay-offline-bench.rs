@@ -1,8 +1,8 @@
 //! `facepay-offline-bench`: the numbers for offline payment, and what the links cost.
 //!
-//! 1. The hub's offline authorization latency: an `AuthActor` with a real journal on disk and no
-//!    cloud, authorizing payment codes one at a time (code check, nonce reservation, rules,
-//!    signature, journal writes flushed), p50/p99.
+//! 1. The hub's offline authorization latency: the `PaymentActor` with its credentials and
+//!    offline actors, a real journal on disk and no cloud, authorizing payment codes one at a time
+//!    (code check, nonce reservation, rules, signature, journal writes flushed), p50/p99.
 //! 2. Reconciliation: a hub process whose journal holds a backlog of signed offline approvals
 //!    (default 100,000) starts beside Mosquitto and the cloud; time until its journal is empty,
 //!    and payments applied per second at the cloud.
