@@ -1,5 +1,5 @@
 //! The offline book: the rules a hub applies alone while the cloud is unreachable, and what it
-//! holds unreconciled (plain data, owned by [`crate::offline::OfflineActor`]).
+//! holds unreconciled (plain data, owned by the `OfflineActor`).
 //!
 //! A payment is approved offline only if every rule passes, checked in this order, and the
 //! decline names the rule that refused:
