@@ -229,6 +229,17 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> T {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<LedgerError>>;
 
+/// Every record of a tree, in key order.
+fn read_all<T: for<'de> Deserialize<'de>>(tree: &sled::Tree) -> Result<Vec<T>, LedgerError> {
+    tree.iter()
+        .values()
+        .map(|v| {
+            v.map(|bytes| decode(&bytes))
+                .map_err(|e| LedgerError::Storage(e.to_string()))
+        })
+        .collect()
+}
+
 fn abort<T>(error: LedgerError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(error))
 }
@@ -412,14 +423,7 @@ impl Ledger {
 
     /// The audit trail, oldest first.
     pub fn audit_trail(&self) -> Result<Vec<protocol::AuditEntry>, LedgerError> {
-        self.audit
-            .iter()
-            .values()
-            .map(|v| {
-                v.map(|bytes| decode(&bytes))
-                    .map_err(|e| LedgerError::Storage(e.to_string()))
-            })
-            .collect()
+        read_all(&self.audit)
     }
 
     /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]): after a failed flush

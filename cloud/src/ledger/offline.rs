@@ -10,7 +10,7 @@ use sled::transaction::{Transactional, TransactionalTree};
 
 use super::{
     abort, allowances::revoke_all, apply_transfer, decode, encode, issuance_account, nonce_key,
-    unwrap_tx, view, AccountRecord, Ledger, NonceRecord, TransferRecord, TxResult,
+    read_all, unwrap_tx, view, AccountRecord, Ledger, NonceRecord, TransferRecord, TxResult,
 };
 use crate::error::LedgerError;
 
@@ -192,11 +192,7 @@ impl Ledger {
 
     /// Offline payments applied although their code or token had already paid another payment.
     pub fn code_reuses(&self) -> Result<Vec<CodeReuse>, LedgerError> {
-        self.code_reuse
-            .iter()
-            .values()
-            .map(|v| Ok(decode(&v.map_err(storage)?)))
-            .collect()
+        read_all(&self.code_reuse)
     }
 
     /// Applies one entry; with its outcome, the revocation to broadcast if the account went into
@@ -431,11 +427,7 @@ impl Ledger {
 
     /// Offline payments that could not be applied as approved.
     pub fn conflicts(&self) -> Result<Vec<Conflict>, LedgerError> {
-        self.conflicts
-            .iter()
-            .values()
-            .map(|v| Ok(decode(&v.map_err(storage)?)))
-            .collect()
+        read_all(&self.conflicts)
     }
 }
 

@@ -568,14 +568,7 @@ impl Ledger {
 
     /// Posts that came after their payment expired or was voided.
     pub fn late_posts(&self) -> Result<Vec<LatePost>, LedgerError> {
-        self.late_posts
-            .iter()
-            .values()
-            .map(|v| {
-                v.map(|bytes| decode(&bytes))
-                    .map_err(|e| LedgerError::Storage(e.to_string()))
-            })
-            .collect()
+        read_all(&self.late_posts)
     }
 
     /// Moves back every pending payment whose deadline passed (its hub never confirmed it: it died
