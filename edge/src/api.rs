@@ -101,7 +101,9 @@ fn status_of_reason(reason: Option<DeclineReason>) -> StatusCode {
             | DeclineReason::UnknownCurrency
             | DeclineReason::UnsupportedVersion,
         ) => StatusCode::BAD_REQUEST,
-        Some(DeclineReason::TerminalBusy) => StatusCode::CONFLICT,
+        Some(DeclineReason::TerminalBusy | DeclineReason::PaymentInProgress) => {
+            StatusCode::CONFLICT
+        }
         Some(DeclineReason::StoreSystemUnreachable) => StatusCode::SERVICE_UNAVAILABLE,
         Some(_) => StatusCode::OK,
     }

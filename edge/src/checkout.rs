@@ -42,6 +42,9 @@ pub struct CheckoutActor {
     hub: HubClient,
     metrics: PaymentMetrics,
     busy: bool,
+    /// The order the running code charge is for: a second request for it hears
+    /// `payment_in_progress` (its outcome is not known yet), not "declined".
+    charging: Option<String>,
 }
 
 impl CheckoutActor {
@@ -60,6 +63,7 @@ impl CheckoutActor {
             hub,
             metrics,
             busy: false,
+            charging: None,
         }
     }
 }
@@ -76,7 +80,14 @@ impl Actor for CheckoutActor {
 #[rtype(result = "ChargeResult")]
 pub struct Charge(pub ChargeRequest);
 
-fn result(order_id: &str, payment_id: Option<String>, decision: Decision) -> ChargeResult {
+/// What the register hears. `known` is false when the terminal cannot tell whether the hub
+/// acted on the request; an order being charged by another request is never known yet.
+fn result(
+    order_id: &str,
+    payment_id: Option<String>,
+    decision: Decision,
+    known: bool,
+) -> ChargeResult {
     match decision {
         Decision::Approved {
             account_id,
@@ -98,7 +109,11 @@ fn result(order_id: &str, payment_id: Option<String>, decision: Decision) -> Cha
         Decision::Declined { reason, detail } => ChargeResult {
             order_id: order_id.to_owned(),
             payment_id,
-            status: ChargeStatus::Declined,
+            status: if known && reason != DeclineReason::PaymentInProgress {
+                ChargeStatus::Declined
+            } else {
+                ChargeStatus::Unknown
+            },
             reason: Some(reason),
             detail,
             account_id: None,
@@ -123,15 +138,23 @@ pub fn validate_charge(request: &ChargeRequest) -> Result<(i64, Currency), Decis
     Ok((amount, currency))
 }
 
-fn unreachable_decision(error: HubUnreachable) -> Decision {
+/// The answer when no hub decision came, and whether it is known: nothing was sent (no hub
+/// linked, the revocation list expired), or the hub may have acted on the request.
+fn unreachable_decision(error: HubUnreachable) -> (Decision, bool) {
     match error {
-        HubUnreachable::NoHub | HubUnreachable::ListExpired => Decision::declined(
-            DeclineReason::StoreSystemUnreachable,
-            format!("{error}; nothing was charged"),
+        HubUnreachable::NoHub | HubUnreachable::ListExpired => (
+            Decision::declined(
+                DeclineReason::StoreSystemUnreachable,
+                format!("{error}; nothing was charged"),
+            ),
+            true,
         ),
-        error => Decision::declined(
-            DeclineReason::StoreSystemUnreachable,
-            format!("{error}; retry the same order id to learn whether it was paid"),
+        error => (
+            Decision::declined(
+                DeclineReason::StoreSystemUnreachable,
+                format!("{error}; charge the same order id again to learn whether it was paid"),
+            ),
+            false,
         ),
     }
 }
@@ -146,7 +169,7 @@ impl Handler<Charge> for CheckoutActor {
         let order_id = request.order_id.clone();
         let refuse = |actor: &mut Self, decision: Decision| {
             actor.metrics.outcome(decision.reason(), started.elapsed());
-            Box::pin(fut::ready(result(&order_id, None, decision))) as Self::Result
+            Box::pin(fut::ready(result(&order_id, None, decision, true))) as Self::Result
         };
         let (amount_minor, currency) = match validate_charge(&request) {
             Ok(v) => v,
@@ -155,6 +178,16 @@ impl Handler<Charge> for CheckoutActor {
         // A token charge needs no sensor, so it runs beside a verification; a code charge needs
         // the scanner to itself.
         let with_token = request.token.is_some();
+        if self.busy && !with_token && self.charging.as_deref() == Some(&request.order_id) {
+            return refuse(
+                self,
+                Decision::declined(
+                    DeclineReason::PaymentInProgress,
+                    "this order is being charged on this terminal right now; charge the same \
+                     order id again to learn its outcome",
+                ),
+            );
+        }
         if self.busy && !with_token {
             return refuse(
                 self,
@@ -166,6 +199,7 @@ impl Handler<Charge> for CheckoutActor {
         }
         if !with_token {
             self.busy = true;
+            self.charging = Some(request.order_id.clone());
         }
         let payment_id = protocol::payment_id(&self.settings.store_id, &request.order_id);
         let scan = match &request.token {
@@ -187,18 +221,24 @@ impl Handler<Charge> for CheckoutActor {
                 (Some(scan), None) => match scan.await {
                     Ok(Some(code)) => PaymentProof::Code(code),
                     Ok(None) => {
-                        return Decision::declined(
-                            DeclineReason::NoCodePresented,
-                            format!(
-                                "no payment code seen within {} ms",
-                                settings.scan_timeout.as_millis()
+                        return (
+                            Decision::declined(
+                                DeclineReason::NoCodePresented,
+                                format!(
+                                    "no payment code seen within {} ms",
+                                    settings.scan_timeout.as_millis()
+                                ),
                             ),
+                            true,
                         )
                     }
                     Err(error) => {
-                        return Decision::declined(
-                            DeclineReason::Internal,
-                            format!("scanner unavailable: {error}"),
+                        return (
+                            Decision::declined(
+                                DeclineReason::Internal,
+                                format!("scanner unavailable: {error}"),
+                            ),
+                            true,
                         )
                     }
                 },
@@ -215,36 +255,46 @@ impl Handler<Charge> for CheckoutActor {
             match hub.authorize(&request).await {
                 Ok(reply) if reply.payment_id == pid => {
                     offline_seen.set(reply.offline);
-                    reply.decision
+                    (reply.decision, true)
                 }
                 Ok(reply) => match reply.decision {
                     // A refusal of an unreadable request carries no payment id.
-                    declined @ Decision::Declined { .. } => declined,
+                    declined @ Decision::Declined { .. } => (declined, true),
+                    // Whatever the hub did with this request is not known.
                     Decision::Approved { .. } => {
                         tracing::error!(
                             expected = pid,
                             got = reply.payment_id,
                             "hub approved another payment"
                         );
-                        Decision::declined(
-                            DeclineReason::Internal,
-                            "the store hub answered for another payment",
+                        (
+                            Decision::declined(
+                                DeclineReason::Internal,
+                                "the store hub answered for another payment; charge the same \
+                                 order id again to learn whether it was paid",
+                            ),
+                            false,
                         )
                     }
                 },
                 Err(error) => unreachable_decision(error),
             }
         };
-        Box::pin(session.into_actor(self).map(move |decision, actor, _| {
-            if !with_token {
-                actor.busy = false;
-            }
-            actor.metrics.outcome(decision.reason(), started.elapsed());
-            ChargeResult {
-                offline: offline.get(),
-                ..result(&order_id, Some(payment_id), decision)
-            }
-        }))
+        Box::pin(
+            session
+                .into_actor(self)
+                .map(move |(decision, known), actor, _| {
+                    if !with_token {
+                        actor.busy = false;
+                        actor.charging = None;
+                    }
+                    actor.metrics.outcome(decision.reason(), started.elapsed());
+                    ChargeResult {
+                        offline: offline.get(),
+                        ..result(&order_id, Some(payment_id), decision, known)
+                    }
+                }),
+        )
     }
 }
 

@@ -178,9 +178,11 @@ impl HubClient {
                     tokio::time::sleep(RETRY_INTERVAL).await;
                 }
                 loop {
+                    // Past the deadline, a query sent before may have reached a hub whose
+                    // answer was lost: the outcome is not known (cautious when none was sent).
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     if remaining.is_zero() {
-                        return Err(HubUnreachable::NoHub);
+                        return Err(HubUnreachable::Timeout(timeout.as_millis() as u64));
                     }
                     // Every peer's answer is looked at (no consolidation, which would keep one
                     // answer per key and let a rogue's hide the hub's).
@@ -229,7 +231,10 @@ impl HubClient {
                         };
                     }
                     // The reply channel closed without a reply. Immediately: no queryable
-                    // matched; after the timeout: the hub got it but did not answer.
+                    // matched, or the link dropped while the hub had it (then the hub sees the
+                    // retry as a second request for an open payment and answers
+                    // `payment_in_progress`); after the timeout: the hub got it but did not
+                    // answer.
                     if started.elapsed() + RETRY_INTERVAL < remaining {
                         tokio::time::sleep(RETRY_INTERVAL).await;
                     } else {

@@ -246,9 +246,13 @@ impl Attempt {
                 self.state = State::Sent;
                 Effect::Send(self.record())
             }
+            // Not a decline: the open attempt may yet be approved (a terminal that sent the
+            // same request again, a second till charging the same order).
             (State::NonceReserved, Event::AttemptRefused) => self.refuse(
-                DeclineReason::TerminalBusy,
-                "this order is being charged right now; wait for that answer".into(),
+                DeclineReason::PaymentInProgress,
+                "this order is being charged right now; charge the same order id again to learn \
+                 its outcome"
+                    .into(),
             ),
             (
                 State::Sent,
@@ -506,6 +510,30 @@ mod tests {
                 assert_eq!(outcome.answered_attempt, None);
             }
         }
+    }
+
+    #[test]
+    fn a_second_attempt_while_one_is_open_hears_in_progress_never_declined() {
+        // The same request sent again by a terminal whose first query lost its reply, or a
+        // second till on the same order: the open attempt may yet be approved.
+        let effects = run(
+            true,
+            vec![
+                Event::Order(None),
+                Event::Reserved(Reservation::SamePayment),
+                Event::AttemptRefused,
+            ],
+        );
+        assert_eq!(effects.len(), 4, "{effects:?}");
+        let outcome = outcome(&effects);
+        assert_eq!(
+            outcome.decision.reason(),
+            Some(DeclineReason::PaymentInProgress)
+        );
+        assert_eq!(outcome.answered_attempt, None);
+        assert!(!effects
+            .iter()
+            .any(|e| matches!(e, Effect::Send(_) | Effect::Void(_))));
     }
 
     #[test]

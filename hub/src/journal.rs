@@ -197,6 +197,32 @@ impl Journal {
             .unwrap_or(0))
     }
 
+    /// A journal that has never refused codes refuses, from now on, every code issued before
+    /// `before_ms`; one that has (it pruned nonces, or was started before) keeps its cutoff.
+    /// Called at every start with the clock's time: a journal created empty (a first start, or
+    /// a hub whose disk was lost) knows no nonce its predecessor reserved, and a code presented
+    /// before the loss and again after it would make two attempts with one nonce, which the
+    /// cloud cannot tell apart (the first one's void would move back what the second was told
+    /// "approved"). A code used before the loss was issued before the hub's clock then, plus at
+    /// most the skew tolerance; so none passes the cutoff unless the hub came back within the
+    /// skew of that use with a phone clock running ahead, or the hub's clock stepped back
+    /// between the use and this start. (Adding the skew to the cutoff would close the first
+    /// case and refuse every code for the skew's length after every first start.) Returns
+    /// whether the cutoff was set.
+    pub fn refuse_codes_issued_before(&self, before_ms: u64) -> Result<bool, HubError> {
+        let set = self
+            .db
+            .compare_and_swap(
+                NONCES_PRUNED_BEFORE,
+                None as Option<&[u8]>,
+                Some(&before_ms.to_be_bytes()[..]),
+            )
+            .map_err(storage_error)?
+            .is_ok();
+        self.flush()?;
+        Ok(set)
+    }
+
     /// Records that a code's nonce is being used for a payment, unless it was used before.
     pub fn reserve_nonce(
         &self,
@@ -812,6 +838,41 @@ mod tests {
             Reservation::Voided
         );
         assert_eq!(j.recover_attempts().unwrap(), 0, "recovery is idempotent");
+    }
+
+    #[test]
+    fn a_journal_created_empty_refuses_codes_issued_before_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let j = Journal::open(&path).unwrap();
+            assert!(j.refuse_codes_issued_before(5_000).unwrap());
+            assert_eq!(
+                j.reserve_nonce("a", "n1", "s:o1", 4_999).unwrap(),
+                Reservation::Expired
+            );
+            assert_eq!(
+                j.reserve_nonce("a", "n2", "s:o2", 5_000).unwrap(),
+                Reservation::Fresh
+            );
+        }
+        // A restart keeps the cutoff (its nonces are all there): a later start sets none.
+        let j = Journal::open(&path).unwrap();
+        assert!(!j.refuse_codes_issued_before(9_000).unwrap());
+        assert_eq!(j.nonces_pruned_before_ms().unwrap(), 5_000);
+        assert_eq!(
+            j.reserve_nonce("a", "n3", "s:o3", 6_000).unwrap(),
+            Reservation::Fresh
+        );
+        // The disk is lost: the new journal does not know n2 was used; it refuses the code.
+        drop(j);
+        std::fs::remove_dir_all(&path).unwrap();
+        let j = Journal::open(&path).unwrap();
+        assert!(j.refuse_codes_issued_before(9_000).unwrap());
+        assert_eq!(
+            j.reserve_nonce("a", "n2", "s:o2", 5_000).unwrap(),
+            Reservation::Expired
+        );
     }
 
     #[test]

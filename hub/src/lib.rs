@@ -123,6 +123,16 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let path = config.data_dir.join("journal");
     let journal =
         Journal::open(&path).with_context(|| format!("opening journal at {}", path.display()))?;
+    let clock = clock::system();
+    let validity = Validity {
+        window_ms: config.code_validity_seconds * 1000,
+        clock_skew_ms: config.clock_skew_seconds * 1000,
+    };
+    // A journal created empty knows no nonce used before it: it refuses every code that could
+    // have been presented before (a first start, or a hub that lost its disk).
+    if journal.refuse_codes_issued_before(clock.now_ms())? {
+        tracing::info!("a new journal: codes issued before this start are refused");
+    }
     // Attempts the cloud may have received whose answer was never journaled (the hub stopped
     // while it waited, or could not journal the answer): each is voided before anything else.
     let recovered = journal.recover_attempts()?;
@@ -139,11 +149,6 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             "offline approvals the cloud could not apply wait for an operator"
         );
     }
-    let clock = clock::system();
-    let validity = Validity {
-        window_ms: config.code_validity_seconds * 1000,
-        clock_skew_ms: config.clock_skew_seconds * 1000,
-    };
     let signing_path = config.signing_key_path();
     let seed = storage::key_file(&signing_path, true)
         .with_context(|| format!("reading the hub signing key {}", signing_path.display()))?;

@@ -107,7 +107,8 @@ pub enum Fault {
     /// Restart a hub whose journal fails its next write (a failpoint): it stops there, and the
     /// harness starts it again without the fault.
     DiskFaultHub(usize),
-    /// Restart a hub with its clock 90 s ahead or behind, then again with the right time.
+    /// Step a running hub's clock 90 s ahead or behind, then back to the right time, while it
+    /// pays (through the injected clock's offset file: no restart hides the step).
     ClockJumpHub(usize, i64),
     /// kill -9 a hub and delete its journal (a lost disk), then start it again.
     WipeHub(usize),
@@ -453,12 +454,12 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
                     Ok((_, r)) if r.status == ChargeStatus::Approved => {
                         Outcome::Ok { offline: r.offline }
                     }
+                    // The terminal could not tell whether the hub acted on it, or the order
+                    // was being charged by an earlier request.
+                    Ok((_, r)) if r.status == ChargeStatus::Unknown => Outcome::Unknown(r.detail),
                     Ok((_, r)) => match r.reason {
-                        // The terminal could not tell whether the hub acted on it.
-                        Some(DeclineReason::StoreSystemUnreachable) | None => {
-                            Outcome::Unknown(r.detail)
-                        }
                         Some(reason) => Outcome::Failed(reason),
+                        None => Outcome::Unknown(r.detail),
                     },
                     Err(e) => Outcome::Unknown(e.to_string()),
                 };
@@ -692,10 +693,7 @@ fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyho
             )];
             w.sites[i].restart_hub_with_env(&env)?;
         }
-        Fault::ClockJumpHub(i, offset_ms) => {
-            let env = [(clock::OFFSET_ENV.to_owned(), offset_ms.to_string())];
-            w.sites[i].restart_hub_with_env(&env)?;
-        }
+        Fault::ClockJumpHub(i, offset_ms) => w.sites[i].set_hub_clock_offset(offset_ms)?,
         Fault::WipeHub(i) => {
             w.sites[i].hub.kill();
             let journal = w.sites[i].hub_data_dir().join("journal");
@@ -718,9 +716,8 @@ fn inject(world: &Arc<Mutex<World>>, config: &ChaosConfig, step: &Step) -> anyho
             w.sites[i].uplink.heal();
             w.sites[i].downlink.heal();
         }
-        Fault::KillHub(i) | Fault::DiskFaultHub(i) | Fault::ClockJumpHub(i, _) => {
-            w.sites[i].restart_hub()?
-        }
+        Fault::KillHub(i) | Fault::DiskFaultHub(i) => w.sites[i].restart_hub()?,
+        Fault::ClockJumpHub(i, _) => w.sites[i].set_hub_clock_offset(0)?,
         Fault::KillCloud | Fault::DiskFaultCloud => {
             if step.fault == Fault::DiskFaultCloud && w.cloud.exited().is_some() {
                 w.cloud_disk_faults_fired += 1;

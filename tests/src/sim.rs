@@ -43,6 +43,9 @@ const DRAIN_INTERVAL_MS: u64 = 200;
 const PENDING_TTL_MS: u64 = 60_000;
 /// How often the cloud expires pending payments, ms.
 const EXPIRY_INTERVAL_MS: u64 = 1_000;
+/// A code's validity window and the clock-skew tolerance, ms (the hub's defaults).
+const CODE_WINDOW_MS: u64 = 60_000;
+const CLOCK_SKEW_MS: u64 = 5_000;
 
 /// What a run did, for the report.
 #[derive(Debug, Default, Clone)]
@@ -277,6 +280,7 @@ impl Sim {
         ledger.set_hub_key(STORE, &signer.public_key_b64())?;
         let hub_dir = dir.join("hub-0");
         let journal = Journal::open(&hub_dir)?.without_flushes();
+        journal.refuse_codes_issued_before(1_000_000)?;
         let hub = Hub {
             dir: hub_dir,
             journal,
@@ -437,7 +441,7 @@ impl Sim {
                 }
             }
             Happening::Prune => {
-                let horizon = 60_000 + 2 * 5_000;
+                let horizon = CODE_WINDOW_MS + 2 * CLOCK_SKEW_MS;
                 let cutoff = self.hub_now().saturating_sub(horizon);
                 self.hub.journal.prune_nonces(cutoff)?;
                 if self.faults_on {
@@ -491,9 +495,11 @@ impl Sim {
                 } else {
                     100 + self.rng.below(1_800) as i64
                 };
-                // The same code again, while its window is open (the hub's proof check refuses
-                // it after; its issue time is the code's own, whatever the hub's clock says).
-                let nonce = if self.rng.below(100) < 30 && self.hub_now() < nonce.1 + 60_000 {
+                // The same code again, while its window is open by the hub's clock (the hub's
+                // proof check refuses it before and after; its issue time is the code's own).
+                let now = self.hub_now();
+                let open = now < nonce.1 + CODE_WINDOW_MS && nonce.1 <= now + CLOCK_SKEW_MS;
+                let nonce = if self.rng.below(100) < 30 && open {
                     nonce
                 } else {
                     self.fresh_nonce()
@@ -945,6 +951,10 @@ impl Sim {
             self.hub.journal = Journal::open(&dir)?.without_flushes();
             self.hub.dir = dir;
         }
+        // What a hub does at every start: a journal created empty refuses older codes.
+        self.hub
+            .journal
+            .refuse_codes_issued_before(self.hub_now())?;
         // The same database handle: every write was complete before its caller went on, so it
         // holds exactly what a flushed disk would, and what a restart reads.
         self.hub.journal.recover_attempts()?;

@@ -26,6 +26,8 @@ pub struct StoreSite {
     pub downlink: FaultProxy,
     hub_args: Vec<String>,
     hub_data_dir: PathBuf,
+    /// The file the hub's clock takes its offset from while it runs.
+    clock_offset_file: PathBuf,
 }
 
 impl StoreSite {
@@ -52,7 +54,13 @@ impl StoreSite {
             "offline.drain_interval_ms=500".into(),
         ];
         hub_args.extend(hub_extra.iter().cloned());
-        let hub = Service::start("facepay-hub", &hub_args).context("hub starts")?;
+        let clock_offset_file = dir.join(format!("clock-offset-{store_id}"));
+        let hub = Service::start_with_env(
+            "facepay-hub",
+            &hub_args,
+            &[clock_offset_env(&clock_offset_file)],
+        )
+        .context("hub starts")?;
         let downlink = FaultProxy::start(([127, 0, 0, 1], zenoh_port).into())?;
         let mut edges = Vec::new();
         for n in 0..terminals {
@@ -79,7 +87,19 @@ impl StoreSite {
             downlink,
             hub_args,
             hub_data_dir,
+            clock_offset_file,
         })
+    }
+
+    /// Steps the running hub's clock to `offset_ms` off the system clock (0: right again),
+    /// through its offset file; it holds over restarts until stepped again. Returns once the
+    /// file is written (the hub reads it within [`clock::OFFSET_FILE_POLL`]).
+    pub fn set_hub_clock_offset(&self, offset_ms: i64) -> anyhow::Result<()> {
+        let staged = self.clock_offset_file.with_extension("new");
+        std::fs::write(&staged, offset_ms.to_string())?;
+        // Renamed into place: the hub never reads half a number.
+        std::fs::rename(&staged, &self.clock_offset_file)?;
+        Ok(())
     }
 
     /// The hub's data directory (its journal is `journal/` in it).
@@ -110,7 +130,9 @@ impl StoreSite {
         // retry covers the moment the kernel takes.
         let mut tries = 0;
         loop {
-            match Service::start_with_env("facepay-hub", &self.hub_args, env) {
+            let mut env = env.to_vec();
+            env.push(clock_offset_env(&self.clock_offset_file));
+            match Service::start_with_env("facepay-hub", &self.hub_args, &env) {
                 Ok(hub) => {
                     self.hub = hub;
                     return Ok(());
@@ -140,4 +162,11 @@ impl StoreSite {
             .ok()
             .and_then(|page| crate::metric_value(&page, name))
     }
+}
+
+fn clock_offset_env(file: &Path) -> (String, String) {
+    (
+        clock::OFFSET_FILE_ENV.to_owned(),
+        file.to_string_lossy().into_owned(),
+    )
 }

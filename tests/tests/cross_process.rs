@@ -199,6 +199,37 @@ fn payments_and_bad_input_through_real_processes() {
     declined("o-1", 999, DeclineReason::DuplicateOrderId);
     declined("o-11", 100, DeclineReason::NoCodePresented);
 
+    // A second request for the order the terminal is charging hears that it is in progress (its
+    // outcome is not known yet), never "declined"; a request for another order hears "busy".
+    let first = std::thread::spawn(move || charge(edge, "o-12", 100, "EUR").unwrap());
+    std::thread::sleep(Duration::from_millis(400));
+    let (status, again) = charge(edge, "o-12", 100, "EUR").unwrap();
+    assert_eq!(
+        (status, again.status, again.reason),
+        (
+            409,
+            ChargeStatus::Unknown,
+            Some(DeclineReason::PaymentInProgress)
+        ),
+        "{again:?}"
+    );
+    let (status, other) = charge(edge, "o-13", 100, "EUR").unwrap();
+    assert_eq!(
+        (status, other.status, other.reason),
+        (
+            409,
+            ChargeStatus::Declined,
+            Some(DeclineReason::TerminalBusy)
+        ),
+        "{other:?}"
+    );
+    let (_, first) = first.join().unwrap();
+    assert_eq!(
+        first.reason,
+        Some(DeclineReason::NoCodePresented),
+        "{first:?}"
+    );
+
     // The register retrying a paid order hears "approved" and nothing moves again.
     present_code(&s.frames, &s.alice).unwrap();
     let (_, again) = charge(edge, "o-1", 1_250, "EUR").unwrap();
@@ -256,9 +287,14 @@ fn edge_without_its_hub_says_store_system_unreachable() {
     .unwrap();
     present_code(&frames, &Wallet::generate("alice").unwrap()).unwrap();
     let (status, r) = charge(edge.http_addr, "o-1", 100, "EUR").unwrap();
+    // Nothing was sent: a decline the register can trust.
     assert_eq!(
-        (status, r.reason),
-        (503, Some(DeclineReason::StoreSystemUnreachable)),
+        (status, r.status, r.reason),
+        (
+            503,
+            ChargeStatus::Declined,
+            Some(DeclineReason::StoreSystemUnreachable)
+        ),
         "{r:?}"
     );
 }
@@ -609,8 +645,12 @@ fn an_edge_cut_from_its_hub_fails_fast_and_recovers_when_healed() {
     link.cut();
     let (status, cut) = pay("e-2");
     assert_eq!(
-        (status, cut.reason),
-        (503, Some(DeclineReason::StoreSystemUnreachable)),
+        (status, cut.status, cut.reason),
+        (
+            503,
+            ChargeStatus::Declined,
+            Some(DeclineReason::StoreSystemUnreachable)
+        ),
         "{cut:?}"
     );
     assert!(cut.detail.contains("nothing was charged"), "{cut:?}");

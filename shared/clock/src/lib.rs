@@ -2,8 +2,9 @@
 //!
 //! Payment logic never reads the system clock itself: it is handed a [`SharedClock`]. Production
 //! passes [`system`]; tests and the deterministic simulation pass a [`ManualClock`] they move by
-//! hand, and the chaos suite steps a process's clock with [`SystemClock::jump`] (through the
-//! `FACEPAY_CLOCK_OFFSET_MS` environment variable at start).
+//! hand, and the chaos suite steps a process's clock: from its start with the
+//! `FACEPAY_CLOCK_OFFSET_MS` environment variable, and while it runs through the file named by
+//! `FACEPAY_CLOCK_OFFSET_FILE` (debug builds only, both).
 
 use std::sync::{
     atomic::{AtomicI64, AtomicU64, Ordering},
@@ -65,9 +66,61 @@ impl Clock for SystemClock {
     }
 }
 
-/// The process's system clock ([`SystemClock::from_env`]).
+/// Environment variable naming a file whose number (milliseconds, negative: in the past) is the
+/// clock's offset while the process runs: the chaos suite steps a live process's clock by
+/// writing it. Read every [`OFFSET_FILE_POLL`]; debug builds only, never set in production.
+pub const OFFSET_FILE_ENV: &str = "FACEPAY_CLOCK_OFFSET_FILE";
+
+/// How often the offset file is read.
+pub const OFFSET_FILE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl SystemClock {
+    /// Sets the offset to `offset_ms` (a step from wherever the clock is now).
+    pub fn set_offset(&self, offset_ms: i64) {
+        self.offset_ms.store(offset_ms, Ordering::SeqCst);
+    }
+
+    /// Follows the offset written in `path` from now on, on a thread of its own: a missing or
+    /// unreadable file leaves the offset as it is. The thread ends with the last other holder
+    /// of the clock.
+    pub fn follow_offset_file(self: &Arc<Self>, path: std::path::PathBuf) {
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.trim().parse::<i64>().ok())
+        };
+        // Read once before returning: a process started during a jump starts jumped.
+        if let Some(offset) = read(&path) {
+            self.set_offset(offset);
+        }
+        let clock = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("clock-offset".into())
+            .spawn(move || {
+                while let Some(clock) = clock.upgrade() {
+                    if let Some(offset) = read(&path) {
+                        clock.set_offset(offset);
+                    }
+                    drop(clock);
+                    std::thread::sleep(OFFSET_FILE_POLL);
+                }
+            })
+            .expect("spawning the clock offset thread");
+    }
+}
+
+/// The process's system clock ([`SystemClock::from_env`]); in debug builds it follows the
+/// offset file named by [`OFFSET_FILE_ENV`], when set.
 pub fn system() -> SharedClock {
-    Arc::new(SystemClock::from_env())
+    let clock = Arc::new(SystemClock::from_env());
+    if let Some(path) = std::env::var_os(OFFSET_FILE_ENV) {
+        if cfg!(debug_assertions) {
+            clock.follow_offset_file(path.into());
+        } else {
+            eprintln!("{OFFSET_FILE_ENV} is ignored: release builds keep the system clock");
+        }
+    }
+    clock
 }
 
 /// A clock that moves only when told to: for tests and the deterministic simulation.
@@ -113,6 +166,34 @@ mod tests {
         assert_eq!(clock.now_ms(), 1_500);
         clock.set(10);
         assert_eq!(clock.now_ms(), 10);
+    }
+
+    #[test]
+    fn a_system_clock_follows_its_offset_file_while_it_runs() {
+        let dir = std::env::temp_dir().join(format!("facepay-clock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("offset");
+        let clock = Arc::new(SystemClock::default());
+        clock.follow_offset_file(file.clone());
+        let wait_for = |wanted: &dyn Fn(u64, u64) -> bool| {
+            for _ in 0..200 {
+                let (wall, now) = (SystemClock::default().now_ms(), clock.now_ms());
+                if wanted(wall, now) {
+                    return;
+                }
+                std::thread::sleep(OFFSET_FILE_POLL);
+            }
+            panic!("the clock did not follow its offset file");
+        };
+        std::fs::write(&file, "-3600000\n").unwrap();
+        wait_for(&|wall, now| now + 3_500_000 < wall);
+        // Unreadable: the offset stays.
+        std::fs::write(&file, "soon").unwrap();
+        std::thread::sleep(OFFSET_FILE_POLL * 3);
+        assert!(clock.now_ms() + 3_500_000 < SystemClock::default().now_ms());
+        std::fs::write(&file, "0").unwrap();
+        wait_for(&|wall, now| now.abs_diff(wall) < 1_000);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

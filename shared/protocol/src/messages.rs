@@ -32,8 +32,11 @@ pub enum DeclineReason {
     DuplicateOrderId,
     /// No payment code was presented before the scan deadline.
     NoCodePresented,
-    /// The terminal is running another checkout session.
+    /// The terminal is running another checkout session; nothing was done for this order.
     TerminalBusy,
+    /// This order is being charged right now (by another request for it): its outcome is not
+    /// known yet. Never a decline: charge the same order id again to learn it.
+    PaymentInProgress,
     /// The edge could not reach its store hub.
     StoreSystemUnreachable,
     /// The hub could not reach the cloud in time; nothing was charged.
@@ -85,6 +88,7 @@ impl DeclineReason {
         Self::DuplicateOrderId,
         Self::NoCodePresented,
         Self::TerminalBusy,
+        Self::PaymentInProgress,
         Self::StoreSystemUnreachable,
         Self::CloudUnreachable,
         Self::UnsupportedVersion,
@@ -120,6 +124,7 @@ impl DeclineReason {
             Self::DuplicateOrderId => "duplicate_order_id",
             Self::NoCodePresented => "no_code_presented",
             Self::TerminalBusy => "terminal_busy",
+            Self::PaymentInProgress => "payment_in_progress",
             Self::StoreSystemUnreachable => "store_system_unreachable",
             Self::CloudUnreachable => "cloud_unreachable",
             Self::UnsupportedVersion => "unsupported_version",
@@ -210,8 +215,13 @@ pub struct ChargeRequest {
 pub enum ChargeStatus {
     /// Paid.
     Approved,
-    /// Not paid; see the reason.
+    /// Not paid by this request; see the reason.
     Declined,
+    /// The terminal cannot tell whether the order was paid: the store's systems may have acted
+    /// on the request without answering (`store_system_unreachable`), or the order is being
+    /// charged by another request right now (`payment_in_progress`). Never a decline: charge
+    /// the same order id again to learn the outcome.
+    Unknown,
 }
 
 /// The answer to `POST /v1/charge`.
@@ -221,7 +231,7 @@ pub struct ChargeResult {
     pub order_id: String,
     /// The payment id, once the request was valid enough to have one.
     pub payment_id: Option<String>,
-    /// Approved or declined.
+    /// Approved, declined, or unknown.
     pub status: ChargeStatus,
     /// Why it was declined.
     pub reason: Option<DeclineReason>,
