@@ -14,7 +14,7 @@ use actix::prelude::*;
 use mqtt::{LinkEvent, QoS};
 use protocol::{
     Allowance, AllowanceBatch, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch,
-    KeyEntry, TemplateBatch, TemplateChange, TemplateUpdate,
+    KeyEntry, StoreId, TemplateBatch, TemplateChange, TemplateUpdate,
 };
 use telemetry::PaymentMetrics;
 use tokio::sync::mpsc;
@@ -101,7 +101,7 @@ impl Lane {
 pub struct HubLinkActor {
     serving: Arc<Serving>,
     connected: prometheus::IntGauge,
-    lanes: HashMap<(String, LaneKind), Lane>,
+    lanes: HashMap<(StoreId, LaneKind), Lane>,
 }
 
 impl HubLinkActor {
@@ -296,7 +296,7 @@ async fn serve(serving: &Serving, request: HubRequest) {
     let known = is_store(serving, &store_id).await;
     if !known {
         tracing::warn!(
-            store_id,
+            %store_id,
             "request from an identity that is no store's hub refused"
         );
     }
@@ -317,7 +317,7 @@ async fn serve(serving: &Serving, request: HubRequest) {
         }
         HubRequestBody::TemplateSync { after_version } => {
             let sync = TemplateSyncCmd {
-                store_id: store_id.clone(),
+                store_id: store_id.to_string(),
                 after_version,
             };
             match serving.identity.send(sync).await {
@@ -359,7 +359,7 @@ async fn serve(serving: &Serving, request: HubRequest) {
         .await
     {
         // The hub will time out, void the attempt and be told the truth on retry.
-        tracing::warn!(%error, store_id, request_id, "publishing reply failed");
+        tracing::warn!(%error, %store_id, request_id, "publishing reply failed");
     }
 }
 
@@ -411,7 +411,7 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                 if request.store_id != store_id {
                     tracing::warn!(
                         store_id,
-                        claimed = request.store_id,
+                        claimed = %request.store_id,
                         "hub request on another store's topic dropped"
                     );
                     return Box::pin(async {});
@@ -535,7 +535,7 @@ mod tests {
                     if held {
                         gate.acquire().await.unwrap().forget();
                     }
-                    done.send((r.store_id, r.request_id)).unwrap();
+                    done.send((r.store_id.into_string(), r.request_id)).unwrap();
                 }
             })
         };

@@ -187,7 +187,7 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 // restart read it (the hub hears nothing, and voids or resends).
                 storage::fail_stop("a ledger operation", &error);
             }
-            tracing::error!(%error, store_id, "ledger operation failed");
+            tracing::error!(%error, %store_id, "ledger operation failed");
             CloudReplyBody::Error {
                 detail: error.to_string(),
             }

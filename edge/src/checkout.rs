@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use protocol::{
     AuthorizeRequest, ChargeRequest, ChargeResult, ChargeStatus, Currency, Decision, DeclineReason,
-    PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod, VerifyReply, VerifyRequest,
-    VerifyStart,
+    PaymentId, PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod, VerifyReply,
+    VerifyRequest, VerifyStart,
 };
 use telemetry::PaymentMetrics;
 
@@ -84,7 +84,7 @@ pub struct Charge(pub ChargeRequest);
 /// acted on the request; an order being charged by another request is never known yet.
 fn result(
     order_id: &str,
-    payment_id: Option<String>,
+    payment_id: Option<PaymentId>,
     decision: Decision,
     known: bool,
 ) -> ChargeResult {
@@ -245,7 +245,7 @@ impl Handler<Charge> for CheckoutActor {
             };
             let request = AuthorizeRequest {
                 payment_id: pid.clone(),
-                store_id: settings.store_id,
+                store_id: settings.store_id.into(),
                 terminal_id: settings.terminal_id,
                 order_id: request.order_id,
                 amount_minor,
@@ -263,8 +263,8 @@ impl Handler<Charge> for CheckoutActor {
                     // Whatever the hub did with this request is not known.
                     Decision::Approved { .. } => {
                         tracing::error!(
-                            expected = pid,
-                            got = reply.payment_id,
+                            expected = %pid,
+                            got = %reply.payment_id,
                             "hub approved another payment"
                         );
                         (

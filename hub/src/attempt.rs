@@ -23,7 +23,9 @@
 //! outcome is unknown is voided, whatever is decided offline; an answer counts only when it is
 //! about this payment. An event that does not fit the state is a broken invariant and panics.
 
-use protocol::{AuthorizeRequest, Decision, DeclineReason, VoidPayment};
+use protocol::{
+    AccountId, AuthorizeRequest, CodeNonce, Decision, DeclineReason, PaymentId, VoidPayment,
+};
 
 use crate::journal::{Paid, Reservation};
 
@@ -32,9 +34,9 @@ use crate::journal::{Paid, Reservation};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payer {
     /// The paying account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The code's nonce, or the token itself.
-    pub nonce: String,
+    pub nonce: CodeNonce,
     /// For nonce pruning: the code's issue time, or the token's expiry.
     pub keep_from_ms: u64,
     /// Proven by a payment token (a face verification), not a code.
@@ -121,7 +123,7 @@ pub enum CloudResult {
     /// The cloud answered about `payment_id`.
     Answered {
         /// The payment the answer is about.
-        payment_id: String,
+        payment_id: PaymentId,
         /// The cloud's decision.
         decision: Decision,
     },
@@ -156,7 +158,7 @@ impl Outcome {
 /// One attempt.
 #[derive(Debug, Clone)]
 pub struct Attempt {
-    payment_id: String,
+    payment_id: PaymentId,
     order_id: String,
     amount_minor: i64,
     currency: String,
@@ -387,7 +389,7 @@ mod tests {
 
     fn request(order: &str, amount: i64) -> AuthorizeRequest {
         AuthorizeRequest {
-            payment_id: format!("s:{order}"),
+            payment_id: format!("s:{order}").into(),
             store_id: "s".into(),
             terminal_id: "t".into(),
             order_id: order.into(),

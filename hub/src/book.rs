@@ -17,7 +17,9 @@
 
 use std::collections::HashMap;
 
-use protocol::{Allowance, Currency, Decision, DeclineReason, OfflinePayment, OfflineReservation};
+use protocol::{
+    AccountId, Allowance, Currency, Decision, DeclineReason, OfflinePayment, OfflineReservation,
+};
 
 use crate::config::OfflineConfig;
 
@@ -28,7 +30,7 @@ pub struct OfflineBook {
     enabled: bool,
     payment_ceiling_minor: i64,
     store_ceiling_minor: i64,
-    allowances: HashMap<String, Allowance>,
+    allowances: HashMap<AccountId, Allowance>,
     outstanding: HashMap<String, i64>,
     store_total: i64,
     entries: usize,
@@ -143,7 +145,7 @@ impl OfflineBook {
     }
 
     /// Forgets the allowances of accounts the cloud no longer lists for this store.
-    pub fn keep_only(&mut self, listed: &std::collections::HashSet<String>) {
+    pub fn keep_only(&mut self, listed: &std::collections::HashSet<AccountId>) {
         self.allowances
             .retain(|account, _| listed.contains(account));
     }
@@ -320,12 +322,12 @@ mod tests {
     fn a_restarted_hub_counts_what_its_journal_still_holds() {
         let entry = |seq, account: &str, amount| OfflinePayment {
             seq,
-            payment_id: format!("s:{seq}"),
+            payment_id: format!("s:{seq}").into(),
             store_id: "s".into(),
             terminal_id: "t".into(),
             order_id: format!("{seq}"),
             account_id: account.into(),
-            nonce: format!("n{seq}"),
+            nonce: format!("n{seq}").into(),
             amount_minor: amount,
             currency: eur(),
             approved_at_ms: 0,

@@ -6,7 +6,10 @@
 
 use std::path::Path;
 
-use protocol::{Allowance, AuthorizeRequest, Decision, KeyEntry, OfflinePayment, VoidPayment};
+use protocol::{
+    AccountId, Allowance, AuthorizeRequest, CodeNonce, Decision, KeyEntry, OfflinePayment,
+    PaymentId, VoidPayment,
+};
 use serde::{Deserialize, Serialize};
 use sled::transaction::Transactional;
 
@@ -18,7 +21,7 @@ pub struct JournalEntry {
     /// When it was decided, ms since the Unix epoch.
     pub decided_at_ms: u64,
     /// The payment.
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// The terminal that asked.
     pub terminal_id: String,
     /// Amount in minor units.
@@ -26,9 +29,9 @@ pub struct JournalEntry {
     /// Currency code.
     pub currency: String,
     /// The account the code named, once known.
-    pub account_id: Option<String>,
+    pub account_id: Option<AccountId>,
     /// The code's nonce, once known. The code text itself is a bearer token and is not kept.
-    pub code_nonce: Option<String>,
+    pub code_nonce: Option<CodeNonce>,
     /// What the edge was told.
     pub decision: Decision,
 }
@@ -51,7 +54,7 @@ impl JournalEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct NonceUse {
-    payment_id: String,
+    payment_id: PaymentId,
     issued_at_ms: u64,
     /// The attempt made with it was voided: the code may not be sent to the cloud again (a repeat
     /// could hear "approved" before the void lands, and the void would then take the money back).
@@ -69,7 +72,7 @@ pub enum Reservation {
     /// The code was already used for another payment.
     Replayed {
         /// The payment it was used for.
-        first_payment_id: String,
+        first_payment_id: PaymentId,
     },
     /// The code was used for this payment, and that attempt was voided: a fresh code is needed.
     Voided,
@@ -108,7 +111,7 @@ pub struct Journal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Paid {
     /// The paying account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// Amount in minor units.
     pub amount_minor: i64,
     /// Currency code.
@@ -226,9 +229,9 @@ impl Journal {
     /// Records that a code's nonce is being used for a payment, unless it was used before.
     pub fn reserve_nonce(
         &self,
-        account_id: &str,
-        nonce: &str,
-        payment_id: &str,
+        account_id: &AccountId,
+        nonce: &CodeNonce,
+        payment_id: &PaymentId,
         issued_at_ms: u64,
     ) -> Result<Reservation, HubError> {
         storage::fail::fail_point!("hub-journal-reserve", |_| Err(storage_error("injected")));
@@ -237,7 +240,7 @@ impl Journal {
         }
         let key = nonce_key(account_id, nonce);
         let value = serde_json::to_vec(&NonceUse {
-            payment_id: payment_id.to_owned(),
+            payment_id: payment_id.clone(),
             issued_at_ms,
             voided: false,
         })
@@ -252,7 +255,7 @@ impl Journal {
                 let used: NonceUse =
                     serde_json::from_slice(&cas.current.expect("present on conflict"))
                         .expect("journal nonce records are readable");
-                if used.payment_id != payment_id {
+                if used.payment_id != *payment_id {
                     Reservation::Replayed {
                         first_payment_id: used.payment_id,
                     }
@@ -589,12 +592,12 @@ impl Journal {
     /// returns the accounts dropped.
     pub fn keep_only_allowances(
         &self,
-        listed: &std::collections::HashSet<String>,
-    ) -> Result<Vec<String>, HubError> {
+        listed: &std::collections::HashSet<AccountId>,
+    ) -> Result<Vec<AccountId>, HubError> {
         let mut dropped = Vec::new();
         for key in self.allowances.iter().keys() {
             let key = key.map_err(storage_error)?;
-            let account = String::from_utf8_lossy(&key).into_owned();
+            let account = AccountId::from(String::from_utf8_lossy(&key).into_owned());
             if !listed.contains(&account) {
                 self.allowances.remove(&key).map_err(storage_error)?;
                 dropped.push(account);
@@ -735,26 +738,31 @@ mod tests {
     fn nonce_reservation() {
         let (_d, j) = journal();
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 10)
+                .unwrap(),
             Reservation::Fresh
         );
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 10)
+                .unwrap(),
             Reservation::SamePayment
         );
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o2", 10).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o2".into(), 10)
+                .unwrap(),
             Reservation::Replayed {
                 first_payment_id: "s:o1".into()
             }
         );
         assert_eq!(
-            j.reserve_nonce("b", "n1", "s:o2", 10).unwrap(),
+            j.reserve_nonce(&"b".into(), &"n1".into(), &"s:o2".into(), 10)
+                .unwrap(),
             Reservation::Fresh
         );
         assert_eq!(j.prune_nonces(11).unwrap(), 2);
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o3", 20).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o3".into(), 20)
+                .unwrap(),
             Reservation::Fresh
         );
     }
@@ -788,7 +796,7 @@ mod tests {
 
     fn attempt(order: &str, nonce: &str) -> VoidPayment {
         VoidPayment {
-            payment_id: format!("s:{order}"),
+            payment_id: format!("s:{order}").into(),
             account_id: "a".into(),
             code_nonce: nonce.into(),
         }
@@ -801,7 +809,8 @@ mod tests {
         {
             let j = Journal::open(&path).unwrap();
             assert_eq!(
-                j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+                j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 10)
+                    .unwrap(),
                 Reservation::Fresh
             );
             assert!(j.begin_attempt(&attempt("o1", "n1")).unwrap());
@@ -834,7 +843,8 @@ mod tests {
         // The cashier retries o1 with the same code: it must not go to the cloud again (it could
         // hear "approved" there before the void lands and takes the money back).
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o1", 10).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 10)
+                .unwrap(),
             Reservation::Voided
         );
         assert_eq!(j.recover_attempts().unwrap(), 0, "recovery is idempotent");
@@ -848,11 +858,13 @@ mod tests {
             let j = Journal::open(&path).unwrap();
             assert!(j.refuse_codes_issued_before(5_000).unwrap());
             assert_eq!(
-                j.reserve_nonce("a", "n1", "s:o1", 4_999).unwrap(),
+                j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 4_999)
+                    .unwrap(),
                 Reservation::Expired
             );
             assert_eq!(
-                j.reserve_nonce("a", "n2", "s:o2", 5_000).unwrap(),
+                j.reserve_nonce(&"a".into(), &"n2".into(), &"s:o2".into(), 5_000)
+                    .unwrap(),
                 Reservation::Fresh
             );
         }
@@ -861,7 +873,8 @@ mod tests {
         assert!(!j.refuse_codes_issued_before(9_000).unwrap());
         assert_eq!(j.nonces_pruned_before_ms().unwrap(), 5_000);
         assert_eq!(
-            j.reserve_nonce("a", "n3", "s:o3", 6_000).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n3".into(), &"s:o3".into(), 6_000)
+                .unwrap(),
             Reservation::Fresh
         );
         // The disk is lost: the new journal does not know n2 was used; it refuses the code.
@@ -870,7 +883,8 @@ mod tests {
         let j = Journal::open(&path).unwrap();
         assert!(j.refuse_codes_issued_before(9_000).unwrap());
         assert_eq!(
-            j.reserve_nonce("a", "n2", "s:o2", 5_000).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n2".into(), &"s:o2".into(), 5_000)
+                .unwrap(),
             Reservation::Expired
         );
     }
@@ -879,13 +893,15 @@ mod tests {
     fn a_pruned_nonce_cannot_come_back_after_the_clock_steps_back() {
         let (_d, j) = journal();
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o1", 1_000).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 1_000)
+                .unwrap(),
             Reservation::Fresh
         );
         assert_eq!(j.prune_nonces(2_000).unwrap(), 1);
         // The clock stepped back: the code's window looks open again, its nonce is gone.
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o2", 1_000).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o2".into(), 1_000)
+                .unwrap(),
             Reservation::Expired
         );
         // A later prune by a clock that went back does not lower the cutoff; the cutoff covers
@@ -893,15 +909,18 @@ mod tests {
         j.prune_nonces(500).unwrap();
         assert_eq!(j.nonces_pruned_before_ms().unwrap(), 1_001);
         assert_eq!(
-            j.reserve_nonce("a", "n2", "s:o5", 1_500).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n2".into(), &"s:o5".into(), 1_500)
+                .unwrap(),
             Reservation::Fresh
         );
         assert_eq!(
-            j.reserve_nonce("a", "n1", "s:o3", 1_000).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o3".into(), 1_000)
+                .unwrap(),
             Reservation::Expired
         );
         assert_eq!(
-            j.reserve_nonce("a", "n9", "s:o4", 2_000).unwrap(),
+            j.reserve_nonce(&"a".into(), &"n9".into(), &"s:o4".into(), 2_000)
+                .unwrap(),
             Reservation::Fresh
         );
     }
@@ -931,12 +950,12 @@ mod offline_tests {
     fn entry(seq: u64, order: &str, amount: i64) -> OfflinePayment {
         OfflinePayment {
             seq,
-            payment_id: format!("s:{order}"),
+            payment_id: format!("s:{order}").into(),
             store_id: "s".into(),
             terminal_id: "t".into(),
             order_id: order.into(),
             account_id: "a".into(),
-            nonce: format!("n{seq}"),
+            nonce: format!("n{seq}").into(),
             amount_minor: amount,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 0,
@@ -1023,10 +1042,10 @@ mod offline_tests {
             .unwrap()
             .is_empty());
         assert_eq!(j.store_allowances(&[grant("a", 50, 3)]).unwrap().len(), 1);
-        let listed = ["a".to_owned()].into_iter().collect();
+        let listed = [AccountId::from("a")].into_iter().collect();
         assert_eq!(
             j.keep_only_allowances(&listed).unwrap(),
-            vec!["b".to_owned()]
+            vec![AccountId::from("b")]
         );
         let held = j.allowances().unwrap();
         assert_eq!(held.len(), 1);

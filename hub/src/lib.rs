@@ -300,7 +300,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         "circuit breaker on the cloud link: 0 closed, 1 half-open (probing), 2 open (failing fast)",
     );
     let uplink = UplinkActor::new(
-        config.store_id.clone(),
+        config.store_id.as_str().into(),
         client,
         vec![
             credentials.recipient(),
@@ -456,7 +456,7 @@ async fn serve_edges(
                             })
                     }
                     Err(error) => protocol::AuthorizeReply {
-                        payment_id: String::new(),
+                        payment_id: protocol::PaymentId::default(),
                         decision: protocol::Decision::declined(
                             wire_reason(&error),
                             error.to_string(),

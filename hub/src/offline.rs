@@ -8,8 +8,8 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use actix::prelude::*;
 use paycode::hubsig::HubSigner;
 use protocol::{
-    Allowance, AuthorizeRequest, CloudReplyBody, Decision, HubRequestBody, OfflineBatch,
-    OfflinePayment, OfflineReservation, VoidPayment,
+    AccountId, Allowance, AuthorizeRequest, CloudReplyBody, CodeNonce, Decision, HubRequestBody,
+    OfflineBatch, OfflinePayment, OfflineReservation, PaymentId, VoidPayment,
 };
 
 use crate::{
@@ -244,7 +244,7 @@ impl OfflineActor {
 
     /// A complete allowance sync: what the cloud lists replaces what is held.
     fn allowances_synced(&mut self, allowances: Vec<Allowance>) {
-        let listed: HashSet<String> = allowances.iter().map(|a| a.account_id.clone()).collect();
+        let listed: HashSet<AccountId> = allowances.iter().map(|a| a.account_id.clone()).collect();
         for allowance in &allowances {
             self.book.set_allowance(allowance.clone());
         }
@@ -303,9 +303,9 @@ pub struct ApproveOffline {
     /// The payment.
     pub request: AuthorizeRequest,
     /// The account its proof names.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The proof's single-use nonce (a code's, or the token).
-    pub nonce: String,
+    pub nonce: CodeNonce,
 }
 
 impl Handler<ApproveOffline> for OfflineActor {
@@ -342,7 +342,7 @@ impl Handler<ApproveOffline> for OfflineActor {
 /// What the store may still hold unreconciled for an account, for the cloud to count.
 #[derive(Message)]
 #[rtype(result = "OfflineReservation")]
-pub struct ReservationOf(pub String);
+pub struct ReservationOf(pub AccountId);
 
 impl Handler<ReservationOf> for OfflineActor {
     type Result = MessageResult<ReservationOf>;
@@ -393,7 +393,7 @@ async fn drain_once(
     if batch.is_empty() {
         return stopped;
     }
-    let sent: Vec<(u64, String)> = batch
+    let sent: Vec<(u64, PaymentId)> = batch
         .iter()
         .map(|e| (e.seq, e.payment_id.clone()))
         .collect();
@@ -480,13 +480,13 @@ async fn deliver_void(
             payment_id,
             reversed,
         })) if payment_id == void.payment_id => {
-            tracing::info!(payment_id = void.payment_id, reversed, "void delivered");
+            tracing::info!(payment_id = %void.payment_id, reversed, "void delivered");
             journal.run(move |j| j.retire_void(&void)).await;
             true
         }
         other => {
             tracing::info!(
-                payment_id = void.payment_id,
+                payment_id = %void.payment_id,
                 ?other,
                 "void not delivered yet; retried on the drain timer and on reconnect"
             );
@@ -508,7 +508,7 @@ async fn deliver_posts(
         }),
         timeout: MAINTENANCE_TIMEOUT,
     };
-    let expected: Vec<String> = posts.iter().map(|p| p.payment_id.clone()).collect();
+    let expected: Vec<PaymentId> = posts.iter().map(|p| p.payment_id.clone()).collect();
     match uplink.send(call).await {
         Ok(Ok(CloudReplyBody::Posted {
             payment_ids,
@@ -517,7 +517,7 @@ async fn deliver_posts(
             for (payment_id, posted) in payment_ids.iter().zip(&posted) {
                 if !posted {
                     tracing::error!(
-                        payment_id,
+                        %payment_id,
                         "the cloud moved this approved payment back before its post; an operator settles it"
                     );
                 }

@@ -74,9 +74,9 @@ impl PaymentActor {
     /// The checks of a request's shape that need no I/O.
     fn check_request(&self, request: &AuthorizeRequest) -> Result<(), Decision> {
         for (kind, id) in [
-            ("store_id", &request.store_id),
-            ("terminal_id", &request.terminal_id),
-            ("order_id", &request.order_id),
+            ("store_id", request.store_id.as_str()),
+            ("terminal_id", request.terminal_id.as_str()),
+            ("order_id", request.order_id.as_str()),
         ] {
             protocol::validate_id(kind, id)
                 .map_err(|e| Decision::declined(DeclineReason::InvalidRequest, e.to_string()))?;
@@ -211,8 +211,8 @@ async fn prove(
                 .map_err(unavailable)?
             {
                 Ok(code) => Ok(Payer {
-                    account_id: code.account_id.clone(),
-                    nonce: code.nonce_hex(),
+                    account_id: code.account_id.clone().into(),
+                    nonce: code.nonce_hex().into(),
                     keep_from_ms: code.issued_at_ms,
                     token: false,
                 }),
@@ -226,8 +226,8 @@ async fn prove(
             };
             match credentials.send(redeem).await.map_err(unavailable)? {
                 Ok(t) => Ok(Payer {
-                    account_id: t.account_id,
-                    nonce: token.clone(),
+                    account_id: t.account_id.into(),
+                    nonce: token.clone().into(),
                     keep_from_ms: t.expires_at_ms,
                     token: true,
                 }),
@@ -394,7 +394,7 @@ async fn decide_offline(
                 .run(move |j| j.record_offline(&recorded))
                 .await;
             tracing::info!(
-                payment_id = request.payment_id,
+                payment_id = %request.payment_id,
                 seq = entry.seq,
                 failure,
                 "approved offline"

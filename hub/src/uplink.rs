@@ -6,7 +6,8 @@ use actix::prelude::*;
 use futures::channel::oneshot;
 use mqtt::{LinkEvent, QoS};
 use protocol::{
-    AllowanceBatch, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, TemplateBatch,
+    AllowanceBatch, CloudReply, CloudReplyBody, HubRequest, HubRequestBody, KeyBatch, StoreId,
+    TemplateBatch,
 };
 
 use crate::{
@@ -43,7 +44,7 @@ pub enum UplinkEvent {
 
 /// Owns the MQTT client and the table of requests waiting for replies.
 pub struct UplinkActor {
-    store_id: String,
+    store_id: StoreId,
     client: mqtt::Client,
     connected: bool,
     next_request_id: u64,
@@ -58,7 +59,7 @@ pub struct UplinkActor {
 impl UplinkActor {
     /// An uplink for a store; `listeners` hear connection events and pushes.
     pub fn new(
-        store_id: String,
+        store_id: StoreId,
         client: mqtt::Client,
         listeners: Vec<Recipient<UplinkEvent>>,
         connected_gauge: prometheus::IntGauge,
@@ -183,7 +184,7 @@ impl Handler<CallCloud> for UplinkActor {
                 match &result {
                     Ok(_) => {
                         if actor.breaker.answered() {
-                            tracing::info!(store_id = actor.store_id, "the cloud answers again");
+                            tracing::info!(store_id = %actor.store_id, "the cloud answers again");
                             // Voids and syncs waiting for the cloud go now.
                             actor.tell(UplinkEvent::CloudConnected);
                         }
@@ -192,7 +193,7 @@ impl Handler<CallCloud> for UplinkActor {
                         actor.breaker.timed_out(std::time::Instant::now());
                         if actor.breaker.state(std::time::Instant::now()) == BreakerState::Open {
                             tracing::warn!(
-                                store_id = actor.store_id,
+                                store_id = %actor.store_id,
                                 "cloud unanswering; failing fast"
                             );
                         }
@@ -220,7 +221,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 self.connected = true;
                 self.connected_gauge.set(1);
                 self.show_breaker();
-                tracing::info!(store_id = self.store_id, "hub connected to broker");
+                tracing::info!(store_id = %self.store_id, "hub connected to broker");
                 let client = self.client.clone();
                 let listeners = self.listeners.clone();
                 let topics = [
@@ -246,7 +247,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
             }
             LinkEvent::Disconnected(_) => {
                 if self.connected {
-                    tracing::warn!(store_id = self.store_id, "hub lost the broker");
+                    tracing::warn!(store_id = %self.store_id, "hub lost the broker");
                 }
                 self.connected = false;
                 self.connected_gauge.set(0);

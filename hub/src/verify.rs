@@ -11,8 +11,9 @@ use std::{
 use actix::prelude::*;
 use paycode::SignedCode;
 use protocol::{
-    CloudIdentify, CloudReplyBody, DeclineReason, HotEntry, HubRequestBody, SecondFactorAnswer,
-    SecondFactorKind, TemplateBatch, TemplateChange, VerifyBody, VerifyReply, VerifyRequest,
+    AccountId, CloudIdentify, CloudReplyBody, CodeNonce, DeclineReason, HotEntry, HubRequestBody,
+    PaymentId, SecondFactorAnswer, SecondFactorKind, TemplateBatch, TemplateChange, VerifyBody,
+    VerifyReply, VerifyRequest,
 };
 
 use crate::{
@@ -362,11 +363,14 @@ async fn spend_code(
             ))
         }
     };
-    let (account_id, nonce, issued_at_ms) =
-        (code.account_id.clone(), code.nonce_hex(), code.issued_at_ms);
+    let (account_id, nonce, issued_at_ms) = (
+        AccountId::from(&code.account_id),
+        CodeNonce::from(code.nonce_hex()),
+        code.issued_at_ms,
+    );
     let reservation = journal
         .run(move |j| {
-            let payment_id = format!("verify:{nonce}");
+            let payment_id = PaymentId::from(format!("verify:{nonce}"));
             j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
         })
         .await;

@@ -273,11 +273,11 @@ pub struct Report {
 #[derive(Debug, Default, Clone)]
 pub struct DiskLosses {
     /// Offline approvals not yet reconciled.
-    pub offline: std::collections::BTreeSet<String>,
+    pub offline: std::collections::BTreeSet<protocol::PaymentId>,
     /// Payments the hub had approved.
-    pub approved: std::collections::BTreeSet<String>,
+    pub approved: std::collections::BTreeSet<protocol::PaymentId>,
     /// Payments with a void or an undecided attempt.
-    pub voids: std::collections::BTreeSet<String>,
+    pub voids: std::collections::BTreeSet<protocol::PaymentId>,
 }
 
 struct World {

@@ -25,8 +25,9 @@ use hub::{
 };
 use paycode::hubsig::HubSigner;
 use protocol::{
-    synthetic::Rng, AccountKind, AuthorizeRequest, CloudAuthorize, Currency, Decision,
-    DeclineReason, OfflinePayment, OpenAccount, PaymentProof, ReconcileResult, VoidPayment,
+    synthetic::Rng, AccountId, AccountKind, AuthorizeRequest, CloudAuthorize, CodeNonce, Currency,
+    Decision, DeclineReason, OfflinePayment, OpenAccount, PaymentId, PaymentProof, ReconcileResult,
+    VoidPayment,
 };
 
 const STORE: &str = "store-1";
@@ -101,16 +102,16 @@ enum ToCloud {
 #[derive(Debug, Clone)]
 enum ToHub {
     Authorized {
-        payment_id: String,
+        payment_id: PaymentId,
         decision: Decision,
         allowance: Option<protocol::Allowance>,
     },
     Failed,
     Voided {
-        payment_id: String,
+        payment_id: PaymentId,
     },
     Posted {
-        payment_ids: Vec<String>,
+        payment_ids: Vec<PaymentId>,
     },
     Reconciled(Vec<ReconcileResult>),
     Allowances(Vec<protocol::Allowance>),
@@ -196,7 +197,7 @@ struct Hub {
 }
 
 /// A code as the customer's phone shows it: its nonce and when it was issued.
-type Code = (String, u64);
+type Code = (CodeNonce, u64);
 
 struct Terminal {
     last: Option<(String, usize, i64, Code)>,
@@ -218,11 +219,11 @@ struct Sim {
     next_id: u64,
     report: SimReport,
     /// Offline approvals the hub approved and still held when its disk was wiped.
-    lost: BTreeSet<String>,
+    lost: BTreeSet<PaymentId>,
     /// Payments whose void (or undecided attempt) was lost with a wiped disk.
-    lost_voids: BTreeSet<String>,
+    lost_voids: BTreeSet<PaymentId>,
     /// Payments the hub had approved when its disk was wiped.
-    forgotten: BTreeSet<String>,
+    forgotten: BTreeSet<PaymentId>,
     faults_on: bool,
 }
 
@@ -230,8 +231,8 @@ fn eur() -> Currency {
     Currency::parse("EUR").expect("EUR")
 }
 
-fn account(n: usize) -> String {
-    format!("cust-{n}")
+fn account(n: usize) -> AccountId {
+    format!("cust-{n}").into()
 }
 
 fn offline_config() -> hub::config::OfflineConfig {
@@ -274,7 +275,7 @@ impl Sim {
         };
         open(STORE.into(), AccountKind::Merchant, 0)?;
         for n in 0..CUSTOMERS {
-            open(account(n), AccountKind::Customer, OPENING_BALANCE)?;
+            open(account(n).into(), AccountKind::Customer, OPENING_BALANCE)?;
         }
         let signer = HubSigner::from_seed(&[7; 32]);
         ledger.set_hub_key(STORE, &signer.public_key_b64())?;
@@ -566,7 +567,10 @@ impl Sim {
     }
 
     fn fresh_nonce(&mut self) -> Code {
-        (format!("{:016x}", self.rng.next_u64()), self.hub_now())
+        (
+            format!("{:016x}", self.rng.next_u64()).into(),
+            self.hub_now(),
+        )
     }
 
     fn feed(&mut self, id: u64, event: Event) {
@@ -1001,13 +1005,13 @@ impl Sim {
             orders.entry(op.order.as_str()).or_default().push(op);
         }
         // Offline approvals the cloud could not apply as approved, kept for an operator.
-        let conflicts: BTreeSet<String> = self
+        let conflicts: BTreeSet<PaymentId> = self
             .ledger
             .conflicts()?
             .into_iter()
             .map(|c| c.entry.payment_id)
             .collect();
-        let mut spent: HashMap<String, i64> = HashMap::new();
+        let mut spent: HashMap<AccountId, i64> = HashMap::new();
         for (order, ops) in &orders {
             let payment_id = protocol::payment_id(STORE, order);
             let found = live(&payment_id);
@@ -1041,7 +1045,7 @@ impl Sim {
             }
             if let Some(t) = found.first() {
                 spent
-                    .entry(t.debit_account_id.clone())
+                    .entry(AccountId::from(&t.debit_account_id))
                     .and_modify(|s| *s += t.amount_minor)
                     .or_insert(t.amount_minor);
                 let invoked = ops.iter().any(|o| {

@@ -1176,7 +1176,7 @@ fn identities_that_are_no_stores_hub_get_nothing_from_the_cloud() {
             .await;
             let request = protocol::HubRequest {
                 request_id: 1,
-                store_id: cn.clone(),
+                store_id: cn.clone().into(),
                 body: protocol::HubRequestBody::KeySync { after_version: 0 },
             };
             client

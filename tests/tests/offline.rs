@@ -510,12 +510,12 @@ fn an_operator_lists_and_resolves_the_conflicts_a_hub_holds() {
         for (seq, order) in [(1u64, "o-1"), (2, "o-2")] {
             let entry = protocol::OfflinePayment {
                 seq,
-                payment_id: format!("store-1:{order}"),
+                payment_id: format!("store-1:{order}").into(),
                 store_id: "store-1".into(),
                 terminal_id: "till-1".into(),
                 order_id: order.into(),
                 account_id: "alice".into(),
-                nonce: format!("n-{seq}"),
+                nonce: format!("n-{seq}").into(),
                 amount_minor: 700,
                 currency: eur(),
                 approved_at_ms: 1,

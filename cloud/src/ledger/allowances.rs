@@ -6,7 +6,7 @@
 //! is refreshed with each online approval at a store (never above the balance then), and revoked
 //! at every hub when the account goes into debt or is closed.
 
-use protocol::{AccountKind, Allowance, OfflineReservation};
+use protocol::{AccountId, AccountKind, Allowance, OfflineReservation};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{Transactional, TransactionalTree};
 
@@ -148,7 +148,7 @@ pub(super) fn grant(
     grants.insert(store_key(store_id, account_id), encode(&record))?;
     remember_store(by_account, account_id, store_id)?;
     Ok(Some(Allowance {
-        account_id: account_id.to_owned(),
+        account_id: account_id.into(),
         amount_minor: amount,
         currency: account.currency,
         blocked: false,
@@ -208,7 +208,7 @@ pub(super) fn revoke_all(
         by_account.remove(format!("{account_id}/").as_bytes())?;
     }
     Ok(Allowance {
-        account_id: account_id.to_owned(),
+        account_id: account_id.into(),
         amount_minor: 0,
         currency: accounts_currency,
         blocked: true,
@@ -222,7 +222,7 @@ impl Ledger {
         &self,
         store_id: &str,
         after_account: Option<&str>,
-    ) -> Result<(Vec<Allowance>, Option<String>), LedgerError> {
+    ) -> Result<(Vec<Allowance>, Option<AccountId>), LedgerError> {
         let prefix = format!("{store_id}/");
         let start = match after_account {
             Some(after) => {
@@ -250,7 +250,7 @@ impl Ledger {
                 continue;
             };
             page.push(Allowance {
-                account_id: account_id.to_owned(),
+                account_id: account_id.into(),
                 amount_minor: grant.amount_minor,
                 currency: account.currency,
                 blocked: account.in_debt || account.closed,

@@ -13,8 +13,9 @@
 use std::path::Path;
 
 use protocol::{
-    AccountKind, AccountView, Allowance, CloudAuthorize, Currency, Decision, DeclineReason,
-    KeyEntry, LedgerTotals, OpenAccount, TransferView, VoidPayment,
+    AccountId, AccountKind, AccountView, Allowance, CloudAuthorize, CodeNonce, Currency, Decision,
+    DeclineReason, KeyEntry, LedgerTotals, OpenAccount, PaymentId, StoreId, TransferView,
+    VoidPayment,
 };
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -45,7 +46,7 @@ fn pending_key(deadline_ms: u64, payment_id: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatePost {
     /// The store.
-    pub store_id: String,
+    pub store_id: StoreId,
     /// The post.
     pub post: protocol::PostPayment,
     /// When it came.
@@ -71,13 +72,13 @@ struct AccountRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct TransferRecord {
-    debit_account_id: String,
-    credit_account_id: String,
+    debit_account_id: AccountId,
+    credit_account_id: AccountId,
     amount_minor: i64,
     currency: Currency,
     applied_at_ms: u64,
-    code_nonce: Option<String>,
-    store_id: Option<String>,
+    code_nonce: Option<CodeNonce>,
+    store_id: Option<StoreId>,
     terminal_id: Option<String>,
     order_id: Option<String>,
     voided: bool,
@@ -90,7 +91,7 @@ struct TransferRecord {
     /// back only when the last of them is voided: any one of them may be the answer the
     /// register heard.
     #[serde(default)]
-    approved_nonces: Vec<String>,
+    approved_nonces: Vec<CodeNonce>,
     /// Final: the hub confirmed it (or it was issued, or applied from an offline approval). A
     /// payment not posted is pending: a void moves it back, and so does its expiry.
     #[serde(default)]
@@ -102,12 +103,12 @@ struct TransferRecord {
     /// Moved back by its expiry (not by a void): the attempts that held it then. A post from one
     /// of them still charges it, as `<payment id>#posted`.
     #[serde(default)]
-    expired_holders: Vec<String>,
+    expired_holders: Vec<CodeNonce>,
 }
 
 impl TransferRecord {
     /// The attempts told "approved" for this payment and not voided.
-    fn holders(&self) -> Vec<String> {
+    fn holders(&self) -> Vec<CodeNonce> {
         if self.approved_nonces.is_empty() {
             self.code_nonce.iter().cloned().collect()
         } else {
@@ -126,8 +127,8 @@ impl TransferRecord {
         at_ms: u64,
     ) -> Self {
         TransferRecord {
-            debit_account_id: issuer.to_owned(),
-            credit_account_id: account_id.to_owned(),
+            debit_account_id: issuer.into(),
+            credit_account_id: account_id.into(),
             amount_minor,
             currency,
             applied_at_ms: at_ms,
@@ -148,12 +149,12 @@ impl TransferRecord {
     fn payment(store_id: &str, request: &CloudAuthorize, offline: bool, at_ms: u64) -> Self {
         TransferRecord {
             debit_account_id: request.account_id.clone(),
-            credit_account_id: store_id.to_owned(),
+            credit_account_id: store_id.into(),
             amount_minor: request.amount_minor,
             currency: request.currency,
             applied_at_ms: at_ms,
             code_nonce: Some(request.code_nonce.clone()),
-            store_id: Some(store_id.to_owned()),
+            store_id: Some(store_id.into()),
             terminal_id: Some(request.terminal_id.clone()),
             order_id: Some(request.order_id.clone()),
             voided: false,
@@ -170,7 +171,7 @@ impl TransferRecord {
 /// What became of a code nonce: the payment it was presented for, and the decision then.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct NonceRecord {
-    payment_id: String,
+    payment_id: PaymentId,
     decision: Decision,
     /// The amount and currency the nonce was presented with (absent in records written before
     /// they were kept): a repeat with other details is not the same request.
@@ -272,7 +273,7 @@ fn charged_again(
 /// What a voided (or expired) attempt's nonce answers from then on.
 fn voided_nonce(payment_id: &str) -> NonceRecord {
     NonceRecord {
-        payment_id: payment_id.to_owned(),
+        payment_id: payment_id.into(),
         decision: Decision::declined(
             DeclineReason::CloudUnreachable,
             "the store voided this attempt after its deadline passed",
@@ -505,7 +506,7 @@ mod tests {
 
     fn pay(payment: &str, nonce: &str, amount: i64) -> CloudAuthorize {
         CloudAuthorize {
-            payment_id: format!("store-1:{payment}"),
+            payment_id: format!("store-1:{payment}").into(),
             account_id: "alice".into(),
             code_nonce: nonce.into(),
             amount_minor: amount,
@@ -519,7 +520,7 @@ mod tests {
     /// Alice's attempt at `store-1:<order>` with `nonce`, as a void or a post names it.
     fn attempt(order: &str, nonce: &str) -> VoidPayment {
         VoidPayment {
-            payment_id: format!("store-1:{order}"),
+            payment_id: format!("store-1:{order}").into(),
             account_id: "alice".into(),
             code_nonce: nonce.into(),
         }

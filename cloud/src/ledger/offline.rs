@@ -158,7 +158,7 @@ impl Ledger {
             if let Err(detail) = checked {
                 tracing::warn!(
                     store_id,
-                    payment_id = entry.payment_id,
+                    payment_id = %entry.payment_id,
                     detail,
                     "offline entry rejected"
                 );
@@ -169,7 +169,7 @@ impl Ledger {
             if let ReconcileOutcome::Conflict { detail } = &outcome {
                 tracing::error!(
                     store_id,
-                    payment_id = entry.payment_id,
+                    payment_id = %entry.payment_id,
                     detail,
                     "offline payment conflict"
                 );
@@ -177,7 +177,7 @@ impl Ledger {
             if let Some(first_payment_id) = first_payment {
                 tracing::warn!(
                     store_id,
-                    payment_id = entry.payment_id,
+                    payment_id = %entry.payment_id,
                     first_payment_id,
                     "offline payment with a code that had already paid"
                 );
@@ -232,7 +232,7 @@ impl Ledger {
                 };
                 // The payment id owns one transfer. If an online attempt under it was voided, the
                 // offline approval is applied under `<id>#offline`.
-                let mut transfer_id = entry.payment_id.clone();
+                let mut transfer_id = entry.payment_id.to_string();
                 if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
                     let mut existing: TransferRecord = decode(&existing);
                     if existing.voided {
@@ -325,11 +325,11 @@ impl Ledger {
                         {
                             let record = CodeReuse {
                                 entry: entry.clone(),
-                                first_payment_id: first.payment_id.clone(),
+                                first_payment_id: first.payment_id.to_string(),
                                 recorded_at_ms: now_ms,
                             };
                             code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
-                            first_payment = Some(first.payment_id);
+                            first_payment = Some(first.payment_id.into_string());
                         }
                     }
                 }
@@ -483,7 +483,7 @@ mod tests {
 
     fn online(store: &str, order: &str, nonce: &str, amount: i64) -> CloudAuthorize {
         CloudAuthorize {
-            payment_id: format!("{store}:{order}"),
+            payment_id: format!("{store}:{order}").into(),
             account_id: "alice".into(),
             code_nonce: nonce.into(),
             amount_minor: amount,
@@ -497,7 +497,7 @@ mod tests {
     fn offline(store: &str, seq: u64, order: &str, nonce: &str, amount: i64) -> OfflinePayment {
         let mut entry = OfflinePayment {
             seq,
-            payment_id: format!("{store}:{order}"),
+            payment_id: format!("{store}:{order}").into(),
             store_id: store.into(),
             terminal_id: "t1".into(),
             order_id: order.into(),

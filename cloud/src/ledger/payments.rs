@@ -478,7 +478,7 @@ impl Ledger {
                                         return Ok(true);
                                     }
                                     let late = LatePost {
-                                        store_id: store_id.to_owned(),
+                                        store_id: store_id.into(),
                                         post: request.clone(),
                                         recorded_at_ms: now_ms,
                                     };
@@ -545,7 +545,7 @@ impl Ledger {
                             }
                             _ => {
                                 let late = LatePost {
-                                    store_id: store_id.to_owned(),
+                                    store_id: store_id.into(),
                                     post: request.clone(),
                                     recorded_at_ms: now_ms,
                                 };
@@ -559,7 +559,7 @@ impl Ledger {
         if !posted {
             tracing::error!(
                 store_id,
-                payment_id = request.payment_id,
+                payment_id = %request.payment_id,
                 "a post came after its payment expired or was voided; kept for the operator"
             );
         }

@@ -36,8 +36,8 @@ impl Ledger {
                 let pending = !t.posted && !t.offline && !t.voided;
                 Ok(TransferView {
                     transfer_id: String::from_utf8(k.to_vec()).expect("ids are UTF-8"),
-                    debit_account_id: t.debit_account_id,
-                    credit_account_id: t.credit_account_id,
+                    debit_account_id: t.debit_account_id.into(),
+                    credit_account_id: t.credit_account_id.into(),
                     amount_minor: t.amount_minor,
                     currency: t.currency,
                     applied_at_ms: t.applied_at_ms,

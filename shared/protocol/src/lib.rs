@@ -9,6 +9,7 @@
 
 mod error;
 mod identity;
+mod ids;
 pub mod keyexpr;
 mod messages;
 mod money;
@@ -17,6 +18,7 @@ pub mod topics;
 
 pub use error::{ValidationError, WireError};
 pub use identity::*;
+pub use ids::{AccountId, CodeNonce, PaymentId, StoreId};
 pub use messages::*;
 pub use money::{validate_amount, Currency, MAX_AMOUNT_MINOR};
 pub use offline::*;
@@ -96,8 +98,8 @@ pub fn validate_id(kind: &'static str, id: &str) -> Result<(), ValidationError> 
 
 /// The payment id of an order at a store: the idempotency key of its transfer in the ledger.
 /// The same order charged twice is the same payment and never moves money twice.
-pub fn payment_id(store_id: &str, order_id: &str) -> String {
-    format!("{store_id}:{order_id}")
+pub fn payment_id(store_id: &str, order_id: &str) -> PaymentId {
+    PaymentId::from(format!("{store_id}:{order_id}"))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use crate::{AccountId, CodeNonce, PaymentId, StoreId};
+
 use crate::Currency;
 
 /// Why a payment was refused. The snake_case name is the stable code on every API and metric label.
@@ -158,7 +160,7 @@ pub enum Decision {
     /// Money moved (or had already moved for this payment id).
     Approved {
         /// The account charged.
-        account_id: String,
+        account_id: AccountId,
         /// True when this payment id had already been approved before: nothing moved this time.
         already_paid: bool,
     },
@@ -230,7 +232,7 @@ pub struct ChargeResult {
     /// Echo of the request's order id.
     pub order_id: String,
     /// The payment id, once the request was valid enough to have one.
-    pub payment_id: Option<String>,
+    pub payment_id: Option<PaymentId>,
     /// Approved, declined, or unknown.
     pub status: ChargeStatus,
     /// Why it was declined.
@@ -238,7 +240,7 @@ pub struct ChargeResult {
     /// Human-readable detail for the cashier.
     pub detail: String,
     /// The account charged, when approved.
-    pub account_id: Option<String>,
+    pub account_id: Option<AccountId>,
     /// True when the order had already been paid: this call moved no money.
     pub already_paid: bool,
     /// Approved by the store's hub alone while the cloud was unreachable; the ledger applies it
@@ -271,9 +273,9 @@ impl ChargeResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthorizeRequest {
     /// `store_id:order_id`, see [`crate::payment_id`].
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// The store the terminal belongs to.
-    pub store_id: String,
+    pub store_id: StoreId,
     /// The terminal asking.
     pub terminal_id: String,
     /// The merchant's order id.
@@ -300,7 +302,7 @@ pub enum PaymentProof {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthorizeReply {
     /// Echo of the request's payment id.
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// The decision.
     pub decision: Decision,
     /// Approved by the hub alone while the cloud was unreachable; reconciled later.
@@ -318,7 +320,7 @@ pub struct HubRequest {
     /// Unique per hub process and request; echoed in the reply.
     pub request_id: u64,
     /// The hub's store.
-    pub store_id: String,
+    pub store_id: StoreId,
     /// What is asked.
     pub body: HubRequestBody,
 }
@@ -352,7 +354,7 @@ pub enum HubRequestBody {
     /// The store's offline allowances, one page after this account id.
     AllowanceSync {
         /// Continue after this account id (`None`: from the start).
-        after_account: Option<String>,
+        after_account: Option<AccountId>,
     },
 }
 
@@ -360,12 +362,12 @@ pub enum HubRequestBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloudAuthorize {
     /// Idempotency key.
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// The customer account named by the code.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The single-use nonce of the proof (hex): the payment code's nonce, or the payment token's
     /// id. Single-use across the whole fleet.
-    pub code_nonce: String,
+    pub code_nonce: CodeNonce,
     /// Amount in minor units.
     pub amount_minor: i64,
     /// Currency.
@@ -383,11 +385,11 @@ pub struct CloudAuthorize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoidPayment {
     /// The payment to void.
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// The customer account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The code nonce of the attempt being voided.
-    pub code_nonce: String,
+    pub code_nonce: CodeNonce,
 }
 
 /// A post: the attempt the cloud approved, confirmed by the hub that journaled the approval.
@@ -419,7 +421,7 @@ pub enum CloudReplyBody {
     /// Outcome of an authorization.
     Authorized {
         /// The payment.
-        payment_id: String,
+        payment_id: PaymentId,
         /// The decision.
         decision: Decision,
         /// The account's offline allowance at this store, refreshed with every approval.
@@ -436,7 +438,7 @@ pub enum CloudReplyBody {
     /// A void was recorded.
     Voided {
         /// The payment.
-        payment_id: String,
+        payment_id: PaymentId,
         /// True when money had moved and was moved back.
         reversed: bool,
     },
@@ -444,7 +446,7 @@ pub enum CloudReplyBody {
     /// pending for that attempt (it expired or was voided first), kept for the operator.
     Posted {
         /// The payments, in the request's order.
-        payment_ids: Vec<String>,
+        payment_ids: Vec<PaymentId>,
         /// Whether each was posted.
         posted: Vec<bool>,
     },

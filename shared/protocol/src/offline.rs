@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Currency;
+use crate::{AccountId, CodeNonce, Currency, PaymentId, StoreId};
 
 /// A payment a hub approved without the cloud, signed with the hub's Ed25519 key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,17 +12,17 @@ pub struct OfflinePayment {
     /// The hub's journal sequence number (its drain order).
     pub seq: u64,
     /// The payment id (`<store>:<order>`): the ledger applies it once.
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// The store whose hub approved it.
-    pub store_id: String,
+    pub store_id: StoreId,
     /// The terminal that asked.
     pub terminal_id: String,
     /// The cash register's order id.
     pub order_id: String,
     /// The paying account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The code's nonce or the payment token's id.
-    pub nonce: String,
+    pub nonce: CodeNonce,
     /// Amount in minor units.
     pub amount_minor: i64,
     /// Currency.
@@ -104,7 +104,7 @@ pub struct ReconcileResult {
     /// The entry's sequence number.
     pub seq: u64,
     /// The payment.
-    pub payment_id: String,
+    pub payment_id: PaymentId,
     /// What happened.
     pub outcome: ReconcileOutcome,
 }
@@ -120,7 +120,7 @@ impl ReconcileResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allowance {
     /// The account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The most the store may hold unreconciled for this account, minor units.
     pub amount_minor: i64,
     /// Its currency.
@@ -150,7 +150,7 @@ pub struct AllowanceBatch {
     /// The allowances.
     pub allowances: Vec<Allowance>,
     /// For a sync page: the account id to continue after, if there is more.
-    pub next_after: Option<String>,
+    pub next_after: Option<AccountId>,
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             let wallet = &wallets[i % wallets.len()];
             let order = format!("o{i}");
             let request = AuthorizeRequest {
-                payment_id: format!("store-1:{order}"),
+                payment_id: format!("store-1:{order}").into(),
                 store_id: "store-1".into(),
                 terminal_id: "t1".into(),
                 order_id: order,
@@ -275,12 +275,12 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
             let order = format!("b{i}");
             let mut entry = OfflinePayment {
                 seq: journal.next_seq()?,
-                payment_id: format!("store-1:{order}"),
+                payment_id: format!("store-1:{order}").into(),
                 store_id: "store-1".into(),
                 terminal_id: "t1".into(),
                 order_id: order,
-                account_id: format!("c{}", i % cli.accounts),
-                nonce: format!("n{i}"),
+                account_id: format!("c{}", i % cli.accounts).into(),
+                nonce: format!("n{i}").into(),
                 amount_minor: 100 + (i % 900) as i64,
                 currency: eur(),
                 approved_at_ms: paycode::now_ms(),
