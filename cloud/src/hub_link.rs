@@ -163,14 +163,14 @@ impl HubLinkActor {
         Err("the store's lane is closing; retry")
     }
 
-    /// Answers a request the cloud could not take with an error, without waiting for the
-    /// publish (the MQTT driver must never wait on its own client).
+    /// Answers a request the cloud could not take with `Busy`, without waiting for the publish
+    /// (the MQTT driver must never wait on its own client).
     fn refuse(&self, store_id: String, request_id: u64, detail: &str) {
         tracing::warn!(store_id, detail, "hub request refused");
         let client = self.serving.client.clone();
         let reply = protocol::encode(&CloudReply {
             request_id,
-            body: CloudReplyBody::Error {
+            body: CloudReplyBody::Busy {
                 detail: detail.to_owned(),
             },
         });

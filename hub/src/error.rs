@@ -19,6 +19,10 @@ pub enum HubError {
     /// Too many requests already wait for the cloud.
     #[error("too many requests waiting for the cloud")]
     UplinkSaturated,
+    /// The cloud had no room for the request and did not serve it (a copy of it may still have
+    /// been served: unknown, like no answer).
+    #[error("cloud busy: {0}")]
+    CloudBusy(String),
     /// The circuit breaker is open: recent requests got no answer; this one was not sent.
     #[error("cloud unreachable: recent requests went unanswered; next try in {0} ms")]
     CircuitOpen(u64),

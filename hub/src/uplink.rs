@@ -181,30 +181,67 @@ impl Handler<CallCloud> for UplinkActor {
             .into_actor(self)
             .map(move |result, actor, _| {
                 actor.pending.remove(&request_id);
-                match &result {
-                    Ok(_) => {
-                        if actor.breaker.answered() {
-                            tracing::info!(store_id = %actor.store_id, "the cloud answers again");
-                            // Voids and syncs waiting for the cloud go now.
-                            actor.tell(UplinkEvent::CloudConnected);
-                        }
+                let now = std::time::Instant::now();
+                let (result, settled) = settle(&mut actor.breaker, result, now);
+                match settled {
+                    Settled::Reopened => {
+                        tracing::info!(store_id = %actor.store_id, "the cloud answers again");
+                        // Voids and syncs waiting for the cloud go now.
+                        actor.tell(UplinkEvent::CloudConnected);
                     }
-                    Err(HubError::CloudTimeout(_)) => {
-                        actor.breaker.timed_out(std::time::Instant::now());
-                        if actor.breaker.state(std::time::Instant::now()) == BreakerState::Open {
-                            tracing::warn!(
-                                store_id = %actor.store_id,
-                                "cloud unanswering; failing fast"
-                            );
-                        }
-                    }
-                    Err(_) => actor.breaker.link_lost(),
+                    Settled::Opened => tracing::warn!(
+                        store_id = %actor.store_id,
+                        "cloud unanswering; failing fast"
+                    ),
+                    Settled::Unchanged => {}
                 }
                 actor.show_breaker();
                 result
             }),
         )
     }
+}
+
+/// What a finished request did to the circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// An answer closed an open circuit.
+    Reopened,
+    /// The circuit is open after this request.
+    Opened,
+    /// Neither.
+    Unchanged,
+}
+
+/// Accounts a finished request to the breaker: an answer closes it; no answer in time, or a
+/// `Busy` refusal (the cloud did not serve it), counts against it. A `Busy` reply becomes
+/// [`HubError::CloudBusy`], so no caller mistakes it for an answer.
+fn settle(
+    breaker: &mut CircuitBreaker,
+    result: Result<CloudReplyBody, HubError>,
+    now: std::time::Instant,
+) -> (Result<CloudReplyBody, HubError>, Settled) {
+    let result = match result {
+        Ok(CloudReplyBody::Busy { detail }) => Err(HubError::CloudBusy(detail)),
+        other => other,
+    };
+    let settled = match &result {
+        Ok(_) if breaker.answered() => Settled::Reopened,
+        Ok(_) => Settled::Unchanged,
+        Err(HubError::CloudTimeout(_) | HubError::CloudBusy(_)) => {
+            breaker.timed_out(now);
+            if breaker.state(now) == BreakerState::Open {
+                Settled::Opened
+            } else {
+                Settled::Unchanged
+            }
+        }
+        Err(_) => {
+            breaker.link_lost();
+            Settled::Unchanged
+        }
+    };
+    (result, settled)
 }
 
 /// Something happened on the MQTT link.
@@ -296,5 +333,61 @@ impl Handler<LinkEventMsg> for UplinkActor {
             }
         }
         Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn busy() -> Result<CloudReplyBody, HubError> {
+        Ok(CloudReplyBody::Busy {
+            detail: "the cloud is busy with this store's requests; retry".into(),
+        })
+    }
+
+    #[test]
+    fn a_busy_refusal_is_no_answer_for_the_caller_nor_for_the_breaker() {
+        let now = std::time::Instant::now();
+        let mut breaker = CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN);
+        for n in 1..=BREAKER_THRESHOLD {
+            let (result, settled) = settle(&mut breaker, busy(), now);
+            assert!(
+                matches!(result, Err(HubError::CloudBusy(ref d)) if d.contains("busy")),
+                "{result:?}"
+            );
+            let expected = if n == BREAKER_THRESHOLD {
+                Settled::Opened
+            } else {
+                Settled::Unchanged
+            };
+            assert_eq!(settled, expected, "after {n} refusals");
+        }
+        assert_eq!(breaker.state(now), BreakerState::Open);
+        // An answer after the cool-down closes it again.
+        let later = now + BREAKER_COOL_DOWN;
+        assert_eq!(breaker.admit(later), Admission::Send);
+        let answer = Ok(CloudReplyBody::Error {
+            detail: "the ledger failed".into(),
+        });
+        let (result, settled) = settle(&mut breaker, answer.clone(), later);
+        assert_eq!(
+            result, answer,
+            "an error reply is an answer, passed on as is"
+        );
+        assert_eq!(settled, Settled::Reopened);
+        assert_eq!(breaker.state(later), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_lost_link_does_not_count_against_the_cloud() {
+        let now = std::time::Instant::now();
+        let mut breaker = CircuitBreaker::new(1, BREAKER_COOL_DOWN);
+        let (result, settled) = settle(&mut breaker, Err(HubError::LinkLost), now);
+        assert_eq!(result, Err(HubError::LinkLost));
+        assert_eq!(settled, Settled::Unchanged);
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+        let (_, settled) = settle(&mut breaker, Err(HubError::CloudTimeout(800)), now);
+        assert_eq!(settled, Settled::Opened);
     }
 }

@@ -461,6 +461,14 @@ pub enum CloudReplyBody {
         /// Why.
         detail: String,
     },
+    /// The cloud had no room for the request (its queue for the store, or for all stores, was
+    /// full) and did not serve it. Another copy of the same request may still have been served,
+    /// so for money it is as unknown as no answer; for the hub's circuit breaker it counts as a
+    /// request the cloud did not answer.
+    Busy {
+        /// Why.
+        detail: String,
+    },
 }
 
 /// A batch of account key changes, sent on request and broadcast on every change.
