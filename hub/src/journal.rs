@@ -11,7 +11,7 @@ use protocol::{
     PaymentId, VoidPayment,
 };
 use serde::{Deserialize, Serialize};
-use sled::transaction::Transactional;
+use storage::kv::Transactional;
 
 use crate::error::HubError;
 
@@ -84,27 +84,25 @@ pub enum Reservation {
 /// The journal database. Clones share it.
 #[derive(Clone)]
 pub struct Journal {
-    db: sled::Db,
-    decisions: sled::Tree,
-    nonces: sled::Tree,
-    keys: sled::Tree,
-    voids: sled::Tree,
+    db: storage::kv::Db,
+    decisions: storage::kv::Tree,
+    nonces: storage::kv::Tree,
+    keys: storage::kv::Tree,
+    voids: storage::kv::Tree,
     /// Offline approvals not yet acknowledged by the cloud, by sequence number.
-    offline: sled::Tree,
+    offline: storage::kv::Tree,
     /// The offline allowances the cloud granted this store, by account.
-    allowances: sled::Tree,
+    allowances: storage::kv::Tree,
     /// Payment ids this hub answered "approved", with what was approved.
-    paid: sled::Tree,
+    paid: storage::kv::Tree,
     /// Attempts sent (or about to be sent) to the cloud whose answer is not journaled yet, by
     /// `<payment id>#<nonce>`: a restart voids each (see [`Journal::recover_attempts`]).
-    attempts: sled::Tree,
+    attempts: storage::kv::Tree,
     /// Offline approvals the cloud could not apply as approved, kept for an operator by sequence.
-    conflicts: sled::Tree,
+    conflicts: storage::kv::Tree,
     /// Approvals the cloud answered and this hub journaled, to confirm (post) at the cloud, by
     /// `<payment id>#<nonce>`: until posted, the cloud's payment is pending and would expire.
-    posts: sled::Tree,
-    /// Whether writes wait for the disk (always, but in the simulation).
-    flushes: bool,
+    posts: storage::kv::Tree,
 }
 
 /// What the hub approved under a payment id.
@@ -134,12 +132,12 @@ fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
     format!("{account_id}/{nonce}").into_bytes()
 }
 
-type TxResult<T> = Result<T, sled::transaction::ConflictableTransactionError<()>>;
+type TxResult<T> = Result<T, storage::kv::ConflictableTransactionError<()>>;
 
 /// Every record of a tree, in key order. A record the journal cannot read means it is corrupt:
 /// carrying on could answer wrongly, so it panics with `what`.
 fn read_all<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: &storage::kv::Tree,
     what: &str,
 ) -> Result<Vec<T>, HubError> {
     tree.iter()
@@ -148,14 +146,25 @@ fn read_all<T: serde::de::DeserializeOwned>(
         .collect()
 }
 
-fn tx_error(e: sled::transaction::TransactionError<()>) -> HubError {
+fn tx_error(e: storage::kv::TransactionError<()>) -> HubError {
     storage_error(format!("{e:?}"))
 }
 
 impl Journal {
     /// Opens (or creates) the journal in a directory.
     pub fn open(path: &Path) -> Result<Self, HubError> {
-        let db = storage::open_sled(path).map_err(storage_error)?;
+        Self::on(storage::kv::Db::open(path).map_err(storage_error)?)
+    }
+
+    /// A journal in memory, for the deterministic simulation only: `store` is its disk (a hub
+    /// that restarts reopens it; a wiped disk is a new one), and nothing waits for a real disk.
+    /// Never in a hub: only builds with the `sim` feature (the tests crate's) have it.
+    #[cfg(feature = "sim")]
+    pub fn in_memory(store: &storage::kv::MemoryDb) -> Result<Self, HubError> {
+        Self::on(storage::kv::Db::memory(store))
+    }
+
+    fn on(db: storage::kv::Db) -> Result<Self, HubError> {
         Ok(Journal {
             decisions: db.open_tree("decisions").map_err(storage_error)?,
             nonces: db.open_tree("nonces").map_err(storage_error)?,
@@ -168,25 +177,12 @@ impl Journal {
             conflicts: db.open_tree("conflicts").map_err(storage_error)?,
             posts: db.open_tree("posts").map_err(storage_error)?,
             db,
-            flushes: true,
         })
-    }
-
-    /// A journal that never waits for the disk, for the deterministic simulation only: it
-    /// crashes a hub by dropping everything but this handle, which then holds exactly what a
-    /// flushed disk would (every write is complete before its caller goes on). Never in a hub:
-    /// only builds with the `sim` feature (the tests crate's) have it.
-    #[cfg(feature = "sim")]
-    pub fn without_flushes(mut self) -> Self {
-        self.flushes = false;
-        self
     }
 
     /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]).
     fn flush(&self) -> Result<(), HubError> {
-        if self.flushes {
-            storage::flush_or_stop(&self.db, "hub-journal-flush");
-        }
+        storage::flush_or_stop(&self.db, "hub-journal-flush");
         Ok(())
     }
 
@@ -502,7 +498,7 @@ impl Journal {
             .transaction(|(offline, paid_tree)| {
                 offline.insert(&entry.seq.to_be_bytes(), value.clone())?;
                 paid_tree.insert(entry.payment_id.as_bytes(), paid.clone())?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                Ok::<_, storage::kv::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| storage_error(format!("{e:?}")))?;
         self.flush()

@@ -9,12 +9,10 @@
 //! and the history is checked against the ledger.
 //!
 //! Everything that happens is decided by the seed: a failing seed prints and replays exactly
-//! (`facepay-sim --seed N`). The storage is real sled on a RAM disk where there is one.
+//! (`facepay-sim --seed N`). The journal and the ledger are their real code over the in-memory
+//! store of `storage::kv` (sled's API and semantics, without its log writer threads).
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    path::{Path, PathBuf},
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::bail;
 use cloud::ledger::{Ledger, OfflinePolicy};
@@ -29,6 +27,7 @@ use protocol::{
     Decision, DeclineReason, OfflinePayment, OpenAccount, PaymentId, PaymentProof, ReconcileResult,
     VoidPayment,
 };
+use storage::kv::MemoryDb;
 
 const STORE: &str = "store-1";
 const TERMINALS: usize = 3;
@@ -184,7 +183,8 @@ enum Waiting {
 }
 
 struct Hub {
-    dir: PathBuf,
+    /// The hub's disk: a restart reopens its journal on it; a wipe replaces it.
+    disk: MemoryDb,
     journal: Journal,
     book: OfflineBook,
     signer: HubSigner,
@@ -243,27 +243,16 @@ fn offline_config() -> hub::config::OfflineConfig {
     }
 }
 
-/// Where a run keeps its databases: a RAM disk when the machine has one (flushes are cheap).
-fn scratch_root() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        shm.to_owned()
-    } else {
-        std::env::temp_dir()
-    }
-}
-
 impl Sim {
-    fn new(seed: u64, dir: &Path) -> anyhow::Result<Self> {
+    fn new(seed: u64) -> anyhow::Result<Self> {
         let cloud_clock = clock::ManualClock::new(1_000_000);
-        let ledger = Ledger::open(&dir.join("ledger"))?
+        let ledger = Ledger::in_memory()?
             .with_offline_policy(OfflinePolicy {
                 store_allowance_minor: 3_000,
                 account_cap_minor: 3_000,
             })
             .with_pending_ttl(PENDING_TTL_MS)
-            .with_clock(cloud_clock.clone())
-            .without_flushes();
+            .with_clock(cloud_clock.clone());
         let open = |id: String, kind, balance| {
             ledger.open_account(&OpenAccount {
                 account_id: id,
@@ -279,11 +268,11 @@ impl Sim {
         }
         let signer = HubSigner::from_seed(&[7; 32]);
         ledger.set_hub_key(STORE, &signer.public_key_b64())?;
-        let hub_dir = dir.join("hub-0");
-        let journal = Journal::open(&hub_dir)?.without_flushes();
+        let disk = MemoryDb::new();
+        let journal = Journal::in_memory(&disk)?;
         journal.refuse_codes_issued_before(1_000_000)?;
         let hub = Hub {
-            dir: hub_dir,
+            disk,
             journal,
             book: OfflineBook::new(&offline_config(), Vec::new(), &[]),
             signer,
@@ -948,19 +937,15 @@ impl Sim {
             {
                 self.lost_voids.insert(void.payment_id);
             }
-            let dir = self
-                .hub
-                .dir
-                .with_file_name(format!("hub-{}", self.hub.epoch));
-            self.hub.journal = Journal::open(&dir)?.without_flushes();
-            self.hub.dir = dir;
+            self.hub.disk = MemoryDb::new();
         }
+        // The restarted hub opens its journal again, on what its disk holds: every write was
+        // complete before its caller went on, so that is exactly what a flushed disk would hold.
+        self.hub.journal = Journal::in_memory(&self.hub.disk)?;
         // What a hub does at every start: a journal created empty refuses older codes.
         self.hub
             .journal
             .refuse_codes_issued_before(self.hub_now())?;
-        // The same database handle: every write was complete before its caller went on, so it
-        // holds exactly what a flushed disk would, and what a restart reads.
         self.hub.journal.recover_attempts()?;
         self.hub.book = OfflineBook::new(
             &offline_config(),
@@ -1139,10 +1124,7 @@ impl Sim {
 
 /// Runs one seed; the error names it and what went wrong.
 pub fn run_seed(seed: u64) -> anyhow::Result<SimReport> {
-    let dir = tempfile::Builder::new()
-        .prefix("facepay-sim-")
-        .tempdir_in(scratch_root())?;
-    let sim = Sim::new(seed, dir.path())?;
+    let sim = Sim::new(seed)?;
     let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
     match report {
         Ok(report) => report,
@@ -1157,11 +1139,44 @@ pub fn run_seed(seed: u64) -> anyhow::Result<SimReport> {
     }
 }
 
-/// Runs `count` seeds from `first`; stops at the first failure. Returns the reports. (One seed
-/// after the other: on two cores, seeds on both ran slower than in turn, sled's own threads
-/// taking the second core.)
+/// Runs `count` seeds from `first`, on as many threads as the machine has cores (each seed is
+/// independent and runs on one thread, so it does the same whichever thread runs it). Returns the
+/// reports in seed order; on failures, the lowest failing seed's error (once a seed fails, seeds
+/// not yet started are skipped).
 pub fn run_seeds(first: u64, count: u64) -> anyhow::Result<Vec<SimReport>> {
-    (first..first + count).map(run_seed).collect()
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex,
+    };
+    let next = AtomicU64::new(first);
+    let failed = AtomicBool::new(false);
+    let results = Mutex::new(BTreeMap::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(count.max(1) as usize) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::SeqCst) {
+                    let seed = next.fetch_add(1, Ordering::SeqCst);
+                    if seed >= first + count {
+                        break;
+                    }
+                    let result = run_seed(seed);
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    results
+                        .lock()
+                        .expect("no thread panics holding it")
+                        .insert(seed, result);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().expect("no thread panics holding it");
+    if let Some((_, Err(e))) = results.iter().find(|(_, r)| r.is_err()) {
+        bail!("{e:#}");
+    }
+    Ok(results.into_values().map(|r| r.expect("checked")).collect())
 }
 
 /// Shared for the binary and the test: the default first seed (printed, so a run replays).

@@ -8,7 +8,7 @@ fn seeded_runs_of_faults_never_move_money_after_declined_nor_lose_an_approval() 
     let seeds = std::env::var("FACEPAY_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(150);
+        .unwrap_or(1000);
     eprintln!(
         "simulation: seeds {first}..{} (FACEPAY_SIM_SEED={first} replays)",
         first + seeds

@@ -8,7 +8,7 @@
 
 use protocol::{AccountId, AccountKind, Allowance, OfflineReservation};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{Transactional, TransactionalTree};
+use storage::kv::{Transactional, TransactionalTree};
 
 use super::{decode, encode, unwrap_tx, AccountRecord, Ledger, TxResult};
 use crate::error::LedgerError;

@@ -18,7 +18,7 @@ use protocol::{
     VoidPayment,
 };
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use storage::kv::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::error::LedgerError;
 
@@ -182,33 +182,31 @@ struct NonceRecord {
 /// The ledger database. Clones share the same database.
 #[derive(Clone)]
 pub struct Ledger {
-    db: sled::Db,
-    /// Whether writes wait for the disk (always, but in the simulation).
-    flushes: bool,
-    accounts: sled::Tree,
-    transfers: sled::Tree,
-    nonces: sled::Tree,
-    keys: sled::Tree,
+    db: storage::kv::Db,
+    accounts: storage::kv::Tree,
+    transfers: storage::kv::Tree,
+    nonces: storage::kv::Tree,
+    keys: storage::kv::Tree,
     /// Offline allowances by `<store>/<account>` (for a store's sync).
-    grants: sled::Tree,
+    grants: storage::kv::Tree,
     /// The stores holding a grant, by `<account>/` (for an account's total).
-    grants_by_account: sled::Tree,
+    grants_by_account: storage::kv::Tree,
     /// Accounts in debt.
-    debts: sled::Tree,
+    debts: storage::kv::Tree,
     /// Offline payments that could not be applied as approved, for the operator.
-    conflicts: sled::Tree,
+    conflicts: storage::kv::Tree,
     /// Offline payments whose code or token had already paid another payment, for the operator.
-    code_reuse: sled::Tree,
+    code_reuse: storage::kv::Tree,
     /// Each store's hub signing key.
-    hub_keys: sled::Tree,
+    hub_keys: storage::kv::Tree,
     /// Pending payments by `<deadline, big-endian ms><payment id>`, for their expiry.
-    pending: sled::Tree,
+    pending: storage::kv::Tree,
     /// Posts that came after their payment expired or was voided, for the operator.
-    late_posts: sled::Tree,
+    late_posts: storage::kv::Tree,
     /// How long an online payment stays pending without its post before the cloud expires it.
     pending_ttl_ms: u64,
     /// Money-moving operator actions, by a sequence number.
-    audit: sled::Tree,
+    audit: storage::kv::Tree,
     policy: OfflinePolicy,
     /// The one time source: when transfers were applied, conflicts recorded.
     clock: clock::SharedClock,
@@ -231,7 +229,7 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> T {
 type TxResult<T> = Result<T, ConflictableTransactionError<LedgerError>>;
 
 /// Every record of a tree, in key order.
-fn read_all<T: for<'de> Deserialize<'de>>(tree: &sled::Tree) -> Result<Vec<T>, LedgerError> {
+fn read_all<T: for<'de> Deserialize<'de>>(tree: &storage::kv::Tree) -> Result<Vec<T>, LedgerError> {
     tree.iter()
         .values()
         .map(|v| {
@@ -259,7 +257,7 @@ fn nonce_key(account_id: &str, nonce: &str) -> Vec<u8> {
 /// The payment charged again after its online transfer was moved back: an offline approval
 /// (`#offline`) or a confirmation after the expiry (`#posted`).
 fn charged_again(
-    transfers: &sled::transaction::TransactionalTree,
+    transfers: &storage::kv::TransactionalTree,
     payment_id: &str,
 ) -> TxResult<Option<TransferRecord>> {
     for suffix in ["offline", "posted"] {
@@ -287,7 +285,7 @@ fn voided_nonce(payment_id: &str) -> NonceRecord {
 /// Whether the debit may go below zero is the caller's rule; an overflow aborts the transaction
 /// (no input can make a balance wrap).
 fn apply_transfer(
-    accounts: &sled::transaction::TransactionalTree,
+    accounts: &storage::kv::TransactionalTree,
     (debit_id, debit): (&str, &mut AccountRecord),
     (credit_id, credit): (&str, &mut AccountRecord),
     amount_minor: i64,
@@ -310,10 +308,10 @@ fn apply_transfer(
 /// Moves a pending payment back with a reversing transfer `<payment id>#void`; every attempt
 /// that held it now answers "voided".
 fn reverse_tx(
-    accounts: &sled::transaction::TransactionalTree,
-    transfers: &sled::transaction::TransactionalTree,
-    nonces: &sled::transaction::TransactionalTree,
-    pending: &sled::transaction::TransactionalTree,
+    accounts: &storage::kv::TransactionalTree,
+    transfers: &storage::kv::TransactionalTree,
+    nonces: &storage::kv::TransactionalTree,
+    pending: &storage::kv::TransactionalTree,
     payment_id: &str,
     mut existing: TransferRecord,
     now_ms: u64,
@@ -365,7 +363,18 @@ fn reverse_tx(
 impl Ledger {
     /// Opens (or creates) the ledger in a directory.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let db = storage::open_sled(path).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        Self::on(storage::kv::Db::open(path).map_err(|e| LedgerError::Storage(e.to_string()))?)
+    }
+
+    /// A ledger in memory, for the deterministic simulation only (its cloud never restarts, and
+    /// nothing waits for a real disk). Never in a cloud: only builds with the `sim` feature (the
+    /// tests crate's) have it.
+    #[cfg(feature = "sim")]
+    pub fn in_memory() -> Result<Self, LedgerError> {
+        Self::on(storage::kv::Db::memory(&storage::kv::MemoryDb::new()))
+    }
+
+    fn on(db: storage::kv::Db) -> Result<Self, LedgerError> {
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| LedgerError::Storage(e.to_string()))
@@ -387,7 +396,6 @@ impl Ledger {
             audit: tree("audit")?,
             policy: OfflinePolicy::default(),
             clock: clock::system(),
-            flushes: true,
             db,
         })
     }
@@ -430,19 +438,8 @@ impl Ledger {
     /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]): after a failed flush
     /// nobody knows what the ledger holds.
     fn flush(&self) -> Result<(), LedgerError> {
-        if self.flushes {
-            storage::flush_or_stop(&self.db, "cloud-ledger-flush");
-        }
+        storage::flush_or_stop(&self.db, "cloud-ledger-flush");
         Ok(())
-    }
-
-    /// A ledger that never waits for the disk, for the deterministic simulation only (its cloud
-    /// never restarts, and every write is complete before its caller goes on). Never in a cloud:
-    /// only builds with the `sim` feature (the tests crate's) have it.
-    #[cfg(feature = "sim")]
-    pub fn without_flushes(mut self) -> Self {
-        self.flushes = false;
-        self
     }
 }
 

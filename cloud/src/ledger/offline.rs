@@ -6,7 +6,7 @@ use protocol::{
     AccountKind, AccountView, Allowance, Decision, Deposit, OfflinePayment, ReconcileOutcome,
 };
 use serde::{Deserialize, Serialize};
-use sled::transaction::{Transactional, TransactionalTree};
+use storage::kv::{Transactional, TransactionalTree};
 
 use super::{
     abort, allowances::revoke_all, apply_transfer, decode, encode, issuance_account, nonce_key,

@@ -79,10 +79,10 @@ impl Ledger {
     /// attempt knows what it voids and a repeat hears the same answer.
     fn authorize_tx(
         (accounts, transfers, nonces, pending): (
-            &sled::transaction::TransactionalTree,
-            &sled::transaction::TransactionalTree,
-            &sled::transaction::TransactionalTree,
-            &sled::transaction::TransactionalTree,
+            &storage::kv::TransactionalTree,
+            &storage::kv::TransactionalTree,
+            &storage::kv::TransactionalTree,
+            &storage::kv::TransactionalTree,
         ),
         store_id: &str,
         request: &CloudAuthorize,
@@ -233,8 +233,8 @@ impl Ledger {
     }
 
     fn try_apply(
-        accounts: &sled::transaction::TransactionalTree,
-        transfers: &sled::transaction::TransactionalTree,
+        accounts: &storage::kv::TransactionalTree,
+        transfers: &storage::kv::TransactionalTree,
         store_id: &str,
         request: &CloudAuthorize,
         now_ms: u64,

@@ -1,11 +1,13 @@
-//! Opening the `sled` databases of the hub and the cloud, and sealing the personal data they
-//! hold ([`seal`]).
+//! Opening the `sled` databases of the hub and the cloud, the key-value API the journal and the
+//! ledger are written against ([`kv`]: sled, or in memory for the simulation), and sealing the
+//! personal data they hold ([`seal`]).
 //!
 //! sled's background flusher keeps the directory's file lock for a moment after the last handle is
 //! dropped, so a database closed and reopened in the same process (a tier restarted in place, a
 //! test) can find it still locked. Opening retries that one error for a bounded time; any other
 //! error, or a lock still held after [`LOCK_WAIT`] (another process owns the database), is returned.
 
+pub mod kv;
 pub mod seal;
 pub mod worker;
 
@@ -48,7 +50,7 @@ pub fn fail_stop(what: &str, error: &dyn std::fmt::Display) -> ! {
 
 /// Flushes a database to disk; on failure the process stops ([`fail_stop`]). `failpoint` names
 /// the failpoint that can inject the failure (the chaos suite's disk faults).
-pub fn flush_or_stop(db: &sled::Db, failpoint: &str) {
+pub fn flush_or_stop(db: &kv::Db, failpoint: &str) {
     let injected = || -> sled::Result<usize> {
         fail::fail_point!(failpoint, |_| Err(sled::Error::Io(std::io::Error::other(
             format!("injected by the failpoint {failpoint}")

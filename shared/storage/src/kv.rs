@@ -1,0 +1,747 @@
+//! The ordered key-value store the hub's journal and the cloud's ledger are written against:
+//! `sled` on disk (what every tier runs), or [`MemoryDb`], an in-memory store with the same
+//! semantics for the deterministic simulation, where sled's cost is in the way: each sled
+//! transaction seals a log buffer and wakes sled's writer threads, which is most of a simulated
+//! seed's time and none of what the simulation checks.
+//!
+//! The API is sled's own (the same method names, arguments, results and error types), so code
+//! written against it reads as sled code: [`Db`] and [`Tree`] wrap `sled::Db` and `sled::Tree`,
+//! [`Transactional`] runs a closure over one tree or a tuple of up to eight, all-or-nothing, and
+//! [`TransactionalTree`] is what the closure reads and writes. Every sled call is passed through
+//! as is.
+//!
+//! The in-memory store keeps sled's guarantees that the journal and ledger rely on: a
+//! transaction's writes are applied all at once or not at all (an abort leaves nothing behind);
+//! transactions and single writes are serialised (one writer at a time), so a transaction never
+//! reads a value another writer changes before it commits; ids from `generate_id` never repeat
+//! within a store, across reopenings too. It has no durability and no flushes: a [`MemoryDb`] is
+//! the "disk", and a process that reopens a [`Db`] on the same [`MemoryDb`] finds what it wrote.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, HashMap},
+    ops::{Bound, Deref, RangeBounds},
+    path::Path,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+pub use sled::{
+    transaction::{
+        ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+        TransactionResult, UnabortableTransactionError,
+    },
+    CompareAndSwapError, IVec,
+};
+
+/// sled's result type.
+pub type Result<T> = sled::Result<T>;
+
+/// What a read or write within a transaction returns (sled's, which it keeps private).
+pub type UnabortableTransactionResult<T> = std::result::Result<T, UnabortableTransactionError>;
+
+/// The name of the tree a [`Db`] reads and writes itself (sled's default tree).
+const DEFAULT_TREE: &str = "__sled__default";
+
+/// An in-memory store: what a [`Db`] opened on it reads and writes, kept for as long as a handle
+/// to it lives. Clones share it (a process that "restarts" reopens the same store; a wiped disk
+/// is a new one).
+#[derive(Clone, Default)]
+pub struct MemoryDb {
+    shared: Arc<MemoryShared>,
+}
+
+#[derive(Default)]
+struct MemoryShared {
+    trees: Mutex<HashMap<String, BTreeMap<Vec<u8>, IVec>>>,
+    /// Held by every write, single or transactional: one writer at a time.
+    writer: Mutex<()>,
+    next_id: AtomicU64,
+}
+
+impl MemoryDb {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn trees(&self) -> MutexGuard<'_, HashMap<String, BTreeMap<Vec<u8>, IVec>>> {
+        // A panic while the lock was held left no partial write (writes are applied under it
+        // in one step), so the data is whole.
+        self.shared
+            .trees
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        self.shared
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn read<T>(&self, tree: &str, f: impl FnOnce(Option<&BTreeMap<Vec<u8>, IVec>>) -> T) -> T {
+        f(self.trees().get(tree))
+    }
+
+    fn write<T>(&self, tree: &str, f: impl FnOnce(&mut BTreeMap<Vec<u8>, IVec>) -> T) -> T {
+        let _writer = self.writer();
+        f(self.trees().entry(tree.to_owned()).or_default())
+    }
+
+    fn generate_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::SeqCst)
+    }
+}
+
+/// A database: sled's, or one over a [`MemoryDb`]. It reads and writes its default tree itself
+/// (`Deref<Target = Tree>`), as `sled::Db` does.
+#[derive(Clone)]
+pub struct Db {
+    backend: DbBackend,
+    default: Tree,
+}
+
+#[derive(Clone)]
+enum DbBackend {
+    Sled(sled::Db),
+    Memory(MemoryDb),
+}
+
+impl Db {
+    /// Opens (or creates) a sled database in a directory, waiting for its lock
+    /// ([`crate::open_sled`]).
+    pub fn open(path: &Path) -> Result<Db> {
+        let db = crate::open_sled(path)?;
+        let default = Tree(TreeBackend::Sled(sled::Tree::clone(&db)));
+        Ok(Db {
+            backend: DbBackend::Sled(db),
+            default,
+        })
+    }
+
+    /// A database over an in-memory store.
+    pub fn memory(store: &MemoryDb) -> Db {
+        Db {
+            backend: DbBackend::Memory(store.clone()),
+            default: Tree::memory(store, DEFAULT_TREE),
+        }
+    }
+
+    /// Opens (or creates) a tree.
+    pub fn open_tree(&self, name: &str) -> Result<Tree> {
+        match &self.backend {
+            DbBackend::Sled(db) => Ok(Tree(TreeBackend::Sled(db.open_tree(name)?))),
+            DbBackend::Memory(store) => Ok(Tree::memory(store, name)),
+        }
+    }
+
+    /// An id never returned before by this database.
+    pub fn generate_id(&self) -> Result<u64> {
+        match &self.backend {
+            DbBackend::Sled(db) => db.generate_id(),
+            DbBackend::Memory(store) => Ok(store.generate_id()),
+        }
+    }
+
+    /// Writes everything to disk (sled); nothing to do in memory.
+    pub fn flush(&self) -> Result<usize> {
+        match &self.backend {
+            DbBackend::Sled(db) => db.flush(),
+            DbBackend::Memory(_) => Ok(0),
+        }
+    }
+}
+
+impl Deref for Db {
+    type Target = Tree;
+    fn deref(&self) -> &Tree {
+        &self.default
+    }
+}
+
+/// An ordered map of byte keys to byte values within a [`Db`].
+#[derive(Clone)]
+pub struct Tree(TreeBackend);
+
+#[derive(Clone)]
+enum TreeBackend {
+    Sled(sled::Tree),
+    Memory { store: MemoryDb, name: Arc<str> },
+}
+
+impl Tree {
+    fn memory(store: &MemoryDb, name: &str) -> Tree {
+        Tree(TreeBackend::Memory {
+            store: store.clone(),
+            name: name.into(),
+        })
+    }
+
+    /// The value of a key.
+    pub fn get<K: AsRef<[u8]>>(&self, key: K) -> Result<Option<IVec>> {
+        match &self.0 {
+            TreeBackend::Sled(tree) => tree.get(key),
+            TreeBackend::Memory { store, name } => {
+                Ok(store.read(name, |t| t.and_then(|t| t.get(key.as_ref()).cloned())))
+            }
+        }
+    }
+
+    /// Whether a key has a value.
+    pub fn contains_key<K: AsRef<[u8]>>(&self, key: K) -> Result<bool> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// Sets a key's value; returns the value it replaced.
+    pub fn insert<K: AsRef<[u8]>, V: Into<IVec>>(&self, key: K, value: V) -> Result<Option<IVec>> {
+        match &self.0 {
+            TreeBackend::Sled(tree) => tree.insert(key, value),
+            TreeBackend::Memory { store, name } => {
+                Ok(store.write(name, |t| t.insert(key.as_ref().to_vec(), value.into())))
+            }
+        }
+    }
+
+    /// Removes a key; returns the value it had.
+    pub fn remove<K: AsRef<[u8]>>(&self, key: K) -> Result<Option<IVec>> {
+        match &self.0 {
+            TreeBackend::Sled(tree) => tree.remove(key),
+            TreeBackend::Memory { store, name } => {
+                Ok(store.write(name, |t| t.remove(key.as_ref())))
+            }
+        }
+    }
+
+    /// Sets a key to `new` (`None`: removes it) only if its value is `old` (`None`: absent).
+    pub fn compare_and_swap<K, OV, NV>(
+        &self,
+        key: K,
+        old: Option<OV>,
+        new: Option<NV>,
+    ) -> Result<std::result::Result<(), CompareAndSwapError>>
+    where
+        K: AsRef<[u8]>,
+        OV: AsRef<[u8]>,
+        NV: Into<IVec>,
+    {
+        match &self.0 {
+            TreeBackend::Sled(tree) => tree.compare_and_swap(key, old, new),
+            TreeBackend::Memory { store, name } => Ok(store.write(name, |t| {
+                let current = t.get(key.as_ref()).cloned();
+                if current.as_deref() != old.as_ref().map(|o| o.as_ref()) {
+                    return Err(CompareAndSwapError {
+                        current,
+                        proposed: new.map(Into::into),
+                    });
+                }
+                match new {
+                    Some(new) => t.insert(key.as_ref().to_vec(), new.into()),
+                    None => t.remove(key.as_ref()),
+                };
+                Ok(())
+            })),
+        }
+    }
+
+    /// Every pair, in key order.
+    pub fn iter(&self) -> Iter {
+        match &self.0 {
+            TreeBackend::Sled(tree) => Iter(IterBackend::Sled(tree.iter())),
+            TreeBackend::Memory { .. } => self.snapshot(Bound::Unbounded, Bound::Unbounded),
+        }
+    }
+
+    /// The pairs whose keys are in `range`, in key order.
+    pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
+        match &self.0 {
+            TreeBackend::Sled(tree) => Iter(IterBackend::Sled(tree.range(range))),
+            TreeBackend::Memory { .. } => self.snapshot(
+                range.start_bound().map(|k| k.as_ref().to_vec()),
+                range.end_bound().map(|k| k.as_ref().to_vec()),
+            ),
+        }
+    }
+
+    /// The pairs whose keys start with `prefix`, in key order.
+    pub fn scan_prefix<P: AsRef<[u8]>>(&self, prefix: P) -> Iter {
+        match &self.0 {
+            TreeBackend::Sled(tree) => Iter(IterBackend::Sled(tree.scan_prefix(prefix))),
+            TreeBackend::Memory { .. } => {
+                let prefix = prefix.as_ref().to_vec();
+                let Iter(IterBackend::Memory(pairs)) =
+                    self.snapshot(Bound::Included(prefix.clone()), Bound::Unbounded)
+                else {
+                    unreachable!("a memory tree snapshots in memory")
+                };
+                let pairs: Vec<_> = pairs.take_while(|(k, _)| k.starts_with(&prefix)).collect();
+                Iter(IterBackend::Memory(pairs.into_iter()))
+            }
+        }
+    }
+
+    /// The pair with the lowest key.
+    pub fn first(&self) -> Result<Option<(IVec, IVec)>> {
+        self.iter().next().transpose()
+    }
+
+    /// The pair with the highest key.
+    pub fn last(&self) -> Result<Option<(IVec, IVec)>> {
+        self.iter().next_back().transpose()
+    }
+
+    /// How many keys have values.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            TreeBackend::Sled(tree) => tree.len(),
+            TreeBackend::Memory { store, name } => store.read(name, |t| t.map_or(0, |t| t.len())),
+        }
+    }
+
+    /// Whether no key has a value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the tree's database to disk (sled); nothing to do in memory.
+    pub fn flush(&self) -> Result<usize> {
+        match &self.0 {
+            TreeBackend::Sled(tree) => tree.flush(),
+            TreeBackend::Memory { .. } => Ok(0),
+        }
+    }
+
+    /// A copy of the pairs within bounds, taken at once (later writes do not show in it).
+    fn snapshot(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Iter {
+        let TreeBackend::Memory { store, name } = &self.0 else {
+            unreachable!("only memory trees are snapshotted")
+        };
+        // sled answers an empty or inverted range with nothing; BTreeMap::range panics on it.
+        let empty = match (&start, &end) {
+            (Bound::Included(s), Bound::Included(e)) => s > e,
+            (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e))
+            | (Bound::Excluded(s), Bound::Included(e)) => s >= e,
+            _ => false,
+        };
+        let pairs: Vec<(IVec, IVec)> = if empty {
+            Vec::new()
+        } else {
+            store.read(name, |t| {
+                t.map(|t| {
+                    t.range::<Vec<u8>, _>((start, end))
+                        .map(|(k, v)| (IVec::from(k.as_slice()), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+            })
+        };
+        Iter(IterBackend::Memory(pairs.into_iter()))
+    }
+}
+
+/// Pairs of a tree in key order, from either end.
+pub struct Iter(IterBackend);
+
+// An iterator lives on its caller's stack for one scan: boxing sled's (the large one, the one
+// every tier uses) would cost an allocation per scan to save stack the memory one never needs.
+#[allow(clippy::large_enum_variant)]
+enum IterBackend {
+    Sled(sled::Iter),
+    Memory(std::vec::IntoIter<(IVec, IVec)>),
+}
+
+impl Iter {
+    /// The keys alone.
+    pub fn keys(self) -> impl DoubleEndedIterator<Item = Result<IVec>> {
+        self.map(|pair| pair.map(|(k, _)| k))
+    }
+
+    /// The values alone.
+    pub fn values(self) -> impl DoubleEndedIterator<Item = Result<IVec>> {
+        self.map(|pair| pair.map(|(_, v)| v))
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<(IVec, IVec)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.0 {
+            IterBackend::Sled(iter) => iter.next(),
+            IterBackend::Memory(pairs) => pairs.next().map(Ok),
+        }
+    }
+}
+
+impl DoubleEndedIterator for Iter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        match &mut self.0 {
+            IterBackend::Sled(iter) => iter.next_back(),
+            IterBackend::Memory(pairs) => pairs.next_back().map(Ok),
+        }
+    }
+}
+
+/// A tree within a transaction: reads see the transaction's own writes; writes apply when the
+/// closure returns `Ok`, all of them with the other trees' writes, or none.
+#[derive(Clone)]
+pub struct TransactionalTree(TxBackend);
+
+#[derive(Clone)]
+enum TxBackend {
+    Sled(sled::transaction::TransactionalTree),
+    Memory {
+        store: MemoryDb,
+        name: Arc<str>,
+        writes: Rc<RefCell<BTreeMap<Vec<u8>, Option<IVec>>>>,
+    },
+}
+
+impl TransactionalTree {
+    /// The value of a key, as this transaction has left it.
+    pub fn get<K: AsRef<[u8]>>(&self, key: K) -> UnabortableTransactionResult<Option<IVec>> {
+        match &self.0 {
+            TxBackend::Sled(tree) => tree.get(key),
+            TxBackend::Memory {
+                store,
+                name,
+                writes,
+            } => {
+                if let Some(written) = writes.borrow().get(key.as_ref()) {
+                    return Ok(written.clone());
+                }
+                Ok(store.read(name, |t| t.and_then(|t| t.get(key.as_ref()).cloned())))
+            }
+        }
+    }
+
+    /// Sets a key's value when the transaction commits; returns the value it replaces.
+    pub fn insert<K, V>(&self, key: K, value: V) -> UnabortableTransactionResult<Option<IVec>>
+    where
+        K: AsRef<[u8]> + Into<IVec>,
+        V: Into<IVec>,
+    {
+        match &self.0 {
+            TxBackend::Sled(tree) => tree.insert(key, value),
+            TxBackend::Memory { writes, .. } => {
+                let previous = self.get(key.as_ref())?;
+                writes
+                    .borrow_mut()
+                    .insert(key.as_ref().to_vec(), Some(value.into()));
+                Ok(previous)
+            }
+        }
+    }
+
+    /// Removes a key when the transaction commits; returns the value it has.
+    pub fn remove<K>(&self, key: K) -> UnabortableTransactionResult<Option<IVec>>
+    where
+        K: AsRef<[u8]> + Into<IVec>,
+    {
+        match &self.0 {
+            TxBackend::Sled(tree) => tree.remove(key),
+            TxBackend::Memory { writes, .. } => {
+                let previous = self.get(key.as_ref())?;
+                writes.borrow_mut().insert(key.as_ref().to_vec(), None);
+                Ok(previous)
+            }
+        }
+    }
+
+    /// An id never returned before by the tree's database (whether or not this transaction
+    /// commits).
+    pub fn generate_id(&self) -> Result<u64> {
+        match &self.0 {
+            TxBackend::Sled(tree) => tree.generate_id(),
+            TxBackend::Memory { store, .. } => Ok(store.generate_id()),
+        }
+    }
+}
+
+/// Runs a closure over one tree or a tuple of trees as one transaction: all its writes or none.
+/// The closure may run more than once (sled retries on a conflict), so it must not act outside
+/// the trees. All trees must belong to the same kind of database.
+pub trait Transactional<E = ()> {
+    /// What the closure is given: one [`TransactionalTree`] per tree, in the same shape.
+    type View;
+
+    /// Runs `f` as one transaction.
+    fn transaction<F, A>(&self, f: F) -> TransactionResult<A, E>
+    where
+        F: Fn(&Self::View) -> ConflictableTransactionResult<A, E>;
+}
+
+/// The in-memory transaction over `trees` of `store`: `f` gets one transactional tree per
+/// name; on `Ok` every write is applied in one step, under the writer lock held throughout.
+fn memory_transaction<A, E>(
+    store: &MemoryDb,
+    names: &[&Arc<str>],
+    f: impl Fn(&[TransactionalTree]) -> ConflictableTransactionResult<A, E>,
+) -> TransactionResult<A, E> {
+    let _writer = store.writer();
+    loop {
+        let trees: Vec<TransactionalTree> = names
+            .iter()
+            .map(|name| {
+                TransactionalTree(TxBackend::Memory {
+                    store: store.clone(),
+                    name: Arc::clone(name),
+                    writes: Rc::default(),
+                })
+            })
+            .collect();
+        match f(&trees) {
+            Ok(answer) => {
+                let mut all = store.trees();
+                for tree in trees {
+                    let TxBackend::Memory { name, writes, .. } = tree.0 else {
+                        unreachable!("memory trees only")
+                    };
+                    let target = all.entry(name.to_string()).or_default();
+                    for (key, value) in writes.take() {
+                        match value {
+                            Some(value) => target.insert(key, value),
+                            None => target.remove(&key),
+                        };
+                    }
+                }
+                return Ok(answer);
+            }
+            Err(ConflictableTransactionError::Abort(e)) => return Err(TransactionError::Abort(e)),
+            Err(ConflictableTransactionError::Storage(e)) => {
+                return Err(TransactionError::Storage(e))
+            }
+            // Nothing else writes while the lock is held, so nothing conflicts; a closure that
+            // reports a conflict anyway is run again, as sled does.
+            Err(ConflictableTransactionError::Conflict) => continue,
+        }
+    }
+}
+
+/// The database of a set of trees, when all are in memory; `None` when all are sled's. Mixed
+/// sets are a programming error.
+fn memory_store<'a>(trees: &[&'a Tree]) -> Option<(&'a MemoryDb, Vec<&'a Arc<str>>)> {
+    let mut store = None;
+    let mut names = Vec::with_capacity(trees.len());
+    let mut sled = 0;
+    for tree in trees {
+        match &tree.0 {
+            TreeBackend::Sled(_) => sled += 1,
+            TreeBackend::Memory { store: s, name } => {
+                if let Some(first) = store {
+                    let first: &MemoryDb = first;
+                    assert!(
+                        Arc::ptr_eq(&s.shared, &first.shared),
+                        "one transaction over trees of two memory databases"
+                    );
+                }
+                store = Some(s);
+                names.push(name);
+            }
+        }
+    }
+    assert!(
+        sled == 0 || sled == trees.len(),
+        "one transaction over sled and memory trees"
+    );
+    store.map(|s| (s, names))
+}
+
+fn sled_tree(tree: &Tree) -> &sled::Tree {
+    match &tree.0 {
+        TreeBackend::Sled(tree) => tree,
+        TreeBackend::Memory { .. } => unreachable!("checked by memory_store"),
+    }
+}
+
+impl<E> Transactional<E> for Tree {
+    type View = TransactionalTree;
+
+    fn transaction<F, A>(&self, f: F) -> TransactionResult<A, E>
+    where
+        F: Fn(&TransactionalTree) -> ConflictableTransactionResult<A, E>,
+    {
+        match memory_store(&[self]) {
+            Some((store, names)) => memory_transaction(store, &names, |trees| f(&trees[0])),
+            None => sled::transaction::Transactional::transaction(sled_tree(self), |tree| {
+                f(&TransactionalTree(TxBackend::Sled(tree.clone())))
+            }),
+        }
+    }
+}
+
+macro_rules! transactional_tuple {
+    ($($tree:ident $index:tt),+) => {
+        impl<E> Transactional<E> for ($(transactional_tuple!(@tree $tree),)+) {
+            type View = ($(transactional_tuple!(@view $tree),)+);
+
+            fn transaction<F, A>(&self, f: F) -> TransactionResult<A, E>
+            where
+                F: Fn(&Self::View) -> ConflictableTransactionResult<A, E>,
+            {
+                match memory_store(&[$(self.$index),+]) {
+                    Some((store, names)) => memory_transaction(store, &names, |trees| {
+                        f(&($(trees[$index].clone(),)+))
+                    }),
+                    None => {
+                        let sled_trees = ($(sled_tree(self.$index),)+);
+                        sled::transaction::Transactional::transaction(&sled_trees, |($($tree,)+)| {
+                            f(&($(TransactionalTree(TxBackend::Sled($tree.clone())),)+))
+                        })
+                    }
+                }
+            }
+        }
+    };
+    (@view $tree:ident) => { TransactionalTree };
+    (@tree $tree:ident) => { &Tree };
+}
+
+transactional_tuple!(a 0, b 1);
+transactional_tuple!(a 0, b 1, c 2);
+transactional_tuple!(a 0, b 1, c 2, d 3);
+transactional_tuple!(a 0, b 1, c 2, d 3, e 4);
+transactional_tuple!(a 0, b 1, c 2, d 3, e 4, f 5);
+transactional_tuple!(a 0, b 1, c 2, d 3, e 4, f 5, g 6);
+transactional_tuple!(a 0, b 1, c 2, d 3, e 4, f 5, g 6, h 7);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both kinds of database, each fresh: every test below runs against both and must see the
+    /// same answers.
+    fn both() -> Vec<(&'static str, Db, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Db::open(dir.path()).unwrap();
+        vec![
+            ("sled", sled, Some(dir)),
+            ("memory", Db::memory(&MemoryDb::new()), None),
+        ]
+    }
+
+    fn keys(iter: impl Iterator<Item = Result<(IVec, IVec)>>) -> Vec<String> {
+        iter.map(|pair| String::from_utf8(pair.unwrap().0.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn single_writes_reads_and_scans_answer_alike() {
+        for (kind, db, _dir) in both() {
+            let t = db.open_tree("t").unwrap();
+            assert!(t.is_empty(), "{kind}");
+            for k in ["b", "a/2", "a/1", "c"] {
+                assert_eq!(t.insert(k, k.as_bytes()).unwrap(), None, "{kind}");
+            }
+            assert_eq!(
+                t.insert("c", "C").unwrap().as_deref(),
+                Some(&b"c"[..]),
+                "{kind}"
+            );
+            assert_eq!(t.get("c").unwrap().as_deref(), Some(&b"C"[..]), "{kind}");
+            assert!(t.contains_key("b").unwrap() && !t.contains_key("z").unwrap());
+            assert_eq!(t.len(), 4, "{kind}");
+            assert_eq!(keys(t.iter()), ["a/1", "a/2", "b", "c"], "{kind}");
+            assert_eq!(keys(t.iter().rev()), ["c", "b", "a/2", "a/1"], "{kind}");
+            assert_eq!(keys(t.scan_prefix("a/")), ["a/1", "a/2"], "{kind}");
+            assert_eq!(keys(t.range("a/2".."c")), ["a/2", "b"], "{kind}");
+            assert_eq!(keys(t.range("b"..)), ["b", "c"], "{kind}");
+            assert_eq!(keys(t.range(.."b")), ["a/1", "a/2"], "{kind}");
+            assert!(keys(t.range("c".."a")).is_empty(), "{kind}: inverted");
+            assert!(keys(t.range("b".."b")).is_empty(), "{kind}: empty");
+            assert_eq!(t.first().unwrap().unwrap().0.as_ref(), b"a/1", "{kind}");
+            assert_eq!(t.last().unwrap().unwrap().0.as_ref(), b"c", "{kind}");
+            assert_eq!(t.remove("b").unwrap().as_deref(), Some(&b"b"[..]), "{kind}");
+            assert_eq!(t.remove("b").unwrap(), None, "{kind}");
+            // Trees are apart; the database reads and writes its own default tree.
+            let other = db.open_tree("other").unwrap();
+            assert!(other.get("a/1").unwrap().is_none(), "{kind}");
+            db.insert("meta", "1").unwrap();
+            assert!(t.get("meta").unwrap().is_none(), "{kind}");
+            assert_eq!(db.get("meta").unwrap().as_deref(), Some(&b"1"[..]));
+        }
+    }
+
+    #[test]
+    fn compare_and_swap_sets_only_over_the_expected_value() {
+        for (kind, db, _dir) in both() {
+            let t = db.open_tree("t").unwrap();
+            assert!(t
+                .compare_and_swap("k", None as Option<&[u8]>, Some("1"))
+                .unwrap()
+                .is_ok());
+            let refused = t
+                .compare_and_swap("k", None as Option<&[u8]>, Some("2"))
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(refused.current.as_deref(), Some(&b"1"[..]), "{kind}");
+            assert_eq!(refused.proposed.as_deref(), Some(&b"2"[..]), "{kind}");
+            assert!(t
+                .compare_and_swap("k", Some("1"), None as Option<&[u8]>)
+                .unwrap()
+                .is_ok());
+            assert!(t.get("k").unwrap().is_none(), "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_transaction_applies_all_its_writes_or_none() {
+        for (kind, db, _dir) in both() {
+            let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
+            a.insert("x", "1").unwrap();
+            // Aborted after writing both trees: nothing is left.
+            let aborted: TransactionResult<(), &str> = (&a, &b).transaction(|(ta, tb)| {
+                ta.insert("x", "2")?;
+                tb.insert("y", "2")?;
+                assert_eq!(ta.get("x")?.as_deref(), Some(&b"2"[..]), "reads its writes");
+                Err(ConflictableTransactionError::Abort("no"))
+            });
+            assert!(
+                matches!(aborted, Err(TransactionError::Abort("no"))),
+                "{kind}"
+            );
+            assert_eq!(a.get("x").unwrap().as_deref(), Some(&b"1"[..]), "{kind}");
+            assert!(b.get("y").unwrap().is_none(), "{kind}");
+            // Committed: every write, removals included.
+            let moved: TransactionResult<Option<IVec>, ()> = (&a, &b).transaction(|(ta, tb)| {
+                let x = ta.remove("x")?;
+                tb.insert("y", x.clone().unwrap())?;
+                assert!(ta.get("x")?.is_none(), "reads its removal");
+                Ok(x)
+            });
+            assert_eq!(moved.unwrap().as_deref(), Some(&b"1"[..]), "{kind}");
+            assert!(a.get("x").unwrap().is_none(), "{kind}");
+            assert_eq!(b.get("y").unwrap().as_deref(), Some(&b"1"[..]), "{kind}");
+            // One tree alone.
+            let one: TransactionResult<(), ()> = b.transaction(|tb| {
+                tb.insert("z", "3")?;
+                Ok(())
+            });
+            one.unwrap();
+            assert_eq!(b.len(), 2, "{kind}");
+        }
+    }
+
+    #[test]
+    fn ids_never_repeat_and_a_reopened_memory_store_keeps_its_data() {
+        let store = MemoryDb::new();
+        let db = Db::memory(&store);
+        let t = db.open_tree("t").unwrap();
+        t.insert("k", "v").unwrap();
+        let first = db.generate_id().unwrap();
+        let in_tx: TransactionResult<u64, ()> = t.transaction(|tt| Ok(tt.generate_id()?));
+        let second = in_tx.unwrap();
+        drop((db, t));
+        let again = Db::memory(&store);
+        let third = again.generate_id().unwrap();
+        assert!(first < second && second < third, "{first} {second} {third}");
+        let t = again.open_tree("t").unwrap();
+        assert_eq!(t.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+        // A new store is a wiped disk.
+        let wiped = Db::memory(&MemoryDb::new());
+        assert!(wiped.open_tree("t").unwrap().is_empty());
+    }
+}
