@@ -405,7 +405,7 @@ async fn create_customer(
     // The ledger account first (opening it again with the same fields is a no-op, so a retry after
     // a failure below completes the enrollment), then the profile.
     let open = OpenAccount {
-        account_id: request.customer_id.clone(),
+        account_id: request.customer_id.as_str().into(),
         kind: AccountKind::Customer,
         currency,
         initial_balance_minor: request.initial_balance_minor,

@@ -62,7 +62,7 @@ pub struct CustomerRecord {
     /// Argon2id PHC string of the second factor (the PIN, or the phone's last four digits).
     pub second_factor_hash: String,
     /// Home store.
-    pub home_store_id: String,
+    pub home_store_id: protocol::StoreId,
     /// Templates: id and embedding.
     pub templates: Vec<(u64, Vec<f32>)>,
     /// Version of the latest change.
@@ -73,7 +73,7 @@ impl CustomerRecord {
     /// The entry a hub keeps.
     pub fn hot_entry(&self, customer_id: &str) -> HotEntry {
         HotEntry {
-            account_id: customer_id.to_owned(),
+            account_id: customer_id.into(),
             home_store_id: self.home_store_id.clone(),
             templates: self.templates.clone(),
             second_factor: self.second_factor,
@@ -417,7 +417,7 @@ impl CustomerStore {
                 updates.push(TemplateUpdate {
                     version,
                     change: TemplateChange::Revoke {
-                        account_id: change.account_id,
+                        account_id: change.account_id.into(),
                     },
                 });
                 continue;

@@ -321,7 +321,9 @@ impl IdentityActor {
             ids.len(),
             TemplateUpdate {
                 version,
-                change: TemplateChange::Revoke { account_id: msg.0 },
+                change: TemplateChange::Revoke {
+                    account_id: msg.0.into(),
+                },
             },
         ))
     }

@@ -64,9 +64,10 @@ enum LaneKind {
 
 impl LaneKind {
     fn of(request: &HubRequest) -> Self {
-        match request.body {
-            HubRequestBody::Identify(_) | HubRequestBody::TemplateSync { .. } => LaneKind::Identity,
-            _ => LaneKind::Payments,
+        if request.body.is_identity() {
+            LaneKind::Identity
+        } else {
+            LaneKind::Payments
         }
     }
 

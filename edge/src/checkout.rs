@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use protocol::{
     AuthorizeRequest, ChargeRequest, ChargeResult, ChargeStatus, Currency, Decision, DeclineReason,
-    PaymentId, PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod, VerifyReply,
+    OrderId, PaymentId, PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod, VerifyReply,
     VerifyRequest, VerifyStart,
 };
 use telemetry::PaymentMetrics;
@@ -44,7 +44,7 @@ pub struct CheckoutActor {
     busy: bool,
     /// The order the running code charge is for: a second request for it hears
     /// `payment_in_progress` (its outcome is not known yet), not "declined".
-    charging: Option<String>,
+    charging: Option<OrderId>,
 }
 
 impl CheckoutActor {
@@ -93,7 +93,7 @@ fn result(
             account_id,
             already_paid,
         } => ChargeResult {
-            order_id: order_id.to_owned(),
+            order_id: order_id.into(),
             payment_id,
             status: ChargeStatus::Approved,
             reason: None,
@@ -107,9 +107,9 @@ fn result(
             offline: false,
         },
         Decision::Declined { reason, detail } => ChargeResult {
-            order_id: order_id.to_owned(),
+            order_id: order_id.into(),
             payment_id,
-            status: if known && reason != DeclineReason::PaymentInProgress {
+            status: if known && !reason.is_unknown_outcome() {
                 ChargeStatus::Declined
             } else {
                 ChargeStatus::Unknown
@@ -178,7 +178,7 @@ impl Handler<Charge> for CheckoutActor {
         // A token charge needs no sensor, so it runs beside a verification; a code charge needs
         // the scanner to itself.
         let with_token = request.token.is_some();
-        if self.busy && !with_token && self.charging.as_deref() == Some(&request.order_id) {
+        if self.busy && !with_token && self.charging.as_ref() == Some(&request.order_id) {
             return refuse(
                 self,
                 Decision::declined(
@@ -246,7 +246,7 @@ impl Handler<Charge> for CheckoutActor {
             let request = AuthorizeRequest {
                 payment_id: pid.clone(),
                 store_id: settings.store_id.into(),
-                terminal_id: settings.terminal_id,
+                terminal_id: settings.terminal_id.into(),
                 order_id: request.order_id,
                 amount_minor,
                 currency,
@@ -373,8 +373,8 @@ impl Handler<VerifyCustomer> for CheckoutActor {
 
 async fn ask_hub(hub: &HubClient, settings: &CheckoutSettings, body: VerifyBody) -> VerifyReply {
     let request = VerifyRequest {
-        store_id: settings.store_id.clone(),
-        terminal_id: settings.terminal_id.clone(),
+        store_id: settings.store_id.as_str().into(),
+        terminal_id: settings.terminal_id.as_str().into(),
         body,
     };
     match hub.verify(&request).await {
@@ -433,6 +433,31 @@ mod tests {
             expected,
             "{req:?}"
         );
+    }
+
+    #[test]
+    fn a_hub_answer_that_the_outcome_is_not_known_is_never_a_decline() {
+        let pid = Some(PaymentId::from("store-1:o-1"));
+        for reason in DeclineReason::ALL {
+            let decision = Decision::declined(*reason, "from the hub");
+            let heard = result("o-1", pid.clone(), decision, true);
+            let expected = match reason {
+                DeclineReason::PaymentInProgress | DeclineReason::OutcomeUnknown => {
+                    ChargeStatus::Unknown
+                }
+                _ => ChargeStatus::Declined,
+            };
+            assert_eq!(heard.status, expected, "{reason:?}");
+            assert_eq!(heard.reason, Some(*reason));
+        }
+        // An answer the edge cannot trust is unknown whatever it says.
+        let unknown = result(
+            "o-1",
+            pid,
+            Decision::declined(DeclineReason::InsufficientFunds, "x"),
+            false,
+        );
+        assert_eq!(unknown.status, ChargeStatus::Unknown);
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //! about this payment. An event that does not fit the state is a broken invariant and panics.
 
 use protocol::{
-    AccountId, AuthorizeRequest, CodeNonce, Decision, DeclineReason, PaymentId, VoidPayment,
+    AccountId, AuthorizeRequest, CodeNonce, Decision, DeclineReason, OrderId, PaymentId,
+    VoidPayment,
 };
 
 use crate::journal::{Paid, Reservation};
@@ -159,7 +160,7 @@ impl Outcome {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     payment_id: PaymentId,
-    order_id: String,
+    order_id: OrderId,
     amount_minor: i64,
     currency: String,
     payer: Payer,

@@ -325,7 +325,7 @@ mod tests {
             payment_id: format!("s:{seq}").into(),
             store_id: "s".into(),
             terminal_id: "t".into(),
-            order_id: format!("{seq}"),
+            order_id: format!("{seq}").into(),
             account_id: account.into(),
             nonce: format!("n{seq}").into(),
             amount_minor: amount,

@@ -10,7 +10,10 @@ use std::{
 use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
 use paycode::{SignedCode, Validity};
-use protocol::{CloudReplyBody, Decision, DeclineReason, HubRequestBody, KeyBatch, KeyEntry};
+use protocol::{
+    AccountId, CloudReplyBody, Decision, DeclineReason, HubRequestBody, KeyBatch, KeyEntry,
+    TerminalId,
+};
 use rand::RngCore;
 
 use crate::{
@@ -29,9 +32,9 @@ pub const TOKEN_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
     /// The account it charges.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The terminal it is bound to.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// Expiry, ms since the epoch.
     pub expires_at_ms: u64,
 }
@@ -40,12 +43,12 @@ pub struct Token {
 pub struct CredentialsActor {
     clock: clock::SharedClock,
     validity: Validity,
-    keys: HashMap<String, VerifyingKey>,
+    keys: HashMap<AccountId, VerifyingKey>,
     key_version: u64,
     tokens: HashMap<String, Token>,
     /// Accounts whose templates were revoked (erased customers): no token is ever issued for
     /// them again, even by a verification that matched their face just before.
-    erased: HashSet<String>,
+    erased: HashSet<AccountId>,
     journal: JournalWorker,
     uplink: Option<Addr<UplinkActor>>,
     syncing: bool,
@@ -86,7 +89,7 @@ impl CredentialsActor {
                     self.keys.insert(entry.account_id.clone(), key);
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(%error, account_id = entry.account_id, "unusable key from the cloud ignored")
+                    tracing::warn!(%error, account_id = %entry.account_id, "unusable key from the cloud ignored")
                 }
                 None => {
                     self.keys.remove(&entry.account_id);
@@ -155,7 +158,7 @@ impl CredentialsActor {
         };
         let code = SignedCode::parse(code)
             .map_err(|e| refused(Decision::declined(e.decline_reason(), e.to_string())))?;
-        let Some(key) = self.keys.get(&code.account_id) else {
+        let Some(key) = self.keys.get(code.account_id.as_str()) else {
             return Err(refused(Decision::declined(
                 DeclineReason::UnknownAccount,
                 format!("account {} is unknown to this store", code.account_id),
@@ -231,9 +234,9 @@ impl Handler<CheckCode> for CredentialsActor {
 #[rtype(result = "Option<IssuedToken>")]
 pub struct IssueToken {
     /// The account it charges.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The terminal it is bound to.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// How long it stays valid.
     pub ttl_ms: u64,
 }
@@ -286,7 +289,7 @@ pub struct RedeemToken {
     /// The token.
     pub token: String,
     /// The terminal presenting it.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
 }
 
 impl Handler<RedeemToken> for CredentialsActor {
@@ -307,7 +310,7 @@ impl Handler<RedeemToken> for CredentialsActor {
 /// revoked: erasure).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ForgetAccounts(pub Vec<String>);
+pub struct ForgetAccounts(pub Vec<AccountId>);
 
 impl Handler<ForgetAccounts> for CredentialsActor {
     type Result = ();

@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use protocol::{HotEntry, EMBEDDING_LEN};
+use protocol::{AccountId, HotEntry, StoreId, EMBEDDING_LEN};
 use serde::{Deserialize, Serialize};
 use storage::Sealer;
 
@@ -23,7 +23,7 @@ fn err<E: std::fmt::Display>(e: E) -> HotSetError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
     /// The account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// Its best template's cosine with the probe.
     pub score: f32,
 }
@@ -33,8 +33,8 @@ pub struct Scored {
 pub struct HotIndex {
     matrix: Vec<f32>,
     owners: Vec<u32>,
-    accounts: Vec<String>,
-    slot_of: HashMap<String, u32>,
+    accounts: Vec<AccountId>,
+    slot_of: HashMap<AccountId, u32>,
 }
 
 impl HotIndex {
@@ -189,7 +189,7 @@ pub fn start_worker(hot: HotSet) -> HotSetWorker {
 
 /// The hot set: entries in memory, sealed in sled, and the exact index over them.
 pub struct HotSet {
-    entries: HashMap<String, HeldEntry>,
+    entries: HashMap<AccountId, HeldEntry>,
     index: HotIndex,
     cap: usize,
     db: sled::Db,
@@ -197,7 +197,7 @@ pub struct HotSet {
     meta: sled::Tree,
     lockouts: sled::Tree,
     sealer: Sealer,
-    home_store_id: String,
+    home_store_id: StoreId,
 }
 
 const SYNC_CURSOR: &[u8] = b"template_version";
@@ -238,7 +238,7 @@ impl HotSet {
             meta,
             lockouts,
             sealer,
-            home_store_id: home_store_id.to_owned(),
+            home_store_id: home_store_id.into(),
         })
     }
 
@@ -280,7 +280,7 @@ impl HotSet {
                 .any(|(_, e)| protocol::validate_embedding(e).is_err())
             {
                 tracing::warn!(
-                    account_id = entry.account_id,
+                    account_id = %entry.account_id,
                     "entry with a bad template ignored"
                 );
                 continue;
@@ -321,7 +321,7 @@ impl HotSet {
             return Ok(false);
         }
         // Visitors from other stores go first, then the least recently seen.
-        let mut order: Vec<(bool, u64, String)> = self
+        let mut order: Vec<(bool, u64, AccountId)> = self
             .entries
             .values()
             .map(|h| {

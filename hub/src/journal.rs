@@ -8,7 +8,7 @@ use std::path::Path;
 
 use protocol::{
     AccountId, Allowance, AuthorizeRequest, CodeNonce, Decision, KeyEntry, OfflinePayment,
-    PaymentId, VoidPayment,
+    PaymentId, TerminalId, VoidPayment,
 };
 use serde::{Deserialize, Serialize};
 use storage::kv::Transactional;
@@ -23,7 +23,7 @@ pub struct JournalEntry {
     /// The payment.
     pub payment_id: PaymentId,
     /// The terminal that asked.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// Amount in minor units.
     pub amount_minor: i64,
     /// Currency code.

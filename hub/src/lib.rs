@@ -446,11 +446,14 @@ async fn serve_edges(
                         payment
                             .send(Authorize(request))
                             .await
+                            // The payment actor stopped while it held the attempt (or before):
+                            // the cloud may have it. Unknown, never declined; the restart voids
+                            // or resolves it.
                             .unwrap_or_else(|error| protocol::AuthorizeReply {
                                 payment_id,
                                 decision: protocol::Decision::declined(
-                                    protocol::DeclineReason::Internal,
-                                    format!("hub unavailable: {error}"),
+                                    protocol::DeclineReason::OutcomeUnknown,
+                                    format!("hub payment path unavailable: {error}"),
                                 ),
                                 offline: false,
                             })

@@ -226,7 +226,7 @@ async fn prove(
             };
             match credentials.send(redeem).await.map_err(unavailable)? {
                 Ok(t) => Ok(Payer {
-                    account_id: t.account_id.into(),
+                    account_id: t.account_id,
                     nonce: token.clone().into(),
                     keep_from_ms: t.expires_at_ms,
                     token: true,

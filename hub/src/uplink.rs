@@ -149,6 +149,11 @@ impl Handler<CallCloud> for UplinkActor {
         }
         let request_id = self.next_request_id;
         self.next_request_id += 1;
+        let lane = if msg.body.is_identity() {
+            Lane::Identity
+        } else {
+            Lane::Payments
+        };
         let request = HubRequest {
             request_id,
             store_id: self.store_id.clone(),
@@ -182,7 +187,7 @@ impl Handler<CallCloud> for UplinkActor {
             .map(move |result, actor, _| {
                 actor.pending.remove(&request_id);
                 let now = std::time::Instant::now();
-                let (result, settled) = settle(&mut actor.breaker, result, now);
+                let (result, settled) = settle(&mut actor.breaker, lane, result, now);
                 match settled {
                     Settled::Reopened => {
                         tracing::info!(store_id = %actor.store_id, "the cloud answers again");
@@ -213,11 +218,22 @@ enum Settled {
     Unchanged,
 }
 
-/// Accounts a finished request to the breaker: an answer closes it; no answer in time, or a
-/// `Busy` refusal (the cloud did not serve it), counts against it. A `Busy` reply becomes
+/// The cloud lane a request is served on ([`HubRequestBody::is_identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The store's payments, voids, syncs: what the breaker protects.
+    Payments,
+    /// 1:N search and template sync, apart from payments.
+    Identity,
+}
+
+/// Accounts a finished request to the breaker: an answer closes it; no answer in time counts
+/// against it, and so does a `Busy` refusal of the payment lane (the cloud did not serve it). A
+/// busy identity lane says nothing about payments: it only frees a probe. A `Busy` reply becomes
 /// [`HubError::CloudBusy`], so no caller mistakes it for an answer.
 fn settle(
     breaker: &mut CircuitBreaker,
+    lane: Lane,
     result: Result<CloudReplyBody, HubError>,
     now: std::time::Instant,
 ) -> (Result<CloudReplyBody, HubError>, Settled) {
@@ -228,6 +244,10 @@ fn settle(
     let settled = match &result {
         Ok(_) if breaker.answered() => Settled::Reopened,
         Ok(_) => Settled::Unchanged,
+        Err(HubError::CloudBusy(_)) if lane == Lane::Identity => {
+            breaker.link_lost();
+            Settled::Unchanged
+        }
         Err(HubError::CloudTimeout(_) | HubError::CloudBusy(_)) => {
             breaker.timed_out(now);
             if breaker.state(now) == BreakerState::Open {
@@ -351,7 +371,7 @@ mod tests {
         let now = std::time::Instant::now();
         let mut breaker = CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN);
         for n in 1..=BREAKER_THRESHOLD {
-            let (result, settled) = settle(&mut breaker, busy(), now);
+            let (result, settled) = settle(&mut breaker, Lane::Payments, busy(), now);
             assert!(
                 matches!(result, Err(HubError::CloudBusy(ref d)) if d.contains("busy")),
                 "{result:?}"
@@ -370,7 +390,7 @@ mod tests {
         let answer = Ok(CloudReplyBody::Error {
             detail: "the ledger failed".into(),
         });
-        let (result, settled) = settle(&mut breaker, answer.clone(), later);
+        let (result, settled) = settle(&mut breaker, Lane::Payments, answer.clone(), later);
         assert_eq!(
             result, answer,
             "an error reply is an answer, passed on as is"
@@ -380,14 +400,37 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_identity_lane_never_opens_the_breaker_for_payments() {
+        let now = std::time::Instant::now();
+        let mut breaker = CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN);
+        for _ in 0..2 * BREAKER_THRESHOLD {
+            let (result, settled) = settle(&mut breaker, Lane::Identity, busy(), now);
+            assert!(matches!(result, Err(HubError::CloudBusy(_))), "{result:?}");
+            assert_eq!(settled, Settled::Unchanged);
+        }
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+        // Nor does it count toward the payment lane's run of failures.
+        for _ in 1..BREAKER_THRESHOLD {
+            let (_, settled) = settle(&mut breaker, Lane::Payments, busy(), now);
+            assert_eq!(settled, Settled::Unchanged);
+        }
+        assert_eq!(breaker.state(now), BreakerState::Closed);
+    }
+
+    #[test]
     fn a_lost_link_does_not_count_against_the_cloud() {
         let now = std::time::Instant::now();
         let mut breaker = CircuitBreaker::new(1, BREAKER_COOL_DOWN);
-        let (result, settled) = settle(&mut breaker, Err(HubError::LinkLost), now);
+        let (result, settled) = settle(&mut breaker, Lane::Payments, Err(HubError::LinkLost), now);
         assert_eq!(result, Err(HubError::LinkLost));
         assert_eq!(settled, Settled::Unchanged);
         assert_eq!(breaker.state(now), BreakerState::Closed);
-        let (_, settled) = settle(&mut breaker, Err(HubError::CloudTimeout(800)), now);
+        let (_, settled) = settle(
+            &mut breaker,
+            Lane::Payments,
+            Err(HubError::CloudTimeout(800)),
+            now,
+        );
         assert_eq!(settled, Settled::Opened);
     }
 }

@@ -12,8 +12,8 @@ use actix::prelude::*;
 use paycode::SignedCode;
 use protocol::{
     AccountId, CloudIdentify, CloudReplyBody, CodeNonce, DeclineReason, HotEntry, HubRequestBody,
-    PaymentId, SecondFactorAnswer, SecondFactorKind, TemplateBatch, TemplateChange, VerifyBody,
-    VerifyReply, VerifyRequest,
+    PaymentId, SecondFactorAnswer, SecondFactorKind, TemplateBatch, TemplateChange, TerminalId,
+    VerifyBody, VerifyReply, VerifyRequest,
 };
 
 use crate::{
@@ -33,9 +33,9 @@ pub const VERIFY_MAILBOX: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Challenge {
-    terminal_id: String,
+    terminal_id: TerminalId,
     /// Accounts the answer may belong to, the likeliest first; a wrong answer counts against it.
-    candidates: Vec<String>,
+    candidates: Vec<AccountId>,
     kind: SecondFactorKind,
     expires_at_ms: u64,
 }
@@ -114,9 +114,9 @@ pub enum Conclusion {
     /// Nobody close enough.
     Unknown,
     /// This account, conclusively.
-    Accept(String),
+    Accept(AccountId),
     /// Probably these accounts (likeliest first): ask the second factor.
-    Ask(Vec<String>),
+    Ask(Vec<AccountId>),
 }
 
 /// The identification rule: accept when the best score clears the accept threshold and beats any
@@ -175,10 +175,10 @@ enum Next {
     /// Answer this.
     Reply(VerifyReply),
     /// Issue a payment token for this account.
-    Token(String),
+    Token(AccountId),
     /// Ask the second factor of these accounts (likeliest first).
     Challenge {
-        candidates: Vec<String>,
+        candidates: Vec<AccountId>,
         kind: SecondFactorKind,
     },
 }
@@ -265,9 +265,9 @@ fn one_to_one(
             format!("the face does not match the owner of this payment code (cosine {score:.2})"),
         ))
     } else if score < rule.accept_threshold {
-        next_for(hot, Conclusion::Ask(vec![account.to_owned()]), now)
+        next_for(hot, Conclusion::Ask(vec![account.into()]), now)
     } else {
-        next_for(hot, Conclusion::Accept(account.to_owned()), now)
+        next_for(hot, Conclusion::Accept(account.into()), now)
     })
 }
 
@@ -288,7 +288,7 @@ fn apply_batch(
     batch: TemplateBatch,
     now: u64,
     metrics: &VerifyMetrics,
-) -> Vec<String> {
+) -> Vec<AccountId> {
     let mut upserts = Vec::new();
     let mut revoked = Vec::new();
     for update in batch.updates {
@@ -297,9 +297,9 @@ fn apply_batch(
             TemplateChange::Revoke { account_id } => {
                 upserts.retain(|e: &HotEntry| e.account_id != account_id);
                 match hot.revoke(&account_id) {
-                    Ok(true) => tracing::info!(account_id, "templates revoked"),
+                    Ok(true) => tracing::info!(%account_id, "templates revoked"),
                     Ok(false) => {}
-                    Err(error) => tracing::error!(%error, account_id, "revoking failed"),
+                    Err(error) => tracing::error!(%error, %account_id, "revoking failed"),
                 }
                 revoked.push(account_id);
             }
@@ -316,7 +316,7 @@ async fn ask_cloud(
     uplink: Option<Addr<UplinkActor>>,
     timeout: Duration,
     embedding: Vec<f32>,
-    account_id: Option<String>,
+    account_id: Option<AccountId>,
 ) -> Vec<HotEntry> {
     let Some(uplink) = uplink else {
         return Vec::new();
@@ -420,9 +420,9 @@ impl VerifyActor {
 
     fn challenge(
         &mut self,
-        candidates: Vec<String>,
+        candidates: Vec<AccountId>,
         kind: SecondFactorKind,
-        terminal_id: String,
+        terminal_id: TerminalId,
     ) -> VerifyReply {
         let expires_at_ms =
             self.clock.now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
@@ -445,7 +445,7 @@ impl VerifyActor {
 
     /// Turns what the hot set decided into the answer: a token from the credentials actor, a
     /// challenge held here, or the reply as is.
-    fn answer(&mut self, next: Next, terminal_id: String) -> Answer {
+    fn answer(&mut self, next: Next, terminal_id: TerminalId) -> Answer {
         match next {
             Next::Reply(reply) => Box::pin(fut::ready(reply)),
             Next::Challenge { candidates, kind } => {
@@ -491,7 +491,7 @@ impl VerifyActor {
         cursor: Option<u64>,
         ctx: &mut Context<Self>,
     ) {
-        let revoked: Vec<String> = batch
+        let revoked: Vec<AccountId> = batch
             .updates
             .iter()
             .filter_map(|u| match &u.change {
@@ -521,7 +521,7 @@ impl VerifyActor {
         ctx.wait(
             apply
                 .into_actor(self)
-                .map(|revoked: Vec<String>, actor, _| {
+                .map(|revoked: Vec<AccountId>, actor, _| {
                     // A challenge issued while the hot set was still revoking.
                     actor
                         .challenges
@@ -568,7 +568,7 @@ impl VerifyActor {
     }
 
     /// Identifies a face: the hot set first, the cloud's 1:N search on a miss (a hit is cached).
-    fn face(&mut self, embedding: Vec<f32>, terminal: String) -> Answer {
+    fn face(&mut self, embedding: Vec<f32>, terminal: TerminalId) -> Answer {
         let (hot, clock, metrics) = (self.hot.clone(), self.clock.clone(), self.metrics.clone());
         let rule = self.settings.identify.clone();
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
@@ -597,14 +597,14 @@ impl VerifyActor {
     }
 
     /// Confirms by face the owner of a code (which is spent on it).
-    fn code_and_face(&mut self, code: String, embedding: Vec<f32>, terminal: String) -> Answer {
+    fn code_and_face(&mut self, code: String, embedding: Vec<f32>, terminal: TerminalId) -> Answer {
         let (hot, clock, metrics) = (self.hot.clone(), self.clock.clone(), self.metrics.clone());
         let rule = self.settings.identify.clone();
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
         let spend = spend_code(code, self.credentials.clone(), self.journal.clone());
         let step = async move {
             let account = match spend.await {
-                Ok(code) => code.account_id,
+                Ok(code) => AccountId::from(code.account_id),
                 Err(refused) => return Next::Reply(refused),
             };
             let (probe, first_rule, held) = (embedding.clone(), rule.clone(), account.clone());
@@ -639,7 +639,7 @@ impl VerifyActor {
 
     /// Checks a second-factor answer: one answer per challenge; a right one for any candidate
     /// issues its token, a wrong one counts against the likeliest candidate.
-    fn second_factor(&mut self, answer: SecondFactorAnswer, terminal: String) -> Answer {
+    fn second_factor(&mut self, answer: SecondFactorAnswer, terminal: TerminalId) -> Answer {
         let unknown = || {
             Box::pin(fut::ready(VerifyReply::refused(
                 DeclineReason::InvalidRequest,
@@ -664,7 +664,7 @@ impl VerifyActor {
             let now = clock.now_ms();
             let (refused, hashes) = hot
                 .call(move |h| {
-                    let hashes: Vec<(String, String)> = lookup
+                    let hashes: Vec<(AccountId, String)> = lookup
                         .iter()
                         .filter_map(|account| {
                             h.get(account)
@@ -827,7 +827,7 @@ mod tests {
         pairs
             .iter()
             .map(|(a, s)| Scored {
-                account_id: a.to_string(),
+                account_id: (*a).into(),
                 score: *s,
             })
             .collect()

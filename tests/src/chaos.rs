@@ -802,8 +802,8 @@ pub fn check(
         orders.entry(op.payment_id.as_str()).or_default().push(op);
     }
     let mut checked = Checked::default();
-    let mut spent: HashMap<String, i64> = HashMap::new();
-    let mut received: HashMap<String, i64> = HashMap::new();
+    let mut spent: HashMap<protocol::AccountId, i64> = HashMap::new();
+    let mut received: HashMap<protocol::AccountId, i64> = HashMap::new();
     let mut intervals: HashMap<&str, Vec<(u64, u64, i64)>> = HashMap::new();
     for (payment_id, ops) in &orders {
         let found = live(payment_id);

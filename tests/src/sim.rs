@@ -253,7 +253,7 @@ impl Sim {
             })
             .with_pending_ttl(PENDING_TTL_MS)
             .with_clock(cloud_clock.clone());
-        let open = |id: String, kind, balance| {
+        let open = |id: AccountId, kind, balance| {
             ledger.open_account(&OpenAccount {
                 account_id: id,
                 kind,
@@ -264,7 +264,7 @@ impl Sim {
         };
         open(STORE.into(), AccountKind::Merchant, 0)?;
         for n in 0..CUSTOMERS {
-            open(account(n).into(), AccountKind::Customer, OPENING_BALANCE)?;
+            open(account(n), AccountKind::Customer, OPENING_BALANCE)?;
         }
         let signer = HubSigner::from_seed(&[7; 32]);
         ledger.set_hub_key(STORE, &signer.public_key_b64())?;
@@ -509,8 +509,8 @@ impl Sim {
         let request = AuthorizeRequest {
             payment_id: protocol::payment_id(STORE, &order),
             store_id: STORE.into(),
-            terminal_id: format!("till-{t}"),
-            order_id: order.clone(),
+            terminal_id: format!("till-{t}").into(),
+            order_id: order.as_str().into(),
             amount_minor: amount,
             currency: eur(),
             proof: PaymentProof::Code("simulated".into()),
@@ -697,6 +697,11 @@ impl Sim {
                 Heard::Approved {
                     offline: outcome.offline,
                 }
+            }
+            // What the edge tells the register: "in progress" is not known, not declined.
+            Decision::Declined { reason, .. } if reason.is_unknown_outcome() => {
+                self.report.unknown += 1;
+                Heard::Unknown
             }
             Decision::Declined { reason, .. } => {
                 self.report.declined += 1;
@@ -1030,7 +1035,7 @@ impl Sim {
             }
             if let Some(t) = found.first() {
                 spent
-                    .entry(AccountId::from(&t.debit_account_id))
+                    .entry(t.debit_account_id.clone())
                     .and_modify(|s| *s += t.amount_minor)
                     .or_insert(t.amount_minor);
                 let invoked = ops.iter().any(|o| {

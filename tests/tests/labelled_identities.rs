@@ -80,7 +80,7 @@ fn every_labelled_identity_pays_as_itself() {
             dropped.push(group.join("+"));
             continue;
         }
-        let account = format!("id-{i}");
+        let account = protocol::AccountId::from(format!("id-{i}"));
         enrolled.push(HotEntry {
             account_id: account.clone(),
             home_store_id: "store-1".into(),

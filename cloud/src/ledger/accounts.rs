@@ -137,7 +137,7 @@ impl Ledger {
                 }
                 let version = keys.generate_id()? + 1;
                 let entry = KeyEntry {
-                    account_id: account_id.to_owned(),
+                    account_id: account_id.into(),
                     version,
                     public_key: None,
                 };

@@ -79,8 +79,8 @@ struct TransferRecord {
     applied_at_ms: u64,
     code_nonce: Option<CodeNonce>,
     store_id: Option<StoreId>,
-    terminal_id: Option<String>,
-    order_id: Option<String>,
+    terminal_id: Option<protocol::TerminalId>,
+    order_id: Option<protocol::OrderId>,
     voided: bool,
     /// Approved by a hub offline and applied at reconciliation: only that hub's journal owns it,
     /// so a void of an earlier online attempt no longer reverses it.
@@ -456,7 +456,7 @@ fn empty_totals(currency: Currency) -> LedgerTotals {
 
 fn view(account_id: &str, r: AccountRecord) -> AccountView {
     AccountView {
-        account_id: account_id.to_owned(),
+        account_id: account_id.into(),
         kind: r.kind,
         currency: r.currency,
         balance_minor: r.balance_minor,

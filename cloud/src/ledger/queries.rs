@@ -36,8 +36,8 @@ impl Ledger {
                 let pending = !t.posted && !t.offline && !t.voided;
                 Ok(TransferView {
                     transfer_id: String::from_utf8(k.to_vec()).expect("ids are UTF-8"),
-                    debit_account_id: t.debit_account_id.into(),
-                    credit_account_id: t.credit_account_id.into(),
+                    debit_account_id: t.debit_account_id,
+                    credit_account_id: t.credit_account_id,
                     amount_minor: t.amount_minor,
                     currency: t.currency,
                     applied_at_ms: t.applied_at_ms,
@@ -52,7 +52,7 @@ impl Ledger {
     pub fn totals(&self) -> Result<Vec<LedgerTotals>, LedgerError> {
         use std::collections::BTreeMap;
         let accounts = self.accounts()?;
-        let mut from_transfers: BTreeMap<String, i64> = BTreeMap::new();
+        let mut from_transfers: BTreeMap<protocol::AccountId, i64> = BTreeMap::new();
         let mut totals: BTreeMap<String, LedgerTotals> = BTreeMap::new();
         for t in self.transfers()? {
             *from_transfers

@@ -42,7 +42,7 @@ fn main() {
         let mut rng = synthetic::Rng::new(cli.seed);
         let entries: Vec<HotEntry> = (0..n)
             .map(|i| HotEntry {
-                account_id: format!("c{i}"),
+                account_id: format!("c{i}").into(),
                 home_store_id: "store-1".into(),
                 templates: vec![(i as u64, synthetic::template(&mut rng))],
                 second_factor: SecondFactorKind::Pin,

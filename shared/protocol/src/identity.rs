@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::DeclineReason;
+use crate::{AccountId, DeclineReason, StoreId, TerminalId};
 
 /// Length of an SFace embedding.
 pub const EMBEDDING_LEN: usize = 128;
@@ -86,9 +86,9 @@ pub struct SecondFactorAnswer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VerifyRequest {
     /// The store.
-    pub store_id: String,
+    pub store_id: StoreId,
     /// The terminal; the token is bound to it.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// What is verified.
     pub body: VerifyBody,
 }
@@ -122,7 +122,7 @@ pub enum VerifyReply {
         /// The payment token: spend it with `POST /v1/charge`.
         token: String,
         /// The account it charges.
-        account_id: String,
+        account_id: AccountId,
         /// When the token stops being accepted (milliseconds since the Unix epoch).
         expires_at_ms: u64,
     },
@@ -164,7 +164,7 @@ pub struct CloudIdentify {
     /// The live face's embedding.
     pub embedding: Vec<f32>,
     /// For a 1:1 check: the account whose templates to return. `None` searches everyone (1:N).
-    pub account_id: Option<String>,
+    pub account_id: Option<AccountId>,
 }
 
 /// The cloud's answer to a [`CloudIdentify`]: the best-scoring accounts' hot-set entries, so the
@@ -179,9 +179,9 @@ pub struct CloudIdentified {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HotEntry {
     /// The customer's account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The store the customer enrolled at.
-    pub home_store_id: String,
+    pub home_store_id: StoreId,
     /// Template id and L2-normalised embedding of each enrolled photo.
     pub templates: Vec<(u64, Vec<f32>)>,
     /// Which second factor to ask.
@@ -199,7 +199,7 @@ pub enum TemplateChange {
     /// The customer was erased: drop every template of the account.
     Revoke {
         /// The erased account.
-        account_id: String,
+        account_id: AccountId,
     },
 }
 
@@ -242,7 +242,7 @@ pub struct CreateCustomer {
     /// Which second factor to ask when a face match is not conclusive.
     pub second_factor: SecondFactorKind,
     /// The store the customer enrolls at: its hub holds the templates.
-    pub home_store_id: String,
+    pub home_store_id: StoreId,
     /// Account currency.
     pub currency: String,
     /// Opening balance in minor units.
@@ -277,7 +277,7 @@ pub struct CustomerView {
     /// The second factor asked.
     pub second_factor: SecondFactorKind,
     /// Home store.
-    pub home_store_id: String,
+    pub home_store_id: StoreId,
     /// Number of enrolled face templates.
     pub faces: usize,
 }

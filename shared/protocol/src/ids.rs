@@ -1,5 +1,5 @@
 //! Identifiers as types of their own: a payment id cannot be passed where an account id is
-//! expected, nor a nonce where a store id is. On the wire each is the plain string it wraps
+//! expected, nor a nonce where an order id is. On the wire each is the plain string it wraps
 //! (`#[serde(transparent)]`), so messages are unchanged. Each reads as a `&str` (`Deref`), so
 //! code that only looks at one needs no change; making one from a string is explicit (`From`).
 
@@ -127,6 +127,14 @@ id_type!(
 id_type!(
     /// A store: its hub, its terminals and its merchant account.
     StoreId
+);
+id_type!(
+    /// A checkout terminal within its store.
+    TerminalId
+);
+id_type!(
+    /// The cash register's order id, unique within its store.
+    OrderId
 );
 id_type!(
     /// The single-use nonce of a payment code or token: what the hub and the cloud tell

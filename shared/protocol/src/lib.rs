@@ -18,7 +18,7 @@ pub mod topics;
 
 pub use error::{ValidationError, WireError};
 pub use identity::*;
-pub use ids::{AccountId, CodeNonce, PaymentId, StoreId};
+pub use ids::{AccountId, CodeNonce, OrderId, PaymentId, StoreId, TerminalId};
 pub use messages::*;
 pub use money::{validate_amount, Currency, MAX_AMOUNT_MINOR};
 pub use offline::*;

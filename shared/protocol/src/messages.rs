@@ -1,6 +1,6 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{AccountId, CodeNonce, PaymentId, StoreId};
+use crate::{AccountId, CodeNonce, OrderId, PaymentId, StoreId, TerminalId};
 
 use crate::Currency;
 
@@ -39,6 +39,10 @@ pub enum DeclineReason {
     /// This order is being charged right now (by another request for it): its outcome is not
     /// known yet. Never a decline: charge the same order id again to learn it.
     PaymentInProgress,
+    /// The store system failed while it handled this payment (its payment actor stopped): the
+    /// outcome is not known yet. Never a decline: charge the same order id again to learn it (a
+    /// restarted hub voids what it left undecided).
+    OutcomeUnknown,
     /// The edge could not reach its store hub.
     StoreSystemUnreachable,
     /// The hub could not reach the cloud in time; nothing was charged.
@@ -91,6 +95,7 @@ impl DeclineReason {
         Self::NoCodePresented,
         Self::TerminalBusy,
         Self::PaymentInProgress,
+        Self::OutcomeUnknown,
         Self::StoreSystemUnreachable,
         Self::CloudUnreachable,
         Self::UnsupportedVersion,
@@ -110,6 +115,13 @@ impl DeclineReason {
     ];
 
     /// The stable snake_case code.
+    /// Whether the reason says the outcome is not known yet (a hub's answer with it is no
+    /// decline: the register hears `unknown`).
+    pub fn is_unknown_outcome(&self) -> bool {
+        matches!(self, Self::PaymentInProgress | Self::OutcomeUnknown)
+    }
+
+    /// The reason's wire name.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::MalformedCode => "malformed_code",
@@ -127,6 +139,7 @@ impl DeclineReason {
             Self::NoCodePresented => "no_code_presented",
             Self::TerminalBusy => "terminal_busy",
             Self::PaymentInProgress => "payment_in_progress",
+            Self::OutcomeUnknown => "outcome_unknown",
             Self::StoreSystemUnreachable => "store_system_unreachable",
             Self::CloudUnreachable => "cloud_unreachable",
             Self::UnsupportedVersion => "unsupported_version",
@@ -200,7 +213,7 @@ impl Decision {
 #[serde(deny_unknown_fields)]
 pub struct ChargeRequest {
     /// The merchant's order id, unique per store; the idempotency key of the payment.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// Amount in minor units. Kept as raw JSON so that zero, negative, fractional and overflowing
     /// amounts get a precise refusal instead of a generic parse error.
     pub amount_minor: serde_json::Value,
@@ -230,7 +243,7 @@ pub enum ChargeStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChargeResult {
     /// Echo of the request's order id.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// The payment id, once the request was valid enough to have one.
     pub payment_id: Option<PaymentId>,
     /// Approved, declined, or unknown.
@@ -253,7 +266,7 @@ impl ChargeResult {
     /// A decline of an order before any payment was attempted.
     pub fn declined(order_id: &str, reason: DeclineReason, detail: impl Into<String>) -> Self {
         ChargeResult {
-            order_id: order_id.to_owned(),
+            order_id: order_id.into(),
             payment_id: None,
             status: ChargeStatus::Declined,
             reason: Some(reason),
@@ -277,9 +290,9 @@ pub struct AuthorizeRequest {
     /// The store the terminal belongs to.
     pub store_id: StoreId,
     /// The terminal asking.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// The merchant's order id.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// Validated amount in minor units.
     pub amount_minor: i64,
     /// Validated currency.
@@ -358,6 +371,17 @@ pub enum HubRequestBody {
     },
 }
 
+impl HubRequestBody {
+    /// Served on the cloud's identity lane (1:N search, template sync), apart from the store's
+    /// payments: a refusal there (`Busy`) says nothing about the payment path.
+    pub fn is_identity(&self) -> bool {
+        matches!(
+            self,
+            HubRequestBody::Identify(_) | HubRequestBody::TemplateSync { .. }
+        )
+    }
+}
+
 /// A verified payment for the cloud to apply to the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloudAuthorize {
@@ -373,9 +397,9 @@ pub struct CloudAuthorize {
     /// Currency.
     pub currency: Currency,
     /// Terminal that took the payment.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// Merchant order id.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// What the store may still hold unreconciled for the account (see [`crate::OfflineReservation`]).
     #[serde(default)]
     pub offline_reservation: crate::OfflineReservation,
@@ -484,7 +508,7 @@ pub struct KeyBatch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyEntry {
     /// Account.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// Cloud-wide monotone version of this change.
     pub version: u64,
     /// Ed25519 public key (base64url, no padding); `None` when revoked.
@@ -513,7 +537,7 @@ pub enum AccountKind {
 #[serde(deny_unknown_fields)]
 pub struct OpenAccount {
     /// New account id.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// Customer or merchant.
     pub kind: AccountKind,
     /// The account's currency.
@@ -530,7 +554,7 @@ pub struct OpenAccount {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountView {
     /// Account id.
-    pub account_id: String,
+    pub account_id: AccountId,
     /// Customer, merchant.
     pub kind: AccountKind,
     /// Currency.
@@ -613,9 +637,9 @@ pub struct TransferView {
     /// Transfer id: a payment id, `open:<account>` for funding, `<payment id>#void` for reversals.
     pub transfer_id: String,
     /// Account debited.
-    pub debit_account_id: String,
+    pub debit_account_id: AccountId,
     /// Account credited.
-    pub credit_account_id: String,
+    pub credit_account_id: AccountId,
     /// Amount in minor units.
     pub amount_minor: i64,
     /// Currency.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AccountId, CodeNonce, Currency, PaymentId, StoreId};
+use crate::{AccountId, CodeNonce, Currency, OrderId, PaymentId, StoreId, TerminalId};
 
 /// A payment a hub approved without the cloud, signed with the hub's Ed25519 key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,9 +16,9 @@ pub struct OfflinePayment {
     /// The store whose hub approved it.
     pub store_id: StoreId,
     /// The terminal that asked.
-    pub terminal_id: String,
+    pub terminal_id: TerminalId,
     /// The cash register's order id.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// The paying account.
     pub account_id: AccountId,
     /// The code's nonce or the payment token's id.

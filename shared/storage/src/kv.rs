@@ -17,6 +17,10 @@
 //! within a store, across reopenings too. It has no durability and no flushes: a [`MemoryDb`] is
 //! the "disk", and a process that reopens a [`Db`] on the same [`MemoryDb`] finds what it wrote.
 
+// Without the `sim` feature nothing can make a memory database (`Db::memory`), so its code is
+// never reached.
+#![cfg_attr(not(any(test, feature = "sim")), allow(dead_code))]
+
 use std::{
     cell::RefCell,
     collections::{BTreeMap, HashMap},
@@ -124,7 +128,9 @@ impl Db {
         })
     }
 
-    /// A database over an in-memory store.
+    /// A database over an in-memory store: no durability, so only builds with the `sim`
+    /// feature (the simulation's) have it, never a tier.
+    #[cfg(any(test, feature = "sim"))]
     pub fn memory(store: &MemoryDb) -> Db {
         Db {
             backend: DbBackend::Memory(store.clone()),

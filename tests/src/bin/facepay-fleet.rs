@@ -595,7 +595,7 @@ fn verify_face(
     Ok(match reply {
         VerifyReply::Verified {
             token, account_id, ..
-        } => Ok((token, account_id)),
+        } => Ok((token, account_id.into_string())),
         VerifyReply::Refused { reason, detail } => Err((reason, detail)),
         VerifyReply::SecondFactorRequired { .. } => Err((
             protocol::DeclineReason::SecondFactorWrong,
@@ -610,7 +610,7 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
         Ok(api
             .accounts()?
             .into_iter()
-            .map(|a| (a.account_id, a.balance_minor))
+            .map(|a| (a.account_id.into_string(), a.balance_minor))
             .collect())
     };
     let balances_before = balances(&api)?;
