@@ -49,7 +49,9 @@ impl SystemClock {
         }
     }
 
-    /// Steps the clock by `delta_ms` (negative: backwards).
+    /// Steps the clock by `delta_ms` (negative: backwards). Debug builds only: a release build
+    /// has no way to step its clock.
+    #[cfg(debug_assertions)]
     pub fn jump(&self, delta_ms: i64) {
         self.offset_ms.fetch_add(delta_ms, Ordering::SeqCst);
     }
@@ -74,6 +76,8 @@ pub const OFFSET_FILE_ENV: &str = "FACEPAY_CLOCK_OFFSET_FILE";
 /// How often the offset file is read.
 pub const OFFSET_FILE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
+// Debug builds only: a release build has no code that steps its clock.
+#[cfg(debug_assertions)]
 impl SystemClock {
     /// Sets the offset to `offset_ms` (a step from wherever the clock is now).
     pub fn set_offset(&self, offset_ms: i64) {
@@ -114,9 +118,11 @@ impl SystemClock {
 pub fn system() -> SharedClock {
     let clock = Arc::new(SystemClock::from_env());
     if let Some(path) = std::env::var_os(OFFSET_FILE_ENV) {
-        if cfg!(debug_assertions) {
-            clock.follow_offset_file(path.into());
-        } else {
+        #[cfg(debug_assertions)]
+        clock.follow_offset_file(path.into());
+        #[cfg(not(debug_assertions))]
+        {
+            let _ = path;
             eprintln!("{OFFSET_FILE_ENV} is ignored: release builds keep the system clock");
         }
     }
