@@ -90,12 +90,8 @@ impl PaymentActor {
                 ),
             ));
         }
-        if request.payment_id != protocol::payment_id(&request.store_id, &request.order_id) {
-            return Err(Decision::declined(
-                DeclineReason::InvalidRequest,
-                "payment_id does not match store and order",
-            ));
-        }
+        protocol::check_payment_id(&request.store_id, &request.order_id, &request.payment_id)
+            .map_err(|e| Decision::declined(DeclineReason::InvalidRequest, e.to_string()))?;
         protocol::validate_amount(&request.amount_minor.into())
             .map_err(|e| Decision::declined(DeclineReason::InvalidAmount, e.to_string()))?;
         Ok(())

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// The prefixes of the ledger's own transfer ids (`open:<account>`, `deposit:<id>`); the other
+/// internal ids end in `#<kind>`, a character no payment id has.
+const INTERNAL_TRANSFER_PREFIXES: [&str; 2] = ["open", "deposit"];
+
 impl Ledger {
     /// Opens an account and funds it from the issuance account of its currency. Opening the same
     /// account again with the same fields is a no-op; with other fields it is refused. Returns the
@@ -33,6 +37,16 @@ impl Ledger {
                 return Err(LedgerError::Invalid(
                     "a merchant account takes no public_key".into(),
                 ))
+            }
+            // A store's payments are `<store>:<order>`: a store named after an internal transfer
+            // prefix would name the ledger's own transfers (`open:<account>`, `deposit:<id>`).
+            (AccountKind::Merchant, None)
+                if INTERNAL_TRANSFER_PREFIXES.contains(&request.account_id.as_str()) =>
+            {
+                return Err(LedgerError::Invalid(format!(
+                    "{:?} is reserved for the ledger's own transfers; name the store otherwise",
+                    request.account_id
+                )))
             }
             (AccountKind::Merchant, None) => {}
             (AccountKind::Issuance, _) => {

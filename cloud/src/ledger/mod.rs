@@ -239,6 +239,11 @@ fn read_all<T: for<'de> Deserialize<'de>>(tree: &storage::kv::Tree) -> Result<Ve
         .collect()
 }
 
+/// A hub's message that does not hold ([`protocol::ValidationError`]): refused, nothing read.
+fn invalid(error: protocol::ValidationError) -> LedgerError {
+    LedgerError::Invalid(error.to_string())
+}
+
 fn abort<T>(error: LedgerError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(error))
 }
@@ -535,6 +540,84 @@ mod tests {
     }
 
     #[test]
+    fn a_store_cannot_name_another_stores_payment_nor_an_internal_transfer() {
+        let (_d, l) = ledger();
+        l.open_account(&OpenAccount {
+            account_id: "store-2".into(),
+            kind: AccountKind::Merchant,
+            currency: eur(),
+            initial_balance_minor: 0,
+            public_key: None,
+        })
+        .unwrap();
+        l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
+        let before = (l.transfers().unwrap(), l.accounts().unwrap());
+        // Store 2 asks for, voids and confirms store 1's payment: each refused, nothing moves.
+        let mut theirs = pay("o1", "n2", 100);
+        theirs.order_id = "o1".into();
+        assert!(matches!(
+            l.authorize("store-2", &theirs),
+            Err(LedgerError::Invalid(_))
+        ));
+        assert!(matches!(
+            l.void("store-2", &attempt("o1", "n1")),
+            Err(LedgerError::Invalid(_))
+        ));
+        assert!(matches!(
+            l.post("store-2", &attempt("o1", "n1")),
+            Err(LedgerError::Invalid(_))
+        ));
+        // Internal transfer ids are no payment of any store: alice's opening, a reversal.
+        for internal in ["open:alice", "store-1:o1#void"] {
+            let mut crafted = pay("o9", "n9", 100);
+            crafted.payment_id = internal.into();
+            assert!(
+                matches!(
+                    l.authorize("store-1", &crafted),
+                    Err(LedgerError::Invalid(_))
+                ),
+                "{internal}"
+            );
+            let void = VoidPayment {
+                payment_id: internal.into(),
+                account_id: "alice".into(),
+                code_nonce: "n9".into(),
+            };
+            assert!(
+                matches!(l.void("store-1", &void), Err(LedgerError::Invalid(_))),
+                "{internal}"
+            );
+        }
+        // Amounts out of range, two large negative ones included: refused, no panic.
+        for amount in [0, -1, -protocol::MAX_AMOUNT_MINOR, i64::MIN, i64::MAX] {
+            assert!(
+                matches!(
+                    l.authorize("store-1", &pay(&format!("neg{amount}"), "n7", amount)),
+                    Err(LedgerError::Invalid(_))
+                ),
+                "{amount}"
+            );
+        }
+        assert_eq!((l.transfers().unwrap(), l.accounts().unwrap()), before);
+        assert_eq!(balance(&l, "alice"), 7_500);
+        books_balance(&l);
+        // No store may be named after an internal prefix.
+        for reserved in ["open", "deposit"] {
+            let opened = l.open_account(&OpenAccount {
+                account_id: reserved.into(),
+                kind: AccountKind::Merchant,
+                currency: eur(),
+                initial_balance_minor: 0,
+                public_key: None,
+            });
+            assert!(matches!(opened, Err(LedgerError::Invalid(_))), "{reserved}");
+        }
+        // The store's own void still works.
+        assert!(l.void("store-1", &attempt("o1", "n1")).unwrap());
+        assert_eq!(balance(&l, "alice"), 10_000);
+    }
+
+    #[test]
     fn payment_moves_money_once() {
         let (_d, l) = ledger();
         let d = l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
@@ -592,10 +675,11 @@ mod tests {
             l.authorize("store-1", &unknown).unwrap().reason(),
             Some(DeclineReason::UnknownAccount)
         );
+        // A store with no merchant account.
+        let mut elsewhere = pay("o2", "n2", 100);
+        elsewhere.payment_id = "store-9:o2".into();
         assert_eq!(
-            l.authorize("store-9", &pay("o2", "n2", 100))
-                .unwrap()
-                .reason(),
+            l.authorize("store-9", &elsewhere).unwrap().reason(),
             Some(DeclineReason::UnknownAccount)
         );
         let mut usd = pay("o3", "n3", 100);

@@ -152,8 +152,13 @@ impl Ledger {
                     "entry of store {} sent by store {store_id}",
                     entry.store_id
                 )),
-                Some(key) => paycode::hubsig::verify_hub_signature(key, entry)
-                    .map_err(|_| "the hub's signature does not verify".to_owned()),
+                Some(key) => entry
+                    .check_from(store_id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        paycode::hubsig::verify_hub_signature(key, entry)
+                            .map_err(|_| "the hub's signature does not verify".to_owned())
+                    }),
             };
             if let Err(detail) = checked {
                 tracing::warn!(
@@ -545,10 +550,10 @@ mod tests {
         assert_eq!(d.reason(), Some(DeclineReason::InsufficientFunds));
         assert!(none.is_none());
         // Never above the balance: spend down to 2000, the next grant is 2000.
-        l.authorize("store-1", &online("store-1", "o2", "n4", 6_000))
+        l.authorize("store-1", &online("store-1", "o2", "n4", 5_999))
             .unwrap();
         let (_, a3) = l
-            .authorize_with_allowance("store-1", &online("store-1", "o3", "n5", 0))
+            .authorize_with_allowance("store-1", &online("store-1", "o3", "n5", 1))
             .unwrap();
         assert_eq!(a3.unwrap().amount_minor, 2_000);
         let (page, more) = l.allowances("store-1", None).unwrap();
@@ -788,12 +793,12 @@ mod tests {
     #[test]
     fn an_uncovered_offline_payment_is_applied_into_debt_until_a_deposit_settles_it() {
         let (_d, l) = ledger();
-        l.authorize("store-1", &online("store-1", "o0", "n0", 0))
+        l.authorize("store-1", &online("store-1", "o0", "n0", 1))
             .unwrap();
-        l.authorize("store-22", &online("store-22", "o0", "m0", 0))
+        l.authorize("store-22", &online("store-22", "o0", "m0", 1))
             .unwrap();
-        // Spent online elsewhere meanwhile: 9500 of 10000.
-        l.authorize("store-22", &online("store-22", "big", "m1", 9_500))
+        // Spent online elsewhere meanwhile: 9500 of 10000 (with the two payments of 1 above).
+        l.authorize("store-22", &online("store-22", "big", "m1", 9_498))
             .unwrap();
         let Reconciliation {
             outcomes,
@@ -848,16 +853,16 @@ mod tests {
         assert!(l.debts().unwrap().is_empty());
         // Settled, it earns an allowance again with its next online payment.
         let (_, grant) = l
-            .authorize_with_allowance("store-1", &online("store-1", "o3", "n3", 0))
+            .authorize_with_allowance("store-1", &online("store-1", "o3", "n3", 1))
             .unwrap();
-        assert_eq!(grant.unwrap().amount_minor, 100);
+        assert_eq!(grant.unwrap().amount_minor, 99);
         books_balance(&l);
     }
 
     #[test]
     fn closing_an_account_revokes_its_allowances() {
         let (_d, l) = ledger();
-        l.authorize("store-1", &online("store-1", "o0", "n0", 0))
+        l.authorize("store-1", &online("store-1", "o0", "n0", 1))
             .unwrap();
         l.close_account("alice").unwrap();
         let revoked = l.revoke_allowances("alice").unwrap().unwrap();
@@ -902,30 +907,30 @@ mod tests {
     fn a_store_keeps_counting_what_it_holds_when_its_grant_shrinks() {
         // Cap 8000, 5000 a store, alice holds 10000.
         let (_d, l) = ledger();
-        let a1 = refresh(&l, "store-1", "o1", 0, 0, None);
+        let a1 = refresh(&l, "store-1", "o1", 1, 0, None);
         assert_eq!(a1.amount_minor, 5_000);
         // Partitioned, store-1 approves its whole 5000 offline and cannot reconcile yet.
         let held_at_1 = 5_000;
-        // Online spending at store-22 leaves 2000.
-        let b1 = refresh(&l, "store-22", "o1", 0, 0, None);
+        // Online spending at store-22 leaves 2000 (each refresh is a payment of 1).
+        let b1 = refresh(&l, "store-22", "o1", 1, 0, None);
         assert_eq!(b1.amount_minor, 3_000);
-        let b2 = refresh(&l, "store-22", "o2", 8_000, 0, Some(&b1));
+        let b2 = refresh(&l, "store-22", "o2", 7_998, 0, Some(&b1));
         assert_eq!(b2.amount_minor, 2_000);
-        // store-1 is back online before its drain finished: its grant shrinks to the balance,
-        // but it still holds 5000.
-        let a2 = refresh(&l, "store-1", "o2", 0, held_at_1, Some(&a1));
-        assert_eq!(a2.amount_minor, 2_000);
+        // store-1 is back online before its drain finished: its grant shrinks to the balance
+        // (2000 less its own payment of 1), but it still holds 5000.
+        let a2 = refresh(&l, "store-1", "o2", 1, held_at_1, Some(&a1));
+        assert_eq!(a2.amount_minor, 1_999);
         // Money comes in. store-22 gets only what store-1's 5000 leaves of the cap.
         deposit(&l, "d1", 10_000);
-        let b3 = refresh(&l, "store-22", "o3", 0, 0, Some(&b2));
+        let b3 = refresh(&l, "store-22", "o3", 1, 0, Some(&b2));
         assert_eq!(b3.amount_minor, 3_000);
         // store-1's entries are applied; it reports holding only its grant: the cap frees up.
         let entries = [offline("store-1", 1, "x1", "xn1", held_at_1)];
         l.reconcile("store-1", &entries).unwrap();
-        let a3 = refresh(&l, "store-1", "o3", 0, 0, Some(&a2));
+        let a3 = refresh(&l, "store-1", "o3", 1, 0, Some(&a2));
         assert_eq!(a3.amount_minor, 5_000);
         // store-22 (holding 3000) now gets the rest only.
-        let b4 = refresh(&l, "store-22", "o4", 0, 0, Some(&b3));
+        let b4 = refresh(&l, "store-22", "o4", 1, 0, Some(&b3));
         assert_eq!(b4.amount_minor, 3_000);
         books_balance(&l);
     }
@@ -940,18 +945,18 @@ mod tests {
         // answer grants 5000 and has not reached the hub when the second shrinks the grant to
         // the balance again.
         deposit(&l, "d1", 10_000);
-        let a2 = refresh(&l, "store-1", "o2", 0, 0, Some(&a1));
+        let a2 = refresh(&l, "store-1", "o2", 1, 0, Some(&a1));
         assert_eq!(a2.amount_minor, 5_000);
-        let a3 = refresh(&l, "store-1", "o3", 10_000, 0, Some(&a1));
+        let a3 = refresh(&l, "store-1", "o3", 9_999, 0, Some(&a1));
         assert_eq!(a3.amount_minor, 2_000);
         // Until a3 reaches the hub it may act on a2 (5000): store-22 gets 8000 - 5000.
         deposit(&l, "d2", 10_000);
-        let b1 = refresh(&l, "store-22", "o1", 0, 0, None);
+        let b1 = refresh(&l, "store-22", "o1", 1, 0, None);
         assert_eq!(b1.amount_minor, 3_000);
         // store-1 reports holding a3: what store-22 holds leaves it 5000, the cap is full.
-        let a4 = refresh(&l, "store-1", "o4", 0, 0, Some(&a3));
+        let a4 = refresh(&l, "store-1", "o4", 1, 0, Some(&a3));
         assert_eq!(a4.amount_minor, 5_000);
-        let b2 = refresh(&l, "store-22", "o2", 0, 0, Some(&b1));
+        let b2 = refresh(&l, "store-22", "o2", 1, 0, Some(&b1));
         assert_eq!(b2.amount_minor, 3_000);
         books_balance(&l);
     }
@@ -959,8 +964,8 @@ mod tests {
     #[test]
     fn a_revoked_store_stays_counted_until_it_reports() {
         let (_d, l) = ledger();
-        let a1 = refresh(&l, "store-1", "o1", 0, 0, None);
-        let b1 = refresh(&l, "store-22", "o1", 0, 0, None);
+        let a1 = refresh(&l, "store-1", "o1", 1, 0, None);
+        let b1 = refresh(&l, "store-22", "o1", 1, 0, None);
         assert_eq!((a1.amount_minor, b1.amount_minor), (5_000, 3_000));
         // store-22 spends online, then reconciles an offline payment it can no longer cover:
         // debt, revocation everywhere. store-1 is partitioned and has not heard of it.
@@ -973,11 +978,11 @@ mod tests {
         let revoked = revoked[0].clone();
         deposit(&l, "d1", 10_000);
         // Settled. store-22 earns only what store-1 (still possibly spending 5000) leaves.
-        let b2 = refresh(&l, "store-22", "o3", 0, 0, Some(&revoked));
+        let b2 = refresh(&l, "store-22", "o3", 1, 0, Some(&revoked));
         assert_eq!(b2.amount_minor, 3_000);
         // store-1 reconnects having spent nothing and heard the revocation: it counts its new
         // grant only, what store-22 holds (3000) leaves it 5000.
-        let a2 = refresh(&l, "store-1", "o2", 0, 0, Some(&revoked));
+        let a2 = refresh(&l, "store-1", "o2", 1, 0, Some(&revoked));
         assert_eq!(a2.amount_minor, 5_000);
         books_balance(&l);
     }

@@ -22,15 +22,10 @@ impl Ledger {
         store_id: &str,
         request: &CloudAuthorize,
     ) -> Result<(Decision, Option<Allowance>), LedgerError> {
-        // A hub's request is checked where it is used: an amount out of range never reaches the
-        // balances (a negative one would pay the customer).
-        if !(0..=protocol::MAX_AMOUNT_MINOR).contains(&request.amount_minor) {
-            return Err(LedgerError::Invalid(format!(
-                "amount_minor must be from 0 to {}, got {}",
-                protocol::MAX_AMOUNT_MINOR,
-                request.amount_minor
-            )));
-        }
+        // A hub's request is checked where it is used, against the store that sent it: a payment
+        // outside its namespace never touches another store's (or an internal) transfer, and an
+        // amount out of range never reaches the balances (a negative one would pay the customer).
+        request.check_from(store_id).map_err(invalid)?;
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
         let policy = self.policy;
         let now_ms = self.clock.now_ms();
@@ -310,6 +305,8 @@ impl Ledger {
     /// for money that moved back. A posted payment is final: a void leaves it. Returns whether
     /// money was moved back. Idempotent.
     pub fn void(&self, store_id: &str, request: &VoidPayment) -> Result<bool, LedgerError> {
+        // A store voids only attempts of its own payments.
+        request.check_from(store_id).map_err(invalid)?;
         let nonce_key = nonce_key(&request.account_id, &request.code_nonce);
         let now_ms = self.clock.now_ms();
         let voided = voided_nonce(&request.payment_id);
@@ -420,16 +417,7 @@ impl Ledger {
         request: &protocol::PostPayment,
     ) -> Result<bool, LedgerError> {
         // A store confirms only its own payments.
-        if !request
-            .payment_id
-            .strip_prefix(store_id)
-            .is_some_and(|rest| rest.starts_with(':'))
-        {
-            return Err(LedgerError::Invalid(format!(
-                "{} is not a payment of store {store_id}",
-                request.payment_id
-            )));
-        }
+        request.check_from(store_id).map_err(invalid)?;
         let now_ms = self.clock.now_ms();
         let late_key = format!("{store_id}/{}", request.payment_id);
         let trees = (

@@ -49,6 +49,14 @@ pub enum ValidationError {
         /// The largest accepted amount.
         max: i64,
     },
+    /// A payment id outside the namespace of the store that sent it (`<store>:<order>`).
+    #[error("payment id {payment_id:?} is not one of store {store_id:?} (<store>:<order>)")]
+    ForeignPayment {
+        /// The store that sent it.
+        store_id: String,
+        /// The payment id named (cut short when long).
+        payment_id: String,
+    },
     /// Not an ISO 4217 currency this system knows.
     #[error("unknown currency {0:?}; expected an ISO 4217 code such as \"EUR\"")]
     UnknownCurrency(String),

@@ -7,6 +7,7 @@
 //! of guessing. Topic and key-expression strings are built only by the functions in [`topics`] and
 //! [`keyexpr`].
 
+mod checks;
 mod error;
 mod identity;
 mod ids;
@@ -16,6 +17,7 @@ mod money;
 mod offline;
 pub mod topics;
 
+pub use checks::{check_amount, check_payment_id};
 pub use error::{ValidationError, WireError};
 pub use identity::*;
 pub use ids::{AccountId, CodeNonce, OrderId, PaymentId, StoreId, TerminalId};
