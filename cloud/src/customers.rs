@@ -69,6 +69,17 @@ pub struct CustomerRecord {
     pub version: u64,
 }
 
+/// A phone number as a view shows it: its first two digits (the country, to tell numbers apart)
+/// and a star for each other digit. Never its last four: they are a second factor.
+fn mask_phone(phone: &str) -> String {
+    let digits: Vec<char> = phone.chars().filter(char::is_ascii_digit).collect();
+    let shown = if digits.len() > 6 { 2 } else { 0 };
+    digits[..shown]
+        .iter()
+        .chain(std::iter::repeat_n(&'*', digits.len() - shown))
+        .collect()
+}
+
 impl CustomerRecord {
     /// The entry a hub keeps.
     pub fn hot_entry(&self, customer_id: &str) -> HotEntry {
@@ -82,12 +93,10 @@ impl CustomerRecord {
     }
 
     fn view(&self, customer_id: &str) -> CustomerView {
-        let digits: String = self.phone.chars().filter(|c| c.is_ascii_digit()).collect();
-        let last4 = &digits[digits.len().saturating_sub(4)..];
         CustomerView {
             customer_id: customer_id.to_owned(),
             name: self.name.clone(),
-            phone_masked: format!("{}{last4}", "*".repeat(digits.len().saturating_sub(4))),
+            phone_masked: mask_phone(&self.phone),
             second_factor: self.second_factor,
             home_store_id: self.home_store_id.clone(),
             faces: self.templates.len(),
@@ -469,7 +478,8 @@ mod tests {
         let key = dir.path().join("templates.key");
         let store = CustomerStore::open(&dir.path().join("db"), &key).unwrap();
         let view = store.create(&request("ada", "s1")).unwrap();
-        assert_eq!(view.phone_masked, "********0958");
+        // The last four digits are a second factor: never shown.
+        assert_eq!(view.phone_masked, "44**********");
         let record = store.get("ada").unwrap().unwrap();
         assert!(record.pin_hash.starts_with("$argon2id$"));
         assert!(verify_secret("4821", &record.pin_hash));

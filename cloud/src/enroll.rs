@@ -350,7 +350,16 @@ impl IdentityActor {
         };
         let mut candidates = Vec::new();
         match &msg.0.account_id {
-            Some(account_id) => candidates.extend(entry(&self.store, account_id)?),
+            // 1:1 (a code names the account): its templates and second factor go out only for a
+            // face that resembles it, as a 1:N candidate would. Naming an account is no way to
+            // read its templates or its factor's hash.
+            Some(account_id) => candidates.extend(entry(&self.store, account_id)?.filter(|e| {
+                e.templates
+                    .iter()
+                    .map(|(_, t)| face::cosine(t, &msg.0.embedding))
+                    .fold(f32::MIN, f32::max)
+                    >= self.config.candidate_threshold
+            })),
             None if !self.index.is_empty() => {
                 for (owner, score) in self.search(&msg.0.embedding, SEARCH_K)?.into_iter().take(2) {
                     if score >= self.config.candidate_threshold {
@@ -479,11 +488,22 @@ mod tests {
             let one = actor
                 .identify(IdentifyCmd(CloudIdentify {
                     embedding: probe.clone(),
-                    account_id: Some("c9".into()),
+                    account_id: Some("c7".into()),
                 }))
                 .unwrap();
             assert_eq!(one.candidates.len(), 1);
-            assert_eq!(one.candidates[0].account_id, "c9");
+            assert_eq!(one.candidates[0].account_id, "c7");
+            // Another account's face, or none at all, reads nothing of the account named.
+            let stranger = synthetic::template(&mut rng);
+            for (embedding, who) in [(probe.clone(), "c9"), (stranger, "c7")] {
+                let none = actor
+                    .identify(IdentifyCmd(CloudIdentify {
+                        embedding,
+                        account_id: Some(who.into()),
+                    }))
+                    .unwrap();
+                assert!(none.candidates.is_empty(), "{kind:?}: {who}");
+            }
 
             // Erasure: gone from the index (HNSW is rebuilt), and from the index file at once.
             let (removed, update) = actor.erase(EraseCustomer("c7".into())).unwrap();

@@ -50,6 +50,16 @@ impl Handler<CaptureFace> for CameraActor {
     type Result = Result<Vec<f32>, NoFace>;
 
     fn handle(&mut self, msg: CaptureFace, _: &mut Self::Context) -> Self::Result {
+        // One customer's session: nothing from before it, nothing left after it.
+        self.source.begin_session();
+        let captured = self.capture(msg);
+        self.source.end_session();
+        captured
+    }
+}
+
+impl CameraActor {
+    fn capture(&mut self, msg: CaptureFace) -> Result<Vec<f32>, NoFace> {
         let deadline = Instant::now() + msg.timeout;
         let mut last_refusal: Option<Refusal> = None;
         while let Some(frame) = self.source.next_frame(deadline) {

@@ -11,11 +11,22 @@ use image::RgbImage;
 /// Largest image file accepted as a frame; bigger files are skipped unread.
 pub const MAX_FRAME_BYTES: u64 = 16 * 1024 * 1024;
 
+/// A spooled frame older than this when a session starts belongs to no one at the till now: it
+/// is dropped unread (`DirectorySource::begin_session`).
+pub const MAX_FRAME_AGE: Duration = Duration::from_secs(10);
+
 /// A source of colour frames: an image directory now, a V4L2 camera on a terminal. Implementations
 /// block, so they are only ever called from the scanner's or the camera's dedicated thread.
 pub trait FrameSource: Send {
     /// The next frame, waiting until `deadline` at most; `None` when none came in time.
     fn next_frame(&mut self, deadline: Instant) -> Option<RgbImage>;
+
+    /// A session (one customer) starts: frames left from before it must not be read in it.
+    fn begin_session(&mut self) {}
+
+    /// The session ended: frames it did not read are nobody's, dropped unread, so the next
+    /// session (the next customer) never sees them.
+    fn end_session(&mut self) {}
 }
 
 /// A spool directory: each image file that appears is one frame, read once and then removed,
@@ -38,20 +49,32 @@ impl DirectorySource {
         })
     }
 
-    fn oldest_file(&self) -> Option<PathBuf> {
-        let entries = std::fs::read_dir(&self.dir).ok()?;
+    /// The frames waiting (hidden and unremovable files aside).
+    fn frames(&self) -> Vec<std::fs::DirEntry> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
         entries
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-            .map(|e| e.path())
-            .filter(|p| {
-                !p.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or(".")
-                    .starts_with('.')
-            })
-            .filter(|p| !self.skipped.contains(p))
-            .min()
+            .filter(|e| !e.file_name().to_str().unwrap_or(".").starts_with('.'))
+            .filter(|e| !self.skipped.contains(&e.path()))
+            .collect()
+    }
+
+    fn oldest_file(&self) -> Option<PathBuf> {
+        self.frames().into_iter().map(|e| e.path()).min()
+    }
+
+    /// Removes frames unread: those `stale` says are, all when it says so of each.
+    fn drop_frames(&mut self, stale: impl Fn(&std::fs::DirEntry) -> bool) {
+        for entry in self.frames().into_iter().filter(|e| stale(e)) {
+            let path = entry.path();
+            if std::fs::remove_file(&path).is_err() {
+                self.skipped.insert(path.clone());
+            }
+            tracing::info!(path = %path.display(), "frame from outside the session dropped unread");
+        }
     }
 
     fn read(path: &Path) -> Result<RgbImage, String> {
@@ -91,6 +114,19 @@ impl FrameSource for DirectorySource {
             std::thread::sleep(self.poll_interval.min(deadline - now));
         }
     }
+
+    fn begin_session(&mut self) {
+        let cutoff = std::time::SystemTime::now() - MAX_FRAME_AGE;
+        self.drop_frames(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .map_or(true, |written| written < cutoff)
+        });
+    }
+
+    fn end_session(&mut self) {
+        self.drop_frames(|_| true);
+    }
 }
 
 #[cfg(test)]
@@ -121,5 +157,38 @@ mod tests {
         assert!(dir.path().join(".partial.png").exists());
         assert!(!dir.path().join("broken.png").exists());
         assert!(!dir.path().join("huge.png").exists());
+    }
+
+    #[test]
+    fn a_session_never_reads_frames_left_from_before_it_or_after_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = |name: &str| {
+            RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))
+                .save(dir.path().join(name))
+                .unwrap();
+        };
+        let mut source = DirectorySource::new(dir.path(), Duration::from_millis(1)).unwrap();
+        let soon = || Instant::now() + Duration::from_millis(20);
+        // A frame left long ago (the previous customer's): dropped when a session starts.
+        frame("a-old.png");
+        let old = std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("a-old.png"))
+            .unwrap();
+        old.set_modified(std::time::SystemTime::now() - 2 * MAX_FRAME_AGE)
+            .unwrap();
+        // One just written for this session: read.
+        frame("b-now.png");
+        source.begin_session();
+        assert!(!dir.path().join("a-old.png").exists());
+        assert!(source.next_frame(soon()).is_some());
+        // Frames the session did not read are dropped when it ends: the next customer's
+        // session starts empty.
+        frame("c-left.png");
+        frame("d-left.png");
+        source.end_session();
+        source.begin_session();
+        assert!(source.next_frame(soon()).is_none());
+        assert!(!dir.path().join("c-left.png").exists());
     }
 }

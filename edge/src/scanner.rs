@@ -34,7 +34,17 @@ impl Handler<ScanForCode> for ScannerActor {
     type Result = Option<String>;
 
     fn handle(&mut self, msg: ScanForCode, _: &mut Self::Context) -> Option<String> {
-        let deadline = Instant::now() + msg.timeout;
+        // One customer's session: nothing from before it, nothing left after it.
+        self.source.begin_session();
+        let code = self.scan(msg.timeout);
+        self.source.end_session();
+        code
+    }
+}
+
+impl ScannerActor {
+    fn scan(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
         while let Some(frame) = self.source.next_frame(deadline) {
             // A frame may show several codes (a phone and a poster); the facepay one wins.
             let codes = paycode::qr::decode(&image::DynamicImage::ImageRgb8(frame).to_luma8());

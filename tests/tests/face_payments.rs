@@ -235,7 +235,8 @@ fn pay_by_face_end_to_end() {
         "operators only"
     );
     assert_eq!(body["faces"], 1);
-    assert_eq!(body["phone_masked"], "*******5678");
+    // The phone's last four digits are a second factor: the view never shows them.
+    assert_eq!(body["phone_masked"], "33*********");
     assert!(body.get("pin").is_none() && body.get("pin_hash").is_none());
 
     // Twins: the second is a probable duplicate until an operator confirms they are two people.
