@@ -35,6 +35,10 @@ pub struct IdentityConfig {
     pub duplicate_threshold: f32,
     /// Cosine below which a cloud 1:N search reports no candidate at all.
     pub candidate_threshold: f32,
+    /// Cosine below which a 1:1 identify (a code names the account) returns nothing of the
+    /// account: its templates and second-factor hash go out only for a face the hub could match
+    /// (the hubs' `identify.match_threshold`), so naming an account is no way to read them.
+    pub one_to_one_threshold: f32,
 }
 
 impl Default for IdentityConfig {
@@ -43,6 +47,7 @@ impl Default for IdentityConfig {
             index: IndexKind::Flat,
             duplicate_threshold: 0.45,
             candidate_threshold: 0.3,
+            one_to_one_threshold: 0.363,
         }
     }
 }
@@ -53,6 +58,7 @@ impl IdentityConfig {
         for (key, v) in [
             ("identity.duplicate_threshold", self.duplicate_threshold),
             ("identity.candidate_threshold", self.candidate_threshold),
+            ("identity.one_to_one_threshold", self.one_to_one_threshold),
         ] {
             if !(-1.0..=1.0).contains(&v) {
                 return Err((
@@ -351,14 +357,14 @@ impl IdentityActor {
         let mut candidates = Vec::new();
         match &msg.0.account_id {
             // 1:1 (a code names the account): its templates and second factor go out only for a
-            // face that resembles it, as a 1:N candidate would. Naming an account is no way to
-            // read its templates or its factor's hash.
+            // face the hub could match. Naming an account is no way to read its templates or its
+            // factor's hash.
             Some(account_id) => candidates.extend(entry(&self.store, account_id)?.filter(|e| {
                 e.templates
                     .iter()
                     .map(|(_, t)| face::cosine(t, &msg.0.embedding))
                     .fold(f32::MIN, f32::max)
-                    >= self.config.candidate_threshold
+                    >= self.config.one_to_one_threshold
             })),
             None if !self.index.is_empty() => {
                 for (owner, score) in self.search(&msg.0.embedding, SEARCH_K)?.into_iter().take(2) {

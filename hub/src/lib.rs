@@ -156,6 +156,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let hub_public_key = signer.public_key_b64();
     let pending = journal.offline_entries()?;
     let offline_setup = OfflineSetup {
+        store_id: config.store_id.as_str().into(),
         book: book::OfflineBook::new(&config.offline, journal.allowances()?, &pending),
         signer,
         journal: journal.clone(),

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use paycode::hubsig::HubSigner;
 use protocol::{
     AccountId, Allowance, AuthorizeRequest, CloudReplyBody, CodeNonce, Decision, HubRequestBody,
-    OfflineBatch, OfflinePayment, OfflineReservation, PaymentId, VoidPayment,
+    OfflineBatch, OfflinePayment, OfflineReservation, PaymentId, StoreId, VoidPayment,
 };
 
 use crate::{
@@ -27,6 +27,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the offline actor starts with.
 pub struct OfflineSetup {
+    /// The hub's store: what it voids and posts must be payments of it.
+    pub store_id: StoreId,
     /// Rules and what the journal holds unreconciled.
     pub book: OfflineBook,
     /// The hub's signing key.
@@ -83,6 +85,7 @@ impl OfflineMetrics {
 pub struct OfflineActor {
     clock: clock::SharedClock,
     book: OfflineBook,
+    store_id: StoreId,
     signer: Arc<HubSigner>,
     seqs: Journal,
     journal: JournalWorker,
@@ -111,6 +114,7 @@ impl OfflineActor {
     ) -> Self {
         let actor = OfflineActor {
             clock,
+            store_id: setup.store_id,
             book: setup.book,
             signer: setup.signer,
             seqs: setup.journal,
@@ -156,7 +160,8 @@ impl OfflineActor {
             return;
         };
         let (journal, batch_size) = (self.journal.clone(), self.drain_batch);
-        let step = async move { drain_once(&uplink, &journal, batch_size).await };
+        let store = self.store_id.clone();
+        let step = async move { drain_once(&uplink, &journal, &store, batch_size).await };
         ctx.spawn(step.into_actor(self).map(|step, actor, ctx| {
             for entry in &step.retired {
                 actor.book.release(&entry.account_id, entry.amount_minor);
@@ -185,7 +190,8 @@ impl OfflineActor {
         self.delivering = true;
         self.deliver_again = false;
         let (journal, batch_size) = (self.journal.clone(), self.drain_batch);
-        let delivery = async move { deliver_queued(&uplink, &journal, batch_size).await };
+        let store = self.store_id.clone();
+        let delivery = async move { deliver_queued(&uplink, &journal, &store, batch_size).await };
         ctx.spawn(delivery.into_actor(self).map(|_, actor, ctx| {
             actor.delivering = false;
             if std::mem::take(&mut actor.deliver_again) {
@@ -380,13 +386,14 @@ struct DrainStep {
 async fn drain_once(
     uplink: &Addr<UplinkActor>,
     journal: &JournalWorker,
+    store: &StoreId,
     batch_size: usize,
 ) -> DrainStep {
     let stopped = DrainStep {
         retired: Vec::new(),
         more: false,
     };
-    if !deliver_queued(uplink, journal, batch_size).await {
+    if !deliver_queued(uplink, journal, store, batch_size).await {
         return stopped;
     }
     let batch = journal.run(move |j| j.offline_batch(batch_size)).await;
@@ -448,20 +455,52 @@ async fn drain_once(
 async fn deliver_queued(
     uplink: &Addr<UplinkActor>,
     journal: &JournalWorker,
+    store: &StoreId,
     batch_size: usize,
 ) -> bool {
-    for void in journal.run(|j| j.pending_voids()).await {
+    let voids = journal.run(|j| j.pending_voids()).await;
+    for void in set_aside_foreign(journal, store, voids).await {
         if !deliver_void(uplink, journal, void).await {
             return false;
         }
     }
     let posts = journal.run(|j| j.pending_posts()).await;
+    let posts = set_aside_foreign(journal, store, posts).await;
     for batch in posts.chunks(batch_size.clamp(1, protocol::POST_BATCH_MAX)) {
         if !deliver_posts(uplink, journal, batch.to_vec()).await {
             return false;
         }
     }
     true
+}
+
+/// The voids (or posts) the cloud can take from this store; the others are retired with an error
+/// for the operator. The cloud refuses them for good (a payment outside the store's namespace, an
+/// id no request of this hub could have had: a damaged or foreign journal), so retrying one would
+/// hold every void, post and offline batch behind it forever.
+async fn set_aside_foreign(
+    journal: &JournalWorker,
+    store: &StoreId,
+    queued: Vec<VoidPayment>,
+) -> Vec<VoidPayment> {
+    let (deliverable, foreign): (Vec<_>, Vec<_>) = queued
+        .into_iter()
+        .partition(|v| v.check_from(store).is_ok());
+    for attempt in foreign {
+        let why = attempt.check_from(store).expect_err("partitioned");
+        tracing::error!(
+            payment_id = %attempt.payment_id,
+            %why,
+            "queued void or post the cloud can never take; set aside"
+        );
+        journal
+            .run(move |j| {
+                j.retire_void(&attempt)?;
+                j.retire_post(&attempt)
+            })
+            .await;
+    }
+    deliverable
 }
 
 /// Delivers a void; true once the cloud acknowledged it (about this very payment) and the journal
@@ -535,5 +574,35 @@ async fn deliver_posts(
             );
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix::test]
+    async fn a_queued_void_the_cloud_can_never_take_is_set_aside_not_retried_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = crate::journal::Journal::open(&dir.path().join("j")).unwrap();
+        let attempt = |payment: &str| VoidPayment {
+            payment_id: payment.into(),
+            account_id: "alice".into(),
+            code_nonce: "00ff".into(),
+        };
+        // Queued in an order that puts the foreign one first: it would hold the other back.
+        journal.queue_void(&attempt("store-10:o-1")).unwrap();
+        journal.queue_void(&attempt("store-1:o-2")).unwrap();
+        let worker = crate::journal::start_worker(journal);
+        let store = StoreId::from("store-1");
+        let queued = worker.run(|j| j.pending_voids()).await;
+        assert_eq!(queued.len(), 2);
+        let deliverable = set_aside_foreign(&worker, &store, queued).await;
+        assert_eq!(deliverable, vec![attempt("store-1:o-2")]);
+        // Retired from the journal: the next drain does not meet it again.
+        assert_eq!(
+            worker.run(|j| j.pending_voids()).await,
+            vec![attempt("store-1:o-2")]
+        );
     }
 }

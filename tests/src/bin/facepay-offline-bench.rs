@@ -174,6 +174,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
         let registry = prometheus::Registry::new();
         let journal_worker = hub::journal::start_worker(journal.clone());
         let setup = OfflineSetup {
+            store_id: "store-1".into(),
             book: OfflineBook::new(&config, allowances, &[]),
             signer: std::sync::Arc::new(HubSigner::from_seed(&[9; 32])),
             journal: journal.clone(),
