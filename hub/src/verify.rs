@@ -206,6 +206,81 @@ fn locked(hot: &HotSet, account_id: &str, now: u64) -> Option<VerifyReply> {
     })
 }
 
+/// The second-factor hashes a challenge's answer is checked against (hot set thread): those of
+/// the candidates not locked. Every candidate locked: the refusal. A locked account is never
+/// unlocked by a right answer given for a challenge it shares with another.
+fn answerable(
+    hot: &HotSet,
+    candidates: &[AccountId],
+    kind: SecondFactorKind,
+    now: u64,
+) -> Result<Vec<(AccountId, String)>, VerifyReply> {
+    let open: Vec<&AccountId> = candidates
+        .iter()
+        .filter(|account| locked(hot, account, now).is_none())
+        .collect();
+    if open.is_empty() {
+        let first = candidates.first().map_or("", |a| a.as_str());
+        return Err(locked(hot, first, now).unwrap_or_else(|| {
+            VerifyReply::refused(DeclineReason::FacePaymentLocked, "face payment is locked")
+        }));
+    }
+    Ok(open
+        .into_iter()
+        .filter_map(|account| {
+            hot.get(account)
+                .filter(|e| e.second_factor == kind)
+                .map(|e| (account.clone(), e.second_factor_hash.clone()))
+        })
+        .collect())
+}
+
+/// What an answer to a challenge leads to (hot set thread): the account it matched gets its
+/// token and its lockout cleared; a wrong answer counts against every candidate of the challenge
+/// (one wrong guess must not leave the second candidate free to be guessed next).
+fn settle_answer(
+    hot: &mut HotSet,
+    candidates: &[AccountId],
+    kind: SecondFactorKind,
+    matched: Option<AccountId>,
+    policy: LockoutPolicy,
+    now: u64,
+) -> Next {
+    if let Some(account) = matched {
+        if let Err(error) = hot.set_lockout(&account, Default::default()) {
+            tracing::error!(%error, "clearing the lockout failed");
+        }
+        hot.seen(&account, now);
+        return Next::Token(account);
+    }
+    let mut first_state = None;
+    for account in candidates {
+        let state = policy.fail(hot.lockout(account), now);
+        if let Err(error) = hot.set_lockout(account, state) {
+            tracing::error!(%error, "recording the lockout failed");
+        }
+        first_state.get_or_insert(state);
+    }
+    let state = first_state.unwrap_or_default();
+    let detail = if state.locked_until_ms > 0 {
+        format!(
+            "wrong {}; face payment is now locked for {} s",
+            kind.as_str(),
+            (state.locked_until_ms - now).div_ceil(1000)
+        )
+    } else {
+        format!(
+            "wrong {}; face payment locks after {} more wrong answers",
+            kind.as_str(),
+            (policy.free + 1).saturating_sub(state.failures)
+        )
+    };
+    Next::Reply(VerifyReply::refused(
+        DeclineReason::SecondFactorWrong,
+        detail,
+    ))
+}
+
 /// What a conclusion of the rule leads to (hot set thread).
 fn next_for(hot: &mut HotSet, conclusion: Conclusion, now: u64) -> Next {
     match conclusion {
@@ -637,8 +712,8 @@ impl VerifyActor {
         )
     }
 
-    /// Checks a second-factor answer: one answer per challenge; a right one for any candidate
-    /// issues its token, a wrong one counts against the likeliest candidate.
+    /// Checks a second-factor answer: one answer per challenge; a right one for any candidate not
+    /// locked issues its token, a wrong one counts against every candidate.
     fn second_factor(&mut self, answer: SecondFactorAnswer, terminal: TerminalId) -> Answer {
         let unknown = || {
             Box::pin(fut::ready(VerifyReply::refused(
@@ -659,25 +734,12 @@ impl VerifyActor {
             let Challenge {
                 candidates, kind, ..
             } = challenge;
-            let first = candidates[0].clone();
             let lookup = candidates.clone();
             let now = clock.now_ms();
-            let (refused, hashes) = hot
-                .call(move |h| {
-                    let hashes: Vec<(AccountId, String)> = lookup
-                        .iter()
-                        .filter_map(|account| {
-                            h.get(account)
-                                .filter(|e| e.second_factor == kind)
-                                .map(|e| (account.clone(), e.second_factor_hash.clone()))
-                        })
-                        .collect();
-                    (locked(h, &lookup[0], now), hashes)
-                })
-                .await;
-            if let Some(refused) = refused {
-                return Next::Reply(refused);
-            }
+            let hashes = match hot.call(move |h| answerable(h, &lookup, kind, now)).await {
+                Ok(hashes) => hashes,
+                Err(refused) => return Next::Reply(refused),
+            };
             // Argon2 takes tens of milliseconds: on a blocking thread.
             let matched = tokio::task::spawn_blocking(move || {
                 let well_formed =
@@ -689,40 +751,9 @@ impl VerifyActor {
             })
             .await;
             match matched {
-                Ok(Some(account)) => {
+                Ok(matched) => {
                     hot.call(move |h| {
-                        if let Err(error) = h.set_lockout(&account, Default::default()) {
-                            tracing::error!(%error, "clearing the lockout failed");
-                        }
-                        h.seen(&account, clock.now_ms());
-                        Next::Token(account)
-                    })
-                    .await
-                }
-                Ok(None) => {
-                    hot.call(move |h| {
-                        let now = clock.now_ms();
-                        let state = policy.fail(h.lockout(&first), now);
-                        if let Err(error) = h.set_lockout(&first, state) {
-                            tracing::error!(%error, "recording the lockout failed");
-                        }
-                        let detail = if state.locked_until_ms > 0 {
-                            format!(
-                                "wrong {}; face payment is now locked for {} s",
-                                kind.as_str(),
-                                (state.locked_until_ms - now).div_ceil(1000)
-                            )
-                        } else {
-                            format!(
-                                "wrong {}; face payment locks after {} more wrong answers",
-                                kind.as_str(),
-                                policy.free + 1 - state.failures
-                            )
-                        };
-                        Next::Reply(VerifyReply::refused(
-                            DeclineReason::SecondFactorWrong,
-                            detail,
-                        ))
+                        settle_answer(h, &candidates, kind, matched, policy, clock.now_ms())
                     })
                     .await
                 }
@@ -865,6 +896,91 @@ mod tests {
             conclude(&scored(&[("a", 0.46), ("b", 0.35)]), &rule),
             Conclusion::Accept("a".into())
         );
+    }
+
+    fn hot_set_with(accounts: &[&str]) -> (tempfile::TempDir, HotSet) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hot =
+            HotSet::open(&dir.path().join("hot"), &dir.path().join("k.key"), 8, "s1").unwrap();
+        let entries = accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| HotEntry {
+                account_id: (*a).into(),
+                home_store_id: "s1".into(),
+                templates: vec![(i as u64, {
+                    let mut unit = vec![0.0; protocol::EMBEDDING_LEN];
+                    unit[i] = 1.0;
+                    unit
+                })],
+                second_factor: SecondFactorKind::Pin,
+                second_factor_hash: format!("$argon2id$hash-of-{a}"),
+            })
+            .collect();
+        hot.upsert(entries, 0).unwrap();
+        (dir, hot)
+    }
+
+    const POLICY: LockoutPolicy = LockoutPolicy {
+        free: 0,
+        base_ms: 60_000,
+        max_ms: 600_000,
+    };
+
+    #[test]
+    fn a_wrong_second_factor_counts_against_every_candidate_and_a_locked_one_never_answers() {
+        let (_dir, mut hot) = hot_set_with(&["ann", "bob"]);
+        let both: Vec<AccountId> = vec!["ann".into(), "bob".into()];
+        let now = 1_000;
+        // Both may answer at first.
+        let hashes = answerable(&hot, &both, SecondFactorKind::Pin, now).unwrap();
+        assert_eq!(hashes.len(), 2);
+        // A wrong answer locks both, not only the likeliest: a second guess cannot go to bob.
+        let next = settle_answer(&mut hot, &both, SecondFactorKind::Pin, None, POLICY, now);
+        assert!(matches!(
+            next,
+            Next::Reply(VerifyReply::Refused {
+                reason: DeclineReason::SecondFactorWrong,
+                ..
+            })
+        ));
+        for account in &both {
+            assert!(hot.lockout(account).locked_until_ms > now, "{account}");
+        }
+        let refused = answerable(&hot, &both, SecondFactorKind::Pin, now).unwrap_err();
+        assert!(matches!(
+            refused,
+            VerifyReply::Refused {
+                reason: DeclineReason::FacePaymentLocked,
+                ..
+            }
+        ));
+        // Only ann locked: only bob's hash is checked, so a right answer for ann does not pass.
+        let later = now + 600_001;
+        hot.set_lockout(&both[1], Default::default()).unwrap();
+        hot.set_lockout(
+            &both[0],
+            crate::hotset::Lockout {
+                failures: 1,
+                locked_until_ms: later + 60_000,
+            },
+        )
+        .unwrap();
+        let hashes = answerable(&hot, &both, SecondFactorKind::Pin, later).unwrap();
+        assert_eq!(
+            hashes,
+            vec![(both[1].clone(), "$argon2id$hash-of-bob".into())]
+        );
+        // A right answer clears that account's lockout and issues its token.
+        let next = settle_answer(
+            &mut hot,
+            &both,
+            SecondFactorKind::Pin,
+            Some(both[1].clone()),
+            POLICY,
+            later,
+        );
+        assert!(matches!(next, Next::Token(ref a) if a == &both[1]));
     }
 
     #[test]
