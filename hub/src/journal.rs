@@ -312,6 +312,18 @@ impl Journal {
         {
             return Ok(false);
         }
+        // Its code was voided since it was reserved (an earlier attempt with the same code, for
+        // the same payment, ended unanswered): that void, still on its way, names this code too,
+        // and would move back what this attempt could be told "approved" for (found by
+        // simulation seed 1796457171001). Not now: the retry hears the code was voided.
+        let nonce = nonce_key(&attempt.account_id, &attempt.code_nonce);
+        if let Some(used) = self.nonces.get(&nonce).map_err(storage_error)? {
+            let used: NonceUse =
+                serde_json::from_slice(&used).expect("journal nonce records are readable");
+            if used.voided {
+                return Ok(false);
+            }
+        }
         self.attempts
             .insert(
                 attempt_key(attempt),
@@ -844,6 +856,35 @@ mod tests {
             Reservation::Voided
         );
         assert_eq!(j.recover_attempts().unwrap(), 0, "recovery is idempotent");
+    }
+
+    #[test]
+    fn a_code_voided_between_its_reservation_and_its_attempt_starts_no_attempt() {
+        let (_dir, j) = journal();
+        let (account, nonce, payment) = ("a".into(), "n1".into(), "s:o1".into());
+        // The first attempt with the code, then a retry with the same code reserving it again.
+        assert_eq!(
+            j.reserve_nonce(&account, &nonce, &payment, 1_000).unwrap(),
+            Reservation::Fresh
+        );
+        assert!(j.begin_attempt(&attempt("o1", "n1")).unwrap());
+        assert_eq!(
+            j.reserve_nonce(&account, &nonce, &payment, 1_000).unwrap(),
+            Reservation::SamePayment
+        );
+        // The first ends unanswered and is voided before the retry records its attempt.
+        j.void_attempt(&attempt("o1", "n1")).unwrap();
+        assert!(
+            !j.begin_attempt(&attempt("o1", "n1")).unwrap(),
+            "the void on its way names this code: no new attempt may be told approved"
+        );
+        // A retry from then on hears the code was voided.
+        assert_eq!(
+            j.reserve_nonce(&account, &nonce, &payment, 1_000).unwrap(),
+            Reservation::Voided
+        );
+        // Another code for the same order may go.
+        assert!(j.begin_attempt(&attempt("o1", "n2")).unwrap());
     }
 
     #[test]
