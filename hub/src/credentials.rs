@@ -418,28 +418,20 @@ mod tests {
         assert_eq!(refused.signed_by, None);
     }
 
-    /// A token for `account` at `terminal`, valid 30 s.
-    fn issue_at(account: &str, terminal: &str) -> IssueToken {
-        IssueToken {
-            account_id: account.into(),
-            terminal_id: terminal.into(),
-            ttl_ms: 30_000,
-        }
-    }
-
-    fn redeem(token: &str, terminal: &str) -> RedeemToken {
-        RedeemToken {
-            token: token.into(),
-            terminal_id: terminal.into(),
-        }
-    }
-
     #[actix::test]
     async fn a_token_is_bound_to_its_terminal_expires_and_is_forgotten_with_its_account() {
         let clock = clock::ManualClock::new(1_000_000);
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
         let credentials = actor(clock.clone(), &wallet);
-        let issue = |account: &str| issue_at(account, "till-1");
+        let issue = |account: &str| IssueToken {
+            account_id: account.into(),
+            terminal_id: "till-1".into(),
+            ttl_ms: 30_000,
+        };
+        let redeem = |token: &str, terminal: &str| RedeemToken {
+            token: token.into(),
+            terminal_id: terminal.into(),
+        };
         let a = credentials.send(issue("acct-1")).await.unwrap().unwrap();
         assert_eq!(a.issued.expires_at_ms, 1_030_000);
         assert_eq!(
@@ -474,13 +466,21 @@ mod tests {
         let clock = clock::ManualClock::new(1_000_000);
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
         let credentials = actor(clock.clone(), &wallet);
-        let issue = |terminal: &str| issue_at("acct-1", terminal);
+        let issue = |terminal: &str| IssueToken {
+            account_id: "acct-1".into(),
+            terminal_id: terminal.into(),
+            ttl_ms: 30_000,
+        };
         let other = credentials.send(issue("till-2")).await.unwrap().unwrap();
         let mut flood = Vec::new();
         for _ in 0..3 * OPEN_PER_TERMINAL {
             clock.advance(1);
             flood.push(credentials.send(issue("till-1")).await.unwrap().unwrap());
         }
+        let redeem = |token: &str, terminal: &str| RedeemToken {
+            token: token.into(),
+            terminal_id: terminal.into(),
+        };
         let (old, newest) = flood.split_at(flood.len() - OPEN_PER_TERMINAL);
         for t in old {
             let answer = credentials.send(redeem(&t.token, "till-1")).await.unwrap();
