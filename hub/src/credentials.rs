@@ -261,9 +261,6 @@ impl Handler<IssueToken> for CredentialsActor {
             terminal_id: msg.terminal_id,
             expires_at_ms: self.clock.now_ms().saturating_add(msg.ttl_ms),
         };
-        make_room(&mut self.tokens, &issued.terminal_id, |t| {
-            (&t.terminal_id, t.expires_at_ms)
-        });
         let token = random_id("tok_");
         self.tokens.insert(token.clone(), issued.clone());
         Some(IssuedToken { token, issued })
@@ -320,33 +317,6 @@ impl Handler<ForgetAccounts> for CredentialsActor {
     fn handle(&mut self, msg: ForgetAccounts, _: &mut Self::Context) {
         self.tokens.retain(|_, t| !msg.0.contains(&t.account_id));
         self.erased.extend(msg.0);
-    }
-}
-
-/// Most tokens (or challenges) a terminal has open at once. It serves one customer at a time, so
-/// a new one retires its oldest beyond this: a terminal that floods its hub grows nothing but its
-/// own share, and the hub's maps stay within terminals x this.
-pub const OPEN_PER_TERMINAL: usize = 8;
-
-/// Makes room in `open` for one more entry of `terminal` (`of`: an entry's terminal and expiry):
-/// its entries that expire soonest go, down to [`OPEN_PER_TERMINAL`] - 1.
-pub fn make_room<V>(
-    open: &mut HashMap<String, V>,
-    terminal: &TerminalId,
-    of: impl Fn(&V) -> (&TerminalId, u64),
-) {
-    let mut mine: Vec<(u64, String)> = open
-        .iter()
-        .filter(|(_, v)| of(v).0 == terminal)
-        .map(|(k, v)| (of(v).1, k.clone()))
-        .collect();
-    if mine.len() < OPEN_PER_TERMINAL {
-        return;
-    }
-    mine.sort();
-    let excess = mine.len() + 1 - OPEN_PER_TERMINAL;
-    for (_, key) in mine.into_iter().take(excess) {
-        open.remove(&key);
     }
 }
 
@@ -459,44 +429,5 @@ mod tests {
         clock.advance(30_000);
         let expired = credentials.send(redeem(&a.token, "till-1")).await.unwrap();
         assert_eq!(expired, Err(TokenRefused::Expired));
-    }
-
-    #[actix::test]
-    async fn a_terminal_holds_a_bounded_number_of_open_tokens_and_crowds_out_only_its_own() {
-        let clock = clock::ManualClock::new(1_000_000);
-        let wallet = paycode::Wallet::generate("acct-1").unwrap();
-        let credentials = actor(clock.clone(), &wallet);
-        let issue = |terminal: &str| IssueToken {
-            account_id: "acct-1".into(),
-            terminal_id: terminal.into(),
-            ttl_ms: 30_000,
-        };
-        let other = credentials.send(issue("till-2")).await.unwrap().unwrap();
-        let mut flood = Vec::new();
-        for _ in 0..3 * OPEN_PER_TERMINAL {
-            clock.advance(1);
-            flood.push(credentials.send(issue("till-1")).await.unwrap().unwrap());
-        }
-        let redeem = |token: &str, terminal: &str| RedeemToken {
-            token: token.into(),
-            terminal_id: terminal.into(),
-        };
-        let (old, newest) = flood.split_at(flood.len() - OPEN_PER_TERMINAL);
-        for t in old {
-            let answer = credentials.send(redeem(&t.token, "till-1")).await.unwrap();
-            assert_eq!(answer, Err(TokenRefused::Unknown), "crowded out");
-        }
-        for t in newest {
-            let answer = credentials.send(redeem(&t.token, "till-1")).await.unwrap();
-            assert!(answer.is_ok(), "{answer:?}");
-        }
-        let answer = credentials
-            .send(redeem(&other.token, "till-2"))
-            .await
-            .unwrap();
-        assert!(
-            answer.is_ok(),
-            "another terminal's token is untouched: {answer:?}"
-        );
     }
 }

@@ -501,9 +501,6 @@ impl VerifyActor {
     ) -> VerifyReply {
         let expires_at_ms =
             self.clock.now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
-        crate::credentials::make_room(&mut self.challenges, &terminal_id, |c| {
-            (&c.terminal_id, c.expires_at_ms)
-        });
         let challenge_id = crate::credentials::random_id("chl_");
         self.challenges.insert(
             challenge_id.clone(),
