@@ -173,6 +173,10 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                     payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
                     posted,
                 }),
+            HubRequestBody::PaymentStatus { payment_id } => self
+                .ledger
+                .payment_status(&store_id, &payment_id)
+                .map(|status| CloudReplyBody::PaymentStatus { payment_id, status }),
             HubRequestBody::KeySync { after_version } => self
                 .ledger
                 .keys_after(after_version)

@@ -4,8 +4,14 @@
 //! ProofChecked --LookUpOrder--> (order paid here before: answered from the journal) --> Done
 //!      |
 //!      v
-//! OrderLookedUp --ReserveNonce--> (code spent, voided or too old: declined) --> Done
+//! OrderLookedUp --ReserveNonce--> (code spent or voided: declined) --> Done
+//!      |        '-- (code from before the journal's memory) --AskStatus--> AskingCloud
+//!      |              --> paid: approved / pending: in progress / not paid: declined /
+//!      |                  no answer: unknown --> Done
 //!      |
+//!      '-- (a code refused for its time window) --InspectNonce--> Inspecting
+//!              --> attempt open: in progress / use on record or never used: the refusal /
+//!                  forgotten: AskStatus --> AskingCloud (not paid: the refusal) --> Done
 //!      v
 //! NonceReserved --RecordAttempt--> Recorded --Send--> Sent
 //!      |  (no link yet)                                 |-- answered about this payment --> Done
@@ -21,14 +27,15 @@
 //! [`Effect::Finish`]. The rules it keeps: an order the hub approved is answered from the journal
 //! and never sent again; the attempt is durable before it can be published; every attempt whose
 //! outcome is unknown is voided, whatever is decided offline; an answer counts only when it is
-//! about this payment. An event that does not fit the state is a broken invariant and panics.
+//! about this payment; a code the journal cannot tell unused is never sent again, and never
+//! declined while the cloud may hold its payment. An event that does not fit the state is a broken invariant and panics.
 
 use protocol::{
     AccountId, AuthorizeRequest, CodeNonce, Decision, DeclineReason, OrderId, PaymentId,
-    VoidPayment,
+    PaymentStatus, VoidPayment,
 };
 
-use crate::journal::{Paid, Reservation};
+use crate::journal::{NonceSeen, Paid, Reservation};
 
 /// Who pays, proven by a checked code or a redeemed token, and the single-use nonce that spends
 /// the proof.
@@ -51,6 +58,12 @@ pub enum State {
     ProofChecked,
     /// The order is not paid here; the nonce is being reserved.
     OrderLookedUp,
+    /// The order is not paid here and the code was refused for its time window; what the
+    /// journal knows of the code is being read.
+    Inspecting,
+    /// The code was issued before what the journal remembers (its disk was lost, or it pruned
+    /// the code's nonce): it may have paid this order already, so the cloud is asked.
+    AskingCloud,
     /// The nonce is spent on this payment; the attempt is being recorded.
     NonceReserved,
     /// The attempt is durable; it is being sent.
@@ -80,6 +93,11 @@ pub enum Effect {
     LookUpOrder,
     /// Reserve the payer's nonce for this payment ([`Event::Reserved`]).
     ReserveNonce,
+    /// Ask the cloud what its ledger holds for the payment ([`Event::Status`]).
+    AskStatus,
+    /// Read what the journal knows of the refused code, reserving nothing
+    /// ([`Event::NonceSeen`]).
+    InspectNonce,
     /// Record the attempt durably before it can be published ([`Event::AttemptRecorded`]).
     RecordAttempt(VoidPayment),
     /// Send the attempt to the cloud ([`Event::Cloud`]).
@@ -104,6 +122,10 @@ pub enum Event {
     Order(Option<Paid>),
     /// The nonce reservation.
     Reserved(Reservation),
+    /// What the cloud's ledger holds for the payment, or why the cloud could not say.
+    Status(Result<PaymentStatus, String>),
+    /// What the journal knows of the refused code.
+    NonceSeen(NonceSeen),
     /// The attempt record is durable.
     AttemptRecorded,
     /// Another attempt for the same payment is open: this one was not recorded.
@@ -167,6 +189,9 @@ pub struct Attempt {
     can_send: bool,
     state: State,
     offline_decision: Option<Decision>,
+    /// Why the proof was refused, when only its time window failed: the attempt then only finds
+    /// out whether the code paid the order before, and answers that or this refusal.
+    refusal: Option<Decision>,
 }
 
 impl Attempt {
@@ -182,8 +207,25 @@ impl Attempt {
             can_send,
             state: State::ProofChecked,
             offline_decision: None,
+            refusal: None,
         };
         (attempt, Effect::LookUpOrder)
+    }
+
+    /// An attempt for a request whose code was refused only for its time window (`refusal`): its
+    /// signature proves `payer`, and the register may be asking again about an order that code
+    /// paid (it did not hear the answer, the code expired meanwhile, or the hub's clock
+    /// stepped). It never sends the code or reserves its nonce: it answers "approved" when the
+    /// order was paid with it, "in progress" while that is unknown, and `refusal` otherwise.
+    pub fn start_refused(
+        request: &AuthorizeRequest,
+        payer: Payer,
+        refusal: Decision,
+        can_send: bool,
+    ) -> (Self, Effect) {
+        let (mut attempt, effect) = Self::start(request, payer, can_send);
+        attempt.refusal = Some(refusal);
+        (attempt, effect)
     }
 
     /// Where the attempt stands.
@@ -228,6 +270,17 @@ impl Attempt {
         self.finish(Outcome::decided(Decision::declined(reason, detail)))
     }
 
+    /// Another attempt at the order is open. Not a decline: it may yet be approved (a terminal
+    /// that sent the same request again, a second till charging the same order).
+    fn in_progress(&mut self) -> Effect {
+        self.refuse(
+            DeclineReason::PaymentInProgress,
+            "this order is being charged right now; charge the same order id again to learn its \
+             outcome"
+                .into(),
+        )
+    }
+
     fn offline(&mut self, ambiguous: bool, failure: String) -> Effect {
         self.state = State::Offline { ambiguous };
         Effect::DecideOffline { failure }
@@ -240,23 +293,22 @@ impl Attempt {
                 let decision = self.answer_from_journal(&paid);
                 self.finish(Outcome::decided(decision))
             }
+            (State::ProofChecked, Event::Order(None)) if self.refusal.is_some() => {
+                self.state = State::Inspecting;
+                Effect::InspectNonce
+            }
             (State::ProofChecked, Event::Order(None)) => {
                 self.state = State::OrderLookedUp;
                 Effect::ReserveNonce
             }
+            (State::Inspecting, Event::NonceSeen(seen)) => self.inspected(seen),
             (State::OrderLookedUp, Event::Reserved(reservation)) => self.reserved(reservation),
+            (State::AskingCloud, Event::Status(status)) => self.asked(status),
             (State::NonceReserved, Event::AttemptRecorded) => {
                 self.state = State::Sent;
                 Effect::Send(self.record())
             }
-            // Not a decline: the open attempt may yet be approved (a terminal that sent the
-            // same request again, a second till charging the same order).
-            (State::NonceReserved, Event::AttemptRefused) => self.refuse(
-                DeclineReason::PaymentInProgress,
-                "this order is being charged right now; charge the same order id again to learn \
-                 its outcome"
-                    .into(),
-            ),
+            (State::NonceReserved, Event::AttemptRefused) => self.in_progress(),
             (
                 State::Sent,
                 Event::Cloud(CloudResult::Answered {
@@ -347,7 +399,9 @@ impl Attempt {
                 spent,
                 format!("this {what}'s earlier attempt was voided; show a fresh one"),
             ),
-            Reservation::Expired => self.refuse(
+            // A token lives only in this hub's memory, so one from before a restart is never
+            // redeemed: too old is all it can be. A hub without a link sent nothing.
+            Reservation::Expired if token || !self.can_send => self.refuse(
                 if token {
                     DeclineReason::TokenInvalid
                 } else {
@@ -355,16 +409,81 @@ impl Attempt {
                 },
                 format!("this {what} is too old; show a fresh one"),
             ),
+            // The journal does not know whether this code paid this order before (a register
+            // that did not hear the answer sends the same charge again): "declined" could be a
+            // lie, so the cloud's ledger decides. It is never sent as an attempt again: under
+            // its nonce, an earlier attempt's void could move back what this one was told.
+            Reservation::Expired => {
+                self.state = State::AskingCloud;
+                Effect::AskStatus
+            }
         }
+    }
+
+    /// The answer for a code refused for its time window, from what the journal knows of it.
+    fn inspected(&mut self, seen: NonceSeen) -> Effect {
+        let refusal = self
+            .refusal
+            .clone()
+            .expect("only a refused code is inspected");
+        match seen {
+            NonceSeen::OpenAttempt => self.in_progress(),
+            // What this hub decided for the code is on record, and an approval of the order
+            // would have been found: the refusal is the truth.
+            NonceSeen::Known | NonceSeen::Unused => self.finish(Outcome::decided(refusal)),
+            NonceSeen::Forgotten if self.can_send => {
+                self.state = State::AskingCloud;
+                Effect::AskStatus
+            }
+            NonceSeen::Forgotten => self.finish(Outcome::decided(refusal)),
+        }
+    }
+
+    /// The answer for a code the journal could not tell unused, from what the cloud holds.
+    fn asked(&mut self, status: Result<PaymentStatus, String>) -> Effect {
+        let decision = match status {
+            Ok(PaymentStatus::Paid {
+                account_id,
+                amount_minor,
+                currency,
+            }) => self.answer_paid(&account_id, amount_minor, currency.as_str()),
+            Ok(PaymentStatus::Pending) => Decision::declined(
+                DeclineReason::PaymentInProgress,
+                "an earlier attempt at this order is still open at the cloud; charge the same \
+                 order id again to learn its outcome",
+            ),
+            Ok(PaymentStatus::NotPaid) => self.refusal.clone().unwrap_or_else(|| {
+                Decision::declined(
+                    DeclineReason::CodeExpired,
+                    "this payment code is older than the store's records and did not pay this \
+                     order; show a fresh one",
+                )
+            }),
+            Err(why) => Decision::declined(
+                DeclineReason::OutcomeUnknown,
+                format!(
+                    "this payment code is older than the store's records, and the cloud could \
+                     not say whether it paid this order ({why}); charge the same order id again \
+                     to learn its outcome"
+                ),
+            ),
+        };
+        self.finish(Outcome::decided(decision))
     }
 
     /// An order this hub already approved is answered from the journal: never sent to the cloud
     /// again (an order approved offline may not be in the ledger yet, and a second attempt under
     /// it could only confuse which attempt owns the transfer).
     fn answer_from_journal(&self, paid: &Paid) -> Decision {
-        let same = paid.account_id == self.payer.account_id
-            && paid.amount_minor == self.amount_minor
-            && paid.currency == self.currency;
+        self.answer_paid(&paid.account_id, paid.amount_minor, &paid.currency)
+    }
+
+    /// The answer for an order paid by `account_id` with `amount_minor`: approved (already paid)
+    /// when that is what this attempt asks, else a duplicate order id.
+    fn answer_paid(&self, account_id: &AccountId, amount_minor: i64, currency: &str) -> Decision {
+        let same = *account_id == self.payer.account_id
+            && amount_minor == self.amount_minor
+            && currency == self.currency;
         if same {
             Decision::Approved {
                 account_id: self.payer.account_id.clone(),
@@ -559,7 +678,136 @@ mod tests {
     }
 
     #[test]
-    fn a_spent_voided_or_old_code_is_declined_before_anything_is_sent() {
+    fn a_code_older_than_the_journal_is_answered_from_the_cloud_ledger_and_never_sent() {
+        let paid = |amount_minor| PaymentStatus::Paid {
+            account_id: "alice".into(),
+            amount_minor,
+            currency: Currency::parse("EUR").unwrap(),
+        };
+        let cases = [
+            (Ok(paid(700)), None),
+            (Ok(paid(900)), Some(DeclineReason::DuplicateOrderId)),
+            (
+                Ok(PaymentStatus::Pending),
+                Some(DeclineReason::PaymentInProgress),
+            ),
+            (Ok(PaymentStatus::NotPaid), Some(DeclineReason::CodeExpired)),
+            (
+                Err("deadline passed".into()),
+                Some(DeclineReason::OutcomeUnknown),
+            ),
+        ];
+        for (status, reason) in cases {
+            let effects = run(
+                true,
+                vec![
+                    Event::Order(None),
+                    Event::Reserved(Reservation::Expired),
+                    Event::Status(status.clone()),
+                ],
+            );
+            assert_eq!(effects[2], Effect::AskStatus);
+            let outcome = outcome(&effects);
+            match reason {
+                None => assert_eq!(outcome.decision, approved(true)),
+                Some(reason) => assert_eq!(outcome.decision.reason(), Some(reason), "{status:?}"),
+            }
+            // Only "not paid" is a decline the register may believe; the rest are never it.
+            assert_eq!(
+                outcome
+                    .decision
+                    .reason()
+                    .is_some_and(|r| !r.is_unknown_outcome()),
+                matches!(
+                    status,
+                    Ok(PaymentStatus::NotPaid)
+                        | Ok(PaymentStatus::Paid {
+                            amount_minor: 900,
+                            ..
+                        })
+                )
+            );
+            assert!(!outcome.offline);
+            assert_eq!(outcome.answered_attempt, None);
+        }
+    }
+
+    #[test]
+    fn a_code_refused_for_its_window_never_declines_an_order_it_may_have_paid() {
+        let refusal = Decision::declined(DeclineReason::CodeExpired, "expired");
+        let start = |can_send| {
+            Attempt::start_refused(&request("o1", 700), payer(), refusal.clone(), can_send)
+        };
+        let finish = |can_send, events: Vec<Event>| {
+            let (mut attempt, mut effect) = start(can_send);
+            let mut seen = vec![effect.clone()];
+            for event in events {
+                effect = attempt.on(event);
+                seen.push(effect.clone());
+            }
+            assert!(
+                !seen.iter().any(|e| matches!(
+                    e,
+                    Effect::ReserveNonce | Effect::RecordAttempt(_) | Effect::Send(_)
+                )),
+                "a refused code is never spent nor sent: {seen:?}"
+            );
+            match effect {
+                Effect::Finish(outcome) => outcome.decision,
+                other => panic!("not finished: {other:?}"),
+            }
+        };
+        // Paid here: already paid.
+        let paid = Paid {
+            account_id: "alice".into(),
+            amount_minor: 700,
+            currency: "EUR".into(),
+        };
+        assert_eq!(finish(true, vec![Event::Order(Some(paid))]), approved(true));
+        let inspected = |seen| vec![Event::Order(None), Event::NonceSeen(seen)];
+        assert_eq!(
+            finish(true, inspected(NonceSeen::OpenAttempt)).reason(),
+            Some(DeclineReason::PaymentInProgress)
+        );
+        assert_eq!(finish(true, inspected(NonceSeen::Known)), refusal);
+        assert_eq!(finish(true, inspected(NonceSeen::Unused)), refusal);
+        assert_eq!(finish(false, inspected(NonceSeen::Forgotten)), refusal);
+        // Forgotten: the cloud decides; not paid there is the refusal itself.
+        let mut asked = inspected(NonceSeen::Forgotten);
+        asked.push(Event::Status(Ok(PaymentStatus::NotPaid)));
+        assert_eq!(finish(true, asked), refusal);
+        let mut asked = inspected(NonceSeen::Forgotten);
+        asked.push(Event::Status(Ok(PaymentStatus::Pending)));
+        assert_eq!(
+            finish(true, asked).reason(),
+            Some(DeclineReason::PaymentInProgress)
+        );
+    }
+
+    #[test]
+    fn an_old_token_or_an_old_code_at_a_hub_without_a_link_is_declined_without_asking() {
+        let effects = run(
+            false,
+            vec![Event::Order(None), Event::Reserved(Reservation::Expired)],
+        );
+        assert_eq!(
+            outcome(&effects).decision.reason(),
+            Some(DeclineReason::CodeExpired)
+        );
+        let token = Payer {
+            token: true,
+            ..payer()
+        };
+        let (mut attempt, _) = Attempt::start(&request("o1", 700), token, true);
+        attempt.on(Event::Order(None));
+        let Effect::Finish(outcome) = attempt.on(Event::Reserved(Reservation::Expired)) else {
+            panic!("an old token is refused at once");
+        };
+        assert_eq!(outcome.decision.reason(), Some(DeclineReason::TokenInvalid));
+    }
+
+    #[test]
+    fn a_spent_or_voided_code_is_declined_before_anything_is_sent() {
         for (reservation, reason) in [
             (
                 Reservation::Replayed {
@@ -568,7 +816,6 @@ mod tests {
                 DeclineReason::CodeReplayed,
             ),
             (Reservation::Voided, DeclineReason::CodeReplayed),
-            (Reservation::Expired, DeclineReason::CodeExpired),
         ] {
             let effects = run(true, vec![Event::Order(None), Event::Reserved(reservation)]);
             assert_eq!(effects.len(), 3);

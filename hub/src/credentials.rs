@@ -154,7 +154,7 @@ impl CredentialsActor {
         let now_ms = self.clock.now_ms();
         let refused = |decision| RefusedCode {
             decision,
-            signed_by: None,
+            signed: None,
         };
         let code = SignedCode::parse(code)
             .map_err(|e| refused(Decision::declined(e.decline_reason(), e.to_string())))?;
@@ -174,7 +174,7 @@ impl CredentialsActor {
             ) && code.verify(key, code.issued_at_ms, self.validity).is_ok();
             RefusedCode {
                 decision,
-                signed_by: window_only.then(|| code.account_id.clone()),
+                signed: window_only.then(|| Box::new(code.clone())),
             }
         })?;
         Ok(code)
@@ -211,10 +211,10 @@ impl Handler<UplinkEvent> for CredentialsActor {
 pub struct RefusedCode {
     /// The decline to answer.
     pub decision: Decision,
-    /// The account whose key signed the code, when it was refused only for its time window
-    /// (expired, or not yet valid by this hub's clock): a retry of an order that account already
-    /// paid here can still hear "already paid".
-    pub signed_by: Option<String>,
+    /// The code, when it was refused only for its time window (expired, or not yet valid by
+    /// this hub's clock): its signature proves its account, and a retry of an order it paid
+    /// hears "already paid" (or "in progress" while that is not known), never this decline.
+    pub signed: Option<Box<SignedCode>>,
 }
 
 /// Check a payment code (form, key, signature, window) without spending it.
@@ -373,7 +373,10 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(refused.decision.reason(), Some(DeclineReason::CodeExpired));
-        assert_eq!(refused.signed_by.as_deref(), Some("acct-1"));
+        assert_eq!(
+            refused.signed.map(|c| c.account_id),
+            Some("acct-1".to_owned())
+        );
         // Signed by a key this store does not hold: no signer named.
         let stranger = paycode::Wallet::generate("acct-2").unwrap();
         let refused = credentials
@@ -385,7 +388,7 @@ mod tests {
             refused.decision.reason(),
             Some(DeclineReason::UnknownAccount)
         );
-        assert_eq!(refused.signed_by, None);
+        assert!(refused.signed.is_none());
     }
 
     #[actix::test]

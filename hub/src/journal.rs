@@ -81,6 +81,22 @@ pub enum Reservation {
     Expired,
 }
 
+/// What the journal knows of a code refused for its time window, shown again for a payment it
+/// has not approved ([`Journal::inspect_nonce`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NonceSeen {
+    /// An attempt at the payment is open: its outcome is not known yet.
+    OpenAttempt,
+    /// The code's use is on record (and the payment's approval would be): what this hub
+    /// decided stands.
+    Known,
+    /// The code was issued before what the journal remembers (a lost disk, pruned nonces): it
+    /// may have paid the payment, only the cloud knows.
+    Forgotten,
+    /// Never used here, and issued after what the journal forgot.
+    Unused,
+}
+
 /// The journal database. Clones share it.
 #[derive(Clone)]
 pub struct Journal {
@@ -332,6 +348,36 @@ impl Journal {
             .map_err(storage_error)?;
         self.flush()?;
         Ok(true)
+    }
+
+    /// What the journal knows of a code (`account_id`'s `nonce`, issued at `issued_at_ms`) shown
+    /// for `payment_id` and refused for its time window: whether that payment has an attempt
+    /// open, whether the code's use is on record, or whether the journal cannot know. Reserves
+    /// nothing.
+    pub fn inspect_nonce(
+        &self,
+        account_id: &AccountId,
+        nonce: &CodeNonce,
+        payment_id: &PaymentId,
+        issued_at_ms: u64,
+    ) -> Result<NonceSeen, HubError> {
+        let prefix = format!("{payment_id}#");
+        if let Some(open) = self.attempts.scan_prefix(prefix.as_bytes()).next() {
+            open.map_err(storage_error)?;
+            return Ok(NonceSeen::OpenAttempt);
+        }
+        let known = self
+            .nonces
+            .get(nonce_key(account_id, nonce))
+            .map_err(storage_error)?
+            .is_some();
+        Ok(if known {
+            NonceSeen::Known
+        } else if issued_at_ms < self.nonces_pruned_before_ms()? {
+            NonceSeen::Forgotten
+        } else {
+            NonceSeen::Unused
+        })
     }
 
     /// Forgets an attempt that was never sent (the link refused it before publishing).
@@ -923,6 +969,42 @@ mod tests {
             j.reserve_nonce(&"a".into(), &"n2".into(), &"s:o2".into(), 5_000)
                 .unwrap(),
             Reservation::Expired
+        );
+    }
+
+    #[test]
+    fn inspecting_a_refused_code_tells_open_attempts_known_forgotten_and_unused_codes() {
+        let (_d, j) = journal();
+        assert!(j.refuse_codes_issued_before(5_000).unwrap());
+        let inspect = |nonce: &str, order: &str, issued_at_ms| {
+            j.inspect_nonce(
+                &"a".into(),
+                &nonce.into(),
+                &format!("s:{order}").into(),
+                issued_at_ms,
+            )
+            .unwrap()
+        };
+        assert_eq!(inspect("n1", "o1", 4_999), NonceSeen::Forgotten);
+        assert_eq!(inspect("n1", "o1", 5_000), NonceSeen::Unused);
+        j.reserve_nonce(&"a".into(), &"n1".into(), &"s:o1".into(), 6_000)
+            .unwrap();
+        assert_eq!(inspect("n1", "o1", 6_000), NonceSeen::Known);
+        let attempt = VoidPayment {
+            payment_id: "s:o1".into(),
+            account_id: "a".into(),
+            code_nonce: "n1".into(),
+        };
+        assert!(j.begin_attempt(&attempt).unwrap());
+        // Any code shown for an order with an attempt open hears it is in progress.
+        assert_eq!(inspect("n9", "o1", 4_000), NonceSeen::OpenAttempt);
+        assert_eq!(inspect("n9", "o11", 4_000), NonceSeen::Forgotten);
+        // Inspecting reserves nothing.
+        assert_eq!(inspect("n2", "o2", 6_000), NonceSeen::Unused);
+        assert_eq!(
+            j.reserve_nonce(&"a".into(), &"n2".into(), &"s:o2".into(), 6_000)
+                .unwrap(),
+            Reservation::Fresh
         );
     }
 

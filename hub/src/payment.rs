@@ -9,7 +9,7 @@ use actix::prelude::*;
 use paycode::Validity;
 use protocol::{
     AuthorizeReply, AuthorizeRequest, CloudReplyBody, Decision, DeclineReason, HubRequestBody,
-    PaymentProof, VoidPayment,
+    PaymentProof, PaymentStatus, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
@@ -143,21 +143,26 @@ impl Handler<Authorize> for PaymentActor {
                 Err(decision) => Err((decision, None)),
                 Ok(()) => prove(&request, &peers.credentials).await,
             };
+            let can_send = peers.uplink.is_some();
             let outcome = match proven {
-                // A retry of an order this hub already approved hears so even when its proof no
-                // longer passes (the code expired meanwhile, a clock stepped): "declined" would
-                // be a lie about money that moved. Found by the chaos suite.
-                Err((decision, signed_by)) => Outcome {
-                    decision: paid_despite_expiry(&request, signed_by, &peers.journal)
-                        .await
-                        .unwrap_or(decision),
+                Err((decision, None)) => Outcome {
+                    decision,
                     offline: false,
                     answered_attempt: None,
                 },
+                // A retry of an order this code paid hears so even when the code no longer
+                // passes its window (it expired meanwhile, a clock stepped): "declined" would
+                // be a lie about money that moved. Found by the chaos suite.
+                Err((decision, Some(signer))) => {
+                    let start =
+                        Attempt::start_refused(&request, signer.clone(), decision, can_send);
+                    carry(start, &request, &signer, &peers, cloud_timeout).await
+                }
                 Ok(proven) => {
                     entry.account_id = Some(proven.account_id.clone());
                     entry.code_nonce = Some(proven.nonce.clone());
-                    authorize_verified(&request, &proven, &peers, cloud_timeout).await
+                    let start = Attempt::start(&request, proven.clone(), can_send);
+                    carry(start, &request, &proven, &peers, cloud_timeout).await
                 }
             };
             entry.decision = outcome.decision.clone();
@@ -187,12 +192,12 @@ impl Handler<Authorize> for PaymentActor {
     }
 }
 
-/// Who pays, from the request's proof; or the decline, with the account whose key signed a code
-/// refused only for its time window.
+/// Who pays, from the request's proof; or the decline, with who signed a code refused only for
+/// its time window.
 async fn prove(
     request: &AuthorizeRequest,
     credentials: &Addr<CredentialsActor>,
-) -> Result<Payer, (Decision, Option<String>)> {
+) -> Result<Payer, (Decision, Option<Payer>)> {
     let unavailable = |e: MailboxError| {
         (
             Decision::declined(DeclineReason::Internal, format!("hub unavailable: {e}")),
@@ -206,13 +211,8 @@ async fn prove(
                 .await
                 .map_err(unavailable)?
             {
-                Ok(code) => Ok(Payer {
-                    account_id: code.account_id.clone().into(),
-                    nonce: code.nonce_hex().into(),
-                    keep_from_ms: code.issued_at_ms,
-                    token: false,
-                }),
-                Err(refused) => Err((refused.decision, refused.signed_by)),
+                Ok(code) => Ok(code_payer(&code)),
+                Err(refused) => Err((refused.decision, refused.signed.as_deref().map(code_payer))),
             }
         }
         PaymentProof::Token(token) => {
@@ -236,36 +236,26 @@ async fn prove(
     }
 }
 
-/// The answer for a request whose code was refused only for its time window (`account`: the
-/// account its signature proves) when its order is paid here by that account with the same
-/// amount: "approved, already paid". Any other refused proof never reaches the journal.
-async fn paid_despite_expiry(
-    request: &AuthorizeRequest,
-    account: Option<String>,
-    journal: &JournalWorker,
-) -> Option<Decision> {
-    let account = account?;
-    let payment_id = request.payment_id.clone();
-    let paid = journal.run(move |j| j.paid(&payment_id)).await?;
-    (paid.account_id == account
-        && paid.amount_minor == request.amount_minor
-        && paid.currency == request.currency.as_str())
-    .then_some(Decision::Approved {
-        account_id: paid.account_id,
-        already_paid: true,
-    })
+/// Who pays with a code whose signature checked.
+fn code_payer(code: &paycode::SignedCode) -> Payer {
+    Payer {
+        account_id: code.account_id.clone().into(),
+        nonce: code.nonce_hex().into(),
+        keep_from_ms: code.issued_at_ms,
+        token: false,
+    }
 }
 
-/// Carries one attempt's state machine ([`crate::attempt`]): performs each effect it asks for
-/// and feeds back what came of it, until it finishes.
-async fn authorize_verified(
+/// Carries one attempt's state machine ([`crate::attempt`]) from its start: performs each effect
+/// it asks for and feeds back what came of it, until it finishes.
+async fn carry(
+    (mut attempt, mut effect): (Attempt, Effect),
     request: &AuthorizeRequest,
     payer: &Payer,
     peers: &PaymentPeers,
     cloud_timeout: Duration,
 ) -> Outcome {
     let journal = &peers.journal;
-    let (mut attempt, mut effect) = Attempt::start(request, payer.clone(), peers.uplink.is_some());
     loop {
         let event = match effect {
             Effect::LookUpOrder => {
@@ -283,6 +273,22 @@ async fn authorize_verified(
                     journal
                         .run(move |j| {
                             j.reserve_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
+                        })
+                        .await,
+                )
+            }
+            Effect::AskStatus => Event::Status(ask_status(request, peers, cloud_timeout).await),
+            Effect::InspectNonce => {
+                let (account_id, nonce, payment_id, issued_at_ms) = (
+                    payer.account_id.clone(),
+                    payer.nonce.clone(),
+                    request.payment_id.clone(),
+                    payer.keep_from_ms,
+                );
+                Event::NonceSeen(
+                    journal
+                        .run(move |j| {
+                            j.inspect_nonce(&account_id, &nonce, &payment_id, issued_at_ms)
                         })
                         .await,
                 )
@@ -365,6 +371,34 @@ async fn send_attempt(
         Ok(Ok(other)) => CloudResult::Unanswered(format!("unexpected cloud answer {other:?}")),
         Ok(Err(error)) => CloudResult::Unanswered(error.to_string()),
         Err(error) => CloudResult::Unanswered(error.to_string()),
+    }
+}
+
+/// Asks the cloud what its ledger holds for the payment, or says why it could not.
+async fn ask_status(
+    request: &AuthorizeRequest,
+    peers: &PaymentPeers,
+    cloud_timeout: Duration,
+) -> Result<PaymentStatus, String> {
+    let uplink = peers
+        .uplink
+        .as_ref()
+        .ok_or_else(|| "the hub has no cloud link".to_owned())?;
+    let call = CallCloud {
+        body: HubRequestBody::PaymentStatus {
+            payment_id: request.payment_id.clone(),
+        },
+        timeout: cloud_timeout,
+    };
+    match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::PaymentStatus { payment_id, status }))
+            if payment_id == request.payment_id =>
+        {
+            Ok(status)
+        }
+        Ok(Ok(other)) => Err(format!("unexpected cloud answer {other:?}")),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(error.to_string()),
     }
 }
 

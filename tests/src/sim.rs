@@ -24,8 +24,8 @@ use hub::{
 use paycode::hubsig::HubSigner;
 use protocol::{
     synthetic::Rng, AccountId, AccountKind, AuthorizeRequest, CloudAuthorize, CodeNonce, Currency,
-    Decision, DeclineReason, OfflinePayment, OpenAccount, PaymentId, PaymentProof, ReconcileResult,
-    VoidPayment,
+    Decision, DeclineReason, OfflinePayment, OpenAccount, PaymentId, PaymentProof, PaymentStatus,
+    ReconcileResult, VoidPayment,
 };
 use storage::kv::MemoryDb;
 
@@ -73,6 +73,8 @@ pub struct SimReport {
     /// Offline approvals in conflict with a pending attempt whose void was lost with a wiped
     /// disk: kept for the operator; the store does not get the money until one settles it.
     pub conflicts_with_disk_lost: usize,
+    /// Requests a terminal sent again, unanswered (the hub died, or its answer was lost).
+    pub resent: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,7 @@ enum ToCloud {
     Void(VoidPayment),
     Post(Vec<VoidPayment>),
     Reconcile(Vec<OfflinePayment>),
+    Status(PaymentId),
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +117,10 @@ enum ToHub {
     },
     Reconciled(Vec<ReconcileResult>),
     Allowances(Vec<protocol::Allowance>),
+    Status {
+        payment_id: PaymentId,
+        status: PaymentStatus,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +184,7 @@ struct InFlight {
 /// What a sent request waits for.
 enum Waiting {
     Attempt(u64),
+    Status(u64),
     Void(VoidPayment),
     Post(Vec<VoidPayment>),
     Batch,
@@ -407,6 +415,9 @@ impl Sim {
                     id,
                     Event::Cloud(CloudResult::Unanswered("deadline passed".into())),
                 ),
+                Some(Waiting::Status(id)) => {
+                    self.feed(id, Event::Status(Err("deadline passed".into())))
+                }
                 Some(Waiting::Void(_) | Waiting::Post(_) | Waiting::Batch) => {
                     self.hub.draining = false
                 }
@@ -535,24 +546,65 @@ impl Sim {
                 self.ops.push(op);
                 self.report.attempts += 1;
             }
-            let (machine, effect) = Attempt::start(&request, payer.clone(), true);
-            self.next_id += 1;
-            let id = self.next_id;
-            self.hub.attempts.insert(
-                id,
-                InFlight {
-                    terminal: t,
-                    duplicate: copy == 1,
-                    op: self.ops.len() - 1,
-                    request: request.clone(),
-                    payer: payer.clone(),
-                    machine,
-                    effect,
-                },
-            );
             let delay = self.rng.below(3 + 50 * copy);
-            self.at(delay, Happening::Step(id));
+            self.submit(t, self.ops.len() - 1, copy == 1, &request, &payer, delay);
         }
+    }
+
+    /// A terminal's request reaches the hub after `delay_ms`: a new attempt for operation `op`.
+    fn submit(
+        &mut self,
+        terminal: usize,
+        op: usize,
+        duplicate: bool,
+        request: &AuthorizeRequest,
+        payer: &Payer,
+        delay_ms: u64,
+    ) {
+        // The hub's proof check, by its clock: a code outside its window starts an attempt that
+        // only finds out whether the code paid the order.
+        let now = self.hub_now();
+        let (machine, effect) = if now >= payer.keep_from_ms + CODE_WINDOW_MS {
+            let refusal = Decision::declined(DeclineReason::CodeExpired, "expired");
+            Attempt::start_refused(request, payer.clone(), refusal, true)
+        } else if payer.keep_from_ms > now + CLOCK_SKEW_MS {
+            let refusal = Decision::declined(DeclineReason::CodeNotYetValid, "not yet valid");
+            Attempt::start_refused(request, payer.clone(), refusal, true)
+        } else {
+            Attempt::start(request, payer.clone(), true)
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        self.hub.attempts.insert(
+            id,
+            InFlight {
+                terminal,
+                duplicate,
+                op,
+                request: request.clone(),
+                payer: payer.clone(),
+                machine,
+                effect,
+            },
+        );
+        self.at(delay_ms, Happening::Step(id));
+    }
+
+    /// The terminal heard nothing back (its link to the hub dropped, or the hub died) and sends
+    /// the same request again, as the edge's hub client does: the register hears only the
+    /// answer to the copy.
+    fn resend(&mut self, flight: InFlight) {
+        self.report.resent += 1;
+        let delay = 50 + self.rng.below(500);
+        let (terminal, op, duplicate) = (flight.terminal, flight.op, flight.duplicate);
+        self.submit(
+            terminal,
+            op,
+            duplicate,
+            &flight.request,
+            &flight.payer,
+            delay,
+        );
     }
 
     fn fresh_nonce(&mut self) -> Code {
@@ -605,6 +657,28 @@ impl Sim {
                         payer.keep_from_ms,
                     )
                     .expect("reserve"),
+            ),
+            Effect::AskStatus => {
+                if self.cut && self.rng.below(2) == 0 {
+                    Event::Status(Err("disconnected".into()))
+                } else {
+                    self.next_id += 1;
+                    let request_id = self.next_id;
+                    self.hub.waiting.insert(request_id, Waiting::Status(id));
+                    self.send_to_cloud(request_id, ToCloud::Status(request.payment_id.clone()));
+                    self.at(CLOUD_TIMEOUT_MS, Happening::Deadline(request_id));
+                    return;
+                }
+            }
+            Effect::InspectNonce => Event::NonceSeen(
+                journal
+                    .inspect_nonce(
+                        &payer.account_id,
+                        &payer.nonce,
+                        &request.payment_id,
+                        payer.keep_from_ms,
+                    )
+                    .expect("inspect"),
             ),
             Effect::RecordAttempt(record) => match journal.begin_attempt(&record).expect("begin") {
                 true => Event::AttemptRecorded,
@@ -688,6 +762,12 @@ impl Sim {
             .journal
             .record(&entry, outcome.answered_attempt.as_ref())
             .expect("record");
+        // The answer is lost on its way to the terminal (its link to the hub dropped): the
+        // terminal asks again.
+        if self.chance(3) {
+            self.resend(flight);
+            return;
+        }
         let heard = match &outcome.decision {
             Decision::Approved { .. } => {
                 self.report.approved += 1;
@@ -746,6 +826,15 @@ impl Sim {
                         decision,
                         allowance,
                     }
+                };
+                self.send_to_hub(request_id, reply);
+            }
+            ToCloud::Status(payment_id) => {
+                let status = self.ledger.payment_status(STORE, &payment_id)?;
+                let reply = if self.chance(3) {
+                    ToHub::Failed
+                } else {
+                    ToHub::Status { payment_id, status }
                 };
                 self.send_to_hub(request_id, reply);
             }
@@ -830,6 +919,22 @@ impl Sim {
                 id,
                 Event::Cloud(CloudResult::Unanswered("the cloud failed".into())),
             ),
+            (Waiting::Status(id), ToHub::Status { payment_id, status }) => {
+                let asked = self
+                    .hub
+                    .attempts
+                    .get(&id)
+                    .map(|f| f.request.payment_id.clone());
+                let event = if asked == Some(payment_id.clone()) {
+                    Event::Status(Ok(status))
+                } else {
+                    Event::Status(Err(format!("an answer about {payment_id}")))
+                };
+                self.feed(id, event);
+            }
+            (Waiting::Status(id), _) => {
+                self.feed(id, Event::Status(Err("the cloud failed".into())))
+            }
             (Waiting::Void(void), ToHub::Voided { payment_id })
                 if payment_id == void.payment_id =>
             {
@@ -906,7 +1011,13 @@ impl Sim {
     /// The hub crashes: what was in flight is lost (the cashiers hear nothing), and it starts
     /// again with its disk (voiding the attempts it never closed) or without it.
     fn restart_hub(&mut self, wipe: bool) -> anyhow::Result<()> {
-        for (_, flight) in std::mem::take(&mut self.hub.attempts) {
+        let in_flight = std::mem::take(&mut self.hub.attempts);
+        let mut resend = Vec::new();
+        for (_, flight) in in_flight {
+            if self.rng.below(2) == 0 {
+                resend.push(flight);
+                continue;
+            }
             self.report.unknown += 1;
             if flight.duplicate {
                 continue;
@@ -957,6 +1068,9 @@ impl Sim {
             self.hub.journal.allowances()?,
             &self.hub.journal.offline_entries()?,
         );
+        for flight in resend {
+            self.resend(flight);
+        }
         Ok(())
     }
 

@@ -491,10 +491,81 @@ fn a_hub_that_cannot_journal_stops_and_its_restart_voids_what_it_sent() {
     assert!(heard.already_paid, "{heard:?}");
     let heard = pay_once_reachable(&mut site, &alice, "o3", 300);
     assert_eq!(heard.reason, Some(DeclineReason::CodeExpired), "{heard:?}");
-    // Only the account that paid: another customer's (expired) code is declined.
+    // Only the account that paid: another customer's (expired) code hears the order was paid
+    // with other details, as a valid one would.
     let heard = pay_once_reachable(&mut site, &bob, "o2", 300);
-    assert_eq!(heard.reason, Some(DeclineReason::CodeExpired), "{heard:?}");
+    assert_eq!(heard.status, ChargeStatus::Declined, "{heard:?}");
+    assert_eq!(
+        heard.reason,
+        Some(DeclineReason::DuplicateOrderId),
+        "{heard:?}"
+    );
     assert_eq!(balance("alice"), 9_700);
+    api.assert_books_balance().unwrap();
+}
+
+/// Found by the chaos suite: a register that did not hear the answer charges the same order again
+/// after its hub lost its disk. The new journal cannot tell whether the code paid that order, so
+/// the cloud's ledger answers: "already paid" when it did, the code's refusal when it did not,
+/// never a decline for money that moved.
+#[test]
+fn a_charge_repeated_after_the_hub_lost_its_disk_hears_what_the_ledger_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let mut site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
+    wait_keys(&site, 1);
+    let code = alice.issue_code(paycode::now_ms());
+    // The code shown again until a hub is reachable (an unreachable hub charged nothing).
+    let pay_with = |site: &StoreSite, order: &str| {
+        let (edge, frames) = &site.edges[0];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tests::present_qr(frames, &code).unwrap();
+            let heard = charge(edge.http_addr, order, 700, "EUR").unwrap().1;
+            if heard.reason != Some(DeclineReason::StoreSystemUnreachable)
+                || Instant::now() > deadline
+            {
+                return heard;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let heard = pay_with(&site, "o1");
+    assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
+    let posted = |id: &str| {
+        api.transfers()
+            .unwrap()
+            .iter()
+            .any(|t| t.transfer_id == id && !t.pending)
+    };
+    wait_until("the payment is posted", Duration::from_secs(20), || {
+        posted("store-1:o1")
+    });
+
+    // The hub loses its disk; the register charges o1 again with the same code.
+    site.hub.kill();
+    std::fs::remove_dir_all(site.hub_data_dir().join("journal")).unwrap();
+    site.restart_hub().unwrap();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    wait_keys(&site, 1);
+    let heard = pay_with(&site, "o1");
+    assert_eq!(
+        (heard.status, heard.already_paid),
+        (ChargeStatus::Approved, true),
+        "{heard:?}"
+    );
+    // The same code for an order it never paid: refused, and nothing moves.
+    let heard = pay_with(&site, "o2");
+    assert_eq!(
+        (heard.status, heard.reason),
+        (ChargeStatus::Declined, Some(DeclineReason::CodeExpired)),
+        "{heard:?}"
+    );
+    assert_eq!(api.account("alice").unwrap().balance_minor, 9_300);
     api.assert_books_balance().unwrap();
 }
 

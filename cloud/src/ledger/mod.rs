@@ -14,8 +14,8 @@ use std::path::Path;
 
 use protocol::{
     AccountId, AccountKind, AccountView, Allowance, CloudAuthorize, CodeNonce, Currency, Decision,
-    DeclineReason, KeyEntry, LedgerTotals, OpenAccount, PaymentId, StoreId, TransferView,
-    VoidPayment,
+    DeclineReason, KeyEntry, LedgerTotals, OpenAccount, PaymentId, PaymentStatus, StoreId,
+    TransferView, VoidPayment,
 };
 use serde::{Deserialize, Serialize};
 use storage::kv::{ConflictableTransactionError, TransactionError, Transactional};
@@ -895,6 +895,60 @@ mod tests {
         assert!(!l.void("store-1", &attempt("o1", "n1")).unwrap());
         assert!(!l.post("store-1", &attempt("o1", "n1")).unwrap());
         assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_payments_status_follows_its_transfer_and_asking_moves_nothing() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        let status = |order: &str| l.payment_status("store-1", &format!("store-1:{order}"));
+        let paid = |amount_minor| PaymentStatus::Paid {
+            account_id: "alice".into(),
+            amount_minor,
+            currency: eur(),
+        };
+        assert_eq!(status("o1").unwrap(), PaymentStatus::NotPaid, "never seen");
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert_eq!(status("o1").unwrap(), PaymentStatus::Pending);
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        assert_eq!(status("o1").unwrap(), paid(700));
+        // Voided, expired, declined: not paid.
+        l.authorize("store-1", &pay("o2", "n2", 500)).unwrap();
+        assert!(l.void("store-1", &attempt("o2", "n2")).unwrap());
+        assert_eq!(status("o2").unwrap(), PaymentStatus::NotPaid);
+        l.authorize("store-1", &pay("o3", "n3", 400)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        assert_eq!(status("o3").unwrap(), PaymentStatus::NotPaid);
+        l.authorize("store-1", &pay("o4", "n4", 1_000_000)).unwrap();
+        assert_eq!(status("o4").unwrap(), PaymentStatus::NotPaid);
+        // Charged again after its expiry by a late post: paid.
+        assert!(l.post("store-1", &attempt("o3", "n3")).unwrap());
+        assert_eq!(status("o3").unwrap(), paid(400));
+        // Asking neither burns a nonce nor joins a transfer: the code still pays its order.
+        assert_eq!(status("o5").unwrap(), PaymentStatus::NotPaid);
+        let fresh = l.authorize("store-1", &pay("o5", "n5", 100)).unwrap();
+        assert!(
+            matches!(
+                fresh,
+                Decision::Approved {
+                    already_paid: false,
+                    ..
+                }
+            ),
+            "{fresh:?}"
+        );
+        // A store asks only after its own payments.
+        for foreign in ["store-2:o1", "store-1", "store-1:", "store-1:o1#void"] {
+            let refused = l.payment_status("store-1", foreign);
+            assert!(
+                matches!(refused, Err(LedgerError::Invalid(_))),
+                "{foreign}: {refused:?}"
+            );
+        }
+        assert_eq!(balance(&l, "alice"), 10_000 - 700 - 400 - 100);
         books_balance(&l);
     }
 

@@ -376,6 +376,41 @@ impl Ledger {
         Ok(reversed)
     }
 
+    /// What the ledger holds for one of `store_id`'s payments: paid for good (posted, applied from
+    /// an offline approval, or charged again by a late post), pending (an attempt told
+    /// "approved" may still be voided or expire), or not paid. Read only: it burns no nonce and
+    /// joins no transfer, so asking cannot move money.
+    pub fn payment_status(
+        &self,
+        store_id: &str,
+        payment_id: &str,
+    ) -> Result<PaymentStatus, LedgerError> {
+        protocol::check_store_payment(store_id, payment_id).map_err(invalid)?;
+        let read = |id: String| -> Result<Option<TransferRecord>, LedgerError> {
+            Ok(self
+                .transfers
+                .get(id.as_bytes())
+                .map_err(|e| LedgerError::Storage(e.to_string()))?
+                .map(|b| decode(&b)))
+        };
+        let paid = |t: TransferRecord| PaymentStatus::Paid {
+            account_id: t.debit_account_id,
+            amount_minor: t.amount_minor,
+            currency: t.currency,
+        };
+        for suffix in ["offline", "posted"] {
+            if let Some(t) = read(format!("{payment_id}#{suffix}"))? {
+                return Ok(paid(t));
+            }
+        }
+        Ok(match read(payment_id.to_owned())? {
+            Some(t) if t.voided => PaymentStatus::NotPaid,
+            Some(t) if t.posted || t.offline => paid(t),
+            Some(_) => PaymentStatus::Pending,
+            None => PaymentStatus::NotPaid,
+        })
+    }
+
     /// Posts a payment the hub approved with the cloud's answer and journaled: from now on no void
     /// or expiry moves it back. Returns false when it was no longer pending for this attempt (it
     /// expired, or every attempt told "approved" was voided first): the register heard

@@ -21,6 +21,16 @@ pub fn check_payment_id(
     Ok(())
 }
 
+/// Whether `payment_id` is a payment of `store_id` (`<store>:<order>`, both well formed).
+pub fn check_store_payment(store_id: &str, payment_id: &str) -> Result<(), ValidationError> {
+    validate_id("store_id", store_id)?;
+    let order = payment_id
+        .strip_prefix(store_id)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .ok_or_else(|| foreign(store_id, payment_id))?;
+    validate_id("order_id", order).map_err(|_| foreign(store_id, payment_id))
+}
+
 /// An amount of a payment: 1 to [`MAX_AMOUNT_MINOR`] minor units.
 pub fn check_amount(amount_minor: i64) -> Result<(), ValidationError> {
     if !(1..=MAX_AMOUNT_MINOR).contains(&amount_minor) {
@@ -54,13 +64,7 @@ impl VoidPayment {
     /// Whether the store `store_id` may void (or post) this attempt: its payment is in the
     /// store's namespace.
     pub fn check_from(&self, store_id: &str) -> Result<(), ValidationError> {
-        validate_id("store_id", store_id)?;
-        let order = self
-            .payment_id
-            .strip_prefix(store_id)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .ok_or_else(|| foreign(store_id, &self.payment_id))?;
-        validate_id("order_id", order).map_err(|_| foreign(store_id, &self.payment_id))?;
+        check_store_payment(store_id, &self.payment_id)?;
         validate_id("account_id", &self.account_id)?;
         validate_id("code_nonce", &self.code_nonce)
     }

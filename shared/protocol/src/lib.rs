@@ -17,7 +17,7 @@ mod money;
 mod offline;
 pub mod topics;
 
-pub use checks::{check_amount, check_payment_id};
+pub use checks::{check_amount, check_payment_id, check_store_payment};
 pub use error::{ValidationError, WireError};
 pub use identity::*;
 pub use ids::{AccountId, CodeNonce, OrderId, PaymentId, StoreId, TerminalId};

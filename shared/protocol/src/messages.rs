@@ -369,6 +369,13 @@ pub enum HubRequestBody {
         /// Continue after this account id (`None`: from the start).
         after_account: Option<AccountId>,
     },
+    /// What the ledger holds for one of the store's payments. Asked by a hub whose journal cannot
+    /// tell whether it sent a payment before: a code issued before the journal began (its disk was
+    /// lost) or before the nonces it pruned, presented again for an order it has no record of.
+    PaymentStatus {
+        /// The payment, in the store's namespace.
+        payment_id: PaymentId,
+    },
 }
 
 impl HubRequestBody {
@@ -480,6 +487,13 @@ pub enum CloudReplyBody {
     Templates(crate::TemplateBatch),
     /// The answer to an identify request.
     Identified(crate::CloudIdentified),
+    /// Answer to `PaymentStatus`.
+    PaymentStatus {
+        /// The payment.
+        payment_id: PaymentId,
+        /// What the ledger holds for it.
+        status: PaymentStatus,
+    },
     /// The request could not be processed.
     Error {
         /// Why.
@@ -493,6 +507,25 @@ pub enum CloudReplyBody {
         /// Why.
         detail: String,
     },
+}
+
+/// What the ledger holds for a payment, as a hub asking after it sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PaymentStatus {
+    /// Charged for good: posted, or applied from an offline approval.
+    Paid {
+        /// The account charged.
+        account_id: AccountId,
+        /// The amount charged.
+        amount_minor: i64,
+        /// Its currency.
+        currency: Currency,
+    },
+    /// Charged, not final: an attempt told "approved" may still be voided, or expire.
+    Pending,
+    /// Not charged: never seen, declined, or moved back (voided, expired).
+    NotPaid,
 }
 
 /// A batch of account key changes, sent on request and broadcast on every change.
