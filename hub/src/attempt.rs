@@ -10,8 +10,9 @@
 //!      |                  no answer: unknown --> Done
 //!      |
 //!      '-- (a code refused for its time window) --InspectNonce--> Inspecting
-//!              --> attempt open: in progress / use on record or never used: the refusal /
-//!                  forgotten: AskStatus --> AskingCloud (not paid: the refusal) --> Done
+//!              --> attempt open: in progress / use on record: the refusal /
+//!                  otherwise AskStatus --> AskingCloud (not paid, or no answer about a code
+//!                  issued after the journal began: the refusal) --> Done
 //!      v
 //! NonceReserved --RecordAttempt--> Recorded --Send--> Sent
 //!      |  (no link yet)                                 |-- answered about this payment --> Done
@@ -37,6 +38,10 @@ use protocol::{
 
 use crate::journal::{NonceSeen, Paid, Reservation};
 
+/// What a request hears while another attempt at its order is being decided.
+pub const IN_PROGRESS: &str =
+    "this order is being charged right now; charge the same order id again to learn its outcome";
+
 /// Who pays, proven by a checked code or a redeemed token, and the single-use nonce that spends
 /// the proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,9 +66,14 @@ pub enum State {
     /// The order is not paid here and the code was refused for its time window; what the
     /// journal knows of the code is being read.
     Inspecting,
-    /// The code was issued before what the journal remembers (its disk was lost, or it pruned
-    /// the code's nonce): it may have paid this order already, so the cloud is asked.
-    AskingCloud,
+    /// The journal cannot rule out that the code paid this order already (issued before what it
+    /// remembers: its disk was lost, or it pruned the code's nonce; or refused for its window and
+    /// not on record): the cloud is asked.
+    AskingCloud {
+        /// The journal cannot tell whether the code was used at all: without an answer, the
+        /// outcome is unknown.
+        forgotten: bool,
+    },
     /// The nonce is spent on this payment; the attempt is being recorded.
     NonceReserved,
     /// The attempt is durable; it is being sent.
@@ -221,9 +231,8 @@ impl Attempt {
         request: &AuthorizeRequest,
         payer: Payer,
         refusal: Decision,
-        can_send: bool,
     ) -> (Self, Effect) {
-        let (mut attempt, effect) = Self::start(request, payer, can_send);
+        let (mut attempt, effect) = Self::start(request, payer, false);
         attempt.refusal = Some(refusal);
         (attempt, effect)
     }
@@ -273,12 +282,7 @@ impl Attempt {
     /// Another attempt at the order is open. Not a decline: it may yet be approved (a terminal
     /// that sent the same request again, a second till charging the same order).
     fn in_progress(&mut self) -> Effect {
-        self.refuse(
-            DeclineReason::PaymentInProgress,
-            "this order is being charged right now; charge the same order id again to learn its \
-             outcome"
-                .into(),
-        )
+        self.refuse(DeclineReason::PaymentInProgress, IN_PROGRESS.into())
     }
 
     fn offline(&mut self, ambiguous: bool, failure: String) -> Effect {
@@ -303,7 +307,10 @@ impl Attempt {
             }
             (State::Inspecting, Event::NonceSeen(seen)) => self.inspected(seen),
             (State::OrderLookedUp, Event::Reserved(reservation)) => self.reserved(reservation),
-            (State::AskingCloud, Event::Status(status)) => self.asked(status),
+            (State::AskingCloud { forgotten }, Event::Status(status)) => {
+                let forgotten = *forgotten;
+                self.asked(status, forgotten)
+            }
             (State::NonceReserved, Event::AttemptRecorded) => {
                 self.state = State::Sent;
                 Effect::Send(self.record())
@@ -400,8 +407,8 @@ impl Attempt {
                 format!("this {what}'s earlier attempt was voided; show a fresh one"),
             ),
             // A token lives only in this hub's memory, so one from before a restart is never
-            // redeemed: too old is all it can be. A hub without a link sent nothing.
-            Reservation::Expired if token || !self.can_send => self.refuse(
+            // redeemed: too old is all it can be.
+            Reservation::Expired if token => self.refuse(
                 if token {
                     DeclineReason::TokenInvalid
                 } else {
@@ -413,10 +420,7 @@ impl Attempt {
             // that did not hear the answer sends the same charge again): "declined" could be a
             // lie, so the cloud's ledger decides. It is never sent as an attempt again: under
             // its nonce, an earlier attempt's void could move back what this one was told.
-            Reservation::Expired => {
-                self.state = State::AskingCloud;
-                Effect::AskStatus
-            }
+            Reservation::Expired => self.ask_cloud(true),
         }
     }
 
@@ -430,17 +434,24 @@ impl Attempt {
             NonceSeen::OpenAttempt => self.in_progress(),
             // What this hub decided for the code is on record, and an approval of the order
             // would have been found: the refusal is the truth.
-            NonceSeen::Known | NonceSeen::Unused => self.finish(Outcome::decided(refusal)),
-            NonceSeen::Forgotten if self.can_send => {
-                self.state = State::AskingCloud;
-                Effect::AskStatus
-            }
-            NonceSeen::Forgotten => self.finish(Outcome::decided(refusal)),
+            NonceSeen::Known => self.finish(Outcome::decided(refusal)),
+            // Issued after the journal began by the hub's clock; but a hub whose disk was lost
+            // and whose clock is behind started its journal after codes it had used: the cloud
+            // is asked, and only when it cannot answer is the refusal taken as the truth.
+            NonceSeen::Unused => self.ask_cloud(false),
+            NonceSeen::Forgotten => self.ask_cloud(true),
         }
     }
 
+    /// Asks the cloud what it holds for the payment; `forgotten`: the journal cannot tell
+    /// whether the code was used, so no answer leaves the outcome unknown.
+    fn ask_cloud(&mut self, forgotten: bool) -> Effect {
+        self.state = State::AskingCloud { forgotten };
+        Effect::AskStatus
+    }
+
     /// The answer for a code the journal could not tell unused, from what the cloud holds.
-    fn asked(&mut self, status: Result<PaymentStatus, String>) -> Effect {
+    fn asked(&mut self, status: Result<PaymentStatus, String>, forgotten: bool) -> Effect {
         let decision = match status {
             Ok(PaymentStatus::Paid {
                 account_id,
@@ -459,6 +470,7 @@ impl Attempt {
                      order; show a fresh one",
                 )
             }),
+            Err(_) if !forgotten => self.refusal.clone().expect("only a refused code is unused"),
             Err(why) => Decision::declined(
                 DeclineReason::OutcomeUnknown,
                 format!(
@@ -735,11 +747,9 @@ mod tests {
     #[test]
     fn a_code_refused_for_its_window_never_declines_an_order_it_may_have_paid() {
         let refusal = Decision::declined(DeclineReason::CodeExpired, "expired");
-        let start = |can_send| {
-            Attempt::start_refused(&request("o1", 700), payer(), refusal.clone(), can_send)
-        };
-        let finish = |can_send, events: Vec<Event>| {
-            let (mut attempt, mut effect) = start(can_send);
+        let finish = |events: Vec<Event>| {
+            let (mut attempt, mut effect) =
+                Attempt::start_refused(&request("o1", 700), payer(), refusal.clone());
             let mut seen = vec![effect.clone()];
             for event in events {
                 effect = attempt.on(event);
@@ -763,37 +773,44 @@ mod tests {
             amount_minor: 700,
             currency: "EUR".into(),
         };
-        assert_eq!(finish(true, vec![Event::Order(Some(paid))]), approved(true));
+        assert_eq!(finish(vec![Event::Order(Some(paid))]), approved(true));
         let inspected = |seen| vec![Event::Order(None), Event::NonceSeen(seen)];
         assert_eq!(
-            finish(true, inspected(NonceSeen::OpenAttempt)).reason(),
+            finish(inspected(NonceSeen::OpenAttempt)).reason(),
             Some(DeclineReason::PaymentInProgress)
         );
-        assert_eq!(finish(true, inspected(NonceSeen::Known)), refusal);
-        assert_eq!(finish(true, inspected(NonceSeen::Unused)), refusal);
-        assert_eq!(finish(false, inspected(NonceSeen::Forgotten)), refusal);
-        // Forgotten: the cloud decides; not paid there is the refusal itself.
-        let mut asked = inspected(NonceSeen::Forgotten);
-        asked.push(Event::Status(Ok(PaymentStatus::NotPaid)));
-        assert_eq!(finish(true, asked), refusal);
-        let mut asked = inspected(NonceSeen::Forgotten);
-        asked.push(Event::Status(Ok(PaymentStatus::Pending)));
+        assert_eq!(finish(inspected(NonceSeen::Known)), refusal);
+        // Not on record: the cloud decides. Not paid there is the refusal itself; pending is in
+        // progress; paid is paid.
+        let asked = |seen, status: Result<PaymentStatus, String>| {
+            let mut events = inspected(seen);
+            events.push(Event::Status(status));
+            finish(events)
+        };
+        for seen in [NonceSeen::Unused, NonceSeen::Forgotten] {
+            assert_eq!(asked(seen.clone(), Ok(PaymentStatus::NotPaid)), refusal);
+            assert_eq!(
+                asked(seen.clone(), Ok(PaymentStatus::Pending)).reason(),
+                Some(DeclineReason::PaymentInProgress)
+            );
+            let paid = PaymentStatus::Paid {
+                account_id: "alice".into(),
+                amount_minor: 700,
+                currency: Currency::parse("EUR").unwrap(),
+            };
+            assert_eq!(asked(seen, Ok(paid)), approved(true));
+        }
+        // No answer: a code issued after the journal began is taken as refused; one the journal
+        // forgot leaves the outcome unknown.
+        assert_eq!(asked(NonceSeen::Unused, Err("no link".into())), refusal);
         assert_eq!(
-            finish(true, asked).reason(),
-            Some(DeclineReason::PaymentInProgress)
+            asked(NonceSeen::Forgotten, Err("no link".into())).reason(),
+            Some(DeclineReason::OutcomeUnknown)
         );
     }
 
     #[test]
-    fn an_old_token_or_an_old_code_at_a_hub_without_a_link_is_declined_without_asking() {
-        let effects = run(
-            false,
-            vec![Event::Order(None), Event::Reserved(Reservation::Expired)],
-        );
-        assert_eq!(
-            outcome(&effects).decision.reason(),
-            Some(DeclineReason::CodeExpired)
-        );
+    fn an_old_token_is_declined_without_asking_the_cloud() {
         let token = Payer {
             token: true,
             ..payer()

@@ -3,18 +3,22 @@
 //! attempt's state machine ([`crate::attempt`]): reserve the nonce, record the attempt, ask the
 //! cloud or decide offline, void what is ambiguous, journal the decision, answer the edge.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use actix::prelude::*;
 use paycode::Validity;
 use protocol::{
     AuthorizeReply, AuthorizeRequest, CloudReplyBody, Decision, DeclineReason, HubRequestBody,
-    PaymentProof, PaymentStatus, VoidPayment,
+    PaymentId, PaymentProof, PaymentStatus, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
 use crate::{
-    attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer},
+    attempt::{Attempt, CloudResult, Effect, Event, Outcome, Payer, IN_PROGRESS},
     credentials::{CheckCode, CredentialsActor, RedeemToken},
     error::HubError,
     journal::{JournalEntry, JournalWorker},
@@ -53,12 +57,42 @@ pub struct PaymentPeers {
     pub uplink: Option<Addr<UplinkActor>>,
 }
 
-/// Decides payments; owns no state of its own beyond its settings (the journal holds every
-/// attempt, the credentials actor the keys, the offline actor the book).
+/// Decides payments; owns no state of its own beyond its settings and the payments it is deciding
+/// right now (the journal holds every attempt, the credentials actor the keys, the offline actor
+/// the book).
 pub struct PaymentActor {
     settings: PaymentSettings,
     peers: PaymentPeers,
     metrics: PaymentMetrics,
+    deciding: Arc<Mutex<HashSet<PaymentId>>>,
+}
+
+/// A payment being decided; it leaves the set when the decision is made (or abandoned).
+struct Deciding {
+    set: Arc<Mutex<HashSet<PaymentId>>>,
+    payment_id: PaymentId,
+}
+
+impl Deciding {
+    /// Enters `payment_id`, unless it is being decided already.
+    fn enter(set: &Arc<Mutex<HashSet<PaymentId>>>, payment_id: &PaymentId) -> Option<Self> {
+        set.lock()
+            .expect("not poisoned")
+            .insert(payment_id.clone())
+            .then(|| Deciding {
+                set: set.clone(),
+                payment_id: payment_id.clone(),
+            })
+    }
+}
+
+impl Drop for Deciding {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.payment_id);
+    }
 }
 
 impl PaymentActor {
@@ -68,6 +102,7 @@ impl PaymentActor {
             settings,
             peers,
             metrics,
+            deciding: Arc::default(),
         }
     }
 
@@ -129,6 +164,27 @@ impl Handler<Authorize> for PaymentActor {
         self.metrics.request();
         let request = msg.0;
         let checked = self.check_request(&request);
+        // One decision per payment at a time. A terminal sends a request again when its link to
+        // the hub dropped before the answer; while the first is still being decided, the second
+        // reads a journal between the first's steps (its nonce reserved, no attempt open yet, its
+        // approval not yet written) and could only guess. It hears "in progress", never a
+        // decline for money the first may move.
+        let deciding = match checked {
+            Ok(()) => match Deciding::enter(&self.deciding, &request.payment_id) {
+                Some(deciding) => Some(deciding),
+                None => {
+                    let decision =
+                        Decision::declined(DeclineReason::PaymentInProgress, IN_PROGRESS);
+                    self.metrics.outcome(decision.reason(), started.elapsed());
+                    return Box::pin(futures::future::ready(AuthorizeReply {
+                        payment_id: request.payment_id,
+                        decision,
+                        offline: false,
+                    }));
+                }
+            },
+            Err(_) => None,
+        };
         let peers = self.peers.clone();
         let cloud_timeout = self.settings.cloud_timeout;
         let metrics = self.metrics.clone();
@@ -154,8 +210,7 @@ impl Handler<Authorize> for PaymentActor {
                 // passes its window (it expired meanwhile, a clock stepped): "declined" would
                 // be a lie about money that moved. Found by the chaos suite.
                 Err((decision, Some(signer))) => {
-                    let start =
-                        Attempt::start_refused(&request, signer.clone(), decision, can_send);
+                    let start = Attempt::start_refused(&request, signer.clone(), decision);
                     carry(start, &request, &signer, &peers, cloud_timeout).await
                 }
                 Ok(proven) => {
@@ -183,6 +238,7 @@ impl Handler<Authorize> for PaymentActor {
                 peers.offline.do_send(DeliverQueued);
             }
             metrics.outcome(outcome.decision.reason(), started.elapsed());
+            drop(deciding);
             AuthorizeReply {
                 payment_id: request.payment_id,
                 decision: outcome.decision,

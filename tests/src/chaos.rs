@@ -892,6 +892,22 @@ pub fn check(
                 told()
             ));
         }
+        // What the register heard last about the order stands: a decline (other than "paid
+        // with other details") of an order paid with that charge's account and amount is a lie,
+        // whatever it heard before.
+        let last = ops.iter().max_by_key(|o| o.answered_ms);
+        if let (Some(last), Some(t)) = (last, found.first()) {
+            let declined = matches!(
+                &last.outcome,
+                Outcome::Failed(reason) if *reason != DeclineReason::DuplicateOrderId
+            );
+            if declined && same(last, t) {
+                problems.push(format!(
+                    "{payment_id} heard declined last, but paid so in the ledger ({})",
+                    told()
+                ));
+            }
+        }
     }
     // Every store payment in the ledger was invoked by the workload (or priming).
     for t in &transfers {

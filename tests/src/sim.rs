@@ -90,6 +90,9 @@ struct Op {
     account: usize,
     amount_minor: i64,
     heard: Heard,
+    /// A copy of the terminal's request (sent while the first was in flight): the terminal's
+    /// register heard the first.
+    copy: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +182,8 @@ struct InFlight {
     payer: Payer,
     machine: Attempt,
     effect: Effect,
+    /// It reached the payment actor, which decides one payment at a time.
+    admitted: bool,
 }
 
 /// What a sent request waits for.
@@ -537,12 +542,16 @@ impl Sim {
             account: customer,
             amount_minor: amount,
             heard: Heard::Unknown,
+            copy: false,
         });
         self.report.attempts += 1;
         let copies = if self.chance(10) { 2 } else { 1 };
         for copy in 0..copies {
             if copy == 1 {
-                let op = self.ops.last().expect("pushed above").clone();
+                let op = Op {
+                    copy: true,
+                    ..self.ops.last().expect("pushed above").clone()
+                };
                 self.ops.push(op);
                 self.report.attempts += 1;
             }
@@ -566,10 +575,10 @@ impl Sim {
         let now = self.hub_now();
         let (machine, effect) = if now >= payer.keep_from_ms + CODE_WINDOW_MS {
             let refusal = Decision::declined(DeclineReason::CodeExpired, "expired");
-            Attempt::start_refused(request, payer.clone(), refusal, true)
+            Attempt::start_refused(request, payer.clone(), refusal)
         } else if payer.keep_from_ms > now + CLOCK_SKEW_MS {
             let refusal = Decision::declined(DeclineReason::CodeNotYetValid, "not yet valid");
-            Attempt::start_refused(request, payer.clone(), refusal, true)
+            Attempt::start_refused(request, payer.clone(), refusal)
         } else {
             Attempt::start(request, payer.clone(), true)
         };
@@ -585,6 +594,7 @@ impl Sim {
                 payer: payer.clone(),
                 machine,
                 effect,
+                admitted: false,
             },
         );
         self.at(delay_ms, Happening::Step(id));
@@ -637,6 +647,29 @@ impl Sim {
 
     /// Runs an attempt's pending effect (as the payment actor does).
     fn step(&mut self, id: u64) {
+        let Some(flight) = self.hub.attempts.get(&id) else {
+            return;
+        };
+        if !flight.admitted {
+            // As the payment actor does: a request for a payment being decided hears "in
+            // progress" at once.
+            let payment_id = flight.request.payment_id.clone();
+            let busy = self
+                .hub
+                .attempts
+                .values()
+                .any(|f| f.admitted && f.request.payment_id == payment_id);
+            if busy {
+                let flight = self.hub.attempts.remove(&id).expect("in flight");
+                self.report.unknown += 1;
+                self.ops[flight.op].heard = Heard::Unknown;
+                if !flight.duplicate {
+                    self.terminal_free(flight.terminal);
+                }
+                return;
+            }
+            self.hub.attempts.get_mut(&id).expect("in flight").admitted = true;
+        }
         let Some(flight) = self.hub.attempts.get(&id) else {
             return;
         };
@@ -1203,6 +1236,24 @@ impl Sim {
                     "{payment_id} heard only declined, but paid in the ledger ({})",
                     heard()
                 ));
+            }
+            // What the register heard last about the order stands: a decline (other than "paid
+            // with other details") of an order paid with that charge's account and amount is a
+            // lie, whatever it heard before, unless a copy of a charge (a second till's) heard
+            // it approved. A terminal's charges follow one another, so the last one it made (not
+            // a copy) was answered last.
+            let last = ops.iter().rev().find(|o| !o.copy);
+            if let (Some(last), Some(t)) = (last, found.first()) {
+                let declined = matches!(
+                    last.heard,
+                    Heard::Declined(reason) if reason != DeclineReason::DuplicateOrderId
+                );
+                if declined && same(&last, t) && !approved.iter().any(|o| same(o, t)) {
+                    problems.push(format!(
+                        "{payment_id} heard declined last, but paid so in the ledger ({})",
+                        heard()
+                    ));
+                }
             }
         }
         // Each account's balance is what the history implies, not merely a sum that balances.

@@ -919,9 +919,13 @@ mod tests {
         assert!(l.void("store-1", &attempt("o2", "n2")).unwrap());
         assert_eq!(status("o2").unwrap(), PaymentStatus::NotPaid);
         l.authorize("store-1", &pay("o3", "n3", 400)).unwrap();
+        l.authorize("store-1", &pay("o6", "n6", 300)).unwrap();
         clock.advance(60_000);
-        assert_eq!(l.expire_pending().unwrap(), 1);
-        assert_eq!(status("o3").unwrap(), PaymentStatus::NotPaid);
+        assert_eq!(l.expire_pending().unwrap(), 2);
+        // Expired, yet its attempt may still confirm it: not final. Voided after: not paid.
+        assert_eq!(status("o3").unwrap(), PaymentStatus::Pending);
+        assert!(!l.void("store-1", &attempt("o6", "n6")).unwrap());
+        assert_eq!(status("o6").unwrap(), PaymentStatus::NotPaid);
         l.authorize("store-1", &pay("o4", "n4", 1_000_000)).unwrap();
         assert_eq!(status("o4").unwrap(), PaymentStatus::NotPaid);
         // Charged again after its expiry by a late post: paid.

@@ -378,7 +378,7 @@ impl Ledger {
 
     /// What the ledger holds for one of `store_id`'s payments: paid for good (posted, applied from
     /// an offline approval, or charged again by a late post), pending (an attempt told
-    /// "approved" may still be voided or expire), or not paid. Read only: it burns no nonce and
+    /// "approved" may still be voided or expire, or confirm it after its expiry), or not paid. Read only: it burns no nonce and
     /// joins no transfer, so asking cannot move money.
     pub fn payment_status(
         &self,
@@ -404,6 +404,9 @@ impl Ledger {
             }
         }
         Ok(match read(payment_id.to_owned())? {
+            // Expired with attempts that may still confirm it (a post on its way charges it
+            // again): not final either way.
+            Some(t) if t.voided && !t.expired_holders.is_empty() => PaymentStatus::Pending,
             Some(t) if t.voided => PaymentStatus::NotPaid,
             Some(t) if t.posted || t.offline => paid(t),
             Some(_) => PaymentStatus::Pending,
