@@ -569,8 +569,23 @@ mod tests {
             actix::SyncArbiter::start(1, move || LedgerActor::new(ledger.clone())),
             4,
         );
-        let (client, _eventloop) =
-            mqtt::Client::new(rumqttc::MqttOptions::new("test", "127.0.0.1", 1), 4);
+        let pki_dir = dir.path().join("pki");
+        let authority = pki::Pki::init(&pki_dir).unwrap();
+        authority
+            .issue(&pki::Identity::cloud(), &pki::IssueOptions::default())
+            .unwrap();
+        let files = pki::TlsConfig {
+            pki_dir,
+            ..pki::TlsConfig::default()
+        }
+        .files("cloud");
+        let signer = pki::TlsIdentity::load(&files)
+            .unwrap()
+            .reply_signer()
+            .unwrap();
+        let (inner, _eventloop) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("test", "127.0.0.1", 1), 4);
+        let client = mqtt::Client::new(inner, std::sync::Arc::new(signer));
         let store = crate::customers::CustomerStore::open(
             &dir.path().join("customers"),
             &dir.path().join("template.key"),

@@ -396,6 +396,8 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                 self.connected.set(0);
                 Box::pin(async {})
             }
+            // Counted and logged where the link is driven; nothing to act on.
+            LinkEvent::Refused { .. } => Box::pin(async {}),
             LinkEvent::Message { topic, payload } => {
                 let Some(store_id) =
                     protocol::topics::store_of_request_topic(&topic).map(str::to_owned)

@@ -137,7 +137,17 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         face::FaceEngine::load_default(config.face.clone()).context("loading the face models")?;
     let faces = face::worker::start_workers(std::sync::Arc::new(engine), config.face_threads);
 
-    let (client, eventloop) = config.mqtt.connect(&tls)?;
+    // A store's requests are its hub's, sealed with that hub's certificate key; the cloud hears
+    // nothing else on the link.
+    let (client, mqtt_link) = config.mqtt.connect(&tls, |topic| {
+        protocol::topics::store_of_request_topic(topic).map(mqtt::Signer::hub)
+    })?;
+    let refused = telemetry::register_counter(
+        &registry,
+        "facepay_cloud_link_messages_refused_total",
+        "messages heard on the hub link that the store's hub did not seal (forged, moved to \
+         another store's topic, or from a revoked certificate), dropped unread",
+    );
     let link_client = client.clone();
     let link =
         HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected).start();
@@ -149,7 +159,11 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     .start();
     let link_events = link.clone();
     let reconnect = std::time::Duration::from_millis(config.mqtt.reconnect_delay_ms);
-    actix::spawn(mqtt::drive(eventloop, reconnect, move |event| {
+    actix::spawn(mqtt::drive(mqtt_link, reconnect, move |event| {
+        if let mqtt::LinkEvent::Refused { topic, reason } = &event {
+            tracing::warn!(%topic, %reason, "unsealed message on the hub link dropped");
+            refused.inc();
+        }
         let link = link_events.clone();
         if event == mqtt::LinkEvent::Connected {
             revocations.do_send(revocation::Republish);

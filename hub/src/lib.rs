@@ -294,7 +294,14 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     )
     .start();
 
-    let (client, eventloop) = config.mqtt.connect(&tls)?;
+    // Everything the hub hears on the link is the cloud's, sealed with its certificate key.
+    let (client, link) = config.mqtt.connect(&tls, |_| Some(mqtt::Signer::cloud()))?;
+    let refused = telemetry::register_counter(
+        &registry,
+        "facepay_hub_link_messages_refused_total",
+        "messages heard on the cloud link that the cloud did not seal (forged, moved to another \
+         topic, or from a revoked certificate), dropped unread",
+    );
     let breaker_gauge = telemetry::register_gauge(
         &registry,
         "facepay_hub_cloud_breaker",
@@ -319,7 +326,11 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     ));
     let uplink = uplink_context.run(uplink);
     let reconnect = Duration::from_millis(config.mqtt.reconnect_delay_ms);
-    actix::spawn(mqtt::drive(eventloop, reconnect, move |event| {
+    actix::spawn(mqtt::drive(link, reconnect, move |event| {
+        if let mqtt::LinkEvent::Refused { topic, reason } = &event {
+            tracing::warn!(%topic, %reason, "unsealed message on the cloud link dropped");
+            refused.inc();
+        }
         let uplink = uplink.clone();
         async move {
             let _ = uplink.send(LinkEventMsg(event)).await;

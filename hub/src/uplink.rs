@@ -312,6 +312,8 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 // Dropping the senders fails every waiting request now.
                 self.pending.clear();
             }
+            // Counted and logged where the link is driven; nothing to act on.
+            LinkEvent::Refused { .. } => {}
             LinkEvent::Message { topic, payload } => {
                 if topic == protocol::topics::key_updates() {
                     match protocol::decode::<KeyBatch>(&payload) {

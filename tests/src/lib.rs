@@ -1,6 +1,7 @@
 //! Harness for facepay's cross-process tests and the fleet demo: free ports, brokers, the real
 //! binaries as child processes, the customer's phone and the cash register.
 
+pub mod attacker;
 pub mod chaos;
 pub mod proxy;
 pub mod sim;
@@ -212,10 +213,33 @@ impl Mosquitto {
         Self::launch(dir, free_port(), test_pki(), Some(db))
     }
 
+    /// Starts Debian's `mosquitto` on a free port as `ops/mosquitto` ships it but without its ACL:
+    /// any certificate of the fleet may publish and read anywhere. What a compromised broker
+    /// (or a stolen broker configuration) lets through, for the attack suite.
+    pub fn start_without_acl(dir: &Path) -> anyhow::Result<Self> {
+        let port = free_port();
+        let config: String = mosquitto_config(test_pki(), port, None)?
+            .lines()
+            .filter(|line| !line.starts_with("acl_file"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        Self::run(dir, port, &config, None)
+    }
+
     fn launch(
         dir: &Path,
         port: u16,
         pki_dir: &Path,
+        persistence: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let config = mosquitto_config(pki_dir, port, persistence.as_deref())?;
+        Self::run(dir, port, &config, persistence)
+    }
+
+    fn run(
+        dir: &Path,
+        port: u16,
+        config: &str,
         persistence: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
@@ -223,10 +247,7 @@ impl Mosquitto {
             .find(|p| Path::new(p).exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            mosquitto_config(pki_dir, port, persistence.as_deref())?,
-        )?;
+        std::fs::write(&conf, config)?;
         let child = Command::new(binary)
             .arg("-c")
             .arg(&conf)

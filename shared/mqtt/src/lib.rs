@@ -1,12 +1,15 @@
-//! The MQTT link between store hubs and the cloud: its configuration section and the loop that
-//! drives a `rumqttc` event loop, turning it into a small set of link events.
+//! The MQTT link between store hubs and the cloud: its configuration section, a client that
+//! seals every message it publishes with the tier's certificate key, and the loop that drives a
+//! `rumqttc` event loop, opening every message it receives (see `pki::sealed`), turning it into a
+//! small set of link events. Nothing unsealed crosses the link either way.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 
-pub use rumqttc::{AsyncClient as Client, QoS};
+pub use pki::Signer;
+pub use rumqttc::QoS;
 
 /// Capacity of the client's outgoing request channel: a publish waits when this many are queued.
 pub const REQUEST_CHANNEL_CAPACITY: usize = 256;
@@ -71,10 +74,16 @@ impl MqttConfig {
     /// certificate's common name: a broker configured with `use_identity_as_username` and
     /// `use_username_as_clientid` (ops/mosquitto) gives each certificate its own session, so no
     /// other client can take it over.
+    ///
+    /// Every message published through the client is sealed with the identity's key; every
+    /// message the link hears is opened against its CA and revocation list, and taken only when
+    /// `expected` (given the topic) signed it.
     pub fn connect(
         &self,
         identity: &pki::TlsIdentity,
-    ) -> Result<(AsyncClient, EventLoop), pki::PkiError> {
+        expected: impl Fn(&str) -> Option<Signer> + Send + 'static,
+    ) -> Result<(Client, Link), pki::PkiError> {
+        let signer = Arc::new(identity.reply_signer()?);
         let tls = identity.client_config_for(pki::Role::Broker)?;
         let client_id = identity.identity.common_name.clone();
         let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
@@ -91,7 +100,114 @@ impl MqttConfig {
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
-        Ok((client, eventloop))
+        let link = Link {
+            eventloop,
+            verifier: identity.sealed_verifier(),
+            expected: Box::new(expected),
+        };
+        Ok((Client::new(client, signer), link))
+    }
+}
+
+/// The MQTT client of a tier: publishes sealed messages. Clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: AsyncClient,
+    signer: Arc<pki::ReplySigner>,
+}
+
+/// Why a publish failed.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The message could not be sealed.
+    Seal(pki::PkiError),
+    /// The client's queue refused it (full, or the link is gone).
+    Client(rumqttc::ClientError),
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Seal(e) => write!(f, "sealing the message failed: {e}"),
+            PublishError::Client(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+impl Client {
+    /// A client that seals with `signer`.
+    pub fn new(inner: AsyncClient, signer: Arc<pki::ReplySigner>) -> Self {
+        Client { inner, signer }
+    }
+
+    /// Queues `payload` (JSON text), sealed for `topic`, without waiting for room in the queue.
+    pub fn try_publish(
+        &self,
+        topic: impl Into<String>,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        let topic = topic.into();
+        let sealed = self
+            .signer
+            .seal(&topic, payload)
+            .map_err(PublishError::Seal)?;
+        self.inner
+            .try_publish(topic, qos, retain, sealed)
+            .map_err(PublishError::Client)
+    }
+
+    /// Queues `payload` (JSON text), sealed for `topic`, waiting for room in the queue.
+    pub async fn publish(
+        &self,
+        topic: impl Into<String>,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        let topic = topic.into();
+        let sealed = self
+            .signer
+            .seal(&topic, payload)
+            .map_err(PublishError::Seal)?;
+        self.inner
+            .publish(topic, qos, retain, sealed)
+            .await
+            .map_err(PublishError::Client)
+    }
+
+    /// Subscribes to `topic`.
+    pub async fn subscribe(
+        &self,
+        topic: impl Into<String>,
+        qos: QoS,
+    ) -> Result<(), rumqttc::ClientError> {
+        self.inner.subscribe(topic, qos).await
+    }
+}
+
+/// The receiving side of a tier's link: its event loop, and how its messages are opened.
+pub struct Link {
+    eventloop: EventLoop,
+    verifier: pki::SealedVerifier,
+    expected: ExpectedSigner,
+}
+
+/// Who must have sealed a message heard on a topic (`None`: nobody speaks there to this tier).
+type ExpectedSigner = Box<dyn Fn(&str) -> Option<Signer> + Send>;
+
+impl Link {
+    /// The payload of a message heard on `topic`, or why it is refused: not sealed, sealed by
+    /// someone other than who speaks on that topic, or for another topic.
+    fn open(&self, topic: &str, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        let expected = (self.expected)(topic)
+            .ok_or_else(|| format!("nobody speaks on {topic} to this tier"))?;
+        self.verifier
+            .open(topic, sealed, &expected)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -102,36 +218,44 @@ pub enum LinkEvent {
     Connected,
     /// The connection dropped; the loop keeps trying.
     Disconnected(String),
-    /// A message arrived.
+    /// A message arrived, sealed by who speaks on its topic: its payload, opened.
     Message {
         /// Its topic.
         topic: String,
         /// Its payload.
         payload: Vec<u8>,
     },
+    /// A message arrived that is not sealed by who speaks on its topic: dropped unread.
+    Refused {
+        /// Its topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Drives the event loop forever, reconnecting after `reconnect_delay`, and hands every link event
 /// to `handler`. The handler is awaited before the next poll, so a slow owner slows the link down
 /// instead of queueing without bound.
-pub async fn drive<F, Fut>(mut eventloop: EventLoop, reconnect_delay: Duration, mut handler: F)
+pub async fn drive<F, Fut>(mut link: Link, reconnect_delay: Duration, mut handler: F)
 where
     F: FnMut(LinkEvent) -> Fut,
     Fut: Future<Output = ()>,
 {
     let mut connected = false;
     loop {
-        match eventloop.poll().await {
+        match link.eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
                 handler(LinkEvent::Connected).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                handler(LinkEvent::Message {
-                    topic: publish.topic.clone(),
-                    payload: publish.payload.to_vec(),
-                })
-                .await;
+                let topic = publish.topic.clone();
+                let event = match link.open(&topic, &publish.payload) {
+                    Ok(payload) => LinkEvent::Message { topic, payload },
+                    Err(reason) => LinkEvent::Refused { topic, reason },
+                };
+                handler(event).await;
             }
             Ok(_) => {}
             Err(error) => {

@@ -25,6 +25,7 @@ mod error;
 mod issue;
 mod load;
 mod reply;
+mod sealed;
 mod token;
 
 pub use config::TlsConfig;
@@ -35,6 +36,7 @@ pub use load::{
     LiveClientVerifier, PeerIdentity, RevocationList, TlsFiles, TlsIdentity,
 };
 pub use reply::{signed_message, HubVerifier, ReplySigner, REPLY_DOMAIN};
+pub use sealed::{link_message, Sealed, SealedVerifier, Signer, LINK_DOMAIN};
 pub use token::{bearer_matches, token_digest};
 
 /// What a certificate's holder is, carried in the subject's organizational unit.

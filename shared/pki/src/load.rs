@@ -217,7 +217,7 @@ pub struct TlsIdentity {
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     crls: Vec<CertificateRevocationListDer<'static>>,
-    live: Arc<LiveClientVerifier>,
+    pub(crate) live: Arc<LiveClientVerifier>,
     /// Its certificate's subject.
     pub identity: PeerIdentity,
     /// When its certificate expires, Unix seconds.

@@ -34,13 +34,18 @@ pub struct ReplySigner {
 impl ReplySigner {
     /// The base64 signature of `reply` to `request`.
     pub fn sign(&self, request: &[u8], reply: &str) -> Result<String, PkiError> {
+        self.sign_message(&signed_message(request, reply))
+    }
+
+    /// The base64 ECDSA P-256 SHA-256 signature of `message` (which starts with its domain).
+    pub(crate) fn sign_message(&self, message: &[u8]) -> Result<String, PkiError> {
         use base64::Engine as _;
         let signer = self
             .key
             .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
             .ok_or_else(|| PkiError::Tls("the key cannot sign ECDSA P-256 SHA-256".into()))?;
         let signature = signer
-            .sign(&signed_message(request, reply))
+            .sign(message)
             .map_err(|e| PkiError::Tls(e.to_string()))?;
         Ok(base64::engine::general_purpose::STANDARD.encode(signature))
     }
@@ -115,6 +120,26 @@ impl TlsIdentity {
     }
 }
 
+/// Checks that `signature` (base64 ECDSA P-256 SHA-256) signs `message` with the key of `der`.
+pub(crate) fn verify_ecdsa(
+    der: &CertificateDer<'_>,
+    message: &[u8],
+    signature: &str,
+) -> Result<(), String> {
+    use base64::Engine as _;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|e| format!("signature: {e}"))?;
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        &cert.public_key().subject_public_key.data,
+    )
+    .verify(message, &signature)
+    .map_err(|_| "the signature does not match".to_owned())
+}
+
 fn crls_of(list: &RevocationList) -> Result<Vec<CertificateRevocationListDer<'static>>, PkiError> {
     CertificateRevocationListDer::pem_slice_iter(&list.pem)
         .collect::<Result<Vec<_>, _>>()
@@ -147,7 +172,6 @@ impl HubVerifier {
         certificate_pem: &str,
         signature: &str,
     ) -> Result<(), PkiError> {
-        use base64::Engine as _;
         let refused = |why: String| PkiError::Tls(format!("hub answer refused: {why}"));
         let der = CertificateDer::from_pem_slice(certificate_pem.as_bytes())
             .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
@@ -182,17 +206,7 @@ impl HubVerifier {
                 std::time::Instant::now(),
             ));
         }
-        let (_, cert) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
-        let signature = base64::engine::general_purpose::STANDARD
-            .decode(signature)
-            .map_err(|e| refused(format!("signature: {e}")))?;
-        ring::signature::UnparsedPublicKey::new(
-            &ring::signature::ECDSA_P256_SHA256_ASN1,
-            &cert.public_key().subject_public_key.data,
-        )
-        .verify(&signed_message(request, reply), &signature)
-        .map_err(|_| refused("the signature does not match".into()))
+        verify_ecdsa(&der, &signed_message(request, reply), signature).map_err(refused)
     }
 
     /// Takes a revocation list relayed by the hub when the CA signed it and it is newer than the

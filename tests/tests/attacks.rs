@@ -1,0 +1,200 @@
+//! The attack suite: attacks on the money path performed as an attacker would, against real
+//! processes, each answered by its precise refusal, with the ledger read back to show that
+//! nothing moved.
+
+use std::time::{Duration, Instant};
+
+use paycode::Wallet;
+use protocol::{
+    AccountKind, ChargeStatus, CloudReply, CloudReplyBody, Currency, Decision, DeclineReason,
+    HubRequest, HubRequestBody, KeyBatch, KeyEntry, OpenAccount,
+};
+use tests::{
+    attacker::Attacker, charge, ensure_identity, present_code, start_cloud, store::StoreSite,
+    tls_identity, wait_for_keys, wait_for_metric, CloudApi, Mosquitto,
+};
+
+fn open(api: &CloudApi, id: &str, kind: AccountKind, balance: i64) -> Option<Wallet> {
+    let wallet = (kind == AccountKind::Customer).then(|| Wallet::generate(id).unwrap());
+    api.open(&OpenAccount {
+        account_id: id.into(),
+        kind,
+        currency: Currency::parse("EUR").unwrap(),
+        initial_balance_minor: balance,
+        public_key: wallet.as_ref().map(|w| w.public_key_b64()),
+    })
+    .unwrap();
+    wallet
+}
+
+/// Shows `wallet`'s code at the store's first terminal and charges `order`, again while no hub is
+/// reachable yet (nothing was charged then).
+fn pay(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protocol::ChargeResult {
+    let (edge, frames) = &site.edges[0];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        present_code(frames, wallet).unwrap();
+        let heard = charge(edge.http_addr, order, amount, "EUR").unwrap().1;
+        if heard.reason != Some(DeclineReason::StoreSystemUnreachable) || Instant::now() > deadline
+        {
+            return heard;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A compromised broker (here one that enforces no ACL, so any certificate of the fleet publishes
+/// anywhere) relays forged cloud messages to a hub: a key update giving the victim's account the
+/// attacker's key, unsealed and sealed with another store's hub certificate, and "approved"
+/// replies to a payment the cloud never answered; and forged store requests to the cloud. Neither
+/// side opens any of them: the attacker's code does not pay from the victim's account, the
+/// victim's own code still does, the cloud applies no forged authorization, and the register
+/// hears the hub's own offline decline, not the forged approval.
+#[test]
+fn forged_link_messages_through_a_compromised_broker_move_no_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_without_acl(dir.path()).unwrap();
+    let mut cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let site = StoreSite::start(
+        dir.path(),
+        "store-1",
+        broker.port,
+        1,
+        &["offline.payment_ceiling_minor=1500".into()],
+    )
+    .unwrap();
+    wait_for_keys(site.hub_http(), 1, Duration::from_secs(20)).unwrap();
+    let refused = |count: f64| {
+        wait_for_metric(
+            site.hub_http(),
+            "facepay_hub_link_messages_refused_total",
+            count,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+
+    // Mallory holds store-2's hub certificate and a wallet of her own that claims alice's account.
+    let rogue = pki::Identity::hub("store-2").unwrap();
+    ensure_identity(&rogue).unwrap();
+    let rogue_signer = tls_identity(&rogue.name).unwrap().reply_signer().unwrap();
+    let mallory = Wallet::generate("alice").unwrap();
+    let attacker = Attacker::connect(broker.port, &rogue.name, "mallory").unwrap();
+    let keys = protocol::topics::key_updates();
+    let forged_keys = protocol::encode(&KeyBatch {
+        entries: vec![KeyEntry {
+            account_id: "alice".into(),
+            version: 1_000,
+            public_key: Some(mallory.public_key_b64()),
+        }],
+        more: false,
+    });
+    attacker.publish(&keys, forged_keys.clone()).unwrap();
+    attacker
+        .publish(&keys, rogue_signer.seal(&keys, forged_keys).unwrap())
+        .unwrap();
+    refused(2.0);
+    let heard = pay(&site, &mallory, "o1", 700);
+    assert_eq!(
+        (heard.status, heard.reason),
+        (ChargeStatus::Declined, Some(DeclineReason::BadSignature)),
+        "{heard:?}"
+    );
+    let heard = pay(&site, &alice, "o2", 700);
+    assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
+    assert_eq!(api.account("alice").unwrap().balance_minor, 9_300);
+
+    // Mallory speaks for store-1 to the cloud: an authorization the cloud would apply (it checks
+    // codes through the hub that sends them), unsealed and sealed with her certificate.
+    let requests = protocol::topics::cloud_requests("store-1");
+    let forged_request = protocol::encode(&HubRequest {
+        request_id: 7,
+        store_id: "store-1".into(),
+        body: HubRequestBody::Authorize(protocol::CloudAuthorize {
+            payment_id: "store-1:loot".into(),
+            account_id: "alice".into(),
+            code_nonce: "00112233445566778899aabbccddeeff".into(),
+            amount_minor: 5_000,
+            currency: Currency::parse("EUR").unwrap(),
+            terminal_id: "till-1".into(),
+            order_id: "loot".into(),
+            offline_reservation: Default::default(),
+        }),
+    });
+    attacker.publish(&requests, forged_request.clone()).unwrap();
+    attacker
+        .publish(
+            &requests,
+            rogue_signer.seal(&requests, forged_request).unwrap(),
+        )
+        .unwrap();
+    wait_for_metric(
+        cloud.metrics_addr,
+        "facepay_cloud_link_messages_refused_total",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(api.account("alice").unwrap().balance_minor, 9_300);
+    assert!(api
+        .transfers()
+        .unwrap()
+        .iter()
+        .all(|t| !t.transfer_id.contains("loot")));
+    api.assert_books_balance().unwrap();
+
+    // The cloud goes down; Mallory reads the hub's request off the broker and answers it
+    // "approved" herself, unsealed and sealed with her hub certificate.
+    cloud.kill();
+    attacker
+        .subscribe(&protocol::topics::cloud_requests("store-1"))
+        .unwrap();
+    let forger = std::thread::spawn(move || {
+        let replies = protocol::topics::store_replies("store-1");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let Some((_, payload)) = attacker.next_message(Duration::from_millis(200)) else {
+                continue;
+            };
+            // The request is sealed, not secret: its id is there to read.
+            let sealed: pki::Sealed = serde_json::from_slice(&payload).unwrap();
+            let request: HubRequest = protocol::decode(sealed.payload.as_bytes()).unwrap();
+            let HubRequestBody::Authorize(authorize) = request.body else {
+                continue;
+            };
+            let forged = protocol::encode(&CloudReply {
+                request_id: request.request_id,
+                body: CloudReplyBody::Authorized {
+                    payment_id: authorize.payment_id,
+                    decision: Decision::Approved {
+                        account_id: authorize.account_id,
+                        already_paid: false,
+                    },
+                    allowance: None,
+                },
+            });
+            attacker.publish(&replies, forged.clone()).unwrap();
+            attacker
+                .publish(&replies, rogue_signer.seal(&replies, forged).unwrap())
+                .unwrap();
+            return (true, attacker);
+        }
+        (false, attacker)
+    });
+    let heard = pay(&site, &alice, "o3", 2_000);
+    // The attacker stays connected until its forgeries are delivered.
+    let (saw, _attacker) = forger.join().unwrap();
+    assert!(saw, "the attacker saw the hub's request");
+    refused(4.0);
+    assert_eq!(
+        (heard.status, heard.reason),
+        (
+            ChargeStatus::Declined,
+            Some(DeclineReason::OfflineAmountOverLimit)
+        ),
+        "the hub decided alone, over its offline limit: {heard:?}"
+    );
+}
