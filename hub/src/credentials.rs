@@ -44,6 +44,9 @@ pub struct CredentialsActor {
     clock: clock::SharedClock,
     validity: Validity,
     keys: HashMap<AccountId, VerifyingKey>,
+    /// The version of each account's key (or revocation) held: an entry no newer is ignored, so
+    /// a replayed old key cannot come back.
+    key_versions: HashMap<AccountId, u64>,
     key_version: u64,
     tokens: HashMap<String, Token>,
     /// Accounts whose templates were revoked (erased customers): no token is ever issued for
@@ -70,6 +73,7 @@ impl CredentialsActor {
             clock,
             validity,
             keys: HashMap::new(),
+            key_versions: HashMap::new(),
             key_version,
             tokens: HashMap::new(),
             erased: HashSet::new(),
@@ -84,6 +88,12 @@ impl CredentialsActor {
 
     fn apply_keys(&mut self, entries: &[KeyEntry]) {
         for entry in entries {
+            let held = self.key_versions.get(&entry.account_id).copied();
+            if held.is_some_and(|held| held >= entry.version) {
+                continue;
+            }
+            self.key_versions
+                .insert(entry.account_id.clone(), entry.version);
             match entry.public_key.as_deref().map(paycode::parse_public_key) {
                 Some(Ok(key)) => {
                     self.keys.insert(entry.account_id.clone(), key);
@@ -389,6 +399,36 @@ mod tests {
             Some(DeclineReason::UnknownAccount)
         );
         assert!(refused.signed.is_none());
+    }
+
+    #[actix::test]
+    async fn a_replayed_older_key_never_replaces_a_newer_one() {
+        let clock = clock::ManualClock::new(1_000_000);
+        let wallet = paycode::Wallet::generate("acct-1").unwrap();
+        let credentials = actor(clock.clone(), &wallet);
+        let entry = |version, key: Option<String>| KeyBatch {
+            entries: vec![KeyEntry {
+                account_id: "acct-1".into(),
+                version,
+                public_key: key,
+            }],
+            more: false,
+        };
+        // The account is closed (version 2); its opening key (version 1) is replayed.
+        credentials.do_send(UplinkEvent::KeysBroadcast(entry(2, None)));
+        credentials.do_send(UplinkEvent::KeysBroadcast(entry(
+            1,
+            Some(wallet.public_key_b64()),
+        )));
+        let refused = credentials
+            .send(CheckCode(wallet.issue_code(1_000_000)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            refused.decision.reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
     }
 
     #[actix::test]

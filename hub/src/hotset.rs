@@ -196,6 +196,9 @@ pub struct HotSet {
     tree: sled::Tree,
     meta: sled::Tree,
     lockouts: sled::Tree,
+    /// The version of the last template change applied per account (an erasure's too): a
+    /// replayed older change is ignored, so an erased customer's templates never come back.
+    versions: sled::Tree,
     sealer: Sealer,
     home_store_id: StoreId,
 }
@@ -215,6 +218,7 @@ impl HotSet {
         let tree = db.open_tree("entries").map_err(err)?;
         let meta = db.open_tree("meta").map_err(err)?;
         let lockouts = db.open_tree("lockouts").map_err(err)?;
+        let versions = db.open_tree("versions").map_err(err)?;
         let sealer = Sealer::from_key_file(key_file, tree.is_empty()).map_err(err)?;
         let mut entries = HashMap::new();
         for item in tree.iter() {
@@ -237,6 +241,7 @@ impl HotSet {
             tree,
             meta,
             lockouts,
+            versions,
             sealer,
             home_store_id: home_store_id.into(),
         })
@@ -366,6 +371,23 @@ impl HotSet {
                 tracing::warn!(%error, "recording last seen failed");
             }
         }
+    }
+
+    /// Takes the template change `version` for an account when it is newer than the last one
+    /// applied (and records it); false for a change no newer, which is to be ignored.
+    pub fn take_change(&self, account_id: &str, version: u64) -> Result<bool, HotSetError> {
+        let held = self
+            .versions
+            .get(account_id.as_bytes())
+            .map_err(err)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
+        if held.is_some_and(|held| held >= version) {
+            return Ok(false);
+        }
+        self.versions
+            .insert(account_id.as_bytes(), &version.to_be_bytes())
+            .map_err(err)?;
+        Ok(true)
     }
 
     /// The template sync cursor.
@@ -499,6 +521,32 @@ mod tests {
         assert_eq!(state.locked_until_ms, 61_000);
         state = policy.fail(state, 1_000);
         assert_eq!(state.locked_until_ms, 101_000, "capped");
+    }
+
+    #[test]
+    fn a_template_change_no_newer_than_the_last_applied_is_refused_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, path) = (dir.path().join("hub.key"), dir.path().join("hot"));
+        {
+            let set = HotSet::open(&path, &key, 4, "s1").unwrap();
+            assert!(set.take_change("alice", 3).unwrap(), "first change");
+            assert!(set.take_change("alice", 7).unwrap(), "newer (the erasure)");
+            assert!(
+                !set.take_change("alice", 3).unwrap(),
+                "the old upsert replayed"
+            );
+            assert!(
+                !set.take_change("alice", 7).unwrap(),
+                "the same change again"
+            );
+            assert!(set.take_change("bob", 1).unwrap(), "per account");
+        }
+        let set = HotSet::open(&path, &key, 4, "s1").unwrap();
+        assert!(
+            !set.take_change("alice", 5).unwrap(),
+            "remembered across a restart"
+        );
+        assert!(set.take_change("alice", 8).unwrap());
     }
 
     #[test]

@@ -292,6 +292,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             "terminals whose certificates may query this hub over Zenoh (valid, not revoked)",
         ),
     )
+    .applying_to(tls.live_verifier())
     .start();
 
     // Everything the hub hears on the link is the cloud's, sealed with its certificate key.

@@ -32,6 +32,8 @@ pub struct TrustActor {
     zenoh: Option<zlink::ZenohLink>,
     open: OpenZenoh,
     allowed_gauge: prometheus::IntGauge,
+    /// The checks of the hub's own certificate identity (what it opens on the cloud link).
+    identity_checks: Option<std::sync::Arc<pki::LiveClientVerifier>>,
 }
 
 impl TrustActor {
@@ -61,7 +63,15 @@ impl TrustActor {
             zenoh: Some(zenoh),
             open,
             allowed_gauge,
+            identity_checks: None,
         }
+    }
+
+    /// A newer list also applies at once to `checks`: the messages the hub opens on the cloud
+    /// link (a revoked cloud certificate seals nothing the hub takes from then on).
+    pub fn applying_to(mut self, checks: std::sync::Arc<pki::LiveClientVerifier>) -> Self {
+        self.identity_checks = Some(checks);
+        self
     }
 
     /// Checks a pushed list: the CA's and newer than the one in force, it is kept on disk and
@@ -85,6 +95,11 @@ impl TrustActor {
         );
         // Relayed to the terminals at once, whatever happens to the file or the session.
         *self.in_force.write().expect("not poisoned") = list.pem.clone();
+        if let Some(checks) = &self.identity_checks {
+            if let Err(error) = checks.update(&list) {
+                tracing::error!(%error, "applying the revocation list to the cloud link failed");
+            }
+        }
         // A list that revokes the hub's own certificate: terminals refuse its answers, so it
         // must take no request at all (it would act on it unheard). It serves no terminal.
         if list.serials.contains(&self.own_serial) {

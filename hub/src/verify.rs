@@ -367,6 +367,21 @@ fn apply_batch(
     let mut upserts = Vec::new();
     let mut revoked = Vec::new();
     for update in batch.updates {
+        let account_id = match &update.change {
+            TemplateChange::Upsert(entry) => &entry.account_id,
+            TemplateChange::Revoke { account_id } => account_id,
+        };
+        match hot.take_change(account_id, update.version) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%account_id, version = update.version, "older template change ignored");
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(%error, %account_id, "reading template versions failed");
+                continue;
+            }
+        }
         match update.change {
             TemplateChange::Upsert(entry) => upserts.push(entry),
             TemplateChange::Revoke { account_id } => {

@@ -534,6 +534,12 @@ impl TlsIdentity {
         self.live.update(list)
     }
 
+    /// The certificate checks this identity's servers and sealed-message checks share: a list
+    /// given to it applies to all of them.
+    pub fn live_verifier(&self) -> Arc<LiveClientVerifier> {
+        self.live.clone()
+    }
+
     /// Whether the revocation list in force names this serial (for connections that were made
     /// before it came).
     pub fn is_revoked(&self, serial: &str) -> bool {

@@ -13,6 +13,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{pem::PemObject, CertificateDer};
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::{
     load::LiveClientVerifier,
@@ -23,8 +24,13 @@ use crate::{
 /// Separates these signatures from any other use of the tiers' keys.
 pub const LINK_DOMAIN: &[u8] = b"facepay-link-v1\n";
 
-/// Most certificates remembered as checked; beyond it the memory starts over.
+/// Most certificates remembered as checked; beyond it the memory starts over. Only a certificate
+/// whose key signed the message is remembered, so filling it takes as many genuine keys.
 const CHECKED_CAPACITY: usize = 4_096;
+/// Largest certificate a sealed message may carry (the fleet's are under 1 KiB).
+pub const MAX_CERTIFICATE_PEM: usize = 4_096;
+/// Largest signature (a DER ECDSA P-256 signature is at most 72 bytes; base64).
+const MAX_SIGNATURE: usize = 128;
 
 /// A message as it crosses the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +44,12 @@ pub struct Sealed {
     pub signature: String,
 }
 
-/// What is signed: the domain, the topic, a newline, and the payload.
+/// What is signed: the domain, the topic's length (8 bytes, big-endian), the topic, and the
+/// payload.
 pub fn link_message(topic: &str, payload: &str) -> Vec<u8> {
     let mut message = LINK_DOMAIN.to_vec();
+    message.extend_from_slice(&(topic.len() as u64).to_be_bytes());
     message.extend_from_slice(topic.as_bytes());
-    message.push(b'\n');
     message.extend_from_slice(payload.as_bytes());
     message
 }
@@ -95,10 +102,10 @@ impl Signer {
 #[derive(Debug)]
 pub struct SealedVerifier {
     live: Arc<LiveClientVerifier>,
-    /// Certificates that passed their checks: PEM -> (signer, serial, when). The chain and
-    /// expiry are checked again after [`CERTIFICATE_RECHECK`]; the serial against the list in
-    /// force on every message.
-    checked: std::sync::Mutex<HashMap<String, (Signer, String, Instant)>>,
+    /// Certificates that passed their checks, by the SHA-256 of their DER: (signer, serial,
+    /// when). The chain and expiry are checked again after [`CERTIFICATE_RECHECK`]; the serial
+    /// against the list in force on every message.
+    checked: std::sync::Mutex<HashMap<[u8; 32], (Signer, String, Instant)>>,
 }
 
 impl SealedVerifier {
@@ -114,28 +121,31 @@ impl SealedVerifier {
         let refused = |why: String| PkiError::Tls(format!("message on {topic} refused: {why}"));
         let sealed: Sealed = serde_json::from_slice(sealed)
             .map_err(|e| refused(format!("not a sealed message: {e}")))?;
+        if sealed.certificate_pem.len() > MAX_CERTIFICATE_PEM
+            || sealed.signature.len() > MAX_SIGNATURE
+        {
+            return Err(refused("certificate or signature too large".into()));
+        }
         let der = CertificateDer::from_pem_slice(sealed.certificate_pem.as_bytes())
             .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
-        self.check_certificate(&sealed.certificate_pem, &der, expected)
-            .map_err(refused)?;
+        // The signature first: it costs one verification and needs no chain, so a forgery with
+        // a genuine certificate (they travel in every message) is refused before the chain is
+        // walked or anything is remembered.
         verify_ecdsa(
             &der,
             &link_message(topic, &sealed.payload),
             &sealed.signature,
         )
         .map_err(refused)?;
+        self.check_certificate(&der, expected).map_err(refused)?;
         Ok(sealed.payload.into_bytes())
     }
 
-    fn check_certificate(
-        &self,
-        pem: &str,
-        der: &CertificateDer<'_>,
-        expected: &Signer,
-    ) -> Result<(), String> {
+    fn check_certificate(&self, der: &CertificateDer<'_>, expected: &Signer) -> Result<(), String> {
+        let digest: [u8; 32] = sha2::Sha256::digest(der.as_ref()).into();
         {
             let checked = self.checked.lock().expect("not poisoned");
-            if let Some((signer, serial, at)) = checked.get(pem) {
+            if let Some((signer, serial, at)) = checked.get(&digest) {
                 if signer == expected && at.elapsed() < CERTIFICATE_RECHECK {
                     return match self.live.is_revoked(serial) {
                         true => Err("the certificate is revoked".into()),
@@ -161,10 +171,7 @@ impl SealedVerifier {
         if checked.len() >= CHECKED_CAPACITY {
             checked.clear();
         }
-        checked.insert(
-            pem.to_owned(),
-            (expected.clone(), peer.serial, Instant::now()),
-        );
+        checked.insert(digest, (expected.clone(), peer.serial, Instant::now()));
         Ok(())
     }
 }
