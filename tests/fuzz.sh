@@ -12,12 +12,12 @@ export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/facepay-fuzz-target}"
 
 if ! command -v cargo-fuzz >/dev/null; then
   echo "installing cargo-fuzz (crates.io)" >&2
-  cargo install cargo-fuzz --locked >&2
+  cargo install cargo-fuzz --locked --version 0.13.2 >&2
 fi
 # cargo-fuzz passes nightly-only flags: the machine's nightly when it has one, else the stable
 # toolchain told to accept them.
 toolchain=()
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+if rustup toolchain list 2>/dev/null | grep -q '^nightly-'; then
   toolchain=(+nightly)
 else
   export RUSTC_BOOTSTRAP=1
@@ -25,9 +25,16 @@ fi
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+# The fuzz workspace's lock must be the one committed.
+cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 cargo "${toolchain[@]}" fuzz build --fuzz-dir fuzz >&2
+targets=$(cargo "${toolchain[@]}" fuzz list --fuzz-dir fuzz)
+if [ -z "$targets" ]; then
+  echo "fuzz: no targets listed" >&2
+  exit 1
+fi
 status=0
-for target in $(cargo "${toolchain[@]}" fuzz list --fuzz-dir fuzz); do
+for target in $targets; do
   mkdir -p "$scratch/$target"
   log="$scratch/$target.log"
   if cargo "${toolchain[@]}" fuzz run --fuzz-dir fuzz "$target" "$scratch/$target" "fuzz/corpus/$target" \

@@ -711,10 +711,10 @@ impl Journal {
             .unwrap_or(0))
     }
 
-    /// Every key held (revocations are kept beside them, but not listed).
+    /// Every key entry held, revocations (no key) included: a hub starting from them knows the
+    /// version of every account's key, so a replayed older key of a closed account stays out.
     pub fn keys(&self) -> Result<Vec<KeyEntry>, HubError> {
-        let all: Vec<KeyEntry> = read_all(&self.keys, "journal keys are readable")?;
-        Ok(all.into_iter().filter(|k| k.public_key.is_some()).collect())
+        read_all(&self.keys, "journal keys are readable")
     }
 
     /// Queues a void for delivery to the cloud.
@@ -844,8 +844,13 @@ mod tests {
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.key_version().unwrap(), 3);
         let keys = j.keys().unwrap();
-        assert_eq!(keys.len(), 1);
-        assert_eq!(keys[0].account_id, "b");
+        assert_eq!(keys.len(), 2);
+        let held: Vec<_> = keys.iter().filter(|k| k.public_key.is_some()).collect();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].account_id, "b");
+        assert!(keys
+            .iter()
+            .any(|k| k.account_id == "a" && k.version == 3 && k.public_key.is_none()));
     }
 
     fn attempt(order: &str, nonce: &str) -> VoidPayment {

@@ -93,13 +93,16 @@ impl TrustActor {
             revoked = list.serials.len(),
             "newer revocation list from the cloud"
         );
-        // Relayed to the terminals at once, whatever happens to the file or the session.
-        *self.in_force.write().expect("not poisoned") = list.pem.clone();
+        // In force on the cloud link first: a list it cannot take is not taken at all (a later
+        // push of the same list tries again).
         if let Some(checks) = &self.identity_checks {
             if let Err(error) = checks.update(&list) {
                 tracing::error!(%error, "applying the revocation list to the cloud link failed");
+                return None;
             }
         }
+        // Relayed to the terminals at once, whatever happens to the file or the session.
+        *self.in_force.write().expect("not poisoned") = list.pem.clone();
         // A list that revokes the hub's own certificate: terminals refuse its answers, so it
         // must take no request at all (it would act on it unheard). It serves no terminal.
         if list.serials.contains(&self.own_serial) {

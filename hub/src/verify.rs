@@ -371,15 +371,19 @@ fn apply_batch(
             TemplateChange::Upsert(entry) => &entry.account_id,
             TemplateChange::Revoke { account_id } => account_id,
         };
+        // An erasure is always applied (it is final, and harmless again); an upsert only when it
+        // is newer than the last change applied to the account. Versions that cannot be read
+        // do not hold a change back.
+        let is_revoke = matches!(update.change, TemplateChange::Revoke { .. });
         match hot.take_change(account_id, update.version) {
             Ok(true) => {}
+            Ok(false) if is_revoke => {}
             Ok(false) => {
-                tracing::warn!(%account_id, version = update.version, "older template change ignored");
+                tracing::debug!(%account_id, version = update.version, "older template change ignored");
                 continue;
             }
             Err(error) => {
                 tracing::error!(%error, %account_id, "reading template versions failed");
-                continue;
             }
         }
         match update.change {

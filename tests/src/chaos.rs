@@ -901,7 +901,15 @@ pub fn check(
                 &last.outcome,
                 Outcome::Failed(reason) if *reason != DeclineReason::DuplicateOrderId
             );
-            if declined && same(last, t) {
+            // The cost of a wiped journal, as above: an order it had approved and forgot may
+            // hear an offline decline or a voided code later. Never a decline of a code for its
+            // age or window: those ask the cloud.
+            let forgotten = losses.approved.contains(*payment_id)
+                && !matches!(
+                    &last.outcome,
+                    Outcome::Failed(DeclineReason::CodeExpired | DeclineReason::CodeNotYetValid)
+                );
+            if declined && same(last, t) && !forgotten {
                 problems.push(format!(
                     "{payment_id} heard declined last, but paid so in the ledger ({})",
                     told()

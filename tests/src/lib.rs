@@ -866,6 +866,50 @@ pub fn present_code(frames_dir: &Path, wallet: &Wallet) -> anyhow::Result<String
     Ok(code)
 }
 
+/// The cash register charging `order` in euros once `show` has put a code before the terminal's
+/// camera, again (showing again) while the terminal answers that no hub is reachable (nothing was
+/// charged then), for up to 20 s or until `stop` says to give up.
+pub fn charge_until_reachable(
+    edge: SocketAddr,
+    mut show: impl FnMut(),
+    order: &str,
+    amount_minor: i64,
+    mut stop: impl FnMut() -> bool,
+) -> ChargeResult {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        show();
+        let heard = charge(edge, order, amount_minor, "EUR").unwrap().1;
+        if heard.reason != Some(protocol::DeclineReason::StoreSystemUnreachable)
+            || stop()
+            || Instant::now() > deadline
+        {
+            return heard;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Opens an account in euros with `balance`; a customer's comes with a fresh wallet whose key
+/// the account holds.
+pub fn open_account(
+    api: &CloudApi,
+    id: &str,
+    kind: protocol::AccountKind,
+    balance: i64,
+) -> Option<Wallet> {
+    let wallet = (kind == protocol::AccountKind::Customer).then(|| Wallet::generate(id).unwrap());
+    api.open(&OpenAccount {
+        account_id: id.into(),
+        kind,
+        currency: protocol::Currency::parse("EUR").unwrap(),
+        initial_balance_minor: balance,
+        public_key: wallet.as_ref().map(|w| w.public_key_b64()),
+    })
+    .unwrap();
+    wallet
+}
+
 /// The cash register: charges an order at a terminal's local API.
 pub fn charge(
     edge: SocketAddr,

@@ -70,6 +70,11 @@ pub struct SimReport {
     /// Online approvals whose post was lost with a wiped hub disk: the cloud moved them back
     /// when they expired; the register heard "approved" and the store does not get the money.
     pub reversed_after_approval_with_disk_lost: usize,
+    /// Orders the hub approved, then forgot with its wiped disk, whose later charge heard a
+    /// decline (an offline decline after an unanswered attempt, a voided code): the cloud had
+    /// them paid and the hub could not know. Never a decline of a code for its age or window:
+    /// those ask the cloud.
+    pub declined_after_approval_with_disk_lost: usize,
     /// Offline approvals in conflict with a pending attempt whose void was lost with a wiped
     /// disk: kept for the operator; the store does not get the money until one settles it.
     pub conflicts_with_disk_lost: usize,
@@ -1248,7 +1253,16 @@ impl Sim {
                     last.heard,
                     Heard::Declined(reason) if reason != DeclineReason::DuplicateOrderId
                 );
-                if declined && same(&last, t) && !approved.iter().any(|o| same(o, t)) {
+                let forgotten = self.forgotten.contains(&payment_id)
+                    && !matches!(
+                        last.heard,
+                        Heard::Declined(
+                            DeclineReason::CodeExpired | DeclineReason::CodeNotYetValid
+                        )
+                    );
+                if declined && forgotten {
+                    self.report.declined_after_approval_with_disk_lost += 1;
+                } else if declined && same(&last, t) && !approved.iter().any(|o| same(o, t)) {
                     problems.push(format!(
                         "{payment_id} heard declined last, but paid so in the ledger ({})",
                         heard()

@@ -7,40 +7,22 @@ use std::time::{Duration, Instant};
 use paycode::Wallet;
 use protocol::{
     AccountKind, ChargeStatus, CloudReply, CloudReplyBody, Currency, Decision, DeclineReason,
-    HubRequest, HubRequestBody, KeyBatch, KeyEntry, OpenAccount,
+    HubRequest, HubRequestBody, KeyBatch, KeyEntry,
 };
 use tests::{
-    attacker::Attacker, charge, ensure_identity, present_code, start_cloud, store::StoreSite,
-    tls_identity, wait_for_keys, wait_for_metric, CloudApi, Mosquitto,
+    attacker::Attacker, ensure_identity, present_code, start_cloud, store::StoreSite, tls_identity,
+    wait_for_keys, wait_for_metric, CloudApi, Mosquitto,
 };
 
-fn open(api: &CloudApi, id: &str, kind: AccountKind, balance: i64) -> Option<Wallet> {
-    let wallet = (kind == AccountKind::Customer).then(|| Wallet::generate(id).unwrap());
-    api.open(&OpenAccount {
-        account_id: id.into(),
-        kind,
-        currency: Currency::parse("EUR").unwrap(),
-        initial_balance_minor: balance,
-        public_key: wallet.as_ref().map(|w| w.public_key_b64()),
-    })
-    .unwrap();
-    wallet
-}
+use tests::open_account as open;
 
-/// Shows `wallet`'s code at the store's first terminal and charges `order`, again while no hub is
-/// reachable yet (nothing was charged then).
+/// Shows `wallet`'s code at the store's first terminal and charges `order`.
 fn pay(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protocol::ChargeResult {
     let (edge, frames) = &site.edges[0];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let show = || {
         present_code(frames, wallet).unwrap();
-        let heard = charge(edge.http_addr, order, amount, "EUR").unwrap().1;
-        if heard.reason != Some(DeclineReason::StoreSystemUnreachable) || Instant::now() > deadline
-        {
-            return heard;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    };
+    tests::charge_until_reachable(edge.http_addr, show, order, amount, || false)
 }
 
 /// A compromised broker (here one that enforces no ACL, so any certificate of the fleet publishes

@@ -6,25 +6,14 @@
 use std::time::{Duration, Instant};
 
 use paycode::Wallet;
-use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
+use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason};
 use tests::{charge, present_code, start_cloud, store::StoreSite, CloudApi, Mosquitto};
 
 fn eur() -> Currency {
     Currency::parse("EUR").unwrap()
 }
 
-fn open(api: &CloudApi, id: &str, kind: AccountKind, balance: i64) -> Option<Wallet> {
-    let wallet = (kind == AccountKind::Customer).then(|| Wallet::generate(id).unwrap());
-    api.open(&OpenAccount {
-        account_id: id.into(),
-        kind,
-        currency: eur(),
-        initial_balance_minor: balance,
-        public_key: wallet.as_ref().map(|w| w.public_key_b64()),
-    })
-    .unwrap();
-    wallet
-}
+use tests::open_account as open;
 
 fn pay(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protocol::ChargeResult {
     let (edge, frames) = &site.edges[0];
@@ -71,15 +60,16 @@ fn pay_once_reachable(
     order: &str,
     amount: i64,
 ) -> protocol::ChargeResult {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let heard = pay(site, wallet, order, amount);
-        let unreachable = heard.reason == Some(DeclineReason::StoreSystemUnreachable);
-        if !unreachable || site.hub.exited().is_some() || Instant::now() > deadline {
-            return heard;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (edge, frames) = (site.edges[0].0.http_addr, site.edges[0].1.clone());
+    tests::charge_until_reachable(
+        edge,
+        || {
+            present_code(&frames, wallet).unwrap();
+        },
+        order,
+        amount,
+        || site.hub.exited().is_some(),
+    )
 }
 
 fn wait_keys(site: &StoreSite, count: usize) {
@@ -522,17 +512,8 @@ fn a_charge_repeated_after_the_hub_lost_its_disk_hears_what_the_ledger_holds() {
     // The code shown again until a hub is reachable (an unreachable hub charged nothing).
     let pay_with = |site: &StoreSite, order: &str| {
         let (edge, frames) = &site.edges[0];
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            tests::present_qr(frames, &code).unwrap();
-            let heard = charge(edge.http_addr, order, 700, "EUR").unwrap().1;
-            if heard.reason != Some(DeclineReason::StoreSystemUnreachable)
-                || Instant::now() > deadline
-            {
-                return heard;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let show = || tests::present_qr(frames, &code).unwrap();
+        tests::charge_until_reachable(edge.http_addr, show, order, 700, || false)
     };
     let heard = pay_with(&site, "o1");
     assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");

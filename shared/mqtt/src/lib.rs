@@ -150,11 +150,7 @@ impl Client {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), PublishError> {
-        let topic = topic.into();
-        let sealed = self
-            .signer
-            .seal(&topic, payload)
-            .map_err(PublishError::Seal)?;
+        let (topic, sealed) = self.seal(topic, payload)?;
         self.inner
             .try_publish(topic, qos, retain, sealed)
             .map_err(PublishError::Client)
@@ -168,15 +164,24 @@ impl Client {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), PublishError> {
+        let (topic, sealed) = self.seal(topic, payload)?;
+        self.inner
+            .publish(topic, qos, retain, sealed)
+            .await
+            .map_err(PublishError::Client)
+    }
+
+    fn seal(
+        &self,
+        topic: impl Into<String>,
+        payload: Vec<u8>,
+    ) -> Result<(String, Vec<u8>), PublishError> {
         let topic = topic.into();
         let sealed = self
             .signer
             .seal(&topic, payload)
             .map_err(PublishError::Seal)?;
-        self.inner
-            .publish(topic, qos, retain, sealed)
-            .await
-            .map_err(PublishError::Client)
+        Ok((topic, sealed))
     }
 
     /// Subscribes to `topic`.

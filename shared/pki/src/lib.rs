@@ -28,6 +28,32 @@ mod reply;
 mod sealed;
 mod token;
 
+/// A PKI in a temporary directory with certificates issued, and identities loaded from it.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::{Identity, IssueOptions, Pki, TlsConfig, TlsIdentity};
+
+    /// A fresh PKI with a certificate for each of `identities`.
+    pub fn fleet(identities: &[Identity]) -> (tempfile::TempDir, Pki) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path()).unwrap();
+        for id in identities {
+            pki.issue(id, &IssueOptions::default()).unwrap();
+        }
+        (dir, pki)
+    }
+
+    /// The identity `name` of the PKI in `dir`, loaded as its tier loads it.
+    pub fn identity(dir: &std::path::Path, name: &str) -> TlsIdentity {
+        let files = TlsConfig {
+            pki_dir: dir.to_owned(),
+            ..TlsConfig::default()
+        }
+        .files(name);
+        TlsIdentity::load(&files).unwrap()
+    }
+}
+
 pub use config::TlsConfig;
 pub use error::PkiError;
 pub use issue::{IndexEntry, IssueOptions, Pki};

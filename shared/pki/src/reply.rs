@@ -272,29 +272,18 @@ impl HubVerifier {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::{Identity, IssueOptions, Pki, TlsConfig};
-
-    fn identity(dir: &std::path::Path, name: &str) -> TlsIdentity {
-        let files = TlsConfig {
-            pki_dir: dir.to_owned(),
-            ..TlsConfig::default()
-        }
-        .files(name);
-        TlsIdentity::load(&files).unwrap()
-    }
+    use crate::{
+        test_support::{fleet, identity},
+        Identity, Pki,
+    };
 
     #[test]
     fn a_terminal_takes_only_its_hubs_signed_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path()).unwrap();
-        for id in [
+        let (dir, pki) = fleet(&[
             Identity::hub("store-1").unwrap(),
             Identity::hub("store-2").unwrap(),
             Identity::edge("store-1", "till-1").unwrap(),
-        ] {
-            pki.issue(&id, &IssueOptions::default()).unwrap();
-        }
+        ]);
         let terminal = identity(dir.path(), "edge-store-1-till-1");
         let verifier = terminal.hub_verifier("store-1").unwrap();
         let hub = identity(dir.path(), "hub-store-1").reply_signer().unwrap();

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Separates these signatures from any other use of the tiers' keys.
-pub const LINK_DOMAIN: &[u8] = b"facepay-link-v1\n";
+pub const LINK_DOMAIN: &[u8] = b"facepay-link-v2\n";
 
 /// Most certificates remembered as checked; beyond it the memory starts over. Only a certificate
 /// whose key signed the message is remembered, so filling it takes as many genuine keys.
@@ -186,28 +186,18 @@ impl crate::TlsIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Identity, IssueOptions, Pki, TlsConfig, TlsIdentity};
-
-    fn identity(dir: &std::path::Path, name: &str) -> TlsIdentity {
-        let files = TlsConfig {
-            pki_dir: dir.to_owned(),
-            ..TlsConfig::default()
-        }
-        .files(name);
-        TlsIdentity::load(&files).unwrap()
-    }
+    use crate::{
+        test_support::{fleet, identity},
+        Identity, IssueOptions, Pki,
+    };
 
     #[test]
     fn only_the_expected_signer_opens_a_message_and_only_on_its_topic() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path()).unwrap();
-        for id in [
+        let (dir, pki) = fleet(&[
             Identity::cloud(),
             Identity::hub("store-1").unwrap(),
             Identity::hub("store-2").unwrap(),
-        ] {
-            pki.issue(&id, &IssueOptions::default()).unwrap();
-        }
+        ]);
         let hub = identity(dir.path(), "hub-store-1");
         let cloud = identity(dir.path(), "cloud");
         let cloud_signer = cloud.reply_signer().unwrap();

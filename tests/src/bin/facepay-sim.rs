@@ -35,6 +35,8 @@ fn main() -> anyhow::Result<()> {
         totals.conflicts_with_disk_lost += report.conflicts_with_disk_lost;
         totals.reversed_after_approval_with_disk_lost +=
             report.reversed_after_approval_with_disk_lost;
+        totals.declined_after_approval_with_disk_lost +=
+            report.declined_after_approval_with_disk_lost;
         for (kind, n) in report.faults {
             *totals.faults.entry(kind).or_default() += n;
         }
@@ -43,7 +45,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "facepay-sim: {} seeds passed in {secs:.1} s ({:.0} seeds/min); attempts {} approved {} \
          (offline {}) declined {} unknown {}; faults {:?}; lost with a wiped disk: {} offline \
-         approvals, {} online approvals expired unconfirmed, {} conflicts for the operator",
+         approvals, {} online approvals expired unconfirmed, {} conflicts for the operator, {} \
+         orders paid before the wipe declined after it",
         cli.seeds,
         cli.seeds as f64 * 60.0 / secs,
         totals.attempts,
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         totals.lost_with_disk,
         totals.reversed_after_approval_with_disk_lost,
         totals.conflicts_with_disk_lost,
+        totals.declined_after_approval_with_disk_lost,
     );
     Ok(())
 }
