@@ -432,6 +432,48 @@ mod tests {
     }
 
     #[actix::test]
+    async fn a_restarted_hub_still_refuses_a_replayed_key_of_a_closed_account() {
+        // What the journal hands a starting hub: the opening key and the closure after it.
+        let wallet = paycode::Wallet::generate("acct-1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let journal = crate::journal::Journal::open(&dir.path().join("j")).unwrap();
+        let entry = |version, key: Option<String>| KeyEntry {
+            account_id: "acct-1".into(),
+            version,
+            public_key: key,
+        };
+        journal
+            .store_keys(&[entry(1, Some(wallet.public_key_b64())), entry(2, None)])
+            .unwrap();
+        let credentials = CredentialsActor::new(
+            clock::ManualClock::new(1_000_000),
+            Validity {
+                window_ms: 60_000,
+                clock_skew_ms: 5_000,
+            },
+            &journal.keys().unwrap(),
+            journal.key_version().unwrap(),
+            crate::journal::start_worker(journal),
+            None,
+            prometheus::IntGauge::new("keys", "keys").unwrap(),
+        )
+        .start();
+        credentials.do_send(UplinkEvent::KeysBroadcast(KeyBatch {
+            entries: vec![entry(1, Some(wallet.public_key_b64()))],
+            more: false,
+        }));
+        let refused = credentials
+            .send(CheckCode(wallet.issue_code(1_000_000)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            refused.decision.reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+    }
+
+    #[actix::test]
     async fn a_token_is_bound_to_its_terminal_expires_and_is_forgotten_with_its_account() {
         let clock = clock::ManualClock::new(1_000_000);
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
