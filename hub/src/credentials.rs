@@ -343,14 +343,15 @@ mod tests {
     use super::*;
 
     fn actor(clock: clock::SharedClock, wallet: &paycode::Wallet) -> Addr<CredentialsActor> {
+        actor_holding(clock, &[key_entry(wallet, 1, true)])
+    }
+
+    /// An actor started as a hub starts: from the key entries its journal holds.
+    fn actor_holding(clock: clock::SharedClock, stored: &[KeyEntry]) -> Addr<CredentialsActor> {
         let dir = tempfile::tempdir().unwrap();
         let journal = crate::journal::Journal::open(&dir.path().join("j")).unwrap();
         std::mem::forget(dir);
-        let keys = [KeyEntry {
-            account_id: wallet.account_id().into(),
-            version: 1,
-            public_key: Some(wallet.public_key_b64()),
-        }];
+        journal.store_keys(stored).unwrap();
         let gauge = prometheus::IntGauge::new("keys", "keys").unwrap();
         CredentialsActor::new(
             clock,
@@ -358,13 +359,42 @@ mod tests {
                 window_ms: 60_000,
                 clock_skew_ms: 5_000,
             },
-            &keys,
-            1,
+            &journal.keys().unwrap(),
+            journal.key_version().unwrap(),
             crate::journal::start_worker(journal),
             None,
             gauge,
         )
         .start()
+    }
+
+    /// The wallet's account key at `version`, or (not `held`) its revocation.
+    fn key_entry(wallet: &paycode::Wallet, version: u64, held: bool) -> KeyEntry {
+        KeyEntry {
+            account_id: wallet.account_id().into(),
+            version,
+            public_key: held.then(|| wallet.public_key_b64()),
+        }
+    }
+
+    /// The hub holds no key for the wallet's account: its fresh code is refused as unknown.
+    async fn refuses_as_unknown(credentials: &Addr<CredentialsActor>, wallet: &paycode::Wallet) {
+        let refused = credentials
+            .send(CheckCode(wallet.issue_code(1_000_000)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            refused.decision.reason(),
+            Some(DeclineReason::UnknownAccount)
+        );
+    }
+
+    fn broadcast(entry: KeyEntry) -> UplinkEvent {
+        UplinkEvent::KeysBroadcast(KeyBatch {
+            entries: vec![entry],
+            more: false,
+        })
     }
 
     #[actix::test]
@@ -406,71 +436,20 @@ mod tests {
         let clock = clock::ManualClock::new(1_000_000);
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
         let credentials = actor(clock.clone(), &wallet);
-        let entry = |version, key: Option<String>| KeyBatch {
-            entries: vec![KeyEntry {
-                account_id: "acct-1".into(),
-                version,
-                public_key: key,
-            }],
-            more: false,
-        };
         // The account is closed (version 2); its opening key (version 1) is replayed.
-        credentials.do_send(UplinkEvent::KeysBroadcast(entry(2, None)));
-        credentials.do_send(UplinkEvent::KeysBroadcast(entry(
-            1,
-            Some(wallet.public_key_b64()),
-        )));
-        let refused = credentials
-            .send(CheckCode(wallet.issue_code(1_000_000)))
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(
-            refused.decision.reason(),
-            Some(DeclineReason::UnknownAccount)
-        );
+        credentials.do_send(broadcast(key_entry(&wallet, 2, false)));
+        credentials.do_send(broadcast(key_entry(&wallet, 1, true)));
+        refuses_as_unknown(&credentials, &wallet).await;
     }
 
     #[actix::test]
     async fn a_restarted_hub_still_refuses_a_replayed_key_of_a_closed_account() {
         // What the journal hands a starting hub: the opening key and the closure after it.
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let journal = crate::journal::Journal::open(&dir.path().join("j")).unwrap();
-        let entry = |version, key: Option<String>| KeyEntry {
-            account_id: "acct-1".into(),
-            version,
-            public_key: key,
-        };
-        journal
-            .store_keys(&[entry(1, Some(wallet.public_key_b64())), entry(2, None)])
-            .unwrap();
-        let credentials = CredentialsActor::new(
-            clock::ManualClock::new(1_000_000),
-            Validity {
-                window_ms: 60_000,
-                clock_skew_ms: 5_000,
-            },
-            &journal.keys().unwrap(),
-            journal.key_version().unwrap(),
-            crate::journal::start_worker(journal),
-            None,
-            prometheus::IntGauge::new("keys", "keys").unwrap(),
-        )
-        .start();
-        credentials.do_send(UplinkEvent::KeysBroadcast(KeyBatch {
-            entries: vec![entry(1, Some(wallet.public_key_b64()))],
-            more: false,
-        }));
-        let refused = credentials
-            .send(CheckCode(wallet.issue_code(1_000_000)))
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(
-            refused.decision.reason(),
-            Some(DeclineReason::UnknownAccount)
-        );
+        let stored = [key_entry(&wallet, 1, true), key_entry(&wallet, 2, false)];
+        let credentials = actor_holding(clock::ManualClock::new(1_000_000), &stored);
+        credentials.do_send(broadcast(key_entry(&wallet, 1, true)));
+        refuses_as_unknown(&credentials, &wallet).await;
     }
 
     #[actix::test]
