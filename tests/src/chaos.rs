@@ -865,6 +865,18 @@ pub fn check(
                 // A wiped journal's cost: an offline approval never reconciled, an approval
                 // never confirmed (moved back when it expired), a conflict for the operator.
                 None if lost => checked.lost_with_disk += 1,
+                // The hub forgot the order with its disk, approved a later charge of it offline
+                // with other details, and lost that approval too: the ledger holds the charge
+                // the cloud confirmed; the lost approval is the cost.
+                Some(t)
+                    if lost
+                        && !approved.iter().any(|o| same(o, t))
+                        && approved
+                            .iter()
+                            .all(|o| matches!(o.outcome, Outcome::Ok { offline: true })) =>
+                {
+                    checked.lost_with_disk += 1
+                }
                 None => problems.push(format!(
                     "{payment_id} heard approved, not in the ledger ({})",
                     told()

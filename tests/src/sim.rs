@@ -70,6 +70,10 @@ pub struct SimReport {
     /// Online approvals whose post was lost with a wiped hub disk: the cloud moved them back
     /// when they expired; the register heard "approved" and the store does not get the money.
     pub reversed_after_approval_with_disk_lost: usize,
+    /// Orders charged at the cloud, forgotten with a wiped hub disk, charged again with other
+    /// details and approved offline, and that approval lost with the disk too: the ledger holds
+    /// the first charge, and the register's approval never reaches the cloud.
+    pub lost_with_disk_after_another_charge: usize,
     /// Orders the hub approved, then forgot with its wiped disk, whose later charge heard a
     /// decline (an offline decline after an unanswered attempt, a voided code): the cloud had
     /// them paid and the hub could not know. Never a decline of a code for its age or window:
@@ -1225,6 +1229,19 @@ impl Sim {
                     None if lost => {}
                     None if forgotten => self.report.reversed_after_approval_with_disk_lost += 1,
                     None if conflicted => self.report.conflicts_with_disk_lost += 1,
+                    // The hub forgot the order (its disk was lost), approved the register's next
+                    // charge of it offline with other details, and lost that approval too before
+                    // it reached the cloud (which would have kept it as a conflict): the ledger
+                    // holds the charge the cloud confirmed, and the lost approval is the cost.
+                    Some(t)
+                        if lost
+                            && !approved.iter().any(|o| same(o, t))
+                            && approved
+                                .iter()
+                                .all(|o| matches!(o.heard, Heard::Approved { offline: true })) =>
+                    {
+                        self.report.lost_with_disk_after_another_charge += 1
+                    }
                     None => problems.push(format!(
                         "{payment_id} heard approved, not in the ledger ({})",
                         heard()

@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             report.reversed_after_approval_with_disk_lost;
         totals.declined_after_approval_with_disk_lost +=
             report.declined_after_approval_with_disk_lost;
+        totals.lost_with_disk_after_another_charge += report.lost_with_disk_after_another_charge;
         for (kind, n) in report.faults {
             *totals.faults.entry(kind).or_default() += n;
         }
@@ -46,7 +47,8 @@ fn main() -> anyhow::Result<()> {
         "facepay-sim: {} seeds passed in {secs:.1} s ({:.0} seeds/min); attempts {} approved {} \
          (offline {}) declined {} unknown {}; faults {:?}; lost with a wiped disk: {} offline \
          approvals, {} online approvals expired unconfirmed, {} conflicts for the operator, {} \
-         orders paid before the wipe declined after it",
+         orders paid before the wipe declined after it, {} approved offline again with other \
+         details and lost",
         cli.seeds,
         cli.seeds as f64 * 60.0 / secs,
         totals.attempts,
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         totals.reversed_after_approval_with_disk_lost,
         totals.conflicts_with_disk_lost,
         totals.declined_after_approval_with_disk_lost,
+        totals.lost_with_disk_after_another_charge,
     );
     Ok(())
 }
