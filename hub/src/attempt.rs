@@ -54,6 +54,9 @@ pub struct Payer {
     pub keep_from_ms: u64,
     /// Proven by a payment token (a face verification), not a code.
     pub token: bool,
+    /// For a token issued by code and face: the nonce of the code the face confirmed, burnt
+    /// with the payment at the cloud.
+    pub spent_code: Option<CodeNonce>,
 }
 
 /// Where the attempt stands.
@@ -258,6 +261,7 @@ impl Attempt {
             terminal_id: request.terminal_id.clone(),
             order_id: request.order_id.clone(),
             offline_reservation: reservation,
+            spent_code: payer.spent_code.clone(),
         }
     }
 
@@ -537,6 +541,7 @@ mod tests {
             nonce: "n1".into(),
             keep_from_ms: 0,
             token: false,
+            spent_code: None,
         }
     }
 

@@ -331,6 +331,7 @@ mod tests {
             amount_minor: amount,
             currency: eur(),
             approved_at_ms: 0,
+            spent_code: None,
             signature: String::new(),
         };
         let config = OfflineConfig::default();

@@ -11,8 +11,8 @@ use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
 use paycode::{SignedCode, Validity};
 use protocol::{
-    AccountId, CloudReplyBody, Decision, DeclineReason, HubRequestBody, KeyBatch, KeyEntry,
-    TerminalId,
+    AccountId, CloudReplyBody, CodeNonce, Decision, DeclineReason, HubRequestBody, KeyBatch,
+    KeyEntry, TerminalId,
 };
 use rand::RngCore;
 
@@ -37,6 +37,8 @@ pub struct Token {
     pub terminal_id: TerminalId,
     /// Expiry, ms since the epoch.
     pub expires_at_ms: u64,
+    /// Issued by code and face: the nonce of the code the face confirmed.
+    pub spent_code: Option<CodeNonce>,
 }
 
 /// Owns the replicated account keys and the payment tokens.
@@ -249,6 +251,9 @@ pub struct IssueToken {
     pub terminal_id: TerminalId,
     /// How long it stays valid.
     pub ttl_ms: u64,
+    /// Issued by code and face: the nonce of the code the face confirmed (the cloud burns it
+    /// with the token's payment).
+    pub spent_code: Option<CodeNonce>,
 }
 
 /// A token just issued.
@@ -270,6 +275,7 @@ impl Handler<IssueToken> for CredentialsActor {
             account_id: msg.account_id,
             terminal_id: msg.terminal_id,
             expires_at_ms: self.clock.now_ms().saturating_add(msg.ttl_ms),
+            spent_code: msg.spent_code,
         };
         let token = random_id("tok_");
         self.tokens.insert(token.clone(), issued.clone());
@@ -461,6 +467,7 @@ mod tests {
             account_id: account.into(),
             terminal_id: "till-1".into(),
             ttl_ms: 30_000,
+            spent_code: None,
         };
         let redeem = |token: &str, terminal: &str| RedeemToken {
             token: token.into(),

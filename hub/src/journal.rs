@@ -1083,6 +1083,7 @@ mod offline_tests {
             amount_minor: amount,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 0,
+            spent_code: None,
             signature: "sig".into(),
         }
     }

@@ -312,6 +312,8 @@ pub struct ApproveOffline {
     pub account_id: AccountId,
     /// The proof's single-use nonce (a code's, or the token).
     pub nonce: CodeNonce,
+    /// The code a code-and-face token's face confirmed.
+    pub spent_code: Option<CodeNonce>,
 }
 
 impl Handler<ApproveOffline> for OfflineActor {
@@ -335,6 +337,7 @@ impl Handler<ApproveOffline> for OfflineActor {
             amount_minor: request.amount_minor,
             currency: request.currency,
             approved_at_ms: self.clock.now_ms(),
+            spent_code: msg.spent_code,
             signature: String::new(),
         };
         self.signer.sign(&mut entry);

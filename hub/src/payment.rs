@@ -282,6 +282,7 @@ async fn prove(
                     nonce: token.clone().into(),
                     keep_from_ms: t.expires_at_ms,
                     token: true,
+                    spent_code: t.spent_code,
                 }),
                 Err(refused) => Err((
                     Decision::declined(DeclineReason::TokenInvalid, refused.to_string()),
@@ -299,6 +300,7 @@ fn code_payer(code: &paycode::SignedCode) -> Payer {
         nonce: code.nonce_hex().into(),
         keep_from_ms: code.issued_at_ms,
         token: false,
+        spent_code: None,
     }
 }
 
@@ -471,6 +473,7 @@ async fn decide_offline(
         request: request.clone(),
         account_id: payer.account_id.clone(),
         nonce: payer.nonce.clone(),
+        spent_code: payer.spent_code.clone(),
     };
     match peers.offline.send(approve).await {
         Ok(Ok(entry)) => {

@@ -38,6 +38,8 @@ struct Challenge {
     candidates: Vec<AccountId>,
     kind: SecondFactorKind,
     expires_at_ms: u64,
+    /// Asked after a code and face: the code's nonce, which the token will carry.
+    spent_code: Option<CodeNonce>,
 }
 
 /// What the verify actor needs to know.
@@ -483,6 +485,39 @@ async fn spend_code(
     }
 }
 
+/// Whether the face is the code owner's (`account`): from the hot set, or from the cloud's 1:1
+/// answer when the hot set does not hold the account.
+async fn confirm_owner(
+    hot: HotSetWorker,
+    clock: clock::SharedClock,
+    metrics: VerifyMetrics,
+    rule: IdentifyConfig,
+    (uplink, timeout): (Option<Addr<UplinkActor>>, Duration),
+    account: AccountId,
+    embedding: Vec<f32>,
+) -> Next {
+    let (probe, first_rule, held) = (embedding.clone(), rule.clone(), account.clone());
+    let now = clock.now_ms();
+    if let Some(next) = hot
+        .call(move |h| one_to_one(h, &held, &probe, &first_rule, now))
+        .await
+    {
+        return next;
+    }
+    let found = ask_cloud(uplink, timeout, embedding.clone(), Some(account.clone())).await;
+    hot.call(move |h| {
+        let now = clock.now_ms();
+        cache(h, found, now, &metrics);
+        one_to_one(h, &account, &embedding, &rule, now).unwrap_or_else(|| {
+            Next::Reply(VerifyReply::refused(
+                DeclineReason::FaceNotRecognized,
+                format!("account {account} has no enrolled face here or the cloud is unreachable"),
+            ))
+        })
+    })
+    .await
+}
+
 type Answer = Pin<Box<dyn ActorFuture<VerifyActor, Output = VerifyReply>>>;
 
 impl VerifyActor {
@@ -517,6 +552,7 @@ impl VerifyActor {
         candidates: Vec<AccountId>,
         kind: SecondFactorKind,
         terminal_id: TerminalId,
+        spent_code: Option<CodeNonce>,
     ) -> VerifyReply {
         let expires_at_ms =
             self.clock.now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
@@ -528,6 +564,7 @@ impl VerifyActor {
                 candidates,
                 kind,
                 expires_at_ms,
+                spent_code,
             },
         );
         VerifyReply::SecondFactorRequired {
@@ -538,18 +575,28 @@ impl VerifyActor {
     }
 
     /// Turns what the hot set decided into the answer: a token from the credentials actor, a
-    /// challenge held here, or the reply as is.
-    fn answer(&mut self, next: Next, terminal_id: TerminalId) -> Answer {
+    /// challenge held here, or the reply as is. `spent_code`: the code a code-and-face
+    /// verification spent, carried by its token (or its challenge) to the payment.
+    fn answer(
+        &mut self,
+        next: Next,
+        terminal_id: TerminalId,
+        spent_code: Option<CodeNonce>,
+    ) -> Answer {
         match next {
             Next::Reply(reply) => Box::pin(fut::ready(reply)),
-            Next::Challenge { candidates, kind } => {
-                Box::pin(fut::ready(self.challenge(candidates, kind, terminal_id)))
-            }
+            Next::Challenge { candidates, kind } => Box::pin(fut::ready(self.challenge(
+                candidates,
+                kind,
+                terminal_id,
+                spent_code,
+            ))),
             Next::Token(account_id) => {
                 let issue = self.credentials.send(IssueToken {
                     account_id: account_id.clone(),
                     terminal_id,
                     ttl_ms: self.settings.identify.token_ttl_seconds * 1000,
+                    spent_code,
                 });
                 Box::pin(
                     async move {
@@ -686,7 +733,7 @@ impl VerifyActor {
         };
         Box::pin(
             find.into_actor(self)
-                .then(move |next, actor, _| actor.answer(next, terminal)),
+                .then(move |next, actor, _| actor.answer(next, terminal, None)),
         )
     }
 
@@ -697,37 +744,19 @@ impl VerifyActor {
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
         let spend = spend_code(code, self.credentials.clone(), self.journal.clone());
         let step = async move {
-            let account = match spend.await {
-                Ok(code) => AccountId::from(code.account_id),
-                Err(refused) => return Next::Reply(refused),
+            let (account, spent) = match spend.await {
+                Ok(code) => (
+                    AccountId::from(&code.account_id),
+                    CodeNonce::from(code.nonce_hex()),
+                ),
+                Err(refused) => return (Next::Reply(refused), None),
             };
-            let (probe, first_rule, held) = (embedding.clone(), rule.clone(), account.clone());
-            let now = clock.now_ms();
-            if let Some(next) = hot
-                .call(move |h| one_to_one(h, &held, &probe, &first_rule, now))
-                .await
-            {
-                return next;
-            }
-            let found = ask_cloud(ask.0, ask.1, embedding.clone(), Some(account.clone())).await;
-            hot.call(move |h| {
-                let now = clock.now_ms();
-                cache(h, found, now, &metrics);
-                one_to_one(h, &account, &embedding, &rule, now).unwrap_or_else(|| {
-                    Next::Reply(VerifyReply::refused(
-                        DeclineReason::FaceNotRecognized,
-                        format!(
-                            "account {account} has no enrolled face here or the cloud is \
-                             unreachable"
-                        ),
-                    ))
-                })
-            })
-            .await
+            let next = confirm_owner(hot, clock, metrics, rule, ask, account, embedding).await;
+            (next, Some(spent))
         };
         Box::pin(
             step.into_actor(self)
-                .then(move |next, actor, _| actor.answer(next, terminal)),
+                .then(move |(next, spent), actor, _| actor.answer(next, terminal, spent)),
         )
     }
 
@@ -749,6 +778,7 @@ impl VerifyActor {
         }
         let (hot, clock, policy) = (self.hot.clone(), self.clock.clone(), self.policy);
         let value = answer.value;
+        let spent = challenge.spent_code.clone();
         let step = async move {
             let Challenge {
                 candidates, kind, ..
@@ -781,7 +811,7 @@ impl VerifyActor {
         };
         Box::pin(
             step.into_actor(self)
-                .then(move |next, actor, _| actor.answer(next, terminal)),
+                .then(move |next, actor, _| actor.answer(next, terminal, spent)),
         )
     }
 }

@@ -545,6 +545,7 @@ impl Sim {
             nonce: nonce.0,
             keep_from_ms: nonce.1,
             token: false,
+            spent_code: None,
         };
         self.ops.push(Op {
             order,
@@ -780,6 +781,7 @@ impl Sim {
             amount_minor: request.amount_minor,
             currency: request.currency,
             approved_at_ms: self.hub_now(),
+            spent_code: None,
             signature: String::new(),
         };
         self.hub.signer.sign(&mut entry);

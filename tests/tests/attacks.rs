@@ -104,6 +104,7 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
             terminal_id: "till-1".into(),
             order_id: "loot".into(),
             offline_reservation: Default::default(),
+            spent_code: None,
         }),
     });
     attacker.publish(&requests, forged_request.clone()).unwrap();

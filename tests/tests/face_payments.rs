@@ -329,13 +329,23 @@ fn pay_by_face_end_to_end() {
     );
 
     // --- Code and face: the code names the account, the face must be its owner ----------------
-    present_qr(&s1.frames, &carla_wallet.issue_code(paycode::now_ms())).unwrap();
+    let code = carla_wallet.issue_code(paycode::now_ms());
+    present_qr(&s1.frames, &code).unwrap();
     let token = token_of(
         &look(&s1, &face_fixture("carla-2.jpg"), "code_and_face"),
         "carla",
     );
     let paid = pay(s1.edge.http_addr, "cf-1", 500, &token);
     assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
+    // The code the face confirmed is spent at the cloud with that payment: shown (or copied)
+    // at another store within its window, as a plain code, it pays nothing.
+    present_qr(&s2.frames, &code).unwrap();
+    let (status, copied) = tests::charge(s2.edge.http_addr, "cf-copy", 500, "EUR").unwrap();
+    assert_eq!(
+        (status, copied.reason),
+        (200, Some(DeclineReason::CodeReplayed)),
+        "{copied:?}"
+    );
     present_qr(&s1.frames, &carla_wallet.issue_code(paycode::now_ms())).unwrap();
     let mismatch = look(&s1, &face_fixture("bruno-2.jpg"), "code_and_face");
     assert_eq!(

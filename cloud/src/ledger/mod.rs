@@ -516,6 +516,7 @@ mod tests {
             terminal_id: "t1".into(),
             order_id: payment.into(),
             offline_reservation: Default::default(),
+            spent_code: None,
         }
     }
 
@@ -988,6 +989,65 @@ mod tests {
     }
 
     #[test]
+    fn a_code_confirmed_by_face_pays_once_across_the_fleet() {
+        let (_d, l) = ledger();
+        let by_face = |order: &str, token: &str, code: &str, amount: i64| CloudAuthorize {
+            spent_code: Some(code.into()),
+            ..pay(order, token, amount)
+        };
+        // Paid by code and face at one store: the code cannot pay again as a plain code.
+        let first = l
+            .authorize("store-1", &by_face("o1", "tok1", "c1", 500))
+            .unwrap();
+        assert!(matches!(first, Decision::Approved { .. }), "{first:?}");
+        let replay = l.authorize("store-1", &pay("o2", "c1", 500)).unwrap();
+        assert_eq!(replay.reason(), Some(DeclineReason::CodeReplayed));
+        // A repeat of the token's request hears its first answer.
+        let repeat = l
+            .authorize("store-1", &by_face("o1", "tok1", "c1", 500))
+            .unwrap();
+        assert_eq!(repeat, first);
+        // A code that paid as a plain code cannot be confirmed by face for another payment.
+        l.authorize("store-1", &pay("o3", "c2", 300)).unwrap();
+        let late = l
+            .authorize("store-1", &by_face("o4", "tok2", "c2", 300))
+            .unwrap();
+        assert_eq!(late.reason(), Some(DeclineReason::CodeReplayed));
+        let again = l
+            .authorize("store-1", &by_face("o4", "tok2", "c2", 300))
+            .unwrap();
+        assert_eq!(again, late);
+        // Approved offline by code and face: reconciled, the code is spent too.
+        let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
+        l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
+        let mut entry = protocol::OfflinePayment {
+            seq: 1,
+            payment_id: "store-1:o5".into(),
+            store_id: "store-1".into(),
+            terminal_id: "t1".into(),
+            order_id: "o5".into(),
+            account_id: "alice".into(),
+            nonce: "tok3".into(),
+            amount_minor: 200,
+            currency: eur(),
+            approved_at_ms: 1,
+            spent_code: Some("c3".into()),
+            signature: String::new(),
+        };
+        signer.sign(&mut entry);
+        let done = l.reconcile("store-1", &[entry]).unwrap();
+        assert!(
+            matches!(done.outcomes[0], protocol::ReconcileOutcome::Applied { .. }),
+            "{:?}",
+            done.outcomes
+        );
+        let after = l.authorize("store-1", &pay("o6", "c3", 200)).unwrap();
+        assert_eq!(after.reason(), Some(DeclineReason::CodeReplayed));
+        assert_eq!(balance(&l, "alice"), 10_000 - 500 - 300 - 200);
+        books_balance(&l);
+    }
+
+    #[test]
     fn a_retry_of_an_order_paid_offline_hears_it_was_paid() {
         // Found by review: after the hub lost its disk, a retry of an order whose online attempt
         // was voided and whose offline approval was applied as `#offline`.
@@ -1008,6 +1068,7 @@ mod tests {
             amount_minor: 700,
             currency: eur(),
             approved_at_ms: 1,
+            spent_code: None,
             signature: String::new(),
         };
         signer.sign(&mut entry);

@@ -338,6 +338,38 @@ impl Ledger {
                         }
                     }
                 }
+                // The code a code-and-face token's face confirmed is spent with it too.
+                if let Some(code) = &entry.spent_code {
+                    let code_key = super::nonce_key(&entry.account_id, code);
+                    match nonces.get(&code_key)? {
+                        None => {
+                            let record = NonceRecord {
+                                payment_id: entry.payment_id.clone(),
+                                decision: Decision::Approved {
+                                    account_id: entry.account_id.clone(),
+                                    already_paid: false,
+                                },
+                                amount: Some((entry.amount_minor, entry.currency)),
+                            };
+                            nonces.insert(code_key, encode(&record))?;
+                        }
+                        Some(first) if first_payment.is_none() => {
+                            let first: NonceRecord = decode(&first);
+                            if first.payment_id != entry.payment_id
+                                && matches!(first.decision, Decision::Approved { .. })
+                            {
+                                let record = CodeReuse {
+                                    entry: entry.clone(),
+                                    first_payment_id: first.payment_id.to_string(),
+                                    recorded_at_ms: now_ms,
+                                };
+                                code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
+                                first_payment = Some(first.payment_id.into_string());
+                            }
+                        }
+                        Some(_) => {}
+                    }
+                }
                 Ok((
                     ReconcileOutcome::Applied { in_debt },
                     revoked,
@@ -496,6 +528,7 @@ mod tests {
             terminal_id: "t1".into(),
             order_id: order.into(),
             offline_reservation: Default::default(),
+            spent_code: None,
         }
     }
 
@@ -511,6 +544,7 @@ mod tests {
             amount_minor: amount,
             currency: eur(),
             approved_at_ms: 1,
+            spent_code: None,
             signature: String::new(),
         };
         signer(store).sign(&mut entry);

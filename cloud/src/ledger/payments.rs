@@ -40,13 +40,28 @@ impl Ledger {
         let deadline_ms = now_ms.saturating_add(self.pending_ttl_ms);
         let answer = unwrap_tx(trees.transaction(
             |(accounts, transfers, nonces, grants, by_account, pending)| {
-                let decision = Self::authorize_tx(
-                    (accounts, transfers, nonces, pending),
-                    store_id,
-                    request,
-                    &nonce_key,
-                    (now_ms, deadline_ms),
-                )?;
+                let decision = match confirmed_code_paid_elsewhere(nonces, request)? {
+                    Some(decline) => {
+                        let record = NonceRecord {
+                            payment_id: request.payment_id.clone(),
+                            decision: decline.clone(),
+                            amount: Some((request.amount_minor, request.currency)),
+                        };
+                        nonces.insert(nonce_key.as_slice(), encode(&record))?;
+                        decline
+                    }
+                    None => {
+                        let decision = Self::authorize_tx(
+                            (accounts, transfers, nonces, pending),
+                            store_id,
+                            request,
+                            &nonce_key,
+                            (now_ms, deadline_ms),
+                        )?;
+                        burn_confirmed_code(nonces, request, &decision)?;
+                        decision
+                    }
+                };
                 let allowance = match &decision {
                     Decision::Approved { .. } => allowances::grant(
                         policy,
@@ -648,4 +663,47 @@ impl Ledger {
         }
         Ok(expired)
     }
+}
+
+/// For a token issued by code and face: the decline when the code the face confirmed already
+/// paid (or was presented for) another payment. A repeat of this payment passes.
+fn confirmed_code_paid_elsewhere(
+    nonces: &storage::kv::TransactionalTree,
+    request: &CloudAuthorize,
+) -> TxResult<Option<Decision>> {
+    let Some(code) = &request.spent_code else {
+        return Ok(None);
+    };
+    let Some(first) = nonces.get(nonce_key(&request.account_id, code))? else {
+        return Ok(None);
+    };
+    let first: NonceRecord = decode(&first);
+    Ok((first.payment_id != request.payment_id).then(|| {
+        Decision::declined(
+            DeclineReason::CodeReplayed,
+            "the payment code this face confirmed was already used; show a fresh code",
+        )
+    }))
+}
+
+/// Burns the code a code-and-face token's face confirmed, with what its payment was answered: a
+/// plain code payment with it at any store is then a replay.
+fn burn_confirmed_code(
+    nonces: &storage::kv::TransactionalTree,
+    request: &CloudAuthorize,
+    decision: &Decision,
+) -> TxResult<()> {
+    let Some(code) = &request.spent_code else {
+        return Ok(());
+    };
+    let key = nonce_key(&request.account_id, code);
+    if nonces.get(&key)?.is_none() {
+        let record = NonceRecord {
+            payment_id: request.payment_id.clone(),
+            decision: decision.clone(),
+            amount: Some((request.amount_minor, request.currency)),
+        };
+        nonces.insert(key, encode(&record))?;
+    }
+    Ok(())
 }

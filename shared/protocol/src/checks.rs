@@ -56,6 +56,9 @@ impl CloudAuthorize {
         validate_id("terminal_id", &self.terminal_id)?;
         validate_id("account_id", &self.account_id)?;
         validate_id("code_nonce", &self.code_nonce)?;
+        if let Some(code) = &self.spent_code {
+            validate_id("spent_code", code)?;
+        }
         check_amount(self.amount_minor)
     }
 }
@@ -96,6 +99,7 @@ mod tests {
             terminal_id: "till-1".into(),
             order_id: order.into(),
             offline_reservation: Default::default(),
+            spent_code: None,
         }
     }
 
@@ -195,6 +199,7 @@ mod tests {
             amount_minor: 700,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 0,
+            spent_code: None,
             signature: String::new(),
         };
         assert_eq!(entry.check_from("store-1"), Ok(()));

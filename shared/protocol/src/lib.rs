@@ -127,6 +127,7 @@ mod tests {
                 terminal_id: "t".into(),
                 order_id: "o1".into(),
                 offline_reservation: Default::default(),
+                spent_code: None,
             }),
             HubRequestBody::Void(attempt.clone()),
             HubRequestBody::Post(PostBatch {

@@ -410,6 +410,11 @@ pub struct CloudAuthorize {
     /// What the store may still hold unreconciled for the account (see [`crate::OfflineReservation`]).
     #[serde(default)]
     pub offline_reservation: crate::OfflineReservation,
+    /// For a token issued by code and face: the nonce of the payment code the face confirmed.
+    /// The cloud burns it with this payment, so the code cannot pay again as a plain code at
+    /// another store within its window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent_code: Option<CodeNonce>,
 }
 
 /// A void: if the payment was applied, reverse it; if not, burn its code so it never applies.

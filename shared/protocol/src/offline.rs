@@ -29,6 +29,10 @@ pub struct OfflinePayment {
     pub currency: Currency,
     /// When the hub approved it, ms since the Unix epoch.
     pub approved_at_ms: u64,
+    /// For a token issued by code and face: the nonce of the code the face confirmed (burnt
+    /// with this payment at the cloud).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent_code: Option<CodeNonce>,
     /// Ed25519 signature (URL-safe base64, no padding) of [`OfflinePayment::signed_bytes`].
     pub signature: String,
 }
@@ -45,25 +49,35 @@ impl OfflinePayment {
             terminal_id: self.terminal_id.clone(),
             order_id: self.order_id.clone(),
             offline_reservation: crate::OfflineReservation::default(),
+            spent_code: self.spent_code.clone(),
         }
     }
 
     /// The bytes the hub signs: every field but the signature, in a fixed order.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&(
-            "facepay-offline-v1",
-            self.seq,
-            &self.payment_id,
-            &self.store_id,
-            &self.terminal_id,
-            &self.order_id,
-            &self.account_id,
-            &self.nonce,
-            self.amount_minor,
-            self.currency,
-            self.approved_at_ms,
-        ))
-        .expect("serialises")
+        // Entries without a confirmed code sign what they always signed; with one, the code is
+        // signed too, under its own domain.
+        let domain = match self.spent_code {
+            None => "facepay-offline-v1",
+            Some(_) => "facepay-offline-v2",
+        };
+        let mut fields = vec![
+            serde_json::json!(domain),
+            serde_json::json!(self.seq),
+            serde_json::json!(self.payment_id),
+            serde_json::json!(self.store_id),
+            serde_json::json!(self.terminal_id),
+            serde_json::json!(self.order_id),
+            serde_json::json!(self.account_id),
+            serde_json::json!(self.nonce),
+            serde_json::json!(self.amount_minor),
+            serde_json::json!(self.currency),
+            serde_json::json!(self.approved_at_ms),
+        ];
+        if let Some(code) = &self.spent_code {
+            fields.push(serde_json::json!(code));
+        }
+        serde_json::to_vec(&fields).expect("serialises")
     }
 }
 
@@ -170,6 +184,7 @@ mod tests {
             amount_minor: 1_250,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 1,
+            spent_code: None,
             signature: "sig".into(),
         };
         let request = entry.as_request();
@@ -194,5 +209,32 @@ mod tests {
             )
         );
         assert_eq!(request.offline_reservation, OfflineReservation::default());
+        assert_eq!(request.spent_code, None);
+    }
+
+    #[test]
+    fn an_entry_signs_its_confirmed_code_and_without_one_signs_what_it_always_signed() {
+        let mut entry = OfflinePayment {
+            seq: 7,
+            payment_id: "store-1:o1".into(),
+            store_id: "store-1".into(),
+            terminal_id: "t1".into(),
+            order_id: "o1".into(),
+            account_id: "alice".into(),
+            nonce: "n1".into(),
+            amount_minor: 1_250,
+            currency: Currency::parse("EUR").unwrap(),
+            approved_at_ms: 1,
+            spent_code: None,
+            signature: "sig".into(),
+        };
+        let v1 = br#"["facepay-offline-v1",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1]"#;
+        assert_eq!(entry.signed_bytes(), v1.to_vec());
+        entry.spent_code = Some("c0de".into());
+        assert_eq!(
+            String::from_utf8(entry.signed_bytes()).unwrap(),
+            r#"["facepay-offline-v2",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1,"c0de"]"#
+        );
+        assert_eq!(entry.as_request().spent_code, Some("c0de".into()));
     }
 }

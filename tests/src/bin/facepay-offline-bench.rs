@@ -285,6 +285,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
                 amount_minor: 100 + (i % 900) as i64,
                 currency: eur(),
                 approved_at_ms: paycode::now_ms(),
+                spent_code: None,
                 signature: String::new(),
             };
             signer.sign(&mut entry);
