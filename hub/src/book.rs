@@ -7,8 +7,9 @@
 //!    (`offline_amount_over_limit`);
 //! 2. the account is not blocked by the cloud (in debt, closed: `account_blocked`);
 //! 3. the cloud granted the account an allowance at this store, in the payment's currency, and what
-//!    the store holds unreconciled for it plus this amount stays within it
-//!    (`offline_allowance_exceeded`);
+//!    the store holds unreconciled for it plus this amount stays within it, and so does what
+//!    approvals under that grant booked (reconciled or not: the cloud books each against the
+//!    grant it cites and keeps what goes beyond for an operator) (`offline_allowance_exceeded`);
 //! 4. the store's unreconciled total plus this amount stays within `store_ceiling_minor`
 //!    (`offline_store_limit_reached`).
 //!
@@ -32,6 +33,8 @@ pub struct OfflineBook {
     store_ceiling_minor: i64,
     allowances: HashMap<AccountId, Allowance>,
     outstanding: HashMap<String, i64>,
+    /// The allowance versions unreconciled entries were approved under, per account, counted.
+    pending_versions: HashMap<String, std::collections::BTreeMap<u64, usize>>,
     store_total: i64,
     entries: usize,
 }
@@ -55,7 +58,11 @@ impl OfflineBook {
                 .insert(allowance.account_id.clone(), allowance);
         }
         for entry in pending {
-            book.hold(&entry.account_id, entry.amount_minor);
+            book.hold(
+                &entry.account_id,
+                entry.allowance_version,
+                entry.amount_minor,
+            );
         }
         book
     }
@@ -95,7 +102,10 @@ impl OfflineBook {
             ));
         }
         let held = self.outstanding(account_id);
-        if allowance.currency != currency || held + amount_minor > allowance.amount_minor {
+        if allowance.currency != currency
+            || held + amount_minor > allowance.amount_minor
+            || allowance.booked_minor.saturating_add(amount_minor) > allowance.amount_minor
+        {
             return Err(Decision::declined(
                 DeclineReason::OfflineAllowanceExceeded,
                 format!(
@@ -114,15 +124,50 @@ impl OfflineBook {
         Ok(())
     }
 
-    /// Counts an approved payment as held until the cloud acknowledges it.
-    pub fn hold(&mut self, account_id: &str, amount_minor: i64) {
+    /// The version of the account's allowance, which an offline approval cites (0: none).
+    pub fn grant_version(&self, account_id: &str) -> u64 {
+        self.allowances.get(account_id).map_or(0, |a| a.version)
+    }
+
+    /// Books an approval against the allowance it was approved under (`version`): a grant is a
+    /// budget, spent by approvals whether reconciled or not, until the cloud grants anew.
+    pub fn spend(&mut self, account_id: &str, version: u64, amount_minor: i64) {
+        if let Some(allowance) = self
+            .allowances
+            .get_mut(account_id)
+            .filter(|a| a.version == version)
+        {
+            allowance.booked_minor = allowance.booked_minor.saturating_add(amount_minor);
+        }
+    }
+
+    /// Counts an approved payment (approved under allowance `version`) as held until the cloud
+    /// acknowledges it.
+    pub fn hold(&mut self, account_id: &str, version: u64, amount_minor: i64) {
+        *self
+            .pending_versions
+            .entry(account_id.to_owned())
+            .or_default()
+            .entry(version)
+            .or_default() += 1;
         *self.outstanding.entry(account_id.to_owned()).or_default() += amount_minor;
         self.store_total += amount_minor;
         self.entries += 1;
     }
 
     /// Releases a payment the cloud acknowledged (or one that was never journaled).
-    pub fn release(&mut self, account_id: &str, amount_minor: i64) {
+    pub fn release(&mut self, account_id: &str, version: u64, amount_minor: i64) {
+        if let Some(versions) = self.pending_versions.get_mut(account_id) {
+            if let Some(n) = versions.get_mut(&version) {
+                *n -= 1;
+                if *n == 0 {
+                    versions.remove(&version);
+                }
+            }
+            if versions.is_empty() {
+                self.pending_versions.remove(account_id);
+            }
+        }
         if let Some(held) = self.outstanding.get_mut(account_id) {
             *held -= amount_minor;
             if *held <= 0 {
@@ -133,10 +178,14 @@ impl OfflineBook {
         self.entries = self.entries.saturating_sub(1);
     }
 
-    /// Takes a newer grant or revocation; older versions are ignored.
+    /// Takes a newer grant or revocation; older versions are ignored, and the same version only
+    /// raises what is booked under it (the cloud's count after a restart or a lost disk).
     pub fn set_allowance(&mut self, allowance: Allowance) {
-        match self.allowances.get(&allowance.account_id) {
-            Some(held) if held.version >= allowance.version => {}
+        match self.allowances.get_mut(&allowance.account_id) {
+            Some(held) if held.version == allowance.version => {
+                held.booked_minor = held.booked_minor.max(allowance.booked_minor);
+            }
+            Some(held) if held.version > allowance.version => {}
             _ => {
                 self.allowances
                     .insert(allowance.account_id.clone(), allowance);
@@ -157,9 +206,15 @@ impl OfflineBook {
         let granted = allowance
             .filter(|a| !a.blocked)
             .map_or(0, |a| a.amount_minor);
+        let version = allowance.map_or(0, |a| a.version);
+        let oldest_pending = self
+            .pending_versions
+            .get(account_id)
+            .and_then(|v| v.keys().next().copied());
         OfflineReservation {
             amount_minor: self.outstanding(account_id).max(granted),
-            allowance_version: allowance.map_or(0, |a| a.version),
+            allowance_version: version,
+            oldest_version: oldest_pending.map_or(version, |oldest| oldest.min(version)),
         }
     }
 
@@ -222,6 +277,7 @@ mod tests {
             currency: eur(),
             blocked: false,
             version,
+            booked_minor: 0,
         }
     }
 
@@ -243,6 +299,57 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_is_a_budget_that_reconciliation_does_not_refill() {
+        let mut b = book();
+        assert_eq!(b.grant_version("a"), 1);
+        b.hold("a", 1, 2_000);
+        b.spend("a", 1, 2_000);
+        // Reconciled: nothing held, but the grant has booked 2000 of its 3000.
+        b.release("a", 1, 2_000);
+        assert_eq!(
+            reason(b.check("a", 1_500, eur())),
+            Some(DeclineReason::OfflineAllowanceExceeded)
+        );
+        assert!(b.check("a", 1_000, eur()).is_ok());
+        // The cloud's count of the same grant only ever raises it; a new grant is a new budget.
+        b.set_allowance(Allowance {
+            booked_minor: 2_500,
+            ..grant("a", 3_000, 1)
+        });
+        assert_eq!(
+            reason(b.check("a", 1_000, eur())),
+            Some(DeclineReason::OfflineAllowanceExceeded)
+        );
+        b.set_allowance(Allowance {
+            booked_minor: 100,
+            ..grant("a", 3_000, 1)
+        });
+        assert!(b.check("a", 500, eur()).is_ok());
+        assert_eq!(
+            reason(b.check("a", 501, eur())),
+            Some(DeclineReason::OfflineAllowanceExceeded)
+        );
+        b.set_allowance(grant("a", 3_000, 2));
+        assert_eq!(b.grant_version("a"), 2);
+        assert!(b.check("a", 2_000, eur()).is_ok());
+        // Spending under an older version leaves the new budget alone.
+        b.spend("a", 1, 400);
+        assert!(b.check("a", 2_000, eur()).is_ok());
+        // The cloud hears the oldest grant an unreconciled entry cites, or the one held.
+        assert_eq!(b.reservation("a").oldest_version, 2);
+        b.hold("a", 1, 400);
+        assert_eq!(
+            (
+                b.reservation("a").allowance_version,
+                b.reservation("a").oldest_version
+            ),
+            (2, 1)
+        );
+        b.release("a", 1, 400);
+        assert_eq!(b.reservation("a").oldest_version, 2);
+    }
+
+    #[test]
     fn each_rule_refuses_with_its_own_reason() {
         let mut b = book();
         assert_eq!(
@@ -258,21 +365,21 @@ mod tests {
             Some(DeclineReason::OfflineAllowanceExceeded)
         );
         assert!(b.check("a", 2_000, eur()).is_ok());
-        b.hold("a", 2_000);
+        b.hold("a", 1, 2_000);
         // 2000 held + 1500 > 3000 allowance.
         assert_eq!(
             reason(b.check("a", 1_500, eur())),
             Some(DeclineReason::OfflineAllowanceExceeded)
         );
         assert!(b.check("a", 1_000, eur()).is_ok());
-        b.hold("b", 1_500);
+        b.hold("b", 1, 1_500);
         // Store: 3500 held + 1000 > 4000.
         assert_eq!(
             reason(b.check("b", 1_000, eur())),
             Some(DeclineReason::OfflineStoreLimitReached)
         );
         assert_eq!(b.store_total(), 3_500);
-        b.release("a", 2_000);
+        b.release("a", 1, 2_000);
         assert_eq!(b.outstanding("a"), 0);
         assert!(b.check("b", 1_000, eur()).is_ok());
         b.set_allowance(Allowance {
@@ -300,15 +407,15 @@ mod tests {
         let none = b.reservation("stranger");
         assert_eq!((none.amount_minor, none.allowance_version), (0, 0));
         assert_eq!(b.reservation("a").amount_minor, 3_000);
-        b.hold("a", 2_000);
+        b.hold("a", 1, 2_000);
         // A smaller grant arrives while 2000 is held: the store may still hold 2000.
         b.set_allowance(grant("a", 1_000, 2));
         let r = b.reservation("a");
         assert_eq!((r.amount_minor, r.allowance_version), (2_000, 2));
-        b.release("a", 2_000);
+        b.release("a", 1, 2_000);
         assert_eq!(b.reservation("a").amount_minor, 1_000);
         // Blocked: only what is held counts.
-        b.hold("a", 500);
+        b.hold("a", 1, 500);
         b.set_allowance(Allowance {
             blocked: true,
             amount_minor: 0,
@@ -331,6 +438,7 @@ mod tests {
             amount_minor: amount,
             currency: eur(),
             approved_at_ms: 0,
+            allowance_version: 0,
             spent_code: None,
             signature: String::new(),
         };

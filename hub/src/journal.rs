@@ -552,10 +552,21 @@ impl Journal {
         };
         let value = serde_json::to_vec(entry).expect("serialises");
         let paid = serde_json::to_vec(&paid).expect("serialises");
-        (&self.offline, &self.paid)
-            .transaction(|(offline, paid_tree)| {
+        (&self.offline, &self.paid, &self.allowances)
+            .transaction(|(offline, paid_tree, allowances)| {
                 offline.insert(&entry.seq.to_be_bytes(), value.clone())?;
                 paid_tree.insert(entry.payment_id.as_bytes(), paid.clone())?;
+                // What approvals booked under the grant survives a restart with the grant.
+                let account = entry.account_id.as_bytes();
+                if let Some(held) = allowances.get(account)? {
+                    let mut held: Allowance =
+                        serde_json::from_slice(&held).expect("journal allowances are readable");
+                    if held.version == entry.allowance_version {
+                        held.booked_minor = held.booked_minor.saturating_add(entry.amount_minor);
+                        allowances
+                            .insert(account, serde_json::to_vec(&held).expect("serialises"))?;
+                    }
+                }
                 Ok::<_, storage::kv::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| storage_error(format!("{e:?}")))?;
@@ -611,7 +622,8 @@ impl Journal {
         Ok(retired)
     }
 
-    /// Stores allowances, each only if newer than the one held; returns those kept.
+    /// Stores allowances, each only if newer than the one held (or, of the same version, when it
+    /// counts more booked under it); returns those kept.
     pub fn store_allowances(&self, allowances: &[Allowance]) -> Result<Vec<Allowance>, HubError> {
         let mut kept = Vec::new();
         for allowance in allowances {
@@ -621,10 +633,10 @@ impl Journal {
                 .map_err(storage_error)?
             {
                 Some(v) => {
-                    serde_json::from_slice::<Allowance>(&v)
-                        .expect("readable")
-                        .version
-                        < allowance.version
+                    let held = serde_json::from_slice::<Allowance>(&v).expect("readable");
+                    held.version < allowance.version
+                        || (held.version == allowance.version
+                            && held.booked_minor < allowance.booked_minor)
                 }
                 None => true,
             };
@@ -1083,6 +1095,7 @@ mod offline_tests {
             amount_minor: amount,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 0,
+            allowance_version: 0,
             spent_code: None,
             signature: "sig".into(),
         }
@@ -1155,6 +1168,7 @@ mod offline_tests {
             currency: Currency::parse("EUR").unwrap(),
             blocked: false,
             version,
+            booked_minor: 0,
         };
         assert_eq!(
             j.store_allowances(&[grant("a", 500, 2), grant("b", 100, 1)])
@@ -1175,6 +1189,23 @@ mod offline_tests {
         let held = j.allowances().unwrap();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].amount_minor, 50);
+        // An approval under the grant books against it, durably; one under an older grant does
+        // not; the cloud's larger count of the same grant replaces a smaller one.
+        let mut under = entry(1, "o1", 20);
+        under.account_id = "a".into();
+        under.allowance_version = 3;
+        j.record_offline(&under).unwrap();
+        let mut older = entry(2, "o2", 7);
+        older.allowance_version = 2;
+        j.record_offline(&older).unwrap();
+        assert_eq!(j.allowances().unwrap()[0].booked_minor, 20);
+        let cloud_count = |booked| Allowance {
+            booked_minor: booked,
+            ..grant("a", 50, 3)
+        };
+        assert!(j.store_allowances(&[cloud_count(10)]).unwrap().is_empty());
+        assert_eq!(j.store_allowances(&[cloud_count(30)]).unwrap().len(), 1);
+        assert_eq!(j.allowances().unwrap()[0].booked_minor, 30);
     }
 
     #[test]

@@ -164,7 +164,11 @@ impl OfflineActor {
         let step = async move { drain_once(&uplink, &journal, &store, batch_size).await };
         ctx.spawn(step.into_actor(self).map(|step, actor, ctx| {
             for entry in &step.retired {
-                actor.book.release(&entry.account_id, entry.amount_minor);
+                actor.book.release(
+                    &entry.account_id,
+                    entry.allowance_version,
+                    entry.amount_minor,
+                );
             }
             actor.metrics.reconciled.inc_by(step.retired.len() as u64);
             actor.show();
@@ -326,6 +330,7 @@ impl Handler<ApproveOffline> for OfflineActor {
             .seqs
             .next_seq()
             .unwrap_or_else(|e| storage::fail_stop("numbering an offline approval", &e));
+        let allowance_version = self.book.grant_version(&msg.account_id);
         let mut entry = OfflinePayment {
             seq,
             payment_id: request.payment_id.clone(),
@@ -337,11 +342,21 @@ impl Handler<ApproveOffline> for OfflineActor {
             amount_minor: request.amount_minor,
             currency: request.currency,
             approved_at_ms: self.clock.now_ms(),
+            allowance_version,
             spent_code: msg.spent_code,
             signature: String::new(),
         };
         self.signer.sign(&mut entry);
-        self.book.hold(&entry.account_id, entry.amount_minor);
+        self.book.hold(
+            &entry.account_id,
+            entry.allowance_version,
+            entry.amount_minor,
+        );
+        self.book.spend(
+            &entry.account_id,
+            entry.allowance_version,
+            entry.amount_minor,
+        );
         self.metrics.approved.inc();
         self.show();
         Ok(entry)

@@ -781,6 +781,7 @@ impl Sim {
             amount_minor: request.amount_minor,
             currency: request.currency,
             approved_at_ms: self.hub_now(),
+            allowance_version: self.hub.book.grant_version(&payer.account_id),
             spent_code: None,
             signature: String::new(),
         };
@@ -789,7 +790,16 @@ impl Sim {
             .journal
             .record_offline(&entry)
             .expect("record offline");
-        self.hub.book.hold(&entry.account_id, entry.amount_minor);
+        self.hub.book.hold(
+            &entry.account_id,
+            entry.allowance_version,
+            entry.amount_minor,
+        );
+        self.hub.book.spend(
+            &entry.account_id,
+            entry.allowance_version,
+            entry.amount_minor,
+        );
         Decision::Approved {
             account_id: payer.account_id.clone(),
             already_paid: false,
@@ -1002,7 +1012,11 @@ impl Sim {
                     retired.extend(self.hub.journal.keep_conflict(*seq, detail)?);
                 }
                 for entry in &retired {
-                    self.hub.book.release(&entry.account_id, entry.amount_minor);
+                    self.hub.book.release(
+                        &entry.account_id,
+                        entry.allowance_version,
+                        entry.amount_minor,
+                    );
                 }
                 self.hub.draining = false;
                 if sorted.refused == 0 {
@@ -1153,11 +1167,11 @@ impl Sim {
             orders.entry(op.order.as_str()).or_default().push(op);
         }
         // Offline approvals the cloud could not apply as approved, kept for an operator.
-        let conflicts: BTreeSet<PaymentId> = self
+        let conflicts: BTreeMap<PaymentId, String> = self
             .ledger
             .conflicts()?
             .into_iter()
-            .map(|c| c.entry.payment_id)
+            .map(|c| (c.entry.payment_id, c.detail))
             .collect();
         let mut spent: HashMap<AccountId, i64> = HashMap::new();
         for (order, ops) in &orders {
@@ -1180,6 +1194,9 @@ impl Sim {
                 }
                 if self.forgotten.contains(&payment_id) {
                     told.push("approval forgotten with the disk".into());
+                }
+                if let Some(detail) = conflicts.get(&payment_id) {
+                    told.push(format!("kept as a conflict: {detail}"));
                 }
                 told.join(", ")
             };
@@ -1222,7 +1239,7 @@ impl Sim {
             if !approved.is_empty() {
                 let forgotten = self.forgotten.contains(&payment_id);
                 let conflicted =
-                    conflicts.contains(&payment_id) && self.lost_voids.contains(&payment_id);
+                    conflicts.contains_key(&payment_id) && self.lost_voids.contains(&payment_id);
                 match found.first() {
                     // The costs of a wiped hub disk, stated and counted: an offline approval
                     // that never reaches the cloud; an online approval never confirmed, which

@@ -571,6 +571,7 @@ fn an_operator_lists_and_resolves_the_conflicts_a_hub_holds() {
                 amount_minor: 700,
                 currency: eur(),
                 approved_at_ms: 1,
+                allowance_version: 0,
                 spent_code: None,
                 signature: "sig".into(),
             };

@@ -70,13 +70,91 @@ struct GrantRecord {
     /// before it existed: [`GrantRecord::counted`] then counts the grant.)
     #[serde(default)]
     reserved_minor: i64,
+    /// The grants issued to the store for the account, the newest last (at most
+    /// [`GRANT_HISTORY`]), with what offline payments booked under each.
+    #[serde(default)]
+    issued: Vec<Issued>,
 }
+
+/// One grant as issued: a budget for offline payments approved under it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Issued {
+    version: u64,
+    amount_minor: i64,
+    /// What reconciled offline payments approved under it booked.
+    booked_minor: i64,
+}
+
+/// Most grants remembered per store and account. An offline payment cites the grant it was
+/// approved under; a hub reports with each online payment the oldest grant its unreconciled
+/// entries for the account cite, and older ones are forgotten (no entry can cite them). This cap
+/// bounds the record for a hub that does not report: an entry citing a grant older than the last
+/// 1024 is kept for the operator.
+pub const GRANT_HISTORY: usize = 1024;
 
 impl GrantRecord {
     /// What the store counts against the account cap.
     fn counted(&self) -> i64 {
         self.reserved_minor.max(self.amount_minor)
     }
+
+    /// Makes `version` (of `amount_minor`) the store's grant.
+    fn issue(&mut self, version: u64, amount_minor: i64) {
+        self.amount_minor = amount_minor;
+        self.version = version;
+        self.issued.push(Issued {
+            version,
+            amount_minor,
+            booked_minor: 0,
+        });
+        if self.issued.len() > GRANT_HISTORY {
+            self.issued.remove(0);
+        }
+    }
+
+    /// What offline payments booked under the current grant.
+    fn booked(&self) -> i64 {
+        self.issued
+            .last()
+            .filter(|g| g.version == self.version)
+            .map_or(0, |g| g.booked_minor)
+    }
+}
+
+/// Books a reconciled offline payment against the grant it was approved under (`version`), in
+/// the ledger's transaction: `Err` (why) when the cloud issued no such grant to the store for
+/// the account, or when the payment would take the grant's bookings beyond its amount. A store
+/// thus never books more than it was granted, whatever its hub signs or reports.
+pub(super) fn book_offline(
+    grants: &TransactionalTree,
+    (store_id, account_id): (&str, &str),
+    version: u64,
+    amount_minor: i64,
+) -> TxResult<Result<(), String>> {
+    let key = store_key(store_id, account_id);
+    let Some(bytes) = grants.get(&key)? else {
+        return Ok(Err(format!(
+            "the cloud granted store {store_id} no offline allowance for {account_id}"
+        )));
+    };
+    let mut record: GrantRecord = decode(&bytes);
+    let Some(grant) = record.issued.iter_mut().find(|g| g.version == version) else {
+        return Ok(Err(format!(
+            "approved under allowance version {version}, which the cloud did not grant store \
+             {store_id} for {account_id} (or no longer remembers)"
+        )));
+    };
+    let booked = grant.booked_minor.saturating_add(amount_minor);
+    if booked > grant.amount_minor {
+        return Ok(Err(format!(
+            "beyond its allowance: {amount_minor} with {} already booked under version {version} \
+             of {}",
+            grant.booked_minor, grant.amount_minor
+        )));
+    }
+    grant.booked_minor = booked;
+    grants.insert(key, encode(&record))?;
+    Ok(Ok(()))
 }
 
 /// Most allowances in one sync page.
@@ -140,11 +218,18 @@ pub(super) fn grant(
         .min(account.balance_minor)
         .max(0);
     let version = grants.generate_id()? + 1;
-    let record = GrantRecord {
+    let mut record = GrantRecord {
         amount_minor: amount,
         version,
         reserved_minor: amount.max(still_reserved),
+        issued: previous.map(|p| p.issued).unwrap_or_default(),
     };
+    record.issue(version, amount);
+    if reported.oldest_version > 0 {
+        record
+            .issued
+            .retain(|g| g.version >= reported.oldest_version || g.version == version);
+    }
     grants.insert(store_key(store_id, account_id), encode(&record))?;
     remember_store(by_account, account_id, store_id)?;
     Ok(Some(Allowance {
@@ -153,6 +238,7 @@ pub(super) fn grant(
         currency: account.currency,
         blocked: false,
         version,
+        booked_minor: 0,
     }))
 }
 
@@ -183,7 +269,8 @@ fn remember_store(
 /// Revokes every grant of an account and returns the revocation to broadcast. An account in debt
 /// may earn grants again once settled: its stores keep counting what they reserved until they
 /// report what they hold (a partitioned hub does not hear the revocation until it reconnects). A
-/// closed account never will (`forget`): its grants are removed.
+/// closed account never will (`forget`): its stores stop counting against its cap, and no store
+/// is granted anything for it again.
 pub(super) fn revoke_all(
     accounts_currency: protocol::Currency,
     grants: &TransactionalTree,
@@ -194,13 +281,12 @@ pub(super) fn revoke_all(
     let version = grants.generate_id()? + 1;
     for store in known_stores(by_account, account_id)? {
         let key = store_key(&store, account_id);
-        if forget {
-            grants.remove(key)?;
-        } else if let Some(g) = grants.get(&key)? {
+        if let Some(g) = grants.get(&key)? {
             let mut record: GrantRecord = decode(&g);
-            record.reserved_minor = record.counted();
-            record.amount_minor = 0;
-            record.version = version;
+            // A closed account's stores count nothing against a cap it will never use again;
+            // the grants they were issued stay, for the offline payments approved under them.
+            record.reserved_minor = if forget { 0 } else { record.counted() };
+            record.issue(version, 0);
             grants.insert(key, encode(&record))?;
         }
     }
@@ -213,6 +299,7 @@ pub(super) fn revoke_all(
         currency: accounts_currency,
         blocked: true,
         version,
+        booked_minor: 0,
     })
 }
 
@@ -246,7 +333,8 @@ impl Ledger {
                 return Ok((page, last));
             }
             let grant: GrantRecord = decode(&value);
-            let Some(account) = self.account(account_id)? else {
+            // A closed account is listed nowhere: hubs forget its allowance on their next sync.
+            let Some(account) = self.account(account_id)?.filter(|a| !a.closed) else {
                 continue;
             };
             page.push(Allowance {
@@ -255,6 +343,7 @@ impl Ledger {
                 currency: account.currency,
                 blocked: account.in_debt || account.closed,
                 version: grant.version,
+                booked_minor: grant.booked(),
             });
         }
         Ok((page, None))
@@ -272,5 +361,34 @@ impl Ledger {
         ))?;
         self.flush()?;
         Ok(Some(revoked))
+    }
+}
+
+#[cfg(test)]
+impl Ledger {
+    /// The version of the store's grant for the account, granted now (as an online approval
+    /// there would) when it holds none: for tests that reconcile offline entries.
+    pub(crate) fn current_grant(&self, store_id: &str, account_id: &str) -> u64 {
+        if let Some(held) = self.grants.get(store_key(store_id, account_id)).unwrap() {
+            return decode::<GrantRecord>(&held).version;
+        }
+        let policy = self.policy;
+        let granted = unwrap_tx(
+            (&self.accounts, &self.grants, &self.grants_by_account).transaction(
+                |(accounts, grants, by_account)| {
+                    grant(
+                        policy,
+                        accounts,
+                        grants,
+                        by_account,
+                        store_id,
+                        account_id,
+                        OfflineReservation::default(),
+                    )
+                },
+            ),
+        )
+        .unwrap();
+        granted.map_or(0, |g| g.version)
     }
 }

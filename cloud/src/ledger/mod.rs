@@ -1031,6 +1031,7 @@ mod tests {
             amount_minor: 200,
             currency: eur(),
             approved_at_ms: 1,
+            allowance_version: l.current_grant("store-1", "alice"),
             spent_code: Some("c3".into()),
             signature: String::new(),
         };
@@ -1068,6 +1069,7 @@ mod tests {
             amount_minor: 700,
             currency: eur(),
             approved_at_ms: 1,
+            allowance_version: l.current_grant("store-1", "alice"),
             spent_code: None,
             signature: String::new(),
         };

@@ -299,6 +299,15 @@ impl Ledger {
                         entry.currency, customer.currency, merchant.currency
                     ));
                 }
+                // Never beyond the grant the cloud issued for it, whatever the hub signed.
+                if let Err(detail) = super::allowances::book_offline(
+                    grants,
+                    (store_id, &entry.account_id),
+                    entry.allowance_version,
+                    entry.amount_minor,
+                )? {
+                    return conflict(detail);
+                }
                 let (in_debt, revoked) = apply_promised(
                     (accounts, grants, by_account, debts),
                     (&entry.account_id, &mut customer),
@@ -544,11 +553,29 @@ mod tests {
             amount_minor: amount,
             currency: eur(),
             approved_at_ms: 1,
+            allowance_version: 0,
             spent_code: None,
             signature: String::new(),
         };
         signer(store).sign(&mut entry);
         entry
+    }
+
+    /// Reconciles entries as their hub would have approved them: under the store's grant for
+    /// the account (granted now if it holds none) unless they name one, signed again.
+    fn reconcile(l: &Ledger, store: &str, entries: &[OfflinePayment]) -> Reconciliation {
+        let granted: Vec<OfflinePayment> = entries
+            .iter()
+            .map(|entry| {
+                let mut entry = entry.clone();
+                if entry.allowance_version == 0 {
+                    entry.allowance_version = l.current_grant(store, &entry.account_id);
+                }
+                signer(store).sign(&mut entry);
+                entry
+            })
+            .collect();
+        l.reconcile(store, &granted).unwrap()
     }
 
     fn balance(l: &Ledger, id: &str) -> i64 {
@@ -608,7 +635,7 @@ mod tests {
             outcomes,
             revocations: revoked,
             ..
-        } = l.reconcile("store-1", &batch).unwrap();
+        } = reconcile(&l, "store-1", &batch);
         assert_eq!(
             outcomes,
             vec![ReconcileOutcome::Applied { in_debt: false }; 2]
@@ -619,7 +646,7 @@ mod tests {
         // The hub restarted before retiring them: it sends them again.
         let Reconciliation {
             outcomes: again, ..
-        } = l.reconcile("store-1", &batch).unwrap();
+        } = reconcile(&l, "store-1", &batch);
         assert_eq!(again, vec![ReconcileOutcome::AlreadyApplied; 2]);
         assert_eq!(balance(&l, "alice"), 8_500);
         // The code is spent: an online replay is refused.
@@ -627,6 +654,91 @@ mod tests {
             .authorize("store-22", &online("store-22", "x", "n1", 100))
             .unwrap();
         assert_eq!(replay.reason(), Some(DeclineReason::CodeReplayed));
+        books_balance(&l);
+    }
+
+    #[test]
+    fn a_store_never_books_more_offline_than_the_cloud_granted_it() {
+        let (_d, l) = ledger();
+        let signed = |seq: u64, order: &str, amount: i64, version: u64| {
+            let mut entry = offline("store-1", seq, order, &format!("n-{order}"), amount);
+            entry.allowance_version = version;
+            signer("store-1").sign(&mut entry);
+            entry
+        };
+        let outcome = |entry: OfflinePayment| {
+            let done = l.reconcile("store-1", &[entry]).unwrap();
+            done.outcomes[0].clone()
+        };
+        // No grant at all, or one the cloud never issued: kept for the operator, nothing moves.
+        assert!(matches!(
+            outcome(signed(1, "o1", 100, 0)),
+            ReconcileOutcome::Conflict { .. }
+        ));
+        let (_, first) = l
+            .authorize_with_allowance("store-1", &online("store-1", "p1", "pn1", 100))
+            .unwrap();
+        let first = first.unwrap();
+        assert_eq!(first.amount_minor, 5_000);
+        assert!(matches!(
+            outcome(signed(2, "o2", 100, first.version + 1_000)),
+            ReconcileOutcome::Conflict { .. }
+        ));
+        // Under the grant: 3000 fits, a second 3000 does not (whatever the hub held or reported
+        // between them), 2000 still does.
+        assert!(matches!(
+            outcome(signed(3, "o3", 3_000, first.version)),
+            ReconcileOutcome::Applied { .. }
+        ));
+        let resend = signed(3, "o3", 3_000, first.version);
+        assert_eq!(outcome(resend), ReconcileOutcome::AlreadyApplied);
+        let ReconcileOutcome::Conflict { detail } = outcome(signed(4, "o4", 3_000, first.version))
+        else {
+            panic!("beyond the grant must be a conflict");
+        };
+        assert!(detail.contains("beyond its allowance"), "{detail}");
+        // A newer grant does not void the older one for what was approved under it.
+        let (_, second) = l
+            .authorize_with_allowance("store-1", &online("store-1", "p2", "pn2", 100))
+            .unwrap();
+        assert!(second.unwrap().version > first.version);
+        assert!(matches!(
+            outcome(signed(5, "o5", 2_000, first.version)),
+            ReconcileOutcome::Applied { .. }
+        ));
+        assert_eq!(balance(&l, "alice"), 10_000 - 200 - 3_000 - 2_000);
+        // The sync tells the hub what its grant has booked already.
+        let (page, _) = l.allowances("store-1", None).unwrap();
+        assert_eq!(page[0].booked_minor, 0);
+        let current = page[0].version;
+        assert!(matches!(
+            outcome(signed(6, "o6", 700, current)),
+            ReconcileOutcome::Applied { .. }
+        ));
+        let (page, _) = l.allowances("store-1", None).unwrap();
+        assert_eq!((page[0].version, page[0].booked_minor), (current, 700));
+        // The hub reports that no unreconciled entry cites a grant older than the current one:
+        // the older ones are forgotten, and an entry citing one is kept for the operator.
+        let mut report = online("store-1", "p3", "pn3", 100);
+        report.offline_reservation = OfflineReservation {
+            amount_minor: 0,
+            allowance_version: current,
+            oldest_version: current,
+        };
+        l.authorize_with_allowance("store-1", &report).unwrap();
+        assert!(matches!(
+            outcome(signed(7, "o7", 100, first.version)),
+            ReconcileOutcome::Conflict { .. }
+        ));
+        assert!(matches!(
+            outcome(signed(8, "o8", 100, current)),
+            ReconcileOutcome::Applied { .. }
+        ));
+        assert_eq!(l.conflicts().unwrap().len(), 4);
+        assert_eq!(
+            balance(&l, "alice"),
+            10_000 - 300 - 3_000 - 2_000 - 700 - 100
+        );
         books_balance(&l);
     }
 
@@ -668,9 +780,8 @@ mod tests {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
             .unwrap();
-        let Reconciliation { outcomes, .. } = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
-            .unwrap();
+        let Reconciliation { outcomes, .. } =
+            reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n1", 1_000)]);
         assert_eq!(outcomes, vec![ReconcileOutcome::AlreadyApplied]);
         let void = VoidPayment {
             payment_id: "store-1:o1".into(),
@@ -684,8 +795,7 @@ mod tests {
 
         // The offline approval first, the late online attempt after: already paid.
         let (_d2, l) = ledger();
-        l.reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
-            .unwrap();
+        reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n1", 1_000)]);
         let late = l
             .authorize("store-1", &online("store-1", "o1", "n0", 1_000))
             .unwrap();
@@ -709,15 +819,12 @@ mod tests {
         l.authorize("store-1", &online("store-1", "o1", "n0", 1_000))
             .unwrap();
         assert!(l.void("store-1", &void).unwrap());
-        let Reconciliation { outcomes, .. } = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
-            .unwrap();
+        let Reconciliation { outcomes, .. } =
+            reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n1", 1_000)]);
         assert_eq!(outcomes, vec![ReconcileOutcome::Applied { in_debt: false }]);
         let Reconciliation {
             outcomes: again, ..
-        } = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 1_000)])
-            .unwrap();
+        } = reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n1", 1_000)]);
         assert_eq!(again, vec![ReconcileOutcome::AlreadyApplied]);
         assert_eq!(balance(&l, "alice"), 9_000);
         books_balance(&l);
@@ -734,16 +841,15 @@ mod tests {
             .authorize("store-22", &online("store-22", "o2", "n2", 1_000_000))
             .unwrap();
         assert_eq!(declined.reason(), Some(DeclineReason::InsufficientFunds));
-        let done = l
-            .reconcile(
-                "store-1",
-                &[
-                    offline("store-1", 1, "o1", "n1", 700),
-                    offline("store-1", 2, "o2", "n2", 300),
-                    offline("store-1", 3, "o3", "n3", 200),
-                ],
-            )
-            .unwrap();
+        let done = reconcile(
+            &l,
+            "store-1",
+            &[
+                offline("store-1", 1, "o1", "n1", 700),
+                offline("store-1", 2, "o2", "n2", 300),
+                offline("store-1", 3, "o3", "n3", 200),
+            ],
+        );
         assert_eq!(
             done.outcomes,
             vec![ReconcileOutcome::Applied { in_debt: false }; 3]
@@ -755,9 +861,7 @@ mod tests {
         assert_eq!(reuses[0].entry.payment_id, "store-1:o1");
         assert_eq!(reuses[0].first_payment_id, "store-22:o1");
         // A resend of the batch is no new reuse.
-        let again = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 700)])
-            .unwrap();
+        let again = reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n1", 700)]);
         assert_eq!(again.outcomes, vec![ReconcileOutcome::AlreadyApplied]);
         assert_eq!(again.code_reuses, 0);
         assert_eq!(l.code_reuses().unwrap().len(), 1);
@@ -771,9 +875,8 @@ mod tests {
             .unwrap();
         // While the online payment is pending (its void or expiry may still move it back) the
         // entry is refused for now and stays in the hub's backlog.
-        let Reconciliation { outcomes, .. } = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n2", 999)])
-            .unwrap();
+        let Reconciliation { outcomes, .. } =
+            reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n2", 999)]);
         assert!(matches!(outcomes[0], ReconcileOutcome::Rejected { .. }));
         assert!(l.conflicts().unwrap().is_empty());
         // Once it is posted, it is final: a conflict for the operator.
@@ -783,9 +886,8 @@ mod tests {
             code_nonce: "n1".into(),
         };
         assert!(l.post("store-1", &post).unwrap());
-        let Reconciliation { outcomes, .. } = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n2", 999)])
-            .unwrap();
+        let Reconciliation { outcomes, .. } =
+            reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n2", 999)]);
         assert!(matches!(outcomes[0], ReconcileOutcome::Conflict { .. }));
         let conflicts = l.conflicts().unwrap();
         assert_eq!(conflicts.len(), 1);
@@ -801,9 +903,7 @@ mod tests {
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
             .unwrap();
         let entry = offline("store-1", 1, "o1", "n2", 999);
-        let first = l
-            .reconcile("store-1", std::slice::from_ref(&entry))
-            .unwrap();
+        let first = reconcile(&l, "store-1", std::slice::from_ref(&entry));
         assert!(matches!(
             first.outcomes[0],
             ReconcileOutcome::Rejected { .. }
@@ -814,7 +914,7 @@ mod tests {
             code_nonce: "n1".into(),
         };
         assert!(l.void("store-1", &void).unwrap());
-        let second = l.reconcile("store-1", &[entry]).unwrap();
+        let second = reconcile(&l, "store-1", &[entry]);
         assert!(matches!(
             second.outcomes[0],
             ReconcileOutcome::Applied { .. }
@@ -838,9 +938,7 @@ mod tests {
             outcomes,
             revocations: revoked,
             ..
-        } = l
-            .reconcile("store-1", &[offline("store-1", 1, "o1", "n1", 2_000)])
-            .unwrap();
+        } = reconcile(&l, "store-1", &[offline("store-1", 1, "o1", "n1", 2_000)]);
         assert_eq!(outcomes, vec![ReconcileOutcome::Applied { in_debt: true }]);
         assert_eq!(balance(&l, "alice"), -1_500);
         assert_eq!(revoked.len(), 1);
@@ -920,6 +1018,7 @@ mod tests {
         request.offline_reservation = OfflineReservation {
             amount_minor: held.max(holds.map_or(0, |a| a.amount_minor)),
             allowance_version: holds.map_or(0, |a| a.version),
+            oldest_version: 0,
         };
         let (decision, allowance) = l.authorize_with_allowance(store, &request).unwrap();
         assert!(
@@ -960,7 +1059,7 @@ mod tests {
         assert_eq!(b3.amount_minor, 3_000);
         // store-1's entries are applied; it reports holding only its grant: the cap frees up.
         let entries = [offline("store-1", 1, "x1", "xn1", held_at_1)];
-        l.reconcile("store-1", &entries).unwrap();
+        reconcile(&l, "store-1", &entries);
         let a3 = refresh(&l, "store-1", "o3", 1, 0, Some(&a2));
         assert_eq!(a3.amount_minor, 5_000);
         // store-22 (holding 3000) now gets the rest only.
@@ -1004,11 +1103,12 @@ mod tests {
         // store-22 spends online, then reconciles an offline payment it can no longer cover:
         // debt, revocation everywhere. store-1 is partitioned and has not heard of it.
         refresh(&l, "store-22", "o2", 9_000, 0, Some(&b1));
-        let entries = [offline("store-22", 1, "x1", "xn1", 3_000)];
+        let mut entries = [offline("store-22", 1, "x1", "xn1", 3_000)];
+        entries[0].allowance_version = b1.version;
         let Reconciliation {
             revocations: revoked,
             ..
-        } = l.reconcile("store-22", &entries).unwrap();
+        } = reconcile(&l, "store-22", &entries);
         let revoked = revoked[0].clone();
         deposit(&l, "d1", 10_000);
         // Settled. store-22 earns only what store-1 (still possibly spending 5000) leaves.

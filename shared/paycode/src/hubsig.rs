@@ -60,6 +60,7 @@ mod tests {
             amount_minor: 1250,
             currency: protocol::Currency::parse("EUR").unwrap(),
             approved_at_ms: 1,
+            allowance_version: 0,
             spent_code: None,
             signature: String::new(),
         }

@@ -199,6 +199,7 @@ mod tests {
             amount_minor: 700,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 0,
+            allowance_version: 0,
             spent_code: None,
             signature: String::new(),
         };

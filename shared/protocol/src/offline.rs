@@ -33,6 +33,10 @@ pub struct OfflinePayment {
     /// with this payment at the cloud).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_code: Option<CodeNonce>,
+    /// The version of the allowance it was approved under: the cloud books it against that
+    /// grant, never beyond it (0: none, which the cloud refuses).
+    #[serde(default)]
+    pub allowance_version: u64,
     /// Ed25519 signature (URL-safe base64, no padding) of [`OfflinePayment::signed_bytes`].
     pub signature: String,
 }
@@ -55,11 +59,13 @@ impl OfflinePayment {
 
     /// The bytes the hub signs: every field but the signature, in a fixed order.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        // Entries without a confirmed code sign what they always signed; with one, the code is
-        // signed too, under its own domain.
-        let domain = match self.spent_code {
-            None => "facepay-offline-v1",
-            Some(_) => "facepay-offline-v2",
+        // Entries without a grant or a confirmed code sign what they always signed; others sign
+        // both too, under their own domain.
+        let v1 = self.spent_code.is_none() && self.allowance_version == 0;
+        let domain = if v1 {
+            "facepay-offline-v1"
+        } else {
+            "facepay-offline-v2"
         };
         let mut fields = vec![
             serde_json::json!(domain),
@@ -74,8 +80,9 @@ impl OfflinePayment {
             serde_json::json!(self.currency),
             serde_json::json!(self.approved_at_ms),
         ];
-        if let Some(code) = &self.spent_code {
-            fields.push(serde_json::json!(code));
+        if !v1 {
+            fields.push(serde_json::json!(self.allowance_version));
+            fields.push(serde_json::json!(self.spent_code));
         }
         serde_json::to_vec(&fields).expect("serialises")
     }
@@ -143,6 +150,11 @@ pub struct Allowance {
     pub blocked: bool,
     /// Grants and revocations are ordered by this; a hub keeps the newest.
     pub version: u64,
+    /// What offline payments have already booked under this version (the cloud's count in a
+    /// sync; the hub adds its own): a grant is a budget, and offline approvals under it never
+    /// book more than `amount_minor` in all, reconciled or not.
+    #[serde(default)]
+    pub booked_minor: i64,
 }
 
 /// What a store may still hold unreconciled for an account, reported with each online payment so
@@ -156,6 +168,11 @@ pub struct OfflineReservation {
     pub amount_minor: i64,
     /// Version of the allowance the store holds (0: none).
     pub allowance_version: u64,
+    /// The oldest allowance version the store's unreconciled entries for the account were
+    /// approved under (the held version when there are none; 0: not reported): the cloud stops
+    /// remembering older grants of the store for the account, since no entry can cite them.
+    #[serde(default)]
+    pub oldest_version: u64,
 }
 
 /// Allowances for one store (a sync page), or a broadcast of revocations.
@@ -184,6 +201,7 @@ mod tests {
             amount_minor: 1_250,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 1,
+            allowance_version: 0,
             spent_code: None,
             signature: "sig".into(),
         };
@@ -213,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_signs_its_confirmed_code_and_without_one_signs_what_it_always_signed() {
+    fn an_entry_signs_its_grant_and_confirmed_code_and_without_them_what_it_always_signed() {
         let mut entry = OfflinePayment {
             seq: 7,
             payment_id: "store-1:o1".into(),
@@ -225,15 +243,21 @@ mod tests {
             amount_minor: 1_250,
             currency: Currency::parse("EUR").unwrap(),
             approved_at_ms: 1,
+            allowance_version: 0,
             spent_code: None,
             signature: "sig".into(),
         };
         let v1 = br#"["facepay-offline-v1",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1]"#;
         assert_eq!(entry.signed_bytes(), v1.to_vec());
+        entry.allowance_version = 3;
+        assert_eq!(
+            String::from_utf8(entry.signed_bytes()).unwrap(),
+            r#"["facepay-offline-v2",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1,3,null]"#
+        );
         entry.spent_code = Some("c0de".into());
         assert_eq!(
             String::from_utf8(entry.signed_bytes()).unwrap(),
-            r#"["facepay-offline-v2",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1,"c0de"]"#
+            r#"["facepay-offline-v2",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1,3,"c0de"]"#
         );
         assert_eq!(entry.as_request().spent_code, Some("c0de".into()));
     }

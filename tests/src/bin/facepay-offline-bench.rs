@@ -162,6 +162,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             currency: eur(),
             blocked: false,
             version: 1,
+            booked_minor: 0,
         })
         .collect();
     let config = hub::config::OfflineConfig {
@@ -248,22 +249,51 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
 }
 
 fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+    // The accounts, and the grants the backlog was approved under (the cloud books each entry
+    // against its grant): made in the cloud's ledger before the cloud starts, as online payments
+    // at the store would have made them, under a policy that grants each account its share.
+    let versions: Vec<u64> = {
+        let ledger = cloud::ledger::Ledger::open(&dir.join("cloud").join("ledger"))?
+            .with_offline_policy(cloud::ledger::OfflinePolicy {
+                store_allowance_minor: protocol::MAX_AMOUNT_MINOR,
+                account_cap_minor: protocol::MAX_AMOUNT_MINOR,
+            });
+        let open = |id: &str, kind, balance| {
+            ledger.open_account(&OpenAccount {
+                account_id: id.into(),
+                kind,
+                currency: eur(),
+                initial_balance_minor: balance,
+                public_key: None,
+            })
+        };
+        open("store-1", AccountKind::Merchant, 0)?;
+        let mut versions = Vec::with_capacity(cli.accounts);
+        for a in 0..cli.accounts {
+            let account = format!("c{a}");
+            open(&account, AccountKind::Customer, 1_000_000_000)?;
+            let order = format!("grant-{a}");
+            let (_, granted) = ledger.authorize_with_allowance(
+                "store-1",
+                &protocol::CloudAuthorize {
+                    payment_id: format!("store-1:{order}").into(),
+                    account_id: account.clone().into(),
+                    code_nonce: format!("grant-{a}").into(),
+                    amount_minor: 1,
+                    currency: eur(),
+                    terminal_id: "t1".into(),
+                    order_id: order.into(),
+                    offline_reservation: Default::default(),
+                    spent_code: None,
+                },
+            )?;
+            versions.push(granted.map_or(0, |g| g.version));
+        }
+        versions
+    };
     let broker = Mosquitto::start(dir)?;
     let cloud = start_cloud(&dir.join("cloud"), broker.port)?;
     let api = CloudApi::new(cloud.http_addr);
-    let open = |id: &str, kind, balance| {
-        api.open(&OpenAccount {
-            account_id: id.into(),
-            kind,
-            currency: eur(),
-            initial_balance_minor: balance,
-            public_key: None,
-        })
-    };
-    open("store-1", AccountKind::Merchant, 0)?;
-    for a in 0..cli.accounts {
-        open(&format!("c{a}"), AccountKind::Customer, 1_000_000_000)?;
-    }
     // The backlog, signed with the hub's key, written into its journal before it starts.
     let hub_dir = dir.join("hub");
     let key_path = hub_dir.join("keys").join("hub-signing.key");
@@ -281,6 +311,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
                 terminal_id: "t1".into(),
                 order_id: order.into(),
                 account_id: format!("c{}", i % cli.accounts).into(),
+                allowance_version: versions[i % cli.accounts],
                 nonce: format!("n{i}").into(),
                 amount_minor: 100 + (i % 900) as i64,
                 currency: eur(),
