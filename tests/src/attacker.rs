@@ -24,6 +24,7 @@ impl Attacker {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(mqtt::MAX_PACKET_BYTES, mqtt::MAX_PACKET_BYTES)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));

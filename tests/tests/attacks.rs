@@ -181,3 +181,110 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
         "the hub decided alone, over its offline limit: {heard:?}"
     );
 }
+
+/// A compromised hub (its link certificate and its offline signing key stolen) signs a backlog of
+/// offline approvals for a customer far beyond anything the cloud granted its store, citing
+/// every grant version it can guess, and a cloud-confirmed code's twin: the cloud books at most
+/// the grant it issued to the store for the account, and keeps the rest for an operator.
+#[test]
+fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
+    let signer = paycode::hubsig::HubSigner::from_seed(&[9; 32]);
+    api.set_hub_key("store-1", &signer.public_key_b64())
+        .unwrap();
+    let hub = pki::Identity::hub("store-1").unwrap();
+    ensure_identity(&hub).unwrap();
+    let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
+    let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
+    let requests = protocol::topics::cloud_requests("store-1");
+    let send = |request_id: u64, body: HubRequestBody| {
+        let request = protocol::encode(&HubRequest {
+            request_id,
+            store_id: "store-1".into(),
+            body,
+        });
+        attacker
+            .publish(&requests, sealer.seal(&requests, request).unwrap())
+            .unwrap();
+    };
+    let eur = Currency::parse("EUR").unwrap();
+    // One online payment earns the store a grant for alice (the cloud's default: 5000).
+    send(
+        1,
+        HubRequestBody::Authorize(protocol::CloudAuthorize {
+            payment_id: "store-1:o-online".into(),
+            account_id: "alice".into(),
+            code_nonce: "00112233445566778899aabbccddeeff".into(),
+            amount_minor: 100,
+            currency: eur,
+            terminal_id: "till-1".into(),
+            order_id: "o-online".into(),
+            offline_reservation: Default::default(),
+            spent_code: None,
+        }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.account("alice").unwrap().balance_minor == 100_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the online payment never applied"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 200 approvals of 3000 each, citing grant versions 0 to 199, signed with the hub's key.
+    let entries: Vec<protocol::OfflinePayment> = (0..200u64)
+        .map(|i| {
+            let order = format!("o-loot-{i}");
+            let mut entry = protocol::OfflinePayment {
+                seq: i + 1,
+                payment_id: format!("store-1:{order}").into(),
+                store_id: "store-1".into(),
+                terminal_id: "till-1".into(),
+                order_id: order.into(),
+                account_id: "alice".into(),
+                nonce: format!("{i:032x}").into(),
+                amount_minor: 3_000,
+                currency: eur,
+                approved_at_ms: paycode::now_ms(),
+                allowance_version: i,
+                spent_code: None,
+                signature: String::new(),
+            };
+            signer.sign(&mut entry);
+            entry
+        })
+        .collect();
+    send(
+        2,
+        HubRequestBody::Reconcile(protocol::OfflineBatch { entries }),
+    );
+    let waited = wait_for_metric(
+        cloud.metrics_addr,
+        "facepay_cloud_offline_conflicts_total",
+        199.0,
+        Duration::from_secs(20),
+    );
+    let page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
+    waited.unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            page.lines()
+                .filter(|l| l.starts_with("facepay_cloud_offline") || l.contains("refused"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    });
+    let page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
+    let applied = tests::metric_value(&page, "facepay_cloud_offline_applied_total").unwrap();
+    assert_eq!(applied, 1.0, "one entry fits the grant, the rest are kept");
+    assert_eq!(
+        api.account("alice").unwrap().balance_minor,
+        100_000 - 100 - 3_000
+    );
+    api.assert_books_balance().unwrap();
+}
