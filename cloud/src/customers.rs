@@ -89,6 +89,7 @@ impl CustomerRecord {
             templates: self.templates.clone(),
             second_factor: self.second_factor,
             second_factor_hash: self.second_factor_hash.clone(),
+            version: self.version,
         }
     }
 

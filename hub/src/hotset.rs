@@ -390,6 +390,22 @@ impl HotSet {
         Ok(true)
     }
 
+    /// Whether an entry from a search answer, of the account's change `version`, may be cached:
+    /// no newer change of the account (an erasure, a replaced template) was applied here. An
+    /// admitted version is recorded, so that an older change arriving later is ignored.
+    pub fn admit_answer(&self, account_id: &str, version: u64) -> Result<bool, HotSetError> {
+        let held = self
+            .versions
+            .get(account_id.as_bytes())
+            .map_err(err)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
+        match held {
+            Some(held) if held > version => Ok(false),
+            Some(held) if held == version => Ok(true),
+            _ => self.take_change(account_id, version),
+        }
+    }
+
     /// The template sync cursor.
     pub fn sync_cursor(&self) -> u64 {
         self.meta
@@ -462,6 +478,7 @@ mod tests {
             templates: seeds.iter().map(|s| (*s, unit(*s))).collect(),
             second_factor: SecondFactorKind::Pin,
             second_factor_hash: "$argon2id$x".into(),
+            version: 0,
         }
     }
 
@@ -547,6 +564,19 @@ mod tests {
             "remembered across a restart"
         );
         assert!(set.take_change("alice", 8).unwrap());
+        // A search answer computed before the account's latest change here is not cached; one
+        // of that change or newer is, and an older change arriving after it is ignored.
+        assert!(
+            !set.admit_answer("alice", 5).unwrap(),
+            "answered before the erasure"
+        );
+        assert!(set.admit_answer("alice", 8).unwrap());
+        assert!(
+            set.admit_answer("carol", 2).unwrap(),
+            "not seen here before"
+        );
+        assert!(!set.take_change("carol", 2).unwrap());
+        assert!(!set.admit_answer("carol", 1).unwrap());
     }
 
     #[test]

@@ -348,8 +348,19 @@ fn one_to_one(
     })
 }
 
-/// Caches templates the cloud sent (hot set thread).
+/// Caches templates the cloud sent (hot set thread), except those an erasure or a newer change
+/// that reached this hub meanwhile replaced.
 fn cache(hot: &mut HotSet, entries: Vec<HotEntry>, now: u64, metrics: &VerifyMetrics) {
+    let entries: Vec<HotEntry> = entries
+        .into_iter()
+        .filter(|e| match hot.admit_answer(&e.account_id, e.version) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                tracing::warn!(%error, "reading template versions failed");
+                false
+            }
+        })
+        .collect();
     if entries.is_empty() {
         return;
     }
@@ -964,6 +975,7 @@ mod tests {
                 })],
                 second_factor: SecondFactorKind::Pin,
                 second_factor_hash: format!("$argon2id$hash-of-{a}"),
+                version: 0,
             })
             .collect();
         hot.upsert(entries, 0).unwrap();

@@ -87,6 +87,7 @@ fn every_labelled_identity_pays_as_itself() {
             templates: vec![(i as u64, usable[0].1.clone())],
             second_factor: SecondFactorKind::Pin,
             second_factor_hash: String::new(),
+            version: 0,
         });
         for (file, embedding) in &usable[1..] {
             probes.push((account.clone(), file.clone(), embedding.clone()));

@@ -47,6 +47,7 @@ fn main() {
                 templates: vec![(i as u64, synthetic::template(&mut rng))],
                 second_factor: SecondFactorKind::Pin,
                 second_factor_hash: String::new(),
+                version: 0,
             })
             .collect();
         let index = HotIndex::build(&entries);

@@ -188,6 +188,11 @@ pub struct HotEntry {
     pub second_factor: SecondFactorKind,
     /// Argon2id PHC string of the second factor.
     pub second_factor_hash: String,
+    /// The version of the customer's latest change in the cloud's change log (0: not known): a
+    /// hub caches an entry from a search answer only when no newer change of the account (an
+    /// erasure) reached it meanwhile.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// One change of the template distribution log.
