@@ -42,6 +42,10 @@ pub struct EdgeConfig {
     pub frame_poll_interval_ms: u64,
     /// The camera's frame source, a spool directory like `frames_dir`; unset: `<frames_dir>/camera`.
     pub camera_dir: Option<PathBuf>,
+    /// Lets the spool directories sit on a persistent file system (a machine without tmpfs).
+    /// Off by default: the terminal refuses to start unless both are on tmpfs or ramfs, so raw
+    /// face frames and codes never reach a disk.
+    pub frames_on_persistent_disk: bool,
     /// How long the camera looks for a usable live face.
     pub face_timeout_ms: u64,
     /// The face pipeline's thresholds.
@@ -62,9 +66,10 @@ impl Default for EdgeConfig {
             revocation_poll_interval_ms: 30_000,
             scan_timeout_ms: 10_000,
             hub_timeout_ms: 5_000,
-            frames_dir: "data/edge/frames".into(),
+            frames_dir: "/dev/shm/facepay/edge/frames".into(),
             frame_poll_interval_ms: 20,
             camera_dir: None,
+            frames_on_persistent_disk: false,
             face_timeout_ms: 5_000,
             face: FaceConfig::default(),
             zenoh: ZenohConfig {

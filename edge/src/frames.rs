@@ -29,6 +29,47 @@ pub trait FrameSource: Send {
     fn end_session(&mut self) {}
 }
 
+/// The file system type a path lives on, from the longest mount point containing it in
+/// `/proc/self/mountinfo` (Linux); `None` where that cannot be read.
+pub fn file_system_of(path: &std::path::Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        // `id parent major:minor root mount-point options [optional...] - fstype source opts`
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?.replace("\\040", " ");
+        let fs_type = right.split(' ').next()?.to_owned();
+        let inside = path.starts_with(&mount_point);
+        if inside
+            && best
+                .as_ref()
+                .is_none_or(|(len, _)| mount_point.len() >= *len)
+        {
+            best = Some((mount_point.len(), fs_type));
+        }
+    }
+    best.map(|(_, fs_type)| fs_type)
+}
+
+/// Checks that a spool directory keeps frames in memory (tmpfs or ramfs): raw face frames and
+/// the codes in them never reach a persistent disk. The error names the directory and its file
+/// system.
+pub fn check_in_memory(key: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("creating {key} {}: {e}", dir.display()))?;
+    match file_system_of(dir).as_deref() {
+        Some("tmpfs" | "ramfs") => Ok(()),
+        other => anyhow::bail!(
+            "{key} {} is on {}, not in memory: raw frames would sit on a persistent disk; put it \
+             on tmpfs (a systemd RuntimeDirectory, /dev/shm/...) or set \
+             frames_on_persistent_disk = true",
+            dir.display(),
+            other.unwrap_or("a file system that cannot be told")
+        ),
+    }
+}
+
 /// A spool directory: each image file that appears is one frame, read once and then removed,
 /// oldest name first. Files whose names start with `.` are ignored, so a writer can create
 /// `.name.tmp` and rename it into place.

@@ -847,6 +847,32 @@ impl CloudApi {
     }
 }
 
+/// A fresh spool directory for a terminal's frames, in memory (`/dev/shm`): terminals refuse
+/// spools on a persistent disk. Under one directory per test process; those of processes that
+/// have ended are removed when the next one starts.
+pub fn spool(name: &str) -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let root = ROOT.get_or_init(|| {
+        let shm = Path::new("/dev/shm");
+        if let Ok(entries) = std::fs::read_dir(shm) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("facepay-spool-") {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        }
+        shm.join(format!("facepay-spool-{}", std::process::id()))
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = root.join(format!("{name}-{n}"));
+    std::fs::create_dir_all(&dir).expect("/dev/shm takes a spool directory");
+    dir
+}
+
 /// A customer standing at a terminal: puts a QR image where the terminal's scanner reads frames.
 pub fn present_qr(frames_dir: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(frames_dir)?;

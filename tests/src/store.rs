@@ -64,7 +64,7 @@ impl StoreSite {
         let downlink = FaultProxy::start(([127, 0, 0, 1], zenoh_port).into())?;
         let mut edges = Vec::new();
         for n in 0..terminals {
-            let frames = dir.join(format!("frames-{store_id}-{n}"));
+            let frames = crate::spool(&format!("frames-{store_id}-{n}"));
             let edge = Service::start(
                 "facepay-edge",
                 &[

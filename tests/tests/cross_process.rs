@@ -67,7 +67,7 @@ fn start_stack(dir: &Path) -> Stack {
     )
     .expect("hub starts");
     wait_for_keys(hub.http_addr, 1, Duration::from_secs(20)).expect("hub gets alice's key");
-    let frames = dir.join("frames");
+    let frames = tests::spool("frames");
     let edge = Service::start(
         "facepay-edge",
         &[
@@ -273,8 +273,7 @@ fn payments_and_bad_input_through_real_processes() {
 
 #[test]
 fn edge_without_its_hub_says_store_system_unreachable() {
-    let dir = tempfile::tempdir().unwrap();
-    let frames = dir.path().join("frames");
+    let frames = tests::spool("frames");
     let edge = Service::start(
         "facepay-edge",
         &[
@@ -563,7 +562,7 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
     )
     .expect("hub starts");
     wait_for_keys(hub.http_addr, 1, Duration::from_secs(20)).unwrap();
-    let frames = dir.path().join("frames");
+    let frames = tests::spool("frames");
     let edge = Service::start(
         "facepay-edge",
         &[
@@ -621,7 +620,7 @@ fn an_edge_cut_from_its_hub_fails_fast_and_recovers_when_healed() {
     // A second terminal reaches the same hub only through a proxy the test controls.
     let hub_zenoh: u16 = s.hub_zenoh_port;
     let link = tests::proxy::FaultProxy::start(([127, 0, 0, 1], hub_zenoh).into()).unwrap();
-    let frames = dir.path().join("frames-2");
+    let frames = tests::spool("frames-2");
     let edge = Service::start(
         "facepay-edge",
         &[

@@ -38,8 +38,8 @@ fn start_store(dir: &Path, store_id: &str, mqtt_port: u16) -> Store {
         ],
     )
     .expect("hub starts");
-    let frames = dir.join(store_id).join("frames");
-    let camera = dir.join(store_id).join("camera");
+    let frames = tests::spool(&format!("{store_id}-frames"));
+    let camera = tests::spool(&format!("{store_id}-camera"));
     let edge = Service::start(
         "facepay-edge",
         &[

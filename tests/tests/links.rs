@@ -351,7 +351,7 @@ fn a_tier_refuses_to_start_on_a_key_others_can_read() {
         "facepay-edge",
         &[
             format!("tls.pki_dir={pki_dir:?}"),
-            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("frames_dir={:?}", tests::spool("frames")),
         ],
     );
     assert_ne!(code, Some(0));
@@ -375,6 +375,49 @@ fn a_tier_refuses_to_start_on_a_key_others_can_read() {
     );
 }
 
+/// A terminal keeps raw frames in memory: it refuses to start on a spool directory on a
+/// persistent disk, naming it, unless told that is what the machine has.
+#[test]
+fn a_terminal_refuses_frame_spools_on_a_persistent_disk() {
+    let edge_identity = pki::Identity::edge("store-1", "till-1").unwrap();
+    tests::ensure_identity(&edge_identity).unwrap();
+    // In the package directory: on the repository's disk.
+    let on_disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let frames = on_disk.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let fs_type = edge::frames::file_system_of(&frames).unwrap_or_default();
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            format!("tls.pki_dir={:?}", tests::test_pki()),
+            format!("frames_dir={frames:?}"),
+            format!("camera_dir={:?}", tests::spool("camera")),
+            "register_listen=127.0.0.1:0".to_owned(),
+            "metrics.listen=127.0.0.1:0".to_owned(),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", tests::free_port()),
+        ];
+        args.extend(extra.iter().map(|e| e.to_string()));
+        args
+    };
+    if matches!(fs_type.as_str(), "tmpfs" | "ramfs") {
+        // The repository itself is in memory here: nothing on disk to refuse.
+        let edge = tests::Service::start("facepay-edge", &args(&[])).unwrap();
+        drop(edge);
+        return;
+    }
+    let (code, stderr) = run_to_exit("facepay-edge", &args(&[]));
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains(&frames.display().to_string())
+            && stderr.contains("not in memory")
+            && stderr.contains(&fs_type),
+        "{stderr}"
+    );
+    // Allowed on purpose, it starts.
+    let edge =
+        tests::Service::start("facepay-edge", &args(&["frames_on_persistent_disk=true"])).unwrap();
+    drop(edge);
+}
+
 #[test]
 fn the_register_api_beyond_loopback_needs_a_token_and_tls() {
     let dir = tempfile::tempdir().unwrap();
@@ -386,7 +429,7 @@ fn the_register_api_beyond_loopback_needs_a_token_and_tls() {
             format!("tls.pki_dir={:?}", test_pki()),
             "terminal_id=till-5".into(),
             "register_listen=0.0.0.0:0".into(),
-            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("frames_dir={:?}", tests::spool("frames")),
         ],
     );
     assert_eq!(code, Some(settings::EXIT_CONFIG), "{stderr}");
@@ -401,7 +444,7 @@ fn the_register_api_beyond_loopback_needs_a_token_and_tls() {
             "register_listen=127.0.0.1:0".into(),
             "scan_timeout_ms=200".into(),
             format!("register_token_file={token_file:?}"),
-            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("frames_dir={:?}", tests::spool("frames")),
             format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", free_port()),
         ],
     )
@@ -808,7 +851,7 @@ fn a_terminal_ignores_a_rogue_hub_of_another_store_or_with_a_revoked_key() {
             signing.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
             port,
         );
-        let frames = dir.path().join(till);
+        let frames = tests::spool(till);
         let edge = Service::start(
             "facepay-edge",
             &[
@@ -922,7 +965,7 @@ fn metrics_can_require_tls_and_basic_auth() {
         &[
             format!("tls.pki_dir={:?}", test_pki()),
             format!("metrics.basic_auth_file={users:?}"),
-            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("frames_dir={:?}", tests::spool("frames")),
         ],
     );
     assert_eq!(code, Some(settings::EXIT_CONFIG), "{stderr}");
@@ -938,7 +981,7 @@ fn metrics_can_require_tls_and_basic_auth() {
             "register_listen=127.0.0.1:0".into(),
             "metrics.tls=true".into(),
             format!("metrics.basic_auth_file={users:?}"),
-            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("frames_dir={:?}", tests::spool("frames")),
             format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", free_port()),
         ],
     )
@@ -1063,7 +1106,7 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
             format!("tls.pki_dir={edge_pki:?}"),
             "register_listen=127.0.0.1:0".into(),
             "revocation_poll_interval_ms=200".into(),
-            format!("frames_dir={:?}", dir.path().join("frames")),
+            format!("frames_dir={:?}", tests::spool("frames")),
             format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
         ],
     )

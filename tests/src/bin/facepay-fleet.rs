@@ -271,7 +271,7 @@ async fn start_fleet(
     let mut serving_edges = Vec::new();
     for (store_id, zenoh_port, _) in &hubs {
         for terminal_id in TILLS {
-            let frames_dir = data_dir.join(store_id).join(terminal_id).join("frames");
+            let frames_dir = tests::spool(&format!("{store_id}-{terminal_id}"));
             let mut config = edge::EdgeConfig {
                 store_id: store_id.to_string(),
                 terminal_id: terminal_id.into(),

@@ -101,7 +101,7 @@ fn edge_payment_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> 
         ],
     )?;
     tests::wait_for_keys(hub.http_addr, 1, Duration::from_secs(30))?;
-    let frames = dir.join("frames");
+    let frames = tests::spool("frames");
     let edge = Service::start(
         "facepay-edge",
         &[
