@@ -7,7 +7,9 @@
 //! - `templates`: template id (u64 BE) -> customer id, to resolve FAISS hits;
 //! - `changes`: version (u64 BE) -> [`ChangeRef`]: the latest change of each customer, so a sync
 //!   reads each customer at most once. An erased customer leaves only a revocation here: its
-//!   account id, no personal data.
+//!   account id, no personal data;
+//! - `lockouts`: customer id -> [`protocol::Lockout`] (JSON): wrong second factors counted across
+//!   the fleet (removed with the customer).
 
 use std::path::Path;
 
@@ -167,6 +169,7 @@ pub struct CustomerStore {
     templates: sled::Tree,
     changes: sled::Tree,
     erased: sled::Tree,
+    lockouts: sled::Tree,
     sealer: Sealer,
 }
 
@@ -180,6 +183,7 @@ impl CustomerStore {
         let templates = db.open_tree("templates").map_err(storage)?;
         let changes = db.open_tree("changes").map_err(storage)?;
         let erased = db.open_tree("erased").map_err(storage)?;
+        let lockouts = db.open_tree("lockouts").map_err(storage)?;
         let sealer = Sealer::from_key_file(key_file, customers.is_empty()).map_err(storage)?;
         let store = CustomerStore {
             db,
@@ -187,6 +191,7 @@ impl CustomerStore {
             templates,
             changes,
             erased,
+            lockouts,
             sealer,
         };
         // Prove the key opens what is stored, now rather than at the first payment.
@@ -200,6 +205,51 @@ impl CustomerStore {
             })?;
         }
         Ok(store)
+    }
+
+    /// Counts a checked second-factor answer across the fleet: a failure against each enrolled
+    /// account of `report.failed` (by `policy`, at `now_ms`), a fresh start for the one it
+    /// passed. Returns the new states, each under a new version, for every hub.
+    pub fn report_factor(
+        &self,
+        report: &protocol::FactorReport,
+        policy: protocol::LockoutPolicy,
+        now_ms: u64,
+    ) -> Result<Vec<(protocol::AccountId, protocol::Lockout)>, CustomerError> {
+        let mut changed = Vec::new();
+        let passed = report.passed.iter().map(|a| (a, true));
+        for (account, passed) in report.failed.iter().map(|a| (a, false)).chain(passed) {
+            // Only enrolled customers are counted: a report cannot grow this tree at will.
+            if self
+                .customers
+                .get(account.as_bytes())
+                .map_err(storage)?
+                .is_none()
+            {
+                continue;
+            }
+            let held: protocol::Lockout = self
+                .lockouts
+                .get(account.as_bytes())
+                .map_err(storage)?
+                .and_then(|v| serde_json::from_slice(&v).ok())
+                .unwrap_or_default();
+            let mut state = if passed {
+                protocol::Lockout::default()
+            } else {
+                policy.fail(held, now_ms)
+            };
+            state.version = self.next_version()?;
+            self.lockouts
+                .insert(
+                    account.as_bytes(),
+                    serde_json::to_vec(&state).expect("serialises"),
+                )
+                .map_err(storage)?;
+            changed.push((account.clone(), state));
+        }
+        self.flush()?;
+        Ok(changed)
     }
 
     fn next_version(&self) -> Result<u64, CustomerError> {
@@ -324,6 +374,9 @@ impl CustomerStore {
             self.templates.remove(id.to_be_bytes()).map_err(storage)?;
         }
         self.customers
+            .remove(customer_id.as_bytes())
+            .map_err(storage)?;
+        self.lockouts
             .remove(customer_id.as_bytes())
             .map_err(storage)?;
         self.changes
@@ -471,6 +524,53 @@ mod tests {
         let v: Vec<f32> = (0..128).map(|i| (i as f32 * seed).sin()).collect();
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.into_iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn wrong_second_factors_are_counted_for_the_fleet_and_a_right_one_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            CustomerStore::open(&dir.path().join("db"), &dir.path().join("templates.key")).unwrap();
+        store.create(&request("ada", "s1")).unwrap();
+        store.create(&request("bea", "s2")).unwrap();
+        let policy = protocol::LockoutPolicy {
+            free: 2,
+            base_ms: 30_000,
+            max_ms: 3_600_000,
+        };
+        let failed = |accounts: &[&str]| protocol::FactorReport {
+            failed: accounts.iter().map(|a| (*a).into()).collect(),
+            passed: None,
+        };
+        // Two stores' wrong answers add up; an unknown account is not counted.
+        let first = store
+            .report_factor(&failed(&["ada", "bea", "nobody"]), policy, 1_000)
+            .unwrap();
+        assert_eq!(first.len(), 2);
+        store
+            .report_factor(&failed(&["ada"]), policy, 2_000)
+            .unwrap();
+        let third = store
+            .report_factor(&failed(&["ada"]), policy, 3_000)
+            .unwrap();
+        let (account, state) = &third[0];
+        assert_eq!(account.as_str(), "ada");
+        assert_eq!((state.failures, state.locked_until_ms), (3, 33_000));
+        assert!(state.version > first[0].1.version, "each change is newer");
+        // A right answer starts the count again, under a newer version still.
+        let passed = protocol::FactorReport {
+            failed: Vec::new(),
+            passed: Some("ada".into()),
+        };
+        let cleared = store.report_factor(&passed, policy, 4_000).unwrap();
+        assert_eq!(
+            (cleared[0].1.failures, cleared[0].1.locked_until_ms),
+            (0, 0)
+        );
+        assert!(cleared[0].1.version > state.version);
+        // Erased with the customer.
+        store.erase("bea").unwrap();
+        assert!(store.lockouts.get(b"bea").unwrap().is_none());
     }
 
     #[test]

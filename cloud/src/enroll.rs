@@ -39,6 +39,12 @@ pub struct IdentityConfig {
     /// account: its templates and second-factor hash go out only for a face the hub could match
     /// (the hubs' `identify.match_threshold`), so naming an account is no way to read them.
     pub one_to_one_threshold: f32,
+    /// Wrong second-factor answers, anywhere in the fleet, before face payment locks.
+    pub free_failures: u32,
+    /// The first lock, in seconds; it doubles with each further wrong answer.
+    pub lockout_base_seconds: u64,
+    /// The longest lock, in seconds.
+    pub lockout_max_seconds: u64,
 }
 
 impl Default for IdentityConfig {
@@ -48,13 +54,40 @@ impl Default for IdentityConfig {
             duplicate_threshold: 0.45,
             candidate_threshold: 0.3,
             one_to_one_threshold: 0.363,
+            free_failures: 3,
+            lockout_base_seconds: 30,
+            lockout_max_seconds: 3600,
         }
     }
 }
 
 impl IdentityConfig {
+    /// The fleet's lockout rule.
+    pub fn lockout_policy(&self) -> protocol::LockoutPolicy {
+        protocol::LockoutPolicy {
+            free: self.free_failures,
+            base_ms: self.lockout_base_seconds * 1000,
+            max_ms: self.lockout_max_seconds * 1000,
+        }
+    }
+
     /// Checks ranges; the error names the key.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.free_failures > 100 {
+            return Err((
+                "identity.free_failures".into(),
+                "must be from 0 to 100".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.lockout_base_seconds)
+            || !(self.lockout_base_seconds..=604_800).contains(&self.lockout_max_seconds)
+        {
+            return Err((
+                "identity.lockout_base_seconds".into(),
+                "must be from 1 to 86400, and identity.lockout_max_seconds from it to 604800"
+                    .into(),
+            ));
+        }
         for (key, v) in [
             ("identity.duplicate_threshold", self.duplicate_threshold),
             ("identity.candidate_threshold", self.candidate_threshold),
@@ -114,6 +147,7 @@ pub struct IdentityActor {
     dirty: bool,
     saved_at: Instant,
     gauge: prometheus::IntGauge,
+    clock: clock::SharedClock,
 }
 
 impl IdentityActor {
@@ -150,6 +184,7 @@ impl IdentityActor {
             dirty: false,
             saved_at: Instant::now(),
             gauge,
+            clock: clock::system(),
         })
     }
 
@@ -376,6 +411,38 @@ impl IdentityActor {
             None => {}
         }
         Ok(CloudIdentified { candidates })
+    }
+}
+
+/// A hub's second-factor result, counted across the fleet.
+#[derive(Message)]
+#[rtype(result = "Result<protocol::LockoutBatch, EnrollError>")]
+pub struct FactorReportCmd(pub protocol::FactorReport);
+
+/// Most accounts one report may name (a challenge asks a handful of look-alikes).
+pub const MAX_REPORTED_ACCOUNTS: usize = 8;
+
+impl Handler<FactorReportCmd> for IdentityActor {
+    type Result = Result<protocol::LockoutBatch, EnrollError>;
+    fn handle(&mut self, msg: FactorReportCmd, _: &mut Self::Context) -> Self::Result {
+        let report = msg.0;
+        if report.failed.len() > MAX_REPORTED_ACCOUNTS
+            || (report.failed.is_empty() == report.passed.is_none())
+        {
+            return Err(CustomerError::Invalid(format!(
+                "a second-factor report names 1 to {MAX_REPORTED_ACCOUNTS} failed accounts or \
+                 the one that passed"
+            ))
+            .into());
+        }
+        for account in report.failed.iter().chain(report.passed.iter()) {
+            protocol::validate_id("account_id", account)
+                .map_err(|e| CustomerError::Invalid(e.to_string()))?;
+        }
+        let entries =
+            self.store
+                .report_factor(&report, self.config.lockout_policy(), self.clock.now_ms())?;
+        Ok(protocol::LockoutBatch { entries })
     }
 }
 

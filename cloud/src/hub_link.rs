@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     bounded::Bounded,
-    enroll::{IdentifyCmd, IdentityActor, TemplateSyncCmd},
+    enroll::{FactorReportCmd, IdentifyCmd, IdentityActor, TemplateSyncCmd},
     ledger_actor::{ApplyHubRequest, ExpirePending, LedgerActor, ReadLedger},
 };
 
@@ -308,6 +308,28 @@ async fn serve(serving: &Serving, request: HubRequest) {
         HubRequestBody::Identify(identify) => {
             match serving.identity.send(IdentifyCmd(identify)).await {
                 Ok(Ok(found)) => CloudReplyBody::Identified(found),
+                Ok(Err(e)) => CloudReplyBody::Error {
+                    detail: e.to_string(),
+                },
+                Err(e) => CloudReplyBody::Error {
+                    detail: format!("identity unavailable: {e}"),
+                },
+            }
+        }
+        HubRequestBody::SecondFactor(report) => {
+            match serving.identity.send(FactorReportCmd(report)).await {
+                Ok(Ok(batch)) => {
+                    if !batch.entries.is_empty() {
+                        publish(
+                            &serving.client,
+                            protocol::topics::lockouts(),
+                            protocol::encode(&batch),
+                            "broadcasting lockouts",
+                        )
+                        .await;
+                    }
+                    CloudReplyBody::Lockouts(batch)
+                }
                 Ok(Err(e)) => CloudReplyBody::Error {
                     detail: e.to_string(),
                 },

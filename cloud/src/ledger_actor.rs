@@ -181,9 +181,11 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 .ledger
                 .keys_after(after_version)
                 .map(|(entries, more)| CloudReplyBody::Keys(KeyBatch { entries, more })),
-            HubRequestBody::TemplateSync { .. } | HubRequestBody::Identify(_) => Err(
-                LedgerError::Invalid("identity requests are served by the identity actor".into()),
-            ),
+            HubRequestBody::TemplateSync { .. }
+            | HubRequestBody::Identify(_)
+            | HubRequestBody::SecondFactor(_) => Err(LedgerError::Invalid(
+                "identity requests are served by the identity actor".into(),
+            )),
         };
         let body = reply.unwrap_or_else(|error| {
             if let LedgerError::Storage(_) = error {

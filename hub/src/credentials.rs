@@ -213,7 +213,8 @@ impl Handler<UplinkEvent> for CredentialsActor {
             UplinkEvent::KeysBroadcast(batch) => self.keys_arrived(batch, ctx),
             UplinkEvent::TemplatesPushed(_)
             | UplinkEvent::AllowancesPushed(_)
-            | UplinkEvent::RevocationListPushed(_) => {}
+            | UplinkEvent::RevocationListPushed(_)
+            | UplinkEvent::LockoutsPushed(_) => {}
         }
     }
 }

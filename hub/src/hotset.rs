@@ -133,47 +133,7 @@ pub struct HeldEntry {
     pub last_seen_ms: u64,
 }
 
-/// Consecutive second-factor failures and the lock they caused.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lockout {
-    /// Consecutive wrong answers.
-    pub failures: u32,
-    /// Face payment refused until then (ms since the epoch); 0 when not locked.
-    pub locked_until_ms: u64,
-}
-
-/// The lockout policy (FIDO's rule of thumb): `free` failures, then a lock that doubles with each
-/// further failure, from `base_ms` up to `max_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockoutPolicy {
-    /// Failures allowed before the first lock.
-    pub free: u32,
-    /// First lock.
-    pub base_ms: u64,
-    /// Longest lock.
-    pub max_ms: u64,
-}
-
-impl LockoutPolicy {
-    /// The state after one more failure at `now_ms`.
-    pub fn fail(&self, state: Lockout, now_ms: u64) -> Lockout {
-        let failures = state.failures.saturating_add(1);
-        let locked_until_ms = if failures > self.free {
-            let doublings = (failures - self.free - 1).min(32);
-            let lock = self
-                .base_ms
-                .saturating_mul(1u64 << doublings)
-                .min(self.max_ms);
-            now_ms + lock
-        } else {
-            0
-        };
-        Lockout {
-            failures,
-            locked_until_ms,
-        }
-    }
-}
+pub use protocol::{Lockout, LockoutPolicy};
 
 /// Most hot-set operations waiting for its thread.
 pub const HOT_SET_QUEUE: usize = 256;
@@ -435,6 +395,27 @@ impl HotSet {
             .unwrap_or_default()
     }
 
+    /// Takes the cloud's lockout state of an account when newer than the one held (what this
+    /// hub counted since it last heard from the cloud is in the cloud's count, or on its way).
+    pub fn take_cloud_lockout(
+        &self,
+        account_id: &str,
+        state: Lockout,
+    ) -> Result<bool, HotSetError> {
+        if state.version <= self.lockout(account_id).version {
+            return Ok(false);
+        }
+        // Kept even when it clears the count: its version orders later changes.
+        self.lockouts
+            .insert(
+                account_id.as_bytes(),
+                serde_json::to_vec(&state).expect("serialises"),
+            )
+            .map_err(err)?;
+        self.db.flush().map_err(err)?;
+        Ok(true)
+    }
+
     /// Stores an account's lockout state (durably: a restart must not reset it).
     pub fn set_lockout(&self, account_id: &str, state: Lockout) -> Result<(), HotSetError> {
         if state == Lockout::default() {
@@ -580,6 +561,35 @@ mod tests {
     }
 
     #[test]
+    fn the_clouds_lockout_replaces_an_older_one_and_local_counts_build_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let set =
+            HotSet::open(&dir.path().join("hot"), &dir.path().join("k.key"), 4, "s1").unwrap();
+        let policy = LockoutPolicy {
+            free: 1,
+            base_ms: 10_000,
+            max_ms: 60_000,
+        };
+        let cloud = |failures, locked_until_ms, version| Lockout {
+            failures,
+            locked_until_ms,
+            version,
+        };
+        assert!(set.take_cloud_lockout("ada", cloud(2, 50_000, 7)).unwrap());
+        assert_eq!(set.lockout("ada"), cloud(2, 50_000, 7));
+        // An older (or replayed) state is ignored.
+        assert!(!set.take_cloud_lockout("ada", cloud(0, 0, 6)).unwrap());
+        assert!(!set.take_cloud_lockout("ada", cloud(0, 0, 7)).unwrap());
+        // A failure here counts on top of it and keeps its version, so the cloud's next count
+        // (which includes it) replaces it.
+        let local = policy.fail(set.lockout("ada"), 60_000);
+        set.set_lockout("ada", local).unwrap();
+        assert_eq!(set.lockout("ada").failures, 3);
+        assert!(set.take_cloud_lockout("ada", cloud(0, 0, 8)).unwrap());
+        assert_eq!(set.lockout("ada"), cloud(0, 0, 8));
+    }
+
+    #[test]
     fn persisted_sealed_capped_and_revocable() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("hub.key");
@@ -601,6 +611,7 @@ mod tests {
                 Lockout {
                     failures: 2,
                     locked_until_ms: 0,
+                    version: 0,
                 },
             )
             .unwrap();

@@ -288,7 +288,8 @@ impl Handler<UplinkEvent> for OfflineActor {
             UplinkEvent::AllowancesPushed(batch) => self.allowances_arrived(batch.allowances),
             UplinkEvent::KeysBroadcast(_)
             | UplinkEvent::TemplatesPushed(_)
-            | UplinkEvent::RevocationListPushed(_) => {}
+            | UplinkEvent::RevocationListPushed(_)
+            | UplinkEvent::LockoutsPushed(_) => {}
         }
     }
 }

@@ -40,6 +40,8 @@ pub enum UplinkEvent {
     AllowancesPushed(AllowanceBatch),
     /// The cloud pushed the fleet's certificate revocation list (PEM, not yet checked).
     RevocationListPushed(String),
+    /// The cloud broadcast second-factor lockout changes.
+    LockoutsPushed(protocol::LockoutBatch),
 }
 
 /// Owns the MQTT client and the table of requests waiting for replies.
@@ -287,6 +289,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     protocol::topics::store_templates(&self.store_id),
                     protocol::topics::template_revocations(),
                     protocol::topics::allowance_updates(),
+                    protocol::topics::lockouts(),
                     protocol::topics::revocation_list(),
                 ];
                 // Not awaited by the driver: a subscribe waits for room in the client's queue,
@@ -324,6 +327,11 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     match protocol::decode::<AllowanceBatch>(&payload) {
                         Ok(batch) => self.tell(UplinkEvent::AllowancesPushed(batch)),
                         Err(error) => tracing::warn!(%error, "unreadable allowance update dropped"),
+                    }
+                } else if topic == protocol::topics::lockouts() {
+                    match protocol::decode::<protocol::LockoutBatch>(&payload) {
+                        Ok(batch) => self.tell(UplinkEvent::LockoutsPushed(batch)),
+                        Err(error) => tracing::warn!(%error, "unreadable lockout update dropped"),
                     }
                 } else if topic == protocol::topics::revocation_list() {
                     match protocol::decode::<protocol::RevocationListPush>(&payload) {

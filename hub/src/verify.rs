@@ -3,7 +3,7 @@
 //! lock face payment after repeated wrong answers, and issue single-use payment tokens.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     pin::Pin,
     time::{Duration, Instant},
 };
@@ -11,9 +11,9 @@ use std::{
 use actix::prelude::*;
 use paycode::SignedCode;
 use protocol::{
-    AccountId, CloudIdentify, CloudReplyBody, CodeNonce, DeclineReason, HotEntry, HubRequestBody,
-    PaymentId, SecondFactorAnswer, SecondFactorKind, TemplateBatch, TemplateChange, TerminalId,
-    VerifyBody, VerifyReply, VerifyRequest,
+    AccountId, CloudIdentify, CloudReplyBody, CodeNonce, DeclineReason, FactorReport, HotEntry,
+    HubRequestBody, Lockout, LockoutBatch, PaymentId, SecondFactorAnswer, SecondFactorKind,
+    TemplateBatch, TemplateChange, TerminalId, VerifyBody, VerifyReply, VerifyRequest,
 };
 
 use crate::{
@@ -150,6 +150,9 @@ pub struct VerifyActor {
     settings: VerifySettings,
     hot: HotSetWorker,
     challenges: HashMap<String, Challenge>,
+    /// Accounts whose second factor is being checked: another answer for one of them waits for
+    /// no check (each guess is counted before the next is checked).
+    checking: HashSet<AccountId>,
     policy: LockoutPolicy,
     credentials: Addr<CredentialsActor>,
     clock: clock::SharedClock,
@@ -247,13 +250,21 @@ fn settle_answer(
     matched: Option<AccountId>,
     policy: LockoutPolicy,
     now: u64,
-) -> Next {
+) -> (Next, FactorReport) {
     if let Some(account) = matched {
-        if let Err(error) = hot.set_lockout(&account, Default::default()) {
+        let cleared = Lockout {
+            version: hot.lockout(&account).version,
+            ..Lockout::default()
+        };
+        if let Err(error) = hot.set_lockout(&account, cleared) {
             tracing::error!(%error, "clearing the lockout failed");
         }
         hot.seen(&account, now);
-        return Next::Token(account);
+        let report = FactorReport {
+            failed: Vec::new(),
+            passed: Some(account.clone()),
+        };
+        return (Next::Token(account), report);
     }
     let mut first_state = None;
     for account in candidates {
@@ -277,10 +288,17 @@ fn settle_answer(
             (policy.free + 1).saturating_sub(state.failures)
         )
     };
-    Next::Reply(VerifyReply::refused(
-        DeclineReason::SecondFactorWrong,
-        detail,
-    ))
+    let report = FactorReport {
+        failed: candidates.to_vec(),
+        passed: None,
+    };
+    (
+        Next::Reply(VerifyReply::refused(
+            DeclineReason::SecondFactorWrong,
+            detail,
+        )),
+        report,
+    )
 }
 
 /// What a conclusion of the rule leads to (hot set thread).
@@ -346,6 +364,15 @@ fn one_to_one(
     } else {
         next_for(hot, Conclusion::Accept(account.into()), now)
     })
+}
+
+/// Takes the cloud's lockout states (hot set thread), each only when newer than the one held.
+fn apply_lockouts(hot: &mut HotSet, batch: LockoutBatch) {
+    for (account, state) in batch.entries {
+        if let Err(error) = hot.take_cloud_lockout(&account, state) {
+            tracing::error!(%error, "recording a lockout failed");
+        }
+    }
 }
 
 /// Caches templates the cloud sent (hot set thread), except those an erasure or a newer change
@@ -548,6 +575,7 @@ impl VerifyActor {
             settings,
             hot: peers.hot,
             challenges: HashMap::new(),
+            checking: HashSet::new(),
             policy,
             credentials: peers.credentials,
             journal: peers.journal,
@@ -787,6 +815,20 @@ impl VerifyActor {
         if challenge.terminal_id != terminal || challenge.expires_at_ms <= self.clock.now_ms() {
             return unknown();
         }
+        // One answer at a time per customer: answers given at the same moment would each be
+        // checked before any recorded its failure.
+        if challenge
+            .candidates
+            .iter()
+            .any(|a| self.checking.contains(a))
+        {
+            return Box::pin(fut::ready(VerifyReply::refused(
+                DeclineReason::InvalidRequest,
+                "another answer for this customer is being checked; verify the customer again",
+            )));
+        }
+        self.checking.extend(challenge.candidates.iter().cloned());
+        let checked: Vec<AccountId> = challenge.candidates.clone();
         let (hot, clock, policy) = (self.hot.clone(), self.clock.clone(), self.policy);
         let value = answer.value;
         let spent = challenge.spent_code.clone();
@@ -798,7 +840,7 @@ impl VerifyActor {
             let now = clock.now_ms();
             let hashes = match hot.call(move |h| answerable(h, &lookup, kind, now)).await {
                 Ok(hashes) => hashes,
-                Err(refused) => return Next::Reply(refused),
+                Err(refused) => return (Next::Reply(refused), None),
             };
             // Argon2 takes tens of milliseconds: on a blocking thread.
             let matched = tokio::task::spawn_blocking(move || {
@@ -812,18 +854,59 @@ impl VerifyActor {
             .await;
             match matched {
                 Ok(matched) => {
-                    hot.call(move |h| {
-                        settle_answer(h, &candidates, kind, matched, policy, clock.now_ms())
-                    })
-                    .await
+                    let (next, report) = hot
+                        .call(move |h| {
+                            settle_answer(h, &candidates, kind, matched, policy, clock.now_ms())
+                        })
+                        .await;
+                    (next, Some(report))
                 }
-                Err(e) => Next::Reply(VerifyReply::refused(DeclineReason::Internal, e.to_string())),
+                Err(e) => (
+                    Next::Reply(VerifyReply::refused(DeclineReason::Internal, e.to_string())),
+                    None,
+                ),
             }
         };
         Box::pin(
             step.into_actor(self)
-                .then(move |next, actor, _| actor.answer(next, terminal, spent)),
+                .then(move |(next, report), actor, ctx| {
+                    for account in &checked {
+                        actor.checking.remove(account);
+                    }
+                    if let Some(report) = report {
+                        actor.report_factor(report, ctx);
+                    }
+                    actor.answer(next, terminal, spent)
+                }),
         )
+    }
+
+    /// Tells the cloud what a second-factor answer did, so that the count is the fleet's; its
+    /// answer (the accounts' states across the fleet) is applied here at once (every hub also
+    /// hears it broadcast). Without the cloud, this hub's own count stands.
+    fn report_factor(&mut self, report: FactorReport, ctx: &mut Context<Self>) {
+        let Some(uplink) = self.uplink.clone() else {
+            return;
+        };
+        let call = CallCloud {
+            body: HubRequestBody::SecondFactor(report),
+            timeout: self.settings.identify_timeout,
+        };
+        let hot = self.hot.clone();
+        ctx.spawn(
+            async move {
+                match uplink.send(call).await {
+                    Ok(Ok(CloudReplyBody::Lockouts(batch))) => {
+                        hot.call(move |h| apply_lockouts(h, batch)).await;
+                    }
+                    other => tracing::info!(
+                        ?other,
+                        "the cloud did not take a second-factor result; counted here only"
+                    ),
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -845,6 +928,13 @@ impl Handler<UplinkEvent> for VerifyActor {
         match msg {
             UplinkEvent::CloudConnected => self.start_sync(ctx),
             UplinkEvent::TemplatesPushed(batch) => self.apply_templates(batch, None, ctx),
+            UplinkEvent::LockoutsPushed(batch) => {
+                let hot = self.hot.clone();
+                ctx.spawn(
+                    async move { hot.call(move |h| apply_lockouts(h, batch)).await }
+                        .into_actor(self),
+                );
+            }
             UplinkEvent::KeysBroadcast(_)
             | UplinkEvent::AllowancesPushed(_)
             | UplinkEvent::RevocationListPushed(_) => {}
@@ -997,7 +1087,9 @@ mod tests {
         let hashes = answerable(&hot, &both, SecondFactorKind::Pin, now).unwrap();
         assert_eq!(hashes.len(), 2);
         // A wrong answer locks both, not only the likeliest: a second guess cannot go to bob.
-        let next = settle_answer(&mut hot, &both, SecondFactorKind::Pin, None, POLICY, now);
+        let (next, report) =
+            settle_answer(&mut hot, &both, SecondFactorKind::Pin, None, POLICY, now);
+        assert_eq!((report.failed, report.passed), (both.clone(), None));
         assert!(matches!(
             next,
             Next::Reply(VerifyReply::Refused {
@@ -1024,6 +1116,7 @@ mod tests {
             crate::hotset::Lockout {
                 failures: 1,
                 locked_until_ms: later + 60_000,
+                version: 0,
             },
         )
         .unwrap();
@@ -1033,7 +1126,7 @@ mod tests {
             vec![(both[1].clone(), "$argon2id$hash-of-bob".into())]
         );
         // A right answer clears that account's lockout and issues its token.
-        let next = settle_answer(
+        let (next, report) = settle_answer(
             &mut hot,
             &both,
             SecondFactorKind::Pin,
@@ -1042,6 +1135,10 @@ mod tests {
             later,
         );
         assert!(matches!(next, Next::Token(ref a) if a == &both[1]));
+        assert_eq!(
+            (report.failed, report.passed),
+            (vec![], Some(both[1].clone()))
+        );
     }
 
     #[test]

@@ -206,6 +206,7 @@ fn only_the_cloud_publishes_replies_keys_and_grants() {
         "facepay/v1/keys",
         "facepay/v1/templates/revocations",
         "facepay/v1/allowances",
+        "facepay/v1/lockouts",
     ];
     runtime().block_on(async {
         let (victim, mut inbox) = client_as(broker.port, &two, "store-2");

@@ -195,6 +195,72 @@ pub struct HotEntry {
     pub version: u64,
 }
 
+/// Consecutive wrong second factors of an account and the lock they caused. Counted across the
+/// fleet by the cloud, which broadcasts each change; a hub counts alone while it cannot reach
+/// the cloud.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lockout {
+    /// Consecutive wrong answers.
+    pub failures: u32,
+    /// Face payment refused until then (ms since the epoch); 0 when not locked.
+    pub locked_until_ms: u64,
+    /// The version of the cloud's state this is, or builds on (0: counted by a hub alone); a hub
+    /// takes a cloud state only when newer than the one it holds.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// The lockout policy (FIDO's rule of thumb): `free` failures, then a lock that doubles with each
+/// further failure, from `base_ms` up to `max_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    /// Failures allowed before the first lock.
+    pub free: u32,
+    /// First lock.
+    pub base_ms: u64,
+    /// Longest lock.
+    pub max_ms: u64,
+}
+
+impl LockoutPolicy {
+    /// The state after one more failure at `now_ms`.
+    pub fn fail(&self, state: Lockout, now_ms: u64) -> Lockout {
+        let failures = state.failures.saturating_add(1);
+        let locked_until_ms = if failures > self.free {
+            let doublings = (failures - self.free - 1).min(32);
+            let lock = self
+                .base_ms
+                .saturating_mul(1u64 << doublings)
+                .min(self.max_ms);
+            now_ms.saturating_add(lock)
+        } else {
+            0
+        };
+        Lockout {
+            failures,
+            locked_until_ms,
+            version: state.version,
+        }
+    }
+}
+
+/// What a hub tells the cloud after checking a second-factor answer: the accounts a wrong answer
+/// counts against (every candidate of its challenge), or the one a right answer matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactorReport {
+    /// Accounts a wrong answer counts against.
+    pub failed: Vec<AccountId>,
+    /// The account a right answer matched (its count starts again).
+    pub passed: Option<AccountId>,
+}
+
+/// Lockout states the cloud holds after a change, for every hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockoutBatch {
+    /// Each account's state.
+    pub entries: Vec<(AccountId, Lockout)>,
+}
+
 /// One change of the template distribution log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -369,6 +369,9 @@ pub enum HubRequestBody {
         /// Continue after this account id (`None`: from the start).
         after_account: Option<AccountId>,
     },
+    /// A second-factor answer was checked at the hub: counted across the fleet (answered with
+    /// `Lockouts`, and broadcast to every hub).
+    SecondFactor(crate::FactorReport),
     /// What the ledger holds for one of the store's payments. Asked by a hub whose journal cannot
     /// tell whether it sent a payment before: a code issued before the journal began (its disk was
     /// lost) or before the nonces it pruned, presented again for an order it has no record of.
@@ -384,7 +387,9 @@ impl HubRequestBody {
     pub fn is_identity(&self) -> bool {
         matches!(
             self,
-            HubRequestBody::Identify(_) | HubRequestBody::TemplateSync { .. }
+            HubRequestBody::Identify(_)
+                | HubRequestBody::TemplateSync { .. }
+                | HubRequestBody::SecondFactor(_)
         )
     }
 }
@@ -492,6 +497,8 @@ pub enum CloudReplyBody {
     Templates(crate::TemplateBatch),
     /// The answer to an identify request.
     Identified(crate::CloudIdentified),
+    /// Answer to `SecondFactor`: the accounts' lockout states after it.
+    Lockouts(crate::LockoutBatch),
     /// Answer to `PaymentStatus`.
     PaymentStatus {
         /// The payment.

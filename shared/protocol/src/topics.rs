@@ -48,6 +48,11 @@ pub fn allowance_updates() -> String {
     format!("{ROOT}/allowances")
 }
 
+/// Broadcast of second-factor lockout changes to every hub.
+pub fn lockouts() -> String {
+    format!("{ROOT}/lockouts")
+}
+
 /// The fleet's certificate revocation list, published retained by the cloud for every hub.
 pub fn revocation_list() -> String {
     format!("{ROOT}/revocations")
