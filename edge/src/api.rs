@@ -104,9 +104,11 @@ fn status_of_reason(reason: Option<DeclineReason>) -> StatusCode {
         Some(DeclineReason::TerminalBusy | DeclineReason::PaymentInProgress) => {
             StatusCode::CONFLICT
         }
-        Some(DeclineReason::StoreSystemUnreachable | DeclineReason::OutcomeUnknown) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Some(
+            DeclineReason::StoreSystemUnreachable
+            | DeclineReason::OutcomeUnknown
+            | DeclineReason::HubBusy,
+        ) => StatusCode::SERVICE_UNAVAILABLE,
         Some(_) => StatusCode::OK,
     }
 }

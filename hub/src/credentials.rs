@@ -244,7 +244,7 @@ impl Handler<CheckCode> for CredentialsActor {
 
 /// Issue a payment token: `ttl_ms` for `account_id` at `terminal_id`; none for an erased account.
 #[derive(Message)]
-#[rtype(result = "Option<IssuedToken>")]
+#[rtype(result = "Result<IssuedToken, TokenNotIssued>")]
 pub struct IssueToken {
     /// The account it charges.
     pub account_id: AccountId,
@@ -266,11 +266,39 @@ pub struct IssuedToken {
     pub issued: Token,
 }
 
+/// Whether a map capped at `cap` entries has room for one more, once the entries no longer
+/// `live` are dropped (only when it is full: the usual insert costs nothing).
+pub fn make_room<K, V>(map: &mut HashMap<K, V>, cap: usize, live: impl Fn(&V) -> bool) -> bool {
+    if map.len() >= cap {
+        map.retain(|_, v| live(v));
+    }
+    map.len() < cap
+}
+
+/// Most payment tokens open at once: terminals ask for them (one per verification), so the map
+/// is capped; expired ones are dropped first.
+pub const MAX_OPEN_TOKENS: usize = 4_096;
+
+/// Why no token was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenNotIssued {
+    /// The account's templates were erased.
+    #[error("this customer's face is no longer enrolled")]
+    Erased,
+    /// [`MAX_OPEN_TOKENS`] are open.
+    #[error("the hub holds as many open payment tokens as it may; verify again in a moment")]
+    Full,
+}
+
 impl Handler<IssueToken> for CredentialsActor {
-    type Result = Option<IssuedToken>;
+    type Result = Result<IssuedToken, TokenNotIssued>;
     fn handle(&mut self, msg: IssueToken, _: &mut Self::Context) -> Self::Result {
         if self.erased.contains(&msg.account_id) {
-            return None;
+            return Err(TokenNotIssued::Erased);
+        }
+        let now = self.clock.now_ms();
+        if !make_room(&mut self.tokens, MAX_OPEN_TOKENS, |t| t.expires_at_ms > now) {
+            return Err(TokenNotIssued::Full);
         }
         let issued = Token {
             account_id: msg.account_id,
@@ -280,7 +308,7 @@ impl Handler<IssueToken> for CredentialsActor {
         };
         let token = random_id("tok_");
         self.tokens.insert(token.clone(), issued.clone());
-        Some(IssuedToken { token, issued })
+        Ok(IssuedToken { token, issued })
     }
 }
 
@@ -492,7 +520,10 @@ mod tests {
             Err(TokenRefused::Unknown)
         );
         // A verification that matched the erased face just before gets no token for it.
-        assert!(credentials.send(issue("acct-2")).await.unwrap().is_none());
+        assert_eq!(
+            credentials.send(issue("acct-2")).await.unwrap().err(),
+            Some(TokenNotIssued::Erased)
+        );
         assert!(credentials
             .send(redeem(&a.token, "till-1"))
             .await
@@ -501,5 +532,27 @@ mod tests {
         clock.advance(30_000);
         let expired = credentials.send(redeem(&a.token, "till-1")).await.unwrap();
         assert_eq!(expired, Err(TokenRefused::Expired));
+    }
+
+    #[actix::test]
+    async fn open_tokens_are_capped_and_expired_ones_make_room() {
+        let clock = clock::ManualClock::new(1_000_000);
+        let wallet = paycode::Wallet::generate("acct-1").unwrap();
+        let credentials = actor(clock.clone(), &wallet);
+        let issue = |ttl_ms| IssueToken {
+            account_id: "acct-1".into(),
+            terminal_id: "till-1".into(),
+            ttl_ms,
+            spent_code: None,
+        };
+        for _ in 0..MAX_OPEN_TOKENS {
+            credentials.send(issue(10_000)).await.unwrap().unwrap();
+        }
+        assert_eq!(
+            credentials.send(issue(10_000)).await.unwrap().err(),
+            Some(TokenNotIssued::Full)
+        );
+        clock.advance(10_000);
+        assert!(credentials.send(issue(10_000)).await.unwrap().is_ok());
     }
 }

@@ -18,7 +18,9 @@ use protocol::{
 
 use crate::{
     config::IdentifyConfig,
-    credentials::{CheckCode, CredentialsActor, ForgetAccounts, IssueToken},
+    credentials::{
+        make_room, CheckCode, CredentialsActor, ForgetAccounts, IssueToken, TokenNotIssued,
+    },
     hotset::{HotSet, HotSetWorker, LockoutPolicy, Scored},
     journal::{JournalWorker, Reservation},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
@@ -30,6 +32,9 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// Mailbox bound.
 pub const VERIFY_MAILBOX: usize = 256;
+/// Most second-factor challenges open at once (terminals open them, one per verification of a
+/// look-alike); expired ones are dropped first.
+pub const MAX_OPEN_CHALLENGES: usize = 4_096;
 
 #[derive(Debug, Clone)]
 struct Challenge {
@@ -593,8 +598,17 @@ impl VerifyActor {
         terminal_id: TerminalId,
         spent_code: Option<CodeNonce>,
     ) -> VerifyReply {
-        let expires_at_ms =
-            self.clock.now_ms() + self.settings.identify.challenge_ttl_seconds * 1000;
+        let now = self.clock.now_ms();
+        if !make_room(&mut self.challenges, MAX_OPEN_CHALLENGES, |c| {
+            c.expires_at_ms > now
+        }) {
+            return VerifyReply::refused(
+                DeclineReason::HubBusy,
+                "the hub holds as many open second-factor challenges as it may; verify again in \
+                 a moment",
+            );
+        }
+        let expires_at_ms = now + self.settings.identify.challenge_ttl_seconds * 1000;
         let challenge_id = crate::credentials::random_id("chl_");
         self.challenges.insert(
             challenge_id.clone(),
@@ -640,15 +654,18 @@ impl VerifyActor {
                 Box::pin(
                     async move {
                         match issue.await {
-                            Ok(Some(issued)) => VerifyReply::Verified {
+                            Ok(Ok(issued)) => VerifyReply::Verified {
                                 token: issued.token,
                                 account_id,
                                 expires_at_ms: issued.issued.expires_at_ms,
                             },
-                            Ok(None) => VerifyReply::refused(
+                            Ok(Err(why @ TokenNotIssued::Erased)) => VerifyReply::refused(
                                 DeclineReason::FaceNotRecognized,
-                                "this customer's face is no longer enrolled",
+                                why.to_string(),
                             ),
+                            Ok(Err(why @ TokenNotIssued::Full)) => {
+                                VerifyReply::refused(DeclineReason::HubBusy, why.to_string())
+                            }
                             Err(e) => VerifyReply::refused(
                                 DeclineReason::Internal,
                                 format!("token issue unavailable: {e}"),

@@ -36,6 +36,9 @@ pub enum DeclineReason {
     NoCodePresented,
     /// The terminal is running another checkout session; nothing was done for this order.
     TerminalBusy,
+    /// The store's hub holds as many open verifications (payment tokens, second-factor
+    /// challenges) as it may; nothing was done: verify the customer again in a moment.
+    HubBusy,
     /// This order is being charged right now (by another request for it): its outcome is not
     /// known yet. Never a decline: charge the same order id again to learn it.
     PaymentInProgress,
@@ -94,6 +97,7 @@ impl DeclineReason {
         Self::DuplicateOrderId,
         Self::NoCodePresented,
         Self::TerminalBusy,
+        Self::HubBusy,
         Self::PaymentInProgress,
         Self::OutcomeUnknown,
         Self::StoreSystemUnreachable,
@@ -138,6 +142,7 @@ impl DeclineReason {
             Self::DuplicateOrderId => "duplicate_order_id",
             Self::NoCodePresented => "no_code_presented",
             Self::TerminalBusy => "terminal_busy",
+            Self::HubBusy => "hub_busy",
             Self::PaymentInProgress => "payment_in_progress",
             Self::OutcomeUnknown => "outcome_unknown",
             Self::StoreSystemUnreachable => "store_system_unreachable",
