@@ -35,10 +35,10 @@ pub struct CloudConfig {
     /// (its client id is the certificate's common name) and the HTTPS APIs' server certificate.
     pub tls: pki::TlsConfig,
     /// 32-byte key file sealing customers' personal data and templates at rest; unset:
-    /// `<data_dir>/keys/templates.key`. Keep it outside the data's backups in production. Created
-    /// on first run only while no customer is enrolled.
+    /// `<data_dir>-keys/templates.key` (never inside `data_dir`: refused at start). Created on first
+    /// run only while no customer is enrolled.
     pub template_key_file: Option<PathBuf>,
-    /// File holding the enrollment API's operator bearer token; unset: `<data_dir>/keys/api-token`,
+    /// File holding the enrollment API's operator bearer token; unset: `<data_dir>-keys/api-token`,
     /// generated on first run (readable by its owner only).
     pub api_token_file: Option<PathBuf>,
     /// Face threads for enrollment photos.
@@ -79,14 +79,32 @@ impl CloudConfig {
     pub fn template_key_path(&self) -> PathBuf {
         self.template_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("keys").join("templates.key"))
+            .unwrap_or_else(|| storage::default_keys_dir(&self.data_dir).join("templates.key"))
     }
 
     /// The API token file in effect.
     pub fn api_token_path(&self) -> PathBuf {
         self.api_token_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("keys").join("api-token"))
+            .unwrap_or_else(|| storage::default_keys_dir(&self.data_dir).join("api-token"))
+    }
+
+    /// Each secret file in effect, with where an earlier version kept it by default (inside the
+    /// data directory), and its configuration key.
+    pub fn key_files(&self) -> [(&'static str, PathBuf, PathBuf); 2] {
+        let legacy = self.data_dir.join("keys");
+        [
+            (
+                "template_key_file",
+                self.template_key_path(),
+                legacy.join("templates.key"),
+            ),
+            (
+                "api_token_file",
+                self.api_token_path(),
+                legacy.join("api-token"),
+            ),
+        ]
     }
 }
 

@@ -90,6 +90,11 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         "1 while connected to the broker",
     );
 
+    for (from, to) in storage::place_keys(&config.data_dir, &config.key_files())
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        tracing::info!(from = %from.display(), to = %to.display(), "key moved out of data_dir");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let ledger_path = config.data_dir.join("ledger");

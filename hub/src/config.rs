@@ -31,7 +31,8 @@ pub struct HubConfig {
     /// Tolerated difference between the phone's clock and the hub's.
     pub clock_skew_seconds: u64,
     /// 32-byte key file sealing the hot set's templates at rest; unset:
-    /// `<data_dir>/keys/templates.key`. Created on first run only while the hot set is empty.
+    /// `<data_dir>-keys/templates.key` (never inside `data_dir`: refused at start). Created on first
+    /// run only while the hot set is empty.
     pub template_key_file: Option<PathBuf>,
     /// Most face templates held in the hot set.
     pub hot_set_cap: usize,
@@ -153,7 +154,7 @@ pub struct OfflineConfig {
     /// Most this store may hold unreconciled over all accounts, minor units.
     pub store_ceiling_minor: i64,
     /// 32-byte secret key file the hub signs offline approvals with; unset:
-    /// `<data_dir>/keys/hub-signing.key`, created on first run. Its public key is printed at
+    /// `<data_dir>-keys/hub-signing.key`, created on first run. Its public key is printed at
     /// start and must be registered at the cloud.
     pub signing_key_file: Option<PathBuf>,
     /// Journal entries per reconciliation batch (one batch in flight).
@@ -242,7 +243,7 @@ impl HubConfig {
     pub fn template_key_path(&self) -> PathBuf {
         self.template_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("keys").join("templates.key"))
+            .unwrap_or_else(|| storage::default_keys_dir(&self.data_dir).join("templates.key"))
     }
 
     /// The hub's signing key file in effect.
@@ -250,7 +251,25 @@ impl HubConfig {
         self.offline
             .signing_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("keys").join("hub-signing.key"))
+            .unwrap_or_else(|| storage::default_keys_dir(&self.data_dir).join("hub-signing.key"))
+    }
+
+    /// Each key file in effect, with where an earlier version kept it by default (inside the
+    /// data directory), and its configuration key.
+    pub fn key_files(&self) -> [(&'static str, PathBuf, PathBuf); 2] {
+        let legacy = self.data_dir.join("keys");
+        [
+            (
+                "template_key_file",
+                self.template_key_path(),
+                legacy.join("templates.key"),
+            ),
+            (
+                "offline.signing_key_file",
+                self.signing_key_path(),
+                legacy.join("hub-signing.key"),
+            ),
+        ]
     }
 
     /// The hub's certificate identity.

@@ -118,6 +118,11 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         "account keys held for offline code verification",
     );
 
+    for (from, to) in storage::place_keys(&config.data_dir, &config.key_files())
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        tracing::info!(from = %from.display(), to = %to.display(), "key moved out of data_dir");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let path = config.data_dir.join("journal");

@@ -15,7 +15,7 @@ pub use fail;
 
 use std::{path::Path, time::Duration};
 
-pub use seal::{key_file, SealError, Sealer};
+pub use seal::{adopt_legacy_key, default_keys_dir, key_file, place_keys, SealError, Sealer};
 pub use worker::Worker;
 
 /// How long to wait for a lock left by handles of this process that are closing.

@@ -48,20 +48,99 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
+/// Where a tier keeps its keys unless told otherwise: beside its data directory
+/// (`<data_dir>-keys`), never inside it, so a copy or a backup of the data carries no key.
+pub fn default_keys_dir(data_dir: &Path) -> std::path::PathBuf {
+    let mut name = data_dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "data".into());
+    name.push("-keys");
+    data_dir.with_file_name(name)
+}
+
+/// Moves a key from where an earlier version kept it by default (`legacy`, inside the data
+/// directory) to where it is kept now (`path`), when only the old one exists; true if it moved.
+pub fn adopt_legacy_key(path: &Path, legacy: &Path) -> std::io::Result<bool> {
+    if path.exists() || !legacy.exists() {
+        return Ok(false);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::rename(legacy, path)?;
+    Ok(true)
+}
+
+/// Checks, before a tier opens anything, that each of its key files (`(configuration key, path,
+/// legacy path)`) lies outside `data_dir`, and moves one that an earlier version kept inside it
+/// by default to where it is kept now. Returns the moves made, for the log; the error names the
+/// configuration key and the file.
+pub fn place_keys(
+    data_dir: &Path,
+    files: &[(&str, std::path::PathBuf, std::path::PathBuf)],
+) -> Result<Vec<(std::path::PathBuf, std::path::PathBuf)>, String> {
+    // Compared as given and, where they exist, resolved (links, `..`).
+    let resolved = |p: &Path| -> std::path::PathBuf {
+        p.canonicalize()
+            .ok()
+            .or_else(|| {
+                let parent = p.parent()?.canonicalize().ok()?;
+                Some(parent.join(p.file_name()?))
+            })
+            .unwrap_or_else(|| p.to_owned())
+    };
+    let data = resolved(data_dir);
+    let mut moved = Vec::new();
+    for (key, path, legacy) in files {
+        if path.starts_with(data_dir) || resolved(path).starts_with(&data) {
+            return Err(format!(
+                "{key} {} is inside data_dir {}: keep keys outside it (a copy or a backup of the \
+                 data would carry them)",
+                path.display(),
+                data_dir.display()
+            ));
+        }
+        if adopt_legacy_key(path, legacy)
+            .map_err(|e| format!("moving {} to {}: {e}", legacy.display(), path.display()))?
+        {
+            moved.push((legacy.clone(), path.clone()));
+        }
+    }
+    Ok(moved)
+}
+
 /// Reads a 32-byte secret key file or, when it is missing and `create_if_missing`, creates it
-/// with fresh random bytes, readable by its owner only.
+/// with fresh random bytes, readable by its owner only. A key file others may read is refused,
+/// naming it.
 pub fn key_file(path: &Path, create_if_missing: bool) -> Result<[u8; KEY_LEN], SealError> {
     let fail = |detail: String| SealError::KeyFile {
         path: path.to_owned(),
         detail,
     };
     match std::fs::read(path) {
-        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
-            fail(format!(
-                "holds {} bytes; a key file is exactly {KEY_LEN} random bytes",
-                bytes.len()
-            ))
-        }),
+        Ok(bytes) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| fail(e.to_string()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(fail(format!(
+                        "is readable by others (mode {:o}); make it owner-only (chmod 600)",
+                        mode & 0o777
+                    )));
+                }
+            }
+            bytes.as_slice().try_into().map_err(|_| {
+                fail(format!(
+                    "holds {} bytes; a key file is exactly {KEY_LEN} random bytes",
+                    bytes.len()
+                ))
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_if_missing => {
             let mut key = [0u8; KEY_LEN];
             rand::rngs::OsRng.fill_bytes(&mut key);
@@ -138,6 +217,59 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_live_beside_the_data_never_in_it_and_only_their_owner_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("hub");
+        assert_eq!(default_keys_dir(&data), dir.path().join("hub-keys"));
+        // A key file readable by others is refused, naming it.
+        let key = dir.path().join("hub-keys/signing.key");
+        key_file(&key, true).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let refused = key_file(&key, false).unwrap_err().to_string();
+            assert!(
+                refused.contains("signing.key") && refused.contains("640"),
+                "{refused}"
+            );
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(key_file(&key, false).is_ok());
+        }
+        // Configured inside the data directory: refused, naming the key.
+        let inside = [(
+            "template_key_file",
+            data.join("k/t.key"),
+            data.join("keys/t.key"),
+        )];
+        let refused = place_keys(&data, &inside).unwrap_err();
+        assert!(refused.contains("template_key_file"), "{refused}");
+        std::fs::create_dir_all(&data).unwrap();
+        let sneaky = [(
+            "template_key_file",
+            dir.path().join("hub/../hub/t.key"),
+            data.join("keys/t.key"),
+        )];
+        assert!(
+            place_keys(&data, &sneaky).is_err(),
+            "resolved, it is inside"
+        );
+        // Where an earlier version kept it by default, it is moved out once.
+        let legacy = data.join("keys/templates.key");
+        key_file(&legacy, true).unwrap();
+        let before = std::fs::read(&legacy).unwrap();
+        let outside = dir.path().join("hub-keys/templates.key");
+        let files = [("template_key_file", outside.clone(), legacy.clone())];
+        assert_eq!(
+            place_keys(&data, &files).unwrap(),
+            vec![(legacy.clone(), outside.clone())]
+        );
+        assert_eq!(std::fs::read(&outside).unwrap(), before);
+        assert!(!legacy.exists());
+        assert!(place_keys(&data, &files).unwrap().is_empty());
+    }
 
     #[test]
     fn seals_opens_and_refuses_tampering_other_records_and_other_keys() {

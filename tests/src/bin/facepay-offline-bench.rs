@@ -296,7 +296,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
     let api = CloudApi::new(cloud.http_addr);
     // The backlog, signed with the hub's key, written into its journal before it starts.
     let hub_dir = dir.join("hub");
-    let key_path = hub_dir.join("keys").join("hub-signing.key");
+    let key_path = storage::default_keys_dir(&hub_dir).join("hub-signing.key");
     let seed = storage::key_file(&key_path, true)?;
     let signer = HubSigner::from_seed(&seed);
     {
