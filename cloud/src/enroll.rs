@@ -425,7 +425,9 @@ pub const MAX_REPORTED_ACCOUNTS: usize = 8;
 impl Handler<FactorReportCmd> for IdentityActor {
     type Result = Result<protocol::LockoutBatch, EnrollError>;
     fn handle(&mut self, msg: FactorReportCmd, _: &mut Self::Context) -> Self::Result {
-        let report = msg.0;
+        let mut report = msg.0;
+        report.failed.sort();
+        report.failed.dedup();
         if report.failed.len() > MAX_REPORTED_ACCOUNTS
             || (report.failed.is_empty() == report.passed.is_none())
         {

@@ -56,8 +56,48 @@ pub fn file_system_of(path: &std::path::Path) -> Option<String> {
 /// the codes in them never reach a persistent disk. The error names the directory and its file
 /// system.
 pub fn check_in_memory(key: &str, dir: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .map_err(|e| anyhow::anyhow!("creating {key} {}: {e}", dir.display()))?;
+    // Nobody else may read frames there, put frames there, or swap the directory: it is no link,
+    // and it and every directory above it belong to this user or root and only they may write
+    // there (a shared directory such as /dev/shm itself only with its sticky bit).
+    let me = std::fs::metadata("/proc/self")
+        .map_err(|e| anyhow::anyhow!("reading who this process runs as: {e}"))?
+        .uid();
+    let link = std::fs::symlink_metadata(dir)
+        .map_err(|e| anyhow::anyhow!("reading {key} {}: {e}", dir.display()))?;
+    if link.file_type().is_symlink() {
+        anyhow::bail!(
+            "{key} {} is a symbolic link; name the directory itself",
+            dir.display()
+        );
+    }
+    let resolved = dir
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("resolving {key} {}: {e}", dir.display()))?;
+    for (n, step) in resolved.ancestors().enumerate() {
+        let meta = std::fs::metadata(step)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", step.display()))?;
+        let mode = meta.mode();
+        let shared = mode & 0o022 != 0;
+        let sticky_root = mode & 0o1000 != 0 && meta.uid() == 0;
+        let others_read = n == 0 && mode & 0o077 != 0;
+        if (meta.uid() != me && meta.uid() != 0) || (shared && !sticky_root) || others_read {
+            anyhow::bail!(
+                "{key} {}: {} (owner {}, mode {:o}) lets others read, add or swap frames; the \
+                 spool must be this user's alone (mode 700, in directories only it or root \
+                 may change)",
+                dir.display(),
+                step.display(),
+                meta.uid(),
+                mode & 0o7777
+            );
+        }
+    }
     match file_system_of(dir).as_deref() {
         Some("tmpfs" | "ramfs") => Ok(()),
         other => anyhow::bail!(

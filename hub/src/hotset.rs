@@ -395,16 +395,28 @@ impl HotSet {
             .unwrap_or_default()
     }
 
-    /// Takes the cloud's lockout state of an account when newer than the one held (what this
-    /// hub counted since it last heard from the cloud is in the cloud's count, or on its way).
+    /// Takes the cloud's lockout state of an account when newer than the one held. A count that
+    /// starts again (a right answer somewhere) replaces what is held; any other keeps the larger
+    /// count and the later lock, so failures this hub counted while the cloud could not hear of
+    /// them are not undone by a smaller count from elsewhere.
     pub fn take_cloud_lockout(
         &self,
         account_id: &str,
         state: Lockout,
     ) -> Result<bool, HotSetError> {
-        if state.version <= self.lockout(account_id).version {
+        let held = self.lockout(account_id);
+        if state.version <= held.version {
             return Ok(false);
         }
+        let state = if state.failures == 0 {
+            state
+        } else {
+            Lockout {
+                failures: state.failures.max(held.failures),
+                locked_until_ms: state.locked_until_ms.max(held.locked_until_ms),
+                version: state.version,
+            }
+        };
         // Kept even when it clears the count: its version orders later changes.
         self.lockouts
             .insert(
@@ -587,6 +599,19 @@ mod tests {
         assert_eq!(set.lockout("ada").failures, 3);
         assert!(set.take_cloud_lockout("ada", cloud(0, 0, 8)).unwrap());
         assert_eq!(set.lockout("ada"), cloud(0, 0, 8));
+        // Counted here while the cloud could not hear (locked), then a smaller count from
+        // elsewhere: the larger count and the later lock stand.
+        let mut state = set.lockout("ada");
+        for _ in 0..3 {
+            state = policy.fail(state, 100_000);
+        }
+        set.set_lockout("ada", state).unwrap();
+        assert!(set.take_cloud_lockout("ada", cloud(1, 0, 9)).unwrap());
+        assert_eq!(
+            set.lockout("ada"),
+            cloud(3, state.locked_until_ms, 9),
+            "not unlocked by a smaller count"
+        );
     }
 
     #[test]

@@ -236,33 +236,51 @@ impl OfflineActor {
                 }
             }
         };
-        ctx.spawn(sync.into_actor(self).map(|all, actor, _| {
+        ctx.spawn(sync.into_actor(self).map(|all, actor, ctx| {
             actor.syncing_allowances = false;
             if let Some(all) = all {
-                actor.allowances_synced(all);
+                actor.allowances_synced(all, ctx);
             }
         }));
     }
 
-    fn allowances_arrived(&mut self, allowances: Vec<Allowance>) {
-        for allowance in &allowances {
-            self.book.set_allowance(allowance.clone());
-        }
-        self.journal
-            .spawn(move |j| j.store_allowances(&allowances).map(|_| ()));
+    /// Grants and revocations the cloud sent: durable in the journal first, then in the book. A
+    /// grant approvals cite is one a restarted hub still holds (the cloud forgets older ones once
+    /// this hub reports the new one, which it reads from the book).
+    fn allowances_arrived(&mut self, allowances: Vec<Allowance>, ctx: &mut Context<Self>) {
+        let (journal, stored) = (self.journal.clone(), allowances.clone());
+        ctx.spawn(
+            async move { journal.run(move |j| j.store_allowances(&stored)).await }
+                .into_actor(self)
+                .map(move |_, actor, _| {
+                    for allowance in allowances {
+                        actor.book.set_allowance(allowance);
+                    }
+                }),
+        );
     }
 
-    /// A complete allowance sync: what the cloud lists replaces what is held.
-    fn allowances_synced(&mut self, allowances: Vec<Allowance>) {
+    /// A complete allowance sync: what the cloud lists replaces what is held (durably first).
+    fn allowances_synced(&mut self, allowances: Vec<Allowance>, ctx: &mut Context<Self>) {
         let listed: HashSet<AccountId> = allowances.iter().map(|a| a.account_id.clone()).collect();
-        for allowance in &allowances {
-            self.book.set_allowance(allowance.clone());
-        }
-        self.book.keep_only(&listed);
-        self.journal.spawn(move |j| {
-            j.store_allowances(&allowances)?;
-            j.keep_only_allowances(&listed).map(|_| ())
-        });
+        let (journal, stored, kept) = (self.journal.clone(), allowances.clone(), listed.clone());
+        ctx.spawn(
+            async move {
+                journal
+                    .run(move |j| {
+                        j.store_allowances(&stored)?;
+                        j.keep_only_allowances(&kept)
+                    })
+                    .await
+            }
+            .into_actor(self)
+            .map(move |_, actor, _| {
+                for allowance in allowances {
+                    actor.book.set_allowance(allowance);
+                }
+                actor.book.keep_only(&listed);
+            }),
+        );
     }
 }
 
@@ -285,7 +303,7 @@ impl Handler<UplinkEvent> for OfflineActor {
                 self.sync_allowances(ctx);
                 self.drain(ctx);
             }
-            UplinkEvent::AllowancesPushed(batch) => self.allowances_arrived(batch.allowances),
+            UplinkEvent::AllowancesPushed(batch) => self.allowances_arrived(batch.allowances, ctx),
             UplinkEvent::KeysBroadcast(_)
             | UplinkEvent::TemplatesPushed(_)
             | UplinkEvent::RevocationListPushed(_)
@@ -383,8 +401,8 @@ pub struct AllowanceGranted(pub Allowance);
 
 impl Handler<AllowanceGranted> for OfflineActor {
     type Result = ();
-    fn handle(&mut self, msg: AllowanceGranted, _: &mut Self::Context) {
-        self.allowances_arrived(vec![msg.0]);
+    fn handle(&mut self, msg: AllowanceGranted, ctx: &mut Self::Context) {
+        self.allowances_arrived(vec![msg.0], ctx);
     }
 }
 

@@ -869,11 +869,18 @@ pub fn check(
                 // with other details, and lost that approval too: the ledger holds the charge
                 // the cloud confirmed; the lost approval is the cost.
                 Some(t)
-                    if lost
+                    if losses.offline.contains(*payment_id)
                         && !approved.iter().any(|o| same(o, t))
                         && approved
                             .iter()
-                            .all(|o| matches!(o.outcome, Outcome::Ok { offline: true })) =>
+                            .all(|o| matches!(o.outcome, Outcome::Ok { offline: true }))
+                        && ops.iter().filter(|o| same(o, t)).all(|o| {
+                            matches!(
+                                o.outcome,
+                                Outcome::Unknown(_)
+                                    | Outcome::Failed(DeclineReason::DuplicateOrderId)
+                            )
+                        }) =>
                 {
                     checked.lost_with_disk += 1
                 }

@@ -869,7 +869,10 @@ pub fn spool(name: &str) -> PathBuf {
     });
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = root.join(format!("{name}-{n}"));
-    std::fs::create_dir_all(&dir).expect("/dev/shm takes a spool directory");
+    // The terminal's own, as it insists.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .expect("/dev/shm takes a spool directory");
     dir
 }
 

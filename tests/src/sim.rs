@@ -1257,7 +1257,14 @@ impl Sim {
                             && !approved.iter().any(|o| same(o, t))
                             && approved
                                 .iter()
-                                .all(|o| matches!(o.heard, Heard::Approved { offline: true })) =>
+                                .all(|o| matches!(o.heard, Heard::Approved { offline: true }))
+                            && ops.iter().filter(|o| same(o, t)).all(|o| {
+                                matches!(
+                                    o.heard,
+                                    Heard::Unknown
+                                        | Heard::Declined(DeclineReason::DuplicateOrderId)
+                                )
+                            }) =>
                     {
                         self.report.lost_with_disk_after_another_charge += 1
                     }

@@ -385,7 +385,9 @@ fn a_terminal_refuses_frame_spools_on_a_persistent_disk() {
     // In the package directory: on the repository's disk.
     let on_disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
     let frames = on_disk.path().join("frames");
-    std::fs::create_dir_all(&frames).unwrap();
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&frames)
+        .unwrap();
     let fs_type = edge::frames::file_system_of(&frames).unwrap_or_default();
     let args = |extra: &[&str]| {
         let mut args = vec![
@@ -417,6 +419,27 @@ fn a_terminal_refuses_frame_spools_on_a_persistent_disk() {
     let edge =
         tests::Service::start("facepay-edge", &args(&["frames_on_persistent_disk=true"])).unwrap();
     drop(edge);
+    // In memory but readable by others, or a link to elsewhere: refused too.
+    use std::os::unix::fs::PermissionsExt as _;
+    let shared = tests::spool("shared");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let overrides = |dir: &std::path::Path| {
+        vec![
+            format!("tls.pki_dir={:?}", tests::test_pki()),
+            format!("frames_dir={dir:?}"),
+            format!("camera_dir={:?}", tests::spool("camera")),
+            "register_listen=127.0.0.1:0".to_owned(),
+            "metrics.listen=127.0.0.1:0".to_owned(),
+        ]
+    };
+    let (code, stderr) = run_to_exit("facepay-edge", &overrides(&shared));
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("lets others read"), "{stderr}");
+    let link = tests::spool("links").join("frames");
+    std::os::unix::fs::symlink(tests::spool("target"), &link).unwrap();
+    let (code, stderr) = run_to_exit("facepay-edge", &overrides(&link));
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("symbolic link"), "{stderr}");
 }
 
 #[test]

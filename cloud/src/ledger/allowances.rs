@@ -74,6 +74,10 @@ struct GrantRecord {
     /// [`GRANT_HISTORY`]), with what offline payments booked under each.
     #[serde(default)]
     issued: Vec<Issued>,
+    /// The oldest version the store last reported its unreconciled entries for the account cite
+    /// (0: never reported).
+    #[serde(default)]
+    reported_oldest: u64,
 }
 
 /// One grant as issued: a budget for offline payments approved under it.
@@ -102,13 +106,25 @@ impl GrantRecord {
     fn issue(&mut self, version: u64, amount_minor: i64) {
         self.amount_minor = amount_minor;
         self.version = version;
+        // A revocation (or an empty grant) is no budget: nothing to remember, and repeated
+        // revocations never push a store's grants out of the history.
+        if amount_minor <= 0 {
+            return;
+        }
         self.issued.push(Issued {
             version,
             amount_minor,
             booked_minor: 0,
         });
         if self.issued.len() > GRANT_HISTORY {
-            self.issued.remove(0);
+            // The oldest one no unreconciled entry cites, by the store's last report; failing
+            // that, the oldest.
+            let drop = self
+                .issued
+                .iter()
+                .position(|g| g.version < self.reported_oldest)
+                .unwrap_or(0);
+            self.issued.remove(drop);
         }
     }
 
@@ -138,6 +154,14 @@ pub(super) fn book_offline(
         )));
     };
     let mut record: GrantRecord = decode(&bytes);
+    // A record written before grants were kept as budgets holds its current grant only.
+    if record.issued.is_empty() && record.version == version && record.amount_minor > 0 {
+        record.issued.push(Issued {
+            version,
+            amount_minor: record.amount_minor,
+            booked_minor: 0,
+        });
+    }
     let Some(grant) = record.issued.iter_mut().find(|g| g.version == version) else {
         return Ok(Err(format!(
             "approved under allowance version {version}, which the cloud did not grant store \
@@ -222,14 +246,16 @@ pub(super) fn grant(
         amount_minor: amount,
         version,
         reserved_minor: amount.max(still_reserved),
+        reported_oldest: previous.as_ref().map_or(0, |p| p.reported_oldest),
         issued: previous.map(|p| p.issued).unwrap_or_default(),
     };
-    record.issue(version, amount);
     if reported.oldest_version > 0 {
+        record.reported_oldest = reported.oldest_version;
         record
             .issued
-            .retain(|g| g.version >= reported.oldest_version || g.version == version);
+            .retain(|g| g.version >= reported.oldest_version);
     }
+    record.issue(version, amount);
     grants.insert(store_key(store_id, account_id), encode(&record))?;
     remember_store(by_account, account_id, store_id)?;
     Ok(Some(Allowance {

@@ -208,6 +208,7 @@ impl Ledger {
         entry: &OfflinePayment,
     ) -> Result<Applied, LedgerError> {
         let now_ms = self.clock.now_ms();
+        let most_owed = self.policy.account_cap_minor;
         let trees = (
             &self.accounts,
             &self.transfers,
@@ -297,6 +298,15 @@ impl Ledger {
                     return conflict(format!(
                         "payment in {} but the account holds {} and the store {}",
                         entry.currency, customer.currency, merchant.currency
+                    ));
+                }
+                // Whatever grants a store cites, offline payments never take an account further
+                // into debt than the account cap: what the grants of every store together may
+                // hold unreconciled for it, and so the most honest hubs can owe it.
+                if customer.balance_minor.saturating_sub(entry.amount_minor) < -most_owed {
+                    return conflict(format!(
+                        "would take {} below -{most_owed}, the most offline payments may owe",
+                        entry.account_id
                     ));
                 }
                 // Never beyond the grant the cloud issued for it, whatever the hub signed.
@@ -739,6 +749,60 @@ mod tests {
             balance(&l, "alice"),
             10_000 - 300 - 3_000 - 2_000 - 700 - 100
         );
+        books_balance(&l);
+    }
+
+    #[test]
+    fn offline_payments_never_take_an_account_below_minus_the_account_cap() {
+        // A store holding several grants at once (a hub that stole them all, say) books each
+        // within its own budget, but never past what the account may owe: the cap (8000).
+        let (_d, l) = ledger();
+        let grant = |order: &str, amount: i64| {
+            let (_, granted) = l
+                .authorize_with_allowance(
+                    "store-1",
+                    &online("store-1", order, &format!("n-{order}"), amount),
+                )
+                .unwrap();
+            granted.unwrap()
+        };
+        let (v1, v2) = (grant("p1", 100), grant("p2", 100));
+        assert_eq!((v1.amount_minor, v2.amount_minor), (5_000, 5_000));
+        grant("p3", 9_700);
+        assert_eq!(balance(&l, "alice"), 100);
+        let entry = |seq: u64, amount: i64, version: u64| {
+            let mut e = offline(
+                "store-1",
+                seq,
+                &format!("o{seq}"),
+                &format!("x{seq}"),
+                amount,
+            );
+            e.allowance_version = version;
+            signer("store-1").sign(&mut e);
+            e
+        };
+        let outcomes = l
+            .reconcile(
+                "store-1",
+                &[
+                    entry(1, 5_000, v1.version),
+                    entry(2, 5_000, v2.version),
+                    entry(3, 3_000, v2.version),
+                ],
+            )
+            .unwrap()
+            .outcomes;
+        assert!(matches!(
+            outcomes[0],
+            ReconcileOutcome::Applied { in_debt: true }
+        ));
+        let ReconcileOutcome::Conflict { detail } = &outcomes[1] else {
+            panic!("past the cap: {outcomes:?}");
+        };
+        assert!(detail.contains("-8000"), "{detail}");
+        assert!(matches!(outcomes[2], ReconcileOutcome::Applied { .. }));
+        assert_eq!(balance(&l, "alice"), 100 - 5_000 - 3_000);
         books_balance(&l);
     }
 
