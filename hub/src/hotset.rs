@@ -417,14 +417,8 @@ impl HotSet {
                 version: state.version,
             }
         };
-        // Kept even when it clears the count: its version orders later changes.
-        self.lockouts
-            .insert(
-                account_id.as_bytes(),
-                serde_json::to_vec(&state).expect("serialises"),
-            )
-            .map_err(err)?;
-        self.db.flush().map_err(err)?;
+        // Kept even when it clears the count (its version is not 0): it orders later changes.
+        self.set_lockout(account_id, state)?;
         Ok(true)
     }
 

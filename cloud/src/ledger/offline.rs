@@ -326,41 +326,13 @@ impl Ledger {
                 )?;
                 let transfer = TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
                 transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
-                // The code or token is spent: a later online replay of it is refused. If it had
+                // The code or token is spent (and the code a code-and-face token's face
+                // confirmed, with it): a later online replay of either is refused. If one had
                 // already paid another payment, the operator hears of it.
-                let nonce_key = nonce_key(&entry.account_id, &entry.nonce);
                 let mut first_payment = None;
-                match nonces.get(&nonce_key)? {
-                    None => {
-                        let record = NonceRecord {
-                            payment_id: entry.payment_id.clone(),
-                            decision: Decision::Approved {
-                                account_id: entry.account_id.clone(),
-                                already_paid: false,
-                            },
-                            amount: Some((entry.amount_minor, entry.currency)),
-                        };
-                        nonces.insert(nonce_key, encode(&record))?;
-                    }
-                    Some(first) => {
-                        let first: NonceRecord = decode(&first);
-                        if first.payment_id != entry.payment_id
-                            && matches!(first.decision, Decision::Approved { .. })
-                        {
-                            let record = CodeReuse {
-                                entry: entry.clone(),
-                                first_payment_id: first.payment_id.to_string(),
-                                recorded_at_ms: now_ms,
-                            };
-                            code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
-                            first_payment = Some(first.payment_id.into_string());
-                        }
-                    }
-                }
-                // The code a code-and-face token's face confirmed is spent with it too.
-                if let Some(code) = &entry.spent_code {
-                    let code_key = super::nonce_key(&entry.account_id, code);
-                    match nonces.get(&code_key)? {
+                for nonce in std::iter::once(&entry.nonce).chain(entry.spent_code.as_ref()) {
+                    let key = nonce_key(&entry.account_id, nonce);
+                    match nonces.get(&key)? {
                         None => {
                             let record = NonceRecord {
                                 payment_id: entry.payment_id.clone(),
@@ -370,7 +342,7 @@ impl Ledger {
                                 },
                                 amount: Some((entry.amount_minor, entry.currency)),
                             };
-                            nonces.insert(code_key, encode(&record))?;
+                            nonces.insert(key, encode(&record))?;
                         }
                         Some(first) if first_payment.is_none() => {
                             let first: NonceRecord = decode(&first);

@@ -188,9 +188,8 @@ pub struct AllowanceBatch {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_offline_approval_stands_for_the_same_online_request() {
-        let entry = OfflinePayment {
+    fn entry() -> OfflinePayment {
+        OfflinePayment {
             seq: 7,
             payment_id: "store-1:o1".into(),
             store_id: "store-1".into(),
@@ -204,7 +203,12 @@ mod tests {
             allowance_version: 0,
             spent_code: None,
             signature: "sig".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn an_offline_approval_stands_for_the_same_online_request() {
+        let entry = entry();
         let request = entry.as_request();
         assert_eq!(
             (
@@ -232,21 +236,7 @@ mod tests {
 
     #[test]
     fn an_entry_signs_its_grant_and_confirmed_code_and_without_them_what_it_always_signed() {
-        let mut entry = OfflinePayment {
-            seq: 7,
-            payment_id: "store-1:o1".into(),
-            store_id: "store-1".into(),
-            terminal_id: "t1".into(),
-            order_id: "o1".into(),
-            account_id: "alice".into(),
-            nonce: "n1".into(),
-            amount_minor: 1_250,
-            currency: Currency::parse("EUR").unwrap(),
-            approved_at_ms: 1,
-            allowance_version: 0,
-            spent_code: None,
-            signature: "sig".into(),
-        };
+        let mut entry = entry();
         let v1 = br#"["facepay-offline-v1",7,"store-1:o1","store-1","t1","o1","alice","n1",1250,"EUR",1]"#;
         assert_eq!(entry.signed_bytes(), v1.to_vec());
         entry.allowance_version = 3;

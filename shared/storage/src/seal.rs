@@ -308,6 +308,11 @@ mod tests {
         assert!(err.to_string().contains("missing.key"), "{err}");
         let short = dir.path().join("short.key");
         std::fs::write(&short, b"abc").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let err = Sealer::from_key_file(&short, true).unwrap_err();
         assert!(err.to_string().contains("exactly 32"), "{err}");
     }
