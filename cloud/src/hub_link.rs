@@ -51,6 +51,45 @@ struct Serving {
     metrics: PaymentMetrics,
     /// Stores with a merchant account: the only request topics served.
     known_stores: Mutex<HashSet<String>>,
+    /// Second-factor reports each store may still send now.
+    factor_reports: Mutex<HashMap<String, RateLimit>>,
+}
+
+/// Second-factor reports a store may send in a burst, and per second after it: far above what
+/// its terminals' customers can answer, far below what would keep every hub flushing lockouts.
+pub const FACTOR_REPORT_BURST: f64 = 50.0;
+/// See [`FACTOR_REPORT_BURST`].
+pub const FACTOR_REPORTS_PER_SECOND: f64 = 5.0;
+
+/// A token bucket: `burst` at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    /// A full bucket at `now`.
+    pub fn full(now: Instant) -> Self {
+        RateLimit {
+            tokens: FACTOR_REPORT_BURST,
+            at: now,
+        }
+    }
+
+    /// Takes one token at `now` if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let refill =
+            now.saturating_duration_since(self.at).as_secs_f64() * FACTOR_REPORTS_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(FACTOR_REPORT_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Which of a store's two lanes.
@@ -121,6 +160,7 @@ impl HubLinkActor {
                 identity,
                 metrics,
                 known_stores: Mutex::default(),
+                factor_reports: Mutex::default(),
             }),
             connected,
             lanes: HashMap::new(),
@@ -314,6 +354,20 @@ async fn serve(serving: &Serving, request: HubRequest) {
                 Err(e) => CloudReplyBody::Error {
                     detail: format!("identity unavailable: {e}"),
                 },
+            }
+        }
+        HubRequestBody::SecondFactor(_)
+            if !serving
+                .factor_reports
+                .lock()
+                .expect("not poisoned")
+                .entry(store_id.to_string())
+                .or_insert_with(|| RateLimit::full(Instant::now()))
+                .take(Instant::now()) =>
+        {
+            tracing::warn!(%store_id, "second-factor reports beyond the store's rate dropped");
+            CloudReplyBody::Busy {
+                detail: "too many second-factor reports from this store; counted here only".into(),
             }
         }
         HubRequestBody::SecondFactor(report) => {
@@ -537,6 +591,19 @@ impl Handler<BroadcastTemplates> for HubLinkActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stores_second_factor_reports_are_rate_limited() {
+        let start = Instant::now();
+        let mut limit = RateLimit::full(start);
+        let burst = (0..100).filter(|_| limit.take(start)).count();
+        assert_eq!(burst, FACTOR_REPORT_BURST as usize);
+        assert!(!limit.take(start));
+        // One second later, the refill.
+        let later = start + Duration::from_secs(1);
+        let refilled = (0..100).filter(|_| limit.take(later)).count();
+        assert_eq!(refilled, FACTOR_REPORTS_PER_SECOND as usize);
+    }
 
     fn request(store: &str, request_id: u64) -> HubRequest {
         HubRequest {
