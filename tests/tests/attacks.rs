@@ -18,20 +18,34 @@ use tests::open_account as open;
 
 /// Shows `wallet`'s code at the store's first terminal and charges `order`.
 fn pay(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protocol::ChargeResult {
+    pay_showing(site, wallet, order, amount).0
+}
+
+/// [`pay`], and the last code shown (the one the answer is about).
+fn pay_showing(
+    site: &StoreSite,
+    wallet: &Wallet,
+    order: &str,
+    amount: i64,
+) -> (protocol::ChargeResult, String) {
     let (edge, frames) = &site.edges[0];
+    let shown = std::cell::RefCell::new(String::new());
     let show = || {
-        present_code(frames, wallet).unwrap();
+        *shown.borrow_mut() = present_code(frames, wallet).unwrap();
     };
-    tests::charge_until_reachable(edge.http_addr, show, order, amount, || false)
+    let heard = tests::charge_until_reachable(edge.http_addr, show, order, amount, || false);
+    (heard, shown.into_inner())
 }
 
 /// A compromised broker (here one that enforces no ACL, so any certificate of the fleet publishes
 /// anywhere) relays forged cloud messages to a hub: a key update giving the victim's account the
 /// attacker's key, unsealed and sealed with another store's hub certificate, and "approved"
-/// replies to a payment the cloud never answered; and forged store requests to the cloud. Neither
-/// side opens any of them: the attacker's code does not pay from the victim's account, the
-/// victim's own code still does, the cloud applies no forged authorization, and the register
-/// hears the hub's own offline decline, not the forged approval.
+/// replies to a payment the cloud never answered; and forged store requests to the cloud (an
+/// authorization, and the void a customer would send to get back what she paid for goods she
+/// took, with her own code's nonce). Neither side opens any of them: the attacker's code does not
+/// pay from the victim's account, the victim's own code still does, the cloud applies no forged
+/// authorization and moves nothing back, and the register hears the hub's own offline decline,
+/// not the forged approval.
 #[test]
 fn forged_link_messages_through_a_compromised_broker_move_no_money() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +99,7 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
         (ChargeStatus::Declined, Some(DeclineReason::BadSignature)),
         "{heard:?}"
     );
-    let heard = pay(&site, &alice, "o2", 700);
+    let (heard, code) = pay_showing(&site, &alice, "o2", 700);
     assert_eq!(heard.status, ChargeStatus::Approved, "{heard:?}");
     assert_eq!(api.account("alice").unwrap().balance_minor, 9_300);
 
@@ -114,10 +128,27 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
             rogue_signer.seal(&requests, forged_request).unwrap(),
         )
         .unwrap();
+    let nonce = paycode::SignedCode::parse(&code).unwrap().nonce_hex();
+    let forged_void = protocol::encode(&HubRequest {
+        request_id: 8,
+        store_id: "store-1".into(),
+        body: HubRequestBody::Void(protocol::VoidPayment {
+            payment_id: "store-1:o2".into(),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+        }),
+    });
+    attacker.publish(&requests, forged_void.clone()).unwrap();
+    attacker
+        .publish(
+            &requests,
+            rogue_signer.seal(&requests, forged_void).unwrap(),
+        )
+        .unwrap();
     wait_for_metric(
         cloud.metrics_addr,
         "facepay_cloud_link_messages_refused_total",
-        2.0,
+        4.0,
         Duration::from_secs(10),
     )
     .unwrap();
@@ -184,8 +215,8 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
 
 /// A compromised hub (its link certificate and its offline signing key stolen) signs a backlog of
 /// offline approvals for a customer far beyond anything the cloud granted its store, citing
-/// every grant version it can guess, and a cloud-confirmed code's twin: the cloud books at most
-/// the grant it issued to the store for the account, and keeps the rest for an operator.
+/// every grant version it can guess: the cloud books at most the grant it issued to the store for
+/// the account, and keeps the rest for an operator.
 #[test]
 fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
     let dir = tempfile::tempdir().unwrap();
