@@ -235,7 +235,10 @@ impl CustomerStore {
                 .and_then(|v| serde_json::from_slice(&v).ok())
                 .unwrap_or_default();
             let mut state = if passed {
-                protocol::Lockout::default()
+                protocol::Lockout {
+                    resets: held.resets + 1,
+                    ..protocol::Lockout::default()
+                }
             } else {
                 policy.fail(held, now_ms)
             };
@@ -568,6 +571,11 @@ mod tests {
             (0, 0)
         );
         assert!(cleared[0].1.version > state.version);
+        assert_eq!(
+            cleared[0].1.resets,
+            state.resets + 1,
+            "hubs replace their count"
+        );
         // Erased with the customer.
         store.erase("bea").unwrap();
         assert!(store.lockouts.get(b"bea").unwrap().is_none());

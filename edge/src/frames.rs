@@ -52,30 +52,51 @@ pub fn file_system_of(path: &std::path::Path) -> Option<String> {
     best.map(|(_, fs_type)| fs_type)
 }
 
-/// Checks that a spool directory keeps frames in memory (tmpfs or ramfs): raw face frames and
-/// the codes in them never reach a persistent disk. The error names the directory and its file
-/// system.
-pub fn check_in_memory(key: &str, dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+/// Checks that a spool directory is the terminal's alone and, with `in_memory`, that it keeps
+/// frames in memory (tmpfs or ramfs): raw face frames and the codes in them never reach a
+/// persistent disk, and nobody else reads them, adds frames, or swaps the directory. It is
+/// created (mode 700) when missing, and narrowed to 700 when this user owns it; the error names
+/// the directory and what is wrong.
+pub fn check_spool(key: &str, dir: &std::path::Path, in_memory: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(|e| anyhow::anyhow!("creating {key} {}: {e}", dir.display()))?;
-    // Nobody else may read frames there, put frames there, or swap the directory: it is no link,
-    // and it and every directory above it belong to this user or root and only they may write
-    // there (a shared directory such as /dev/shm itself only with its sticky bit).
     let me = std::fs::metadata("/proc/self")
         .map_err(|e| anyhow::anyhow!("reading who this process runs as: {e}"))?
         .uid();
-    let link = std::fs::symlink_metadata(dir)
-        .map_err(|e| anyhow::anyhow!("reading {key} {}: {e}", dir.display()))?;
-    if link.file_type().is_symlink() {
-        anyhow::bail!(
-            "{key} {} is a symbolic link; name the directory itself",
-            dir.display()
-        );
+    let refuse = |step: &std::path::Path, meta: &std::fs::Metadata| {
+        anyhow::anyhow!(
+            "{key} {}: {} (owner {}, mode {:o}) lets others read, add or swap frames; the spool \
+             must be this user's alone (mode 700, in directories only it or root may change)",
+            dir.display(),
+            step.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        )
+    };
+    // Every link on the way as written belongs to this user or root (only they can re-point it).
+    let written = std::path::absolute(dir)
+        .map_err(|e| anyhow::anyhow!("resolving {key} {}: {e}", dir.display()))?;
+    for step in written.ancestors() {
+        let meta = std::fs::symlink_metadata(step)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", step.display()))?;
+        if meta.file_type().is_symlink() {
+            if step == written {
+                anyhow::bail!(
+                    "{key} {} is a symbolic link; name the directory itself",
+                    dir.display()
+                );
+            }
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(refuse(step, &meta));
+            }
+        }
     }
+    // Every directory it resolves to, and above, belongs to this user or root, and only they may
+    // write there (a shared one such as /dev/shm only with its sticky bit, owned by root).
     let resolved = dir
         .canonicalize()
         .map_err(|e| anyhow::anyhow!("resolving {key} {}: {e}", dir.display()))?;
@@ -83,20 +104,20 @@ pub fn check_in_memory(key: &str, dir: &std::path::Path) -> anyhow::Result<()> {
         let meta = std::fs::metadata(step)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", step.display()))?;
         let mode = meta.mode();
+        if n == 0 && meta.uid() == me && mode & 0o077 != 0 {
+            std::fs::set_permissions(step, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| anyhow::anyhow!("narrowing {key} {} to 700: {e}", dir.display()))?;
+            continue;
+        }
         let shared = mode & 0o022 != 0;
         let sticky_root = mode & 0o1000 != 0 && meta.uid() == 0;
         let others_read = n == 0 && mode & 0o077 != 0;
         if (meta.uid() != me && meta.uid() != 0) || (shared && !sticky_root) || others_read {
-            anyhow::bail!(
-                "{key} {}: {} (owner {}, mode {:o}) lets others read, add or swap frames; the \
-                 spool must be this user's alone (mode 700, in directories only it or root \
-                 may change)",
-                dir.display(),
-                step.display(),
-                meta.uid(),
-                mode & 0o7777
-            );
+            return Err(refuse(step, &meta));
         }
+    }
+    if !in_memory {
+        return Ok(());
     }
     match file_system_of(dir).as_deref() {
         Some("tmpfs" | "ramfs") => Ok(()),

@@ -86,10 +86,9 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     pki::register_expiry_gauge(&registry, "edge", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "edge");
 
-    if !config.frames_on_persistent_disk {
-        crate::frames::check_in_memory("frames_dir", &config.frames_dir)?;
-        crate::frames::check_in_memory("camera_dir", &config.camera_path())?;
-    }
+    let in_memory = !config.frames_on_persistent_disk;
+    crate::frames::check_spool("frames_dir", &config.frames_dir, in_memory)?;
+    crate::frames::check_spool("camera_dir", &config.camera_path(), in_memory)?;
     let source = DirectorySource::new(
         &config.frames_dir,
         Duration::from_millis(config.frame_poll_interval_ms),

@@ -395,10 +395,10 @@ impl HotSet {
             .unwrap_or_default()
     }
 
-    /// Takes the cloud's lockout state of an account when newer than the one held. A count that
-    /// starts again (a right answer somewhere) replaces what is held; any other keeps the larger
-    /// count and the later lock, so failures this hub counted while the cloud could not hear of
-    /// them are not undone by a smaller count from elsewhere.
+    /// Takes the cloud's lockout state of an account when newer than the one held. A count the
+    /// cloud started again since (a right answer somewhere: `resets` grew) replaces what is held;
+    /// any other keeps the larger count and the later lock, so failures this hub counted while
+    /// the cloud could not hear of them are not undone by a smaller count from elsewhere.
     pub fn take_cloud_lockout(
         &self,
         account_id: &str,
@@ -408,13 +408,13 @@ impl HotSet {
         if state.version <= held.version {
             return Ok(false);
         }
-        let state = if state.failures == 0 {
+        let state = if state.resets > held.resets {
             state
         } else {
             Lockout {
                 failures: state.failures.max(held.failures),
                 locked_until_ms: state.locked_until_ms.max(held.locked_until_ms),
-                version: state.version,
+                ..state
             }
         };
         // Kept even when it clears the count (its version is not 0): it orders later changes.
@@ -576,23 +576,29 @@ mod tests {
             base_ms: 10_000,
             max_ms: 60_000,
         };
-        let cloud = |failures, locked_until_ms, version| Lockout {
+        let cloud = |failures, locked_until_ms, version, resets| Lockout {
             failures,
             locked_until_ms,
             version,
+            resets,
         };
-        assert!(set.take_cloud_lockout("ada", cloud(2, 50_000, 7)).unwrap());
-        assert_eq!(set.lockout("ada"), cloud(2, 50_000, 7));
+        assert!(set
+            .take_cloud_lockout("ada", cloud(2, 50_000, 7, 0))
+            .unwrap());
+        assert_eq!(set.lockout("ada"), cloud(2, 50_000, 7, 0));
         // An older (or replayed) state is ignored.
-        assert!(!set.take_cloud_lockout("ada", cloud(0, 0, 6)).unwrap());
-        assert!(!set.take_cloud_lockout("ada", cloud(0, 0, 7)).unwrap());
-        // A failure here counts on top of it and keeps its version, so the cloud's next count
-        // (which includes it) replaces it.
+        assert!(!set.take_cloud_lockout("ada", cloud(0, 0, 6, 1)).unwrap());
+        assert!(!set.take_cloud_lockout("ada", cloud(0, 0, 7, 1)).unwrap());
+        // A failure here counts on top of it and keeps its version; the cloud's next count
+        // keeps the larger of the two.
         let local = policy.fail(set.lockout("ada"), 60_000);
         set.set_lockout("ada", local).unwrap();
         assert_eq!(set.lockout("ada").failures, 3);
-        assert!(set.take_cloud_lockout("ada", cloud(0, 0, 8)).unwrap());
-        assert_eq!(set.lockout("ada"), cloud(0, 0, 8));
+        assert!(set
+            .take_cloud_lockout("ada", cloud(3, 70_000, 8, 0))
+            .unwrap());
+        assert_eq!(set.lockout("ada"), cloud(3, local.locked_until_ms, 8, 0));
+        assert!(local.locked_until_ms > 70_000, "the later lock");
         // Counted here while the cloud could not hear (locked), then a smaller count from
         // elsewhere: the larger count and the later lock stand.
         let mut state = set.lockout("ada");
@@ -600,12 +606,16 @@ mod tests {
             state = policy.fail(state, 100_000);
         }
         set.set_lockout("ada", state).unwrap();
-        assert!(set.take_cloud_lockout("ada", cloud(1, 0, 9)).unwrap());
+        assert!(set.take_cloud_lockout("ada", cloud(1, 0, 9, 0)).unwrap());
         assert_eq!(
             set.lockout("ada"),
-            cloud(3, state.locked_until_ms, 9),
+            cloud(6, state.locked_until_ms, 9, 0),
             "not unlocked by a smaller count"
         );
+        // A right answer anywhere started the count again (even if a wrong one came after it,
+        // and this hub hears only the later state): it replaces what is held.
+        assert!(set.take_cloud_lockout("ada", cloud(1, 0, 11, 1)).unwrap());
+        assert_eq!(set.lockout("ada"), cloud(1, 0, 11, 1));
     }
 
     #[test]
@@ -631,6 +641,7 @@ mod tests {
                     failures: 2,
                     locked_until_ms: 0,
                     version: 0,
+                    resets: 0,
                 },
             )
             .unwrap();

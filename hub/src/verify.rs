@@ -257,8 +257,10 @@ fn settle_answer(
     now: u64,
 ) -> (Next, FactorReport) {
     if let Some(account) = matched {
+        let held = hot.lockout(&account);
         let cleared = Lockout {
-            version: hot.lockout(&account).version,
+            version: held.version,
+            resets: held.resets,
             ..Lockout::default()
         };
         if let Err(error) = hot.set_lockout(&account, cleared) {
@@ -1134,6 +1136,7 @@ mod tests {
                 failures: 1,
                 locked_until_ms: later + 60_000,
                 version: 0,
+                resets: 0,
             },
         )
         .unwrap();

@@ -419,10 +419,11 @@ fn a_terminal_refuses_frame_spools_on_a_persistent_disk() {
     let edge =
         tests::Service::start("facepay-edge", &args(&["frames_on_persistent_disk=true"])).unwrap();
     drop(edge);
-    // In memory but readable by others, or a link to elsewhere: refused too.
+    // In memory but in a directory anyone may change, or a link to elsewhere: refused too.
     use std::os::unix::fs::PermissionsExt as _;
-    let shared = tests::spool("shared");
-    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let open_parent = tests::spool("shared");
+    std::fs::set_permissions(&open_parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let shared = open_parent.join("frames");
     let overrides = |dir: &std::path::Path| {
         vec![
             format!("tls.pki_dir={:?}", tests::test_pki()),
@@ -430,11 +431,22 @@ fn a_terminal_refuses_frame_spools_on_a_persistent_disk() {
             format!("camera_dir={:?}", tests::spool("camera")),
             "register_listen=127.0.0.1:0".to_owned(),
             "metrics.listen=127.0.0.1:0".to_owned(),
+            format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", tests::free_port()),
         ]
     };
     let (code, stderr) = run_to_exit("facepay-edge", &overrides(&shared));
     assert_ne!(code, Some(0));
-    assert!(stderr.contains("lets others read"), "{stderr}");
+    assert!(
+        stderr.contains("lets others read") && stderr.contains(&open_parent.display().to_string()),
+        "{stderr}"
+    );
+    // Its own spool left readable by others is narrowed to the terminal alone.
+    let loose = tests::spool("loose");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let edge = tests::Service::start("facepay-edge", &overrides(&loose)).unwrap();
+    let mode = std::fs::metadata(&loose).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    drop(edge);
     let link = tests::spool("links").join("frames");
     std::os::unix::fs::symlink(tests::spool("target"), &link).unwrap();
     let (code, stderr) = run_to_exit("facepay-edge", &overrides(&link));

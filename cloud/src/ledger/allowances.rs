@@ -74,10 +74,6 @@ struct GrantRecord {
     /// [`GRANT_HISTORY`]), with what offline payments booked under each.
     #[serde(default)]
     issued: Vec<Issued>,
-    /// The oldest version the store last reported its unreconciled entries for the account cite
-    /// (0: never reported).
-    #[serde(default)]
-    reported_oldest: u64,
 }
 
 /// One grant as issued: a budget for offline payments approved under it.
@@ -97,6 +93,20 @@ struct Issued {
 pub const GRANT_HISTORY: usize = 1024;
 
 impl GrantRecord {
+    /// A record as stored; one written before grants were kept as budgets holds its current
+    /// grant only, and is read as a history of that one grant.
+    fn read(bytes: &[u8]) -> Self {
+        let mut record: GrantRecord = decode(bytes);
+        if record.issued.is_empty() && record.amount_minor > 0 {
+            record.issued.push(Issued {
+                version: record.version,
+                amount_minor: record.amount_minor,
+                booked_minor: 0,
+            });
+        }
+        record
+    }
+
     /// What the store counts against the account cap.
     fn counted(&self) -> i64 {
         self.reserved_minor.max(self.amount_minor)
@@ -117,14 +127,7 @@ impl GrantRecord {
             booked_minor: 0,
         });
         if self.issued.len() > GRANT_HISTORY {
-            // The oldest one no unreconciled entry cites, by the store's last report; failing
-            // that, the oldest.
-            let drop = self
-                .issued
-                .iter()
-                .position(|g| g.version < self.reported_oldest)
-                .unwrap_or(0);
-            self.issued.remove(drop);
+            self.issued.remove(0);
         }
     }
 
@@ -153,15 +156,7 @@ pub(super) fn book_offline(
             "the cloud granted store {store_id} no offline allowance for {account_id}"
         )));
     };
-    let mut record: GrantRecord = decode(&bytes);
-    // A record written before grants were kept as budgets holds its current grant only.
-    if record.issued.is_empty() && record.version == version && record.amount_minor > 0 {
-        record.issued.push(Issued {
-            version,
-            amount_minor: record.amount_minor,
-            booked_minor: 0,
-        });
-    }
+    let mut record = GrantRecord::read(&bytes);
     let Some(grant) = record.issued.iter_mut().find(|g| g.version == version) else {
         return Ok(Err(format!(
             "approved under allowance version {version}, which the cloud did not grant store \
@@ -228,7 +223,7 @@ pub(super) fn grant(
     }
     let previous = grants
         .get(store_key(store_id, account_id))?
-        .map(|g| decode::<GrantRecord>(&g));
+        .map(|g| GrantRecord::read(&g));
     let held = reported
         .amount_minor
         .clamp(0, policy.account_cap_minor.max(0));
@@ -246,11 +241,9 @@ pub(super) fn grant(
         amount_minor: amount,
         version,
         reserved_minor: amount.max(still_reserved),
-        reported_oldest: previous.as_ref().map_or(0, |p| p.reported_oldest),
         issued: previous.map(|p| p.issued).unwrap_or_default(),
     };
     if reported.oldest_version > 0 {
-        record.reported_oldest = reported.oldest_version;
         record
             .issued
             .retain(|g| g.version >= reported.oldest_version);
@@ -308,7 +301,7 @@ pub(super) fn revoke_all(
     for store in known_stores(by_account, account_id)? {
         let key = store_key(&store, account_id);
         if let Some(g) = grants.get(&key)? {
-            let mut record: GrantRecord = decode(&g);
+            let mut record = GrantRecord::read(&g);
             // A closed account's stores count nothing against a cap it will never use again;
             // the grants they were issued stay, for the offline payments approved under them.
             record.reserved_minor = if forget { 0 } else { record.counted() };

@@ -208,6 +208,10 @@ pub struct Lockout {
     /// takes a cloud state only when newer than the one it holds.
     #[serde(default)]
     pub version: u64,
+    /// How many times the cloud started the count again (a right answer): a hub replaces what
+    /// it counted when this grows, and otherwise keeps the larger count.
+    #[serde(default)]
+    pub resets: u64,
 }
 
 /// The lockout policy (FIDO's rule of thumb): `free` failures, then a lock that doubles with each
@@ -239,7 +243,7 @@ impl LockoutPolicy {
         Lockout {
             failures,
             locked_until_ms,
-            version: state.version,
+            ..state
         }
     }
 }

@@ -51,6 +51,8 @@ impl std::fmt::Debug for Sealer {
 /// Where a tier keeps its keys unless told otherwise: beside its data directory
 /// (`<data_dir>-keys`), never inside it, so a copy or a backup of the data carries no key.
 pub fn default_keys_dir(data_dir: &Path) -> std::path::PathBuf {
+    // Absolute first: `data_dir = "."` has a name to put `-keys` after.
+    let data_dir = &normalized(data_dir);
     let mut name = data_dir
         .file_name()
         .map(|n| n.to_os_string())
@@ -68,8 +70,32 @@ pub fn adopt_legacy_key(path: &Path, legacy: &Path) -> std::io::Result<bool> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::rename(legacy, path)?;
+    if std::fs::rename(legacy, path).is_err() {
+        // Another file system (the data directory is a mount of its own): copied, made durable,
+        // then removed from the data.
+        let staged = path.with_extension("moving");
+        std::fs::copy(legacy, &staged)?;
+        std::fs::File::open(&staged)?.sync_all()?;
+        std::fs::rename(&staged, path)?;
+        std::fs::remove_file(legacy)?;
+    }
     Ok(true)
+}
+
+/// `path` made absolute against the working directory, with `.` and `..` taken out lexically.
+fn normalized(path: &Path) -> std::path::PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut clean = std::path::PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            other => clean.push(other),
+        }
+    }
+    clean
 }
 
 /// Checks, before a tier opens anything, that each of its key files (`(configuration key, path,
@@ -80,7 +106,7 @@ pub fn place_keys(
     data_dir: &Path,
     files: &[(&str, std::path::PathBuf, std::path::PathBuf)],
 ) -> Result<Vec<(std::path::PathBuf, std::path::PathBuf)>, String> {
-    // Compared as given and, where they exist, resolved (links, `..`).
+    // Compared absolute and normalized and, where they exist, resolved (links).
     let resolved = |p: &Path| -> std::path::PathBuf {
         p.canonicalize()
             .ok()
@@ -88,12 +114,15 @@ pub fn place_keys(
                 let parent = p.parent()?.canonicalize().ok()?;
                 Some(parent.join(p.file_name()?))
             })
-            .unwrap_or_else(|| p.to_owned())
+            .unwrap_or_else(|| normalized(p))
     };
-    let data = resolved(data_dir);
+    let (data, data_resolved) = (normalized(data_dir), resolved(data_dir));
     let mut moved = Vec::new();
     for (key, path, legacy) in files {
-        if path.starts_with(data_dir) || resolved(path).starts_with(&data) {
+        let inside = normalized(path).starts_with(&data)
+            || resolved(path).starts_with(&data_resolved)
+            || resolved(path).starts_with(&data);
+        if inside {
             return Err(format!(
                 "{key} {} is inside data_dir {}: keep keys outside it (a copy or a backup of the \
                  data would carry them)",
@@ -256,6 +285,10 @@ mod tests {
             place_keys(&data, &sneaky).is_err(),
             "resolved, it is inside"
         );
+        // A data directory named "." has its keys beside it, not in it.
+        let here = default_keys_dir(Path::new("."));
+        let cwd = std::env::current_dir().unwrap();
+        assert!(!here.starts_with(&cwd), "{here:?}");
         // Where an earlier version kept it by default, it is moved out once.
         let legacy = data.join("keys/templates.key");
         key_file(&legacy, true).unwrap();
