@@ -412,13 +412,18 @@ mod tests {
         }
     }
 
-    /// The hub holds no key for the wallet's account: its fresh code is refused as unknown.
-    async fn refuses_as_unknown(credentials: &Addr<CredentialsActor>, wallet: &paycode::Wallet) {
-        let refused = credentials
-            .send(CheckCode(wallet.issue_code(1_000_000)))
+    /// What the actor says of a code it must refuse.
+    async fn refusal(credentials: &Addr<CredentialsActor>, code: String) -> RefusedCode {
+        credentials
+            .send(CheckCode(code))
             .await
             .unwrap()
-            .unwrap_err();
+            .expect_err("the code is refused")
+    }
+
+    /// The hub holds no key for the wallet's account: its fresh code is refused as unknown.
+    async fn refuses_as_unknown(credentials: &Addr<CredentialsActor>, wallet: &paycode::Wallet) {
+        let refused = refusal(credentials, wallet.issue_code(1_000_000)).await;
         assert_eq!(
             refused.decision.reason(),
             Some(DeclineReason::UnknownAccount)
@@ -442,11 +447,7 @@ mod tests {
         assert_eq!(checked.unwrap().account_id, "acct-1");
         // Past its window: refused, but its signature still names the account.
         clock.advance(120_000);
-        let refused = credentials
-            .send(CheckCode(code))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let refused = refusal(&credentials, code).await;
         assert_eq!(refused.decision.reason(), Some(DeclineReason::CodeExpired));
         assert_eq!(
             refused.signed.map(|c| c.account_id),
@@ -454,11 +455,7 @@ mod tests {
         );
         // Signed by a key this store does not hold: no signer named.
         let stranger = paycode::Wallet::generate("acct-2").unwrap();
-        let refused = credentials
-            .send(CheckCode(stranger.issue_code(1_120_000)))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let refused = refusal(&credentials, stranger.issue_code(1_120_000)).await;
         assert_eq!(
             refused.decision.reason(),
             Some(DeclineReason::UnknownAccount)

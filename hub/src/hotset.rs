@@ -333,20 +333,33 @@ impl HotSet {
         }
     }
 
-    /// Takes the template change `version` for an account when it is newer than the last one
-    /// applied (and records it); false for a change no newer, which is to be ignored.
-    pub fn take_change(&self, account_id: &str, version: u64) -> Result<bool, HotSetError> {
-        let held = self
+    /// The version of the last template change applied (or search answer admitted) for an
+    /// account.
+    fn applied_version(&self, account_id: &str) -> Result<Option<u64>, HotSetError> {
+        Ok(self
             .versions
             .get(account_id.as_bytes())
             .map_err(err)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
-        if held.is_some_and(|held| held >= version) {
-            return Ok(false);
-        }
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn record_version(&self, account_id: &str, version: u64) -> Result<(), HotSetError> {
         self.versions
             .insert(account_id.as_bytes(), &version.to_be_bytes())
             .map_err(err)?;
+        Ok(())
+    }
+
+    /// Takes the template change `version` for an account when it is newer than the last one
+    /// applied (and records it); false for a change no newer, which is to be ignored.
+    pub fn take_change(&self, account_id: &str, version: u64) -> Result<bool, HotSetError> {
+        if self
+            .applied_version(account_id)?
+            .is_some_and(|held| held >= version)
+        {
+            return Ok(false);
+        }
+        self.record_version(account_id, version)?;
         Ok(true)
     }
 
@@ -354,15 +367,10 @@ impl HotSet {
     /// no newer change of the account (an erasure, a replaced template) was applied here. An
     /// admitted version is recorded, so that an older change arriving later is ignored.
     pub fn admit_answer(&self, account_id: &str, version: u64) -> Result<bool, HotSetError> {
-        let held = self
-            .versions
-            .get(account_id.as_bytes())
-            .map_err(err)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
-        match held {
+        match self.applied_version(account_id)? {
             Some(held) if held > version => Ok(false),
             Some(held) if held == version => Ok(true),
-            _ => self.take_change(account_id, version),
+            _ => self.record_version(account_id, version).map(|()| true),
         }
     }
 
