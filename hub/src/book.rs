@@ -129,9 +129,17 @@ impl OfflineBook {
         self.allowances.get(account_id).map_or(0, |a| a.version)
     }
 
+    /// Counts an approval just made: held until the cloud acknowledges it, and booked against
+    /// the allowance it cites.
+    pub fn approved(&mut self, entry: &OfflinePayment) {
+        let (account, version) = (entry.account_id.as_str(), entry.allowance_version);
+        self.hold(account, version, entry.amount_minor);
+        self.spend(account, version, entry.amount_minor);
+    }
+
     /// Books an approval against the allowance it was approved under (`version`): a grant is a
     /// budget, spent by approvals whether reconciled or not, until the cloud grants anew.
-    pub fn spend(&mut self, account_id: &str, version: u64, amount_minor: i64) {
+    fn spend(&mut self, account_id: &str, version: u64, amount_minor: i64) {
         if let Some(allowance) = self
             .allowances
             .get_mut(account_id)
@@ -143,7 +151,7 @@ impl OfflineBook {
 
     /// Counts an approved payment (approved under allowance `version`) as held until the cloud
     /// acknowledges it.
-    pub fn hold(&mut self, account_id: &str, version: u64, amount_minor: i64) {
+    fn hold(&mut self, account_id: &str, version: u64, amount_minor: i64) {
         *self
             .pending_versions
             .entry(account_id.to_owned())
@@ -302,8 +310,23 @@ mod tests {
     fn a_grant_is_a_budget_that_reconciliation_does_not_refill() {
         let mut b = book();
         assert_eq!(b.grant_version("a"), 1);
-        b.hold("a", 1, 2_000);
-        b.spend("a", 1, 2_000);
+        let mut entry = OfflinePayment {
+            seq: 1,
+            payment_id: "s:o1".into(),
+            store_id: "s".into(),
+            terminal_id: "t".into(),
+            order_id: "o1".into(),
+            account_id: "a".into(),
+            nonce: "n1".into(),
+            amount_minor: 2_000,
+            currency: eur(),
+            approved_at_ms: 0,
+            allowance_version: 1,
+            spent_code: None,
+            signature: String::new(),
+        };
+        b.approved(&entry);
+        assert_eq!(b.outstanding("a"), 2_000);
         // Reconciled: nothing held, but the grant has booked 2000 of its 3000.
         b.release("a", 1, 2_000);
         assert_eq!(
@@ -332,12 +355,11 @@ mod tests {
         b.set_allowance(grant("a", 3_000, 2));
         assert_eq!(b.grant_version("a"), 2);
         assert!(b.check("a", 2_000, eur()).is_ok());
-        // Spending under an older version leaves the new budget alone.
-        b.spend("a", 1, 400);
-        assert!(b.check("a", 2_000, eur()).is_ok());
-        // The cloud hears the oldest grant an unreconciled entry cites, or the one held.
+        // Spending under an older version (an entry approved under it) leaves the new budget
+        // alone; the cloud hears the oldest grant an unreconciled entry cites, or the one held.
         assert_eq!(b.reservation("a").oldest_version, 2);
-        b.hold("a", 1, 400);
+        entry.amount_minor = 400;
+        b.approved(&entry);
         assert_eq!(
             (
                 b.reservation("a").allowance_version,
@@ -347,6 +369,16 @@ mod tests {
         );
         b.release("a", 1, 400);
         assert_eq!(b.reservation("a").oldest_version, 2);
+        entry.allowance_version = 2;
+        entry.amount_minor = 2_000;
+        b.approved(&entry);
+        b.release("a", 2, 2_000);
+        // The new grant booked 2000 of its 3000, nothing of the 400 under the old one.
+        assert!(b.check("a", 1_000, eur()).is_ok());
+        assert_eq!(
+            reason(b.check("a", 1_001, eur())),
+            Some(DeclineReason::OfflineAllowanceExceeded)
+        );
     }
 
     #[test]

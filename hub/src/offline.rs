@@ -366,16 +366,7 @@ impl Handler<ApproveOffline> for OfflineActor {
             signature: String::new(),
         };
         self.signer.sign(&mut entry);
-        self.book.hold(
-            &entry.account_id,
-            entry.allowance_version,
-            entry.amount_minor,
-        );
-        self.book.spend(
-            &entry.account_id,
-            entry.allowance_version,
-            entry.amount_minor,
-        );
+        self.book.approved(&entry);
         self.metrics.approved.inc();
         self.show();
         Ok(entry)

@@ -790,16 +790,7 @@ impl Sim {
             .journal
             .record_offline(&entry)
             .expect("record offline");
-        self.hub.book.hold(
-            &entry.account_id,
-            entry.allowance_version,
-            entry.amount_minor,
-        );
-        self.hub.book.spend(
-            &entry.account_id,
-            entry.allowance_version,
-            entry.amount_minor,
-        );
+        self.hub.book.approved(&entry);
         Decision::Approved {
             account_id: payer.account_id.clone(),
             already_paid: false,
