@@ -51,8 +51,8 @@ struct Serving {
     metrics: PaymentMetrics,
     /// Stores with a merchant account: the only request topics served.
     known_stores: Mutex<HashSet<String>>,
-    /// Second-factor reports each store may still send now.
-    factor_reports: Mutex<HashMap<String, RateLimit>>,
+    /// What each store may still send now of the requests rated per store.
+    rates: StoreRates,
 }
 
 /// Second-factor reports a store may send in a burst, and per second after it: far above what
@@ -60,35 +60,46 @@ struct Serving {
 pub const FACTOR_REPORT_BURST: f64 = 50.0;
 /// See [`FACTOR_REPORT_BURST`].
 pub const FACTOR_REPORTS_PER_SECOND: f64 = 5.0;
+/// Identity requests (1:N searches, template syncs) a store may send in a burst, and per second
+/// after it: a store's customers are searched only when its hot set misses, and a sync follows a
+/// reconnect; beyond, the store decides on its hot set while other stores' searches go on.
+pub const IDENTITY_BURST: f64 = 100.0;
+/// See [`IDENTITY_BURST`].
+pub const IDENTITY_PER_SECOND: f64 = 20.0;
 
-/// A token bucket: `burst` at once, refilled at `per_second`.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimit {
-    tokens: f64,
-    at: Instant,
+/// Requests rated per store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Rated {
+    FactorReports,
+    Identity,
 }
 
-impl RateLimit {
-    /// A full bucket at `now`.
-    pub fn full(now: Instant) -> Self {
-        RateLimit {
-            tokens: FACTOR_REPORT_BURST,
-            at: now,
+impl Rated {
+    fn bucket(self, now: Instant) -> clock::TokenBucket {
+        match self {
+            Rated::FactorReports => {
+                clock::TokenBucket::full(FACTOR_REPORT_BURST, FACTOR_REPORTS_PER_SECOND, now)
+            }
+            Rated::Identity => clock::TokenBucket::full(IDENTITY_BURST, IDENTITY_PER_SECOND, now),
         }
     }
+}
 
-    /// Takes one token at `now` if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.at).as_secs_f64() * FACTOR_REPORTS_PER_SECOND;
-        self.tokens = (self.tokens + refill).min(FACTOR_REPORT_BURST);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+/// Per-store token buckets (only stores with a merchant account get one, so the map is as large
+/// as the fleet).
+#[derive(Default)]
+struct StoreRates(Mutex<HashMap<(String, Rated), clock::TokenBucket>>);
+
+impl StoreRates {
+    /// Whether `store_id` may send one more `kind` request now.
+    fn allow(&self, store_id: &str, kind: Rated) -> bool {
+        let now = Instant::now();
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .entry((store_id.to_string(), kind))
+            .or_insert_with(|| kind.bucket(now))
+            .take(now)
     }
 }
 
@@ -160,7 +171,7 @@ impl HubLinkActor {
                 identity,
                 metrics,
                 known_stores: Mutex::default(),
-                factor_reports: Mutex::default(),
+                rates: StoreRates::default(),
             }),
             connected,
             lanes: HashMap::new(),
@@ -345,6 +356,14 @@ async fn serve(serving: &Serving, request: HubRequest) {
         _ if !known => CloudReplyBody::Error {
             detail: format!("{store_id:?} is not a store with a merchant account"),
         },
+        HubRequestBody::Identify(_) | HubRequestBody::TemplateSync { .. }
+            if !serving.rates.allow(&store_id, Rated::Identity) =>
+        {
+            tracing::warn!(%store_id, "identity requests beyond the store's rate refused");
+            CloudReplyBody::Busy {
+                detail: "too many identity requests from this store; decide on the hot set".into(),
+            }
+        }
         HubRequestBody::Identify(identify) => {
             match serving.identity.send(IdentifyCmd(identify)).await {
                 Ok(Ok(found)) => CloudReplyBody::Identified(found),
@@ -357,13 +376,7 @@ async fn serve(serving: &Serving, request: HubRequest) {
             }
         }
         HubRequestBody::SecondFactor(_)
-            if !serving
-                .factor_reports
-                .lock()
-                .expect("not poisoned")
-                .entry(store_id.to_string())
-                .or_insert_with(|| RateLimit::full(Instant::now()))
-                .take(Instant::now()) =>
+            if !serving.rates.allow(&store_id, Rated::FactorReports) =>
         {
             tracing::warn!(%store_id, "second-factor reports beyond the store's rate dropped");
             CloudReplyBody::Busy {
@@ -593,16 +606,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stores_second_factor_reports_are_rate_limited() {
-        let start = Instant::now();
-        let mut limit = RateLimit::full(start);
-        let burst = (0..100).filter(|_| limit.take(start)).count();
+    fn each_store_has_its_own_rates_per_kind() {
+        let rates = StoreRates::default();
+        let burst = (0..100)
+            .filter(|_| rates.allow("s1", Rated::FactorReports))
+            .count();
         assert_eq!(burst, FACTOR_REPORT_BURST as usize);
-        assert!(!limit.take(start));
-        // One second later, the refill.
-        let later = start + Duration::from_secs(1);
-        let refilled = (0..100).filter(|_| limit.take(later)).count();
-        assert_eq!(refilled, FACTOR_REPORTS_PER_SECOND as usize);
+        assert!(!rates.allow("s1", Rated::FactorReports));
+        assert!(rates.allow("s2", Rated::FactorReports), "another store");
+        let identity = (0..200)
+            .filter(|_| rates.allow("s1", Rated::Identity))
+            .count();
+        assert_eq!(identity, IDENTITY_BURST as usize, "its own bucket");
     }
 
     fn request(store: &str, request_id: u64) -> HubRequest {

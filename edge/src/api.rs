@@ -109,6 +109,7 @@ fn status_of_reason(reason: Option<DeclineReason>) -> StatusCode {
             | DeclineReason::OutcomeUnknown
             | DeclineReason::HubBusy,
         ) => StatusCode::SERVICE_UNAVAILABLE,
+        Some(DeclineReason::RateLimited) => StatusCode::TOO_MANY_REQUESTS,
         Some(_) => StatusCode::OK,
     }
 }

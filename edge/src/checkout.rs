@@ -442,9 +442,9 @@ mod tests {
             let decision = Decision::declined(*reason, "from the hub");
             let heard = result("o-1", pid.clone(), decision, true);
             let expected = match reason {
-                DeclineReason::PaymentInProgress | DeclineReason::OutcomeUnknown => {
-                    ChargeStatus::Unknown
-                }
+                DeclineReason::PaymentInProgress
+                | DeclineReason::OutcomeUnknown
+                | DeclineReason::RateLimited => ChargeStatus::Unknown,
                 _ => ChargeStatus::Declined,
             };
             assert_eq!(heard.status, expected, "{reason:?}");

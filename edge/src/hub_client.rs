@@ -62,12 +62,14 @@ fn open_signed(
 }
 
 impl HubClient {
-    /// A client for a store's hub; `verifier` checks its answers. Every `revocation_poll` it
+    /// A client for a store's hub, asking as `terminal_id` (the hub lets this terminal's
+    /// certificate use only that terminal's key expressions); `verifier` checks its answers. Every `revocation_poll` it
     /// fetches the revocation list the hub relays and keeps a newer one the CA signed
     /// (`revoked_gauge` shows how many certificates it revokes).
     pub fn new(
         zenoh: zlink::ZenohLink,
         store_id: &str,
+        terminal_id: &str,
         timeout: Duration,
         verifier: pki::HubVerifier,
         revocation_poll: Duration,
@@ -124,8 +126,8 @@ impl HubClient {
         });
         HubClient {
             zenoh,
-            key: protocol::keyexpr::hub_authorize(store_id),
-            verify_key: protocol::keyexpr::hub_verify(store_id),
+            key: protocol::keyexpr::hub_authorize(store_id, terminal_id),
+            verify_key: protocol::keyexpr::hub_verify(store_id, terminal_id),
             timeout,
             verifier,
         }

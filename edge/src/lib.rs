@@ -128,11 +128,14 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
 
     let zenoh_config = config.zenoh.clone();
     // The terminal hears only its own store's hub (whose certificate's common name is the store
-    // id): a queryable declared by any other peer is dropped.
+    // id), and only on this terminal's own key expressions: a queryable declared by any other
+    // peer is dropped.
     let security = zlink::ZenohSecurity {
         files: tls_files.clone(),
-        allowed_peers: vec![config.store_id.clone()],
-        key_exprs: vec![protocol::keyexpr::hub_all(&config.store_id)],
+        grants: vec![zlink::ZenohGrant {
+            common_names: vec![config.store_id.clone()],
+            key_exprs: protocol::keyexpr::terminal_keys(&config.store_id, &config.terminal_id),
+        }],
     };
     let zenoh =
         tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config, &security))
@@ -141,6 +144,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let hub = HubClient::new(
         zenoh,
         &config.store_id,
+        &config.terminal_id,
         Duration::from_millis(config.hub_timeout_ms),
         tls.hub_verifier(&config.store_id)?,
         Duration::from_millis(config.revocation_poll_interval_ms),

@@ -42,6 +42,8 @@ pub struct HubConfig {
     pub identify: IdentifyConfig,
     /// Authorization while the cloud is unreachable, and reconciliation afterwards.
     pub offline: OfflineConfig,
+    /// What each terminal may ask of the hub.
+    pub terminals: TerminalsConfig,
     /// Edges reach the hub here.
     pub zenoh: ZenohConfig,
     /// The broker where the cloud listens.
@@ -142,6 +144,47 @@ impl IdentifyConfig {
     }
 }
 
+/// The `[terminals]` section: each terminal's requests (verifications and charges together) are
+/// rate limited by a token bucket of its own (its id is its certificate's). Beyond, the hub
+/// answers `rate_limited` without looking at the request (for a charge: outcome unknown, charge
+/// again in a moment).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TerminalsConfig {
+    /// Requests one terminal may send at once.
+    pub requests_burst: u32,
+    /// Requests one terminal may send per second after its burst.
+    pub requests_per_second: u32,
+}
+
+impl Default for TerminalsConfig {
+    fn default() -> Self {
+        // A checkout is a verification or two and a charge every few seconds at the busiest
+        // till; retries after an unknown outcome come one at a time.
+        TerminalsConfig {
+            requests_burst: 30,
+            requests_per_second: 5,
+        }
+    }
+}
+
+impl TerminalsConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        check_range(
+            "terminals.requests_burst",
+            u64::from(self.requests_burst),
+            1..=100_000,
+            "requests",
+        )?;
+        check_range(
+            "terminals.requests_per_second",
+            u64::from(self.requests_per_second),
+            1..=100_000,
+            "requests",
+        )
+    }
+}
+
 /// The `[offline]` section: what the hub may approve alone while the cloud is unreachable, and how
 /// its journal drains afterwards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +272,7 @@ impl Default for HubConfig {
             identify_timeout_ms: 2_000,
             identify: IdentifyConfig::default(),
             offline: OfflineConfig::default(),
+            terminals: TerminalsConfig::default(),
             zenoh: ZenohConfig {
                 listen: vec!["tls/127.0.0.1:7447".into()],
                 ..ZenohConfig::default()
@@ -327,6 +371,7 @@ impl Validate for HubConfig {
         )?;
         self.identify.validate()?;
         self.offline.validate()?;
+        self.terminals.validate()?;
         self.zenoh.validate("zenoh")?;
         if self.zenoh.listen.is_empty() {
             return Err((

@@ -266,11 +266,41 @@ pub struct IssuedToken {
     pub issued: Token,
 }
 
-/// Whether a map capped at `cap` entries has room for one more, once the entries no longer
-/// `live` are dropped (only when it is full: the usual insert costs nothing).
-pub fn make_room<K, V>(map: &mut HashMap<K, V>, cap: usize, live: impl Fn(&V) -> bool) -> bool {
-    if map.len() >= cap {
-        map.retain(|_, v| live(v));
+/// Most payment tokens, and most second-factor challenges, one terminal holds open: its share of
+/// the hub's caps. The terminal id is its certificate's (it asks on its own key expressions, see
+/// `edges`), so a terminal past its share gives up its own oldest (in a checkout, long since
+/// charged or abandoned), never another terminal's.
+pub const MAX_OPEN_PER_TERMINAL: usize = 64;
+
+/// Makes room in a map of open verifications (tokens, challenges), capped at `cap` entries and
+/// [`MAX_OPEN_PER_TERMINAL`] per terminal, for one more of `terminal`'s: expired entries are
+/// dropped when a cap is reached, then `terminal`'s soonest to expire while it is past its share.
+/// Whether there is room (the hub is full only when many terminals each hold their share).
+pub fn make_room<K, V>(
+    map: &mut HashMap<K, V>,
+    cap: usize,
+    terminal: &str,
+    terminal_of: impl Fn(&V) -> &str,
+    expires_at_ms: impl Fn(&V) -> u64,
+    now_ms: u64,
+) -> bool
+where
+    K: Clone + Eq + std::hash::Hash,
+{
+    let own = |map: &HashMap<K, V>| map.values().filter(|v| terminal_of(v) == terminal).count();
+    if map.len() >= cap || own(map) >= MAX_OPEN_PER_TERMINAL {
+        map.retain(|_, v| expires_at_ms(v) > now_ms);
+    }
+    let mut own_count = own(map);
+    while own_count >= MAX_OPEN_PER_TERMINAL {
+        let oldest = map
+            .iter()
+            .filter(|(_, v)| terminal_of(v) == terminal)
+            .min_by_key(|(_, v)| expires_at_ms(v))
+            .map(|(k, _)| k.clone())
+            .expect("the terminal holds some");
+        map.remove(&oldest);
+        own_count -= 1;
     }
     map.len() < cap
 }
@@ -297,7 +327,14 @@ impl Handler<IssueToken> for CredentialsActor {
             return Err(TokenNotIssued::Erased);
         }
         let now = self.clock.now_ms();
-        if !make_room(&mut self.tokens, MAX_OPEN_TOKENS, |t| t.expires_at_ms > now) {
+        if !make_room(
+            &mut self.tokens,
+            MAX_OPEN_TOKENS,
+            &msg.terminal_id,
+            |t| t.terminal_id.as_str(),
+            |t| t.expires_at_ms,
+            now,
+        ) {
             return Err(TokenNotIssued::Full);
         }
         let issued = Token {
@@ -532,24 +569,72 @@ mod tests {
     }
 
     #[actix::test]
-    async fn open_tokens_are_capped_and_expired_ones_make_room() {
+    async fn open_tokens_are_capped_per_terminal_and_per_hub() {
         let clock = clock::ManualClock::new(1_000_000);
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
         let credentials = actor(clock.clone(), &wallet);
-        let issue = |ttl_ms| IssueToken {
+        let issue = |terminal: usize, ttl_ms| IssueToken {
             account_id: "acct-1".into(),
-            terminal_id: "till-1".into(),
+            terminal_id: format!("till-{terminal}").as_str().into(),
             ttl_ms,
             spent_code: None,
         };
-        for _ in 0..MAX_OPEN_TOKENS {
-            credentials.send(issue(10_000)).await.unwrap().unwrap();
+        let terminals = MAX_OPEN_TOKENS / MAX_OPEN_PER_TERMINAL;
+        let mut first = None;
+        for n in 0..MAX_OPEN_TOKENS {
+            let issued = credentials
+                .send(issue(n % terminals, 10_000 + n as u64))
+                .await
+                .unwrap()
+                .unwrap();
+            first.get_or_insert(issued.token);
         }
+        // Every terminal holds its share: one more terminal finds the hub full.
         assert_eq!(
-            credentials.send(issue(10_000)).await.unwrap().err(),
+            credentials
+                .send(issue(terminals, 10_000))
+                .await
+                .unwrap()
+                .err(),
             Some(TokenNotIssued::Full)
         );
-        clock.advance(10_000);
-        assert!(credentials.send(issue(10_000)).await.unwrap().is_ok());
+        // A terminal past its share gives up its own oldest token, nobody else's.
+        let redeem = |token: String, terminal: usize| RedeemToken {
+            token,
+            terminal_id: format!("till-{terminal}").as_str().into(),
+        };
+        let second = credentials.send(issue(1, 10_000)).await.unwrap().unwrap();
+        assert!(credentials
+            .send(redeem(second.token, 1))
+            .await
+            .unwrap()
+            .is_ok());
+        assert!(
+            credentials
+                .send(redeem(first.clone().unwrap(), 0))
+                .await
+                .unwrap()
+                .is_ok(),
+            "terminal 0's oldest is kept"
+        );
+        for _ in 0..MAX_OPEN_PER_TERMINAL {
+            credentials.send(issue(0, 20_000)).await.unwrap().unwrap();
+        }
+        assert_eq!(
+            credentials
+                .send(redeem(first.unwrap(), 0))
+                .await
+                .unwrap()
+                .err(),
+            Some(TokenRefused::Unknown),
+            "its own share moved on"
+        );
+        // Expired tokens make room for a new terminal.
+        clock.advance(20_000);
+        assert!(credentials
+            .send(issue(terminals, 10_000))
+            .await
+            .unwrap()
+            .is_ok());
     }
 }

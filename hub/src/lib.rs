@@ -10,6 +10,7 @@ pub mod book;
 pub mod breaker;
 pub mod config;
 pub mod credentials;
+pub mod edges;
 mod error;
 pub mod hotset;
 pub mod journal;
@@ -25,7 +26,6 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use paycode::Validity;
 use prometheus::Registry;
-use tokio::sync::Semaphore;
 
 pub use config::HubConfig;
 pub use error::HubError;
@@ -35,13 +35,10 @@ use crate::{
     hotset::HotSet,
     journal::Journal,
     offline::{OfflineActor, OfflineMetrics, OfflineSetup},
-    payment::{Authorize, PaymentActor, PaymentPeers, PaymentSettings},
+    payment::{PaymentActor, PaymentPeers, PaymentSettings},
     uplink::{LinkEventMsg, UplinkActor},
-    verify::{Verify, VerifyActor, VerifyMetrics, VerifyPeers, VerifySettings},
+    verify::{VerifyActor, VerifyMetrics, VerifyPeers, VerifySettings},
 };
-
-/// Most edge queries in flight at once; more wait in Zenoh.
-pub const MAX_CONCURRENT_QUERIES: usize = 64;
 
 /// A running hub.
 pub struct HubHandle {
@@ -250,32 +247,32 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     // The store's terminals reach the hub over Zenoh; the trust actor owns the session and
     // reopens it when a revocation list from the cloud revokes one of them.
     let open_zenoh: trust::OpenZenoh = {
-        let (zenoh_config, files, store_id) = (
-            config.zenoh.clone(),
-            tls_files.clone(),
-            config.store_id.clone(),
-        );
-        let signer = tls.reply_signer()?;
-        let in_force = in_force.clone();
-        let (payment, verify) = (payment.clone(), verify.clone());
+        let zenoh_config = config.zenoh.clone();
+        let services = edges::EdgeServices {
+            store_id: config.store_id.clone(),
+            payment: payment.clone(),
+            verify: verify.clone(),
+            signer: tls.reply_signer()?,
+            in_force: in_force.clone(),
+            rates: Arc::new(edges::TerminalRates::new(config.terminals.clone())),
+        };
+        let files = tls_files.clone();
         Box::new(move |allowed: Vec<String>| {
+            // Each terminal asks on key expressions of its own id, and only its certificates
+            // may: the id the hub reads from the key is the certificate's.
+            let terminals = edges::terminals_of(&services.store_id, &allowed);
             let security = zlink::ZenohSecurity {
                 files: files.clone(),
-                allowed_peers: allowed,
-                key_exprs: vec![protocol::keyexpr::hub_all(&store_id)],
+                grants: edges::grants(&services.store_id, &terminals),
             };
-            let (zenoh_config, store_id) = (zenoh_config.clone(), store_id.clone());
-            let (payment, verify, signer) = (payment.clone(), verify.clone(), signer.clone());
-            let in_force = in_force.clone();
+            let (zenoh_config, services) = (zenoh_config.clone(), services.clone());
             Box::pin(async move {
                 let zenoh = tokio::task::spawn_blocking(move || {
                     zlink::ZenohLink::open(&zenoh_config, &security)
                 })
                 .await
                 .expect("zenoh open does not panic")?;
-                serve_edges(&zenoh, &store_id, payment, signer.clone()).await?;
-                serve_verify(&zenoh, &store_id, verify, signer).await?;
-                serve_revocations(&zenoh, &store_id, in_force).await?;
+                edges::serve(&zenoh, &services, &terminals).await?;
                 Ok(zenoh)
             })
         })
@@ -358,188 +355,4 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         server: handle,
         _trust: trust,
     })
-}
-
-/// Declares a queryable on `key`, on the Zenoh runtime.
-async fn declare_queryable(
-    zenoh: &zlink::ZenohLink,
-    key: String,
-) -> anyhow::Result<
-    zlink::zenoh::query::Queryable<
-        zlink::zenoh::handlers::FifoChannelHandler<zlink::zenoh::query::Query>,
-    >,
-> {
-    let session = zenoh.session().clone();
-    let declared = key.clone();
-    zenoh
-        .spawn(async move { session.declare_queryable(declared).await })
-        .await
-        .expect("declaring does not panic")
-        .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))
-}
-
-/// Declares a queryable on `key` and answers each query, at most [`MAX_CONCURRENT_QUERIES`] at
-/// once, with what `answer` makes of its decoded payload, signed by `signer` (terminals act only
-/// on answers their store's hub certificate signed).
-async fn serve_queries<Req, F, Fut>(
-    zenoh: &zlink::ZenohLink,
-    key: String,
-    signer: pki::ReplySigner,
-    answer: F,
-) -> anyhow::Result<()>
-where
-    Req: serde::de::DeserializeOwned + Send + 'static,
-    F: Fn(Result<Req, protocol::WireError>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
-{
-    let queryable = declare_queryable(zenoh, key).await?;
-    let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
-    let answer = Arc::new(answer);
-    let signer = Arc::new(signer);
-    zenoh.spawn(async move {
-        while let Ok(query) = queryable.recv_async().await {
-            let permit = limit
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closes");
-            let answer = answer.clone();
-            let signer = signer.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let payload = query
-                    .payload()
-                    .map(|p| p.to_bytes().into_owned())
-                    .unwrap_or_default();
-                let reply = answer(protocol::decode::<Req>(&payload)).await;
-                let reply = String::from_utf8(reply).expect("protocol messages are JSON text");
-                let signature = match signer.sign(&payload, &reply) {
-                    Ok(signature) => signature,
-                    Err(error) => {
-                        tracing::error!(%error, "signing an answer failed; not sent");
-                        return;
-                    }
-                };
-                let signed = protocol::encode(&protocol::SignedHubReply {
-                    reply,
-                    certificate_pem: signer.certificate_pem().to_owned(),
-                    signature,
-                });
-                if let Err(error) = query.reply(query.key_expr().clone(), signed).await {
-                    tracing::warn!(%error, "replying to edge failed");
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-fn wire_reason(error: &protocol::WireError) -> protocol::DeclineReason {
-    match error {
-        protocol::WireError::UnsupportedVersion { .. } => {
-            protocol::DeclineReason::UnsupportedVersion
-        }
-        protocol::WireError::Malformed(_) => protocol::DeclineReason::InvalidRequest,
-    }
-}
-
-/// Declares the store's authorize queryable and answers each query through the payment actor.
-async fn serve_edges(
-    zenoh: &zlink::ZenohLink,
-    store_id: &str,
-    payment: Addr<PaymentActor>,
-    signer: pki::ReplySigner,
-) -> anyhow::Result<()> {
-    let key = protocol::keyexpr::hub_authorize(store_id);
-    serve_queries(
-        zenoh,
-        key,
-        signer,
-        move |decoded: Result<protocol::AuthorizeRequest, _>| {
-            let payment = payment.clone();
-            async move {
-                let reply = match decoded {
-                    Ok(request) => {
-                        let payment_id = request.payment_id.clone();
-                        payment
-                            .send(Authorize(request))
-                            .await
-                            // The payment actor stopped while it held the attempt (or before):
-                            // the cloud may have it. Unknown, never declined; the restart voids
-                            // or resolves it.
-                            .unwrap_or_else(|error| protocol::AuthorizeReply {
-                                payment_id,
-                                decision: protocol::Decision::declined(
-                                    protocol::DeclineReason::OutcomeUnknown,
-                                    format!("hub payment path unavailable: {error}"),
-                                ),
-                                offline: false,
-                            })
-                    }
-                    Err(error) => protocol::AuthorizeReply {
-                        payment_id: protocol::PaymentId::default(),
-                        decision: protocol::Decision::declined(
-                            wire_reason(&error),
-                            error.to_string(),
-                        ),
-                        offline: false,
-                    },
-                };
-                protocol::encode(&reply)
-            }
-        },
-    )
-    .await
-}
-
-/// Declares the store's verify queryable and answers each query through the verify actor.
-async fn serve_verify(
-    zenoh: &zlink::ZenohLink,
-    store_id: &str,
-    verify: Addr<VerifyActor>,
-    signer: pki::ReplySigner,
-) -> anyhow::Result<()> {
-    let key = protocol::keyexpr::hub_verify(store_id);
-    serve_queries(
-        zenoh,
-        key,
-        signer,
-        move |decoded: Result<protocol::VerifyRequest, _>| {
-            let verify = verify.clone();
-            async move {
-                let reply = match decoded {
-                    Ok(request) => verify.send(Verify(request)).await.unwrap_or_else(|error| {
-                        protocol::VerifyReply::refused(
-                            protocol::DeclineReason::Internal,
-                            format!("hub unavailable: {error}"),
-                        )
-                    }),
-                    Err(error) => {
-                        protocol::VerifyReply::refused(wire_reason(&error), error.to_string())
-                    }
-                };
-                protocol::encode(&reply)
-            }
-        },
-    )
-    .await
-}
-
-/// Declares the store's revocation-list queryable: terminals fetch the list the hub holds in force
-/// (the CA signed it; they keep it only when it is newer than theirs).
-async fn serve_revocations(
-    zenoh: &zlink::ZenohLink,
-    store_id: &str,
-    in_force: trust::ListInForce,
-) -> anyhow::Result<()> {
-    let queryable = declare_queryable(zenoh, protocol::keyexpr::hub_revocations(store_id)).await?;
-    zenoh.spawn(async move {
-        while let Ok(query) = queryable.recv_async().await {
-            let pem = in_force.read().expect("not poisoned").clone();
-            if let Err(error) = query.reply(query.key_expr().clone(), pem).await {
-                tracing::warn!(%error, "relaying the revocation list failed");
-            }
-        }
-    });
-    Ok(())
 }

@@ -33,7 +33,8 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// Mailbox bound.
 pub const VERIFY_MAILBOX: usize = 256;
 /// Most second-factor challenges open at once (terminals open them, one per verification of a
-/// look-alike); expired ones are dropped first.
+/// look-alike); expired ones are dropped first, and a terminal holds at most
+/// [`crate::credentials::MAX_OPEN_PER_TERMINAL`] of them.
 pub const MAX_OPEN_CHALLENGES: usize = 4_096;
 
 #[derive(Debug, Clone)]
@@ -601,9 +602,14 @@ impl VerifyActor {
         spent_code: Option<CodeNonce>,
     ) -> VerifyReply {
         let now = self.clock.now_ms();
-        if !make_room(&mut self.challenges, MAX_OPEN_CHALLENGES, |c| {
-            c.expires_at_ms > now
-        }) {
+        if !make_room(
+            &mut self.challenges,
+            MAX_OPEN_CHALLENGES,
+            &terminal_id,
+            |c| c.terminal_id.as_str(),
+            |c| c.expires_at_ms,
+            now,
+        ) {
             return VerifyReply::refused(
                 DeclineReason::HubBusy,
                 "the hub holds as many open second-factor challenges as it may; verify again in \

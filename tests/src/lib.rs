@@ -491,6 +491,13 @@ impl Service {
             .arg(format!("tls.pki_dir={:?}", test_pki()))
             .arg("--set")
             .arg("metrics.listen=127.0.0.1:0");
+        if binary == "facepay-hub" {
+            // The tests' terminals pay as fast as they can; the per-terminal rate is tested
+            // where it is set (a test's own overrides come after these).
+            for key in ["terminals.requests_burst", "terminals.requests_per_second"] {
+                command.arg("--set").arg(format!("{key}=100000"));
+            }
+        }
         for o in overrides {
             command.arg("--set").arg(o);
         }

@@ -640,20 +640,36 @@ fn zenoh_query_with(
     key: String,
     patience: Duration,
 ) -> Option<Vec<u8>> {
+    zenoh_queries_with(connect, files, allowed_peers, key, 1, patience).pop()
+}
+
+/// Sends `count` junk queries on `key` from one session with these files, the first once the
+/// link is up (within `patience`), the rest right after each answer; the answers heard.
+fn zenoh_queries_with(
+    connect: u16,
+    files: pki::TlsFiles,
+    allowed_peers: Vec<String>,
+    key: String,
+    count: usize,
+    patience: Duration,
+) -> Vec<Vec<u8>> {
     let config = zlink::ZenohConfig {
         connect: vec![format!("tls/127.0.0.1:{connect}")],
         ..Default::default()
     };
     let security = zlink::ZenohSecurity {
         files,
-        allowed_peers,
-        key_exprs: vec!["facepay/**".into()],
+        grants: vec![zlink::ZenohGrant {
+            common_names: allowed_peers,
+            key_exprs: vec!["facepay/**".into()],
+        }],
     };
     let link = zlink::ZenohLink::open(&config, &security).unwrap();
     let session = link.session().clone();
-    let reply = runtime().block_on(link.spawn(async move {
+    let replies = runtime().block_on(link.spawn(async move {
         let deadline = tokio::time::Instant::now() + patience;
-        while tokio::time::Instant::now() < deadline {
+        let mut heard = Vec::new();
+        while heard.len() < count && tokio::time::Instant::now() < deadline {
             let replies = session
                 .get(&key)
                 .payload(b"not a request".to_vec())
@@ -662,14 +678,92 @@ fn zenoh_query_with(
                 .unwrap();
             if let Ok(reply) = replies.recv_async().await {
                 if let Ok(sample) = reply.result() {
-                    return Some(sample.payload().to_bytes().into_owned());
+                    heard.push(sample.payload().to_bytes().into_owned());
+                    continue;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        None
+        heard
     }));
-    reply.unwrap()
+    replies.unwrap()
+}
+
+/// The reason of a signed hub answer to an authorize query.
+fn authorize_reason(signed: &[u8]) -> Option<protocol::DeclineReason> {
+    let signed: protocol::SignedHubReply = protocol::decode(signed).unwrap();
+    let reply: protocol::AuthorizeReply = protocol::decode(signed.reply.as_bytes()).unwrap();
+    reply.decision.reason()
+}
+
+#[test]
+fn each_terminal_is_rate_limited_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    for till in ["till-1", "till-2"] {
+        ensure_identity(&pki::Identity::edge("store-12", till).unwrap()).unwrap();
+    }
+    let zenoh_port = free_port();
+    let hub = Service::start(
+        "facepay-hub",
+        &[
+            "store_id=store-12".into(),
+            format!("data_dir={:?}", dir.path().join("hub")),
+            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+            format!("mqtt.port={}", free_port()),
+            "terminals.requests_burst=3".into(),
+            "terminals.requests_per_second=1".into(),
+        ],
+    )
+    .unwrap();
+    let files = |name: &str| {
+        pki::TlsConfig {
+            pki_dir: test_pki().to_owned(),
+            ..Default::default()
+        }
+        .files(name)
+    };
+    let peers = vec!["store-12".to_string()];
+    let started = std::time::Instant::now();
+    let answers = zenoh_queries_with(
+        zenoh_port,
+        files("edge-store-12-till-1"),
+        peers.clone(),
+        protocol::keyexpr::hub_authorize("store-12", "till-1"),
+        10,
+        Duration::from_secs(15),
+    );
+    let elapsed = started.elapsed().as_secs();
+    assert_eq!(answers.len(), 10, "every query is answered");
+    let reasons: Vec<_> = answers.iter().map(|a| authorize_reason(a)).collect();
+    let read = reasons
+        .iter()
+        .filter(|r| **r == Some(protocol::DeclineReason::InvalidRequest))
+        .count();
+    let limited = reasons
+        .iter()
+        .filter(|r| **r == Some(protocol::DeclineReason::RateLimited))
+        .count();
+    assert_eq!(read + limited, 10, "{reasons:?}");
+    assert!(read >= 3, "the burst is read: {reasons:?}");
+    assert!(
+        read as u64 <= 3 + elapsed + 1,
+        "at most the burst and the refill were read ({elapsed} s): {reasons:?}"
+    );
+    assert!(limited >= 1, "{reasons:?}");
+    // The other terminal has its own rate.
+    let other = zenoh_query(
+        zenoh_port,
+        "edge-store-12-till-2",
+        peers,
+        protocol::keyexpr::hub_authorize("store-12", "till-2"),
+        Duration::from_secs(10),
+    )
+    .expect("till-2 is answered");
+    assert_eq!(
+        authorize_reason(&other),
+        Some(protocol::DeclineReason::InvalidRequest)
+    );
+    drop(hub);
 }
 
 #[test]
@@ -707,17 +801,34 @@ fn a_hub_answers_only_its_own_stores_valid_terminals() {
         ],
     )
     .unwrap();
-    let key = protocol::keyexpr::hub_authorize("store-3");
+    let key = protocol::keyexpr::hub_authorize("store-3", "till-3");
     let peers = vec!["store-3".to_string()];
     // Its own terminal gets an answer (a refusal of the junk it sent): the control.
+    let own = protocol::keyexpr::hub_authorize("store-3", "till-1");
     let answer = zenoh_query(
         zenoh_port,
         "edge-store-3-till-1",
         peers.clone(),
-        key.clone(),
+        own.clone(),
         Duration::from_secs(10),
     );
     assert!(answer.is_some(), "the store's own terminal got no answer");
+    // A valid terminal of the store asking on another terminal's key expression (to be counted
+    // as it, or to spend its rate and open verifications): the hub's access control drops it.
+    for other in [
+        key.clone(),
+        protocol::keyexpr::hub_verify("store-3", "till-3"),
+        protocol::keyexpr::hub_authorize("store-3", "till-9"),
+    ] {
+        let answer = zenoh_query(
+            zenoh_port,
+            "edge-store-3-till-1",
+            peers.clone(),
+            other.clone(),
+            Duration::from_secs(3),
+        );
+        assert!(answer.is_none(), "till-1 was answered on {other}");
+    }
     // The replaced certificate: no answer; its replacement: answered.
     let mut stolen_files = pki::TlsConfig {
         pki_dir: test_pki().to_owned(),
@@ -746,12 +857,15 @@ fn a_hub_answers_only_its_own_stores_valid_terminals() {
     );
     assert!(answer.is_some(), "the replacement got no answer");
     // Another store's terminal, and a revoked terminal of this store: no answer at all.
-    for name in ["edge-store-4-till-1", "edge-store-3-till-2"] {
+    for (name, till) in [
+        ("edge-store-4-till-1", "till-1"),
+        ("edge-store-3-till-2", "till-2"),
+    ] {
         let answer = zenoh_query(
             zenoh_port,
             name,
             peers.clone(),
-            key.clone(),
+            protocol::keyexpr::hub_authorize("store-3", till),
             Duration::from_secs(3),
         );
         assert!(answer.is_none(), "{name} got an answer");
@@ -786,31 +900,44 @@ fn rogue_hub(
         listen: vec![format!("tls/127.0.0.1:{port}")],
         ..Default::default()
     };
+    let tills = ["till-1", "till-2", "till-3"];
     let security = zlink::ZenohSecurity {
         files,
-        allowed_peers: ["till-1", "till-2", "till-3"]
-            .iter()
-            .map(|till| {
-                tls_identity(&format!("edge-store-5-{till}"))
-                    .unwrap()
-                    .identity
-                    .common_name
-            })
-            .collect(),
-        key_exprs: vec!["facepay/**".into()],
+        grants: vec![zlink::ZenohGrant {
+            common_names: tills
+                .iter()
+                .map(|till| {
+                    tls_identity(&format!("edge-store-5-{till}"))
+                        .unwrap()
+                        .identity
+                        .common_name
+                })
+                .collect(),
+            key_exprs: vec!["facepay/**".into()],
+        }],
     };
     let link = zlink::ZenohLink::open(&config, &security).unwrap();
-    let session = link.session().clone();
-    let queryable = runtime()
-        .block_on(link.spawn(async move {
-            session
-                .declare_queryable(protocol::keyexpr::hub_authorize("store-5"))
-                .await
-                .unwrap()
-        }))
-        .unwrap();
+    let (queries, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+    for till in tills {
+        let (session, queries) = (link.session().clone(), queries.clone());
+        let queryable = runtime()
+            .block_on(link.spawn(async move {
+                session
+                    .declare_queryable(protocol::keyexpr::hub_authorize("store-5", till))
+                    .await
+                    .unwrap()
+            }))
+            .unwrap();
+        link.spawn(async move {
+            while let Ok(query) = queryable.recv_async().await {
+                if queries.send(query).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     link.spawn(async move {
-        while let Ok(query) = queryable.recv_async().await {
+        while let Some(query) = incoming.recv().await {
             let payload = query
                 .payload()
                 .map(|p| p.to_bytes().into_owned())
@@ -1155,14 +1282,14 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
         .unwrap()
     };
     let before = revoked_at_edge();
-    let key = protocol::keyexpr::hub_authorize("store-8");
     let peers = vec!["store-8".to_string()];
     let asks = |name: &str, patience: u64| {
+        let till = name.strip_prefix("edge-store-8-").unwrap();
         zenoh_query(
             zenoh_port,
             name,
             peers.clone(),
-            key.clone(),
+            protocol::keyexpr::hub_authorize("store-8", till),
             Duration::from_secs(patience),
         )
     };

@@ -160,6 +160,41 @@ impl Clock for ManualClock {
     }
 }
 
+/// A token bucket: `burst` requests at once, then `per_second`. Measured on the monotonic clock
+/// (a rate is about how often, not what time it is), with the instant passed in by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    burst: f64,
+    per_second: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn full(burst: f64, per_second: f64, now: std::time::Instant) -> Self {
+        TokenBucket {
+            burst,
+            per_second,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes one token at `now` if there is one.
+    pub fn take(&mut self, now: std::time::Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now.max(self.at);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +246,17 @@ mod tests {
         assert!(after + 3_500_000 < before, "{before} {after}");
         clock.jump(7_200_000);
         assert!(clock.now_ms() > before + 3_500_000);
+    }
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_its_rate() {
+        let start = std::time::Instant::now();
+        let mut bucket = TokenBucket::full(3.0, 2.0, start);
+        assert_eq!((0..5).filter(|_| bucket.take(start)).count(), 3);
+        let later = start + std::time::Duration::from_millis(500);
+        assert!(bucket.take(later), "one token back after half a second");
+        assert!(!bucket.take(later));
+        let much_later = later + std::time::Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| bucket.take(much_later)).count(), 3);
     }
 }

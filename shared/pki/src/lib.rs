@@ -206,6 +206,20 @@ pub fn edge_common_name(store_id: &str, terminal_id: &str) -> String {
     format!("edge:{store_id}:{terminal_id}")
 }
 
+/// The terminal a terminal certificate's common name (`edge:<store>:<terminal>:<generation>`)
+/// names, if it is one of `store_id`'s.
+pub fn edge_terminal_id<'a>(common_name: &'a str, store_id: &str) -> Option<&'a str> {
+    let rest = common_name
+        .strip_prefix("edge:")?
+        .strip_prefix(store_id)?
+        .strip_prefix(':')?;
+    let (terminal, generation) = rest.split_once(':')?;
+    let ok = check_id("terminal id", terminal).is_ok()
+        && !generation.is_empty()
+        && !generation.contains(':');
+    ok.then_some(terminal)
+}
+
 impl Identity {
     /// Whether a certificate's common name is this identity's (for a terminal: of any
     /// generation).
@@ -298,6 +312,25 @@ mod tests {
         assert!(Identity::operator(None, Role::Hub).is_err());
         for role in [Role::Cloud, Role::Hub, Role::Edge, Role::Viewer] {
             assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+    }
+
+    #[test]
+    fn a_terminal_certificates_name_gives_its_terminal_only_for_its_store() {
+        assert_eq!(
+            edge_terminal_id("edge:store-1:till-2:0a1b2c3d4e5f", "store-1"),
+            Some("till-2")
+        );
+        for (name, store) in [
+            ("edge:store-1:till-2:0a1b2c3d4e5f", "store-10"),
+            ("edge:store-1:till-2:0a1b2c3d4e5f", "store"),
+            ("edge:store-1:till-2", "store-1"),
+            ("edge:store-1:till-2:", "store-1"),
+            ("edge:store-1:till/2:0a1b", "store-1"),
+            ("edge:store-1:till-2:0a:1b", "store-1"),
+            ("store-1", "store-1"),
+        ] {
+            assert_eq!(edge_terminal_id(name, store), None, "{name} for {store}");
         }
     }
 }

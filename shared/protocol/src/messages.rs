@@ -39,6 +39,10 @@ pub enum DeclineReason {
     /// The store's hub holds as many open verifications (payment tokens, second-factor
     /// challenges) as it may; nothing was done: verify the customer again in a moment.
     HubBusy,
+    /// This terminal sent the hub more requests than its rate allows; the hub did not look at
+    /// this one. For a charge, never a decline: charge the same order id again in a moment to
+    /// learn its outcome (an earlier request for it may have been decided).
+    RateLimited,
     /// This order is being charged right now (by another request for it): its outcome is not
     /// known yet. Never a decline: charge the same order id again to learn it.
     PaymentInProgress,
@@ -98,6 +102,7 @@ impl DeclineReason {
         Self::NoCodePresented,
         Self::TerminalBusy,
         Self::HubBusy,
+        Self::RateLimited,
         Self::PaymentInProgress,
         Self::OutcomeUnknown,
         Self::StoreSystemUnreachable,
@@ -118,11 +123,13 @@ impl DeclineReason {
         Self::AccountBlocked,
     ];
 
-    /// The stable snake_case code.
     /// Whether the reason says the outcome is not known yet (a hub's answer with it is no
     /// decline: the register hears `unknown`).
     pub fn is_unknown_outcome(&self) -> bool {
-        matches!(self, Self::PaymentInProgress | Self::OutcomeUnknown)
+        matches!(
+            self,
+            Self::PaymentInProgress | Self::OutcomeUnknown | Self::RateLimited
+        )
     }
 
     /// The reason's wire name.
@@ -143,6 +150,7 @@ impl DeclineReason {
             Self::NoCodePresented => "no_code_presented",
             Self::TerminalBusy => "terminal_busy",
             Self::HubBusy => "hub_busy",
+            Self::RateLimited => "rate_limited",
             Self::PaymentInProgress => "payment_in_progress",
             Self::OutcomeUnknown => "outcome_unknown",
             Self::StoreSystemUnreachable => "store_system_unreachable",

@@ -107,32 +107,58 @@ impl ZenohConfig {
 pub struct ZenohSecurity {
     /// This tier's certificate, key and the CA peers must chain to.
     pub files: pki::TlsFiles,
-    /// Certificate common names of the peers allowed; every other peer is denied everything
-    /// (its queries, replies and declarations are dropped).
-    pub allowed_peers: Vec<String>,
-    /// The key expressions the allowed peers may use.
+    /// The peers allowed, each on its own key expressions; every other peer is denied
+    /// everything (its queries, replies and declarations are dropped), and an allowed peer
+    /// everything outside its own key expressions.
+    pub grants: Vec<ZenohGrant>,
+}
+
+/// Peers (by certificate common name) and the key expressions they may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZenohGrant {
+    /// Certificate common names.
+    pub common_names: Vec<String>,
+    /// Key expressions, both ways.
     pub key_exprs: Vec<String>,
 }
 
 impl ZenohSecurity {
-    /// Zenoh's `access_control` section: deny by default, allow the named peers on the key
+    /// Zenoh's `access_control` section: deny by default, allow each grant's peers on its key
     /// expressions, in both directions.
     fn access_control(&self) -> String {
         let list = serde_json_list;
-        if self.allowed_peers.is_empty() {
+        let grants: Vec<&ZenohGrant> = self
+            .grants
+            .iter()
+            .filter(|g| !g.common_names.is_empty() && !g.key_exprs.is_empty())
+            .collect();
+        if grants.is_empty() {
             return r#"{"enabled": true, "default_permission": "deny"}"#.into();
         }
+        let (mut rules, mut subjects, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, grant) in grants.iter().enumerate() {
+            rules.push(format!(
+                r#"{{"id": "keys-{i}", "permission": "allow", "flows": ["egress", "ingress"],
+                    "messages": ["put", "delete", "declare_subscriber", "query",
+                                 "declare_queryable", "reply", "liveliness_token",
+                                 "declare_liveliness_subscriber", "liveliness_query"],
+                    "key_exprs": {keys}}}"#,
+                keys = list(&grant.key_exprs),
+            ));
+            subjects.push(format!(
+                r#"{{"id": "peers-{i}", "cert_common_names": {peers}}}"#,
+                peers = list(&grant.common_names),
+            ));
+            policies.push(format!(
+                r#"{{"rules": ["keys-{i}"], "subjects": ["peers-{i}"]}}"#
+            ));
+        }
         format!(
-            r#"{{"enabled": true, "default_permission": "deny",
-                "rules": [{{"id": "store", "permission": "allow", "flows": ["egress", "ingress"],
-                    "messages": ["put", "delete", "declare_subscriber", "query", "declare_queryable",
-                                 "reply", "liveliness_token", "declare_liveliness_subscriber",
-                                 "liveliness_query"],
-                    "key_exprs": {keys}}}],
-                "subjects": [{{"id": "peers", "cert_common_names": {peers}}}],
-                "policies": [{{"rules": ["store"], "subjects": ["peers"]}}]}}"#,
-            keys = list(&self.key_exprs),
-            peers = list(&self.allowed_peers),
+            r#"{{"enabled": true, "default_permission": "deny", "rules": [{}], "subjects": [{}],
+                "policies": [{}]}}"#,
+            rules.join(","),
+            subjects.join(","),
+            policies.join(","),
         )
     }
 }
@@ -241,5 +267,52 @@ mod tests {
             ZenohConfig::default().validate("zenoh").unwrap_err().0,
             "zenoh.listen"
         );
+    }
+
+    #[test]
+    fn each_grant_becomes_its_own_rule_subject_and_policy_zenoh_accepts() {
+        let files = pki::TlsFiles {
+            ca: "ca.pem".into(),
+            cert: "c.pem".into(),
+            key: "c.key".into(),
+            crl: "crl.pem".into(),
+        };
+        let grant = |cn: &str, key: &str| ZenohGrant {
+            common_names: vec![cn.into()],
+            key_exprs: vec![key.into()],
+        };
+        let security = ZenohSecurity {
+            files,
+            grants: vec![
+                grant("edge:s:t1:aa", "facepay/v1/stores/s/hub/authorize/t1"),
+                grant("edge:s:t2:bb", "facepay/v1/stores/s/hub/authorize/t2"),
+                ZenohGrant {
+                    common_names: vec![],
+                    key_exprs: vec!["x".into()],
+                },
+            ],
+        };
+        let text = security.access_control();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["rules"].as_array().unwrap().len(), 2, "{text}");
+        assert_eq!(
+            value["subjects"][1]["cert_common_names"][0], "edge:s:t2:bb",
+            "{text}"
+        );
+        assert_eq!(value["policies"][1]["rules"][0], "keys-1", "{text}");
+        assert_eq!(
+            value["rules"][1]["key_exprs"][0],
+            "facepay/v1/stores/s/hub/authorize/t2"
+        );
+        let mut config = zenoh::Config::default();
+        config.insert_json5("access_control", &text).unwrap();
+        let none = ZenohSecurity {
+            grants: vec![],
+            ..security
+        };
+        assert!(none.access_control().contains("\"deny\""));
+        config
+            .insert_json5("access_control", &none.access_control())
+            .unwrap();
     }
 }
