@@ -566,7 +566,10 @@ mod tests {
             "a post of an unknown payment is kept as late, not applied"
         );
         let ledger = crate::bounded::Bounded::new(
-            actix::SyncArbiter::start(1, move || LedgerActor::new(ledger.clone())),
+            actix::SyncArbiter::start(1, {
+                let payer = crate::payer::for_tests(ledger.clone(), dir.path());
+                move || LedgerActor::new(ledger.clone(), payer.clone())
+            }),
             4,
         );
         let pki_dir = dir.path().join("pki");

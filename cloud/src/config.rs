@@ -45,6 +45,12 @@ pub struct CloudConfig {
     pub face_threads: usize,
     /// The identity index and its thresholds.
     pub identity: IdentityConfig,
+    /// How long after issue a payment code is accepted: the cloud checks the code of every new
+    /// online payment by code itself, with the hubs' rules (set them alike), and a further
+    /// [`crate::payer::TRANSIT_MS`] for the time a payment takes to reach it.
+    pub code_validity_seconds: u64,
+    /// Tolerated difference between a phone's clock and the cloud's.
+    pub clock_skew_seconds: u64,
     /// The face pipeline's gates for enrollment photos.
     pub face: FaceConfig,
     /// What hubs may approve while they cannot reach the cloud.
@@ -67,6 +73,8 @@ impl Default for CloudConfig {
             api_token_file: None,
             face_threads: 1,
             identity: IdentityConfig::default(),
+            code_validity_seconds: 60,
+            clock_skew_seconds: 5,
             face: FaceConfig::default(),
             offline: OfflinePolicy::default(),
             mqtt: MqttConfig::default(),
@@ -116,6 +124,18 @@ impl Validate for CloudConfig {
         check_socket_addr("admin_listen", &self.admin_listen)?;
         check_socket_addr("api_listen", &self.api_listen)?;
         self.metrics.validate("metrics")?;
+        check_range(
+            "code_validity_seconds",
+            self.code_validity_seconds,
+            5..=600,
+            "seconds",
+        )?;
+        check_range(
+            "clock_skew_seconds",
+            self.clock_skew_seconds,
+            0..=300,
+            "seconds",
+        )?;
         check_range(
             "crl_poll_interval_ms",
             self.crl_poll_interval_ms,

@@ -37,7 +37,9 @@ pub struct IdentityConfig {
     pub candidate_threshold: f32,
     /// Cosine below which a 1:1 identify (a code names the account) returns nothing of the
     /// account: its templates and second-factor hash go out only for a face the hub could match
-    /// (the hubs' `identify.match_threshold`), so naming an account is no way to read them.
+    /// (the hubs' `identify.match_threshold`), so naming an account is no way to read them. A
+    /// payment by face needs a face at this cosine to the account's templates too
+    /// ([`crate::payer`]).
     pub one_to_one_threshold: f32,
     /// Wrong second-factor answers, anywhere in the fleet, before face payment locks.
     pub free_failures: u32,

@@ -7,20 +7,22 @@ use protocol::{
     KeyBatch, KeyEntry, OpenAccount, ReconcileOutcome, ReconcileResult,
 };
 
-use crate::{error::LedgerError, ledger::Ledger};
+use crate::{error::LedgerError, ledger::Ledger, payer::PayerCheck};
 
 /// Owns the ledger database. Runs on a dedicated thread (a `SyncArbiter` of one) because every
 /// operation ends in a disk flush; one thread also serialises all writes.
 pub struct LedgerActor {
     ledger: Ledger,
+    payer: PayerCheck,
     offline: Option<OfflineMetrics>,
 }
 
 impl LedgerActor {
     /// Wraps an opened ledger.
-    pub fn new(ledger: Ledger) -> Self {
+    pub fn new(ledger: Ledger, payer: PayerCheck) -> Self {
         LedgerActor {
             ledger,
+            payer,
             offline: None,
         }
     }
@@ -109,14 +111,40 @@ impl Handler<ApplyHubRequest> for LedgerActor {
         let HubRequest { store_id, body, .. } = msg.0;
         let mut revocations = Vec::new();
         let reply = match body {
-            HubRequestBody::Authorize(request) => self
-                .ledger
-                .authorize_with_allowance(&store_id, &request)
-                .map(|(decision, allowance)| CloudReplyBody::Authorized {
-                    payment_id: request.payment_id,
-                    decision,
-                    allowance,
-                }),
+            // A new attempt's payer is checked by the cloud itself (its code, its face); a
+            // refused one is answered and nothing is recorded.
+            HubRequestBody::Authorize(request) => {
+                match self.ledger.is_new_attempt(&store_id, &request).map(|new| {
+                    if new {
+                        self.payer.check(&request).err()
+                    } else {
+                        None
+                    }
+                }) {
+                    Ok(Some(decision)) => {
+                        tracing::warn!(
+                            %store_id,
+                            payment_id = %request.payment_id,
+                            ?decision,
+                            "payer not proven to the cloud; declined"
+                        );
+                        Ok(CloudReplyBody::Authorized {
+                            payment_id: request.payment_id,
+                            decision,
+                            allowance: None,
+                        })
+                    }
+                    Ok(None) => self
+                        .ledger
+                        .authorize_with_allowance(&store_id, &request)
+                        .map(|(decision, allowance)| CloudReplyBody::Authorized {
+                            payment_id: request.payment_id,
+                            decision,
+                            allowance,
+                        }),
+                    Err(error) => Err(error),
+                }
+            }
             HubRequestBody::Reconcile(batch) => {
                 let applied = self.ledger.reconcile(&store_id, &batch.entries);
                 applied.map(|done| {

@@ -14,6 +14,7 @@ pub mod hub_link;
 pub mod identity;
 pub mod ledger;
 pub mod ledger_actor;
+pub mod payer;
 pub mod revocation;
 
 use std::net::SocketAddr;
@@ -102,11 +103,24 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         .with_context(|| format!("opening ledger at {}", ledger_path.display()))?
         .with_offline_policy(config.offline)
         .with_pending_ttl(config.pending_transfer_ttl_seconds * 1000);
+    let customers_path = config.data_dir.join("customers");
+    let store = customers::CustomerStore::open(&customers_path, &config.template_key_path())
+        .with_context(|| format!("opening the customer store at {}", customers_path.display()))?;
+    let payer = payer::PayerCheck::new(
+        ledger.clone(),
+        store.clone(),
+        config.identity.one_to_one_threshold,
+        paycode::Validity {
+            window_ms: config.code_validity_seconds * 1000,
+            clock_skew_ms: config.clock_skew_seconds * 1000,
+        },
+        ledger.clock(),
+    );
     let offline_metrics = ledger_actor::OfflineMetrics::register(&registry);
     let ledger = bounded::Bounded::new(
         SyncArbiter::start(1, move || {
             // One thread: the ledger has a single writer.
-            LedgerActor::new(ledger.clone()).with_metrics(offline_metrics.clone())
+            LedgerActor::new(ledger.clone(), payer.clone()).with_metrics(offline_metrics.clone())
         }),
         bounded::LEDGER_QUEUE,
     );
@@ -116,9 +130,6 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         "facepay_cloud_identity_templates",
         "face templates in the identity index",
     );
-    let customers_path = config.data_dir.join("customers");
-    let store = customers::CustomerStore::open(&customers_path, &config.template_key_path())
-        .with_context(|| format!("opening the customer store at {}", customers_path.display()))?;
     let index_path = config.data_dir.join("identity.faiss");
     let identity_config = config.identity.clone();
     let actor = tokio::task::spawn_blocking(move || {

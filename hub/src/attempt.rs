@@ -57,6 +57,8 @@ pub struct Payer {
     /// For a token issued by code and face: the nonce of the code the face confirmed, burnt
     /// with the payment at the cloud.
     pub spent_code: Option<CodeNonce>,
+    /// What the payer showed, for the cloud to check.
+    pub evidence: protocol::PayerEvidence,
 }
 
 /// Where the attempt stands.
@@ -262,6 +264,7 @@ impl Attempt {
             order_id: request.order_id.clone(),
             offline_reservation: reservation,
             spent_code: payer.spent_code.clone(),
+            evidence: payer.evidence.clone(),
         }
     }
 
@@ -537,6 +540,7 @@ mod tests {
 
     fn payer() -> Payer {
         Payer {
+            evidence: Default::default(),
             account_id: "alice".into(),
             nonce: "n1".into(),
             keep_from_ms: 0,

@@ -39,6 +39,8 @@ pub struct Token {
     pub expires_at_ms: u64,
     /// Issued by code and face: the nonce of the code the face confirmed.
     pub spent_code: Option<CodeNonce>,
+    /// The face (and code) shown, for the cloud to check.
+    pub evidence: protocol::PayerEvidence,
 }
 
 /// Owns the replicated account keys and the payment tokens.
@@ -255,6 +257,8 @@ pub struct IssueToken {
     /// Issued by code and face: the nonce of the code the face confirmed (the cloud burns it
     /// with the token's payment).
     pub spent_code: Option<CodeNonce>,
+    /// The face (and code) shown, carried to the cloud with the token's payment.
+    pub evidence: protocol::PayerEvidence,
 }
 
 /// A token just issued.
@@ -342,6 +346,7 @@ impl Handler<IssueToken> for CredentialsActor {
             terminal_id: msg.terminal_id,
             expires_at_ms: self.clock.now_ms().saturating_add(msg.ttl_ms),
             spent_code: msg.spent_code,
+            evidence: msg.evidence,
         };
         let token = random_id("tok_");
         self.tokens.insert(token.clone(), issued.clone());
@@ -527,6 +532,7 @@ mod tests {
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
         let credentials = actor(clock.clone(), &wallet);
         let issue = |account: &str| IssueToken {
+            evidence: Default::default(),
             account_id: account.into(),
             terminal_id: "till-1".into(),
             ttl_ms: 30_000,
@@ -574,6 +580,7 @@ mod tests {
         let wallet = paycode::Wallet::generate("acct-1").unwrap();
         let credentials = actor(clock.clone(), &wallet);
         let issue = |terminal: usize, ttl_ms| IssueToken {
+            evidence: Default::default(),
             account_id: "acct-1".into(),
             terminal_id: format!("till-{terminal}").as_str().into(),
             ttl_ms,

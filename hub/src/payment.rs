@@ -261,14 +261,17 @@ async fn prove(
         )
     };
     match &request.proof {
-        PaymentProof::Code(code) => {
+        PaymentProof::Code(text) => {
             match credentials
-                .send(CheckCode(code.clone()))
+                .send(CheckCode(text.clone()))
                 .await
                 .map_err(unavailable)?
             {
-                Ok(code) => Ok(code_payer(&code)),
-                Err(refused) => Err((refused.decision, refused.signed.as_deref().map(code_payer))),
+                Ok(code) => Ok(code_payer(&code, text)),
+                Err(refused) => Err((
+                    refused.decision,
+                    refused.signed.as_deref().map(|code| code_payer(code, text)),
+                )),
             }
         }
         PaymentProof::Token(token) => {
@@ -283,6 +286,7 @@ async fn prove(
                     keep_from_ms: t.expires_at_ms,
                     token: true,
                     spent_code: t.spent_code,
+                    evidence: t.evidence,
                 }),
                 Err(refused) => Err((
                     Decision::declined(DeclineReason::TokenInvalid, refused.to_string()),
@@ -293,14 +297,18 @@ async fn prove(
     }
 }
 
-/// Who pays with a code whose signature checked.
-fn code_payer(code: &paycode::SignedCode) -> Payer {
+/// Who pays with a code whose signature checked (`text`, as the terminal decoded it).
+fn code_payer(code: &paycode::SignedCode, text: &str) -> Payer {
     Payer {
         account_id: code.account_id.clone().into(),
         nonce: code.nonce_hex().into(),
         keep_from_ms: code.issued_at_ms,
         token: false,
         spent_code: None,
+        evidence: protocol::PayerEvidence {
+            payment_code: Some(text.to_owned()),
+            face_probe: None,
+        },
     }
 }
 

@@ -12,8 +12,9 @@ use actix::prelude::*;
 use paycode::SignedCode;
 use protocol::{
     AccountId, CloudIdentify, CloudReplyBody, CodeNonce, DeclineReason, FactorReport, HotEntry,
-    HubRequestBody, Lockout, LockoutBatch, PaymentId, SecondFactorAnswer, SecondFactorKind,
-    TemplateBatch, TemplateChange, TerminalId, VerifyBody, VerifyReply, VerifyRequest,
+    HubRequestBody, Lockout, LockoutBatch, PayerEvidence, PaymentId, SecondFactorAnswer,
+    SecondFactorKind, TemplateBatch, TemplateChange, TerminalId, VerifyBody, VerifyReply,
+    VerifyRequest,
 };
 
 use crate::{
@@ -46,6 +47,8 @@ struct Challenge {
     expires_at_ms: u64,
     /// Asked after a code and face: the code's nonce, which the token will carry.
     spent_code: Option<CodeNonce>,
+    /// The face (and code) shown, which the token will carry to the cloud.
+    evidence: PayerEvidence,
 }
 
 /// What the verify actor needs to know.
@@ -600,6 +603,7 @@ impl VerifyActor {
         kind: SecondFactorKind,
         terminal_id: TerminalId,
         spent_code: Option<CodeNonce>,
+        evidence: PayerEvidence,
     ) -> VerifyReply {
         let now = self.clock.now_ms();
         if !make_room(
@@ -626,6 +630,7 @@ impl VerifyActor {
                 kind,
                 expires_at_ms,
                 spent_code,
+                evidence,
             },
         );
         VerifyReply::SecondFactorRequired {
@@ -643,6 +648,7 @@ impl VerifyActor {
         next: Next,
         terminal_id: TerminalId,
         spent_code: Option<CodeNonce>,
+        evidence: PayerEvidence,
     ) -> Answer {
         match next {
             Next::Reply(reply) => Box::pin(fut::ready(reply)),
@@ -651,6 +657,7 @@ impl VerifyActor {
                 kind,
                 terminal_id,
                 spent_code,
+                evidence,
             ))),
             Next::Token(account_id) => {
                 let issue = self.credentials.send(IssueToken {
@@ -658,6 +665,7 @@ impl VerifyActor {
                     terminal_id,
                     ttl_ms: self.settings.identify.token_ttl_seconds * 1000,
                     spent_code,
+                    evidence,
                 });
                 Box::pin(
                     async move {
@@ -777,6 +785,10 @@ impl VerifyActor {
         let (hot, clock, metrics) = (self.hot.clone(), self.clock.clone(), self.metrics.clone());
         let rule = self.settings.identify.clone();
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
+        let evidence = PayerEvidence {
+            payment_code: None,
+            face_probe: Some(protocol::FaceProbe::new(&embedding)),
+        };
         let find = async move {
             let (probe, first_rule, first) = (embedding.clone(), rule.clone(), metrics.clone());
             let now = clock.now_ms();
@@ -797,7 +809,7 @@ impl VerifyActor {
         };
         Box::pin(
             find.into_actor(self)
-                .then(move |next, actor, _| actor.answer(next, terminal, None)),
+                .then(move |next, actor, _| actor.answer(next, terminal, None, evidence)),
         )
     }
 
@@ -806,6 +818,10 @@ impl VerifyActor {
         let (hot, clock, metrics) = (self.hot.clone(), self.clock.clone(), self.metrics.clone());
         let rule = self.settings.identify.clone();
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
+        let evidence = PayerEvidence {
+            payment_code: Some(code.clone()),
+            face_probe: Some(protocol::FaceProbe::new(&embedding)),
+        };
         let spend = spend_code(code, self.credentials.clone(), self.journal.clone());
         let step = async move {
             let (account, spent) = match spend.await {
@@ -820,7 +836,7 @@ impl VerifyActor {
         };
         Box::pin(
             step.into_actor(self)
-                .then(move |(next, spent), actor, _| actor.answer(next, terminal, spent)),
+                .then(move |(next, spent), actor, _| actor.answer(next, terminal, spent, evidence)),
         )
     }
 
@@ -857,6 +873,7 @@ impl VerifyActor {
         let (hot, clock, policy) = (self.hot.clone(), self.clock.clone(), self.policy);
         let value = answer.value;
         let spent = challenge.spent_code.clone();
+        let evidence = challenge.evidence.clone();
         let step = async move {
             let Challenge {
                 candidates, kind, ..
@@ -901,7 +918,7 @@ impl VerifyActor {
                     if let Some(report) = report {
                         actor.report_factor(report, ctx);
                     }
-                    actor.answer(next, terminal, spent)
+                    actor.answer(next, terminal, spent, evidence)
                 }),
         )
     }

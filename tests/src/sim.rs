@@ -541,6 +541,7 @@ impl Sim {
             proof: PaymentProof::Code("simulated".into()),
         };
         let payer = Payer {
+            evidence: Default::default(),
             account_id: account(customer),
             nonce: nonce.0,
             keep_from_ms: nonce.1,

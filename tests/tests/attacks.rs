@@ -110,6 +110,7 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
         request_id: 7,
         store_id: "store-1".into(),
         body: HubRequestBody::Authorize(protocol::CloudAuthorize {
+            evidence: Default::default(),
             payment_id: "store-1:loot".into(),
             account_id: "alice".into(),
             code_nonce: "00112233445566778899aabbccddeeff".into(),
@@ -224,7 +225,7 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
     let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
     let api = CloudApi::new(cloud.http_addr);
     open(&api, "store-1", AccountKind::Merchant, 0);
-    open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
+    let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
     let signer = paycode::hubsig::HubSigner::from_seed(&[9; 32]);
     api.set_hub_key("store-1", &signer.public_key_b64())
         .unwrap();
@@ -244,19 +245,28 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
             .unwrap();
     };
     let eur = Currency::parse("EUR").unwrap();
-    // One online payment earns the store a grant for alice (the cloud's default: 5000).
+    // One online payment (alice showed her code at the store) earns the store a grant for alice
+    // (the cloud's default: 5000).
+    let code = alice.issue_code(paycode::now_ms());
     send(
         1,
         HubRequestBody::Authorize(protocol::CloudAuthorize {
             payment_id: "store-1:o-online".into(),
             account_id: "alice".into(),
-            code_nonce: "00112233445566778899aabbccddeeff".into(),
+            code_nonce: paycode::SignedCode::parse(&code)
+                .unwrap()
+                .nonce_hex()
+                .into(),
             amount_minor: 100,
             currency: eur,
             terminal_id: "till-1".into(),
             order_id: "o-online".into(),
             offline_reservation: Default::default(),
             spent_code: None,
+            evidence: protocol::PayerEvidence {
+                payment_code: Some(code),
+                face_probe: None,
+            },
         }),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -317,5 +327,101 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
         api.account("alice").unwrap().balance_minor,
         100_000 - 100 - 3_000
     );
+    api.assert_books_balance().unwrap();
+}
+
+/// A compromised hub (its link certificate and key stolen) asks the cloud to charge a customer
+/// online on its word: with no code, with a code of another phone, with a code of the customer
+/// held back past its window, with a face that is not hers, and naming a code it saw her use. The
+/// cloud checks the payer itself and applies none; the customer's own payment after them does.
+#[test]
+fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
+    let hub = pki::Identity::hub("store-1").unwrap();
+    ensure_identity(&hub).unwrap();
+    let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
+    let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
+    let requests = protocol::topics::cloud_requests("store-1");
+    let eur = Currency::parse("EUR").unwrap();
+    let nonce_of = |code: &str| paycode::SignedCode::parse(code).unwrap().nonce_hex();
+    let authorize = |order: &str, nonce: String, amount: i64, evidence| {
+        HubRequestBody::Authorize(protocol::CloudAuthorize {
+            payment_id: format!("store-1:{order}").into(),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur,
+            terminal_id: "till-1".into(),
+            order_id: order.into(),
+            offline_reservation: Default::default(),
+            spent_code: None,
+            evidence,
+        })
+    };
+    let code = |text: &str| protocol::PayerEvidence {
+        payment_code: Some(text.into()),
+        face_probe: None,
+    };
+    let now = paycode::now_ms();
+    let mallory = Wallet::generate("alice").unwrap().issue_code(now);
+    let stale = alice.issue_code(now - 10 * 60_000);
+    let mut stranger = vec![0.0f32; protocol::EMBEDDING_LEN];
+    stranger[0] = 1.0;
+    let first = alice.issue_code(now);
+    let forgeries = vec![
+        authorize("o-word", format!("{:032x}", 1), 40_000, Default::default()),
+        authorize("o-mallory", nonce_of(&mallory), 40_000, code(&mallory)),
+        authorize("o-stale", nonce_of(&stale), 40_000, code(&stale)),
+        authorize(
+            "o-face",
+            "tok_0123456789abcdef".into(),
+            40_000,
+            protocol::PayerEvidence {
+                payment_code: None,
+                face_probe: Some(protocol::FaceProbe::new(&stranger)),
+            },
+        ),
+        // Her own code, for a payment it does not name.
+        authorize("o-swap", format!("{:032x}", 2), 40_000, code(&first)),
+    ];
+    // Her own payment first, then its code again under another order and a larger amount.
+    let mut bodies = vec![authorize("o-real", nonce_of(&first), 700, code(&first))];
+    bodies.extend(forgeries);
+    bodies.push(authorize("o-again", nonce_of(&first), 40_000, code(&first)));
+    // A last honest payment: the store's requests are served in order, so once it has applied
+    // every forgery before it has been answered.
+    let last = alice.issue_code(paycode::now_ms());
+    bodies.push(authorize("o-last", nonce_of(&last), 300, code(&last)));
+    for (n, body) in bodies.into_iter().enumerate() {
+        let request = protocol::encode(&HubRequest {
+            request_id: n as u64 + 1,
+            store_id: "store-1".into(),
+            body,
+        });
+        attacker
+            .publish(&requests, sealer.seal(&requests, request).unwrap())
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.account("alice").unwrap().balance_minor > 100_000 - 700 - 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the honest payments never applied: {}",
+            api.account("alice").unwrap().balance_minor
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        api.account("alice").unwrap().balance_minor,
+        100_000 - 700 - 300,
+        "only her own two payments moved money"
+    );
+    assert_eq!(api.account("store-1").unwrap().balance_minor, 1_000);
     api.assert_books_balance().unwrap();
 }

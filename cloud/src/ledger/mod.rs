@@ -411,6 +411,11 @@ impl Ledger {
         self
     }
 
+    /// The clock the ledger reads.
+    pub fn clock(&self) -> clock::SharedClock {
+        self.clock.clone()
+    }
+
     /// Reads time from `clock` instead of the system clock.
     pub fn with_clock(mut self, clock: clock::SharedClock) -> Self {
         self.clock = clock;
@@ -508,6 +513,7 @@ mod tests {
 
     fn pay(payment: &str, nonce: &str, amount: i64) -> CloudAuthorize {
         CloudAuthorize {
+            evidence: Default::default(),
             payment_id: format!("store-1:{payment}").into(),
             account_id: "alice".into(),
             code_nonce: nonce.into(),

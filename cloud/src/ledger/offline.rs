@@ -511,6 +511,7 @@ mod tests {
 
     fn online(store: &str, order: &str, nonce: &str, amount: i64) -> CloudAuthorize {
         CloudAuthorize {
+            evidence: Default::default(),
             payment_id: format!("{store}:{order}").into(),
             account_id: "alice".into(),
             code_nonce: nonce.into(),

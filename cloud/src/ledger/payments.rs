@@ -15,6 +15,23 @@ impl Ledger {
             .map(|(decision, _)| decision)
     }
 
+    /// Whether an authorization from `store_id` is a new attempt: its nonce was never seen (not
+    /// answered, not burnt by a void). Only a new attempt's evidence is checked
+    /// ([`crate::payer::PayerCheck`]); a repeat hears what the first was answered. A request the
+    /// store may not send is an error.
+    pub fn is_new_attempt(
+        &self,
+        store_id: &str,
+        request: &CloudAuthorize,
+    ) -> Result<bool, LedgerError> {
+        request.check_from(store_id).map_err(invalid)?;
+        let seen = self
+            .nonces
+            .get(nonce_key(&request.account_id, &request.code_nonce))
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        Ok(seen.is_none())
+    }
+
     /// [`Ledger::authorize`], and on approval the account's refreshed offline allowance at the
     /// store (see [`OfflinePolicy`]).
     pub fn authorize_with_allowance(

@@ -59,6 +59,24 @@ impl CloudAuthorize {
         if let Some(code) = &self.spent_code {
             validate_id("spent_code", code)?;
         }
+        if let Some(code) = &self.evidence.payment_code {
+            if code.is_empty() || code.len() > crate::MAX_CODE_TEXT {
+                return Err(ValidationError::Evidence {
+                    kind: "evidence.payment_code",
+                    len: code.len(),
+                    expected: crate::MAX_CODE_TEXT,
+                });
+            }
+        }
+        if let Some(probe) = &self.evidence.face_probe {
+            if probe.len() != crate::EMBEDDING_LEN {
+                return Err(ValidationError::Evidence {
+                    kind: "evidence.face_probe",
+                    len: probe.len(),
+                    expected: crate::EMBEDDING_LEN,
+                });
+            }
+        }
         check_amount(self.amount_minor)
     }
 }
@@ -91,6 +109,7 @@ mod tests {
 
     fn request(payment: &str, order: &str, amount: i64) -> CloudAuthorize {
         CloudAuthorize {
+            evidence: Default::default(),
             payment_id: payment.into(),
             account_id: "alice".into(),
             code_nonce: "00ff".into(),

@@ -57,6 +57,16 @@ pub enum ValidationError {
         /// The payment id named (cut short when long).
         payment_id: String,
     },
+    /// Evidence of the payer out of shape.
+    #[error("{kind} has {len} items, expected {expected}")]
+    Evidence {
+        /// Which evidence.
+        kind: &'static str,
+        /// What it has.
+        len: usize,
+        /// What it should have (at most, for a code's characters).
+        expected: usize,
+    },
     /// Not an ISO 4217 currency this system knows.
     #[error("unknown currency {0:?}; expected an ISO 4217 code such as \"EUR\"")]
     UnknownCurrency(String),

@@ -119,6 +119,7 @@ mod tests {
         };
         let bodies = vec![
             HubRequestBody::Authorize(CloudAuthorize {
+                evidence: Default::default(),
                 payment_id: "s:o1".into(),
                 account_id: "a".into(),
                 code_nonce: "n".into(),

@@ -433,6 +433,55 @@ pub struct CloudAuthorize {
     /// another store within its window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_code: Option<CodeNonce>,
+    /// What proves the payer to the cloud itself, not only to the hub: a hub (or whoever holds
+    /// its link key) cannot charge an account without its phone's code or its face.
+    #[serde(default)]
+    pub evidence: PayerEvidence,
+}
+
+/// Longest payment code text carried as evidence (a code is about 215 characters).
+pub const MAX_CODE_TEXT: usize = 512;
+
+/// What the payer showed at the terminal, carried to the cloud with an online payment, which
+/// checks it when the payment is new: for a payment by code, the code (its signature against the
+/// account's key, its window, its nonce the payment's); for a payment by face, the live face
+/// (against the account's enrolled templates), and for code and face also the code the face
+/// confirmed (its nonce the payment's `spent_code`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayerEvidence {
+    /// The payment code text as the terminal decoded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_code: Option<String>,
+    /// The live face's embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub face_probe: Option<FaceProbe>,
+}
+
+/// A face embedding as the bits of its values (so that messages carrying it compare exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FaceProbe(Vec<u32>);
+
+impl FaceProbe {
+    /// The probe of an embedding.
+    pub fn new(embedding: &[f32]) -> Self {
+        FaceProbe(embedding.iter().map(|v| v.to_bits()).collect())
+    }
+
+    /// The embedding.
+    pub fn embedding(&self) -> Vec<f32> {
+        self.0.iter().map(|b| f32::from_bits(*b)).collect()
+    }
+
+    /// How many values it holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A void: if the payment was applied, reverse it; if not, burn its code so it never applies.

@@ -45,6 +45,7 @@ impl OfflinePayment {
     /// The online request this approval stands for: the same payment, code and details.
     pub fn as_request(&self) -> crate::CloudAuthorize {
         crate::CloudAuthorize {
+            evidence: Default::default(),
             payment_id: self.payment_id.clone(),
             account_id: self.account_id.clone(),
             code_nonce: self.nonce.clone(),

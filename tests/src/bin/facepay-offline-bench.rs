@@ -276,6 +276,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
             let (_, granted) = ledger.authorize_with_allowance(
                 "store-1",
                 &protocol::CloudAuthorize {
+                    evidence: Default::default(),
                     payment_id: format!("store-1:{order}").into(),
                     account_id: account.clone().into(),
                     code_nonce: format!("grant-{a}").into(),
