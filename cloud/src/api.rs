@@ -567,7 +567,7 @@ mod tests {
         );
         let ledger = crate::bounded::Bounded::new(
             actix::SyncArbiter::start(1, {
-                let payer = crate::payer::for_tests(ledger.clone(), dir.path());
+                let payer = crate::payer::for_tests(dir.path());
                 move || LedgerActor::new(ledger.clone(), payer.clone())
             }),
             4,

@@ -111,39 +111,29 @@ impl Handler<ApplyHubRequest> for LedgerActor {
         let HubRequest { store_id, body, .. } = msg.0;
         let mut revocations = Vec::new();
         let reply = match body {
-            // A new attempt's payer is checked by the cloud itself (its code, its face); a
-            // refused one is answered and nothing is recorded.
+            // The payer of an attempt that would move money is checked by the cloud itself (its
+            // code, its face), not taken from the hub.
             HubRequestBody::Authorize(request) => {
-                match self.ledger.is_new_attempt(&store_id, &request).map(|new| {
-                    if new {
-                        self.payer.check(&request).err()
-                    } else {
-                        None
-                    }
-                }) {
-                    Ok(Some(decision)) => {
+                let payer = &self.payer;
+                // Read before the ledger's transaction: no store is read inside one.
+                let face = payer.match_face(&request);
+                let prove = |r: &protocol::CloudAuthorize, key: Option<&str>| {
+                    payer.check(r, key, &face).inspect_err(|decision| {
                         tracing::warn!(
                             %store_id,
-                            payment_id = %request.payment_id,
+                            payment_id = %r.payment_id,
                             ?decision,
                             "payer not proven to the cloud; declined"
-                        );
-                        Ok(CloudReplyBody::Authorized {
-                            payment_id: request.payment_id,
-                            decision,
-                            allowance: None,
-                        })
-                    }
-                    Ok(None) => self
-                        .ledger
-                        .authorize_with_allowance(&store_id, &request)
-                        .map(|(decision, allowance)| CloudReplyBody::Authorized {
-                            payment_id: request.payment_id,
-                            decision,
-                            allowance,
-                        }),
-                    Err(error) => Err(error),
-                }
+                        )
+                    })
+                };
+                self.ledger
+                    .authorize_proving(&store_id, &request, &prove)
+                    .map(|(decision, allowance)| CloudReplyBody::Authorized {
+                        payment_id: request.payment_id,
+                        decision,
+                        allowance,
+                    })
             }
             HubRequestBody::Reconcile(batch) => {
                 let applied = self.ledger.reconcile(&store_id, &batch.entries);

@@ -107,7 +107,6 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let store = customers::CustomerStore::open(&customers_path, &config.template_key_path())
         .with_context(|| format!("opening the customer store at {}", customers_path.display()))?;
     let payer = payer::PayerCheck::new(
-        ledger.clone(),
         store.clone(),
         config.identity.one_to_one_threshold,
         paycode::Validity {

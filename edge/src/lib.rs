@@ -135,6 +135,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         grants: vec![zlink::ZenohGrant {
             common_names: vec![config.store_id.clone()],
             key_exprs: protocol::keyexpr::terminal_keys(&config.store_id, &config.terminal_id),
+            role: zlink::GrantRole::Ask,
         }],
     };
     let zenoh =

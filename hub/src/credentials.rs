@@ -41,6 +41,22 @@ pub struct Token {
     pub spent_code: Option<CodeNonce>,
     /// The face (and code) shown, for the cloud to check.
     pub evidence: protocol::PayerEvidence,
+    /// A charge was made with it: kept until it expires, whatever its terminal opens since.
+    pub redeemed: bool,
+}
+
+impl OpenVerification for Token {
+    fn terminal(&self) -> &str {
+        &self.terminal_id
+    }
+
+    fn expires_at_ms(&self) -> u64 {
+        self.expires_at_ms
+    }
+
+    fn evictable(&self) -> bool {
+        !self.redeemed
+    }
 }
 
 /// Owns the replicated account keys and the payment tokens.
@@ -276,33 +292,43 @@ pub struct IssuedToken {
 /// charged or abandoned), never another terminal's.
 pub const MAX_OPEN_PER_TERMINAL: usize = 64;
 
-/// Makes room in a map of open verifications (tokens, challenges), capped at `cap` entries and
+/// An open verification (a payment token, a second-factor challenge) as the caps see it.
+pub trait OpenVerification {
+    /// The terminal it was opened for.
+    fn terminal(&self) -> &str;
+    /// When it expires, ms since the epoch.
+    fn expires_at_ms(&self) -> u64;
+    /// Whether its terminal may give it up for a new one: never a token a charge was made with
+    /// (a register that did not hear the charge's answer asks again with it).
+    fn evictable(&self) -> bool {
+        true
+    }
+}
+
+/// Makes room in a map of open verifications, capped at `cap` entries and
 /// [`MAX_OPEN_PER_TERMINAL`] per terminal, for one more of `terminal`'s: expired entries are
-/// dropped when a cap is reached, then `terminal`'s soonest to expire while it is past its share.
-/// Whether there is room (the hub is full only when many terminals each hold their share).
-pub fn make_room<K, V>(
-    map: &mut HashMap<K, V>,
-    cap: usize,
-    terminal: &str,
-    terminal_of: impl Fn(&V) -> &str,
-    expires_at_ms: impl Fn(&V) -> u64,
-    now_ms: u64,
-) -> bool
+/// dropped when a cap is reached, then `terminal`'s own evictable ones, soonest to expire first,
+/// while it is past its share. Whether there is room (a terminal whose share is all in use, or
+/// a hub whose terminals each hold their share, has none).
+pub fn make_room<K, V>(map: &mut HashMap<K, V>, cap: usize, terminal: &str, now_ms: u64) -> bool
 where
     K: Clone + Eq + std::hash::Hash,
+    V: OpenVerification,
 {
-    let own = |map: &HashMap<K, V>| map.values().filter(|v| terminal_of(v) == terminal).count();
+    let own = |map: &HashMap<K, V>| map.values().filter(|v| v.terminal() == terminal).count();
     if map.len() >= cap || own(map) >= MAX_OPEN_PER_TERMINAL {
-        map.retain(|_, v| expires_at_ms(v) > now_ms);
+        map.retain(|_, v| v.expires_at_ms() > now_ms);
     }
     let mut own_count = own(map);
     while own_count >= MAX_OPEN_PER_TERMINAL {
-        let oldest = map
+        let Some(oldest) = map
             .iter()
-            .filter(|(_, v)| terminal_of(v) == terminal)
-            .min_by_key(|(_, v)| expires_at_ms(v))
+            .filter(|(_, v)| v.terminal() == terminal && v.evictable())
+            .min_by_key(|(_, v)| v.expires_at_ms())
             .map(|(k, _)| k.clone())
-            .expect("the terminal holds some");
+        else {
+            return false;
+        };
         map.remove(&oldest);
         own_count -= 1;
     }
@@ -331,14 +357,7 @@ impl Handler<IssueToken> for CredentialsActor {
             return Err(TokenNotIssued::Erased);
         }
         let now = self.clock.now_ms();
-        if !make_room(
-            &mut self.tokens,
-            MAX_OPEN_TOKENS,
-            &msg.terminal_id,
-            |t| t.terminal_id.as_str(),
-            |t| t.expires_at_ms,
-            now,
-        ) {
+        if !make_room(&mut self.tokens, MAX_OPEN_TOKENS, &msg.terminal_id, now) {
             return Err(TokenNotIssued::Full);
         }
         let issued = Token {
@@ -347,6 +366,7 @@ impl Handler<IssueToken> for CredentialsActor {
             expires_at_ms: self.clock.now_ms().saturating_add(msg.ttl_ms),
             spent_code: msg.spent_code,
             evidence: msg.evidence,
+            redeemed: false,
         };
         let token = random_id("tok_");
         self.tokens.insert(token.clone(), issued.clone());
@@ -382,13 +402,18 @@ pub struct RedeemToken {
 impl Handler<RedeemToken> for CredentialsActor {
     type Result = Result<Token, TokenRefused>;
     fn handle(&mut self, msg: RedeemToken, _: &mut Self::Context) -> Self::Result {
-        let token = self.tokens.get(&msg.token).ok_or(TokenRefused::Unknown)?;
-        if token.expires_at_ms <= self.clock.now_ms() {
+        let now = self.clock.now_ms();
+        let token = self
+            .tokens
+            .get_mut(&msg.token)
+            .ok_or(TokenRefused::Unknown)?;
+        if token.expires_at_ms <= now {
             return Err(TokenRefused::Expired);
         }
         if token.terminal_id != msg.terminal_id {
             return Err(TokenRefused::OtherTerminal);
         }
+        token.redeemed = true;
         Ok(token.clone())
     }
 }
@@ -546,7 +571,10 @@ mod tests {
         assert_eq!(a.issued.expires_at_ms, 1_030_000);
         assert_eq!(
             credentials.send(redeem(&a.token, "till-1")).await.unwrap(),
-            Ok(a.issued.clone())
+            Ok(Token {
+                redeemed: true,
+                ..a.issued.clone()
+            })
         );
         let other_terminal = credentials.send(redeem(&a.token, "till-2")).await.unwrap();
         assert_eq!(other_terminal, Err(TokenRefused::OtherTerminal));
@@ -586,15 +614,19 @@ mod tests {
             ttl_ms,
             spent_code: None,
         };
+        let redeem = |token: &str, terminal: usize| RedeemToken {
+            token: token.into(),
+            terminal_id: format!("till-{terminal}").as_str().into(),
+        };
         let terminals = MAX_OPEN_TOKENS / MAX_OPEN_PER_TERMINAL;
-        let mut first = None;
+        let mut held = vec![Vec::new(); terminals];
         for n in 0..MAX_OPEN_TOKENS {
             let issued = credentials
                 .send(issue(n % terminals, 10_000 + n as u64))
                 .await
                 .unwrap()
                 .unwrap();
-            first.get_or_insert(issued.token);
+            held[n % terminals].push(issued.token);
         }
         // Every terminal holds its share: one more terminal finds the hub full.
         assert_eq!(
@@ -605,37 +637,38 @@ mod tests {
                 .err(),
             Some(TokenNotIssued::Full)
         );
-        // A terminal past its share gives up its own oldest token, nobody else's.
-        let redeem = |token: String, terminal: usize| RedeemToken {
-            token,
-            terminal_id: format!("till-{terminal}").as_str().into(),
-        };
-        let second = credentials.send(issue(1, 10_000)).await.unwrap().unwrap();
-        assert!(credentials
-            .send(redeem(second.token, 1))
-            .await
-            .unwrap()
-            .is_ok());
-        assert!(
-            credentials
-                .send(redeem(first.clone().unwrap(), 0))
-                .await
-                .unwrap()
-                .is_ok(),
-            "terminal 0's oldest is kept"
-        );
+        // A terminal past its share gives up its own oldest tokens, nobody else's.
         for _ in 0..MAX_OPEN_PER_TERMINAL {
             credentials.send(issue(0, 20_000)).await.unwrap().unwrap();
         }
         assert_eq!(
             credentials
-                .send(redeem(first.unwrap(), 0))
+                .send(redeem(&held[0][0], 0))
                 .await
                 .unwrap()
                 .err(),
             Some(TokenRefused::Unknown),
             "its own share moved on"
         );
+        assert!(credentials
+            .send(redeem(&held[1][0], 1))
+            .await
+            .unwrap()
+            .is_ok());
+        // A token a charge was made with is never given up: a terminal whose share is all
+        // charged with gets no new one until they expire.
+        for token in &held[2] {
+            credentials.send(redeem(token, 2)).await.unwrap().unwrap();
+        }
+        assert_eq!(
+            credentials.send(issue(2, 10_000)).await.unwrap().err(),
+            Some(TokenNotIssued::Full)
+        );
+        assert!(credentials
+            .send(redeem(&held[2][0], 2))
+            .await
+            .unwrap()
+            .is_ok());
         // Expired tokens make room for a new terminal.
         clock.advance(20_000);
         assert!(credentials

@@ -25,6 +25,9 @@ use crate::{
 
 /// Most terminal queries in flight at once, over every terminal; more wait in Zenoh.
 pub const MAX_CONCURRENT_QUERIES: usize = 64;
+/// Most queries of one terminal in flight at once (refusals included); more of its queries wait
+/// in Zenoh, and nobody else's: one terminal cannot take the hub's slots.
+pub const MAX_IN_FLIGHT_PER_TERMINAL: usize = 4;
 
 /// Why a terminal's query was answered without reaching an actor.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,19 +113,17 @@ impl TerminalRates {
     }
 }
 
-/// What a terminal's query is checked against before it reaches an actor: that it came on its
-/// terminal's own key expression, and that terminal's rate.
+/// What a terminal's query is checked against before it reaches an actor: that its terminal was
+/// `within_rate` (see [`TerminalRates`]), and that it came on its terminal's own key expression.
 pub fn admit<Req: serde::de::DeserializeOwned + FromTerminal>(
     from: &str,
     payload: &[u8],
-    rates: &TerminalRates,
-    now: Instant,
+    within_rate: bool,
 ) -> Result<Req, Refused> {
-    let request: Result<Req, Refused> = protocol::decode(payload).map_err(Refused::from);
-    if !rates.allow(from, now) {
+    if !within_rate {
         return Err(Refused::RateLimited);
     }
-    let request = request?;
+    let request: Req = protocol::decode(payload)?;
     if request.terminal_id().as_str() != from {
         return Err(Refused::OtherTerminal {
             named: request.terminal_id().to_string(),
@@ -173,6 +174,7 @@ pub fn grants(store_id: &str, terminals: &[(String, Vec<String>)]) -> Vec<zlink:
         .map(|(terminal, names)| zlink::ZenohGrant {
             common_names: names.clone(),
             key_exprs: protocol::keyexpr::terminal_keys(store_id, terminal),
+            role: zlink::GrantRole::Answer,
         })
         .collect()
 }
@@ -209,8 +211,10 @@ async fn declare_queryable(
         .map_err(|e| anyhow::anyhow!("declaring the queryable {key}: {e}"))
 }
 
-/// Declares a queryable on `key` for `terminal` and answers each query (at most `limit` at once
-/// over all queryables) with what `answer` makes of it once admitted, signed by the hub.
+/// Declares a queryable on `key` for `terminal` and answers each query with what `answer` makes
+/// of it once admitted, signed by the hub: at most [`MAX_IN_FLIGHT_PER_TERMINAL`] of the
+/// terminal's at once, and those within its rate also within `limit` over all terminals (a
+/// refusal for the rate takes no shared slot).
 async fn serve_queries<Req, F, Fut>(
     zenoh: &zlink::ZenohLink,
     key: String,
@@ -225,26 +229,38 @@ where
     Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
 {
     let queryable = declare_queryable(zenoh, key).await?;
+    let own = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_TERMINAL));
     let answer = Arc::new(answer);
     let signer = Arc::new(services.signer.clone());
     let rates = services.rates.clone();
     let terminal = terminal.to_string();
     zenoh.spawn(async move {
         while let Ok(query) = queryable.recv_async().await {
-            let permit = limit
+            let own_permit = own
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore never closes");
-            let (answer, signer, rates) = (answer.clone(), signer.clone(), rates.clone());
+            let within_rate = rates.allow(&terminal, Instant::now());
+            let permit = match within_rate {
+                true => Some(
+                    limit
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closes"),
+                ),
+                false => None,
+            };
+            let (answer, signer) = (answer.clone(), signer.clone());
             let terminal = terminal.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permits = (own_permit, permit);
                 let payload = query
                     .payload()
                     .map(|p| p.to_bytes().into_owned())
                     .unwrap_or_default();
-                let admitted = admit::<Req>(&terminal, &payload, &rates, Instant::now());
+                let admitted = admit::<Req>(&terminal, &payload, within_rate);
                 if let Err(refused) = &admitted {
                     tracing::warn!(%terminal, %refused, "terminal request refused");
                 }
@@ -394,31 +410,36 @@ mod tests {
 
     #[test]
     fn a_request_is_admitted_only_from_the_terminal_it_names_and_within_its_rate() {
-        let rates = TerminalRates::new(TerminalsConfig {
-            requests_burst: 3,
-            requests_per_second: 1,
-        });
-        let now = Instant::now();
-        let ok = admit::<AuthorizeRequest>("till-1", &request("till-1"), &rates, now);
+        let ok = admit::<AuthorizeRequest>("till-1", &request("till-1"), true);
         assert_eq!(ok.unwrap().terminal_id.as_str(), "till-1");
-        let other = admit::<AuthorizeRequest>("till-1", &request("till-2"), &rates, now);
+        let other = admit::<AuthorizeRequest>("till-1", &request("till-2"), true);
         assert_eq!(
             other.unwrap_err().reason(),
             DeclineReason::InvalidRequest,
             "till-1's certificate speaking for till-2"
         );
-        let garbage = admit::<AuthorizeRequest>("till-1", b"{", &rates, now);
+        let garbage = admit::<AuthorizeRequest>("till-1", b"{", true);
         assert_eq!(garbage.unwrap_err().reason(), DeclineReason::InvalidRequest);
-        // Three requests were the burst, whatever they were; till-2 has its own.
-        let limited = admit::<AuthorizeRequest>("till-1", &request("till-1"), &rates, now);
+        let limited = admit::<AuthorizeRequest>("till-1", &request("till-1"), false);
         assert_eq!(limited.unwrap_err(), Refused::RateLimited);
-        assert!(admit::<AuthorizeRequest>("till-2", &request("till-2"), &rates, now).is_ok());
-        let later = now + std::time::Duration::from_secs(1);
-        assert!(admit::<AuthorizeRequest>("till-1", &request("till-1"), &rates, later).is_ok());
         assert!(
             DeclineReason::RateLimited.is_unknown_outcome(),
             "never a decline"
         );
+    }
+
+    #[test]
+    fn each_terminal_has_its_own_rate() {
+        let rates = TerminalRates::new(TerminalsConfig {
+            requests_burst: 3,
+            requests_per_second: 1,
+        });
+        let now = Instant::now();
+        assert_eq!((0..5).filter(|_| rates.allow("till-1", now)).count(), 3);
+        assert!(rates.allow("till-2", now), "till-2 has its own");
+        let later = now + std::time::Duration::from_secs(1);
+        assert!(rates.allow("till-1", later));
+        assert!(!rates.allow("till-1", later));
     }
 
     #[test]

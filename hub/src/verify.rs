@@ -51,6 +51,16 @@ struct Challenge {
     evidence: PayerEvidence,
 }
 
+impl crate::credentials::OpenVerification for Challenge {
+    fn terminal(&self) -> &str {
+        &self.terminal_id
+    }
+
+    fn expires_at_ms(&self) -> u64 {
+        self.expires_at_ms
+    }
+}
+
 /// What the verify actor needs to know.
 #[derive(Debug, Clone)]
 pub struct VerifySettings {
@@ -606,14 +616,7 @@ impl VerifyActor {
         evidence: PayerEvidence,
     ) -> VerifyReply {
         let now = self.clock.now_ms();
-        if !make_room(
-            &mut self.challenges,
-            MAX_OPEN_CHALLENGES,
-            &terminal_id,
-            |c| c.terminal_id.as_str(),
-            |c| c.expires_at_ms,
-            now,
-        ) {
+        if !make_room(&mut self.challenges, MAX_OPEN_CHALLENGES, &terminal_id, now) {
             return VerifyReply::refused(
                 DeclineReason::HubBusy,
                 "the hub holds as many open second-factor challenges as it may; verify again in \

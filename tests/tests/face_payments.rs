@@ -395,7 +395,7 @@ fn pay_by_face_end_to_end() {
         assert_eq!(
             refusal(&wrong),
             DeclineReason::SecondFactorWrong,
-            "attempt {attempt}"
+            "attempt {attempt}: {wrong:?}"
         );
     }
     let locked = look(&s1, &twin_photo, "face");

@@ -662,6 +662,7 @@ fn zenoh_queries_with(
         grants: vec![zlink::ZenohGrant {
             common_names: allowed_peers,
             key_exprs: vec!["facepay/**".into()],
+            role: zlink::GrantRole::Ask,
         }],
     };
     let link = zlink::ZenohLink::open(&config, &security).unwrap();
@@ -914,6 +915,7 @@ fn rogue_hub(
                 })
                 .collect(),
             key_exprs: vec!["facepay/**".into()],
+            role: zlink::GrantRole::Answer,
         }],
     };
     let link = zlink::ZenohLink::open(&config, &security).unwrap();

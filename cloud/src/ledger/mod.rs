@@ -179,6 +179,17 @@ struct NonceRecord {
     amount: Option<(i64, Currency)>,
 }
 
+/// Why the payer of an attempt that would move money was not proven (see
+/// [`Ledger::authorize_proving`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PayerRefusal {
+    /// The evidence does not prove the payer: the attempt is declined so, and recorded.
+    Declined(Decision),
+    /// The proof could not be checked (storage): nothing is recorded, the request fails (the
+    /// hub voids the attempt).
+    Unavailable(String),
+}
+
 /// The ledger database. Clones share the same database.
 #[derive(Clone)]
 pub struct Ledger {
@@ -524,6 +535,91 @@ mod tests {
             offline_reservation: Default::default(),
             spent_code: None,
         }
+    }
+
+    /// Where an attempt would move money the payer is proven, or the attempt is declined and the
+    /// decline recorded: a redelivery of the same request hears it again even when the proof
+    /// would pass now (an enrollment since), and an attempt at a paid order hears it is paid
+    /// whatever it shows.
+    #[test]
+    fn a_payer_refused_stays_refused_and_a_paid_order_is_paid_whatever_is_shown() {
+        let (_d, l) = ledger();
+        let refuse = |_: &CloudAuthorize, _: Option<&str>| {
+            Err(PayerRefusal::Declined(Decision::declined(
+                DeclineReason::BadSignature,
+                "not proven",
+            )))
+        };
+        let accept = |_: &CloudAuthorize, key: Option<&str>| {
+            assert!(key.is_some(), "alice's payment key is given");
+            Ok(())
+        };
+        let first = l
+            .authorize_proving("store-1", &pay("o-1", "n-1", 100), &refuse)
+            .unwrap()
+            .0;
+        assert_eq!(first.reason(), Some(DeclineReason::BadSignature));
+        let again = l
+            .authorize_proving("store-1", &pay("o-1", "n-1", 100), &accept)
+            .unwrap()
+            .0;
+        assert_eq!(again, first, "a redelivery hears the first answer");
+        assert_eq!(balance(&l, "alice"), 10_000);
+        let paid = l
+            .authorize_proving("store-1", &pay("o-2", "n-2", 100), &accept)
+            .unwrap()
+            .0;
+        assert!(matches!(
+            paid,
+            Decision::Approved {
+                already_paid: false,
+                ..
+            }
+        ));
+        let joined = l
+            .authorize_proving("store-1", &pay("o-2", "n-3", 100), &refuse)
+            .unwrap()
+            .0;
+        assert!(
+            matches!(
+                joined,
+                Decision::Approved {
+                    already_paid: true,
+                    ..
+                }
+            ),
+            "{joined:?}"
+        );
+        assert_eq!(balance(&l, "alice"), 9_900);
+        // A proof that could not be checked records nothing: the request fails (the hub voids).
+        let broken =
+            |_: &CloudAuthorize, _: Option<&str>| Err(PayerRefusal::Unavailable("disk".into()));
+        assert!(l
+            .authorize_proving("store-1", &pay("o-3", "n-4", 100), &broken)
+            .is_err());
+        let later = l
+            .authorize_proving("store-1", &pay("o-3", "n-4", 100), &accept)
+            .unwrap()
+            .0;
+        assert!(matches!(
+            later,
+            Decision::Approved {
+                already_paid: false,
+                ..
+            }
+        ));
+        // A grant is earned by the payment that moved money, not by its repeats.
+        let (_, granted) = l
+            .authorize_proving("store-1", &pay("o-5", "n-5", 100), &accept)
+            .unwrap();
+        assert!(granted.is_some());
+        let (again, regranted) = l
+            .authorize_proving("store-1", &pay("o-5", "n-5", 100), &accept)
+            .unwrap();
+        assert!(matches!(again, Decision::Approved { .. }));
+        assert_eq!(regranted, None, "a repeat earns no grant");
+        assert_eq!(balance(&l, "alice"), 9_700);
+        books_balance(&l);
     }
 
     /// Alice's attempt at `store-1:<order>` with `nonce`, as a void or a post names it.

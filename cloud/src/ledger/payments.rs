@@ -6,6 +6,8 @@ use super::*;
 impl Ledger {
     /// Applies a verified payment from `store_id`: moves the amount from the customer to the store's
     /// merchant account (whose id is the store id), exactly once per payment id.
+    /// The payer is taken as proven (the caller checked it): [`Ledger::authorize_proving`]
+    /// checks it.
     pub fn authorize(
         &self,
         store_id: &str,
@@ -15,29 +17,27 @@ impl Ledger {
             .map(|(decision, _)| decision)
     }
 
-    /// Whether an authorization from `store_id` is a new attempt: its nonce was never seen (not
-    /// answered, not burnt by a void). Only a new attempt's evidence is checked
-    /// ([`crate::payer::PayerCheck`]); a repeat hears what the first was answered. A request the
-    /// store may not send is an error.
-    pub fn is_new_attempt(
-        &self,
-        store_id: &str,
-        request: &CloudAuthorize,
-    ) -> Result<bool, LedgerError> {
-        request.check_from(store_id).map_err(invalid)?;
-        let seen = self
-            .nonces
-            .get(nonce_key(&request.account_id, &request.code_nonce))
-            .map_err(|e| LedgerError::Storage(e.to_string()))?;
-        Ok(seen.is_none())
-    }
-
     /// [`Ledger::authorize`], and on approval the account's refreshed offline allowance at the
-    /// store (see [`OfflinePolicy`]).
+    /// store (see [`OfflinePolicy`]). The payer is taken as proven.
     pub fn authorize_with_allowance(
         &self,
         store_id: &str,
         request: &CloudAuthorize,
+    ) -> Result<(Decision, Option<Allowance>), LedgerError> {
+        self.authorize_proving(store_id, request, &|_, _| Ok(()))
+    }
+
+    /// [`Ledger::authorize_with_allowance`], with `prove` checking the payer (given the
+    /// account's payment key) where the attempt would move money, and only there: a new attempt
+    /// at an order not paid. Its refusal is recorded under the nonce like any decline, so a
+    /// repeat (a redelivery) hears it again, and an attempt at a paid order hears it is paid
+    /// whatever it shows. `prove` runs inside the ledger's transaction and must read no store
+    /// (a sled transaction holds the lock every read takes: it would never return).
+    pub fn authorize_proving(
+        &self,
+        store_id: &str,
+        request: &CloudAuthorize,
+        prove: &dyn Fn(&CloudAuthorize, Option<&str>) -> Result<(), PayerRefusal>,
     ) -> Result<(Decision, Option<Allowance>), LedgerError> {
         // A hub's request is checked where it is used, against the store that sent it: a payment
         // outside its namespace never touches another store's (or an internal) transfer, and an
@@ -57,7 +57,7 @@ impl Ledger {
         let deadline_ms = now_ms.saturating_add(self.pending_ttl_ms);
         let answer = unwrap_tx(trees.transaction(
             |(accounts, transfers, nonces, grants, by_account, pending)| {
-                let decision = match confirmed_code_paid_elsewhere(nonces, request)? {
+                let (decision, moved) = match confirmed_code_paid_elsewhere(nonces, request)? {
                     Some(decline) => {
                         let record = NonceRecord {
                             payment_id: request.payment_id.clone(),
@@ -65,22 +65,25 @@ impl Ledger {
                             amount: Some((request.amount_minor, request.currency)),
                         };
                         nonces.insert(nonce_key.as_slice(), encode(&record))?;
-                        decline
+                        (decline, false)
                     }
                     None => {
-                        let decision = Self::authorize_tx(
+                        let (decision, moved) = Self::authorize_tx(
                             (accounts, transfers, nonces, pending),
                             store_id,
                             request,
                             &nonce_key,
                             (now_ms, deadline_ms),
+                            prove,
                         )?;
                         burn_confirmed_code(nonces, request, &decision)?;
-                        decision
+                        (decision, moved)
                     }
                 };
+                // A grant is earned by a payment that moved money now, never by a repeat of
+                // one (each grant is a budget of its own: repeats would multiply it).
                 let allowance = match &decision {
-                    Decision::Approved { .. } => allowances::grant(
+                    Decision::Approved { .. } if moved => allowances::grant(
                         policy,
                         accounts,
                         grants,
@@ -89,7 +92,7 @@ impl Ledger {
                         &request.account_id,
                         request.offline_reservation,
                     )?,
-                    Decision::Declined { .. } => None,
+                    _ => None,
                 };
                 Ok((decision, allowance))
             },
@@ -115,13 +118,14 @@ impl Ledger {
         request: &CloudAuthorize,
         nonce_key: &[u8],
         (now_ms, deadline_ms): (u64, u64),
-    ) -> TxResult<Decision> {
+        prove: &dyn Fn(&CloudAuthorize, Option<&str>) -> Result<(), PayerRefusal>,
+    ) -> TxResult<(Decision, bool)> {
         if let Some(seen) = nonces.get(nonce_key)? {
             let seen: NonceRecord = decode(&seen);
             let same_details = seen
                 .amount
                 .is_none_or(|amount| amount == (request.amount_minor, request.currency));
-            return Ok(if seen.payment_id == request.payment_id && !same_details {
+            let answer = if seen.payment_id == request.payment_id && !same_details {
                 Decision::declined(
                     DeclineReason::DuplicateOrderId,
                     "this code was already presented for this order with another amount",
@@ -155,7 +159,8 @@ impl Ledger {
                     DeclineReason::CodeReplayed,
                     "this payment code was already used; show a fresh code",
                 )
-            });
+            };
+            return Ok((answer, false));
         }
         // An order a hub approved offline (applied as `#offline` after an online attempt under it
         // was voided), or confirmed after it expired (`#posted`), is paid: a retry hears so,
@@ -184,8 +189,10 @@ impl Ledger {
                 amount: Some((request.amount_minor, request.currency)),
             };
             nonces.insert(nonce_key, encode(&record))?;
-            return Ok(decision);
+            return Ok((decision, false));
         }
+        // Whether this attempt moved money (not one answered as paid by another).
+        let mut moved = false;
         let decision = match transfers.get(request.payment_id.as_bytes())? {
             Some(existing) => {
                 let existing: TransferRecord = decode(&existing);
@@ -239,9 +246,26 @@ impl Ledger {
                 }
             }
             None => {
-                let decision =
-                    Self::try_apply(accounts, transfers, store_id, request, now_ms, deadline_ms)?;
+                // The only place an attempt moves money: the payer is proven here, or declined.
+                let key = accounts
+                    .get(request.account_id.as_bytes())?
+                    .and_then(|b| decode::<AccountRecord>(&b).public_key);
+                let decision = match prove(request, key.as_deref()) {
+                    Err(PayerRefusal::Declined(refused)) => refused,
+                    Err(PayerRefusal::Unavailable(error)) => {
+                        return abort(LedgerError::Storage(error));
+                    }
+                    Ok(()) => Self::try_apply(
+                        accounts,
+                        transfers,
+                        store_id,
+                        request,
+                        now_ms,
+                        deadline_ms,
+                    )?,
+                };
                 if let Decision::Approved { .. } = decision {
+                    moved = true;
                     pending.insert(
                         pending_key(deadline_ms, &request.payment_id),
                         request.payment_id.as_bytes(),
@@ -256,7 +280,7 @@ impl Ledger {
             amount: Some((request.amount_minor, request.currency)),
         };
         nonces.insert(nonce_key, encode(&record))?;
-        Ok(decision)
+        Ok((decision, moved))
     }
 
     fn try_apply(

@@ -113,18 +113,41 @@ pub struct ZenohSecurity {
     pub grants: Vec<ZenohGrant>,
 }
 
-/// Peers (by certificate common name) and the key expressions they may use.
+/// Peers (by certificate common name), the key expressions they may use, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZenohGrant {
     /// Certificate common names.
     pub common_names: Vec<String>,
-    /// Key expressions, both ways.
+    /// Key expressions.
     pub key_exprs: Vec<String>,
+    /// What this session does with those peers there.
+    pub role: GrantRole,
+}
+
+/// What a session does with a grant's peers on its key expressions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantRole {
+    /// The peers ask (their queries come in) and this session answers (its queryables and replies
+    /// go out): a hub with its terminals. Nothing else of theirs is taken.
+    Answer,
+    /// This session asks (its queries go out) and the peers answer (their queryables and replies
+    /// come in): a terminal with its hub.
+    Ask,
+}
+
+impl GrantRole {
+    /// The message kinds allowed in, and out.
+    fn messages(self) -> (&'static str, &'static str) {
+        match self {
+            GrantRole::Answer => (r#"["query"]"#, r#"["reply", "declare_queryable"]"#),
+            GrantRole::Ask => (r#"["reply", "declare_queryable"]"#, r#"["query"]"#),
+        }
+    }
 }
 
 impl ZenohSecurity {
     /// Zenoh's `access_control` section: deny by default, allow each grant's peers on its key
-    /// expressions, in both directions.
+    /// expressions the messages of its role, each way.
     fn access_control(&self) -> String {
         let list = serde_json_list;
         let grants: Vec<&ZenohGrant> = self
@@ -137,20 +160,20 @@ impl ZenohSecurity {
         }
         let (mut rules, mut subjects, mut policies) = (Vec::new(), Vec::new(), Vec::new());
         for (i, grant) in grants.iter().enumerate() {
-            rules.push(format!(
-                r#"{{"id": "keys-{i}", "permission": "allow", "flows": ["egress", "ingress"],
-                    "messages": ["put", "delete", "declare_subscriber", "query",
-                                 "declare_queryable", "reply", "liveliness_token",
-                                 "declare_liveliness_subscriber", "liveliness_query"],
-                    "key_exprs": {keys}}}"#,
-                keys = list(&grant.key_exprs),
-            ));
+            let keys = list(&grant.key_exprs);
+            let (ingress, egress) = grant.role.messages();
+            for (flow, messages) in [("ingress", ingress), ("egress", egress)] {
+                rules.push(format!(
+                    r#"{{"id": "{flow}-{i}", "permission": "allow", "flows": ["{flow}"],
+                        "messages": {messages}, "key_exprs": {keys}}}"#,
+                ));
+            }
             subjects.push(format!(
                 r#"{{"id": "peers-{i}", "cert_common_names": {peers}}}"#,
                 peers = list(&grant.common_names),
             ));
             policies.push(format!(
-                r#"{{"rules": ["keys-{i}"], "subjects": ["peers-{i}"]}}"#
+                r#"{{"rules": ["ingress-{i}", "egress-{i}"], "subjects": ["peers-{i}"]}}"#
             ));
         }
         format!(
@@ -280,6 +303,7 @@ mod tests {
         let grant = |cn: &str, key: &str| ZenohGrant {
             common_names: vec![cn.into()],
             key_exprs: vec![key.into()],
+            role: GrantRole::Answer,
         };
         let security = ZenohSecurity {
             files,
@@ -289,19 +313,23 @@ mod tests {
                 ZenohGrant {
                     common_names: vec![],
                     key_exprs: vec!["x".into()],
+                    role: GrantRole::Ask,
                 },
             ],
         };
         let text = security.access_control();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value["rules"].as_array().unwrap().len(), 2, "{text}");
+        assert_eq!(value["rules"].as_array().unwrap().len(), 4, "{text}");
+        assert_eq!(value["rules"][2]["flows"][0], "ingress", "{text}");
+        assert_eq!(value["rules"][2]["messages"][0], "query", "{text}");
+        assert_eq!(value["rules"][3]["messages"][0], "reply", "{text}");
         assert_eq!(
             value["subjects"][1]["cert_common_names"][0], "edge:s:t2:bb",
             "{text}"
         );
-        assert_eq!(value["policies"][1]["rules"][0], "keys-1", "{text}");
+        assert_eq!(value["policies"][1]["rules"][1], "egress-1", "{text}");
         assert_eq!(
-            value["rules"][1]["key_exprs"][0],
+            value["rules"][3]["key_exprs"][0],
             "facepay/v1/stores/s/hub/authorize/t2"
         );
         let mut config = zenoh::Config::default();
