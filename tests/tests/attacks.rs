@@ -425,3 +425,99 @@ fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
     assert_eq!(api.account("store-1").unwrap().balance_minor, 1_000);
     api.assert_books_balance().unwrap();
 }
+
+/// A compromised hub sends what its own software never would, each with a fresh code of the
+/// customer so that only the check of the field stops it: negative amounts (two of them large
+/// enough to overflow a sum), an amount beyond any payment, a payment id of another store, ids
+/// that name the ledger's own transfers, and a void naming the customer's paid payment with
+/// another payment's nonce. The cloud refuses each where the ledger uses it, stays up, and moves
+/// no money; the customer's honest payment after them applies.
+#[test]
+fn a_compromised_hubs_malformed_requests_move_nothing_and_stop_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    open(&api, "store-1", AccountKind::Merchant, 0);
+    open(&api, "store-2", AccountKind::Merchant, 0);
+    let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
+    let hub = pki::Identity::hub("store-1").unwrap();
+    ensure_identity(&hub).unwrap();
+    let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
+    let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
+    let requests = protocol::topics::cloud_requests("store-1");
+    let eur = Currency::parse("EUR").unwrap();
+    let authorize = |payment_id: &str, order: &str, amount: i64| {
+        let code = alice.issue_code(paycode::now_ms());
+        let nonce = paycode::SignedCode::parse(&code).unwrap().nonce_hex();
+        HubRequestBody::Authorize(protocol::CloudAuthorize {
+            payment_id: payment_id.into(),
+            account_id: "alice".into(),
+            code_nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur,
+            terminal_id: "till-1".into(),
+            order_id: order.into(),
+            offline_reservation: Default::default(),
+            spent_code: None,
+            evidence: protocol::PayerEvidence {
+                payment_code: Some(code),
+                face_probe: None,
+            },
+        })
+    };
+    let first = authorize("store-1:o-paid", "o-paid", 500);
+    let HubRequestBody::Authorize(paid) = &first else {
+        unreachable!()
+    };
+    let paid_nonce = paid.code_nonce.clone();
+    let mut bodies = vec![
+        first.clone(),
+        authorize("store-1:o-neg", "o-neg", -500),
+        authorize("store-1:o-min-1", "o-min-1", i64::MIN + 1),
+        authorize("store-1:o-min-2", "o-min-2", i64::MIN + 1),
+        authorize("store-1:o-huge", "o-huge", protocol::MAX_AMOUNT_MINOR + 1),
+        authorize("store-2:o-1", "o-1", 700),
+        authorize("open:alice", "alice", 700),
+        authorize("store-1:o-paid#void", "o-paid#void", 700),
+        authorize("store-1:o-paid#offline", "o-paid#offline", 700),
+        // A void of the paid payment naming another attempt's nonce: not the attempt it voids.
+        HubRequestBody::Void(protocol::VoidPayment {
+            payment_id: "store-1:o-paid".into(),
+            account_id: "alice".into(),
+            code_nonce: format!("{:032x}", 7).into(),
+        }),
+        // A void of another store's payment.
+        HubRequestBody::Void(protocol::VoidPayment {
+            payment_id: "store-2:o-paid".into(),
+            account_id: "alice".into(),
+            code_nonce: paid_nonce,
+        }),
+    ];
+    // The honest payment that shows the ledger still serves the store, in order, after them.
+    bodies.push(authorize("store-1:o-last", "o-last", 300));
+    for (n, body) in bodies.into_iter().enumerate() {
+        let request = protocol::encode(&HubRequest {
+            request_id: n as u64 + 1,
+            store_id: "store-1".into(),
+            body,
+        });
+        attacker
+            .publish(&requests, sealer.seal(&requests, request).unwrap())
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.account("alice").unwrap().balance_minor > 100_000 - 500 - 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the honest payments never applied: {}",
+            api.account("alice").unwrap().balance_minor
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(api.account("alice").unwrap().balance_minor, 100_000 - 800);
+    assert_eq!(api.account("store-1").unwrap().balance_minor, 800);
+    assert_eq!(api.account("store-2").unwrap().balance_minor, 0);
+    api.assert_books_balance().unwrap();
+}

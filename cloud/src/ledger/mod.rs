@@ -190,6 +190,10 @@ pub enum PayerRefusal {
     Unavailable(String),
 }
 
+/// Checks the payer of an attempt that would move money, given the account's payment key (see
+/// [`Ledger::authorize_proving`]).
+pub type ProvePayer<'a> = dyn Fn(&CloudAuthorize, Option<&str>) -> Result<(), PayerRefusal> + 'a;
+
 /// The ledger database. Clones share the same database.
 #[derive(Clone)]
 pub struct Ledger {

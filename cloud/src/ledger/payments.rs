@@ -37,7 +37,7 @@ impl Ledger {
         &self,
         store_id: &str,
         request: &CloudAuthorize,
-        prove: &dyn Fn(&CloudAuthorize, Option<&str>) -> Result<(), PayerRefusal>,
+        prove: &ProvePayer<'_>,
     ) -> Result<(Decision, Option<Allowance>), LedgerError> {
         // A hub's request is checked where it is used, against the store that sent it: a payment
         // outside its namespace never touches another store's (or an internal) transfer, and an
@@ -118,7 +118,7 @@ impl Ledger {
         request: &CloudAuthorize,
         nonce_key: &[u8],
         (now_ms, deadline_ms): (u64, u64),
-        prove: &dyn Fn(&CloudAuthorize, Option<&str>) -> Result<(), PayerRefusal>,
+        prove: &ProvePayer<'_>,
     ) -> TxResult<(Decision, bool)> {
         if let Some(seen) = nonces.get(nonce_key)? {
             let seen: NonceRecord = decode(&seen);
