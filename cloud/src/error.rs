@@ -9,6 +9,10 @@ pub enum LedgerError {
     /// The request is not acceptable.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Something the ledger needs besides its own store could not be read (the customer store,
+    /// for a payer's face); nothing was applied, and the ledger carries on.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The request contradicts what the ledger already holds.
     #[error("conflict: {0}")]
     Conflict(String),

@@ -187,10 +187,23 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_QUERIES));
     for (terminal, _) in terminals {
-        serve_authorize(zenoh, services, terminal, limit.clone()).await?;
-        serve_verify(zenoh, services, terminal, limit.clone()).await?;
+        // One terminal's authorize and verify queries share its in-flight cap.
+        let own = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_TERMINAL));
+        let slots = Slots {
+            own,
+            shared: limit.clone(),
+        };
+        serve_authorize(zenoh, services, terminal, slots.clone()).await?;
+        serve_verify(zenoh, services, terminal, slots).await?;
     }
     serve_revocations(zenoh, &services.store_id, services.in_force.clone()).await
+}
+
+/// Where a terminal's queries wait: its own in-flight cap, then the hub's shared slots.
+#[derive(Clone)]
+struct Slots {
+    own: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
 }
 
 /// Declares a queryable on `key`, on the Zenoh runtime.
@@ -213,14 +226,14 @@ async fn declare_queryable(
 
 /// Declares a queryable on `key` for `terminal` and answers each query with what `answer` makes
 /// of it once admitted, signed by the hub: at most [`MAX_IN_FLIGHT_PER_TERMINAL`] of the
-/// terminal's at once, and those within its rate also within `limit` over all terminals (a
-/// refusal for the rate takes no shared slot).
+/// terminal's at once (`slots.own`), and those within its rate also within the hub's shared
+/// slots (a refusal for the rate takes none).
 async fn serve_queries<Req, F, Fut>(
     zenoh: &zlink::ZenohLink,
     key: String,
     terminal: &str,
     services: &EdgeServices,
-    limit: Arc<Semaphore>,
+    slots: Slots,
     answer: F,
 ) -> anyhow::Result<()>
 where
@@ -229,7 +242,7 @@ where
     Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
 {
     let queryable = declare_queryable(zenoh, key).await?;
-    let own = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_TERMINAL));
+    let Slots { own, shared: limit } = slots;
     let answer = Arc::new(answer);
     let signer = Arc::new(services.signer.clone());
     let rates = services.rates.clone();
@@ -292,7 +305,7 @@ async fn serve_authorize(
     zenoh: &zlink::ZenohLink,
     services: &EdgeServices,
     terminal: &str,
-    limit: Arc<Semaphore>,
+    slots: Slots,
 ) -> anyhow::Result<()> {
     let key = protocol::keyexpr::hub_authorize(&services.store_id, terminal);
     let payment = services.payment.clone();
@@ -301,7 +314,7 @@ async fn serve_authorize(
         key,
         terminal,
         services,
-        limit,
+        slots,
         move |admitted: Result<AuthorizeRequest, Refused>| {
             let payment = payment.clone();
             async move {
@@ -344,7 +357,7 @@ async fn serve_verify(
     zenoh: &zlink::ZenohLink,
     services: &EdgeServices,
     terminal: &str,
-    limit: Arc<Semaphore>,
+    slots: Slots,
 ) -> anyhow::Result<()> {
     let key = protocol::keyexpr::hub_verify(&services.store_id, terminal);
     let verify = services.verify.clone();
@@ -353,7 +366,7 @@ async fn serve_verify(
         key,
         terminal,
         services,
-        limit,
+        slots,
         move |admitted: Result<VerifyRequest, Refused>| {
             let verify = verify.clone();
             async move {

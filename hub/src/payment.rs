@@ -197,7 +197,7 @@ impl Handler<Authorize> for PaymentActor {
             );
             let proven = match checked {
                 Err(decision) => Err((decision, None)),
-                Ok(()) => prove(&request, &peers.credentials).await,
+                Ok(()) => prove(&request, &peers.credentials, &peers.journal).await,
             };
             let can_send = peers.uplink.is_some();
             let outcome = match proven {
@@ -253,6 +253,7 @@ impl Handler<Authorize> for PaymentActor {
 async fn prove(
     request: &AuthorizeRequest,
     credentials: &Addr<CredentialsActor>,
+    journal: &JournalWorker,
 ) -> Result<Payer, (Decision, Option<Payer>)> {
     let unavailable = |e: MailboxError| {
         (
@@ -288,10 +289,42 @@ async fn prove(
                     spent_code: t.spent_code,
                     evidence: t.evidence,
                 }),
-                Err(refused) => Err((
-                    Decision::declined(DeclineReason::TokenInvalid, refused.to_string()),
-                    None,
-                )),
+                Err(refused) => {
+                    // A register that did not hear a token charge's answer asks again with the
+                    // same token, which may be gone since (expired, the hub restarted): what the
+                    // journal holds for the order answers, never a decline for money that moved.
+                    let decision =
+                        Decision::declined(DeclineReason::TokenInvalid, refused.to_string());
+                    let payment_id = request.payment_id.clone();
+                    let (paid, open) = journal
+                        .run(move |j| {
+                            let open = j
+                                .open_attempts()?
+                                .iter()
+                                .any(|a| a.payment_id == payment_id);
+                            Ok::<_, HubError>((j.paid(&payment_id)?, open))
+                        })
+                        .await;
+                    Err(match (paid, open) {
+                        // Answered from the journal: approved when paid as asked.
+                        (Some(paid), _) => (
+                            decision,
+                            Some(Payer {
+                                account_id: paid.account_id,
+                                nonce: token.clone().into(),
+                                keep_from_ms: 0,
+                                token: true,
+                                spent_code: None,
+                                evidence: Default::default(),
+                            }),
+                        ),
+                        (None, true) => (
+                            Decision::declined(DeclineReason::PaymentInProgress, IN_PROGRESS),
+                            None,
+                        ),
+                        (None, false) => (decision, None),
+                    })
+                }
             }
         }
     }

@@ -22,6 +22,7 @@ use crate::{
     credentials::{
         make_room, CheckCode, CredentialsActor, ForgetAccounts, IssueToken, TokenNotIssued,
     },
+    error::HubError,
     hotset::{HotSet, HotSetWorker, LockoutPolicy, Scored},
     journal::{JournalWorker, Reservation},
     uplink::{CallCloud, UplinkActor, UplinkEvent},
@@ -33,6 +34,12 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 /// Mailbox bound.
 pub const VERIFY_MAILBOX: usize = 256;
+/// Second-factor results the cloud did not take (unreachable, busy) kept to report again; beyond,
+/// the oldest is dropped (this hub's own count still holds it).
+pub const MAX_UNREPORTED: usize = 1_024;
+/// Kept second-factor results reported again per reconnect, and per prune tick while connected.
+pub const RESEND_BATCH: usize = 8;
+
 /// Most second-factor challenges open at once (terminals open them, one per verification of a
 /// look-alike); expired ones are dropped first, and a terminal holds at most
 /// [`crate::credentials::MAX_OPEN_PER_TERMINAL`] of them.
@@ -179,6 +186,9 @@ pub struct VerifyActor {
     uplink: Option<Addr<UplinkActor>>,
     metrics: VerifyMetrics,
     syncing: bool,
+    /// Second-factor results the cloud did not take yet, oldest first: reported again when it
+    /// is back, so that wrong answers given while the store was cut off count across the fleet.
+    unreported: std::collections::VecDeque<FactorReport>,
 }
 
 /// Whom the verify actor asks.
@@ -604,6 +614,7 @@ impl VerifyActor {
             uplink: peers.uplink,
             metrics,
             syncing: false,
+            unreported: Default::default(),
         }
     }
 
@@ -934,7 +945,7 @@ impl VerifyActor {
             return;
         };
         let call = CallCloud {
-            body: HubRequestBody::SecondFactor(report),
+            body: HubRequestBody::SecondFactor(report.clone()),
             timeout: self.settings.identify_timeout,
         };
         let hot = self.hot.clone();
@@ -943,15 +954,58 @@ impl VerifyActor {
                 match uplink.send(call).await {
                     Ok(Ok(CloudReplyBody::Lockouts(batch))) => {
                         hot.call(move |h| apply_lockouts(h, batch)).await;
+                        true
                     }
-                    other => tracing::info!(
-                        ?other,
-                        "the cloud did not take a second-factor result; counted here only"
-                    ),
+                    // Never sent (no broker, breaker open, queue full) or refused unserved: it
+                    // is reported again when the cloud is back.
+                    Ok(Err(
+                        HubError::CloudDisconnected
+                        | HubError::CircuitOpen(_)
+                        | HubError::UplinkSaturated
+                        | HubError::CloudBusy(_),
+                    )) => {
+                        tracing::info!(
+                            "the cloud did not take a second-factor result; counted here, \
+                             reported again when it is back"
+                        );
+                        false
+                    }
+                    // Sent without an answer: the broker may still deliver it (a persistent
+                    // session), so it is not sent twice.
+                    other => {
+                        tracing::info!(?other, "no answer to a second-factor result; counted here");
+                        true
+                    }
                 }
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(move |taken, actor, _| {
+                if !taken {
+                    actor.keep_unreported(report);
+                }
+            }),
         );
+    }
+
+    /// Keeps a result the cloud did not take, to report again.
+    fn keep_unreported(&mut self, report: FactorReport) {
+        self.unreported.push_back(report);
+        if self.unreported.len() > MAX_UNREPORTED {
+            self.unreported.pop_front();
+            tracing::warn!(
+                "second-factor results the cloud has not taken exceed the cap; oldest dropped"
+            );
+        }
+    }
+
+    /// Reports again up to [`RESEND_BATCH`] results the cloud did not take.
+    fn report_unreported(&mut self, ctx: &mut Context<Self>) {
+        for _ in 0..RESEND_BATCH {
+            let Some(report) = self.unreported.pop_front() else {
+                return;
+            };
+            self.report_factor(report, ctx);
+        }
     }
 }
 
@@ -960,9 +1014,10 @@ impl Actor for VerifyActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(VERIFY_MAILBOX);
-        ctx.run_interval(PRUNE_INTERVAL, |actor, _| {
+        ctx.run_interval(PRUNE_INTERVAL, |actor, ctx| {
             let now = actor.clock.now_ms();
             actor.challenges.retain(|_, c| c.expires_at_ms > now);
+            actor.report_unreported(ctx);
         });
     }
 }
@@ -971,7 +1026,10 @@ impl Handler<UplinkEvent> for VerifyActor {
     type Result = ();
     fn handle(&mut self, msg: UplinkEvent, ctx: &mut Self::Context) {
         match msg {
-            UplinkEvent::CloudConnected => self.start_sync(ctx),
+            UplinkEvent::CloudConnected => {
+                self.start_sync(ctx);
+                self.report_unreported(ctx);
+            }
             UplinkEvent::TemplatesPushed(batch) => self.apply_templates(batch, None, ctx),
             UplinkEvent::LockoutsPushed(batch) => {
                 let hot = self.hot.clone();

@@ -15,6 +15,7 @@ use tests::{
 
 struct Store {
     hub: Service,
+    uplink: tests::proxy::FaultProxy,
     edge: Service,
     frames: std::path::PathBuf,
     camera: std::path::PathBuf,
@@ -24,20 +25,22 @@ fn eur() -> Currency {
     Currency::parse("EUR").unwrap()
 }
 
-fn start_store(dir: &Path, store_id: &str, mqtt_port: u16) -> Store {
+fn start_store(dir: &Path, store_id: &str, mqtt_port: u16, hub_extra: &[&str]) -> Store {
     let zenoh_port = free_port();
-    let hub = Service::start(
-        "facepay-hub",
-        &[
-            format!("store_id={store_id}"),
-            format!("data_dir={:?}", dir.join(store_id).join("hub")),
-            format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
-            format!("mqtt.port={mqtt_port}"),
-            "identify.free_failures=2".into(),
-            "identify.lockout_base_seconds=600".into(),
-        ],
-    )
-    .expect("hub starts");
+    // The hub reaches the broker through a proxy the test can cut.
+    let uplink = tests::proxy::FaultProxy::start(([127, 0, 0, 1], mqtt_port).into()).unwrap();
+    let mut hub_args = vec![
+        format!("store_id={store_id}"),
+        format!("data_dir={:?}", dir.join(store_id).join("hub")),
+        format!("zenoh.listen=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+        format!("mqtt.port={}", uplink.port),
+        "mqtt.keep_alive_seconds=1".into(),
+        "mqtt.reconnect_delay_ms=100".into(),
+        "identify.free_failures=2".into(),
+        "identify.lockout_base_seconds=600".into(),
+    ];
+    hub_args.extend(hub_extra.iter().map(|a| a.to_string()));
+    let hub = Service::start("facepay-hub", &hub_args).expect("hub starts");
     let frames = tests::spool(&format!("{store_id}-frames"));
     let camera = tests::spool(&format!("{store_id}-camera"));
     let edge = Service::start(
@@ -56,6 +59,7 @@ fn start_store(dir: &Path, store_id: &str, mqtt_port: u16) -> Store {
     .expect("edge starts");
     Store {
         hub,
+        uplink,
         edge,
         frames,
         camera,
@@ -146,8 +150,8 @@ fn pay_by_face_end_to_end() {
     // The enrollment API is HTTPS only, with the cloud's certificate of the fleet's CA.
     let cert = Path::new(&cloud.ready["ca"]).to_owned();
     assert!(cert.exists(), "{cert:?}");
-    let token = Path::new(&cloud.ready["token"]).to_owned();
-    let api = EnrollApi::new(&cloud.ready["api"], &cert, &token).unwrap();
+    let api_token = Path::new(&cloud.ready["token"]).to_owned();
+    let api = EnrollApi::new(&cloud.ready["api"], &cert, &api_token).unwrap();
     assert!(
         ureq::get(&format!("http://{}/v1/customers/x", cloud.ready["api"]))
             .call()
@@ -271,8 +275,15 @@ fn pay_by_face_end_to_end() {
     assert_eq!(status, 201, "{body}");
 
     // --- Stores: the hubs receive their customers' templates ------------------------------------
-    let s1 = start_store(dir.path(), "store-1", broker.port);
-    let s2 = start_store(dir.path(), "store-2", broker.port);
+    let s1 = start_store(dir.path(), "store-1", broker.port, &[]);
+    // Store 2's tokens live 5 s: a charge asked again after its token expired hears what the
+    // journal holds.
+    let s2 = start_store(
+        dir.path(),
+        "store-2",
+        broker.port,
+        &["identify.token_ttl_seconds=5"],
+    );
     let hot = "facepay_hub_hot_templates";
     wait_for_metric(s1.hub.http_addr, hot, 4.0, Duration::from_secs(30)).unwrap();
     wait_for_metric(s2.hub.http_addr, hot, 1.0, Duration::from_secs(30)).unwrap();
@@ -385,7 +396,15 @@ fn pay_by_face_end_to_end() {
     let (_, reused) = second_factor(s1.edge.http_addr, &challenge_id, "2222").unwrap();
     assert_eq!(refusal(&reused), DeclineReason::InvalidRequest);
 
-    // --- Wrong PIN: declined, then locked -------------------------------------------------------
+    // --- Wrong PIN while the store is cut off: declined, then locked here ------------------------
+    s1.uplink.cut();
+    wait_for_metric(
+        s1.hub.http_addr,
+        "facepay_hub_cloud_connected",
+        0.0,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     for attempt in 0..3 {
         let VerifyReply::SecondFactorRequired { challenge_id, .. } = look(&s1, &twin_photo, "face")
         else {
@@ -404,9 +423,11 @@ fn pay_by_face_end_to_end() {
         DeclineReason::FacePaymentLocked,
         "{locked:?}"
     );
-    // Counted across the fleet: the look-alikes are locked at the other store too, which never
-    // saw a wrong answer (the cloud broadcast the count).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Counted across the fleet once the store is back: the hub reports again what it could not
+    // send, and the look-alikes are locked at the other store too, which never saw a wrong
+    // answer (the cloud broadcast the count).
+    s1.uplink.heal();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
     loop {
         let elsewhere = look(&s2, &twin_photo, "face");
         if matches!(
@@ -434,6 +455,17 @@ fn pay_by_face_end_to_end() {
         ChargeStatus::Approved
     );
     wait_for_metric(s2.hub.http_addr, hot, before + 1.0, Duration::from_secs(5)).unwrap();
+    // The register did not hear that answer and asks again once the token has expired: paid,
+    // not "declined" (nor charged twice); another order with it is refused.
+    std::thread::sleep(Duration::from_millis(5_500));
+    let again = pay(s2.edge.http_addr, "v-1", 300, &token);
+    assert_eq!(
+        (again.status, again.already_paid),
+        (ChargeStatus::Approved, true),
+        "{again:?}"
+    );
+    let other = pay(s2.edge.http_addr, "v-2", 300, &token);
+    assert_eq!(other.reason, Some(DeclineReason::TokenInvalid), "{other:?}");
 
     // --- Erasure: gone from the cloud, from every hub, and from the ledger's payers -------------
     let (status, body) = api.erase("bruno").unwrap();

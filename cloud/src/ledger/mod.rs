@@ -543,10 +543,10 @@ mod tests {
 
     /// Where an attempt would move money the payer is proven, or the attempt is declined and the
     /// decline recorded: a redelivery of the same request hears it again even when the proof
-    /// would pass now (an enrollment since), and an attempt at a paid order hears it is paid
-    /// whatever it shows.
+    /// would pass now (an enrollment since), and only a proven payer joins an order's open
+    /// transfer.
     #[test]
-    fn a_payer_refused_stays_refused_and_a_paid_order_is_paid_whatever_is_shown() {
+    fn a_payer_refused_stays_refused_and_only_a_proven_payer_joins_an_open_payment() {
         let (_d, l) = ledger();
         let refuse = |_: &CloudAuthorize, _: Option<&str>| {
             Err(PayerRefusal::Declined(Decision::declined(
@@ -580,8 +580,15 @@ mod tests {
                 ..
             }
         ));
-        let joined = l
+        // Joining the order's open transfer keeps its money moved (a void of the first attempt
+        // then moves nothing back): only a proven payer joins.
+        let unproven = l
             .authorize_proving("store-1", &pay("o-2", "n-3", 100), &refuse)
+            .unwrap()
+            .0;
+        assert_eq!(unproven.reason(), Some(DeclineReason::BadSignature));
+        let joined = l
+            .authorize_proving("store-1", &pay("o-2", "n-6", 100), &accept)
             .unwrap()
             .0;
         assert!(
@@ -593,6 +600,15 @@ mod tests {
                 }
             ),
             "{joined:?}"
+        );
+        let other = l
+            .authorize_proving("store-1", &pay("o-2", "n-7", 999), &refuse)
+            .unwrap()
+            .0;
+        assert_eq!(other.reason(), Some(DeclineReason::DuplicateOrderId));
+        assert!(
+            !format!("{other:?}").contains("alice"),
+            "who paid stays out of it: {other:?}"
         );
         assert_eq!(balance(&l, "alice"), 9_900);
         // A proof that could not be checked records nothing: the request fails (the hub voids).

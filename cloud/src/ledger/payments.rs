@@ -205,14 +205,16 @@ impl Ledger {
                         DeclineReason::DuplicateOrderId,
                         "this order's payment was voided; charge it under a new order id",
                     )
-                } else if same {
+                } else if same && !existing.offline && !existing.posted {
                     // This attempt is told "approved" too: the money moves back only when every
                     // attempt told so is voided (a void of an earlier attempt that timed out
                     // must not reverse what this one may tell the register, nor a late attempt's
-                    // void what an earlier one told it). A transfer a hub approved offline stays
-                    // its own.
-                    // The joining attempt gets the full time to be posted: its deadline moves.
-                    if !existing.offline && !existing.posted {
+                    // void what an earlier one told it). Joining keeps money moved, so the payer
+                    // is proven here too. The joining attempt gets the full time to be posted:
+                    // its deadline moves.
+                    if let Err(refused) = Self::prove_payer(accounts, request, prove)? {
+                        refused
+                    } else {
                         let mut holders = existing.holders();
                         holders.push(request.code_nonce.clone());
                         if let Some(old) = existing.pending_until_ms {
@@ -228,33 +230,33 @@ impl Ledger {
                             ..existing.clone()
                         };
                         transfers.insert(request.payment_id.as_bytes(), encode(&held))?;
+                        Decision::Approved {
+                            account_id: request.account_id.clone(),
+                            already_paid: true,
+                        }
                     }
+                } else if same {
+                    // Final already (posted, or a hub's offline approval, which stays its own):
+                    // the answer changes nothing.
                     Decision::Approved {
                         account_id: request.account_id.clone(),
                         already_paid: true,
                     }
                 } else {
+                    // Which payer and how much stay out of it: whoever asks may not be the payer.
                     Decision::declined(
                         DeclineReason::DuplicateOrderId,
                         format!(
-                            "order {} was already paid with other details ({} from {})",
-                            request.order_id,
-                            existing.currency.format(existing.amount_minor),
-                            existing.debit_account_id
+                            "order {} was already paid with other details",
+                            request.order_id
                         ),
                     )
                 }
             }
             None => {
-                // The only place an attempt moves money: the payer is proven here, or declined.
-                let key = accounts
-                    .get(request.account_id.as_bytes())?
-                    .and_then(|b| decode::<AccountRecord>(&b).public_key);
-                let decision = match prove(request, key.as_deref()) {
-                    Err(PayerRefusal::Declined(refused)) => refused,
-                    Err(PayerRefusal::Unavailable(error)) => {
-                        return abort(LedgerError::Storage(error));
-                    }
+                // Where an attempt moves money: the payer is proven here, or declined.
+                let decision = match Self::prove_payer(accounts, request, prove)? {
+                    Err(refused) => refused,
                     Ok(()) => Self::try_apply(
                         accounts,
                         transfers,
@@ -281,6 +283,23 @@ impl Ledger {
         };
         nonces.insert(nonce_key, encode(&record))?;
         Ok((decision, moved))
+    }
+
+    /// The payer proven by `prove` (given the account's payment key), or the decline; a proof
+    /// that could not be checked fails the transaction.
+    fn prove_payer(
+        accounts: &storage::kv::TransactionalTree,
+        request: &CloudAuthorize,
+        prove: &ProvePayer<'_>,
+    ) -> TxResult<Result<(), Decision>> {
+        let key = accounts
+            .get(request.account_id.as_bytes())?
+            .and_then(|b| decode::<AccountRecord>(&b).public_key);
+        match prove(request, key.as_deref()) {
+            Ok(()) => Ok(Ok(())),
+            Err(PayerRefusal::Declined(refused)) => Ok(Err(refused)),
+            Err(PayerRefusal::Unavailable(error)) => abort(LedgerError::Unavailable(error)),
+        }
     }
 
     fn try_apply(
