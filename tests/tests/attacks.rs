@@ -214,69 +214,141 @@ fn forged_link_messages_through_a_compromised_broker_move_no_money() {
     );
 }
 
+/// A cloud and its broker, with a customer (`alice`, 100 000) and store-1, whose hub's link
+/// certificate and key an attacker holds: what it sends is sealed as store-1's hub.
+struct CompromisedHub {
+    _dir: tempfile::TempDir,
+    _broker: Mosquitto,
+    cloud: tests::Service,
+    api: CloudApi,
+    alice: Wallet,
+    sealer: pki::ReplySigner,
+    attacker: Attacker,
+    requests: String,
+    sent: std::cell::Cell<u64>,
+}
+
+impl CompromisedHub {
+    fn start(other_accounts: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path()).unwrap();
+        let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+        let api = CloudApi::new(cloud.http_addr);
+        open(&api, "store-1", AccountKind::Merchant, 0);
+        for account in other_accounts {
+            open(&api, account, AccountKind::Merchant, 0);
+        }
+        let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
+        let hub = pki::Identity::hub("store-1").unwrap();
+        ensure_identity(&hub).unwrap();
+        let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
+        let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
+        CompromisedHub {
+            _dir: dir,
+            _broker: broker,
+            cloud,
+            api,
+            alice,
+            sealer,
+            attacker,
+            requests: protocol::topics::cloud_requests("store-1"),
+            sent: Default::default(),
+        }
+    }
+
+    /// Sends each body as store-1's hub, in order (the cloud serves a store's requests in
+    /// order).
+    fn send(&self, bodies: impl IntoIterator<Item = HubRequestBody>) {
+        for body in bodies {
+            self.sent.set(self.sent.get() + 1);
+            let request = protocol::encode(&HubRequest {
+                request_id: self.sent.get(),
+                store_id: "store-1".into(),
+                body,
+            });
+            let sealed = self.sealer.seal(&self.requests, request).unwrap();
+            self.attacker.publish(&self.requests, sealed).unwrap();
+        }
+    }
+
+    /// Waits until alice's balance is at most `at_most` (an honest payment sent last applied),
+    /// then a moment more; her balance then.
+    fn alice_after_paying_down_to(&self, at_most: i64) -> i64 {
+        let balance = || self.api.account("alice").unwrap().balance_minor;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while balance() > at_most {
+            assert!(
+                Instant::now() < deadline,
+                "the honest payments never applied: {}",
+                balance()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        balance()
+    }
+}
+
+/// Alice's authorization at store-1 as a hub sends it: `payment_id` (for `order`), her attempt's
+/// `nonce`, and the `evidence` shown.
+fn authorize(
+    payment_id: &str,
+    order: &str,
+    nonce: String,
+    amount_minor: i64,
+    evidence: protocol::PayerEvidence,
+) -> HubRequestBody {
+    HubRequestBody::Authorize(protocol::CloudAuthorize {
+        payment_id: payment_id.into(),
+        account_id: "alice".into(),
+        code_nonce: nonce.into(),
+        amount_minor,
+        currency: Currency::parse("EUR").unwrap(),
+        terminal_id: "till-1".into(),
+        order_id: order.into(),
+        offline_reservation: Default::default(),
+        spent_code: None,
+        evidence,
+    })
+}
+
+/// A code's nonce, and the code as evidence.
+fn shown(code: &str) -> (String, protocol::PayerEvidence) {
+    let nonce = paycode::SignedCode::parse(code).unwrap().nonce_hex();
+    let evidence = protocol::PayerEvidence {
+        payment_code: Some(code.into()),
+        face_probe: None,
+    };
+    (nonce, evidence)
+}
+
+/// Alice's honest payment by code at store-1 for `order`.
+fn alice_pays(hub: &CompromisedHub, order: &str, amount_minor: i64) -> HubRequestBody {
+    let (nonce, evidence) = shown(&hub.alice.issue_code(paycode::now_ms()));
+    authorize(
+        &format!("store-1:{order}"),
+        order,
+        nonce,
+        amount_minor,
+        evidence,
+    )
+}
+
 /// A compromised hub (its link certificate and its offline signing key stolen) signs a backlog of
 /// offline approvals for a customer far beyond anything the cloud granted its store, citing
 /// every grant version it can guess: the cloud books at most the grant it issued to the store for
 /// the account, and keeps the rest for an operator.
 #[test]
 fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path()).unwrap();
-    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
-    let api = CloudApi::new(cloud.http_addr);
-    open(&api, "store-1", AccountKind::Merchant, 0);
-    let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
+    let hub = CompromisedHub::start(&[]);
     let signer = paycode::hubsig::HubSigner::from_seed(&[9; 32]);
-    api.set_hub_key("store-1", &signer.public_key_b64())
+    hub.api
+        .set_hub_key("store-1", &signer.public_key_b64())
         .unwrap();
-    let hub = pki::Identity::hub("store-1").unwrap();
-    ensure_identity(&hub).unwrap();
-    let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
-    let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
-    let requests = protocol::topics::cloud_requests("store-1");
-    let send = |request_id: u64, body: HubRequestBody| {
-        let request = protocol::encode(&HubRequest {
-            request_id,
-            store_id: "store-1".into(),
-            body,
-        });
-        attacker
-            .publish(&requests, sealer.seal(&requests, request).unwrap())
-            .unwrap();
-    };
-    let eur = Currency::parse("EUR").unwrap();
     // One online payment (alice showed her code at the store) earns the store a grant for alice
     // (the cloud's default: 5000).
-    let code = alice.issue_code(paycode::now_ms());
-    send(
-        1,
-        HubRequestBody::Authorize(protocol::CloudAuthorize {
-            payment_id: "store-1:o-online".into(),
-            account_id: "alice".into(),
-            code_nonce: paycode::SignedCode::parse(&code)
-                .unwrap()
-                .nonce_hex()
-                .into(),
-            amount_minor: 100,
-            currency: eur,
-            terminal_id: "till-1".into(),
-            order_id: "o-online".into(),
-            offline_reservation: Default::default(),
-            spent_code: None,
-            evidence: protocol::PayerEvidence {
-                payment_code: Some(code),
-                face_probe: None,
-            },
-        }),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api.account("alice").unwrap().balance_minor == 100_000 {
-        assert!(
-            Instant::now() < deadline,
-            "the online payment never applied"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    hub.send([alice_pays(&hub, "o-online", 100)]);
+    assert_eq!(hub.alice_after_paying_down_to(100_000 - 100), 100_000 - 100);
     // 200 approvals of 3000 each, citing grant versions 0 to 199, signed with the hub's key.
     let entries: Vec<protocol::OfflinePayment> = (0..200u64)
         .map(|i| {
@@ -290,7 +362,7 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
                 account_id: "alice".into(),
                 nonce: format!("{i:032x}").into(),
                 amount_minor: 3_000,
-                currency: eur,
+                currency: Currency::parse("EUR").unwrap(),
                 approved_at_ms: paycode::now_ms(),
                 allowance_version: i,
                 spent_code: None,
@@ -300,17 +372,17 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
             entry
         })
         .collect();
-    send(
-        2,
-        HubRequestBody::Reconcile(protocol::OfflineBatch { entries }),
-    );
+    hub.send([HubRequestBody::Reconcile(protocol::OfflineBatch {
+        entries,
+    })]);
+    let metrics = hub.cloud.metrics_addr;
     let waited = wait_for_metric(
-        cloud.metrics_addr,
+        metrics,
         "facepay_cloud_offline_conflicts_total",
         199.0,
         Duration::from_secs(20),
     );
-    let page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
+    let page = tests::get_text(&format!("http://{metrics}/metrics")).unwrap();
     waited.unwrap_or_else(|e| {
         panic!(
             "{e}: {}",
@@ -320,14 +392,14 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
                 .join("; ")
         )
     });
-    let page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
+    let page = tests::get_text(&format!("http://{metrics}/metrics")).unwrap();
     let applied = tests::metric_value(&page, "facepay_cloud_offline_applied_total").unwrap();
     assert_eq!(applied, 1.0, "one entry fits the grant, the rest are kept");
     assert_eq!(
-        api.account("alice").unwrap().balance_minor,
+        hub.api.account("alice").unwrap().balance_minor,
         100_000 - 100 - 3_000
     );
-    api.assert_books_balance().unwrap();
+    hub.api.assert_books_balance().unwrap();
 }
 
 /// A compromised hub (its link certificate and key stolen) asks the cloud to charge a customer
@@ -336,188 +408,104 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
 /// cloud checks the payer itself and applies none; the customer's own payment after them does.
 #[test]
 fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path()).unwrap();
-    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
-    let api = CloudApi::new(cloud.http_addr);
-    open(&api, "store-1", AccountKind::Merchant, 0);
-    let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
-    let hub = pki::Identity::hub("store-1").unwrap();
-    ensure_identity(&hub).unwrap();
-    let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
-    let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
-    let requests = protocol::topics::cloud_requests("store-1");
-    let eur = Currency::parse("EUR").unwrap();
-    let nonce_of = |code: &str| paycode::SignedCode::parse(code).unwrap().nonce_hex();
-    let authorize = |order: &str, nonce: String, amount: i64, evidence| {
-        HubRequestBody::Authorize(protocol::CloudAuthorize {
-            payment_id: format!("store-1:{order}").into(),
-            account_id: "alice".into(),
-            code_nonce: nonce.into(),
-            amount_minor: amount,
-            currency: eur,
-            terminal_id: "till-1".into(),
-            order_id: order.into(),
-            offline_reservation: Default::default(),
-            spent_code: None,
-            evidence,
-        })
-    };
-    let code = |text: &str| protocol::PayerEvidence {
-        payment_code: Some(text.into()),
-        face_probe: None,
-    };
+    let hub = CompromisedHub::start(&[]);
     let now = paycode::now_ms();
-    let mallory = Wallet::generate("alice").unwrap().issue_code(now);
-    let stale = alice.issue_code(now - 10 * 60_000);
+    let mallory = shown(&Wallet::generate("alice").unwrap().issue_code(now));
+    let stale = shown(&hub.alice.issue_code(now - 10 * 60_000));
+    let first = shown(&hub.alice.issue_code(now));
     let mut stranger = vec![0.0f32; protocol::EMBEDDING_LEN];
     stranger[0] = 1.0;
-    let first = alice.issue_code(now);
-    let forgeries = vec![
-        authorize("o-word", format!("{:032x}", 1), 40_000, Default::default()),
-        authorize("o-mallory", nonce_of(&mallory), 40_000, code(&mallory)),
-        authorize("o-stale", nonce_of(&stale), 40_000, code(&stale)),
+    let stranger = protocol::PayerEvidence {
+        payment_code: None,
+        face_probe: Some(protocol::FaceProbe::new(&stranger)),
+    };
+    let at = |order: &str| format!("store-1:{order}");
+    hub.send([
+        // Her own payment first.
         authorize(
+            &at("o-real"),
+            "o-real",
+            first.0.clone(),
+            700,
+            first.1.clone(),
+        ),
+        // The hub's word alone.
+        authorize(
+            &at("o-word"),
+            "o-word",
+            format!("{:032x}", 1),
+            40_000,
+            Default::default(),
+        ),
+        authorize(&at("o-mallory"), "o-mallory", mallory.0, 40_000, mallory.1),
+        authorize(&at("o-stale"), "o-stale", stale.0, 40_000, stale.1),
+        authorize(
+            &at("o-face"),
             "o-face",
             "tok_0123456789abcdef".into(),
             40_000,
-            protocol::PayerEvidence {
-                payment_code: None,
-                face_probe: Some(protocol::FaceProbe::new(&stranger)),
-            },
+            stranger,
         ),
         // Her own code, for a payment it does not name.
-        authorize("o-swap", format!("{:032x}", 2), 40_000, code(&first)),
-    ];
-    // Her own payment first, then its code again under another order and a larger amount.
-    let mut bodies = vec![authorize("o-real", nonce_of(&first), 700, code(&first))];
-    bodies.extend(forgeries);
-    bodies.push(authorize("o-again", nonce_of(&first), 40_000, code(&first)));
-    // A last honest payment: the store's requests are served in order, so once it has applied
-    // every forgery before it has been answered.
-    let last = alice.issue_code(paycode::now_ms());
-    bodies.push(authorize("o-last", nonce_of(&last), 300, code(&last)));
-    for (n, body) in bodies.into_iter().enumerate() {
-        let request = protocol::encode(&HubRequest {
-            request_id: n as u64 + 1,
-            store_id: "store-1".into(),
-            body,
-        });
-        attacker
-            .publish(&requests, sealer.seal(&requests, request).unwrap())
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api.account("alice").unwrap().balance_minor > 100_000 - 700 - 300 {
-        assert!(
-            Instant::now() < deadline,
-            "the honest payments never applied: {}",
-            api.account("alice").unwrap().balance_minor
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+        authorize(
+            &at("o-swap"),
+            "o-swap",
+            format!("{:032x}", 2),
+            40_000,
+            first.1.clone(),
+        ),
+        // Her code again, under another order and a larger amount.
+        authorize(&at("o-again"), "o-again", first.0, 40_000, first.1),
+        // A last honest payment: once it has applied, every forgery before it was answered.
+        alice_pays(&hub, "o-last", 300),
+    ]);
     assert_eq!(
-        api.account("alice").unwrap().balance_minor,
+        hub.alice_after_paying_down_to(100_000 - 700 - 300),
         100_000 - 700 - 300,
         "only her own two payments moved money"
     );
-    assert_eq!(api.account("store-1").unwrap().balance_minor, 1_000);
-    api.assert_books_balance().unwrap();
+    assert_eq!(hub.api.account("store-1").unwrap().balance_minor, 1_000);
+    hub.api.assert_books_balance().unwrap();
 }
 
 /// A compromised hub sends what its own software never would, each with a fresh code of the
 /// customer so that only the check of the field stops it: negative amounts (two of them large
 /// enough to overflow a sum), an amount beyond any payment, a payment id of another store, ids
-/// that name the ledger's own transfers, and a void naming the customer's paid payment with
-/// another payment's nonce. The cloud refuses each where the ledger uses it, stays up, and moves
-/// no money; the customer's honest payment after them applies.
+/// that name the ledger's own transfers, and voids naming the customer's paid payment with
+/// another attempt's nonce or another store's payment. The cloud refuses each where the ledger
+/// uses it, stays up, and moves no money; the customer's honest payment after them applies.
 #[test]
 fn a_compromised_hubs_malformed_requests_move_nothing_and_stop_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path()).unwrap();
-    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
-    let api = CloudApi::new(cloud.http_addr);
-    open(&api, "store-1", AccountKind::Merchant, 0);
-    open(&api, "store-2", AccountKind::Merchant, 0);
-    let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
-    let hub = pki::Identity::hub("store-1").unwrap();
-    ensure_identity(&hub).unwrap();
-    let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
-    let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
-    let requests = protocol::topics::cloud_requests("store-1");
-    let eur = Currency::parse("EUR").unwrap();
-    let authorize = |payment_id: &str, order: &str, amount: i64| {
-        let code = alice.issue_code(paycode::now_ms());
-        let nonce = paycode::SignedCode::parse(&code).unwrap().nonce_hex();
-        HubRequestBody::Authorize(protocol::CloudAuthorize {
-            payment_id: payment_id.into(),
-            account_id: "alice".into(),
-            code_nonce: nonce.into(),
-            amount_minor: amount,
-            currency: eur,
-            terminal_id: "till-1".into(),
-            order_id: order.into(),
-            offline_reservation: Default::default(),
-            spent_code: None,
-            evidence: protocol::PayerEvidence {
-                payment_code: Some(code),
-                face_probe: None,
-            },
-        })
+    let hub = CompromisedHub::start(&["store-2"]);
+    let first = shown(&hub.alice.issue_code(paycode::now_ms()));
+    let code = |payment_id: &str, order: &str, amount: i64| {
+        let (nonce, evidence) = shown(&hub.alice.issue_code(paycode::now_ms()));
+        authorize(payment_id, order, nonce, amount, evidence)
     };
-    let first = authorize("store-1:o-paid", "o-paid", 500);
-    let HubRequestBody::Authorize(paid) = &first else {
-        unreachable!()
-    };
-    let paid_nonce = paid.code_nonce.clone();
-    let mut bodies = vec![
-        first.clone(),
-        authorize("store-1:o-neg", "o-neg", -500),
-        authorize("store-1:o-min-1", "o-min-1", i64::MIN + 1),
-        authorize("store-1:o-min-2", "o-min-2", i64::MIN + 1),
-        authorize("store-1:o-huge", "o-huge", protocol::MAX_AMOUNT_MINOR + 1),
-        authorize("store-2:o-1", "o-1", 700),
-        authorize("open:alice", "alice", 700),
-        authorize("store-1:o-paid#void", "o-paid#void", 700),
-        authorize("store-1:o-paid#offline", "o-paid#offline", 700),
-        // A void of the paid payment naming another attempt's nonce: not the attempt it voids.
+    hub.send([
+        authorize("store-1:o-paid", "o-paid", first.0.clone(), 500, first.1),
+        code("store-1:o-neg", "o-neg", -500),
+        code("store-1:o-min-1", "o-min-1", i64::MIN + 1),
+        code("store-1:o-min-2", "o-min-2", i64::MIN + 1),
+        code("store-1:o-huge", "o-huge", protocol::MAX_AMOUNT_MINOR + 1),
+        code("store-2:o-1", "o-1", 700),
+        code("open:alice", "alice", 700),
+        code("store-1:o-paid#void", "o-paid#void", 700),
+        code("store-1:o-paid#offline", "o-paid#offline", 700),
         HubRequestBody::Void(protocol::VoidPayment {
             payment_id: "store-1:o-paid".into(),
             account_id: "alice".into(),
             code_nonce: format!("{:032x}", 7).into(),
         }),
-        // A void of another store's payment.
         HubRequestBody::Void(protocol::VoidPayment {
             payment_id: "store-2:o-paid".into(),
             account_id: "alice".into(),
-            code_nonce: paid_nonce,
+            code_nonce: first.0.into(),
         }),
-    ];
-    // The honest payment that shows the ledger still serves the store, in order, after them.
-    bodies.push(authorize("store-1:o-last", "o-last", 300));
-    for (n, body) in bodies.into_iter().enumerate() {
-        let request = protocol::encode(&HubRequest {
-            request_id: n as u64 + 1,
-            store_id: "store-1".into(),
-            body,
-        });
-        attacker
-            .publish(&requests, sealer.seal(&requests, request).unwrap())
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api.account("alice").unwrap().balance_minor > 100_000 - 500 - 300 {
-        assert!(
-            Instant::now() < deadline,
-            "the honest payments never applied: {}",
-            api.account("alice").unwrap().balance_minor
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(api.account("alice").unwrap().balance_minor, 100_000 - 800);
-    assert_eq!(api.account("store-1").unwrap().balance_minor, 800);
-    assert_eq!(api.account("store-2").unwrap().balance_minor, 0);
-    api.assert_books_balance().unwrap();
+        alice_pays(&hub, "o-last", 300),
+    ]);
+    assert_eq!(hub.alice_after_paying_down_to(100_000 - 800), 100_000 - 800);
+    assert_eq!(hub.api.account("store-1").unwrap().balance_minor, 800);
+    assert_eq!(hub.api.account("store-2").unwrap().balance_minor, 0);
+    hub.api.assert_books_balance().unwrap();
 }
