@@ -115,10 +115,11 @@ impl Handler<ApplyHubRequest> for LedgerActor {
             // code, its face), not taken from the hub.
             HubRequestBody::Authorize(request) => {
                 let payer = &self.payer;
-                // Read before the ledger's transaction: no store is read inside one.
-                let face = payer.match_face(&request);
+                // The terminal's attestation and the face, before the ledger's transaction: no
+                // store is read inside one.
+                let shown = payer.precheck(&store_id, &request);
                 let prove = |r: &protocol::CloudAuthorize, key: Option<&str>| {
-                    payer.check(r, key, &face).inspect_err(|decision| {
+                    payer.check(r, key, &shown).inspect_err(|decision| {
                         tracing::warn!(
                             %store_id,
                             payment_id = %r.payment_id,

@@ -106,8 +106,10 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let customers_path = config.data_dir.join("customers");
     let store = customers::CustomerStore::open(&customers_path, &config.template_key_path())
         .with_context(|| format!("opening the customer store at {}", customers_path.display()))?;
+    // Terminals' attestations are opened against the CA and the revocation list in force.
     let payer = payer::PayerCheck::new(
         store.clone(),
+        std::sync::Arc::new(tls.sealed_verifier()),
         config.identity.one_to_one_threshold,
         paycode::Validity {
             window_ms: config.code_validity_seconds * 1000,

@@ -1,21 +1,27 @@
-//! The cloud's own check of who pays an online payment: the evidence the hub forwards
-//! ([`protocol::PayerEvidence`]) against the account's key and enrolled face, so that a hub's
-//! word (or a stolen hub key's) is not enough to charge an account.
+//! The cloud's own check of who pays an online payment, so that a hub's word (or a stolen hub
+//! key's) is not enough to charge an account.
 //!
-//! Run by the ledger, in its transaction, where an attempt would move money: a new attempt at an
-//! order not paid (a repeat hears what the first was answered, and an attempt at a paid order
-//! that it is paid, whatever the evidence). Its refusal is recorded like any decline. The face is
-//! matched before the transaction ([`PayerCheck::match_face`]: it reads the customer store, and
-//! no store is read inside a ledger transaction), the rest inside it ([`PayerCheck::check`]).
+//! The evidence is the terminal's: what it attests of the payment ([`protocol::Attested`],
+//! sealed with its certificate key and forwarded by the hub): the payment id, the amount, and
+//! what the customer showed it. The attestation must be sealed by a certificate of the terminal
+//! the payment names, of the payment's store, that the CA issued and the revocation list in
+//! force does not name, for this payment and amount. Then:
 //!
-//! - By code: the code's signature checks against the account's key, it names the account, its
-//!   nonce is the payment's, and it is within its window (plus [`TRANSIT_MS`]).
-//! - By face (a payment token): the live face matches one of the account's enrolled templates at
+//! - by code: the code's signature checks against the account's key, it names the account, its
+//!   nonce is the payment's, and it is within its window (plus [`TRANSIT_MS`]);
+//! - by face (a payment token): the live face matches one of the account's enrolled templates at
 //!   `identity.one_to_one_threshold` (the hubs' match threshold); for code and face, the code the
 //!   face confirmed checks as above with its nonce the payment's `spent_code`.
+//!
+//! The attestation and the face are checked before the ledger's transaction
+//! ([`PayerCheck::precheck`]: the customer store is read, and no store is read inside a ledger
+//! transaction), the rest inside it ([`PayerCheck::check`]), where an attempt would move money:
+//! a refusal is recorded like any decline.
+
+use std::sync::Arc;
 
 use paycode::{SignedCode, Validity};
-use protocol::{CloudAuthorize, Decision, DeclineReason};
+use protocol::{Attested, CloudAuthorize, Decision, DeclineReason, PayerEvidence};
 
 use crate::{customers::CustomerStore, ledger::PayerRefusal};
 
@@ -27,23 +33,27 @@ pub const TRANSIT_MS: u64 = 30_000;
 #[derive(Clone)]
 pub struct PayerCheck {
     customers: CustomerStore,
+    attestations: Arc<pki::SealedVerifier>,
     one_to_one_threshold: f32,
     validity: Validity,
     clock: clock::SharedClock,
 }
 
 impl PayerCheck {
-    /// A check reading templates from `customers`; codes are valid for `validity` (the hubs'),
-    /// plus [`TRANSIT_MS`], and may be ahead of the cloud's clock by twice its skew (the phone's
-    /// clock against the hub's, the hub's against the cloud's).
+    /// A check opening attestations with `attestations` (the cloud's CA and revocation list in
+    /// force) and reading templates from `customers`; codes are valid for `validity` (the
+    /// hubs'), plus [`TRANSIT_MS`], and may be ahead of the cloud's clock by twice its skew (the
+    /// phone's clock against the hub's, the hub's against the cloud's).
     pub fn new(
         customers: CustomerStore,
+        attestations: Arc<pki::SealedVerifier>,
         one_to_one_threshold: f32,
         validity: Validity,
         clock: clock::SharedClock,
     ) -> Self {
         PayerCheck {
             customers,
+            attestations,
             one_to_one_threshold,
             validity: Validity {
                 window_ms: validity.window_ms.saturating_add(TRANSIT_MS),
@@ -53,17 +63,55 @@ impl PayerCheck {
         }
     }
 
-    /// `Ok` when the evidence proves the payer, whose account's payment key is `account_key` and
-    /// whose face matched as `face` says ([`PayerCheck::match_face`] of the same request); else
-    /// why not (a decline, or a check that could not run). Reads nothing.
+    /// What the terminal named by `request` attests the customer showed for it (store
+    /// `store_id`), its face matched against the account's templates; or why not.
+    pub fn precheck(
+        &self,
+        store_id: &str,
+        request: &CloudAuthorize,
+    ) -> Result<PayerEvidence, PayerRefusal> {
+        let Some(sealed) = &request.evidence.attestation else {
+            return Err(refuse(
+                DeclineReason::BadSignature,
+                "no terminal attested this payment",
+            ));
+        };
+        let signer = pki::Signer::terminal(store_id, &request.terminal_id);
+        let topic = protocol::topics::attestation(&request.payment_id);
+        let payload = self
+            .attestations
+            .open(&topic, sealed.as_bytes(), &signer)
+            .map_err(|e| refuse(DeclineReason::BadSignature, e.to_string()))?;
+        let attested: Attested = protocol::decode(&payload).map_err(|e| {
+            refuse(
+                DeclineReason::BadSignature,
+                format!("unreadable attestation: {e}"),
+            )
+        })?;
+        if attested.payment_id != request.payment_id
+            || attested.amount_minor != request.amount_minor
+            || attested.currency != request.currency
+        {
+            return Err(refuse(
+                DeclineReason::BadSignature,
+                "the terminal attested another payment or amount",
+            ));
+        }
+        self.match_face(request, &attested.shown)?;
+        Ok(attested.shown)
+    }
+
+    /// `Ok` when what the terminal attests (`shown`, from [`PayerCheck::precheck`] of the same
+    /// request) proves the payer, whose account's payment key is `account_key`; else why not (a
+    /// decline, or a check that could not run). Reads nothing.
     pub fn check(
         &self,
         request: &CloudAuthorize,
         account_key: Option<&str>,
-        face: &Result<(), PayerRefusal>,
+        shown: &Result<PayerEvidence, PayerRefusal>,
     ) -> Result<(), PayerRefusal> {
-        let evidence = &request.evidence;
-        match &evidence.face_probe {
+        let shown = shown.as_ref().map_err(Clone::clone)?;
+        match &shown.face_probe {
             None => {
                 if request.spent_code.is_some() {
                     return Err(refuse(
@@ -71,20 +119,18 @@ impl PayerCheck {
                         "a payment by code names no other code to spend",
                     ));
                 }
-                let code = evidence.payment_code.as_deref();
+                let code = shown.payment_code.as_deref();
                 self.code(request, account_key, code, &request.code_nonce)
             }
-            Some(_) => {
-                face.clone()?;
-                match (&request.spent_code, evidence.payment_code.as_deref()) {
-                    (None, None) => Ok(()),
-                    (Some(spent), code) => self.code(request, account_key, code, spent),
-                    (None, Some(_)) => Err(refuse(
-                        DeclineReason::InvalidRequest,
-                        "a code shown with a face must be the payment's spent code",
-                    )),
-                }
-            }
+            // The face matched in the precheck.
+            Some(_) => match (&request.spent_code, shown.payment_code.as_deref()) {
+                (None, None) => Ok(()),
+                (Some(spent), code) => self.code(request, account_key, code, spent),
+                (None, Some(_)) => Err(refuse(
+                    DeclineReason::InvalidRequest,
+                    "a code shown with a face must be the payment's spent code",
+                )),
+            },
         }
     }
 
@@ -99,7 +145,7 @@ impl PayerCheck {
         let Some(text) = text else {
             return Err(refuse(
                 DeclineReason::BadSignature,
-                "no payment code reached the cloud with this payment; it checks the code itself",
+                "the terminal attests no payment code for this payment",
             ));
         };
         let code = SignedCode::parse(text)
@@ -123,10 +169,13 @@ impl PayerCheck {
             .map_err(|e| refuse(code_reason(&e), e.to_string()))
     }
 
-    /// Whether the face the request shows, if any, matches one of the account's enrolled
-    /// templates (`Ok` for a request with no face).
-    pub fn match_face(&self, request: &CloudAuthorize) -> Result<(), PayerRefusal> {
-        let Some(probe) = &request.evidence.face_probe else {
+    /// Whether the face `shown`, if any, matches one of the account's enrolled templates.
+    fn match_face(
+        &self,
+        request: &CloudAuthorize,
+        shown: &PayerEvidence,
+    ) -> Result<(), PayerRefusal> {
+        let Some(probe) = &shown.face_probe else {
             return Ok(());
         };
         let probe = probe.embedding();
@@ -170,8 +219,8 @@ fn code_reason(error: &paycode::CodeError) -> DeclineReason {
     }
 }
 
-/// A check for tests: no customers enrolled by face (a store in `dir`), the system clock and the
-/// default window.
+/// A check for tests: no customers enrolled by face (a store in `dir`), a fleet CA of its own
+/// (in `dir`), the system clock and the default window.
 #[cfg(test)]
 pub(crate) fn for_tests(dir: &std::path::Path) -> PayerCheck {
     let customers = CustomerStore::open(
@@ -179,7 +228,14 @@ pub(crate) fn for_tests(dir: &std::path::Path) -> PayerCheck {
         &dir.join("payer-customers.key"),
     )
     .unwrap();
-    PayerCheck::new(customers, 0.363, Validity::default(), clock::system())
+    let cloud = tests::fleet(&dir.join("payer-pki"), &[]);
+    PayerCheck::new(
+        customers,
+        Arc::new(cloud.sealed_verifier()),
+        0.363,
+        Validity::default(),
+        clock::system(),
+    )
 }
 
 #[cfg(test)]
@@ -187,7 +243,33 @@ mod tests {
     use super::*;
     use clock::Clock as _;
     use paycode::Wallet;
-    use protocol::{Currency, FaceProbe, PayerEvidence};
+    use protocol::{Currency, FaceProbe};
+
+    /// A CA in `dir` with the cloud's identity and `edges` (store, terminal); the cloud's.
+    pub(super) fn fleet(dir: &std::path::Path, edges: &[(&str, &str)]) -> pki::TlsIdentity {
+        let authority = pki::Pki::init(dir).unwrap();
+        authority
+            .issue(&pki::Identity::cloud(), &pki::IssueOptions::default())
+            .unwrap();
+        for (store, terminal) in edges {
+            authority
+                .issue(
+                    &pki::Identity::edge(store, terminal).unwrap(),
+                    &pki::IssueOptions::default(),
+                )
+                .unwrap();
+        }
+        identity(dir, "cloud")
+    }
+
+    fn identity(dir: &std::path::Path, name: &str) -> pki::TlsIdentity {
+        let files = pki::TlsConfig {
+            pki_dir: dir.to_owned(),
+            ..Default::default()
+        }
+        .files(name);
+        pki::TlsIdentity::load(&files).unwrap()
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -196,6 +278,7 @@ mod tests {
         wallet: Wallet,
         clock: std::sync::Arc<clock::ManualClock>,
         face: Vec<f32>,
+        pki: std::path::PathBuf,
     }
 
     fn unit(seed: usize) -> Vec<f32> {
@@ -227,8 +310,19 @@ mod tests {
             .unwrap();
         let face = unit(1);
         customers.add_template("alice", face.clone()).unwrap();
+        let pki = dir.path().join("pki");
+        let cloud = fleet(
+            &pki,
+            &[("store-1", "t1"), ("store-1", "t2"), ("store-2", "t1")],
+        );
         let clock = clock::ManualClock::new(1_700_000_000_000);
-        let check = PayerCheck::new(customers, 0.363, Validity::default(), clock.clone());
+        let check = PayerCheck::new(
+            customers,
+            Arc::new(cloud.sealed_verifier()),
+            0.363,
+            Validity::default(),
+            clock.clone(),
+        );
         Fixture {
             _dir: dir,
             check,
@@ -236,18 +330,49 @@ mod tests {
             wallet,
             clock,
             face,
+            pki,
         }
     }
 
     impl Fixture {
-        /// The check, with alice's payment key.
+        /// The whole check (store-1), with alice's payment key.
         fn check(&self, request: &CloudAuthorize) -> Result<(), PayerRefusal> {
-            let face = self.check.match_face(request);
-            self.check.check(request, Some(&self.key), &face)
+            let shown = self.check.precheck("store-1", request);
+            self.check.check(request, Some(&self.key), &shown)
+        }
+
+        /// `request` with `shown` attested by terminal `name` (a certificate of the fleet).
+        fn attested_by(
+            &self,
+            name: &str,
+            mut request: CloudAuthorize,
+            shown: PayerEvidence,
+        ) -> CloudAuthorize {
+            let attested = Attested {
+                payment_id: request.payment_id.clone(),
+                amount_minor: request.amount_minor,
+                currency: request.currency,
+                shown,
+            };
+            let sealed = identity(&self.pki, name)
+                .reply_signer()
+                .unwrap()
+                .seal(
+                    &protocol::topics::attestation(&request.payment_id),
+                    protocol::encode(&attested),
+                )
+                .unwrap();
+            request.evidence.attestation = Some(String::from_utf8(sealed).unwrap());
+            request
+        }
+
+        /// A payment at store-1's terminal t1 with what it attests was `shown`.
+        fn at_t1(&self, nonce: &str, shown: PayerEvidence) -> CloudAuthorize {
+            self.attested_by("edge-store-1-t1", payment(nonce), shown)
         }
     }
 
-    fn payment(nonce: &str, evidence: PayerEvidence) -> CloudAuthorize {
+    fn payment(nonce: &str) -> CloudAuthorize {
         CloudAuthorize {
             payment_id: "store-1:o-1".into(),
             account_id: "alice".into(),
@@ -258,14 +383,14 @@ mod tests {
             order_id: "o-1".into(),
             offline_reservation: Default::default(),
             spent_code: None,
-            evidence,
+            evidence: Default::default(),
         }
     }
 
     fn by_code(text: &str) -> PayerEvidence {
         PayerEvidence {
             payment_code: Some(text.into()),
-            face_probe: None,
+            ..Default::default()
         }
     }
 
@@ -281,70 +406,93 @@ mod tests {
     }
 
     #[test]
+    fn only_the_payments_own_terminal_attests_it_for_its_amount() {
+        let f = fixture();
+        let code = f.wallet.issue_code(f.clock.now_ms());
+        let nonce = nonce_of(&code);
+        assert_eq!(f.check(&f.at_t1(&nonce, by_code(&code))), Ok(()));
+        // The hub's word alone: the code it forwards, with no attestation.
+        let mut unattested = payment(&nonce);
+        unattested.evidence = by_code(&code);
+        assert_eq!(
+            reason(f.check(&unattested)),
+            Some(DeclineReason::BadSignature)
+        );
+        // Another terminal of the store, a terminal of another store, the cloud itself.
+        for name in ["edge-store-1-t2", "edge-store-2-t1", "cloud"] {
+            let other = f.attested_by(name, payment(&nonce), by_code(&code));
+            assert_eq!(
+                reason(f.check(&other)),
+                Some(DeclineReason::BadSignature),
+                "{name} attested t1's payment"
+            );
+        }
+        // A terminal's attestation moved to a larger amount, or another payment.
+        let mut more = f.at_t1(&nonce, by_code(&code));
+        more.amount_minor = 40_000;
+        assert_eq!(reason(f.check(&more)), Some(DeclineReason::BadSignature));
+        let mut moved = f.at_t1(&nonce, by_code(&code));
+        moved.payment_id = "store-1:o-2".into();
+        moved.order_id = "o-2".into();
+        assert_eq!(reason(f.check(&moved)), Some(DeclineReason::BadSignature));
+        // Evidence the hub adds beside an attestation is not taken.
+        let mut added = f.at_t1(&nonce, PayerEvidence::default());
+        added.evidence.payment_code = Some(code.clone());
+        assert_eq!(reason(f.check(&added)), Some(DeclineReason::BadSignature));
+    }
+
+    #[test]
     fn a_code_payment_needs_the_accounts_own_fresh_code_naming_its_nonce() {
         let f = fixture();
         let now = f.clock.now_ms();
         let code = f.wallet.issue_code(now);
-        assert_eq!(f.check(&payment(&nonce_of(&code), by_code(&code))), Ok(()));
-        // A hub's word alone: no code, or a made-up nonce.
         assert_eq!(
-            reason(f.check(&payment(&nonce_of(&code), PayerEvidence::default()))),
-            Some(DeclineReason::BadSignature)
-        );
-        assert_eq!(
-            reason(f.check(&payment("00ff", by_code(&code)))),
+            reason(f.check(&f.at_t1("00ff", by_code(&code)))),
             Some(DeclineReason::BadSignature),
             "the code must be the payment's"
         );
-        // Another phone's code for alice's account.
-        let mallory = Wallet::generate("alice").unwrap().issue_code(now);
+        // Another phone's code for alice's account; another account's code; a damaged one.
+        for other in [
+            Wallet::generate("alice").unwrap().issue_code(now),
+            Wallet::generate("bob").unwrap().issue_code(now),
+        ] {
+            assert_eq!(
+                reason(f.check(&f.at_t1(&nonce_of(&other), by_code(&other)))),
+                Some(DeclineReason::BadSignature)
+            );
+        }
         assert_eq!(
-            reason(f.check(&payment(&nonce_of(&mallory), by_code(&mallory)))),
-            Some(DeclineReason::BadSignature)
-        );
-        // Another account's code.
-        let bob = Wallet::generate("bob").unwrap().issue_code(now);
-        assert_eq!(
-            reason(f.check(&payment(&nonce_of(&bob), by_code(&bob)))),
-            Some(DeclineReason::BadSignature)
-        );
-        assert_eq!(
-            reason(f.check(&payment("00ff", by_code("FPAY1.junk")))),
+            reason(f.check(&f.at_t1("00ff", by_code("FPAY1.junk")))),
             Some(DeclineReason::MalformedCode)
         );
         // An account without a payment key pays by no code.
+        let no_key = f.at_t1(&nonce_of(&code), by_code(&code));
+        let shown = f.check.precheck("store-1", &no_key);
         assert_eq!(
-            reason(
-                f.check
-                    .check(&payment(&nonce_of(&code), by_code(&code)), None, &Ok(()))
-            ),
+            reason(f.check.check(&no_key, None, &shown)),
             Some(DeclineReason::UnknownAccount)
         );
         // A code held back past its window, the transit allowance and the skew (twice the
         // hubs': phone against hub, hub against cloud).
         let old = f.wallet.issue_code(now - 60_000 - 10_000 - TRANSIT_MS - 1);
         assert_eq!(
-            reason(f.check(&payment(&nonce_of(&old), by_code(&old)))),
+            reason(f.check(&f.at_t1(&nonce_of(&old), by_code(&old)))),
             Some(DeclineReason::CodeExpired)
         );
         let late = f.wallet.issue_code(now - 60_000 - TRANSIT_MS);
-        assert_eq!(
-            f.check(&payment(&nonce_of(&late), by_code(&late))),
-            Ok(()),
-            "within its window and the time to reach the cloud"
-        );
+        assert_eq!(f.check(&f.at_t1(&nonce_of(&late), by_code(&late))), Ok(()));
         let ahead = f.wallet.issue_code(now + 10_000);
         assert_eq!(
-            f.check(&payment(&nonce_of(&ahead), by_code(&ahead))),
+            f.check(&f.at_t1(&nonce_of(&ahead), by_code(&ahead))),
             Ok(())
         );
         let too_far = f.wallet.issue_code(now + 10_001);
         assert_eq!(
-            reason(f.check(&payment(&nonce_of(&too_far), by_code(&too_far)))),
+            reason(f.check(&f.at_t1(&nonce_of(&too_far), by_code(&too_far)))),
             Some(DeclineReason::CodeNotYetValid)
         );
         // A payment by code naming a code to spend beside it.
-        let mut spends = payment(&nonce_of(&code), by_code(&code));
+        let mut spends = f.at_t1(&nonce_of(&code), by_code(&code));
         spends.spent_code = Some("00ff".into());
         assert_eq!(
             reason(f.check(&spends)),
@@ -358,38 +506,41 @@ mod tests {
         let face = |embedding: &[f32], code: Option<&str>| PayerEvidence {
             payment_code: code.map(str::to_owned),
             face_probe: Some(FaceProbe::new(embedding)),
+            attestation: None,
         };
-        assert_eq!(f.check(&payment("tok_1", face(&f.face, None))), Ok(()));
+        assert_eq!(f.check(&f.at_t1("tok_1", face(&f.face, None))), Ok(()));
         assert_eq!(
-            reason(f.check(&payment("tok_1", face(&unit(2), None)))),
+            reason(f.check(&f.at_t1("tok_1", face(&unit(2), None)))),
             Some(DeclineReason::FaceNotRecognized),
             "another face"
         );
-        let mut bob = payment("tok_1", face(&f.face, None));
+        let mut bob = payment("tok_1");
         bob.account_id = "bob".into();
+        let bob = f.attested_by("edge-store-1-t1", bob, face(&f.face, None));
         assert_eq!(
             reason(f.check(&bob)),
             Some(DeclineReason::FaceNotRecognized),
             "an account not enrolled by face"
         );
         assert_eq!(
-            reason(f.check(&payment("tok_1", face(&[0.5; 3], None)))),
+            reason(f.check(&f.at_t1("tok_1", face(&[0.5; 3], None)))),
             Some(DeclineReason::InvalidRequest)
         );
         // Code and face: the code the face confirmed is the spent code, and checks.
         let code = f.wallet.issue_code(f.clock.now_ms());
-        let mut both = payment("tok_1", face(&f.face, Some(&code)));
+        let mut both = f.at_t1("tok_1", face(&f.face, Some(&code)));
         both.spent_code = Some(nonce_of(&code).into());
         assert_eq!(f.check(&both), Ok(()));
         both.spent_code = Some("00ff".into());
         assert_eq!(reason(f.check(&both)), Some(DeclineReason::BadSignature));
-        both.evidence.payment_code = None;
+        let mut no_code = f.at_t1("tok_1", face(&f.face, None));
+        no_code.spent_code = Some(nonce_of(&code).into());
         assert_eq!(
-            reason(f.check(&both)),
+            reason(f.check(&no_code)),
             Some(DeclineReason::BadSignature),
             "a spent code with no code shown"
         );
-        let stray = payment("tok_1", face(&f.face, Some(&code)));
+        let stray = f.at_t1("tok_1", face(&f.face, Some(&code)));
         assert_eq!(
             reason(f.check(&stray)),
             Some(DeclineReason::InvalidRequest),

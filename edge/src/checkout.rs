@@ -45,6 +45,75 @@ pub struct CheckoutActor {
     /// The order the running code charge is for: a second request for it hears
     /// `payment_in_progress` (its outcome is not known yet), not "declined".
     charging: Option<OrderId>,
+    /// Signs what this terminal attests of each payment (with its certificate key).
+    signer: pki::ReplySigner,
+    /// What customers showed in the verifications of open tokens and challenges, newest last:
+    /// a token's charge attests it.
+    shown: Shown,
+}
+
+/// Most verifications whose evidence a terminal keeps for their charge.
+pub const MAX_SHOWN: usize = 64;
+
+/// What customers showed, by the payment token (or second-factor challenge) of their
+/// verification; at most [`MAX_SHOWN`], the oldest dropped first.
+#[derive(Debug, Default)]
+pub struct Shown(std::collections::VecDeque<(String, protocol::PayerEvidence)>);
+
+impl Shown {
+    /// Keeps `evidence` for `key` (a token or a challenge id).
+    pub fn keep(&mut self, key: String, evidence: protocol::PayerEvidence) {
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push_back((key, evidence));
+        while self.0.len() > MAX_SHOWN {
+            self.0.pop_front();
+        }
+    }
+
+    /// What was shown for `key`, if kept.
+    pub fn get(&self, key: &str) -> Option<&protocol::PayerEvidence> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, e)| e)
+    }
+
+    /// Keeps under `to` what was shown for `from` (a challenge answered: its token).
+    pub fn carry(&mut self, from: &str, to: String) {
+        if let Some(evidence) = self.get(from).cloned() {
+            self.keep(to, evidence);
+        }
+    }
+
+    /// Keeps what the verification showed when its answer gives a token or a challenge.
+    fn after(&mut self, reply: &VerifyReply, evidence: protocol::PayerEvidence) {
+        match reply {
+            VerifyReply::Verified { token, .. } => self.keep(token.clone(), evidence),
+            VerifyReply::SecondFactorRequired { challenge_id, .. } => {
+                self.keep(challenge_id.clone(), evidence)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The terminal's attestation of `payment_id` for `amount_minor` in `currency`, with what the
+/// customer showed: sealed with the terminal's certificate key.
+pub fn attest(
+    signer: &pki::ReplySigner,
+    payment_id: &protocol::PaymentId,
+    amount_minor: i64,
+    currency: Currency,
+    shown: protocol::PayerEvidence,
+) -> Result<String, pki::PkiError> {
+    let attested = protocol::Attested {
+        payment_id: payment_id.clone(),
+        amount_minor,
+        currency,
+        shown,
+    };
+    let sealed = signer.seal(
+        &protocol::topics::attestation(payment_id),
+        protocol::encode(&attested),
+    )?;
+    Ok(String::from_utf8(sealed).expect("sealed messages are JSON text"))
 }
 
 impl CheckoutActor {
@@ -55,6 +124,7 @@ impl CheckoutActor {
         camera: Addr<CameraActor>,
         hub: HubClient,
         metrics: PaymentMetrics,
+        signer: pki::ReplySigner,
     ) -> Self {
         CheckoutActor {
             settings,
@@ -64,6 +134,8 @@ impl CheckoutActor {
             metrics,
             busy: false,
             charging: None,
+            signer,
+            shown: Shown::default(),
         }
     }
 }
@@ -211,6 +283,13 @@ impl Handler<Charge> for CheckoutActor {
         let hub = self.hub.clone();
         let settings = self.settings.clone();
         let pid = payment_id.clone();
+        let signer = self.signer.clone();
+        // A token's charge attests what its verification showed (nothing when this terminal no
+        // longer holds it: the cloud then declines, and the customer verifies again).
+        let token_shown = request
+            .token
+            .as_deref()
+            .and_then(|token| self.shown.get(token).cloned());
         // Whether the hub approved alone (the cloud unreachable): reported to the register.
         let offline = std::rc::Rc::new(std::cell::Cell::new(false));
         let offline_seen = offline.clone();
@@ -243,6 +322,28 @@ impl Handler<Charge> for CheckoutActor {
                     }
                 },
             };
+            let shown = match &proof {
+                PaymentProof::Code(code) => Some(protocol::PayerEvidence {
+                    payment_code: Some(code.clone()),
+                    ..Default::default()
+                }),
+                PaymentProof::Token(_) => token_shown,
+            };
+            let attestation = match shown {
+                Some(shown) => match attest(&signer, &pid, amount_minor, currency, shown) {
+                    Ok(sealed) => Some(sealed),
+                    Err(error) => {
+                        return (
+                            Decision::declined(
+                                DeclineReason::Internal,
+                                format!("the terminal could not sign the payment: {error}"),
+                            ),
+                            true,
+                        )
+                    }
+                },
+                None => None,
+            };
             let request = AuthorizeRequest {
                 payment_id: pid.clone(),
                 store_id: settings.store_id.into(),
@@ -251,6 +352,7 @@ impl Handler<Charge> for CheckoutActor {
                 amount_minor,
                 currency,
                 proof,
+                attestation,
             };
             match hub.authorize(&request).await {
                 Ok(reply) if reply.payment_id == pid => {
@@ -325,6 +427,9 @@ impl Handler<VerifyCustomer> for CheckoutActor {
         });
         let hub = self.hub.clone();
         let settings = self.settings.clone();
+        // What the customer showed, kept for the charge of the token this verification gets.
+        let shown_seen = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let shown_here = shown_seen.clone();
         let session = async move {
             let (face, code) = match scan {
                 Some(scan) => {
@@ -342,6 +447,13 @@ impl Handler<VerifyCustomer> for CheckoutActor {
                         format!("camera unavailable: {e}"),
                     )
                 }
+            };
+            let shown = protocol::PayerEvidence {
+                payment_code: code
+                    .as_ref()
+                    .and_then(|c| c.as_ref().ok().cloned().flatten()),
+                face_probe: Some(protocol::FaceProbe::new(&embedding)),
+                attestation: None,
             };
             let body = match code {
                 None => VerifyBody::Face { embedding },
@@ -362,10 +474,14 @@ impl Handler<VerifyCustomer> for CheckoutActor {
                     )
                 }
             };
+            shown_here.replace(Some(shown));
             ask_hub(&hub, &settings, body).await
         };
-        Box::pin(session.into_actor(self).map(|reply, actor, _| {
+        Box::pin(session.into_actor(self).map(move |reply, actor, _| {
             actor.busy = false;
+            if let Some(shown) = shown_seen.take() {
+                actor.shown.after(&reply, shown);
+            }
             reply
         }))
     }
@@ -392,22 +508,31 @@ async fn ask_hub(hub: &HubClient, settings: &CheckoutSettings, body: VerifyBody)
 pub struct AnswerSecondFactor(pub SecondFactorAnswer);
 
 impl Handler<AnswerSecondFactor> for CheckoutActor {
-    type Result = ResponseFuture<VerifyReply>;
+    type Result = ResponseActFuture<Self, VerifyReply>;
 
     fn handle(&mut self, msg: AnswerSecondFactor, _: &mut Self::Context) -> Self::Result {
         if let Err(e) = protocol::validate_id("challenge_id", &msg.0.challenge_id) {
-            return Box::pin(async move {
-                VerifyReply::refused(DeclineReason::InvalidRequest, e.to_string())
-            });
+            return Box::pin(fut::ready(VerifyReply::refused(
+                DeclineReason::InvalidRequest,
+                e.to_string(),
+            )));
         }
         if msg.0.value.len() > 16 {
-            return Box::pin(async {
-                VerifyReply::refused(DeclineReason::InvalidRequest, "value is at most 16 digits")
-            });
+            return Box::pin(fut::ready(VerifyReply::refused(
+                DeclineReason::InvalidRequest,
+                "value is at most 16 digits",
+            )));
         }
         let hub = self.hub.clone();
         let settings = self.settings.clone();
-        Box::pin(async move { ask_hub(&hub, &settings, VerifyBody::SecondFactor(msg.0)).await })
+        let challenge_id = msg.0.challenge_id.clone();
+        let ask = async move { ask_hub(&hub, &settings, VerifyBody::SecondFactor(msg.0)).await };
+        Box::pin(ask.into_actor(self).map(move |reply, actor, _| {
+            if let VerifyReply::Verified { token, .. } = &reply {
+                actor.shown.carry(&challenge_id, token.clone());
+            }
+            reply
+        }))
     }
 }
 

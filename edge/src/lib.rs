@@ -161,7 +161,10 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         scan_timeout: Duration::from_millis(config.scan_timeout_ms),
         face_timeout: Duration::from_millis(config.face_timeout_ms),
     };
-    let checkout = CheckoutActor::new(settings, scanner, camera, hub, metrics).start();
+    // The terminal attests each payment it takes with its certificate key (the cloud takes the
+    // customer's evidence from there, not from the hub).
+    let signer = tls.reply_signer()?;
+    let checkout = CheckoutActor::new(settings, scanner, camera, hub, metrics, signer).start();
 
     let api_checkout = checkout.clone();
     let (register_tls, gate) = match register_token {

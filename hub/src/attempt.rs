@@ -528,6 +528,7 @@ mod tests {
 
     fn request(order: &str, amount: i64) -> AuthorizeRequest {
         AuthorizeRequest {
+            attestation: None,
             payment_id: format!("s:{order}").into(),
             store_id: "s".into(),
             terminal_id: "t".into(),

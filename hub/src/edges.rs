@@ -411,6 +411,7 @@ mod tests {
 
     fn request(terminal: &str) -> Vec<u8> {
         protocol::encode(&AuthorizeRequest {
+            attestation: None,
             payment_id: "store-1:o-1".into(),
             store_id: "store-1".into(),
             terminal_id: terminal.into(),

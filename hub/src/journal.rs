@@ -890,6 +890,7 @@ mod tests {
             // o2 was answered: its attempt closes with the decision.
             assert!(j.begin_attempt(&attempt("o2", "n2")).unwrap());
             let request = AuthorizeRequest {
+                attestation: None,
                 payment_id: "s:o2".into(),
                 store_id: "s".into(),
                 terminal_id: "t".into(),
@@ -1213,6 +1214,7 @@ mod offline_tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j")).unwrap();
         let request = AuthorizeRequest {
+            attestation: None,
             payment_id: "s:o1".into(),
             store_id: "s".into(),
             terminal_id: "t".into(),

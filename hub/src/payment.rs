@@ -129,6 +129,20 @@ impl PaymentActor {
             .map_err(|e| Decision::declined(DeclineReason::InvalidRequest, e.to_string()))?;
         protocol::validate_amount(&request.amount_minor.into())
             .map_err(|e| Decision::declined(DeclineReason::InvalidAmount, e.to_string()))?;
+        // The cloud refuses larger ones: refused here before anything is recorded.
+        if request
+            .attestation
+            .as_ref()
+            .is_some_and(|a| a.len() > protocol::MAX_ATTESTATION)
+        {
+            return Err(Decision::declined(
+                DeclineReason::InvalidRequest,
+                format!(
+                    "the terminal's attestation is over {} bytes",
+                    protocol::MAX_ATTESTATION
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -197,7 +211,13 @@ impl Handler<Authorize> for PaymentActor {
             );
             let proven = match checked {
                 Err(decision) => Err((decision, None)),
-                Ok(()) => prove(&request, &peers.credentials, &peers.journal).await,
+                // The terminal's attestation goes to the cloud with the payment, as it came.
+                Ok(()) => prove(&request, &peers.credentials, &peers.journal)
+                    .await
+                    .map(|mut payer| {
+                        payer.evidence.attestation = request.attestation.clone();
+                        payer
+                    }),
             };
             let can_send = peers.uplink.is_some();
             let outcome = match proven {
@@ -339,6 +359,7 @@ fn code_payer(code: &paycode::SignedCode, text: &str) -> Payer {
         token: false,
         spent_code: None,
         evidence: protocol::PayerEvidence {
+            attestation: None,
             payment_code: Some(text.to_owned()),
             face_probe: None,
         },

@@ -532,6 +532,7 @@ impl Sim {
         self.terminals[t].last = Some((order.clone(), customer, amount, nonce.clone()));
         self.terminals[t].busy = true;
         let request = AuthorizeRequest {
+            attestation: None,
             payment_id: protocol::payment_id(STORE, &order),
             store_id: STORE.into(),
             terminal_id: format!("till-{t}").into(),

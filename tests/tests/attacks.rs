@@ -241,6 +241,8 @@ impl CompromisedHub {
         let alice = open(&api, "alice", AccountKind::Customer, 100_000).unwrap();
         let hub = pki::Identity::hub("store-1").unwrap();
         ensure_identity(&hub).unwrap();
+        // Store-1's terminal, whose attestations honest payments carry.
+        ensure_identity(&pki::Identity::edge("store-1", "till-1").unwrap()).unwrap();
         let sealer = tls_identity(&hub.name).unwrap().reply_signer().unwrap();
         let attacker = Attacker::connect(broker.port, &hub.name, "store-1").unwrap();
         CompromisedHub {
@@ -289,8 +291,42 @@ impl CompromisedHub {
     }
 }
 
+/// `body` (an authorization) with what terminal `name` (a certificate of the test fleet)
+/// attests the customer showed for it.
+fn attested_by(name: &str, body: HubRequestBody, shown: protocol::PayerEvidence) -> HubRequestBody {
+    let HubRequestBody::Authorize(mut request) = body else {
+        panic!("only an authorization is attested")
+    };
+    let attested = protocol::Attested {
+        payment_id: request.payment_id.clone(),
+        amount_minor: request.amount_minor,
+        currency: request.currency,
+        shown,
+    };
+    let sealed = tls_identity(name)
+        .unwrap()
+        .reply_signer()
+        .unwrap()
+        .seal(
+            &protocol::topics::attestation(&request.payment_id),
+            protocol::encode(&attested),
+        )
+        .unwrap();
+    request.evidence.attestation = Some(String::from_utf8(sealed).unwrap());
+    HubRequestBody::Authorize(request)
+}
+
+/// [`attested_by`] store-1's terminal till-1, attesting what the request's evidence says.
+fn at_till_1(body: HubRequestBody) -> HubRequestBody {
+    let HubRequestBody::Authorize(request) = &body else {
+        panic!("only an authorization is attested")
+    };
+    let shown = request.evidence.clone();
+    attested_by("edge-store-1-till-1", body, shown)
+}
+
 /// Alice's authorization at store-1 as a hub sends it: `payment_id` (for `order`), her attempt's
-/// `nonce`, and the `evidence` shown.
+/// `nonce`, and the `evidence` shown (not attested by any terminal).
 fn authorize(
     payment_id: &str,
     order: &str,
@@ -316,22 +352,18 @@ fn authorize(
 fn shown(code: &str) -> (String, protocol::PayerEvidence) {
     let nonce = paycode::SignedCode::parse(code).unwrap().nonce_hex();
     let evidence = protocol::PayerEvidence {
+        attestation: None,
         payment_code: Some(code.into()),
         face_probe: None,
     };
     (nonce, evidence)
 }
 
-/// Alice's honest payment by code at store-1 for `order`.
+/// Alice's honest payment by code at store-1's terminal till-1 for `order`, attested by it.
 fn alice_pays(hub: &CompromisedHub, order: &str, amount_minor: i64) -> HubRequestBody {
     let (nonce, evidence) = shown(&hub.alice.issue_code(paycode::now_ms()));
-    authorize(
-        &format!("store-1:{order}"),
-        order,
-        nonce,
-        amount_minor,
-        evidence,
-    )
+    let order_id = format!("store-1:{order}");
+    at_till_1(authorize(&order_id, order, nonce, amount_minor, evidence))
 }
 
 /// A compromised hub (its link certificate and its offline signing key stolen) signs a backlog of
@@ -403,9 +435,11 @@ fn a_compromised_hub_books_no_more_offline_than_the_cloud_granted() {
 }
 
 /// A compromised hub (its link certificate and key stolen) asks the cloud to charge a customer
-/// online on its word: with no code, with a code of another phone, with a code of the customer
-/// held back past its window, with a face that is not hers, and naming a code it saw her use. The
-/// cloud checks the payer itself and applies none; the customer's own payment after them does.
+/// online on its word: with no terminal's attestation at all; with a genuine attestation of her
+/// payment moved to a larger amount and to another order; and, as if a terminal's key were
+/// stolen too, attested with a code of another phone, her code held back past its window, a
+/// stranger's face, her own code under a payment it does not name, and her spent code again. The
+/// cloud checks the payer itself and applies none; her own payments around them do.
 #[test]
 fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
     let hub = CompromisedHub::start(&[]);
@@ -413,23 +447,37 @@ fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
     let mallory = shown(&Wallet::generate("alice").unwrap().issue_code(now));
     let stale = shown(&hub.alice.issue_code(now - 10 * 60_000));
     let first = shown(&hub.alice.issue_code(now));
+    // A fresh code of hers the hub saw (shown at one of its terminals, never attested for it).
+    let seen = shown(&hub.alice.issue_code(now));
     let mut stranger = vec![0.0f32; protocol::EMBEDDING_LEN];
     stranger[0] = 1.0;
     let stranger = protocol::PayerEvidence {
-        payment_code: None,
         face_probe: Some(protocol::FaceProbe::new(&stranger)),
+        ..Default::default()
     };
     let at = |order: &str| format!("store-1:{order}");
+    let real = at_till_1(authorize(
+        &at("o-real"),
+        "o-real",
+        first.0.clone(),
+        700,
+        first.1.clone(),
+    ));
+    // Her genuine attestation, moved to a larger amount and to another order.
+    let HubRequestBody::Authorize(genuine) = &real else {
+        unreachable!()
+    };
+    let mut larger = genuine.clone();
+    larger.amount_minor = 40_000;
+    let mut elsewhere = genuine.clone();
+    elsewhere.payment_id = at("o-moved").into();
+    elsewhere.order_id = "o-moved".into();
+    elsewhere.code_nonce = format!("{:032x}", 3).into();
+    let tok = "tok_0123456789abcdef".to_string();
     hub.send([
         // Her own payment first.
-        authorize(
-            &at("o-real"),
-            "o-real",
-            first.0.clone(),
-            700,
-            first.1.clone(),
-        ),
-        // The hub's word alone.
+        real.clone(),
+        // The hub's word alone, her code included.
         authorize(
             &at("o-word"),
             "o-word",
@@ -437,25 +485,39 @@ fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
             40_000,
             Default::default(),
         ),
-        authorize(&at("o-mallory"), "o-mallory", mallory.0, 40_000, mallory.1),
-        authorize(&at("o-stale"), "o-stale", stale.0, 40_000, stale.1),
-        authorize(
-            &at("o-face"),
-            "o-face",
-            "tok_0123456789abcdef".into(),
+        authorize(&at("o-bare"), "o-bare", seen.0, 40_000, seen.1),
+        HubRequestBody::Authorize(larger),
+        HubRequestBody::Authorize(elsewhere),
+        // Attested by a (stolen) terminal key, with what does not prove her.
+        at_till_1(authorize(
+            &at("o-mallory"),
+            "o-mallory",
+            mallory.0,
             40_000,
-            stranger,
-        ),
-        // Her own code, for a payment it does not name.
-        authorize(
+            mallory.1,
+        )),
+        at_till_1(authorize(
+            &at("o-stale"),
+            "o-stale",
+            stale.0,
+            40_000,
+            stale.1,
+        )),
+        at_till_1(authorize(&at("o-face"), "o-face", tok, 40_000, stranger)),
+        at_till_1(authorize(
             &at("o-swap"),
             "o-swap",
             format!("{:032x}", 2),
             40_000,
             first.1.clone(),
-        ),
-        // Her code again, under another order and a larger amount.
-        authorize(&at("o-again"), "o-again", first.0, 40_000, first.1),
+        )),
+        at_till_1(authorize(
+            &at("o-again"),
+            "o-again",
+            first.0,
+            40_000,
+            first.1,
+        )),
         // A last honest payment: once it has applied, every forgery before it was answered.
         alice_pays(&hub, "o-last", 300),
     ]);
@@ -469,7 +531,7 @@ fn a_compromised_hub_charges_no_account_online_without_its_code_or_face() {
 }
 
 /// A compromised hub sends what its own software never would, each with a fresh code of the
-/// customer so that only the check of the field stops it: negative amounts (two of them large
+/// customer attested by a terminal, so that only the check of the field stops it: negative amounts (two of them large
 /// enough to overflow a sum), an amount beyond any payment, a payment id of another store, ids
 /// that name the ledger's own transfers, and voids naming the customer's paid payment with
 /// another attempt's nonce or another store's payment. The cloud refuses each where the ledger
@@ -480,10 +542,16 @@ fn a_compromised_hubs_malformed_requests_move_nothing_and_stop_nothing() {
     let first = shown(&hub.alice.issue_code(paycode::now_ms()));
     let code = |payment_id: &str, order: &str, amount: i64| {
         let (nonce, evidence) = shown(&hub.alice.issue_code(paycode::now_ms()));
-        authorize(payment_id, order, nonce, amount, evidence)
+        at_till_1(authorize(payment_id, order, nonce, amount, evidence))
     };
     hub.send([
-        authorize("store-1:o-paid", "o-paid", first.0.clone(), 500, first.1),
+        at_till_1(authorize(
+            "store-1:o-paid",
+            "o-paid",
+            first.0.clone(),
+            500,
+            first.1,
+        )),
         code("store-1:o-neg", "o-neg", -500),
         code("store-1:o-min-1", "o-min-1", i64::MIN + 1),
         code("store-1:o-min-2", "o-min-2", i64::MIN + 1),

@@ -94,6 +94,26 @@ impl Signer {
             common_name: store_id.to_owned(),
         }
     }
+
+    /// Terminal `terminal_id` of `store_id`, by any of its certificates (what it attests).
+    pub fn terminal(store_id: &str, terminal_id: &str) -> Self {
+        Signer {
+            role: Role::Edge,
+            common_name: crate::edge_common_name(store_id, terminal_id),
+        }
+    }
+
+    /// Whether a certificate's common name is this signer's (a terminal's carries its
+    /// generation after its name).
+    fn named(&self, common_name: &str) -> bool {
+        match self.role {
+            Role::Edge => common_name
+                .strip_prefix(self.common_name.as_str())
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|generation| !generation.is_empty() && !generation.contains(':')),
+            _ => common_name == self.common_name,
+        }
+    }
 }
 
 /// Opens sealed messages: checks the signer's certificate against the tier's CA and the
@@ -158,7 +178,7 @@ impl SealedVerifier {
             .verify_client_cert(der, &[], rustls_pki_types::UnixTime::now())
             .map_err(|e| format!("certificate: {e}"))?;
         let peer = crate::peer_identity(der).ok_or("certificate without a subject")?;
-        if peer.role != Some(expected.role) || peer.common_name != expected.common_name {
+        if peer.role != Some(expected.role) || !expected.named(&peer.common_name) {
             return Err(format!(
                 "signed by {:?} ({:?}), not {:?} ({})",
                 peer.common_name,
@@ -255,5 +275,38 @@ mod tests {
             .unwrap();
         hub.update_revocations(&list).unwrap();
         assert!(hub_verifier.open(topic, &sealed, &Signer::cloud()).is_err());
+    }
+
+    #[test]
+    fn a_terminal_signs_as_itself_with_any_of_its_certificates_only() {
+        let (_dir, _pki) = fleet(&[
+            Identity::cloud(),
+            Identity::edge("store-1", "till-1").unwrap(),
+            Identity::edge("store-1", "till-2").unwrap(),
+            Identity::edge("store-10", "till-1").unwrap(),
+        ]);
+        let dir = _dir.path();
+        let cloud = identity(dir, "cloud").sealed_verifier();
+        let topic = "facepay/v1/attest/store-1:o-1";
+        let seal = |name: &str| {
+            identity(dir, name)
+                .reply_signer()
+                .unwrap()
+                .seal(topic, b"{}".to_vec())
+                .unwrap()
+        };
+        let till_1 = Signer::terminal("store-1", "till-1");
+        cloud
+            .open(topic, &seal("edge-store-1-till-1"), &till_1)
+            .unwrap();
+        for other in ["edge-store-1-till-2", "edge-store-10-till-1", "cloud"] {
+            assert!(
+                cloud.open(topic, &seal(other), &till_1).is_err(),
+                "{other} signed as till-1"
+            );
+        }
+        assert!(!till_1.named("edge:store-1:till-1"), "no generation");
+        assert!(!till_1.named("edge:store-1:till-1:ab:cd"));
+        assert!(!till_1.named("edge:store-1:till-10:ab"));
     }
 }

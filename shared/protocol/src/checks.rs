@@ -68,6 +68,15 @@ impl CloudAuthorize {
                 });
             }
         }
+        if let Some(attestation) = &self.evidence.attestation {
+            if attestation.len() > crate::MAX_ATTESTATION {
+                return Err(ValidationError::Evidence {
+                    kind: "evidence.attestation",
+                    len: attestation.len(),
+                    expected: crate::MAX_ATTESTATION,
+                });
+            }
+        }
         if let Some(probe) = &self.evidence.face_probe {
             if probe.len() != crate::EMBEDDING_LEN {
                 return Err(ValidationError::Evidence {
@@ -119,6 +128,55 @@ mod tests {
             order_id: order.into(),
             offline_reservation: Default::default(),
             spent_code: None,
+        }
+    }
+
+    #[test]
+    fn evidence_is_bounded() {
+        let with = |evidence: crate::PayerEvidence| CloudAuthorize {
+            evidence,
+            ..request("store-1:o-1", "o-1", 100)
+        };
+        let ok = crate::PayerEvidence {
+            payment_code: Some("FPAY1.x.y".into()),
+            face_probe: Some(crate::FaceProbe::new(&[0.0; crate::EMBEDDING_LEN])),
+            attestation: Some("{}".into()),
+        };
+        assert_eq!(with(ok.clone()).check_from("store-1"), Ok(()));
+        for (bad, kind) in [
+            (
+                crate::PayerEvidence {
+                    payment_code: Some("x".repeat(crate::MAX_CODE_TEXT + 1)),
+                    ..ok.clone()
+                },
+                "evidence.payment_code",
+            ),
+            (
+                crate::PayerEvidence {
+                    payment_code: Some(String::new()),
+                    ..ok.clone()
+                },
+                "evidence.payment_code",
+            ),
+            (
+                crate::PayerEvidence {
+                    face_probe: Some(crate::FaceProbe::new(&[0.0; 3])),
+                    ..ok.clone()
+                },
+                "evidence.face_probe",
+            ),
+            (
+                crate::PayerEvidence {
+                    attestation: Some("x".repeat(crate::MAX_ATTESTATION + 1)),
+                    ..ok.clone()
+                },
+                "evidence.attestation",
+            ),
+        ] {
+            assert!(
+                matches!(with(bad).check_from("store-1"), Err(ValidationError::Evidence { kind: k, .. }) if k == kind),
+                "{kind}"
+            );
         }
     }
 

@@ -312,6 +312,10 @@ pub struct AuthorizeRequest {
     pub currency: Currency,
     /// What proves the payer: a payment code or a payment token.
     pub proof: PaymentProof,
+    /// The terminal's attestation of this payment ([`Attested`], sealed with its certificate
+    /// key), which the hub forwards to the cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
 }
 
 /// What an edge presents as proof of the payer.
@@ -441,6 +445,26 @@ pub struct CloudAuthorize {
 
 /// Longest payment code text carried as evidence (a code is about 215 characters).
 pub const MAX_CODE_TEXT: usize = 512;
+/// Longest sealed attestation (a certificate, a signature, a face embedding and a code: about
+/// 3 KB).
+pub const MAX_ATTESTATION: usize = 16 * 1024;
+
+/// What a terminal attests of a payment it takes, sealed with its certificate key for
+/// [`crate::topics::attestation`]: the payment, the amount, and what the customer showed it (the
+/// code scanned, the live face of the verification the payment's token came from). The cloud
+/// takes the payer's evidence from here, not from the hub, so a hub (or whoever holds its keys)
+/// can neither make evidence up nor move a terminal's to another payment or amount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attested {
+    /// The payment.
+    pub payment_id: PaymentId,
+    /// Its amount, minor units.
+    pub amount_minor: i64,
+    /// Its currency.
+    pub currency: Currency,
+    /// What the customer showed.
+    pub shown: PayerEvidence,
+}
 
 /// What the payer showed at the terminal, carried to the cloud with an online payment, which
 /// checks it when the payment is new: for a payment by code, the code (its signature against the
@@ -455,6 +479,9 @@ pub struct PayerEvidence {
     /// The live face's embedding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub face_probe: Option<FaceProbe>,
+    /// The terminal's sealed [`Attested`] (the cloud takes the code and the face from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
 }
 
 /// A face embedding as the bits of its values (so that messages carrying it compare exactly).

@@ -58,6 +58,12 @@ pub fn revocation_list() -> String {
     format!("{ROOT}/revocations")
 }
 
+/// Not a topic anything is published on: what a terminal's attestation of a payment is sealed
+/// for (see [`crate::Attested`]), so that it cannot pass for any message on the link.
+pub fn attestation(payment_id: &str) -> String {
+    format!("{ROOT}/attest/{payment_id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

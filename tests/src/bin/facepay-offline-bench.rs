@@ -221,6 +221,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             let wallet = &wallets[i % wallets.len()];
             let order = format!("o{i}");
             let request = AuthorizeRequest {
+                attestation: None,
                 payment_id: format!("store-1:{order}").into(),
                 store_id: "store-1".into(),
                 terminal_id: "t1".into(),
