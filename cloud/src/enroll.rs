@@ -41,6 +41,10 @@ pub struct IdentityConfig {
     /// payment by face needs a face at this cosine to the account's templates too
     /// ([`crate::payer`]).
     pub one_to_one_threshold: f32,
+    /// Cosine at or above which a payment by face needs no second factor at the cloud (the hubs'
+    /// `identify.accept_threshold`); below it, down to `one_to_one_threshold`, the terminal must
+    /// attest the customer's right second-factor answer ([`crate::payer`]).
+    pub face_accept_threshold: f32,
     /// Wrong second-factor answers, anywhere in the fleet, before face payment locks.
     pub free_failures: u32,
     /// The first lock, in seconds; it doubles with each further wrong answer.
@@ -56,6 +60,7 @@ impl Default for IdentityConfig {
             duplicate_threshold: 0.45,
             candidate_threshold: 0.3,
             one_to_one_threshold: 0.363,
+            face_accept_threshold: 0.45,
             free_failures: 3,
             lockout_base_seconds: 30,
             lockout_max_seconds: 3600,
@@ -94,6 +99,7 @@ impl IdentityConfig {
             ("identity.duplicate_threshold", self.duplicate_threshold),
             ("identity.candidate_threshold", self.candidate_threshold),
             ("identity.one_to_one_threshold", self.one_to_one_threshold),
+            ("identity.face_accept_threshold", self.face_accept_threshold),
         ] {
             if !(-1.0..=1.0).contains(&v) {
                 return Err((

@@ -110,7 +110,10 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let payer = payer::PayerCheck::new(
         store.clone(),
         std::sync::Arc::new(tls.sealed_verifier()),
-        config.identity.one_to_one_threshold,
+        (
+            config.identity.one_to_one_threshold,
+            config.identity.face_accept_threshold,
+        ),
         paycode::Validity {
             window_ms: config.code_validity_seconds * 1000,
             clock_skew_ms: config.clock_skew_seconds * 1000,

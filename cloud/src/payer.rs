@@ -35,6 +35,7 @@ pub struct PayerCheck {
     customers: CustomerStore,
     attestations: Arc<pki::SealedVerifier>,
     one_to_one_threshold: f32,
+    accept_threshold: f32,
     validity: Validity,
     clock: clock::SharedClock,
 }
@@ -47,7 +48,7 @@ impl PayerCheck {
     pub fn new(
         customers: CustomerStore,
         attestations: Arc<pki::SealedVerifier>,
-        one_to_one_threshold: f32,
+        (one_to_one_threshold, accept_threshold): (f32, f32),
         validity: Validity,
         clock: clock::SharedClock,
     ) -> Self {
@@ -55,6 +56,7 @@ impl PayerCheck {
             customers,
             attestations,
             one_to_one_threshold,
+            accept_threshold,
             validity: Validity {
                 window_ms: validity.window_ms.saturating_add(TRANSIT_MS),
                 clock_skew_ms: validity.clock_skew_ms.saturating_mul(2),
@@ -70,6 +72,10 @@ impl PayerCheck {
         store_id: &str,
         request: &CloudAuthorize,
     ) -> Result<PayerEvidence, PayerRefusal> {
+        // A request the store may not send costs nothing more (the ledger refuses it).
+        request
+            .check_from(store_id)
+            .map_err(|e| refuse(DeclineReason::InvalidRequest, e.to_string()))?;
         let Some(sealed) = &request.evidence.attestation else {
             return Err(refuse(
                 DeclineReason::BadSignature,
@@ -88,13 +94,22 @@ impl PayerCheck {
                 format!("unreadable attestation: {e}"),
             )
         })?;
+        // A face payment's attempt is the token the terminal charged with: the attestation is
+        // spent with it (a hub cannot use it again under a nonce of its choosing).
+        let nonce_attested = match (&attested.shown.face_probe, &attested.token) {
+            (None, _) => true,
+            (Some(_), Some(token)) => *token == request.code_nonce.as_str(),
+            (Some(_), None) => false,
+        };
         if attested.payment_id != request.payment_id
+            || attested.account_id != request.account_id
             || attested.amount_minor != request.amount_minor
             || attested.currency != request.currency
+            || !nonce_attested
         {
             return Err(refuse(
                 DeclineReason::BadSignature,
-                "the terminal attested another payment or amount",
+                "the terminal attested another payment, account or amount",
             ));
         }
         self.match_face(request, &attested.shown)?;
@@ -190,12 +205,30 @@ impl PayerCheck {
             .flat_map(|r| r.templates.iter())
             .map(|(_, template)| face::cosine(template, &probe))
             .fold(f32::MIN, f32::max);
-        if best >= self.one_to_one_threshold {
+        if best < self.one_to_one_threshold {
+            return Err(refuse(
+                DeclineReason::FaceNotRecognized,
+                "the face shown does not match this account's enrolled face",
+            ));
+        }
+        if best >= self.accept_threshold {
+            return Ok(());
+        }
+        // A face this close is a look-alike's as much as the customer's: the hubs ask the
+        // second factor, and the terminal attests the answer typed (Argon2: on this thread, for
+        // these payments only).
+        let answered = shown.second_factor.as_deref().is_some_and(|answer| {
+            record
+                .as_ref()
+                .is_some_and(|r| crate::customers::verify_secret(answer, &r.second_factor_hash))
+        });
+        if answered {
             Ok(())
         } else {
             Err(refuse(
-                DeclineReason::FaceNotRecognized,
-                "the face shown does not match this account's enrolled face",
+                DeclineReason::SecondFactorWrong,
+                "a face this close to the account's needs its second factor, answered at the \
+                 terminal",
             ))
         }
     }
@@ -232,7 +265,7 @@ pub(crate) fn for_tests(dir: &std::path::Path) -> PayerCheck {
     PayerCheck::new(
         customers,
         Arc::new(cloud.sealed_verifier()),
-        0.363,
+        (0.363, 0.45),
         Validity::default(),
         clock::system(),
     )
@@ -319,7 +352,7 @@ mod tests {
         let check = PayerCheck::new(
             customers,
             Arc::new(cloud.sealed_verifier()),
-            0.363,
+            (0.363, 0.45),
             Validity::default(),
             clock.clone(),
         );
@@ -350,8 +383,13 @@ mod tests {
         ) -> CloudAuthorize {
             let attested = Attested {
                 payment_id: request.payment_id.clone(),
+                account_id: request.account_id.clone(),
                 amount_minor: request.amount_minor,
                 currency: request.currency,
+                token: shown
+                    .face_probe
+                    .is_some()
+                    .then(|| request.code_nonce.to_string()),
                 shown,
             };
             let sealed = identity(&self.pki, name)
@@ -413,7 +451,7 @@ mod tests {
         assert_eq!(f.check(&f.at_t1(&nonce, by_code(&code))), Ok(()));
         // The hub's word alone: the code it forwards, with no attestation.
         let mut unattested = payment(&nonce);
-        unattested.evidence = by_code(&code);
+        *unattested.evidence = by_code(&code);
         assert_eq!(
             reason(f.check(&unattested)),
             Some(DeclineReason::BadSignature)
@@ -435,6 +473,22 @@ mod tests {
         moved.payment_id = "store-1:o-2".into();
         moved.order_id = "o-2".into();
         assert_eq!(reason(f.check(&moved)), Some(DeclineReason::BadSignature));
+        // A face attested for alice's payment, charged to another account (a look-alike).
+        let face = PayerEvidence {
+            face_probe: Some(FaceProbe::new(&f.face)),
+            ..Default::default()
+        };
+        let mut other_account = f.at_t1("tok_1", face);
+        assert_eq!(f.check(&other_account), Ok(()));
+        // The same attestation under another attempt (a nonce the hub chose).
+        let mut again = other_account.clone();
+        again.code_nonce = "tok_2".into();
+        assert_eq!(reason(f.check(&again)), Some(DeclineReason::BadSignature));
+        other_account.account_id = "bob".into();
+        assert_eq!(
+            reason(f.check(&other_account)),
+            Some(DeclineReason::BadSignature)
+        );
         // Evidence the hub adds beside an attestation is not taken.
         let mut added = f.at_t1(&nonce, PayerEvidence::default());
         added.evidence.payment_code = Some(code.clone());
@@ -504,6 +558,7 @@ mod tests {
     fn a_face_payment_needs_a_face_that_matches_the_account() {
         let f = fixture();
         let face = |embedding: &[f32], code: Option<&str>| PayerEvidence {
+            second_factor: None,
             payment_code: code.map(str::to_owned),
             face_probe: Some(FaceProbe::new(embedding)),
             attestation: None,
@@ -526,6 +581,35 @@ mod tests {
             reason(f.check(&f.at_t1("tok_1", face(&[0.5; 3], None)))),
             Some(DeclineReason::InvalidRequest)
         );
+        // A face in the grey zone (a look-alike's as much as hers) pays only with her second
+        // factor, answered at the terminal.
+        let template = &f.face;
+        let other = unit(2);
+        let along: f32 = other.iter().zip(template).map(|(a, b)| a * b).sum();
+        let mut orthogonal: Vec<f32> = other
+            .iter()
+            .zip(template)
+            .map(|(o, t)| o - along * t)
+            .collect();
+        let norm = orthogonal.iter().map(|x| x * x).sum::<f32>().sqrt();
+        orthogonal.iter_mut().for_each(|x| *x /= norm);
+        let grey: Vec<f32> = template
+            .iter()
+            .zip(&orthogonal)
+            .map(|(t, o)| 0.4 * t + (1.0f32 - 0.16).sqrt() * o)
+            .collect();
+        let answered = |answer: Option<&str>| PayerEvidence {
+            second_factor: answer.map(str::to_owned),
+            ..face(&grey, None)
+        };
+        for wrong in [None, Some("0000")] {
+            assert_eq!(
+                reason(f.check(&f.at_t1("tok_1", answered(wrong)))),
+                Some(DeclineReason::SecondFactorWrong),
+                "{wrong:?}"
+            );
+        }
+        assert_eq!(f.check(&f.at_t1("tok_1", answered(Some("4821")))), Ok(()));
         // Code and face: the code the face confirmed is the spent code, and checks.
         let code = f.wallet.issue_code(f.clock.now_ms());
         let mut both = f.at_t1("tok_1", face(&f.face, Some(&code)));

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use protocol::{
-    AuthorizeRequest, ChargeRequest, ChargeResult, ChargeStatus, Currency, Decision, DeclineReason,
-    OrderId, PaymentId, PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod, VerifyReply,
-    VerifyRequest, VerifyStart,
+    AccountId, AuthorizeRequest, ChargeRequest, ChargeResult, ChargeStatus, Currency, Decision,
+    DeclineReason, OrderId, PaymentId, PaymentProof, SecondFactorAnswer, VerifyBody, VerifyMethod,
+    VerifyReply, VerifyRequest, VerifyStart,
 };
 use telemetry::PaymentMetrics;
 
@@ -56,38 +56,79 @@ pub struct CheckoutActor {
 pub const MAX_SHOWN: usize = 64;
 
 /// What customers showed, by the payment token (or second-factor challenge) of their
-/// verification; at most [`MAX_SHOWN`], the oldest dropped first.
+/// verification, with the account it found (a token's); at most [`MAX_SHOWN`], the oldest
+/// dropped first.
 #[derive(Debug, Default)]
-pub struct Shown(std::collections::VecDeque<(String, protocol::PayerEvidence)>);
+pub struct Shown(std::collections::VecDeque<ShownEntry>);
+
+/// One verification's: its key (a token or a challenge id), the account found, what was shown,
+/// and the payment it was first attested for (a token pays one payment).
+type ShownEntry = (
+    String,
+    Option<AccountId>,
+    protocol::PayerEvidence,
+    Option<PaymentId>,
+);
 
 impl Shown {
-    /// Keeps `evidence` for `key` (a token or a challenge id).
-    pub fn keep(&mut self, key: String, evidence: protocol::PayerEvidence) {
-        self.0.retain(|(k, _)| *k != key);
-        self.0.push_back((key, evidence));
+    /// Keeps `evidence` for `key` (a token or a challenge id), of `account` if known.
+    pub fn keep(
+        &mut self,
+        key: String,
+        account: Option<AccountId>,
+        evidence: protocol::PayerEvidence,
+    ) {
+        self.0.retain(|(k, _, _, _)| *k != key);
+        self.0.push_back((key, account, evidence, None));
         while self.0.len() > MAX_SHOWN {
             self.0.pop_front();
         }
     }
 
-    /// What was shown for `key`, if kept.
-    pub fn get(&self, key: &str) -> Option<&protocol::PayerEvidence> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, e)| e)
+    /// The account and what was shown for `key`, if kept.
+    pub fn get(&self, key: &str) -> Option<(Option<&AccountId>, &protocol::PayerEvidence)> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _, _, _)| k == key)
+            .map(|(_, a, e, _)| (a.as_ref(), e))
     }
 
-    /// Keeps under `to` what was shown for `from` (a challenge answered: its token).
-    pub fn carry(&mut self, from: &str, to: String) {
-        if let Some(evidence) = self.get(from).cloned() {
-            self.keep(to, evidence);
+    /// The account and what was shown for token `token`, to attest for `payment_id`: the first
+    /// payment it is attested for is the only one (asked again for it, the same).
+    pub fn attest_for(
+        &mut self,
+        token: &str,
+        payment_id: &PaymentId,
+    ) -> Option<(AccountId, protocol::PayerEvidence)> {
+        let (_, account, evidence, attested) =
+            self.0.iter_mut().rev().find(|(k, _, _, _)| k == token)?;
+        if attested.get_or_insert_with(|| payment_id.clone()) != payment_id {
+            return None;
+        }
+        Some((account.clone()?, evidence.clone()))
+    }
+
+    /// Keeps under `to`, of `account`, what was shown for `from` (a challenge answered with
+    /// `answer`: its token).
+    pub fn carry(&mut self, from: &str, to: String, account: AccountId, answer: String) {
+        if let Some((_, evidence)) = self.get(from) {
+            let evidence = protocol::PayerEvidence {
+                second_factor: Some(answer),
+                ..evidence.clone()
+            };
+            self.keep(to, Some(account), evidence);
         }
     }
 
     /// Keeps what the verification showed when its answer gives a token or a challenge.
     fn after(&mut self, reply: &VerifyReply, evidence: protocol::PayerEvidence) {
         match reply {
-            VerifyReply::Verified { token, .. } => self.keep(token.clone(), evidence),
+            VerifyReply::Verified {
+                token, account_id, ..
+            } => self.keep(token.clone(), Some(account_id.clone()), evidence),
             VerifyReply::SecondFactorRequired { challenge_id, .. } => {
-                self.keep(challenge_id.clone(), evidence)
+                self.keep(challenge_id.clone(), None, evidence)
             }
             _ => {}
         }
@@ -99,14 +140,17 @@ impl Shown {
 pub fn attest(
     signer: &pki::ReplySigner,
     payment_id: &protocol::PaymentId,
-    amount_minor: i64,
-    currency: Currency,
+    account_id: AccountId,
+    (amount_minor, currency): (i64, Currency),
+    token: Option<String>,
     shown: protocol::PayerEvidence,
 ) -> Result<String, pki::PkiError> {
     let attested = protocol::Attested {
         payment_id: payment_id.clone(),
+        account_id,
         amount_minor,
         currency,
+        token,
         shown,
     };
     let sealed = signer.seal(
@@ -289,11 +333,12 @@ impl Handler<Charge> for CheckoutActor {
         let token_shown = request
             .token
             .as_deref()
-            .and_then(|token| self.shown.get(token).cloned());
+            .and_then(|token| self.shown.attest_for(token, &payment_id));
         // Whether the hub approved alone (the cloud unreachable): reported to the register.
         let offline = std::rc::Rc::new(std::cell::Cell::new(false));
         let offline_seen = offline.clone();
         let session = async move {
+            let token = request.token.clone();
             let proof = match (scan, request.token.clone()) {
                 (_, Some(token)) => PaymentProof::Token(token),
                 (None, None) => unreachable!("a scan is started when no token is given"),
@@ -322,26 +367,33 @@ impl Handler<Charge> for CheckoutActor {
                     }
                 },
             };
+            // The account the code names (a code that is none is refused at the hub).
             let shown = match &proof {
-                PaymentProof::Code(code) => Some(protocol::PayerEvidence {
-                    payment_code: Some(code.clone()),
-                    ..Default::default()
+                PaymentProof::Code(code) => paycode::SignedCode::parse(code).ok().map(|c| {
+                    let shown = protocol::PayerEvidence {
+                        payment_code: Some(code.clone()),
+                        ..Default::default()
+                    };
+                    (AccountId::from(c.account_id.as_str()), shown)
                 }),
                 PaymentProof::Token(_) => token_shown,
             };
             let attestation = match shown {
-                Some(shown) => match attest(&signer, &pid, amount_minor, currency, shown) {
-                    Ok(sealed) => Some(sealed),
-                    Err(error) => {
-                        return (
-                            Decision::declined(
-                                DeclineReason::Internal,
-                                format!("the terminal could not sign the payment: {error}"),
-                            ),
-                            true,
-                        )
+                Some((account, shown)) => {
+                    let amount = (amount_minor, currency);
+                    match attest(&signer, &pid, account, amount, token.clone(), shown) {
+                        Ok(sealed) => Some(sealed),
+                        Err(error) => {
+                            return (
+                                Decision::declined(
+                                    DeclineReason::Internal,
+                                    format!("the terminal could not sign the payment: {error}"),
+                                ),
+                                true,
+                            )
+                        }
                     }
-                },
+                }
                 None => None,
             };
             let request = AuthorizeRequest {
@@ -449,6 +501,7 @@ impl Handler<VerifyCustomer> for CheckoutActor {
                 }
             };
             let shown = protocol::PayerEvidence {
+                second_factor: None,
                 payment_code: code
                     .as_ref()
                     .and_then(|c| c.as_ref().ok().cloned().flatten()),
@@ -525,11 +578,16 @@ impl Handler<AnswerSecondFactor> for CheckoutActor {
         }
         let hub = self.hub.clone();
         let settings = self.settings.clone();
-        let challenge_id = msg.0.challenge_id.clone();
+        let (challenge_id, answer) = (msg.0.challenge_id.clone(), msg.0.value.clone());
         let ask = async move { ask_hub(&hub, &settings, VerifyBody::SecondFactor(msg.0)).await };
         Box::pin(ask.into_actor(self).map(move |reply, actor, _| {
-            if let VerifyReply::Verified { token, .. } = &reply {
-                actor.shown.carry(&challenge_id, token.clone());
+            if let VerifyReply::Verified {
+                token, account_id, ..
+            } = &reply
+            {
+                actor
+                    .shown
+                    .carry(&challenge_id, token.clone(), account_id.clone(), answer);
             }
             reply
         }))
@@ -583,6 +641,44 @@ mod tests {
             false,
         );
         assert_eq!(unknown.status, ChargeStatus::Unknown);
+    }
+
+    #[test]
+    fn a_tokens_evidence_is_attested_for_one_payment_and_the_oldest_go_first() {
+        let mut shown = Shown::default();
+        let face = protocol::PayerEvidence {
+            face_probe: Some(protocol::FaceProbe::new(&[0.5; 4])),
+            ..Default::default()
+        };
+        shown.keep("chl_1".into(), None, face.clone());
+        assert_eq!(
+            shown.attest_for("chl_1", &PaymentId::from("s:o-1")),
+            None,
+            "a challenge pays nothing until answered"
+        );
+        shown.carry(
+            "chl_1",
+            "tok_1".into(),
+            AccountId::from("alice"),
+            "4821".into(),
+        );
+        let first = shown.attest_for("tok_1", &PaymentId::from("s:o-1"));
+        let answered = protocol::PayerEvidence {
+            second_factor: Some("4821".into()),
+            ..face.clone()
+        };
+        assert_eq!(first, Some((AccountId::from("alice"), answered)));
+        assert_eq!(
+            shown.attest_for("tok_1", &PaymentId::from("s:o-1")),
+            first,
+            "asked again for the same payment"
+        );
+        assert_eq!(shown.attest_for("tok_1", &PaymentId::from("s:o-2")), None);
+        for n in 0..MAX_SHOWN {
+            shown.keep(format!("tok_x{n}"), Some("bob".into()), face.clone());
+        }
+        assert_eq!(shown.get("tok_1"), None, "the oldest dropped");
+        assert!(shown.get("tok_x0").is_some());
     }
 
     #[test]

@@ -264,7 +264,7 @@ impl Attempt {
             order_id: request.order_id.clone(),
             offline_reservation: reservation,
             spent_code: payer.spent_code.clone(),
-            evidence: payer.evidence.clone(),
+            evidence: Box::new(payer.evidence.clone()),
         }
     }
 

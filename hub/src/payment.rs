@@ -359,6 +359,7 @@ fn code_payer(code: &paycode::SignedCode, text: &str) -> Payer {
         token: false,
         spent_code: None,
         evidence: protocol::PayerEvidence {
+            second_factor: None,
             attestation: None,
             payment_code: Some(text.to_owned()),
             face_probe: None,

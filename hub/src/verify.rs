@@ -800,6 +800,7 @@ impl VerifyActor {
         let rule = self.settings.identify.clone();
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
         let evidence = PayerEvidence {
+            second_factor: None,
             attestation: None,
             payment_code: None,
             face_probe: Some(protocol::FaceProbe::new(&embedding)),
@@ -834,6 +835,7 @@ impl VerifyActor {
         let rule = self.settings.identify.clone();
         let ask = (self.uplink.clone(), self.settings.identify_timeout);
         let evidence = PayerEvidence {
+            second_factor: None,
             attestation: None,
             payment_code: Some(code.clone()),
             face_probe: Some(protocol::FaceProbe::new(&embedding)),

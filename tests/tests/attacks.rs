@@ -299,8 +299,13 @@ fn attested_by(name: &str, body: HubRequestBody, shown: protocol::PayerEvidence)
     };
     let attested = protocol::Attested {
         payment_id: request.payment_id.clone(),
+        account_id: request.account_id.clone(),
         amount_minor: request.amount_minor,
         currency: request.currency,
+        token: shown
+            .face_probe
+            .is_some()
+            .then(|| request.code_nonce.to_string()),
         shown,
     };
     let sealed = tls_identity(name)
@@ -321,7 +326,7 @@ fn at_till_1(body: HubRequestBody) -> HubRequestBody {
     let HubRequestBody::Authorize(request) = &body else {
         panic!("only an authorization is attested")
     };
-    let shown = request.evidence.clone();
+    let shown = (*request.evidence).clone();
     attested_by("edge-store-1-till-1", body, shown)
 }
 
@@ -344,7 +349,7 @@ fn authorize(
         order_id: order.into(),
         offline_reservation: Default::default(),
         spent_code: None,
-        evidence,
+        evidence: Box::new(evidence),
     })
 }
 
@@ -352,6 +357,7 @@ fn authorize(
 fn shown(code: &str) -> (String, protocol::PayerEvidence) {
     let nonce = paycode::SignedCode::parse(code).unwrap().nonce_hex();
     let evidence = protocol::PayerEvidence {
+        second_factor: None,
         attestation: None,
         payment_code: Some(code.into()),
         face_probe: None,

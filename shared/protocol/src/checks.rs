@@ -134,10 +134,11 @@ mod tests {
     #[test]
     fn evidence_is_bounded() {
         let with = |evidence: crate::PayerEvidence| CloudAuthorize {
-            evidence,
+            evidence: Box::new(evidence),
             ..request("store-1:o-1", "o-1", 100)
         };
         let ok = crate::PayerEvidence {
+            second_factor: None,
             payment_code: Some("FPAY1.x.y".into()),
             face_probe: Some(crate::FaceProbe::new(&[0.0; crate::EMBEDDING_LEN])),
             attestation: Some("{}".into()),

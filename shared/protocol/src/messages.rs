@@ -440,7 +440,7 @@ pub struct CloudAuthorize {
     /// What proves the payer to the cloud itself, not only to the hub: a hub (or whoever holds
     /// its link key) cannot charge an account without its phone's code or its face.
     #[serde(default)]
-    pub evidence: PayerEvidence,
+    pub evidence: Box<PayerEvidence>,
 }
 
 /// Longest payment code text carried as evidence (a code is about 215 characters).
@@ -458,10 +458,17 @@ pub const MAX_ATTESTATION: usize = 16 * 1024;
 pub struct Attested {
     /// The payment.
     pub payment_id: PaymentId,
+    /// The account the terminal charges: the one the code names, or the one its verification
+    /// found.
+    pub account_id: AccountId,
     /// Its amount, minor units.
     pub amount_minor: i64,
     /// Its currency.
     pub currency: Currency,
+    /// For a payment by face: the payment token charged (the attempt's nonce at the cloud), so
+    /// the attestation is spent with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// What the customer showed.
     pub shown: PayerEvidence,
 }
@@ -479,6 +486,10 @@ pub struct PayerEvidence {
     /// The live face's embedding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub face_probe: Option<FaceProbe>,
+    /// The second-factor answer the customer typed at the terminal, when the verification asked
+    /// for one (attested, so a hub cannot skip the question it had to ask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_factor: Option<String>,
     /// The terminal's sealed [`Attested`] (the cloud takes the code and the face from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<String>,
