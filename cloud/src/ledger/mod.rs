@@ -581,12 +581,15 @@ mod tests {
             }
         ));
         // Joining the order's open transfer keeps its money moved (a void of the first attempt
-        // then moves nothing back): only a proven payer joins.
+        // then moves nothing back): only a proven payer joins. An unproven one hears that the
+        // outcome is not known yet (never "declined" for an order that may be paid), and nothing
+        // is recorded: asked again once the open attempt is posted, it hears "paid".
         let unproven = l
             .authorize_proving("store-1", &pay("o-2", "n-3", 100), &refuse)
             .unwrap()
             .0;
-        assert_eq!(unproven.reason(), Some(DeclineReason::BadSignature));
+        assert_eq!(unproven.reason(), Some(DeclineReason::PaymentInProgress));
+        assert!(unproven.reason().unwrap().is_unknown_outcome());
         let joined = l
             .authorize_proving("store-1", &pay("o-2", "n-6", 100), &accept)
             .unwrap()
@@ -600,6 +603,21 @@ mod tests {
                 }
             ),
             "{joined:?}"
+        );
+        l.post("store-1", &attempt("o-2", "n-2")).unwrap();
+        let after_post = l
+            .authorize_proving("store-1", &pay("o-2", "n-3", 100), &refuse)
+            .unwrap()
+            .0;
+        assert!(
+            matches!(
+                after_post,
+                Decision::Approved {
+                    already_paid: true,
+                    ..
+                }
+            ),
+            "{after_post:?}"
         );
         let other = l
             .authorize_proving("store-1", &pay("o-2", "n-7", 999), &refuse)

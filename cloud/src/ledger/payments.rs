@@ -212,8 +212,20 @@ impl Ledger {
                     // void what an earlier one told it). Joining keeps money moved, so the payer
                     // is proven here too. The joining attempt gets the full time to be posted:
                     // its deadline moves.
-                    if let Err(refused) = Self::prove_payer(accounts, request, prove)? {
-                        refused
+                    if Self::prove_payer(accounts, request, prove)?.is_err() {
+                        // Not proven, it does not join; but the order is paid unless the open
+                        // attempt is voided, so "declined" could be a lie: its outcome is not
+                        // known yet (nothing recorded: asked again once the open attempt is
+                        // posted or voided, it hears which).
+                        return Ok((
+                            Decision::declined(
+                                DeclineReason::PaymentInProgress,
+                                "this order's payment is still open and this attempt does not \
+                                 prove its payer; charge the same order id again to learn its \
+                                 outcome",
+                            ),
+                            false,
+                        ));
                     } else {
                         let mut holders = existing.holders();
                         holders.push(request.code_nonce.clone());
