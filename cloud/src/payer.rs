@@ -381,17 +381,7 @@ mod tests {
             mut request: CloudAuthorize,
             shown: PayerEvidence,
         ) -> CloudAuthorize {
-            let attested = Attested {
-                payment_id: request.payment_id.clone(),
-                account_id: request.account_id.clone(),
-                amount_minor: request.amount_minor,
-                currency: request.currency,
-                token: shown
-                    .face_probe
-                    .is_some()
-                    .then(|| request.code_nonce.to_string()),
-                shown,
-            };
+            let attested = Attested::of(&request, shown);
             let sealed = identity(&self.pki, name)
                 .reply_signer()
                 .unwrap()

@@ -297,17 +297,7 @@ fn attested_by(name: &str, body: HubRequestBody, shown: protocol::PayerEvidence)
     let HubRequestBody::Authorize(mut request) = body else {
         panic!("only an authorization is attested")
     };
-    let attested = protocol::Attested {
-        payment_id: request.payment_id.clone(),
-        account_id: request.account_id.clone(),
-        amount_minor: request.amount_minor,
-        currency: request.currency,
-        token: shown
-            .face_probe
-            .is_some()
-            .then(|| request.code_nonce.to_string()),
-        shown,
-    };
+    let attested = protocol::Attested::of(&request, shown);
     let sealed = tls_identity(name)
         .unwrap()
         .reply_signer()

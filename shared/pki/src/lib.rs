@@ -224,13 +224,19 @@ impl Identity {
     /// Whether a certificate's common name is this identity's (for a terminal: of any
     /// generation).
     pub fn owns_common_name(&self, common_name: &str) -> bool {
-        match self.role {
-            Role::Edge => common_name
-                .strip_prefix(self.common_name.as_str())
-                .and_then(|rest| rest.strip_prefix(':'))
-                .is_some_and(|generation| !generation.is_empty() && !generation.contains(':')),
-            _ => common_name == self.common_name,
-        }
+        names(self.role, &self.common_name, common_name)
+    }
+}
+
+/// Whether a certificate's `common_name` is the one `role` and `base` name: a terminal's carries
+/// its generation after its name (`<base>:<generation>`), every other one is `base` itself.
+pub(crate) fn names(role: Role, base: &str, common_name: &str) -> bool {
+    match role {
+        Role::Edge => common_name
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|generation| !generation.is_empty() && !generation.contains(':')),
+        _ => common_name == base,
     }
 }
 

@@ -106,13 +106,7 @@ impl Signer {
     /// Whether a certificate's common name is this signer's (a terminal's carries its
     /// generation after its name).
     fn named(&self, common_name: &str) -> bool {
-        match self.role {
-            Role::Edge => common_name
-                .strip_prefix(self.common_name.as_str())
-                .and_then(|rest| rest.strip_prefix(':'))
-                .is_some_and(|generation| !generation.is_empty() && !generation.contains(':')),
-            _ => common_name == self.common_name,
-        }
+        crate::names(self.role, &self.common_name, common_name)
     }
 }
 

@@ -473,6 +473,24 @@ pub struct Attested {
     pub shown: PayerEvidence,
 }
 
+impl Attested {
+    /// What a terminal attests for `request` when the customer showed `shown` (for a face
+    /// payment, the request's nonce is the token charged).
+    pub fn of(request: &CloudAuthorize, shown: PayerEvidence) -> Self {
+        Attested {
+            payment_id: request.payment_id.clone(),
+            account_id: request.account_id.clone(),
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            token: shown
+                .face_probe
+                .is_some()
+                .then(|| request.code_nonce.to_string()),
+            shown,
+        }
+    }
+}
+
 /// What the payer showed at the terminal, carried to the cloud with an online payment, which
 /// checks it when the payment is new: for a payment by code, the code (its signature against the
 /// account's key, its window, its nonce the payment's); for a payment by face, the live face
