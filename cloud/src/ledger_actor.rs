@@ -7,7 +7,11 @@ use protocol::{
     KeyBatch, KeyEntry, OpenAccount, ReconcileOutcome, ReconcileResult,
 };
 
-use crate::{error::LedgerError, ledger::Ledger, payer::PayerCheck};
+use crate::{
+    error::LedgerError,
+    ledger::{Ledger, PayerRefusal},
+    payer::PayerCheck,
+};
 
 /// Owns the ledger database. Runs on a dedicated thread (a `SyncArbiter` of one) because every
 /// operation ends in a disk flush; one thread also serialises all writes.
@@ -116,8 +120,15 @@ impl Handler<ApplyHubRequest> for LedgerActor {
             HubRequestBody::Authorize(request) => {
                 let payer = &self.payer;
                 // The terminal's attestation and the face, before the ledger's transaction: no
-                // store is read inside one.
-                let shown = payer.precheck(&store_id, &request);
+                // store is read inside one. A replay of an attempt already answered is answered
+                // from the record and proves nothing: its evidence is not read again.
+                let shown = match self.ledger.nonce_seen(&request) {
+                    Ok(true) => Err(PayerRefusal::Unavailable(
+                        "an attempt already answered is not proven again".into(),
+                    )),
+                    Ok(false) => payer.precheck(&store_id, &request),
+                    Err(error) => Err(PayerRefusal::Unavailable(error.to_string())),
+                };
                 let prove = |r: &protocol::CloudAuthorize, key: Option<&str>| {
                     payer.check(r, key, &shown).inspect_err(|decision| {
                         tracing::warn!(

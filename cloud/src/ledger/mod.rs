@@ -563,6 +563,11 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(first.reason(), Some(DeclineReason::BadSignature));
+        assert!(
+            l.nonce_seen(&pay("o-1", "n-1", 100)).unwrap(),
+            "a refusal is on record"
+        );
+        assert!(!l.nonce_seen(&pay("o-1", "n-9", 100)).unwrap());
         let again = l
             .authorize_proving("store-1", &pay("o-1", "n-1", 100), &accept)
             .unwrap()

@@ -6,6 +6,18 @@ use super::*;
 impl Ledger {
     /// Applies a verified payment from `store_id`: moves the amount from the customer to the store's
     /// merchant account (whose id is the store id), exactly once per payment id.
+    /// Whether the attempt's nonce was seen already (answered, or burnt by a void): the ledger
+    /// answers it from its record and proves nothing, so its evidence need not be read. Read
+    /// outside a transaction: true only on the ledger's single writer thread.
+    pub fn nonce_seen(&self, request: &CloudAuthorize) -> Result<bool, LedgerError> {
+        let key = nonce_key(&request.account_id, &request.code_nonce);
+        Ok(self
+            .nonces
+            .get(key)
+            .map_err(|e| LedgerError::Storage(e.to_string()))?
+            .is_some())
+    }
+
     /// The payer is taken as proven (the caller checked it): [`Ledger::authorize_proving`]
     /// checks it.
     pub fn authorize(
