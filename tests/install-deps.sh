@@ -3,10 +3,12 @@
 set -euo pipefail
 
 # Debian packages the build and the tests need: Mosquitto (the cross-process tests start their own
-# broker), and cmake, a C++ compiler and OpenBLAS for the FAISS build of the cloud's identity index.
+# broker), PostgreSQL (the ledger's tests and the fleet start servers of their own), and cmake, a C++ compiler and OpenBLAS for the FAISS build of the cloud's identity index.
 missing=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v cmake >/dev/null || missing+=(cmake)
+# PostgreSQL: the cloud's fleet database; tests start servers of their own (initdb, pg_ctl).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
 command -v g++ >/dev/null || missing+=(g++)
 [ -e /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -e /usr/include/openblas/cblas.h ] \
   || dpkg -s libopenblas-dev >/dev/null 2>&1 || missing+=(libopenblas-dev)

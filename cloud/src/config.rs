@@ -57,6 +57,62 @@ pub struct CloudConfig {
     pub offline: OfflinePolicy,
     /// The broker the hubs and the cloud meet at.
     pub mqtt: MqttConfig,
+    /// Where the ledger and the customers are kept.
+    pub database: DatabaseConfig,
+}
+
+/// Which engine keeps the ledger and the customers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseBackend {
+    /// Embedded, in `data_dir`: one cloud instance (the demo, a single store).
+    Sled,
+    /// A PostgreSQL database that several cloud instances share (a fleet).
+    Postgres,
+}
+
+/// Where the ledger and the customers are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// The engine.
+    pub backend: DatabaseBackend,
+    /// The PostgreSQL connection string (`postgres` only).
+    pub url: Option<String>,
+    /// The PostgreSQL schema holding the cloud's tables (`postgres` only).
+    pub schema: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            backend: DatabaseBackend::Sled,
+            url: None,
+            schema: "facepay".into(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Where the ledger is kept.
+    pub fn ledger_location(&self) -> storage::kv::Location {
+        self.location("ledger")
+    }
+
+    /// Where the customers are kept (the ledger's database in PostgreSQL).
+    pub fn customers_location(&self) -> storage::kv::Location {
+        self.location("customers")
+    }
+
+    fn location(&self, sled_dir: &str) -> storage::kv::Location {
+        match self.database.backend {
+            DatabaseBackend::Sled => storage::kv::Location::Sled(self.data_dir.join(sled_dir)),
+            DatabaseBackend::Postgres => storage::kv::Location::Postgres {
+                url: self.database.url.clone().unwrap_or_default(),
+                schema: self.database.schema.clone(),
+            },
+        }
+    }
 }
 
 impl Default for CloudConfig {
@@ -78,6 +134,7 @@ impl Default for CloudConfig {
             face: FaceConfig::default(),
             offline: OfflinePolicy::default(),
             mqtt: MqttConfig::default(),
+            database: DatabaseConfig::default(),
         }
     }
 }
@@ -160,6 +217,33 @@ impl Validate for CloudConfig {
         self.identity.validate()?;
         self.face.validate("face")?;
         self.offline.validate()?;
+        if self.database.backend == DatabaseBackend::Postgres {
+            match &self.database.url {
+                None => return Err(("database.url".into(), "is required for postgres".into())),
+                Some(url)
+                    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) =>
+                {
+                    return Err((
+                        "database.url".into(),
+                        "must be a postgresql:// connection string".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+            let schema = &self.database.schema;
+            if schema.is_empty()
+                || schema.len() > 63
+                || !schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err((
+                    "database.schema".into(),
+                    "must be a lowercase identifier (a-z, 0-9, _; at most 63 characters)".into(),
+                ));
+            }
+        }
         self.mqtt.validate("mqtt")
     }
 }

@@ -22,7 +22,10 @@ use protocol::{
     TemplateUpdate,
 };
 use serde::{Deserialize, Serialize};
-use storage::Sealer;
+use storage::{
+    kv::{ConflictableTransactionError, TransactionError, Transactional, TransactionalTree},
+    Sealer,
+};
 
 /// Most changes in one template batch (a batch of full entries stays well under 1 MB).
 pub const TEMPLATE_BATCH_MAX: usize = 64;
@@ -164,12 +167,12 @@ pub fn validate_customer(request: &CreateCustomer) -> Result<String, CustomerErr
 /// The customer store.
 #[derive(Clone)]
 pub struct CustomerStore {
-    db: sled::Db,
-    customers: sled::Tree,
-    templates: sled::Tree,
-    changes: sled::Tree,
-    erased: sled::Tree,
-    lockouts: sled::Tree,
+    db: storage::kv::Db,
+    customers: storage::kv::Tree,
+    templates: storage::kv::Tree,
+    changes: storage::kv::Tree,
+    erased: storage::kv::Tree,
+    lockouts: storage::kv::Tree,
     sealer: Sealer,
 }
 
@@ -178,7 +181,16 @@ impl CustomerStore {
     /// file is created only while the store holds no customer; otherwise it is an error, because
     /// the sealed records could not be opened with a new key.
     pub fn open(path: &Path, key_file: &Path) -> Result<Self, CustomerError> {
-        let db = storage::open_sled(path).map_err(storage)?;
+        Self::open_at(&storage::kv::Location::Sled(path.to_path_buf()), key_file)
+    }
+
+    /// Opens (or creates) the store at `location` (sled or PostgreSQL), sealing with the key in
+    /// `key_file`, as [`CustomerStore::open`].
+    pub fn open_at(
+        location: &storage::kv::Location,
+        key_file: &Path,
+    ) -> Result<Self, CustomerError> {
+        let db = storage::kv::Db::open_at(location).map_err(storage)?;
         let customers = db.open_tree("customers").map_err(storage)?;
         let templates = db.open_tree("templates").map_err(storage)?;
         let changes = db.open_tree("changes").map_err(storage)?;
@@ -209,54 +221,75 @@ impl CustomerStore {
 
     /// Counts a checked second-factor answer across the fleet: a failure against each enrolled
     /// account of `report.failed` (by `policy`, at `now_ms`), a fresh start for the one it
-    /// passed. Returns the new states, each under a new version, for every hub.
+    /// passed. Returns the new states, each under a new version, for every hub. One transaction:
+    /// reports from several cloud instances about one customer are counted one after the other.
     pub fn report_factor(
         &self,
         report: &protocol::FactorReport,
         policy: protocol::LockoutPolicy,
         now_ms: u64,
     ) -> Result<Vec<(protocol::AccountId, protocol::Lockout)>, CustomerError> {
-        let mut changed = Vec::new();
-        let passed = report.passed.iter().map(|a| (a, true));
-        for (account, passed) in report.failed.iter().map(|a| (a, false)).chain(passed) {
-            // Only enrolled customers are counted: a report cannot grow this tree at will.
-            if self
-                .customers
-                .get(account.as_bytes())
-                .map_err(storage)?
-                .is_none()
-            {
-                continue;
-            }
-            let held: protocol::Lockout = self
-                .lockouts
-                .get(account.as_bytes())
-                .map_err(storage)?
-                .and_then(|v| serde_json::from_slice(&v).ok())
-                .unwrap_or_default();
-            let mut state = if passed {
-                protocol::Lockout {
-                    resets: held.resets + 1,
-                    ..protocol::Lockout::default()
+        self.write(|t| {
+            let mut changed = Vec::new();
+            let passed = report.passed.iter().map(|a| (a, true));
+            for (account, passed) in report.failed.iter().map(|a| (a, false)).chain(passed) {
+                // Only enrolled customers are counted: a report cannot grow this tree at will.
+                if t.customers.get(account.as_bytes())?.is_none() {
+                    continue;
                 }
-            } else {
-                policy.fail(held, now_ms)
-            };
-            state.version = self.next_version()?;
-            self.lockouts
-                .insert(
+                let held: protocol::Lockout = t
+                    .lockouts
+                    .get(account.as_bytes())?
+                    .and_then(|v| serde_json::from_slice(&v).ok())
+                    .unwrap_or_default();
+                let mut state = if passed {
+                    protocol::Lockout {
+                        resets: held.resets + 1,
+                        ..protocol::Lockout::default()
+                    }
+                } else {
+                    policy.fail(held, now_ms)
+                };
+                state.version = t.lockouts.generate_id()? + 1;
+                t.lockouts.insert(
                     account.as_bytes(),
                     serde_json::to_vec(&state).expect("serialises"),
-                )
-                .map_err(storage)?;
-            changed.push((account.clone(), state));
-        }
-        self.flush()?;
-        Ok(changed)
+                )?;
+                changed.push((account.clone(), state));
+            }
+            Ok(changed)
+        })
     }
 
-    fn next_version(&self) -> Result<u64, CustomerError> {
-        Ok(self.db.generate_id().map_err(storage)? + 1)
+    /// Runs `f` as one transaction over the store's trees, flushed before it returns.
+    fn write<A>(
+        &self,
+        f: impl Fn(&StoreTx<'_>) -> Result<A, ConflictableTransactionError<CustomerError>>,
+    ) -> Result<A, CustomerError> {
+        let trees = (
+            &self.customers,
+            &self.templates,
+            &self.changes,
+            &self.erased,
+            &self.lockouts,
+        );
+        let answer = trees
+            .transaction(|(customers, templates, changes, erased, lockouts)| {
+                f(&StoreTx {
+                    customers,
+                    templates,
+                    changes,
+                    erased,
+                    lockouts,
+                    sealer: &self.sealer,
+                })
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => storage(e),
+            })?;
+        self.flush()?;
+        Ok(answer)
     }
 
     /// The sealer of this store's key, for the identity index file.
@@ -285,33 +318,6 @@ impl CustomerStore {
         Ok(self.get(customer_id)?.map(|r| r.view(customer_id)))
     }
 
-    fn put(
-        &self,
-        customer_id: &str,
-        record: &CustomerRecord,
-        previous_version: Option<u64>,
-    ) -> Result<(), CustomerError> {
-        let plain = serde_json::to_vec(record).expect("records serialise");
-        let sealed = self.sealer.seal(customer_id.as_bytes(), &plain);
-        self.customers
-            .insert(customer_id.as_bytes(), sealed)
-            .map_err(storage)?;
-        if let Some(v) = previous_version {
-            self.changes.remove(v.to_be_bytes()).map_err(storage)?;
-        }
-        let change = ChangeRef {
-            account_id: customer_id.to_owned(),
-            erased: false,
-        };
-        self.changes
-            .insert(
-                record.version.to_be_bytes(),
-                serde_json::to_vec(&change).expect("serialises"),
-            )
-            .map_err(storage)?;
-        Ok(())
-    }
-
     fn flush(&self) -> Result<(), CustomerError> {
         self.db.flush().map(|_| ()).map_err(storage)
     }
@@ -320,24 +326,33 @@ impl CustomerStore {
     pub fn create(&self, request: &CreateCustomer) -> Result<CustomerView, CustomerError> {
         let digits = validate_customer(request)?;
         self.check_new(&request.customer_id)?;
+        // Hashed once, outside the transaction (Argon2 takes tens of milliseconds).
         let pin_hash = hash_secret(&request.pin);
         let second_factor_hash = match request.second_factor {
             SecondFactorKind::Pin => pin_hash.clone(),
             SecondFactorKind::PhoneLast4 => hash_secret(&digits[digits.len() - 4..]),
         };
-        let record = CustomerRecord {
-            name: request.name.trim().to_owned(),
-            phone: request.phone.trim().to_owned(),
-            pin_hash,
-            second_factor: request.second_factor,
-            second_factor_hash,
-            home_store_id: request.home_store_id.clone(),
-            templates: Vec::new(),
-            version: self.next_version()?,
-        };
-        self.put(&request.customer_id, &record, None)?;
-        self.flush()?;
-        Ok(record.view(&request.customer_id))
+        let id = &request.customer_id;
+        self.write(|t| {
+            // Checked again within the transaction: another instance may have enrolled it since.
+            if t.customers.get(id.as_bytes())?.is_some() || t.erased.get(id.as_bytes())?.is_some() {
+                return abort(CustomerError::Conflict(format!(
+                    "customer {id} is already enrolled or was erased"
+                )));
+            }
+            let record = CustomerRecord {
+                name: request.name.trim().to_owned(),
+                phone: request.phone.trim().to_owned(),
+                pin_hash: pin_hash.clone(),
+                second_factor: request.second_factor,
+                second_factor_hash: second_factor_hash.clone(),
+                home_store_id: request.home_store_id.clone(),
+                templates: Vec::new(),
+                version: t.changes.generate_id()? + 1,
+            };
+            t.put(id, &record, None)?;
+            Ok(record.view(id))
+        })
     }
 
     /// Adds a template to a customer; returns its id and the change to push to hubs.
@@ -346,61 +361,53 @@ impl CustomerStore {
         customer_id: &str,
         embedding: Vec<f32>,
     ) -> Result<(u64, CustomerRecord), CustomerError> {
-        let mut record = self
-            .get(customer_id)?
-            .ok_or_else(|| CustomerError::NotFound(customer_id.to_owned()))?;
-        if record.templates.len() >= MAX_FACES_PER_CUSTOMER {
-            return Err(CustomerError::Invalid(format!(
-                "a customer has at most {MAX_FACES_PER_CUSTOMER} faces"
-            )));
-        }
-        let template_id = self.next_version()?;
-        let previous = record.version;
-        record.templates.push((template_id, embedding));
-        record.version = self.next_version()?;
-        self.templates
-            .insert(template_id.to_be_bytes(), customer_id.as_bytes())
-            .map_err(storage)?;
-        self.put(customer_id, &record, Some(previous))?;
-        self.flush()?;
-        Ok((template_id, record))
+        self.write(|t| {
+            let Some(mut record) = t.get(customer_id)? else {
+                return abort(CustomerError::NotFound(customer_id.to_owned()));
+            };
+            if record.templates.len() >= MAX_FACES_PER_CUSTOMER {
+                return abort(CustomerError::Invalid(format!(
+                    "a customer has at most {MAX_FACES_PER_CUSTOMER} faces"
+                )));
+            }
+            let template_id = t.changes.generate_id()? + 1;
+            let previous = record.version;
+            record.templates.push((template_id, embedding.clone()));
+            record.version = t.changes.generate_id()? + 1;
+            t.templates
+                .insert(&template_id.to_be_bytes(), customer_id.as_bytes())?;
+            t.put(customer_id, &record, Some(previous))?;
+            Ok((template_id, record))
+        })
     }
 
     /// Erases a customer: profile, secrets and templates. Returns the erased template ids and the
     /// revocation's version.
     pub fn erase(&self, customer_id: &str) -> Result<(Vec<u64>, u64), CustomerError> {
-        let record = self
-            .get(customer_id)?
-            .ok_or_else(|| CustomerError::NotFound(customer_id.to_owned()))?;
-        let ids: Vec<u64> = record.templates.iter().map(|(id, _)| *id).collect();
-        for id in &ids {
-            self.templates.remove(id.to_be_bytes()).map_err(storage)?;
-        }
-        self.customers
-            .remove(customer_id.as_bytes())
-            .map_err(storage)?;
-        self.lockouts
-            .remove(customer_id.as_bytes())
-            .map_err(storage)?;
-        self.changes
-            .remove(record.version.to_be_bytes())
-            .map_err(storage)?;
-        let version = self.next_version()?;
-        let change = ChangeRef {
-            account_id: customer_id.to_owned(),
-            erased: true,
-        };
-        self.changes
-            .insert(
-                version.to_be_bytes(),
+        self.write(|t| {
+            let Some(record) = t.get(customer_id)? else {
+                return abort(CustomerError::NotFound(customer_id.to_owned()));
+            };
+            let ids: Vec<u64> = record.templates.iter().map(|(id, _)| *id).collect();
+            for id in &ids {
+                t.templates.remove(&id.to_be_bytes())?;
+            }
+            t.customers.remove(customer_id.as_bytes())?;
+            t.lockouts.remove(customer_id.as_bytes())?;
+            t.changes.remove(&record.version.to_be_bytes())?;
+            let version = t.changes.generate_id()? + 1;
+            let change = ChangeRef {
+                account_id: customer_id.to_owned(),
+                erased: true,
+            };
+            t.changes.insert(
+                &version.to_be_bytes(),
                 serde_json::to_vec(&change).expect("serialises"),
-            )
-            .map_err(storage)?;
-        self.erased
-            .insert(customer_id.as_bytes(), &version.to_be_bytes())
-            .map_err(storage)?;
-        self.flush()?;
-        Ok((ids, version))
+            )?;
+            t.erased
+                .insert(customer_id.as_bytes(), &version.to_be_bytes())?;
+            Ok((ids, version))
+        })
     }
 
     /// Refuses an id that is enrolled, or was erased (its account is closed for good; the money
@@ -505,6 +512,64 @@ impl CustomerStore {
     }
 }
 
+/// The store's trees within one transaction ([`CustomerStore::write`]).
+struct StoreTx<'a> {
+    customers: &'a TransactionalTree,
+    templates: &'a TransactionalTree,
+    changes: &'a TransactionalTree,
+    erased: &'a TransactionalTree,
+    lockouts: &'a TransactionalTree,
+    sealer: &'a Sealer,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<CustomerError>>;
+
+fn abort<T>(error: CustomerError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(error))
+}
+
+impl StoreTx<'_> {
+    /// A customer's record, opened.
+    fn get(&self, customer_id: &str) -> TxResult<Option<CustomerRecord>> {
+        let Some(sealed) = self.customers.get(customer_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let plain = match self.sealer.open(customer_id.as_bytes(), &sealed) {
+            Ok(plain) => plain,
+            Err(e) => return abort(storage(e)),
+        };
+        match serde_json::from_slice(&plain) {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => abort(storage(e)),
+        }
+    }
+
+    /// Stores a record, sealed, as the customer's latest change (replacing the change at
+    /// `previous_version`).
+    fn put(
+        &self,
+        customer_id: &str,
+        record: &CustomerRecord,
+        previous_version: Option<u64>,
+    ) -> TxResult<()> {
+        let plain = serde_json::to_vec(record).expect("records serialise");
+        let sealed = self.sealer.seal(customer_id.as_bytes(), &plain);
+        self.customers.insert(customer_id.as_bytes(), sealed)?;
+        if let Some(v) = previous_version {
+            self.changes.remove(&v.to_be_bytes())?;
+        }
+        let change = ChangeRef {
+            account_id: customer_id.to_owned(),
+            erased: false,
+        };
+        self.changes.insert(
+            &record.version.to_be_bytes(),
+            serde_json::to_vec(&change).expect("serialises"),
+        )?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,11 +594,13 @@ mod tests {
         v.into_iter().map(|x| x / n).collect()
     }
 
-    #[test]
     fn wrong_second_factors_are_counted_for_the_fleet_and_a_right_one_starts_again() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            CustomerStore::open(&dir.path().join("db"), &dir.path().join("templates.key")).unwrap();
+        let store = CustomerStore::open_at(
+            &crate::engines::location(&dir.path().join("db")),
+            &dir.path().join("templates.key"),
+        )
+        .unwrap();
         store.create(&request("ada", "s1")).unwrap();
         store.create(&request("bea", "s2")).unwrap();
         let policy = protocol::LockoutPolicy {
@@ -581,11 +648,11 @@ mod tests {
         assert!(store.lockouts.get(b"bea").unwrap().is_none());
     }
 
-    #[test]
     fn secrets_are_hashed_and_personal_data_is_sealed() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("templates.key");
-        let store = CustomerStore::open(&dir.path().join("db"), &key).unwrap();
+        let store = CustomerStore::open_at(&crate::engines::location(&dir.path().join("db")), &key)
+            .unwrap();
         let view = store.create(&request("ada", "s1")).unwrap();
         // The last four digits are a second factor: never shown.
         assert_eq!(view.phone_masked, "44**********");
@@ -611,12 +678,16 @@ mod tests {
             );
         }
         // The same key reopens it; another key is refused at open.
-        let store = CustomerStore::open(&dir.path().join("db"), &key).unwrap();
+        let store = CustomerStore::open_at(&crate::engines::location(&dir.path().join("db")), &key)
+            .unwrap();
         assert_eq!(store.get("ada").unwrap().unwrap().templates.len(), 1);
         drop(store);
-        let err = CustomerStore::open(&dir.path().join("db"), &dir.path().join("new.key"))
-            .err()
-            .unwrap();
+        let err = CustomerStore::open_at(
+            &crate::engines::location(&dir.path().join("db")),
+            &dir.path().join("new.key"),
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("new.key"), "{err}");
     }
 
@@ -633,10 +704,13 @@ mod tests {
         files
     }
 
-    #[test]
     fn bad_enrollment_fields_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+        let store = CustomerStore::open_at(
+            &crate::engines::location(&dir.path().join("db")),
+            &dir.path().join("k.key"),
+        )
+        .unwrap();
         for (field, change) in [
             (
                 "pin",
@@ -676,10 +750,13 @@ mod tests {
         ));
     }
 
-    #[test]
     fn change_log_serves_each_store_its_customers_and_everyone_the_revocations() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
+        let store = CustomerStore::open_at(
+            &crate::engines::location(&dir.path().join("db")),
+            &dir.path().join("k.key"),
+        )
+        .unwrap();
         store.create(&request("a", "s1")).unwrap();
         store.create(&request("b", "s2")).unwrap();
         let (ta, _) = store.add_template("a", unit(0.1)).unwrap();
@@ -722,4 +799,11 @@ mod tests {
         }
         assert_eq!(store.all_templates().unwrap().len(), 1);
     }
+
+    crate::engines::on_each_engine!(
+        wrong_second_factors_are_counted_for_the_fleet_and_a_right_one_starts_again,
+        secrets_are_hashed_and_personal_data_is_sealed,
+        bad_enrollment_fields_are_refused,
+        change_log_serves_each_store_its_customers_and_everyone_the_revocations,
+    );
 }

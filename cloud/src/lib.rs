@@ -8,6 +8,8 @@ mod api;
 pub mod bounded;
 pub mod config;
 pub mod customers;
+#[cfg(test)]
+mod engines;
 pub mod enroll;
 mod error;
 pub mod hub_link;
@@ -98,14 +100,14 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let ledger_path = config.data_dir.join("ledger");
-    let ledger = ledger::Ledger::open(&ledger_path)
-        .with_context(|| format!("opening ledger at {}", ledger_path.display()))?
+    let ledger_location = config.ledger_location();
+    let ledger = ledger::Ledger::open_at(&ledger_location)
+        .with_context(|| format!("opening the ledger at {ledger_location}"))?
         .with_offline_policy(config.offline)
         .with_pending_ttl(config.pending_transfer_ttl_seconds * 1000);
-    let customers_path = config.data_dir.join("customers");
-    let store = customers::CustomerStore::open(&customers_path, &config.template_key_path())
-        .with_context(|| format!("opening the customer store at {}", customers_path.display()))?;
+    let customers_location = config.customers_location();
+    let store = customers::CustomerStore::open_at(&customers_location, &config.template_key_path())
+        .with_context(|| format!("opening the customer store at {customers_location}"))?;
     // Terminals' attestations are opened against the CA and the revocation list in force.
     let payer = payer::PayerCheck::new(
         store.clone(),

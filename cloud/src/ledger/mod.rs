@@ -383,7 +383,15 @@ fn reverse_tx(
 impl Ledger {
     /// Opens (or creates) the ledger in a directory.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        Self::on(storage::kv::Db::open(path).map_err(|e| LedgerError::Storage(e.to_string()))?)
+        Self::open_at(&storage::kv::Location::Sled(path.to_path_buf()))
+    }
+
+    /// Opens (or creates) the ledger at `location`: sled in a directory, or a PostgreSQL schema
+    /// several cloud instances share (every operation one serializable transaction).
+    pub fn open_at(location: &storage::kv::Location) -> Result<Self, LedgerError> {
+        Self::on(
+            storage::kv::Db::open_at(location).map_err(|e| LedgerError::Storage(e.to_string()))?,
+        )
     }
 
     /// A ledger in memory, for the deterministic simulation only (its cloud never restarts, and
@@ -502,7 +510,8 @@ mod tests {
 
     fn ledger() -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        let ledger =
+            Ledger::open_at(&crate::engines::location(&dir.path().join("ledger"))).unwrap();
         ledger
             .open_account(&OpenAccount {
                 account_id: "store-1".into(),
@@ -545,7 +554,6 @@ mod tests {
     /// decline recorded: a redelivery of the same request hears it again even when the proof
     /// would pass now (an enrollment since), and only a proven payer joins an order's open
     /// transfer.
-    #[test]
     fn a_payer_refused_stays_refused_and_only_a_proven_payer_joins_an_open_payment() {
         let (_d, l) = ledger();
         let refuse = |_: &CloudAuthorize, _: Option<&str>| {
@@ -685,7 +693,6 @@ mod tests {
         }
     }
 
-    #[test]
     fn a_store_cannot_name_another_stores_payment_nor_an_internal_transfer() {
         let (_d, l) = ledger();
         l.open_account(&OpenAccount {
@@ -763,7 +770,6 @@ mod tests {
         assert_eq!(balance(&l, "alice"), 10_000);
     }
 
-    #[test]
     fn payment_moves_money_once() {
         let (_d, l) = ledger();
         let d = l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
@@ -789,7 +795,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn same_order_other_amount_is_refused() {
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 2_500)).unwrap();
@@ -798,7 +803,6 @@ mod tests {
         assert_eq!(balance(&l, "alice"), 7_500);
     }
 
-    #[test]
     fn replayed_nonce_is_refused_but_a_retry_hears_the_first_answer() {
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 100)).unwrap();
@@ -812,7 +816,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn declines() {
         let (_d, l) = ledger();
         let mut unknown = pay("o1", "n1", 100);
@@ -850,7 +853,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn void_reverses_an_applied_attempt_and_burns_an_unseen_one() {
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
@@ -871,7 +873,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn void_of_a_timed_out_attempt_spares_a_later_confirmed_one() {
         let (_d, l) = ledger();
         // Attempt 1 applied, but its answer was lost: the hub will void it.
@@ -892,7 +893,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_nonce_a_void_burnt_never_takes_over_the_order_transfer() {
         let (_d, l) = ledger();
         // Attempt 1 paid; its answer was lost, the hub will void it.
@@ -913,7 +913,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_code_repeated_for_its_order_with_another_amount_is_not_told_approved() {
         // Found by the simulation (seed 16): the attempt paid 700, its answer was lost; the
         // cashier retried the order for 900 showing the same code.
@@ -931,7 +930,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_late_attempt_voided_does_not_take_back_what_an_earlier_one_told_approved() {
         // Found by the simulation (seed 106): attempt 1 timed out (the hub restarted and voids
         // it), attempt 2 paid and the register heard "approved"; attempt 1 then arrived late
@@ -947,7 +945,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_repeat_of_an_attempt_whose_payment_moved_back_hears_declined() {
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
@@ -968,7 +965,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_payment_never_confirmed_expires_and_moves_back() {
         let (_d, l) = ledger();
         let clock = clock::ManualClock::new(1_000_000);
@@ -989,7 +985,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_confirmation_after_the_expiry_charges_the_payment_once_into_debt_if_need_be() {
         // Both reviews: a hub cut off longer than the deadline confirms an approval the register
         // heard; the store was promised the money.
@@ -1029,7 +1024,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_voided_attempt_cannot_confirm_an_expired_payment() {
         // Review: a void arriving after the expiry must take that attempt out of the holders.
         let (_d, l) = ledger();
@@ -1044,7 +1038,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_payments_status_follows_its_transfer_and_asking_moves_nothing() {
         let (_d, l) = ledger();
         let clock = clock::ManualClock::new(1_000_000);
@@ -1102,7 +1095,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_posted_payment_is_final_no_void_or_expiry_moves_it_back() {
         let (_d, l) = ledger();
         let clock = clock::ManualClock::new(1_000_000);
@@ -1120,7 +1112,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn an_amount_out_of_range_never_reaches_the_balances() {
         let (_d, l) = ledger();
         for amount in [-500, i64::MIN, protocol::MAX_AMOUNT_MINOR + 1] {
@@ -1133,7 +1124,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_code_confirmed_by_face_pays_once_across_the_fleet() {
         let (_d, l) = ledger();
         let by_face = |order: &str, token: &str, code: &str, amount: i64| CloudAuthorize {
@@ -1193,7 +1183,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_retry_of_an_order_paid_offline_hears_it_was_paid() {
         // Found by review: after the hub lost its disk, a retry of an order whose online attempt
         // was voided and whose offline approval was applied as `#offline`.
@@ -1234,7 +1223,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn accounts_open_once_and_keys_are_versioned() {
         let (_d, l) = ledger();
         let same = OpenAccount {
@@ -1282,7 +1270,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_closed_account_takes_no_payment_and_its_key_is_revoked() {
         let (_d, l) = ledger();
         let revoked = l.close_account("alice").unwrap().unwrap();
@@ -1304,7 +1291,6 @@ mod tests {
     }
 
     /// The one place balances change refuses to wrap one: the transaction aborts, nothing moves.
-    #[test]
     fn a_transfer_that_would_overflow_a_balance_aborts_and_moves_nothing() {
         let (_dir, l) = ledger();
         let record = |balance_minor| AccountRecord {
@@ -1337,11 +1323,10 @@ mod tests {
         assert_eq!((from.balance_minor, to.balance_minor), (4, i64::MAX));
     }
 
-    #[test]
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger");
-        let l = Ledger::open(&path).unwrap();
+        let l = Ledger::open_at(&crate::engines::location(&path)).unwrap();
         l.open_account(&OpenAccount {
             account_id: "store-1".into(),
             kind: AccountKind::Merchant,
@@ -1364,7 +1349,7 @@ mod tests {
         assert!(l.void("store-1", &void).unwrap());
         let transfers_before = l.transfers().unwrap();
         drop(l);
-        let l = Ledger::open(&path).unwrap();
+        let l = Ledger::open_at(&crate::engines::location(&path)).unwrap();
         // Balances, transfers and spent codes are all still there.
         assert_eq!(balance(&l, "alice"), 9_300);
         assert_eq!(balance(&l, "store-1"), 700);
@@ -1378,4 +1363,31 @@ mod tests {
         assert!(!l.void("store-1", &void).unwrap(), "the void is remembered");
         books_balance(&l);
     }
+
+    crate::engines::on_each_engine!(
+        a_payer_refused_stays_refused_and_only_a_proven_payer_joins_an_open_payment,
+        a_store_cannot_name_another_stores_payment_nor_an_internal_transfer,
+        payment_moves_money_once,
+        same_order_other_amount_is_refused,
+        replayed_nonce_is_refused_but_a_retry_hears_the_first_answer,
+        declines,
+        void_reverses_an_applied_attempt_and_burns_an_unseen_one,
+        void_of_a_timed_out_attempt_spares_a_later_confirmed_one,
+        a_nonce_a_void_burnt_never_takes_over_the_order_transfer,
+        a_code_repeated_for_its_order_with_another_amount_is_not_told_approved,
+        a_late_attempt_voided_does_not_take_back_what_an_earlier_one_told_approved,
+        a_repeat_of_an_attempt_whose_payment_moved_back_hears_declined,
+        a_payment_never_confirmed_expires_and_moves_back,
+        a_confirmation_after_the_expiry_charges_the_payment_once_into_debt_if_need_be,
+        a_voided_attempt_cannot_confirm_an_expired_payment,
+        a_payments_status_follows_its_transfer_and_asking_moves_nothing,
+        a_posted_payment_is_final_no_void_or_expiry_moves_it_back,
+        an_amount_out_of_range_never_reaches_the_balances,
+        a_code_confirmed_by_face_pays_once_across_the_fleet,
+        a_retry_of_an_order_paid_offline_hears_it_was_paid,
+        accounts_open_once_and_keys_are_versioned,
+        a_closed_account_takes_no_payment_and_its_key_is_revoked,
+        a_transfer_that_would_overflow_a_balance_aborts_and_moves_nothing,
+        survives_reopen,
+    );
 }

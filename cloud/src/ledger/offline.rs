@@ -480,7 +480,7 @@ mod tests {
 
     fn ledger() -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("ledger"))
+        let ledger = Ledger::open_at(&crate::engines::location(&dir.path().join("ledger")))
             .unwrap()
             .with_offline_policy(OfflinePolicy {
                 store_allowance_minor: 5_000,
@@ -571,7 +571,6 @@ mod tests {
         }
     }
 
-    #[test]
     fn allowances_follow_online_approvals_within_the_account_cap() {
         let (_d, l) = ledger();
         let (_, a1) = l
@@ -607,7 +606,6 @@ mod tests {
         assert!(l.allowances("store-9", None).unwrap().0.is_empty());
     }
 
-    #[test]
     fn an_offline_payment_is_applied_once_and_a_resend_moves_nothing() {
         let (_d, l) = ledger();
         let batch = vec![
@@ -640,7 +638,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_store_never_books_more_offline_than_the_cloud_granted_it() {
         let (_d, l) = ledger();
         let signed = |seq: u64, order: &str, amount: i64, version: u64| {
@@ -725,7 +722,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn offline_payments_never_take_an_account_below_minus_the_account_cap() {
         // A store holding several grants at once (a hub that stole them all, say) books each
         // within its own budget, but never past what the account may owe: the cap (8000).
@@ -779,7 +775,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn entries_without_a_valid_hub_signature_are_kept_out() {
         let (_d, l) = ledger();
         let mut forged = offline("store-1", 1, "o1", "n1", 1_000);
@@ -810,7 +805,6 @@ mod tests {
         assert!(l.set_hub_key("store-1", "not a key").is_err());
     }
 
-    #[test]
     fn an_online_attempt_and_its_offline_approval_move_the_money_once_in_any_order() {
         // The online attempt reached the ledger, then the hub (which got no answer) approved the
         // same payment offline; the void of the online attempt comes last and reverses nothing.
@@ -867,7 +861,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_code_that_already_paid_elsewhere_is_applied_and_kept_for_the_operator() {
         let (_d, l) = ledger();
         // The same code paid online at store-22, then offline at partitioned store-1.
@@ -905,7 +898,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn the_same_order_with_other_details_is_a_conflict_kept_for_the_operator() {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o1", "n1", 1_000))
@@ -932,7 +924,6 @@ mod tests {
         assert_eq!(balance(&l, "alice"), 9_000);
     }
 
-    #[test]
     fn an_offline_entry_waits_out_a_pending_online_attempt_and_applies_once_it_is_voided() {
         // Found by review: a pending online attempt with other details made the offline approval
         // a permanent conflict, though its void moved the money back a moment later.
@@ -961,7 +952,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn an_uncovered_offline_payment_is_applied_into_debt_until_a_deposit_settles_it() {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o0", "n0", 1))
@@ -1028,7 +1018,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn closing_an_account_revokes_its_allowances() {
         let (_d, l) = ledger();
         l.authorize("store-1", &online("store-1", "o0", "n0", 1))
@@ -1073,7 +1062,6 @@ mod tests {
         l.deposit("alice", &d).unwrap();
     }
 
-    #[test]
     fn a_store_keeps_counting_what_it_holds_when_its_grant_shrinks() {
         // Cap 8000, 5000 a store, alice holds 10000.
         let (_d, l) = ledger();
@@ -1105,7 +1093,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_grant_still_on_its_way_to_a_store_stays_counted() {
         let (_d, l) = ledger();
         // Spending leaves 2000: store-1's grant is 2000.
@@ -1131,7 +1118,6 @@ mod tests {
         books_balance(&l);
     }
 
-    #[test]
     fn a_revoked_store_stays_counted_until_it_reports() {
         let (_d, l) = ledger();
         let a1 = refresh(&l, "store-1", "o1", 1, 0, None);
@@ -1157,4 +1143,21 @@ mod tests {
         assert_eq!(a2.amount_minor, 5_000);
         books_balance(&l);
     }
+
+    crate::engines::on_each_engine!(
+        allowances_follow_online_approvals_within_the_account_cap,
+        an_offline_payment_is_applied_once_and_a_resend_moves_nothing,
+        a_store_never_books_more_offline_than_the_cloud_granted_it,
+        offline_payments_never_take_an_account_below_minus_the_account_cap,
+        entries_without_a_valid_hub_signature_are_kept_out,
+        an_online_attempt_and_its_offline_approval_move_the_money_once_in_any_order,
+        a_code_that_already_paid_elsewhere_is_applied_and_kept_for_the_operator,
+        the_same_order_with_other_details_is_a_conflict_kept_for_the_operator,
+        an_offline_entry_waits_out_a_pending_online_attempt_and_applies_once_it_is_voided,
+        an_uncovered_offline_payment_is_applied_into_debt_until_a_deposit_settles_it,
+        closing_an_account_revokes_its_allowances,
+        a_store_keeps_counting_what_it_holds_when_its_grant_shrinks,
+        a_grant_still_on_its_way_to_a_store_stays_counted,
+        a_revoked_store_stays_counted_until_it_reports,
+    );
 }

@@ -8,6 +8,7 @@
 //! error, or a lock still held after [`LOCK_WAIT`] (another process owns the database), is returned.
 
 pub mod kv;
+mod pg;
 pub mod seal;
 pub mod worker;
 
