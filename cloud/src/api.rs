@@ -253,12 +253,12 @@ fn error_response(error: LedgerError) -> HttpResponse {
         LedgerError::Invalid(_) => "invalid_request",
         LedgerError::Conflict(_) => "conflict",
         LedgerError::Storage(_) => "storage",
-        LedgerError::Unavailable(_) => "unavailable",
+        LedgerError::Unavailable(_) | LedgerError::Fenced(_) => "unavailable",
     }, "detail": error.to_string() });
     match error {
         LedgerError::Invalid(_) => HttpResponse::BadRequest().json(body),
         LedgerError::Conflict(_) => HttpResponse::Conflict().json(body),
-        LedgerError::Storage(_) | LedgerError::Unavailable(_) => {
+        LedgerError::Storage(_) | LedgerError::Unavailable(_) | LedgerError::Fenced(_) => {
             HttpResponse::ServiceUnavailable().json(body)
         }
     }

@@ -59,6 +59,29 @@ pub struct CloudConfig {
     pub mqtt: MqttConfig,
     /// Where the ledger and the customers are kept.
     pub database: DatabaseConfig,
+    /// Several cloud instances on one database.
+    pub fleet: FleetConfig,
+}
+
+/// Several cloud instances sharing one PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// This instance's id, unique in the fleet: its certificate is `cloud-<instance>` (common
+    /// name `cloud:<instance>`, its own broker session). Unset: the certificate `cloud`.
+    pub instance: Option<String>,
+    /// How long a store's lease lasts without renewal: a dead instance's stores are taken by
+    /// the others within about this (postgres only).
+    pub lease_seconds: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            instance: None,
+            lease_seconds: 10,
+        }
+    }
 }
 
 /// Which engine keeps the ledger and the customers.
@@ -94,6 +117,15 @@ impl Default for DatabaseConfig {
 }
 
 impl CloudConfig {
+    /// This instance's identity: `cloud`, or `cloud-<instance>` in a fleet.
+    pub fn identity(&self) -> pki::Identity {
+        match &self.fleet.instance {
+            Some(instance) => pki::Identity::cloud_instance(instance)
+                .expect("validated: an instance id is a valid id"),
+            None => pki::Identity::cloud(),
+        }
+    }
+
     /// Where the ledger is kept.
     pub fn ledger_location(&self) -> storage::kv::Location {
         self.location("ledger")
@@ -135,6 +167,7 @@ impl Default for CloudConfig {
             offline: OfflinePolicy::default(),
             mqtt: MqttConfig::default(),
             database: DatabaseConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -244,6 +277,26 @@ impl Validate for CloudConfig {
                 ));
             }
         }
+        if let Some(instance) = &self.fleet.instance {
+            if pki::Identity::cloud_instance(instance).is_err() {
+                return Err((
+                    "fleet.instance".into(),
+                    "must be 1-64 letters, digits, '_', '-' or '.'".into(),
+                ));
+            }
+            if self.database.backend != DatabaseBackend::Postgres {
+                return Err((
+                    "fleet.instance".into(),
+                    "several instances share a postgres database: set database.backend".into(),
+                ));
+            }
+        }
+        check_range(
+            "fleet.lease_seconds",
+            self.fleet.lease_seconds,
+            2..=300,
+            "seconds",
+        )?;
         self.mqtt.validate("mqtt")
     }
 }

@@ -13,6 +13,10 @@ pub enum LedgerError {
     /// for a payer's face); nothing was applied, and the ledger carries on.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// This instance no longer holds the store's lease (another instance took it): nothing was
+    /// written; the holder serves the store.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// The request contradicts what the ledger already holds.
     #[error("conflict: {0}")]
     Conflict(String),

@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use crate::{
     bounded::Bounded,
     enroll::{FactorReportCmd, IdentifyCmd, IdentityActor, TemplateSyncCmd},
-    ledger_actor::{ApplyHubRequest, ExpirePending, LedgerActor, ReadLedger},
+    leases::Held,
+    ledger_actor::{AcquireLease, ApplyHubRequest, ExpirePending, LedgerActor, ReadLedger},
 };
 
 /// Mailbox bound of the hub link: link events wait in the MQTT client beyond this.
@@ -53,6 +54,69 @@ struct Serving {
     known_stores: Mutex<HashSet<String>>,
     /// What each store may still send now of the requests rated per store.
     rates: StoreRates,
+    /// The stores' leases this instance holds, when several instances share the database.
+    leases: Option<LeaseCache>,
+}
+
+/// The leases this instance holds, as last taken or renewed ([`crate::leases`]).
+struct LeaseCache {
+    held: Mutex<HashMap<String, Held>>,
+    ttl_ms: u64,
+    clock: clock::SharedClock,
+}
+
+/// Whether this instance serves a store's request.
+enum Serve {
+    /// The only instance: every store is its own.
+    Alone,
+    /// It holds the store's lease: served, every write held to it.
+    Held(Held),
+    /// Another instance holds the lease: that one answers.
+    Elsewhere,
+}
+
+/// Whether this instance serves `store_id` now: a lease with at least half its time left is
+/// used as it is; otherwise it is taken or renewed first.
+async fn lease_for(serving: &Serving, store_id: &str) -> Serve {
+    let Some(cache) = &serving.leases else {
+        return Serve::Alone;
+    };
+    let now_ms = cache.clock.now_ms();
+    if let Some(held) = cache.held.lock().expect("not poisoned").get(store_id) {
+        if held.expires_at_ms.saturating_sub(now_ms) > cache.ttl_ms / 2 {
+            return Serve::Held(held.clone());
+        }
+    }
+    renew(serving, cache, store_id).await
+}
+
+/// Takes or renews `store_id`'s lease and notes the outcome.
+async fn renew(serving: &Serving, cache: &LeaseCache, store_id: &str) -> Serve {
+    match serving.ledger.send(AcquireLease(store_id.to_owned())).await {
+        Ok(Ok(Some(held))) => {
+            let mut all = cache.held.lock().expect("not poisoned");
+            if all.get(store_id).is_none_or(|h| h.epoch != held.epoch) {
+                tracing::info!(store_id, epoch = held.epoch, "store's lease taken");
+            }
+            all.insert(store_id.to_owned(), held.clone());
+            Serve::Held(held)
+        }
+        Ok(Ok(None)) => {
+            if cache
+                .held
+                .lock()
+                .expect("not poisoned")
+                .remove(store_id)
+                .is_some()
+            {
+                tracing::warn!(store_id, "store's lease lost to another instance");
+            }
+            Serve::Elsewhere
+        }
+        Ok(Err(error)) => storage::fail_stop("taking a store's lease", &error),
+        // The ledger's queue is full or its thread gone: not served now; the hub retries.
+        Err(_) => Serve::Elsewhere,
+    }
 }
 
 /// Second-factor reports a store may send in a burst, and per second after it: far above what
@@ -172,10 +236,24 @@ impl HubLinkActor {
                 metrics,
                 known_stores: Mutex::default(),
                 rates: StoreRates::default(),
+                leases: None,
             }),
             connected,
             lanes: HashMap::new(),
         }
+    }
+
+    /// Serves only the stores whose lease this instance holds (leases of `ttl_ms`, read on
+    /// `clock`), renewing them before they lapse; the ledger actor must have the leases.
+    pub fn with_leases(mut self, ttl_ms: u64, clock: clock::SharedClock) -> Self {
+        Arc::get_mut(&mut self.serving)
+            .expect("set before the link starts")
+            .leases = Some(LeaseCache {
+            held: Mutex::default(),
+            ttl_ms,
+            clock,
+        });
+        self
     }
 
     /// Puts a request on its store's lane without waiting; why not, when there is no room.
@@ -290,6 +368,26 @@ impl Actor for HubLinkActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(HUB_LINK_MAILBOX);
+        if let Some(cache) = &self.serving.leases {
+            // Every lease held is renewed three times in its life, traffic or not, so an idle
+            // store stays with its instance.
+            ctx.run_interval(Duration::from_millis(cache.ttl_ms / 3), |actor, _| {
+                let serving = actor.serving.clone();
+                actix::spawn(async move {
+                    let Some(cache) = &serving.leases else { return };
+                    let stores: Vec<String> = cache
+                        .held
+                        .lock()
+                        .expect("not poisoned")
+                        .keys()
+                        .cloned()
+                        .collect();
+                    for store_id in stores {
+                        renew(&serving, cache, &store_id).await;
+                    }
+                });
+            });
+        }
         ctx.run_interval(EXPIRY_INTERVAL, |actor, _| {
             // Lanes that closed and finished are forgotten.
             actor.lanes.retain(|_, l| !l.is_done());
@@ -341,6 +439,12 @@ async fn is_store(serving: &Serving, store_id: &str) -> bool {
 async fn serve(serving: &Serving, request: HubRequest) {
     let started = Instant::now();
     let (store_id, request_id) = (request.store_id.clone(), request.request_id);
+    // Several instances hear every request; the holder of the store's lease answers it.
+    let lease = match lease_for(serving, &store_id).await {
+        Serve::Alone => None,
+        Serve::Held(held) => Some(held),
+        Serve::Elsewhere => return,
+    };
     let is_payment = matches!(request.body, HubRequestBody::Authorize(_));
     if is_payment {
         serving.metrics.request();
@@ -420,7 +524,7 @@ async fn serve(serving: &Serving, request: HubRequest) {
                 },
             }
         }
-        _ => match serving.ledger.send(ApplyHubRequest(request)).await {
+        _ => match serving.ledger.send(ApplyHubRequest(request, lease)).await {
             Ok(answer) => {
                 if !answer.revocations.is_empty() {
                     publish_allowances(&serving.client, answer.revocations).await;

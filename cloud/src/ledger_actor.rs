@@ -19,6 +19,8 @@ pub struct LedgerActor {
     ledger: Ledger,
     payer: PayerCheck,
     offline: Option<OfflineMetrics>,
+    /// The stores' leases, when several instances share the database.
+    leases: Option<crate::leases::Leases>,
 }
 
 impl LedgerActor {
@@ -28,7 +30,14 @@ impl LedgerActor {
             ledger,
             payer,
             offline: None,
+            leases: None,
         }
+    }
+
+    /// Serves only the stores whose lease it holds in `leases` ([`crate::leases`]).
+    pub fn with_leases(mut self, leases: crate::leases::Leases) -> Self {
+        self.leases = Some(leases);
+        self
     }
 
     /// Counts reconciliation outcomes and accounts in debt on `metrics`.
@@ -103,16 +112,20 @@ pub struct HubAnswer {
     pub revocations: Vec<Allowance>,
 }
 
-/// Carry out a hub's request against the ledger.
+/// Carry out a hub's request against the ledger; with the store's lease, every write held to it
+/// (several instances share the database).
 #[derive(Message)]
 #[rtype(result = "HubAnswer")]
-pub struct ApplyHubRequest(pub HubRequest);
+pub struct ApplyHubRequest(pub HubRequest, pub Option<crate::leases::Held>);
 
 impl Handler<ApplyHubRequest> for LedgerActor {
     type Result = MessageResult<ApplyHubRequest>;
 
     fn handle(&mut self, msg: ApplyHubRequest, _: &mut Self::Context) -> Self::Result {
         let HubRequest { store_id, body, .. } = msg.0;
+        // Held to the store's lease: an instance that lost it writes nothing more for the store.
+        let fenced = msg.1.map(|held| self.ledger.fenced(&held.fence));
+        let ledger = fenced.as_ref().unwrap_or(&self.ledger);
         let mut revocations = Vec::new();
         let reply = match body {
             // The payer of an attempt that would move money is checked by the cloud itself (its
@@ -122,7 +135,7 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                 // The terminal's attestation and the face, before the ledger's transaction: no
                 // store is read inside one. A replay of an attempt already answered is answered
                 // from the record and proves nothing: its evidence is not read again.
-                let shown = match self.ledger.nonce_seen(&request) {
+                let shown = match ledger.nonce_seen(&request) {
                     Ok(true) => Err(PayerRefusal::Unavailable(
                         "an attempt already answered is not proven again".into(),
                     )),
@@ -139,16 +152,16 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                         )
                     })
                 };
-                self.ledger
-                    .authorize_proving(&store_id, &request, &prove)
-                    .map(|(decision, allowance)| CloudReplyBody::Authorized {
+                ledger.authorize_proving(&store_id, &request, &prove).map(
+                    |(decision, allowance)| CloudReplyBody::Authorized {
                         payment_id: request.payment_id,
                         decision,
                         allowance,
-                    })
+                    },
+                )
             }
             HubRequestBody::Reconcile(batch) => {
-                let applied = self.ledger.reconcile(&store_id, &batch.entries);
+                let applied = ledger.reconcile(&store_id, &batch.entries);
                 applied.map(|done| {
                     let outcomes = done.outcomes;
                     revocations = done.revocations;
@@ -189,7 +202,7 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                     })
                 }),
             HubRequestBody::Void(request) => {
-                self.ledger
+                ledger
                     .void(&store_id, &request)
                     .map(|reversed| CloudReplyBody::Voided {
                         payment_id: request.payment_id,
@@ -218,6 +231,14 @@ impl Handler<ApplyHubRequest> for LedgerActor {
             )),
         };
         let body = reply.unwrap_or_else(|error| {
+            if let LedgerError::Fenced(_) = error {
+                // Another instance took the store: nothing was written here; its holder serves
+                // the store, and the hub hears "busy" (it voids or retries).
+                tracing::warn!(%error, %store_id, "store's lease lost; request not served");
+                return CloudReplyBody::Busy {
+                    detail: "another cloud instance serves this store now; retry".into(),
+                };
+            }
             if let LedgerError::Storage(_) = error {
                 // Nobody knows what the ledger holds after a storage error: stop, and let the
                 // restart read it (the hub hears nothing, and voids or resends).
@@ -341,5 +362,42 @@ impl Handler<ExpirePending> for LedgerActor {
     type Result = Result<usize, LedgerError>;
     fn handle(&mut self, _: ExpirePending, _: &mut Self::Context) -> Self::Result {
         self.ledger.expire_pending()
+    }
+}
+
+/// Take a store's lease, or renew it if this process holds it: `None` when another instance
+/// holds it. Answered `Err` only by a storage failure.
+#[derive(Message)]
+#[rtype(result = "Result<Option<crate::leases::Held>, LedgerError>")]
+pub struct AcquireLease(pub String);
+
+impl Handler<AcquireLease> for LedgerActor {
+    type Result = Result<Option<crate::leases::Held>, LedgerError>;
+    fn handle(&mut self, msg: AcquireLease, _: &mut Self::Context) -> Self::Result {
+        let Some(leases) = &self.leases else {
+            return Err(LedgerError::Invalid(
+                "this cloud has no leases: it is the only instance".into(),
+            ));
+        };
+        leases.acquire(&msg.0, self.ledger.clock().now_ms())
+    }
+}
+
+/// Give up every lease this process holds (a clean stop): other instances take the stores at
+/// once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseLeases(pub Vec<crate::leases::Held>);
+
+impl Handler<ReleaseLeases> for LedgerActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseLeases, _: &mut Self::Context) {
+        if let Some(leases) = &self.leases {
+            for held in &msg.0 {
+                if let Err(error) = leases.release(held) {
+                    tracing::warn!(%error, store_id = held.store_id, "releasing a lease failed");
+                }
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod enroll;
 mod error;
 pub mod hub_link;
 pub mod identity;
+pub mod leases;
 pub mod ledger;
 pub mod ledger_actor;
 pub mod payer;
@@ -71,7 +72,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     pki::install_crypto_provider();
     // TLS first: a key file others can read, a revoked or expired certificate, stop the cloud
     // before it opens anything.
-    let tls_files = config.tls.files(&pki::Identity::cloud().name);
+    let cloud_identity = config.identity();
+    let tls_files = config.tls.files(&cloud_identity.name);
     let tls = std::sync::Arc::new(
         pki::TlsIdentity::load(&tls_files).context("loading the cloud's TLS identity")?,
     );
@@ -100,14 +102,23 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let ledger_location = config.ledger_location();
-    let ledger = ledger::Ledger::open_at(&ledger_location)
-        .with_context(|| format!("opening the ledger at {ledger_location}"))?
+    // Opened off the async thread: PostgreSQL's client blocks on a runtime of its own, which
+    // cannot start inside actix's.
+    let (ledger_location, customers_location) =
+        (config.ledger_location(), config.customers_location());
+    let key_path = config.template_key_path();
+    let (ledger, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let ledger = ledger::Ledger::open_at(&ledger_location)
+            .with_context(|| format!("opening the ledger at {ledger_location}"))?;
+        let store = customers::CustomerStore::open_at(&customers_location, &key_path)
+            .with_context(|| format!("opening the customer store at {customers_location}"))?;
+        Ok((ledger, store))
+    })
+    .await
+    .expect("opening does not panic")?;
+    let ledger = ledger
         .with_offline_policy(config.offline)
         .with_pending_ttl(config.pending_transfer_ttl_seconds * 1000);
-    let customers_location = config.customers_location();
-    let store = customers::CustomerStore::open_at(&customers_location, &config.template_key_path())
-        .with_context(|| format!("opening the customer store at {customers_location}"))?;
     // Terminals' attestations are opened against the CA and the revocation list in force.
     let payer = payer::PayerCheck::new(
         store.clone(),
@@ -123,10 +134,28 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         ledger.clock(),
     );
     let offline_metrics = ledger_actor::OfflineMetrics::register(&registry);
+    // In PostgreSQL several instances may share the ledger: each serves the stores whose lease
+    // it holds (crate::leases).
+    let lease_ttl_ms = config.fleet.lease_seconds * 1000;
+    let leases = match config.database.backend {
+        config::DatabaseBackend::Postgres => Some(
+            ledger
+                .leases(&cloud_identity.common_name, lease_ttl_ms)
+                .context("opening the stores' leases")?,
+        ),
+        config::DatabaseBackend::Sled => None,
+    };
+    let ledger_clock = ledger.clock();
+    let actor_leases = leases.clone();
     let ledger = bounded::Bounded::new(
         SyncArbiter::start(1, move || {
-            // One thread: the ledger has a single writer.
-            LedgerActor::new(ledger.clone(), payer.clone()).with_metrics(offline_metrics.clone())
+            // One thread: one writer per instance.
+            let actor = LedgerActor::new(ledger.clone(), payer.clone())
+                .with_metrics(offline_metrics.clone());
+            match &actor_leases {
+                Some(leases) => actor.with_leases(leases.clone()),
+                None => actor,
+            }
         }),
         bounded::LEDGER_QUEUE,
     );
@@ -171,8 +200,12 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
          another store's topic, or from a revoked certificate), dropped unread",
     );
     let link_client = client.clone();
-    let link =
-        HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected).start();
+    let link = HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected);
+    let link = match leases {
+        Some(_) => link.with_leases(lease_ttl_ms, ledger_clock),
+        None => link,
+    }
+    .start();
     let revocations = revocation::RevocationActor::new(
         tls.clone(),
         link_client,

@@ -266,6 +266,9 @@ fn abort<T>(error: LedgerError) -> TxResult<T> {
 fn unwrap_tx<T>(result: Result<T, TransactionError<LedgerError>>) -> Result<T, LedgerError> {
     result.map_err(|e| match e {
         TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) if storage::kv::is_fenced(&e) => {
+            LedgerError::Fenced(e.to_string())
+        }
         TransactionError::Storage(e) => LedgerError::Storage(e.to_string()),
     })
 }
@@ -426,6 +429,40 @@ impl Ledger {
             clock: clock::system(),
             db,
         })
+    }
+
+    /// This ledger with every write held to `fence` (a store's lease, [`crate::leases`]): a
+    /// write after the lease was taken by another instance fails ([`LedgerError::Fenced`]) and
+    /// changes nothing.
+    pub fn fenced(&self, fence: &std::sync::Arc<storage::kv::Fence>) -> Ledger {
+        let mut fenced = self.clone();
+        for tree in [
+            &mut fenced.accounts,
+            &mut fenced.transfers,
+            &mut fenced.nonces,
+            &mut fenced.keys,
+            &mut fenced.grants,
+            &mut fenced.grants_by_account,
+            &mut fenced.debts,
+            &mut fenced.conflicts,
+            &mut fenced.code_reuse,
+            &mut fenced.hub_keys,
+            &mut fenced.pending,
+            &mut fenced.late_posts,
+            &mut fenced.audit,
+        ] {
+            *tree = tree.fenced(fence);
+        }
+        fenced
+    }
+
+    /// The stores' leases in the ledger's database, as instance `instance` ([`crate::leases`]).
+    pub fn leases(
+        &self,
+        instance: &str,
+        ttl_ms: u64,
+    ) -> Result<crate::leases::Leases, LedgerError> {
+        crate::leases::Leases::open(&self.db, instance, ttl_ms)
     }
 
     /// Expires pending payments `ttl_ms` after they were applied.

@@ -137,6 +137,18 @@ impl Identity {
         }
     }
 
+    /// One of several cloud instances sharing a database (a fleet): `cloud-<instance>.pem`,
+    /// common name `cloud:<instance>`, so that each has its own broker session; hubs take any
+    /// cloud instance's word as the cloud's.
+    pub fn cloud_instance(instance: &str) -> Result<Self, PkiError> {
+        check_id("cloud instance", instance)?;
+        Ok(Identity {
+            name: format!("cloud-{instance}"),
+            common_name: format!("cloud:{instance}"),
+            role: Role::Cloud,
+        })
+    }
+
     /// The MQTT broker.
     pub fn broker() -> Self {
         Identity {
@@ -232,6 +244,11 @@ impl Identity {
 /// its generation after its name (`<base>:<generation>`), every other one is `base` itself.
 pub(crate) fn names(role: Role, base: &str, common_name: &str) -> bool {
     match role {
+        // A cloud instance of a fleet (`cloud:<instance>`) is the cloud.
+        Role::Cloud if base == "cloud" && common_name != base => common_name
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|instance| check_id("cloud instance", instance).is_ok()),
         Role::Edge => common_name
             .strip_prefix(base)
             .and_then(|rest| rest.strip_prefix(':'))
@@ -316,6 +333,22 @@ mod tests {
         assert_eq!(viewer.name, "operator-audit");
         assert_eq!(viewer.common_name, "operator:audit");
         assert!(Identity::operator(None, Role::Hub).is_err());
+        let instance = Identity::cloud_instance("2").unwrap();
+        assert_eq!(
+            (instance.name.as_str(), instance.common_name.as_str()),
+            ("cloud-2", "cloud:2")
+        );
+        assert!(Identity::cloud_instance("a:b").is_err());
+        // Any instance's word is the cloud's; nothing else named like one is.
+        let cloud = Identity::cloud();
+        assert!(cloud.owns_common_name("cloud:2"));
+        assert!(!cloud.owns_common_name("cloud:2:3"));
+        assert!(!cloud.owns_common_name("cloud:"));
+        assert!(!cloud.owns_common_name("cloudy"));
+        assert!(!instance.owns_common_name("cloud:2:3"));
+        assert!(!Identity::hub("store-1")
+            .unwrap()
+            .owns_common_name("store-1:2"));
         for role in [Role::Cloud, Role::Hub, Role::Edge, Role::Viewer] {
             assert_eq!(Role::parse(role.as_str()), Some(role));
         }

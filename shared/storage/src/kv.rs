@@ -117,6 +117,28 @@ impl MemoryDb {
     }
 }
 
+/// What a write must find to commit ([`Tree::fenced`]): the `holder` value at `key` of `tree`.
+/// A lease's holder and epoch are written there when it is taken; a process that lost the lease
+/// (another took it, with a higher epoch) can no longer commit under the old one, whatever it
+/// believes about time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The tree holding the lease's holder.
+    pub tree: String,
+    /// The lease's key.
+    pub key: Vec<u8>,
+    /// The value the key must hold.
+    pub holder: Vec<u8>,
+}
+
+/// What the message of a storage error refused by its fence starts with.
+pub const FENCED: &str = "fenced:";
+
+/// Whether a storage error is a transaction refused by its fence (nothing was written).
+pub fn is_fenced(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Unsupported(message) if message.starts_with(FENCED))
+}
+
 /// Where a database lives, as a tier's configuration names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
@@ -198,6 +220,7 @@ impl Db {
             default: Tree(TreeBackend::Postgres {
                 db: db.clone(),
                 name: DEFAULT_TREE.into(),
+                fence: None,
             }),
             backend: DbBackend::Postgres(db),
         })
@@ -211,6 +234,7 @@ impl Db {
             DbBackend::Postgres(db) => Ok(Tree(TreeBackend::Postgres {
                 db: db.clone(),
                 name: name.into(),
+                fence: None,
             })),
         }
     }
@@ -248,8 +272,15 @@ pub struct Tree(TreeBackend);
 #[derive(Clone)]
 enum TreeBackend {
     Sled(sled::Tree),
-    Memory { store: MemoryDb, name: Arc<str> },
-    Postgres { db: PgDb, name: Arc<str> },
+    Memory {
+        store: MemoryDb,
+        name: Arc<str>,
+    },
+    Postgres {
+        db: PgDb,
+        name: Arc<str>,
+        fence: Option<Arc<Fence>>,
+    },
 }
 
 impl Tree {
@@ -260,6 +291,21 @@ impl Tree {
         })
     }
 
+    /// This tree, with every transaction over it held to `fence`: it commits only while the
+    /// fence's key holds the fence's value, read in the transaction itself. Only a PostgreSQL
+    /// database is shared by several processes; sled and memory databases have one writer by
+    /// construction, so their trees are returned as they are.
+    pub fn fenced(&self, fence: &Arc<Fence>) -> Tree {
+        match &self.0 {
+            TreeBackend::Postgres { db, name, .. } => Tree(TreeBackend::Postgres {
+                db: db.clone(),
+                name: Arc::clone(name),
+                fence: Some(Arc::clone(fence)),
+            }),
+            _ => self.clone(),
+        }
+    }
+
     /// The value of a key.
     pub fn get<K: AsRef<[u8]>>(&self, key: K) -> Result<Option<IVec>> {
         match &self.0 {
@@ -267,7 +313,7 @@ impl Tree {
             TreeBackend::Memory { store, name } => {
                 Ok(store.read(name, |t| t.and_then(|t| t.get(key.as_ref()).cloned())))
             }
-            TreeBackend::Postgres { db, name } => db.get(name, key.as_ref()),
+            TreeBackend::Postgres { db, name, .. } => db.get(name, key.as_ref()),
         }
     }
 
@@ -420,7 +466,7 @@ impl Tree {
             TreeBackend::Memory { store, name } => store.read(name, |t| t.map_or(0, |t| t.len())),
             // sled's `len` cannot fail either; a database that cannot be read stops the caller
             // at its next transaction.
-            TreeBackend::Postgres { db, name } => db.len(name).unwrap_or(0),
+            TreeBackend::Postgres { db, name, .. } => db.len(name).unwrap_or(0),
         }
     }
 
@@ -448,7 +494,7 @@ impl Tree {
         };
         let pairs: Vec<(IVec, IVec)> = if empty {
             Vec::new()
-        } else if let TreeBackend::Postgres { db, name } = &self.0 {
+        } else if let TreeBackend::Postgres { db, name, .. } = &self.0 {
             match db.range(name, start, end) {
                 Ok(pairs) => pairs,
                 // sled reports a failed scan through its iterator: so does this one.
@@ -670,11 +716,12 @@ fn memory_transaction<A, E>(
 enum Backing<'a> {
     Sled,
     Memory(&'a MemoryDb, Vec<&'a Arc<str>>),
-    Postgres(&'a PgDb, Vec<&'a Arc<str>>),
+    Postgres(&'a PgDb, Vec<&'a Arc<str>>, Option<Arc<Fence>>),
 }
 
 fn backing<'a>(trees: &[&'a Tree]) -> Backing<'a> {
     let (mut sled, mut memory, mut postgres) = (0, None::<&MemoryDb>, None::<&PgDb>);
+    let mut fenced: Option<Arc<Fence>> = None;
     let mut names = Vec::with_capacity(trees.len());
     for tree in trees {
         match &tree.0 {
@@ -689,7 +736,14 @@ fn backing<'a>(trees: &[&'a Tree]) -> Backing<'a> {
                 memory = Some(store);
                 names.push(name);
             }
-            TreeBackend::Postgres { db, name } => {
+            TreeBackend::Postgres { db, name, fence } => {
+                if let Some(fence) = fence {
+                    assert!(
+                        fenced.as_ref().is_none_or(|f| f == fence),
+                        "one transaction over trees held to two fences"
+                    );
+                    fenced = Some(Arc::clone(fence));
+                }
                 if let Some(first) = postgres {
                     assert!(
                         db.same(first),
@@ -703,7 +757,7 @@ fn backing<'a>(trees: &[&'a Tree]) -> Backing<'a> {
     }
     match (memory, postgres) {
         (Some(store), None) if sled == 0 => Backing::Memory(store, names),
-        (None, Some(db)) if sled == 0 => Backing::Postgres(db, names),
+        (None, Some(db)) if sled == 0 => Backing::Postgres(db, names, fenced),
         (None, None) => Backing::Sled,
         _ => panic!("one transaction over trees of different kinds of database"),
     }
@@ -740,7 +794,9 @@ impl<E> Transactional<E> for Tree {
             Backing::Memory(store, names) => {
                 memory_transaction(store, &names, |trees| f(&trees[0]))
             }
-            Backing::Postgres(db, names) => db.transaction(|tx| f(&postgres_views(tx, &names)[0])),
+            Backing::Postgres(db, names, fence) => {
+                db.transaction(fence.as_deref(), |tx| f(&postgres_views(tx, &names)[0]))
+            }
             Backing::Sled => {
                 sled::transaction::Transactional::transaction(sled_tree(self), |tree| {
                     f(&TransactionalTree(TxBackend::Sled(tree.clone())))
@@ -763,7 +819,7 @@ macro_rules! transactional_tuple {
                     Backing::Memory(store, names) => memory_transaction(store, &names, |trees| {
                         f(&($(trees[$index].clone(),)+))
                     }),
-                    Backing::Postgres(db, names) => db.transaction(|tx| {
+                    Backing::Postgres(db, names, fence) => db.transaction(fence.as_deref(), |tx| {
                         let trees = postgres_views(tx, &names);
                         f(&($(trees[$index].clone(),)+))
                     }),
@@ -847,6 +903,43 @@ mod tests {
         assert_eq!(u64::from_be_bytes(count.as_ref().try_into().unwrap()), 100);
         assert_eq!(tree.scan_prefix("w").count(), 100);
         assert_eq!(tree.len(), 101);
+    }
+
+    /// A process that lost its lease writes nothing under it: once another process wrote a
+    /// new holder, a transaction held to the old one is refused whole, and says so.
+    #[test]
+    fn postgres_transactions_held_to_a_fence_commit_only_while_it_holds() {
+        let (url, schema) = (pgtest::shared().url(), pgtest::fresh_schema());
+        let (old_owner, new_owner) = (
+            Db::postgres(&url, &schema).unwrap(),
+            Db::postgres(&url, &schema).unwrap(),
+        );
+        let leases = new_owner.open_tree("leases").unwrap();
+        leases.insert("store-1", "cloud:1#1").unwrap();
+        let fence = Arc::new(Fence {
+            tree: "leases".into(),
+            key: b"store-1".to_vec(),
+            holder: b"cloud:1#1".to_vec(),
+        });
+        let data = old_owner.open_tree("data").unwrap().fenced(&fence);
+        data.insert("a", "written while held").unwrap();
+        leases.insert("store-1", "cloud:2#2").unwrap();
+        let refused = Transactional::<()>::transaction(&data, |t| {
+            t.insert("b", "written after the takeover")?;
+            Ok(())
+        })
+        .unwrap_err();
+        let TransactionError::Storage(error) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!(is_fenced(&error), "{error}");
+        assert!(data.insert("c", "a single write").is_err());
+        let unfenced = new_owner.open_tree("data").unwrap();
+        assert_eq!(keys(unfenced.iter()), ["a"]);
+        // sled has one writer by construction: a fence there changes nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Db::open(dir.path()).unwrap().open_tree("data").unwrap();
+        sled.fenced(&fence).insert("a", "x").unwrap();
     }
 
     #[test]

@@ -22,6 +22,8 @@ use std::{
 };
 
 use postgres::{error::SqlState, Client, NoTls, Statement};
+
+use crate::kv::{Fence, FENCED};
 use sled::{
     transaction::{
         ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
@@ -257,6 +259,7 @@ impl PgDb {
     /// Runs `f` as one serializable transaction, again on a conflict.
     pub(crate) fn transaction<A, E>(
         &self,
+        fence: Option<&Fence>,
         f: impl Fn(&Rc<PgTx>) -> ConflictableTransactionResult<A, E>,
     ) -> TransactionResult<A, E> {
         loop {
@@ -274,7 +277,7 @@ impl PgDb {
                 panic!("a transactional tree outlived its transaction's closure")
             });
             match outcome {
-                Ok(answer) => match tx.commit() {
+                Ok(answer) => match tx.commit(fence) {
                     Ok(()) => return Ok(answer),
                     Err(UnabortableTransactionError::Conflict) => continue,
                     Err(UnabortableTransactionError::Storage(e)) => {
@@ -403,7 +406,28 @@ impl PgTx {
         Ok(next)
     }
 
-    fn commit(self) -> Result<(), UnabortableTransactionError> {
+    /// Commits, once the fence (if any) is found holding: read in this transaction, so a
+    /// takeover that commits meanwhile makes this commit fail to serialize.
+    fn commit(self, fence: Option<&Fence>) -> Result<(), UnabortableTransactionError> {
+        if let Some(fence) = fence {
+            let tree: Arc<str> = fence.tree.as_str().into();
+            let held = self.get(&tree, &fence.key);
+            let refused = match held {
+                Ok(Some(value)) if value.as_ref() == fence.holder.as_slice() => None,
+                Ok(_) => Some(UnabortableTransactionError::Storage(
+                    sled::Error::Unsupported(format!(
+                        "{FENCED} {} is no longer held by {}",
+                        String::from_utf8_lossy(&fence.key),
+                        String::from_utf8_lossy(&fence.holder)
+                    )),
+                )),
+                Err(e) => Some(e),
+            };
+            if let Some(refused) = refused {
+                let _ = self.rollback();
+                return Err(refused);
+            }
+        }
         let writes = self.writes.into_inner();
         let mut conn = self.conn.into_inner();
         let outcome = (|| {

@@ -62,8 +62,13 @@ enum Command {
 
 #[derive(Subcommand, Clone)]
 enum Who {
-    /// The cloud (cloud.pem).
-    Cloud,
+    /// The cloud (cloud.pem), or with --instance one of several cloud instances sharing a
+    /// database (cloud-<instance>.pem, common name cloud:<instance>).
+    Cloud {
+        /// The instance id (its `fleet.instance`).
+        #[arg(long)]
+        instance: Option<String>,
+    },
     /// The MQTT broker (broker.pem).
     Broker,
     /// A store's hub (hub-<store>.pem); its identity is the store id.
@@ -91,7 +96,10 @@ enum Who {
 
 fn identity(who: &Who) -> anyhow::Result<Identity> {
     Ok(match who {
-        Who::Cloud => Identity::cloud(),
+        Who::Cloud { instance: None } => Identity::cloud(),
+        Who::Cloud {
+            instance: Some(instance),
+        } => Identity::cloud_instance(instance)?,
         Who::Broker => Identity::broker(),
         Who::Hub { store_id } => Identity::hub(store_id)?,
         Who::Edge {

@@ -1,0 +1,199 @@
+//! A fleet's cloud with real processes: three cloud instances sharing one PostgreSQL (the test's
+//! own server), Mosquitto, two stores with a hub and a terminal each. Each store is served by the
+//! one instance holding its lease; the instance serving a store is killed (SIGKILL) mid-run and
+//! another takes the store over; every payment the registers heard approved is in the ledger
+//! exactly once, none they heard declined is, and the books balance.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use paycode::Wallet;
+use protocol::{AccountKind, ChargeStatus};
+use tests::{
+    charge, ensure_identity, open_account, present_code, start_cloud_with, store::StoreSite,
+    CloudApi, Mosquitto, Service,
+};
+
+/// Seconds a store's lease lasts in this test: a dead instance's stores move within about this.
+const LEASE_SECONDS: u64 = 3;
+
+/// The cloud instance (`cloud:<n>`) holding `store_id`'s lease, read from the database.
+fn lease_holder(url: &str, store_id: &str) -> Option<String> {
+    let db = storage::kv::Db::postgres(url, "facepay").ok()?;
+    let leases = db.open_tree(cloud::leases::LEASES_TREE).ok()?;
+    let record: serde_json::Value = serde_json::from_slice(&leases.get(store_id).ok()??).ok()?;
+    record["instance"].as_str().map(str::to_owned)
+}
+
+/// Charges `order` until the register hears a final answer (an unknown outcome is asked again
+/// with the same order id, as a register must), presenting the customer's code each time.
+fn settle(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protocol::ChargeResult {
+    let (edge, frames) = &site.edges[0];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        present_code(frames, wallet).unwrap();
+        let heard = charge(edge.http_addr, order, amount, "EUR").unwrap().1;
+        if heard.status != ChargeStatus::Unknown || Instant::now() > deadline {
+            return heard;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn each_store_is_served_by_one_instance_and_taken_over_when_that_instance_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = pgtest::Postgres::start().unwrap();
+    let url = postgres.url();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let mut clouds: BTreeMap<String, Service> = BTreeMap::new();
+    for n in 1..=3 {
+        ensure_identity(&pki::Identity::cloud_instance(&n.to_string()).unwrap()).unwrap();
+        let cloud = start_cloud_with(
+            &dir.path().join(format!("cloud-{n}")),
+            broker.port,
+            &[
+                "database.backend=\"postgres\"".into(),
+                format!("database.url={url:?}"),
+                format!("fleet.instance=\"{n}\""),
+                format!("fleet.lease_seconds={LEASE_SECONDS}"),
+                "mqtt.reconnect_delay_ms=100".into(),
+            ],
+        )
+        .unwrap();
+        clouds.insert(format!("cloud:{n}"), cloud);
+    }
+    let api = |clouds: &BTreeMap<String, Service>| {
+        CloudApi::new(
+            clouds
+                .values()
+                .next()
+                .expect("an instance is left")
+                .http_addr,
+        )
+    };
+    open_account(&api(&clouds), "store-1", AccountKind::Merchant, 0);
+    open_account(&api(&clouds), "store-2", AccountKind::Merchant, 0);
+    let alice = open_account(&api(&clouds), "alice", AccountKind::Customer, 100_000).unwrap();
+    let bob = open_account(&api(&clouds), "bob", AccountKind::Customer, 100_000).unwrap();
+    let sites: Vec<StoreSite> = ["store-1", "store-2"]
+        .into_iter()
+        .map(|store| {
+            let site = StoreSite::start(dir.path(), store, broker.port, 1, &[]).unwrap();
+            // Another instance than the first answers the API: any instance serves it.
+            CloudApi::new(clouds.values().last().unwrap().http_addr)
+                .set_hub_key(store, &site.hub_key())
+                .unwrap();
+            tests::wait_for_keys(site.hub_http(), 2, Duration::from_secs(30)).unwrap();
+            site
+        })
+        .collect();
+    let payers = [&alice, &bob];
+
+    // What each register heard, per store: order -> (amount, status).
+    let mut heard: Vec<BTreeMap<String, (i64, ChargeStatus)>> = vec![BTreeMap::new(); 2];
+    let round = |label: &str, n: usize, heard: &mut Vec<BTreeMap<String, (i64, ChargeStatus)>>| {
+        for (i, site) in sites.iter().enumerate() {
+            let order = format!("{label}-{n}");
+            let amount = 100 + n as i64;
+            let answer = settle(site, payers[i], &order, amount);
+            heard[i].insert(order, (amount, answer.status));
+        }
+    };
+    for n in 0..3 {
+        round("before", n, &mut heard);
+    }
+    for store in &heard {
+        assert!(
+            store
+                .values()
+                .all(|(_, status)| *status == ChargeStatus::Approved),
+            "{heard:?}"
+        );
+    }
+    let holders: Vec<String> = ["store-1", "store-2"]
+        .iter()
+        .map(|store| lease_holder(&url, store).expect("a store is leased once served"))
+        .collect();
+
+    // The instance serving store-1 dies at once; store-1's payments go on through another.
+    let killed = holders[0].clone();
+    clouds.get_mut(&killed).unwrap().kill();
+    clouds.remove(&killed);
+    let killed_at = Instant::now();
+    let mut taken_over = None;
+    for n in 0..6 {
+        round("after", n, &mut heard);
+        if taken_over.is_none() {
+            if let Some(holder) = lease_holder(&url, "store-1").filter(|h| *h != killed) {
+                taken_over = Some((holder, killed_at.elapsed()));
+            }
+        }
+    }
+    let (new_holder, handover) = taken_over.expect("another instance took store-1 over");
+    assert!(clouds.contains_key(&new_holder), "{new_holder}");
+    eprintln!(
+        "store-1 moved from {killed} to {new_holder} {:.1} s after the kill (lease {LEASE_SECONDS} s)",
+        handover.as_secs_f64()
+    );
+    let approved_after = heard[0]
+        .iter()
+        .filter(|(order, (_, status))| {
+            order.starts_with("after") && *status == ChargeStatus::Approved
+        })
+        .count();
+    assert!(approved_after > 0, "store-1 is served again: {heard:?}");
+    eprintln!("what the registers heard: {heard:?}");
+
+    // Everything approved offline while the store had no instance reaches the ledger.
+    for site in &sites {
+        tests::wait_for_metric(
+            site.hub_http(),
+            "facepay_hub_offline_backlog",
+            0.0,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    }
+    // The books: every approved payment once, nothing declined, money neither made nor lost.
+    let api = api(&clouds);
+    let transfers = api.transfers().unwrap();
+    for (i, store) in ["store-1", "store-2"].iter().enumerate() {
+        let mut charged = 0;
+        for (order, (amount, status)) in &heard[i] {
+            let payment = format!("{store}:{order}");
+            // What moved for the payment: its transfer (`<payment>`, `<payment>#offline`,
+            // `<payment>#posted`) less its reversals (`<payment>#void`, from the store back).
+            let moved: i64 = transfers
+                .iter()
+                .filter(|t| {
+                    t.transfer_id == payment || t.transfer_id.starts_with(&format!("{payment}#"))
+                })
+                .map(|t| match (&t.credit_account_id, &t.debit_account_id) {
+                    (credit, _) if credit == store => t.amount_minor,
+                    (_, debit) if debit == store => -t.amount_minor,
+                    _ => 0,
+                })
+                .sum();
+            match status {
+                ChargeStatus::Approved => {
+                    assert_eq!(moved, *amount, "{payment} heard approved: moved once");
+                    charged += amount;
+                }
+                _ => assert_eq!(moved, 0, "{payment} heard {status:?}: nothing moved"),
+            }
+        }
+        assert_eq!(api.balance(store).unwrap(), charged, "{store}");
+        assert_eq!(
+            api.balance(["alice", "bob"][i]).unwrap(),
+            100_000 - charged,
+            "{store}'s customer"
+        );
+    }
+    for totals in api.totals().unwrap() {
+        assert_eq!(totals.sum_of_balances_minor, 0, "{totals:?}");
+        assert_eq!(totals.total_debits_minor, totals.total_credits_minor);
+    }
+}
