@@ -114,7 +114,23 @@ impl CustomerRecord {
 struct ChangeRef {
     account_id: String,
     erased: bool,
+    /// An erasure's template ids (random numbers, no personal data): what every instance's
+    /// index drops ([`CustomerStore::index_changes_after`]).
+    #[serde(default)]
+    template_ids: Vec<u64>,
 }
+
+/// A change to what the identity index holds, from the change log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexChange {
+    /// A customer's templates as they are now.
+    Templates(Vec<(u64, Vec<f32>)>),
+    /// An erased customer's template ids.
+    Erased(Vec<u64>),
+}
+
+/// Most changes one [`CustomerStore::index_changes_after`] call returns.
+pub const INDEX_CHANGE_BATCH: usize = 1000;
 
 /// Hashes a secret (PIN, phone digits) with Argon2id and a random salt, as a PHC string.
 pub fn hash_secret(secret: &str) -> String {
@@ -399,6 +415,7 @@ impl CustomerStore {
             let change = ChangeRef {
                 account_id: customer_id.to_owned(),
                 erased: true,
+                template_ids: ids.clone(),
             };
             t.changes.insert(
                 &version.to_be_bytes(),
@@ -462,6 +479,39 @@ impl CustomerStore {
             }
         }
         Ok(all)
+    }
+
+    /// The newest change's version (0: none yet).
+    pub fn latest_version(&self) -> Result<u64, CustomerError> {
+        match self.changes.last().map_err(storage)? {
+            Some((key, _)) => Ok(u64::from_be_bytes(
+                key.as_ref().try_into().map_err(storage)?,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    /// Changes to the identity index after `after_version`, oldest first, at most
+    /// [`INDEX_CHANGE_BATCH`], with the version they reach: how an instance keeps its index
+    /// replica in step with enrollments and erasures made by the others.
+    pub fn index_changes_after(
+        &self,
+        after_version: u64,
+    ) -> Result<(Vec<IndexChange>, u64), CustomerError> {
+        let start = after_version.saturating_add(1).to_be_bytes();
+        let mut changes = Vec::new();
+        let mut up_to = after_version;
+        for item in self.changes.range(start..).take(INDEX_CHANGE_BATCH) {
+            let (key, value) = item.map_err(storage)?;
+            up_to = u64::from_be_bytes(key.as_ref().try_into().map_err(storage)?);
+            let change: ChangeRef = serde_json::from_slice(&value).map_err(storage)?;
+            if change.erased {
+                changes.push(IndexChange::Erased(change.template_ids));
+            } else if let Some(record) = self.get(&change.account_id)? {
+                changes.push(IndexChange::Templates(record.templates));
+            }
+        }
+        Ok((changes, up_to))
     }
 
     /// Changes after `after_version` that concern `store_id`'s hub: its own customers' entries
@@ -561,6 +611,7 @@ impl StoreTx<'_> {
         let change = ChangeRef {
             account_id: customer_id.to_owned(),
             erased: false,
+            template_ids: Vec::new(),
         };
         self.changes.insert(
             &record.version.to_be_bytes(),

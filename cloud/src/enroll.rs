@@ -156,6 +156,8 @@ pub struct IdentityActor {
     saved_at: Instant,
     gauge: prometheus::IntGauge,
     clock: clock::SharedClock,
+    /// The change log's version this index holds everything up to ([`SyncIndex`]).
+    synced_version: u64,
 }
 
 impl IdentityActor {
@@ -166,6 +168,9 @@ impl IdentityActor {
         config: IdentityConfig,
         gauge: prometheus::IntGauge,
     ) -> Result<Self, EnrollError> {
+        // Read before the templates: whatever changes after it is applied again by the first
+        // sync, which is harmless (applying a change twice leaves the same index).
+        let synced_version = store.latest_version()?;
         let expected = store.template_count();
         let sealer = store.sealer();
         let mut failure = None;
@@ -193,6 +198,7 @@ impl IdentityActor {
             saved_at: Instant::now(),
             gauge,
             clock: clock::system(),
+            synced_version,
         })
     }
 
@@ -248,6 +254,70 @@ impl Actor for IdentityActor {
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.save();
         Running::Stop
+    }
+}
+
+/// How often an instance sharing its database with others brings its index up to the change
+/// log: a customer enrolled at another instance is found by 1:N search within about this.
+pub const INDEX_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Bring the index up to the customer store's change log: enrollments and erasures another
+/// instance made (several instances share one PostgreSQL). Returns how many changes were
+/// applied.
+#[derive(Message)]
+#[rtype(result = "Result<usize, EnrollError>")]
+pub struct SyncIndex;
+
+impl Handler<SyncIndex> for IdentityActor {
+    type Result = Result<usize, EnrollError>;
+    fn handle(&mut self, _: SyncIndex, _: &mut Self::Context) -> Self::Result {
+        self.sync_index()
+    }
+}
+
+use crate::customers::IndexChange;
+
+impl IdentityActor {
+    /// See [`SyncIndex`]. Each change is applied so that applying it twice leaves the same
+    /// index: a customer's templates are removed, then added as they are now.
+    pub fn sync_index(&mut self) -> Result<usize, EnrollError> {
+        let mut applied = 0;
+        loop {
+            let (changes, up_to) = self.store.index_changes_after(self.synced_version)?;
+            if up_to == self.synced_version {
+                break;
+            }
+            let mut rebuild = false;
+            for change in &changes {
+                let ids: Vec<u64> = match change {
+                    IndexChange::Templates(t) => t.iter().map(|(id, _)| *id).collect(),
+                    IndexChange::Erased(ids) => ids.clone(),
+                };
+                match self.index.remove(&ids) {
+                    Ok(_) => {
+                        if let IndexChange::Templates(templates) = change {
+                            for (id, embedding) in templates {
+                                // An untrained IVF refuses: built below with the data there.
+                                rebuild |= self.index.add(*id, embedding).is_err();
+                            }
+                        }
+                    }
+                    // HNSW cannot remove: built again below from the store, which holds the
+                    // change.
+                    Err(IdentityError::RemoveUnsupported) => rebuild = true,
+                    Err(e) => return Err(e.into()),
+                }
+                applied += 1;
+            }
+            if rebuild {
+                self.rebuild()?;
+            }
+            self.synced_version = up_to;
+        }
+        if applied > 0 {
+            self.changed();
+        }
+        Ok(applied)
     }
 }
 
@@ -618,4 +688,76 @@ mod tests {
             assert_eq!(reopened.len(), 30);
         }
     }
+
+    /// Two instances on one store: the enrollments and erasures one makes reach the other's
+    /// index through the change log, and applying the log again changes nothing.
+    fn an_instances_index_follows_what_another_enrolls_and_erases() {
+        for kind in [
+            IndexKind::Flat,
+            IndexKind::Ivf {
+                nlist: 4,
+                nprobe: 4,
+            },
+            IndexKind::Hnsw {
+                m: 16,
+                ef_search: 32,
+            },
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let location = crate::engines::location(&dir.path().join("db"));
+            let store = CustomerStore::open_at(&location, &dir.path().join("k.key")).unwrap();
+            let config = IdentityConfig {
+                index: kind,
+                ..IdentityConfig::default()
+            };
+            let open = |name: &str| {
+                let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+                IdentityActor::open(store.clone(), dir.path().join(name), config.clone(), gauge)
+                    .unwrap()
+            };
+            let (mut one, mut two) = (open("one.faiss"), open("two.faiss"));
+            let mut rng = synthetic::Rng::new(5);
+            let faces: Vec<Vec<f32>> = (0..20).map(|_| synthetic::template(&mut rng)).collect();
+            for (i, face) in faces.iter().enumerate() {
+                let id = format!("c{i}");
+                store.create(&customer(&id)).unwrap();
+                add(&mut one, &id, face, &[]).unwrap();
+            }
+            let search = |actor: &mut IdentityActor, face: &[f32]| {
+                actor
+                    .identify(IdentifyCmd(CloudIdentify {
+                        embedding: face.to_vec(),
+                        account_id: None,
+                    }))
+                    .unwrap()
+                    .candidates
+                    .into_iter()
+                    .map(|c| c.account_id.to_string())
+                    .collect::<Vec<_>>()
+            };
+            let probe = synthetic::probe(&mut rng, &faces[3], 0.7);
+            assert!(search(&mut two, &probe).is_empty(), "{kind:?}");
+            assert!(two.sync_index().unwrap() > 0);
+            assert_eq!(
+                search(&mut two, &probe).first().map(String::as_str),
+                Some("c3")
+            );
+            assert_eq!(two.index.len(), 20, "{kind:?}");
+            // Nothing new: nothing applied; the log applied again: the same index.
+            assert_eq!(two.sync_index().unwrap(), 0);
+            two.synced_version = 0;
+            two.sync_index().unwrap();
+            assert_eq!(two.index.len(), 20, "{kind:?}: applying twice adds nothing");
+
+            one.erase(EraseCustomer("c3".into())).unwrap();
+            assert_eq!(two.sync_index().unwrap(), 1, "{kind:?}");
+            assert!(
+                !search(&mut two, &probe).contains(&"c3".to_string()),
+                "{kind:?}"
+            );
+            assert_eq!(two.index.len(), 19, "{kind:?}");
+        }
+    }
+
+    crate::engines::on_each_engine!(an_instances_index_follows_what_another_enrolls_and_erases);
 }

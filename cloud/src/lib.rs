@@ -184,6 +184,21 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         }),
         bounded::IDENTITY_QUEUE,
     );
+    if config.database.backend == config::DatabaseBackend::Postgres {
+        // Other instances enroll and erase too: this instance's index follows the change log.
+        let identity = identity.clone();
+        actix::spawn(async move {
+            let mut tick = tokio::time::interval(enroll::INDEX_SYNC_INTERVAL);
+            loop {
+                tick.tick().await;
+                match identity.send(enroll::SyncIndex).await {
+                    Ok(Ok(0)) | Err(_) => {}
+                    Ok(Ok(applied)) => tracing::info!(applied, "identity index synced"),
+                    Ok(Err(error)) => tracing::warn!(%error, "syncing the identity index failed"),
+                }
+            }
+        });
+    }
     let engine =
         face::FaceEngine::load_default(config.face.clone()).context("loading the face models")?;
     let faces = face::worker::start_workers(std::sync::Arc::new(engine), config.face_threads);
