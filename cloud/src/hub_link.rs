@@ -216,6 +216,8 @@ impl Lane {
 pub struct HubLinkActor {
     serving: Arc<Serving>,
     connected: prometheus::IntGauge,
+    /// 1 per store whose hub is connected to the broker, 0 once its last will says it is gone.
+    presence: Option<prometheus::IntGaugeVec>,
     lanes: HashMap<(StoreId, LaneKind), Lane>,
 }
 
@@ -239,8 +241,16 @@ impl HubLinkActor {
                 leases: None,
             }),
             connected,
+            presence: None,
             lanes: HashMap::new(),
         }
+    }
+
+    /// Follows every store hub's presence (its retained "online", its last will) on `gauge`
+    /// (labelled `store_id`).
+    pub fn with_presence(mut self, gauge: prometheus::IntGaugeVec) -> Self {
+        self.presence = Some(gauge);
+        self
     }
 
     /// Serves only the stores whose lease this instance holds (leases of `ttl_ms`, read on
@@ -576,11 +586,13 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                 // Not awaited here: the subscribe waits for room in the client's queue, which
                 // only the driver (waiting on this handler) empties.
                 actix::spawn(async move {
-                    if let Err(error) = client
-                        .subscribe(protocol::topics::cloud_requests_filter(), QoS::AtLeastOnce)
-                        .await
-                    {
-                        tracing::warn!(%error, "subscribing to hub requests failed");
+                    for topic in [
+                        protocol::topics::cloud_requests_filter(),
+                        protocol::topics::presence_filter(),
+                    ] {
+                        if let Err(error) = client.subscribe(topic, QoS::AtLeastOnce).await {
+                            tracing::warn!(%error, "subscribing to the hubs failed");
+                        }
                     }
                 });
                 Box::pin(async {})
@@ -592,6 +604,26 @@ impl Handler<LinkEventMsg> for HubLinkActor {
             // Counted and logged where the link is driven; nothing to act on.
             LinkEvent::Refused { .. } => Box::pin(async {}),
             LinkEvent::Message { topic, payload } => {
+                if let Some(store_id) = protocol::topics::store_of_presence_topic(&topic) {
+                    match (
+                        protocol::decode::<protocol::Presence>(&payload),
+                        &self.presence,
+                    ) {
+                        (Ok(presence), Some(gauge)) => {
+                            // Sealed by the store's hub (checked by the link): one series per
+                            // store of the fleet's PKI.
+                            tracing::info!(store_id, online = presence.online, "store presence");
+                            gauge
+                                .with_label_values(&[store_id])
+                                .set(i64::from(presence.online));
+                        }
+                        (Ok(_), None) => {}
+                        (Err(error), _) => {
+                            tracing::warn!(%error, store_id, "unreadable presence dropped")
+                        }
+                    }
+                    return Box::pin(async {});
+                }
                 let Some(store_id) =
                     protocol::topics::store_of_request_topic(&topic).map(str::to_owned)
                 else {

@@ -205,9 +205,15 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
 
     // A store's requests are its hub's, sealed with that hub's certificate key; the cloud hears
     // nothing else on the link.
-    let (client, mqtt_link) = config.mqtt.connect(&tls, |topic| {
-        protocol::topics::store_of_request_topic(topic).map(mqtt::Signer::hub)
-    })?;
+    let (client, mqtt_link) = config.mqtt.connect(
+        &tls,
+        |topic| {
+            protocol::topics::store_of_request_topic(topic)
+                .or_else(|| protocol::topics::store_of_presence_topic(topic))
+                .map(mqtt::Signer::hub)
+        },
+        None,
+    )?;
     let refused = telemetry::register_counter(
         &registry,
         "facepay_cloud_link_messages_refused_total",
@@ -215,7 +221,20 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
          another store's topic, or from a revoked certificate), dropped unread",
     );
     let link_client = client.clone();
-    let link = HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected);
+    let presence = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "facepay_cloud_store_online",
+            "1 while the store's hub is connected to the broker, 0 once its last will says it \
+             went without a goodbye (or it said so)",
+        ),
+        &["store_id"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(presence.clone()))
+        .expect("registered once");
+    let link = HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected)
+        .with_presence(presence);
     let link = match leases {
         Some(_) => link.with_leases(lease_ttl_ms, ledger_clock),
         None => link,
@@ -228,8 +247,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     )?
     .start();
     let link_events = link.clone();
-    let reconnect = std::time::Duration::from_millis(config.mqtt.reconnect_delay_ms);
-    actix::spawn(mqtt::drive(mqtt_link, reconnect, move |event| {
+    actix::spawn(mqtt::drive(mqtt_link, move |event| {
         if let mqtt::LinkEvent::Refused { topic, reason } = &event {
             tracing::warn!(%topic, %reason, "unsealed message on the hub link dropped");
             refused.inc();

@@ -298,7 +298,14 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     .start();
 
     // Everything the hub hears on the link is the cloud's, sealed with its certificate key.
-    let (client, link) = config.mqtt.connect(&tls, |_| Some(mqtt::Signer::cloud()))?;
+    // Its last will tells the cloud the store is offline when the hub goes without a goodbye.
+    let will = (
+        protocol::topics::store_presence(&config.store_id),
+        protocol::encode(&protocol::Presence { online: false }),
+    );
+    let (client, link) = config
+        .mqtt
+        .connect(&tls, |_| Some(mqtt::Signer::cloud()), Some(will))?;
     let refused = telemetry::register_counter(
         &registry,
         "facepay_hub_link_messages_refused_total",
@@ -328,8 +335,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         "1 while the hub authorizes offline (broker lost or circuit breaker not closed)",
     ));
     let uplink = uplink_context.run(uplink);
-    let reconnect = Duration::from_millis(config.mqtt.reconnect_delay_ms);
-    actix::spawn(mqtt::drive(link, reconnect, move |event| {
+    actix::spawn(mqtt::drive(link, move |event| {
         if let mqtt::LinkEvent::Refused { topic, reason } = &event {
             tracing::warn!(%topic, %reason, "unsealed message on the cloud link dropped");
             refused.inc();

@@ -283,6 +283,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 tracing::info!(store_id = %self.store_id, "hub connected to broker");
                 let client = self.client.clone();
                 let listeners = self.listeners.clone();
+                let presence = protocol::topics::store_presence(&self.store_id);
                 let topics = [
                     protocol::topics::store_replies(&self.store_id),
                     protocol::topics::key_updates(),
@@ -299,6 +300,15 @@ impl Handler<LinkEventMsg> for UplinkActor {
                         if let Err(error) = client.subscribe(topic, QoS::AtLeastOnce).await {
                             tracing::warn!(%error, "subscribing failed");
                         }
+                    }
+                    // Retained: the cloud learns the store is online, and replaces the last
+                    // will's "offline" of an earlier connection.
+                    let online = protocol::encode(&protocol::Presence { online: true });
+                    if let Err(error) = client
+                        .publish(presence, QoS::AtLeastOnce, true, online)
+                        .await
+                    {
+                        tracing::warn!(%error, "publishing presence failed");
                     }
                     for listener in listeners {
                         listener.do_send(UplinkEvent::CloudConnected);

@@ -2,7 +2,8 @@
 //! own server), Mosquitto, two stores with a hub and a terminal each. Each store is served by the
 //! one instance holding its lease; the instance serving a store is killed (SIGKILL) mid-run and
 //! another takes the store over; every payment the registers heard approved is in the ledger
-//! exactly once, none they heard declined is, and the books balance.
+//! exactly once, none they heard declined is, and the books balance. A hub killed at the end is
+//! reported offline by every instance (its last will).
 
 use std::{
     collections::BTreeMap,
@@ -91,6 +92,18 @@ fn each_store_is_served_by_one_instance_and_taken_over_when_that_instance_is_kil
         })
         .collect();
     let payers = [&alice, &bob];
+    // Every instance sees each store's hub online (its retained presence).
+    for cloud in clouds.values() {
+        for store in ["store-1", "store-2"] {
+            tests::wait_for_metric(
+                cloud.metrics_addr,
+                &format!("facepay_cloud_store_online{{store_id=\"{store}\"}}"),
+                1.0,
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        }
+    }
 
     // What each register heard, per store: order -> (amount, status).
     let mut heard: Vec<BTreeMap<String, (i64, ChargeStatus)>> = vec![BTreeMap::new(); 2];
@@ -195,5 +208,18 @@ fn each_store_is_served_by_one_instance_and_taken_over_when_that_instance_is_kil
     for totals in api.totals().unwrap() {
         assert_eq!(totals.sum_of_balances_minor, 0, "{totals:?}");
         assert_eq!(totals.total_debits_minor, totals.total_credits_minor);
+    }
+
+    // A hub gone without a goodbye: its last will tells every instance the store is offline.
+    let mut sites = sites;
+    sites[1].hub.kill();
+    for cloud in clouds.values() {
+        tests::wait_for_metric(
+            cloud.metrics_addr,
+            "facepay_cloud_store_online{store_id=\"store-2\"}",
+            0.0,
+            Duration::from_secs(30),
+        )
+        .unwrap();
     }
 }

@@ -26,8 +26,16 @@ pub struct MqttConfig {
     pub port: u16,
     /// MQTT keep-alive; a dead broker is noticed within about 1.5 times this.
     pub keep_alive_seconds: u64,
-    /// Pause between reconnection attempts.
+    /// Pause before the first reconnection attempt; each further failed attempt doubles it, up
+    /// to `reconnect_max_delay_ms`, and the pause taken is drawn at random below that (full
+    /// jitter), so that a fleet cut off together does not come back together.
     pub reconnect_delay_ms: u64,
+    /// Longest pause between reconnection attempts.
+    pub reconnect_max_delay_ms: u64,
+    /// More brokers of the same cluster (`host:port`), tried in turn after `host`:`port` when
+    /// the one in use is lost; the persistent session lives in the cluster, so what was queued
+    /// follows the client.
+    pub failover: Vec<String>,
 }
 
 impl Default for MqttConfig {
@@ -37,6 +45,8 @@ impl Default for MqttConfig {
             port: 8883,
             keep_alive_seconds: 5,
             reconnect_delay_ms: 500,
+            reconnect_max_delay_ms: 30_000,
+            failover: Vec::new(),
         }
     }
 }
@@ -65,7 +75,39 @@ impl MqttConfig {
                 "must be from 10 to 60000".into(),
             ));
         }
+        if !(self.reconnect_delay_ms..=600_000).contains(&self.reconnect_max_delay_ms) {
+            return Err((
+                format!("{prefix}.reconnect_max_delay_ms"),
+                "must be from reconnect_delay_ms to 600000".into(),
+            ));
+        }
+        for address in &self.failover {
+            if parse_address(address).is_none() {
+                return Err((
+                    format!("{prefix}.failover"),
+                    format!("{address:?} is not host:port"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Every broker address, the first one first.
+    fn brokers(&self) -> Vec<(String, u16)> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.failover.iter().filter_map(|a| parse_address(a)))
+            .collect()
+    }
+
+    /// How long to wait before reconnection attempt `attempt` (0 for the first after a loss):
+    /// drawn at random up to the doubled delay, at least the base delay.
+    pub fn reconnect_pause(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .reconnect_delay_ms
+            .saturating_mul(1u64 << attempt.min(20))
+            .min(self.reconnect_max_delay_ms);
+        let drawn = rand::random::<u64>() % (ceiling - self.reconnect_delay_ms + 1);
+        Duration::from_millis(self.reconnect_delay_ms + drawn)
     }
 
     /// A client over TLS with a persistent session (`clean_session = false`), so that QoS 1
@@ -78,22 +120,47 @@ impl MqttConfig {
     /// Every message published through the client is sealed with the identity's key; every
     /// message the link hears is opened against its CA and revocation list, and taken only when
     /// `expected` (given the topic) signed it.
+    ///
+    /// With `will` (topic, payload), the broker publishes the payload, sealed, retained, on the
+    /// topic when the client goes without saying goodbye (its last will).
     pub fn connect(
         &self,
         identity: &pki::TlsIdentity,
         expected: impl Fn(&str) -> Option<Signer> + Send + 'static,
+        will: Option<(String, Vec<u8>)>,
     ) -> Result<(Client, Link), pki::PkiError> {
         let signer = Arc::new(identity.reply_signer()?);
-        let tls = identity.client_config_for(pki::Role::Broker)?;
+        let tls = Arc::new(identity.client_config_for(pki::Role::Broker)?);
         let client_id = identity.identity.common_name.clone();
-        let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
-        options
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )))
-            .set_keep_alive(Duration::from_secs(self.keep_alive_seconds))
-            .set_clean_session(false)
-            .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        let will = match will {
+            Some((topic, payload)) => {
+                let sealed = signer.seal(&topic, payload)?;
+                Some(rumqttc::LastWill::new(
+                    topic,
+                    sealed,
+                    QoS::AtLeastOnce,
+                    true,
+                ))
+            }
+            None => None,
+        };
+        let keep_alive = Duration::from_secs(self.keep_alive_seconds);
+        let make_options: MakeOptions = Box::new(move |host: &str, port: u16| {
+            let mut options = MqttOptions::new(client_id.clone(), host, port);
+            options
+                .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                    tls.clone(),
+                )))
+                .set_keep_alive(keep_alive)
+                .set_clean_session(false)
+                .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+            if let Some(will) = &will {
+                options.set_last_will(will.clone());
+            }
+            options
+        });
+        let brokers = self.brokers();
+        let options = make_options(&brokers[0].0, brokers[0].1);
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL_CAPACITY);
         // Requests and answers are small and wait on each other: Nagle's algorithm beside the
         // peer's delayed acknowledgements would hold each one back by tens of milliseconds.
@@ -104,6 +171,10 @@ impl MqttConfig {
             eventloop,
             verifier: identity.sealed_verifier(),
             expected: Box::new(expected),
+            brokers,
+            current: 0,
+            make_options,
+            config: self.clone(),
         };
         Ok((Client::new(client, signer), link))
     }
@@ -199,12 +270,32 @@ pub struct Link {
     eventloop: EventLoop,
     verifier: pki::SealedVerifier,
     expected: ExpectedSigner,
+    /// Every broker of the cluster; `current` is the one in use.
+    brokers: Vec<(String, u16)>,
+    current: usize,
+    make_options: MakeOptions,
+    config: MqttConfig,
 }
+
+/// The client's options for one broker address (everything else alike).
+type MakeOptions = Box<dyn Fn(&str, u16) -> MqttOptions + Send>;
 
 /// Who must have sealed a message heard on a topic (`None`: nobody speaks there to this tier).
 type ExpectedSigner = Box<dyn Fn(&str) -> Option<Signer> + Send>;
 
 impl Link {
+    /// Moves to the next broker of the cluster (the same one when there is only one); the
+    /// session state (messages in flight) carries over.
+    fn fail_over(&mut self) {
+        if self.brokers.len() < 2 {
+            return;
+        }
+        self.current = (self.current + 1) % self.brokers.len();
+        let (host, port) = &self.brokers[self.current];
+        tracing::info!(%host, port, "trying the next broker of the cluster");
+        self.eventloop.mqtt_options = (self.make_options)(host, *port);
+    }
+
     /// The payload of a message heard on `topic`, or why it is refused: not sealed, sealed by
     /// someone other than who speaks on that topic, or for another topic.
     fn open(&self, topic: &str, sealed: &[u8]) -> Result<Vec<u8>, String> {
@@ -239,19 +330,22 @@ pub enum LinkEvent {
     },
 }
 
-/// Drives the event loop forever, reconnecting after `reconnect_delay`, and hands every link event
-/// to `handler`. The handler is awaited before the next poll, so a slow owner slows the link down
-/// instead of queueing without bound.
-pub async fn drive<F, Fut>(mut link: Link, reconnect_delay: Duration, mut handler: F)
+/// Drives the event loop forever, reconnecting after a pause that grows with each failed attempt
+/// ([`MqttConfig::reconnect_pause`]), to the next broker of the cluster each time, and hands
+/// every link event to `handler`. The handler is awaited before the next poll, so a slow owner
+/// slows the link down instead of queueing without bound.
+pub async fn drive<F, Fut>(mut link: Link, mut handler: F)
 where
     F: FnMut(LinkEvent) -> Fut,
     Fut: Future<Output = ()>,
 {
     let mut connected = false;
+    let mut attempt = 0;
     loop {
         match link.eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
+                attempt = 0;
                 handler(LinkEvent::Connected).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -269,15 +363,74 @@ where
                 }
                 connected = false;
                 handler(LinkEvent::Disconnected(error.to_string())).await;
-                tokio::time::sleep(reconnect_delay).await;
+                tokio::time::sleep(link.config.reconnect_pause(attempt)).await;
+                attempt = attempt.saturating_add(1);
+                link.fail_over();
             }
         }
     }
 }
 
+/// `host:port`, split.
+fn parse_address(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    (!host.trim().is_empty() && port != 0).then(|| (host.to_owned(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnect_pauses_grow_to_their_cap_drawn_at_random() {
+        let config = MqttConfig {
+            reconnect_delay_ms: 100,
+            reconnect_max_delay_ms: 1_000,
+            ..MqttConfig::default()
+        };
+        let pauses: Vec<Duration> = (0..200).map(|_| config.reconnect_pause(0)).collect();
+        assert!(pauses.iter().all(|p| *p == Duration::from_millis(100)));
+        for attempt in [1, 3, 10, 40] {
+            let ceiling = (100u64 << attempt.min(20)).min(1_000);
+            let pauses: Vec<u64> = (0..500)
+                .map(|_| config.reconnect_pause(attempt).as_millis() as u64)
+                .collect();
+            assert!(
+                pauses.iter().all(|p| (100..=ceiling).contains(p)),
+                "{attempt}"
+            );
+            // Drawn, not fixed: a fleet cut off together spreads its returns.
+            let distinct: std::collections::BTreeSet<_> = pauses.iter().collect();
+            assert!(distinct.len() > 20, "{attempt}: {distinct:?}");
+        }
+    }
+
+    #[test]
+    fn brokers_are_the_first_then_the_failover_list() {
+        let config = MqttConfig {
+            host: "a".into(),
+            port: 1,
+            failover: vec!["b:2".into(), "[::1]:3".into()],
+            ..MqttConfig::default()
+        };
+        assert!(config.validate("mqtt").is_ok());
+        assert_eq!(
+            config.brokers(),
+            [("a".into(), 1), ("b".into(), 2), ("[::1]".into(), 3)]
+        );
+        for bad in ["b", "b:0", ":2", "b:x"] {
+            let config = MqttConfig {
+                failover: vec![bad.into()],
+                ..MqttConfig::default()
+            };
+            assert_eq!(
+                config.validate("mqtt").unwrap_err().0,
+                "mqtt.failover",
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn validation_names_keys() {

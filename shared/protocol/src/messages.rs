@@ -814,6 +814,13 @@ pub struct TransferView {
     pub pending: bool,
 }
 
+/// A store hub's presence on the broker ([`crate::topics::store_presence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Connected (published by the hub), or gone (its last will, published by the broker).
+    pub online: bool,
+}
+
 /// Totals over the whole ledger, per currency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerTotals {

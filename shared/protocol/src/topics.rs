@@ -23,6 +23,26 @@ pub fn store_of_request_topic(topic: &str) -> Option<&str> {
         .filter(|s| !s.contains('/'))
 }
 
+/// Where a store's hub says whether it is connected: retained, "online" when it connects and,
+/// as its last will, "offline" from the broker when it goes without a goodbye.
+pub fn store_presence(store_id: &str) -> String {
+    format!("{ROOT}/stores/{store_id}/presence")
+}
+
+/// What the cloud subscribes to: every store's presence.
+pub fn presence_filter() -> String {
+    format!("{ROOT}/stores/+/presence")
+}
+
+/// The store id of a presence topic, if the topic is one.
+pub fn store_of_presence_topic(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix(ROOT)?
+        .strip_prefix("/stores/")?
+        .strip_suffix("/presence")
+        .filter(|s| !s.is_empty() && !s.contains('/'))
+}
+
 /// Where the cloud answers one store's hub.
 pub fn store_replies(store_id: &str) -> String {
     format!("{ROOT}/stores/{store_id}/replies")
