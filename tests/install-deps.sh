@@ -6,6 +6,8 @@ set -euo pipefail
 # broker), PostgreSQL (the ledger's tests and the fleet start servers of their own), and cmake, a C++ compiler and OpenBLAS for the FAISS build of the cloud's identity index.
 missing=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+# NATS: the fleet's clustered broker (MQTT on JetStream); the fleet test starts its own nodes.
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v cmake >/dev/null || missing+=(cmake)
 # PostgreSQL: the cloud's fleet database; tests start servers of their own (initdb, pg_ctl).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)

@@ -313,6 +313,135 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A cluster of Debian's `nats-server` nodes on free loopback ports, configured as
+/// `mqtt::nats` generates it with the test PKI: the fleet's clustered broker, whose nodes a test
+/// can kill and restart.
+pub struct NatsCluster {
+    nodes: Vec<mqtt::nats::NatsNode>,
+    children: Vec<Option<Child>>,
+    configs: Vec<PathBuf>,
+    logs: Vec<PathBuf>,
+    /// Each node's MQTT (TLS) port.
+    pub mqtt_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes routed to each other, for `clients`.
+    pub fn start(dir: &Path, size: usize, clients: &mqtt::nats::Clients) -> anyhow::Result<Self> {
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("nats-server is not installed (tests/install-deps.sh installs it)")?;
+        let pki = test_pki();
+        let tls = mqtt::nats::BrokerTls {
+            ca: pki.join("ca.pem"),
+            cert: pki.join("broker.pem"),
+            key: pki.join("broker.key"),
+        };
+        let nodes: Vec<mqtt::nats::NatsNode> = (0..size)
+            .map(|n| mqtt::nats::NatsNode {
+                name: format!("n{n}"),
+                mqtt_listen: format!("127.0.0.1:{}", free_port()),
+                cluster_listen: format!("127.0.0.1:{}", free_port()),
+                client_listen: format!("127.0.0.1:{}", free_port()),
+                store_dir: dir.join(format!("nats-{n}")),
+            })
+            .collect();
+        let mut cluster = NatsCluster {
+            mqtt_ports: nodes
+                .iter()
+                .map(|n| n.mqtt_listen.rsplit(':').next().unwrap().parse().unwrap())
+                .collect(),
+            children: Vec::new(),
+            configs: Vec::new(),
+            logs: Vec::new(),
+            nodes: nodes.clone(),
+        };
+        for node in &nodes {
+            let config = dir.join(format!("{}.conf", node.name));
+            std::fs::write(
+                &config,
+                mqtt::nats::node_config(node, &nodes, &tls, clients)?,
+            )?;
+            cluster.configs.push(config);
+            cluster.logs.push(dir.join(format!("{}.log", node.name)));
+            cluster.children.push(None);
+        }
+        for n in 0..size {
+            cluster.spawn(binary, n)?;
+        }
+        for port in &cluster.mqtt_ports {
+            wait_for_port(*port, Duration::from_secs(20))?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, binary: &str, n: usize) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.logs[n])?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&self.configs[n])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting nats-server")?;
+        self.children[n] = Some(child);
+        Ok(())
+    }
+
+    /// Kills node `n` at once (SIGKILL).
+    pub fn kill(&mut self, n: usize) {
+        if let Some(mut child) = self.children[n].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `n` again with what it had on disk.
+    pub fn restart(&mut self, n: usize) -> anyhow::Result<()> {
+        self.kill(n);
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("nats-server is not installed")?;
+        self.spawn(binary, n)?;
+        wait_for_port(self.mqtt_ports[n], Duration::from_secs(20))
+    }
+
+    /// The `--set`s that point a hub or cloud at node `first`, failing over to the others.
+    pub fn client_overrides(&self, first: usize) -> Vec<String> {
+        let others: Vec<String> = (1..self.nodes.len())
+            .map(|k| {
+                format!(
+                    "\"127.0.0.1:{}\"",
+                    self.mqtt_ports[(first + k) % self.nodes.len()]
+                )
+            })
+            .collect();
+        vec![
+            format!("mqtt.port={}", self.mqtt_ports[first]),
+            format!("mqtt.failover=[{}]", others.join(",")),
+        ]
+    }
+
+    /// The `--set` that adds the nodes but `first` as failover brokers (the first is given
+    /// apart, e.g. through a proxy).
+    pub fn failover_override(&self, first: usize) -> String {
+        self.client_overrides(first).pop().expect("two overrides")
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for n in 0..self.children.len() {
+            self.kill(n);
+        }
+    }
+}
+
 /// Where the workspace's binaries are, found from the running test executable
 /// (`target/<profile>/deps/<test>` -> `target/<profile>/`).
 pub fn binary_path(name: &str) -> PathBuf {

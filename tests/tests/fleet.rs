@@ -14,7 +14,7 @@ use paycode::Wallet;
 use protocol::{AccountKind, ChargeStatus};
 use tests::{
     charge, ensure_identity, open_account, present_code, start_cloud_with, store::StoreSite,
-    CloudApi, Mosquitto, Service,
+    CloudApi, Mosquitto, NatsCluster, Service,
 };
 
 /// Seconds a store's lease lasts in this test: a dead instance's stores move within about this.
@@ -43,27 +43,70 @@ fn settle(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protoc
     }
 }
 
+/// The broker the fleet meets at.
+enum Broker {
+    /// One Mosquitto.
+    Single(Mosquitto),
+    /// A three-node NATS cluster (MQTT on JetStream).
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    /// The port a client numbered `n` connects to first, and the `--set`s of its failover.
+    fn for_client(&self, n: usize) -> (u16, Vec<String>) {
+        match self {
+            Broker::Single(broker) => (broker.port, Vec::new()),
+            Broker::Cluster(cluster) => {
+                let first = n % cluster.mqtt_ports.len();
+                (
+                    cluster.mqtt_ports[first],
+                    vec![cluster.failover_override(first)],
+                )
+            }
+        }
+    }
+}
+
 #[test]
 fn each_store_is_served_by_one_instance_and_taken_over_when_that_instance_is_killed() {
     let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::Single(Mosquitto::start(dir.path()).unwrap());
+    run_fleet(dir.path(), broker);
+}
+
+/// The same on a three-node NATS cluster, one of whose nodes (the one store-1's hub and the
+/// instance serving store-1 are connected to) is killed with the instance.
+#[test]
+fn a_fleet_on_a_broker_cluster_survives_losing_a_node_and_an_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = mqtt::nats::Clients {
+        stores: vec!["store-1".into(), "store-2".into()],
+        cloud_instances: (1..=3).map(|n| n.to_string()).collect(),
+    };
+    for n in 1..=3 {
+        ensure_identity(&pki::Identity::cloud_instance(&n.to_string()).unwrap()).unwrap();
+    }
+    let broker = Broker::Cluster(NatsCluster::start(dir.path(), 3, &clients).unwrap());
+    run_fleet(dir.path(), broker);
+}
+
+fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
     let postgres = pgtest::Postgres::start().unwrap();
     let url = postgres.url();
-    let broker = Mosquitto::start(dir.path()).unwrap();
     let mut clouds: BTreeMap<String, Service> = BTreeMap::new();
     for n in 1..=3 {
         ensure_identity(&pki::Identity::cloud_instance(&n.to_string()).unwrap()).unwrap();
-        let cloud = start_cloud_with(
-            &dir.path().join(format!("cloud-{n}")),
-            broker.port,
-            &[
-                "database.backend=\"postgres\"".into(),
-                format!("database.url={url:?}"),
-                format!("fleet.instance=\"{n}\""),
-                format!("fleet.lease_seconds={LEASE_SECONDS}"),
-                "mqtt.reconnect_delay_ms=100".into(),
-            ],
-        )
-        .unwrap();
+        let (port, failover) = broker.for_client(n - 1);
+        let mut extra = vec![
+            "database.backend=\"postgres\"".into(),
+            format!("database.url={url:?}"),
+            format!("fleet.instance=\"{n}\""),
+            format!("fleet.lease_seconds={LEASE_SECONDS}"),
+            "mqtt.reconnect_delay_ms=100".into(),
+            "mqtt.reconnect_max_delay_ms=2000".into(),
+        ];
+        extra.extend(failover);
+        let cloud = start_cloud_with(&dir.join(format!("cloud-{n}")), port, &extra).unwrap();
         clouds.insert(format!("cloud:{n}"), cloud);
     }
     let api = |clouds: &BTreeMap<String, Service>| {
@@ -81,8 +124,11 @@ fn each_store_is_served_by_one_instance_and_taken_over_when_that_instance_is_kil
     let bob = open_account(&api(&clouds), "bob", AccountKind::Customer, 100_000).unwrap();
     let sites: Vec<StoreSite> = ["store-1", "store-2"]
         .into_iter()
-        .map(|store| {
-            let site = StoreSite::start(dir.path(), store, broker.port, 1, &[]).unwrap();
+        .enumerate()
+        .map(|(i, store)| {
+            let (port, mut extra) = broker.for_client(i);
+            extra.push("mqtt.reconnect_max_delay_ms=2000".into());
+            let site = StoreSite::start(dir, store, port, 1, &extra).unwrap();
             // Another instance than the first answers the API: any instance serves it.
             CloudApi::new(clouds.values().last().unwrap().http_addr)
                 .set_hub_key(store, &site.hub_key())
@@ -135,6 +181,10 @@ fn each_store_is_served_by_one_instance_and_taken_over_when_that_instance_is_kil
     let killed = holders[0].clone();
     clouds.get_mut(&killed).unwrap().kill();
     clouds.remove(&killed);
+    // On a cluster, the node store-1's hub is connected to dies with it.
+    if let Broker::Cluster(cluster) = &mut broker {
+        cluster.kill(0);
+    }
     let killed_at = Instant::now();
     let mut taken_over = None;
     for n in 0..6 {

@@ -3,6 +3,8 @@
 //! `rumqttc` event loop, opening every message it receives (see `pki::sealed`), turning it into a
 //! small set of link events. Nothing unsealed crosses the link either way.
 
+pub mod nats;
+
 use std::{future::Future, sync::Arc, time::Duration};
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};

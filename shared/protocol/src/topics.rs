@@ -43,6 +43,57 @@ pub fn store_of_presence_topic(topic: &str) -> Option<&str> {
         .filter(|s| !s.is_empty() && !s.contains('/'))
 }
 
+/// The topics (and filters) a store's hub may publish on: the broker's ACL, in one place.
+pub fn hub_may_publish(store_id: &str) -> Vec<String> {
+    vec![cloud_requests(store_id), store_presence(store_id)]
+}
+
+/// The topics (and filters) a store's hub may subscribe to.
+pub fn hub_may_read(store_id: &str) -> Vec<String> {
+    vec![
+        store_replies(store_id),
+        store_templates(store_id),
+        key_updates(),
+        template_revocations(),
+        allowance_updates(),
+        lockouts(),
+        revocation_list(),
+    ]
+}
+
+/// The topics (and filters) the cloud may publish on.
+pub fn cloud_may_publish() -> Vec<String> {
+    vec![
+        format!("{ROOT}/stores/+/replies"),
+        format!("{ROOT}/stores/+/templates"),
+        key_updates(),
+        template_revocations(),
+        allowance_updates(),
+        lockouts(),
+        revocation_list(),
+    ]
+}
+
+/// The topics (and filters) the cloud may subscribe to.
+pub fn cloud_may_read() -> Vec<String> {
+    vec![cloud_requests_filter(), presence_filter()]
+}
+
+/// The NATS subject an MQTT topic or filter is carried on by a NATS broker's MQTT gateway:
+/// levels joined by `.` instead of `/`, a `.` within a level written `//`, `+` as `*`, `#` as
+/// `>`.
+pub fn nats_subject(topic: &str) -> String {
+    topic
+        .split('/')
+        .map(|level| match level {
+            "+" => "*".to_string(),
+            "#" => ">".to_string(),
+            level => level.replace('.', "//"),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// Where the cloud answers one store's hub.
 pub fn store_replies(store_id: &str) -> String {
     format!("{ROOT}/stores/{store_id}/replies")
@@ -86,6 +137,20 @@ pub fn attestation(payment_id: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn nats_subjects_follow_the_gateways_mapping() {
+        assert_eq!(
+            nats_subject("facepay/v1/cloud/requests/+"),
+            "facepay.v1.cloud.requests.*"
+        );
+        assert_eq!(
+            nats_subject("facepay/v1/stores/store.1/replies"),
+            "facepay.v1.stores.store//1.replies"
+        );
+        assert_eq!(nats_subject("facepay/v1/#"), "facepay.v1.>");
+    }
+
     use super::*;
 
     #[test]
