@@ -277,6 +277,13 @@ impl Validate for CloudConfig {
                 ));
             }
         }
+        if self.database.backend == DatabaseBackend::Postgres && self.fleet.instance.is_none() {
+            return Err((
+                "fleet.instance".into(),
+                "is required with database.backend = \"postgres\" (each instance its own id)"
+                    .into(),
+            ));
+        }
         if let Some(instance) = &self.fleet.instance {
             if pki::Identity::cloud_instance(instance).is_err() {
                 return Err((

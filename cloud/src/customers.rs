@@ -129,6 +129,9 @@ pub enum IndexChange {
     Erased(Vec<u64>),
 }
 
+/// The key of the sealed record every template key of a database must open.
+const KEY_CHECK: &[u8] = b"template-key-check";
+
 /// Most changes one [`CustomerStore::index_changes_after`] call returns.
 pub const INDEX_CHANGE_BATCH: usize = 1000;
 
@@ -212,7 +215,41 @@ impl CustomerStore {
         let changes = db.open_tree("changes").map_err(storage)?;
         let erased = db.open_tree("erased").map_err(storage)?;
         let lockouts = db.open_tree("lockouts").map_err(storage)?;
-        let sealer = Sealer::from_key_file(key_file, customers.is_empty()).map_err(storage)?;
+        // Several instances may share the database: each must seal with the same key. A sealed
+        // check record, written by whichever instance comes first, is what every key must open;
+        // a key is made only for a database without customers and without that record.
+        let meta = db.open_tree("customers_meta").map_err(storage)?;
+        let check = meta.get(KEY_CHECK).map_err(storage)?;
+        let empty = customers.first().map_err(storage)?.is_none();
+        let sealer = Sealer::from_key_file(key_file, empty && check.is_none()).map_err(storage)?;
+        let wrong_key = || {
+            CustomerError::Storage(format!(
+                "the key in {} does not open the stored customers (every cloud instance of a \
+                 database needs the same template key)",
+                key_file.display()
+            ))
+        };
+        let check = match check {
+            Some(check) => check,
+            None => {
+                let ours = sealer.seal(KEY_CHECK, KEY_CHECK);
+                // Written only if still absent: two instances starting at once with two new
+                // keys, one key wins and the other instance stops below.
+                meta.transaction(|t| {
+                    Ok::<_, ConflictableTransactionError<()>>(match t.get(KEY_CHECK)? {
+                        Some(theirs) => theirs,
+                        None => {
+                            t.insert(KEY_CHECK, ours.clone())?;
+                            ours.clone().into()
+                        }
+                    })
+                })
+                .map_err(|e| storage(format!("{e:?}")))?
+            }
+        };
+        if sealer.open(KEY_CHECK, &check).is_err() {
+            return Err(wrong_key());
+        }
         let store = CustomerStore {
             db,
             customers,
@@ -225,12 +262,9 @@ impl CustomerStore {
         // Prove the key opens what is stored, now rather than at the first payment.
         if let Some(first) = store.customers.iter().next() {
             let (id, _) = first.map_err(storage)?;
-            store.get(&String::from_utf8_lossy(&id)).map_err(|_| {
-                CustomerError::Storage(format!(
-                    "the key in {} does not open the stored customers",
-                    key_file.display()
-                ))
-            })?;
+            store
+                .get(&String::from_utf8_lossy(&id))
+                .map_err(|_| wrong_key())?;
         }
         Ok(store)
     }
@@ -402,6 +436,15 @@ impl CustomerStore {
     pub fn erase(&self, customer_id: &str) -> Result<(Vec<u64>, u64), CustomerError> {
         self.write(|t| {
             let Some(record) = t.get(customer_id)? else {
+                // Erased already (a retry after an answer that was lost): the same erasure
+                // again, so the caller goes on to close the account.
+                if let Some(version) = t.erased.get(customer_id.as_bytes())? {
+                    let version = version.as_ref().try_into().map(u64::from_be_bytes);
+                    return match version {
+                        Ok(version) => Ok((Vec::new(), version)),
+                        Err(e) => abort(storage(e)),
+                    };
+                }
                 return abort(CustomerError::NotFound(customer_id.to_owned()));
             };
             let ids: Vec<u64> = record.templates.iter().map(|(id, _)| *id).collect();
@@ -851,7 +894,24 @@ mod tests {
         assert_eq!(store.all_templates().unwrap().len(), 1);
     }
 
+    /// Every instance of a database must seal with the same key, even before any customer is
+    /// enrolled: a second instance that made a key of its own is refused at start.
+    fn a_database_takes_only_the_key_it_was_first_opened_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = crate::engines::location(&dir.path().join("db"));
+        let first = dir.path().join("first.key");
+        drop(CustomerStore::open_at(&location, &first).unwrap());
+        let second = dir.path().join("second.key");
+        Sealer::from_key_file(&second, true).unwrap();
+        let error = CustomerStore::open_at(&location, &second)
+            .err()
+            .expect("another key is refused");
+        assert!(error.to_string().contains("same template key"), "{error}");
+        assert!(CustomerStore::open_at(&location, &first).is_ok());
+    }
+
     crate::engines::on_each_engine!(
+        a_database_takes_only_the_key_it_was_first_opened_with,
         wrong_second_factors_are_counted_for_the_fleet_and_a_right_one_starts_again,
         secrets_are_hashed_and_personal_data_is_sealed,
         bad_enrollment_fields_are_refused,

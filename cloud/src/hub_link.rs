@@ -382,6 +382,11 @@ impl Actor for HubLinkActor {
             // Every lease held is renewed three times in its life, traffic or not, so an idle
             // store stays with its instance.
             ctx.run_interval(Duration::from_millis(cache.ttl_ms / 3), |actor, _| {
+                // Cut off from the broker, this instance hears no request of its stores: it
+                // lets their leases lapse so that an instance that hears them takes them.
+                if actor.connected.get() != 1 {
+                    return;
+                }
                 let serving = actor.serving.clone();
                 actix::spawn(async move {
                     let Some(cache) = &serving.leases else { return };
@@ -449,12 +454,7 @@ async fn is_store(serving: &Serving, store_id: &str) -> bool {
 async fn serve(serving: &Serving, request: HubRequest) {
     let started = Instant::now();
     let (store_id, request_id) = (request.store_id.clone(), request.request_id);
-    // Several instances hear every request; the holder of the store's lease answers it.
-    let lease = match lease_for(serving, &store_id).await {
-        Serve::Alone => None,
-        Serve::Held(held) => Some(held),
-        Serve::Elsewhere => return,
-    };
+
     let is_payment = matches!(request.body, HubRequestBody::Authorize(_));
     if is_payment {
         serving.metrics.request();
@@ -466,6 +466,16 @@ async fn serve(serving: &Serving, request: HubRequest) {
             "request from an identity that is no store's hub refused"
         );
     }
+    // Several instances hear every request; the holder of the store's lease answers it (a
+    // lease is taken only for a real store).
+    let lease = match known {
+        false => None,
+        true => match lease_for(serving, &store_id).await {
+            Serve::Alone => None,
+            Serve::Held(held) => Some(held),
+            Serve::Elsewhere => return,
+        },
+    };
     let body = match request.body {
         _ if !known => CloudReplyBody::Error {
             detail: format!("{store_id:?} is not a store with a merchant account"),

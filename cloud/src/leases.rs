@@ -35,6 +35,10 @@ struct LeaseRecord {
     epoch: u64,
     /// When it lapses unless renewed (the holder's clock, ms since the epoch).
     expires_at_ms: u64,
+    /// When the holding process started: of two processes of one instance id, the newer one
+    /// takes the lease at once, never the older one.
+    #[serde(default)]
+    started_at_ms: u64,
 }
 
 /// A lease this process holds.
@@ -57,6 +61,7 @@ pub struct Leases {
     holders: storage::kv::Tree,
     instance: String,
     process: String,
+    started_at_ms: u64,
     ttl_ms: u64,
 }
 
@@ -65,14 +70,21 @@ fn storage_error(e: impl std::fmt::Display) -> LedgerError {
 }
 
 impl Leases {
-    /// The leases of `db` as instance `instance`, each lasting `ttl_ms` from its last renewal.
-    pub fn open(db: &storage::kv::Db, instance: &str, ttl_ms: u64) -> Result<Self, LedgerError> {
+    /// The leases of `db` as instance `instance` (a process started at `started_at_ms`), each
+    /// lasting `ttl_ms` from its last renewal.
+    pub fn open(
+        db: &storage::kv::Db,
+        instance: &str,
+        started_at_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Self, LedgerError> {
         let process = format!("{:016x}", rand::random::<u64>());
         Ok(Leases {
             leases: db.open_tree(LEASES_TREE).map_err(storage_error)?,
             holders: db.open_tree(HOLDERS_TREE).map_err(storage_error)?,
             instance: instance.to_owned(),
             process,
+            started_at_ms,
             ttl_ms,
         })
     }
@@ -87,8 +99,15 @@ impl Leases {
             let epoch = match &current {
                 Some(c) if c.instance == self.instance && c.process == self.process => c.epoch,
                 // Another instance's, still running: not ours to take. A restart of this
-                // instance (same id, another process) takes its own leases back at once.
-                Some(c) if c.instance != self.instance && c.expires_at_ms > now_ms => {
+                // instance (same id, a newer process) takes its own leases back at once; an
+                // older process of it (still running beside its restart, or a duplicated id)
+                // never takes them back from a newer one, so the two do not fight.
+                Some(c)
+                    if c.expires_at_ms > now_ms
+                        && (c.instance != self.instance
+                            || (c.started_at_ms, &c.process)
+                                > (self.started_at_ms, &self.process)) =>
+                {
                     return Ok(None)
                 }
                 Some(c) => c.epoch + 1,
@@ -99,6 +118,7 @@ impl Leases {
                 process: self.process.clone(),
                 epoch,
                 expires_at_ms: now_ms + self.ttl_ms,
+                started_at_ms: self.started_at_ms,
             };
             leases.insert(
                 store_id.as_bytes(),
@@ -172,8 +192,8 @@ mod tests {
     fn one_holder_at_a_time_and_a_lost_lease_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let shared = db(dir.path());
-        let one = Leases::open(&shared, "1", 10_000).unwrap();
-        let two = Leases::open(&shared, "2", 10_000).unwrap();
+        let one = Leases::open(&shared, "1", 0, 10_000).unwrap();
+        let two = Leases::open(&shared, "2", 0, 10_000).unwrap();
         let held = one.acquire("store-1", 1_000).unwrap().unwrap();
         assert_eq!(held.epoch, 1);
         // Held and running: not the other's; renewing keeps the epoch and moves the expiry.
@@ -187,11 +207,13 @@ mod tests {
         assert_eq!(one.acquire("store-1", 15_002).unwrap(), None);
         // The holding instance restarted (a new process under the same id) takes its stores
         // back at once.
-        let restarted = Leases::open(&shared, "2", 10_000).unwrap();
+        let restarted = Leases::open(&shared, "2", 15_000, 10_000).unwrap();
         assert_eq!(
             restarted.acquire("store-1", 15_003).unwrap().unwrap().epoch,
             3
         );
+        // The older process, still running beside it, does not take it back.
+        assert_eq!(two.acquire("store-1", 15_003).unwrap(), None);
         // A clean stop hands the store over at once.
         let held = restarted.acquire("store-1", 15_004).unwrap().unwrap();
         restarted.release(&held).unwrap();

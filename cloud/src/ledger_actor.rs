@@ -192,8 +192,7 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                     CloudReplyBody::Reconciled { results }
                 })
             }
-            HubRequestBody::AllowanceSync { after_account } => self
-                .ledger
+            HubRequestBody::AllowanceSync { after_account } => ledger
                 .allowances(&store_id, after_account.as_deref())
                 .map(|(allowances, next_after)| {
                     CloudReplyBody::Allowances(AllowanceBatch {
@@ -209,19 +208,16 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                         reversed,
                     })
             }
-            HubRequestBody::Post(protocol::PostBatch { posts }) => self
-                .ledger
+            HubRequestBody::Post(protocol::PostBatch { posts }) => ledger
                 .post_batch(&store_id, &posts)
                 .map(|posted| CloudReplyBody::Posted {
                     payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
                     posted,
                 }),
-            HubRequestBody::PaymentStatus { payment_id } => self
-                .ledger
+            HubRequestBody::PaymentStatus { payment_id } => ledger
                 .payment_status(&store_id, &payment_id)
                 .map(|status| CloudReplyBody::PaymentStatus { payment_id, status }),
-            HubRequestBody::KeySync { after_version } => self
-                .ledger
+            HubRequestBody::KeySync { after_version } => ledger
                 .keys_after(after_version)
                 .map(|(entries, more)| CloudReplyBody::Keys(KeyBatch { entries, more })),
             HubRequestBody::TemplateSync { .. }

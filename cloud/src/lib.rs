@@ -166,6 +166,11 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         "face templates in the identity index",
     );
     let index_path = config.data_dir.join("identity.faiss");
+    if config.database.backend == config::DatabaseBackend::Postgres {
+        // Other instances enrolled and erased while this one was away: its saved index may
+        // hold as many templates as the database and still be another set. Built afresh.
+        let _ = std::fs::remove_file(&index_path);
+    }
     let identity_config = config.identity.clone();
     let actor = tokio::task::spawn_blocking(move || {
         enroll::IdentityActor::open(store, index_path, identity_config, templates_gauge)

@@ -357,12 +357,13 @@ impl NatsCluster {
             logs: Vec::new(),
             nodes: nodes.clone(),
         };
+        let route_password: String = (0..40)
+            .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+            .collect();
         for node in &nodes {
             let config = dir.join(format!("{}.conf", node.name));
-            std::fs::write(
-                &config,
-                mqtt::nats::node_config(node, &nodes, &tls, clients)?,
-            )?;
+            let text = mqtt::nats::node_config(node, &nodes, &tls, clients, &route_password)?;
+            std::fs::write(&config, text)?;
             cluster.configs.push(config);
             cluster.logs.push(dir.join(format!("{}.log", node.name)));
             cluster.children.push(None);

@@ -102,6 +102,9 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
             format!("database.url={url:?}"),
             format!("fleet.instance=\"{n}\""),
             format!("fleet.lease_seconds={LEASE_SECONDS}"),
+            // One key seals the customers of the database for every instance: the first
+            // instance makes it, the others are given it.
+            format!("template_key_file={:?}", dir.join("templates.key")),
             "mqtt.reconnect_delay_ms=100".into(),
             "mqtt.reconnect_max_delay_ms=2000".into(),
         ];

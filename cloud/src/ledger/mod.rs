@@ -456,13 +456,14 @@ impl Ledger {
         fenced
     }
 
-    /// The stores' leases in the ledger's database, as instance `instance` ([`crate::leases`]).
+    /// The stores' leases in the ledger's database, as instance `instance` of a process started
+    /// now ([`crate::leases`]).
     pub fn leases(
         &self,
         instance: &str,
         ttl_ms: u64,
     ) -> Result<crate::leases::Leases, LedgerError> {
-        crate::leases::Leases::open(&self.db, instance, ttl_ms)
+        crate::leases::Leases::open(&self.db, instance, self.clock.now_ms(), ttl_ms)
     }
 
     /// Expires pending payments `ttl_ms` after they were applied.

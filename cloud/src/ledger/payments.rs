@@ -713,12 +713,23 @@ impl Ledger {
             let trees = (&self.accounts, &self.transfers, &self.nonces, &self.pending);
             let moved = unwrap_tx(trees.transaction(
                 |(accounts, transfers, nonces, pending)| -> TxResult<bool> {
-                    pending.remove(key.clone())?;
+                    // Decided from what the transaction reads, not from the scan: since the
+                    // scan, another writer (another instance, an attempt joining the payment)
+                    // may have moved the deadline on.
+                    if pending.remove(key.clone())?.is_none() {
+                        return Ok(false);
+                    }
                     let Some(existing) = transfers.get(payment_id.as_bytes())? else {
                         return Ok(false);
                     };
                     let mut existing: TransferRecord = decode(&existing);
                     if existing.voided || existing.posted || existing.offline {
+                        return Ok(false);
+                    }
+                    if existing
+                        .pending_until_ms
+                        .is_some_and(|until| until > now_ms)
+                    {
                         return Ok(false);
                     }
                     existing.expired_holders = existing.holders();

@@ -102,11 +102,12 @@ impl MqttConfig {
     }
 
     /// How long to wait before reconnection attempt `attempt` (0 for the first after a loss):
-    /// drawn at random up to the doubled delay, at least the base delay.
+    /// drawn at random between the base delay and twice it, doubled with each attempt (the first
+    /// attempt after a broker restart is the one a whole fleet makes at once).
     pub fn reconnect_pause(&self, attempt: u32) -> Duration {
         let ceiling = self
             .reconnect_delay_ms
-            .saturating_mul(1u64 << attempt.min(20))
+            .saturating_mul(1u64 << (attempt.min(20) + 1))
             .min(self.reconnect_max_delay_ms);
         let drawn = rand::random::<u64>() % (ceiling - self.reconnect_delay_ms + 1);
         Duration::from_millis(self.reconnect_delay_ms + drawn)
@@ -391,10 +392,8 @@ mod tests {
             reconnect_max_delay_ms: 1_000,
             ..MqttConfig::default()
         };
-        let pauses: Vec<Duration> = (0..200).map(|_| config.reconnect_pause(0)).collect();
-        assert!(pauses.iter().all(|p| *p == Duration::from_millis(100)));
-        for attempt in [1, 3, 10, 40] {
-            let ceiling = (100u64 << attempt.min(20)).min(1_000);
+        for attempt in [0, 1, 3, 10, 40] {
+            let ceiling = (100u64 << (attempt.min(20) + 1)).min(1_000);
             let pauses: Vec<u64> = (0..500)
                 .map(|_| config.reconnect_pause(attempt).as_millis() as u64)
                 .collect();

@@ -66,6 +66,8 @@ fn subscribe_subjects(topics: Vec<String>) -> Vec<String> {
     subjects
 }
 
+/// A user known by its certificate, on MQTT connections only: certificate-mapped users have no
+/// password, so on the NATS client port a bare user name would log in as them.
 fn user(
     common_name: &str,
     role: pki::Role,
@@ -77,7 +79,7 @@ fn user(
         .map(|t| protocol::topics::nats_subject(t))
         .collect();
     format!(
-        "    {{ user: \"CN={common_name},OU={role},O=facepay\", permissions: {{ publish: [{}], subscribe: [{}] }} }}\n",
+        "    {{ user: \"CN={common_name},OU={role},O=facepay\", allowed_connection_types: [\"MQTT\"], permissions: {{ publish: [{}], subscribe: [{}] }} }}\n",
         quoted(&publish),
         quoted(&subscribe_subjects(subscribe)),
         role = role.as_str(),
@@ -116,16 +118,28 @@ pub fn authorization(clients: &Clients) -> Result<String, pki::PkiError> {
 }
 
 /// The whole configuration of `node`, routed to every node of `cluster` (itself included is
-/// fine: NATS skips its own route).
+/// fine: NATS skips its own route). Nodes take each other's routes only with `route_password`
+/// besides a certificate of the fleet's CA: any fleet certificate (a stolen terminal's) would
+/// otherwise join the cluster and read everything.
 pub fn node_config(
     node: &NatsNode,
     cluster: &[NatsNode],
     tls: &BrokerTls,
     clients: &Clients,
+    route_password: &str,
 ) -> Result<String, pki::PkiError> {
+    if route_password.len() < 32
+        || !route_password
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(pki::PkiError::Invalid(
+            "the route password must be at least 32 letters, digits, '-' or '_'".into(),
+        ));
+    }
     let routes: Vec<String> = cluster
         .iter()
-        .map(|n| format!("nats-route://{}", n.cluster_listen))
+        .map(|n| format!("nats-route://route:{route_password}@{}", n.cluster_listen))
         .collect();
     let tls_block = |extra: &str| {
         format!(
@@ -141,7 +155,7 @@ pub fn node_config(
          server_name: {name:?}\n\
          listen: {client:?}\n\
          jetstream {{\n  store_dir: {store:?}\n}}\n\
-         cluster {{\n  name: \"facepay\"\n  listen: {cluster_listen:?}\n  routes: [{routes}]\n  {route_tls}\n}}\n\
+         cluster {{\n  name: \"facepay\"\n  listen: {cluster_listen:?}\n  authorization {{\n    user: \"route\"\n    password: {route_password:?}\n  }}\n  routes: [{routes}]\n  {route_tls}\n}}\n\
          mqtt {{\n  listen: {mqtt:?}\n  {mqtt_tls}\n  # A QoS 1 message unacknowledged this long is delivered again.\n  ack_wait: \"30s\"\n}}\n\
          {authorization}",
         name = node.name,
@@ -192,6 +206,28 @@ mod tests {
             assert!(cloud.contains("\"facepay.v1.stores.*.replies\""));
         }
         assert!(!text.contains("\"CN=cloud,"));
+        assert_eq!(
+            text.matches("allowed_connection_types: [\"MQTT\"]").count(),
+            4,
+            "every user on MQTT only"
+        );
+        let node = NatsNode {
+            name: "n1".into(),
+            mqtt_listen: "127.0.0.1:8883".into(),
+            cluster_listen: "127.0.0.1:6222".into(),
+            client_listen: "127.0.0.1:4222".into(),
+            store_dir: "/var/lib/nats".into(),
+        };
+        let tls = BrokerTls {
+            ca: "ca.pem".into(),
+            cert: "broker.pem".into(),
+            key: "broker.key".into(),
+        };
+        let password = "r".repeat(32);
+        let config = node_config(&node, &[node.clone()], &tls, &clients, &password).unwrap();
+        assert!(config.contains(&format!("nats-route://route:{password}@127.0.0.1:6222")));
+        assert!(config.contains("verify_and_map: true"));
+        assert!(node_config(&node, &[], &tls, &clients, "short").is_err());
         assert!(Clients {
             stores: vec!["a/b".into()],
             ..Clients::default()

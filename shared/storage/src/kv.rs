@@ -139,8 +139,9 @@ pub fn is_fenced(error: &sled::Error) -> bool {
     matches!(error, sled::Error::Unsupported(message) if message.starts_with(FENCED))
 }
 
-/// Where a database lives, as a tier's configuration names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a database lives, as a tier's configuration names it. Shown (and debugged) without the
+/// connection string's credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     /// sled, in this directory: one process at a time.
     Sled(std::path::PathBuf),
@@ -157,12 +158,34 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Sled(path) => write!(f, "{}", path.display()),
-            // The URL may carry a password: only its host part is shown.
-            Location::Postgres { url, schema } => {
-                let host = url.rsplit('@').next().unwrap_or(url);
-                write!(f, "postgresql {host} schema {schema}")
-            }
+            // The URL may carry a password (before the host, or as a parameter): only the
+            // hosts and the database are shown.
+            Location::Postgres { url, schema } => match url.parse::<postgres::Config>() {
+                Ok(config) => {
+                    let hosts: Vec<String> = config
+                        .get_hosts()
+                        .iter()
+                        .map(|host| match host {
+                            postgres::config::Host::Tcp(name) => name.clone(),
+                            postgres::config::Host::Unix(path) => path.display().to_string(),
+                        })
+                        .collect();
+                    write!(
+                        f,
+                        "postgresql {} database {} schema {schema}",
+                        hosts.join(","),
+                        config.get_dbname().unwrap_or("(default)")
+                    )
+                }
+                Err(_) => write!(f, "postgresql (a connection string that does not parse)"),
+            },
         }
+    }
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
     }
 }
 
@@ -940,6 +963,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sled = Db::open(dir.path()).unwrap().open_tree("data").unwrap();
         sled.fenced(&fence).insert("a", "x").unwrap();
+    }
+
+    #[test]
+    fn a_postgres_location_is_shown_without_its_credentials() {
+        for url in [
+            "postgresql://facepay:s3cret@db.example:5432/ledger",
+            "postgresql://db.example/ledger?user=facepay&password=s3cret",
+        ] {
+            let location = Location::Postgres {
+                url: url.into(),
+                schema: "facepay".into(),
+            };
+            for shown in [location.to_string(), format!("{location:?}")] {
+                assert!(!shown.contains("s3cret"), "{shown}");
+                assert!(
+                    shown.contains("db.example") && shown.contains("ledger"),
+                    "{shown}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -59,10 +59,12 @@ struct Conn {
     next_id: Statement,
 }
 
-/// A connection taken from the pool, given back when dropped unless it broke.
+/// A connection taken from the pool, given back when dropped unless it broke or is still in a
+/// transaction (a panic unwound through one): reused, it would answer from that transaction.
 struct Pooled {
     conn: Option<Conn>,
     shared: Arc<Shared>,
+    in_transaction: bool,
 }
 
 impl std::ops::Deref for Pooled {
@@ -81,7 +83,7 @@ impl std::ops::DerefMut for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if conn.client.is_closed() {
+            if conn.client.is_closed() || self.in_transaction {
                 return;
             }
             let mut idle = self.shared.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,6 +178,7 @@ impl PgDb {
         Ok(Pooled {
             conn: Some(conn),
             shared: Arc::clone(&self.shared),
+            in_transaction: false,
         })
     }
 
@@ -267,6 +270,7 @@ impl PgDb {
             conn.client
                 .batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
                 .map_err(|e| TransactionError::Storage(storage(e)))?;
+            conn.in_transaction = true;
             let tx = Rc::new(PgTx {
                 conn: RefCell::new(conn),
                 seen: RefCell::default(),
@@ -458,11 +462,16 @@ impl PgTx {
             conn.client.batch_execute("COMMIT")
         })();
         match outcome {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                conn.in_transaction = false;
+                Ok(())
+            }
             Err(error) => {
                 // A failed statement leaves the transaction aborted: end it before the
                 // connection is reused. A failed COMMIT has already ended it.
-                let _ = conn.client.batch_execute("ROLLBACK");
+                if conn.client.batch_execute("ROLLBACK").is_ok() {
+                    conn.in_transaction = false;
+                }
                 Err(unabortable(error))
             }
         }
@@ -470,7 +479,9 @@ impl PgTx {
 
     fn rollback(self) -> sled::Result<()> {
         let mut conn = self.conn.into_inner();
-        conn.client.batch_execute("ROLLBACK").map_err(storage)
+        conn.client.batch_execute("ROLLBACK").map_err(storage)?;
+        conn.in_transaction = false;
+        Ok(())
     }
 }
 

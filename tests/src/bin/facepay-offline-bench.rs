@@ -49,6 +49,13 @@ struct Cli {
     /// Online code payments to time at the edge.
     #[arg(long, default_value_t = 500)]
     edge_payments: usize,
+    /// The cloud's databases to reconcile into, one run each: sled, postgres (a server of the
+    /// bench's own, every commit flushed to disk).
+    #[arg(long, value_delimiter = ',', default_value = "sled,postgres")]
+    databases: Vec<String>,
+    /// Only the reconciliation runs (skip the latency measurements).
+    #[arg(long)]
+    reconciliation_only: bool,
 }
 
 fn eur() -> Currency {
@@ -62,9 +69,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = tempfile::tempdir()?;
-    authorization_latency(&cli, dir.path())?;
-    edge_payment_latency(&cli, &dir.path().join("online"))?;
-    reconciliation(&cli, dir.path())
+    if !cli.reconciliation_only {
+        authorization_latency(&cli, dir.path())?;
+        edge_payment_latency(&cli, &dir.path().join("online"))?;
+    }
+    for database in &cli.databases {
+        let postgres = match database.as_str() {
+            "sled" => None,
+            "postgres" => Some(pgtest::Postgres::start_durable().map_err(anyhow::Error::msg)?),
+            other => anyhow::bail!("--databases {other:?}: sled or postgres"),
+        };
+        reconciliation(
+            &cli,
+            &dir.path().join(database),
+            postgres.as_ref().map(|p| p.url()),
+        )?;
+    }
+    Ok(())
 }
 
 fn edge_payment_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
@@ -249,16 +270,37 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
     Ok(())
 }
 
-fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+/// Reconciliation into the cloud's sled ledger, or (`postgres`: its URL) PostgreSQL.
+fn reconciliation(
+    cli: &Cli,
+    dir: &std::path::Path,
+    postgres: Option<String>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let location = match &postgres {
+        Some(url) => storage::kv::Location::Postgres {
+            url: url.clone(),
+            schema: "facepay".into(),
+        },
+        None => storage::kv::Location::Sled(dir.join("cloud").join("ledger")),
+    };
+    let database = match &postgres {
+        Some(url) => vec![
+            "database.backend=\"postgres\"".to_string(),
+            format!("database.url={url:?}"),
+        ],
+        None => Vec::new(),
+    };
     // The accounts, and the grants the backlog was approved under (the cloud books each entry
     // against its grant): made in the cloud's ledger before the cloud starts, as online payments
     // at the store would have made them, under a policy that grants each account its share.
     let versions: Vec<u64> = {
-        let ledger = cloud::ledger::Ledger::open(&dir.join("cloud").join("ledger"))?
-            .with_offline_policy(cloud::ledger::OfflinePolicy {
+        let ledger = cloud::ledger::Ledger::open_at(&location)?.with_offline_policy(
+            cloud::ledger::OfflinePolicy {
                 store_allowance_minor: protocol::MAX_AMOUNT_MINOR,
                 account_cap_minor: protocol::MAX_AMOUNT_MINOR,
-            });
+            },
+        );
         let open = |id: &str, kind, balance| {
             ledger.open_account(&OpenAccount {
                 account_id: id.into(),
@@ -294,7 +336,7 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
         versions
     };
     let broker = Mosquitto::start(dir)?;
-    let cloud = start_cloud(&dir.join("cloud"), broker.port)?;
+    let cloud = tests::start_cloud_with(&dir.join("cloud"), broker.port, &database)?;
     let api = CloudApi::new(cloud.http_addr);
     // The backlog, signed with the hub's key, written into its journal before it starts.
     let hub_dir = dir.join("hub");
@@ -360,10 +402,16 @@ fn reconciliation(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
     );
     api.assert_books_balance()?;
     println!(
-        "reconciliation of {} offline payments over MQTT in batches of {}: hub ready in {:.1} s, \
-         journal empty {:.1} s later ({:.1} s in all); {} applied at the cloud, {:.0} payments/s",
+        "reconciliation of {} offline payments over MQTT in batches of {} into {}: hub ready in \
+         {:.1} s, journal empty {:.1} s later ({:.1} s in all); {} applied at the cloud, {:.0} \
+         payments/s",
         cli.backlog,
         cli.batch,
+        if postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "sled"
+        },
         ready.as_secs_f64(),
         draining.as_secs_f64(),
         took.as_secs_f64(),

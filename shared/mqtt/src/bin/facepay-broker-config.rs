@@ -34,6 +34,10 @@ struct Cli {
     /// Every cloud instance id (fleet.instance); none: the single `cloud`.
     #[arg(long, value_delimiter = ',')]
     cloud_instances: Vec<String>,
+    /// A file holding the password nodes take each other's routes with (the same on every
+    /// node; at least 32 letters, digits, '-' or '_'; readable by the broker only).
+    #[arg(long)]
+    route_password_file: PathBuf,
 }
 
 fn node(
@@ -75,6 +79,10 @@ fn main() -> anyhow::Result<()> {
         stores: cli.stores,
         cloud_instances: cli.cloud_instances,
     };
-    print!("{}", mqtt::nats::node_config(this, &nodes, &tls, &clients)?);
+    let password = std::fs::read_to_string(&cli.route_password_file)?;
+    print!(
+        "{}",
+        mqtt::nats::node_config(this, &nodes, &tls, &clients, password.trim())?
+    );
     Ok(())
 }
