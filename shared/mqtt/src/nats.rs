@@ -224,7 +224,14 @@ mod tests {
             key: "broker.key".into(),
         };
         let password = "r".repeat(32);
-        let config = node_config(&node, &[node.clone()], &tls, &clients, &password).unwrap();
+        let config = node_config(
+            &node,
+            std::slice::from_ref(&node),
+            &tls,
+            &clients,
+            &password,
+        )
+        .unwrap();
         assert!(config.contains(&format!("nats-route://route:{password}@127.0.0.1:6222")));
         assert!(config.contains("verify_and_map: true"));
         assert!(node_config(&node, &[], &tls, &clients, "short").is_err());
