@@ -61,6 +61,9 @@ struct Serving {
 /// The leases this instance holds, as last taken or renewed ([`crate::leases`]).
 struct LeaseCache {
     held: Mutex<HashMap<String, Held>>,
+    /// Stores another instance holds, until when (unless renewed): not asked about before then,
+    /// so the instances that do not serve a store do not each run a transaction per request.
+    elsewhere: Mutex<HashMap<String, u64>>,
     ttl_ms: u64,
     clock: clock::SharedClock,
 }
@@ -82,6 +85,15 @@ async fn lease_for(serving: &Serving, store_id: &str) -> Serve {
         return Serve::Alone;
     };
     let now_ms = cache.clock.now_ms();
+    if cache
+        .elsewhere
+        .lock()
+        .expect("not poisoned")
+        .get(store_id)
+        .is_some_and(|until| *until > now_ms)
+    {
+        return Serve::Elsewhere;
+    }
     if let Some(held) = cache.held.lock().expect("not poisoned").get(store_id) {
         if held.expires_at_ms.saturating_sub(now_ms) > cache.ttl_ms / 2 {
             return Serve::Held(held.clone());
@@ -93,7 +105,12 @@ async fn lease_for(serving: &Serving, store_id: &str) -> Serve {
 /// Takes or renews `store_id`'s lease and notes the outcome.
 async fn renew(serving: &Serving, cache: &LeaseCache, store_id: &str) -> Serve {
     match serving.ledger.send(AcquireLease(store_id.to_owned())).await {
-        Ok(Ok(Some(held))) => {
+        Ok(Ok(Ok(held))) => {
+            cache
+                .elsewhere
+                .lock()
+                .expect("not poisoned")
+                .remove(store_id);
             let mut all = cache.held.lock().expect("not poisoned");
             if all.get(store_id).is_none_or(|h| h.epoch != held.epoch) {
                 tracing::info!(store_id, epoch = held.epoch, "store's lease taken");
@@ -101,7 +118,12 @@ async fn renew(serving: &Serving, cache: &LeaseCache, store_id: &str) -> Serve {
             all.insert(store_id.to_owned(), held.clone());
             Serve::Held(held)
         }
-        Ok(Ok(None)) => {
+        Ok(Ok(Err(until_ms))) => {
+            cache
+                .elsewhere
+                .lock()
+                .expect("not poisoned")
+                .insert(store_id.to_owned(), until_ms);
             if cache
                 .held
                 .lock()
@@ -260,6 +282,7 @@ impl HubLinkActor {
             .expect("set before the link starts")
             .leases = Some(LeaseCache {
             held: Mutex::default(),
+            elsewhere: Mutex::default(),
             ttl_ms,
             clock,
         });

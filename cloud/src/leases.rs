@@ -92,6 +92,16 @@ impl Leases {
     /// Takes `store_id`'s lease, or renews it if this process holds it, at `now_ms`. `None`:
     /// another instance holds it and has not let it lapse.
     pub fn acquire(&self, store_id: &str, now_ms: u64) -> Result<Option<Held>, LedgerError> {
+        Ok(self.acquire_or_wait(store_id, now_ms)?.ok())
+    }
+
+    /// [`Leases::acquire`], telling, when another instance holds the lease, until when it runs
+    /// unless renewed: no need to ask again before then.
+    pub fn acquire_or_wait(
+        &self,
+        store_id: &str,
+        now_ms: u64,
+    ) -> Result<Result<Held, u64>, LedgerError> {
         let taken = (&self.leases, &self.holders).transaction(|(leases, holders)| {
             let current: Option<LeaseRecord> = leases
                 .get(store_id.as_bytes())?
@@ -108,7 +118,7 @@ impl Leases {
                             || (c.started_at_ms, &c.process)
                                 > (self.started_at_ms, &self.process)) =>
                 {
-                    return Ok(None)
+                    return Ok(Err(c.expires_at_ms))
                 }
                 Some(c) => c.epoch + 1,
                 None => 1,
@@ -128,7 +138,7 @@ impl Leases {
             if current.as_ref().map(|c| c.epoch) != Some(epoch) {
                 holders.insert(store_id.as_bytes(), holder.as_bytes())?;
             }
-            Ok::<_, ConflictableTransactionError<LedgerError>>(Some(Held {
+            Ok::<_, ConflictableTransactionError<LedgerError>>(Ok(Held {
                 store_id: store_id.to_owned(),
                 epoch,
                 expires_at_ms: record.expires_at_ms,

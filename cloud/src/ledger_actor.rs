@@ -361,21 +361,21 @@ impl Handler<ExpirePending> for LedgerActor {
     }
 }
 
-/// Take a store's lease, or renew it if this process holds it: `None` when another instance
-/// holds it. Answered `Err` only by a storage failure.
+/// Take a store's lease, or renew it if this process holds it: `Err(until)` when another
+/// instance holds it, until when unless renewed. Answered `Err` only by a storage failure.
 #[derive(Message)]
-#[rtype(result = "Result<Option<crate::leases::Held>, LedgerError>")]
+#[rtype(result = "Result<Result<crate::leases::Held, u64>, LedgerError>")]
 pub struct AcquireLease(pub String);
 
 impl Handler<AcquireLease> for LedgerActor {
-    type Result = Result<Option<crate::leases::Held>, LedgerError>;
+    type Result = Result<Result<crate::leases::Held, u64>, LedgerError>;
     fn handle(&mut self, msg: AcquireLease, _: &mut Self::Context) -> Self::Result {
         let Some(leases) = &self.leases else {
             return Err(LedgerError::Invalid(
                 "this cloud has no leases: it is the only instance".into(),
             ));
         };
-        leases.acquire(&msg.0, self.ledger.clock().now_ms())
+        leases.acquire_or_wait(&msg.0, self.ledger.clock().now_ms())
     }
 }
 
