@@ -104,6 +104,9 @@ pub struct DatabaseConfig {
     pub url: Option<String>,
     /// The PostgreSQL schema holding the cloud's tables (`postgres` only).
     pub schema: String,
+    /// Reach PostgreSQL over TLS, presenting this instance's certificate and trusting only a
+    /// `database` certificate of the fleet's CA (`postgres` only).
+    pub tls: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -112,6 +115,7 @@ impl Default for DatabaseConfig {
             backend: DatabaseBackend::Sled,
             url: None,
             schema: "facepay".into(),
+            tls: true,
         }
     }
 }
@@ -142,6 +146,8 @@ impl CloudConfig {
             DatabaseBackend::Postgres => storage::kv::Location::Postgres {
                 url: self.database.url.clone().unwrap_or_default(),
                 schema: self.database.schema.clone(),
+                // Set from the instance's TLS identity at start (`database.tls`).
+                tls: None,
             },
         }
     }

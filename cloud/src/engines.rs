@@ -47,6 +47,7 @@ pub fn location(dir: &Path) -> Location {
             Location::Postgres {
                 url: pgtest::shared().url(),
                 schema,
+                tls: None,
             }
         }
     }

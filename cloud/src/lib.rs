@@ -104,8 +104,17 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     // Opened off the async thread: PostgreSQL's client blocks on a runtime of its own, which
     // cannot start inside actix's.
-    let (ledger_location, customers_location) =
-        (config.ledger_location(), config.customers_location());
+    // PostgreSQL over TLS: this instance's certificate, only the fleet's `database` trusted.
+    let pg_tls = match config.database.tls {
+        true => Some(storage::kv::PgTls(std::sync::Arc::new(
+            tls.client_config_for(pki::Role::Database)?,
+        ))),
+        false => None,
+    };
+    let (ledger_location, customers_location) = (
+        config.ledger_location().with_tls(pg_tls.clone()),
+        config.customers_location().with_tls(pg_tls),
+    );
     let key_path = config.template_key_path();
     let (ledger, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let ledger = ledger::Ledger::open_at(&ledger_location)

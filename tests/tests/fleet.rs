@@ -91,8 +91,25 @@ fn a_fleet_on_a_broker_cluster_survives_losing_a_node_and_an_instance() {
 }
 
 fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
-    let postgres = pgtest::Postgres::start().unwrap();
+    // The fleet's database takes TCP clients only over TLS, with a cloud certificate.
+    ensure_identity(&pki::Identity::database()).unwrap();
+    let pki_dir = tests::test_pki();
+    let postgres = pgtest::Postgres::start_tls(&pgtest::ServerTls {
+        ca: pki_dir.join("ca.pem"),
+        cert: pki_dir.join("database.pem"),
+        key: pki_dir.join("database.key"),
+    })
+    .unwrap();
     let url = postgres.url();
+    let local = postgres.socket_url();
+    let plain = storage::kv::Db::postgres(&url, "facepay");
+    assert!(plain.is_err(), "a plain connection over TCP is refused");
+    ensure_identity(&pki::Identity::hub("store-1").unwrap()).unwrap();
+    let as_hub = tests::tls_identity("hub-store-1")
+        .and_then(|hub| Ok(hub.client_config_for(pki::Role::Database)?))
+        .unwrap();
+    let hub = storage::kv::Db::postgres_over(&url, "facepay", Some(std::sync::Arc::new(as_hub)));
+    assert!(hub.is_err(), "a hub's certificate does not log in");
     let mut clouds: BTreeMap<String, Service> = BTreeMap::new();
     for n in 1..=3 {
         ensure_identity(&pki::Identity::cloud_instance(&n.to_string()).unwrap()).unwrap();
@@ -181,7 +198,7 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
     }
     let holders: Vec<String> = ["store-1", "store-2"]
         .iter()
-        .map(|store| lease_holder(&url, store).expect("a store is leased once served"))
+        .map(|store| lease_holder(&local, store).expect("a store is leased once served"))
         .collect();
 
     // The instance serving store-1 dies at once; store-1's payments go on through another.
@@ -212,7 +229,7 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
         round("after", more, &mut heard);
     }
     let served_again = served_again.expect("loop ends once served");
-    let new_holder = lease_holder(&url, "store-1").expect("store-1 is leased");
+    let new_holder = lease_holder(&local, "store-1").expect("store-1 is leased");
     assert_ne!(new_holder, killed);
     assert!(clouds.contains_key(&new_holder), "{new_holder}");
     eprintln!(

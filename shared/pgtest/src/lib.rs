@@ -41,6 +41,26 @@ pub struct Postgres {
 /// What went wrong starting or stopping a server: the command and what it said.
 pub type Error = String;
 
+/// A TLS server's certificate files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The CA client certificates must chain to.
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+fn append(path: &Path, text: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("appending to {}: {e}", path.display()))
+}
+
 impl Postgres {
     /// Makes and starts a server with `fsync` off: a killed server loses nothing (the kernel
     /// keeps what it wrote), only a machine crash would, and tests never crash the machine.
@@ -54,7 +74,51 @@ impl Postgres {
         Self::start_with(true)
     }
 
+    /// Makes and starts a server that takes TCP clients only over TLS with a client certificate
+    /// (`hostssl ... cert`), as a fleet's database: its certificate is `tls`'s, and a client
+    /// certificate named `cloud` or `cloud:<instance>` logs in as [`USER`]. Local tools reach it
+    /// over its Unix socket ([`Postgres::socket_url`]).
+    pub fn start_tls(tls: &ServerTls) -> Result<Self, Error> {
+        let mut server = Self::make(false)?;
+        let data = server.dir.path().join("data");
+        for (from, to) in [
+            (&tls.cert, "server.crt"),
+            (&tls.key, "server.key"),
+            (&tls.ca, "ca.crt"),
+        ] {
+            std::fs::copy(from, data.join(to)).map_err(|e| format!("copying {from:?}: {e}"))?;
+        }
+        let settings = "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                        ssl_ca_file = 'ca.crt'\n";
+        append(&data.join("postgresql.conf"), settings)?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 cert map=fleet\n",
+        )
+        .map_err(|e| format!("writing pg_hba.conf: {e}"))?;
+        std::fs::write(
+            data.join("pg_ident.conf"),
+            format!("fleet /^cloud(:[A-Za-z0-9._-]+)?$ {USER}\n"),
+        )
+        .map_err(|e| format!("writing pg_ident.conf: {e}"))?;
+        if as_root() {
+            run(Command::new("chown").args(["-R", "postgres"]).arg(&data))?;
+        }
+        run(Command::new("chmod")
+            .arg("600")
+            .arg(data.join("server.key")))?;
+        server.launch()?;
+        Ok(server)
+    }
+
     fn start_with(durable: bool) -> Result<Self, Error> {
+        let mut server = Self::make(durable)?;
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// initdb in a new directory.
+    fn make(durable: bool) -> Result<Self, Error> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("facepay-pg-")
@@ -67,21 +131,22 @@ impl Postgres {
             .arg("-D")
             .arg(dir.path().join("data"))
             .args(["-A", "trust", "-U", USER, "-E", "UTF8", "--no-sync"]))?;
-        let mut server = Postgres {
+        Ok(Postgres {
             port: 0,
             dir,
             bin,
             durable,
-        };
+        })
+    }
+
+    /// Starts the server made, on a free port, and creates [`DATABASE`].
+    fn launch(&mut self) -> Result<(), Error> {
         // A port free a moment ago may be taken by the time the server binds it: try others.
         let mut last = String::new();
         for _ in 0..5 {
-            server.port = free_port();
-            match server.start_server() {
-                Ok(()) => {
-                    server.create_database()?;
-                    return Ok(server);
-                }
+            self.port = free_port();
+            match self.start_server() {
+                Ok(()) => return self.create_database(),
                 Err(e) => last = e,
             }
         }
@@ -106,7 +171,9 @@ impl Postgres {
 
     fn create_database(&self) -> Result<(), Error> {
         run(postgres_command(&self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-U", USER])
             .arg(DATABASE))
     }
 
@@ -119,6 +186,16 @@ impl Postgres {
     pub fn url(&self) -> String {
         format!(
             "postgresql://{USER}@127.0.0.1:{}/{DATABASE}?connect_timeout=10",
+            self.port
+        )
+    }
+
+    /// A connection string for [`DATABASE`] as [`USER`] over the server's Unix socket (local
+    /// tools; a TLS-only server takes no plain TCP client).
+    pub fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user={USER} dbname={DATABASE} connect_timeout=10",
+            self.dir.path().display(),
             self.port
         )
     }

@@ -82,6 +82,8 @@ pub enum Role {
     Operator,
     /// An operator of the admin API who may only read.
     Viewer,
+    /// The fleet's PostgreSQL server (the cloud's database).
+    Database,
 }
 
 impl Role {
@@ -94,6 +96,7 @@ impl Role {
             Role::Edge => "edge",
             Role::Operator => "operator",
             Role::Viewer => "viewer",
+            Role::Database => "database",
         }
     }
 
@@ -106,6 +109,7 @@ impl Role {
             Role::Edge,
             Role::Operator,
             Role::Viewer,
+            Role::Database,
         ]
         .into_iter()
         .find(|r| r.as_str() == text)
@@ -113,7 +117,7 @@ impl Role {
 }
 
 /// Names a hub certificate may not take as a store id: they are other identities' common names.
-pub const RESERVED_STORE_IDS: [&str; 3] = ["cloud", "broker", "operator"];
+pub const RESERVED_STORE_IDS: [&str; 4] = ["cloud", "broker", "operator", "database"];
 
 /// One certificate's holder: its file name in the PKI directory, its common name and its role.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +151,16 @@ impl Identity {
             common_name: format!("cloud:{instance}"),
             role: Role::Cloud,
         })
+    }
+
+    /// The fleet's PostgreSQL server: cloud instances reach their database over TLS and trust
+    /// only this certificate's role there.
+    pub fn database() -> Self {
+        Identity {
+            name: "database".into(),
+            common_name: "database".into(),
+            role: Role::Database,
+        }
     }
 
     /// The MQTT broker.

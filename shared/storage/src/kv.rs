@@ -151,7 +151,38 @@ pub enum Location {
         url: String,
         /// The schema holding the tables (a lowercase identifier).
         schema: String,
+        /// TLS to the server (required, the server's certificate checked, this process's
+        /// presented); `None`: plain, for a server on this machine's loopback only.
+        tls: Option<PgTls>,
     },
+}
+
+/// The TLS a PostgreSQL connection is made with.
+#[derive(Clone)]
+pub struct PgTls(pub Arc<rustls::ClientConfig>);
+
+impl PartialEq for PgTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PgTls {}
+
+impl std::fmt::Debug for PgTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgTls")
+    }
+}
+
+impl Location {
+    /// This location, reached over `tls` when it is PostgreSQL's.
+    pub fn with_tls(self, tls: Option<PgTls>) -> Self {
+        match self {
+            Location::Postgres { url, schema, .. } => Location::Postgres { url, schema, tls },
+            sled => sled,
+        }
+    }
 }
 
 impl std::fmt::Display for Location {
@@ -160,7 +191,7 @@ impl std::fmt::Display for Location {
             Location::Sled(path) => write!(f, "{}", path.display()),
             // The URL may carry a password (before the host, or as a parameter): only the
             // hosts and the database are shown.
-            Location::Postgres { url, schema } => match url.parse::<postgres::Config>() {
+            Location::Postgres { url, schema, tls } => match url.parse::<postgres::Config>() {
                 Ok(config) => {
                     let hosts: Vec<String> = config
                         .get_hosts()
@@ -172,9 +203,10 @@ impl std::fmt::Display for Location {
                         .collect();
                     write!(
                         f,
-                        "postgresql {} database {} schema {schema}",
+                        "postgresql {} database {} schema {schema}{}",
                         hosts.join(","),
-                        config.get_dbname().unwrap_or("(default)")
+                        config.get_dbname().unwrap_or("(default)"),
+                        if tls.is_some() { " over TLS" } else { "" }
                     )
                 }
                 Err(_) => write!(f, "postgresql (a connection string that does not parse)"),
@@ -230,7 +262,9 @@ impl Db {
     pub fn open_at(location: &Location) -> Result<Db> {
         match location {
             Location::Sled(path) => Db::open(path),
-            Location::Postgres { url, schema } => Db::postgres(url, schema),
+            Location::Postgres { url, schema, tls } => {
+                Db::postgres_over(url, schema, tls.as_ref().map(|t| Arc::clone(&t.0)))
+            }
         }
     }
 
@@ -238,7 +272,17 @@ impl Db {
     /// `schema` in the database at `url` (see [`crate::pg`]). Several processes may open the same
     /// one at once; their transactions are serializable.
     pub fn postgres(url: &str, schema: &str) -> Result<Db> {
-        let db = PgDb::open(url, schema)?;
+        Self::postgres_over(url, schema, None)
+    }
+
+    /// [`Db::postgres`] over TLS when `tls` is given (required: never plain, whatever the
+    /// server offers).
+    pub fn postgres_over(
+        url: &str,
+        schema: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Db> {
+        let db = PgDb::open(url, schema, tls)?;
         Ok(Db {
             default: Tree(TreeBackend::Postgres {
                 db: db.clone(),
@@ -974,6 +1018,7 @@ mod tests {
             let location = Location::Postgres {
                 url: url.into(),
                 schema: "facepay".into(),
+                tls: None,
             };
             for shown in [location.to_string(), format!("{location:?}")] {
                 assert!(!shown.contains("s3cret"), "{shown}");

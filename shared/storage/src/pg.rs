@@ -47,6 +47,7 @@ pub(crate) struct PgDb {
 struct Shared {
     url: String,
     schema: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -94,6 +95,23 @@ impl Drop for Pooled {
     }
 }
 
+/// A connection to the server at `url`: over `tls` when given, TLS then required whatever the
+/// connection string says (no plain fallback); plain otherwise.
+fn connect(url: &str, tls: &Option<Arc<rustls::ClientConfig>>) -> sled::Result<Client> {
+    let mut config: postgres::Config = url.parse().map_err(storage)?;
+    match tls {
+        Some(tls) => {
+            config.ssl_mode(postgres::config::SslMode::Require);
+            config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                    (**tls).clone(),
+                ))
+                .map_err(storage)
+        }
+        None => config.connect(NoTls).map_err(storage),
+    }
+}
+
 /// A storage error from PostgreSQL's, as sled's error type carries it.
 fn storage(error: impl std::fmt::Display) -> sled::Error {
     sled::Error::Io(std::io::Error::other(format!("postgresql: {error}")))
@@ -129,13 +147,17 @@ fn valid_schema(schema: &str) -> bool {
 impl PgDb {
     /// Connects to the database at `url` and makes `schema`'s table and sequence if they are
     /// not there yet (several processes may do so at once: a lock in the server orders them).
-    pub(crate) fn open(url: &str, schema: &str) -> sled::Result<PgDb> {
+    pub(crate) fn open(
+        url: &str,
+        schema: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> sled::Result<PgDb> {
         if !valid_schema(schema) {
             return Err(sled::Error::Unsupported(format!(
                 "postgresql schema {schema:?} is not a lowercase identifier"
             )));
         }
-        let mut client = Client::connect(url, NoTls).map_err(storage)?;
+        let mut client = connect(url, &tls)?;
         // A fixed lock key: schema creation is rare and brief, one at a time is enough.
         client
             .batch_execute(&format!(
@@ -154,6 +176,7 @@ impl PgDb {
         let shared = Arc::new(Shared {
             url: url.to_owned(),
             schema: schema.to_owned(),
+            tls,
             idle: Mutex::new(Vec::new()),
         });
         let conn = Conn::prepare(client, schema)?;
@@ -171,7 +194,7 @@ impl PgDb {
         let conn = match idle {
             Some(conn) => conn,
             None => {
-                let client = Client::connect(&self.shared.url, NoTls).map_err(storage)?;
+                let client = connect(&self.shared.url, &self.shared.tls)?;
                 Conn::prepare(client, &self.shared.schema)?
             }
         };

@@ -281,6 +281,7 @@ fn reconciliation(
         Some(url) => storage::kv::Location::Postgres {
             url: url.clone(),
             schema: "facepay".into(),
+            tls: None,
         },
         None => storage::kv::Location::Sled(dir.join("cloud").join("ledger")),
     };

@@ -71,6 +71,8 @@ enum Who {
     },
     /// The MQTT broker (broker.pem).
     Broker,
+    /// The cloud's PostgreSQL server (database.pem).
+    Database,
     /// A store's hub (hub-<store>.pem); its identity is the store id.
     Hub {
         /// The store id.
@@ -101,6 +103,7 @@ fn identity(who: &Who) -> anyhow::Result<Identity> {
             instance: Some(instance),
         } => Identity::cloud_instance(instance)?,
         Who::Broker => Identity::broker(),
+        Who::Database => Identity::database(),
         Who::Hub { store_id } => Identity::hub(store_id)?,
         Who::Edge {
             store_id,
@@ -160,6 +163,7 @@ fn main() -> anyhow::Result<()> {
             let mut identities = vec![
                 Identity::cloud(),
                 Identity::broker(),
+                Identity::database(),
                 Identity::operator(None, Role::Operator)?,
                 Identity::operator(Some("viewer"), Role::Viewer)?,
             ];
