@@ -588,9 +588,9 @@ mod tests {
         })
     }
 
-    #[test]
-    fn duplicates_look_alikes_identify_and_erasure_for_every_index_type() {
-        for kind in [
+    /// One small index of each kind.
+    fn every_index_kind() -> [IndexKind; 3] {
+        [
             IndexKind::Flat,
             IndexKind::Ivf {
                 nlist: 4,
@@ -600,7 +600,12 @@ mod tests {
                 m: 16,
                 ef_search: 32,
             },
-        ] {
+        ]
+    }
+
+    #[test]
+    fn duplicates_look_alikes_identify_and_erasure_for_every_index_type() {
+        for kind in every_index_kind() {
             let dir = tempfile::tempdir().unwrap();
             let store =
                 CustomerStore::open(&dir.path().join("db"), &dir.path().join("k.key")).unwrap();
@@ -692,17 +697,7 @@ mod tests {
     /// Two instances on one store: the enrollments and erasures one makes reach the other's
     /// index through the change log, and applying the log again changes nothing.
     fn an_instances_index_follows_what_another_enrolls_and_erases() {
-        for kind in [
-            IndexKind::Flat,
-            IndexKind::Ivf {
-                nlist: 4,
-                nprobe: 4,
-            },
-            IndexKind::Hnsw {
-                m: 16,
-                ef_search: 32,
-            },
-        ] {
+        for kind in every_index_kind() {
             let dir = tempfile::tempdir().unwrap();
             let location = crate::engines::location(&dir.path().join("db"));
             let store = CustomerStore::open_at(&location, &dir.path().join("k.key")).unwrap();
