@@ -50,6 +50,42 @@ pub struct CheckoutActor {
     /// What customers showed in the verifications of open tokens and challenges, newest last:
     /// a token's charge attests it.
     shown: Shown,
+    /// Orders whose charge reached the hub without an outcome the register heard (it heard
+    /// "unknown"): until the hub answers for one, a refusal decided here (no hub reachable, no
+    /// code shown, the terminal busy) is no decline of the order, which may be paid.
+    unsettled: Unsettled,
+}
+
+/// Most orders with an unknown outcome a terminal remembers ([`CheckoutActor`]): far more than a
+/// register leaves open at once.
+pub const MAX_UNSETTLED: usize = 1024;
+
+/// Orders whose outcome the register heard as unknown, oldest first, at most [`MAX_UNSETTLED`].
+#[derive(Debug, Default)]
+pub struct Unsettled(std::collections::VecDeque<OrderId>);
+
+impl Unsettled {
+    /// Whether `order_id`'s outcome is still unknown to its register.
+    pub fn contains(&self, order_id: &str) -> bool {
+        self.0.iter().any(|o| o.as_str() == order_id)
+    }
+
+    /// Notes what the register heard of `order_id`: unknown (kept), or an outcome from the hub
+    /// (forgotten).
+    pub fn heard(&mut self, order_id: &str, status: ChargeStatus, from_hub: bool) {
+        match status {
+            ChargeStatus::Unknown if !self.contains(order_id) => {
+                if self.0.len() == MAX_UNSETTLED {
+                    self.0.pop_front();
+                }
+                self.0.push_back(order_id.into());
+            }
+            ChargeStatus::Approved | ChargeStatus::Declined if from_hub => {
+                self.0.retain(|o| o.as_str() != order_id)
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Most verifications whose evidence a terminal keeps for their charge.
@@ -180,6 +216,7 @@ impl CheckoutActor {
             charging: None,
             signer,
             shown: Shown::default(),
+            unsettled: Unsettled::default(),
         }
     }
 }
@@ -285,7 +322,9 @@ impl Handler<Charge> for CheckoutActor {
         let order_id = request.order_id.clone();
         let refuse = |actor: &mut Self, decision: Decision| {
             actor.metrics.outcome(decision.reason(), started.elapsed());
-            Box::pin(fut::ready(result(&order_id, None, decision, true))) as Self::Result
+            // Refused here, before the hub: no outcome of an order that may already be paid.
+            let known = !actor.unsettled.contains(&order_id);
+            Box::pin(fut::ready(result(&order_id, None, decision, known))) as Self::Result
         };
         let (amount_minor, currency) = match validate_charge(&request) {
             Ok(v) => v,
@@ -337,6 +376,9 @@ impl Handler<Charge> for CheckoutActor {
         // Whether the hub approved alone (the cloud unreachable): reported to the register.
         let offline = std::rc::Rc::new(std::cell::Cell::new(false));
         let offline_seen = offline.clone();
+        // Whether the hub answered for this order (else the outcome was decided here).
+        let answered = std::rc::Rc::new(std::cell::Cell::new(false));
+        let answered_seen = answered.clone();
         let session = async move {
             let token = request.token.clone();
             let proof = match (scan, request.token.clone()) {
@@ -409,6 +451,7 @@ impl Handler<Charge> for CheckoutActor {
             match hub.authorize(&request).await {
                 Ok(reply) if reply.payment_id == pid => {
                     offline_seen.set(reply.offline);
+                    answered_seen.set(true);
                     (reply.decision, true)
                 }
                 Ok(reply) => match reply.decision {
@@ -443,10 +486,17 @@ impl Handler<Charge> for CheckoutActor {
                         actor.charging = None;
                     }
                     actor.metrics.outcome(decision.reason(), started.elapsed());
-                    ChargeResult {
+                    // A refusal decided here (no hub reachable, no code seen) of an order whose
+                    // earlier charge may have been paid tells nothing of that charge.
+                    let known = known && (answered.get() || !actor.unsettled.contains(&order_id));
+                    let heard = ChargeResult {
                         offline: offline.get(),
                         ..result(&order_id, Some(payment_id), decision, known)
-                    }
+                    };
+                    actor
+                        .unsettled
+                        .heard(&order_id, heard.status, answered.get());
+                    heard
                 }),
         )
     }
@@ -597,6 +647,26 @@ impl Handler<AnswerSecondFactor> for CheckoutActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An order the register heard "unknown" for stays unknown until the hub answers for it: a
+    /// refusal decided at the terminal (no hub, no code) settles nothing.
+    #[test]
+    fn an_order_heard_unknown_stays_unknown_until_the_hub_answers_for_it() {
+        let mut unsettled = Unsettled::default();
+        unsettled.heard("o1", ChargeStatus::Unknown, false);
+        unsettled.heard("o1", ChargeStatus::Unknown, true);
+        assert!(unsettled.contains("o1"));
+        assert_eq!(unsettled.0.len(), 1);
+        unsettled.heard("o1", ChargeStatus::Declined, false);
+        assert!(unsettled.contains("o1"), "a local refusal settles nothing");
+        unsettled.heard("o1", ChargeStatus::Approved, true);
+        assert!(!unsettled.contains("o1"));
+        for n in 0..=MAX_UNSETTLED {
+            unsettled.heard(&format!("o{n}"), ChargeStatus::Unknown, false);
+        }
+        assert_eq!(unsettled.0.len(), MAX_UNSETTLED);
+        assert!(!unsettled.contains("o0") && unsettled.contains("o1"));
+    }
     use serde_json::json;
 
     fn check(
