@@ -1090,8 +1090,8 @@ fn key_files_in_a_new_pki_are_owner_only() {
             assert_eq!(mode, 0o600, "{}", path.display());
         }
     }
-    // CA, cloud, broker, operator, viewer, two hubs, two terminals.
-    assert_eq!(keys, 9);
+    // CA, cloud, broker, database, operator, viewer, two hubs, two terminals.
+    assert_eq!(keys, 10);
     for name in [
         "ca.pem",
         "crl.pem",

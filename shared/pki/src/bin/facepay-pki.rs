@@ -38,7 +38,8 @@ enum Command {
         ip: Vec<IpAddr>,
     },
     /// Everything a demo or a test fleet needs: the CA (if missing), the cloud, the broker, the
-    /// default operator, a read-only operator `viewer`, and a hub and terminals per store.
+    /// database, the default operator, a read-only operator `viewer`, and a hub and terminals
+    /// per store.
     Fleet {
         /// Store ids.
         #[arg(long, value_delimiter = ',', default_value = "store-1")]
