@@ -326,8 +326,23 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` nodes routed to each other, for `clients`.
+    /// Starts `size` nodes routed to each other, for `clients`. Ports free a moment ago may be
+    /// taken by the time a node binds them: a cluster that does not come up is started again on
+    /// other ports (three times at most), the last failure naming what the node logged.
     pub fn start(dir: &Path, size: usize, clients: &mqtt::nats::Clients) -> anyhow::Result<Self> {
+        let mut last = None;
+        for attempt in 0..3 {
+            let attempt_dir = dir.join(format!("nats-attempt-{attempt}"));
+            std::fs::create_dir_all(&attempt_dir)?;
+            match Self::start_once(&attempt_dir, size, clients) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
+    }
+
+    fn start_once(dir: &Path, size: usize, clients: &mqtt::nats::Clients) -> anyhow::Result<Self> {
         let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -371,8 +386,26 @@ impl NatsCluster {
         for n in 0..size {
             cluster.spawn(binary, n)?;
         }
-        for port in &cluster.mqtt_ports {
-            wait_for_port(*port, Duration::from_secs(20))?;
+        for n in 0..size {
+            if let Err(e) = wait_for_port(cluster.mqtt_ports[n], Duration::from_secs(20)) {
+                let log = std::fs::read_to_string(&cluster.logs[n]).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!("{e}: nats node {n} logged {tail:?}");
+            }
+        }
+        // Sessions live in JetStream: clients are served once the cluster has elected the
+        // leader of its metadata (before, a session cannot be made).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster.logs.iter().any(|log| {
+            std::fs::read_to_string(log).is_ok_and(|text| {
+                text.contains("JetStream cluster new metadata leader")
+                    || text.contains("Self is new JetStream cluster metadata leader")
+            })
+        }) {
+            if Instant::now() > deadline {
+                bail!("the nats cluster elected no metadata leader in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         Ok(cluster)
     }

@@ -351,6 +351,22 @@ where
                 attempt = 0;
                 handler(LinkEvent::Connected).await;
             }
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                // A broker that could not take a subscription (a clustered broker still electing
+                // the leader of its session store) would leave this client deaf: connect again,
+                // which subscribes again.
+                tracing::warn!("the broker refused a subscription; connecting again");
+                link.eventloop.clean();
+                connected = false;
+                handler(LinkEvent::Disconnected("subscription refused".into())).await;
+                tokio::time::sleep(link.config.reconnect_pause(attempt)).await;
+                attempt = attempt.saturating_add(1);
+            }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let topic = publish.topic.clone();
                 let event = match link.open(&topic, &publish.payload) {
