@@ -102,8 +102,6 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    // Opened off the async thread: PostgreSQL's client blocks on a runtime of its own, which
-    // cannot start inside actix's.
     // PostgreSQL over TLS: this instance's certificate, only the fleet's `database` trusted.
     let pg_tls = match config.database.tls {
         true => Some(storage::kv::PgTls(std::sync::Arc::new(
@@ -116,6 +114,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         config.customers_location().with_tls(pg_tls),
     );
     let key_path = config.template_key_path();
+    // Opened off the async thread: PostgreSQL's client blocks on a runtime of its own, which
+    // cannot start inside actix's.
     let (ledger, store) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let ledger = ledger::Ledger::open_at(&ledger_location)
             .with_context(|| format!("opening the ledger at {ledger_location}"))?;

@@ -286,10 +286,16 @@ fn reconciliation(
         None => storage::kv::Location::Sled(dir.join("cloud").join("ledger")),
     };
     let database = match &postgres {
-        Some(url) => vec![
-            "database.backend=\"postgres\"".to_string(),
-            format!("database.url={url:?}"),
-        ],
+        Some(url) => {
+            // One instance of a fleet, on the bench's own server on loopback (plain).
+            tests::ensure_identity(&pki::Identity::cloud_instance("1")?)?;
+            vec![
+                "database.backend=\"postgres\"".to_string(),
+                format!("database.url={url:?}"),
+                "database.tls=false".into(),
+                "fleet.instance=\"1\"".into(),
+            ]
+        }
         None => Vec::new(),
     };
     // The accounts, and the grants the backlog was approved under (the cloud books each entry
