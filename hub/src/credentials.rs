@@ -25,6 +25,12 @@ use crate::{
 pub const CREDENTIALS_MAILBOX: usize = 256;
 /// Deadline of a key-sync request.
 pub const KEY_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first pause before a failed key sync is tried again: an answer lost (a cloud instance not
+/// subscribed yet, a broker failing over) must not leave the hub without keys until it
+/// reconnects.
+pub const KEY_SYNC_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest pause between tries of a failing key sync.
+pub const KEY_SYNC_RETRY_MAX: Duration = Duration::from_secs(60);
 /// How often expired tokens are dropped.
 pub const TOKEN_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -75,6 +81,8 @@ pub struct CredentialsActor {
     journal: JournalWorker,
     uplink: Option<Addr<UplinkActor>>,
     syncing: bool,
+    /// The pause before a failed key sync is tried again (doubling to [`KEY_SYNC_RETRY_MAX`]).
+    sync_retry: Duration,
     keys_gauge: prometheus::IntGauge,
 }
 
@@ -100,6 +108,7 @@ impl CredentialsActor {
             journal,
             uplink,
             syncing: false,
+            sync_retry: KEY_SYNC_RETRY_MIN,
             keys_gauge,
         };
         actor.apply_keys(stored);
@@ -166,6 +175,7 @@ impl CredentialsActor {
             actor.syncing = false;
             match result {
                 Ok(Ok(CloudReplyBody::Keys(batch))) => {
+                    actor.sync_retry = KEY_SYNC_RETRY_MIN;
                     let more = batch.more && !batch.entries.is_empty();
                     actor.keys_arrived(batch, ctx);
                     if more {
@@ -173,7 +183,12 @@ impl CredentialsActor {
                     }
                 }
                 Ok(Ok(other)) => tracing::warn!(?other, "unexpected answer to key sync"),
-                Ok(Err(error)) => tracing::warn!(%error, "key sync failed; retried on reconnect"),
+                Ok(Err(error)) => {
+                    let pause = actor.sync_retry;
+                    tracing::warn!(%error, ?pause, "key sync failed; tried again after a pause");
+                    actor.sync_retry = (pause * 2).min(KEY_SYNC_RETRY_MAX);
+                    ctx.run_later(pause, |actor, ctx| actor.sync_keys(ctx));
+                }
                 Err(error) => tracing::warn!(%error, "uplink unavailable for key sync"),
             }
         }));
