@@ -269,14 +269,7 @@ impl Validate for CloudConfig {
                 }
                 Some(_) => {}
             }
-            let schema = &self.database.schema;
-            if schema.is_empty()
-                || schema.len() > 63
-                || !schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-                || !schema
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            {
+            if !storage::valid_schema(&self.database.schema) {
                 return Err((
                     "database.schema".into(),
                     "must be a lowercase identifier (a-z, 0-9, _; at most 63 characters)".into(),

@@ -343,10 +343,7 @@ impl NatsCluster {
     }
 
     fn start_once(dir: &Path, size: usize, clients: &mqtt::nats::Clients) -> anyhow::Result<Self> {
-        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("nats-server is not installed (tests/install-deps.sh installs it)")?;
+        let binary = nats_binary()?;
         let pki = test_pki();
         let tls = mqtt::nats::BrokerTls {
             ca: pki.join("ca.pem"),
@@ -437,10 +434,7 @@ impl NatsCluster {
     /// Starts node `n` again with what it had on disk.
     pub fn restart(&mut self, n: usize) -> anyhow::Result<()> {
         self.kill(n);
-        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("nats-server is not installed")?;
+        let binary = nats_binary()?;
         self.spawn(binary, n)?;
         wait_for_port(self.mqtt_ports[n], Duration::from_secs(20))
     }
@@ -466,6 +460,14 @@ impl NatsCluster {
     pub fn failover_override(&self, first: usize) -> String {
         self.client_overrides(first).pop().expect("two overrides")
     }
+}
+
+/// Debian's `nats-server`.
+fn nats_binary() -> anyhow::Result<&'static str> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("nats-server is not installed (tests/install-deps.sh installs it)")
 }
 
 impl Drop for NatsCluster {

@@ -9,6 +9,8 @@
 
 pub mod kv;
 mod pg;
+
+pub use pg::valid_schema;
 pub mod seal;
 pub mod worker;
 

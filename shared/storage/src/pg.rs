@@ -135,7 +135,7 @@ fn unabortable(error: postgres::Error) -> UnabortableTransactionError {
 }
 
 /// Whether a schema name is a plain lowercase identifier: it is written into statements.
-fn valid_schema(schema: &str) -> bool {
+pub fn valid_schema(schema: &str) -> bool {
     !schema.is_empty()
         && schema.len() <= 63
         && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
