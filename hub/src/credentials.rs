@@ -182,16 +182,20 @@ impl CredentialsActor {
                         actor.sync_keys(ctx);
                     }
                 }
-                Ok(Ok(other)) => tracing::warn!(?other, "unexpected answer to key sync"),
-                Ok(Err(error)) => {
-                    let pause = actor.sync_retry;
-                    tracing::warn!(%error, ?pause, "key sync failed; tried again after a pause");
-                    actor.sync_retry = (pause * 2).min(KEY_SYNC_RETRY_MAX);
-                    ctx.run_later(pause, |actor, ctx| actor.sync_keys(ctx));
-                }
-                Err(error) => tracing::warn!(%error, "uplink unavailable for key sync"),
+                Ok(Ok(other)) => actor.retry_sync(format!("unexpected answer {other:?}"), ctx),
+                Ok(Err(error)) => actor.retry_sync(error.to_string(), ctx),
+                Err(error) => actor.retry_sync(format!("uplink unavailable: {error}"), ctx),
             }
         }));
+    }
+
+    /// Tries a failed key sync again after a pause (drawn between half and all of the current
+    /// one, so hubs that failed together do not retry together), doubling it for next time.
+    fn retry_sync(&mut self, why: String, ctx: &mut Context<Self>) {
+        let pause = self.sync_retry.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        tracing::warn!(why, ?pause, "key sync failed; tried again after a pause");
+        self.sync_retry = (self.sync_retry * 2).min(KEY_SYNC_RETRY_MAX);
+        ctx.run_later(pause, |actor, ctx| actor.sync_keys(ctx));
     }
 
     /// A payment code's form, signature (with the account's key) and validity window.

@@ -344,6 +344,9 @@ where
 {
     let mut connected = false;
     let mut attempt = 0;
+    // Refused subscriptions in a row: a connection that succeeds does not reset them (a broker
+    // refusing for good would otherwise be asked again at the shortest pause forever).
+    let mut refusals = 0;
     loop {
         match link.eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -364,9 +367,11 @@ where
                 link.eventloop.clean();
                 connected = false;
                 handler(LinkEvent::Disconnected("subscription refused".into())).await;
-                tokio::time::sleep(link.config.reconnect_pause(attempt)).await;
-                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(link.config.reconnect_pause(refusals)).await;
+                refusals = refusals.saturating_add(1);
+                link.fail_over();
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => refusals = 0,
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let topic = publish.topic.clone();
                 let event = match link.open(&topic, &publish.payload) {
