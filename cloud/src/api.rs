@@ -604,12 +604,15 @@ mod tests {
             prometheus::IntGauge::new("t", "t").unwrap(),
         )
         .unwrap();
+        let searcher = identity.searcher();
+        let searchers = actix::SyncArbiter::start(1, move || searcher.clone());
         let slot = std::sync::Mutex::new(Some(identity));
         let identity = actix::SyncArbiter::start(1, move || slot.lock().unwrap().take().unwrap());
         let link = actix::Actor::start(HubLinkActor::new(
             client,
             ledger.clone(),
             crate::bounded::Bounded::new(identity, 1),
+            crate::bounded::Bounded::new(searchers, 1),
             telemetry::PaymentMetrics::register(&prometheus::Registry::new(), "cloud"),
             prometheus::IntGauge::new("c", "c").unwrap(),
         ));

@@ -1,8 +1,11 @@
 //! The identity actor: owns the customer store and the FAISS identity index, on one dedicated
-//! thread (every change ends in a disk flush, and FAISS searches block).
+//! thread (every change ends in a disk flush). Hubs' 1:N searches run on a pool of their own
+//! ([`Searcher`]), reading the same index at once; a change takes it for itself only while it is
+//! applied, and a rebuild is built aside and swapped in.
 
 use std::{
     path::PathBuf,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant},
 };
 
@@ -45,6 +48,8 @@ pub struct IdentityConfig {
     /// `identify.accept_threshold`); below it, down to `one_to_one_threshold`, the terminal must
     /// attest the customer's right second-factor answer ([`crate::payer`]).
     pub face_accept_threshold: f32,
+    /// Threads answering hubs' 1:N searches, all reading one index at once (1 to 64).
+    pub search_threads: usize,
     /// Wrong second-factor answers, anywhere in the fleet, before face payment locks.
     pub free_failures: u32,
     /// The first lock, in seconds; it doubles with each further wrong answer.
@@ -61,6 +66,7 @@ impl Default for IdentityConfig {
             candidate_threshold: 0.3,
             one_to_one_threshold: 0.363,
             face_accept_threshold: 0.45,
+            search_threads: 2,
             free_failures: 3,
             lockout_base_seconds: 30,
             lockout_max_seconds: 3600,
@@ -80,6 +86,12 @@ impl IdentityConfig {
 
     /// Checks ranges; the error names the key.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(1..=64).contains(&self.search_threads) {
+            return Err((
+                "identity.search_threads".into(),
+                "must be from 1 to 64".into(),
+            ));
+        }
         if self.free_failures > 100 {
             return Err((
                 "identity.free_failures".into(),
@@ -145,10 +157,22 @@ pub enum EnrollError {
     Index(#[from] IdentityError),
 }
 
+/// The index, shared by the identity thread (its one writer) and the search threads.
+pub type SharedIndex = Arc<RwLock<IdentityIndex>>;
+
+fn read(index: &SharedIndex) -> RwLockReadGuard<'_, IdentityIndex> {
+    // A panic while holding the lock leaves the index as FAISS left it: still an index.
+    index.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(index: &SharedIndex) -> RwLockWriteGuard<'_, IdentityIndex> {
+    index.write().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Owns the store of record and the index.
 pub struct IdentityActor {
     store: CustomerStore,
-    index: IdentityIndex,
+    index: SharedIndex,
     index_path: PathBuf,
     sealer: storage::Sealer,
     config: IdentityConfig,
@@ -190,7 +214,7 @@ impl IdentityActor {
         gauge.set(index.len() as i64);
         Ok(IdentityActor {
             store,
-            index,
+            index: Arc::new(RwLock::new(index)),
             index_path,
             sealer,
             config,
@@ -202,16 +226,44 @@ impl IdentityActor {
         })
     }
 
+    /// A searcher over this actor's index and store, for the search pool.
+    pub fn searcher(&self) -> Searcher {
+        Searcher {
+            index: self.index.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+        }
+    }
+
+    /// Templates in the index.
+    pub fn index_len(&self) -> u64 {
+        read(&self.index).len()
+    }
+
+    /// Builds the index again from the store, aside (searches go on meanwhile on the old one),
+    /// then swaps it in.
     fn rebuild(&mut self) -> Result<(), EnrollError> {
         let templates = self.store.all_templates()?;
-        self.index = IdentityIndex::build(self.config.index, &templates)?;
+        let rebuilt = IdentityIndex::build(self.config.index, &templates)?;
+        *write(&self.index) = rebuilt;
         self.dirty = true;
         Ok(())
     }
 
     fn changed(&mut self) {
         self.dirty = true;
-        self.gauge.set(self.index.len() as i64);
+        if read(&self.index).outgrown() {
+            // An IVF trained while the fleet was small: its lists grow long, so searches slow
+            // down until it is trained again on what it holds now.
+            tracing::info!(
+                templates = self.index_len(),
+                "identity index outgrew its lists; rebuilding"
+            );
+            if let Err(error) = self.rebuild() {
+                tracing::warn!(%error, "rebuilding the outgrown identity index failed");
+            }
+        }
+        self.gauge.set(self.index_len() as i64);
         if self.saved_at.elapsed() >= SAVE_INTERVAL {
             self.save();
         }
@@ -221,7 +273,7 @@ impl IdentityActor {
         if !self.dirty {
             return;
         }
-        match self.index.save(&self.index_path, &self.sealer) {
+        match read(&self.index).save(&self.index_path, &self.sealer) {
             Ok(()) => {
                 self.dirty = false;
                 self.saved_at = Instant::now();
@@ -231,21 +283,27 @@ impl IdentityActor {
             }
         }
     }
+}
 
-    /// The best distinct customers for an embedding, best first, with their best score.
-    fn search(&mut self, embedding: &[f32], k: usize) -> Result<Vec<(String, f32)>, EnrollError> {
-        let hits = self.index.search(embedding, k)?;
-        let mut best: Vec<(String, f32)> = Vec::new();
-        for hit in hits {
-            let Some(owner) = self.store.owner_of(hit.template_id)? else {
-                continue; // removed since (HNSW keeps erased ids until its rebuild)
-            };
-            if !best.iter().any(|(id, _)| *id == owner) {
-                best.push((owner, hit.score));
-            }
+/// The best distinct customers for an embedding, best first, with their best score.
+fn best_customers(
+    index: &SharedIndex,
+    store: &CustomerStore,
+    embedding: &[f32],
+    k: usize,
+) -> Result<Vec<(String, f32)>, EnrollError> {
+    // The read lock is held only for the search itself.
+    let hits = read(index).search(embedding, k)?;
+    let mut best: Vec<(String, f32)> = Vec::new();
+    for hit in hits {
+        let Some(owner) = store.owner_of(hit.template_id)? else {
+            continue; // removed since (HNSW keeps erased ids until its rebuild)
+        };
+        if !best.iter().any(|(id, _)| *id == owner) {
+            best.push((owner, hit.score));
         }
-        Ok(best)
     }
+    Ok(best)
 }
 
 impl Actor for IdentityActor {
@@ -293,12 +351,12 @@ impl IdentityActor {
                     IndexChange::Templates(t) => t.iter().map(|(id, _)| *id).collect(),
                     IndexChange::Erased(ids) => ids.clone(),
                 };
-                match self.index.remove(&ids) {
+                let mut index = write(&self.index);
+                match index.remove(&ids) {
                     Ok(_) => {
                         if let IndexChange::Templates(templates) = change {
                             for (id, embedding) in templates {
-                                // An untrained IVF refuses: built below with the data there.
-                                rebuild |= self.index.add(*id, embedding).is_err();
+                                index.add(*id, embedding)?;
                             }
                         }
                     }
@@ -376,8 +434,10 @@ impl IdentityActor {
             return Err(CustomerError::NotFound(msg.customer_id).into());
         }
         // Search before insert: the same face under another account is a probable duplicate.
-        if !self.index.is_empty() {
-            for (owner, score) in self.search(&msg.embedding, SEARCH_K)? {
+        if self.index_len() > 0 {
+            for (owner, score) in
+                best_customers(&self.index, &self.store, &msg.embedding, SEARCH_K)?
+            {
                 if owner != msg.customer_id
                     && score >= self.config.duplicate_threshold
                     && !msg.look_alikes.contains(&owner)
@@ -394,10 +454,7 @@ impl IdentityActor {
         let (template_id, record) = self
             .store
             .add_template(&msg.customer_id, msg.embedding.clone())?;
-        if self.index.add(template_id, &msg.embedding).is_err() {
-            // An IVF index built while empty is untrained: build it with the data now there.
-            self.rebuild()?;
-        }
+        write(&self.index).add(template_id, &msg.embedding)?;
         self.changed();
         let added = FaceAdded {
             template_id,
@@ -428,7 +485,8 @@ impl IdentityActor {
     /// See [`EraseCustomer`].
     pub fn erase(&mut self, msg: EraseCustomer) -> Result<(usize, TemplateUpdate), EnrollError> {
         let (ids, version) = self.store.erase(&msg.0)?;
-        match self.index.remove(&ids) {
+        let removed = write(&self.index).remove(&ids);
+        match removed {
             Ok(_) => {}
             Err(IdentityError::RemoveUnsupported) => self.rebuild()?,
             Err(e) => return Err(e.into()),
@@ -453,7 +511,20 @@ impl IdentityActor {
 #[rtype(result = "Result<CloudIdentified, EnrollError>")]
 pub struct IdentifyCmd(pub CloudIdentify);
 
-impl Handler<IdentifyCmd> for IdentityActor {
+/// Answers hubs' identify requests; several run at once on one index (a `SyncArbiter` of
+/// `identity.search_threads`), apart from enrollment and from the ledger.
+#[derive(Clone)]
+pub struct Searcher {
+    index: SharedIndex,
+    store: CustomerStore,
+    config: IdentityConfig,
+}
+
+impl Actor for Searcher {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<IdentifyCmd> for Searcher {
     type Result = Result<CloudIdentified, EnrollError>;
     fn handle(&mut self, msg: IdentifyCmd, _: &mut Self::Context) -> Self::Result {
         self.identify(msg)
@@ -461,8 +532,15 @@ impl Handler<IdentifyCmd> for IdentityActor {
 }
 
 impl IdentityActor {
+    /// See [`IdentifyCmd`]; what a [`Searcher`] of this actor answers.
+    pub fn identify(&self, msg: IdentifyCmd) -> Result<CloudIdentified, EnrollError> {
+        self.searcher().identify(msg)
+    }
+}
+
+impl Searcher {
     /// See [`IdentifyCmd`].
-    pub fn identify(&mut self, msg: IdentifyCmd) -> Result<CloudIdentified, EnrollError> {
+    pub fn identify(&self, msg: IdentifyCmd) -> Result<CloudIdentified, EnrollError> {
         protocol::validate_embedding(&msg.0.embedding).map_err(CustomerError::Invalid)?;
         let entry = |store: &CustomerStore, id: &str| -> Result<Option<HotEntry>, EnrollError> {
             Ok(store.get(id)?.map(|r| r.hot_entry(id)))
@@ -479,14 +557,14 @@ impl IdentityActor {
                     .fold(f32::MIN, f32::max)
                     >= self.config.one_to_one_threshold
             })),
-            None if !self.index.is_empty() => {
-                for (owner, score) in self.search(&msg.0.embedding, SEARCH_K)?.into_iter().take(2) {
+            None => {
+                let best = best_customers(&self.index, &self.store, &msg.0.embedding, SEARCH_K)?;
+                for (owner, score) in best.into_iter().take(2) {
                     if score >= self.config.candidate_threshold {
                         candidates.extend(entry(&self.store, &owner)?);
                     }
                 }
             }
-            None => {}
         }
         Ok(CloudIdentified { candidates })
     }
@@ -737,12 +815,12 @@ mod tests {
                 search(&mut two, &probe).first().map(String::as_str),
                 Some("c3")
             );
-            assert_eq!(two.index.len(), 20, "{kind:?}");
+            assert_eq!(two.index_len(), 20, "{kind:?}");
             // Nothing new: nothing applied; the log applied again: the same index.
             assert_eq!(two.sync_index().unwrap(), 0);
             two.synced_version = 0;
             two.sync_index().unwrap();
-            assert_eq!(two.index.len(), 20, "{kind:?}: applying twice adds nothing");
+            assert_eq!(two.index_len(), 20, "{kind:?}: applying twice adds nothing");
 
             one.erase(EraseCustomer("c3".into())).unwrap();
             assert_eq!(two.sync_index().unwrap(), 1, "{kind:?}");
@@ -750,7 +828,7 @@ mod tests {
                 !search(&mut two, &probe).contains(&"c3".to_string()),
                 "{kind:?}"
             );
-            assert_eq!(two.index.len(), 19, "{kind:?}");
+            assert_eq!(two.index_len(), 19, "{kind:?}");
         }
     }
 

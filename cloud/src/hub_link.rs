@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     bounded::Bounded,
-    enroll::{FactorReportCmd, IdentifyCmd, IdentityActor, TemplateSyncCmd},
+    enroll::{FactorReportCmd, IdentifyCmd, IdentityActor, Searcher, TemplateSyncCmd},
     leases::Held,
     ledger_actor::{AcquireLease, ApplyHubRequest, ExpirePending, LedgerActor, ReadLedger},
 };
@@ -49,6 +49,8 @@ struct Serving {
     client: mqtt::Client,
     ledger: Bounded<LedgerActor>,
     identity: Bounded<IdentityActor>,
+    /// The 1:N search pool.
+    searchers: Bounded<Searcher>,
     metrics: PaymentMetrics,
     /// Stores with a merchant account: the only request topics served.
     known_stores: Mutex<HashSet<String>>,
@@ -244,11 +246,12 @@ pub struct HubLinkActor {
 }
 
 impl HubLinkActor {
-    /// A link over `client`, serving from the ledger and identity threads.
+    /// A link over `client`, serving from the ledger and identity threads and the search pool.
     pub fn new(
         client: mqtt::Client,
         ledger: Bounded<LedgerActor>,
         identity: Bounded<IdentityActor>,
+        searchers: Bounded<Searcher>,
         metrics: PaymentMetrics,
         connected: prometheus::IntGauge,
     ) -> Self {
@@ -257,6 +260,7 @@ impl HubLinkActor {
                 client,
                 ledger,
                 identity,
+                searchers,
                 metrics,
                 known_stores: Mutex::default(),
                 rates: StoreRates::default(),
@@ -512,7 +516,7 @@ async fn serve(serving: &Serving, request: HubRequest) {
             }
         }
         HubRequestBody::Identify(identify) => {
-            match serving.identity.send(IdentifyCmd(identify)).await {
+            match serving.searchers.send(IdentifyCmd(identify)).await {
                 Ok(Ok(found)) => CloudReplyBody::Identified(found),
                 Ok(Err(e)) => CloudReplyBody::Error {
                     detail: e.to_string(),

@@ -5,10 +5,11 @@
 //! rebuilt from the store of record whenever that file is missing, unreadable, or disagrees with
 //! the store about how many templates there are.
 
-use std::path::Path;
+use std::{path::Path, sync::Mutex};
 
 use faiss::{
-    index::autotune::ParameterSpace, index::IndexImpl, index_factory, Idx, Index, MetricType,
+    index::{autotune::ParameterSpace, ivf_flat::IVFFlatIndexImpl, IndexImpl},
+    index_factory, ConcurrentIndex, Idx, Index, MetricType,
 };
 use serde::{Deserialize, Serialize};
 use storage::Sealer;
@@ -31,13 +32,26 @@ pub enum IndexKind {
         /// Clusters searched per query.
         nprobe: usize,
     },
-    /// HNSW graph with `m` links per node. Cannot remove: erasure rebuilds it.
+    /// HNSW graph with `m` links per node. Cannot remove: erasure rebuilds it. Searched by one
+    /// thread at a time.
     Hnsw {
         /// Links per node.
         m: usize,
         /// Candidate list size at search time.
         ef_search: usize,
     },
+}
+
+impl IndexKind {
+    /// How many lists an IVF of `templates` templates is trained with: the configured number,
+    /// fewer while there are too few templates to train them. Exact search is one list.
+    fn lists_for(self, templates: usize) -> Option<usize> {
+        match self {
+            IndexKind::Flat => Some(1),
+            IndexKind::Ivf { nlist, .. } => Some(nlist.min(templates / IVF_POINTS_PER_LIST).max(1)),
+            IndexKind::Hnsw { .. } => None,
+        }
+    }
 }
 
 /// What went wrong in the identity index.
@@ -71,9 +85,19 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// The FAISS index and what it is.
+/// The FAISS structure behind an index.
+enum Faiss {
+    /// Inverted lists over flat vectors, ids stored in the lists. Exact search is one list
+    /// searched whole. FAISS searches these from any number of threads at once.
+    Ivf(IVFFlatIndexImpl),
+    /// An HNSW graph behind an id map; the FAISS crate offers no shared search for it.
+    Hnsw(Mutex<IndexImpl>),
+}
+
+/// The FAISS index and what it is. Searches take `&self`: many threads search one index at once
+/// (behind a read lock), while changes take `&mut self`.
 pub struct IdentityIndex {
-    index: IndexImpl,
+    faiss: Faiss,
     kind: IndexKind,
 }
 
@@ -94,48 +118,79 @@ impl IdentityIndex {
         for (_, v) in templates {
             check_dim(v)?;
         }
-        let description = match kind {
-            IndexKind::Flat => "IDMap,Flat".to_string(),
-            IndexKind::Ivf { nlist, .. } => {
-                let usable = (templates.len() / IVF_POINTS_PER_LIST).max(1);
-                format!("IVF{},Flat", nlist.min(usable).max(1))
-            }
-            IndexKind::Hnsw { m, .. } => format!("IDMap,HNSW{m}"),
-        };
-        let mut index = index_factory(EMBEDDING_DIM, description, MetricType::InnerProduct)?;
         let flat: Vec<f32> = templates
             .iter()
             .flat_map(|(_, v)| v.iter().copied())
             .collect();
-        if matches!(kind, IndexKind::Ivf { .. }) && !templates.is_empty() {
-            index.train(&flat)?;
-        }
         let ids: Vec<Idx> = templates.iter().map(|(id, _)| Idx::new(*id)).collect();
+        let faiss = match kind.lists_for(templates.len()) {
+            Some(lists) => {
+                let mut ivf = index_factory(
+                    EMBEDDING_DIM,
+                    format!("IVF{lists},Flat"),
+                    MetricType::InnerProduct,
+                )?
+                .into_ivf_flat()?;
+                if lists == 1 {
+                    // One list: every vector lands in it whatever its centroid.
+                    let mut any = vec![0.0; EMBEDDING_DIM as usize];
+                    any[0] = 1.0;
+                    ivf.train(&any)?;
+                } else {
+                    ivf.train(&flat)?;
+                }
+                Faiss::Ivf(ivf)
+            }
+            None => {
+                let IndexKind::Hnsw { m, .. } = kind else {
+                    unreachable!("only HNSW has no lists")
+                };
+                let graph = index_factory(
+                    EMBEDDING_DIM,
+                    format!("IDMap,HNSW{m}"),
+                    MetricType::InnerProduct,
+                )?;
+                Faiss::Hnsw(Mutex::new(graph))
+            }
+        };
+        let mut built = IdentityIndex { faiss, kind };
         if !templates.is_empty() {
-            index.add_with_ids(&flat, &ids)?;
+            built.add_many(&flat, &ids)?;
         }
-        let mut built = IdentityIndex { index, kind };
         built.apply_search_parameters()?;
         Ok(built)
     }
 
+    fn add_many(&mut self, flat: &[f32], ids: &[Idx]) -> Result<(), IdentityError> {
+        match &mut self.faiss {
+            Faiss::Ivf(ivf) => ivf.add_with_ids(flat, ids)?,
+            Faiss::Hnsw(graph) => graph
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .add_with_ids(flat, ids)?,
+        }
+        Ok(())
+    }
+
     fn apply_search_parameters(&mut self) -> Result<(), IdentityError> {
-        let space = ParameterSpace::new()?;
-        match self.kind {
-            IndexKind::Flat => {}
-            IndexKind::Ivf { nprobe, .. } => {
-                space.set_index_parameter(&self.index, "nprobe", nprobe as f64)?
+        match (&mut self.faiss, self.kind) {
+            (Faiss::Ivf(ivf), IndexKind::Ivf { nprobe, .. }) => ivf.set_nprobe(nprobe as u32),
+            (Faiss::Ivf(ivf), IndexKind::Flat) => ivf.set_nprobe(ivf.nlist()),
+            (Faiss::Hnsw(graph), IndexKind::Hnsw { ef_search, .. }) => {
+                let graph = graph.get_mut().unwrap_or_else(|p| p.into_inner());
+                ParameterSpace::new()?.set_index_parameter(&*graph, "efSearch", ef_search as f64)?
             }
-            IndexKind::Hnsw { ef_search, .. } => {
-                space.set_index_parameter(&self.index, "efSearch", ef_search as f64)?
-            }
+            _ => return Err(IdentityError::Faiss(faiss::error::Error::BadCast)),
         }
         Ok(())
     }
 
     /// Number of templates held.
     pub fn len(&self) -> u64 {
-        self.index.ntotal()
+        match &self.faiss {
+            Faiss::Ivf(ivf) => ivf.ntotal(),
+            Faiss::Hnsw(graph) => graph.lock().unwrap_or_else(|p| p.into_inner()).ntotal(),
+        }
     }
 
     /// Whether the index is empty.
@@ -143,28 +198,44 @@ impl IdentityIndex {
         self.len() == 0
     }
 
-    /// Adds one template. (An untrained IVF, built empty, must be rebuilt with data first.)
+    /// Whether this index was trained for far fewer templates than it now holds (an IVF built
+    /// while the fleet was small): searching it costs more and more until it is built again.
+    pub fn outgrown(&self) -> bool {
+        match &self.faiss {
+            Faiss::Ivf(ivf) => {
+                let wanted = self.kind.lists_for(self.len() as usize).unwrap_or(1);
+                (ivf.nlist() as usize) * 4 <= wanted
+            }
+            Faiss::Hnsw(_) => false,
+        }
+    }
+
+    /// Adds one template.
     pub fn add(&mut self, template_id: u64, embedding: &[f32]) -> Result<(), IdentityError> {
         check_dim(embedding)?;
-        self.index
-            .add_with_ids(embedding, &[Idx::new(template_id)])?;
-        Ok(())
+        self.add_many(embedding, &[Idx::new(template_id)])
     }
 
     /// Removes templates; returns how many were removed.
     pub fn remove(&mut self, template_ids: &[u64]) -> Result<usize, IdentityError> {
-        if matches!(self.kind, IndexKind::Hnsw { .. }) {
+        let Faiss::Ivf(ivf) = &mut self.faiss else {
             return Err(IdentityError::RemoveUnsupported);
-        }
+        };
         let ids: Vec<Idx> = template_ids.iter().map(|id| Idx::new(*id)).collect();
         let selector = faiss::selector::IdSelector::batch(&ids)?;
-        Ok(self.index.remove_ids(&selector)?)
+        Ok(ivf.remove_ids(&selector)?)
     }
 
-    /// The `k` most similar templates, best first.
-    pub fn search(&mut self, embedding: &[f32], k: usize) -> Result<Vec<Hit>, IdentityError> {
+    /// The `k` most similar templates, best first. Any number of threads may search at once.
+    pub fn search(&self, embedding: &[f32], k: usize) -> Result<Vec<Hit>, IdentityError> {
         check_dim(embedding)?;
-        let result = self.index.search(embedding, k)?;
+        let result = match &self.faiss {
+            Faiss::Ivf(ivf) => ConcurrentIndex::search(ivf, embedding, k)?,
+            Faiss::Hnsw(graph) => graph
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .search(embedding, k)?,
+        };
         Ok(result
             .labels
             .iter()
@@ -177,14 +248,21 @@ impl IdentityIndex {
     /// never rests on disk in clear. FAISS only writes to files, so it writes into a private file
     /// on a memory file system (`/dev/shm` where there is one), which is read back, sealed and
     /// removed; the sealed file replaces the old one by a rename, so a crash never leaves half an
-    /// index behind.
+    /// index behind. The index kind is sealed with it: a file of another kind does not open.
     pub fn save(&self, path: &Path, sealer: &Sealer) -> Result<(), IdentityError> {
         let io = |e: std::io::Error| IdentityError::Io(format!("{}: {e}", path.display()));
         let scratch = scratch_file().map_err(io)?;
-        faiss::write_index(&self.index, scratch.path().to_string_lossy().as_ref())?;
+        let scratch_path = scratch.path().to_string_lossy().into_owned();
+        match &self.faiss {
+            Faiss::Ivf(ivf) => faiss::write_index(ivf, &scratch_path)?,
+            Faiss::Hnsw(graph) => faiss::write_index(
+                &*graph.lock().unwrap_or_else(|p| p.into_inner()),
+                &scratch_path,
+            )?,
+        }
         let plain = std::fs::read(scratch.path()).map_err(io)?;
         drop(scratch);
-        let sealed = sealer.seal(INDEX_RECORD_KEY, &plain);
+        let sealed = sealer.seal(&record_key(self.kind), &plain);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, sealed).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
@@ -193,16 +271,22 @@ impl IdentityIndex {
 
     fn load(path: &Path, kind: IndexKind, sealer: &Sealer) -> Option<Self> {
         let sealed = std::fs::read(path).ok()?;
-        let plain = sealer.open(INDEX_RECORD_KEY, &sealed).ok()?;
+        let plain = sealer.open(&record_key(kind), &sealed).ok()?;
         let scratch = scratch_file().ok()?;
         std::fs::write(scratch.path(), plain).ok()?;
         let index = faiss::read_index(scratch.path().to_string_lossy().as_ref()).ok()?;
-        Some(IdentityIndex { index, kind })
+        let faiss = match kind {
+            IndexKind::Flat | IndexKind::Ivf { .. } => Faiss::Ivf(index.into_ivf_flat().ok()?),
+            IndexKind::Hnsw { .. } => Faiss::Hnsw(Mutex::new(index)),
+        };
+        let mut loaded = IdentityIndex { faiss, kind };
+        loaded.apply_search_parameters().ok()?;
+        Some(loaded)
     }
 
-    /// Opens the persisted index when it opens with `sealer` and holds exactly `expected`
-    /// templates; otherwise rebuilds it from `templates` (the store of record) and persists the
-    /// rebuild. Returns the index and whether it was rebuilt.
+    /// Opens the persisted index when it opens with `sealer`, is of `kind` and holds exactly
+    /// `expected` templates; otherwise rebuilds it from `templates` (the store of record) and
+    /// persists the rebuild. Returns the index and whether it was rebuilt.
     pub fn open_or_rebuild<F>(
         path: &Path,
         kind: IndexKind,
@@ -213,18 +297,29 @@ impl IdentityIndex {
     where
         F: FnOnce() -> Vec<(u64, Vec<f32>)>,
     {
-        if let Some(mut opened) = Self::load(path, kind, sealer) {
-            if opened.len() == expected && opened.apply_search_parameters().is_ok() {
+        if let Some(opened) = Self::load(path, kind, sealer) {
+            if opened.len() == expected && !opened.outgrown() {
                 return Ok((opened, false));
             }
-            tracing::warn!(path = %path.display(), held = opened.len(), expected, "identity index is stale; rebuilding");
+            tracing::warn!(path = %path.display(), held = opened.len(), expected, "identity index is stale or outgrown; rebuilding");
         } else if path.exists() {
-            tracing::warn!(path = %path.display(), "identity index is unreadable; rebuilding");
+            tracing::warn!(path = %path.display(), "identity index is unreadable, of another kind, or sealed with another key; rebuilding");
         }
         let rebuilt = IdentityIndex::build(kind, &templates())?;
         rebuilt.save(path, sealer)?;
         Ok((rebuilt, true))
     }
+}
+
+/// Associated data of a sealed index file: what it is and its structure (search-time
+/// parameters, `nprobe` and `ef_search`, are applied at each opening and may change freely).
+fn record_key(kind: IndexKind) -> Vec<u8> {
+    let structure = match kind {
+        IndexKind::Flat => "flat".to_string(),
+        IndexKind::Ivf { nlist, .. } => format!("ivf:{nlist}"),
+        IndexKind::Hnsw { m, .. } => format!("hnsw:{m}"),
+    };
+    [INDEX_RECORD_KEY, b":", structure.as_bytes()].concat()
 }
 
 /// Associated data of the sealed index file.
@@ -296,7 +391,7 @@ mod tests {
                 (*id, q.into_iter().map(|x| x / n).collect())
             })
             .collect();
-        let mut exact = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
+        let exact = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
         for kind in [
             IndexKind::Ivf {
                 nlist: 32,
@@ -307,7 +402,7 @@ mod tests {
                 ef_search: 64,
             },
         ] {
-            let mut approx = IdentityIndex::build(kind, &data).unwrap();
+            let approx = IdentityIndex::build(kind, &data).unwrap();
             let agree = queries
                 .iter()
                 .filter(|(_, q)| {
@@ -355,7 +450,7 @@ mod tests {
         };
         let (_, rebuilt) = open(50);
         assert!(rebuilt, "missing file is rebuilt");
-        let (mut index, rebuilt) = open(50);
+        let (index, rebuilt) = open(50);
         assert!(!rebuilt, "a good file is reused");
         assert_eq!(index.search(&data[4].1, 1).unwrap()[0].template_id, 1004);
         // The file holds no embedding in clear.
@@ -379,5 +474,102 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         let (index, rebuilt) = open(50);
         assert!(rebuilt && index.len() == 50, "a corrupt file is rebuilt");
+
+        // Another structure does not open as this one; another search breadth does.
+        let ivf = |nlist, nprobe| IndexKind::Ivf { nlist, nprobe };
+        let reopen = |kind| {
+            IdentityIndex::open_or_rebuild(&path, kind, 50, &key, source)
+                .unwrap()
+                .1
+        };
+        assert!(reopen(ivf(4, 2)), "flat file, IVF configured: rebuilt");
+        assert!(!reopen(ivf(4, 3)), "only nprobe changed: reused");
+        assert!(reopen(ivf(8, 3)), "nlist changed: rebuilt");
+        assert!(
+            reopen(IndexKind::Hnsw {
+                m: 8,
+                ef_search: 16
+            }),
+            "HNSW configured: rebuilt"
+        );
+    }
+
+    #[test]
+    fn many_threads_search_one_index_at_once_and_agree_with_one() {
+        let data = unit_vectors(3_000, 5);
+        for kind in [
+            IndexKind::Flat,
+            IndexKind::Ivf {
+                nlist: 16,
+                nprobe: 4,
+            },
+            IndexKind::Hnsw {
+                m: 16,
+                ef_search: 32,
+            },
+        ] {
+            let index = IdentityIndex::build(kind, &data).unwrap();
+            let alone: Vec<Vec<Hit>> = data
+                .iter()
+                .step_by(7)
+                .map(|(_, v)| index.search(v, 3).unwrap())
+                .collect();
+            let together: Vec<Vec<Vec<Hit>>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            data.iter()
+                                .step_by(7)
+                                .map(|(_, v)| index.search(v, 3).unwrap())
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for results in together {
+                assert_eq!(results, alone, "{kind:?}");
+            }
+            if kind == IndexKind::Flat {
+                // Exact search finds every stored template first.
+                assert!(alone
+                    .iter()
+                    .zip(data.iter().step_by(7))
+                    .all(|(hits, (id, _))| hits[0].template_id == *id));
+            }
+        }
+    }
+
+    #[test]
+    fn an_ivf_built_small_knows_when_it_has_outgrown_its_lists() {
+        let data = unit_vectors(4_000, 9);
+        let kind = IndexKind::Ivf {
+            nlist: 64,
+            nprobe: 8,
+        };
+        let mut index = IdentityIndex::build(kind, &data[..40]).unwrap();
+        assert!(
+            !index.outgrown(),
+            "one list for 40 templates is what they train"
+        );
+        for (id, v) in &data[40..150] {
+            index.add(*id, v).unwrap();
+        }
+        assert!(
+            !index.outgrown(),
+            "150 templates would train 3 lists: not yet worth it"
+        );
+        for (id, v) in &data[150..] {
+            index.add(*id, v).unwrap();
+        }
+        assert!(index.outgrown(), "4,000 templates train 64 lists; it has 1");
+        assert_eq!(
+            index.search(&data[3_000].1, 1).unwrap()[0].template_id,
+            data[3_000].0
+        );
+        let rebuilt = IdentityIndex::build(kind, &data).unwrap();
+        assert!(!rebuilt.outgrown());
+        let flat = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
+        assert!(!flat.outgrown(), "exact search is one list at any size");
     }
 }

@@ -187,6 +187,13 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     .await
     .expect("opening does not panic")
     .context("opening the identity index")?;
+    // Hubs' 1:N searches: a pool of threads reading the index at once, apart from the identity
+    // thread (enrollment, erasure, syncs) and the ledger.
+    let searcher = actor.searcher();
+    let searchers = bounded::Bounded::new(
+        SyncArbiter::start(config.identity.search_threads, move || searcher.clone()),
+        bounded::IDENTITY_QUEUE,
+    );
     let slot = std::sync::Mutex::new(Some(actor));
     // One thread: the store and the index have a single writer.
     let identity = bounded::Bounded::new(
@@ -247,8 +254,15 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     registry
         .register(Box::new(presence.clone()))
         .expect("registered once");
-    let link = HubLinkActor::new(client, ledger.clone(), identity.clone(), metrics, connected)
-        .with_presence(presence);
+    let link = HubLinkActor::new(
+        client,
+        ledger.clone(),
+        identity.clone(),
+        searchers,
+        metrics,
+        connected,
+    )
+    .with_presence(presence);
     let link = match leases {
         Some(_) => link.with_leases(lease_ttl_ms, ledger_clock),
         None => link,

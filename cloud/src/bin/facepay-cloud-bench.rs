@@ -1,38 +1,37 @@
-//! `facepay-cloud-bench`: the cloud's 1:N search over synthetic templates for each index type the
-//! configuration offers — single-query latency p50/p99, recall@1 against exact search, build
-//! time, and memory. Build with `--release`; run with `OMP_NUM_THREADS` at the cloud's setting.
+//! `facepay-cloud-bench`: the cloud's 1:N search at fleet sizes, on templates that look like real
+//! ones. Real SFace embeddings of LFW images (`facepay-face embed-lfw`) are the enrolled identities
+//! (one image per person) and the probes (their other images); the rest of each size is
+//! distractors drawn from a Gaussian fitted to the real identities (`synthetic::FaceModel`).
+//! For each index: build time, single-query latency p50/p99, recall@1 against exact search, how
+//! often the probe's own person came first, and memory. Build with `--release`.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 
+use anyhow::Context;
 use clap::Parser;
-use cloud::identity::{IdentityIndex, IndexKind};
-use protocol::synthetic;
+use cloud::identity::{IdentityIndex, IndexKind, EMBEDDING_DIM};
+use protocol::synthetic::{self, FaceModel};
 
 #[derive(Parser)]
 #[command(
     name = "facepay-cloud-bench",
-    about = "Cloud 1:N identity index benchmark"
+    about = "Cloud 1:N identity index benchmark on LFW embeddings and distractors like them"
 )]
 struct Cli {
-    /// Numbers of enrolled templates.
+    /// Embeddings written by `facepay-face embed-lfw` (real faces: identities and probes).
+    #[arg(long)]
+    embeddings: PathBuf,
+    /// Numbers of enrolled templates (the LFW identities plus distractors).
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     sizes: Vec<usize>,
-    /// Queries per size and index.
-    #[arg(long, default_value_t = 1000)]
+    /// Probes per size and index (other images of enrolled people), at most all of them.
+    #[arg(long, default_value_t = 2000)]
     queries: usize,
-    /// Index types: flat, ivf, hnsw.
-    #[arg(long, value_delimiter = ',', default_value = "flat,ivf,hnsw")]
+    /// Indexes: `flat`, `ivf:<nlist>:<nprobe>`, `hnsw:<m>:<ef_search>`. `flat` is always run
+    /// first: it is the reference for recall.
+    #[arg(long, value_delimiter = ',', default_value = "ivf:4096:32,ivf:4096:64")]
     kinds: Vec<String>,
-    /// IVF probes.
-    #[arg(long, default_value_t = 32)]
-    nprobe: usize,
-    /// HNSW links per node.
-    #[arg(long, default_value_t = 32)]
-    hnsw_m: usize,
-    /// HNSW search breadth.
-    #[arg(long, default_value_t = 64)]
-    ef_search: usize,
-    /// Seed of the synthetic data.
+    /// Seed of the distractors.
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
@@ -53,43 +52,132 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+fn parse_kind(spec: &str) -> anyhow::Result<IndexKind> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let num = |i: usize| -> anyhow::Result<usize> {
+        parts
+            .get(i)
+            .with_context(|| format!("{spec}: missing a number"))?
+            .parse()
+            .with_context(|| format!("{spec}: not a number"))
+    };
+    Ok(match parts[0] {
+        "flat" => IndexKind::Flat,
+        "ivf" => IndexKind::Ivf {
+            nlist: num(1)?,
+            nprobe: num(2)?,
+        },
+        "hnsw" => IndexKind::Hnsw {
+            m: num(1)?,
+            ef_search: num(2)?,
+        },
+        other => anyhow::bail!("unknown index type {other}"),
+    })
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut kinds = vec![("flat".to_string(), IndexKind::Flat)];
+    for spec in &cli.kinds {
+        if spec != "flat" {
+            kinds.push((spec.clone(), parse_kind(spec)?));
+        }
+    }
+    let text = std::fs::read_to_string(&cli.embeddings)
+        .with_context(|| format!("reading {}", cli.embeddings.display()))?;
+    let rows = face::lfw::parse_embeddings(&text, EMBEDDING_DIM as usize)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| cli.embeddings.display().to_string())?;
+    let mut people: BTreeMap<&str, Vec<&[f32]>> = BTreeMap::new();
+    for row in &rows {
+        people.entry(&row.person).or_default().push(&row.embedding);
+    }
+    // Person i (1-based) is enrolled as template id i with its first image; its other images
+    // are probes whose right answer is id i.
+    let enrolled: Vec<(u64, Vec<f32>)> = people
+        .values()
+        .enumerate()
+        .map(|(i, images)| (i as u64 + 1, images[0].to_vec()))
+        .collect();
+    let all_probes: Vec<(u64, &[f32])> = people
+        .values()
+        .enumerate()
+        .flat_map(|(i, images)| images[1..].iter().map(move |p| (i as u64 + 1, *p)))
+        .collect();
+    let step = (all_probes.len() / cli.queries.max(1)).max(1);
+    let probes: Vec<(u64, &[f32])> = all_probes
+        .iter()
+        .step_by(step)
+        .take(cli.queries)
+        .copied()
+        .collect();
+    let model = FaceModel::fit(&enrolled.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>())
+        .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "{} images of {} people: {} enrolled, {} probes; distractors from a Gaussian fitted to the enrolled",
+        rows.len(),
+        people.len(),
+        enrolled.len(),
+        probes.len()
+    );
+
+    // How alike distractors and real faces look to the matcher: cosine of different people.
+    let mut rng = synthetic::Rng::new(cli.seed);
+    let mut real_pairs = Vec::new();
+    let mut distractor_pairs = Vec::new();
+    for _ in 0..20_000 {
+        let a = &enrolled[rng.below(enrolled.len() as u64) as usize].1;
+        let b = &enrolled[rng.below(enrolled.len() as u64) as usize].1;
+        if a != b {
+            real_pairs.push(dot(a, b) as f64);
+        }
+        distractor_pairs.push(dot(a, &model.sample(&mut rng)) as f64);
+    }
+    real_pairs.sort_by(f64::total_cmp);
+    distractor_pairs.sort_by(f64::total_cmp);
+    let mut uniform_pairs: Vec<f64> = (0..20_000)
+        .map(|_| {
+            let a = &enrolled[rng.below(enrolled.len() as u64) as usize].1;
+            dot(a, &synthetic::template(&mut rng)) as f64
+        })
+        .collect();
+    uniform_pairs.sort_by(f64::total_cmp);
+    println!("Cosine of two different people, p50 / p99 / p99.99:");
+    for (name, set) in [
+        ("real vs real", &real_pairs),
+        ("real vs distractor", &distractor_pairs),
+        ("real vs uniform random", &uniform_pairs),
+    ] {
+        println!(
+            "  {name:24} {:.3} / {:.3} / {:.3}",
+            percentile(set, 0.5),
+            percentile(set, 0.99),
+            percentile(set, 0.9999)
+        );
+    }
+    println!();
     println!(
-        "| templates | index | build s | p50 ms | p99 ms | recall@1 vs exact | index file MB | RSS growth MB | MB per million |"
+        "| templates | index | build s | p50 ms | p99 ms | recall@1 vs exact | own person first | index file MB | RSS growth MB |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &cli.sizes {
-        let mut rng = synthetic::Rng::new(cli.seed);
-        let templates: Vec<(u64, Vec<f32>)> = (0..n)
-            .map(|i| (i as u64 + 1, synthetic::template(&mut rng)))
-            .collect();
-        let queries: Vec<(u64, Vec<f32>)> = (0..cli.queries)
-            .map(|q| {
-                let who = (q * 7919) % n;
-                (
-                    templates[who].0,
-                    synthetic::probe(&mut rng, &templates[who].1, 0.7),
-                )
-            })
-            .collect();
+        anyhow::ensure!(
+            n >= enrolled.len(),
+            "size {n} is below the {} LFW identities",
+            enrolled.len()
+        );
+        let mut rng = synthetic::Rng::new(cli.seed ^ n as u64);
+        let mut templates = enrolled.clone();
+        templates.extend((enrolled.len()..n).map(|i| (i as u64 + 1, model.sample(&mut rng))));
         let mut exact_top: Vec<u64> = Vec::new();
-        for name in &cli.kinds {
-            let kind = match name.as_str() {
-                "flat" => IndexKind::Flat,
-                "ivf" => IndexKind::Ivf {
-                    nlist: (4.0 * (n as f64).sqrt()) as usize,
-                    nprobe: cli.nprobe,
-                },
-                "hnsw" => IndexKind::Hnsw {
-                    m: cli.hnsw_m,
-                    ef_search: cli.ef_search,
-                },
-                other => anyhow::bail!("unknown index type {other}"),
-            };
+        for (name, kind) in &kinds {
             let before = rss_bytes();
             let started = Instant::now();
-            let mut index = IdentityIndex::build(kind, &templates)?;
+            let index = IdentityIndex::build(*kind, &templates)?;
             let build_s = started.elapsed().as_secs_f64();
             let grown = rss_bytes().saturating_sub(before);
             let file =
@@ -97,9 +185,9 @@ fn main() -> anyhow::Result<()> {
             index.save(&file, &storage::Sealer::from_key(&[7; 32]))?;
             let file_bytes = std::fs::metadata(&file)?.len();
             let _ = std::fs::remove_file(&file);
-            let mut times = Vec::with_capacity(queries.len());
-            let mut tops = Vec::with_capacity(queries.len());
-            for (_, probe) in &queries {
+            let mut times = Vec::with_capacity(probes.len());
+            let mut tops = Vec::with_capacity(probes.len());
+            for (_, probe) in &probes {
                 let started = Instant::now();
                 let hits = index.search(probe, 2)?;
                 times.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -108,21 +196,22 @@ fn main() -> anyhow::Result<()> {
             if matches!(kind, IndexKind::Flat) {
                 exact_top = tops.clone();
             }
-            let recall = if exact_top.is_empty() {
-                f64::NAN
-            } else {
-                tops.iter().zip(&exact_top).filter(|(a, b)| a == b).count() as f64
-                    / tops.len() as f64
-            };
+            let recall = tops.iter().zip(&exact_top).filter(|(a, b)| a == b).count() as f64
+                / tops.len() as f64;
+            let own = tops
+                .iter()
+                .zip(&probes)
+                .filter(|(top, (person, _))| *top == person)
+                .count() as f64
+                / tops.len() as f64;
             times.sort_by(f64::total_cmp);
             let mb = |b: u64| b as f64 / 1e6;
             println!(
-                "| {n} | {name} | {build_s:.1} | {:.3} | {:.3} | {recall:.4} | {:.0} | {:.0} | {:.0} |",
+                "| {n} | {name} | {build_s:.1} | {:.3} | {:.3} | {recall:.4} | {own:.4} | {:.0} | {:.0} |",
                 percentile(&times, 0.5),
                 percentile(&times, 0.99),
                 mb(file_bytes),
                 mb(grown),
-                mb(file_bytes) * 1e6 / n as f64,
             );
             drop(index);
         }

@@ -167,9 +167,162 @@ pub fn evaluate(scored: &[Scored]) -> Report {
     }
 }
 
+/// Every image of an LFW tree (`root/Name/Name_NNNN.jpg`), as (person, path), in name order.
+pub fn list_images(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut images = Vec::new();
+    for person in std::fs::read_dir(root)? {
+        let person = person?;
+        if !person.file_type()?.is_dir() {
+            continue;
+        }
+        let name = person.file_name().to_string_lossy().into_owned();
+        for image in std::fs::read_dir(person.path())? {
+            let path = image?.path();
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("jpg"))
+            {
+                images.push((name.clone(), path));
+            }
+        }
+    }
+    images.sort();
+    Ok(images)
+}
+
+/// One image's embedding, a line of the file `facepay-face embed-lfw` writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddedImage {
+    /// The person (LFW's folder name).
+    pub person: String,
+    /// The image's file name.
+    pub image: String,
+    /// Its L2-normalised embedding.
+    pub embedding: Vec<f32>,
+}
+
+/// First line of an embeddings file.
+pub const EMBEDDINGS_HEADER: &str =
+    "# facepay embeddings v1: person<TAB>image<TAB>comma-separated values";
+
+/// The embeddings file: [`EMBEDDINGS_HEADER`], then one line per image. Floats are written in
+/// their shortest exact form, so reading gives back the same values.
+pub fn format_embeddings(rows: &[EmbeddedImage]) -> String {
+    let mut out = String::from(EMBEDDINGS_HEADER);
+    out.push('\n');
+    for row in rows {
+        let values: Vec<String> = row.embedding.iter().map(|v| v.to_string()).collect();
+        out.push_str(&format!(
+            "{}\t{}\t{}\n",
+            row.person,
+            row.image,
+            values.join(",")
+        ));
+    }
+    out
+}
+
+/// Reads an embeddings file; every line must hold `dim` finite values.
+pub fn parse_embeddings(text: &str, dim: usize) -> Result<Vec<EmbeddedImage>, String> {
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, header)) if header == EMBEDDINGS_HEADER => {}
+        _ => {
+            return Err(format!(
+                "not an embeddings file: the first line is not {EMBEDDINGS_HEADER:?}"
+            ))
+        }
+    }
+    let mut rows = Vec::new();
+    for (n, line) in lines {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |what: &str| format!("line {}: {what}", n + 1);
+        let mut fields = line.split('\t');
+        let (Some(person), Some(image), Some(values), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(bad("expected person, image and values separated by tabs"));
+        };
+        let embedding = values
+            .split(',')
+            .map(|v| v.parse::<f32>().ok().filter(|v| v.is_finite()))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or_else(|| bad("a value is not a finite number"))?;
+        if embedding.len() != dim {
+            return Err(bad(&format!("{} values, expected {dim}", embedding.len())));
+        }
+        rows.push(EmbeddedImage {
+            person: person.to_string(),
+            image: image.to_string(),
+            embedding,
+        });
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embeddings_files_read_back_exactly_and_bad_ones_are_named() {
+        let rows = vec![
+            EmbeddedImage {
+                person: "Ada_Lovelace".into(),
+                image: "Ada_Lovelace_0001.jpg".into(),
+                embedding: vec![0.1, -0.25, 1.0 / 3.0],
+            },
+            EmbeddedImage {
+                person: "Alan_Turing".into(),
+                image: "Alan_Turing_0002.jpg".into(),
+                embedding: vec![f32::MIN_POSITIVE, 0.0, -1.0],
+            },
+        ];
+        let text = format_embeddings(&rows);
+        assert_eq!(parse_embeddings(&text, 3).unwrap(), rows);
+        assert!(parse_embeddings(&text, 4)
+            .unwrap_err()
+            .contains("3 values, expected 4"));
+        assert!(parse_embeddings("person\timage\t1,2,3\n", 3)
+            .unwrap_err()
+            .contains("not an embeddings file"));
+        let nan = format!("{EMBEDDINGS_HEADER}\na\tb\t1,NaN,3\n");
+        assert!(parse_embeddings(&nan, 3).unwrap_err().contains("line 2"));
+        let short = format!("{EMBEDDINGS_HEADER}\na\t1,2,3\n");
+        assert!(parse_embeddings(&short, 3).unwrap_err().contains("tabs"));
+    }
+
+    #[test]
+    fn lists_every_image_of_a_tree_by_person() {
+        let dir = tempfile::tempdir().unwrap();
+        for (person, image) in [
+            ("B_b", "B_b_0001.jpg"),
+            ("A_a", "A_a_0002.jpg"),
+            ("A_a", "A_a_0001.jpg"),
+        ] {
+            std::fs::create_dir_all(dir.path().join(person)).unwrap();
+            std::fs::write(dir.path().join(person).join(image), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("pairs.txt"), b"x").unwrap();
+        std::fs::write(dir.path().join("A_a").join("notes.txt"), b"x").unwrap();
+        let listed: Vec<(String, String)> = list_images(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(p, path)| (p, path.file_name().unwrap().to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("A_a", "A_a_0001.jpg"),
+                ("A_a", "A_a_0002.jpg"),
+                ("B_b", "B_b_0001.jpg")
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        assert!(list_images(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn parses_the_official_format() {

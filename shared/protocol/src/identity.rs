@@ -426,9 +426,139 @@ pub mod synthetic {
         normalise(template.iter().map(|t| t + sigma * rng.normal()).collect())
     }
 
+    /// A Gaussian fitted to real embeddings: their mean and full covariance. Vectors drawn from
+    /// it (then normalised) stand in for people nobody photographed: they share the real
+    /// embeddings' mean direction and their spread along each principal direction, so a search
+    /// finds them as close to a real probe as other real faces are. Uniform random vectors are
+    /// not like faces: they all sit near 90 degrees from every real embedding.
+    #[derive(Debug, Clone)]
+    pub struct FaceModel {
+        dim: usize,
+        mean: Vec<f64>,
+        /// Lower-triangular Cholesky factor of the covariance, row-major `dim` x `dim`.
+        factor: Vec<f64>,
+    }
+
+    impl FaceModel {
+        /// Fits the model to `samples` (one embedding per person: a distractor is another
+        /// person). Needs more samples than dimensions.
+        pub fn fit(samples: &[Vec<f32>]) -> Result<Self, String> {
+            let dim = samples.first().map(Vec::len).ok_or("no samples to fit")?;
+            if samples.len() <= dim {
+                return Err(format!(
+                    "{} samples cannot fit a covariance of {dim} dimensions",
+                    samples.len()
+                ));
+            }
+            if samples.iter().any(|s| s.len() != dim) {
+                return Err("samples of different lengths".into());
+            }
+            let n = samples.len() as f64;
+            let mut mean = vec![0.0f64; dim];
+            for s in samples {
+                for (m, v) in mean.iter_mut().zip(s) {
+                    *m += *v as f64 / n;
+                }
+            }
+            let mut cov = vec![0.0f64; dim * dim];
+            for s in samples {
+                let d: Vec<f64> = s.iter().zip(&mean).map(|(v, m)| *v as f64 - m).collect();
+                for i in 0..dim {
+                    for j in 0..=i {
+                        cov[i * dim + j] += d[i] * d[j] / (n - 1.0);
+                    }
+                }
+            }
+            // A small ridge keeps the factor defined when the samples span fewer directions.
+            let ridge = 1e-9 + 1e-6 * (0..dim).map(|i| cov[i * dim + i]).sum::<f64>() / dim as f64;
+            let mut factor = vec![0.0f64; dim * dim];
+            for i in 0..dim {
+                for j in 0..=i {
+                    let mut sum = cov[i * dim + j];
+                    for k in 0..j {
+                        sum -= factor[i * dim + k] * factor[j * dim + k];
+                    }
+                    factor[i * dim + j] = if i == j {
+                        (sum + ridge).max(f64::MIN_POSITIVE).sqrt()
+                    } else {
+                        sum / factor[j * dim + j]
+                    };
+                }
+            }
+            Ok(FaceModel { dim, mean, factor })
+        }
+
+        /// One unit vector drawn from the model.
+        pub fn sample(&self, rng: &mut Rng) -> Vec<f32> {
+            let z: Vec<f64> = (0..self.dim).map(|_| rng.normal() as f64).collect();
+            let v = (0..self.dim)
+                .map(|i| {
+                    let row = &self.factor[i * self.dim..i * self.dim + i + 1];
+                    (self.mean[i] + row.iter().zip(&z).map(|(f, z)| f * z).sum::<f64>()) as f32
+                })
+                .collect();
+            normalise(v)
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        fn dot(x: &[f32], y: &[f32]) -> f32 {
+            x.iter().zip(y).map(|(p, q)| p * q).sum()
+        }
+
+        /// Mean cosine between consecutive pairs of a set.
+        fn mean_pair_cosine(set: &[Vec<f32>]) -> f32 {
+            set.chunks(2).map(|p| dot(&p[0], &p[1])).sum::<f32>() / (set.len() / 2) as f32
+        }
+
+        #[test]
+        fn a_fitted_model_draws_vectors_spread_like_its_samples_not_uniformly() {
+            // "Real" embeddings: a shared mean direction and most spread along a few axes, as
+            // face embeddings have (pairs of different people at cosine ~0.3, not ~0).
+            let mut rng = Rng::new(11);
+            let real: Vec<Vec<f32>> = (0..4000)
+                .map(|_| {
+                    let v: Vec<f32> = (0..EMBEDDING_LEN)
+                        .map(|i| {
+                            let spread = if i < 8 { 1.0 } else { 0.15 };
+                            (if i == 0 { 2.0 } else { 0.0 }) + spread * rng.normal()
+                        })
+                        .collect();
+                    normalise(v)
+                })
+                .collect();
+            let model = FaceModel::fit(&real).unwrap();
+            let drawn: Vec<Vec<f32>> = (0..4000).map(|_| model.sample(&mut rng)).collect();
+            let uniform: Vec<Vec<f32>> = (0..4000).map(|_| template(&mut rng)).collect();
+            let (r, d, u) = (
+                mean_pair_cosine(&real),
+                mean_pair_cosine(&drawn),
+                mean_pair_cosine(&uniform),
+            );
+            assert!((d - r).abs() < 0.03, "drawn {d} vs real {r}");
+            assert!(u.abs() < 0.02 && r > 0.2, "uniform {u} vs real {r}");
+            // Spread per axis follows the samples': axis 1 wide, axis 100 narrow.
+            let var = |set: &[Vec<f32>], axis: usize| {
+                set.iter().map(|v| v[axis] * v[axis]).sum::<f32>() / set.len() as f32
+            };
+            let ratio = |set: &[Vec<f32>]| var(set, 1) / var(set, 100);
+            assert!((ratio(&drawn) / ratio(&real) - 1.0).abs() < 0.25);
+            assert!(drawn.iter().all(|v| (dot(v, v) - 1.0).abs() < 1e-4));
+        }
+
+        #[test]
+        fn a_model_needs_more_samples_than_dimensions() {
+            let mut rng = Rng::new(3);
+            let few: Vec<Vec<f32>> = (0..EMBEDDING_LEN).map(|_| template(&mut rng)).collect();
+            assert!(FaceModel::fit(&few).unwrap_err().contains("cannot fit"));
+            assert!(FaceModel::fit(&[]).is_err());
+            let mut ragged: Vec<Vec<f32>> = (0..200).map(|_| template(&mut rng)).collect();
+            ragged[5].pop();
+            assert!(FaceModel::fit(&ragged).is_err());
+        }
 
         #[test]
         fn probes_have_the_asked_similarity_and_templates_are_unrelated() {

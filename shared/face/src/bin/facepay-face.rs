@@ -3,7 +3,6 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Instant,
 };
 
@@ -60,6 +59,20 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The embedding of every image of an LFW tree, one line per image (for the cloud's search
+    /// benchmark: real faces as enrolled identities and probes). An unreadable image stops it;
+    /// images without a detectable face are left out and counted.
+    EmbedLfw {
+        /// LFW image root (Name/Name_NNNN.jpg).
+        #[arg(long)]
+        lfw: PathBuf,
+        /// Where to write the embeddings (keep it outside the repository: derived from LFW).
+        #[arg(long)]
+        out: PathBuf,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Per-stage latency, one thread, median and p99 — beside onnxruntime running the same models
     /// on the same images (`shared/face/bench/ort_stages.py`, needs `pip install onnxruntime onnx
@@ -154,12 +167,103 @@ fn main() -> anyhow::Result<()> {
             json,
         } => bench_lfw(&cli.models, &root, &pairs, threads, json)?,
         Command::BenchPairs { csv } => bench_pairs(&cli.models, &csv)?,
+        Command::EmbedLfw { lfw, out, threads } => embed_lfw(&cli.models, &lfw, &out, threads)?,
         Command::BenchStages {
             images,
             repeat,
             no_ort,
         } => bench_stages(&cli.models, &images, repeat, no_ort)?,
     }
+    Ok(())
+}
+
+/// The embedding of the main face of each image (None: no face found), on `threads` workers with
+/// a progress bar. An image that cannot be read or decoded is an error naming it: a wrong path
+/// must not pass for a failed detection.
+fn embed_images(
+    engine: &FaceEngine,
+    images: &[PathBuf],
+    threads: usize,
+) -> anyhow::Result<Vec<(PathBuf, Option<Vec<f32>>)>> {
+    let bar = ProgressBar::new(images.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template"),
+    );
+    let chunk = images.len().div_ceil(threads.max(1)).max(1);
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = images
+            .chunks(chunk)
+            .map(|part| {
+                let bar = bar.clone();
+                s.spawn(move || {
+                    part.iter()
+                        .map(|path| {
+                            let bytes = read(path)?;
+                            let decoded = face::decode::decode_rgb(&bytes)
+                                .with_context(|| format!("decoding {}", path.display()))?;
+                            let analysis = engine
+                                .analyze_image(&decoded, Gates::EmbedOnly)
+                                .with_context(|| format!("analysing {}", path.display()))?;
+                            bar.inc(1);
+                            Ok((path.clone(), analysis.embedding))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker does not panic"))
+            .collect::<anyhow::Result<Vec<Vec<_>>>>()
+    });
+    bar.finish_and_clear();
+    Ok(results?.into_iter().flatten().collect())
+}
+
+fn embed_lfw(
+    models: &Option<PathBuf>,
+    root: &Path,
+    out: &Path,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let listed = lfw::list_images(root).with_context(|| format!("listing {}", root.display()))?;
+    if listed.is_empty() {
+        bail!("{}: no Name/Name_NNNN.jpg images there", root.display());
+    }
+    let engine = engine(models)?;
+    let paths: Vec<PathBuf> = listed.iter().map(|(_, p)| p.clone()).collect();
+    let started = Instant::now();
+    let results = embed_images(&engine, &paths, threads)?;
+    let mut rows = Vec::new();
+    let mut no_face = 0;
+    for ((person, path), (_, embedding)) in listed.iter().zip(results) {
+        match embedding {
+            Some(embedding) => rows.push(lfw::EmbeddedImage {
+                person: person.clone(),
+                image: path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                embedding,
+            }),
+            None => no_face += 1,
+        }
+    }
+    std::fs::write(out, lfw::format_embeddings(&rows))
+        .with_context(|| format!("writing {}", out.display()))?;
+    let people = rows
+        .iter()
+        .map(|r| &r.person)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    eprintln!(
+        "{} images of {people} people embedded in {:.0} s; {no_face} without a detectable face left out; written to {}",
+        rows.len(),
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -179,40 +283,9 @@ fn bench_lfw(
         .collect();
     images.sort();
     images.dedup();
-    let engine = Arc::new(engine(models)?);
-    let bar = ProgressBar::new(images.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
-            .expect("valid template"),
-    );
+    let engine = engine(models)?;
     let started = Instant::now();
-    let chunk = images.len().div_ceil(threads.max(1));
-    let results: Vec<(PathBuf, Option<Vec<f32>>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = images
-            .chunks(chunk.max(1))
-            .map(|part| {
-                let engine = engine.clone();
-                let bar = bar.clone();
-                s.spawn(move || {
-                    part.iter()
-                        .map(|path| {
-                            let embedding = std::fs::read(path)
-                                .ok()
-                                .and_then(|bytes| engine.analyze(&bytes, Gates::EmbedOnly).ok())
-                                .and_then(|a| a.embedding);
-                            bar.inc(1);
-                            (path.clone(), embedding)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("worker does not panic"))
-            .collect()
-    });
-    bar.finish_and_clear();
+    let results = embed_images(&engine, &images, threads)?;
     let elapsed = started.elapsed();
     let failed_images: Vec<&PathBuf> = results
         .iter()
