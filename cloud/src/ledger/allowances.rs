@@ -179,7 +179,7 @@ pub(super) fn book_offline(
 /// Most allowances in one sync page.
 pub const ALLOWANCE_PAGE: usize = 500;
 
-fn store_key(store_id: &str, account_id: &str) -> Vec<u8> {
+pub(super) fn store_key(store_id: &str, account_id: &str) -> Vec<u8> {
     format!("{store_id}/{account_id}").into_bytes()
 }
 

@@ -131,46 +131,37 @@ impl Ledger {
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    /// Applies a batch of a store's offline approvals, each exactly once by payment id, and
-    /// flushes once.
+    /// Applies a batch of a store's offline approvals, each exactly once by payment id, in one
+    /// transaction (what the batch reads is read ahead together), and flushes once. A batch that
+    /// fails is applied by none of its entries, and the hub sends it again.
     pub fn reconcile(
         &self,
         store_id: &str,
         entries: &[OfflinePayment],
     ) -> Result<Reconciliation, LedgerError> {
         let key = self.hub_key(store_id)?;
-        let mut done = Reconciliation {
-            outcomes: Vec::with_capacity(entries.len()),
-            ..Reconciliation::default()
-        };
-        for entry in entries {
-            let checked = match &key {
-                None => Err(format!(
-                    "no hub key is registered for store {store_id}; kept until one is"
-                )),
-                Some(_) if entry.store_id != store_id => Err(format!(
-                    "entry of store {} sent by store {store_id}",
-                    entry.store_id
-                )),
-                Some(key) => entry
-                    .check_from(store_id)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        paycode::hubsig::verify_hub_signature(key, entry)
-                            .map_err(|_| "the hub's signature does not verify".to_owned())
-                    }),
-            };
-            if let Err(detail) = checked {
+        let checked = check_entries(key.as_deref(), store_id, entries);
+        for (entry, check) in entries.iter().zip(&checked) {
+            if let Err(detail) = check {
                 tracing::warn!(
                     store_id,
                     payment_id = %entry.payment_id,
                     detail,
                     "offline entry rejected"
                 );
-                done.outcomes.push(ReconcileOutcome::Rejected { detail });
-                continue;
             }
-            let (outcome, revoked, first_payment) = self.apply_offline(store_id, entry)?;
+        }
+        let applied = self.apply_offline(store_id, entries, &checked)?;
+        let mut done = Reconciliation {
+            outcomes: Vec::with_capacity(entries.len()),
+            ..Reconciliation::default()
+        };
+        for ((entry, check), applied) in entries.iter().zip(checked).zip(applied) {
+            let (outcome, revoked, first_payment) = match (check, applied) {
+                (Err(detail), _) => (ReconcileOutcome::Rejected { detail }, None, None),
+                (Ok(()), Some(applied)) => applied,
+                (Ok(()), None) => unreachable!("every checked entry is applied"),
+            };
             if let ReconcileOutcome::Conflict { detail } = &outcome {
                 tracing::error!(
                     store_id,
@@ -200,13 +191,15 @@ impl Ledger {
         read_all(&self.code_reuse)
     }
 
-    /// Applies one entry; with its outcome, the revocation to broadcast if the account went into
-    /// debt, and the payment its code or token had already paid, if any.
+    /// Applies the entries that passed their checks, in one transaction; for each entry its
+    /// outcome, the revocation to broadcast if the account went into debt, and the payment its
+    /// code or token had already paid, if any (`None` for an entry that did not pass).
     fn apply_offline(
         &self,
         store_id: &str,
-        entry: &OfflinePayment,
-    ) -> Result<Applied, LedgerError> {
+        entries: &[OfflinePayment],
+        checked: &[Result<(), String>],
+    ) -> Result<Vec<Option<Applied>>, LedgerError> {
         let now_ms = self.clock.now_ms();
         let most_owed = self.policy.account_cap_minor;
         let trees = (
@@ -219,155 +212,32 @@ impl Ledger {
             &self.conflicts,
             &self.code_reuse,
         );
-        unwrap_tx(trees.transaction(
-            |(accounts, transfers, nonces, grants, by_account, debts, conflicts, code_reuse)| {
-                let conflict = |detail: String| -> TxResult<Applied> {
-                    let record = Conflict {
-                        entry: entry.clone(),
-                        detail: detail.clone(),
-                        recorded_at_ms: now_ms,
-                    };
-                    conflicts.insert(entry.payment_id.as_bytes(), encode(&record))?;
-                    Ok((ReconcileOutcome::Conflict { detail }, None, None))
-                };
-                let same = |t: &TransferRecord| {
-                    t.debit_account_id == entry.account_id
-                        && t.credit_account_id == store_id
-                        && t.amount_minor == entry.amount_minor
-                        && t.currency == entry.currency
-                };
-                // The payment id owns one transfer. If an online attempt under it was voided, the
-                // offline approval is applied under `<id>#offline`.
-                let mut transfer_id = entry.payment_id.to_string();
-                if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
-                    let mut existing: TransferRecord = decode(&existing);
-                    if existing.voided {
-                        transfer_id = format!("{}#offline", entry.payment_id);
-                    } else if same(&existing) {
-                        // The online attempt reached the ledger after all: the hub's offline
-                        // approval takes it over, so a void of that attempt cannot reverse it.
-                        if !existing.offline {
-                            existing.offline = true;
-                            existing.posted = true;
-                            existing.code_nonce = Some(entry.nonce.clone());
-                            // Final now: its expiry entry is left to find it posted.
-                            transfers.insert(transfer_id.as_bytes(), encode(&existing))?;
-                        }
-                        return Ok((ReconcileOutcome::AlreadyApplied, None, None));
-                    } else if !existing.posted && !existing.offline {
-                        // An online attempt with other details is still pending: its void or its
-                        // expiry may yet move it back. Not a conflict yet: the entry stays in the
-                        // hub's backlog and is tried again (voids go first).
-                        return Ok((
-                            ReconcileOutcome::Rejected {
-                                detail: "an online payment with other details is still pending \
-                                         under this id; tried again later"
-                                    .into(),
-                            },
-                            None,
-                            None,
-                        ));
-                    } else {
-                        return conflict(format!(
-                            "payment id already paid with other details ({} from {})",
-                            existing.currency.format(existing.amount_minor),
-                            existing.debit_account_id
-                        ));
-                    }
-                }
-                // Charged again already, offline or by a late confirmation: never twice.
-                if let Some(existing) = super::charged_again(transfers, &entry.payment_id)? {
-                    return if same(&existing) {
-                        Ok((ReconcileOutcome::AlreadyApplied, None, None))
-                    } else {
-                        conflict("payment id already paid offline with other details".into())
-                    };
-                }
-                let Some(customer) = accounts.get(entry.account_id.as_bytes())? else {
-                    return conflict(format!("no account {}", entry.account_id));
-                };
-                let mut customer: AccountRecord = decode(&customer);
-                let Some(merchant) = accounts.get(store_id.as_bytes())? else {
-                    return conflict(format!("store {store_id} has no merchant account"));
-                };
-                let mut merchant: AccountRecord = decode(&merchant);
-                if customer.kind != AccountKind::Customer {
-                    return conflict(format!("{} is not a customer account", entry.account_id));
-                }
-                if customer.currency != entry.currency || merchant.currency != entry.currency {
-                    return conflict(format!(
-                        "payment in {} but the account holds {} and the store {}",
-                        entry.currency, customer.currency, merchant.currency
-                    ));
-                }
-                // Whatever grants a store cites, offline payments never take an account further
-                // into debt than the account cap: what the grants of every store together may
-                // hold unreconciled for it, and so the most honest hubs can owe it.
-                if customer.balance_minor.saturating_sub(entry.amount_minor) < -most_owed {
-                    return conflict(format!(
-                        "would take {} below -{most_owed}, the most offline payments may owe",
-                        entry.account_id
-                    ));
-                }
-                // Never beyond the grant the cloud issued for it, whatever the hub signed.
-                if let Err(detail) = super::allowances::book_offline(
-                    grants,
-                    (store_id, &entry.account_id),
-                    entry.allowance_version,
-                    entry.amount_minor,
-                )? {
-                    return conflict(detail);
-                }
-                let (in_debt, revoked) = apply_promised(
-                    (accounts, grants, by_account, debts),
-                    (&entry.account_id, &mut customer),
-                    (store_id, &mut merchant),
-                    entry.amount_minor,
-                )?;
-                let transfer = TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
-                transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
-                // The code or token is spent (and the code a code-and-face token's face
-                // confirmed, with it): a later online replay of either is refused. If one had
-                // already paid another payment, the operator hears of it.
-                let mut first_payment = None;
-                for nonce in std::iter::once(&entry.nonce).chain(entry.spent_code.as_ref()) {
-                    let key = nonce_key(&entry.account_id, nonce);
-                    match nonces.get(&key)? {
-                        None => {
-                            let record = NonceRecord {
-                                payment_id: entry.payment_id.clone(),
-                                decision: Decision::Approved {
-                                    account_id: entry.account_id.clone(),
-                                    already_paid: false,
-                                },
-                                amount: Some((entry.amount_minor, entry.currency)),
-                            };
-                            nonces.insert(key, encode(&record))?;
-                        }
-                        Some(first) if first_payment.is_none() => {
-                            let first: NonceRecord = decode(&first);
-                            if first.payment_id != entry.payment_id
-                                && matches!(first.decision, Decision::Approved { .. })
-                            {
-                                let record = CodeReuse {
-                                    entry: entry.clone(),
-                                    first_payment_id: first.payment_id.to_string(),
-                                    recorded_at_ms: now_ms,
-                                };
-                                code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
-                                first_payment = Some(first.payment_id.into_string());
-                            }
-                        }
-                        Some(_) => {}
-                    }
-                }
-                Ok((
-                    ReconcileOutcome::Applied { in_debt },
-                    revoked,
-                    first_payment,
-                ))
-            },
-        ))
+        let valid: Vec<&OfflinePayment> = entries
+            .iter()
+            .zip(checked)
+            .filter(|(_, check)| check.is_ok())
+            .map(|(entry, _)| entry)
+            .collect();
+        let ahead = ReadAhead::of(store_id, &valid);
+        unwrap_tx(trees.transaction(|views| {
+            let (accounts, transfers, nonces, grants, _, debts, conflicts, code_reuse) = views;
+            // What the entries read, read together: one round trip per tree on PostgreSQL.
+            transfers.prefetch(&ahead.transfers)?;
+            accounts.prefetch(&ahead.accounts)?;
+            debts.prefetch(&ahead.accounts)?;
+            grants.prefetch(&ahead.grants)?;
+            nonces.prefetch(&ahead.nonces)?;
+            conflicts.prefetch(&ahead.payments)?;
+            code_reuse.prefetch(&ahead.payments)?;
+            let mut results = Vec::with_capacity(entries.len());
+            for (entry, check) in entries.iter().zip(checked) {
+                results.push(match check {
+                    Ok(()) => Some(apply_one(views, store_id, entry, now_ms, most_owed)?),
+                    Err(_) => None,
+                });
+            }
+            Ok(results)
+        }))
     }
 
     /// Pays money into a customer account from the issuance account of its currency, once per
@@ -457,6 +327,238 @@ impl Ledger {
     pub fn conflicts(&self) -> Result<Vec<Conflict>, LedgerError> {
         read_all(&self.conflicts)
     }
+}
+
+/// The ledger's trees an offline entry touches, in one transaction.
+type OfflineViews = (
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+);
+
+/// The keys a batch of entries reads, gathered to be read ahead.
+struct ReadAhead {
+    transfers: Vec<Vec<u8>>,
+    accounts: Vec<Vec<u8>>,
+    grants: Vec<Vec<u8>>,
+    nonces: Vec<Vec<u8>>,
+    payments: Vec<Vec<u8>>,
+}
+
+impl ReadAhead {
+    fn of(store_id: &str, entries: &[&OfflinePayment]) -> Self {
+        let mut ahead = ReadAhead {
+            transfers: Vec::with_capacity(entries.len() * 3),
+            accounts: vec![store_id.as_bytes().to_vec()],
+            grants: Vec::with_capacity(entries.len()),
+            nonces: Vec::with_capacity(entries.len()),
+            payments: Vec::with_capacity(entries.len()),
+        };
+        for entry in entries {
+            let id = &entry.payment_id;
+            ahead.transfers.push(id.as_bytes().to_vec());
+            for suffix in ["offline", "posted"] {
+                ahead.transfers.push(format!("{id}#{suffix}").into_bytes());
+            }
+            ahead.payments.push(id.as_bytes().to_vec());
+            ahead.accounts.push(entry.account_id.as_bytes().to_vec());
+            ahead
+                .grants
+                .push(super::allowances::store_key(store_id, &entry.account_id));
+            for nonce in std::iter::once(&entry.nonce).chain(entry.spent_code.as_ref()) {
+                ahead.nonces.push(nonce_key(&entry.account_id, nonce));
+            }
+        }
+        ahead
+    }
+}
+
+/// Each entry's checks before anything is applied: a hub key registered, the entry of the
+/// sending store, its fields, and the hub's signature over it.
+fn check_entries(
+    key: Option<&str>,
+    store_id: &str,
+    entries: &[OfflinePayment],
+) -> Vec<Result<(), String>> {
+    entries
+        .iter()
+        .map(|entry| match key {
+            None => Err(format!(
+                "no hub key is registered for store {store_id}; kept until one is"
+            )),
+            Some(_) if entry.store_id != store_id => Err(format!(
+                "entry of store {} sent by store {store_id}",
+                entry.store_id
+            )),
+            Some(key) => entry
+                .check_from(store_id)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    paycode::hubsig::verify_hub_signature(key, entry)
+                        .map_err(|_| "the hub's signature does not verify".to_owned())
+                }),
+        })
+        .collect()
+}
+
+/// Applies one checked entry inside the batch's transaction.
+fn apply_one(
+    (accounts, transfers, nonces, grants, by_account, debts, conflicts, code_reuse): &OfflineViews,
+    store_id: &str,
+    entry: &OfflinePayment,
+    now_ms: u64,
+    most_owed: i64,
+) -> TxResult<Applied> {
+    let conflict = |detail: String| -> TxResult<Applied> {
+        let record = Conflict {
+            entry: entry.clone(),
+            detail: detail.clone(),
+            recorded_at_ms: now_ms,
+        };
+        conflicts.insert(entry.payment_id.as_bytes(), encode(&record))?;
+        Ok((ReconcileOutcome::Conflict { detail }, None, None))
+    };
+    let same = |t: &TransferRecord| {
+        t.debit_account_id == entry.account_id
+            && t.credit_account_id == store_id
+            && t.amount_minor == entry.amount_minor
+            && t.currency == entry.currency
+    };
+    // The payment id owns one transfer. If an online attempt under it was voided, the
+    // offline approval is applied under `<id>#offline`.
+    let mut transfer_id = entry.payment_id.to_string();
+    if let Some(existing) = transfers.get(transfer_id.as_bytes())? {
+        let mut existing: TransferRecord = decode(&existing);
+        if existing.voided {
+            transfer_id = format!("{}#offline", entry.payment_id);
+        } else if same(&existing) {
+            // The online attempt reached the ledger after all: the hub's offline
+            // approval takes it over, so a void of that attempt cannot reverse it.
+            if !existing.offline {
+                existing.offline = true;
+                existing.posted = true;
+                existing.code_nonce = Some(entry.nonce.clone());
+                // Final now: its expiry entry is left to find it posted.
+                transfers.insert(transfer_id.as_bytes(), encode(&existing))?;
+            }
+            return Ok((ReconcileOutcome::AlreadyApplied, None, None));
+        } else if !existing.posted && !existing.offline {
+            // An online attempt with other details is still pending: its void or its
+            // expiry may yet move it back. Not a conflict yet: the entry stays in the
+            // hub's backlog and is tried again (voids go first).
+            return Ok((
+                ReconcileOutcome::Rejected {
+                    detail: "an online payment with other details is still pending \
+                             under this id; tried again later"
+                        .into(),
+                },
+                None,
+                None,
+            ));
+        } else {
+            return conflict(format!(
+                "payment id already paid with other details ({} from {})",
+                existing.currency.format(existing.amount_minor),
+                existing.debit_account_id
+            ));
+        }
+    }
+    // Charged again already, offline or by a late confirmation: never twice.
+    if let Some(existing) = super::charged_again(transfers, &entry.payment_id)? {
+        return if same(&existing) {
+            Ok((ReconcileOutcome::AlreadyApplied, None, None))
+        } else {
+            conflict("payment id already paid offline with other details".into())
+        };
+    }
+    let Some(customer) = accounts.get(entry.account_id.as_bytes())? else {
+        return conflict(format!("no account {}", entry.account_id));
+    };
+    let mut customer: AccountRecord = decode(&customer);
+    let Some(merchant) = accounts.get(store_id.as_bytes())? else {
+        return conflict(format!("store {store_id} has no merchant account"));
+    };
+    let mut merchant: AccountRecord = decode(&merchant);
+    if customer.kind != AccountKind::Customer {
+        return conflict(format!("{} is not a customer account", entry.account_id));
+    }
+    if customer.currency != entry.currency || merchant.currency != entry.currency {
+        return conflict(format!(
+            "payment in {} but the account holds {} and the store {}",
+            entry.currency, customer.currency, merchant.currency
+        ));
+    }
+    // Whatever grants a store cites, offline payments never take an account further
+    // into debt than the account cap: what the grants of every store together may
+    // hold unreconciled for it, and so the most honest hubs can owe it.
+    if customer.balance_minor.saturating_sub(entry.amount_minor) < -most_owed {
+        return conflict(format!(
+            "would take {} below -{most_owed}, the most offline payments may owe",
+            entry.account_id
+        ));
+    }
+    // Never beyond the grant the cloud issued for it, whatever the hub signed.
+    if let Err(detail) = super::allowances::book_offline(
+        grants,
+        (store_id, &entry.account_id),
+        entry.allowance_version,
+        entry.amount_minor,
+    )? {
+        return conflict(detail);
+    }
+    let (in_debt, revoked) = apply_promised(
+        (accounts, grants, by_account, debts),
+        (&entry.account_id, &mut customer),
+        (store_id, &mut merchant),
+        entry.amount_minor,
+    )?;
+    let transfer = TransferRecord::payment(store_id, &entry.as_request(), true, now_ms);
+    transfers.insert(transfer_id.as_bytes(), encode(&transfer))?;
+    // The code or token is spent (and the code a code-and-face token's face
+    // confirmed, with it): a later online replay of either is refused. If one had
+    // already paid another payment, the operator hears of it.
+    let mut first_payment = None;
+    for nonce in std::iter::once(&entry.nonce).chain(entry.spent_code.as_ref()) {
+        let key = nonce_key(&entry.account_id, nonce);
+        match nonces.get(&key)? {
+            None => {
+                let record = NonceRecord {
+                    payment_id: entry.payment_id.clone(),
+                    decision: Decision::Approved {
+                        account_id: entry.account_id.clone(),
+                        already_paid: false,
+                    },
+                    amount: Some((entry.amount_minor, entry.currency)),
+                };
+                nonces.insert(key, encode(&record))?;
+            }
+            Some(first) if first_payment.is_none() => {
+                let first: NonceRecord = decode(&first);
+                if first.payment_id != entry.payment_id
+                    && matches!(first.decision, Decision::Approved { .. })
+                {
+                    let record = CodeReuse {
+                        entry: entry.clone(),
+                        first_payment_id: first.payment_id.to_string(),
+                        recorded_at_ms: now_ms,
+                    };
+                    code_reuse.insert(entry.payment_id.as_bytes(), encode(&record))?;
+                    first_payment = Some(first.payment_id.into_string());
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok((
+        ReconcileOutcome::Applied { in_debt },
+        revoked,
+        first_payment,
+    ))
 }
 
 #[cfg(test)]
@@ -635,6 +737,54 @@ mod tests {
             .authorize("store-22", &online("store-22", "x", "n1", 100))
             .unwrap();
         assert_eq!(replay.reason(), Some(DeclineReason::CodeReplayed));
+        books_balance(&l);
+    }
+
+    /// A batch is one transaction on every engine: its entries are applied in order, each
+    /// seeing those before it (a copy of an entry already in the batch moves nothing, another
+    /// entry under its payment id conflicts), and the one whose signature fails is left out.
+    fn one_batch_applies_its_entries_in_order_each_once() {
+        let (_d, l) = ledger();
+        let version = l.current_grant("store-1", "alice");
+        let entry = |seq: u64, order: &str, nonce: &str, amount: i64| {
+            let mut entry = offline("store-1", seq, order, nonce, amount);
+            entry.allowance_version = version;
+            signer("store-1").sign(&mut entry);
+            entry
+        };
+        let first = entry(1, "o1", "n1", 1_000);
+        let mut forged = entry(2, "o2", "n2", 500);
+        forged.amount_minor = 5;
+        let batch = [
+            first.clone(),
+            forged,
+            first,
+            entry(3, "o1", "n3", 999),
+            entry(4, "o4", "n4", 200),
+        ];
+        let Reconciliation { outcomes, .. } = l.reconcile("store-1", &batch).unwrap();
+        assert!(
+            matches!(
+                outcomes.as_slice(),
+                [
+                    ReconcileOutcome::Applied { in_debt: false },
+                    ReconcileOutcome::Rejected { .. },
+                    ReconcileOutcome::AlreadyApplied,
+                    ReconcileOutcome::Conflict { .. },
+                    ReconcileOutcome::Applied { in_debt: false },
+                ]
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(balance(&l, "alice"), 10_000 - 1_200);
+        assert_eq!(balance(&l, "store-1"), 1_200);
+        assert_eq!(l.conflicts().unwrap().len(), 1);
+        // The whole batch again: nothing moves, the conflict is not recorded twice.
+        let Reconciliation { outcomes, .. } = l.reconcile("store-1", &batch).unwrap();
+        assert_eq!(outcomes[0], ReconcileOutcome::AlreadyApplied);
+        assert_eq!(outcomes[4], ReconcileOutcome::AlreadyApplied);
+        assert_eq!(balance(&l, "alice"), 10_000 - 1_200);
+        assert_eq!(l.conflicts().unwrap().len(), 1);
         books_balance(&l);
     }
 
@@ -1147,6 +1297,7 @@ mod tests {
     crate::engines::on_each_engine!(
         allowances_follow_online_approvals_within_the_account_cap,
         an_offline_payment_is_applied_once_and_a_resend_moves_nothing,
+        one_batch_applies_its_entries_in_order_each_once,
         a_store_never_books_more_offline_than_the_cloud_granted_it,
         offline_payments_never_take_an_account_below_minus_the_account_cap,
         entries_without_a_valid_hub_signature_are_kept_out,

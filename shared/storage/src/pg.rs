@@ -55,6 +55,7 @@ struct Shared {
 struct Conn {
     client: Client,
     get: Statement,
+    get_many: Statement,
     upsert: Statement,
     delete: Statement,
     next_id: Statement,
@@ -334,6 +335,11 @@ impl Conn {
                 "SELECT value FROM {schema}.kv WHERE tree = $1 AND key = $2"
             ))
             .map_err(storage)?;
+        let get_many = client
+            .prepare(&format!(
+                "SELECT key, value FROM {schema}.kv WHERE tree = $1 AND key = ANY($2::bytea[])"
+            ))
+            .map_err(storage)?;
         let upsert = client
             .prepare(&format!(
                 "INSERT INTO {schema}.kv (tree, key, value)
@@ -353,6 +359,7 @@ impl Conn {
         Ok(Conn {
             client,
             get,
+            get_many,
             upsert,
             delete,
             next_id,
@@ -395,6 +402,49 @@ impl PgTx {
         let value = row.map(|r| IVec::from(r.get::<_, Vec<u8>>(0)));
         self.seen.borrow_mut().insert(slot, value.clone());
         Ok(value)
+    }
+
+    /// Reads `keys` of `tree` in one round trip, so that the transaction's gets of them are
+    /// answered from memory. Keys it has already read or written are not asked again.
+    pub(crate) fn prefetch(
+        &self,
+        tree: &Arc<str>,
+        keys: &[&[u8]],
+    ) -> Result<(), UnabortableTransactionError> {
+        let wanted: Vec<&[u8]> = {
+            let (writes, seen) = (self.writes.borrow(), self.seen.borrow());
+            let mut wanted: Vec<&[u8]> = keys
+                .iter()
+                .copied()
+                .filter(|key| {
+                    let slot = (Arc::clone(tree), key.to_vec());
+                    !writes.contains_key(&slot) && !seen.contains_key(&slot)
+                })
+                .collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            wanted
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let rows = {
+            let mut conn = self.conn.borrow_mut();
+            let get_many = conn.get_many.clone();
+            conn.client
+                .query(&get_many, &[&&**tree, &wanted])
+                .map_err(unabortable)?
+        };
+        let mut seen = self.seen.borrow_mut();
+        for key in &wanted {
+            seen.insert((Arc::clone(tree), key.to_vec()), None);
+        }
+        for row in rows {
+            let key: Vec<u8> = row.get(0);
+            let value: Vec<u8> = row.get(1);
+            seen.insert((Arc::clone(tree), key), Some(IVec::from(value)));
+        }
+        Ok(())
     }
 
     /// Sets (`Some`) or removes (`None`) a key at commit; returns the value it had.
