@@ -132,9 +132,12 @@ impl IdentityIndex {
                 )?
                 .into_ivf_flat()?;
                 if lists == 1 {
-                    // One list: every vector lands in it whatever its centroid.
-                    let mut any = vec![0.0; EMBEDDING_DIM as usize];
-                    any[0] = 1.0;
+                    // One list: every vector lands in it whatever its centroid. (As many points
+                    // as FAISS asks for per list, or it warns on stderr.)
+                    let mut any = vec![0.0; EMBEDDING_DIM as usize * IVF_POINTS_PER_LIST];
+                    any.iter_mut()
+                        .step_by(EMBEDDING_DIM as usize)
+                        .for_each(|v| *v = 1.0);
                     ivf.train(&any)?;
                 } else {
                     ivf.train(&flat)?;

@@ -379,32 +379,51 @@ impl ReadAhead {
 }
 
 /// Each entry's checks before anything is applied: a hub key registered, the entry of the
-/// sending store, its fields, and the hub's signature over it.
+/// sending store, its fields, and the hub's signature over it. Signatures are most of the CPU a
+/// batch costs: a large batch is checked on every core.
 fn check_entries(
     key: Option<&str>,
     store_id: &str,
     entries: &[OfflinePayment],
 ) -> Vec<Result<(), String>> {
-    entries
-        .iter()
-        .map(|entry| match key {
-            None => Err(format!(
-                "no hub key is registered for store {store_id}; kept until one is"
-            )),
-            Some(_) if entry.store_id != store_id => Err(format!(
-                "entry of store {} sent by store {store_id}",
-                entry.store_id
-            )),
-            Some(key) => entry
-                .check_from(store_id)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    paycode::hubsig::verify_hub_signature(key, entry)
-                        .map_err(|_| "the hub's signature does not verify".to_owned())
-                }),
-        })
-        .collect()
+    let check = |entry: &OfflinePayment| match key {
+        None => Err(format!(
+            "no hub key is registered for store {store_id}; kept until one is"
+        )),
+        Some(_) if entry.store_id != store_id => Err(format!(
+            "entry of store {} sent by store {store_id}",
+            entry.store_id
+        )),
+        Some(key) => entry
+            .check_from(store_id)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                paycode::hubsig::verify_hub_signature(key, entry)
+                    .map_err(|_| "the hub's signature does not verify".to_owned())
+            }),
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(entries.len() / CHECKS_PER_THREAD);
+    if workers <= 1 {
+        return entries.iter().map(check).collect();
+    }
+    let chunk = entries.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let check = &check;
+        let parts: Vec<_> = entries
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(check).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| part.join().expect("checking an entry does not panic"))
+            .collect()
+    })
 }
+
+/// Fewest entries worth a thread of their own when a batch's signatures are checked.
+const CHECKS_PER_THREAD: usize = 32;
 
 /// Applies one checked entry inside the batch's transaction.
 fn apply_one(
@@ -785,6 +804,43 @@ mod tests {
         assert_eq!(outcomes[4], ReconcileOutcome::AlreadyApplied);
         assert_eq!(balance(&l, "alice"), 10_000 - 1_200);
         assert_eq!(l.conflicts().unwrap().len(), 1);
+        books_balance(&l);
+    }
+
+    /// A batch large enough to have its signatures checked on several threads keeps each
+    /// outcome at its entry's place.
+    fn a_large_batch_keeps_each_outcome_at_its_entry() {
+        let (_d, l) = ledger();
+        let version = l.current_grant("store-1", "alice");
+        let batch: Vec<OfflinePayment> = (0..150u64)
+            .map(|i| {
+                let mut entry = offline("store-1", i + 1, &format!("o{i}"), &format!("n{i}"), 10);
+                entry.allowance_version = version;
+                signer("store-1").sign(&mut entry);
+                if i % 7 == 3 {
+                    entry.amount_minor = 11; // altered after signing
+                }
+                entry
+            })
+            .collect();
+        let Reconciliation { outcomes, .. } = l.reconcile("store-1", &batch).unwrap();
+        assert_eq!(outcomes.len(), 150);
+        for (i, outcome) in outcomes.iter().enumerate() {
+            if i % 7 == 3 {
+                assert!(
+                    matches!(outcome, ReconcileOutcome::Rejected { .. }),
+                    "{i}: {outcome:?}"
+                );
+            } else {
+                assert_eq!(
+                    *outcome,
+                    ReconcileOutcome::Applied { in_debt: false },
+                    "{i}"
+                );
+            }
+        }
+        let applied = (0..150).filter(|i| i % 7 != 3).count() as i64;
+        assert_eq!(balance(&l, "store-1"), applied * 10);
         books_balance(&l);
     }
 
@@ -1298,6 +1354,7 @@ mod tests {
         allowances_follow_online_approvals_within_the_account_cap,
         an_offline_payment_is_applied_once_and_a_resend_moves_nothing,
         one_batch_applies_its_entries_in_order_each_once,
+        a_large_batch_keeps_each_outcome_at_its_entry,
         a_store_never_books_more_offline_than_the_cloud_granted_it,
         offline_payments_never_take_an_account_below_minus_the_account_cap,
         entries_without_a_valid_hub_signature_are_kept_out,

@@ -3,9 +3,11 @@
 //! 1. The hub's offline authorization latency: the `PaymentActor` with its credentials and
 //!    offline actors, a real journal on disk and no cloud, authorizing payment codes one at a time
 //!    (code check, nonce reservation, rules, signature, journal writes flushed), p50/p99.
-//! 2. Reconciliation: a hub process whose journal holds a backlog of signed offline approvals
-//!    (default 100,000) starts beside Mosquitto and the cloud; time until its journal is empty,
-//!    and payments applied per second at the cloud.
+//! 2. Reconciliation, for each database (sled, PostgreSQL): first the ledger alone applying a
+//!    backlog of signed offline approvals (default 100,000) in batches, as the cloud's ledger
+//!    thread does (signatures checked, one transaction and one flush per batch); then end to end,
+//!    a hub process whose journal holds the backlog starts beside Mosquitto and the cloud: time
+//!    until its journal is empty, and payments applied per second at the cloud.
 //! 3. Online code payments at the edge: Mosquitto, the cloud, a hub and a terminal as processes
 //!    (every link TLS, mutually authenticated), the register charging one order at a time with a
 //!    fresh payment code already in front of the scanner; time from the register's request to
@@ -79,6 +81,15 @@ fn main() -> anyhow::Result<()> {
             "postgres" => Some(pgtest::Postgres::start_durable().map_err(anyhow::Error::msg)?),
             other => anyhow::bail!("--databases {other:?}: sled or postgres"),
         };
+        let alone = match &postgres {
+            Some(server) => storage::kv::Location::Postgres {
+                url: server.url(),
+                schema: "alone".into(),
+                tls: None,
+            },
+            None => storage::kv::Location::Sled(dir.path().join("alone").join(database)),
+        };
+        ledger_apply(&cli, &alone, database)?;
         reconciliation(
             &cli,
             &dir.path().join(database),
@@ -298,50 +309,7 @@ fn reconciliation(
         }
         None => Vec::new(),
     };
-    // The accounts, and the grants the backlog was approved under (the cloud books each entry
-    // against its grant): made in the cloud's ledger before the cloud starts, as online payments
-    // at the store would have made them, under a policy that grants each account its share.
-    let versions: Vec<u64> = {
-        let ledger = cloud::ledger::Ledger::open_at(&location)?.with_offline_policy(
-            cloud::ledger::OfflinePolicy {
-                store_allowance_minor: protocol::MAX_AMOUNT_MINOR,
-                account_cap_minor: protocol::MAX_AMOUNT_MINOR,
-            },
-        );
-        let open = |id: &str, kind, balance| {
-            ledger.open_account(&OpenAccount {
-                account_id: id.into(),
-                kind,
-                currency: eur(),
-                initial_balance_minor: balance,
-                public_key: None,
-            })
-        };
-        open("store-1", AccountKind::Merchant, 0)?;
-        let mut versions = Vec::with_capacity(cli.accounts);
-        for a in 0..cli.accounts {
-            let account = format!("c{a}");
-            open(&account, AccountKind::Customer, 1_000_000_000)?;
-            let order = format!("grant-{a}");
-            let (_, granted) = ledger.authorize_with_allowance(
-                "store-1",
-                &protocol::CloudAuthorize {
-                    evidence: Default::default(),
-                    payment_id: format!("store-1:{order}").into(),
-                    account_id: account.clone().into(),
-                    code_nonce: format!("grant-{a}").into(),
-                    amount_minor: 1,
-                    currency: eur(),
-                    terminal_id: "t1".into(),
-                    order_id: order.into(),
-                    offline_reservation: Default::default(),
-                    spent_code: None,
-                },
-            )?;
-            versions.push(granted.map_or(0, |g| g.version));
-        }
-        versions
-    };
+    let versions = prepare_ledger(cli, &location)?;
     let broker = Mosquitto::start(dir)?;
     let cloud = tests::start_cloud_with(&dir.join("cloud"), broker.port, &database)?;
     let api = CloudApi::new(cloud.http_addr);
@@ -352,32 +320,10 @@ fn reconciliation(
     let signer = HubSigner::from_seed(&seed);
     {
         let journal = Journal::open(&hub_dir.join("journal"))?;
-        let mut chunk = Vec::with_capacity(10_000);
-        for i in 0..cli.backlog {
-            let order = format!("b{i}");
-            let mut entry = OfflinePayment {
-                seq: journal.next_seq()?,
-                payment_id: format!("store-1:{order}").into(),
-                store_id: "store-1".into(),
-                terminal_id: "t1".into(),
-                order_id: order.into(),
-                account_id: format!("c{}", i % cli.accounts).into(),
-                allowance_version: versions[i % cli.accounts],
-                nonce: format!("n{i}").into(),
-                amount_minor: 100 + (i % 900) as i64,
-                currency: eur(),
-                approved_at_ms: paycode::now_ms(),
-                spent_code: None,
-                signature: String::new(),
-            };
-            signer.sign(&mut entry);
-            chunk.push(entry);
-            if chunk.len() == 10_000 {
-                journal.record_offline_many(&chunk)?;
-                chunk.clear();
-            }
+        let first = journal.next_seq()?;
+        for chunk in backlog(cli, &versions, &signer, first).chunks(10_000) {
+            journal.record_offline_many(chunk)?;
         }
-        journal.record_offline_many(&chunk)?;
     }
     api.set_hub_key("store-1", &signer.public_key_b64())?;
     let started = Instant::now();
@@ -424,6 +370,121 @@ fn reconciliation(
         took.as_secs_f64(),
         applied,
         applied / draining.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The accounts, and the grants the backlog was approved under (the cloud books each entry
+/// against its grant): made in the cloud's ledger before the cloud starts, as online payments at
+/// the store would have made them, under a policy that grants each account its share. Returns
+/// each account's grant version.
+fn prepare_ledger(cli: &Cli, location: &storage::kv::Location) -> anyhow::Result<Vec<u64>> {
+    let ledger = cloud::ledger::Ledger::open_at(location)?.with_offline_policy(BENCH_POLICY);
+    let open = |id: &str, kind, balance| {
+        ledger.open_account(&OpenAccount {
+            account_id: id.into(),
+            kind,
+            currency: eur(),
+            initial_balance_minor: balance,
+            public_key: None,
+        })
+    };
+    open("store-1", AccountKind::Merchant, 0)?;
+    let mut versions = Vec::with_capacity(cli.accounts);
+    for a in 0..cli.accounts {
+        let account = format!("c{a}");
+        open(&account, AccountKind::Customer, 1_000_000_000)?;
+        let order = format!("grant-{a}");
+        let (_, granted) = ledger.authorize_with_allowance(
+            "store-1",
+            &protocol::CloudAuthorize {
+                evidence: Default::default(),
+                payment_id: format!("store-1:{order}").into(),
+                account_id: account.clone().into(),
+                code_nonce: format!("grant-{a}").into(),
+                amount_minor: 1,
+                currency: eur(),
+                terminal_id: "t1".into(),
+                order_id: order.into(),
+                offline_reservation: Default::default(),
+                spent_code: None,
+            },
+        )?;
+        versions.push(granted.map_or(0, |g| g.version));
+    }
+    Ok(versions)
+}
+
+/// Every account may hold its whole balance offline: the backlog is all within its grants.
+const BENCH_POLICY: cloud::ledger::OfflinePolicy = cloud::ledger::OfflinePolicy {
+    store_allowance_minor: protocol::MAX_AMOUNT_MINOR,
+    account_cap_minor: protocol::MAX_AMOUNT_MINOR,
+};
+
+/// The backlog: `cli.backlog` offline approvals spread over the accounts, signed by the hub,
+/// numbered from `first`.
+fn backlog(cli: &Cli, versions: &[u64], signer: &HubSigner, first: u64) -> Vec<OfflinePayment> {
+    (0..cli.backlog)
+        .map(|i| {
+            let order = format!("b{i}");
+            let mut entry = OfflinePayment {
+                seq: first + i as u64,
+                payment_id: format!("store-1:{order}").into(),
+                store_id: "store-1".into(),
+                terminal_id: "t1".into(),
+                order_id: order.into(),
+                account_id: format!("c{}", i % cli.accounts).into(),
+                allowance_version: versions[i % cli.accounts],
+                nonce: format!("n{i}").into(),
+                amount_minor: 100 + (i % 900) as i64,
+                currency: eur(),
+                approved_at_ms: paycode::now_ms(),
+                spent_code: None,
+                signature: String::new(),
+            };
+            signer.sign(&mut entry);
+            entry
+        })
+        .collect()
+}
+
+/// The ledger alone: the backlog applied in batches of `cli.batch` as the cloud's ledger thread
+/// applies a hub's reconcile requests (signatures checked, one transaction and one flush per
+/// batch), on one thread.
+fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyhow::Result<()> {
+    let versions = prepare_ledger(cli, location)?;
+    let ledger = cloud::ledger::Ledger::open_at(location)?.with_offline_policy(BENCH_POLICY);
+    let signer = HubSigner::from_seed(&[9; 32]);
+    ledger.set_hub_key("store-1", &signer.public_key_b64())?;
+    let entries = backlog(cli, &versions, &signer, 1);
+    let started = Instant::now();
+    let mut applied = 0;
+    for batch in entries.chunks(cli.batch) {
+        let done = ledger.reconcile("store-1", batch)?;
+        applied += done
+            .outcomes
+            .iter()
+            .filter(|o| matches!(o, protocol::ReconcileOutcome::Applied { .. }))
+            .count();
+    }
+    let took = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        applied == cli.backlog,
+        "the ledger applied {applied} of {} entries",
+        cli.backlog
+    );
+    for total in ledger.totals()? {
+        anyhow::ensure!(
+            total.sum_of_balances_minor == 0,
+            "books out of balance: {total:?}"
+        );
+    }
+    println!(
+        "reconciliation of {} offline payments by the ledger alone in batches of {} into {name}: \
+         {took:.1} s, {:.0} payments/s",
+        cli.backlog,
+        cli.batch,
+        applied as f64 / took
     );
     Ok(())
 }
