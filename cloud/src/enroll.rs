@@ -122,7 +122,7 @@ impl IdentityConfig {
         }
         match self.index {
             IndexKind::Flat => Ok(()),
-            IndexKind::Ivf { nlist, nprobe } => {
+            IndexKind::Ivf { nlist, nprobe } | IndexKind::IvfSq8 { nlist, nprobe } => {
                 if nlist == 0 || nprobe == 0 || nprobe > nlist {
                     Err((
                         "identity.index".into(),
@@ -667,10 +667,14 @@ mod tests {
     }
 
     /// One small index of each kind.
-    fn every_index_kind() -> [IndexKind; 3] {
+    fn every_index_kind() -> [IndexKind; 4] {
         [
             IndexKind::Flat,
             IndexKind::Ivf {
+                nlist: 4,
+                nprobe: 4,
+            },
+            IndexKind::IvfSq8 {
                 nlist: 4,
                 nprobe: 4,
             },
@@ -762,6 +766,10 @@ mod tests {
             );
             assert_eq!(gauge.get(), 30);
             drop(actor);
+            if matches!(kind, IndexKind::IvfSq8 { .. }) {
+                assert!(!path.exists(), "an 8-bit IVF is never written to disk");
+                continue;
+            }
             let (reopened, rebuilt) =
                 IdentityIndex::open_or_rebuild(&path, kind, 30, &store.sealer(), Vec::new).unwrap();
             assert!(
