@@ -245,7 +245,9 @@ impl IdentityActor {
     fn rebuild(&mut self) -> Result<(), EnrollError> {
         let templates = self.store.all_templates()?;
         let rebuilt = IdentityIndex::build(self.config.index, &templates)?;
-        *write(&self.index) = rebuilt;
+        let old = std::mem::replace(&mut *write(&self.index), rebuilt);
+        // Freed after the lock is let go: searches wait only for the swap.
+        drop(old);
         self.dirty = true;
         Ok(())
     }
@@ -454,7 +456,12 @@ impl IdentityActor {
         let (template_id, record) = self
             .store
             .add_template(&msg.customer_id, msg.embedding.clone())?;
-        write(&self.index).add(template_id, &msg.embedding)?;
+        let added = write(&self.index).add(template_id, &msg.embedding);
+        if let Err(error) = added {
+            // The store holds the template now: the index is built again from it.
+            tracing::warn!(%error, "adding to the identity index failed; rebuilding it");
+            self.rebuild()?;
+        }
         self.changed();
         let added = FaceAdded {
             template_id,

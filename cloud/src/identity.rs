@@ -362,22 +362,20 @@ impl IdentityIndex {
     }
 }
 
-/// What an 8-bit IVF trains on: the templates (the codes' range per dimension comes from them),
-/// repeated up to the points FAISS asks for per list; with none yet, the whole range a
-/// component of a unit vector can take (the index is trained again on real ones as it grows).
+/// What an 8-bit IVF trains on: the templates (the codes' range per dimension comes from them);
+/// while there are fewer than FAISS asks for per list, the whole range a component of a unit
+/// vector can take with them, repeated (the index is trained again on real ones as it grows).
 fn sq8_training_set(flat: &[f32], lists: usize) -> Vec<f32> {
     let wanted = lists * IVF_POINTS_PER_LIST * EMBEDDING_DIM as usize;
     if flat.len() >= wanted {
         return flat.to_vec();
     }
-    let source: Vec<f32> = if flat.is_empty() {
-        [-1.0f32, 1.0]
-            .iter()
-            .flat_map(|v| std::iter::repeat_n(*v, EMBEDDING_DIM as usize))
-            .collect()
-    } else {
-        flat.to_vec()
-    };
+    // The whole range always: a few templates' own ranges would clip the next ones.
+    let mut source: Vec<f32> = [-1.0f32, 1.0]
+        .iter()
+        .flat_map(|v| std::iter::repeat_n(*v, EMBEDDING_DIM as usize))
+        .collect();
+    source.extend_from_slice(flat);
     source.iter().copied().cycle().take(wanted).collect()
 }
 

@@ -131,9 +131,10 @@ impl Ledger {
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    /// Applies a batch of a store's offline approvals, each exactly once by payment id, in one
-    /// transaction (what the batch reads is read ahead together), and flushes once. A batch that
-    /// fails is applied by none of its entries, and the hub sends it again.
+    /// Applies a batch of a store's offline approvals, each exactly once by payment id, in
+    /// transactions of [`ENTRIES_PER_TRANSACTION`] (what each reads is read ahead together), and
+    /// flushes once. A batch that fails is sent again by the hub; what was applied answers
+    /// `already_applied`.
     pub fn reconcile(
         &self,
         store_id: &str,
@@ -191,7 +192,7 @@ impl Ledger {
         read_all(&self.code_reuse)
     }
 
-    /// Applies the entries that passed their checks, in one transaction; for each entry its
+    /// Applies the entries that passed their checks, a few dozen per transaction; for each its
     /// outcome, the revocation to broadcast if the account went into debt, and the payment its
     /// code or token had already paid, if any (`None` for an entry that did not pass).
     fn apply_offline(
@@ -212,32 +213,41 @@ impl Ledger {
             &self.conflicts,
             &self.code_reuse,
         );
-        let valid: Vec<&OfflinePayment> = entries
-            .iter()
-            .zip(checked)
-            .filter(|(_, check)| check.is_ok())
-            .map(|(entry, _)| entry)
-            .collect();
-        let ahead = ReadAhead::of(store_id, &valid);
-        unwrap_tx(trees.transaction(|views| {
-            let (accounts, transfers, nonces, grants, _, debts, conflicts, code_reuse) = views;
-            // What the entries read, read together: one round trip per tree on PostgreSQL.
-            transfers.prefetch(&ahead.transfers)?;
-            accounts.prefetch(&ahead.accounts)?;
-            debts.prefetch(&ahead.accounts)?;
-            grants.prefetch(&ahead.grants)?;
-            nonces.prefetch(&ahead.nonces)?;
-            conflicts.prefetch(&ahead.payments)?;
-            code_reuse.prefetch(&ahead.payments)?;
-            let mut results = Vec::with_capacity(entries.len());
-            for (entry, check) in entries.iter().zip(checked) {
-                results.push(match check {
-                    Ok(()) => Some(apply_one(views, store_id, entry, now_ms, most_owed)?),
-                    Err(_) => None,
-                });
-            }
-            Ok(results)
-        }))
+        // A few dozen entries per transaction: a serializable transaction that reads too many
+        // rows locks the whole table, and would then conflict with every other writer.
+        let mut results = Vec::with_capacity(entries.len());
+        for (entries, checked) in entries
+            .chunks(ENTRIES_PER_TRANSACTION)
+            .zip(checked.chunks(ENTRIES_PER_TRANSACTION))
+        {
+            let valid: Vec<&OfflinePayment> = entries
+                .iter()
+                .zip(checked)
+                .filter(|(_, check)| check.is_ok())
+                .map(|(entry, _)| entry)
+                .collect();
+            let ahead = ReadAhead::of(store_id, &valid);
+            results.extend(unwrap_tx(trees.transaction(|views| {
+                let (accounts, transfers, nonces, grants, _, debts, conflicts, code_reuse) = views;
+                // What the entries read, read together: one round trip per tree on PostgreSQL.
+                transfers.prefetch(&ahead.transfers)?;
+                accounts.prefetch(&ahead.accounts)?;
+                debts.prefetch(&ahead.accounts)?;
+                grants.prefetch(&ahead.grants)?;
+                nonces.prefetch(&ahead.nonces)?;
+                conflicts.prefetch(&ahead.payments)?;
+                code_reuse.prefetch(&ahead.payments)?;
+                let mut results = Vec::with_capacity(entries.len());
+                for (entry, check) in entries.iter().zip(checked) {
+                    results.push(match check {
+                        Ok(()) => Some(apply_one(views, store_id, entry, now_ms, most_owed)?),
+                        Err(_) => None,
+                    });
+                }
+                Ok(results)
+            }))?);
+        }
+        Ok(results)
     }
 
     /// Pays money into a customer account from the issuance account of its currency, once per
@@ -421,6 +431,10 @@ fn check_entries(
             .collect()
     })
 }
+
+/// Offline entries applied per ledger transaction (a hub's batch is split into as many as it
+/// needs; each entry is applied once by its payment id whichever transaction it is in).
+const ENTRIES_PER_TRANSACTION: usize = 50;
 
 /// Fewest entries worth a thread of their own when a batch's signatures are checked.
 const CHECKS_PER_THREAD: usize = 32;
