@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     customers::{CustomerError, CustomerStore},
-    identity::{IdentityError, IdentityIndex, IndexKind},
+    identity::{IdentityError, IdentityIndex, IndexKind, EMBEDDING_DIM},
 };
 
 /// How many nearest templates a search looks at, to find the best two distinct customers.
@@ -137,6 +137,19 @@ impl IdentityConfig {
                     Err((
                         "identity.index".into(),
                         "hnsw needs m from 4 to 128 and ef_search >= 1".into(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            IndexKind::PqRefine { m, k_factor } => {
+                if m == 0 || EMBEDDING_DIM as usize % m != 0 || !(1..=4096).contains(&k_factor) {
+                    Err((
+                        "identity.index".into(),
+                        format!(
+                            "pq_refine needs m dividing {EMBEDDING_DIM} and k_factor from 1 to \
+                             4096"
+                        ),
                     ))
                 } else {
                     Ok(())

@@ -22,6 +22,9 @@ use storage::Sealer;
 
 /// Embedding dimension of SFace.
 pub const EMBEDDING_DIM: u32 = 128;
+/// A product quantiser's codebooks train like an IVF of this many lists (16 centroids per
+/// sub-quantiser, FAISS asks for 39 points per centroid, and more points cost nothing to keep).
+const PQ_TRAINING_LISTS: usize = 256;
 /// IVF needs about this many training points per list for stable centroids (FAISS's own advice).
 const IVF_POINTS_PER_LIST: usize = 39;
 
@@ -55,6 +58,15 @@ pub enum IndexKind {
         /// Candidate list size at search time.
         ef_search: usize,
     },
+    /// Every template scanned as a 4-bit product-quantised code (`m` codes of 4 bits, FAISS's
+    /// SIMD "fast scan"), the best `k * k_factor` re-ranked by their exact vectors. Cannot
+    /// remove: erasure rebuilds it. Searched by one thread at a time.
+    PqRefine {
+        /// Sub-quantisers (128 must divide by it).
+        m: usize,
+        /// How many more candidates than asked for are re-ranked exactly.
+        k_factor: usize,
+    },
 }
 
 impl IndexKind {
@@ -66,7 +78,7 @@ impl IndexKind {
             IndexKind::Ivf { nlist, .. } | IndexKind::IvfSq8 { nlist, .. } => {
                 Some(nlist.min(templates / IVF_POINTS_PER_LIST).max(1))
             }
-            IndexKind::Hnsw { .. } => None,
+            IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. } => None,
         }
     }
 }
@@ -88,7 +100,7 @@ pub enum IdentityError {
     /// The index file could not be written.
     #[error("identity index file: {0}")]
     Io(String),
-    /// HNSW cannot delete; the caller rebuilds instead.
+    /// HNSW and product-quantised indexes cannot delete; the caller rebuilds instead.
     #[error("this index type cannot remove templates; rebuild it without them")]
     RemoveUnsupported,
 }
@@ -110,8 +122,10 @@ enum Faiss {
     /// Inverted lists over 8-bit codes of the vectors themselves (not residuals); searched from
     /// any number of threads at once too.
     IvfSq8(IVFScalarQuantizerIndexImpl<FlatIndexImpl>),
-    /// An HNSW graph behind an id map; the FAISS crate offers no shared search for it.
-    Hnsw(Mutex<IndexImpl>),
+    /// An HNSW graph or a re-ranked product quantiser behind an id map, built by FAISS's index
+    /// factory: the FAISS crate offers no shared search for these, one thread searches at a
+    /// time.
+    Serial(Mutex<IndexImpl>),
 }
 
 /// The FAISS index and what it is. Searches take `&self`: many threads search one index at once
@@ -119,6 +133,8 @@ enum Faiss {
 pub struct IdentityIndex {
     faiss: Faiss,
     kind: IndexKind,
+    /// How many templates it was trained on (or held when read back).
+    trained_on: usize,
 }
 
 fn check_dim(v: &[f32]) -> Result<(), IdentityError> {
@@ -177,18 +193,25 @@ impl IdentityIndex {
                 Faiss::Ivf(ivf)
             }
             None => {
-                let IndexKind::Hnsw { m, .. } = kind else {
-                    unreachable!("only HNSW has no lists")
+                let description = match kind {
+                    IndexKind::Hnsw { m, .. } => format!("IDMap,HNSW{m}"),
+                    IndexKind::PqRefine { m, .. } => format!("IDMap,PQ{m}x4fs,RFlat"),
+                    _ => unreachable!("only HNSW and PQ have no lists"),
                 };
-                let graph = index_factory(
-                    EMBEDDING_DIM,
-                    format!("IDMap,HNSW{m}"),
-                    MetricType::InnerProduct,
-                )?;
-                Faiss::Hnsw(Mutex::new(graph))
+                let mut index = index_factory(EMBEDDING_DIM, description, MetricType::InnerProduct)?;
+                if let IndexKind::PqRefine { .. } = kind {
+                    // The codebooks: 16 centroids per sub-quantiser, trained on the templates
+                    // (a unit vector's whole range while there are too few of them).
+                    index.train(&sq8_training_set(&flat, PQ_TRAINING_LISTS))?;
+                }
+                Faiss::Serial(Mutex::new(index))
             }
         };
-        let mut built = IdentityIndex { faiss, kind };
+        let mut built = IdentityIndex {
+            faiss,
+            kind,
+            trained_on: templates.len(),
+        };
         if !templates.is_empty() {
             built.add_many(&flat, &ids)?;
         }
@@ -200,7 +223,7 @@ impl IdentityIndex {
         match &mut self.faiss {
             Faiss::Ivf(ivf) => ivf.add_with_ids(flat, ids)?,
             Faiss::IvfSq8(ivf) => ivf.add_with_ids(flat, ids)?,
-            Faiss::Hnsw(graph) => graph
+            Faiss::Serial(index) => index
                 .get_mut()
                 .unwrap_or_else(|p| p.into_inner())
                 .add_with_ids(flat, ids)?,
@@ -213,9 +236,17 @@ impl IdentityIndex {
             (Faiss::Ivf(ivf), IndexKind::Ivf { nprobe, .. }) => ivf.set_nprobe(nprobe as u32),
             (Faiss::Ivf(ivf), IndexKind::Flat) => ivf.set_nprobe(ivf.nlist()),
             (Faiss::IvfSq8(ivf), IndexKind::IvfSq8 { nprobe, .. }) => ivf.set_nprobe(nprobe as u32),
-            (Faiss::Hnsw(graph), IndexKind::Hnsw { ef_search, .. }) => {
+            (Faiss::Serial(graph), IndexKind::Hnsw { ef_search, .. }) => {
                 let graph = graph.get_mut().unwrap_or_else(|p| p.into_inner());
                 ParameterSpace::new()?.set_index_parameter(&*graph, "efSearch", ef_search as f64)?
+            }
+            (Faiss::Serial(index), IndexKind::PqRefine { k_factor, .. }) => {
+                let index = index.get_mut().unwrap_or_else(|p| p.into_inner());
+                ParameterSpace::new()?.set_index_parameter(
+                    &*index,
+                    "k_factor_rf",
+                    k_factor as f64,
+                )?
             }
             _ => return Err(IdentityError::Faiss(faiss::error::Error::BadCast)),
         }
@@ -224,11 +255,7 @@ impl IdentityIndex {
 
     /// Number of templates held.
     pub fn len(&self) -> u64 {
-        match &self.faiss {
-            Faiss::Ivf(ivf) => ivf.ntotal(),
-            Faiss::IvfSq8(ivf) => ivf.ntotal(),
-            Faiss::Hnsw(graph) => graph.lock().unwrap_or_else(|p| p.into_inner()).ntotal(),
-        }
+        index_len(&self.faiss)
     }
 
     /// Whether the index is empty.
@@ -237,12 +264,18 @@ impl IdentityIndex {
     }
 
     /// Whether this index was trained for far fewer templates than it now holds (an IVF built
-    /// while the fleet was small): searching it costs more and more until it is built again.
+    /// while the fleet was small: searching it costs more and more; a product quantiser trained
+    /// on a handful: it ranks worse and worse) until it is built again.
     pub fn outgrown(&self) -> bool {
         let lists = match &self.faiss {
             Faiss::Ivf(ivf) => ivf.nlist(),
             Faiss::IvfSq8(ivf) => ivf.nlist(),
-            Faiss::Hnsw(_) => return false,
+            Faiss::Serial(_) if matches!(self.kind, IndexKind::PqRefine { .. }) => {
+                let enough = PQ_TRAINING_LISTS * IVF_POINTS_PER_LIST;
+                return self.trained_on < enough
+                    && self.len() as usize >= 4 * self.trained_on.max(1);
+            }
+            Faiss::Serial(_) => return false,
         };
         let wanted = self.kind.lists_for(self.len() as usize).unwrap_or(1);
         (lists as usize) * 4 <= wanted
@@ -261,7 +294,7 @@ impl IdentityIndex {
         match &mut self.faiss {
             Faiss::Ivf(ivf) => Ok(ivf.remove_ids(&selector)?),
             Faiss::IvfSq8(ivf) => Ok(ivf.remove_ids(&selector)?),
-            Faiss::Hnsw(_) => Err(IdentityError::RemoveUnsupported),
+            Faiss::Serial(_) => Err(IdentityError::RemoveUnsupported),
         }
     }
 
@@ -271,7 +304,7 @@ impl IdentityIndex {
         let result = match &self.faiss {
             Faiss::Ivf(ivf) => ConcurrentIndex::search(ivf, embedding, k)?,
             Faiss::IvfSq8(ivf) => ConcurrentIndex::search(ivf, embedding, k)?,
-            Faiss::Hnsw(graph) => graph
+            Faiss::Serial(index) => index
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .search(embedding, k)?,
@@ -303,8 +336,8 @@ impl IdentityIndex {
         match &self.faiss {
             Faiss::Ivf(ivf) => faiss::write_index(ivf, &scratch_path)?,
             Faiss::IvfSq8(_) => unreachable!("not written"),
-            Faiss::Hnsw(graph) => faiss::write_index(
-                &*graph.lock().unwrap_or_else(|p| p.into_inner()),
+            Faiss::Serial(index) => faiss::write_index(
+                &*index.lock().unwrap_or_else(|p| p.into_inner()),
                 &scratch_path,
             )?,
         }
@@ -328,9 +361,16 @@ impl IdentityIndex {
             // FAISS reads it back with a quantizer of no known type, which the crate cannot
             // search from several threads: built again instead.
             IndexKind::IvfSq8 { .. } => return None,
-            IndexKind::Hnsw { .. } => Faiss::Hnsw(Mutex::new(index)),
+            IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. } => {
+                Faiss::Serial(Mutex::new(index))
+            }
         };
-        let mut loaded = IdentityIndex { faiss, kind };
+        let trained_on = index_len(&faiss) as usize;
+        let mut loaded = IdentityIndex {
+            faiss,
+            kind,
+            trained_on,
+        };
         loaded.apply_search_parameters().ok()?;
         Some(loaded)
     }
@@ -362,6 +402,14 @@ impl IdentityIndex {
     }
 }
 
+fn index_len(faiss: &Faiss) -> u64 {
+    match faiss {
+        Faiss::Ivf(ivf) => ivf.ntotal(),
+        Faiss::IvfSq8(ivf) => ivf.ntotal(),
+        Faiss::Serial(index) => index.lock().unwrap_or_else(|p| p.into_inner()).ntotal(),
+    }
+}
+
 /// What an 8-bit IVF trains on: the templates (the codes' range per dimension comes from them);
 /// while there are fewer than FAISS asks for per list, the whole range a component of a unit
 /// vector can take with them, repeated (the index is trained again on real ones as it grows).
@@ -380,13 +428,14 @@ fn sq8_training_set(flat: &[f32], lists: usize) -> Vec<f32> {
 }
 
 /// Associated data of a sealed index file: what it is and its structure (search-time
-/// parameters, `nprobe` and `ef_search`, are applied at each opening and may change freely).
+/// parameters, `nprobe`, `ef_search` and `k_factor`, are applied at each opening and may change freely).
 fn record_key(kind: IndexKind) -> Vec<u8> {
     let structure = match kind {
         IndexKind::Flat => "flat".to_string(),
         IndexKind::Ivf { nlist, .. } => format!("ivf:{nlist}"),
         IndexKind::IvfSq8 { nlist, .. } => format!("ivf_sq8:{nlist}"),
         IndexKind::Hnsw { m, .. } => format!("hnsw:{m}"),
+        IndexKind::PqRefine { m, .. } => format!("pq_refine:{m}"),
     };
     [INDEX_RECORD_KEY, b":", structure.as_bytes()].concat()
 }
@@ -470,6 +519,10 @@ mod tests {
                 m: 32,
                 ef_search: 64,
             },
+            IndexKind::PqRefine {
+                m: 32,
+                k_factor: 16,
+            },
         ] {
             let approx = IdentityIndex::build(kind, &data).unwrap();
             let agree = queries
@@ -505,6 +558,23 @@ mod tests {
         assert_eq!(ivf.len(), 1_998);
         hnsw.add(5, &data[20].1).unwrap();
         assert_eq!(hnsw.search(&data[20].1, 1).unwrap()[0].template_id, 5);
+        let mut pq = IdentityIndex::build(
+            IndexKind::PqRefine {
+                m: 16,
+                k_factor: 4,
+            },
+            &data[..10],
+        )
+        .unwrap();
+        assert!(matches!(
+            pq.remove(&[1000]),
+            Err(IdentityError::RemoveUnsupported)
+        ));
+        pq.add(5, &data[20].1).unwrap();
+        let hit = pq.search(&data[20].1, 1).unwrap()[0];
+        assert_eq!(hit.template_id, 5);
+        // Re-ranked by the exact vectors: the score is the exact cosine, not the code's.
+        assert!((hit.score - 1.0).abs() < 1e-4, "{hit:?}");
     }
 
     #[test]
@@ -561,6 +631,10 @@ mod tests {
             }),
             "HNSW configured: rebuilt"
         );
+        let pq = |m, k_factor| IndexKind::PqRefine { m, k_factor };
+        assert!(reopen(pq(16, 4)), "PQ configured: rebuilt");
+        assert!(!reopen(pq(16, 8)), "only k_factor changed: reused");
+        assert!(reopen(pq(32, 8)), "m changed: rebuilt");
         assert!(
             reopen(IndexKind::IvfSq8 {
                 nlist: 4,
@@ -587,6 +661,10 @@ mod tests {
             IndexKind::Hnsw {
                 m: 16,
                 ef_search: 32,
+            },
+            IndexKind::PqRefine {
+                m: 16,
+                k_factor: 8,
             },
         ] {
             let index = IdentityIndex::build(kind, &data).unwrap();
@@ -652,5 +730,18 @@ mod tests {
         assert!(!rebuilt.outgrown());
         let flat = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
         assert!(!flat.outgrown(), "exact search is one list at any size");
+        // A product quantiser trained on a handful is outgrown once it holds four times as
+        // many.
+        let pq = IndexKind::PqRefine {
+            m: 16,
+            k_factor: 8,
+        };
+        let mut small = IdentityIndex::build(pq, &data[..100]).unwrap();
+        for (id, v) in &data[100..399] {
+            small.add(*id, v).unwrap();
+        }
+        assert!(!small.outgrown());
+        small.add(data[399].0, &data[399].1).unwrap();
+        assert!(small.outgrown());
     }
 }

@@ -264,6 +264,11 @@ impl Mosquitto {
         Ok(broker)
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the broker (SIGKILL) and starts a new one on the same port. It keeps nothing:
     /// sessions and queued messages are lost, as with a broker without persistence.
     pub fn restart(&mut self, dir: &Path) -> anyhow::Result<()> {
@@ -437,6 +442,11 @@ impl NatsCluster {
         let binary = nats_binary()?;
         self.spawn(binary, n)?;
         wait_for_port(self.mqtt_ports[n], Duration::from_secs(20))
+    }
+
+    /// The running nodes' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(Child::id).collect()
     }
 
     /// The `--set`s that point a hub or cloud at node `first`, failing over to the others.

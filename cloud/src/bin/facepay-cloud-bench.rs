@@ -28,7 +28,7 @@ struct Cli {
     #[arg(long, default_value_t = 2000)]
     queries: usize,
     /// Indexes: `flat`, `ivf:<nlist>:<nprobe>`, `ivf_sq8:<nlist>:<nprobe>`,
-    /// `hnsw:<m>:<ef_search>`. `flat` is always run first: it is the reference for recall.
+    /// `hnsw:<m>:<ef_search>`, `pq_refine:<m>:<k_factor>`. `flat` is always run first: it is the reference for recall.
     #[arg(long, value_delimiter = ',', default_value = "ivf:4096:32,ivf:4096:64")]
     kinds: Vec<String>,
     /// Seed of the distractors.
@@ -74,6 +74,10 @@ fn parse_kind(spec: &str) -> anyhow::Result<IndexKind> {
         "hnsw" => IndexKind::Hnsw {
             m: num(1)?,
             ef_search: num(2)?,
+        },
+        "pq_refine" => IndexKind::PqRefine {
+            m: num(1)?,
+            k_factor: num(2)?,
         },
         other => anyhow::bail!("unknown index type {other}"),
     })

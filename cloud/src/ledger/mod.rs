@@ -225,6 +225,8 @@ pub struct Ledger {
     policy: OfflinePolicy,
     /// The one time source: when transfers were applied, conflicts recorded.
     clock: clock::SharedClock,
+    /// Offline entries of a reconciliation batch applied per transaction.
+    entries_per_transaction: usize,
 }
 
 fn issuance_account(currency: Currency) -> String {
@@ -427,6 +429,7 @@ impl Ledger {
             audit: tree("audit")?,
             policy: OfflinePolicy::default(),
             clock: clock::system(),
+            entries_per_transaction: offline::ENTRIES_PER_TRANSACTION,
             db,
         })
     }
@@ -486,6 +489,13 @@ impl Ledger {
     /// Sets how much the cloud grants hubs for offline payment.
     pub fn with_offline_policy(mut self, policy: OfflinePolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Applies a reconciliation batch's entries `n` per transaction (at least 1): fewer
+    /// conflict less with other writers, more commit less often.
+    pub fn with_entries_per_transaction(mut self, n: usize) -> Self {
+        self.entries_per_transaction = n.max(1);
         self
     }
 

@@ -217,8 +217,8 @@ impl Ledger {
         // rows locks the whole table, and would then conflict with every other writer.
         let mut results = Vec::with_capacity(entries.len());
         for (entries, checked) in entries
-            .chunks(ENTRIES_PER_TRANSACTION)
-            .zip(checked.chunks(ENTRIES_PER_TRANSACTION))
+            .chunks(self.entries_per_transaction)
+            .zip(checked.chunks(self.entries_per_transaction))
         {
             let valid: Vec<&OfflinePayment> = entries
                 .iter()
@@ -434,7 +434,7 @@ fn check_entries(
 
 /// Offline entries applied per ledger transaction (a hub's batch is split into as many as it
 /// needs; each entry is applied once by its payment id whichever transaction it is in).
-const ENTRIES_PER_TRANSACTION: usize = 50;
+pub(super) const ENTRIES_PER_TRANSACTION: usize = 50;
 
 /// Fewest entries worth a thread of their own when a batch's signatures are checked.
 const CHECKS_PER_THREAD: usize = 32;

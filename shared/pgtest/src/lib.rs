@@ -79,7 +79,16 @@ impl Postgres {
     /// certificate named `cloud` or `cloud:<instance>` logs in as [`USER`]. Local tools reach it
     /// over its Unix socket ([`Postgres::socket_url`]).
     pub fn start_tls(tls: &ServerTls) -> Result<Self, Error> {
-        let mut server = Self::make(false)?;
+        Self::start_tls_with(tls, false)
+    }
+
+    /// [`Postgres::start_tls`] flushing every commit to disk, as deployed: for benchmarks.
+    pub fn start_tls_durable(tls: &ServerTls) -> Result<Self, Error> {
+        Self::start_tls_with(tls, true)
+    }
+
+    fn start_tls_with(tls: &ServerTls, durable: bool) -> Result<Self, Error> {
+        let mut server = Self::make(durable)?;
         let data = server.dir.path().join("data");
         for (from, to) in [
             (&tls.cert, "server.crt"),
@@ -226,6 +235,18 @@ impl Postgres {
     /// Starts the server again on the same port, with what it had.
     pub fn restart(&mut self) -> Result<(), Error> {
         self.start_server()
+    }
+
+    /// The server's main process (its postmaster; every backend is a child of it), from its
+    /// `postmaster.pid`.
+    pub fn pid(&self) -> Result<u32, Error> {
+        let path = self.dir.path().join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        text.lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .ok_or_else(|| format!("{} names no process", path.display()))
     }
 
     /// Whether something answers on its port.

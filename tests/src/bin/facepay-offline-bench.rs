@@ -55,6 +55,12 @@ struct Cli {
     /// bench's own, every commit flushed to disk).
     #[arg(long, value_delimiter = ',', default_value = "sled,postgres")]
     databases: Vec<String>,
+    /// Offline entries the ledger applies per transaction (a batch is split into as many).
+    #[arg(long, default_value_t = 50)]
+    entries_per_transaction: usize,
+    /// Of the reconciliation runs, only the ledger alone (no hub, no broker).
+    #[arg(long)]
+    ledger_only: bool,
     /// Only the reconciliation runs (skip the latency measurements).
     #[arg(long)]
     reconciliation_only: bool,
@@ -71,7 +77,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let dir = tempfile::tempdir()?;
-    if !cli.reconciliation_only {
+    if !cli.reconciliation_only && !cli.ledger_only {
         authorization_latency(&cli, dir.path())?;
         edge_payment_latency(&cli, &dir.path().join("online"))?;
     }
@@ -90,6 +96,9 @@ fn main() -> anyhow::Result<()> {
             None => storage::kv::Location::Sled(dir.path().join("alone").join(database)),
         };
         ledger_apply(&cli, &alone, database)?;
+        if cli.ledger_only {
+            continue;
+        }
         reconciliation(
             &cli,
             &dir.path().join(database),
@@ -453,7 +462,9 @@ fn backlog(cli: &Cli, versions: &[u64], signer: &HubSigner, first: u64) -> Vec<O
 /// batch), on one thread.
 fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyhow::Result<()> {
     let versions = prepare_ledger(cli, location)?;
-    let ledger = cloud::ledger::Ledger::open_at(location)?.with_offline_policy(BENCH_POLICY);
+    let ledger = cloud::ledger::Ledger::open_at(location)?
+        .with_offline_policy(BENCH_POLICY)
+        .with_entries_per_transaction(cli.entries_per_transaction);
     let signer = HubSigner::from_seed(&[9; 32]);
     ledger.set_hub_key("store-1", &signer.public_key_b64())?;
     let entries = backlog(cli, &versions, &signer, 1);
@@ -480,10 +491,11 @@ fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyh
         );
     }
     println!(
-        "reconciliation of {} offline payments by the ledger alone in batches of {} into {name}: \
-         {took:.1} s, {:.0} payments/s",
+        "reconciliation of {} offline payments by the ledger alone in batches of {} ({} per \
+         transaction) into {name}: {took:.1} s, {:.0} payments/s",
         cli.backlog,
         cli.batch,
+        cli.entries_per_transaction,
         applied as f64 / took
     );
     Ok(())

@@ -1,0 +1,655 @@
+//! `facepay-load`: the fleet under load on loopback — PostgreSQL (its own server, every commit
+//! flushed, mutual TLS), a three-node NATS cluster (or one Mosquitto), several cloud instances
+//! sharing the database, and stores x terminals as real processes, every link TLS and mutually
+//! authenticated. Each terminal's register charges orders paid with fresh payment codes as fast
+//! as it hears answers, every terminal at once; the bench reports payments/s and p50/p99 from
+//! the register's request to its answer, what each tier spent in CPU per payment (the figures a
+//! fleet is sized by), then checks the books: every payment heard approved moved once, none
+//! heard declined moved, and the ledger balances.
+//!
+//! Run it in release: `cargo run --release --bin facepay-load -- --stores 4 --terminals 4`.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use paycode::Wallet;
+use protocol::{AccountKind, ChargeStatus};
+use serde::Serialize;
+use tests::{
+    charge, ensure_identity, open_account, present_code, start_cloud_with, store::StoreSite,
+    CloudApi, Mosquitto, NatsCluster, Service,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "facepay-load",
+    about = "stores x terminals paying at once against a fleet on loopback"
+)]
+struct Cli {
+    /// Stores, each a hub process.
+    #[arg(long, default_value_t = 4)]
+    stores: usize,
+    /// Terminals per store, each an edge process with its own register.
+    #[arg(long, default_value_t = 2)]
+    terminals: usize,
+    /// Cloud instances sharing the database.
+    #[arg(long, default_value_t = 3)]
+    instances: usize,
+    /// The broker: a three-node NATS cluster (MQTT on JetStream) or one Mosquitto.
+    #[arg(long, value_enum, default_value_t = BrokerKind::Nats)]
+    broker: BrokerKind,
+    /// Seconds every register keeps charging once every store is served online.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// For the paper model: stores in the fleet to size.
+    #[arg(long, default_value_t = 2000)]
+    model_stores: usize,
+    /// For the paper model: terminals per store.
+    #[arg(long, default_value_t = 10)]
+    model_terminals: usize,
+    /// For the paper model: at the busiest hour, a terminal takes one payment every this many
+    /// seconds.
+    #[arg(long, default_value_t = 30.0)]
+    model_seconds_per_payment: f64,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum BrokerKind {
+    Nats,
+    Mosquitto,
+}
+
+/// The broker the fleet meets at.
+enum Broker {
+    Single(Mosquitto),
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    /// The port client `n` connects to first, and the `--set` of its failover.
+    fn for_client(&self, n: usize) -> (u16, Vec<String>) {
+        match self {
+            Broker::Single(broker) => (broker.port, Vec::new()),
+            Broker::Cluster(cluster) => {
+                let first = n % cluster.mqtt_ports.len();
+                (
+                    cluster.mqtt_ports[first],
+                    vec![cluster.failover_override(first)],
+                )
+            }
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Broker::Single(broker) => vec![broker.pid()],
+            Broker::Cluster(cluster) => cluster.pids(),
+        }
+    }
+}
+
+/// One order a register charged.
+struct Heard {
+    store: usize,
+    terminal: usize,
+    order: String,
+    amount: i64,
+    /// The first answer (what the customer waited for).
+    first: ChargeStatus,
+    /// The final answer, once an unknown outcome was asked again.
+    status: ChargeStatus,
+    /// Approved offline (final answer).
+    offline: bool,
+    /// From the register's request to its first answer.
+    latency: Duration,
+    /// Charged while warming up (not counted in the figures, checked in the books).
+    warming: bool,
+}
+
+/// Charges `order` at a terminal once its customer's fresh code is before the scanner, and
+/// asks again with the same order while the outcome is unknown, as a register must.
+fn charge_order(
+    (store, terminal): (usize, usize),
+    (edge, frames): (&Service, &Path),
+    wallet: &Wallet,
+    order: String,
+    amount: i64,
+    warming: bool,
+) -> anyhow::Result<Heard> {
+    present_code(frames, wallet)?;
+    let asked = Instant::now();
+    let (_, first) = charge(edge.http_addr, &order, amount, "EUR")?;
+    let latency = asked.elapsed();
+    let mut last = first.clone();
+    let mut tries = 0;
+    while last.status == ChargeStatus::Unknown {
+        tries += 1;
+        if tries > 150 {
+            bail!("{order} at store {store} till-{terminal} still unknown after 30 s: {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        present_code(frames, wallet)?;
+        last = charge(edge.http_addr, &order, amount, "EUR")?.1;
+    }
+    Ok(Heard {
+        store,
+        terminal,
+        order,
+        amount,
+        first: first.status,
+        status: last.status,
+        offline: last.offline,
+        latency,
+        warming,
+    })
+}
+
+/// CPU a tier's processes spent, in clock ticks (user + system, every thread).
+#[derive(Default, Clone)]
+struct Ticks(BTreeMap<&'static str, u64>);
+
+/// Ticks of `pid` (every thread), or 0 once it is gone.
+fn process_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // After the command name (which may hold spaces): state, ppid, ..., utime (14th), stime.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n).and_then(|f| f.parse::<u64>().ok());
+    field(11).unwrap_or(0) + field(12).unwrap_or(0)
+}
+
+/// The children of `parent` (PostgreSQL's backends are children of its postmaster).
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+/// The process ids of each tier.
+struct Tiers {
+    groups: Vec<(&'static str, Vec<u32>)>,
+    postgres: u32,
+}
+
+impl Tiers {
+    fn ticks(&self) -> Ticks {
+        let mut out = Ticks::default();
+        for (tier, pids) in &self.groups {
+            *out.0.entry(tier).or_default() += pids.iter().map(|&p| process_ticks(p)).sum::<u64>();
+        }
+        let mut pg = process_ticks(self.postgres);
+        pg += children(self.postgres)
+            .into_iter()
+            .map(process_ticks)
+            .sum::<u64>();
+        out.0.insert("postgres", pg);
+        out
+    }
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[derive(Serialize)]
+struct TierCost {
+    tier: &'static str,
+    processes: usize,
+    /// CPU spent during the run, seconds.
+    cpu_seconds: f64,
+    /// CPU per payment, milliseconds.
+    cpu_ms_per_payment: f64,
+}
+
+#[derive(Serialize)]
+struct ModelLine {
+    tier: &'static str,
+    cores_at_peak: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    stores: usize,
+    terminals_per_store: usize,
+    cloud_instances: usize,
+    broker: BrokerKind,
+    seconds: f64,
+    payments: usize,
+    payments_per_second: f64,
+    approved_online: usize,
+    approved_offline: usize,
+    declined: usize,
+    unknown: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    tiers: Vec<TierCost>,
+    model_payments_per_second: f64,
+    model: Vec<ModelLine>,
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.stores == 0 || cli.terminals == 0 || cli.instances == 0 {
+        bail!("--stores, --terminals and --instances must be at least 1");
+    }
+    let dir = tempfile::tempdir()?;
+    let stores: Vec<String> = (1..=cli.stores).map(|n| format!("store-{n}")).collect();
+    eprintln!(
+        "starting: PostgreSQL, {}, {} cloud instances, {} stores x {} terminals",
+        match cli.broker {
+            BrokerKind::Nats => "a three-node NATS cluster",
+            BrokerKind::Mosquitto => "Mosquitto",
+        },
+        cli.instances,
+        cli.stores,
+        cli.terminals
+    );
+    // Every certificate first: a hub reads its terminals' when it starts.
+    ensure_identity(&pki::Identity::database())?;
+    for n in 1..=cli.instances {
+        ensure_identity(&pki::Identity::cloud_instance(&n.to_string())?)?;
+    }
+    for store in &stores {
+        ensure_identity(&pki::Identity::hub(store)?)?;
+        for t in 0..cli.terminals {
+            ensure_identity(&pki::Identity::edge(store, &format!("till-{t}"))?)?;
+        }
+    }
+    let pki_dir = tests::test_pki();
+    let postgres = pgtest::Postgres::start_tls_durable(&pgtest::ServerTls {
+        ca: pki_dir.join("ca.pem"),
+        cert: pki_dir.join("database.pem"),
+        key: pki_dir.join("database.key"),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let url = postgres.url();
+    let broker = match cli.broker {
+        BrokerKind::Mosquitto => Broker::Single(Mosquitto::start(dir.path())?),
+        BrokerKind::Nats => Broker::Cluster(NatsCluster::start(
+            dir.path(),
+            3,
+            &mqtt::nats::Clients {
+                stores: stores.clone(),
+                cloud_instances: (1..=cli.instances).map(|n| n.to_string()).collect(),
+            },
+        )?),
+    };
+    let mut clouds: Vec<Service> = Vec::new();
+    for n in 1..=cli.instances {
+        let (port, failover) = broker.for_client(n - 1);
+        let mut extra = vec![
+            "database.backend=\"postgres\"".into(),
+            format!("database.url={url:?}"),
+            format!("fleet.instance=\"{n}\""),
+            format!("template_key_file={:?}", dir.path().join("templates.key")),
+        ];
+        extra.extend(failover);
+        clouds.push(
+            start_cloud_with(&dir.path().join(format!("cloud-{n}")), port, &extra)
+                .with_context(|| format!("cloud instance {n} starts"))?,
+        );
+    }
+    let api = CloudApi::new(clouds[0].http_addr);
+    for store in &stores {
+        open_account(&api, store, AccountKind::Merchant, 0);
+    }
+    // One customer per terminal, so that terminals do not queue on one account.
+    let opening = 1_000_000_000;
+    let mut wallets: Vec<Vec<Wallet>> = Vec::new();
+    for store in &stores {
+        wallets.push(
+            (0..cli.terminals)
+                .map(|t| {
+                    open_account(
+                        &api,
+                        &format!("{store}-customer-{t}"),
+                        AccountKind::Customer,
+                        opening,
+                    )
+                    .expect("a customer gets a wallet")
+                })
+                .collect(),
+        );
+    }
+    let customers = cli.stores * cli.terminals;
+    let mut sites = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        let (port, extra) = broker.for_client(i);
+        let site = StoreSite::start(dir.path(), store, port, cli.terminals, &extra)
+            .with_context(|| format!("{store} starts"))?;
+        api.set_hub_key(store, &site.hub_key())?;
+        tests::wait_for_keys(site.hub_http(), customers, Duration::from_secs(60))?;
+        sites.push(site);
+    }
+    // Until every terminal is approved online once (a cluster just started may still be
+    // electing its leaders).
+    let warming = Instant::now();
+    let mut heard: Vec<Heard> = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        for (t, (edge, frames)) in site.edges.iter().enumerate() {
+            for n in 0.. {
+                let order = format!("warm-{t}-{n}");
+                let answer = charge_order((i, t), (edge, frames), &wallets[i][t], order, 100, true)?;
+                let served = answer.status == ChargeStatus::Approved && !answer.offline;
+                heard.push(answer);
+                if served {
+                    break;
+                }
+                if warming.elapsed() > Duration::from_secs(120) {
+                    bail!("{} till-{t} not approved online in 120 s", site.store_id);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    eprintln!(
+        "every terminal served online after {:.1} s; charging for {} s",
+        warming.elapsed().as_secs_f64(),
+        cli.seconds
+    );
+
+    let mut groups: Vec<(&'static str, Vec<u32>)> = vec![
+        ("cloud", clouds.iter().map(Service::pid).collect()),
+        ("broker", broker.pids()),
+        ("hub", sites.iter().map(|s| s.hub.pid()).collect()),
+        (
+            "edge",
+            sites
+                .iter()
+                .flat_map(|s| s.edges.iter().map(|(e, _)| e.pid()))
+                .collect(),
+        ),
+    ];
+    groups.push(("load", vec![std::process::id()]));
+    let tiers = Tiers {
+        groups,
+        postgres: postgres.pid().map_err(anyhow::Error::msg)?,
+    };
+    let before = tiers.ticks();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(cli.seconds);
+    let charged: Mutex<Vec<Heard>> = Mutex::default();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let registers: Vec<_> = sites
+            .iter()
+            .enumerate()
+            .flat_map(|(i, site)| site.edges.iter().enumerate().map(move |(t, e)| (i, t, e)))
+            .map(|(i, t, (edge, frames))| {
+                let wallet = &wallets[i][t];
+                let charged = &charged;
+                s.spawn(move || -> anyhow::Result<()> {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        n += 1;
+                        let amount = 100 + (n % 900) as i64;
+                        let order = format!("load-{t}-{n}");
+                        let answer =
+                            charge_order((i, t), (edge, frames), wallet, order, amount, false)?;
+                        charged.lock().expect("not poisoned").push(answer);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for register in registers {
+            register.join().expect("a register does not panic")?;
+        }
+        Ok(())
+    })?;
+    let elapsed = started.elapsed();
+    let after = tiers.ticks();
+    heard.extend(charged.into_inner().expect("not poisoned"));
+    let report = report(&cli, &heard, elapsed, &before, &after, &tiers);
+    print_report(&cli, &report)?;
+    check_books(&api, &stores, &heard, &wallets, opening)?;
+    eprintln!("books: every payment heard approved moved once, none heard declined moved; balanced");
+    drop(sites);
+    drop(clouds);
+    drop(broker);
+    drop(postgres);
+    Ok(())
+}
+
+/// The figures of a run.
+fn report(
+    cli: &Cli,
+    heard: &[Heard],
+    elapsed: Duration,
+    before: &Ticks,
+    after: &Ticks,
+    tiers: &Tiers,
+) -> Report {
+    let counted: Vec<&Heard> = heard.iter().filter(|h| !h.warming).collect();
+    let payments = counted.len();
+    let mut latencies: Vec<Duration> = counted.iter().map(|h| h.latency).collect();
+    latencies.sort();
+    let count = |f: &dyn Fn(&Heard) -> bool| counted.iter().filter(|h| f(h)).count();
+    let per_second = ticks_per_second();
+    let processes = |tier: &str| match tier {
+        "postgres" => 1 + children(tiers.postgres).len(),
+        _ => tiers
+            .groups
+            .iter()
+            .find(|(name, _)| *name == tier)
+            .map_or(0, |(_, pids)| pids.len()),
+    };
+    let costs: Vec<TierCost> = after
+        .0
+        .iter()
+        .map(|(tier, &ticks)| {
+            let spent = ticks.saturating_sub(before.0.get(tier).copied().unwrap_or(0));
+            let cpu_seconds = spent as f64 / per_second;
+            TierCost {
+                tier,
+                processes: processes(tier),
+                cpu_seconds,
+                cpu_ms_per_payment: cpu_seconds * 1000.0 / payments.max(1) as f64,
+            }
+        })
+        .collect();
+    let model_rate = (cli.model_stores * cli.model_terminals) as f64 / cli.model_seconds_per_payment;
+    let model = costs
+        .iter()
+        .filter(|c| c.tier != "load")
+        .map(|c| ModelLine {
+            tier: c.tier,
+            cores_at_peak: model_rate * c.cpu_ms_per_payment / 1000.0,
+        })
+        .collect();
+    Report {
+        stores: cli.stores,
+        terminals_per_store: cli.terminals,
+        cloud_instances: cli.instances,
+        broker: cli.broker,
+        seconds: elapsed.as_secs_f64(),
+        payments,
+        payments_per_second: payments as f64 / elapsed.as_secs_f64(),
+        approved_online: count(&|h| h.first == ChargeStatus::Approved && !h.offline),
+        approved_offline: count(&|h| h.first == ChargeStatus::Approved && h.offline),
+        declined: count(&|h| h.first == ChargeStatus::Declined),
+        unknown: count(&|h| h.first == ChargeStatus::Unknown),
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: percentile(&latencies, 1.0),
+        tiers: costs,
+        model_payments_per_second: model_rate,
+        model,
+    }
+}
+
+fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    println!(
+        "{} stores x {} terminals, {} cloud instances, broker {}: {} payments in {:.1} s = {:.1} \
+         payments/s",
+        report.stores,
+        report.terminals_per_store,
+        report.cloud_instances,
+        match report.broker {
+            BrokerKind::Nats => "NATS x3",
+            BrokerKind::Mosquitto => "Mosquitto",
+        },
+        report.payments,
+        report.seconds,
+        report.payments_per_second
+    );
+    println!(
+        "at the register: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; approved online {}, offline {}, \
+         declined {}, unknown first {}",
+        report.p50_ms,
+        report.p99_ms,
+        report.max_ms,
+        report.approved_online,
+        report.approved_offline,
+        report.declined,
+        report.unknown
+    );
+    println!("| tier | processes | CPU s | CPU ms per payment |");
+    println!("|---|---:|---:|---:|");
+    for tier in &report.tiers {
+        println!(
+            "| {} | {} | {:.1} | {:.2} |",
+            tier.tier, tier.processes, tier.cpu_seconds, tier.cpu_ms_per_payment
+        );
+    }
+    println!(
+        "paper model: {} stores x {} terminals, one payment per terminal every {} s at the peak = \
+         {:.0} payments/s:",
+        cli.model_stores,
+        cli.model_terminals,
+        cli.model_seconds_per_payment,
+        report.model_payments_per_second
+    );
+    for line in &report.model {
+        println!("  {}: {:.1} cores", line.tier, line.cores_at_peak);
+    }
+    Ok(())
+}
+
+/// The books after the run: every order heard approved moved its amount once, every other
+/// moved nothing, each store and customer holds what its registers heard, the ledger balances.
+/// Offline approvals are waited for until reconciled (30 s at most).
+fn check_books(
+    api: &CloudApi,
+    stores: &[String],
+    heard: &[Heard],
+    wallets: &[Vec<Wallet>],
+    opening: i64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match books_hold(api, stores, heard, wallets, opening) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn books_hold(
+    api: &CloudApi,
+    stores: &[String],
+    heard: &[Heard],
+    wallets: &[Vec<Wallet>],
+    opening: i64,
+) -> anyhow::Result<()> {
+    let mut moved: BTreeMap<String, i64> = BTreeMap::new();
+    for t in api.transfers()? {
+        // A payment's transfers: `<payment>`, `<payment>#offline`, `<payment>#posted`, less
+        // its reversals (`<payment>#void`, from the store back).
+        let payment = t
+            .transfer_id
+            .split_once('#')
+            .map_or(t.transfer_id.as_str(), |(p, _)| p);
+        let Some((store, _)) = payment.split_once(':') else {
+            continue;
+        };
+        let delta = if t.credit_account_id == store {
+            t.amount_minor
+        } else if t.debit_account_id == store {
+            -t.amount_minor
+        } else {
+            0
+        };
+        *moved.entry(payment.to_owned()).or_default() += delta;
+    }
+    let mut per_store = vec![0i64; stores.len()];
+    let mut per_customer = vec![vec![0i64; wallets.first().map_or(0, Vec::len)]; stores.len()];
+    for h in heard {
+        let payment = format!("{}:{}", stores[h.store], h.order);
+        let got = moved.get(&payment).copied().unwrap_or(0);
+        let want = if h.status == ChargeStatus::Approved {
+            h.amount
+        } else {
+            0
+        };
+        if got != want {
+            bail!("{payment} heard {:?}: moved {got}, not {want}", h.status);
+        }
+        per_store[h.store] += want;
+        per_customer[h.store][h.terminal] += want;
+    }
+    for (i, store) in stores.iter().enumerate() {
+        let balance = api.balance(store)?;
+        if balance != per_store[i] {
+            bail!("{store} holds {balance}, its registers heard {}", per_store[i]);
+        }
+        for (t, paid) in per_customer[i].iter().enumerate() {
+            let customer = format!("{store}-customer-{t}");
+            let balance = api.balance(&customer)?;
+            if balance != opening - paid {
+                bail!("{customer} holds {balance}, not {}", opening - paid);
+            }
+        }
+    }
+    for totals in api.totals()? {
+        if totals.sum_of_balances_minor != 0 || totals.total_debits_minor != totals.total_credits_minor
+        {
+            bail!("the ledger does not balance: {totals:?}");
+        }
+    }
+    Ok(())
+}
