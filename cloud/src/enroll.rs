@@ -312,7 +312,7 @@ fn best_customers(
     let mut best: Vec<(String, f32)> = Vec::new();
     for hit in hits {
         let Some(owner) = store.owner_of(hit.template_id)? else {
-            continue; // removed since (HNSW keeps erased ids until its rebuild)
+            continue; // removed since (HNSW and product codes keep erased ids until rebuilt)
         };
         if !best.iter().any(|(id, _)| *id == owner) {
             best.push((owner, hit.score));
