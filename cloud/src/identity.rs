@@ -198,7 +198,8 @@ impl IdentityIndex {
                     IndexKind::PqRefine { m, .. } => format!("IDMap,PQ{m}x4fs,RFlat"),
                     _ => unreachable!("only HNSW and PQ have no lists"),
                 };
-                let mut index = index_factory(EMBEDDING_DIM, description, MetricType::InnerProduct)?;
+                let mut index =
+                    index_factory(EMBEDDING_DIM, description, MetricType::InnerProduct)?;
                 if let IndexKind::PqRefine { .. } = kind {
                     // The codebooks: 16 centroids per sub-quantiser, trained on the templates
                     // (a unit vector's whole range while there are too few of them).
@@ -361,9 +362,7 @@ impl IdentityIndex {
             // FAISS reads it back with a quantizer of no known type, which the crate cannot
             // search from several threads: built again instead.
             IndexKind::IvfSq8 { .. } => return None,
-            IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. } => {
-                Faiss::Serial(Mutex::new(index))
-            }
+            IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. } => Faiss::Serial(Mutex::new(index)),
         };
         let trained_on = index_len(&faiss) as usize;
         let mut loaded = IdentityIndex {
@@ -558,14 +557,8 @@ mod tests {
         assert_eq!(ivf.len(), 1_998);
         hnsw.add(5, &data[20].1).unwrap();
         assert_eq!(hnsw.search(&data[20].1, 1).unwrap()[0].template_id, 5);
-        let mut pq = IdentityIndex::build(
-            IndexKind::PqRefine {
-                m: 16,
-                k_factor: 4,
-            },
-            &data[..10],
-        )
-        .unwrap();
+        let mut pq =
+            IdentityIndex::build(IndexKind::PqRefine { m: 16, k_factor: 4 }, &data[..10]).unwrap();
         assert!(matches!(
             pq.remove(&[1000]),
             Err(IdentityError::RemoveUnsupported)
@@ -662,10 +655,7 @@ mod tests {
                 m: 16,
                 ef_search: 32,
             },
-            IndexKind::PqRefine {
-                m: 16,
-                k_factor: 8,
-            },
+            IndexKind::PqRefine { m: 16, k_factor: 8 },
         ] {
             let index = IdentityIndex::build(kind, &data).unwrap();
             let alone: Vec<Vec<Hit>> = data
@@ -732,10 +722,7 @@ mod tests {
         assert!(!flat.outgrown(), "exact search is one list at any size");
         // A product quantiser trained on a handful is outgrown once it holds four times as
         // many.
-        let pq = IndexKind::PqRefine {
-            m: 16,
-            k_factor: 8,
-        };
+        let pq = IndexKind::PqRefine { m: 16, k_factor: 8 };
         let mut small = IdentityIndex::build(pq, &data[..100]).unwrap();
         for (id, v) in &data[100..399] {
             small.add(*id, v).unwrap();

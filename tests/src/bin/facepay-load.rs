@@ -369,7 +369,8 @@ fn main() -> anyhow::Result<()> {
         for (t, (edge, frames)) in site.edges.iter().enumerate() {
             for n in 0.. {
                 let order = format!("warm-{t}-{n}");
-                let answer = charge_order((i, t), (edge, frames), &wallets[i][t], order, 100, true)?;
+                let answer =
+                    charge_order((i, t), (edge, frames), &wallets[i][t], order, 100, true)?;
                 let served = answer.status == ChargeStatus::Approved && !answer.offline;
                 heard.push(answer);
                 if served {
@@ -442,7 +443,9 @@ fn main() -> anyhow::Result<()> {
     let report = report(&cli, &heard, elapsed, &before, &after, &tiers);
     print_report(&cli, &report)?;
     check_books(&api, &stores, &heard, &wallets, opening)?;
-    eprintln!("books: every payment heard approved moved once, none heard declined moved; balanced");
+    eprintln!(
+        "books: every payment heard approved moved once, none heard declined moved; balanced"
+    );
     drop(sites);
     drop(clouds);
     drop(broker);
@@ -487,7 +490,8 @@ fn report(
             }
         })
         .collect();
-    let model_rate = (cli.model_stores * cli.model_terminals) as f64 / cli.model_seconds_per_payment;
+    let model_rate =
+        (cli.model_stores * cli.model_terminals) as f64 / cli.model_seconds_per_payment;
     let model = costs
         .iter()
         .filter(|c| c.tier != "load")
@@ -635,7 +639,10 @@ fn books_hold(
     for (i, store) in stores.iter().enumerate() {
         let balance = api.balance(store)?;
         if balance != per_store[i] {
-            bail!("{store} holds {balance}, its registers heard {}", per_store[i]);
+            bail!(
+                "{store} holds {balance}, its registers heard {}",
+                per_store[i]
+            );
         }
         for (t, paid) in per_customer[i].iter().enumerate() {
             let customer = format!("{store}-customer-{t}");
@@ -646,7 +653,8 @@ fn books_hold(
         }
     }
     for totals in api.totals()? {
-        if totals.sum_of_balances_minor != 0 || totals.total_debits_minor != totals.total_credits_minor
+        if totals.sum_of_balances_minor != 0
+            || totals.total_debits_minor != totals.total_credits_minor
         {
             bail!("the ledger does not balance: {totals:?}");
         }
