@@ -143,7 +143,10 @@ impl IdentityConfig {
                 }
             }
             IndexKind::PqRefine { m, k_factor } => {
-                if m == 0 || EMBEDDING_DIM as usize % m != 0 || !(1..=4096).contains(&k_factor) {
+                if m == 0
+                    || !(EMBEDDING_DIM as usize).is_multiple_of(m)
+                    || !(1..=4096).contains(&k_factor)
+                {
                     Err((
                         "identity.index".into(),
                         format!(
@@ -367,6 +370,19 @@ impl IdentityActor {
                     IndexChange::Erased(ids) => ids.clone(),
                 };
                 let mut index = write(&self.index);
+                if let IndexChange::Templates(templates) = change {
+                    if index.cannot_remove() {
+                        // A kind that cannot remove: a template id always names the same
+                        // embedding, so what it holds stays and what it lacks is added.
+                        for (id, embedding) in templates {
+                            if index.holds(*id) == Some(false) {
+                                index.add(*id, embedding)?;
+                            }
+                        }
+                        applied += 1;
+                        continue;
+                    }
+                }
                 match index.remove(&ids) {
                     Ok(_) => {
                         if let IndexChange::Templates(templates) = change {
@@ -375,8 +391,8 @@ impl IdentityActor {
                             }
                         }
                     }
-                    // HNSW cannot remove: built again below from the store, which holds the
-                    // change.
+                    // HNSW and product codes cannot remove: built again below from the store,
+                    // which holds the change (only when they held one of the ids).
                     Err(IdentityError::RemoveUnsupported) => rebuild = true,
                     Err(e) => return Err(e.into()),
                 }
@@ -687,7 +703,7 @@ mod tests {
     }
 
     /// One small index of each kind.
-    fn every_index_kind() -> [IndexKind; 4] {
+    fn every_index_kind() -> [IndexKind; 5] {
         [
             IndexKind::Flat,
             IndexKind::Ivf {
@@ -701,6 +717,10 @@ mod tests {
             IndexKind::Hnsw {
                 m: 16,
                 ef_search: 32,
+            },
+            IndexKind::PqRefine {
+                m: 16,
+                k_factor: 64,
             },
         ]
     }

@@ -5,7 +5,7 @@
 //! rebuilt from the store of record whenever that file is missing, unreadable, or disagrees with
 //! the store about how many templates there are.
 
-use std::{path::Path, sync::Mutex};
+use std::{collections::HashSet, path::Path, sync::Mutex};
 
 use faiss::{
     index::{
@@ -22,8 +22,8 @@ use storage::Sealer;
 
 /// Embedding dimension of SFace.
 pub const EMBEDDING_DIM: u32 = 128;
-/// A product quantiser's codebooks train like an IVF of this many lists (16 centroids per
-/// sub-quantiser, FAISS asks for 39 points per centroid, and more points cost nothing to keep).
+/// A product quantiser's codebooks train on as many points as an IVF of this many lists would
+/// (FAISS samples 256 points per centroid at most; 16 centroids need far fewer).
 const PQ_TRAINING_LISTS: usize = 256;
 /// IVF needs about this many training points per list for stable centroids (FAISS's own advice).
 const IVF_POINTS_PER_LIST: usize = 39;
@@ -135,6 +135,9 @@ pub struct IdentityIndex {
     kind: IndexKind,
     /// How many templates it was trained on (or held when read back).
     trained_on: usize,
+    /// The template ids held, kept for the kinds that cannot remove (HNSW, product codes): a
+    /// change that removes none of them needs no rebuild.
+    held: Option<HashSet<u64>>,
 }
 
 fn check_dim(v: &[f32]) -> Result<(), IdentityError> {
@@ -201,9 +204,7 @@ impl IdentityIndex {
                 let mut index =
                     index_factory(EMBEDDING_DIM, description, MetricType::InnerProduct)?;
                 if let IndexKind::PqRefine { .. } = kind {
-                    // The codebooks: 16 centroids per sub-quantiser, trained on the templates
-                    // (a unit vector's whole range while there are too few of them).
-                    index.train(&sq8_training_set(&flat, PQ_TRAINING_LISTS))?;
+                    index.train(&pq_training_set(&flat))?;
                 }
                 Faiss::Serial(Mutex::new(index))
             }
@@ -212,6 +213,8 @@ impl IdentityIndex {
             faiss,
             kind,
             trained_on: templates.len(),
+            held: matches!(kind, IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. })
+                .then(HashSet::new),
         };
         if !templates.is_empty() {
             built.add_many(&flat, &ids)?;
@@ -221,6 +224,9 @@ impl IdentityIndex {
     }
 
     fn add_many(&mut self, flat: &[f32], ids: &[Idx]) -> Result<(), IdentityError> {
+        if let Some(held) = &mut self.held {
+            held.extend(ids.iter().filter_map(|id| id.get()));
+        }
         match &mut self.faiss {
             Faiss::Ivf(ivf) => ivf.add_with_ids(flat, ids)?,
             Faiss::IvfSq8(ivf) => ivf.add_with_ids(flat, ids)?,
@@ -288,8 +294,26 @@ impl IdentityIndex {
         self.add_many(embedding, &[Idx::new(template_id)])
     }
 
-    /// Removes templates; returns how many were removed.
+    /// Whether this kind cannot remove templates (HNSW, product codes): a removal of one it
+    /// holds means a rebuild.
+    pub fn cannot_remove(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Whether the index holds template `id`, for the kinds that cannot remove (`None` for the
+    /// others: they remove and add again instead).
+    pub fn holds(&self, id: u64) -> Option<bool> {
+        self.held.as_ref().map(|held| held.contains(&id))
+    }
+
+    /// Removes templates; returns how many were removed. The kinds that cannot remove answer
+    /// [`IdentityError::RemoveUnsupported`] when they hold one of them (0 when they hold none).
     pub fn remove(&mut self, template_ids: &[u64]) -> Result<usize, IdentityError> {
+        if let Some(held) = &self.held {
+            if !template_ids.iter().any(|id| held.contains(id)) {
+                return Ok(0);
+            }
+        }
         let ids: Vec<Idx> = template_ids.iter().map(|id| Idx::new(*id)).collect();
         let selector = faiss::selector::IdSelector::batch(&ids)?;
         match &mut self.faiss {
@@ -342,7 +366,16 @@ impl IdentityIndex {
                 &scratch_path,
             )?,
         }
-        let plain = std::fs::read(scratch.path()).map_err(io)?;
+        let mut plain = Vec::new();
+        if let Some(held) = &self.held {
+            // Before FAISS's bytes: what it was trained on, and the ids it holds.
+            plain.extend_from_slice(&(self.trained_on as u64).to_le_bytes());
+            plain.extend_from_slice(&(held.len() as u64).to_le_bytes());
+            for id in held {
+                plain.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        plain.extend(std::fs::read(scratch.path()).map_err(io)?);
         drop(scratch);
         let sealed = sealer.seal(&record_key(self.kind), &plain);
         let tmp = path.with_extension("tmp");
@@ -354,8 +387,15 @@ impl IdentityIndex {
     fn load(path: &Path, kind: IndexKind, sealer: &Sealer) -> Option<Self> {
         let sealed = std::fs::read(path).ok()?;
         let plain = sealer.open(&record_key(kind), &sealed).ok()?;
+        let tracks_ids = matches!(kind, IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. });
+        let (header, faiss_bytes) = if tracks_ids {
+            let (trained_on, held, rest) = split_header(&plain)?;
+            (Some((trained_on, held)), rest)
+        } else {
+            (None, plain.as_slice())
+        };
         let scratch = scratch_file().ok()?;
-        std::fs::write(scratch.path(), plain).ok()?;
+        std::fs::write(scratch.path(), faiss_bytes).ok()?;
         let index = faiss::read_index(scratch.path().to_string_lossy().as_ref()).ok()?;
         let faiss = match kind {
             IndexKind::Flat | IndexKind::Ivf { .. } => Faiss::Ivf(index.into_ivf_flat().ok()?),
@@ -364,11 +404,21 @@ impl IdentityIndex {
             IndexKind::IvfSq8 { .. } => return None,
             IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. } => Faiss::Serial(Mutex::new(index)),
         };
-        let trained_on = index_len(&faiss) as usize;
+        let (trained_on, held) = match header {
+            Some((trained_on, held)) => (trained_on, Some(held)),
+            None => (index_len(&faiss) as usize, None),
+        };
+        if held
+            .as_ref()
+            .is_some_and(|h| h.len() as u64 != index_len(&faiss))
+        {
+            return None;
+        }
         let mut loaded = IdentityIndex {
             faiss,
             kind,
             trained_on,
+            held,
         };
         loaded.apply_search_parameters().ok()?;
         Some(loaded)
@@ -401,12 +451,70 @@ impl IdentityIndex {
     }
 }
 
+/// What a sealed file of a kind that cannot remove holds before FAISS's bytes: the number of
+/// templates it was trained on, the ids it holds, and the rest (`None`: too short for them).
+fn split_header(plain: &[u8]) -> Option<(usize, HashSet<u64>, &[u8])> {
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(plain.get(at..at + 8)?.try_into().ok()?))
+    };
+    let trained_on = usize::try_from(word(0)?).ok()?;
+    let count = usize::try_from(word(8)?).ok()?;
+    let end = count.checked_mul(8)?.checked_add(16)?;
+    let ids = plain.get(16..end)?;
+    let held = ids
+        .chunks_exact(8)
+        .map(|id| u64::from_le_bytes(id.try_into().expect("8 bytes")))
+        .collect();
+    Some((trained_on, held, &plain[end..]))
+}
+
 fn index_len(faiss: &Faiss) -> u64 {
     match faiss {
         Faiss::Ivf(ivf) => ivf.ntotal(),
         Faiss::IvfSq8(ivf) => ivf.ntotal(),
         Faiss::Serial(index) => index.lock().unwrap_or_else(|p| p.into_inner()).ntotal(),
     }
+}
+
+/// What a product quantiser's codebooks (16 centroids per sub-quantiser) train on: a sample of
+/// the templates spread over all of them; while there are too few, they are topped up with
+/// pseudo-random unit vectors (a fixed sequence), which spread the centroids over the sphere
+/// the templates live on (the index is trained again on real ones as it grows: `outgrown`).
+fn pq_training_set(flat: &[f32]) -> Vec<f32> {
+    let dim = EMBEDDING_DIM as usize;
+    let wanted = PQ_TRAINING_LISTS * IVF_POINTS_PER_LIST;
+    let have = flat.len() / dim;
+    let mut set: Vec<f32> = if have > wanted {
+        // Every k-th template: FAISS samples no more than this itself.
+        (0..wanted)
+            .flat_map(|i| &flat[(i * have / wanted) * dim..][..dim])
+            .copied()
+            .collect()
+    } else {
+        flat.to_vec()
+    };
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    while set.len() < wanted * dim {
+        let v: Vec<f32> = (0..dim)
+            .map(|_| {
+                // splitmix64, then a uniform value in [-1, 1).
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        let norm = v
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::EPSILON);
+        set.extend(v.iter().map(|x| x / norm));
+    }
+    set
 }
 
 /// What an 8-bit IVF trains on: the templates (the codes' range per dimension comes from them);
@@ -433,8 +541,10 @@ fn record_key(kind: IndexKind) -> Vec<u8> {
         IndexKind::Flat => "flat".to_string(),
         IndexKind::Ivf { nlist, .. } => format!("ivf:{nlist}"),
         IndexKind::IvfSq8 { nlist, .. } => format!("ivf_sq8:{nlist}"),
-        IndexKind::Hnsw { m, .. } => format!("hnsw:{m}"),
-        IndexKind::PqRefine { m, .. } => format!("pq_refine:{m}"),
+        // With the ids held and the training count before FAISS's bytes (files without them are
+        // of another structure and rebuilt).
+        IndexKind::Hnsw { m, .. } => format!("hnsw:{m}:ids"),
+        IndexKind::PqRefine { m, .. } => format!("pq_refine:{m}:ids"),
     };
     [INDEX_RECORD_KEY, b":", structure.as_bytes()].concat()
 }
@@ -563,6 +673,15 @@ mod tests {
             pq.remove(&[1000]),
             Err(IdentityError::RemoveUnsupported)
         ));
+        assert!(pq.cannot_remove() && !ivf.cannot_remove());
+        assert_eq!(
+            pq.remove(&[77, 78]).unwrap(),
+            0,
+            "ids it does not hold: nothing to rebuild"
+        );
+        assert_eq!(pq.holds(1003), Some(true));
+        assert_eq!(pq.holds(77), Some(false));
+        assert_eq!(ivf.holds(1003), None);
         pq.add(5, &data[20].1).unwrap();
         let hit = pq.search(&data[20].1, 1).unwrap()[0];
         assert_eq!(hit.template_id, 5);
@@ -627,6 +746,15 @@ mod tests {
         let pq = |m, k_factor| IndexKind::PqRefine { m, k_factor };
         assert!(reopen(pq(16, 4)), "PQ configured: rebuilt");
         assert!(!reopen(pq(16, 8)), "only k_factor changed: reused");
+        // Read back, it still knows which ids it holds.
+        let (mut opened, _) =
+            IdentityIndex::open_or_rebuild(&path, pq(16, 8), 50, &key, source).unwrap();
+        assert_eq!(opened.holds(1049), Some(true));
+        assert_eq!(opened.remove(&[5]).unwrap(), 0);
+        assert!(matches!(
+            opened.remove(&[1049]),
+            Err(IdentityError::RemoveUnsupported)
+        ));
         assert!(reopen(pq(32, 8)), "m changed: rebuilt");
         assert!(
             reopen(IndexKind::IvfSq8 {

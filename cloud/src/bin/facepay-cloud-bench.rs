@@ -198,7 +198,8 @@ fn main() -> anyhow::Result<()> {
             let mut tops = Vec::with_capacity(probes.len());
             for (_, probe) in &probes {
                 let started = Instant::now();
-                let hits = index.search(probe, 2)?;
+                // As many as the cloud asks for (the re-rank of `pq_refine` scales with it).
+                let hits = index.search(probe, cloud::enroll::SEARCH_K)?;
                 times.push(started.elapsed().as_secs_f64() * 1000.0);
                 tops.push(hits.first().map(|h| h.template_id).unwrap_or(0));
             }

@@ -131,10 +131,9 @@ fn charge_order(
     let (_, first) = charge(edge.http_addr, &order, amount, "EUR")?;
     let latency = asked.elapsed();
     let mut last = first.clone();
-    let mut tries = 0;
+    let give_up = Instant::now() + Duration::from_secs(30);
     while last.status == ChargeStatus::Unknown {
-        tries += 1;
-        if tries > 150 {
+        if Instant::now() > give_up {
             bail!("{order} at store {store} till-{terminal} still unknown after 30 s: {last:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -160,6 +159,17 @@ struct Ticks(BTreeMap<&'static str, u64>);
 
 /// Ticks of `pid` (every thread), or 0 once it is gone.
 fn process_ticks(pid: u32) -> u64 {
+    stat_fields(pid, &[11, 12])
+}
+
+/// Ticks of `pid` and of its children that have ended (PostgreSQL's postmaster: a backend that
+/// exits during the run leaves its time there).
+fn process_and_ended_children_ticks(pid: u32) -> u64 {
+    stat_fields(pid, &[11, 12, 13, 14])
+}
+
+/// The sum of fields of `/proc/<pid>/stat`, counted from the state after the command name.
+fn stat_fields(pid: u32, wanted: &[usize]) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -168,8 +178,10 @@ fn process_ticks(pid: u32) -> u64 {
         return 0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| fields.get(n).and_then(|f| f.parse::<u64>().ok());
-    field(11).unwrap_or(0) + field(12).unwrap_or(0)
+    wanted
+        .iter()
+        .filter_map(|&n| fields.get(n).and_then(|f| f.parse::<u64>().ok()))
+        .sum()
 }
 
 /// The children of `parent` (PostgreSQL's backends are children of its postmaster).
@@ -202,7 +214,7 @@ impl Tiers {
         for (tier, pids) in &self.groups {
             *out.0.entry(tier).or_default() += pids.iter().map(|&p| process_ticks(p)).sum::<u64>();
         }
-        let mut pg = process_ticks(self.postgres);
+        let mut pg = process_and_ended_children_ticks(self.postgres);
         pg += children(self.postgres)
             .into_iter()
             .map(process_ticks)
