@@ -210,23 +210,37 @@ impl IdentityActor {
     ) -> Result<Self, EnrollError> {
         // Read before the templates: whatever changes after it is applied again by the first
         // sync, which is harmless (applying a change twice leaves the same index).
-        let synced_version = store.latest_version()?;
+        let latest = store.latest_version()?;
         let expected = store.template_count();
         let sealer = store.sealer();
         let mut failure = None;
-        let (index, rebuilt) =
-            IdentityIndex::open_or_rebuild(&index_path, config.index, expected, &sealer, || {
+        let (index, rebuilt) = IdentityIndex::open_or_rebuild(
+            &index_path,
+            config.index,
+            expected,
+            latest,
+            &sealer,
+            || {
                 store.all_templates().unwrap_or_else(|e| {
                     failure = Some(e);
                     Vec::new()
                 })
-            })?;
+            },
+        )?;
         if let Some(e) = failure {
             return Err(e.into());
         }
         if rebuilt {
             tracing::info!(templates = index.len(), path = %index_path.display(), "identity index rebuilt from the customer store");
         }
+        // A file read back holds the changes up to the version it was saved at: the log is
+        // replayed from there (changes other instances made while this one was down, with equal
+        // template counts, would otherwise be missed).
+        let synced_version = if rebuilt {
+            latest
+        } else {
+            index.file_version().unwrap_or(0)
+        };
         gauge.set(index.len() as i64);
         Ok(IdentityActor {
             store,
@@ -291,7 +305,7 @@ impl IdentityActor {
         if !self.dirty {
             return;
         }
-        match read(&self.index).save(&self.index_path, &self.sealer) {
+        match read(&self.index).save(&self.index_path, &self.sealer, self.synced_version) {
             Ok(()) => {
                 self.dirty = false;
                 self.saved_at = Instant::now();
@@ -358,6 +372,7 @@ impl IdentityActor {
     /// index: a customer's templates are removed, then added as they are now.
     pub fn sync_index(&mut self) -> Result<usize, EnrollError> {
         let mut applied = 0;
+        let mut erased = false;
         loop {
             let (changes, up_to) = self.store.index_changes_after(self.synced_version)?;
             if up_to == self.synced_version {
@@ -365,38 +380,45 @@ impl IdentityActor {
             }
             let mut rebuild = false;
             for change in &changes {
-                let ids: Vec<u64> = match change {
-                    IndexChange::Templates(t) => t.iter().map(|(id, _)| *id).collect(),
-                    IndexChange::Erased(ids) => ids.clone(),
-                };
-                let mut index = write(&self.index);
-                if let IndexChange::Templates(templates) = change {
-                    if index.cannot_remove() {
-                        // A kind that cannot remove: a template id always names the same
-                        // embedding, so what it holds stays and what it lacks is added.
-                        for (id, embedding) in templates {
-                            if index.holds(*id) == Some(false) {
-                                index.add(*id, embedding)?;
-                            }
-                        }
-                        applied += 1;
-                        continue;
-                    }
-                }
-                match index.remove(&ids) {
-                    Ok(_) => {
-                        if let IndexChange::Templates(templates) = change {
-                            for (id, embedding) in templates {
-                                index.add(*id, embedding)?;
-                            }
-                        }
-                    }
-                    // HNSW and product codes cannot remove: built again below from the store,
-                    // which holds the change (only when they held one of the ids).
-                    Err(IdentityError::RemoveUnsupported) => rebuild = true,
-                    Err(e) => return Err(e.into()),
-                }
                 applied += 1;
+                let mut index = write(&self.index);
+                let added = match change {
+                    // A kind that cannot remove: a template id always names the same embedding,
+                    // so what it holds stays and what it lacks is added.
+                    IndexChange::Templates(templates) if index.cannot_remove() => {
+                        let missing: Vec<&(u64, Vec<f32>)> = templates
+                            .iter()
+                            .filter(|(id, _)| index.holds(*id) == Some(false))
+                            .collect();
+                        missing
+                            .into_iter()
+                            .try_for_each(|(id, embedding)| index.add(*id, embedding))
+                    }
+                    IndexChange::Templates(templates) => {
+                        let ids: Vec<u64> = templates.iter().map(|(id, _)| *id).collect();
+                        index.remove(&ids).and_then(|_| {
+                            templates
+                                .iter()
+                                .try_for_each(|(id, embedding)| index.add(*id, embedding))
+                        })
+                    }
+                    IndexChange::Erased(ids) => {
+                        erased = true;
+                        index.remove(ids).map(|_| ())
+                    }
+                };
+                match added {
+                    Ok(()) => {}
+                    // HNSW and product codes cannot remove (only asked when they hold one of
+                    // the ids), and an add FAISS refused may have left a change half applied:
+                    // built again below from the store, which holds the change.
+                    Err(error) => {
+                        if !matches!(error, IdentityError::RemoveUnsupported) {
+                            tracing::warn!(%error, "applying an index change failed; rebuilding");
+                        }
+                        rebuild = true;
+                    }
+                }
             }
             if rebuild {
                 self.rebuild()?;
@@ -405,6 +427,10 @@ impl IdentityActor {
         }
         if applied > 0 {
             self.changed();
+        }
+        if erased {
+            // As for an erasure made here: the index file must not keep the face.
+            self.save();
         }
         Ok(applied)
     }
@@ -811,7 +837,8 @@ mod tests {
                 continue;
             }
             let (reopened, rebuilt) =
-                IdentityIndex::open_or_rebuild(&path, kind, 30, &store.sealer(), Vec::new).unwrap();
+                IdentityIndex::open_or_rebuild(&path, kind, 30, 0, &store.sealer(), Vec::new)
+                    .unwrap();
             assert!(
                 !rebuilt,
                 "{kind:?}: the saved file already lacks the erased face"
@@ -874,6 +901,32 @@ mod tests {
             assert_eq!(two.sync_index().unwrap(), 1, "{kind:?}");
             assert!(
                 !search(&mut two, &probe).contains(&"c3".to_string()),
+                "{kind:?}"
+            );
+            assert_eq!(two.index_len(), 19, "{kind:?}");
+
+            // Instance two stops (an erasure it applied was saved at once); meanwhile one
+            // erases a customer and enrolls another: the same count of templates. Reopened, two
+            // reads its file back and replays the log from the version the file was saved at.
+            drop(two);
+            one.erase(EraseCustomer("c4".into())).unwrap();
+            let newcomer = synthetic::template(&mut rng);
+            store.create(&customer("c20")).unwrap();
+            add(&mut one, "c20", &newcomer, &[]).unwrap();
+            let mut two = open("two.faiss");
+            assert_eq!(two.index_len(), 19, "{kind:?}: the file was reused");
+            let replayed = two.sync_index().unwrap();
+            if !matches!(kind, IndexKind::IvfSq8 { .. }) {
+                // (An 8-bit IVF is never written: built again from the store at each start.)
+                assert!(
+                    replayed >= 2,
+                    "{kind:?}: the log replayed from the file's version"
+                );
+            }
+            let probe = synthetic::probe(&mut rng, &newcomer, 0.7);
+            assert_eq!(
+                search(&mut two, &probe).first().map(String::as_str),
+                Some("c20"),
                 "{kind:?}"
             );
             assert_eq!(two.index_len(), 19, "{kind:?}");

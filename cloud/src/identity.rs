@@ -138,6 +138,8 @@ pub struct IdentityIndex {
     /// The template ids held, kept for the kinds that cannot remove (HNSW, product codes): a
     /// change that removes none of them needs no rebuild.
     held: Option<HashSet<u64>>,
+    /// The customer store's change-log version its file was saved at (read back only).
+    file_version: Option<u64>,
 }
 
 fn check_dim(v: &[f32]) -> Result<(), IdentityError> {
@@ -215,6 +217,7 @@ impl IdentityIndex {
             trained_on: templates.len(),
             held: matches!(kind, IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. })
                 .then(HashSet::new),
+            file_version: None,
         };
         if !templates.is_empty() {
             built.add_many(&flat, &ids)?;
@@ -224,9 +227,6 @@ impl IdentityIndex {
     }
 
     fn add_many(&mut self, flat: &[f32], ids: &[Idx]) -> Result<(), IdentityError> {
-        if let Some(held) = &mut self.held {
-            held.extend(ids.iter().filter_map(|id| id.get()));
-        }
         match &mut self.faiss {
             Faiss::Ivf(ivf) => ivf.add_with_ids(flat, ids)?,
             Faiss::IvfSq8(ivf) => ivf.add_with_ids(flat, ids)?,
@@ -234,6 +234,10 @@ impl IdentityIndex {
                 .get_mut()
                 .unwrap_or_else(|p| p.into_inner())
                 .add_with_ids(flat, ids)?,
+        }
+        // Counted once FAISS holds them.
+        if let Some(held) = &mut self.held {
+            held.extend(ids.iter().filter_map(|id| id.get()));
         }
         Ok(())
     }
@@ -294,6 +298,11 @@ impl IdentityIndex {
         self.add_many(embedding, &[Idx::new(template_id)])
     }
 
+    /// The change-log version its file was saved at, for an index read back from one.
+    pub fn file_version(&self) -> Option<u64> {
+        self.file_version
+    }
+
     /// Whether this kind cannot remove templates (HNSW, product codes): a removal of one it
     /// holds means a rebuild.
     pub fn cannot_remove(&self) -> bool {
@@ -347,7 +356,9 @@ impl IdentityIndex {
     /// on a memory file system (`/dev/shm` where there is one), which is read back, sealed and
     /// removed; the sealed file replaces the old one by a rename, so a crash never leaves half an
     /// index behind. The index kind is sealed with it: a file of another kind does not open.
-    pub fn save(&self, path: &Path, sealer: &Sealer) -> Result<(), IdentityError> {
+    /// `version` is the customer store's change-log version the index holds every change up to
+    /// (it may hold later ones too): whoever opens the file replays the log from there.
+    pub fn save(&self, path: &Path, sealer: &Sealer, version: u64) -> Result<(), IdentityError> {
         let io = |e: std::io::Error| IdentityError::Io(format!("{}: {e}", path.display()));
         if matches!(self.faiss, Faiss::IvfSq8(_)) {
             // Never read back (see `load`): nothing is written, and an older file goes.
@@ -366,7 +377,7 @@ impl IdentityIndex {
                 &scratch_path,
             )?,
         }
-        let mut plain = Vec::new();
+        let mut plain = version.to_le_bytes().to_vec();
         if let Some(held) = &self.held {
             // Before FAISS's bytes: what it was trained on, and the ids it holds.
             plain.extend_from_slice(&(self.trained_on as u64).to_le_bytes());
@@ -387,12 +398,14 @@ impl IdentityIndex {
     fn load(path: &Path, kind: IndexKind, sealer: &Sealer) -> Option<Self> {
         let sealed = std::fs::read(path).ok()?;
         let plain = sealer.open(&record_key(kind), &sealed).ok()?;
+        let version = u64::from_le_bytes(plain.get(..8)?.try_into().ok()?);
+        let plain = &plain[8..];
         let tracks_ids = matches!(kind, IndexKind::Hnsw { .. } | IndexKind::PqRefine { .. });
         let (header, faiss_bytes) = if tracks_ids {
-            let (trained_on, held, rest) = split_header(&plain)?;
+            let (trained_on, held, rest) = split_header(plain)?;
             (Some((trained_on, held)), rest)
         } else {
-            (None, plain.as_slice())
+            (None, plain)
         };
         let scratch = scratch_file().ok()?;
         std::fs::write(scratch.path(), faiss_bytes).ok()?;
@@ -419,18 +432,23 @@ impl IdentityIndex {
             kind,
             trained_on,
             held,
+            file_version: Some(version),
         };
         loaded.apply_search_parameters().ok()?;
         Some(loaded)
     }
 
-    /// Opens the persisted index when it opens with `sealer`, is of `kind` and holds exactly
-    /// `expected` templates; otherwise rebuilds it from `templates` (the store of record) and
-    /// persists the rebuild. Returns the index and whether it was rebuilt.
+    /// Opens the persisted index when it opens with `sealer`, is of `kind`, holds exactly
+    /// `expected` templates and was saved at a change-log version no later than `version` (the
+    /// store's latest: a later one means the store was restored from an older state); otherwise
+    /// rebuilds it from `templates` (the store of record, read after `version` was) and persists
+    /// the rebuild. Returns the index and whether it was rebuilt; a reused one tells the version
+    /// to replay the change log from ([`IdentityIndex::file_version`]).
     pub fn open_or_rebuild<F>(
         path: &Path,
         kind: IndexKind,
         expected: u64,
+        version: u64,
         sealer: &Sealer,
         templates: F,
     ) -> Result<(Self, bool), IdentityError>
@@ -438,7 +456,10 @@ impl IdentityIndex {
         F: FnOnce() -> Vec<(u64, Vec<f32>)>,
     {
         if let Some(opened) = Self::load(path, kind, sealer) {
-            if opened.len() == expected && !opened.outgrown() {
+            if opened.len() == expected
+                && !opened.outgrown()
+                && opened.file_version.is_some_and(|saved| saved <= version)
+            {
                 return Ok((opened, false));
             }
             tracing::warn!(path = %path.display(), held = opened.len(), expected, "identity index is stale or outgrown; rebuilding");
@@ -446,7 +467,7 @@ impl IdentityIndex {
             tracing::warn!(path = %path.display(), "identity index is unreadable, of another kind, or sealed with another key; rebuilding");
         }
         let rebuilt = IdentityIndex::build(kind, &templates())?;
-        rebuilt.save(path, sealer)?;
+        rebuilt.save(path, sealer, version)?;
         Ok((rebuilt, true))
     }
 }
@@ -550,7 +571,8 @@ fn record_key(kind: IndexKind) -> Vec<u8> {
 }
 
 /// Associated data of the sealed index file.
-const INDEX_RECORD_KEY: &[u8] = b"facepay-identity-index";
+/// (`-2`: the change-log version first; files without it are rebuilt.)
+const INDEX_RECORD_KEY: &[u8] = b"facepay-identity-index-2";
 
 /// A private (0600) scratch file in memory where the system has `/dev/shm`, removed on drop.
 fn scratch_file() -> std::io::Result<tempfile::NamedTempFile> {
@@ -697,7 +719,8 @@ mod tests {
         let source = || data.clone();
         let key = Sealer::from_key(&[7; 32]);
         let open = |expected| {
-            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, expected, &key, source).unwrap()
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, expected, 0, &key, source)
+                .unwrap()
         };
         let (_, rebuilt) = open(50);
         assert!(rebuilt, "missing file is rebuilt");
@@ -717,6 +740,7 @@ mod tests {
             &path,
             IndexKind::Flat,
             51,
+            0,
             &Sealer::from_key(&[8; 32]),
             source,
         )
@@ -729,7 +753,7 @@ mod tests {
         // Another structure does not open as this one; another search breadth does.
         let ivf = |nlist, nprobe| IndexKind::Ivf { nlist, nprobe };
         let reopen = |kind| {
-            IdentityIndex::open_or_rebuild(&path, kind, 50, &key, source)
+            IdentityIndex::open_or_rebuild(&path, kind, 50, 0, &key, source)
                 .unwrap()
                 .1
         };
@@ -748,7 +772,7 @@ mod tests {
         assert!(!reopen(pq(16, 8)), "only k_factor changed: reused");
         // Read back, it still knows which ids it holds.
         let (mut opened, _) =
-            IdentityIndex::open_or_rebuild(&path, pq(16, 8), 50, &key, source).unwrap();
+            IdentityIndex::open_or_rebuild(&path, pq(16, 8), 50, 0, &key, source).unwrap();
         assert_eq!(opened.holds(1049), Some(true));
         assert_eq!(opened.remove(&[5]).unwrap(), 0);
         assert!(matches!(
@@ -756,6 +780,18 @@ mod tests {
             Err(IdentityError::RemoveUnsupported)
         ));
         assert!(reopen(pq(32, 8)), "m changed: rebuilt");
+        // The change-log version it was saved at comes back; a file saved at a later version
+        // than the store's latest (a store restored from an older state) is rebuilt.
+        let built = IdentityIndex::build(IndexKind::Flat, &data).unwrap();
+        built.save(&path, &key, 7).unwrap();
+        let (opened, rebuilt) =
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, 9, &key, source).unwrap();
+        assert!(!rebuilt);
+        assert_eq!(opened.file_version(), Some(7));
+        let (rebuilt_index, rebuilt) =
+            IdentityIndex::open_or_rebuild(&path, IndexKind::Flat, 50, 6, &key, source).unwrap();
+        assert!(rebuilt, "saved after the store's latest version: rebuilt");
+        assert_eq!(rebuilt_index.file_version(), None);
         assert!(
             reopen(IndexKind::IvfSq8 {
                 nlist: 4,

@@ -190,7 +190,7 @@ fn main() -> anyhow::Result<()> {
             let grown = rss_bytes().saturating_sub(before);
             let file =
                 std::env::temp_dir().join(format!("facepay-bench-{}.faiss", std::process::id()));
-            index.save(&file, &storage::Sealer::from_key(&[7; 32]))?;
+            index.save(&file, &storage::Sealer::from_key(&[7; 32]), 0)?;
             // None: an index kind that is never written (built again at each start).
             let file_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
             let _ = std::fs::remove_file(&file);
