@@ -472,6 +472,39 @@ impl NatsCluster {
     }
 }
 
+/// The broker a fleet meets at: one Mosquitto or a NATS cluster.
+pub enum Broker {
+    /// One Mosquitto.
+    Single(Mosquitto),
+    /// A NATS cluster (MQTT on JetStream).
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    /// The port a client numbered `n` connects to first, and the `--set`s of its failover (on a
+    /// cluster, clients are spread over the nodes).
+    pub fn for_client(&self, n: usize) -> (u16, Vec<String>) {
+        match self {
+            Broker::Single(broker) => (broker.port, Vec::new()),
+            Broker::Cluster(cluster) => {
+                let first = n % cluster.mqtt_ports.len();
+                (
+                    cluster.mqtt_ports[first],
+                    vec![cluster.failover_override(first)],
+                )
+            }
+        }
+    }
+
+    /// The broker's processes.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Broker::Single(broker) => vec![broker.pid()],
+            Broker::Cluster(cluster) => cluster.pids(),
+        }
+    }
+}
+
 /// Debian's `nats-server`.
 fn nats_binary() -> anyhow::Result<&'static str> {
     ["/usr/sbin/nats-server", "/usr/bin/nats-server"]

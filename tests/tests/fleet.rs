@@ -14,7 +14,7 @@ use paycode::Wallet;
 use protocol::{AccountKind, ChargeStatus};
 use tests::{
     charge, ensure_identity, open_account, present_code, start_cloud_with, store::StoreSite,
-    CloudApi, Mosquitto, NatsCluster, Service,
+    Broker, CloudApi, Mosquitto, NatsCluster, Service,
 };
 
 /// Seconds a store's lease lasts in this test: a dead instance's stores move within about this.
@@ -40,30 +40,6 @@ fn settle(site: &StoreSite, wallet: &Wallet, order: &str, amount: i64) -> protoc
             return heard;
         }
         std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The broker the fleet meets at.
-enum Broker {
-    /// One Mosquitto.
-    Single(Mosquitto),
-    /// A three-node NATS cluster (MQTT on JetStream).
-    Cluster(NatsCluster),
-}
-
-impl Broker {
-    /// The port a client numbered `n` connects to first, and the `--set`s of its failover.
-    fn for_client(&self, n: usize) -> (u16, Vec<String>) {
-        match self {
-            Broker::Single(broker) => (broker.port, Vec::new()),
-            Broker::Cluster(cluster) => {
-                let first = n % cluster.mqtt_ports.len();
-                (
-                    cluster.mqtt_ports[first],
-                    vec![cluster.failover_override(first)],
-                )
-            }
-        }
     }
 }
 

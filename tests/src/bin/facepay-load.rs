@@ -23,7 +23,7 @@ use protocol::{AccountKind, ChargeStatus};
 use serde::Serialize;
 use tests::{
     charge, ensure_identity, open_account, present_code, start_cloud_with, store::StoreSite,
-    CloudApi, Mosquitto, NatsCluster, Service,
+    Broker, CloudApi, Mosquitto, NatsCluster, Service,
 };
 
 #[derive(Parser)]
@@ -67,35 +67,6 @@ struct Cli {
 enum BrokerKind {
     Nats,
     Mosquitto,
-}
-
-/// The broker the fleet meets at.
-enum Broker {
-    Single(Mosquitto),
-    Cluster(NatsCluster),
-}
-
-impl Broker {
-    /// The port client `n` connects to first, and the `--set` of its failover.
-    fn for_client(&self, n: usize) -> (u16, Vec<String>) {
-        match self {
-            Broker::Single(broker) => (broker.port, Vec::new()),
-            Broker::Cluster(cluster) => {
-                let first = n % cluster.mqtt_ports.len();
-                (
-                    cluster.mqtt_ports[first],
-                    vec![cluster.failover_override(first)],
-                )
-            }
-        }
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        match self {
-            Broker::Single(broker) => vec![broker.pid()],
-            Broker::Cluster(cluster) => cluster.pids(),
-        }
-    }
 }
 
 /// One order a register charged.
