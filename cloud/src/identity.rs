@@ -22,9 +22,9 @@ use storage::Sealer;
 
 /// Embedding dimension of SFace.
 pub const EMBEDDING_DIM: u32 = 128;
-/// A product quantiser's codebooks train on as many points as an IVF of this many lists would
-/// (FAISS samples 256 points per centroid at most; 16 centroids need far fewer).
-const PQ_TRAINING_LISTS: usize = 256;
+/// Points a product quantiser's codebooks train on: FAISS uses at most 256 per centroid, and a
+/// 4-bit sub-quantiser has 16 (more would only be sampled away).
+const PQ_TRAINING_POINTS: usize = 16 * 256;
 /// IVF needs about this many training points per list for stable centroids (FAISS's own advice).
 const IVF_POINTS_PER_LIST: usize = 39;
 
@@ -282,7 +282,7 @@ impl IdentityIndex {
             Faiss::Ivf(ivf) => ivf.nlist(),
             Faiss::IvfSq8(ivf) => ivf.nlist(),
             Faiss::Serial(_) if matches!(self.kind, IndexKind::PqRefine { .. }) => {
-                let enough = PQ_TRAINING_LISTS * IVF_POINTS_PER_LIST;
+                let enough = PQ_TRAINING_POINTS;
                 return self.trained_on < enough
                     && self.len() as usize >= 4 * self.trained_on.max(1);
             }
@@ -503,10 +503,10 @@ fn index_len(faiss: &Faiss) -> u64 {
 /// the templates live on (the index is trained again on real ones as it grows: `outgrown`).
 fn pq_training_set(flat: &[f32]) -> Vec<f32> {
     let dim = EMBEDDING_DIM as usize;
-    let wanted = PQ_TRAINING_LISTS * IVF_POINTS_PER_LIST;
+    let wanted = PQ_TRAINING_POINTS;
     let have = flat.len() / dim;
     let mut set: Vec<f32> = if have > wanted {
-        // Every k-th template: FAISS samples no more than this itself.
+        // Templates spread over all of them: FAISS would sample no more.
         (0..wanted)
             .flat_map(|i| &flat[(i * have / wanted) * dim..][..dim])
             .copied()
