@@ -2,8 +2,9 @@
 //! template id, searched by inner product (cosine, since embeddings are L2-normalised).
 //!
 //! The index is a cache of the store of record: it is persisted to a file for fast starts, and
-//! rebuilt from the store of record whenever that file is missing, unreadable, or disagrees with
-//! the store about how many templates there are.
+//! rebuilt from the store of record whenever that file is missing, unreadable, disagrees with
+//! the store about how many templates there are, or was saved after the store's latest change;
+//! the change log is replayed from the version it was saved at.
 
 use std::{collections::HashSet, path::Path, sync::Mutex};
 
@@ -499,7 +500,7 @@ fn index_len(faiss: &Faiss) -> u64 {
 
 /// What a product quantiser's codebooks (16 centroids per sub-quantiser) train on: a sample of
 /// the templates spread over all of them; while there are too few, they are topped up with
-/// pseudo-random unit vectors (a fixed sequence), which spread the centroids over the sphere
+/// random unit vectors (`protocol::synthetic`, a fixed seed), which spread the centroids over the sphere
 /// the templates live on (the index is trained again on real ones as it grows: `outgrown`).
 fn pq_training_set(flat: &[f32]) -> Vec<f32> {
     let dim = EMBEDDING_DIM as usize;
@@ -514,26 +515,10 @@ fn pq_training_set(flat: &[f32]) -> Vec<f32> {
     } else {
         flat.to_vec()
     };
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Unit vectors uniform on the sphere, the same sequence every time.
+    let mut rng = protocol::synthetic::Rng::new(PQ_TRAINING_POINTS as u64);
     while set.len() < wanted * dim {
-        let v: Vec<f32> = (0..dim)
-            .map(|_| {
-                // splitmix64, then a uniform value in [-1, 1).
-                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^= z >> 31;
-                (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect();
-        let norm = v
-            .iter()
-            .map(|x| x * x)
-            .sum::<f32>()
-            .sqrt()
-            .max(f32::EPSILON);
-        set.extend(v.iter().map(|x| x / norm));
+        set.extend(protocol::synthetic::template(&mut rng));
     }
     set
 }
