@@ -133,31 +133,60 @@ impl Ledger {
 
     /// Applies a batch of a store's offline approvals, each exactly once by payment id, in
     /// transactions of [`ENTRIES_PER_TRANSACTION`] (what each reads is read ahead together), and
-    /// flushes once. A batch that fails is sent again by the hub; what was applied answers
-    /// `already_applied`.
+    /// flushes once. The signatures of the next transaction's entries are checked on another
+    /// core while one transaction applies. A batch that fails is sent again by the hub; what was
+    /// applied answers `already_applied`.
     pub fn reconcile(
         &self,
         store_id: &str,
         entries: &[OfflinePayment],
     ) -> Result<Reconciliation, LedgerError> {
         let key = self.hub_key(store_id)?;
-        let checked = check_entries(key.as_deref(), store_id, entries);
-        for (entry, check) in entries.iter().zip(&checked) {
-            if let Err(detail) = check {
-                tracing::warn!(
-                    store_id,
-                    payment_id = %entry.payment_id,
-                    detail,
-                    "offline entry rejected"
-                );
+        let key = key.as_deref();
+        let per_transaction = self.entries_per_transaction;
+        let now_ms = self.clock.now_ms();
+        let apply = |part: &[OfflinePayment], checked: Vec<Result<(), String>>| {
+            for (entry, check) in part.iter().zip(&checked) {
+                if let Err(detail) = check {
+                    tracing::warn!(
+                        store_id,
+                        payment_id = %entry.payment_id,
+                        detail,
+                        "offline entry rejected"
+                    );
+                }
             }
+            let applied = self.apply_offline(store_id, part, &checked, now_ms)?;
+            Ok::<_, LedgerError>(checked.into_iter().zip(applied))
+        };
+        let mut results = Vec::with_capacity(entries.len());
+        if entries.len() <= per_transaction {
+            results.extend(apply(entries, check_entries(key, store_id, entries))?);
+        } else {
+            std::thread::scope(|s| {
+                // One transaction's checks ahead: sent in order, dropped unread if one fails.
+                let (checks, checked) = std::sync::mpsc::sync_channel(1);
+                s.spawn(move || {
+                    for part in entries.chunks(per_transaction) {
+                        if checks.send(check_entries(key, store_id, part)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                for part in entries.chunks(per_transaction) {
+                    let part_checked = checked
+                        .recv()
+                        .expect("the checks of every part are sent, in order");
+                    results.extend(apply(part, part_checked)?);
+                }
+                Ok::<_, LedgerError>(())
+            })?;
         }
-        let applied = self.apply_offline(store_id, entries, &checked)?;
         let mut done = Reconciliation {
             outcomes: Vec::with_capacity(entries.len()),
             ..Reconciliation::default()
         };
-        for ((entry, check), applied) in entries.iter().zip(checked).zip(applied) {
+        for (entry, (check, applied)) in entries.iter().zip(results) {
             let (outcome, revoked, first_payment) = match (check, applied) {
                 (Err(detail), _) => (ReconcileOutcome::Rejected { detail }, None, None),
                 (Ok(()), Some(applied)) => applied,
@@ -192,16 +221,16 @@ impl Ledger {
         read_all(&self.code_reuse)
     }
 
-    /// Applies the entries that passed their checks, a few dozen per transaction; for each its
-    /// outcome, the revocation to broadcast if the account went into debt, and the payment its
-    /// code or token had already paid, if any (`None` for an entry that did not pass).
+    /// Applies the entries that passed their checks in one transaction; for each its outcome,
+    /// the revocation to broadcast if the account went into debt, and the payment its code or
+    /// token had already paid, if any (`None` for an entry that did not pass).
     fn apply_offline(
         &self,
         store_id: &str,
         entries: &[OfflinePayment],
         checked: &[Result<(), String>],
+        now_ms: u64,
     ) -> Result<Vec<Option<Applied>>, LedgerError> {
-        let now_ms = self.clock.now_ms();
         let most_owed = self.policy.account_cap_minor;
         let trees = (
             &self.accounts,
@@ -213,41 +242,32 @@ impl Ledger {
             &self.conflicts,
             &self.code_reuse,
         );
-        // A few dozen entries per transaction: a serializable transaction that reads too many
-        // rows locks the whole table, and would then conflict with every other writer.
-        let mut results = Vec::with_capacity(entries.len());
-        for (entries, checked) in entries
-            .chunks(self.entries_per_transaction)
-            .zip(checked.chunks(self.entries_per_transaction))
-        {
-            let valid: Vec<&OfflinePayment> = entries
-                .iter()
-                .zip(checked)
-                .filter(|(_, check)| check.is_ok())
-                .map(|(entry, _)| entry)
-                .collect();
-            let ahead = ReadAhead::of(store_id, &valid);
-            results.extend(unwrap_tx(trees.transaction(|views| {
-                let (accounts, transfers, nonces, grants, _, debts, conflicts, code_reuse) = views;
-                // What the entries read, read together: one round trip per tree on PostgreSQL.
-                transfers.prefetch(&ahead.transfers)?;
-                accounts.prefetch(&ahead.accounts)?;
-                debts.prefetch(&ahead.accounts)?;
-                grants.prefetch(&ahead.grants)?;
-                nonces.prefetch(&ahead.nonces)?;
-                conflicts.prefetch(&ahead.payments)?;
-                code_reuse.prefetch(&ahead.payments)?;
-                let mut results = Vec::with_capacity(entries.len());
-                for (entry, check) in entries.iter().zip(checked) {
-                    results.push(match check {
-                        Ok(()) => Some(apply_one(views, store_id, entry, now_ms, most_owed)?),
-                        Err(_) => None,
-                    });
-                }
-                Ok(results)
-            }))?);
-        }
-        Ok(results)
+        let valid: Vec<&OfflinePayment> = entries
+            .iter()
+            .zip(checked)
+            .filter(|(_, check)| check.is_ok())
+            .map(|(entry, _)| entry)
+            .collect();
+        let ahead = ReadAhead::of(store_id, &valid);
+        unwrap_tx(trees.transaction(|views| {
+            let (accounts, transfers, nonces, grants, ..) = views;
+            // What the entries read, read together: one round trip on PostgreSQL. Debts,
+            // conflicts and code reuses are read only when an entry makes one (rare).
+            storage::kv::prefetch_together(&[
+                (transfers, &ahead.transfers[..]),
+                (accounts, &ahead.accounts[..]),
+                (grants, &ahead.grants[..]),
+                (nonces, &ahead.nonces[..]),
+            ])?;
+            let mut results = Vec::with_capacity(entries.len());
+            for (entry, check) in entries.iter().zip(checked) {
+                results.push(match check {
+                    Ok(()) => Some(apply_one(views, store_id, entry, now_ms, most_owed)?),
+                    Err(_) => None,
+                });
+            }
+            Ok(results)
+        }))
     }
 
     /// Pays money into a customer account from the issuance account of its currency, once per
@@ -357,7 +377,6 @@ struct ReadAhead {
     accounts: Vec<Vec<u8>>,
     grants: Vec<Vec<u8>>,
     nonces: Vec<Vec<u8>>,
-    payments: Vec<Vec<u8>>,
 }
 
 impl ReadAhead {
@@ -367,7 +386,6 @@ impl ReadAhead {
             accounts: vec![store_id.as_bytes().to_vec()],
             grants: Vec::with_capacity(entries.len()),
             nonces: Vec::with_capacity(entries.len()),
-            payments: Vec::with_capacity(entries.len()),
         };
         for entry in entries {
             let id = &entry.payment_id;
@@ -375,7 +393,6 @@ impl ReadAhead {
             for suffix in ["offline", "posted"] {
                 ahead.transfers.push(format!("{id}#{suffix}").into_bytes());
             }
-            ahead.payments.push(id.as_bytes().to_vec());
             ahead.accounts.push(entry.account_id.as_bytes().to_vec());
             ahead
                 .grants
@@ -389,55 +406,50 @@ impl ReadAhead {
 }
 
 /// Each entry's checks before anything is applied: a hub key registered, the entry of the
-/// sending store, its fields, and the hub's signature over it. Signatures are most of the CPU a
-/// batch costs: a large batch is checked on every core.
+/// sending store, its fields, and the hub's signature over it (the entries' signatures checked
+/// together: they are most of the CPU a batch costs).
 fn check_entries(
     key: Option<&str>,
     store_id: &str,
     entries: &[OfflinePayment],
 ) -> Vec<Result<(), String>> {
-    let check = |entry: &OfflinePayment| match key {
-        None => Err(format!(
-            "no hub key is registered for store {store_id}; kept until one is"
-        )),
-        Some(_) if entry.store_id != store_id => Err(format!(
-            "entry of store {} sent by store {store_id}",
-            entry.store_id
-        )),
-        Some(key) => entry
-            .check_from(store_id)
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                paycode::hubsig::verify_hub_signature(key, entry)
-                    .map_err(|_| "the hub's signature does not verify".to_owned())
-            }),
+    let Some(key) = key else {
+        let missing = format!("no hub key is registered for store {store_id}; kept until one is");
+        return entries.iter().map(|_| Err(missing.clone())).collect();
     };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(entries.len() / CHECKS_PER_THREAD);
-    if workers <= 1 {
-        return entries.iter().map(check).collect();
+    let mut checked: Vec<Result<(), String>> = entries
+        .iter()
+        .map(|entry| {
+            if entry.store_id != store_id {
+                return Err(format!(
+                    "entry of store {} sent by store {store_id}",
+                    entry.store_id
+                ));
+            }
+            entry.check_from(store_id).map_err(|e| e.to_string())
+        })
+        .collect();
+    let (signed, at): (Vec<&OfflinePayment>, Vec<usize>) = entries
+        .iter()
+        .zip(&checked)
+        .enumerate()
+        .filter(|(_, (_, check))| check.is_ok())
+        .map(|(i, (entry, _))| (entry, i))
+        .unzip();
+    for (answer, i) in paycode::hubsig::verify_hub_signatures(key, &signed)
+        .into_iter()
+        .zip(at)
+    {
+        if answer.is_err() {
+            checked[i] = Err("the hub's signature does not verify".to_owned());
+        }
     }
-    let chunk = entries.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let check = &check;
-        let parts: Vec<_> = entries
-            .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(check).collect::<Vec<_>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|part| part.join().expect("checking an entry does not panic"))
-            .collect()
-    })
+    checked
 }
 
 /// Offline entries applied per ledger transaction (a hub's batch is split into as many as it
 /// needs; each entry is applied once by its payment id whichever transaction it is in).
 pub(super) const ENTRIES_PER_TRANSACTION: usize = 50;
-
-/// Fewest entries worth a thread of their own when a batch's signatures are checked.
-const CHECKS_PER_THREAD: usize = 32;
 
 /// Applies one checked entry inside the batch's transaction.
 fn apply_one(

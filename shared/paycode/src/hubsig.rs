@@ -36,12 +36,59 @@ impl HubSigner {
 /// Checks an offline approval's signature against the store's registered public key.
 pub fn verify_hub_signature(public_key: &str, entry: &OfflinePayment) -> Result<(), CodeError> {
     let key = parse_public_key(public_key)?;
+    let signature = signature_of(entry)?;
+    key.verify(&entry.signed_bytes(), &signature)
+        .map_err(|_| CodeError::BadSignature)
+}
+
+/// Checks the signatures of many offline approvals of one store against its registered public
+/// key; one answer per entry, as [`verify_hub_signature`] gives it. The key is read once and the
+/// signatures are checked together (Ed25519 batch verification: about half the work per
+/// signature); if the batch does not verify, each is checked alone to find which do not.
+///
+/// A batch accepts exactly the signatures that verify alone, except signatures the key's own
+/// holder crafted with small-order components (cofactored against cofactorless equations):
+/// those prove nothing a hub could not sign anyway, so nobody without the hub's key gets an
+/// entry through either way.
+pub fn verify_hub_signatures(
+    public_key: &str,
+    entries: &[&OfflinePayment],
+) -> Vec<Result<(), CodeError>> {
+    let key = match parse_public_key(public_key) {
+        Ok(key) => key,
+        Err(_) => return entries.iter().map(|_| Err(CodeError::BadPublicKey)).collect(),
+    };
+    let mut answers: Vec<Result<(), CodeError>> = Vec::with_capacity(entries.len());
+    let (mut messages, mut signatures, mut at) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, entry) in entries.iter().enumerate() {
+        match signature_of(entry) {
+            Ok(signature) => {
+                messages.push(entry.signed_bytes());
+                signatures.push(signature);
+                at.push(i);
+                answers.push(Ok(()));
+            }
+            Err(e) => answers.push(Err(e)),
+        }
+    }
+    let messages: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+    let keys = vec![key; signatures.len()];
+    if !signatures.is_empty() && ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_err() {
+        for ((message, signature), i) in messages.iter().zip(&signatures).zip(at) {
+            if key.verify(message, signature).is_err() {
+                answers[i] = Err(CodeError::BadSignature);
+            }
+        }
+    }
+    answers
+}
+
+/// An entry's signature, decoded.
+fn signature_of(entry: &OfflinePayment) -> Result<Signature, CodeError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(&entry.signature)
         .map_err(|_| CodeError::BadSignature)?;
-    let signature = Signature::from_slice(&bytes).map_err(|_| CodeError::BadSignature)?;
-    key.verify(&entry.signed_bytes(), &signature)
-        .map_err(|_| CodeError::BadSignature)
+    Signature::from_slice(&bytes).map_err(|_| CodeError::BadSignature)
 }
 
 #[cfg(test)]
@@ -64,6 +111,42 @@ mod tests {
             spent_code: None,
             signature: String::new(),
         }
+    }
+
+    #[test]
+    fn a_batch_answers_for_each_entry_as_a_check_alone_does() {
+        let signer = HubSigner::from_seed(&[3; 32]);
+        let key = signer.public_key_b64();
+        let mut entries: Vec<OfflinePayment> = (0..40)
+            .map(|i| {
+                let mut e = entry();
+                e.seq = i;
+                e.order_id = format!("o{i}").into();
+                e.payment_id = format!("s1:o{i}").into();
+                signer.sign(&mut e);
+                e
+            })
+            .collect();
+        let all: Vec<&OfflinePayment> = entries.iter().collect();
+        assert!(verify_hub_signatures(&key, &all).iter().all(Result::is_ok));
+        // One changed after signing, one with garbage, one signed by another key: only those
+        // three fail, each where it is, and the rest still pass.
+        entries[3].amount_minor += 1;
+        entries[17].signature = "not base64!".into();
+        HubSigner::from_seed(&[4; 32]).sign(&mut entries[39]);
+        let all: Vec<&OfflinePayment> = entries.iter().collect();
+        let answers = verify_hub_signatures(&key, &all);
+        for (i, (answer, e)) in answers.iter().zip(&entries).enumerate() {
+            assert_eq!(
+                answer.is_ok(),
+                verify_hub_signature(&key, e).is_ok(),
+                "entry {i}"
+            );
+            assert_eq!(answer.is_err(), [3, 17, 39].contains(&i), "entry {i}");
+        }
+        // A key that is not a key fails every entry; no entries, no answers.
+        assert!(verify_hub_signatures("nope", &all).iter().all(Result::is_err));
+        assert!(verify_hub_signatures(&key, &[]).is_empty());
     }
 
     #[test]

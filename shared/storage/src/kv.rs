@@ -731,6 +731,29 @@ impl TransactionalTree {
     }
 }
 
+/// Reads keys of several trees of one transaction ahead, together: on PostgreSQL one round trip
+/// for them all instead of one per tree ([`TransactionalTree::prefetch`]). A hint only, as that
+/// is.
+pub fn prefetch_together<K: AsRef<[u8]>>(
+    reads: &[(&TransactionalTree, &[K])],
+) -> UnabortableTransactionResult<()> {
+    // Grouped by transaction: trees of one transaction share it, so this is one group.
+    let mut groups: Vec<(&Rc<PgTx>, Vec<(Arc<str>, Vec<&[u8]>)>)> = Vec::new();
+    for (tree, keys) in reads {
+        if let TxBackend::Postgres { tx, name } = &tree.0 {
+            let keys = keys.iter().map(AsRef::as_ref).collect();
+            match groups.iter_mut().find(|(t, _)| Rc::ptr_eq(t, tx)) {
+                Some((_, trees)) => trees.push((Arc::clone(name), keys)),
+                None => groups.push((tx, vec![(Arc::clone(name), keys)])),
+            }
+        }
+    }
+    for (tx, trees) in groups {
+        tx.prefetch_together(&trees)?;
+    }
+    Ok(())
+}
+
 /// Runs a closure over one tree or a tuple of trees as one transaction: all its writes or none.
 /// The closure may run more than once (sled retries on a conflict), so it must not act outside
 /// the trees. All trees must belong to the same kind of database.
@@ -1013,6 +1036,17 @@ mod tests {
             panic!("{refused:?}")
         };
         assert!(is_fenced(&error), "{error}");
+        // Read ahead with the transaction's first keys, the fence is found lost all the same.
+        let refused = Transactional::<()>::transaction(&data, |t| {
+            prefetch_together(&[(t, &["b"][..])])?;
+            t.insert("b", "written after the takeover")?;
+            Ok(())
+        })
+        .unwrap_err();
+        let TransactionError::Storage(error) = refused else {
+            panic!("{refused:?}")
+        };
+        assert!(is_fenced(&error), "{error}");
         assert!(data.insert("c", "a single write").is_err());
         let unfenced = new_owner.open_tree("data").unwrap();
         assert_eq!(keys(unfenced.iter()), ["a"]);
@@ -1045,6 +1079,27 @@ mod tests {
             let none: [&[u8]; 0] = [];
             Transactional::<()>::transaction(&t, |tx| tx.prefetch(&none).map_err(Into::into))
                 .unwrap();
+            // Several trees read ahead together: the same key in two trees is two keys.
+            let u = db.open_tree("u").unwrap();
+            u.insert("a", "in u").unwrap();
+            let seen = Transactional::<()>::transaction(&(&t, &u), |(t, u)| {
+                u.insert("b", "written in u")?;
+                prefetch_together(&[(t, &["a", "b"][..]), (u, &["a", "b", "missing"][..])])?;
+                prefetch_together::<&str>(&[])?;
+                Ok((t.get("a")?, t.get("b")?, u.get("a")?, u.get("b")?, u.get("missing")?))
+            })
+            .unwrap();
+            assert_eq!(
+                seen,
+                (
+                    Some(IVec::from("1")),
+                    Some(IVec::from("2")),
+                    Some(IVec::from("in u")),
+                    Some(IVec::from("written in u")),
+                    None
+                ),
+                "{kind}"
+            );
         }
         let (url, schema) = (pgtest::shared().url(), pgtest::fresh_schema());
         let workers: Vec<_> = (0..3)

@@ -55,7 +55,7 @@ struct Shared {
 struct Conn {
     client: Client,
     get: Statement,
-    get_many: Statement,
+    get_pairs: Statement,
     upsert: Statement,
     delete: Statement,
     next_id: Statement,
@@ -148,6 +148,8 @@ pub fn valid_schema(schema: &str) -> bool {
 impl PgDb {
     /// Connects to the database at `url` and makes `schema`'s table and sequence if they are
     /// not there yet (several processes may do so at once: a lock in the server orders them).
+    /// Tree names compare byte by byte (`COLLATE "C"`: the server's locale would make every
+    /// index compare a locale-aware one); a table made before is converted once.
     pub(crate) fn open(
         url: &str,
         schema: &str,
@@ -165,11 +167,19 @@ impl PgDb {
                 "SELECT pg_advisory_lock(7461636570617931);
                  CREATE SCHEMA IF NOT EXISTS {schema};
                  CREATE TABLE IF NOT EXISTS {schema}.kv (
-                     tree text NOT NULL,
+                     tree text COLLATE \"C\" NOT NULL,
                      key bytea NOT NULL,
                      value bytea NOT NULL,
                      PRIMARY KEY (tree, key)
                  );
+                 DO $$ BEGIN
+                     IF EXISTS (SELECT 1 FROM information_schema.columns
+                                WHERE table_schema = '{schema}' AND table_name = 'kv'
+                                  AND column_name = 'tree'
+                                  AND collation_name IS DISTINCT FROM 'C') THEN
+                         ALTER TABLE {schema}.kv ALTER COLUMN tree TYPE text COLLATE \"C\";
+                     END IF;
+                 END $$;
                  CREATE SEQUENCE IF NOT EXISTS {schema}.ids;
                  SELECT pg_advisory_unlock(7461636570617931);"
             ))
@@ -299,6 +309,7 @@ impl PgDb {
                 conn: RefCell::new(conn),
                 seen: RefCell::default(),
                 writes: RefCell::default(),
+                fence: fence.map(|f| (f.tree.as_str().into(), f.key.clone())),
             });
             let outcome = f(&tx);
             let tx = Rc::try_unwrap(tx).unwrap_or_else(|_| {
@@ -335,9 +346,10 @@ impl Conn {
                 "SELECT value FROM {schema}.kv WHERE tree = $1 AND key = $2"
             ))
             .map_err(storage)?;
-        let get_many = client
+        let get_pairs = client
             .prepare(&format!(
-                "SELECT key, value FROM {schema}.kv WHERE tree = $1 AND key = ANY($2::bytea[])"
+                "SELECT tree, key, value FROM {schema}.kv WHERE (tree, key) IN
+                 (SELECT * FROM unnest($1::text[], $2::bytea[]))"
             ))
             .map_err(storage)?;
         let upsert = client
@@ -359,7 +371,7 @@ impl Conn {
         Ok(Conn {
             client,
             get,
-            get_many,
+            get_pairs,
             upsert,
             delete,
             next_id,
@@ -377,6 +389,9 @@ pub(crate) struct PgTx {
     seen: RefCell<HashMap<Slot, Option<IVec>>>,
     /// What it wrote, applied at commit (`None`: removed).
     writes: RefCell<HashMap<Slot, Option<IVec>>>,
+    /// The row of the fence it commits under, if any: read with the first keys read ahead, so
+    /// that checking it at commit takes no round trip of its own.
+    fence: Option<Slot>,
 }
 
 impl PgTx {
@@ -411,15 +426,23 @@ impl PgTx {
         tree: &Arc<str>,
         keys: &[&[u8]],
     ) -> Result<(), UnabortableTransactionError> {
-        let wanted: Vec<&[u8]> = {
+        self.prefetch_together(&[(Arc::clone(tree), keys.to_vec())])
+    }
+
+    /// Reads the keys of several trees in one round trip (with the fence's row, the first time),
+    /// so that the transaction's gets of them are answered from memory. Keys it has already read
+    /// or written are not asked again.
+    pub(crate) fn prefetch_together(
+        &self,
+        reads: &[(Arc<str>, Vec<&[u8]>)],
+    ) -> Result<(), UnabortableTransactionError> {
+        let wanted: Vec<Slot> = {
             let (writes, seen) = (self.writes.borrow(), self.seen.borrow());
-            let mut wanted: Vec<&[u8]> = keys
+            let mut wanted: Vec<Slot> = reads
                 .iter()
-                .copied()
-                .filter(|key| {
-                    let slot = (Arc::clone(tree), key.to_vec());
-                    !writes.contains_key(&slot) && !seen.contains_key(&slot)
-                })
+                .flat_map(|(tree, keys)| keys.iter().map(|key| (Arc::clone(tree), key.to_vec())))
+                .chain(self.fence.clone())
+                .filter(|slot| !writes.contains_key(slot) && !seen.contains_key(slot))
                 .collect();
             wanted.sort_unstable();
             wanted.dedup();
@@ -428,21 +451,26 @@ impl PgTx {
         if wanted.is_empty() {
             return Ok(());
         }
+        let trees: Vec<&str> = wanted.iter().map(|(tree, _)| &**tree).collect();
+        let keys: Vec<&[u8]> = wanted.iter().map(|(_, key)| key.as_slice()).collect();
         let rows = {
             let mut conn = self.conn.borrow_mut();
-            let get_many = conn.get_many.clone();
+            let get_pairs = conn.get_pairs.clone();
             conn.client
-                .query(&get_many, &[&&**tree, &wanted])
+                .query(&get_pairs, &[&trees, &keys])
                 .map_err(unabortable)?
         };
+        let names: HashMap<&str, &Arc<str>> =
+            wanted.iter().map(|(tree, _)| (&**tree, tree)).collect();
         let mut seen = self.seen.borrow_mut();
-        for key in &wanted {
-            seen.insert((Arc::clone(tree), key.to_vec()), None);
-        }
         for row in rows {
-            let key: Vec<u8> = row.get(0);
-            let value: Vec<u8> = row.get(1);
-            seen.insert((Arc::clone(tree), key), Some(IVec::from(value)));
+            let (tree, key, value): (&str, Vec<u8>, Vec<u8>) = (row.get(0), row.get(1), row.get(2));
+            if let Some(tree) = names.get(tree) {
+                seen.insert((Arc::clone(tree), key), Some(IVec::from(value)));
+            }
+        }
+        for slot in wanted {
+            seen.entry(slot).or_insert(None);
         }
         Ok(())
     }
