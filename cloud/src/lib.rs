@@ -94,6 +94,10 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         "facepay_cloud_mqtt_connected",
         "1 while connected to the broker",
     );
+    // Ready once connected to the broker: the database, the keys and the identity index are
+    // open before anything is served.
+    let readiness = telemetry::Readiness::new();
+    readiness.require_gauge("broker", &connected);
 
     for (from, to) in storage::place_keys(&config.data_dir, &config.key_files())
         .map_err(|e| anyhow::anyhow!(e))?
@@ -319,7 +323,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         false => None,
     };
     let (metrics_addr, metrics_server) =
-        telemetry::serve_metrics(&config.metrics, registry, metrics_tls)?;
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness)?;
     tracing::info!(%admin_addr, %api_addr, %metrics_addr, "cloud started");
     Ok(CloudHandle {
         admin_addr,

@@ -4,6 +4,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-cloud",
     about = "facepay cloud: ledger of record, key distribution, admin API"
 )]

@@ -31,6 +31,9 @@ pub enum HubUnreachable {
 /// How long a relayed revocation list may take to arrive.
 pub const REVOCATION_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How soon a terminal asks for the revocation list again while its hub is not heard.
+const HUB_UNHEARD_RETRY: Duration = Duration::from_secs(1);
+
 /// Asks the store's hub to authorize payments and verify customers, and acts only on answers
 /// its store's hub certificate signed (valid, not revoked).
 #[derive(Clone)]
@@ -65,7 +68,8 @@ impl HubClient {
     /// A client for a store's hub, asking as `terminal_id` (the hub lets this terminal's
     /// certificate use only that terminal's key expressions); `verifier` checks its answers. Every `revocation_poll` it
     /// fetches the revocation list the hub relays and keeps a newer one the CA signed
-    /// (`revoked_gauge` shows how many certificates it revokes).
+    /// (`revoked_gauge` shows how many certificates it revokes; `reachable_gauge` is 1 while the
+    /// last poll heard the store's hub, whose list verifies, and 0 otherwise).
     pub fn new(
         zenoh: zlink::ZenohLink,
         store_id: &str,
@@ -73,7 +77,7 @@ impl HubClient {
         timeout: Duration,
         verifier: pki::HubVerifier,
         revocation_poll: Duration,
-        revoked_gauge: prometheus::IntGauge,
+        (revoked_gauge, reachable_gauge): (prometheus::IntGauge, prometheus::IntGauge),
     ) -> Self {
         let verifier = std::sync::Arc::new(verifier);
         revoked_gauge.set(verifier.revoked_count() as i64);
@@ -81,12 +85,13 @@ impl HubClient {
         let key = protocol::keyexpr::hub_revocations(store_id);
         let poller = verifier.clone();
         zenoh.spawn(async move {
-            let mut tick = tokio::time::interval(revocation_poll);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_refusal = String::new();
+            let mut pause = Duration::ZERO;
             // Ends with the session (the terminal stopping).
             while !session.is_closed() {
-                tick.tick().await;
+                tokio::time::sleep(pause).await;
+                // While the hub is not heard, asked again within a second: readiness follows.
+                pause = HUB_UNHEARD_RETRY.min(revocation_poll);
                 // Every peer's answer is looked at (no consolidation): a rogue cannot hide the
                 // hub's newer list behind an older one.
                 let Ok(replies) = session
@@ -95,8 +100,10 @@ impl HubClient {
                     .timeout(REVOCATION_FETCH_TIMEOUT.min(revocation_poll))
                     .await
                 else {
+                    reachable_gauge.set(0);
                     continue;
                 };
+                let mut heard = false;
                 while let Ok(reply) = replies.recv_async().await {
                     let Ok(sample) = reply.result() else { continue };
                     let pem = sample.payload().to_bytes().into_owned();
@@ -104,6 +111,7 @@ impl HubClient {
                     let taken = tokio::task::spawn_blocking(move || verifier.update(&pem))
                         .await
                         .expect("updating does not panic");
+                    heard |= taken.is_ok();
                     match taken {
                         Ok(true) => {
                             tracing::info!(
@@ -121,6 +129,10 @@ impl HubClient {
                             }
                         }
                     }
+                }
+                reachable_gauge.set(i64::from(heard));
+                if heard {
+                    pause = revocation_poll;
                 }
             }
         });

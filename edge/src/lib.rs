@@ -142,6 +142,15 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         tokio::task::spawn_blocking(move || zlink::ZenohLink::open(&zenoh_config, &security))
             .await
             .expect("zenoh open does not panic")?;
+    // Ready while the store's hub answers (the face models are loaded before anything is
+    // served): heard on each revocation poll, the first at once.
+    let hub_reachable = telemetry::register_gauge(
+        &registry,
+        "facepay_edge_hub_reachable",
+        "1 while the last revocation poll heard the store's hub (its list verified)",
+    );
+    let readiness = telemetry::Readiness::new();
+    readiness.require_gauge("hub", &hub_reachable);
     let hub = HubClient::new(
         zenoh,
         &config.store_id,
@@ -149,10 +158,13 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         Duration::from_millis(config.hub_timeout_ms),
         tls.hub_verifier(&config.store_id)?,
         Duration::from_millis(config.revocation_poll_interval_ms),
-        telemetry::register_gauge(
-            &registry,
-            "facepay_edge_revoked_certificates",
-            "certificates the revocation list in force at this terminal revokes",
+        (
+            telemetry::register_gauge(
+                &registry,
+                "facepay_edge_revoked_certificates",
+                "certificates the revocation list in force at this terminal revokes",
+            ),
+            hub_reachable.clone(),
         ),
     );
     let settings = CheckoutSettings {
@@ -185,7 +197,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         false => None,
     };
     let (metrics_addr, metrics_server) =
-        telemetry::serve_metrics(&config.metrics, registry, metrics_tls)?;
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness)?;
     tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %register_addr, %metrics_addr, "edge started");
     Ok(EdgeHandle {
         register_addr,

@@ -4,6 +4,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-edge",
     about = "facepay checkout terminal: scans payment codes, serves the cash register"
 )]

@@ -84,6 +84,8 @@ pub struct CredentialsActor {
     /// The pause before a failed key sync is tried again (doubling to [`KEY_SYNC_RETRY_MAX`]).
     sync_retry: Duration,
     keys_gauge: prometheus::IntGauge,
+    /// Set to 1 once a key sync has run to its last page (the hub's `/readyz` waits for it).
+    synced_gauge: Option<prometheus::IntGauge>,
 }
 
 impl CredentialsActor {
@@ -110,9 +112,16 @@ impl CredentialsActor {
             syncing: false,
             sync_retry: KEY_SYNC_RETRY_MIN,
             keys_gauge,
+            synced_gauge: None,
         };
         actor.apply_keys(stored);
         actor
+    }
+
+    /// Sets `gauge` to 1 once a key sync with the cloud has run to its last page.
+    pub fn with_synced_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
+        self.synced_gauge = Some(gauge);
+        self
     }
 
     fn apply_keys(&mut self, entries: &[KeyEntry]) {
@@ -180,6 +189,8 @@ impl CredentialsActor {
                     actor.keys_arrived(batch, ctx);
                     if more {
                         actor.sync_keys(ctx);
+                    } else if let Some(synced) = &actor.synced_gauge {
+                        synced.set(1);
                     }
                 }
                 Ok(Ok(other)) => actor.retry_sync(format!("unexpected answer {other:?}"), ctx),

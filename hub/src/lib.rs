@@ -114,6 +114,16 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         "facepay_hub_account_keys",
         "account keys held for offline code verification",
     );
+    let keys_synced = telemetry::register_gauge(
+        &registry,
+        "facepay_hub_keys_synced",
+        "1 once the account keys have been synced with the cloud since the hub started",
+    );
+    // Ready once connected to the broker with the keys synced; the journal and the hot
+    // templates are open before anything is served.
+    let readiness = telemetry::Readiness::new();
+    readiness.require_gauge("broker", &connected);
+    readiness.require_gauge("keys", &keys_synced);
 
     for (from, to) in storage::place_keys(&config.data_dir, &config.key_files())
         .map_err(|e| anyhow::anyhow!(e))?
@@ -201,6 +211,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         Some(uplink_addr.clone()),
         keys_gauge,
     )
+    .with_synced_gauge(keys_synced)
     .start();
     let offline = OfflineActor::new(
         clock.clone(),
@@ -350,7 +361,8 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         true => Some(tls.server_config(pki::ClientAuth::None)?),
         false => None,
     };
-    let (metrics_addr, handle) = telemetry::serve_metrics(&config.metrics, registry, metrics_tls)?;
+    let (metrics_addr, handle) =
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness)?;
     tracing::info!(store_id = config.store_id, %metrics_addr, "hub started");
     Ok(HubHandle {
         metrics_addr,

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-hub",
     about = "facepay store hub: verifies payment codes, authorizes with the cloud"
 )]

@@ -871,6 +871,38 @@ pub fn get_text(url: &str) -> anyhow::Result<String> {
         .into_string()?)
 }
 
+/// A tier's `/readyz` on its metrics listener: the status and the body.
+pub fn readyz(metrics: SocketAddr) -> anyhow::Result<(u16, String)> {
+    match ureq::get(&format!("http://{metrics}/readyz"))
+        .timeout(Duration::from_secs(30))
+        .call()
+    {
+        Ok(answer) => Ok((answer.status(), answer.into_string()?)),
+        Err(ureq::Error::Status(status, answer)) => Ok((status, answer.into_string()?)),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Waits until a tier's `/readyz` answers `status`; returns its body then.
+pub fn wait_for_readyz(
+    metrics: SocketAddr,
+    status: u16,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (now, body) = readyz(metrics)?;
+        if now == status {
+            return Ok(body);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "/readyz at {metrics} still answers {now} {body:?}, not {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Reads one sample's value from a Prometheus text page.
 pub fn metric_value(page: &str, name_and_labels: &str) -> Option<f64> {
     page.lines()

@@ -284,6 +284,15 @@ fn edge_without_its_hub_says_store_system_unreachable() {
         ],
     )
     .unwrap();
+    // Alive, and not ready: it has no hub.
+    assert_eq!(
+        get_text(&format!("http://{}/healthz", edge.metrics_addr)).unwrap(),
+        "ok"
+    );
+    assert_eq!(
+        tests::readyz(edge.metrics_addr).unwrap(),
+        (503, "not ready: hub\n".into())
+    );
     present_code(&frames, &Wallet::generate("alice").unwrap()).unwrap();
     let (status, r) = charge(edge.http_addr, "o-1", 100, "EUR").unwrap();
     // Nothing was sent: a decline the register can trust.
@@ -582,12 +591,30 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
             Duration::from_secs(20),
         )
     };
+    // Every tier ready: the cloud and the hub on the broker, the hub's keys synced, the
+    // terminal hearing its hub.
+    let ready = Duration::from_secs(20);
+    for metrics in [cloud.metrics_addr, hub.http_addr, edge.metrics_addr] {
+        assert_eq!(
+            tests::wait_for_readyz(metrics, 200, ready).unwrap(),
+            "ready\n"
+        );
+    }
     present_code(&frames, &alice).unwrap();
     let (_, paid) = charge(edge.http_addr, "p-1", 100, "EUR").unwrap();
     assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
 
     link.cut();
     connected(0.0).expect("the hub notices the cut");
+    // Cut from the broker, the hub is alive and not ready, and says why.
+    assert_eq!(
+        tests::readyz(hub.http_addr).unwrap(),
+        (503, "not ready: broker\n".into())
+    );
+    assert_eq!(
+        get_text(&format!("http://{}/healthz", hub.http_addr)).unwrap(),
+        "ok"
+    );
     present_code(&frames, &alice).unwrap();
     let (status, cut) = charge(edge.http_addr, "p-2", 100, "EUR").unwrap();
     assert_eq!(
@@ -598,6 +625,7 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
 
     link.heal();
     connected(1.0).expect("the hub reconnects");
+    tests::wait_for_readyz(hub.http_addr, 200, ready).expect("ready again");
     present_code(&frames, &alice).unwrap();
     let (_, healed) = charge(edge.http_addr, "p-3", 100, "EUR").unwrap();
     assert_eq!(healed.status, ChargeStatus::Approved, "{healed:?}");
@@ -676,4 +704,73 @@ fn an_edge_cut_from_its_hub_fails_fast_and_recovers_when_healed() {
     }
     // Nothing half-recorded: only the approved payments moved money.
     assert_eq!(api.balance("alice").unwrap(), 10_000 - 200);
+}
+
+/// Every binary names its version; the tiers check a configuration and exit without opening,
+/// binding or writing anything: 0 when it is valid, 64 and the key at fault when it is not.
+#[test]
+fn every_binary_names_its_version_and_the_tiers_check_a_configuration() {
+    for binary in [
+        "facepay-edge",
+        "facepay-hub",
+        "facepay-cloud",
+        "facepay-pki",
+        "facepay-wallet",
+        "facepay-face",
+        "facepay-broker-config",
+        "facepay-hub-bench",
+        "facepay-cloud-bench",
+        "facepay-fleet",
+        "facepay-chaos",
+        "facepay-load",
+        "facepay-sim",
+        "facepay-offline-bench",
+    ] {
+        let out = Command::new(binary_path(binary))
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{binary}: {out:?}");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            format!("{binary} {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for binary in ["facepay-edge", "facepay-hub", "facepay-cloud"] {
+        let data = dir.path().join(binary);
+        let key = if binary == "facepay-edge" {
+            "frames_dir"
+        } else {
+            "data_dir"
+        };
+        let check = |extra: &[&str]| {
+            let mut command = Command::new(binary_path(binary));
+            command
+                .arg("--check-config")
+                .arg("--set")
+                .arg(format!("{key}={data:?}"));
+            for set in extra {
+                command.arg("--set").arg(set);
+            }
+            command.output().unwrap()
+        };
+        let valid = check(&[]);
+        assert_eq!(valid.status.code(), Some(0), "{binary}: {valid:?}");
+        assert!(
+            String::from_utf8_lossy(&valid.stdout).contains("configuration is valid"),
+            "{binary}: {valid:?}"
+        );
+        let invalid = check(&["metrics.listen=\"nowhere\""]);
+        assert_eq!(
+            invalid.status.code(),
+            Some(settings::EXIT_CONFIG),
+            "{binary}: {invalid:?}"
+        );
+        assert!(
+            String::from_utf8_lossy(&invalid.stderr).contains("metrics.listen"),
+            "{binary}: {invalid:?}"
+        );
+        assert!(!data.exists(), "{binary} wrote {}", data.display());
+    }
 }

@@ -14,6 +14,7 @@ use protocol::synthetic::{self, FaceModel};
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-cloud-bench",
     about = "Cloud 1:N identity index benchmark on LFW embeddings and distractors like them"
 )]

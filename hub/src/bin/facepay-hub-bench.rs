@@ -14,6 +14,7 @@ use protocol::{synthetic, HotEntry, SecondFactorKind};
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-hub-bench",
     about = "Hub hot-set identification latency"
 )]

@@ -56,7 +56,12 @@ pub fn verify_hub_signatures(
 ) -> Vec<Result<(), CodeError>> {
     let key = match parse_public_key(public_key) {
         Ok(key) => key,
-        Err(_) => return entries.iter().map(|_| Err(CodeError::BadPublicKey)).collect(),
+        Err(_) => {
+            return entries
+                .iter()
+                .map(|_| Err(CodeError::BadPublicKey))
+                .collect()
+        }
     };
     let mut answers: Vec<Result<(), CodeError>> = Vec::with_capacity(entries.len());
     let (mut messages, mut signatures, mut at) = (Vec::new(), Vec::new(), Vec::new());
@@ -73,7 +78,8 @@ pub fn verify_hub_signatures(
     }
     let messages: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
     let keys = vec![key; signatures.len()];
-    if !signatures.is_empty() && ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_err() {
+    if !signatures.is_empty() && ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_err()
+    {
         for ((message, signature), i) in messages.iter().zip(&signatures).zip(at) {
             if key.verify(message, signature).is_err() {
                 answers[i] = Err(CodeError::BadSignature);
@@ -145,7 +151,9 @@ mod tests {
             assert_eq!(answer.is_err(), [3, 17, 39].contains(&i), "entry {i}");
         }
         // A key that is not a key fails every entry; no entries, no answers.
-        assert!(verify_hub_signatures("nope", &all).iter().all(Result::is_err));
+        assert!(verify_hub_signatures("nope", &all)
+            .iter()
+            .all(Result::is_err));
         assert!(verify_hub_signatures(&key, &[]).is_empty());
     }
 

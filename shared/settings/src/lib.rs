@@ -139,6 +139,10 @@ pub struct ConfigArgs {
     /// Override one key, highest precedence: `--set mqtt.port=1884` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Check the configuration (file, environment and `--set` together) and exit: 0 when it is
+    /// valid, [`EXIT_CONFIG`] and why when not. Nothing is opened, bound or written.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl ConfigArgs {
@@ -152,12 +156,24 @@ impl ConfigArgs {
 }
 
 /// Loads a binary's configuration or exits with [`EXIT_CONFIG`], printing why, before the binary
-/// has bound any socket.
+/// has bound any socket. With `--check-config`, exits either way: 0 once it is found valid.
 pub fn load_or_exit<T>(binary: &str, env_prefix: &str, args: &ConfigArgs) -> T
 where
     T: DeserializeOwned + Serialize + Default + Validate,
 {
     match load(env_prefix, &args.sources()) {
+        Ok(_) if args.check_config => {
+            let file = args
+                .config
+                .as_ref()
+                .map_or("no file".to_owned(), |f| f.display().to_string());
+            println!(
+                "{binary}: configuration is valid ({file}, {} override(s), {env_prefix}* \
+                 environment)",
+                args.overrides.len()
+            );
+            std::process::exit(0);
+        }
         Ok(config) => config,
         Err(error) => {
             eprintln!("{binary}: configuration error: {error}");

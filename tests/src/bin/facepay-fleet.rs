@@ -26,6 +26,7 @@ use tests::{
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-fleet",
     about = "run the facepay fleet demo on loopback"
 )]

@@ -28,6 +28,7 @@ use tests::{
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-load",
     about = "stores x terminals paying at once against a fleet on loopback"
 )]

@@ -34,7 +34,7 @@ use protocol::{
 use tests::{start_cloud, CloudApi, Mosquitto, Service};
 
 #[derive(Parser)]
-#[command(name = "facepay-offline-bench")]
+#[command(version, name = "facepay-offline-bench")]
 struct Cli {
     /// Offline authorizations to time.
     #[arg(long, default_value_t = 2000)]
@@ -58,6 +58,12 @@ struct Cli {
     /// Offline entries the ledger applies per transaction (a batch is split into as many).
     #[arg(long, default_value_t = 50)]
     entries_per_transaction: usize,
+    /// Stores the ledger-alone backlog is spread over (each with customers of its own). On
+    /// PostgreSQL each store's backlog is applied by a ledger of its own on a thread of its own,
+    /// as the cloud instances owning the stores would apply them; on sled (one process's
+    /// database) one ledger applies them one store after another.
+    #[arg(long, default_value_t = 1)]
+    stores: usize,
     /// Of the reconciliation runs, only the ledger alone (no hub, no broker).
     #[arg(long)]
     ledger_only: bool,
@@ -318,7 +324,7 @@ fn reconciliation(
         }
         None => Vec::new(),
     };
-    let versions = prepare_ledger(cli, &location)?;
+    let versions = prepare_ledger(cli, &location, 1)?;
     let broker = Mosquitto::start(dir)?;
     let cloud = tests::start_cloud_with(&dir.join("cloud"), broker.port, &database)?;
     let api = CloudApi::new(cloud.http_addr);
@@ -330,7 +336,7 @@ fn reconciliation(
     {
         let journal = Journal::open(&hub_dir.join("journal"))?;
         let first = journal.next_seq()?;
-        for chunk in backlog(cli, &versions, &signer, first).chunks(10_000) {
+        for chunk in backlog(cli, &versions, &signer, first, (0, 1)).chunks(10_000) {
             journal.record_offline_many(chunk)?;
         }
     }
@@ -385,9 +391,17 @@ fn reconciliation(
 
 /// The accounts, and the grants the backlog was approved under (the cloud books each entry
 /// against its grant): made in the cloud's ledger before the cloud starts, as online payments at
-/// the store would have made them, under a policy that grants each account its share. Returns
-/// each account's grant version.
-fn prepare_ledger(cli: &Cli, location: &storage::kv::Location) -> anyhow::Result<Vec<u64>> {
+/// the stores would have made them, under a policy that grants each account its share. Account
+/// `a` shops at store `a % stores` ([`store`]). Returns each account's grant version.
+fn prepare_ledger(
+    cli: &Cli,
+    location: &storage::kv::Location,
+    stores: usize,
+) -> anyhow::Result<Vec<u64>> {
+    anyhow::ensure!(
+        (1..=cli.accounts).contains(&stores),
+        "--stores {stores}: from 1 to --accounts"
+    );
     let ledger = cloud::ledger::Ledger::open_at(location)?.with_offline_policy(BENCH_POLICY);
     let open = |id: &str, kind, balance| {
         ledger.open_account(&OpenAccount {
@@ -398,17 +412,19 @@ fn prepare_ledger(cli: &Cli, location: &storage::kv::Location) -> anyhow::Result
             public_key: None,
         })
     };
-    open("store-1", AccountKind::Merchant, 0)?;
+    for s in 0..stores {
+        open(&store(s), AccountKind::Merchant, 0)?;
+    }
     let mut versions = Vec::with_capacity(cli.accounts);
     for a in 0..cli.accounts {
         let account = format!("c{a}");
         open(&account, AccountKind::Customer, 1_000_000_000)?;
-        let order = format!("grant-{a}");
+        let (store, order) = (store(a % stores), format!("grant-{a}"));
         let (_, granted) = ledger.authorize_with_allowance(
-            "store-1",
+            &store,
             &protocol::CloudAuthorize {
                 evidence: Default::default(),
-                payment_id: format!("store-1:{order}").into(),
+                payment_id: format!("{store}:{order}").into(),
                 account_id: account.clone().into(),
                 code_nonce: format!("grant-{a}").into(),
                 amount_minor: 1,
@@ -424,26 +440,42 @@ fn prepare_ledger(cli: &Cli, location: &storage::kv::Location) -> anyhow::Result
     Ok(versions)
 }
 
+/// The id of the bench's store `s` (counted from 0; the first is `store-1`).
+fn store(s: usize) -> String {
+    format!("store-{}", s + 1)
+}
+
 /// Every account may hold its whole balance offline: the backlog is all within its grants.
 const BENCH_POLICY: cloud::ledger::OfflinePolicy = cloud::ledger::OfflinePolicy {
     store_allowance_minor: protocol::MAX_AMOUNT_MINOR,
     account_cap_minor: protocol::MAX_AMOUNT_MINOR,
 };
 
-/// The backlog: `cli.backlog` offline approvals spread over the accounts, signed by the hub,
-/// numbered from `first`.
-fn backlog(cli: &Cli, versions: &[u64], signer: &HubSigner, first: u64) -> Vec<OfflinePayment> {
-    (0..cli.backlog)
+/// Store `s`'s share of the backlog (`cli.backlog` offline approvals over `stores` stores),
+/// spread over its own customers (those of [`prepare_ledger`]), signed by its hub, numbered
+/// from `first`.
+fn backlog(
+    cli: &Cli,
+    versions: &[u64],
+    signer: &HubSigner,
+    first: u64,
+    (s, stores): (usize, usize),
+) -> Vec<OfflinePayment> {
+    let share = cli.backlog / stores + usize::from(s < cli.backlog % stores);
+    let customers = (cli.accounts - s).div_ceil(stores);
+    let store_id = store(s);
+    (0..share)
         .map(|i| {
             let order = format!("b{i}");
+            let account = s + (i % customers) * stores;
             let mut entry = OfflinePayment {
                 seq: first + i as u64,
-                payment_id: format!("store-1:{order}").into(),
-                store_id: "store-1".into(),
+                payment_id: format!("{store_id}:{order}").into(),
+                store_id: store_id.clone().into(),
                 terminal_id: "t1".into(),
                 order_id: order.into(),
-                account_id: format!("c{}", i % cli.accounts).into(),
-                allowance_version: versions[i % cli.accounts],
+                account_id: format!("c{account}").into(),
+                allowance_version: versions[account],
                 nonce: format!("n{i}").into(),
                 amount_minor: 100 + (i % 900) as i64,
                 currency: eur(),
@@ -459,25 +491,66 @@ fn backlog(cli: &Cli, versions: &[u64], signer: &HubSigner, first: u64) -> Vec<O
 
 /// The ledger alone: the backlog applied in batches of `cli.batch` as the cloud's ledger thread
 /// applies a hub's reconcile requests (signatures checked, one transaction and one flush per
-/// batch), on one thread.
+/// batch). Each store's batches in order; on PostgreSQL the stores at once, a ledger each.
 fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyhow::Result<()> {
-    let versions = prepare_ledger(cli, location)?;
-    let ledger = cloud::ledger::Ledger::open_at(location)?
-        .with_offline_policy(BENCH_POLICY)
-        .with_entries_per_transaction(cli.entries_per_transaction);
-    let signer = HubSigner::from_seed(&[9; 32]);
-    ledger.set_hub_key("store-1", &signer.public_key_b64())?;
-    let entries = backlog(cli, &versions, &signer, 1);
-    let started = Instant::now();
-    let mut applied = 0;
-    for batch in entries.chunks(cli.batch) {
-        let done = ledger.reconcile("store-1", batch)?;
-        applied += done
-            .outcomes
-            .iter()
-            .filter(|o| matches!(o, protocol::ReconcileOutcome::Applied { .. }))
-            .count();
+    let stores = cli.stores;
+    let versions = prepare_ledger(cli, location, stores)?;
+    let open = || -> anyhow::Result<cloud::ledger::Ledger> {
+        Ok(cloud::ledger::Ledger::open_at(location)?
+            .with_offline_policy(BENCH_POLICY)
+            .with_entries_per_transaction(cli.entries_per_transaction))
+    };
+    let ledger = open()?;
+    let mut backlogs = Vec::with_capacity(stores);
+    for s in 0..stores {
+        let mut seed = [9; 32];
+        seed[..8].copy_from_slice(&(s as u64).to_be_bytes());
+        let signer = HubSigner::from_seed(&seed);
+        ledger.set_hub_key(&store(s), &signer.public_key_b64())?;
+        backlogs.push((store(s), backlog(cli, &versions, &signer, 1, (s, stores))));
     }
+    let apply = |ledger: &cloud::ledger::Ledger,
+                 (store_id, entries): &(String, Vec<OfflinePayment>)|
+     -> anyhow::Result<usize> {
+        let mut applied = 0;
+        for batch in entries.chunks(cli.batch) {
+            let done = ledger.reconcile(store_id, batch)?;
+            applied += done
+                .outcomes
+                .iter()
+                .filter(|o| matches!(o, protocol::ReconcileOutcome::Applied { .. }))
+                .count();
+        }
+        Ok(applied)
+    };
+    let parallel = matches!(location, storage::kv::Location::Postgres { .. }) && stores > 1;
+    let ledgers = if parallel {
+        (0..stores)
+            .map(|_| open())
+            .collect::<anyhow::Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    let started = Instant::now();
+    let applied: usize = if parallel {
+        std::thread::scope(|scope| {
+            let apply = &apply;
+            let running: Vec<_> = ledgers
+                .iter()
+                .zip(&backlogs)
+                .map(|(ledger, backlog)| scope.spawn(move || apply(ledger, backlog)))
+                .collect();
+            running
+                .into_iter()
+                .map(|r| r.join().expect("a store's reconciliation does not panic"))
+                .sum::<anyhow::Result<usize>>()
+        })?
+    } else {
+        backlogs
+            .iter()
+            .map(|backlog| apply(&ledger, backlog))
+            .sum::<anyhow::Result<usize>>()?
+    };
     let took = started.elapsed().as_secs_f64();
     anyhow::ensure!(
         applied == cli.backlog,
@@ -492,10 +565,11 @@ fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyh
     }
     println!(
         "reconciliation of {} offline payments by the ledger alone in batches of {} ({} per \
-         transaction) into {name}: {took:.1} s, {:.0} payments/s",
+         transaction) from {stores} store(s){} into {name}: {took:.1} s, {:.0} payments/s",
         cli.backlog,
         cli.batch,
         cli.entries_per_transaction,
+        if parallel { " at once" } else { "" },
         applied as f64 / took
     );
     Ok(())

@@ -6,7 +6,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Runs the deterministic simulation of hub, ledger and network")]
+#[command(
+    version,
+    name = "facepay-sim",
+    about = "Runs the deterministic simulation of hub, ledger and network"
+)]
 struct Cli {
     /// First seed (default: FACEPAY_SIM_SEED, else the clock; printed either way).
     #[arg(long)]

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-face",
     about = "facepay face pipeline: embed, compare, liveness, benchmarks"
 )]

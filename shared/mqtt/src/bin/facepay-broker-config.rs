@@ -8,6 +8,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-broker-config",
     about = "configuration of one node of the fleet's NATS broker cluster"
 )]

@@ -8,6 +8,7 @@ use paycode::{qr, Wallet};
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-wallet",
     about = "create a wallet key and issue signed payment codes"
 )]

@@ -8,6 +8,7 @@ use pki::{Identity, IssueOptions, Pki, Role};
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "facepay-pki",
     about = "facepay fleet PKI: root CA, certificates for every tier, revocation list"
 )]
