@@ -7,7 +7,9 @@
 //! **holder** (`<instance>/<process>#<epoch>`, tree [`HOLDERS_TREE`]). Each of the holder's
 //! ledger writes for the store is held to that value ([`storage::kv::Fence`]), read in the same
 //! serializable transaction; so an instance that lost the lease while paused, cut off or slow
-//! commits nothing more for the store, whatever its clock says. Time only decides when a lapsed
+//! commits nothing more for the store, whatever its clock says: a transaction it began before
+//! the takeover either serializes before it, as if it had finished first, or fails (as it does
+//! once the new holder has read what it writes). Time only decides when a lapsed
 //! lease may be taken (liveness), never whether a write lands (safety).
 //!
 //! A restarted instance (same instance id, new process) takes its own stores back at once.

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: cloud::CloudConfig =
         settings::load_or_exit("facepay-cloud", cloud::config::ENV_PREFIX, &cli.config);
-    telemetry::init_tracing();
+    telemetry::init_logs(cli.config.log_format == settings::LogFormat::Json);
     // Injected storage faults for the chaos suite; only in builds with the failpoints feature.
     storage::failpoints_from_env();
     actix::System::new().block_on(async move {

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: edge::EdgeConfig =
         settings::load_or_exit("facepay-edge", edge::config::ENV_PREFIX, &cli.config);
-    telemetry::init_tracing();
+    telemetry::init_logs(cli.config.log_format == settings::LogFormat::Json);
     actix::System::new().block_on(async move {
         let handle = edge::start(config).await?;
         println!(

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: hub::HubConfig =
         settings::load_or_exit("facepay-hub", hub::config::ENV_PREFIX, &cli.config);
-    telemetry::init_tracing();
+    telemetry::init_logs(cli.config.log_format == settings::LogFormat::Json);
     if let Some(Command::Conflicts { resolve }) = cli.command {
         return conflicts(&config, resolve);
     }

@@ -774,3 +774,47 @@ fn every_binary_names_its_version_and_the_tiers_check_a_configuration() {
         assert!(!data.exists(), "{binary} wrote {}", data.display());
     }
 }
+
+/// `--log-format json`: every line a tier writes to stderr is one JSON object.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead as _, Read as _};
+    tests::ensure_identity(&pki::Identity::edge("store-1", "till-1").unwrap()).unwrap();
+    let frames = tests::spool("frames");
+    let mut edge = Command::new(binary_path("facepay-edge"))
+        .args(["--log-format", "json"])
+        .args(["--set", &format!("tls.pki_dir={:?}", tests::test_pki())])
+        .args(["--set", "metrics.listen=\"127.0.0.1:0\""])
+        .args(["--set", "register_listen=\"127.0.0.1:0\""])
+        .args(["--set", &format!("frames_dir={frames:?}")])
+        .args([
+            "--set",
+            &format!("zenoh.connect=[\"tls/127.0.0.1:{}\"]", free_port()),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(edge.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert!(ready.starts_with("facepay-edge ready"), "{ready:?}");
+    edge.kill().unwrap();
+    edge.wait().unwrap();
+    let mut logs = String::new();
+    edge.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(logs.contains("edge started"), "{logs}");
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: serde_json::Value = serde_json::from_str(line).expect(line);
+        assert!(
+            entry["level"].is_string() && entry["fields"].is_object(),
+            "{line}"
+        );
+    }
+}

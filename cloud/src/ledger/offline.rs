@@ -160,6 +160,9 @@ impl Ledger {
             Ok::<_, LedgerError>(checked.into_iter().zip(applied))
         };
         let mut results = Vec::with_capacity(entries.len());
+        if entries.is_empty() {
+            return Ok(Reconciliation::default());
+        }
         if entries.len() <= per_transaction {
             results.extend(apply(entries, check_entries(key, store_id, entries))?);
         } else {

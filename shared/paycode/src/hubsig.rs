@@ -46,10 +46,11 @@ pub fn verify_hub_signature(public_key: &str, entry: &OfflinePayment) -> Result<
 /// signatures are checked together (Ed25519 batch verification: about half the work per
 /// signature); if the batch does not verify, each is checked alone to find which do not.
 ///
-/// A batch accepts exactly the signatures that verify alone, except signatures the key's own
-/// holder crafted with small-order components (cofactored against cofactorless equations):
-/// those prove nothing a hub could not sign anyway, so nobody without the hub's key gets an
-/// entry through either way.
+/// A batch accepts every signature that verifies alone, and nothing else that anyone without
+/// the hub's key could make. It may also accept signatures the key's holder crafted to fail
+/// alone (a non-canonical or small-order `R`): a hub that signs those could sign the entry
+/// properly anyway, and at worst its resent entry is refused where it would have answered
+/// "already applied".
 pub fn verify_hub_signatures(
     public_key: &str,
     entries: &[&OfflinePayment],

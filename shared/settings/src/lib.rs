@@ -139,10 +139,24 @@ pub struct ConfigArgs {
     /// Override one key, highest precedence: `--set mqtt.port=1884` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// How logs are written to stderr: `text` for people, `json` for a log pipeline (one object
+    /// per line: timestamp, level, target, fields).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Check the configuration (file, environment and `--set` together) and exit: 0 when it is
     /// valid, [`EXIT_CONFIG`] and why when not. Nothing is opened, bound or written.
     #[arg(long)]
     pub check_config: bool,
+}
+
+/// How a binary writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl ConfigArgs {

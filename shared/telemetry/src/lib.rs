@@ -11,13 +11,23 @@ use protocol::DeclineReason;
 
 /// Starts structured logging to standard error; `RUST_LOG` selects levels (default `info`).
 pub fn init_tracing() {
+    init_logs(false);
+}
+
+/// [`init_tracing`], with `json` one JSON object per line (timestamp, level, target, fields)
+/// for a log pipeline instead of lines for people.
+pub fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A second call (tests, the fleet demo) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        logs.json().try_init()
+    } else {
+        logs.try_init()
+    };
 }
 
 /// Registers `GET /metrics` for a registry on an actix-web app.

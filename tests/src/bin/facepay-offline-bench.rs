@@ -60,8 +60,9 @@ struct Cli {
     entries_per_transaction: usize,
     /// Stores the ledger-alone backlog is spread over (each with customers of its own). On
     /// PostgreSQL each store's backlog is applied by a ledger of its own on a thread of its own,
-    /// as the cloud instances owning the stores would apply them; on sled (one process's
-    /// database) one ledger applies them one store after another.
+    /// in one process and without leases (cloud instances owning the stores would also hold
+    /// them to their fences); on sled (one process's database) one ledger applies them one
+    /// store after another. The end-to-end run always has one store.
     #[arg(long, default_value_t = 1)]
     stores: usize,
     /// Of the reconciliation runs, only the ledger alone (no hub, no broker).
