@@ -9,6 +9,8 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosqu
 # NATS: the fleet's clustered broker (MQTT on JetStream); the fleet test starts its own nodes.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v cmake >/dev/null || missing+=(cmake)
+# promtool (Debian's prometheus package): the alerting rules' checks and unit tests.
+command -v promtool >/dev/null || missing+=(prometheus)
 # PostgreSQL: the cloud's fleet database; tests start servers of their own (initdb, pg_ctl).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
 command -v g++ >/dev/null || missing+=(g++)
