@@ -269,6 +269,63 @@ pub struct Report {
     pub cloud_disk_faults_fired: usize,
 }
 
+/// The soak's closing report: what ran, what it cost, and that every check held (a report is
+/// made only then).
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |items: Vec<String>| {
+            if items.is_empty() {
+                "none".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        writeln!(f, "chaos soak, seed {}: every check held", self.seed)?;
+        writeln!(
+            f,
+            "  payments   {} invoked: {} approved ({} offline), {} declined, {} unknown",
+            self.invoked, self.ok, self.ok_offline, self.failed, self.unknown
+        )?;
+        writeln!(
+            f,
+            "  unknown    {} found paid, {} found not paid; {} orders charged again",
+            self.unknown_paid, self.unknown_unpaid, self.retries
+        )?;
+        writeln!(
+            f,
+            "  faults     {} injected ({}); {} cloud disk faults stopped the cloud",
+            self.faults,
+            list(self.fault_kinds.iter().map(|k| k.to_string()).collect()),
+            self.cloud_disk_faults_fired
+        )?;
+        writeln!(
+            f,
+            "  drain      journals empty at most {:.1} s after a fault healed",
+            self.drain.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "  exposure   most unreconciled offline: {} minor units of one account, {} of one store",
+            self.max_account_exposure, self.max_store_exposure
+        )?;
+        writeln!(
+            f,
+            "  declines   {}",
+            list(
+                self.declines
+                    .iter()
+                    .map(|(reason, n)| format!("{reason} {n}"))
+                    .collect()
+            )
+        )?;
+        write!(
+            f,
+            "  disk loss  {} payments lost with wiped hub journals",
+            self.lost_with_disk
+        )
+    }
+}
+
 /// What wiped hub journals held: the costs the checker accepts and counts.
 #[derive(Debug, Default, Clone)]
 pub struct DiskLosses {
@@ -987,4 +1044,54 @@ pub fn check(
         }
     }
     Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soak_report_reads_as_text() {
+        let report = Report {
+            seed: 7,
+            faults: 3,
+            invoked: 120,
+            ok: 100,
+            ok_offline: 12,
+            failed: 15,
+            unknown: 5,
+            drain: Duration::from_millis(3_250),
+            declines: [
+                ("insufficient_funds".to_owned(), 10),
+                ("cloud_unreachable".to_owned(), 5),
+            ]
+            .into(),
+            max_account_exposure: 2_000,
+            max_store_exposure: 9_500,
+            unknown_paid: 4,
+            unknown_unpaid: 1,
+            retries: 1,
+            fault_kinds: ["broker_cut", "cloud_kill"].into(),
+            lost_with_disk: 0,
+            cloud_disk_faults_fired: 1,
+        };
+        assert_eq!(
+            report.to_string(),
+            "chaos soak, seed 7: every check held
+  payments   120 invoked: 100 approved (12 offline), 15 declined, 5 unknown
+  unknown    4 found paid, 1 found not paid; 1 orders charged again
+  faults     3 injected (broker_cut, cloud_kill); 1 cloud disk faults stopped the cloud
+  drain      journals empty at most 3.2 s after a fault healed
+  exposure   most unreconciled offline: 2000 minor units of one account, 9500 of one store
+  declines   cloud_unreachable 5, insufficient_funds 10
+  disk loss  0 payments lost with wiped hub journals"
+        );
+        let quiet = Report {
+            declines: Default::default(),
+            fault_kinds: Default::default(),
+            ..report
+        };
+        assert!(quiet.to_string().contains("  declines   none\n"));
+        assert!(quiet.to_string().contains("injected (none)"));
+    }
 }

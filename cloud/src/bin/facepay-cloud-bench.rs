@@ -173,6 +173,12 @@ fn main() -> anyhow::Result<()> {
         "| templates | index | build s | p50 ms | p99 ms | recall@1 vs exact | own person first | index file MB | RSS growth MB |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    // Progress on stderr (drawn only on a terminal); the table goes to stdout.
+    let bar = indicatif::ProgressBar::new((cli.sizes.len() * kinds.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rows, {elapsed}: {msg}")
+            .expect("valid template"),
+    );
     for &n in &cli.sizes {
         anyhow::ensure!(
             n >= enrolled.len(),
@@ -184,9 +190,11 @@ fn main() -> anyhow::Result<()> {
         templates.extend((enrolled.len()..n).map(|i| (i as u64 + 1, model.sample(&mut rng))));
         let mut exact_top: Vec<u64> = Vec::new();
         for (name, kind) in &kinds {
+            bar.set_message(format!("{n} templates, {name}: building"));
             let before = rss_bytes();
             let started = Instant::now();
             let index = IdentityIndex::build(*kind, &templates)?;
+            bar.set_message(format!("{n} templates, {name}: searching"));
             let build_s = started.elapsed().as_secs_f64();
             let grown = rss_bytes().saturating_sub(before);
             let file =
@@ -217,15 +225,19 @@ fn main() -> anyhow::Result<()> {
                 / tops.len() as f64;
             times.sort_by(f64::total_cmp);
             let mb = |b: u64| b as f64 / 1e6;
-            println!(
-                "| {n} | {name} | {build_s:.1} | {:.3} | {:.3} | {recall:.4} | {own:.4} | {} | {:.0} |",
-                percentile(&times, 0.5),
-                percentile(&times, 0.99),
-                file_bytes.map_or("-".to_string(), |b| format!("{:.0}", mb(b))),
-                mb(grown),
-            );
+            bar.suspend(|| {
+                println!(
+                    "| {n} | {name} | {build_s:.1} | {:.3} | {:.3} | {recall:.4} | {own:.4} | {} | {:.0} |",
+                    percentile(&times, 0.5),
+                    percentile(&times, 0.99),
+                    file_bytes.map_or("-".to_string(), |b| format!("{:.0}", mb(b))),
+                    mb(grown),
+                )
+            });
+            bar.inc(1);
             drop(index);
         }
     }
+    bar.finish_and_clear();
     Ok(())
 }

@@ -28,6 +28,6 @@ fn main() -> anyhow::Result<()> {
     config.terminals = cli.terminals;
     let dir = tempfile::tempdir()?;
     let report = tests::chaos::run(dir.path(), &config)?;
-    println!("{report:#?}");
+    println!("{report}");
     Ok(())
 }

@@ -510,12 +510,22 @@ fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyh
         ledger.set_hub_key(&store(s), &signer.public_key_b64())?;
         backlogs.push((store(s), backlog(cli, &versions, &signer, 1, (s, stores))));
     }
+    // Progress on stderr (drawn only on a terminal), over every store's entries.
+    let bar = indicatif::ProgressBar::new(cli.backlog as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} entries into {msg}, {per_sec}, eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(name.to_owned());
     let apply = |ledger: &cloud::ledger::Ledger,
                  (store_id, entries): &(String, Vec<OfflinePayment>)|
      -> anyhow::Result<usize> {
         let mut applied = 0;
         for batch in entries.chunks(cli.batch) {
             let done = ledger.reconcile(store_id, batch)?;
+            bar.inc(batch.len() as u64);
             applied += done
                 .outcomes
                 .iter()
@@ -553,6 +563,7 @@ fn ledger_apply(cli: &Cli, location: &storage::kv::Location, name: &str) -> anyh
             .sum::<anyhow::Result<usize>>()?
     };
     let took = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
     anyhow::ensure!(
         applied == cli.backlog,
         "the ledger applied {applied} of {} entries",
