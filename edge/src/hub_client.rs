@@ -69,7 +69,8 @@ impl HubClient {
     /// certificate use only that terminal's key expressions); `verifier` checks its answers. Every `revocation_poll` it
     /// fetches the revocation list the hub relays and keeps a newer one the CA signed
     /// (`revoked_gauge` shows how many certificates it revokes; `reachable_gauge` is 1 while the
-    /// last poll heard the store's hub, whose list verifies, and 0 otherwise).
+    /// last poll was answered with a list the CA signed, as the store's hub relays it, and 0
+    /// otherwise).
     pub fn new(
         zenoh: zlink::ZenohLink,
         store_id: &str,

@@ -141,8 +141,13 @@ impl Ledger {
         store_id: &str,
         entries: &[OfflinePayment],
     ) -> Result<Reconciliation, LedgerError> {
+        if entries.is_empty() {
+            return Ok(Reconciliation::default());
+        }
         let key = self.hub_key(store_id)?;
         let key = key.as_deref();
+        // A few dozen entries per transaction: a serializable transaction that reads too many
+        // rows locks whole pages or the table, and would then conflict with every other writer.
         let per_transaction = self.entries_per_transaction;
         let now_ms = self.clock.now_ms();
         let apply = |part: &[OfflinePayment], checked: Vec<Result<(), String>>| {
@@ -160,9 +165,6 @@ impl Ledger {
             Ok::<_, LedgerError>(checked.into_iter().zip(applied))
         };
         let mut results = Vec::with_capacity(entries.len());
-        if entries.is_empty() {
-            return Ok(Reconciliation::default());
-        }
         if entries.len() <= per_transaction {
             results.extend(apply(entries, check_entries(key, store_id, entries))?);
         } else {
