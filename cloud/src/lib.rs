@@ -87,6 +87,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     }
     tracing::info!(expires = tls.expires(), "cloud certificate loaded");
     let registry = Registry::new();
+    telemetry::register_process_metrics(&registry, "cloud");
     pki::register_expiry_gauge(&registry, "cloud", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "cloud");
     let connected = telemetry::register_gauge(

@@ -83,6 +83,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         None => None,
     };
     let registry = Registry::new();
+    telemetry::register_process_metrics(&registry, "edge");
     pki::register_expiry_gauge(&registry, "edge", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "edge");
 

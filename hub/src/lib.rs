@@ -101,6 +101,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         "hub certificate loaded"
     );
     let registry = Registry::new();
+    telemetry::register_process_metrics(&registry, "hub");
     pki::register_expiry_gauge(&registry, "hub", &tls);
     let metrics = telemetry::PaymentMetrics::register(&registry, "hub");
     let connected = telemetry::register_gauge(

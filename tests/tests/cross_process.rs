@@ -594,10 +594,25 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
     // Every tier ready: the cloud and the hub on the broker, the hub's keys synced, the
     // terminal hearing its hub.
     let ready = Duration::from_secs(20);
-    for metrics in [cloud.metrics_addr, hub.http_addr, edge.metrics_addr] {
+    for (tier, metrics) in [
+        ("cloud", cloud.metrics_addr),
+        ("hub", hub.http_addr),
+        ("edge", edge.metrics_addr),
+    ] {
         assert_eq!(
             tests::wait_for_readyz(metrics, 200, ready).unwrap(),
             "ready\n"
+        );
+        // Each tells its version and its process.
+        let page = get_text(&format!("http://{metrics}/metrics")).unwrap();
+        let info = format!(
+            "facepay_{tier}_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(metric_value(&page, &info), Some(1.0), "{tier}");
+        assert!(
+            metric_value(&page, "process_resident_memory_bytes").unwrap_or(0.0) > 0.0,
+            "{tier}"
         );
     }
     present_code(&frames, &alice).unwrap();

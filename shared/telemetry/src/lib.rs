@@ -366,6 +366,29 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(out).expect("prometheus text is UTF-8")
 }
 
+/// Registers what a tier's `/metrics` tells of the process itself: `process_*` (CPU seconds,
+/// resident memory, open and most file descriptors, start time; read from `/proc`) and
+/// `facepay_<tier>_build_info{version}`, always 1.
+pub fn register_process_metrics(registry: &Registry, tier: &str) {
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("registered once per registry");
+    let info = prometheus::IntGaugeVec::new(
+        Opts::new(
+            format!("facepay_{tier}_build_info"),
+            "1, labelled with the version of the running build",
+        ),
+        &["version"],
+    )
+    .expect("valid metric");
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry
+        .register(Box::new(info))
+        .expect("registered once per registry");
+}
+
 /// Creates and registers an integer gauge on a tier's registry.
 pub fn register_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::IntGauge {
     let gauge = prometheus::IntGauge::new(name, help).expect("valid metric");
@@ -479,6 +502,28 @@ pub async fn wait_for_shutdown() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tier_tells_its_version_and_its_process() {
+        let registry = Registry::new();
+        register_process_metrics(&registry, "hub");
+        let page = render(&registry);
+        assert!(
+            page.contains(&format!(
+                "facepay_hub_build_info{{version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{page}"
+        );
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(page.contains(name), "{name} missing from {page}");
+        }
+    }
 
     #[test]
     fn readiness_names_each_condition_that_does_not_hold() {
