@@ -708,13 +708,7 @@ impl TransactionalTree {
     /// which the transaction's gets of them are answered from memory. A hint only: sled and the
     /// memory store answer gets locally anyway, and a key not prefetched is still read.
     pub fn prefetch<K: AsRef<[u8]>>(&self, keys: &[K]) -> UnabortableTransactionResult<()> {
-        match &self.0 {
-            TxBackend::Sled(_) | TxBackend::Memory { .. } => Ok(()),
-            TxBackend::Postgres { tx, name } => {
-                let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
-                tx.prefetch(name, &keys)
-            }
-        }
+        prefetch_together(&[(self, keys)])
     }
 
     /// An id never returned before by the tree's database (whether or not this transaction

@@ -430,16 +430,6 @@ impl PgTx {
         Ok(value)
     }
 
-    /// Reads `keys` of `tree` in one round trip, so that the transaction's gets of them are
-    /// answered from memory. Keys it has already read or written are not asked again.
-    pub(crate) fn prefetch(
-        &self,
-        tree: &Arc<str>,
-        keys: &[&[u8]],
-    ) -> Result<(), UnabortableTransactionError> {
-        self.prefetch_together(&[(Arc::clone(tree), keys.to_vec())])
-    }
-
     /// Reads the keys of several trees in one round trip (with the fence's row, the first time),
     /// so that the transaction's gets of them are answered from memory. Keys it has already read
     /// or written are not asked again.
