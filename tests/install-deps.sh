@@ -9,8 +9,11 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosqu
 # NATS: the fleet's clustered broker (MQTT on JetStream); the fleet test starts its own nodes.
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v cmake >/dev/null || missing+=(cmake)
-# promtool (Debian's prometheus package): the alerting rules' checks and unit tests.
+# Prometheus and promtool (Debian's prometheus package): the alerting rules' checks and unit
+# tests, and the live operators' test's own Prometheus.
 command -v promtool >/dev/null || missing+=(prometheus)
+# node_exporter: the machine's metrics (disks) beside facepay's in the live operators' test.
+command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
 # PostgreSQL: the cloud's fleet database; tests start servers of their own (initdb, pg_ctl).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
 command -v g++ >/dev/null || missing+=(g++)
@@ -23,4 +26,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Everything apt prints goes to stderr: `facepay-fleet --json` keeps stdout for its JSON.
   $sudo apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+# cargo-deb: the Debian packages of the tiers (README "Packages and services",
+# tests/tests/packages.rs); built from crates.io once per machine, for the tests only
+# (`--with-packaging`: the demo does not need it).
+if [ "${1:-}" = "--with-packaging" ] && ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing cargo-deb (cargo install)" >&2
+  cargo install cargo-deb --locked --quiet >&2
 fi

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash tests/install-deps.sh
+bash tests/install-deps.sh --with-packaging
 
 # Build first so that the cross-process tests find the facepay-* binaries next to them.
 cargo build --workspace --all-targets --locked

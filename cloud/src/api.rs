@@ -613,7 +613,11 @@ mod tests {
             ledger.clone(),
             crate::bounded::Bounded::new(identity, 1),
             crate::bounded::Bounded::new(searchers, 1),
-            telemetry::PaymentMetrics::register(&prometheus::Registry::new(), "cloud"),
+            telemetry::PaymentMetrics::register(
+                &prometheus::Registry::new(),
+                "cloud",
+                &[telemetry::DecisionPath::Online],
+            ),
             prometheus::IntGauge::new("c", "c").unwrap(),
         ));
         let state = ApiState { ledger, link };

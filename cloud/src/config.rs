@@ -31,6 +31,10 @@ pub struct CloudConfig {
     /// How long an online payment stays pending without its hub's confirmation (post) before the
     /// cloud moves it back itself: the hub died or lost its disk with the attempt.
     pub pending_transfer_ttl_seconds: u64,
+    /// How often every account is added up per currency to check that the books balance
+    /// (`facepay_cloud_ledger_imbalance_minor_units`): a read of every account, so minutes apart
+    /// for millions of them. The first check runs at start.
+    pub books_check_seconds: u64,
     /// The cloud's certificate (`cloud`), the CA and the revocation list: MQTT client identity
     /// (its client id is the certificate's common name) and the HTTPS APIs' server certificate.
     pub tls: pki::TlsConfig,
@@ -162,6 +166,7 @@ impl Default for CloudConfig {
             metrics: telemetry::MetricsConfig::on("127.0.0.1:9301"),
             crl_poll_interval_ms: 10_000,
             pending_transfer_ttl_seconds: 86_400,
+            books_check_seconds: 300,
             tls: pki::TlsConfig::default(),
             template_key_file: None,
             api_token_file: None,
@@ -242,6 +247,12 @@ impl Validate for CloudConfig {
             "pending_transfer_ttl_seconds",
             self.pending_transfer_ttl_seconds,
             10..=30 * 86_400,
+            "seconds",
+        )?;
+        check_range(
+            "books_check_seconds",
+            self.books_check_seconds,
+            1..=86_400,
             "seconds",
         )?;
         self.tls.validate("tls")?;

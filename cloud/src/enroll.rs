@@ -262,6 +262,7 @@ impl IdentityActor {
             index: self.index.clone(),
             store: self.store.clone(),
             config: self.config.clone(),
+            search_seconds: None,
         }
     }
 
@@ -580,6 +581,8 @@ pub struct Searcher {
     index: SharedIndex,
     store: CustomerStore,
     config: IdentityConfig,
+    /// Each 1:N search's time, when shown.
+    search_seconds: Option<prometheus::Histogram>,
 }
 
 impl Actor for Searcher {
@@ -601,6 +604,12 @@ impl IdentityActor {
 }
 
 impl Searcher {
+    /// Shows each 1:N search's time on `histogram`.
+    pub fn with_search_seconds(mut self, histogram: prometheus::Histogram) -> Self {
+        self.search_seconds = Some(histogram);
+        self
+    }
+
     /// See [`IdentifyCmd`].
     pub fn identify(&self, msg: IdentifyCmd) -> Result<CloudIdentified, EnrollError> {
         protocol::validate_embedding(&msg.0.embedding).map_err(CustomerError::Invalid)?;
@@ -620,7 +629,11 @@ impl Searcher {
                     >= self.config.one_to_one_threshold
             })),
             None => {
+                let started = std::time::Instant::now();
                 let best = best_customers(&self.index, &self.store, &msg.0.embedding, SEARCH_K)?;
+                if let Some(histogram) = &self.search_seconds {
+                    histogram.observe(started.elapsed().as_secs_f64());
+                }
                 for (owner, score) in best.into_iter().take(2) {
                     if score >= self.config.candidate_threshold {
                         candidates.extend(entry(&self.store, &owner)?);

@@ -236,12 +236,72 @@ impl Lane {
     }
 }
 
+/// `facepay_cloud_store_online{store_id}` (1 while the store's hub is connected, 0 once its last
+/// will or goodbye says otherwise) and `facepay_cloud_store_last_heard_timestamp_seconds{store_id}`,
+/// one series each per store heard from, or with a registered hub key at start.
+#[derive(Clone)]
+pub struct StorePresence {
+    online: prometheus::IntGaugeVec,
+    last_heard: prometheus::IntGaugeVec,
+}
+
+impl StorePresence {
+    /// Registers on the cloud's registry, with a series for each of `stores` (not heard yet: 0).
+    pub fn register(registry: &prometheus::Registry, stores: &[String]) -> Self {
+        let online = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "facepay_cloud_store_online",
+                "1 while the store's hub is connected to the broker, 0 once its last will says \
+                 it went without a goodbye (or it said so, or it was not heard yet)",
+            ),
+            &["store_id"],
+        )
+        .expect("valid metric");
+        let last_heard = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "facepay_cloud_store_last_heard_timestamp_seconds",
+                "when the store's hub was last heard: its presence heartbeat or any request \
+                 (0: not heard since this instance started)",
+            ),
+            &["store_id"],
+        )
+        .expect("valid metric");
+        for metric in [&online, &last_heard] {
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("registered once");
+        }
+        for store in stores {
+            online.with_label_values(&[store]).set(0);
+            last_heard.with_label_values(&[store]).set(0);
+        }
+        StorePresence { online, last_heard }
+    }
+
+    /// A store's hub was heard, saying whether it is online (a presence) or not (a request).
+    fn heard(&self, store_id: &str, online: Option<bool>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_heard
+            .with_label_values(&[store_id])
+            .set(now.as_secs() as i64);
+        if let Some(online) = online {
+            self.online
+                .with_label_values(&[store_id])
+                .set(i64::from(online));
+        }
+    }
+}
+
 /// Serves the hubs.
 pub struct HubLinkActor {
     serving: Arc<Serving>,
     connected: prometheus::IntGauge,
-    /// 1 per store whose hub is connected to the broker, 0 once its last will says it is gone.
-    presence: Option<prometheus::IntGaugeVec>,
+    /// Each store's presence and when its hub was last heard.
+    presence: Option<StorePresence>,
+    /// Stopping: no request is taken any more, no lease renewed.
+    stopping: bool,
     lanes: HashMap<(StoreId, LaneKind), Lane>,
 }
 
@@ -268,14 +328,15 @@ impl HubLinkActor {
             }),
             connected,
             presence: None,
+            stopping: false,
             lanes: HashMap::new(),
         }
     }
 
-    /// Follows every store hub's presence (its retained "online", its last will) on `gauge`
-    /// (labelled `store_id`).
-    pub fn with_presence(mut self, gauge: prometheus::IntGaugeVec) -> Self {
-        self.presence = Some(gauge);
+    /// Follows every store hub's presence (its retained "online" and heartbeats, its last will)
+    /// and when each was last heard.
+    pub fn with_presence(mut self, presence: StorePresence) -> Self {
+        self.presence = Some(presence);
         self
     }
 
@@ -295,6 +356,9 @@ impl HubLinkActor {
 
     /// Puts a request on its store's lane without waiting; why not, when there is no room.
     fn dispatch(&mut self, request: HubRequest) -> Result<(), &'static str> {
+        if self.stopping {
+            return Err("this cloud instance is stopping; retry");
+        }
         let key = (request.store_id.clone(), LaneKind::of(&request));
         let mut request = request;
         // At most twice: a lane may close (idle) between the look-up and the send.
@@ -347,6 +411,41 @@ impl HubLinkActor {
         if let Err(error) = client.try_publish(topic, QoS::AtLeastOnce, false, reply) {
             tracing::warn!(%error, "refusal dropped: the client's queue is full");
         }
+    }
+}
+
+/// Stop taking hubs' requests (the instance is stopping): those already taken are served, then
+/// the answer is the leases this instance held, to release (another instance takes the stores
+/// at once). Requests heard from now on are answered `Busy`: the hub tries again, elsewhere.
+#[derive(Message)]
+#[rtype(result = "Vec<Held>")]
+pub struct StopServing;
+
+impl Handler<StopServing> for HubLinkActor {
+    type Result = ResponseFuture<Vec<Held>>;
+
+    fn handle(&mut self, _: StopServing, _: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        // Dropping a lane's sender closes it: it serves what it queued, then finishes.
+        let finished: Vec<Finished> = self
+            .lanes
+            .drain()
+            .map(|(_, lane)| lane.finished.clone())
+            .collect();
+        let serving = self.serving.clone();
+        Box::pin(async move {
+            futures::future::join_all(finished).await;
+            match &serving.leases {
+                Some(cache) => cache
+                    .held
+                    .lock()
+                    .expect("not poisoned")
+                    .drain()
+                    .map(|(_, held)| held)
+                    .collect(),
+                None => Vec::new(),
+            }
+        })
     }
 }
 
@@ -411,7 +510,7 @@ impl Actor for HubLinkActor {
             ctx.run_interval(Duration::from_millis(cache.ttl_ms / 3), |actor, _| {
                 // Cut off from the broker, this instance hears no request of its stores: it
                 // lets their leases lapse so that an instance that hears them takes them.
-                if actor.connected.get() != 1 {
+                if actor.connected.get() != 1 || actor.stopping {
                     return;
                 }
                 let serving = actor.serving.clone();
@@ -584,9 +683,11 @@ async fn serve(serving: &Serving, request: HubRequest) {
         },
     };
     if let CloudReplyBody::Authorized { decision, .. } = &body {
-        serving
-            .metrics
-            .outcome(decision.reason(), started.elapsed());
+        serving.metrics.outcome(
+            decision.reason(),
+            telemetry::DecisionPath::Online,
+            started.elapsed(),
+        );
     }
     let reply = protocol::encode(&CloudReply { request_id, body });
     if let Err(error) = serving
@@ -646,13 +747,11 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                         protocol::decode::<protocol::Presence>(&payload),
                         &self.presence,
                     ) {
-                        (Ok(presence), Some(gauge)) => {
+                        (Ok(presence), Some(shown)) => {
                             // Sealed by the store's hub (checked by the link): one series per
                             // store of the fleet's PKI.
-                            tracing::info!(store_id, online = presence.online, "store presence");
-                            gauge
-                                .with_label_values(&[store_id])
-                                .set(i64::from(presence.online));
+                            tracing::debug!(store_id, online = presence.online, "store presence");
+                            shown.heard(store_id, Some(presence.online));
                         }
                         (Ok(_), None) => {}
                         (Err(error), _) => {
@@ -680,6 +779,9 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                         "hub request on another store's topic dropped"
                     );
                     return Box::pin(async {});
+                }
+                if let Some(presence) = &self.presence {
+                    presence.heard(&store_id, None);
                 }
                 let request_id = request.request_id;
                 if let Err(why) = self.dispatch(request) {

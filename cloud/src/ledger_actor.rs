@@ -104,6 +104,84 @@ impl Actor for LedgerActor {
     type Context = SyncContext<Self>;
 }
 
+/// The books' check: `facepay_cloud_ledger_imbalance_minor_units{currency}` (every accepted
+/// currency) and `facepay_cloud_ledger_balance_checked_timestamp_seconds`.
+#[derive(Clone)]
+pub struct BooksMetrics {
+    imbalance: prometheus::IntGaugeVec,
+    checked: prometheus::IntGauge,
+}
+
+impl BooksMetrics {
+    /// Registers on the cloud's registry; nothing is checked yet (0 everywhere).
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        let imbalance = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "facepay_cloud_ledger_imbalance_minor_units",
+                "what every account of the currency adds up to at the last check, minor units: \
+                 0 always (double entry); anything else is a broken ledger",
+            ),
+            &["currency"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(imbalance.clone()))
+            .expect("registered once");
+        for currency in protocol::Currency::all() {
+            imbalance.with_label_values(&[currency.as_str()]);
+        }
+        BooksMetrics {
+            imbalance,
+            checked: telemetry::register_gauge(
+                registry,
+                "facepay_cloud_ledger_balance_checked_timestamp_seconds",
+                "when the books were last checked (0: not yet)",
+            ),
+        }
+    }
+}
+
+/// The stores with a registered hub key.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, LedgerError>")]
+pub struct HubKeyStores;
+
+impl Handler<HubKeyStores> for LedgerActor {
+    type Result = Result<Vec<String>, LedgerError>;
+
+    fn handle(&mut self, _: HubKeyStores, _: &mut Self::Context) -> Self::Result {
+        self.ledger.hub_key_stores()
+    }
+}
+
+/// Add up every account per currency and show the sums on the books' metrics.
+#[derive(Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct CheckBooks(pub BooksMetrics);
+
+impl Handler<CheckBooks> for LedgerActor {
+    type Result = Result<(), LedgerError>;
+
+    fn handle(&mut self, msg: CheckBooks, _: &mut Self::Context) -> Self::Result {
+        let sums = self.ledger.balance_sums()?;
+        for currency in protocol::Currency::all() {
+            let sum = sums.get(&currency).copied().unwrap_or(0);
+            if sum != 0 {
+                tracing::error!(%currency, sum, "the books do not balance");
+            }
+            msg.0
+                .imbalance
+                .with_label_values(&[currency.as_str()])
+                .set(sum);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        msg.0.checked.set(now.as_secs() as i64);
+        Ok(())
+    }
+}
+
 /// What the ledger answers a hub, and the allowance revocations to broadcast to every hub.
 pub struct HubAnswer {
     /// The reply.

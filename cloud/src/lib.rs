@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod ledger_actor;
 pub mod payer;
 pub mod revocation;
+pub mod sd;
 
 use std::net::SocketAddr;
 
@@ -51,14 +52,45 @@ pub struct CloudHandle {
     /// The ledger actor, for in-process callers (the fleet demo).
     pub ledger: crate::bounded::Bounded<LedgerActor>,
     servers: Vec<actix_web::dev::ServerHandle>,
+    link: Addr<HubLinkActor>,
+    client: mqtt::Client,
+    readiness: telemetry::Readiness,
+    /// The task driving the hub link; it ends after the goodbye.
+    driver: tokio::task::JoinHandle<()>,
 }
 
 impl CloudHandle {
-    /// Stops the HTTP servers; the actors stop with the actix system.
-    pub async fn stop(&self) {
+    /// Stops gracefully: not ready any more; no hub request taken, those taken served; the
+    /// stores' leases released (another instance takes them at once, not when they lapse);
+    /// goodbye to the broker (MQTT DISCONNECT); the HTTP APIs and metrics drained (requests in
+    /// flight answered).
+    pub async fn stop(self) {
+        self.readiness.stopping();
+        let held = self
+            .link
+            .send(hub_link::StopServing)
+            .await
+            .unwrap_or_default();
+        if !held.is_empty() {
+            let stores = held.len();
+            match self.ledger.send(ledger_actor::ReleaseLeases(held)).await {
+                Ok(()) => tracing::info!(stores, "stores' leases released"),
+                Err(error) => tracing::warn!(%error, "releasing the leases: ledger busy"),
+            }
+        }
+        if let Err(error) = self.client.goodbye().await {
+            tracing::warn!(%error, "disconnecting from the broker failed");
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(2), self.driver)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the broker did not take the goodbye in time");
+        }
         for server in &self.servers {
             server.stop(true).await;
         }
+        tracing::info!("cloud stopped");
     }
 
     /// The HTTP servers' handles, to stop them from elsewhere.
@@ -89,11 +121,12 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let registry = Registry::new();
     telemetry::register_process_metrics(&registry, "cloud");
     pki::register_expiry_gauge(&registry, "cloud", &tls);
-    let metrics = telemetry::PaymentMetrics::register(&registry, "cloud");
+    let metrics =
+        telemetry::PaymentMetrics::register(&registry, "cloud", &[telemetry::DecisionPath::Online]);
     let connected = telemetry::register_gauge(
         &registry,
-        "facepay_cloud_mqtt_connected",
-        "1 while connected to the broker",
+        "facepay_cloud_broker_connected",
+        "1 while connected to the MQTT broker",
     );
     // Ready once connected to the broker: the database, the keys and the identity index are
     // open before anything is served.
@@ -174,6 +207,24 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         bounded::LEDGER_QUEUE,
     );
 
+    // The books are added up at start and then every books_check_seconds, on the ledger thread.
+    let books = ledger_actor::BooksMetrics::register(&registry);
+    {
+        let ledger = ledger.clone();
+        let every = std::time::Duration::from_secs(config.books_check_seconds);
+        actix::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match ledger.send(ledger_actor::CheckBooks(books.clone())).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "checking the books failed"),
+                    Err(error) => tracing::warn!(%error, "checking the books: ledger busy"),
+                }
+            }
+        });
+    }
+
     let templates_gauge = telemetry::register_gauge(
         &registry,
         "facepay_cloud_identity_templates",
@@ -194,7 +245,18 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     .context("opening the identity index")?;
     // Hubs' 1:N searches: a pool of threads reading the index at once, apart from the identity
     // thread (enrollment, erasure, syncs) and the ledger.
-    let searcher = actor.searcher();
+    let search_seconds = prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(
+            "facepay_cloud_identity_search_seconds",
+            "one 1:N search of the identity index for a hub's face",
+        )
+        .buckets(telemetry::LATENCY_BUCKETS_SECONDS.to_vec()),
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(search_seconds.clone()))
+        .expect("registered once");
+    let searcher = actor.searcher().with_search_seconds(search_seconds);
     let searchers = bounded::Bounded::new(
         SyncArbiter::start(config.identity.search_threads, move || searcher.clone()),
         bounded::IDENTITY_QUEUE,
@@ -247,18 +309,23 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
          another store's topic, or from a revoked certificate), dropped unread",
     );
     let link_client = client.clone();
-    let presence = prometheus::IntGaugeVec::new(
-        prometheus::Opts::new(
-            "facepay_cloud_store_online",
-            "1 while the store's hub is connected to the broker, 0 once its last will says it \
-             went without a goodbye (or it said so)",
-        ),
-        &["store_id"],
-    )
-    .expect("valid metric");
-    registry
-        .register(Box::new(presence.clone()))
-        .expect("registered once");
+    let client_for_stop = client.clone();
+    // A presence series for every store with a hub key, before any is heard.
+    let known_stores = {
+        let ledger = ledger.clone();
+        match ledger.send(ledger_actor::HubKeyStores).await {
+            Ok(Ok(stores)) => stores,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "reading the stores' hub keys failed");
+                Vec::new()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the stores' hub keys: ledger busy");
+                Vec::new()
+            }
+        }
+    };
+    let presence = hub_link::StorePresence::register(&registry, &known_stores);
     let link = HubLinkActor::new(
         client,
         ledger.clone(),
@@ -280,7 +347,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     )?
     .start();
     let link_events = link.clone();
-    actix::spawn(mqtt::drive(mqtt_link, move |event| {
+    let goodbye_client = client_for_stop;
+    let driver = actix::spawn(mqtt::drive(mqtt_link, move |event| {
         if let mqtt::LinkEvent::Refused { topic, reason } = &event {
             tracing::warn!(%topic, %reason, "unsealed message on the hub link dropped");
             refused.inc();
@@ -294,6 +362,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         }
     }));
 
+    let link_for_stop = link.clone();
     let state = api::ApiState {
         ledger: ledger.clone(),
         link: link.clone(),
@@ -324,7 +393,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         false => None,
     };
     let (metrics_addr, metrics_server) =
-        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness)?;
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness.clone())?;
     tracing::info!(%admin_addr, %api_addr, %metrics_addr, "cloud started");
     Ok(CloudHandle {
         admin_addr,
@@ -335,5 +404,9 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         cert_expires: tls.expires(),
         ledger,
         servers: vec![admin_server, api_server, metrics_server],
+        link: link_for_stop,
+        client: goodbye_client,
+        readiness,
+        driver,
     })
 }

@@ -34,13 +34,59 @@ pub struct CheckoutSettings {
     pub face_timeout: Duration,
 }
 
+/// What a terminal counts of its checkouts, every series up front.
+#[derive(Clone)]
+pub struct CheckoutMetrics {
+    /// Charges: requests, decisions by outcome and path, declines by reason, decision time.
+    payments: PaymentMetrics,
+    /// `/v1/verify` and second-factor answers, declines by reason.
+    verifications: telemetry::VerificationMetrics,
+    /// `facepay_edge_customer_wait_seconds`: from the charge to a code seen.
+    customer_wait: prometheus::Histogram,
+}
+
+impl CheckoutMetrics {
+    /// Registers on a terminal's registry.
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        let customer_wait = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "facepay_edge_customer_wait_seconds",
+                "from the register's charge to a payment code seen: the customer's time, apart \
+                 from the decision",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(customer_wait.clone()))
+            .expect("registered once");
+        CheckoutMetrics {
+            payments: PaymentMetrics::register(registry, "edge", &telemetry::DecisionPath::BOTH),
+            verifications: telemetry::VerificationMetrics::register(registry, "edge"),
+            customer_wait,
+        }
+    }
+
+    fn verification(&self, reply: &VerifyReply) {
+        self.verifications.count(match reply {
+            VerifyReply::Verified { .. } => telemetry::VerificationOutcome::Verified,
+            VerifyReply::SecondFactorRequired { .. } => {
+                telemetry::VerificationOutcome::SecondFactorRequired
+            }
+            VerifyReply::Refused { reason, .. } => {
+                telemetry::VerificationOutcome::Declined(*reason)
+            }
+        });
+    }
+}
+
 /// Runs one checkout session at a time.
 pub struct CheckoutActor {
     settings: CheckoutSettings,
     scanner: Addr<ScannerActor>,
     camera: Addr<CameraActor>,
     hub: HubClient,
-    metrics: PaymentMetrics,
+    metrics: CheckoutMetrics,
     busy: bool,
     /// The order the running code charge is for: a second request for it hears
     /// `payment_in_progress` (its outcome is not known yet), not "declined".
@@ -203,7 +249,7 @@ impl CheckoutActor {
         scanner: Addr<ScannerActor>,
         camera: Addr<CameraActor>,
         hub: HubClient,
-        metrics: PaymentMetrics,
+        metrics: CheckoutMetrics,
         signer: pki::ReplySigner,
     ) -> Self {
         CheckoutActor {
@@ -317,11 +363,15 @@ impl Handler<Charge> for CheckoutActor {
 
     fn handle(&mut self, msg: Charge, _: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
-        self.metrics.request();
+        self.metrics.payments.request();
         let request = msg.0;
         let order_id = request.order_id.clone();
         let refuse = |actor: &mut Self, decision: Decision| {
-            actor.metrics.outcome(decision.reason(), started.elapsed());
+            actor.metrics.payments.outcome(
+                decision.reason(),
+                telemetry::DecisionPath::Online,
+                started.elapsed(),
+            );
             // Refused here, before the hub: no outcome of an order that may already be paid.
             let known = !actor.unsettled.contains(&order_id);
             Box::pin(fut::ready(result(&order_id, None, decision, known))) as Self::Result
@@ -379,14 +429,25 @@ impl Handler<Charge> for CheckoutActor {
         // Whether the hub answered for this order (else the outcome was decided here).
         let answered = std::rc::Rc::new(std::cell::Cell::new(false));
         let answered_seen = answered.clone();
+        // When the code was seen: the decision's time runs from there, the customer's before.
+        let deciding_from = std::rc::Rc::new(std::cell::Cell::new(started));
+        let code_seen = deciding_from.clone();
+        let customer_wait = self.metrics.customer_wait.clone();
         let session = async move {
             let token = request.token.clone();
             let proof = match (scan, request.token.clone()) {
                 (_, Some(token)) => PaymentProof::Token(token),
                 (None, None) => unreachable!("a scan is started when no token is given"),
                 (Some(scan), None) => match scan.await {
-                    Ok(Some(code)) => PaymentProof::Code(code),
+                    Ok(Some(code)) => {
+                        let seen = Instant::now();
+                        customer_wait.observe(seen.duration_since(started).as_secs_f64());
+                        code_seen.set(seen);
+                        PaymentProof::Code(code)
+                    }
                     Ok(None) => {
+                        // No customer time to count, nor any decision time before this.
+                        code_seen.set(Instant::now());
                         return (
                             Decision::declined(
                                 DeclineReason::NoCodePresented,
@@ -396,7 +457,7 @@ impl Handler<Charge> for CheckoutActor {
                                 ),
                             ),
                             true,
-                        )
+                        );
                     }
                     Err(error) => {
                         return (
@@ -485,7 +546,11 @@ impl Handler<Charge> for CheckoutActor {
                         actor.busy = false;
                         actor.charging = None;
                     }
-                    actor.metrics.outcome(decision.reason(), started.elapsed());
+                    actor.metrics.payments.outcome(
+                        decision.reason(),
+                        telemetry::DecisionPath::of(offline.get()),
+                        deciding_from.get().elapsed(),
+                    );
                     // A refusal decided here (no hub reachable, no code seen) of an order whose
                     // earlier charge may have been paid tells nothing of that charge.
                     let known = known && (answered.get() || !actor.unsettled.contains(&order_id));
@@ -511,6 +576,22 @@ impl Handler<VerifyCustomer> for CheckoutActor {
     type Result = ResponseActFuture<Self, VerifyReply>;
 
     fn handle(&mut self, msg: VerifyCustomer, _: &mut Self::Context) -> Self::Result {
+        counted(self.verify_customer(msg))
+    }
+}
+
+/// A verification's answer, counted as it goes to the register.
+fn counted(
+    answer: ResponseActFuture<CheckoutActor, VerifyReply>,
+) -> ResponseActFuture<CheckoutActor, VerifyReply> {
+    Box::pin(answer.map(|reply, actor: &mut CheckoutActor, _| {
+        actor.metrics.verification(&reply);
+        reply
+    }))
+}
+
+impl CheckoutActor {
+    fn verify_customer(&mut self, msg: VerifyCustomer) -> ResponseActFuture<Self, VerifyReply> {
         if self.busy {
             return Box::pin(fut::ready(VerifyReply::refused(
                 DeclineReason::TerminalBusy,
@@ -614,6 +695,15 @@ impl Handler<AnswerSecondFactor> for CheckoutActor {
     type Result = ResponseActFuture<Self, VerifyReply>;
 
     fn handle(&mut self, msg: AnswerSecondFactor, _: &mut Self::Context) -> Self::Result {
+        counted(self.answer_second_factor(msg))
+    }
+}
+
+impl CheckoutActor {
+    fn answer_second_factor(
+        &mut self,
+        msg: AnswerSecondFactor,
+    ) -> ResponseActFuture<Self, VerifyReply> {
         if let Err(e) = protocol::validate_id("challenge_id", &msg.0.challenge_id) {
             return Box::pin(fut::ready(VerifyReply::refused(
                 DeclineReason::InvalidRequest,

@@ -44,13 +44,18 @@ pub struct EdgeHandle {
     pub checkout: Addr<CheckoutActor>,
     server: actix_web::dev::ServerHandle,
     metrics_server: actix_web::dev::ServerHandle,
+    readiness: telemetry::Readiness,
 }
 
 impl EdgeHandle {
-    /// Stops the HTTP servers; the actors stop with the actix system.
-    pub async fn stop(&self) {
+    /// Stops gracefully: not ready any more; the register API takes no new request and answers
+    /// those in flight (a charge being decided gets its answer); then the metrics listener. The
+    /// hub's session closes with the process.
+    pub async fn stop(self) {
+        self.readiness.stopping();
         self.server.stop(true).await;
         self.metrics_server.stop(true).await;
+        tracing::info!("edge stopped");
     }
 
     /// The HTTP servers' handles, to stop them from elsewhere.
@@ -85,7 +90,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     let registry = Registry::new();
     telemetry::register_process_metrics(&registry, "edge");
     pki::register_expiry_gauge(&registry, "edge", &tls);
-    let metrics = telemetry::PaymentMetrics::register(&registry, "edge");
+    let metrics = checkout::CheckoutMetrics::register(&registry);
 
     let in_memory = !config.frames_on_persistent_disk;
     crate::frames::check_spool("frames_dir", &config.frames_dir, in_memory)?;
@@ -198,7 +203,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         false => None,
     };
     let (metrics_addr, metrics_server) =
-        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness)?;
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness.clone())?;
     tracing::info!(store_id = config.store_id, terminal_id = config.terminal_id, %register_addr, %metrics_addr, "edge started");
     Ok(EdgeHandle {
         register_addr,
@@ -208,5 +213,6 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         checkout,
         server: handle,
         metrics_server,
+        readiness,
     })
 }

@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;
+        println!("facepay-edge stopped");
         Ok(())
     })
 }

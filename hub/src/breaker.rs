@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-/// Where the breaker is; the `facepay_hub_cloud_breaker` gauge shows the number.
+/// Where the breaker is; `facepay_hub_cloud_breaker_state{state}` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     /// Requests go to the cloud.

@@ -197,7 +197,7 @@ impl Journal {
     }
 
     /// Flushes to disk, or stops the process ([`storage::flush_or_stop`]).
-    fn flush(&self) -> Result<(), HubError> {
+    pub fn flush(&self) -> Result<(), HubError> {
         storage::flush_or_stop(&self.db, "hub-journal-flush");
         Ok(())
     }

@@ -53,13 +53,48 @@ pub struct HubHandle {
     /// The public key this hub signs offline approvals with (register it at the cloud).
     pub hub_public_key: String,
     server: actix_web::dev::ServerHandle,
-    _trust: Addr<trust::TrustActor>,
+    trust: Addr<trust::TrustActor>,
+    uplink: Addr<UplinkActor>,
+    journal: journal::JournalWorker,
+    readiness: telemetry::Readiness,
+    /// The task driving the cloud link; it ends after the goodbye.
+    link: tokio::task::JoinHandle<()>,
 }
 
+/// How long a stopping hub waits for the payments it is deciding.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
 impl HubHandle {
-    /// Stops the HTTP server; the actors stop with the actix system, Zenoh when dropped.
-    pub async fn stop(&self) {
+    /// Stops gracefully: not ready any more; the terminals' session closed (no new payment);
+    /// the payments being decided finished (up to [`STOP_GRACE`]: they may need the cloud); the
+    /// journal flushed; goodbye to the cloud (the store's presence "offline", then MQTT
+    /// DISCONNECT: no last will); the metrics listener drained. What the hub approved offline
+    /// waits in the journal for the next start.
+    pub async fn stop(self) {
+        self.readiness.stopping();
+        let _ = self.trust.send(trust::CloseTerminals).await;
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        loop {
+            let deciding = self.payment.send(payment::InFlight).await.unwrap_or(0);
+            if deciding == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(deciding, "stopping with payments still being decided");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.journal.run(|journal| journal.flush()).await;
+        let _ = self.uplink.send(uplink::Goodbye).await;
+        if tokio::time::timeout(Duration::from_secs(2), self.link)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the broker did not take the goodbye in time");
+        }
         self.server.stop(true).await;
+        tracing::info!("hub stopped");
     }
 
     /// The HTTP server's handle, to stop it from elsewhere.
@@ -103,11 +138,12 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
     let registry = Registry::new();
     telemetry::register_process_metrics(&registry, "hub");
     pki::register_expiry_gauge(&registry, "hub", &tls);
-    let metrics = telemetry::PaymentMetrics::register(&registry, "hub");
+    let metrics =
+        telemetry::PaymentMetrics::register(&registry, "hub", &telemetry::DecisionPath::BOTH);
     let connected = telemetry::register_gauge(
         &registry,
-        "facepay_hub_cloud_connected",
-        "1 while connected to the broker",
+        "facepay_hub_broker_connected",
+        "1 while connected to the MQTT broker",
     );
 
     let keys_gauge = telemetry::register_gauge(
@@ -175,7 +211,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         journal: journal.clone(),
         drain_batch: config.offline.drain_batch,
         drain_interval: Duration::from_millis(config.offline.drain_interval_ms),
-        metrics: OfflineMetrics::register(&registry),
+        metrics: OfflineMetrics::register(&registry, config.offline.store_ceiling_minor, &pending),
     };
     if !pending.is_empty() {
         tracing::info!(
@@ -246,7 +282,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         VerifyPeers {
             hot: hotset::start_worker(hot),
             credentials: credentials.clone(),
-            journal: journal_worker,
+            journal: journal_worker.clone(),
             uplink: Some(uplink_addr.clone()),
         },
         verify_metrics,
@@ -324,11 +360,6 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         "messages heard on the cloud link that the cloud did not seal (forged, moved to another \
          topic, or from a revoked certificate), dropped unread",
     );
-    let breaker_gauge = telemetry::register_gauge(
-        &registry,
-        "facepay_hub_cloud_breaker",
-        "circuit breaker on the cloud link: 0 closed, 1 half-open (probing), 2 open (failing fast)",
-    );
     let uplink = UplinkActor::new(
         config.store_id.as_str().into(),
         client,
@@ -340,14 +371,10 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         ],
         connected,
     )
-    .with_breaker_gauge(breaker_gauge)
-    .with_offline_gauge(telemetry::register_gauge(
-        &registry,
-        "facepay_hub_offline",
-        "1 while the hub authorizes offline (broker lost or circuit breaker not closed)",
-    ));
+    .with_metrics(uplink::UplinkMetrics::register(&registry));
     let uplink = uplink_context.run(uplink);
-    actix::spawn(mqtt::drive(link, move |event| {
+    let uplink_for_stop = uplink.clone();
+    let link = actix::spawn(mqtt::drive(link, move |event| {
         if let mqtt::LinkEvent::Refused { topic, reason } = &event {
             tracing::warn!(%topic, %reason, "unsealed message on the cloud link dropped");
             refused.inc();
@@ -363,7 +390,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         false => None,
     };
     let (metrics_addr, handle) =
-        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness)?;
+        telemetry::serve_metrics(&config.metrics, registry, metrics_tls, readiness.clone())?;
     tracing::info!(store_id = config.store_id, %metrics_addr, "hub started");
     Ok(HubHandle {
         metrics_addr,
@@ -372,6 +399,10 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         verify,
         hub_public_key,
         server: handle,
-        _trust: trust,
+        trust,
+        uplink: uplink_for_stop,
+        journal: journal_worker,
+        readiness,
+        link,
     })
 }

@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         );
         telemetry::wait_for_shutdown().await;
         handle.stop().await;
+        println!("facepay-hub stopped");
         Ok(())
     })
 }

@@ -43,29 +43,85 @@ pub struct OfflineSetup {
     pub metrics: OfflineMetrics,
 }
 
-/// The hub's offline metrics.
+/// The hub's offline metrics, with what they are computed from: the unreconciled approvals'
+/// amounts per currency and approval times.
 #[derive(Clone)]
 pub struct OfflineMetrics {
     backlog: prometheus::IntGauge,
-    exposure: prometheus::IntGauge,
+    exposure: prometheus::IntGaugeVec,
+    oldest: prometheus::IntGauge,
     approved: prometheus::IntCounter,
     reconciled: prometheus::IntCounter,
+    held: Held,
+}
+
+/// What the unreconciled approvals add up to, per currency, and when each was approved.
+#[derive(Debug, Clone, Default)]
+struct Held {
+    by_currency: std::collections::HashMap<protocol::Currency, i64>,
+    /// (approved at, ms; sequence number) of each.
+    by_time: std::collections::BTreeSet<(u64, u64)>,
+}
+
+impl Held {
+    fn add(&mut self, entry: &OfflinePayment) {
+        *self.by_currency.entry(entry.currency).or_default() += entry.amount_minor;
+        self.by_time.insert((entry.approved_at_ms, entry.seq));
+    }
+
+    fn remove(&mut self, entry: &OfflinePayment) {
+        if self.by_time.remove(&(entry.approved_at_ms, entry.seq)) {
+            *self.by_currency.entry(entry.currency).or_default() -= entry.amount_minor;
+        }
+    }
 }
 
 impl OfflineMetrics {
-    /// Registers `facepay_hub_offline_backlog`, `facepay_hub_offline_exposure_minor`,
-    /// `facepay_hub_offline_approved_total` and `facepay_hub_offline_reconciled_total`.
-    pub fn register(registry: &prometheus::Registry) -> Self {
-        OfflineMetrics {
+    /// Registers `facepay_hub_offline_backlog`,
+    /// `facepay_hub_offline_oldest_unreconciled_timestamp_seconds`,
+    /// `facepay_hub_offline_exposure_minor_units{currency}` (every accepted currency),
+    /// `facepay_hub_offline_store_ceiling_minor_units`, `facepay_hub_offline_approved_total` and
+    /// `facepay_hub_offline_reconciled_total`, from the approvals the journal holds unreconciled.
+    pub fn register(
+        registry: &prometheus::Registry,
+        store_ceiling_minor: i64,
+        pending: &[OfflinePayment],
+    ) -> Self {
+        let exposure = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "facepay_hub_offline_exposure_minor_units",
+                "what the offline approvals not yet acknowledged by the cloud add up to, in \
+                 minor units of the currency",
+            ),
+            &["currency"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(exposure.clone()))
+            .expect("registered once");
+        telemetry::register_gauge(
+            registry,
+            "facepay_hub_offline_store_ceiling_minor_units",
+            "the most the store may hold unreconciled over all accounts ([offline] \
+             store_ceiling_minor), counted in minor units whatever the currency",
+        )
+        .set(store_ceiling_minor);
+        let mut held = Held::default();
+        for entry in pending {
+            held.add(entry);
+        }
+        let metrics = OfflineMetrics {
             backlog: telemetry::register_gauge(
                 registry,
                 "facepay_hub_offline_backlog",
                 "offline approvals journaled and not yet acknowledged by the cloud",
             ),
-            exposure: telemetry::register_gauge(
+            exposure,
+            oldest: telemetry::register_gauge(
                 registry,
-                "facepay_hub_offline_exposure_minor",
-                "total amount of offline approvals not yet acknowledged, minor units",
+                "facepay_hub_offline_oldest_unreconciled_timestamp_seconds",
+                "when the oldest offline approval not yet acknowledged by the cloud was \
+                 approved (0: none)",
             ),
             approved: telemetry::register_counter(
                 registry,
@@ -77,7 +133,26 @@ impl OfflineMetrics {
                 "facepay_hub_offline_reconciled_total",
                 "offline approvals the cloud acknowledged (and the journal retired)",
             ),
+            held,
+        };
+        metrics.show();
+        metrics
+    }
+
+    fn show(&self) {
+        self.backlog.set(self.held.by_time.len() as i64);
+        for currency in protocol::Currency::all() {
+            let held = self.held.by_currency.get(&currency).copied().unwrap_or(0);
+            self.exposure
+                .with_label_values(&[currency.as_str()])
+                .set(held);
         }
+        self.oldest.set(
+            self.held
+                .by_time
+                .first()
+                .map_or(0, |(at_ms, _)| (at_ms / 1_000) as i64),
+        );
     }
 }
 
@@ -129,13 +204,7 @@ impl OfflineActor {
             syncing_allowances: false,
             metrics: setup.metrics,
         };
-        actor.show();
         actor
-    }
-
-    fn show(&self) {
-        self.metrics.backlog.set(self.book.entries() as i64);
-        self.metrics.exposure.set(self.book.store_total());
     }
 
     /// Starts the drain, or asks the running one to go round again.
@@ -169,9 +238,10 @@ impl OfflineActor {
                     entry.allowance_version,
                     entry.amount_minor,
                 );
+                actor.metrics.held.remove(entry);
             }
             actor.metrics.reconciled.inc_by(step.retired.len() as u64);
-            actor.show();
+            actor.metrics.show();
             if step.more || std::mem::take(&mut actor.again) {
                 actor.drain_step(ctx);
             } else {
@@ -368,7 +438,8 @@ impl Handler<ApproveOffline> for OfflineActor {
         self.signer.sign(&mut entry);
         self.book.approved(&entry);
         self.metrics.approved.inc();
-        self.show();
+        self.metrics.held.add(&entry);
+        self.metrics.show();
         Ok(entry)
     }
 }

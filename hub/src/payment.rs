@@ -170,6 +170,22 @@ impl Actor for PaymentActor {
 #[rtype(result = "AuthorizeReply")]
 pub struct Authorize(pub AuthorizeRequest);
 
+/// How many payments are being decided now (a stopping hub waits for them).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct InFlight;
+
+impl Handler<InFlight> for PaymentActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: InFlight, _: &mut Self::Context) -> usize {
+        self.deciding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
 impl Handler<Authorize> for PaymentActor {
     type Result = ResponseFuture<AuthorizeReply>;
 
@@ -189,7 +205,11 @@ impl Handler<Authorize> for PaymentActor {
                 None => {
                     let decision =
                         Decision::declined(DeclineReason::PaymentInProgress, IN_PROGRESS);
-                    self.metrics.outcome(decision.reason(), started.elapsed());
+                    self.metrics.outcome(
+                        decision.reason(),
+                        telemetry::DecisionPath::Online,
+                        started.elapsed(),
+                    );
                     return Box::pin(futures::future::ready(AuthorizeReply {
                         payment_id: request.payment_id,
                         decision,
@@ -257,7 +277,11 @@ impl Handler<Authorize> for PaymentActor {
             {
                 peers.offline.do_send(DeliverQueued);
             }
-            metrics.outcome(outcome.decision.reason(), started.elapsed());
+            metrics.outcome(
+                outcome.decision.reason(),
+                telemetry::DecisionPath::of(outcome.offline),
+                started.elapsed(),
+            );
             drop(deciding);
             AuthorizeReply {
                 payment_id: request.payment_id,

@@ -34,6 +34,8 @@ pub struct TrustActor {
     allowed_gauge: prometheus::IntGauge,
     /// The checks of the hub's own certificate identity (what it opens on the cloud link).
     identity_checks: Option<std::sync::Arc<pki::LiveClientVerifier>>,
+    /// Closed for good: the hub is stopping ([`CloseTerminals`]).
+    closed: bool,
 }
 
 impl TrustActor {
@@ -64,6 +66,7 @@ impl TrustActor {
             open,
             allowed_gauge,
             identity_checks: None,
+            closed: false,
         }
     }
 
@@ -131,6 +134,29 @@ impl Actor for TrustActor {
     type Context = Context<Self>;
 }
 
+/// Closes the terminals' Zenoh session for good (the hub is stopping): no terminal reaches the
+/// hub from then on; a terminal's query in flight fails, and it declines unsent.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseTerminals;
+
+impl Handler<CloseTerminals> for TrustActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: CloseTerminals, _: &mut Self::Context) -> Self::Result {
+        self.closed = true;
+        self.allowed_gauge.set(0);
+        let session = self.zenoh.take();
+        // Closing blocks: not on this thread.
+        Box::pin(
+            async move {
+                let _ = tokio::task::spawn_blocking(move || drop(session)).await;
+            }
+            .into_actor(self),
+        )
+    }
+}
+
 impl Handler<UplinkEvent> for TrustActor {
     type Result = ();
 
@@ -138,6 +164,9 @@ impl Handler<UplinkEvent> for TrustActor {
         let UplinkEvent::RevocationListPushed(pem) = msg else {
             return;
         };
+        if self.closed {
+            return;
+        }
         let Some((list, allowed)) = self.take(&pem) else {
             return;
         };

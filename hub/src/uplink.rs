@@ -54,8 +54,50 @@ pub struct UplinkActor {
     listeners: Vec<Recipient<UplinkEvent>>,
     connected_gauge: prometheus::IntGauge,
     breaker: CircuitBreaker,
-    breaker_gauge: Option<prometheus::IntGauge>,
-    offline_gauge: Option<prometheus::IntGauge>,
+    metrics: Option<UplinkMetrics>,
+    /// Said goodbye: no heartbeat says "online" again.
+    leaving: bool,
+}
+
+/// What the uplink shows of the cloud link, every series up front.
+#[derive(Clone)]
+pub struct UplinkMetrics {
+    /// `facepay_hub_cloud_breaker_state{state}`: closed, half_open, open.
+    breaker: telemetry::StateSet,
+    /// `facepay_hub_authorization_mode{mode}`: online, offline (no broker, or the breaker not
+    /// closed).
+    mode: telemetry::StateSet,
+    /// `facepay_hub_uplink_pending_requests`: sent to the cloud, not yet answered.
+    pending: prometheus::IntGauge,
+}
+
+impl UplinkMetrics {
+    /// Registers on a hub's registry; the hub is offline until connected.
+    pub fn register(registry: &prometheus::Registry) -> Self {
+        UplinkMetrics {
+            breaker: telemetry::StateSet::register(
+                registry,
+                "facepay_hub_cloud_breaker_state",
+                "circuit breaker on the cloud link: closed, half_open (one probe goes), open \
+                 (failing fast); 1 for the state in force",
+                "state",
+                &["closed", "half_open", "open"],
+            ),
+            mode: telemetry::StateSet::register(
+                registry,
+                "facepay_hub_authorization_mode",
+                "how the hub authorizes: online (with the cloud) or offline (alone, within its \
+                 bounds: the broker lost or the breaker not closed); 1 for the mode in force",
+                "mode",
+                &["offline", "online"],
+            ),
+            pending: telemetry::register_gauge(
+                registry,
+                "facepay_hub_uplink_pending_requests",
+                "requests sent to the cloud and not yet answered",
+            ),
+        }
+    }
 }
 
 impl UplinkActor {
@@ -78,31 +120,39 @@ impl UplinkActor {
             listeners,
             connected_gauge,
             breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
-            breaker_gauge: None,
-            offline_gauge: None,
+            metrics: None,
+            leaving: false,
         }
     }
 
-    /// Shows the breaker's state (0 closed, 1 half-open, 2 open) on `gauge`.
-    pub fn with_breaker_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
-        self.breaker_gauge = Some(gauge);
-        self
-    }
-
-    /// Shows whether the hub authorizes offline (1: no broker, or the breaker is not closed).
-    pub fn with_offline_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
-        gauge.set(1);
-        self.offline_gauge = Some(gauge);
+    /// Shows the breaker's state, the authorization mode and the requests in flight.
+    pub fn with_metrics(mut self, metrics: UplinkMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self.show_breaker();
         self
     }
 
     fn show_breaker(&self) {
         let state = self.breaker.state(std::time::Instant::now());
-        if let Some(gauge) = &self.breaker_gauge {
-            gauge.set(state as i64);
+        if let Some(metrics) = &self.metrics {
+            metrics.breaker.set(match state {
+                BreakerState::Closed => "closed",
+                BreakerState::HalfOpen => "half_open",
+                BreakerState::Open => "open",
+            });
+            metrics
+                .mode
+                .set(if self.connected && state == BreakerState::Closed {
+                    "online"
+                } else {
+                    "offline"
+                });
         }
-        if let Some(gauge) = &self.offline_gauge {
-            gauge.set(i64::from(!self.connected || state != BreakerState::Closed));
+    }
+
+    fn show_pending(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.pending.set(self.pending.len() as i64);
         }
     }
 }
@@ -119,8 +169,54 @@ impl Actor for UplinkActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(UPLINK_MAILBOX);
+        // The store's heartbeat: its presence again now and then while connected, so that the
+        // cloud sees when it was last heard even in a quiet hour.
+        ctx.run_interval(PRESENCE_HEARTBEAT, |actor, _| {
+            if !actor.connected || actor.leaving {
+                return;
+            }
+            let online = protocol::encode(&protocol::Presence { online: true });
+            let topic = protocol::topics::store_presence(&actor.store_id);
+            if let Err(error) = actor
+                .client
+                .try_publish(topic, QoS::AtMostOnce, true, online)
+            {
+                tracing::debug!(%error, "presence heartbeat not queued");
+            }
+        });
     }
 }
+
+/// Says goodbye to the cloud (the hub is stopping): the store's presence "offline", retained, then
+/// MQTT DISCONNECT, so that the broker publishes no last will and the cloud hears a goodbye.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Goodbye;
+
+impl Handler<Goodbye> for UplinkActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Goodbye, _: &mut Self::Context) -> Self::Result {
+        self.leaving = true;
+        let client = self.client.clone();
+        let presence = protocol::topics::store_presence(&self.store_id);
+        Box::pin(async move {
+            let offline = protocol::encode(&protocol::Presence { online: false });
+            if let Err(error) = client
+                .publish(presence, QoS::AtLeastOnce, true, offline)
+                .await
+            {
+                tracing::warn!(%error, "publishing the goodbye failed");
+            }
+            if let Err(error) = client.goodbye().await {
+                tracing::warn!(%error, "disconnecting from the broker failed");
+            }
+        })
+    }
+}
+
+/// How often a connected hub says again that it is online.
+pub const PRESENCE_HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// Send a request to the cloud and wait for its reply until `timeout`.
 #[derive(Message)]
@@ -175,6 +271,7 @@ impl Handler<CallCloud> for UplinkActor {
         }
         let (tx, rx) = oneshot::channel();
         self.pending.insert(request_id, tx);
+        self.show_pending();
         let timeout = msg.timeout;
         Box::pin(
             async move {
@@ -188,6 +285,7 @@ impl Handler<CallCloud> for UplinkActor {
             .into_actor(self)
             .map(move |result, actor, _| {
                 actor.pending.remove(&request_id);
+                actor.show_pending();
                 let now = std::time::Instant::now();
                 let (result, settled) = settle(&mut actor.breaker, lane, result, now);
                 match settled {
@@ -324,6 +422,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 self.show_breaker();
                 // Dropping the senders fails every waiting request now.
                 self.pending.clear();
+                self.show_pending();
             }
             // Counted and logged where the link is driven; nothing to act on.
             LinkEvent::Refused { .. } => {}
@@ -359,6 +458,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                     match protocol::decode::<CloudReply>(&payload) {
                         Ok(reply) => {
                             if let Some(waiting) = self.pending.remove(&reply.request_id) {
+                                self.show_pending();
                                 let _ = waiting.send(reply.body);
                             } else {
                                 tracing::debug!(

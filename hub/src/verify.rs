@@ -82,8 +82,8 @@ pub struct VerifySettings {
 /// Metrics of the verify actor.
 #[derive(Clone)]
 pub struct VerifyMetrics {
-    /// Verifications by outcome.
-    pub outcomes: prometheus::IntCounterVec,
+    /// Verifications by outcome, declines by reason.
+    pub verifications: telemetry::VerificationMetrics,
     /// Templates in the hot set.
     pub hot_templates: prometheus::IntGauge,
     /// Identification latency (hot set search), seconds.
@@ -93,17 +93,6 @@ pub struct VerifyMetrics {
 impl VerifyMetrics {
     /// Registers on a registry.
     pub fn register(registry: &prometheus::Registry) -> Self {
-        let outcomes = prometheus::IntCounterVec::new(
-            prometheus::Opts::new(
-                "facepay_hub_verifications_total",
-                "face verifications by outcome: verified, second_factor_required, or a decline reason",
-            ),
-            &["outcome"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(outcomes.clone()))
-            .expect("registered once");
         let identify_seconds = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new(
                 "facepay_hub_identify_seconds",
@@ -116,7 +105,7 @@ impl VerifyMetrics {
             .register(Box::new(identify_seconds.clone()))
             .expect("registered once");
         VerifyMetrics {
-            outcomes,
+            verifications: telemetry::VerificationMetrics::register(registry, "hub"),
             hot_templates: telemetry::register_gauge(
                 registry,
                 "facepay_hub_hot_templates",
@@ -127,12 +116,15 @@ impl VerifyMetrics {
     }
 
     fn count(&self, reply: &VerifyReply) {
-        let outcome = match reply {
-            VerifyReply::Verified { .. } => "verified",
-            VerifyReply::SecondFactorRequired { .. } => "second_factor_required",
-            VerifyReply::Refused { reason, .. } => reason.as_str(),
-        };
-        self.outcomes.with_label_values(&[outcome]).inc();
+        self.verifications.count(match reply {
+            VerifyReply::Verified { .. } => telemetry::VerificationOutcome::Verified,
+            VerifyReply::SecondFactorRequired { .. } => {
+                telemetry::VerificationOutcome::SecondFactorRequired
+            }
+            VerifyReply::Refused { reason, .. } => {
+                telemetry::VerificationOutcome::Declined(*reason)
+            }
+        });
     }
 }
 

@@ -546,10 +546,11 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
                 let addrs: Vec<SocketAddr> = world.lock().unwrap().hub_addrs();
                 for addr in addrs {
                     if let Ok(page) = crate::get_text(&format!("http://{addr}/metrics")) {
-                        let v = crate::metric_value(&page, "facepay_hub_offline_exposure_minor")
-                            .with_context(|| {
-                                format!("hub {addr} answers without its exposure metric")
-                            })?;
+                        let v =
+                            crate::metric_sum(&page, "facepay_hub_offline_exposure_minor_units")
+                                .with_context(|| {
+                                    format!("hub {addr} answers without its exposure metric")
+                                })?;
                         reads += 1;
                         let mut m = max.lock().unwrap();
                         *m = (*m).max(v as i64);

@@ -649,6 +649,8 @@ pub struct Service {
     pub metrics_addr: SocketAddr,
     /// Every `key=value` of its ready line (`api=`, `ca=`, `token=` for the cloud).
     pub ready: std::collections::HashMap<String, String>,
+    /// What it printed on standard output after its ready line.
+    printed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// The value of `key=` among `--set` overrides, if given.
@@ -731,12 +733,16 @@ impl Service {
             .with_context(|| format!("starting {}", path.display()))?;
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let later = printed.clone();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             if let Some(Ok(line)) = lines.next() {
                 let _ = tx.send(line);
             }
-            for _ in lines {}
+            for line in lines.map_while(Result::ok) {
+                later.lock().unwrap().push(line);
+            }
         });
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => line,
@@ -771,6 +777,7 @@ impl Service {
             http_addr,
             metrics_addr,
             ready,
+            printed,
         })
     }
 
@@ -782,6 +789,29 @@ impl Service {
     /// Whether the process has ended, and how.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Asks the process to stop (SIGTERM, what systemd sends) and waits up to `timeout` for
+    /// it to end; its exit status, `None` if it did not end in time.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The lines it printed on standard output after its ready line, so far.
+    pub fn printed(&self) -> Vec<String> {
+        self.printed.lock().unwrap().clone()
     }
 
     /// Kills the process at once (SIGKILL).
@@ -909,6 +939,20 @@ pub fn metric_value(page: &str, name_and_labels: &str) -> Option<f64> {
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The sum of every series of a metric on a `/metrics` page (all its label values), `None` when
+/// the page has none.
+pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// Waits until a hub holds `count` account keys (synced from the cloud).

@@ -150,7 +150,7 @@ impl StoreSite {
     pub fn wait_connected(&self, up: bool, timeout: Duration) -> anyhow::Result<()> {
         wait_for_metric(
             self.hub.http_addr,
-            "facepay_hub_cloud_connected",
+            "facepay_hub_broker_connected",
             if up { 1.0 } else { 0.0 },
             timeout,
         )

@@ -8,7 +8,7 @@ use protocol::{AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
 use serde_json::json;
 use tests::{
     binary_path, charge, free_port, get_text, metric_value, post_json, post_raw, present_code,
-    present_qr, start_cloud, wait_for_keys, CloudApi, Mosquitto, Service,
+    present_qr, start_cloud, wait_for_keys, wait_for_metric, CloudApi, Mosquitto, Service,
 };
 
 fn eur() -> Currency {
@@ -259,16 +259,50 @@ fn payments_and_bad_input_through_real_processes() {
 
     // Every tier counts outcomes on /metrics.
     let edge_metrics = get_text(&format!("http://{}/metrics", s.edge.metrics_addr)).unwrap();
-    let approved = "facepay_edge_payment_outcomes_total{outcome=\"approved\",reason=\"none\"}";
+    let approved = "facepay_edge_payment_decisions_total{outcome=\"approved\",path=\"online\"}";
     assert_eq!(metric_value(&edge_metrics, approved), Some(3.0));
+    let offline = "facepay_edge_payment_decisions_total{outcome=\"approved\",path=\"offline\"}";
+    assert_eq!(metric_value(&edge_metrics, offline), Some(0.0));
+    // Every code charge waited for its code, apart from the decision's time.
+    assert_eq!(
+        metric_value(&edge_metrics, "facepay_edge_customer_wait_seconds_count"),
+        metric_value(
+            &edge_metrics,
+            "facepay_edge_payment_decision_seconds_count{path=\"online\"}"
+        ),
+        "{edge_metrics}"
+    );
     let hub_metrics = get_text(&format!("http://{}/metrics", s.hub.metrics_addr)).unwrap();
-    let replayed =
-        "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_replayed\"}";
+    let replayed = "facepay_hub_payment_declines_total{reason=\"code_replayed\"}";
     assert_eq!(metric_value(&hub_metrics, replayed), Some(1.0));
     let cloud_metrics = get_text(&format!("http://{}/metrics", s.cloud.metrics_addr)).unwrap();
-    let funds =
-        "facepay_cloud_payment_outcomes_total{outcome=\"declined\",reason=\"insufficient_funds\"}";
+    let funds = "facepay_cloud_payment_declines_total{reason=\"insufficient_funds\"}";
     assert_eq!(metric_value(&cloud_metrics, funds), Some(1.0));
+    // The cloud heard the store, checked its books at start (they balance), and decides online.
+    let heard = "facepay_cloud_store_last_heard_timestamp_seconds{store_id=\"store-1\"}";
+    assert!(
+        metric_value(&cloud_metrics, heard).unwrap() > 0.0,
+        "{cloud_metrics}"
+    );
+    for series in [
+        "facepay_cloud_ledger_imbalance_minor_units{currency=\"EUR\"} 0",
+        "facepay_cloud_ledger_imbalance_minor_units{currency=\"JPY\"} 0",
+        "facepay_cloud_broker_connected 1",
+    ] {
+        assert!(cloud_metrics.contains(series), "{series}: {cloud_metrics}");
+    }
+    assert!(
+        metric_value(
+            &cloud_metrics,
+            "facepay_cloud_ledger_balance_checked_timestamp_seconds"
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(
+        !cloud_metrics.contains("path=\"offline\""),
+        "{cloud_metrics}"
+    );
 }
 
 #[test]
@@ -486,13 +520,22 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = start_stack(dir.path());
     let edge = s.edge.http_addr;
+    // The breaker's state in force (its state set), and the authorization mode it puts the hub in.
     let breaker = |hub: std::net::SocketAddr| {
-        metric_value(
-            &get_text(&format!("http://{hub}/metrics")).unwrap(),
-            "facepay_hub_cloud_breaker",
-        )
+        let page = get_text(&format!("http://{hub}/metrics")).unwrap();
+        let states: Vec<&str> = ["closed", "half_open", "open"]
+            .into_iter()
+            .filter(|state| {
+                metric_value(
+                    &page,
+                    &format!("facepay_hub_cloud_breaker_state{{state=\"{state}\"}}"),
+                ) == Some(1.0)
+            })
+            .collect();
+        let offline = metric_value(&page, "facepay_hub_authorization_mode{mode=\"offline\"}");
+        (states, offline)
     };
-    assert_eq!(breaker(s.hub.http_addr), Some(0.0));
+    assert_eq!(breaker(s.hub.http_addr), (vec!["closed"], Some(0.0)));
 
     // The cloud dies; the broker stays, so the hub is still connected and only deadlines tell.
     s.cloud.kill();
@@ -507,7 +550,7 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
     }
     assert_eq!(
         breaker(s.hub.http_addr),
-        Some(2.0),
+        (vec!["open"], Some(1.0)),
         "open after three timeouts"
     );
     // Now the hub does not send, so the cashier does not wait out the deadline.
@@ -533,7 +576,7 @@ fn a_dead_cloud_opens_the_breaker_and_a_live_one_closes_it() {
         assert!(std::time::Instant::now() < deadline, "{result:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(breaker(s.hub.http_addr), Some(0.0));
+    assert_eq!(breaker(s.hub.http_addr), (vec!["closed"], Some(0.0)));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while api.balance("alice").unwrap() != 10_000 - 100 {
         assert!(
@@ -586,7 +629,7 @@ fn a_hub_cut_from_the_broker_declines_fast_and_recovers_when_healed() {
     let connected = |value: f64| {
         tests::wait_for_metric(
             hub.http_addr,
-            "facepay_hub_cloud_connected",
+            "facepay_hub_broker_connected",
             value,
             Duration::from_secs(20),
         )
@@ -832,4 +875,54 @@ fn json_logs_are_one_object_per_line() {
             "{line}"
         );
     }
+}
+
+#[test]
+fn sigterm_stops_every_tier_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = start_stack(dir.path());
+    let api = CloudApi::new(s.cloud.http_addr);
+    wait_for_metric(
+        s.cloud.metrics_addr,
+        "facepay_cloud_store_online{store_id=\"store-1\"}",
+        1.0,
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    present_code(&s.frames, &s.alice).unwrap();
+    let (_, paid) = charge(s.edge.http_addr, "before-stop", 300, "EUR").unwrap();
+    assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
+
+    // The terminal is told to stop while a charge waits for the customer's code: the charge
+    // still gets its answer (no code seen: nothing moved), then the terminal ends cleanly.
+    let edge = s.edge.http_addr;
+    let waiting = std::thread::spawn(move || charge(edge, "during-stop", 300, "EUR").unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let status = s.edge.terminate(Duration::from_secs(20));
+    let (_, heard) = waiting.join().unwrap();
+    assert_eq!(
+        (heard.status, heard.reason),
+        (ChargeStatus::Declined, Some(DeclineReason::NoCodePresented)),
+        "{heard:?}"
+    );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(s.edge.printed(), vec!["facepay-edge stopped".to_owned()]);
+
+    // The hub says goodbye: the cloud hears the store go offline, the hub ends cleanly.
+    let status = s.hub.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(s.hub.printed(), vec!["facepay-hub stopped".to_owned()]);
+    wait_for_metric(
+        s.cloud.metrics_addr,
+        "facepay_cloud_store_online{store_id=\"store-1\"}",
+        0.0,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+
+    // The cloud: its books as they were, then a clean end.
+    assert_eq!(api.balance("alice").unwrap(), 10_000 - 300);
+    let status = s.cloud.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(s.cloud.printed(), vec!["facepay-cloud stopped".to_owned()]);
 }

@@ -400,7 +400,7 @@ fn pay_by_face_end_to_end() {
     s1.uplink.cut();
     wait_for_metric(
         s1.hub.http_addr,
-        "facepay_hub_cloud_connected",
+        "facepay_hub_broker_connected",
         0.0,
         Duration::from_secs(10),
     )
@@ -531,9 +531,34 @@ fn pay_by_face_end_to_end() {
     assert!(
         metric_value(
             &page,
-            "facepay_hub_verifications_total{outcome=\"second_factor_wrong\"}"
+            "facepay_hub_verification_declines_total{reason=\"second_factor_wrong\"}"
         )
         .unwrap()
             >= 3.0
     );
+    // The terminal counts what /v1/verify answered: the spoof it refused itself among them.
+    let page = get_text(&format!("http://{}/metrics", s1.edge.metrics_addr)).unwrap();
+    for (series, at_least) in [
+        (
+            "facepay_edge_verifications_total{outcome=\"verified\"}",
+            3.0,
+        ),
+        (
+            "facepay_edge_verifications_total{outcome=\"declined\"}",
+            2.0,
+        ),
+        (
+            "facepay_edge_verification_declines_total{reason=\"spoof_suspected\"}",
+            1.0,
+        ),
+        (
+            "facepay_edge_verification_declines_total{reason=\"face_not_recognized\"}",
+            1.0,
+        ),
+    ] {
+        assert!(
+            metric_value(&page, series).unwrap() >= at_least,
+            "{series}: {page}"
+        );
+    }
 }

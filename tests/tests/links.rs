@@ -1251,7 +1251,7 @@ fn a_revocation_reaches_the_admin_api_and_the_hubs_without_a_restart() {
     .unwrap();
     tests::wait_for_metric(
         hub.metrics_addr,
-        "facepay_hub_cloud_connected",
+        "facepay_hub_broker_connected",
         1.0,
         Duration::from_secs(20),
     )

@@ -106,10 +106,16 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
         (ChargeStatus::Approved, false),
         "{online:?}"
     );
-    assert_eq!(site.hub_metric("facepay_hub_offline"), Some(0.0));
+    assert_eq!(
+        site.hub_metric("facepay_hub_authorization_mode{mode=\"offline\"}"),
+        Some(0.0)
+    );
 
     cut_off(&site);
-    assert_eq!(site.hub_metric("facepay_hub_offline"), Some(1.0));
+    assert_eq!(
+        site.hub_metric("facepay_hub_authorization_mode{mode=\"offline\"}"),
+        Some(1.0)
+    );
     let started = Instant::now();
     let first = pay(&site, &alice, "off-1", 1_000);
     assert_eq!(
@@ -163,9 +169,22 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
     );
     assert_eq!(site.hub_metric("facepay_hub_offline_backlog"), Some(3.0));
     assert_eq!(
-        site.hub_metric("facepay_hub_offline_exposure_minor"),
+        site.hub_metric("facepay_hub_offline_exposure_minor_units{currency=\"EUR\"}"),
         Some(4_000.0)
     );
+    assert_eq!(
+        site.hub_metric("facepay_hub_offline_exposure_minor_units{currency=\"USD\"}"),
+        Some(0.0)
+    );
+    // The oldest unreconciled approval: this test's first offline payment, a moment ago.
+    let oldest = site
+        .hub_metric("facepay_hub_offline_oldest_unreconciled_timestamp_seconds")
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(oldest > now - 600.0 && oldest <= now, "{oldest} vs {now}");
     assert_eq!(
         api.balance("alice").unwrap(),
         9_900,
@@ -175,6 +194,15 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
     // kill -9 in the middle of the partition: the journal keeps what was approved.
     site.restart_hub().unwrap();
     assert_eq!(site.hub_metric("facepay_hub_offline_backlog"), Some(3.0));
+    // Rebuilt from the journal: the same exposure, the same oldest approval.
+    assert_eq!(
+        site.hub_metric("facepay_hub_offline_exposure_minor_units{currency=\"EUR\"}"),
+        Some(4_000.0)
+    );
+    assert_eq!(
+        site.hub_metric("facepay_hub_offline_oldest_unreconciled_timestamp_seconds"),
+        Some(oldest)
+    );
     // The terminal reconnects to the restarted hub (until then: "store system unreachable").
     let mut still_full = pay(&site, &alice, "off-5", 1_000);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -192,6 +220,15 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
 
     reconnect(&site);
     wait_drained(&site);
+    // Reconciled: nothing held, no oldest.
+    assert_eq!(
+        site.hub_metric("facepay_hub_offline_exposure_minor_units{currency=\"EUR\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        site.hub_metric("facepay_hub_offline_oldest_unreconciled_timestamp_seconds"),
+        Some(0.0)
+    );
     assert_eq!(api.balance("alice").unwrap(), 10_000 - 100 - 4_000);
     assert_eq!(api.balance("bob").unwrap(), 10_000);
     assert_eq!(api.balance("store-1").unwrap(), 4_100);
@@ -220,7 +257,10 @@ fn a_partitioned_hub_approves_within_its_bounds_and_reconciles_once_when_healed(
     // Online again: payments go to the cloud.
     let back = pay(&site, &alice, "on-2", 100);
     assert_eq!(back.status, ChargeStatus::Approved, "{back:?}");
-    assert_eq!(site.hub_metric("facepay_hub_offline"), Some(0.0));
+    assert_eq!(
+        site.hub_metric("facepay_hub_authorization_mode{mode=\"offline\"}"),
+        Some(0.0)
+    );
 }
 
 #[test]

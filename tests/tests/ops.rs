@@ -67,3 +67,28 @@ fn every_alert_is_tested_and_has_a_runbook_entry() {
         assert!(alerts.iter().any(|a| a == entry), "{entry} is no alert");
     }
 }
+
+#[test]
+fn the_central_web_configuration_checks() {
+    // Its certificate paths are the central machine's: here the test PKI's stand in.
+    let pki = tests::test_pki();
+    tests::ensure_identity(&pki::Identity::cloud()).unwrap();
+    let text = std::fs::read_to_string(ops().join("prometheus/web-config.yml"))
+        .unwrap()
+        .replace(
+            "/etc/prometheus/central.pem",
+            &pki.join("cloud.pem").display().to_string(),
+        )
+        .replace(
+            "/etc/prometheus/central.key",
+            &pki.join("cloud.key").display().to_string(),
+        )
+        .replace(
+            "/etc/facepay/pki/ca.pem",
+            &pki.join("ca.pem").display().to_string(),
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("web-config.yml");
+    std::fs::write(&file, text).unwrap();
+    promtool(&["check", "web-config", file.to_str().unwrap()]);
+}

@@ -47,6 +47,19 @@ impl Ledger {
             .collect()
     }
 
+    /// What every account of each currency adds up to, read at once (one snapshot of the
+    /// accounts on PostgreSQL; on sled this instance's ledger thread, its only writer, reads
+    /// between its writes). Double entry keeps each sum at 0: anything else is a broken ledger.
+    pub fn balance_sums(
+        &self,
+    ) -> Result<std::collections::HashMap<protocol::Currency, i64>, LedgerError> {
+        let mut sums = std::collections::HashMap::new();
+        for account in self.accounts()? {
+            *sums.entry(account.currency).or_default() += account.balance_minor;
+        }
+        Ok(sums)
+    }
+
     /// Totals per currency. Balances are recomputed from the transfers and checked against the
     /// stored balances: a difference is a broken invariant and panics rather than report wrong books.
     pub fn totals(&self) -> Result<Vec<LedgerTotals>, LedgerError> {

@@ -67,6 +67,9 @@ pub struct FaceConfig {
     pub pitch_ratio_range: [f32; 2],
     /// Fused probability of a live face at or above which the face counts as live.
     pub liveness_threshold: f32,
+    /// The directory of the pinned model files; unset: the source tree's `shared/face/models`
+    /// (a package installs them in `/usr/share/facepay/models` and sets this).
+    pub models_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FaceConfig {
@@ -86,6 +89,7 @@ impl Default for FaceConfig {
             max_roll_degrees: 30.0,
             pitch_ratio_range: [0.2, 0.85],
             liveness_threshold: 0.6,
+            models_dir: None,
         }
     }
 }
@@ -381,9 +385,13 @@ impl FaceEngine {
         })
     }
 
-    /// Loads the models vendored in this crate.
+    /// Loads the pinned models from `config.models_dir`, or the ones vendored in this crate.
     pub fn load_default(config: FaceConfig) -> Result<Self, FaceError> {
-        Self::load(&models::default_models_dir(), config)
+        let dir = config
+            .models_dir
+            .clone()
+            .unwrap_or_else(models::default_models_dir);
+        Self::load(&dir, config)
     }
 
     /// The thresholds in use.

@@ -7,7 +7,9 @@ pub mod nats;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, TlsConfiguration, Transport,
+};
 use serde::{Deserialize, Serialize};
 
 pub use pki::Signer;
@@ -211,6 +213,12 @@ impl std::fmt::Display for PublishError {
 impl std::error::Error for PublishError {}
 
 impl Client {
+    /// Says goodbye to the broker (MQTT DISCONNECT) after what is queued before it: the broker
+    /// then publishes no last will, and [`drive`] returns once the DISCONNECT is sent.
+    pub async fn goodbye(&self) -> Result<(), PublishError> {
+        self.inner.disconnect().await.map_err(PublishError::Client)
+    }
+
     /// A client that seals with `signer`.
     pub fn new(inner: AsyncClient, signer: Arc<pki::ReplySigner>) -> Self {
         Client { inner, signer }
@@ -333,9 +341,9 @@ pub enum LinkEvent {
     },
 }
 
-/// Drives the event loop forever, reconnecting after a pause that grows with each failed attempt
-/// ([`MqttConfig::reconnect_pause`]), to the next broker of the cluster each time, and hands
-/// every link event to `handler`. The handler is awaited before the next poll, so a slow owner
+/// Drives the event loop until a goodbye ([`Client::goodbye`]), reconnecting after a pause that
+/// grows with each failed attempt ([`MqttConfig::reconnect_pause`]), to the next broker of the
+/// cluster each time, and hands every link event to `handler`. The handler is awaited before the next poll, so a slow owner
 /// slows the link down instead of queueing without bound.
 pub async fn drive<F, Fut>(mut link: Link, mut handler: F)
 where
@@ -372,6 +380,11 @@ where
                 link.fail_over();
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => refusals = 0,
+            // A goodbye ([`Client::goodbye`]): the link is closed for good.
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                handler(LinkEvent::Disconnected("said goodbye".into())).await;
+                return;
+            }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let topic = publish.topic.clone();
                 let event = match link.open(&topic, &publish.payload) {

@@ -40,14 +40,17 @@ pub struct Currency([u8; 3]);
 impl Currency {
     /// Parses an upper-case ISO 4217 code from the table of accepted currencies.
     pub fn parse(code: &str) -> Result<Self, ValidationError> {
-        CURRENCIES
-            .iter()
-            .find(|(known, _)| *known == code)
-            .map(|(known, _)| {
-                let b = known.as_bytes();
-                Currency([b[0], b[1], b[2]])
-            })
+        Currency::all()
+            .find(|known| known.as_str() == code)
             .ok_or_else(|| ValidationError::UnknownCurrency(code.to_owned()))
+    }
+
+    /// Every accepted currency, in code order.
+    pub fn all() -> impl Iterator<Item = Currency> {
+        CURRENCIES.iter().map(|(code, _)| {
+            let b = code.as_bytes();
+            Currency([b[0], b[1], b[2]])
+        })
     }
 
     /// The three-letter code.

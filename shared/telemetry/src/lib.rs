@@ -5,7 +5,7 @@
 
 use actix_web::{web, HttpResponse};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
 use protocol::DeclineReason;
 
@@ -169,6 +169,12 @@ impl Readiness {
     pub fn require_gauge(&self, name: &'static str, gauge: &prometheus::IntGauge) {
         let gauge = gauge.clone();
         self.require(name, move || gauge.get() == 1);
+    }
+
+    /// Not ready from now on: the process is stopping (`/readyz` says `stopping`), so that a
+    /// load balancer or an orchestrator sends it nothing more.
+    pub fn stopping(&self) {
+        self.require("stopping", || false);
     }
 
     /// The conditions that do not hold now, in the order they were added.
@@ -413,57 +419,109 @@ pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// The metrics every tier keeps about the payments it handles:
-/// `facepay_<tier>_payment_requests_total`, `facepay_<tier>_payment_outcomes_total{outcome,reason}`
-/// and `facepay_<tier>_payment_duration_seconds`.
+/// Where a payment was decided: with the cloud, or by the store's hub alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionPath {
+    /// With the cloud's answer, or refused before the cloud was asked.
+    Online,
+    /// By the hub alone, the cloud unreachable (within its offline bounds).
+    Offline,
+}
+
+impl DecisionPath {
+    /// Both paths: a terminal's and a hub's decisions take either.
+    pub const BOTH: [DecisionPath; 2] = [DecisionPath::Online, DecisionPath::Offline];
+
+    /// The `path` label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionPath::Online => "online",
+            DecisionPath::Offline => "offline",
+        }
+    }
+
+    /// `Offline` when `offline`.
+    pub fn of(offline: bool) -> Self {
+        if offline {
+            DecisionPath::Offline
+        } else {
+            DecisionPath::Online
+        }
+    }
+}
+
+/// The metrics every tier keeps about the payments it handles, every series created up front:
+/// `facepay_<tier>_payment_requests_total`,
+/// `facepay_<tier>_payment_decisions_total{outcome,path}`,
+/// `facepay_<tier>_payment_declines_total{reason}` and
+/// `facepay_<tier>_payment_decision_seconds{path}`.
 #[derive(Clone)]
 pub struct PaymentMetrics {
     requests_total: IntCounter,
-    outcomes_total: IntCounterVec,
-    duration_seconds: Histogram,
+    decisions_total: IntCounterVec,
+    declines_total: IntCounterVec,
+    decision_seconds: HistogramVec,
 }
 
 impl PaymentMetrics {
-    /// Registers the payment metrics of `tier` (`edge`, `hub`, `cloud`).
-    pub fn register(registry: &Registry, tier: &str) -> Self {
+    /// Registers the payment metrics of `tier` (`edge`, `hub`, `cloud`), with the paths its
+    /// decisions take (the cloud's are all online).
+    pub fn register(registry: &Registry, tier: &str, paths: &[DecisionPath]) -> Self {
         let requests_total = IntCounter::new(
             format!("facepay_{tier}_payment_requests_total"),
             "payment requests received",
         )
         .expect("valid metric");
-        let outcomes_total = IntCounterVec::new(
+        let decisions_total = IntCounterVec::new(
             Opts::new(
-                format!("facepay_{tier}_payment_outcomes_total"),
-                "payment decisions by outcome and decline reason",
+                format!("facepay_{tier}_payment_decisions_total"),
+                "payments decided, by outcome (approved, declined) and path (online: with the \
+                 cloud; offline: by the hub alone)",
             ),
-            &["outcome", "reason"],
+            &["outcome", "path"],
         )
         .expect("valid metric");
-        let duration_seconds = Histogram::with_opts(
+        let declines_total = IntCounterVec::new(
+            Opts::new(
+                format!("facepay_{tier}_payment_declines_total"),
+                "payments declined, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let decision_seconds = HistogramVec::new(
             HistogramOpts::new(
-                format!("facepay_{tier}_payment_duration_seconds"),
-                "time from request to decision",
+                format!("facepay_{tier}_payment_decision_seconds"),
+                "time to decide a payment, by path (the customer's time to show a code apart)",
             )
             .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            &["path"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(requests_total.clone()))
-            .expect("registered once per registry");
-        registry
-            .register(Box::new(outcomes_total.clone()))
-            .expect("registered once per registry");
-        registry
-            .register(Box::new(duration_seconds.clone()))
-            .expect("registered once per registry");
-        outcomes_total.with_label_values(&["approved", "none"]);
+        for metric in [
+            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(decisions_total.clone()),
+            Box::new(declines_total.clone()),
+            Box::new(decision_seconds.clone()),
+        ] {
+            registry
+                .register(metric)
+                .expect("registered once per registry");
+        }
+        for path in paths {
+            for outcome in ["approved", "declined"] {
+                decisions_total.with_label_values(&[outcome, path.as_str()]);
+            }
+            decision_seconds.with_label_values(&[path.as_str()]);
+        }
         for reason in DeclineReason::ALL {
-            outcomes_total.with_label_values(&["declined", reason.as_str()]);
+            declines_total.with_label_values(&[reason.as_str()]);
         }
         PaymentMetrics {
             requests_total,
-            outcomes_total,
-            duration_seconds,
+            decisions_total,
+            declines_total,
+            decision_seconds,
         }
     }
 
@@ -472,19 +530,134 @@ impl PaymentMetrics {
         self.requests_total.inc();
     }
 
-    /// Counts a decision and its latency.
-    pub fn outcome(&self, reason: Option<DeclineReason>, elapsed: std::time::Duration) {
-        match reason {
-            None => self
-                .outcomes_total
-                .with_label_values(&["approved", "none"])
-                .inc(),
-            Some(r) => self
-                .outcomes_total
-                .with_label_values(&["declined", r.as_str()])
-                .inc(),
+    /// Counts a decision (`reason`: `None` when approved), its path and the time it took.
+    pub fn outcome(
+        &self,
+        reason: Option<DeclineReason>,
+        path: DecisionPath,
+        elapsed: std::time::Duration,
+    ) {
+        let outcome = match reason {
+            None => "approved",
+            Some(reason) => {
+                self.declines_total
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                "declined"
+            }
+        };
+        self.decisions_total
+            .with_label_values(&[outcome, path.as_str()])
+            .inc();
+        self.decision_seconds
+            .with_label_values(&[path.as_str()])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// What a face verification answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerificationOutcome {
+    /// The face matched an account.
+    Verified,
+    /// The face matched, and the account asks for a second factor.
+    SecondFactorRequired,
+    /// Refused, with the reason.
+    Declined(DeclineReason),
+}
+
+/// The face verifications a tier answered, every series created up front:
+/// `facepay_<tier>_verifications_total{outcome}` (`verified`, `second_factor_required`,
+/// `declined`) and `facepay_<tier>_verification_declines_total{reason}`.
+#[derive(Clone)]
+pub struct VerificationMetrics {
+    outcomes: IntCounterVec,
+    declines: IntCounterVec,
+}
+
+impl VerificationMetrics {
+    /// Registers the verification metrics of `tier`.
+    pub fn register(registry: &Registry, tier: &str) -> Self {
+        let outcomes = IntCounterVec::new(
+            Opts::new(
+                format!("facepay_{tier}_verifications_total"),
+                "face verifications, by outcome (verified, second_factor_required, declined)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let declines = IntCounterVec::new(
+            Opts::new(
+                format!("facepay_{tier}_verification_declines_total"),
+                "face verifications declined, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outcomes.clone()))
+            .expect("registered once per registry");
+        registry
+            .register(Box::new(declines.clone()))
+            .expect("registered once per registry");
+        for outcome in ["verified", "second_factor_required", "declined"] {
+            outcomes.with_label_values(&[outcome]);
         }
-        self.duration_seconds.observe(elapsed.as_secs_f64());
+        for reason in DeclineReason::ALL {
+            declines.with_label_values(&[reason.as_str()]);
+        }
+        VerificationMetrics { outcomes, declines }
+    }
+
+    /// Counts one answer.
+    pub fn count(&self, outcome: VerificationOutcome) {
+        let label = match outcome {
+            VerificationOutcome::Verified => "verified",
+            VerificationOutcome::SecondFactorRequired => "second_factor_required",
+            VerificationOutcome::Declined(reason) => {
+                self.declines.with_label_values(&[reason.as_str()]).inc();
+                "declined"
+            }
+        };
+        self.outcomes.with_label_values(&[label]).inc();
+    }
+}
+
+/// A state set (OpenMetrics): one series per state of `label`, 1 for the state in force and 0
+/// for the others, every series created up front.
+#[derive(Clone)]
+pub struct StateSet {
+    gauge: prometheus::IntGaugeVec,
+    states: &'static [&'static str],
+}
+
+impl StateSet {
+    /// Registers `name` with a series per state; `states[0]` is in force until [`StateSet::set`].
+    pub fn register(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        label: &str,
+        states: &'static [&'static str],
+    ) -> Self {
+        let gauge =
+            prometheus::IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(gauge.clone()))
+            .expect("registered once per registry");
+        let set = StateSet { gauge, states };
+        set.set(states[0]);
+        set
+    }
+
+    /// Puts `state` in force (one of the registered states).
+    pub fn set(&self, state: &str) {
+        debug_assert!(self.states.contains(&state), "{state} is not a state");
+        for known in self.states {
+            self.gauge
+                .with_label_values(&[known])
+                .set(i64::from(*known == state));
+        }
     }
 }
 
@@ -563,26 +736,85 @@ mod tests {
     }
 
     #[test]
-    fn payment_metrics_render_with_labels() {
+    fn payment_metrics_render_with_labels_every_series_up_front() {
         let registry = Registry::new();
-        let m = PaymentMetrics::register(&registry, "hub");
+        let m = PaymentMetrics::register(&registry, "hub", &DecisionPath::BOTH);
+        let text = render(&registry);
+        for series in [
+            "facepay_hub_payment_requests_total 0",
+            "facepay_hub_payment_decisions_total{outcome=\"approved\",path=\"offline\"} 0",
+            "facepay_hub_payment_decisions_total{outcome=\"declined\",path=\"online\"} 0",
+            "facepay_hub_payment_declines_total{reason=\"spoof_suspected\"} 0",
+            "facepay_hub_payment_decision_seconds_count{path=\"offline\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing up front:\n{text}");
+        }
+        assert!(!text.contains("reason=\"none\""), "{text}");
         m.request();
-        m.outcome(None, std::time::Duration::from_millis(2));
+        m.outcome(
+            None,
+            DecisionPath::Offline,
+            std::time::Duration::from_millis(2),
+        );
         m.outcome(
             Some(DeclineReason::CodeExpired),
+            DecisionPath::Online,
             std::time::Duration::from_millis(1),
         );
         let text = render(&registry);
-        assert!(
-            text.contains("facepay_hub_payment_requests_total 1"),
-            "{text}"
+        for series in [
+            "facepay_hub_payment_requests_total 1",
+            "facepay_hub_payment_decisions_total{outcome=\"approved\",path=\"offline\"} 1",
+            "facepay_hub_payment_decisions_total{outcome=\"declined\",path=\"online\"} 1",
+            "facepay_hub_payment_decisions_total{outcome=\"approved\",path=\"online\"} 0",
+            "facepay_hub_payment_declines_total{reason=\"code_expired\"} 1",
+            "facepay_hub_payment_decision_seconds_count{path=\"offline\"} 1",
+            "facepay_hub_payment_decision_seconds_count{path=\"online\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        // The cloud decides online only: no offline series.
+        let cloud = Registry::new();
+        PaymentMetrics::register(&cloud, "cloud", &[DecisionPath::Online]);
+        assert!(!render(&cloud).contains("path=\"offline\""));
+    }
+
+    #[test]
+    fn verification_metrics_split_outcomes_from_reasons() {
+        let registry = Registry::new();
+        let m = VerificationMetrics::register(&registry, "edge");
+        assert!(render(&registry)
+            .contains("facepay_edge_verification_declines_total{reason=\"spoof_suspected\"} 0"));
+        m.count(VerificationOutcome::Verified);
+        m.count(VerificationOutcome::Declined(DeclineReason::SpoofSuspected));
+        let text = render(&registry);
+        for series in [
+            "facepay_edge_verifications_total{outcome=\"verified\"} 1",
+            "facepay_edge_verifications_total{outcome=\"declined\"} 1",
+            "facepay_edge_verifications_total{outcome=\"second_factor_required\"} 0",
+            "facepay_edge_verification_declines_total{reason=\"spoof_suspected\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_state_set_holds_one_state_at_a_time() {
+        let registry = Registry::new();
+        let set = StateSet::register(
+            &registry,
+            "facepay_hub_cloud_breaker_state",
+            "breaker",
+            "state",
+            &["closed", "half_open", "open"],
         );
-        assert!(text.contains(
-            "facepay_hub_payment_outcomes_total{outcome=\"declined\",reason=\"code_expired\"} 1"
-        ));
-        assert!(text.contains(
-            "facepay_hub_payment_outcomes_total{outcome=\"approved\",reason=\"none\"} 1"
-        ));
-        assert!(text.contains("facepay_hub_payment_duration_seconds_count 2"));
+        let text = render(&registry);
+        assert!(text.contains("facepay_hub_cloud_breaker_state{state=\"closed\"} 1"));
+        assert!(text.contains("facepay_hub_cloud_breaker_state{state=\"open\"} 0"));
+        set.set("open");
+        let text = render(&registry);
+        assert!(text.contains("facepay_hub_cloud_breaker_state{state=\"closed\"} 0"));
+        assert!(text.contains("facepay_hub_cloud_breaker_state{state=\"half_open\"} 0"));
+        assert!(text.contains("facepay_hub_cloud_breaker_state{state=\"open\"} 1"));
     }
 }

@@ -229,7 +229,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
             journal: journal.clone(),
             drain_batch: 200,
             drain_interval: Duration::from_secs(3600),
-            metrics: OfflineMetrics::register(&registry),
+            metrics: OfflineMetrics::register(&registry, config.store_ceiling_minor, &[]),
         };
         let clock = clock::system();
         let validity = Validity {
@@ -261,7 +261,7 @@ fn authorization_latency(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()>
                 offline,
                 uplink: None,
             },
-            telemetry::PaymentMetrics::register(&registry, "hub"),
+            telemetry::PaymentMetrics::register(&registry, "hub", &telemetry::DecisionPath::BOTH),
         )
         .start();
         let mut latencies = Vec::with_capacity(n);
