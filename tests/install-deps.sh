@@ -30,8 +30,9 @@ fi
 
 # cargo-deb: the Debian packages of the tiers (README "Packages and services",
 # tests/tests/packages.rs); built from crates.io once per machine, for the tests only
-# (`--with-packaging`: the demo does not need it).
+# (`--with-packaging`: the demo does not need it). Pinned: the package test packs the dev
+# profile's binaries, which this version still allows (with a warning).
 if [ "${1:-}" = "--with-packaging" ] && ! cargo deb --version >/dev/null 2>&1; then
   echo "installing cargo-deb (cargo install)" >&2
-  cargo install cargo-deb --locked --quiet >&2
+  cargo install cargo-deb --version 3.8.0 --locked --quiet >&2
 fi

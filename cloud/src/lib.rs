@@ -99,6 +99,10 @@ impl CloudHandle {
     }
 }
 
+/// How long a stopping cloud lets its APIs' requests in flight finish (an enrollment analyses
+/// photos).
+pub const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts the cloud inside the current actix system.
 pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     pki::install_crypto_provider();
@@ -371,6 +375,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         &config.admin_listen,
         Some(tls.server_config(pki::ClientAuth::Required)?),
         Some(api::operator_gate(tls.clone())),
+        API_DRAIN,
         move |cfg| api::configure(cfg, state.clone()),
     )
     .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
@@ -385,6 +390,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         &config.api_listen,
         Some(tls.server_config(pki::ClientAuth::Required)?),
         Some(api::enroll_gate(tls.clone(), token_digest)),
+        API_DRAIN,
         move |cfg| api::configure_enroll(cfg, enroll_state.clone()),
     )
     .with_context(|| format!("binding api_listen {}", config.api_listen))?;

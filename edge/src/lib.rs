@@ -193,11 +193,18 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         None => (None, None),
     };
     let register_https = register_tls.is_some();
-    let (register_addr, handle) =
-        telemetry::serve_api(&config.register_listen, register_tls, gate, move |cfg| {
-            api::configure(cfg, api_checkout.clone())
-        })
-        .with_context(|| format!("binding register_listen {}", config.register_listen))?;
+    let (register_addr, handle) = telemetry::serve_api(
+        &config.register_listen,
+        register_tls,
+        gate,
+        // A charge waits for the customer, then for the hub: it is answered before the
+        // terminal stops.
+        std::time::Duration::from_millis(
+            config.scan_timeout_ms.max(config.face_timeout_ms) + config.hub_timeout_ms + 1_000,
+        ),
+        move |cfg| api::configure(cfg, api_checkout.clone()),
+    )
+    .with_context(|| format!("binding register_listen {}", config.register_listen))?;
     let metrics_tls = match config.metrics.tls {
         true => Some(tls.server_config(pki::ClientAuth::None)?),
         false => None,

@@ -172,7 +172,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             let token: String = chars[start..i].iter().collect();
             let next = chars[i..].iter().find(|c| !c.is_whitespace());
             let is_metric =
-                (token.contains("facepay_") || token.starts_with("node_")) && next != Some(&'(');
+                (token.contains("facepay_") || token.starts_with("node_") || token == "up")
+                    && next != Some(&'(');
             if is_metric {
                 names.insert(token);
             }
@@ -188,11 +189,13 @@ fn metric_names_are_read_from_expressions() {
     assert_eq!(
         metric_names(
             "sum by (store_id) (rate(facepay_hub_payment_decisions_total{outcome=\"declined\"}[15m])) \
-             / store:facepay_hub_payments:rate15m and {__name__=~\"facepay_.+_x\"}"
+             / store:facepay_hub_payments:rate15m and {__name__=~\"facepay_.+_x\"} \
+             and on (instance) up{job=\"x\"} == 1"
         ),
         BTreeSet::from([
             "facepay_hub_payment_decisions_total".to_owned(),
-            "store:facepay_hub_payments:rate15m".to_owned()
+            "store:facepay_hub_payments:rate15m".to_owned(),
+            "up".to_owned()
         ])
     );
 }

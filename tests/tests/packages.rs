@@ -107,7 +107,7 @@ fn every_tier_packs_with_its_user_config_and_hardened_unit() {
         let root = dir.path().join(format!("{tier}-root"));
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
         let binary = root.join(format!("usr/bin/{name}"));
-        let unit = root.join(format!("lib/systemd/system/{name}.service"));
+        let unit = root.join(format!("usr/lib/systemd/system/{name}.service"));
         let config = root.join(format!("etc/facepay/{tier}.toml"));
         for path in [
             &binary,

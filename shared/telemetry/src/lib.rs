@@ -189,6 +189,9 @@ impl Readiness {
     }
 }
 
+/// How long a graceful stop lets a scrape in flight finish.
+pub const METRICS_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves `/metrics`, `/healthz` (alive: answers while the process serves) and `/readyz` (ready:
 /// 200 while every condition of `readiness` holds, 503 naming those that do not) for a registry
 /// on one worker thread of the current actix system; with `tls`, over HTTPS with that
@@ -222,7 +225,7 @@ pub fn serve_metrics(
         });
         gate
     });
-    serve_api(&config.listen, tls, gate, move |cfg| {
+    serve_api(&config.listen, tls, gate, METRICS_DRAIN, move |cfg| {
         configure_metrics(cfg, registry.clone());
         cfg.route("/healthz", web::get().to(|| async { "ok" }));
         let readiness = readiness.clone();
@@ -307,12 +310,14 @@ fn basic_auth_ok(
 
 /// Serves a tier's API on one worker thread of the current actix system: over HTTPS with `tls`
 /// (the peer's verified certificate subject, if it presented one, is in the connection data as a
-/// [`Peer`]), with `gate` run on every request before its body is read. Returns the bound address
-/// (port 0 picks one) and the server's handle.
+/// [`Peer`]), with `gate` run on every request before its body is read. A graceful stop lets the
+/// requests in flight finish for up to `drain` (the longest a request may take). Returns the
+/// bound address (port 0 picks one) and the server's handle.
 pub fn serve_api<F>(
     listen: &str,
     tls: Option<rustls::ServerConfig>,
     gate: Option<Gate>,
+    drain: std::time::Duration,
     routes: F,
 ) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::ServerHandle)>
 where
@@ -351,7 +356,7 @@ where
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(1);
+    .shutdown_timeout(drain.as_secs().max(1));
     let server = match tls {
         Some(config) => server.bind_rustls_0_23(listen, config)?,
         None => server.bind(listen)?,
