@@ -68,6 +68,9 @@ struct LeaseCache {
     elsewhere: Mutex<HashMap<String, u64>>,
     ttl_ms: u64,
     clock: clock::SharedClock,
+    /// The instance is stopping: no lease is taken or renewed any more (one renewed after the
+    /// release would hold the store here, unserved, until it lapsed).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Whether this instance serves a store's request.
@@ -106,6 +109,9 @@ async fn lease_for(serving: &Serving, store_id: &str) -> Serve {
 
 /// Takes or renews `store_id`'s lease and notes the outcome.
 async fn renew(serving: &Serving, cache: &LeaseCache, store_id: &str) -> Serve {
+    if cache.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return Serve::Elsewhere;
+    }
     match serving.ledger.send(AcquireLease(store_id.to_owned())).await {
         Ok(Ok(Ok(held))) => {
             cache
@@ -278,18 +284,24 @@ impl StorePresence {
         StorePresence { online, last_heard }
     }
 
-    /// A store's hub was heard, saying whether it is online (a presence) or not (a request).
-    fn heard(&self, store_id: &str, online: Option<bool>) {
+    /// A store's hub was heard now (a request, or its presence published now).
+    fn heard(&self, store_id: &str) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         self.last_heard
             .with_label_values(&[store_id])
             .set(now.as_secs() as i64);
-        if let Some(online) = online {
-            self.online
-                .with_label_values(&[store_id])
-                .set(i64::from(online));
+    }
+
+    /// A store's presence: online or not. One the broker kept (`retained`, handed over on
+    /// subscribing, perhaps a dead hub's will) says nothing of when the hub was last heard.
+    fn presence(&self, store_id: &str, online: bool, retained: bool) {
+        self.online
+            .with_label_values(&[store_id])
+            .set(i64::from(online));
+        if online && !retained {
+            self.heard(store_id);
         }
     }
 }
@@ -350,6 +362,7 @@ impl HubLinkActor {
             elsewhere: Mutex::default(),
             ttl_ms,
             clock,
+            stopping: Default::default(),
         });
         self
     }
@@ -426,6 +439,11 @@ impl Handler<StopServing> for HubLinkActor {
 
     fn handle(&mut self, _: StopServing, _: &mut Self::Context) -> Self::Result {
         self.stopping = true;
+        if let Some(cache) = &self.serving.leases {
+            cache
+                .stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         // Dropping a lane's sender closes it: it serves what it queued, then finishes.
         let finished: Vec<Finished> = self
             .lanes
@@ -741,7 +759,11 @@ impl Handler<LinkEventMsg> for HubLinkActor {
             }
             // Counted and logged where the link is driven; nothing to act on.
             LinkEvent::Refused { .. } => Box::pin(async {}),
-            LinkEvent::Message { topic, payload } => {
+            LinkEvent::Message {
+                topic,
+                payload,
+                retained,
+            } => {
                 if let Some(store_id) = protocol::topics::store_of_presence_topic(&topic) {
                     match (
                         protocol::decode::<protocol::Presence>(&payload),
@@ -751,7 +773,7 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                             // Sealed by the store's hub (checked by the link): one series per
                             // store of the fleet's PKI.
                             tracing::debug!(store_id, online = presence.online, "store presence");
-                            shown.heard(store_id, Some(presence.online));
+                            shown.presence(store_id, presence.online, retained);
                         }
                         (Ok(_), None) => {}
                         (Err(error), _) => {
@@ -781,7 +803,13 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                     return Box::pin(async {});
                 }
                 if let Some(presence) = &self.presence {
-                    presence.heard(&store_id, None);
+                    presence.heard(&store_id);
+                }
+                // A stopping instance among others stays silent: each store's request is the
+                // lease holder's to answer (a "busy" from here would race its answer), and its
+                // own stores go to another instance once their leases are released.
+                if self.stopping && self.serving.leases.is_some() {
+                    return Box::pin(async {});
                 }
                 let request_id = request.request_id;
                 if let Err(why) = self.dispatch(request) {

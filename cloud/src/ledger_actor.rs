@@ -154,6 +154,28 @@ impl Handler<HubKeyStores> for LedgerActor {
     }
 }
 
+impl BooksMetrics {
+    /// Adds up every account of `ledger` per currency and shows the sums. On sled only on the
+    /// ledger's thread (its one writer); on PostgreSQL anywhere (one read is one snapshot).
+    pub fn check(&self, ledger: &Ledger) -> Result<(), LedgerError> {
+        let sums = ledger.balance_sums()?;
+        for currency in protocol::Currency::all() {
+            let sum = sums.get(&currency).copied().unwrap_or(0);
+            if sum != 0 {
+                tracing::error!(%currency, sum, "the books do not balance");
+            }
+            self.imbalance
+                .with_label_values(&[currency.as_str()])
+                .set(sum);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.checked.set(now.as_secs() as i64);
+        Ok(())
+    }
+}
+
 /// Add up every account per currency and show the sums on the books' metrics.
 #[derive(Message)]
 #[rtype(result = "Result<(), LedgerError>")]
@@ -163,22 +185,7 @@ impl Handler<CheckBooks> for LedgerActor {
     type Result = Result<(), LedgerError>;
 
     fn handle(&mut self, msg: CheckBooks, _: &mut Self::Context) -> Self::Result {
-        let sums = self.ledger.balance_sums()?;
-        for currency in protocol::Currency::all() {
-            let sum = sums.get(&currency).copied().unwrap_or(0);
-            if sum != 0 {
-                tracing::error!(%currency, sum, "the books do not balance");
-            }
-            msg.0
-                .imbalance
-                .with_label_values(&[currency.as_str()])
-                .set(sum);
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        msg.0.checked.set(now.as_secs() as i64);
-        Ok(())
+        msg.0.check(&self.ledger)
     }
 }
 

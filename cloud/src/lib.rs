@@ -78,8 +78,11 @@ impl CloudHandle {
                 Err(error) => tracing::warn!(%error, "releasing the leases: ledger busy"),
             }
         }
-        if let Err(error) = self.client.goodbye().await {
-            tracing::warn!(%error, "disconnecting from the broker failed");
+        // Not waited for without end: with the broker gone, the client's queue never empties.
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.client.goodbye()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "disconnecting from the broker failed"),
+            Err(_) => tracing::warn!("the goodbye could not be queued"),
         }
         if tokio::time::timeout(std::time::Duration::from_secs(2), self.driver)
             .await
@@ -197,6 +200,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         config::DatabaseBackend::Sled => None,
     };
     let ledger_clock = ledger.clock();
+    let books_ledger = ledger.clone();
     let actor_leases = leases.clone();
     let ledger = bounded::Bounded::new(
         SyncArbiter::start(1, move || {
@@ -211,19 +215,34 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
         bounded::LEDGER_QUEUE,
     );
 
-    // The books are added up at start and then every books_check_seconds, on the ledger thread.
+    // The books are added up at start and then every books_check_seconds: on sled on the ledger
+    // thread (its one writer, between its writes); on PostgreSQL on a thread and a connection of
+    // their own (one read is one snapshot), so that payments and lease renewals never wait
+    // behind a read of every account.
     let books = ledger_actor::BooksMetrics::register(&registry);
     {
         let ledger = ledger.clone();
+        let on_postgres = config.database.backend == config::DatabaseBackend::Postgres;
         let every = std::time::Duration::from_secs(config.books_check_seconds);
         actix::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                match ledger.send(ledger_actor::CheckBooks(books.clone())).await {
+                let checked = if on_postgres {
+                    let (books, ledger) = (books.clone(), books_ledger.clone());
+                    tokio::task::spawn_blocking(move || books.check(&ledger))
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    ledger
+                        .send(ledger_actor::CheckBooks(books.clone()))
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                match checked {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => tracing::warn!(%error, "checking the books failed"),
-                    Err(error) => tracing::warn!(%error, "checking the books: ledger busy"),
+                    Err(error) => tracing::warn!(%error, "checking the books: not run"),
                 }
             }
         });

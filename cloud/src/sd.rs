@@ -130,8 +130,17 @@ fn check_address(what: &str, address: &str) -> Result<(), String> {
     }
 }
 
+/// An id that names a directory of the output: no "." or ".." (validate_id allows dots).
+fn check_id(what: &'static str, id: &str) -> Result<(), String> {
+    protocol::validate_id(what, id).map_err(|e| e.to_string())?;
+    if id.starts_with('.') {
+        return Err(format!("{what}: {id:?} starts with a dot"));
+    }
+    Ok(())
+}
+
 fn check_path(what: &str, path: &str) -> Result<(), String> {
-    if path.starts_with('/') && !path.contains(['"', '\\', '\n']) {
+    if path.starts_with('/') && !path.contains(['"', '\\']) && !path.chars().any(char::is_control) {
         Ok(())
     } else {
         Err(format!("{what}: {path:?} is not an absolute path"))
@@ -148,7 +157,7 @@ impl Inventory {
             .ok_or_else(|| format!("central.remote_write_url: {url:?} is not http(s)://"))?;
         let host_port = rest.split('/').next().unwrap_or("");
         check_address("central.remote_write_url", host_port)?;
-        if url.contains(['"', '\\', '\n', ' ']) {
+        if url.contains(['"', '\\', ' ']) || url.chars().any(char::is_control) {
             return Err(format!("central.remote_write_url: {url:?}"));
         }
         if let Some(tls) = &self.central.tls {
@@ -158,7 +167,7 @@ impl Inventory {
         }
         let mut instances = HashSet::new();
         for cloud in &self.cloud {
-            protocol::validate_id("cloud.instance", &cloud.instance).map_err(|e| e.to_string())?;
+            check_id("cloud.instance", &cloud.instance)?;
             check_address(&format!("cloud {}", cloud.instance), &cloud.metrics)?;
             if !instances.insert(&cloud.instance) {
                 return Err(format!("cloud instance {} is listed twice", cloud.instance));
@@ -166,7 +175,7 @@ impl Inventory {
         }
         let mut stores = HashSet::new();
         for store in &self.stores {
-            protocol::validate_id("stores.store_id", &store.store_id).map_err(|e| e.to_string())?;
+            check_id("stores.store_id", &store.store_id)?;
             if !stores.insert(&store.store_id) {
                 return Err(format!("store {} is listed twice", store.store_id));
             }
@@ -176,8 +185,7 @@ impl Inventory {
             )?;
             let mut terminals = HashSet::new();
             for terminal in &store.terminals {
-                protocol::validate_id("terminal_id", &terminal.terminal_id)
-                    .map_err(|e| e.to_string())?;
+                check_id("terminal_id", &terminal.terminal_id)?;
                 if !terminals.insert(&terminal.terminal_id) {
                     return Err(format!(
                         "terminal {} of store {} is listed twice",
@@ -363,6 +371,10 @@ mod tests {
         assert!(bad("10.1.0.12:9100", "10.1.0.12").contains("till-2"));
         assert!(bad("till-2", "till-1").contains("listed twice"));
         assert!(bad("\"store-1\"", "\"store 1\"").contains("store_id"));
+        assert!(bad("\"store-1\"", "\"..\"").contains("dot"));
+        assert!(
+            bad("/etc/prometheus/agent.key", "/etc/prometheus/agent\\tkey").contains("key_file")
+        );
         assert!(bad("https://metrics", "ftp://metrics").contains("remote_write_url"));
         assert!(bad("\"/etc/prometheus/agent.key\"", "\"agent.key\"").contains("key_file"));
         assert!(bad("10.0.0.11:9301", "10.0.0.11:0").contains("cloud-1"));

@@ -68,15 +68,7 @@ impl CheckoutMetrics {
     }
 
     fn verification(&self, reply: &VerifyReply) {
-        self.verifications.count(match reply {
-            VerifyReply::Verified { .. } => telemetry::VerificationOutcome::Verified,
-            VerifyReply::SecondFactorRequired { .. } => {
-                telemetry::VerificationOutcome::SecondFactorRequired
-            }
-            VerifyReply::Refused { reason, .. } => {
-                telemetry::VerificationOutcome::Declined(*reason)
-            }
-        });
+        self.verifications.reply(reply);
     }
 }
 

@@ -148,6 +148,9 @@ pub struct EdgeServices {
     pub in_force: ListInForce,
     /// Each terminal's rate.
     pub rates: Arc<TerminalRates>,
+    /// Set when the hub is stopping: a query that comes after it gets no answer (nothing is
+    /// decided for it); those taken before are answered.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The terminals of `store_id` that `common_names` (certificates allowed) name, each with the
@@ -246,9 +249,15 @@ where
     let answer = Arc::new(answer);
     let signer = Arc::new(services.signer.clone());
     let rates = services.rates.clone();
+    let stopping = services.stopping.clone();
     let terminal = terminal.to_string();
     zenoh.spawn(async move {
         while let Ok(query) = queryable.recv_async().await {
+            if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                // Not taken: the terminal hears no answer, and nothing was decided.
+                drop(query);
+                continue;
+            }
             let own_permit = own
                 .clone()
                 .acquire_owned()

@@ -59,21 +59,25 @@ pub struct HubHandle {
     readiness: telemetry::Readiness,
     /// The task driving the cloud link; it ends after the goodbye.
     link: tokio::task::JoinHandle<()>,
+    /// Set when stopping: the terminals' queries are no longer taken.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// How long the payments being decided may take to finish.
+    grace: Duration,
 }
 
-/// How long a stopping hub waits for the payments it is deciding.
-pub const STOP_GRACE: Duration = Duration::from_secs(10);
-
 impl HubHandle {
-    /// Stops gracefully: not ready any more; the terminals' session closed (no new payment);
-    /// the payments being decided finished (up to [`STOP_GRACE`]: they may need the cloud); the
-    /// journal flushed; goodbye to the cloud (the store's presence "offline", then MQTT
-    /// DISCONNECT: no last will); the metrics listener drained. What the hub approved offline
-    /// waits in the journal for the next start.
+    /// Stops gracefully: not ready any more; the terminals' queries no longer taken (one that
+    /// comes now hears nothing, and nothing is decided for it); the payments being decided
+    /// finished and answered (they wait at most `cloud_timeout_ms` for the cloud, then decide
+    /// alone: the hub waits twice that and 5 s more); the terminals' session closed; the journal
+    /// flushed; goodbye to the cloud (the store's presence "offline", then MQTT DISCONNECT: no
+    /// last will); the metrics listener drained. What the hub approved offline waits in the
+    /// journal for the next start.
     pub async fn stop(self) {
         self.readiness.stopping();
-        let _ = self.trust.send(trust::CloseTerminals).await;
-        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.grace;
         loop {
             let deciding = self.payment.send(payment::InFlight).await.unwrap_or(0);
             if deciding == 0 {
@@ -85,8 +89,17 @@ impl HubHandle {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The last answers are on their way before the session closes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.trust.send(trust::CloseTerminals).await;
         self.journal.run(|journal| journal.flush()).await;
-        let _ = self.uplink.send(uplink::Goodbye).await;
+        // Not waited for without end: with the broker gone, the client's queue never empties.
+        if tokio::time::timeout(Duration::from_secs(2), self.uplink.send(uplink::Goodbye))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the goodbye could not be queued");
+        }
         if tokio::time::timeout(Duration::from_secs(2), self.link)
             .await
             .is_err()
@@ -294,6 +307,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         std::sync::Arc::new(std::sync::RwLock::new(revocations.pem.clone()));
     // The store's terminals reach the hub over Zenoh; the trust actor owns the session and
     // reopens it when a revocation list from the cloud revokes one of them.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let open_zenoh: trust::OpenZenoh = {
         let zenoh_config = config.zenoh.clone();
         let services = edges::EdgeServices {
@@ -303,6 +317,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
             signer: tls.reply_signer()?,
             in_force: in_force.clone(),
             rates: Arc::new(edges::TerminalRates::new(config.terminals.clone())),
+            stopping: stopping.clone(),
         };
         let files = tls_files.clone();
         Box::new(move |allowed: Vec<String>| {
@@ -404,5 +419,7 @@ pub async fn start(config: HubConfig) -> anyhow::Result<HubHandle> {
         journal: journal_worker,
         readiness,
         link,
+        stopping,
+        grace: Duration::from_millis(config.cloud_timeout_ms * 2 + 5_000),
     })
 }

@@ -134,8 +134,8 @@ impl Actor for TrustActor {
     type Context = Context<Self>;
 }
 
-/// Closes the terminals' Zenoh session for good (the hub is stopping): no terminal reaches the
-/// hub from then on; a terminal's query in flight fails, and it declines unsent.
+/// Closes the terminals' Zenoh session for good (the hub is stopping, and has answered the
+/// queries it took): no terminal reaches the hub from then on.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CloseTerminals;

@@ -55,8 +55,9 @@ pub struct UplinkActor {
     connected_gauge: prometheus::IntGauge,
     breaker: CircuitBreaker,
     metrics: Option<UplinkMetrics>,
-    /// Said goodbye: no heartbeat says "online" again.
-    leaving: bool,
+    /// Said goodbye: nothing says "online" again. Held (as a lock) while a presence is being
+    /// queued, so that an "online" queued on a reconnect never follows the goodbye's "offline".
+    leaving: std::sync::Arc<tokio::sync::Mutex<bool>>,
 }
 
 /// What the uplink shows of the cloud link, every series up front.
@@ -121,7 +122,7 @@ impl UplinkActor {
             connected_gauge,
             breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
             metrics: None,
-            leaving: false,
+            leaving: Default::default(),
         }
     }
 
@@ -171,15 +172,18 @@ impl Actor for UplinkActor {
         ctx.set_mailbox_capacity(UPLINK_MAILBOX);
         // The store's heartbeat: its presence again now and then while connected, so that the
         // cloud sees when it was last heard even in a quiet hour.
+        // Not retained: the retained presence is the connection's "online" (or its will), and a
+        // cloud that subscribes anew hears no stale heartbeat as news.
         ctx.run_interval(PRESENCE_HEARTBEAT, |actor, _| {
-            if !actor.connected || actor.leaving {
+            let leaving = actor.leaving.try_lock().map_or(true, |leaving| *leaving);
+            if !actor.connected || leaving {
                 return;
             }
             let online = protocol::encode(&protocol::Presence { online: true });
             let topic = protocol::topics::store_presence(&actor.store_id);
             if let Err(error) = actor
                 .client
-                .try_publish(topic, QoS::AtMostOnce, true, online)
+                .try_publish(topic, QoS::AtMostOnce, false, online)
             {
                 tracing::debug!(%error, "presence heartbeat not queued");
             }
@@ -197,10 +201,12 @@ impl Handler<Goodbye> for UplinkActor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Goodbye, _: &mut Self::Context) -> Self::Result {
-        self.leaving = true;
         let client = self.client.clone();
         let presence = protocol::topics::store_presence(&self.store_id);
+        let leaving = self.leaving.clone();
         Box::pin(async move {
+            let mut leaving = leaving.lock().await;
+            *leaving = true;
             let offline = protocol::encode(&protocol::Presence { online: false });
             if let Err(error) = client
                 .publish(presence, QoS::AtLeastOnce, true, offline)
@@ -382,6 +388,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
                 let client = self.client.clone();
                 let listeners = self.listeners.clone();
                 let presence = protocol::topics::store_presence(&self.store_id);
+                let leaving = self.leaving.clone();
                 let topics = [
                     protocol::topics::store_replies(&self.store_id),
                     protocol::topics::key_updates(),
@@ -400,14 +407,18 @@ impl Handler<LinkEventMsg> for UplinkActor {
                         }
                     }
                     // Retained: the cloud learns the store is online, and replaces the last
-                    // will's "offline" of an earlier connection.
-                    let online = protocol::encode(&protocol::Presence { online: true });
-                    if let Err(error) = client
-                        .publish(presence, QoS::AtLeastOnce, true, online)
-                        .await
-                    {
-                        tracing::warn!(%error, "publishing presence failed");
+                    // will's "offline" of an earlier connection. Never after a goodbye.
+                    let leaving = leaving.lock().await;
+                    if !*leaving {
+                        let online = protocol::encode(&protocol::Presence { online: true });
+                        if let Err(error) = client
+                            .publish(presence, QoS::AtLeastOnce, true, online)
+                            .await
+                        {
+                            tracing::warn!(%error, "publishing presence failed");
+                        }
                     }
+                    drop(leaving);
                     for listener in listeners {
                         listener.do_send(UplinkEvent::CloudConnected);
                     }
@@ -426,7 +437,7 @@ impl Handler<LinkEventMsg> for UplinkActor {
             }
             // Counted and logged where the link is driven; nothing to act on.
             LinkEvent::Refused { .. } => {}
-            LinkEvent::Message { topic, payload } => {
+            LinkEvent::Message { topic, payload, .. } => {
                 if topic == protocol::topics::key_updates() {
                     match protocol::decode::<KeyBatch>(&payload) {
                         Ok(batch) => self.tell(UplinkEvent::KeysBroadcast(batch)),

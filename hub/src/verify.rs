@@ -116,15 +116,7 @@ impl VerifyMetrics {
     }
 
     fn count(&self, reply: &VerifyReply) {
-        self.verifications.count(match reply {
-            VerifyReply::Verified { .. } => telemetry::VerificationOutcome::Verified,
-            VerifyReply::SecondFactorRequired { .. } => {
-                telemetry::VerificationOutcome::SecondFactorRequired
-            }
-            VerifyReply::Refused { reason, .. } => {
-                telemetry::VerificationOutcome::Declined(*reason)
-            }
-        });
+        self.verifications.reply(reply);
     }
 }
 

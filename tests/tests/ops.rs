@@ -84,7 +84,7 @@ fn the_central_web_configuration_checks() {
             &pki.join("cloud.key").display().to_string(),
         )
         .replace(
-            "/etc/facepay/pki/ca.pem",
+            "/etc/prometheus/agents-ca.pem",
             &pki.join("ca.pem").display().to_string(),
         );
     let dir = tempfile::tempdir().unwrap();

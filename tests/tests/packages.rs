@@ -134,10 +134,10 @@ fn every_tier_packs_with_its_user_config_and_hardened_unit() {
 
         // The face models where the packaged configuration says, the pinned ones.
         if tier != "hub" {
-            let models = root.join("usr/share/facepay/models");
+            let models = root.join(format!("usr/share/{name}/models"));
             let settings = std::fs::read_to_string(&config).unwrap();
             assert!(
-                settings.contains("models_dir = \"/usr/share/facepay/models\""),
+                settings.contains(&format!("models_dir = \"/usr/share/{name}/models\"")),
                 "{settings}"
             );
             face::FaceEngine::load(&models, face::FaceConfig::default())

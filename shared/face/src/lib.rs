@@ -68,7 +68,7 @@ pub struct FaceConfig {
     /// Fused probability of a live face at or above which the face counts as live.
     pub liveness_threshold: f32,
     /// The directory of the pinned model files; unset: the source tree's `shared/face/models`
-    /// (a package installs them in `/usr/share/facepay/models` and sets this).
+    /// (a package installs them in `/usr/share/facepay-<tier>/models` and sets this).
     pub models_dir: Option<std::path::PathBuf>,
 }
 

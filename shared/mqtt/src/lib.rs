@@ -331,6 +331,8 @@ pub enum LinkEvent {
         topic: String,
         /// Its payload.
         payload: Vec<u8>,
+        /// Kept by the broker and handed over on subscribing (old news), not published now.
+        retained: bool,
     },
     /// A message arrived that is not sealed by who speaks on its topic: dropped unread.
     Refused {
@@ -388,7 +390,11 @@ where
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let topic = publish.topic.clone();
                 let event = match link.open(&topic, &publish.payload) {
-                    Ok(payload) => LinkEvent::Message { topic, payload },
+                    Ok(payload) => LinkEvent::Message {
+                        topic,
+                        payload,
+                        retained: publish.retain,
+                    },
                     Err(reason) => LinkEvent::Refused { topic, reason },
                 };
                 handler(event).await;

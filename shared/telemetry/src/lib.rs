@@ -356,7 +356,7 @@ where
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(drain.as_secs().max(1));
+    .shutdown_timeout(drain.as_millis().div_ceil(1_000).max(1) as u64);
     let server = match tls {
         Some(config) => server.bind_rustls_0_23(listen, config)?,
         None => server.bind(listen)?,
@@ -612,6 +612,17 @@ impl VerificationMetrics {
             declines.with_label_values(&[reason.as_str()]);
         }
         VerificationMetrics { outcomes, declines }
+    }
+
+    /// Counts one answer to a terminal or a register.
+    pub fn reply(&self, reply: &protocol::VerifyReply) {
+        self.count(match reply {
+            protocol::VerifyReply::Verified { .. } => VerificationOutcome::Verified,
+            protocol::VerifyReply::SecondFactorRequired { .. } => {
+                VerificationOutcome::SecondFactorRequired
+            }
+            protocol::VerifyReply::Refused { reason, .. } => VerificationOutcome::Declined(*reason),
+        });
     }
 
     /// Counts one answer.
