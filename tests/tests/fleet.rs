@@ -2,8 +2,10 @@
 //! own server), Mosquitto, two stores with a hub and a terminal each. Each store is served by the
 //! one instance holding its lease; the instance serving a store is killed (SIGKILL) mid-run and
 //! another takes the store over; every payment the registers heard approved is in the ledger
-//! exactly once, none they heard declined is, and the books balance. A hub killed at the end is
-//! reported offline by every instance (its last will).
+//! exactly once, none they heard declined is, and the books balance. Then the instance serving
+//! another store is stopped cleanly (SIGTERM): it releases the store's lease, and another
+//! instance serves the store. A hub killed at the end is reported offline by every instance (its
+//! last will).
 
 use std::{
     collections::BTreeMap,
@@ -20,12 +22,18 @@ use tests::{
 /// Seconds a store's lease lasts in this test: a dead instance's stores move within about this.
 const LEASE_SECONDS: u64 = 3;
 
-/// The cloud instance (`cloud:<n>`) holding `store_id`'s lease, read from the database.
-fn lease_holder(url: &str, store_id: &str) -> Option<String> {
+/// `store_id`'s lease record, read from the database.
+fn lease_record(url: &str, store_id: &str) -> Option<serde_json::Value> {
     let db = storage::kv::Db::postgres(url, "facepay").ok()?;
     let leases = db.open_tree(cloud::leases::LEASES_TREE).ok()?;
-    let record: serde_json::Value = serde_json::from_slice(&leases.get(store_id).ok()??).ok()?;
-    record["instance"].as_str().map(str::to_owned)
+    serde_json::from_slice(&leases.get(store_id).ok()??).ok()
+}
+
+/// The cloud instance (`cloud:<n>`) holding `store_id`'s lease, read from the database.
+fn lease_holder(url: &str, store_id: &str) -> Option<String> {
+    lease_record(url, store_id)?["instance"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// Charges `order` until the register hears a final answer (an unknown outcome is asked again
@@ -230,6 +238,45 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
         "store-1 moved from {killed} to {new_holder}: approved online again {:.1} s after the kill \
          (lease {LEASE_SECONDS} s)",
         served_again.as_secs_f64()
+    );
+
+    // The instance serving store-2 is stopped cleanly (SIGTERM, as systemd does): it serves
+    // what it took, hands the store's lease back at once and ends; store-2 goes on through
+    // another instance.
+    let stopped = lease_holder(&local, "store-2").expect("store-2 is leased");
+    let status = clouds
+        .get_mut(&stopped)
+        .unwrap()
+        .terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{stopped}: {status:?}");
+    assert_eq!(clouds[&stopped].printed(), ["facepay-cloud stopped"]);
+    clouds.remove(&stopped);
+    let lease = lease_record(&local, "store-2").expect("store-2 is leased");
+    assert!(
+        lease["instance"] != stopped.as_str() || lease["expires_at_ms"] == 0,
+        "{stopped} stopped without releasing store-2's lease: {lease}"
+    );
+    let stopped_at = Instant::now();
+    let mut n = 0;
+    loop {
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(120),
+            "store-2 not served online again: {heard:?}"
+        );
+        let order = format!("after-stop-{n}");
+        let amount = 300 + n as i64;
+        let answer = settle(&sites[1], payers[1], &order, amount);
+        heard[1].insert(order, (amount, answer.status));
+        if answer.status == ChargeStatus::Approved && !answer.offline {
+            break;
+        }
+        n += 1;
+    }
+    let taken_by = lease_holder(&local, "store-2").expect("store-2 is leased");
+    assert!(clouds.contains_key(&taken_by), "{taken_by}");
+    eprintln!(
+        "store-2 moved from {stopped} (stopped) to {taken_by}: approved online again {:.1} s later",
+        stopped_at.elapsed().as_secs_f64()
     );
     eprintln!("what the registers heard: {heard:?}");
 
