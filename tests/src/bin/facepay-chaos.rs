@@ -27,7 +27,31 @@ fn main() -> anyhow::Result<()> {
     let mut config = tests::chaos::ChaosConfig::soak(seed, cli.minutes);
     config.terminals = cli.terminals;
     let dir = tempfile::tempdir()?;
-    let report = tests::chaos::run(dir.path(), &config)?;
-    println!("{report}");
+    // The soak's progress on standard error (hidden when it is not a terminal): the payments
+    // under faults run for the set minutes, then the history is checked.
+    let bar = indicatif::ProgressBar::new(config.duration.as_secs());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} s of faults, elapsed {elapsed}, eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let started = std::time::Instant::now();
+    let ticking = bar.clone();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let ticker = std::thread::spawn(move || {
+        // Until the run ends (the sender dropped).
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            finished.recv_timeout(std::time::Duration::from_secs(1))
+        {
+            let length = ticking.length().unwrap_or(0);
+            ticking.set_position(started.elapsed().as_secs().min(length));
+        }
+    });
+    let report = tests::chaos::run(dir.path(), &config);
+    drop(done);
+    let _ = ticker.join();
+    bar.finish_and_clear();
+    println!("{}", report?);
     Ok(())
 }
