@@ -187,7 +187,7 @@ impl OfflineActor {
         journal: JournalWorker,
         uplink: Option<Addr<UplinkActor>>,
     ) -> Self {
-        let actor = OfflineActor {
+        OfflineActor {
             clock,
             store_id: setup.store_id,
             book: setup.book,
@@ -203,8 +203,7 @@ impl OfflineActor {
             deliver_again: false,
             syncing_allowances: false,
             metrics: setup.metrics,
-        };
-        actor
+        }
     }
 
     /// Starts the drain, or asks the running one to go round again.
