@@ -429,7 +429,9 @@ impl HubLinkActor {
 
 /// Stop taking hubs' requests (the instance is stopping): those already taken are served, then
 /// the answer is the leases this instance held, to release (another instance takes the stores
-/// at once). Requests heard from now on are answered `Busy`: the hub tries again, elsewhere.
+/// at once). Requests heard from now on are not answered among several instances (the lease
+/// holder answers; a stopping instance's stores go to another once released), and answered
+/// `Busy` by the only instance.
 #[derive(Message)]
 #[rtype(result = "Vec<Held>")]
 pub struct StopServing;
@@ -745,6 +747,7 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                     for topic in [
                         protocol::topics::cloud_requests_filter(),
                         protocol::topics::presence_filter(),
+                        protocol::topics::lease_releases(),
                     ] {
                         if let Err(error) = client.subscribe(topic, QoS::AtLeastOnce).await {
                             tracing::warn!(%error, "subscribing to the hubs failed");
@@ -764,6 +767,30 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                 payload,
                 retained,
             } => {
+                if topic == protocol::topics::lease_releases() {
+                    // Another instance stopped and released these stores' leases (sealed by a
+                    // cloud certificate, checked by the link): ask for them at the next request.
+                    match (
+                        protocol::decode::<protocol::LeasesReleased>(&payload),
+                        &self.serving.leases,
+                    ) {
+                        (Ok(released), Some(cache)) => {
+                            let mut elsewhere = cache.elsewhere.lock().expect("not poisoned");
+                            for store_id in &released.store_ids {
+                                elsewhere.remove(store_id.as_str());
+                            }
+                            tracing::info!(
+                                stores = released.store_ids.len(),
+                                "another instance released its stores' leases"
+                            );
+                        }
+                        (Ok(_), None) => {}
+                        (Err(error), _) => {
+                            tracing::warn!(%error, "unreadable lease release dropped")
+                        }
+                    }
+                    return Box::pin(async {});
+                }
                 if let Some(store_id) = protocol::topics::store_of_presence_topic(&topic) {
                     match (
                         protocol::decode::<protocol::Presence>(&payload),

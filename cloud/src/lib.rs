@@ -72,9 +72,26 @@ impl CloudHandle {
             .await
             .unwrap_or_default();
         if !held.is_empty() {
-            let stores = held.len();
+            let store_ids: Vec<protocol::StoreId> =
+                held.iter().map(|h| h.store_id.as_str().into()).collect();
             match self.ledger.send(ledger_actor::ReleaseLeases(held)).await {
-                Ok(()) => tracing::info!(stores, "stores' leases released"),
+                Ok(()) => {
+                    tracing::info!(stores = store_ids.len(), "stores' leases released");
+                    // The other instances take those stores at once, not when their view of
+                    // the leases runs out.
+                    let released = protocol::encode(&protocol::LeasesReleased { store_ids });
+                    let told = self.client.publish(
+                        protocol::topics::lease_releases(),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        released,
+                    );
+                    match tokio::time::timeout(std::time::Duration::from_secs(2), told).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "telling the releases failed"),
+                        Err(_) => tracing::warn!("the releases could not be queued"),
+                    }
+                }
                 Err(error) => tracing::warn!(%error, "releasing the leases: ledger busy"),
             }
         }
@@ -319,6 +336,10 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let (client, mqtt_link) = config.mqtt.connect(
         &tls,
         |topic| {
+            // Another instance's word on the leases it released: a cloud certificate's.
+            if topic == protocol::topics::lease_releases() {
+                return Some(mqtt::Signer::cloud());
+            }
             protocol::topics::store_of_request_topic(topic)
                 .or_else(|| protocol::topics::store_of_presence_topic(topic))
                 .map(mqtt::Signer::hub)

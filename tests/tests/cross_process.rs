@@ -788,6 +788,7 @@ fn every_binary_names_its_version_and_the_tiers_check_a_configuration() {
         "facepay-load",
         "facepay-sim",
         "facepay-offline-bench",
+        "facepay-sd",
     ] {
         let out = Command::new(binary_path(binary))
             .arg("--version")
@@ -930,4 +931,43 @@ fn sigterm_stops_every_tier_gracefully() {
     let status = s.cloud.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert_eq!(s.cloud.printed(), vec!["facepay-cloud stopped".to_owned()]);
+}
+
+#[test]
+fn bench_lfw_stops_loudly_on_a_wrong_path_or_an_unreadable_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = dir.path().join("pairs.txt");
+    std::fs::write(&pairs, "1\t1\nAlice\t1\t2\nAlice\t1\tBob\t1\n").unwrap();
+    let bench = |root: &Path| {
+        Command::new(binary_path("facepay-face"))
+            .arg("bench-lfw")
+            .arg("--lfw")
+            .arg(root)
+            .arg("--pairs")
+            .arg(&pairs)
+            .output()
+            .unwrap()
+    };
+    // A wrong --lfw: the first image named is not there; no accuracy is reported.
+    let missing = dir.path().join("no-such-lfw");
+    let out = bench(&missing);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no-such-lfw"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("accuracy"));
+    // An image that is no image: named, not counted as a failed detection.
+    let root = dir.path().join("lfw");
+    for (name, n) in [("Alice", 1), ("Alice", 2), ("Bob", 1)] {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        std::fs::write(
+            root.join(name).join(format!("{name}_{n:04}.jpg")),
+            b"not a jpeg",
+        )
+        .unwrap();
+    }
+    let out = bench(&root);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("_0001.jpg"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("failed detection"));
 }

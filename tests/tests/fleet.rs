@@ -3,8 +3,8 @@
 //! one instance holding its lease; the instance serving a store is killed (SIGKILL) mid-run and
 //! another takes the store over; every payment the registers heard approved is in the ledger
 //! exactly once, none they heard declined is, and the books balance. Then the instance serving
-//! another store is stopped cleanly (SIGTERM): it releases the store's lease, and another
-//! instance serves the store. A hub killed at the end is reported offline by every instance (its
+//! another store is stopped cleanly (SIGTERM): it releases the store's lease and tells the
+//! others, and another instance serves the store's next charge. A hub killed at the end is reported offline by every instance (its
 //! last will).
 
 use std::{
@@ -243,7 +243,24 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
     // The instance serving store-2 is stopped cleanly (SIGTERM, as systemd does): it serves
     // what it took, hands the store's lease back at once and ends; store-2 goes on through
     // another instance.
-    let stopped = lease_holder(&local, "store-2").expect("store-2 is leased");
+    // First store-2 is served online (the instance killed above may have been its holder),
+    // so that a live instance holds its lease when it is stopped.
+    let mut n = 0;
+    let stopped = loop {
+        assert!(n < 200, "store-2 not served online: {heard:?}");
+        let order = format!("before-stop-{n}");
+        let amount = 200 + n as i64;
+        let answer = settle(&sites[1], payers[1], &order, amount);
+        heard[1].insert(order, (amount, answer.status));
+        n += 1;
+        let holder = lease_holder(&local, "store-2").filter(|h| clouds.contains_key(h));
+        match holder {
+            Some(holder) if answer.status == ChargeStatus::Approved && !answer.offline => {
+                break holder
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
     let status = clouds
         .get_mut(&stopped)
         .unwrap()
@@ -272,6 +289,9 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
         }
         n += 1;
     }
+    // It told the others: the first charge after the stop was served online, not decided
+    // offline while they waited for their view of the lease to run out.
+    assert_eq!(n, 0, "store-2 waited for the released lease: {heard:?}");
     let taken_by = lease_holder(&local, "store-2").expect("store-2 is leased");
     assert!(clouds.contains_key(&taken_by), "{taken_by}");
     eprintln!(

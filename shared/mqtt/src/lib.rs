@@ -172,6 +172,7 @@ impl MqttConfig {
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
+        let acks = Acks::default();
         let link = Link {
             eventloop,
             verifier: identity.sealed_verifier(),
@@ -180,8 +181,16 @@ impl MqttConfig {
             current: 0,
             make_options,
             config: self.clone(),
+            acks: acks.clone(),
         };
-        Ok((Client::new(client, signer), link))
+        Ok((
+            Client {
+                inner: client,
+                signer,
+                acks,
+            },
+            link,
+        ))
     }
 }
 
@@ -190,6 +199,29 @@ impl MqttConfig {
 pub struct Client {
     inner: AsyncClient,
     signer: Arc<pki::ReplySigner>,
+    acks: Acks,
+}
+
+/// QoS 1 publishes queued by a client and acknowledged by the broker, counted: a goodbye waits
+/// for the ones before it (a broker may drop a publish still unacknowledged at a DISCONNECT).
+#[derive(Clone, Default)]
+struct Acks {
+    queued: Arc<std::sync::atomic::AtomicU64>,
+    acknowledged: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Acks {
+    fn queued(&self, qos: QoS) {
+        if qos != QoS::AtMostOnce {
+            self.queued
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn all_acknowledged(&self) -> bool {
+        self.acknowledged.load(std::sync::atomic::Ordering::SeqCst)
+            >= self.queued.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Why a publish failed.
@@ -213,15 +245,24 @@ impl std::fmt::Display for PublishError {
 impl std::error::Error for PublishError {}
 
 impl Client {
-    /// Says goodbye to the broker (MQTT DISCONNECT) after what is queued before it: the broker
-    /// then publishes no last will, and [`drive`] returns once the DISCONNECT is sent.
+    /// Says goodbye to the broker (MQTT DISCONNECT) once what was published before it is
+    /// acknowledged (at most [`GOODBYE_WAIT`]): the broker then publishes no last will, and
+    /// [`drive`] returns once the DISCONNECT is sent.
     pub async fn goodbye(&self) -> Result<(), PublishError> {
+        let deadline = tokio::time::Instant::now() + GOODBYE_WAIT;
+        while !self.acks.all_acknowledged() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.inner.disconnect().await.map_err(PublishError::Client)
     }
 
     /// A client that seals with `signer`.
     pub fn new(inner: AsyncClient, signer: Arc<pki::ReplySigner>) -> Self {
-        Client { inner, signer }
+        Client {
+            inner,
+            signer,
+            acks: Acks::default(),
+        }
     }
 
     /// Queues `payload` (JSON text), sealed for `topic`, without waiting for room in the queue.
@@ -235,7 +276,9 @@ impl Client {
         let (topic, sealed) = self.seal(topic, payload)?;
         self.inner
             .try_publish(topic, qos, retain, sealed)
-            .map_err(PublishError::Client)
+            .map_err(PublishError::Client)?;
+        self.acks.queued(qos);
+        Ok(())
     }
 
     /// Queues `payload` (JSON text), sealed for `topic`, waiting for room in the queue.
@@ -250,7 +293,9 @@ impl Client {
         self.inner
             .publish(topic, qos, retain, sealed)
             .await
-            .map_err(PublishError::Client)
+            .map_err(PublishError::Client)?;
+        self.acks.queued(qos);
+        Ok(())
     }
 
     fn seal(
@@ -286,7 +331,11 @@ pub struct Link {
     current: usize,
     make_options: MakeOptions,
     config: MqttConfig,
+    acks: Acks,
 }
+
+/// How long a goodbye waits for the broker to acknowledge what was published before it.
+pub const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
 /// The client's options for one broker address (everything else alike).
 type MakeOptions = Box<dyn Fn(&str, u16) -> MqttOptions + Send>;
@@ -382,6 +431,11 @@ where
                 link.fail_over();
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => refusals = 0,
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                link.acks
+                    .acknowledged
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             // A goodbye ([`Client::goodbye`]): the link is closed for good.
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 handler(LinkEvent::Disconnected("said goodbye".into())).await;

@@ -821,6 +821,14 @@ pub struct Presence {
     pub online: bool,
 }
 
+/// The stores whose leases a stopping cloud instance released
+/// ([`crate::topics::lease_releases`]), sealed by that instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasesReleased {
+    /// The stores.
+    pub store_ids: Vec<StoreId>,
+}
+
 /// Totals over the whole ledger, per currency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerTotals {

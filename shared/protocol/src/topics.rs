@@ -29,6 +29,12 @@ pub fn store_presence(store_id: &str) -> String {
     format!("{ROOT}/stores/{store_id}/presence")
 }
 
+/// Where a stopping cloud instance tells the others which stores' leases it released, so that
+/// they take those stores at once instead of when their view of the lease runs out.
+pub fn lease_releases() -> String {
+    format!("{ROOT}/cloud/leases")
+}
+
 /// What the cloud subscribes to: every store's presence.
 pub fn presence_filter() -> String {
     format!("{ROOT}/stores/+/presence")
@@ -71,12 +77,13 @@ pub fn cloud_may_publish() -> Vec<String> {
         allowance_updates(),
         lockouts(),
         revocation_list(),
+        lease_releases(),
     ]
 }
 
 /// The topics (and filters) the cloud may subscribe to.
 pub fn cloud_may_read() -> Vec<String> {
-    vec![cloud_requests_filter(), presence_filter()]
+    vec![cloud_requests_filter(), presence_filter(), lease_releases()]
 }
 
 /// The NATS subject an MQTT topic or filter is carried on by a NATS broker's MQTT gateway:
