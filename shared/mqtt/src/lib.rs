@@ -211,8 +211,10 @@ struct Acks {
 }
 
 impl Acks {
+    /// Counts a publish queued at `qos`: only QoS 1 is answered by a PUBACK (nothing here
+    /// publishes at QoS 2).
     fn queued(&self, qos: QoS) {
-        if qos != QoS::AtMostOnce {
+        if qos == QoS::AtLeastOnce {
             self.queued
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
@@ -256,7 +258,9 @@ impl Client {
         self.inner.disconnect().await.map_err(PublishError::Client)
     }
 
-    /// A client that seals with `signer`.
+    /// A client that seals with `signer`, on no link of [`MqttConfig::connect`]'s (tests): no
+    /// link counts its acknowledgements, so a goodbye after a QoS 1 publish waits the whole
+    /// [`GOODBYE_WAIT`].
     pub fn new(inner: AsyncClient, signer: Arc<pki::ReplySigner>) -> Self {
         Client {
             inner,
