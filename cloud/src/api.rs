@@ -254,6 +254,7 @@ fn error_response(error: LedgerError) -> HttpResponse {
         LedgerError::Conflict(_) => "conflict",
         LedgerError::Storage(_) => "storage",
         LedgerError::Unavailable(_) | LedgerError::Fenced(_) => "unavailable",
+        LedgerError::Broken(_) => "books_broken",
     }, "detail": error.to_string() });
     match error {
         LedgerError::Invalid(_) => HttpResponse::BadRequest().json(body),
@@ -261,6 +262,7 @@ fn error_response(error: LedgerError) -> HttpResponse {
         LedgerError::Storage(_) | LedgerError::Unavailable(_) | LedgerError::Fenced(_) => {
             HttpResponse::ServiceUnavailable().json(body)
         }
+        LedgerError::Broken(_) => HttpResponse::InternalServerError().json(body),
     }
 }
 

@@ -20,4 +20,8 @@ pub enum LedgerError {
     /// The request contradicts what the ledger already holds.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The ledger's books disagree with themselves (a stored balance is not what its transfers
+    /// make): a broken invariant, reported, never papered over.
+    #[error("the books are broken: {0}")]
+    Broken(String),
 }

@@ -1412,7 +1412,24 @@ mod tests {
         books_balance(&l);
     }
 
+    fn broken_books_are_reported_not_papered_over() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        books_balance(&l);
+        // A stored balance that is not what its transfers make (written behind the ledger's
+        // back): the totals say so, naming the account, and the ledger goes on answering.
+        let mut alice: AccountRecord = decode(&l.accounts.get(b"alice").unwrap().unwrap());
+        alice.balance_minor += 1;
+        l.accounts.insert(b"alice", encode(&alice)).unwrap();
+        match l.totals() {
+            Err(LedgerError::Broken(detail)) => assert!(detail.contains("alice"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(balance(&l, "store-1"), 700);
+    }
+
     crate::engines::on_each_engine!(
+        broken_books_are_reported_not_papered_over,
         a_payer_refused_stays_refused_and_only_a_proven_payer_joins_an_open_payment,
         a_store_cannot_name_another_stores_payment_nor_an_internal_transfer,
         payment_moves_money_once,
