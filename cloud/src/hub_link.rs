@@ -254,29 +254,20 @@ pub struct StorePresence {
 impl StorePresence {
     /// Registers on the cloud's registry, with a series for each of `stores` (not heard yet: 0).
     pub fn register(registry: &prometheus::Registry, stores: &[String]) -> Self {
-        let online = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new(
-                "facepay_cloud_store_online",
-                "1 while the store's hub is connected to the broker, 0 once its last will says \
-                 it went without a goodbye (or it said so, or it was not heard yet)",
-            ),
+        let online = telemetry::register_gauge_vec(
+            registry,
+            "facepay_cloud_store_online",
+            "1 while the store's hub is connected to the broker, 0 once its last will says \
+             it went without a goodbye (or it said so, or it was not heard yet)",
             &["store_id"],
-        )
-        .expect("valid metric");
-        let last_heard = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new(
-                "facepay_cloud_store_last_heard_timestamp_seconds",
-                "when the store's hub was last heard: its presence heartbeat or any request \
-                 (0: not heard since this instance started)",
-            ),
+        );
+        let last_heard = telemetry::register_gauge_vec(
+            registry,
+            "facepay_cloud_store_last_heard_timestamp_seconds",
+            "when the store's hub was last heard: its presence heartbeat or any request \
+             (0: not heard since this instance started)",
             &["store_id"],
-        )
-        .expect("valid metric");
-        for metric in [&online, &last_heard] {
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("registered once");
-        }
+        );
         for store in stores {
             online.with_label_values(&[store]).set(0);
             last_heard.with_label_values(&[store]).set(0);
@@ -286,12 +277,9 @@ impl StorePresence {
 
     /// A store's hub was heard now (a request, or its presence published now).
     fn heard(&self, store_id: &str) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         self.last_heard
             .with_label_values(&[store_id])
-            .set(now.as_secs() as i64);
+            .set(telemetry::unix_seconds());
     }
 
     /// A store's presence: online or not. One the broker kept (`retained`, handed over on

@@ -115,18 +115,13 @@ pub struct BooksMetrics {
 impl BooksMetrics {
     /// Registers on the cloud's registry; nothing is checked yet (0 everywhere).
     pub fn register(registry: &prometheus::Registry) -> Self {
-        let imbalance = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new(
-                "facepay_cloud_ledger_imbalance_minor_units",
-                "what every account of the currency adds up to at the last check, minor units: \
-                 0 always (double entry); anything else is a broken ledger",
-            ),
+        let imbalance = telemetry::register_gauge_vec(
+            registry,
+            "facepay_cloud_ledger_imbalance_minor_units",
+            "what every account of the currency adds up to at the last check, minor units: \
+             0 always (double entry); anything else is a broken ledger",
             &["currency"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(imbalance.clone()))
-            .expect("registered once");
+        );
         for currency in protocol::Currency::all() {
             imbalance.with_label_values(&[currency.as_str()]);
         }
@@ -168,10 +163,7 @@ impl BooksMetrics {
                 .with_label_values(&[currency.as_str()])
                 .set(sum);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        self.checked.set(now.as_secs() as i64);
+        self.checked.set(telemetry::unix_seconds());
         Ok(())
     }
 }

@@ -285,17 +285,12 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     .context("opening the identity index")?;
     // Hubs' 1:N searches: a pool of threads reading the index at once, apart from the identity
     // thread (enrollment, erasure, syncs) and the ledger.
-    let search_seconds = prometheus::Histogram::with_opts(
-        prometheus::HistogramOpts::new(
-            "facepay_cloud_identity_search_seconds",
-            "one 1:N search of the identity index for a hub's face",
-        )
-        .buckets(telemetry::LATENCY_BUCKETS_SECONDS.to_vec()),
-    )
-    .expect("valid metric");
-    registry
-        .register(Box::new(search_seconds.clone()))
-        .expect("registered once");
+    let search_seconds = telemetry::register_histogram(
+        &registry,
+        "facepay_cloud_identity_search_seconds",
+        "one 1:N search of the identity index for a hub's face",
+        telemetry::LATENCY_BUCKETS_SECONDS,
+    );
     let searcher = actor.searcher().with_search_seconds(search_seconds);
     let searchers = bounded::Bounded::new(
         SyncArbiter::start(config.identity.search_threads, move || searcher.clone()),

@@ -48,18 +48,13 @@ pub struct CheckoutMetrics {
 impl CheckoutMetrics {
     /// Registers on a terminal's registry.
     pub fn register(registry: &prometheus::Registry) -> Self {
-        let customer_wait = prometheus::Histogram::with_opts(
-            prometheus::HistogramOpts::new(
-                "facepay_edge_customer_wait_seconds",
-                "from the register's charge to a payment code seen: the customer's time, apart \
-                 from the decision",
-            )
-            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(customer_wait.clone()))
-            .expect("registered once");
+        let customer_wait = telemetry::register_histogram(
+            registry,
+            "facepay_edge_customer_wait_seconds",
+            "from the register's charge to a payment code seen: the customer's time, apart \
+             from the decision",
+            &[0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0],
+        );
         CheckoutMetrics {
             payments: PaymentMetrics::register(registry, "edge", &telemetry::DecisionPath::BOTH),
             verifications: telemetry::VerificationMetrics::register(registry, "edge"),

@@ -87,18 +87,13 @@ impl OfflineMetrics {
         store_ceiling_minor: i64,
         pending: &[OfflinePayment],
     ) -> Self {
-        let exposure = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new(
-                "facepay_hub_offline_exposure_minor_units",
-                "what the offline approvals not yet acknowledged by the cloud add up to, in \
-                 minor units of the currency",
-            ),
+        let exposure = telemetry::register_gauge_vec(
+            registry,
+            "facepay_hub_offline_exposure_minor_units",
+            "what the offline approvals not yet acknowledged by the cloud add up to, in \
+             minor units of the currency",
             &["currency"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(exposure.clone()))
-            .expect("registered once");
+        );
         telemetry::register_gauge(
             registry,
             "facepay_hub_offline_store_ceiling_minor_units",

@@ -386,18 +386,14 @@ pub fn register_process_metrics(registry: &Registry, tier: &str) {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .expect("registered once per registry");
-    let info = prometheus::IntGaugeVec::new(
-        Opts::new(
-            format!("facepay_{tier}_build_info"),
-            "1, labelled with the version of the running build",
-        ),
+    register_gauge_vec(
+        registry,
+        &format!("facepay_{tier}_build_info"),
+        "1, labelled with the version of the running build",
         &["version"],
     )
-    .expect("valid metric");
-    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    registry
-        .register(Box::new(info))
-        .expect("registered once per registry");
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1);
 }
 
 /// Creates and registers an integer gauge on a tier's registry.
@@ -407,6 +403,44 @@ pub fn register_gauge(registry: &Registry, name: &str, help: &str) -> prometheus
         .register(Box::new(gauge.clone()))
         .expect("registered once per registry");
     gauge
+}
+
+/// Creates and registers an integer gauge with labels on a tier's registry.
+pub fn register_gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::IntGaugeVec {
+    let gauge = prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(gauge.clone()))
+        .expect("registered once per registry");
+    gauge
+}
+
+/// Creates and registers a histogram with `buckets` (seconds) on a tier's registry.
+pub fn register_histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Histogram {
+    let histogram =
+        prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+            .expect("valid metric");
+    registry
+        .register(Box::new(histogram.clone()))
+        .expect("registered once per registry");
+    histogram
+}
+
+/// Now, in whole seconds since the Unix epoch: what `*_timestamp_seconds` gauges show.
+pub fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
 }
 
 /// Creates and registers an integer counter on a tier's registry.
@@ -656,11 +690,7 @@ impl StateSet {
         label: &str,
         states: &'static [&'static str],
     ) -> Self {
-        let gauge =
-            prometheus::IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-        registry
-            .register(Box::new(gauge.clone()))
-            .expect("registered once per registry");
+        let gauge = register_gauge_vec(registry, name, help, &[label]);
         let set = StateSet { gauge, states };
         set.set(states[0]);
         set
