@@ -80,8 +80,26 @@ pub enum DeclineReason {
     OfflineAllowanceExceeded,
     /// Offline: the store's total unreconciled offline exposure would pass its ceiling.
     OfflineStoreLimitReached,
-    /// The account is in debt or closed: no offline payment until it is settled.
+    /// The account is in debt or closed: no offline payment until it is settled (for a refund:
+    /// the customer's account is closed).
     AccountBlocked,
+    /// The terminal's camera is missing, stopped or stalled: no face can be seen; code payments
+    /// still work.
+    CameraUnavailable,
+    /// The terminal's code scanner is missing, stopped or stalled: no code can be read.
+    ScannerUnavailable,
+    /// Refund: the store has no payment for this order (never paid, declined, or moved back).
+    PaymentNotFound,
+    /// Refund: the payment is not final yet (its confirmation has not reached the cloud); try
+    /// again in a moment.
+    PaymentNotSettled,
+    /// Refund: the payment was approved offline and the store has not reconciled it with the
+    /// cloud yet; refund it once the store is reconnected and its backlog applied.
+    PaymentNotReconciled,
+    /// Refund: the amount is more than what was paid minus earlier refunds.
+    RefundExceedsPayment,
+    /// Refund: the refund id was already used with other fields (order, amount or currency).
+    DuplicateRefundId,
 }
 
 impl DeclineReason {
@@ -121,6 +139,13 @@ impl DeclineReason {
         Self::OfflineAllowanceExceeded,
         Self::OfflineStoreLimitReached,
         Self::AccountBlocked,
+        Self::CameraUnavailable,
+        Self::ScannerUnavailable,
+        Self::PaymentNotFound,
+        Self::PaymentNotSettled,
+        Self::PaymentNotReconciled,
+        Self::RefundExceedsPayment,
+        Self::DuplicateRefundId,
     ];
 
     /// Whether the reason says the outcome is not known yet (a hub's answer with it is no
@@ -169,6 +194,13 @@ impl DeclineReason {
             Self::OfflineAllowanceExceeded => "offline_allowance_exceeded",
             Self::OfflineStoreLimitReached => "offline_store_limit_reached",
             Self::AccountBlocked => "account_blocked",
+            Self::CameraUnavailable => "camera_unavailable",
+            Self::ScannerUnavailable => "scanner_unavailable",
+            Self::PaymentNotFound => "payment_not_found",
+            Self::PaymentNotSettled => "payment_not_settled",
+            Self::PaymentNotReconciled => "payment_not_reconciled",
+            Self::RefundExceedsPayment => "refund_exceeds_payment",
+            Self::DuplicateRefundId => "duplicate_refund_id",
         }
     }
 }
