@@ -29,6 +29,10 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub(crate) struct ApiState {
     pub ledger: crate::bounded::Bounded<LedgerActor>,
     pub link: Addr<HubLinkActor>,
+    /// On PostgreSQL, the ledger for long reads (a store's statement) on a blocking thread and a
+    /// connection of their own, so that payments never wait behind them; on sled, none: they
+    /// run on the ledger thread, its one writer.
+    pub apart: Option<Ledger>,
 }
 
 /// JSON bodies up to `limit` bytes; an unreadable body is a 400 `invalid_request` naming the
@@ -141,6 +145,14 @@ async fn open_audited(
 pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
     cfg.app_data(web::Data::new(state))
         .app_data(json_config(MAX_BODY_BYTES))
+        .app_data(web::QueryConfig::default().error_handler(|error, _| {
+            let body = json!({ "error": "invalid_request", "detail": error.to_string() });
+            actix_web::error::InternalError::from_response(
+                error,
+                HttpResponse::BadRequest().json(body),
+            )
+            .into()
+        }))
         .route("/v1/accounts", web::post().to(open_account))
         .route("/v1/accounts", listing(Ledger::accounts))
         .route("/v1/accounts/{id}", web::get().to(get_account))
@@ -153,6 +165,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
             listing(Ledger::code_reuses),
         )
         .route("/v1/reconciliation/late-posts", listing(Ledger::late_posts))
+        .route("/v1/stores/{id}/settlement", web::get().to(settlement))
         .route("/v1/transfers", listing(Ledger::transfers))
         .route("/v1/ledger/totals", listing(Ledger::totals))
         .route("/v1/audit", listing(Ledger::audit_trail));
@@ -304,6 +317,70 @@ async fn query<T: Send + 'static>(
     command(state, ReadLedger::new(read))
         .await?
         .map_err(error_response)
+}
+
+/// `GET /v1/stores/{id}/settlement` parameters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettlementQuery {
+    /// The day, `YYYY-MM-DD`.
+    date: String,
+    /// The store's offset from UTC, minutes; default 0.
+    #[serde(default)]
+    utc_offset_minutes: i32,
+    /// `json` (default) or `csv`.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// The store's statement for a day, as JSON or CSV.
+async fn settlement(
+    state: web::Data<ApiState>,
+    id: web::Path<String>,
+    query_string: web::Query<SettlementQuery>,
+) -> HttpResponse {
+    let store_id = id.into_inner();
+    let SettlementQuery {
+        date,
+        utc_offset_minutes,
+        format,
+    } = query_string.into_inner();
+    let csv = match format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return HttpResponse::BadRequest().json(json!({
+                "error": "invalid_request",
+                "detail": format!("format {other:?}: json or csv"),
+            }))
+        }
+    };
+    let read = move |l: &Ledger| l.settlement(&store_id, &date, utc_offset_minutes);
+    let answer = match &state.apart {
+        Some(ledger) => {
+            let ledger = ledger.clone();
+            match web::block(move || read(&ledger)).await {
+                Ok(answer) => answer.map_err(error_response),
+                Err(e) => Err(HttpResponse::ServiceUnavailable()
+                    .json(json!({ "error": "unavailable", "detail": e.to_string() }))),
+            }
+        }
+        None => query(&state, read).await,
+    };
+    match answer {
+        Ok(statement) if csv => HttpResponse::Ok()
+            .content_type("text/csv; charset=utf-8")
+            .insert_header((
+                "Content-Disposition",
+                format!(
+                    "attachment; filename=\"settlement-{}-{}.csv\"",
+                    statement.store_id, statement.date
+                ),
+            ))
+            .body(statement.to_csv()),
+        Ok(statement) => HttpResponse::Ok().json(statement),
+        Err(response) => response,
+    }
 }
 
 async fn get_account(state: web::Data<ApiState>, id: web::Path<String>) -> HttpResponse {
@@ -622,7 +699,11 @@ mod tests {
             ),
             prometheus::IntGauge::new("c", "c").unwrap(),
         ));
-        let state = ApiState { ledger, link };
+        let state = ApiState {
+            ledger,
+            link,
+            apart: None,
+        };
         let app = actix_web::test::init_service(
             actix_web::App::new().configure(move |cfg| configure(cfg, state.clone())),
         )

@@ -291,6 +291,33 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                     payment_ids: posts.into_iter().map(|p| p.payment_id).collect(),
                     posted,
                 }),
+            // A refund moves the store's money: the terminal's attestation is checked by the
+            // cloud itself, before the ledger's transaction.
+            HubRequestBody::Refund(refund) => {
+                let decision = match self.payer.refund_attested(&store_id, &refund) {
+                    Ok(()) => ledger.refund(&store_id, &refund),
+                    Err(declined) => {
+                        tracing::warn!(
+                            %store_id,
+                            payment_id = %refund.payment_id,
+                            refund_id = refund.refund_id,
+                            ?declined,
+                            "refund not attested by its terminal; declined"
+                        );
+                        Ok(declined)
+                    }
+                };
+                decision.map(|decision| {
+                    if matches!(decision, protocol::RefundDecision::Refunded { .. }) {
+                        self.count_debts();
+                    }
+                    CloudReplyBody::Refunded {
+                        refund_id: refund.refund_id,
+                        payment_id: refund.payment_id,
+                        decision,
+                    }
+                })
+            }
             HubRequestBody::PaymentStatus { payment_id } => ledger
                 .payment_status(&store_id, &payment_id)
                 .map(|status| CloudReplyBody::PaymentStatus { payment_id, status }),

@@ -218,6 +218,7 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     };
     let ledger_clock = ledger.clock();
     let books_ledger = ledger.clone();
+    let apart_ledger = ledger.clone();
     let actor_leases = leases.clone();
     let ledger = bounded::Bounded::new(
         SyncArbiter::start(1, move || {
@@ -405,6 +406,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let state = api::ApiState {
         ledger: ledger.clone(),
         link: link.clone(),
+        apart: (config.database.backend == config::DatabaseBackend::Postgres)
+            .then_some(apart_ledger),
     };
     let (admin_addr, admin_server) = telemetry::serve_api(
         &config.admin_listen,

@@ -116,6 +116,37 @@ impl PayerCheck {
         Ok(attested.shown)
     }
 
+    /// `Ok` when the terminal `refund` names attested it, with this payment, amount and
+    /// currency, sealed by a certificate of that terminal of `store_id` the CA issued and the
+    /// revocation list in force does not name; else the decline (`bad_signature`). A refund
+    /// moves the store's money: a hub's word (or a stolen hub key's) is not enough.
+    pub fn refund_attested(
+        &self,
+        store_id: &str,
+        refund: &protocol::Refund,
+    ) -> Result<(), protocol::RefundDecision> {
+        let declined = |detail: String| {
+            protocol::RefundDecision::declined(DeclineReason::BadSignature, format!("cloud: {detail}"))
+        };
+        refund.check_from(store_id).map_err(|e| {
+            protocol::RefundDecision::declined(DeclineReason::InvalidRequest, e.to_string())
+        })?;
+        let signer = pki::Signer::terminal(store_id, &refund.terminal_id);
+        let topic = protocol::topics::refund_attestation(&refund.payment_id, &refund.refund_id);
+        let payload = self
+            .attestations
+            .open(&topic, refund.attestation.as_bytes(), &signer)
+            .map_err(|e| declined(e.to_string()))?;
+        let attested: protocol::AttestedRefund = protocol::decode(&payload)
+            .map_err(|e| declined(format!("unreadable refund attestation: {e}")))?;
+        if attested != refund.attested() {
+            return Err(declined(
+                "the terminal attested another refund, payment or amount".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// `Ok` when what the terminal attests (`shown`, from [`PayerCheck::precheck`] of the same
     /// request) proves the payer, whose account's payment key is `account_key`; else why not (a
     /// decline, or a check that could not run). Reads nothing.

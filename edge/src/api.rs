@@ -6,18 +6,24 @@
 //! - `POST /v1/verify` with `{"method": "face" | "code_and_face"}` looks at the customer and
 //!   answers a [`VerifyReply`]: a payment token, a second-factor challenge, or a refusal.
 //! - `POST /v1/verify/second-factor` with `{"challenge_id", "value"}` answers the challenge.
+//! - `POST /v1/refund` with `{"refund_id", "order_id", "amount_minor", "currency"}` answers a
+//!   [`RefundResult`]: refunded, declined, or unknown (send the same refund id again).
 //!
 //! Status codes: 200 for a decision (see `status` and `reason`), 400 for a request that is not
-//! acceptable, 409 while another session uses the terminal's sensors, 503 when the store system is
-//! unreachable.
+//! acceptable, 409 while another session uses the terminal's sensors (or, for a refund, while the
+//! payment is not final or not reconciled yet), 503 when the store system is unreachable.
 
 use actix::Addr;
 use actix_web::{http::StatusCode, web, HttpResponse};
 use protocol::{
-    ChargeRequest, ChargeResult, DeclineReason, SecondFactorAnswer, VerifyReply, VerifyStart,
+    ChargeRequest, ChargeResult, DeclineReason, RefundRequest, RefundResult, SecondFactorAnswer,
+    VerifyReply, VerifyStart,
 };
 
-use crate::checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer};
+use crate::{
+    checkout::{AnswerSecondFactor, Charge, CheckoutActor, VerifyCustomer},
+    refund::RefundDesk,
+};
 
 /// Refuses, before its body is read, a request without `Authorization: Bearer <token>` for the
 /// token whose SHA-256 is `digest`.
@@ -35,8 +41,20 @@ pub(crate) fn bearer_gate(digest: [u8; 32]) -> telemetry::Gate {
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
-pub(crate) fn configure(cfg: &mut web::ServiceConfig, checkout: Addr<CheckoutActor>) {
+pub(crate) fn configure(
+    cfg: &mut web::ServiceConfig,
+    checkout: Addr<CheckoutActor>,
+    refunds: RefundDesk,
+) {
     cfg.app_data(web::Data::new(checkout))
+        .app_data(web::Data::new(refunds))
+        .service(
+            web::resource("/v1/refund")
+                .app_data(json_body(|detail| {
+                    RefundResult::declined("", "", DeclineReason::InvalidRequest, detail)
+                }))
+                .route(web::post().to(refund)),
+        )
         .service(
             web::resource("/v1/charge")
                 .app_data(json_body(|detail| {
@@ -92,6 +110,16 @@ pub fn status_of_verify(reply: &VerifyReply) -> StatusCode {
     }
 }
 
+/// The HTTP status of a refund's outcome.
+pub fn status_of_refund(result: &RefundResult) -> StatusCode {
+    match result.reason {
+        Some(DeclineReason::PaymentNotSettled | DeclineReason::PaymentNotReconciled) => {
+            StatusCode::CONFLICT
+        }
+        reason => status_of_reason(reason),
+    }
+}
+
 fn status_of_reason(reason: Option<DeclineReason>) -> StatusCode {
     match reason {
         None => StatusCode::OK,
@@ -131,6 +159,11 @@ async fn charge(
         },
     };
     HttpResponse::build(status_of(&result)).json(result)
+}
+
+async fn refund(refunds: web::Data<RefundDesk>, body: web::Json<RefundRequest>) -> HttpResponse {
+    let result = refunds.refund(body.into_inner()).await;
+    HttpResponse::build(status_of_refund(&result)).json(result)
 }
 
 async fn verify(

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use protocol::{AuthorizeReply, AuthorizeRequest, VerifyReply, VerifyRequest};
+use protocol::{AuthorizeReply, AuthorizeRequest, Refund, RefundReply, VerifyReply, VerifyRequest};
 use serde::de::DeserializeOwned;
 
 /// Pause between attempts while no hub queryable is reachable.
@@ -41,6 +41,7 @@ pub struct HubClient {
     zenoh: zlink::ZenohLink,
     key: String,
     verify_key: String,
+    refund_key: String,
     timeout: Duration,
     verifier: std::sync::Arc<pki::HubVerifier>,
 }
@@ -141,6 +142,7 @@ impl HubClient {
             zenoh,
             key: protocol::keyexpr::hub_authorize(store_id, terminal_id),
             verify_key: protocol::keyexpr::hub_verify(store_id, terminal_id),
+            refund_key: protocol::keyexpr::hub_refund(store_id, terminal_id),
             timeout,
             verifier,
         }
@@ -152,6 +154,12 @@ impl HubClient {
         request: &AuthorizeRequest,
     ) -> Result<AuthorizeReply, HubUnreachable> {
         self.query(self.key.clone(), protocol::encode(request))
+            .await
+    }
+
+    /// Sends a refund and waits for the decision.
+    pub async fn refund(&self, refund: &Refund) -> Result<RefundReply, HubUnreachable> {
+        self.query(self.refund_key.clone(), protocol::encode(refund))
             .await
     }
 

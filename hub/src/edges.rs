@@ -1,4 +1,4 @@
-//! The hub's side of its terminals' Zenoh queries: one authorize and one verify queryable per
+//! The hub's side of its terminals' Zenoh queries: an authorize, a refund and a verify queryable per
 //! terminal allowed (on key expressions that end with its id, which the hub's access control lets
 //! only that terminal's certificate use), the revocation list relayed to all, and each terminal's
 //! rate limit. Every answer is signed with the hub's certificate key.
@@ -11,14 +11,14 @@ use std::{
 
 use actix::prelude::*;
 use protocol::{
-    AuthorizeReply, AuthorizeRequest, DeclineReason, TerminalId, VerifyReply, VerifyRequest,
-    WireError,
+    AuthorizeReply, AuthorizeRequest, DeclineReason, Refund, RefundDecision, RefundReply,
+    TerminalId, VerifyReply, VerifyRequest, WireError,
 };
 use tokio::sync::Semaphore;
 
 use crate::{
     config::TerminalsConfig,
-    payment::{Authorize, PaymentActor},
+    payment::{Authorize, PaymentActor, RefundPayment},
     trust::ListInForce,
     verify::{Verify, VerifyActor},
 };
@@ -77,6 +77,12 @@ impl FromTerminal for AuthorizeRequest {
 }
 
 impl FromTerminal for VerifyRequest {
+    fn terminal_id(&self) -> &TerminalId {
+        &self.terminal_id
+    }
+}
+
+impl FromTerminal for Refund {
     fn terminal_id(&self) -> &TerminalId {
         &self.terminal_id
     }
@@ -197,6 +203,7 @@ pub async fn serve(
             shared: limit.clone(),
         };
         serve_authorize(zenoh, services, terminal, slots.clone()).await?;
+        serve_refund(zenoh, services, terminal, slots.clone()).await?;
         serve_verify(zenoh, services, terminal, slots).await?;
     }
     serve_revocations(zenoh, &services.store_id, services.in_force.clone()).await
@@ -352,6 +359,55 @@ async fn serve_authorize(
                             refused.to_string(),
                         ),
                         offline: false,
+                    },
+                };
+                protocol::encode(&reply)
+            }
+        },
+    )
+    .await
+}
+
+/// Declares `terminal`'s refund queryable and answers each query through the payment actor.
+async fn serve_refund(
+    zenoh: &zlink::ZenohLink,
+    services: &EdgeServices,
+    terminal: &str,
+    slots: Slots,
+) -> anyhow::Result<()> {
+    let key = protocol::keyexpr::hub_refund(&services.store_id, terminal);
+    let payment = services.payment.clone();
+    serve_queries(
+        zenoh,
+        key,
+        terminal,
+        services,
+        slots,
+        move |admitted: Result<Refund, Refused>| {
+            let payment = payment.clone();
+            async move {
+                let reply = match admitted {
+                    Ok(refund) => {
+                        let (refund_id, payment_id) =
+                            (refund.refund_id.clone(), refund.payment_id.clone());
+                        payment
+                            .send(RefundPayment(refund))
+                            .await
+                            // The payment actor stopped while it held the refund: it may have
+                            // reached the cloud. Unknown, never declined.
+                            .unwrap_or_else(|error| RefundReply {
+                                refund_id,
+                                payment_id,
+                                decision: RefundDecision::declined(
+                                    DeclineReason::OutcomeUnknown,
+                                    format!("hub payment path unavailable: {error}"),
+                                ),
+                            })
+                    }
+                    Err(refused) => RefundReply {
+                        refund_id: String::new(),
+                        payment_id: protocol::PaymentId::default(),
+                        decision: RefundDecision::declined(refused.reason(), refused.to_string()),
                     },
                 };
                 protocol::encode(&reply)

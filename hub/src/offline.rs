@@ -489,6 +489,11 @@ async fn drain_once(
     if !deliver_queued(uplink, journal, store, batch_size).await {
         return stopped;
     }
+    // Tests hold the backlog here (unreconciled while the cloud is reachable).
+    storage::fail::fail_point!("hub-reconcile-hold", |_| DrainStep {
+        retired: Vec::new(),
+        more: false,
+    });
     let batch = journal.run(move |j| j.offline_batch(batch_size)).await;
     if batch.is_empty() {
         return stopped;

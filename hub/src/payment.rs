@@ -13,7 +13,7 @@ use actix::prelude::*;
 use paycode::Validity;
 use protocol::{
     AuthorizeReply, AuthorizeRequest, CloudReplyBody, Decision, DeclineReason, HubRequestBody,
-    PaymentId, PaymentProof, PaymentStatus, VoidPayment,
+    PaymentId, PaymentProof, PaymentStatus, Refund, RefundDecision, RefundReply, VoidPayment,
 };
 use telemetry::PaymentMetrics;
 
@@ -595,4 +595,118 @@ async fn decide_offline(
 async fn void_attempt(attempt: VoidPayment, peers: &PaymentPeers) {
     peers.journal.run(move |j| j.void_attempt(&attempt)).await;
     peers.offline.do_send(DeliverQueued);
+}
+
+/// Refund a payment: relayed to the cloud, whose ledger decides (online only).
+#[derive(Message)]
+#[rtype(result = "RefundReply")]
+pub struct RefundPayment(pub Refund);
+
+impl Handler<RefundPayment> for PaymentActor {
+    type Result = ResponseFuture<RefundReply>;
+
+    fn handle(&mut self, msg: RefundPayment, _: &mut Self::Context) -> Self::Result {
+        let refund = msg.0;
+        let answer = |decision| {
+            let reply = RefundReply {
+                refund_id: refund.refund_id.clone(),
+                payment_id: refund.payment_id.clone(),
+                decision,
+            };
+            Box::pin(futures::future::ready(reply)) as Self::Result
+        };
+        if let Err(error) = refund.check_from(&self.settings.store_id) {
+            return answer(RefundDecision::declined(
+                DeclineReason::InvalidRequest,
+                error.to_string(),
+            ));
+        }
+        // One request per refund id at a time (a stopping hub waits for it like a payment).
+        let key = PaymentId::from(format!("{}#refund:{}", refund.payment_id, refund.refund_id));
+        let Some(deciding) = Deciding::enter(&self.deciding, &key) else {
+            return answer(RefundDecision::declined(
+                DeclineReason::PaymentInProgress,
+                "this refund is being made right now; send the same refund id again to learn \
+                 its outcome",
+            ));
+        };
+        let peers = self.peers.clone();
+        let timeout = self.settings.cloud_timeout;
+        Box::pin(async move {
+            let _deciding = deciding;
+            let decision = refund_at_cloud(&peers, timeout, &refund).await;
+            RefundReply {
+                refund_id: refund.refund_id,
+                payment_id: refund.payment_id,
+                decision,
+            }
+        })
+    }
+}
+
+/// The cloud's decision on `refund`, or what the terminal is told without one: declined when
+/// the refund was not sent (refunds need the cloud), unknown when it was sent and no answer came
+/// (the same refund id again learns it, and is never applied twice).
+async fn refund_at_cloud(
+    peers: &PaymentPeers,
+    timeout: Duration,
+    refund: &Refund,
+) -> RefundDecision {
+    let not_sent = |why: String| {
+        RefundDecision::declined(
+            DeclineReason::CloudUnreachable,
+            format!("refunds need the cloud ({why}); nothing was refunded"),
+        )
+    };
+    let unknown = |why: String| {
+        RefundDecision::declined(
+            DeclineReason::OutcomeUnknown,
+            format!(
+                "{why}; the refund may have been made: send the same refund id again to learn it"
+            ),
+        )
+    };
+    let Some(uplink) = &peers.uplink else {
+        return not_sent("this hub runs without one".into());
+    };
+    let call = CallCloud {
+        body: HubRequestBody::Refund(refund.clone()),
+        timeout,
+    };
+    let decision = match uplink.send(call).await {
+        Ok(Ok(CloudReplyBody::Refunded {
+            refund_id,
+            payment_id,
+            decision,
+        })) if refund_id == refund.refund_id && payment_id == refund.payment_id => decision,
+        // Refused whole (an invalid request, the ledger unable to serve it): nothing moved.
+        Ok(Ok(CloudReplyBody::Error { detail })) => {
+            RefundDecision::declined(DeclineReason::Internal, format!("cloud: {detail}"))
+        }
+        Ok(Ok(other)) => unknown(format!("the cloud answered something else: {other:?}")),
+        Ok(Err(
+            error @ (HubError::CloudDisconnected
+            | HubError::CircuitOpen(_)
+            | HubError::UplinkSaturated),
+        )) => not_sent(error.to_string()),
+        Ok(Err(error)) => unknown(error.to_string()),
+        Err(error) => unknown(format!("the hub's uplink is unavailable: {error}")),
+    };
+    if decision.reason() != Some(DeclineReason::PaymentNotFound) {
+        return decision;
+    }
+    // The ledger does not hold it, and this hub approved it: offline, not reconciled yet.
+    let payment_id = refund.payment_id.to_string();
+    match peers.journal.run(move |j| j.paid(&payment_id)).await {
+        Some(_) => RefundDecision::declined(
+            DeclineReason::PaymentNotReconciled,
+            format!(
+                "{} was approved by this store while the cloud was unreachable and is not \
+                 reconciled yet (or its reconciliation waits for the operator); nothing was \
+                 refunded: refund it once the store's backlog is applied",
+                refund.payment_id
+            ),
+        ),
+        None => decision,
+    }
 }

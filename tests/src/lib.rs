@@ -1053,6 +1053,17 @@ impl CloudApi {
         answer(self.agent.get(&format!("{}{path}", self.base)).call())
     }
 
+    /// A GET's status, content type and body as text (CSV answers).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<(u16, String, String)> {
+        let response = match self.agent.get(&format!("{}{path}", self.base)).call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e.into()),
+        };
+        let (status, kind) = (response.status(), response.content_type().to_owned());
+        Ok((status, kind, response.into_string()?))
+    }
+
     fn get_ok<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let (status, body) = self.get(path)?;
         if status != 200 {
@@ -1248,6 +1259,22 @@ pub fn charge(
 ) -> anyhow::Result<(u16, ChargeResult)> {
     let body = serde_json::json!({ "order_id": order_id, "amount_minor": amount_minor, "currency": currency });
     let (status, body) = post_json(&format!("http://{edge}/v1/charge"), &body)?;
+    Ok((status, serde_json::from_value(body)?))
+}
+
+/// The cash register: refunds `amount_minor` of an order's payment under `refund_id`.
+pub fn refund(
+    edge: SocketAddr,
+    refund_id: &str,
+    order_id: &str,
+    amount_minor: i64,
+    currency: &str,
+) -> anyhow::Result<(u16, protocol::RefundResult)> {
+    let body = serde_json::json!({
+        "refund_id": refund_id, "order_id": order_id, "amount_minor": amount_minor,
+        "currency": currency
+    });
+    let (status, body) = post_json(&format!("http://{edge}/v1/refund"), &body)?;
     Ok((status, serde_json::from_value(body)?))
 }
 

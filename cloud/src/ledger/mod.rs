@@ -27,6 +27,7 @@ mod allowances;
 mod offline;
 mod payments;
 mod queries;
+mod refunds;
 
 pub use allowances::{OfflinePolicy, ALLOWANCE_PAGE};
 pub use offline::{CodeReuse, Conflict, Reconciliation};
@@ -104,6 +105,9 @@ struct TransferRecord {
     /// of them still charges it, as `<payment id>#posted`.
     #[serde(default)]
     expired_holders: Vec<CodeNonce>,
+    /// What refunds gave back of this payment so far (never more than `amount_minor`).
+    #[serde(default)]
+    refunded_minor: i64,
 }
 
 impl TransferRecord {
@@ -142,6 +146,7 @@ impl TransferRecord {
             posted: true,
             pending_until_ms: None,
             expired_holders: Vec::new(),
+            refunded_minor: 0,
         }
     }
 
@@ -164,6 +169,7 @@ impl TransferRecord {
             posted: offline,
             pending_until_ms: None,
             expired_holders: Vec::new(),
+            refunded_minor: 0,
         }
     }
 }
@@ -218,6 +224,8 @@ pub struct Ledger {
     pending: storage::kv::Tree,
     /// Posts that came after their payment expired or was voided, for the operator.
     late_posts: storage::kv::Tree,
+    /// Refunds made, by `<store>/<refund id>`.
+    refunds: storage::kv::Tree,
     /// How long an online payment stays pending without its post before the cloud expires it.
     pending_ttl_ms: u64,
     /// Money-moving operator actions, by a sequence number.
@@ -367,6 +375,7 @@ fn reverse_tx(
         posted: true,
         pending_until_ms: None,
         expired_holders: Vec::new(),
+        refunded_minor: 0,
         ..existing.clone()
     };
     transfers.insert(format!("{payment_id}#void").as_bytes(), encode(&reversal))?;
@@ -425,6 +434,7 @@ impl Ledger {
             hub_keys: tree("hub_keys")?,
             pending: tree("pending")?,
             late_posts: tree("late_posts")?,
+            refunds: tree("refunds")?,
             pending_ttl_ms: DEFAULT_PENDING_TTL_MS,
             audit: tree("audit")?,
             policy: OfflinePolicy::default(),
@@ -452,6 +462,7 @@ impl Ledger {
             &mut fenced.hub_keys,
             &mut fenced.pending,
             &mut fenced.late_posts,
+            &mut fenced.refunds,
             &mut fenced.audit,
         ] {
             *tree = tree.fenced(fence);
@@ -1428,6 +1439,228 @@ mod tests {
         assert_eq!(balance(&l, "store-1"), 700);
     }
 
+    fn refund(order: &str, refund_id: &str, amount: i64) -> protocol::Refund {
+        protocol::Refund {
+            refund_id: refund_id.into(),
+            payment_id: format!("store-1:{order}").into(),
+            terminal_id: "t1".into(),
+            amount_minor: amount,
+            currency: eur(),
+            attestation: "checked by the caller".into(),
+        }
+    }
+
+    fn refunded_total(decision: &protocol::RefundDecision) -> Option<(i64, bool)> {
+        match decision {
+            protocol::RefundDecision::Refunded {
+                refunded_total_minor,
+                already_refunded,
+                ..
+            } => Some((*refunded_total_minor, *already_refunded)),
+            protocol::RefundDecision::Declined { .. } => None,
+        }
+    }
+
+    fn offline_entry(l: &Ledger, order: &str, nonce: &str, amount: i64) -> protocol::OfflinePayment {
+        let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
+        l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
+        let mut entry = protocol::OfflinePayment {
+            seq: 1,
+            payment_id: format!("store-1:{order}").into(),
+            store_id: "store-1".into(),
+            terminal_id: "t1".into(),
+            order_id: order.into(),
+            account_id: "alice".into(),
+            nonce: nonce.into(),
+            amount_minor: amount,
+            currency: eur(),
+            approved_at_ms: 1,
+            allowance_version: l.current_grant("store-1", "alice"),
+            spent_code: None,
+            signature: String::new(),
+        };
+        signer.sign(&mut entry);
+        entry
+    }
+
+    fn a_refund_gives_back_once_and_never_more_than_was_paid() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        let first = l.refund("store-1", &refund("o1", "r1", 300)).unwrap();
+        assert_eq!(refunded_total(&first), Some((300, false)), "{first:?}");
+        assert_eq!(balance(&l, "alice"), 9_600);
+        assert_eq!(balance(&l, "store-1"), 400);
+        // The same refund id again: answered as before, nothing moves.
+        let again = l.refund("store-1", &refund("o1", "r1", 300)).unwrap();
+        assert_eq!(refunded_total(&again), Some((300, true)), "{again:?}");
+        assert_eq!(balance(&l, "alice"), 9_600);
+        // The same refund id with another amount or payment: refused.
+        for other in [refund("o1", "r1", 200), refund("o2", "r1", 300)] {
+            let refused = l.refund("store-1", &other).unwrap();
+            assert_eq!(refused.reason(), Some(DeclineReason::DuplicateRefundId));
+        }
+        // Never more than what was paid minus earlier refunds.
+        let over = l.refund("store-1", &refund("o1", "r2", 401)).unwrap();
+        assert_eq!(over.reason(), Some(DeclineReason::RefundExceedsPayment));
+        let rest = l.refund("store-1", &refund("o1", "r2", 400)).unwrap();
+        assert_eq!(refunded_total(&rest), Some((700, false)));
+        let more = l.refund("store-1", &refund("o1", "r3", 1)).unwrap();
+        assert_eq!(more.reason(), Some(DeclineReason::RefundExceedsPayment));
+        assert_eq!(balance(&l, "alice"), 10_000);
+        assert_eq!(balance(&l, "store-1"), 0);
+        let ids: Vec<String> = l.transfers().unwrap().into_iter().map(|t| t.transfer_id).collect();
+        assert!(ids.contains(&"store-1:o1#refund:r1".to_string()), "{ids:?}");
+        assert!(ids.contains(&"store-1:o1#refund:r2".to_string()), "{ids:?}");
+        // The order stays paid: a retry of its charge hears so and moves nothing.
+        let retry = l.authorize("store-1", &pay("o1", "n9", 700)).unwrap();
+        assert!(matches!(retry, Decision::Approved { already_paid: true, .. }), "{retry:?}");
+        assert_eq!(balance(&l, "alice"), 10_000);
+        books_balance(&l);
+    }
+
+    fn only_a_final_payment_of_the_store_is_refunded() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        let reason = |order: &str, amount| {
+            l.refund("store-1", &refund(order, &format!("r-{order}"), amount))
+                .unwrap()
+                .reason()
+        };
+        assert_eq!(reason("o0", 100), Some(DeclineReason::PaymentNotFound), "never paid");
+        // Pending: its hub has not confirmed it, a void may still move it back.
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert_eq!(reason("o1", 100), Some(DeclineReason::PaymentNotSettled));
+        // Voided: nothing to refund.
+        assert!(l.void("store-1", &attempt("o1", "n1")).unwrap());
+        assert_eq!(reason("o1", 100), Some(DeclineReason::PaymentNotFound));
+        // Expired, with its attempt's confirmation possibly on its way: not final either.
+        l.authorize("store-1", &pay("o2", "n2", 500)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        assert_eq!(reason("o2", 100), Some(DeclineReason::PaymentNotSettled));
+        // Confirmed late, it is charged again (`#posted`) and that charge is refunded.
+        assert!(l.post("store-1", &attempt("o2", "n2")).unwrap());
+        assert_eq!(reason("o2", 100), None);
+        // An offline approval applied beside the voided attempt (`#offline`) is refunded too.
+        let entry = offline_entry(&l, "o1", "n1", 700);
+        l.reconcile("store-1", &[entry]).unwrap();
+        assert_eq!(reason("o1", 700), None);
+        assert_eq!(balance(&l, "alice"), 10_000 - 500 + 100);
+        // Another currency, another store's payment: refused.
+        l.authorize("store-1", &pay("o3", "n3", 300)).unwrap();
+        assert!(l.post("store-1", &attempt("o3", "n3")).unwrap());
+        let usd = protocol::Refund {
+            currency: Currency::parse("USD").unwrap(),
+            ..refund("o3", "r-usd", 100)
+        };
+        let refused = l.refund("store-1", &usd).unwrap();
+        assert_eq!(refused.reason(), Some(DeclineReason::CurrencyMismatch));
+        assert!(l.refund("store-2", &refund("o3", "r-x", 100)).is_err(), "not store-2's");
+        // A closed customer account takes no refund.
+        l.close_account("alice").unwrap();
+        assert_eq!(reason("o3", 100), Some(DeclineReason::AccountBlocked));
+        books_balance(&l);
+    }
+
+    fn a_refund_settles_a_debt_as_a_deposit_does() {
+        let (_d, l) = ledger();
+        let clock = clock::ManualClock::new(1_000_000);
+        let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        clock.advance(60_000);
+        assert_eq!(l.expire_pending().unwrap(), 1);
+        l.authorize("store-1", &pay("o2", "n2", 9_900)).unwrap();
+        assert!(l.post("store-1", &attempt("o2", "n2")).unwrap());
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        assert!(l.account("alice").unwrap().unwrap().in_debt);
+        assert!(l.refund("store-1", &refund("o1", "r1", 600)).unwrap().reason().is_none());
+        let alice = l.account("alice").unwrap().unwrap();
+        assert_eq!((alice.balance_minor, alice.in_debt), (0, false));
+        assert!(l.debts().unwrap().is_empty());
+        books_balance(&l);
+    }
+
+    fn a_stores_statement_adds_up_to_its_balance_change_on_the_day() {
+        let dir = tempfile::tempdir().unwrap();
+        // 2026-12-06 09:00 UTC.
+        let day = 1_796_515_200_000;
+        let clock = clock::ManualClock::new(day + 9 * 3_600_000);
+        let l = Ledger::open_at(&crate::engines::location(&dir.path().join("ledger")))
+            .unwrap()
+            .with_clock(clock.clone())
+            .with_pending_ttl(3_600_000);
+        for (id, kind, amount, key) in [
+            ("store-1", AccountKind::Merchant, 50, None),
+            ("alice", AccountKind::Customer, 10_000, Some(Wallet::generate("alice").unwrap().public_key_b64())),
+        ] {
+            l.open_account(&OpenAccount {
+                account_id: id.into(),
+                kind,
+                currency: eur(),
+                initial_balance_minor: amount,
+                public_key: key,
+            })
+            .unwrap();
+        }
+        let start = balance(&l, "store-1") - 50;
+        l.authorize("store-1", &pay("o1", "n1", 1_000)).unwrap();
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        clock.advance(60_000);
+        l.authorize("store-1", &pay("o2", "n2", 500)).unwrap();
+        l.authorize("store-1", &pay("o5", "n5", 40)).unwrap();
+        clock.advance(60_000);
+        let entry = offline_entry(&l, "o3", "n3", 300);
+        l.reconcile("store-1", &[entry]).unwrap();
+        l.refund("store-1", &refund("o1", "r1", 400)).unwrap();
+        assert!(l.void("store-1", &attempt("o2", "n2")).unwrap());
+        let end_of_day = balance(&l, "store-1");
+        // The next day.
+        clock.advance(24 * 3_600_000);
+        l.authorize("store-1", &pay("o4", "n4", 70)).unwrap();
+        let s = l.settlement("store-1", "2026-12-06", 0).unwrap();
+        assert_eq!((s.from_ms, s.to_ms), (day, day + 86_400_000));
+        assert_eq!(s.payments.count, 3, "o1, o2 and o5: {:?}", s.lines);
+        assert_eq!(s.payments.amount_minor, 1_540);
+        assert_eq!(s.pending.amount_minor, 40, "o5, not confirmed");
+        assert_eq!(s.offline_payments.amount_minor, 300);
+        assert_eq!(s.refunds.amount_minor, -400);
+        assert_eq!(s.reversals.amount_minor, -500);
+        assert_eq!(s.openings.amount_minor, 50);
+        assert_eq!(s.net_minor, 1_540 + 300 - 400 - 500 + 50);
+        assert_eq!(s.net_minor, end_of_day - start, "the balance's change over the day");
+        // Against the ledger's transfers of the store's account that day.
+        let from_transfers: i64 = l
+            .transfers()
+            .unwrap()
+            .iter()
+            .filter(|t| (s.from_ms..s.to_ms).contains(&t.applied_at_ms))
+            .map(|t| match (t.credit_account_id.as_str(), t.debit_account_id.as_str()) {
+                ("store-1", _) => t.amount_minor,
+                (_, "store-1") => -t.amount_minor,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(s.net_minor, from_transfers);
+        let csv_sum: i64 = s
+            .to_csv()
+            .lines()
+            .skip(1)
+            .map(|row| row.split(',').nth(9).unwrap().parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(csv_sum, s.net_minor);
+        let next = l.settlement("store-1", "2026-12-07", 0).unwrap();
+        assert_eq!((next.payments.count, next.net_minor), (1, 70));
+        // In a store an hour ahead of UTC, the next day starts at 23:00 UTC: o4 still falls on it.
+        let ahead = l.settlement("store-1", "2026-12-07", 60).unwrap();
+        assert_eq!(ahead.net_minor, 70);
+        assert!(l.settlement("store-1", "2026-12-32", 0).is_err());
+        assert!(l.settlement("alice", "2026-12-06", 0).is_err(), "not a store");
+        assert!(l.settlement("nobody", "2026-12-06", 0).is_err());
+        books_balance(&l);
+    }
+
     crate::engines::on_each_engine!(
         broken_books_are_reported_not_papered_over,
         a_payer_refused_stays_refused_and_only_a_proven_payer_joins_an_open_payment,
@@ -1454,5 +1687,9 @@ mod tests {
         a_closed_account_takes_no_payment_and_its_key_is_revoked,
         a_transfer_that_would_overflow_a_balance_aborts_and_moves_nothing,
         survives_reopen,
+        a_refund_gives_back_once_and_never_more_than_was_paid,
+        only_a_final_payment_of_the_store_is_refunded,
+        a_refund_settles_a_debt_as_a_deposit_does,
+        a_stores_statement_adds_up_to_its_balance_change_on_the_day,
     );
 }

@@ -18,6 +18,11 @@ pub fn hub_verify(store_id: &str, terminal_id: &str) -> String {
     format!("facepay/v1/stores/{store_id}/hub/verify/{terminal_id}")
 }
 
+/// The queryable a store's hub declares for one terminal to refund payments.
+pub fn hub_refund(store_id: &str, terminal_id: &str) -> String {
+    format!("facepay/v1/stores/{store_id}/hub/refund/{terminal_id}")
+}
+
 /// The queryable a store's hub declares to relay the fleet's revocation list to its terminals.
 pub fn hub_revocations(store_id: &str) -> String {
     format!("facepay/v1/stores/{store_id}/hub/revocations")
@@ -28,12 +33,13 @@ pub fn hub_all(store_id: &str) -> String {
     format!("facepay/v1/stores/{store_id}/hub/**")
 }
 
-/// The key expressions one terminal may use: its own authorize and verify queryables and the
+/// The key expressions one terminal may use: its own authorize, verify and refund queryables and the
 /// store's revocation list.
 pub fn terminal_keys(store_id: &str, terminal_id: &str) -> Vec<String> {
     vec![
         hub_authorize(store_id, terminal_id),
         hub_verify(store_id, terminal_id),
+        hub_refund(store_id, terminal_id),
         hub_revocations(store_id),
     ]
 }
@@ -51,6 +57,7 @@ mod tests {
             [
                 "facepay/v1/stores/s1/hub/authorize/till-1",
                 "facepay/v1/stores/s1/hub/verify/till-1",
+                "facepay/v1/stores/s1/hub/refund/till-1",
                 "facepay/v1/stores/s1/hub/revocations",
             ]
         );

@@ -15,6 +15,8 @@ pub mod keyexpr;
 mod messages;
 mod money;
 mod offline;
+mod refund;
+mod settlement;
 pub mod topics;
 
 pub use checks::{check_amount, check_payment_id, check_store_payment};
@@ -24,6 +26,8 @@ pub use ids::{AccountId, CodeNonce, OrderId, PaymentId, StoreId, TerminalId};
 pub use messages::*;
 pub use money::{validate_amount, Currency, MAX_AMOUNT_MINOR};
 pub use offline::*;
+pub use refund::*;
+pub use settlement::*;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 

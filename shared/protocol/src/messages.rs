@@ -428,6 +428,9 @@ pub enum HubRequestBody {
         /// The payment, in the store's namespace.
         payment_id: PaymentId,
     },
+    /// Give back some or all of a payment to the account it charged, once per refund id (online
+    /// only: the ledger decides).
+    Refund(crate::Refund),
 }
 
 impl HubRequestBody {
@@ -655,6 +658,15 @@ pub enum CloudReplyBody {
         payment_id: PaymentId,
         /// What the ledger holds for it.
         status: PaymentStatus,
+    },
+    /// Answer to `Refund`.
+    Refunded {
+        /// The refund.
+        refund_id: String,
+        /// The payment.
+        payment_id: PaymentId,
+        /// The decision.
+        decision: crate::RefundDecision,
     },
     /// The request could not be processed.
     Error {

@@ -142,6 +142,12 @@ pub fn attestation(payment_id: &str) -> String {
     format!("{ROOT}/attest/{payment_id}")
 }
 
+/// The domain a terminal seals its attestation of refund `refund_id` of `payment_id` for (a
+/// payment id always holds a `:`, so no payment's attestation is a refund's).
+pub fn refund_attestation(payment_id: &str, refund_id: &str) -> String {
+    format!("{ROOT}/attest/refund/{payment_id}/{refund_id}")
+}
+
 #[cfg(test)]
 mod tests {
 

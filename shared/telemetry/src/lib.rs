@@ -419,6 +419,20 @@ pub fn register_gauge_vec(
     gauge
 }
 
+/// Creates and registers an integer counter with labels on a tier's registry.
+pub fn register_counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
+    let counter = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("registered once per registry");
+    counter
+}
+
 /// Creates and registers a histogram with `buckets` (seconds) on a tier's registry.
 pub fn register_histogram(
     registry: &Registry,
