@@ -458,7 +458,9 @@ fn fleet_demo_prints_a_balanced_json_summary_and_serves_over_tls() {
         "no plain HTTP on the admin API"
     );
     let operator = tests::CloudApi::as_operator(admin, &pki_dir, "operator").unwrap();
-    assert_eq!(operator.balance("alice").unwrap(), 10_000 - 1_250 - 300);
+    // Alice paid 1001 and 2002, 2101 offline during the outage, and got two refunds.
+    let alice = 10_000 - 1_250 - 300 - 1_200 + 250 + 200;
+    assert_eq!(operator.balance("alice").unwrap(), alice);
     let metrics = serving["edges"][0]["metrics"].as_str().unwrap();
     assert!(get_text(metrics)
         .unwrap()
@@ -506,7 +508,8 @@ fn fleet_demo_prints_a_balanced_json_summary_and_serves_over_tls() {
         .sum();
     assert_eq!((before, after), (0, 0), "money is conserved");
     let after = &summary["balances_after"];
-    assert_eq!(after["alice"], 10_000 - 1_250 - 300);
+    assert_eq!(after["alice"], alice);
+    assert_eq!(after["bob"], 5_000 - 799 - 1_500 - 600);
     // Face payments: at home, at another store (found by the cloud), a twin with the PIN, and
     // carol's code confirmed by her face.
     assert_eq!(after["bruno"], 8_000 - 2_390 - 560);
@@ -514,8 +517,61 @@ fn fleet_demo_prints_a_balanced_json_summary_and_serves_over_tls() {
     assert_eq!(after["twin-a"], 8_000);
     assert_eq!(after["dora"], 8_000 - 1_999);
     assert_eq!(after["carol"], 500 - 450 - 40);
+    // The outage: store-2 cut from the cloud keeps selling within its limits, refuses past them
+    // and refuses refunds; healed, its backlog is applied exactly once.
+    let outage = &summary["outage"];
+    assert_eq!(outage["store_id"], "store-2", "{outage}");
+    let statuses: Vec<(&str, bool, Option<&str>)> = outage["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["status"].as_str().unwrap(),
+                o["offline"].as_bool().unwrap(),
+                o["reason"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("approved", true, None),
+            ("approved", true, None),
+            ("declined", false, Some("offline_amount_over_limit")),
+            ("declined", false, Some("offline_allowance_exceeded")),
+        ],
+        "{outage}"
+    );
+    assert_eq!(outage["backlog_when_healed"], 2, "{outage}");
+    assert_eq!(outage["applied_exactly_once"], true, "{outage}");
+    let refunds = summary["refunds"].as_array().unwrap();
+    let refund_outcomes: Vec<(&str, Option<&str>)> = refunds
+        .iter()
+        .map(|r| (r["status"].as_str().unwrap(), r["reason"].as_str()))
+        .collect();
+    assert_eq!(
+        refund_outcomes,
+        [
+            ("declined", Some("cloud_unreachable")),
+            ("refunded", None),
+            ("refunded", None),
+        ],
+        "{refunds:?}"
+    );
+    for day in summary["settlements"].as_array().unwrap() {
+        assert_eq!(day["matches_ledger"], true, "{day}");
+    }
+    let store_2 = &summary["settlements"][1];
+    assert_eq!(store_2["store_id"], "store-2");
+    assert_eq!(store_2["offline_payments"]["amount_minor"], 1_800, "{store_2}");
+    assert_eq!(store_2["refunds"]["amount_minor"], -200, "{store_2}");
+    assert_eq!(
+        summary["settlements"][0]["refunds"]["amount_minor"], -250,
+        "{summary}"
+    );
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("[5/5]"),
+        String::from_utf8_lossy(&out.stderr).contains("[7/7]"),
         "progress is shown"
     );
 }

@@ -2,8 +2,11 @@
 //! as `ops/mosquitto` ships it (TLS with client certificates, ACL), the cloud, two store hubs and
 //! two edge terminals per store in one process — customers enrolled with their faces over the
 //! HTTPS enrollment API, and a scripted cash register that charges a series of orders paid with
-//! QR payment codes, faces, or both, declines included. Prints a summary; with `--serve` the
-//! fleet keeps running until Ctrl-C and prints where everything listens.
+//! QR payment codes, faces, or both, declines included. Then it cuts store-2 from the cloud: its
+//! registers keep charging (offline approvals within their limits, declines past them, refunds
+//! refused: they need the cloud), heals the link and shows the backlog reconciled exactly once, a
+//! refund, and each store's statement for the day. Prints a summary; with `--serve` the fleet
+//! keeps running until Ctrl-C and prints where everything listens.
 
 use std::{
     collections::BTreeMap,
@@ -44,6 +47,10 @@ struct Cli {
 }
 
 const STORES: [&str; 2] = ["store-1", "store-2"];
+/// The store the demo cuts from the cloud (its hub reaches the broker through a proxy).
+const OUTAGE_STORE: &str = "store-2";
+/// Steps the demo shows on stderr.
+const STEPS: usize = 7;
 const TILLS: [&str; 2] = ["till-1", "till-2"];
 const CURRENCY: &str = "EUR";
 
@@ -60,8 +67,45 @@ struct OrderLine {
     amount_minor: i64,
     status: ChargeStatus,
     already_paid: bool,
+    /// Approved by the store's hub alone, the cloud unreachable.
+    offline: bool,
     reason: Option<String>,
     detail: String,
+}
+
+/// A refund the demo's register asked for.
+#[derive(Serialize)]
+struct RefundLine {
+    store_id: String,
+    scenario: String,
+    #[serde(flatten)]
+    result: protocol::RefundResult,
+}
+
+/// Store-2 cut from the cloud, and healed.
+#[derive(Serialize)]
+struct Outage {
+    store_id: String,
+    /// Orders charged while cut off.
+    orders: Vec<OrderLine>,
+    /// Approved offline.
+    offline_approved: usize,
+    /// Unreconciled approvals the hub held when the link healed.
+    backlog_when_healed: u64,
+    /// From healing the link until the backlog was applied at the cloud.
+    reconciled_in_ms: u128,
+    /// Each approval offline is in the ledger exactly once, and no decline is.
+    applied_exactly_once: bool,
+}
+
+/// A store's statement for the day, and whether it adds up to the ledger's transfers.
+#[derive(Serialize)]
+struct StoreDay {
+    /// The statement.
+    #[serde(flatten)]
+    settlement: protocol::Settlement,
+    /// Its net is what the ledger's transfers of the store's account that day add up to.
+    matches_ledger: bool,
 }
 
 #[derive(Serialize)]
@@ -71,6 +115,9 @@ struct Summary {
     declined_by_reason: BTreeMap<String, usize>,
     balances_before: BTreeMap<String, i64>,
     balances_after: BTreeMap<String, i64>,
+    outage: Outage,
+    refunds: Vec<RefundLine>,
+    settlements: Vec<StoreDay>,
     ledger: Vec<protocol::LedgerTotals>,
     books_balance: bool,
     elapsed_ms: u128,
@@ -79,6 +126,10 @@ struct Summary {
 struct Fleet {
     cloud: SocketAddr,
     pki_dir: PathBuf,
+    /// The outage store's hub <-> broker link.
+    uplink: tests::proxy::FaultProxy,
+    /// Each hub's `/metrics`.
+    hub_metrics: BTreeMap<String, SocketAddr>,
     edges: BTreeMap<(String, String), (SocketAddr, PathBuf)>,
     /// Where everything listens, for `--serve`.
     serving: serde_json::Value,
@@ -119,7 +170,7 @@ fn main() -> anyhow::Result<()> {
 
     step(
         1,
-        5,
+        STEPS,
         "making the fleet's PKI, starting Mosquitto (TLS, client certificates, ACL)",
     );
     let pki_dir = data_dir.join("pki");
@@ -190,6 +241,12 @@ fn main() -> anyhow::Result<()> {
     if !summary.books_balance {
         bail!("the ledger does not balance");
     }
+    if !summary.outage.applied_exactly_once {
+        bail!("the outage's backlog was not applied exactly once");
+    }
+    if !summary.settlements.iter().all(|d| d.matches_ledger) {
+        bail!("a store's statement does not match the ledger");
+    }
     Ok(())
 }
 
@@ -205,7 +262,7 @@ async fn start_fleet(
     let mut servers = Vec::new();
     step(
         2,
-        5,
+        STEPS,
         "starting the cloud, opening demo accounts, enrolling faces over HTTPS",
     );
     let tls = pki::TlsConfig {
@@ -237,8 +294,11 @@ async fn start_fleet(
         tokio::task::spawn_blocking(move || enroll_faces(&enroll_addr.to_string(), &cert, &token))
             .await??;
 
-    step(3, 5, "starting two store hubs");
+    step(3, STEPS, "starting two store hubs");
     let mut hubs = Vec::new();
+    // The outage store's hub reaches the broker through a proxy the script cuts.
+    let uplink = tests::proxy::FaultProxy::start(([127, 0, 0, 1], broker_port).into())?;
+    let mut hub_metrics = BTreeMap::new();
     for store_id in STORES {
         let zenoh_port = free_port();
         let mut config = hub::HubConfig {
@@ -249,9 +309,21 @@ async fn start_fleet(
             ..Default::default()
         };
         config.mqtt.port = broker_port;
+        if store_id == OUTAGE_STORE {
+            config.mqtt.port = uplink.port;
+            config.mqtt.reconnect_delay_ms = 100;
+            config.mqtt.reconnect_max_delay_ms = 500;
+        }
         config.zenoh.listen = vec![format!("tls/127.0.0.1:{zenoh_port}")];
         let hub = hub::start(config).await?;
         let hub_http = hub.metrics_addr;
+        hub_metrics.insert(store_id.to_string(), hub_http);
+        // The cloud checks the hub's signature on what it approves offline.
+        let (operator_pki, key) = (pki_dir.to_owned(), hub.hub_public_key.clone());
+        tokio::task::spawn_blocking(move || {
+            CloudApi::as_operator(api_addr, &operator_pki, "operator")?.set_hub_key(store_id, &key)
+        })
+        .await??;
         let home_templates = enrolled.get(store_id).copied().unwrap_or(0);
         tokio::task::spawn_blocking(move || {
             wait_for_keys(hub_http, customers, Duration::from_secs(20))?;
@@ -267,7 +339,7 @@ async fn start_fleet(
         hubs.push((store_id, zenoh_port, hub));
     }
 
-    step(4, 5, "starting two edge terminals per store");
+    step(4, STEPS, "starting two edge terminals per store");
     let mut edges = BTreeMap::new();
     let mut serving_edges = Vec::new();
     for (store_id, zenoh_port, _) in &hubs {
@@ -322,6 +394,8 @@ async fn start_fleet(
         Fleet {
             cloud: api_addr,
             pki_dir: pki_dir.to_owned(),
+            uplink,
+            hub_metrics,
             edges,
             serving,
         },
@@ -617,7 +691,7 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
     let balances_before = balances(&api)?;
     step(
         5,
-        5,
+        STEPS,
         &format!("the cash registers charge {} orders", ORDERS.len()),
     );
     let mut codes_used: BTreeMap<&str, String> = BTreeMap::new();
@@ -702,10 +776,14 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
             amount_minor: order.amount_minor,
             status: result.status,
             already_paid: result.already_paid,
+            offline: result.offline,
             reason: result.reason.map(|r| r.to_string()),
             detail: result.detail,
         });
     }
+    let (outage, mut refunds) = run_outage(fleet, &api)?;
+    refunds.extend(run_refunds(fleet)?);
+    let settlements = settle_the_day(&api)?;
     let balances_after = balances(&api)?;
     let ledger = api.totals()?;
     let books_balance = ledger
@@ -727,10 +805,222 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
         declined_by_reason,
         balances_before,
         balances_after,
+        outage,
+        refunds,
+        settlements,
         ledger,
         books_balance,
         elapsed_ms: started.elapsed().as_millis(),
     })
+}
+
+/// Orders charged at the outage store while it is cut from the cloud: till, customer, amount,
+/// scenario.
+const OUTAGE_ORDERS: [(&str, usize, &str, i64, &str); 4] = [
+    ("2101", 0, "alice", 1_200, "alice pays while the cloud is down"),
+    ("2102", 1, "bob", 600, "bob pays while the cloud is down"),
+    (
+        "2103",
+        0,
+        "alice",
+        3_000,
+        "over the offline per-payment ceiling (25.00)",
+    ),
+    ("2104", 1, "carol", 100, "more than carol's offline allowance"),
+];
+
+/// Cuts the outage store from the cloud, charges there, tries a refund, heals, and checks the
+/// backlog landed exactly once. Returns the outage and the refund tried while cut off.
+fn run_outage(fleet: &Fleet, api: &CloudApi) -> anyhow::Result<(Outage, Vec<RefundLine>)> {
+    let store_id = OUTAGE_STORE;
+    let hub = fleet.hub_metrics[store_id];
+    step(
+        6,
+        STEPS,
+        &format!("cutting {store_id} from the cloud: its registers keep charging"),
+    );
+    fleet.uplink.cut();
+    wait_for_metric(
+        hub,
+        "facepay_hub_broker_connected",
+        0.0,
+        Duration::from_secs(20),
+    )?;
+    let mut orders = Vec::new();
+    for (order_id, till, customer, amount_minor, scenario) in OUTAGE_ORDERS {
+        let (edge, frames) = &fleet.edges[&(store_id.to_string(), TILLS[till].to_string())];
+        present_code(frames, &wallet(customer))?;
+        let result = charge(*edge, order_id, amount_minor, CURRENCY)?.1;
+        eprintln!(
+            "      cut off: {store_id}/{} #{order_id} {} -> {:?}{}{}",
+            TILLS[till],
+            Currency::parse(CURRENCY)?.format(amount_minor),
+            result.status,
+            if result.offline { " offline" } else { "" },
+            result.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+        orders.push(OrderLine {
+            order_id: order_id.into(),
+            store_id: store_id.into(),
+            terminal_id: TILLS[till].into(),
+            customer: customer.into(),
+            scenario: scenario.into(),
+            amount_minor,
+            status: result.status,
+            already_paid: result.already_paid,
+            offline: result.offline,
+            reason: result.reason.map(|r| r.to_string()),
+            detail: result.detail,
+        });
+    }
+    // Refunds need the cloud: refused, nothing moved.
+    let (edge, _) = &fleet.edges[&(store_id.to_string(), TILLS[0].to_string())];
+    let refused = tests::refund(*edge, "r-2101", "2101", 200, CURRENCY)?.1;
+    eprintln!(
+        "      cut off: refund of #2101 -> {:?} ({})",
+        refused.status,
+        refused.reason.map(|r| r.to_string()).unwrap_or_default()
+    );
+    let refunds = vec![RefundLine {
+        store_id: store_id.into(),
+        scenario: "a refund while the store is cut off".into(),
+        result: refused,
+    }];
+    let page = tests::get_text(&format!("http://{hub}/metrics"))?;
+    let backlog = tests::metric_value(&page, "facepay_hub_offline_backlog").unwrap_or(0.0) as u64;
+
+    step(
+        7,
+        STEPS,
+        &format!("healing {store_id}'s link: reconciliation, refunds, the day's statements"),
+    );
+    fleet.uplink.heal();
+    let healed = Instant::now();
+    wait_for_metric(
+        hub,
+        "facepay_hub_broker_connected",
+        1.0,
+        Duration::from_secs(30),
+    )?;
+    wait_for_metric(
+        hub,
+        "facepay_hub_offline_backlog",
+        0.0,
+        Duration::from_secs(60),
+    )?;
+    let reconciled_in_ms = healed.elapsed().as_millis();
+    let transfers = api.transfers()?;
+    let applied_exactly_once = orders.iter().all(|order| {
+        let id = format!("{store_id}:{}", order.order_id);
+        let applied = transfers
+            .iter()
+            .filter(|t| t.transfer_id == id || t.transfer_id == format!("{id}#offline"))
+            .count();
+        applied == usize::from(order.status == ChargeStatus::Approved)
+    });
+    let offline_approved = orders.iter().filter(|o| o.offline).count();
+    Ok((
+        Outage {
+            store_id: store_id.into(),
+            orders,
+            offline_approved,
+            backlog_when_healed: backlog,
+            reconciled_in_ms,
+            applied_exactly_once,
+        },
+        refunds,
+    ))
+}
+
+/// Refunds once the stores are online: part of an online payment, and the refund refused
+/// during the outage again (now reconciled, it is made).
+fn run_refunds(fleet: &Fleet) -> anyhow::Result<Vec<RefundLine>> {
+    let asks = [
+        (
+            "store-1",
+            "r-1001",
+            "1001",
+            250,
+            "part of alice's groceries back",
+        ),
+        (
+            OUTAGE_STORE,
+            "r-2101",
+            "2101",
+            200,
+            "the refund refused during the outage, asked again",
+        ),
+    ];
+    let mut refunds = Vec::new();
+    for (store_id, refund_id, order_id, amount, scenario) in asks {
+        let (edge, _) = &fleet.edges[&(store_id.to_string(), TILLS[0].to_string())];
+        // A payment is final once its hub's confirmation reached the cloud: a moment.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let result = loop {
+            let result = tests::refund(*edge, refund_id, order_id, amount, CURRENCY)?.1;
+            let later = matches!(
+                result.reason,
+                Some(
+                    protocol::DeclineReason::PaymentNotSettled
+                        | protocol::DeclineReason::PaymentNotReconciled
+                )
+            );
+            if !later || Instant::now() > deadline {
+                break result;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        eprintln!(
+            "      refund {store_id} #{order_id} {} -> {:?}{}",
+            Currency::parse(CURRENCY)?.format(amount),
+            result.status,
+            result.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+        refunds.push(RefundLine {
+            store_id: store_id.into(),
+            scenario: scenario.into(),
+            result,
+        });
+    }
+    Ok(refunds)
+}
+
+/// Each store's statement for today (UTC), checked against the ledger's transfers.
+fn settle_the_day(api: &CloudApi) -> anyhow::Result<Vec<StoreDay>> {
+    let today = time::OffsetDateTime::now_utc().date();
+    let date = format!(
+        "{:04}-{:02}-{:02}",
+        today.year(),
+        u8::from(today.month()),
+        today.day()
+    );
+    let transfers = api.transfers()?;
+    let mut days = Vec::new();
+    for store_id in STORES {
+        let (status, body) = api.get(&format!("/v1/stores/{store_id}/settlement?date={date}"))?;
+        if status != 200 {
+            bail!("the statement of {store_id}: {status} {body}");
+        }
+        let settlement: protocol::Settlement = serde_json::from_value(body)?;
+        let from_transfers: i64 = transfers
+            .iter()
+            .filter(|t| (settlement.from_ms..settlement.to_ms).contains(&t.applied_at_ms))
+            .map(|t| {
+                if t.credit_account_id == store_id {
+                    t.amount_minor
+                } else if t.debit_account_id == store_id {
+                    -t.amount_minor
+                } else {
+                    0
+                }
+            })
+            .sum();
+        days.push(StoreDay {
+            matches_ledger: settlement.net_minor == from_transfers,
+            settlement,
+        });
+    }
+    Ok(days)
 }
 
 fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
@@ -763,6 +1053,73 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
                 "-"
             }),
             l.scenario
+        );
+    }
+    let outage = &summary.outage;
+    println!();
+    println!(
+        "{} cut from the cloud: {} of {} orders approved offline",
+        outage.store_id,
+        outage.offline_approved,
+        outage.orders.len()
+    );
+    for l in &outage.orders {
+        println!(
+            "{:<6} {:<8} {:<7} {:>10}  {:<9} {:<26} {}",
+            l.order_id,
+            l.store_id,
+            l.terminal_id,
+            eur.format(l.amount_minor),
+            format!("{:?}", l.status).to_lowercase(),
+            l.reason
+                .as_deref()
+                .unwrap_or(if l.offline { "(offline)" } else { "-" }),
+            l.scenario
+        );
+    }
+    println!(
+        "healed: {} held offline, reconciled in {} ms, {}",
+        outage.backlog_when_healed,
+        outage.reconciled_in_ms,
+        if outage.applied_exactly_once {
+            "each applied exactly once"
+        } else {
+            "NOT APPLIED EXACTLY ONCE"
+        }
+    );
+    println!();
+    for r in &summary.refunds {
+        println!(
+            "refund {:<8} #{:<5} {:>10}  {:<9} {:<24} {}",
+            r.store_id,
+            r.result.order_id,
+            r.result.amount_minor.map(|a| eur.format(a)).unwrap_or_default(),
+            format!("{:?}", r.result.status).to_lowercase(),
+            r.result.reason.map(|r| r.to_string()).unwrap_or_default(),
+            r.scenario
+        );
+    }
+    println!();
+    for day in &summary.settlements {
+        let s = &day.settlement;
+        println!(
+            "statement {} {}: payments {} ({}), offline {} ({}), reversals {}, refunds {} ({}), \
+             net {} -> {}",
+            s.store_id,
+            s.date,
+            eur.format(s.payments.amount_minor),
+            s.payments.count,
+            eur.format(s.offline_payments.amount_minor),
+            s.offline_payments.count,
+            eur.format(s.reversals.amount_minor),
+            eur.format(s.refunds.amount_minor),
+            s.refunds.count,
+            eur.format(s.net_minor),
+            if day.matches_ledger {
+                "matches the ledger"
+            } else {
+                "DOES NOT MATCH THE LEDGER"
+            }
         );
     }
     println!();
