@@ -426,13 +426,13 @@ impl Handler<Charge> for CheckoutActor {
                 (_, Some(token)) => PaymentProof::Token(token),
                 (None, None) => unreachable!("a scan is started when no token is given"),
                 (Some(scan), None) => match scan.await {
-                    Ok(Some(code)) => {
+                    Ok(Ok(Some(code))) => {
                         let seen = Instant::now();
                         customer_wait.observe(seen.duration_since(started).as_secs_f64());
                         code_seen.set(seen);
                         PaymentProof::Code(code)
                     }
-                    Ok(None) => {
+                    Ok(Ok(None)) => {
                         // No customer time to count, nor any decision time before this.
                         code_seen.set(Instant::now());
                         return (
@@ -442,6 +442,16 @@ impl Handler<Charge> for CheckoutActor {
                                     "no payment code seen within {} ms",
                                     settings.scan_timeout.as_millis()
                                 ),
+                            ),
+                            true,
+                        );
+                    }
+                    Ok(Err(error)) => {
+                        code_seen.set(Instant::now());
+                        return (
+                            Decision::declined(
+                                DeclineReason::ScannerUnavailable,
+                                format!("scanner unavailable: {error}"),
                             ),
                             true,
                         );
@@ -622,20 +632,26 @@ impl CheckoutActor {
                 second_factor: None,
                 payment_code: code
                     .as_ref()
-                    .and_then(|c| c.as_ref().ok().cloned().flatten()),
+                    .and_then(|c| c.as_ref().ok()?.as_ref().ok().cloned().flatten()),
                 face_probe: Some(protocol::FaceProbe::new(&embedding)),
                 attestation: None,
             };
             let body = match code {
                 None => VerifyBody::Face { embedding },
-                Some(Ok(Some(code))) => VerifyBody::CodeAndFace { code, embedding },
-                Some(Ok(None)) => {
+                Some(Ok(Ok(Some(code)))) => VerifyBody::CodeAndFace { code, embedding },
+                Some(Ok(Ok(None))) => {
                     return VerifyReply::refused(
                         DeclineReason::NoCodePresented,
                         format!(
                             "no payment code seen within {} ms",
                             settings.scan_timeout.as_millis()
                         ),
+                    )
+                }
+                Some(Ok(Err(e))) => {
+                    return VerifyReply::refused(
+                        DeclineReason::ScannerUnavailable,
+                        format!("scanner unavailable: {e}"),
                     )
                 }
                 Some(Err(e)) => {

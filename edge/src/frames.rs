@@ -1,4 +1,5 @@
-//! Where the terminal's scanner and (later) camera get their frames.
+//! Where the terminal's scanner and camera get their frames: the [`FrameSource`] seam and its
+//! spool directory; `v4l2` and `mjpeg` hold the camera devices behind it.
 
 use std::{
     collections::BTreeSet,
@@ -8,6 +9,8 @@ use std::{
 
 use image::RgbImage;
 
+use crate::error::SourceError;
+
 /// Largest image file accepted as a frame; bigger files are skipped unread.
 pub const MAX_FRAME_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -15,18 +18,51 @@ pub const MAX_FRAME_BYTES: u64 = 16 * 1024 * 1024;
 /// is dropped unread (`DirectorySource::begin_session`).
 pub const MAX_FRAME_AGE: Duration = Duration::from_secs(10);
 
-/// A source of colour frames: an image directory now, a V4L2 camera on a terminal. Implementations
-/// block, so they are only ever called from the scanner's or the camera's dedicated thread.
+/// A source of colour frames: a spool directory, a V4L2 camera, an MJPEG-over-HTTP camera.
+/// Implementations block, so they are only ever called from the scanner's or the camera's
+/// dedicated thread.
 pub trait FrameSource: Send {
-    /// The next frame, waiting until `deadline` at most; `None` when none came in time.
-    fn next_frame(&mut self, deadline: Instant) -> Option<RgbImage>;
+    /// Opens the source outside any session, to tell at start whether it works (a spool always
+    /// does; a device is opened, a stream connected once).
+    fn check(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 
-    /// A session (one customer) starts: frames left from before it must not be read in it.
-    fn begin_session(&mut self) {}
+    /// A session (one customer) starts: frames left from before it must not be read in it. A
+    /// source that cannot be opened (a missing device, an unreachable camera) says so here.
+    fn begin_session(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// The next frame, waiting until `deadline` at most; `None` when none came in time, an
+    /// error when the source stopped or stalled.
+    fn next_frame(&mut self, deadline: Instant) -> Result<Option<RgbImage>, SourceError>;
 
     /// The session ended: frames it did not read are nobody's, dropped unread, so the next
     /// session (the next customer) never sees them.
     fn end_session(&mut self) {}
+}
+
+/// Waits until `fd` can be read (or has hung up) or `deadline` passes; whether it can.
+pub(crate) fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    deadline: Instant,
+) -> std::io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 /// The file system type a path lives on, from the longest mount point containing it in
@@ -193,7 +229,7 @@ impl DirectorySource {
 }
 
 impl FrameSource for DirectorySource {
-    fn next_frame(&mut self, deadline: Instant) -> Option<RgbImage> {
+    fn next_frame(&mut self, deadline: Instant) -> Result<Option<RgbImage>, SourceError> {
         loop {
             if let Some(path) = self.oldest_file() {
                 let frame = Self::read(&path);
@@ -202,7 +238,7 @@ impl FrameSource for DirectorySource {
                     self.skipped.insert(path.clone());
                 }
                 match frame {
-                    Ok(frame) => return Some(frame),
+                    Ok(frame) => return Ok(Some(frame)),
                     Err(error) => {
                         tracing::warn!(%error, path = %path.display(), "unreadable frame skipped");
                         continue;
@@ -211,19 +247,20 @@ impl FrameSource for DirectorySource {
             }
             let now = Instant::now();
             if now >= deadline {
-                return None;
+                return Ok(None);
             }
             std::thread::sleep(self.poll_interval.min(deadline - now));
         }
     }
 
-    fn begin_session(&mut self) {
+    fn begin_session(&mut self) -> Result<(), SourceError> {
         let cutoff = std::time::SystemTime::now() - MAX_FRAME_AGE;
         self.drop_frames(|e| {
             e.metadata()
                 .and_then(|m| m.modified())
                 .map_or(true, |written| written < cutoff)
         });
+        Ok(())
     }
 
     fn end_session(&mut self) {
@@ -250,10 +287,10 @@ mod tests {
         std::fs::write(dir.path().join(".partial.png"), b"x").unwrap();
         let mut source = DirectorySource::new(dir.path(), Duration::from_millis(1)).unwrap();
         let soon = || Instant::now() + Duration::from_millis(50);
-        assert_eq!(source.next_frame(soon()).unwrap().width(), 4);
-        assert_eq!(source.next_frame(soon()).unwrap().width(), 8);
+        assert_eq!(source.next_frame(soon()).unwrap().unwrap().width(), 4);
+        assert_eq!(source.next_frame(soon()).unwrap().unwrap().width(), 8);
         assert!(
-            source.next_frame(soon()).is_none(),
+            source.next_frame(soon()).unwrap().is_none(),
             "broken file skipped, hidden file ignored"
         );
         assert!(dir.path().join(".partial.png").exists());
@@ -281,16 +318,16 @@ mod tests {
             .unwrap();
         // One just written for this session: read.
         frame("b-now.png");
-        source.begin_session();
+        source.begin_session().unwrap();
         assert!(!dir.path().join("a-old.png").exists());
-        assert!(source.next_frame(soon()).is_some());
+        assert!(source.next_frame(soon()).unwrap().is_some());
         // Frames the session did not read are dropped when it ends: the next customer's
         // session starts empty.
         frame("c-left.png");
         frame("d-left.png");
         source.end_session();
-        source.begin_session();
-        assert!(source.next_frame(soon()).is_none());
+        source.begin_session().unwrap();
+        assert!(source.next_frame(soon()).unwrap().is_none());
         assert!(!dir.path().join("c-left.png").exists());
     }
 }

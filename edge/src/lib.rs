@@ -1,17 +1,27 @@
 //! The facepay edge: the checkout terminal.
 //!
-//! A scanner actor reads frames from a [`frames::FrameSource`] and decodes QR payment codes; a
-//! camera actor reads frames from another source and runs the face pipeline; a checkout actor runs
+//! A scanner actor waits for payment codes from a [`codes::CodeSource`] (QR codes decoded from a
+//! [`frames::FrameSource`], or lines from a serial or HID scanner); a camera actor reads frames
+//! from another frame source (a spool directory, a V4L2 or MJPEG-over-HTTP camera) and runs the
+//! face pipeline; a checkout actor runs
 //! one sensor session at a time for the cash register's local HTTP API (charge, verify, second
 //! factor) and asks the store hub over Zenoh. See `README.md` in this folder for the actors.
 
 mod api;
 pub mod camera;
 pub mod checkout;
+pub mod codes;
 pub mod config;
+pub mod error;
 pub mod frames;
+pub mod health;
 pub mod hub_client;
+pub mod keyboard;
+pub mod mjpeg;
+pub mod refund;
 pub mod scanner;
+pub mod serial;
+pub mod v4l2;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -19,16 +29,74 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use prometheus::Registry;
 
-pub use api::{status_of, status_of_verify};
+pub use api::{status_of, status_of_refund, status_of_verify};
 pub use config::EdgeConfig;
 
 use crate::{
     camera::CameraActor,
     checkout::{CheckoutActor, CheckoutSettings},
-    frames::DirectorySource,
+    codes::{ByteDevice, CodeSource, LineCodes, QrCodes},
+    config::{CameraConfig, CameraSource, ScannerSource},
+    frames::{DirectorySource, FrameSource},
+    health::SourceMetrics,
     hub_client::HubClient,
     scanner::ScannerActor,
 };
+
+/// A frame source as configured: `spool_dir` for a spool, else the camera `camera` names.
+fn frame_source(
+    camera: &CameraConfig,
+    spool_key: &str,
+    spool_dir: &std::path::Path,
+    poll_interval: Duration,
+) -> anyhow::Result<Box<dyn FrameSource>> {
+    let stall_timeout = Duration::from_millis(camera.stall_timeout_ms);
+    Ok(match camera.source {
+        CameraSource::Spool => Box::new(
+            DirectorySource::new(spool_dir, poll_interval)
+                .with_context(|| format!("opening {spool_key} {}", spool_dir.display()))?,
+        ),
+        CameraSource::V4l2 => Box::new(v4l2::V4l2Source::new(v4l2::V4l2Settings {
+            device: camera.device_path(),
+            format: camera.format,
+            width: camera.width,
+            height: camera.height,
+            fps: camera.fps,
+            stall_timeout,
+        })),
+        CameraSource::MjpegHttp => Box::new(mjpeg::MjpegHttpSource::new(mjpeg::MjpegSettings {
+            url: mjpeg::HttpUrl::parse(camera.url.as_deref().unwrap_or_default())
+                .map_err(|e| anyhow::anyhow!("url: {e}"))?,
+            stall_timeout,
+            reconnect: Duration::from_millis(camera.reconnect_ms),
+        })),
+    })
+}
+
+/// The scanner's code source as configured.
+fn code_source(config: &EdgeConfig) -> anyhow::Result<Box<dyn CodeSource>> {
+    let poll_interval = Duration::from_millis(config.frame_poll_interval_ms);
+    let scanner = &config.scanner;
+    if let Some(camera) = scanner.as_camera() {
+        let frames = frame_source(&camera, "frames_dir", &config.frames_dir, poll_interval)?;
+        return Ok(Box::new(QrCodes::new(frames)));
+    }
+    let device = scanner
+        .device
+        .clone()
+        .context("scanner.device is validated")?;
+    let what = format!("scanner {}", device.display());
+    let baud = scanner.baud;
+    let open: codes::OpenDevice = match scanner.source {
+        ScannerSource::Serial => Box::new(move || {
+            Ok(Box::new(serial::SerialScanner::open(&device, baud)?) as Box<dyn ByteDevice>)
+        }),
+        _ => Box::new(move || {
+            Ok(Box::new(keyboard::EvdevScanner::open(&device)?) as Box<dyn ByteDevice>)
+        }),
+    };
+    Ok(Box::new(LineCodes::new(&what, open)))
+}
 
 /// A running edge terminal.
 pub struct EdgeHandle {
@@ -92,44 +160,48 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     pki::register_expiry_gauge(&registry, "edge", &tls);
     let metrics = checkout::CheckoutMetrics::register(&registry);
 
+    // The spools in use are checked (the terminal's alone, in memory) before anything starts.
     let in_memory = !config.frames_on_persistent_disk;
-    crate::frames::check_spool("frames_dir", &config.frames_dir, in_memory)?;
-    crate::frames::check_spool("camera_dir", &config.camera_path(), in_memory)?;
-    let source = DirectorySource::new(
-        &config.frames_dir,
-        Duration::from_millis(config.frame_poll_interval_ms),
-    )
-    .with_context(|| format!("opening frames_dir {}", config.frames_dir.display()))?;
-    let source = std::sync::Mutex::new(Some(source));
+    if config.scanner.source == ScannerSource::Spool {
+        crate::frames::check_spool("frames_dir", &config.frames_dir, in_memory)?;
+    }
+    if config.camera.source == CameraSource::Spool {
+        crate::frames::check_spool("camera_dir", &config.camera_path(), in_memory)?;
+    }
+    let source_metrics = SourceMetrics::register(&registry);
+    let source = code_source(&config).context("the scanner's source ([scanner])")?;
+    let source = std::sync::Mutex::new(Some((source, source_metrics.health("scanner"))));
     let scanner = SyncArbiter::start(1, move || {
-        let source = source
+        let (source, health) = source
             .lock()
             .expect("not poisoned")
             .take()
             .expect("one scanner thread");
-        ScannerActor::new(Box::new(source))
+        ScannerActor::new(source, health)
     });
 
-    let camera_dir = config.camera_path();
-    let camera_source = DirectorySource::new(
-        &camera_dir,
+    let camera_source = frame_source(
+        &config.camera,
+        "camera_dir",
+        &config.camera_path(),
         Duration::from_millis(config.frame_poll_interval_ms),
     )
-    .with_context(|| format!("opening camera_dir {}", camera_dir.display()))?;
+    .context("the camera's source ([camera])")?;
     let face_config = config.face.clone();
     let engine = tokio::task::spawn_blocking(move || face::FaceEngine::load_default(face_config))
         .await
         .expect("loading does not panic")
         .context("loading the face models")?;
     let engine = std::sync::Arc::new(engine);
-    let camera_source = std::sync::Mutex::new(Some(camera_source));
+    let camera_source =
+        std::sync::Mutex::new(Some((camera_source, source_metrics.health("camera"))));
     let camera = SyncArbiter::start(1, move || {
-        let source = camera_source
+        let (source, health) = camera_source
             .lock()
             .expect("not poisoned")
             .take()
             .expect("one camera thread");
-        CameraActor::new(Box::new(source), engine.clone())
+        CameraActor::new(source, engine.clone(), health)
     });
 
     let zenoh_config = config.zenoh.clone();
@@ -182,6 +254,12 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
     // The terminal attests each payment it takes with its certificate key (the cloud takes the
     // customer's evidence from there, not from the hub).
     let signer = tls.reply_signer()?;
+    let refunds = refund::RefundDesk::new(
+        (config.store_id.clone(), config.terminal_id.clone()),
+        hub.clone(),
+        signer.clone(),
+        refund::RefundMetrics::register(&registry),
+    );
     let checkout = CheckoutActor::new(settings, scanner, camera, hub, metrics, signer).start();
 
     let api_checkout = checkout.clone();
@@ -202,7 +280,7 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<EdgeHandle> {
         std::time::Duration::from_millis(
             config.scan_timeout_ms.max(config.face_timeout_ms) + config.hub_timeout_ms + 1_000,
         ),
-        move |cfg| api::configure(cfg, api_checkout.clone()),
+        move |cfg| api::configure(cfg, api_checkout.clone(), refunds.clone()),
     )
     .with_context(|| format!("binding register_listen {}", config.register_listen))?;
     let metrics_tls = match config.metrics.tls {
