@@ -56,9 +56,11 @@ impl LedgerActor {
     }
 }
 
-/// The cloud's reconciliation metrics.
+/// The cloud's metrics of what hubs ask of the ledger beside payments: reconciliation and refunds.
 #[derive(Clone)]
 pub struct OfflineMetrics {
+    /// `facepay_cloud_refunds_total{outcome}`: refunds decided, by outcome.
+    refunds: prometheus::IntCounterVec,
     applied: prometheus::IntCounter,
     conflicts: prometheus::IntCounter,
     rejected: prometheus::IntCounter,
@@ -67,10 +69,20 @@ pub struct OfflineMetrics {
 }
 
 impl OfflineMetrics {
-    /// Registers `facepay_cloud_offline_{applied,conflicts,rejected,code_reuse}_total` and
-    /// `facepay_cloud_accounts_in_debt`.
+    /// Registers `facepay_cloud_offline_{applied,conflicts,rejected,code_reuse}_total`,
+    /// `facepay_cloud_accounts_in_debt` and `facepay_cloud_refunds_total{outcome}`.
     pub fn register(registry: &prometheus::Registry) -> Self {
+        let refunds = telemetry::register_counter_vec(
+            registry,
+            "facepay_cloud_refunds_total",
+            "refunds decided by the ledger: refunded (repeats of a refund id included), declined",
+            &["outcome"],
+        );
+        for outcome in ["refunded", "declined"] {
+            refunds.with_label_values(&[outcome]);
+        }
         OfflineMetrics {
+            refunds,
             applied: telemetry::register_counter(
                 registry,
                 "facepay_cloud_offline_applied_total",
@@ -308,7 +320,12 @@ impl Handler<ApplyHubRequest> for LedgerActor {
                     }
                 };
                 decision.map(|decision| {
-                    if matches!(decision, protocol::RefundDecision::Refunded { .. }) {
+                    let refunded = matches!(decision, protocol::RefundDecision::Refunded { .. });
+                    if let Some(m) = &self.offline {
+                        let outcome = if refunded { "refunded" } else { "declined" };
+                        m.refunds.with_label_values(&[outcome]).inc();
+                    }
+                    if refunded {
                         self.count_debts();
                     }
                     CloudReplyBody::Refunded {

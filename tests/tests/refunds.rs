@@ -158,6 +158,22 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
     assert_eq!(after.status, RefundStatus::Refunded, "{after:?}");
     assert_eq!(api.balance("alice").unwrap(), 10_000 - 1_000 + 400 - 300 + 100);
     api.assert_books_balance().unwrap();
+    // Counted where they were decided and where they were asked for.
+    let cloud_page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
+    assert_eq!(
+        tests::metric_value(&cloud_page, "facepay_cloud_refunds_total{outcome=\"refunded\"}"),
+        Some(3.0),
+        "r-1, its repeat, r-7"
+    );
+    let edge_page =
+        tests::get_text(&format!("http://{}/metrics", site.edges[0].0.metrics_addr)).unwrap();
+    assert_eq!(
+        tests::metric_value(
+            &edge_page,
+            "facepay_edge_refund_declines_total{reason=\"payment_not_reconciled\"}"
+        ),
+        Some(1.0)
+    );
 
     // The day's statement, as JSON and CSV, adds up to the store's transfers.
     let transfers = api.transfers().unwrap();
