@@ -126,7 +126,10 @@ impl PayerCheck {
         refund: &protocol::Refund,
     ) -> Result<(), protocol::RefundDecision> {
         let declined = |detail: String| {
-            protocol::RefundDecision::declined(DeclineReason::BadSignature, format!("cloud: {detail}"))
+            protocol::RefundDecision::declined(
+                DeclineReason::BadSignature,
+                format!("cloud: {detail}"),
+            )
         };
         refund.check_from(store_id).map_err(|e| {
             protocol::RefundDecision::declined(DeclineReason::InvalidRequest, e.to_string())

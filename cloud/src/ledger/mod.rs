@@ -1461,7 +1461,12 @@ mod tests {
         }
     }
 
-    fn offline_entry(l: &Ledger, order: &str, nonce: &str, amount: i64) -> protocol::OfflinePayment {
+    fn offline_entry(
+        l: &Ledger,
+        order: &str,
+        nonce: &str,
+        amount: i64,
+    ) -> protocol::OfflinePayment {
         let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
         l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
         let mut entry = protocol::OfflinePayment {
@@ -1509,12 +1514,26 @@ mod tests {
         assert_eq!(more.reason(), Some(DeclineReason::RefundExceedsPayment));
         assert_eq!(balance(&l, "alice"), 10_000);
         assert_eq!(balance(&l, "store-1"), 0);
-        let ids: Vec<String> = l.transfers().unwrap().into_iter().map(|t| t.transfer_id).collect();
+        let ids: Vec<String> = l
+            .transfers()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.transfer_id)
+            .collect();
         assert!(ids.contains(&"store-1:o1#refund:r1".to_string()), "{ids:?}");
         assert!(ids.contains(&"store-1:o1#refund:r2".to_string()), "{ids:?}");
         // The order stays paid: a retry of its charge hears so and moves nothing.
         let retry = l.authorize("store-1", &pay("o1", "n9", 700)).unwrap();
-        assert!(matches!(retry, Decision::Approved { already_paid: true, .. }), "{retry:?}");
+        assert!(
+            matches!(
+                retry,
+                Decision::Approved {
+                    already_paid: true,
+                    ..
+                }
+            ),
+            "{retry:?}"
+        );
         assert_eq!(balance(&l, "alice"), 10_000);
         books_balance(&l);
     }
@@ -1528,7 +1547,11 @@ mod tests {
                 .unwrap()
                 .reason()
         };
-        assert_eq!(reason("o0", 100), Some(DeclineReason::PaymentNotFound), "never paid");
+        assert_eq!(
+            reason("o0", 100),
+            Some(DeclineReason::PaymentNotFound),
+            "never paid"
+        );
         // Pending: its hub has not confirmed it, a void may still move it back.
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         assert_eq!(reason("o1", 100), Some(DeclineReason::PaymentNotSettled));
@@ -1557,7 +1580,10 @@ mod tests {
         };
         let refused = l.refund("store-1", &usd).unwrap();
         assert_eq!(refused.reason(), Some(DeclineReason::CurrencyMismatch));
-        assert!(l.refund("store-2", &refund("o3", "r-x", 100)).is_err(), "not store-2's");
+        assert!(
+            l.refund("store-2", &refund("o3", "r-x", 100)).is_err(),
+            "not store-2's"
+        );
         // A closed customer account takes no refund.
         l.close_account("alice").unwrap();
         assert_eq!(reason("o3", 100), Some(DeclineReason::AccountBlocked));
@@ -1575,7 +1601,11 @@ mod tests {
         assert!(l.post("store-1", &attempt("o2", "n2")).unwrap());
         assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
         assert!(l.account("alice").unwrap().unwrap().in_debt);
-        assert!(l.refund("store-1", &refund("o1", "r1", 600)).unwrap().reason().is_none());
+        assert!(l
+            .refund("store-1", &refund("o1", "r1", 600))
+            .unwrap()
+            .reason()
+            .is_none());
         let alice = l.account("alice").unwrap().unwrap();
         assert_eq!((alice.balance_minor, alice.in_debt), (0, false));
         assert!(l.debts().unwrap().is_empty());
@@ -1593,7 +1623,12 @@ mod tests {
             .with_pending_ttl(3_600_000);
         for (id, kind, amount, key) in [
             ("store-1", AccountKind::Merchant, 50, None),
-            ("alice", AccountKind::Customer, 10_000, Some(Wallet::generate("alice").unwrap().public_key_b64())),
+            (
+                "alice",
+                AccountKind::Customer,
+                10_000,
+                Some(Wallet::generate("alice").unwrap().public_key_b64()),
+            ),
         ] {
             l.open_account(&OpenAccount {
                 account_id: id.into(),
@@ -1629,18 +1664,24 @@ mod tests {
         assert_eq!(s.reversals.amount_minor, -500);
         assert_eq!(s.openings.amount_minor, 50);
         assert_eq!(s.net_minor, 1_540 + 300 - 400 - 500 + 50);
-        assert_eq!(s.net_minor, end_of_day - start, "the balance's change over the day");
+        assert_eq!(
+            s.net_minor,
+            end_of_day - start,
+            "the balance's change over the day"
+        );
         // Against the ledger's transfers of the store's account that day.
         let from_transfers: i64 = l
             .transfers()
             .unwrap()
             .iter()
             .filter(|t| (s.from_ms..s.to_ms).contains(&t.applied_at_ms))
-            .map(|t| match (t.credit_account_id.as_str(), t.debit_account_id.as_str()) {
-                ("store-1", _) => t.amount_minor,
-                (_, "store-1") => -t.amount_minor,
-                _ => 0,
-            })
+            .map(
+                |t| match (t.credit_account_id.as_str(), t.debit_account_id.as_str()) {
+                    ("store-1", _) => t.amount_minor,
+                    (_, "store-1") => -t.amount_minor,
+                    _ => 0,
+                },
+            )
             .sum();
         assert_eq!(s.net_minor, from_transfers);
         let csv_sum: i64 = s
@@ -1656,7 +1697,10 @@ mod tests {
         let ahead = l.settlement("store-1", "2026-12-07", 60).unwrap();
         assert_eq!(ahead.net_minor, 70);
         assert!(l.settlement("store-1", "2026-12-32", 0).is_err());
-        assert!(l.settlement("alice", "2026-12-06", 0).is_err(), "not a store");
+        assert!(
+            l.settlement("alice", "2026-12-06", 0).is_err(),
+            "not a store"
+        );
         assert!(l.settlement("nobody", "2026-12-06", 0).is_err());
         books_balance(&l);
     }

@@ -30,7 +30,7 @@ fn refund_transfer_id(payment_id: &str, refund_id: &str) -> String {
 /// What a payment's transfers say about refunding it.
 enum Refundable {
     /// Final: the transfer id charged and its record.
-    Final(String, TransferRecord),
+    Final(String, Box<TransferRecord>),
     /// Charged, not final: a void or its expiry may still move it back.
     NotFinal,
     /// Not charged (never seen, declined, moved back).
@@ -47,7 +47,7 @@ fn refundable(
     for suffix in ["offline", "posted"] {
         let id = format!("{payment_id}#{suffix}");
         if let Some(t) = transfers.get(id.as_bytes())? {
-            return Ok(Refundable::Final(id, decode(&t)));
+            return Ok(Refundable::Final(id, Box::new(decode(&t))));
         }
     }
     Ok(match transfers.get(payment_id.as_bytes())? {
@@ -58,7 +58,7 @@ fn refundable(
                 // Expired with attempts that may still confirm it: charged again then.
                 t if t.voided && !t.expired_holders.is_empty() => Refundable::NotFinal,
                 t if t.voided => Refundable::Nothing,
-                t if t.posted || t.offline => Refundable::Final(payment_id.to_owned(), t),
+                t if t.posted || t.offline => Refundable::Final(payment_id.to_owned(), Box::new(t)),
                 _ => Refundable::NotFinal,
             }
         }
@@ -114,7 +114,7 @@ impl Ledger {
                     });
                 }
                 let (paid_id, mut paid) = match refundable(transfers, &refund.payment_id)? {
-                    Refundable::Final(id, t) => (id, t),
+                    Refundable::Final(id, t) => (id, *t),
                     Refundable::NotFinal => {
                         return Ok(RefundDecision::declined(
                             DeclineReason::PaymentNotSettled,
@@ -293,7 +293,10 @@ impl Ledger {
                 lines.push(line(store_id, opening, SettlementKind::Opening, t));
             }
         }
-        for item in self.transfers.scan_prefix(format!("{store_id}:").as_bytes()) {
+        for item in self
+            .transfers
+            .scan_prefix(format!("{store_id}:").as_bytes())
+        {
             let (key, value) = item.map_err(|e| LedgerError::Storage(e.to_string()))?;
             let t: TransferRecord = decode(&value);
             if !on_the_day(&t) {
@@ -398,7 +401,14 @@ mod tests {
             day_bounds("2026-12-06", 60).unwrap().0,
             1_796_515_200_000 - 3_600_000
         );
-        for bad in ["2026-13-01", "2026-02-30", "26-12-06", "2026-12-6", "today", "1969-12-31"] {
+        for bad in [
+            "2026-13-01",
+            "2026-02-30",
+            "26-12-06",
+            "2026-12-6",
+            "today",
+            "1969-12-31",
+        ] {
             assert!(day_bounds(bad, 0).is_err(), "{bad}");
         }
         assert!(day_bounds("2026-12-06", 900).is_err());
