@@ -564,7 +564,10 @@ fn fleet_demo_prints_a_balanced_json_summary_and_serves_over_tls() {
     }
     let store_2 = &summary["settlements"][1];
     assert_eq!(store_2["store_id"], "store-2");
-    assert_eq!(store_2["offline_payments"]["amount_minor"], 1_800, "{store_2}");
+    assert_eq!(
+        store_2["offline_payments"]["amount_minor"], 1_800,
+        "{store_2}"
+    );
     assert_eq!(store_2["refunds"]["amount_minor"], -200, "{store_2}");
     assert_eq!(
         summary["settlements"][0]["refunds"]["amount_minor"], -250,

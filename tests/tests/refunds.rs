@@ -56,9 +56,17 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
     let paid = pay(&site, &alice, "o-1", 1_000);
     assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
     let (status, first) = refund_when_final(&site, "r-1", "o-1", 400);
-    assert_eq!((status, first.status), (200, RefundStatus::Refunded), "{first:?}");
     assert_eq!(
-        (first.refunded_total_minor, first.paid_minor, first.account_id.as_deref()),
+        (status, first.status),
+        (200, RefundStatus::Refunded),
+        "{first:?}"
+    );
+    assert_eq!(
+        (
+            first.refunded_total_minor,
+            first.paid_minor,
+            first.account_id.as_deref()
+        ),
         (Some(400), Some(1_000), Some("alice"))
     );
     assert_eq!(api.balance("alice").unwrap(), 9_400);
@@ -75,7 +83,13 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
     let cases: [(&str, &str, i64, u16, DeclineReason); 5] = [
         ("r-1", "o-1", 500, 200, DeclineReason::DuplicateRefundId),
         ("r-2", "o-1", 601, 200, DeclineReason::RefundExceedsPayment),
-        ("r-3", "nobody-paid", 100, 200, DeclineReason::PaymentNotFound),
+        (
+            "r-3",
+            "nobody-paid",
+            100,
+            200,
+            DeclineReason::PaymentNotFound,
+        ),
         ("bad/id", "o-1", 100, 400, DeclineReason::InvalidRequest),
         ("r-4", "o-1", 0, 400, DeclineReason::InvalidAmount),
     ];
@@ -93,24 +107,36 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         r#"{"refund_id":"r-5","order_id":"o-1","amount_minor":100,"currency":"XXQ"}"#,
     )
     .unwrap();
-    assert_eq!((status, body["reason"].as_str()), (400, Some("unknown_currency")));
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (400, Some("unknown_currency"))
+    );
     let (status, body) = tests::post_raw(
         &format!("http://{edge}/v1/refund"),
         r#"{"refund_id":"r-5","order_id":"o-1"}"#,
     )
     .unwrap();
-    assert_eq!((status, body["reason"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (400, Some("invalid_request"))
+    );
     assert_eq!(api.balance("alice").unwrap(), 9_400);
 
     // Cut from the cloud: the store keeps selling offline, but refunds need the cloud.
     site.uplink.cut();
     site.wait_connected(false, Duration::from_secs(20)).unwrap();
     let offline = pay(&site, &alice, "off-1", 300);
-    assert_eq!((offline.status, offline.offline), (ChargeStatus::Approved, true));
+    assert_eq!(
+        (offline.status, offline.offline),
+        (ChargeStatus::Approved, true)
+    );
     let (_, cut) = refund(&site, "r-6", "o-1", 100);
     assert_eq!(
         (cut.status, cut.reason),
-        (RefundStatus::Declined, Some(DeclineReason::CloudUnreachable)),
+        (
+            RefundStatus::Declined,
+            Some(DeclineReason::CloudUnreachable)
+        ),
         "{cut:?}"
     );
     assert!(cut.detail.contains("nothing was refunded"), "{cut:?}");
@@ -132,7 +158,11 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
     };
     assert_eq!(
         (status, waits.status, waits.reason),
-        (409, RefundStatus::Declined, Some(DeclineReason::PaymentNotReconciled)),
+        (
+            409,
+            RefundStatus::Declined,
+            Some(DeclineReason::PaymentNotReconciled)
+        ),
         "{waits:?}"
     );
     assert_eq!(site.hub_metric("facepay_hub_offline_backlog"), Some(1.0));
@@ -156,12 +186,18 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(after.status, RefundStatus::Refunded, "{after:?}");
-    assert_eq!(api.balance("alice").unwrap(), 10_000 - 1_000 + 400 - 300 + 100);
+    assert_eq!(
+        api.balance("alice").unwrap(),
+        10_000 - 1_000 + 400 - 300 + 100
+    );
     api.assert_books_balance().unwrap();
     // Counted where they were decided and where they were asked for.
     let cloud_page = tests::get_text(&format!("http://{}/metrics", cloud.metrics_addr)).unwrap();
     assert_eq!(
-        tests::metric_value(&cloud_page, "facepay_cloud_refunds_total{outcome=\"refunded\"}"),
+        tests::metric_value(
+            &cloud_page,
+            "facepay_cloud_refunds_total{outcome=\"refunded\"}"
+        ),
         Some(3.0),
         "r-1, its repeat, r-7"
     );
@@ -211,10 +247,7 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         .sum();
     assert_eq!(statement.net_minor, from_transfers);
     // Unless the test ran across midnight UTC, that is everything the store was paid.
-    if transfers
-        .iter()
-        .all(|t| t.applied_at_ms < statement.to_ms)
-    {
+    if transfers.iter().all(|t| t.applied_at_ms < statement.to_ms) {
         assert_eq!(statement.net_minor, api.balance("store-1").unwrap());
         assert_eq!(statement.payments.amount_minor, 1_000);
         assert_eq!(statement.offline_payments.amount_minor, 300);
@@ -231,11 +264,16 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         .iter()
         .any(|l| l.kind == SettlementKind::Refund && l.transfer_id == "store-1:o-1#refund:r-1"));
     let (status, kind, csv) = api
-        .get_text(&format!("/v1/stores/store-1/settlement?date={date}&format=csv"))
+        .get_text(&format!(
+            "/v1/stores/store-1/settlement?date={date}&format=csv"
+        ))
         .unwrap();
     assert_eq!((status, kind.as_str()), (200, "text/csv"));
     let rows: Vec<&str> = csv.lines().collect();
-    assert!(rows[0].starts_with("store_id,date,transfer_id,kind"), "{csv}");
+    assert!(
+        rows[0].starts_with("store_id,date,transfer_id,kind"),
+        "{csv}"
+    );
     assert_eq!(rows.len(), statement.lines.len() + 1);
     let csv_net: i64 = rows[1..]
         .iter()

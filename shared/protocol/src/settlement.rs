@@ -213,10 +213,28 @@ mod tests {
                 line("s:o2#void", SettlementKind::Reversal, -500, 50, false),
             ],
         );
-        assert_eq!(s.payments, SettlementTotal { count: 2, amount_minor: 1_500 });
-        assert_eq!(s.pending, SettlementTotal { count: 1, amount_minor: 500 });
+        assert_eq!(
+            s.payments,
+            SettlementTotal {
+                count: 2,
+                amount_minor: 1_500
+            }
+        );
+        assert_eq!(
+            s.pending,
+            SettlementTotal {
+                count: 1,
+                amount_minor: 500
+            }
+        );
         assert_eq!(s.offline_payments.amount_minor, 300);
-        assert_eq!(s.refunds, SettlementTotal { count: 1, amount_minor: -400 });
+        assert_eq!(
+            s.refunds,
+            SettlementTotal {
+                count: 1,
+                amount_minor: -400
+            }
+        );
         assert_eq!(s.reversals.amount_minor, -500);
         assert_eq!(s.net_minor, 900);
         assert_eq!(s.lines[0].transfer_id, "s:o1", "in the order applied");

@@ -817,7 +817,13 @@ fn run_script(fleet: &Fleet, started: Instant) -> anyhow::Result<Summary> {
 /// Orders charged at the outage store while it is cut from the cloud: till, customer, amount,
 /// scenario.
 const OUTAGE_ORDERS: [(&str, usize, &str, i64, &str); 4] = [
-    ("2101", 0, "alice", 1_200, "alice pays while the cloud is down"),
+    (
+        "2101",
+        0,
+        "alice",
+        1_200,
+        "alice pays while the cloud is down",
+    ),
     ("2102", 1, "bob", 600, "bob pays while the cloud is down"),
     (
         "2103",
@@ -826,7 +832,13 @@ const OUTAGE_ORDERS: [(&str, usize, &str, i64, &str); 4] = [
         3_000,
         "over the offline per-payment ceiling (25.00)",
     ),
-    ("2104", 1, "carol", 100, "more than carol's offline allowance"),
+    (
+        "2104",
+        1,
+        "carol",
+        100,
+        "more than carol's offline allowance",
+    ),
 ];
 
 /// Cuts the outage store from the cloud, charges there, tries a refund, heals, and checks the
@@ -1093,7 +1105,10 @@ fn print_summary(summary: &Summary, json: bool) -> anyhow::Result<()> {
             "refund {:<8} #{:<5} {:>10}  {:<9} {:<24} {}",
             r.store_id,
             r.result.order_id,
-            r.result.amount_minor.map(|a| eur.format(a)).unwrap_or_default(),
+            r.result
+                .amount_minor
+                .map(|a| eur.format(a))
+                .unwrap_or_default(),
             format!("{:?}", r.result.status).to_lowercase(),
             r.result.reason.map(|r| r.to_string()).unwrap_or_default(),
             r.scenario
