@@ -29,11 +29,17 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub(crate) struct ApiState {
     pub ledger: crate::bounded::Bounded<LedgerActor>,
     pub link: Addr<HubLinkActor>,
-    /// On PostgreSQL, the ledger for long reads (a store's statement) on a blocking thread and a
-    /// connection of their own, so that payments never wait behind them; on sled, none: they
-    /// run on the ledger thread, its one writer.
-    pub apart: Option<Ledger>,
+    /// The ledger for long reads (a store's statement), read on a blocking thread (on
+    /// PostgreSQL with a connection of its own) so that payments never wait behind them, one at
+    /// a time ([`ApiState::statements`]).
+    pub apart: Ledger,
+    /// One statement read at a time: more are answered 503 `busy` at once (each reads a
+    /// store's transfers; a flood of them must not take the database's connections).
+    pub statements: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// Statements read at once ([`ApiState::statements`]).
+pub const STATEMENTS_AT_ONCE: usize = 1;
 
 /// JSON bodies up to `limit` bytes; an unreadable body is a 400 `invalid_request` naming the
 /// problem.
@@ -355,18 +361,19 @@ async fn settlement(
             }))
         }
     };
-    let read = move |l: &Ledger| l.settlement(&store_id, &date, utc_offset_minutes);
-    let answer = match &state.apart {
-        Some(ledger) => {
-            let ledger = ledger.clone();
-            match web::block(move || read(&ledger)).await {
-                Ok(answer) => answer.map_err(error_response),
-                Err(e) => Err(HttpResponse::ServiceUnavailable()
-                    .json(json!({ "error": "unavailable", "detail": e.to_string() }))),
-            }
-        }
-        None => query(&state, read).await,
+    let Ok(_slot) = state.statements.clone().try_acquire_owned() else {
+        return HttpResponse::ServiceUnavailable().json(json!({
+            "error": "busy",
+            "detail": "another statement is being read; try again in a moment",
+        }));
     };
+    let ledger = state.apart.clone();
+    let answer =
+        match web::block(move || ledger.settlement(&store_id, &date, utc_offset_minutes)).await {
+            Ok(answer) => answer.map_err(error_response),
+            Err(e) => Err(HttpResponse::ServiceUnavailable()
+                .json(json!({ "error": "unavailable", "detail": e.to_string() }))),
+        };
     match answer {
         Ok(statement) if csv => HttpResponse::Ok()
             .content_type("text/csv; charset=utf-8")
@@ -647,6 +654,7 @@ mod tests {
             !posted,
             "a post of an unknown payment is kept as late, not applied"
         );
+        let apart_ledger = ledger.clone();
         let ledger = crate::bounded::Bounded::new(
             actix::SyncArbiter::start(1, {
                 let payer = crate::payer::for_tests(dir.path());
@@ -702,7 +710,8 @@ mod tests {
         let state = ApiState {
             ledger,
             link,
-            apart: None,
+            apart: apart_ledger,
+            statements: std::sync::Arc::new(tokio::sync::Semaphore::new(STATEMENTS_AT_ONCE)),
         };
         let app = actix_web::test::init_service(
             actix_web::App::new().configure(move |cfg| configure(cfg, state.clone())),

@@ -306,19 +306,17 @@ impl Handler<ApplyHubRequest> for LedgerActor {
             // A refund moves the store's money: the terminal's attestation is checked by the
             // cloud itself, before the ledger's transaction.
             HubRequestBody::Refund(refund) => {
-                let decision = match self.payer.refund_attested(&store_id, &refund) {
-                    Ok(()) => ledger.refund(&store_id, &refund),
-                    Err(declined) => {
-                        tracing::warn!(
-                            %store_id,
-                            payment_id = %refund.payment_id,
-                            refund_id = refund.refund_id,
-                            ?declined,
-                            "refund not attested by its terminal; declined"
-                        );
-                        Ok(declined)
-                    }
-                };
+                let attested = self.payer.refund_attested(&store_id, &refund);
+                if let Err(declined) = &attested {
+                    tracing::warn!(
+                        %store_id,
+                        payment_id = %refund.payment_id,
+                        refund_id = refund.refund_id,
+                        ?declined,
+                        "refund not attested by its terminal: moves nothing"
+                    );
+                }
+                let decision = ledger.refund(&store_id, &refund, &attested);
                 decision.map(|decision| {
                     let refunded = matches!(decision, protocol::RefundDecision::Refunded { .. });
                     if let Some(m) = &self.offline {

@@ -406,8 +406,8 @@ pub async fn start(config: CloudConfig) -> anyhow::Result<CloudHandle> {
     let state = api::ApiState {
         ledger: ledger.clone(),
         link: link.clone(),
-        apart: (config.database.backend == config::DatabaseBackend::Postgres)
-            .then_some(apart_ledger),
+        apart: apart_ledger,
+        statements: std::sync::Arc::new(tokio::sync::Semaphore::new(api::STATEMENTS_AT_ONCE)),
     };
     let (admin_addr, admin_server) = telemetry::serve_api(
         &config.admin_listen,

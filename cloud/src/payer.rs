@@ -118,8 +118,10 @@ impl PayerCheck {
 
     /// `Ok` when the terminal `refund` names attested it, with this payment, amount and
     /// currency, sealed by a certificate of that terminal of `store_id` the CA issued and the
-    /// revocation list in force does not name; else the decline (`bad_signature`). A refund
-    /// moves the store's money: a hub's word (or a stolen hub key's) is not enough.
+    /// revocation list in force does not name, within
+    /// [`protocol::REFUND_ATTESTATION_MAX_AGE_MS`]; else the decline (`bad_signature`). A refund
+    /// moves the store's money: a hub's word (or a stolen hub key's) is not enough. Reads no
+    /// store: the ledger decides on it inside its transaction ([`crate::ledger::Ledger::refund`]).
     pub fn refund_attested(
         &self,
         store_id: &str,
@@ -142,10 +144,21 @@ impl PayerCheck {
             .map_err(|e| declined(e.to_string()))?;
         let attested: protocol::AttestedRefund = protocol::decode(&payload)
             .map_err(|e| declined(format!("unreadable refund attestation: {e}")))?;
-        if attested != refund.attested() {
+        if !attested.attests(refund) {
             return Err(declined(
                 "the terminal attested another refund, payment or amount".into(),
             ));
+        }
+        let now_ms = self.clock.now_ms();
+        if now_ms.saturating_sub(attested.issued_at_ms) > protocol::REFUND_ATTESTATION_MAX_AGE_MS
+            || attested.issued_at_ms.saturating_sub(now_ms)
+                > protocol::REFUND_ATTESTATION_MAX_AHEAD_MS
+        {
+            return Err(declined(format!(
+                "the terminal attested this refund at {} ms, the cloud's clock says {now_ms} ms: \
+                 too old or too far ahead; send the same refund id again",
+                attested.issued_at_ms
+            )));
         }
         Ok(())
     }
@@ -465,6 +478,74 @@ mod tests {
             Err(PayerRefusal::Declined(decision)) => decision.reason(),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_refund_is_taken_only_as_its_own_terminal_attested_it_and_only_fresh() {
+        let f = fixture();
+        let now = f.clock.now_ms();
+        let refund = |attestation: String| protocol::Refund {
+            refund_id: "r-1".into(),
+            payment_id: "store-1:o-1".into(),
+            terminal_id: "t1".into(),
+            amount_minor: 100,
+            currency: Currency::parse("EUR").unwrap(),
+            attestation,
+        };
+        let sealed_by = |name: &str, attested: &protocol::AttestedRefund| {
+            let sealed = identity(&f.pki, name)
+                .reply_signer()
+                .unwrap()
+                .seal(
+                    &protocol::topics::refund_attestation("store-1:o-1", "r-1"),
+                    protocol::encode(attested),
+                )
+                .unwrap();
+            String::from_utf8(sealed).unwrap()
+        };
+        let good = refund(String::new()).attested(now);
+        let reason = |r: &protocol::Refund| {
+            f.check
+                .refund_attested("store-1", r)
+                .err()
+                .and_then(|d| d.reason())
+        };
+        assert_eq!(reason(&refund(sealed_by("edge-store-1-t1", &good))), None);
+        let refused = Some(DeclineReason::BadSignature);
+        // Another terminal's seal, another store's, the hub's word alone.
+        assert_eq!(
+            reason(&refund(sealed_by("edge-store-1-t2", &good))),
+            refused
+        );
+        assert_eq!(
+            reason(&refund(sealed_by("edge-store-2-t1", &good))),
+            refused
+        );
+        assert_eq!(reason(&refund("{}".into())), refused);
+        // Another amount than the one attested.
+        let more = protocol::AttestedRefund {
+            amount_minor: 200,
+            ..good.clone()
+        };
+        assert_eq!(
+            reason(&refund(sealed_by("edge-store-1-t1", &more))),
+            refused
+        );
+        // Too old (a hub that kept it), or too far ahead.
+        let old = refund(String::new()).attested(now - protocol::REFUND_ATTESTATION_MAX_AGE_MS - 1);
+        assert_eq!(reason(&refund(sealed_by("edge-store-1-t1", &old))), refused);
+        let ahead =
+            refund(String::new()).attested(now + protocol::REFUND_ATTESTATION_MAX_AHEAD_MS + 1);
+        assert_eq!(
+            reason(&refund(sealed_by("edge-store-1-t1", &ahead))),
+            refused
+        );
+        let edge_of_time =
+            refund(String::new()).attested(now - protocol::REFUND_ATTESTATION_MAX_AGE_MS);
+        assert_eq!(
+            reason(&refund(sealed_by("edge-store-1-t1", &edge_of_time))),
+            None
+        );
     }
 
     #[test]

@@ -63,6 +63,41 @@ pub struct RefundDesk {
     hub: HubClient,
     signer: pki::ReplySigner,
     metrics: RefundMetrics,
+    /// Refund ids whose outcome the register heard as unknown: until the hub answers for one, a
+    /// refusal decided here (no hub reachable) is no decline, since an earlier request may have
+    /// been made.
+    unsettled: std::sync::Arc<std::sync::Mutex<Unsettled>>,
+}
+
+/// Most refund ids of unknown outcome a terminal remembers: far more than a register leaves open.
+pub const MAX_UNSETTLED_REFUNDS: usize = 1024;
+
+/// Refund ids whose outcome the register heard as unknown, oldest first.
+#[derive(Debug, Default)]
+pub struct Unsettled(std::collections::VecDeque<String>);
+
+impl Unsettled {
+    /// Whether `refund_id`'s outcome is still unknown to its register.
+    pub fn contains(&self, refund_id: &str) -> bool {
+        self.0.iter().any(|r| r == refund_id)
+    }
+
+    /// Notes what the register heard of `refund_id`: unknown (kept), or the hub's answer
+    /// (forgotten).
+    pub fn heard(&mut self, refund_id: &str, status: RefundStatus, from_hub: bool) {
+        match status {
+            RefundStatus::Unknown if !self.contains(refund_id) => {
+                if self.0.len() == MAX_UNSETTLED_REFUNDS {
+                    self.0.pop_front();
+                }
+                self.0.push_back(refund_id.to_owned());
+            }
+            RefundStatus::Refunded | RefundStatus::Declined if from_hub => {
+                self.0.retain(|r| r != refund_id)
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A refund request's checked fields: the refund id, the payment, the amount and currency; or
@@ -100,6 +135,7 @@ impl RefundDesk {
             hub,
             signer,
             metrics,
+            unsettled: Default::default(),
         }
     }
 
@@ -127,10 +163,9 @@ impl RefundDesk {
             attestation: String::new(),
         };
         let topic = protocol::topics::refund_attestation(&payment_id, &refund.refund_id);
-        refund.attestation = match self
-            .signer
-            .seal(&topic, protocol::encode(&refund.attested()))
-        {
+        // Attested afresh by every request: the cloud takes an attestation for a minute.
+        let attested = refund.attested(paycode::now_ms());
+        refund.attestation = match self.signer.seal(&topic, protocol::encode(&attested)) {
             Ok(sealed) => String::from_utf8(sealed).expect("sealed messages are JSON text"),
             Err(error) => {
                 return declined(
@@ -141,8 +176,10 @@ impl RefundDesk {
                 )
             }
         };
+        let mut from_hub = false;
         let (decision, known) = match self.hub.refund(&refund).await {
             Ok(reply) if reply.refund_id == refund.refund_id && reply.payment_id == payment_id => {
+                from_hub = true;
                 (reply.decision, true)
             }
             // A refusal of a request the hub could not read names no refund.
@@ -164,13 +201,25 @@ impl RefundDesk {
                     false,
                 )
             }
-            Err(error @ (HubUnreachable::NoHub | HubUnreachable::ListExpired)) => (
-                RefundDecision::declined(
-                    DeclineReason::StoreSystemUnreachable,
-                    format!("{error}; nothing was refunded"),
-                ),
-                true,
-            ),
+            // Not sent: nothing was refunded by this request. An earlier one for the same refund
+            // id whose outcome is unknown may have been: then still unknown.
+            Err(error @ (HubUnreachable::NoHub | HubUnreachable::ListExpired)) => {
+                let earlier = self.unsettled().contains(&refund.refund_id);
+                (
+                    RefundDecision::declined(
+                        DeclineReason::StoreSystemUnreachable,
+                        if earlier {
+                            format!(
+                                "{error}; an earlier request for this refund may have been \
+                                 made: send the same refund id again to learn it"
+                            )
+                        } else {
+                            format!("{error}; nothing was refunded")
+                        },
+                    ),
+                    !earlier,
+                )
+            }
             Err(error) => (
                 RefundDecision::declined(
                     DeclineReason::StoreSystemUnreachable,
@@ -179,6 +228,23 @@ impl RefundDesk {
                 false,
             ),
         };
+        let result = Self::result(&request, payment_id, decision, known);
+        self.unsettled()
+            .heard(&result.refund_id, result.status, from_hub);
+        result
+    }
+
+    fn unsettled(&self) -> std::sync::MutexGuard<'_, Unsettled> {
+        self.unsettled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the register hears of `decision` (`known`: whether it is this refund's outcome).
+    fn result(
+        request: &RefundRequest,
+        payment_id: PaymentId,
+        decision: RefundDecision,
+        known: bool,
+    ) -> RefundResult {
         let base = RefundResult {
             payment_id: Some(payment_id),
             ..RefundResult::declined(
@@ -220,6 +286,72 @@ impl RefundDesk {
                 detail,
                 ..base
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refund_of_unknown_outcome_stays_so_until_the_hub_answers_for_it() {
+        let mut unsettled = Unsettled::default();
+        unsettled.heard("r-1", RefundStatus::Unknown, true);
+        assert!(unsettled.contains("r-1"));
+        // Refused here (no hub reachable): still unknown.
+        unsettled.heard("r-1", RefundStatus::Declined, false);
+        assert!(unsettled.contains("r-1"));
+        unsettled.heard("r-1", RefundStatus::Refunded, true);
+        assert!(!unsettled.contains("r-1"), "the hub answered for it");
+        for n in 0..=MAX_UNSETTLED_REFUNDS {
+            unsettled.heard(&format!("r-{n}"), RefundStatus::Unknown, true);
+        }
+        assert!(!unsettled.contains("r-0"), "bounded: the oldest is dropped");
+        assert!(unsettled.contains(&format!("r-{MAX_UNSETTLED_REFUNDS}")));
+    }
+
+    #[test]
+    fn a_refund_request_is_checked_before_anything_is_sent() {
+        let request = |refund_id: &str, amount: serde_json::Value, currency: &str| RefundRequest {
+            refund_id: refund_id.into(),
+            order_id: "o-1".into(),
+            amount_minor: amount,
+            currency: currency.into(),
+        };
+        let ok = validate_refund("store-1", &request("r-1", 250.into(), "EUR")).unwrap();
+        assert_eq!((ok.0.as_str(), ok.1), ("store-1:o-1", 250));
+        for (bad, reason) in [
+            (
+                request("r/1", 250.into(), "EUR"),
+                DeclineReason::InvalidRequest,
+            ),
+            (
+                request("", 250.into(), "EUR"),
+                DeclineReason::InvalidRequest,
+            ),
+            (
+                request("r-1", 0.into(), "EUR"),
+                DeclineReason::InvalidAmount,
+            ),
+            (
+                request("r-1", (-3).into(), "EUR"),
+                DeclineReason::InvalidAmount,
+            ),
+            (
+                request("r-1", 2.5.into(), "EUR"),
+                DeclineReason::InvalidAmount,
+            ),
+            (
+                request("r-1", 250.into(), "EURO"),
+                DeclineReason::UnknownCurrency,
+            ),
+        ] {
+            assert_eq!(
+                validate_refund("store-1", &bad).unwrap_err().0,
+                reason,
+                "{bad:?}"
+            );
         }
     }
 }

@@ -119,6 +119,10 @@ pub struct Journal {
     /// Approvals the cloud answered and this hub journaled, to confirm (post) at the cloud, by
     /// `<payment id>#<nonce>`: until posted, the cloud's payment is pending and would expire.
     posts: storage::kv::Tree,
+    /// Refunds sent to the cloud with no decision heard yet, by `<payment id>#<refund id>`:
+    /// while one is here, a request for it that cannot be sent is no decline (the earlier one may
+    /// have been made).
+    refunds: storage::kv::Tree,
 }
 
 /// What the hub approved under a payment id.
@@ -192,6 +196,7 @@ impl Journal {
             attempts: db.open_tree("attempts").map_err(storage_error)?,
             conflicts: db.open_tree("conflicts").map_err(storage_error)?,
             posts: db.open_tree("posts").map_err(storage_error)?,
+            refunds: db.open_tree("refunds").map_err(storage_error)?,
             db,
         })
     }
@@ -749,6 +754,25 @@ impl Journal {
     /// Posts still to deliver.
     pub fn pending_posts(&self) -> Result<Vec<protocol::PostPayment>, HubError> {
         read_all(&self.posts, "journal posts are readable")
+    }
+
+    /// Notes, flushed, that refund `key` (`<payment id>#<refund id>`) is about to be sent to the
+    /// cloud; answers whether an earlier request for it was sent with no decision heard.
+    pub fn open_refund(&self, key: &str) -> Result<bool, HubError> {
+        let earlier = self
+            .refunds
+            .insert(key.as_bytes(), &b""[..])
+            .map_err(storage_error)?
+            .is_some();
+        self.flush()?;
+        Ok(earlier)
+    }
+
+    /// Forgets refund `key`: the cloud decided it, or neither this request nor an earlier one
+    /// was sent.
+    pub fn close_refund(&self, key: &str) -> Result<(), HubError> {
+        self.refunds.remove(key.as_bytes()).map_err(storage_error)?;
+        self.flush()
     }
 
     /// Drops a post the cloud acknowledged.

@@ -645,19 +645,14 @@ impl Handler<RefundPayment> for PaymentActor {
 }
 
 /// The cloud's decision on `refund`, or what the terminal is told without one: declined when
-/// the refund was not sent (refunds need the cloud), unknown when it was sent and no answer came
-/// (the same refund id again learns it, and is never applied twice).
+/// neither this request nor an earlier one for the refund id was sent (refunds need the cloud),
+/// unknown when one was sent and no decision heard (the same refund id again learns it, and is
+/// never applied twice). The journal keeps each refund sent until its decision comes.
 async fn refund_at_cloud(
     peers: &PaymentPeers,
     timeout: Duration,
     refund: &Refund,
 ) -> RefundDecision {
-    let not_sent = |why: String| {
-        RefundDecision::declined(
-            DeclineReason::CloudUnreachable,
-            format!("refunds need the cloud ({why}); nothing was refunded"),
-        )
-    };
     let unknown = |why: String| {
         RefundDecision::declined(
             DeclineReason::OutcomeUnknown,
@@ -667,30 +662,60 @@ async fn refund_at_cloud(
         )
     };
     let Some(uplink) = &peers.uplink else {
-        return not_sent("this hub runs without one".into());
+        return RefundDecision::declined(
+            DeclineReason::CloudUnreachable,
+            "refunds need the cloud (this hub runs without one); nothing was refunded",
+        );
     };
+    let key = format!("{}#{}", refund.payment_id, refund.refund_id);
+    let open = key.clone();
+    let earlier = peers.journal.run(move |j| j.open_refund(&open)).await;
     let call = CallCloud {
         body: HubRequestBody::Refund(refund.clone()),
         timeout,
     };
-    let decision = match uplink.send(call).await {
+    let decided = match uplink.send(call).await {
         Ok(Ok(CloudReplyBody::Refunded {
             refund_id,
             payment_id,
             decision,
-        })) if refund_id == refund.refund_id && payment_id == refund.payment_id => decision,
-        // Refused whole (an invalid request, the ledger unable to serve it): nothing moved.
-        Ok(Ok(CloudReplyBody::Error { detail })) => {
-            RefundDecision::declined(DeclineReason::Internal, format!("cloud: {detail}"))
-        }
-        Ok(Ok(other)) => unknown(format!("the cloud answered something else: {other:?}")),
+        })) if refund_id == refund.refund_id && payment_id == refund.payment_id => Ok(decision),
         Ok(Err(
             error @ (HubError::CloudDisconnected
             | HubError::CircuitOpen(_)
             | HubError::UplinkSaturated),
-        )) => not_sent(error.to_string()),
-        Ok(Err(error)) => unknown(error.to_string()),
-        Err(error) => unknown(format!("the hub's uplink is unavailable: {error}")),
+        )) if !earlier => Err((
+            RefundDecision::declined(
+                DeclineReason::CloudUnreachable,
+                format!("refunds need the cloud ({error}); nothing was refunded"),
+            ),
+            true,
+        )),
+        Ok(Err(error)) => Err((unknown(error.to_string()), false)),
+        // An error may come after the ledger acted (its thread stopping): not a decision.
+        Ok(Ok(CloudReplyBody::Error { detail })) => {
+            Err((unknown(format!("cloud: {detail}")), false))
+        }
+        Ok(Ok(other)) => Err((
+            unknown(format!("the cloud answered something else: {other:?}")),
+            false,
+        )),
+        Err(error) => Err((
+            unknown(format!("the hub's uplink is unavailable: {error}")),
+            false,
+        )),
+    };
+    let decision = match decided {
+        Ok(decision) => {
+            peers.journal.run(move |j| j.close_refund(&key)).await;
+            decision
+        }
+        // Neither this request nor an earlier one was sent.
+        Err((not_sent, true)) => {
+            peers.journal.run(move |j| j.close_refund(&key)).await;
+            return not_sent;
+        }
+        Err((unknown, false)) => return unknown,
     };
     if decision.reason() != Some(DeclineReason::PaymentNotFound) {
         return decision;

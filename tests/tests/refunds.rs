@@ -296,3 +296,76 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         );
     }
 }
+
+#[test]
+fn a_refund_whose_answer_was_lost_is_never_told_declined_and_is_made_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path()).unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
+    let api = CloudApi::new(cloud.http_addr);
+    tests::open_account(&api, "store-1", AccountKind::Merchant, 0);
+    let alice = tests::open_account(&api, "alice", AccountKind::Customer, 10_000).unwrap();
+    let site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
+    tests::wait_for_keys(site.hub_http(), 1, Duration::from_secs(20)).unwrap();
+    let paid = pay(&site, &alice, "o-1", 1_000);
+    assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
+    // Final once the hub's confirmation reached the cloud.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api
+        .transfers()
+        .unwrap()
+        .iter()
+        .any(|t| t.transfer_id == "store-1:o-1" && t.pending)
+    {
+        assert!(Instant::now() < deadline, "the payment was never confirmed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The refund goes out and no answer comes back: unknown, never declined.
+    site.uplink.blackhole();
+    let (_, lost) = refund(&site, "r-1", "o-1", 400);
+    assert_eq!(lost.status, RefundStatus::Unknown, "{lost:?}");
+    // Asked again while the store is cut off: the earlier request may have been made, so this
+    // one, which cannot be sent, is no decline either.
+    site.wait_connected(false, Duration::from_secs(20)).unwrap();
+    let (_, again) = refund(&site, "r-1", "o-1", 400);
+    assert_eq!(
+        (again.status, again.reason),
+        (RefundStatus::Unknown, Some(DeclineReason::OutcomeUnknown)),
+        "{again:?}"
+    );
+    // Healed: the same refund id learns the outcome, and the money moved once.
+    site.uplink.heal();
+    site.wait_connected(true, Duration::from_secs(20)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let made = loop {
+        let (_, answer) = refund(&site, "r-1", "o-1", 400);
+        if answer.status != RefundStatus::Unknown || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(made.status, RefundStatus::Refunded, "{made:?}");
+    assert_eq!(made.refunded_total_minor, Some(400));
+    assert_eq!(api.balance("alice").unwrap(), 10_000 - 1_000 + 400);
+    let refunds = api
+        .transfers()
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.transfer_id.starts_with("store-1:o-1#refund:"))
+        .count();
+    assert_eq!(refunds, 1);
+    // Decided: a new refund id while cut off again is a plain decline (nothing was sent).
+    site.uplink.cut();
+    site.wait_connected(false, Duration::from_secs(20)).unwrap();
+    let (_, cut) = refund(&site, "r-2", "o-1", 100);
+    assert_eq!(
+        (cut.status, cut.reason),
+        (
+            RefundStatus::Declined,
+            Some(DeclineReason::CloudUnreachable)
+        ),
+        "{cut:?}"
+    );
+    api.assert_books_balance().unwrap();
+}

@@ -1492,25 +1492,35 @@ mod tests {
         let (_d, l) = ledger();
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
-        let first = l.refund("store-1", &refund("o1", "r1", 300)).unwrap();
+        let first = l
+            .refund("store-1", &refund("o1", "r1", 300), &Ok(()))
+            .unwrap();
         assert_eq!(refunded_total(&first), Some((300, false)), "{first:?}");
         assert_eq!(balance(&l, "alice"), 9_600);
         assert_eq!(balance(&l, "store-1"), 400);
         // The same refund id again: answered as before, nothing moves.
-        let again = l.refund("store-1", &refund("o1", "r1", 300)).unwrap();
+        let again = l
+            .refund("store-1", &refund("o1", "r1", 300), &Ok(()))
+            .unwrap();
         assert_eq!(refunded_total(&again), Some((300, true)), "{again:?}");
         assert_eq!(balance(&l, "alice"), 9_600);
         // The same refund id with another amount or payment: refused.
         for other in [refund("o1", "r1", 200), refund("o2", "r1", 300)] {
-            let refused = l.refund("store-1", &other).unwrap();
+            let refused = l.refund("store-1", &other, &Ok(())).unwrap();
             assert_eq!(refused.reason(), Some(DeclineReason::DuplicateRefundId));
         }
         // Never more than what was paid minus earlier refunds.
-        let over = l.refund("store-1", &refund("o1", "r2", 401)).unwrap();
+        let over = l
+            .refund("store-1", &refund("o1", "r2", 401), &Ok(()))
+            .unwrap();
         assert_eq!(over.reason(), Some(DeclineReason::RefundExceedsPayment));
-        let rest = l.refund("store-1", &refund("o1", "r2", 400)).unwrap();
+        let rest = l
+            .refund("store-1", &refund("o1", "r2", 400), &Ok(()))
+            .unwrap();
         assert_eq!(refunded_total(&rest), Some((700, false)));
-        let more = l.refund("store-1", &refund("o1", "r3", 1)).unwrap();
+        let more = l
+            .refund("store-1", &refund("o1", "r3", 1), &Ok(()))
+            .unwrap();
         assert_eq!(more.reason(), Some(DeclineReason::RefundExceedsPayment));
         assert_eq!(balance(&l, "alice"), 10_000);
         assert_eq!(balance(&l, "store-1"), 0);
@@ -1538,14 +1548,52 @@ mod tests {
         books_balance(&l);
     }
 
+    fn a_refund_not_attested_moves_nothing_but_a_made_one_still_answers() {
+        let (_d, l) = ledger();
+        l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
+        assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
+        let forged = Err(protocol::RefundDecision::declined(
+            DeclineReason::BadSignature,
+            "no terminal sealed it",
+        ));
+        let refused = l
+            .refund("store-1", &refund("o1", "r1", 300), &forged)
+            .unwrap();
+        assert_eq!(refused.reason(), Some(DeclineReason::BadSignature));
+        assert_eq!(balance(&l, "alice"), 9_300, "nothing moved");
+        // Made with a good attestation; asked again with one that no longer checks (the
+        // terminal's certificate rotated since): answered from the record, nothing moves again.
+        l.refund("store-1", &refund("o1", "r1", 300), &Ok(()))
+            .unwrap();
+        let again = l
+            .refund("store-1", &refund("o1", "r1", 300), &forged)
+            .unwrap();
+        assert_eq!(refunded_total(&again), Some((300, true)), "{again:?}");
+        // Another amount under it is still refused, and a new refund id needs a good one.
+        let other = l
+            .refund("store-1", &refund("o1", "r1", 200), &forged)
+            .unwrap();
+        assert_eq!(other.reason(), Some(DeclineReason::DuplicateRefundId));
+        let new = l
+            .refund("store-1", &refund("o1", "r2", 100), &forged)
+            .unwrap();
+        assert_eq!(new.reason(), Some(DeclineReason::BadSignature));
+        assert_eq!(balance(&l, "alice"), 9_600);
+        books_balance(&l);
+    }
+
     fn only_a_final_payment_of_the_store_is_refunded() {
         let (_d, l) = ledger();
         let clock = clock::ManualClock::new(1_000_000);
         let l = l.with_clock(clock.clone()).with_pending_ttl(60_000);
         let reason = |order: &str, amount| {
-            l.refund("store-1", &refund(order, &format!("r-{order}"), amount))
-                .unwrap()
-                .reason()
+            l.refund(
+                "store-1",
+                &refund(order, &format!("r-{order}"), amount),
+                &Ok(()),
+            )
+            .unwrap()
+            .reason()
         };
         assert_eq!(
             reason("o0", 100),
@@ -1578,10 +1626,11 @@ mod tests {
             currency: Currency::parse("USD").unwrap(),
             ..refund("o3", "r-usd", 100)
         };
-        let refused = l.refund("store-1", &usd).unwrap();
+        let refused = l.refund("store-1", &usd, &Ok(())).unwrap();
         assert_eq!(refused.reason(), Some(DeclineReason::CurrencyMismatch));
         assert!(
-            l.refund("store-2", &refund("o3", "r-x", 100)).is_err(),
+            l.refund("store-2", &refund("o3", "r-x", 100), &Ok(()))
+                .is_err(),
             "not store-2's"
         );
         // A closed customer account takes no refund.
@@ -1602,7 +1651,7 @@ mod tests {
         assert!(l.post("store-1", &attempt("o1", "n1")).unwrap());
         assert!(l.account("alice").unwrap().unwrap().in_debt);
         assert!(l
-            .refund("store-1", &refund("o1", "r1", 600))
+            .refund("store-1", &refund("o1", "r1", 600), &Ok(()))
             .unwrap()
             .reason()
             .is_none());
@@ -1648,7 +1697,8 @@ mod tests {
         clock.advance(60_000);
         let entry = offline_entry(&l, "o3", "n3", 300);
         l.reconcile("store-1", &[entry]).unwrap();
-        l.refund("store-1", &refund("o1", "r1", 400)).unwrap();
+        l.refund("store-1", &refund("o1", "r1", 400), &Ok(()))
+            .unwrap();
         assert!(l.void("store-1", &attempt("o2", "n2")).unwrap());
         let end_of_day = balance(&l, "store-1");
         // The next day.
@@ -1732,6 +1782,7 @@ mod tests {
         a_transfer_that_would_overflow_a_balance_aborts_and_moves_nothing,
         survives_reopen,
         a_refund_gives_back_once_and_never_more_than_was_paid,
+        a_refund_not_attested_moves_nothing_but_a_made_one_still_answers,
         only_a_final_payment_of_the_store_is_refunded,
         a_refund_settles_a_debt_as_a_deposit_does,
         a_stores_statement_adds_up_to_its_balance_change_on_the_day,

@@ -76,8 +76,17 @@ impl Ledger {
     /// reconciled yet is not here either), more than the payment minus its earlier refunds
     /// (`refund_exceeds_payment`), another currency, a closed customer account
     /// (`account_blocked`), a store account holding less than the refund
-    /// (`insufficient_funds`). The terminal's attestation is checked by the caller.
-    pub fn refund(&self, store_id: &str, refund: &Refund) -> Result<RefundDecision, LedgerError> {
+    /// (`insufficient_funds`). `attested` is the caller's check of the terminal's attestation
+    /// ([`crate::payer::PayerCheck::refund_attested`]): a refund id already made answers from its
+    /// record whatever it says (the register asking again after its answer was lost, the
+    /// terminal's certificate since rotated), a new one moves money only when it is `Ok`, and its
+    /// decline is decided in the transaction too (held to the store's lease like any write).
+    pub fn refund(
+        &self,
+        store_id: &str,
+        refund: &Refund,
+        attested: &Result<(), RefundDecision>,
+    ) -> Result<RefundDecision, LedgerError> {
         refund.check_from(store_id).map_err(invalid)?;
         let now_ms = self.clock.now_ms();
         let key = refund_key(store_id, &refund.refund_id);
@@ -112,6 +121,9 @@ impl Ledger {
                         paid_minor: paid.amount_minor,
                         already_refunded: true,
                     });
+                }
+                if let Err(declined) = attested {
+                    return Ok(declined.clone());
                 }
                 let (paid_id, mut paid) = match refundable(transfers, &refund.payment_id)? {
                     Refundable::Final(id, t) => (id, *t),
@@ -210,7 +222,8 @@ impl Ledger {
                     credit_account_id: customer_id.clone(),
                     amount_minor: refund.amount_minor,
                     currency: refund.currency,
-                    applied_at_ms: now_ms,
+                    // Never before its payment, whatever this instance's clock says.
+                    applied_at_ms: now_ms.max(paid.applied_at_ms),
                     code_nonce: None,
                     store_id: Some(store_id.into()),
                     terminal_id: Some(refund.terminal_id.clone()),
@@ -316,12 +329,15 @@ impl Ledger {
             };
             lines.push(line(store_id, id, kind, t));
         }
-        Ok(Settlement::of(
+        Settlement::of(
             (store_id.into(), account.currency),
             (date.to_owned(), utc_offset_minutes),
             (from_ms, to_ms),
             lines,
-        ))
+        )
+        .ok_or_else(|| {
+            LedgerError::Broken(format!("the totals of {store_id}'s day {date} overflow"))
+        })
     }
 }
 

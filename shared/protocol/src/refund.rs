@@ -130,16 +130,25 @@ impl Refund {
         Ok(())
     }
 
-    /// What the terminal attests of this refund.
-    pub fn attested(&self) -> AttestedRefund {
+    /// What a terminal attests of this refund at `issued_at_ms` (its clock).
+    pub fn attested(&self, issued_at_ms: u64) -> AttestedRefund {
         AttestedRefund {
             refund_id: self.refund_id.clone(),
             payment_id: self.payment_id.clone(),
             amount_minor: self.amount_minor,
             currency: self.currency,
+            issued_at_ms,
         }
     }
 }
+
+/// How long after a terminal attested a refund the cloud still takes it: a request, its relay
+/// and its retries by the hub take seconds. The register's retry with the same refund id is
+/// attested again. An older attestation is refused (a hub that kept a refund the register heard
+/// declined cannot use it later).
+pub const REFUND_ATTESTATION_MAX_AGE_MS: u64 = 60_000;
+/// How far ahead of the cloud's clock a terminal's attestation may be.
+pub const REFUND_ATTESTATION_MAX_AHEAD_MS: u64 = 10_000;
 
 /// What a terminal attests of a refund it takes, sealed with its certificate key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +162,19 @@ pub struct AttestedRefund {
     pub amount_minor: i64,
     /// Its currency.
     pub currency: Currency,
+    /// When the terminal attested it (its clock, ms since the Unix epoch): the cloud takes it
+    /// for [`REFUND_ATTESTATION_MAX_AGE_MS`].
+    pub issued_at_ms: u64,
+}
+
+impl AttestedRefund {
+    /// Whether this attests `refund` (its id, payment, amount and currency).
+    pub fn attests(&self, refund: &Refund) -> bool {
+        self.refund_id == refund.refund_id
+            && self.payment_id == refund.payment_id
+            && self.amount_minor == refund.amount_minor
+            && self.currency == refund.currency
+    }
 }
 
 /// The ledger's decision on a refund.

@@ -67,9 +67,12 @@ pub struct SettlementTotal {
 }
 
 impl SettlementTotal {
-    fn add(&mut self, amount_minor: i64) {
+    /// Adds a line; `None` on an overflow (no real day comes near: each amount is at most
+    /// [`crate::MAX_AMOUNT_MINOR`]).
+    fn add(&mut self, amount_minor: i64) -> Option<()> {
         self.count += 1;
-        self.amount_minor += amount_minor;
+        self.amount_minor = self.amount_minor.checked_add(amount_minor)?;
+        Some(())
     }
 }
 
@@ -109,13 +112,13 @@ pub struct Settlement {
 
 impl Settlement {
     /// The statement of `lines` (the store account's transfers applied from `from_ms` until
-    /// `to_ms`), totalled.
+    /// `to_ms`), totalled; `None` when a total would overflow.
     pub fn of(
         (store_id, currency): (StoreId, Currency),
         (date, utc_offset_minutes): (String, i32),
         (from_ms, to_ms): (u64, u64),
         mut lines: Vec<SettlementLine>,
-    ) -> Self {
+    ) -> Option<Self> {
         lines.sort_by(|a, b| {
             (a.applied_at_ms, &a.transfer_id).cmp(&(b.applied_at_ms, &b.transfer_id))
         });
@@ -143,14 +146,14 @@ impl Settlement {
                 SettlementKind::Refund => &mut settlement.refunds,
                 SettlementKind::Opening => &mut settlement.openings,
             };
-            total.add(line.amount_minor);
+            total.add(line.amount_minor)?;
             if line.pending {
-                settlement.pending.add(line.amount_minor);
+                settlement.pending.add(line.amount_minor)?;
             }
-            settlement.net_minor += line.amount_minor;
+            settlement.net_minor = settlement.net_minor.checked_add(line.amount_minor)?;
         }
         settlement.lines = lines;
-        settlement
+        Some(settlement)
     }
 
     /// The lines as CSV (RFC 4180, a header row first): every field is an id of `[A-Za-z0-9_.-]`,
@@ -212,7 +215,8 @@ mod tests {
                 line("s:o1#refund:r1", SettlementKind::Refund, -400, 40, false),
                 line("s:o2#void", SettlementKind::Reversal, -500, 50, false),
             ],
-        );
+        )
+        .unwrap();
         assert_eq!(
             s.payments,
             SettlementTotal {
@@ -247,5 +251,15 @@ mod tests {
             .sum();
         assert_eq!(sum, s.net_minor);
         assert!(rows[4].contains(",refund,"), "{}", rows[4]);
+        let huge = Settlement::of(
+            ("store-1".into(), Currency::parse("EUR").unwrap()),
+            ("2026-12-06".into(), 0),
+            (0, 86_400_000),
+            vec![
+                line("s:o1", SettlementKind::Payment, i64::MAX, 10, false),
+                line("s:o2", SettlementKind::Payment, 1, 20, false),
+            ],
+        );
+        assert!(huge.is_none(), "an overflow is refused, never wrapped");
     }
 }
