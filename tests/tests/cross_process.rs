@@ -49,6 +49,11 @@ fn open_store_and_alice(api: &CloudApi) -> Wallet {
 }
 
 fn start_stack(dir: &Path) -> Stack {
+    start_stack_with(dir, &[])
+}
+
+/// [`start_stack`] with more `--set`s for the terminal.
+fn start_stack_with(dir: &Path, edge_extra: &[String]) -> Stack {
     let broker = Mosquitto::start(dir).expect("mosquitto starts");
     let mqtt_port = format!("mqtt.port={}", broker.port);
     let cloud = start_cloud(&dir.join("cloud"), broker.port).expect("cloud starts");
@@ -68,18 +73,16 @@ fn start_stack(dir: &Path) -> Stack {
     .expect("hub starts");
     wait_for_keys(hub.http_addr, 1, Duration::from_secs(20)).expect("hub gets alice's key");
     let frames = tests::spool("frames");
-    let edge = Service::start(
-        "facepay-edge",
-        &[
-            "store_id=store-1".into(),
-            "terminal_id=till-1".into(),
-            "register_listen=127.0.0.1:0".into(),
-            "scan_timeout_ms=1500".into(),
-            format!("frames_dir={:?}", frames),
-            format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
-        ],
-    )
-    .expect("edge starts");
+    let mut edge_args = vec![
+        "store_id=store-1".into(),
+        "terminal_id=till-1".into(),
+        "register_listen=127.0.0.1:0".into(),
+        "scan_timeout_ms=1500".into(),
+        format!("frames_dir={:?}", frames),
+        format!("zenoh.connect=[\"tls/127.0.0.1:{zenoh_port}\"]"),
+    ];
+    edge_args.extend(edge_extra.iter().cloned());
+    let edge = Service::start("facepay-edge", &edge_args).expect("edge starts");
     Stack {
         _broker: broker,
         cloud,
@@ -307,6 +310,61 @@ fn payments_and_bad_input_through_real_processes() {
     assert!(
         !cloud_metrics.contains("path=\"offline\""),
         "{cloud_metrics}"
+    );
+}
+
+#[test]
+fn a_broken_camera_declines_face_verifications_and_code_payments_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // An IP camera that is not there: nothing listens on its port.
+    let camera = format!("http://127.0.0.1:{}/video.mjpg", free_port());
+    let s = start_stack_with(
+        dir.path(),
+        &[
+            "camera.source=mjpeg_http".into(),
+            format!("camera.url={camera:?}"),
+            "camera.stall_timeout_ms=500".into(),
+        ],
+    );
+    let edge = s.edge.http_addr;
+    let (status, reply) = tests::verify(edge, "face").unwrap();
+    match &reply {
+        protocol::VerifyReply::Refused { reason, detail } => {
+            assert_eq!(*reason, DeclineReason::CameraUnavailable, "{detail}");
+            assert!(
+                detail.contains("127.0.0.1"),
+                "the source is named: {detail}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?} ({status})"),
+    }
+    // The scanner has a source of its own: code payments go on.
+    present_code(&s.frames, &s.alice).unwrap();
+    let (_, paid) = charge(edge, "o-1", 250, "EUR").unwrap();
+    assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
+    let page = get_text(&format!("http://{}/metrics", s.edge.metrics_addr)).unwrap();
+    assert_eq!(
+        metric_value(&page, "facepay_edge_source_up{source=\"camera\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(&page, "facepay_edge_source_up{source=\"scanner\"}"),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(
+            &page,
+            "facepay_edge_source_errors_total{kind=\"unavailable\",source=\"camera\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        metric_value(
+            &page,
+            "facepay_edge_verification_declines_total{reason=\"camera_unavailable\"}"
+        ),
+        Some(1.0)
     );
 }
 
