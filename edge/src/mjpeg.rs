@@ -1,12 +1,15 @@
 //! IP cameras that serve MJPEG over HTTP: one response of type `multipart/x-mixed-replace`, each
 //! part a JPEG. Plain HTTP over `std::net::TcpStream` (cameras sit on the store's network; no
 //! TLS), blocking, on the camera's own thread. A session connects, reads, and closes: frames
-//! are never from before it. A dropped connection is opened again within the session; a camera
-//! that gives no frame for the stall timeout, silent or unreachable, fails the session.
+//! are never from before it. It connects at its first [`FrameSource::next_frame`], so that the
+//! connection (name resolution included) waits no longer than the session's deadline or the
+//! stall timeout, whichever comes first; the first attempt failing fails the session. A dropped
+//! connection is opened again within the session; a camera that gives no frame for the stall
+//! timeout, silent or unreachable, fails the session.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpStream, ToSocketAddrs as _},
+    net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs as _},
     time::{Duration, Instant},
 };
 
@@ -25,8 +28,9 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Most bytes read from the socket at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// An `http://` URL, as far as a camera needs one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An `http://` URL, as far as a camera needs one. Shown (`Display`, `Debug`) without its
+/// credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HttpUrl {
     host: String,
     port: u16,
@@ -40,6 +44,8 @@ pub struct HttpUrl {
 impl HttpUrl {
     /// Parses `http://[user:password@]host[:port][/path]`; https and other schemes are refused.
     pub fn parse(url: &str) -> Result<Self, String> {
+        // Errors show the URL without its credentials: they reach logs and the config check.
+        let shown = redacted(url);
         let Some(rest) = url
             .get(..7)
             .filter(|s| s.eq_ignore_ascii_case("http://"))
@@ -55,7 +61,7 @@ impl HttpUrl {
                         .into(),
                 );
             }
-            return Err(format!("{url:?} is not an http:// URL"));
+            return Err(format!("{shown:?} is not an http:// URL"));
         };
         let (authority, path) = match rest.find('/') {
             Some(at) => (&rest[..at], &rest[at..]),
@@ -69,7 +75,7 @@ impl HttpUrl {
             Some(v6) => {
                 let (host, after) = v6
                     .split_once(']')
-                    .ok_or_else(|| format!("{url:?}: an IPv6 host lacks its ']'"))?;
+                    .ok_or_else(|| format!("{shown:?}: an IPv6 host lacks its ']'"))?;
                 (host, after.strip_prefix(':'))
             }
             None => match authority.rsplit_once(':') {
@@ -80,15 +86,16 @@ impl HttpUrl {
         let port = match port {
             Some(port) => port
                 .parse::<u16>()
-                .map_err(|_| format!("{url:?}: {port:?} is not a port"))?,
+                // Not echoed: in a URL whose credentials hold a '/', it is part of the password.
+                .map_err(|_| format!("{shown:?}: the port is not a number from 0 to 65535"))?,
             None => 80,
         };
         if host.is_empty() {
-            return Err(format!("{url:?} names no host"));
+            return Err(format!("{shown:?} names no host"));
         }
         if path.chars().any(|c| c.is_ascii_control() || c == ' ') {
             return Err(format!(
-                "{url:?}: the path holds spaces or control characters"
+                "{shown:?}: the path holds spaces or control characters"
             ));
         }
         Ok(HttpUrl {
@@ -110,6 +117,29 @@ impl std::fmt::Display for HttpUrl {
     /// The URL without its credentials, for logs and answers.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "http://{}{}", self.authority, self.path)
+    }
+}
+
+impl std::fmt::Debug for HttpUrl {
+    /// As `Display`, and whether credentials are set: never the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpUrl")
+            .field("url", &self.to_string())
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// A URL as written, for messages: whatever precedes the last `@` after the scheme (the
+/// `user:password` of basic authentication, even when malformed) is replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let start = url.find("://").map_or(0, |at| at + 3);
+    match url[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -234,6 +264,11 @@ impl MjpegParser {
         }
     }
 
+    /// Whether the response head was read and found to announce an MJPEG stream.
+    pub fn has_head(&self) -> bool {
+        self.stage != Stage::Head
+    }
+
     fn bounded_head(&self, what: &str) -> Result<Option<Vec<u8>>, String> {
         match self.buffer.len() > MAX_HEADER_BYTES {
             true => Err(format!("the {what} runs over {MAX_HEADER_BYTES} bytes")),
@@ -324,6 +359,8 @@ struct Connection {
     parser: MjpegParser,
     /// Whether a frame of this connection failed to decode (logged once per connection).
     bad_frame_logged: bool,
+    /// Whether this connection gave a frame: lost after one, it is connected again at once.
+    gave_frame: bool,
 }
 
 /// An MJPEG-over-HTTP camera as a [`FrameSource`].
@@ -334,6 +371,10 @@ pub struct MjpegHttpSource {
     last_frame: Instant,
     next_attempt: Instant,
     failure: Option<SourceError>,
+    /// Whether this session tried to connect yet.
+    attempted: bool,
+    /// The last loss logged at info in this session: the same one again is logged at debug.
+    last_loss_logged: Option<String>,
 }
 
 impl MjpegHttpSource {
@@ -347,30 +388,65 @@ impl MjpegHttpSource {
             last_frame: Instant::now(),
             next_attempt: Instant::now(),
             failure: None,
+            attempted: false,
+            last_loss_logged: None,
         }
     }
 
-    fn connect(&self, timeout: Duration) -> Result<Connection, SourceError> {
+    /// The camera's addresses, resolved by `until` at most: a host name is resolved on a thread
+    /// of its own, since the system's resolver cannot be given a deadline (the thread ends when
+    /// the resolver gives up; its answer then goes nowhere).
+    fn resolve(&self, until: Instant) -> Result<Vec<SocketAddr>, SourceError> {
         let url = &self.settings.url;
-        let timeout = timeout.max(Duration::from_millis(1));
-        let addresses = (url.host.as_str(), url.port)
-            .to_socket_addrs()
+        if let Ok(ip) = url.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, url.port)]);
+        }
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        let target = (url.host.clone(), url.port);
+        std::thread::Builder::new()
+            .name("camera-resolve".into())
+            .spawn(move || {
+                let _ = sender.send(target.to_socket_addrs().map(Vec::from_iter));
+            })
             .map_err(|e| SourceError::unavailable(&self.what, e))?;
+        let left = until.saturating_duration_since(Instant::now());
+        match receiver.recv_timeout(left) {
+            Ok(Ok(addresses)) => Ok(addresses),
+            Ok(Err(error)) => Err(SourceError::unavailable(&self.what, error)),
+            Err(_) => Err(SourceError::unavailable(
+                &self.what,
+                format!("{} not resolved in time", url.host),
+            )),
+        }
+    }
+
+    /// Connects and sends the request, within `budget` in all: resolving the name, trying each
+    /// address, writing.
+    fn connect(&self, budget: Duration) -> Result<Connection, SourceError> {
+        let url = &self.settings.url;
+        let budget = budget.max(Duration::from_millis(1));
+        let until = Instant::now() + budget;
+        let addresses = self.resolve(until)?;
         let mut last_error = None;
         let mut stream = None;
         for address in addresses {
-            match TcpStream::connect_timeout(&address, timeout) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last_error = Some(format!("not connected within {} ms", budget.as_millis()));
+                break;
+            }
+            match TcpStream::connect_timeout(&address, left) {
                 Ok(connected) => {
                     stream = Some(connected);
                     break;
                 }
-                Err(error) => last_error = Some(error),
+                Err(error) => last_error = Some(error.to_string()),
             }
         }
         let mut stream = stream.ok_or_else(|| {
             SourceError::unavailable(
                 &self.what,
-                last_error.map_or("the host has no address".into(), |e| e.to_string()),
+                last_error.unwrap_or_else(|| "the host has no address".into()),
             )
         })?;
         let authorization = url
@@ -384,37 +460,124 @@ impl MjpegHttpSource {
              multipart/x-mixed-replace, */*\r\n{authorization}\r\n",
             url.path, url.authority
         );
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         stream
-            .set_write_timeout(Some(timeout))
+            .set_write_timeout(Some(left))
             .and_then(|()| stream.write_all(request.as_bytes()))
             .map_err(|e| SourceError::unavailable(&self.what, e))?;
         Ok(Connection {
             stream,
             parser: MjpegParser::default(),
             bad_frame_logged: false,
+            gave_frame: false,
         })
     }
 
-    /// The connection was lost: try again at once, then every `reconnect`.
+    /// The connection was lost. One that gave a frame is tried again at once (a camera's
+    /// hiccup); one that gave none waits `reconnect`, or a camera that accepts and hangs up at
+    /// once would be connected to as fast as the round trip.
     fn lost(&mut self, error: SourceError, now: Instant) {
-        tracing::info!(source = %self.what, %error, "camera stream lost; connecting again");
-        self.connection = None;
+        let gave_frame = self.connection.take().is_some_and(|c| c.gave_frame);
+        self.next_attempt = match gave_frame {
+            true => now,
+            false => now + self.settings.reconnect,
+        };
+        let text = error.to_string();
+        if self.last_loss_logged.as_deref() == Some(text.as_str()) {
+            tracing::debug!(source = %self.what, %error, "camera stream lost again; connecting again");
+        } else {
+            tracing::info!(source = %self.what, %error, "camera stream lost; connecting again");
+            self.last_loss_logged = Some(text);
+        }
         self.failure = Some(error);
-        self.next_attempt = now;
+    }
+
+    /// No frame for the stall timeout: the last failure to connect, or the stall.
+    fn stalled(&mut self) -> SourceError {
+        let stalled = SourceError::Stalled {
+            what: self.what.clone(),
+            after_ms: self.settings.stall_timeout.as_millis() as u64,
+        };
+        match self.connection.take() {
+            // Connected, yet silent.
+            Some(_) => stalled,
+            None => self.failure.take().unwrap_or(stalled),
+        }
+    }
+}
+
+/// Reads what `stream` has, waiting until `until` at most: `Ok(None)` when nothing came in time.
+fn read_until(
+    stream: &mut TcpStream,
+    chunk: &mut [u8],
+    until: Instant,
+) -> std::io::Result<Option<usize>> {
+    let wait = until
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(wait))?;
+    match stream.read(chunk) {
+        Ok(n) => Ok(Some(n)),
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(error),
     }
 }
 
 impl FrameSource for MjpegHttpSource {
+    /// Connects once, reads the response head and closes: an address that answers with an
+    /// HTTP error or with no MJPEG stream shows at start, as an unreachable one does.
     fn check(&mut self) -> Result<(), SourceError> {
-        // Connected once, then closed: frames are read in sessions only.
-        self.connect(self.settings.stall_timeout).map(drop)
+        let until = Instant::now() + self.settings.stall_timeout;
+        let mut connection = self.connect(self.settings.stall_timeout)?;
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            connection
+                .parser
+                .next_part()
+                .map_err(|detail| SourceError::unusable(&self.what, detail))?;
+            if connection.parser.has_head() {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(SourceError::Stalled {
+                    what: self.what.clone(),
+                    after_ms: self.settings.stall_timeout.as_millis() as u64,
+                });
+            }
+            match read_until(&mut connection.stream, &mut chunk, until) {
+                Ok(Some(0)) => {
+                    return Err(SourceError::stopped(
+                        &self.what,
+                        "the camera closed the connection without an answer",
+                    ))
+                }
+                Ok(Some(n)) => connection.parser.feed(&chunk[..n]),
+                Ok(None) => {}
+                Err(error) => return Err(SourceError::stopped(&self.what, error)),
+            }
+        }
     }
 
     fn begin_session(&mut self) -> Result<(), SourceError> {
+        // Connected by the session's first `next_frame`, which knows its deadline.
+        let now = Instant::now();
         self.connection = None;
         self.failure = None;
-        self.connection = Some(self.connect(self.settings.stall_timeout)?);
-        self.last_frame = Instant::now();
+        self.attempted = false;
+        self.last_loss_logged = None;
+        self.last_frame = now;
+        self.next_attempt = now;
         Ok(())
     }
 
@@ -423,23 +586,24 @@ impl FrameSource for MjpegHttpSource {
         loop {
             let now = Instant::now();
             let stall_at = self.last_frame + self.settings.stall_timeout;
+            // Checked before anything is read: a camera that always has a frame ready must not
+            // keep a session past its deadline.
+            if now >= stall_at {
+                return Err(self.stalled());
+            }
+            if now >= deadline {
+                return Ok(None);
+            }
             let Some(connection) = self.connection.as_mut() else {
-                if now >= stall_at {
-                    let stalled = SourceError::Stalled {
-                        what: self.what.clone(),
-                        after_ms: self.settings.stall_timeout.as_millis() as u64,
-                    };
-                    return Err(self.failure.take().unwrap_or(stalled));
-                }
-                if now >= deadline {
-                    return Ok(None);
-                }
                 if now < self.next_attempt {
                     std::thread::sleep(self.next_attempt.min(deadline).min(stall_at) - now);
                     continue;
                 }
-                match self.connect(stall_at - now) {
+                let first = !std::mem::replace(&mut self.attempted, true);
+                match self.connect(deadline.min(stall_at) - now) {
                     Ok(connection) => self.connection = Some(connection),
+                    // A camera that is not there is answered at once, not after the stall.
+                    Err(error) if first => return Err(error),
                     Err(error) => {
                         self.failure = Some(error);
                         self.next_attempt = now + self.settings.reconnect;
@@ -454,6 +618,7 @@ impl FrameSource for MjpegHttpSource {
                 }
                 Ok(Some(part)) => match decode_mjpeg(&part) {
                     Ok(frame) => {
+                        connection.gave_frame = true;
                         self.last_frame = Instant::now();
                         self.failure = None;
                         return Ok(Some(frame));
@@ -467,34 +632,13 @@ impl FrameSource for MjpegHttpSource {
                 },
                 Ok(None) => {}
             }
-            if now >= stall_at {
-                self.connection = None;
-                return Err(SourceError::Stalled {
-                    what: self.what.clone(),
-                    after_ms: self.settings.stall_timeout.as_millis() as u64,
-                });
-            }
-            if now >= deadline {
-                return Ok(None);
-            }
-            let wait = (deadline.min(stall_at) - now).max(Duration::from_millis(1));
-            if let Err(error) = connection.stream.set_read_timeout(Some(wait)) {
-                self.lost(SourceError::stopped(&self.what, error), now);
-                continue;
-            }
-            match connection.stream.read(&mut chunk) {
-                Ok(0) => self.lost(
+            match read_until(&mut connection.stream, &mut chunk, deadline.min(stall_at)) {
+                Ok(Some(0)) => self.lost(
                     SourceError::stopped(&self.what, "the camera closed the stream"),
                     now,
                 ),
-                Ok(n) => connection.parser.feed(&chunk[..n]),
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                Ok(Some(n)) => connection.parser.feed(&chunk[..n]),
+                Ok(None) => {}
                 Err(error) => self.lost(SourceError::stopped(&self.what, error), now),
             }
         }
@@ -634,7 +778,7 @@ mod tests {
         }
         camera.end_session();
         // The same stream read by the code scanner: the QR code's text. Its check at start
-        // connects once and reads nothing.
+        // connects once and reads the response head only.
         let mut codes = QrCodes::new(Box::new(source(&url, 5_000)));
         codes.check().unwrap();
         codes.begin_session().unwrap();
@@ -703,7 +847,10 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/video.mjpg", closed.local_addr().unwrap());
         drop(closed);
-        let error = source(&url, 1_000).begin_session().unwrap_err();
+        let mut unreachable = source(&url, 1_000);
+        // The session's first attempt to connect answers at once, not after the stall timeout.
+        unreachable.begin_session().unwrap();
+        let error = unreachable.next_frame(far()).unwrap_err();
         assert_eq!(error.kind(), "unavailable");
         assert!(
             error.to_string().starts_with(&format!(
@@ -812,6 +959,166 @@ mod tests {
         endless_part.extend_from_slice(b"--frame\r\n\r\n");
         endless_part.extend(std::iter::repeat_n(0u8, MAX_FRAME_BYTES as usize + 2));
         check(&endless_part, "runs over the 16777216-byte frame limit");
+    }
+
+    /// The smallest JPEG a camera could send: 8x8 grey.
+    fn tiny_jpeg() -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 50)
+            .encode_image(&RgbImage::from_pixel(8, 8, image::Rgb([90, 90, 90])))
+            .unwrap();
+        jpeg
+    }
+
+    #[test]
+    fn a_session_ends_at_its_deadline_however_many_frames_are_ready() {
+        let batch: Vec<u8> = (0..200).flat_map(|_| part(&tiny_jpeg(), true)).collect();
+        // A camera that floods: every read finds many frames waiting.
+        let (url, _) = camera(1, move |_, stream| {
+            stream.write_all(HEAD)?;
+            loop {
+                stream.write_all(&batch)?;
+            }
+        });
+        let mut camera = source(&url, 10_000);
+        camera.begin_session().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut frames = 0;
+        loop {
+            let called = Instant::now();
+            if camera.next_frame(deadline).unwrap().is_none() {
+                break;
+            }
+            // Frames are always waiting, read and buffered: none answers a call after the
+            // deadline.
+            assert!(
+                called < deadline,
+                "a frame after the deadline ({frames} before)"
+            );
+            frames += 1;
+            assert!(Instant::now() < deadline + Duration::from_secs(5));
+        }
+        assert!(frames > 0);
+        assert_eq!(camera.next_frame(deadline).unwrap(), None);
+    }
+
+    #[test]
+    fn a_camera_that_hangs_up_at_once_is_connected_again_every_reconnect() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/video.mjpg", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        // Reconnecting every 50 ms for a session of 1 s: about 20 connections, not one per
+        // round trip.
+        let mut camera = source(&url, 10_000);
+        camera.begin_session().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(1_000);
+        assert_eq!(camera.next_frame(deadline).unwrap(), None);
+        let connections = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=40).contains(&connections),
+            "{connections} connections in a session of 1 s"
+        );
+    }
+
+    /// A listener whose backlog is full: connecting to it hangs.
+    fn camera_not_answering() -> (String, TcpListener, Vec<TcpStream>) {
+        let fd = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .unwrap();
+        rustix::net::bind(&fd, &std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        rustix::net::listen(&fd, 0).unwrap();
+        let listener = TcpListener::from(fd);
+        let address = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..16 {
+            match TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+                Ok(stream) => queued.push(stream),
+                Err(_) => break,
+            }
+        }
+        (format!("http://{address}/video.mjpg"), listener, queued)
+    }
+
+    #[test]
+    fn connecting_waits_no_longer_than_the_session_deadline() {
+        let (url, _listener, _queued) = camera_not_answering();
+        let mut camera = source(&url, 30_000);
+        camera.begin_session().unwrap();
+        let started = Instant::now();
+        let error = camera
+            .next_frame(started + Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(error.kind(), "unavailable", "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "bounded by the deadline, not the stall timeout: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_check_at_start_reads_the_answer_not_only_the_connection() {
+        let (url, _) = camera(1, |_, stream| {
+            stream.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        });
+        let error = source(&url, 2_000).check().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("camera {url} is not usable: HTTP 404 Not Found")
+        );
+        let (url, _) = camera(1, |_, stream| {
+            stream
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html>login</html>")
+        });
+        let error = source(&url, 2_000).check().unwrap_err();
+        assert_eq!(error.kind(), "unusable");
+        assert!(error.to_string().contains("not an MJPEG stream"), "{error}");
+        // Silent after the connection: no answer within the stall timeout.
+        let (url, _) = camera(1, |_, _| {
+            std::thread::sleep(Duration::from_secs(10));
+            Ok(())
+        });
+        assert_eq!(source(&url, 300).check().unwrap_err().kind(), "stalled");
+        let (url, _) = camera(1, |_, stream| stream.write_all(HEAD));
+        source(&url, 2_000).check().unwrap();
+    }
+
+    #[test]
+    fn credentials_are_never_shown() {
+        for url in [
+            "ftp://admin:s3cret@camera/",
+            "http://admin:s3cret@[::1/",
+            "http://admin:s3cret@camera:port/",
+            "http://admin:s3cret@/video",
+            "http://admin:s3cret@camera/a b",
+            "http://admin:s3/cret@camera/",
+        ] {
+            let error = HttpUrl::parse(url).unwrap_err();
+            assert!(!error.contains("s3"), "{url}: {error}");
+            assert!(error.contains("***@"), "{url}: {error}");
+        }
+        let url = HttpUrl::parse("http://admin:s3cret@camera/video").unwrap();
+        let settings = MjpegSettings {
+            url,
+            stall_timeout: Duration::from_secs(1),
+            reconnect: Duration::from_secs(1),
+        };
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("YWRtaW46czNjcmV0"),
+            "{shown}"
+        );
+        assert!(shown.contains("http://camera/video"), "{shown}");
     }
 
     #[test]
