@@ -43,6 +43,79 @@ pub trait FrameSource: Send {
     fn end_session(&mut self) {}
 }
 
+/// What a live camera's session does next, as [`StallWatch::next`] decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for a frame until this instant at most, then ask again.
+    Read {
+        /// The deadline or the stall, whichever comes first.
+        until: Instant,
+    },
+    /// The session's deadline passed: no frame, however many are ready.
+    TimeUp,
+    /// The stall timeout passed without a good frame: the session fails.
+    Failed(SourceError),
+}
+
+/// When a live camera's session ends: at its deadline with no frame, or with an error once the
+/// stall timeout passes without a good frame, silent or sending only frames that cannot be
+/// read (then the error is the last of them). A plain state machine: time is an input.
+#[derive(Debug, Clone)]
+pub struct StallWatch {
+    what: String,
+    stall_timeout: Duration,
+    last_good: Instant,
+    last_error: Option<String>,
+}
+
+impl StallWatch {
+    /// A watch over the source `what` names, its stall timeout running from `now`.
+    pub fn new(what: &str, stall_timeout: Duration, now: Instant) -> Self {
+        StallWatch {
+            what: what.to_owned(),
+            stall_timeout,
+            last_good: now,
+            last_error: None,
+        }
+    }
+
+    /// A session starts, or a good frame came: the stall timeout runs from `now` again.
+    pub fn restart(&mut self, now: Instant) {
+        self.last_good = now;
+        self.last_error = None;
+    }
+
+    /// A frame that could not be read: it does not hold off the stall.
+    pub fn bad_frame(&mut self, error: String) {
+        self.last_error = Some(error);
+    }
+
+    /// What to do at `now` in a session ending at `deadline`. Asked before every read, so a
+    /// camera that always has a frame ready cannot keep a session past either.
+    pub fn next(&self, now: Instant, deadline: Instant) -> Next {
+        let stall_at = self.last_good + self.stall_timeout;
+        if now >= stall_at {
+            let after_ms = self.stall_timeout.as_millis() as u64;
+            return Next::Failed(match &self.last_error {
+                Some(error) => SourceError::unusable(
+                    &self.what,
+                    format!("no good frame for {after_ms} ms; the last one: {error}"),
+                ),
+                None => SourceError::Stalled {
+                    what: self.what.clone(),
+                    after_ms,
+                },
+            });
+        }
+        if now >= deadline {
+            return Next::TimeUp;
+        }
+        Next::Read {
+            until: deadline.min(stall_at),
+        }
+    }
+}
+
 /// Waits until `fd` can be read (or has hung up) or `deadline` passes; whether it can.
 pub(crate) fn wait_readable(
     fd: std::os::fd::BorrowedFd<'_>,
@@ -271,6 +344,59 @@ impl FrameSource for DirectorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_session_ends_at_its_deadline_or_fails_at_the_stall() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = StallWatch::new("camera /dev/video0", Duration::from_millis(1_000), start);
+        // Before both: read until the first of them.
+        assert_eq!(watch.next(at(0), at(400)), Next::Read { until: at(400) });
+        assert_eq!(
+            watch.next(at(0), at(5_000)),
+            Next::Read { until: at(1_000) }
+        );
+        // Past the deadline: no more frames, even with one ready.
+        assert_eq!(watch.next(at(400), at(400)), Next::TimeUp);
+        // Good frames hold off the stall.
+        watch.restart(at(900));
+        assert_eq!(
+            watch.next(at(1_500), at(5_000)),
+            Next::Read { until: at(1_900) }
+        );
+        // Silent: stalled.
+        assert_eq!(
+            watch.next(at(1_900), at(5_000)),
+            Next::Failed(SourceError::Stalled {
+                what: "camera /dev/video0".into(),
+                after_ms: 1_000
+            })
+        );
+        // Only bad frames (flagged buffers, short YUYV, JPEGs that do not decode): unusable,
+        // with the last error, once the stall timeout passes without a good frame.
+        watch.bad_frame("the driver flagged the buffer as corrupt".into());
+        watch.bad_frame("a 640x480 YUYV frame needs 614400 bytes, got 12".into());
+        assert_eq!(
+            watch.next(at(1_800), at(5_000)),
+            Next::Read { until: at(1_900) }
+        );
+        let Next::Failed(error) = watch.next(at(1_900), at(5_000)) else {
+            panic!("fails at the stall");
+        };
+        assert_eq!(
+            error.to_string(),
+            "camera /dev/video0 is not usable: no good frame for 1000 ms; the last one: a \
+             640x480 YUYV frame needs 614400 bytes, got 12"
+        );
+        // The stall wins over a deadline passed with it; a good frame forgets the bad ones.
+        assert!(matches!(watch.next(at(2_000), at(2_000)), Next::Failed(_)));
+        watch.restart(at(2_000));
+        assert_eq!(watch.next(at(2_100), at(2_100)), Next::TimeUp);
+        assert!(matches!(
+            watch.next(at(3_000), at(9_000)),
+            Next::Failed(SourceError::Stalled { .. })
+        ));
+    }
 
     #[test]
     fn frames_come_oldest_name_first_and_once() {

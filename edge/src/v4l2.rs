@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::SourceError,
-    frames::{wait_readable, FrameSource, MAX_FRAME_BYTES},
+    frames::{wait_readable, FrameSource, Next, StallWatch, MAX_FRAME_BYTES},
 };
 
 /// The pixel formats asked of a camera.
@@ -64,6 +64,8 @@ struct Stream {
     width: u32,
     height: u32,
     bytes_per_line: u32,
+    /// Whether a frame of this stream could not be read (warned once per stream).
+    bad_frame_warned: bool,
 }
 
 /// A V4L2 capture device as a [`FrameSource`].
@@ -71,7 +73,7 @@ pub struct V4l2Source {
     settings: V4l2Settings,
     what: String,
     stream: Option<Stream>,
-    last_frame: Instant,
+    watch: StallWatch,
 }
 
 impl V4l2Source {
@@ -79,10 +81,10 @@ impl V4l2Source {
     pub fn new(settings: V4l2Settings) -> Self {
         let what = format!("camera {}", settings.device.display());
         V4l2Source {
+            watch: StallWatch::new(&what, settings.stall_timeout, Instant::now()),
             settings,
             what,
             stream: None,
-            last_frame: Instant::now(),
         }
     }
 
@@ -143,6 +145,7 @@ impl V4l2Source {
             width,
             height,
             bytes_per_line,
+            bad_frame_warned: false,
         })
     }
 
@@ -176,29 +179,28 @@ impl FrameSource for V4l2Source {
                 Err(error) => return Err(self.stopped(error)),
             }
         }
-        self.last_frame = Instant::now();
+        self.watch.restart(Instant::now());
         Ok(())
     }
 
     fn next_frame(&mut self, deadline: Instant) -> Result<Option<RgbImage>, SourceError> {
         loop {
-            let stall_at = self.last_frame + self.settings.stall_timeout;
+            let until = match self.watch.next(Instant::now(), deadline) {
+                Next::Read { until } => until,
+                Next::TimeUp => return Ok(None),
+                Next::Failed(error) => {
+                    // Opened again by the next session (a camera plugged back in).
+                    self.stream = None;
+                    return Err(error);
+                }
+            };
             let Some(stream) = self.stream.as_mut() else {
                 return Err(SourceError::stopped(&self.what, "not open"));
             };
-            let readable = match wait_readable(stream.stream.as_fd(), deadline.min(stall_at)) {
-                Ok(readable) => readable,
+            match wait_readable(stream.stream.as_fd(), until) {
+                Ok(true) => {}
+                Ok(false) => continue,
                 Err(error) => return Err(self.stopped(error)),
-            };
-            if !readable {
-                if Instant::now() >= stall_at {
-                    self.stream = None;
-                    return Err(SourceError::Stalled {
-                        what: self.what.clone(),
-                        after_ms: self.settings.stall_timeout.as_millis() as u64,
-                    });
-                }
-                return Ok(None);
             }
             let (format, width, height, bytes_per_line) = (
                 stream.format,
@@ -214,17 +216,20 @@ impl FrameSource for V4l2Source {
             });
             match frame {
                 Ok(Ok(frame)) => {
-                    self.last_frame = Instant::now();
+                    self.watch.restart(Instant::now());
                     return Ok(Some(frame));
                 }
-                // One bad frame (a USB hiccup): the next one may be whole.
+                // One bad frame (a USB hiccup): the next one may be whole. Only bad frames for
+                // the stall timeout fail the session (the watch).
                 Ok(Err(error)) => {
-                    tracing::debug!(source = %self.what, %error, "camera frame skipped")
+                    if !std::mem::replace(&mut stream.bad_frame_warned, true) {
+                        tracing::warn!(source = %self.what, %error, "camera frame skipped");
+                    } else {
+                        tracing::debug!(source = %self.what, %error, "camera frame skipped");
+                    }
+                    self.watch.bad_frame(error);
                 }
                 Err(error) => return Err(self.stopped(error)),
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
             }
         }
     }
