@@ -160,6 +160,7 @@ impl Validate for EdgeConfig {
             return Err(("camera_dir".into(), "must not be empty".into()));
         }
         check_range("face_timeout_ms", self.face_timeout_ms, 100..=120_000, "ms")?;
+        self.check_sources_together()?;
         self.face.validate("face")?;
         self.zenoh.validate("zenoh")?;
         if self.zenoh.connect.is_empty() {
@@ -167,6 +168,67 @@ impl Validate for EdgeConfig {
                 "zenoh.connect".into(),
                 "the edge needs its hub's endpoint".into(),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl EdgeConfig {
+    /// What the camera and the scanner ask of each other and of the session timeouts.
+    fn check_sources_together(&self) -> Result<(), (String, String)> {
+        // A device that stops sending fails its session (camera_unavailable,
+        // scanner_unavailable, with the device named) only if it stalls before the session's own
+        // timeout answers that nobody presented anything.
+        if self.camera.source != CameraSource::Spool
+            && self.camera.stall_timeout_ms >= self.face_timeout_ms
+        {
+            return Err((
+                "camera.stall_timeout_ms".into(),
+                format!(
+                    "must be below face_timeout_ms ({} ms), got {}: a camera that stops sending \
+                     must fail the session (camera_unavailable) before it times out \
+                     (no_face_presented)",
+                    self.face_timeout_ms, self.camera.stall_timeout_ms
+                ),
+            ));
+        }
+        if matches!(
+            self.scanner.source,
+            ScannerSource::V4l2 | ScannerSource::MjpegHttp
+        ) && self.scanner.stall_timeout_ms >= self.scan_timeout_ms
+        {
+            return Err((
+                "scanner.stall_timeout_ms".into(),
+                format!(
+                    "must be below scan_timeout_ms ({} ms), got {}: a camera that stops sending \
+                     must fail the scan (scanner_unavailable) before it times out",
+                    self.scan_timeout_ms, self.scanner.stall_timeout_ms
+                ),
+            ));
+        }
+        // A V4L2 device streams to one reader: the second would fail every session.
+        if self.camera.source == CameraSource::V4l2 && self.scanner.source == ScannerSource::V4l2 {
+            let camera = self.camera.device_path();
+            let scanner = self
+                .scanner
+                .as_camera()
+                .expect("a camera source")
+                .device_path();
+            let same = camera == scanner
+                || matches!(
+                    (camera.canonicalize(), scanner.canonicalize()),
+                    (Ok(a), Ok(b)) if a == b
+                );
+            if same {
+                return Err((
+                    "scanner.device".into(),
+                    format!(
+                        "the camera (camera.device) already uses {}: a V4L2 device streams to \
+                         one reader; give the scanner a camera of its own or another source",
+                        scanner.display()
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -550,5 +612,60 @@ mod tests {
         check(&["camera.stall_timeout_ms=10"], "`camera.stall_timeout_ms`");
         check(&["scanner.reconnect_ms=0"], "`scanner.reconnect_ms`");
         check(&["camera.lens=wide"], "lens");
+        // A dead camera must fail the session before it times out.
+        check(
+            &["camera.source=v4l2", "camera.stall_timeout_ms=5000"],
+            "`camera.stall_timeout_ms`: must be below face_timeout_ms (5000 ms), got 5000",
+        );
+        check(
+            &[
+                "scanner.source=mjpeg_http",
+                "scanner.url=http://10.0.0.8/mjpg",
+                "scan_timeout_ms=2000",
+            ],
+            "`scanner.stall_timeout_ms`: must be below scan_timeout_ms (2000 ms), got 3000",
+        );
+        // Not for the spools, nor for scanners that type lines.
+        load(None, &["camera.stall_timeout_ms=9000"]).unwrap();
+        load(
+            None,
+            &[
+                "scan_timeout_ms=200",
+                "scanner.source=serial",
+                "scanner.device=/dev/ttyACM0",
+            ],
+        )
+        .unwrap();
+        // One V4L2 device, two readers: both default to /dev/video0.
+        check(
+            &["camera.source=v4l2", "scanner.source=v4l2"],
+            "`scanner.device`: the camera (camera.device) already uses /dev/video0",
+        );
+        check(
+            &[
+                "camera.source=v4l2",
+                "camera.device=/dev/video2",
+                "scanner.source=v4l2",
+                "scanner.device=/dev/video2",
+            ],
+            "already uses /dev/video2",
+        );
+        load(
+            None,
+            &[
+                "camera.source=v4l2",
+                "scanner.source=v4l2",
+                "scanner.device=/dev/video2",
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_packaged_file_loads() {
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/debian/edge/edge.toml");
+        let config = load(Some(&file), &[]).unwrap();
+        assert_eq!(config.camera.source, CameraSource::Spool);
     }
 }
