@@ -119,6 +119,11 @@ impl LineAssembler {
         }
     }
 
+    /// Whether a line has begun and not ended.
+    pub fn is_mid_line(&self) -> bool {
+        !self.line.is_empty() || self.too_long
+    }
+
     /// Forgets a line begun (a session ended in its middle).
     pub fn clear(&mut self) {
         self.line.clear();
@@ -144,6 +149,9 @@ pub struct LineCodes {
     device: Option<Box<dyn ByteDevice>>,
     lines: LineAssembler,
     pending: std::collections::VecDeque<u8>,
+    /// Whether what was dropped unread ended in the middle of a line: the rest of that line,
+    /// still on its way, is dropped too before a line is taken.
+    skip_to_line_end: bool,
     what: String,
 }
 
@@ -155,21 +163,37 @@ impl LineCodes {
             device: None,
             lines: LineAssembler::default(),
             pending: Default::default(),
+            skip_to_line_end: false,
             what: what.to_owned(),
         }
     }
 
-    /// Reads and drops whatever the device holds now.
+    /// Reads and drops whatever the device holds now. When that ends in the middle of a line
+    /// (a code still being sent), the rest of the line is dropped when it comes: it is no code
+    /// of the next session.
     fn discard(&mut self) -> Result<(), SourceError> {
+        let read_before = self.pending.back().copied();
+        let mid_line = self.lines.is_mid_line();
         self.pending.clear();
         self.lines.clear();
+        let mut dropped = Vec::new();
+        let result = self.drain_device(&mut dropped);
+        match dropped.last().copied().or(read_before) {
+            Some(byte) => self.skip_to_line_end = !matches!(byte, b'\n' | b'\r'),
+            // Nothing read: a line begun stays begun; a skip still waits for its line end.
+            None => self.skip_to_line_end |= mid_line,
+        }
+        result
+    }
+
+    /// Reads what the device holds now into `dropped`.
+    fn drain_device(&mut self, dropped: &mut Vec<u8>) -> Result<(), SourceError> {
         let Some(device) = self.device.as_mut() else {
             return Ok(());
         };
-        let mut dropped = Vec::new();
         loop {
             let before = dropped.len();
-            device.read(Instant::now(), &mut dropped)?;
+            device.read(Instant::now(), dropped)?;
             if dropped.len() == before || dropped.len() > MAX_DISCARD_BYTES {
                 break;
             }
@@ -195,6 +219,8 @@ impl CodeSource for LineCodes {
     fn check(&mut self) -> Result<(), SourceError> {
         if self.device.is_none() {
             self.device = Some((self.open)()?);
+            // A device opened again: what the old one was sending is gone with it.
+            self.skip_to_line_end = false;
         }
         Ok(())
     }
@@ -208,6 +234,10 @@ impl CodeSource for LineCodes {
         let mut chunk = Vec::new();
         loop {
             while let Some(byte) = self.pending.pop_front() {
+                if self.skip_to_line_end {
+                    self.skip_to_line_end = !matches!(byte, b'\n' | b'\r');
+                    continue;
+                }
                 match self.lines.push(byte) {
                     Some(Line::Text(code)) => return Ok(Some(code)),
                     Some(Line::TooLong) => tracing::warn!(
@@ -326,10 +356,11 @@ mod tests {
             .extend_from_slice(b"old-code\nhalf-li");
         codes.begin_session().unwrap();
         assert_eq!(codes.next_code(soon()).unwrap(), None);
+        // The rest of the half line comes after the session began: dropped too.
         arrivals
             .lock()
             .unwrap()
-            .extend_from_slice(b"this-code\nsecond-read\n");
+            .extend_from_slice(b"ne\nthis-code\nsecond-read\n");
         assert_eq!(
             codes.next_code(soon()).unwrap().as_deref(),
             Some("this-code")

@@ -163,6 +163,37 @@ mod tests {
     }
 
     #[test]
+    fn the_rest_of_a_code_cut_by_a_session_start_is_no_code() {
+        let (mut scanner, tty) = pty();
+        let mut codes = scanner_codes(&tty);
+        let soon = || Instant::now() + Duration::from_secs(5);
+        codes.begin_session().unwrap();
+        codes.end_session();
+        // A code still being sent when the next session begins: its first half is dropped
+        // with what came before the session, its tail arrives in the session.
+        scanner.write_all(b"FPAY1.previous.cust").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        codes.begin_session().unwrap();
+        scanner
+            .write_all(b"omer.code\r\nFPAY1.this.customer\r\n")
+            .unwrap();
+        assert_eq!(
+            codes.next_code(soon()).unwrap().as_deref(),
+            Some("FPAY1.this.customer")
+        );
+        // Between sessions, whole codes only: nothing is skipped.
+        codes.end_session();
+        scanner.write_all(b"FPAY1.stale\n").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        codes.begin_session().unwrap();
+        scanner.write_all(b"FPAY1.next\n").unwrap();
+        assert_eq!(
+            codes.next_code(soon()).unwrap().as_deref(),
+            Some("FPAY1.next")
+        );
+    }
+
+    #[test]
     fn a_missing_or_wrong_device_is_named() {
         let error = SerialScanner::open(Path::new("/dev/ttyACM-missing"), 9600)
             .err()
