@@ -40,12 +40,25 @@ pub trait CodeSource: Send {
 /// QR codes decoded from a frame source.
 pub struct QrCodes {
     frames: Box<dyn FrameSource>,
+    facepay_only: bool,
 }
 
 impl QrCodes {
-    /// Codes from the frames of `frames`.
+    /// Codes from the frames of `frames`: the first code a frame shows, a facepay one first.
     pub fn new(frames: Box<dyn FrameSource>) -> Self {
-        QrCodes { frames }
+        QrCodes {
+            frames,
+            facepay_only: false,
+        }
+    }
+
+    /// Only facepay codes: for a live camera, which may have a poster or a product label in
+    /// view; the scan goes on past them until a facepay code or its deadline. A spool's frames
+    /// are each presented on purpose, so there any code is answered (and a foreign one declined
+    /// `not_facepay_code`).
+    pub fn facepay_only(mut self) -> Self {
+        self.facepay_only = true;
+        self
     }
 }
 
@@ -62,11 +75,8 @@ impl CodeSource for QrCodes {
         while let Some(frame) = self.frames.next_frame(deadline)? {
             // A frame may show several codes (a phone and a poster); the facepay one wins.
             let codes = paycode::qr::decode(&image::DynamicImage::ImageRgb8(frame).to_luma8());
-            if let Some(code) = codes
-                .iter()
-                .find(|c| c.starts_with(paycode::CODE_PREFIX))
-                .or(codes.first())
-            {
+            let facepay = codes.iter().find(|c| c.starts_with(paycode::CODE_PREFIX));
+            if let Some(code) = facepay.or(codes.first().filter(|_| !self.facepay_only)) {
                 return Ok(Some(code.clone()));
             }
         }

@@ -79,7 +79,10 @@ fn code_source(config: &EdgeConfig) -> anyhow::Result<Box<dyn CodeSource>> {
     let scanner = &config.scanner;
     if let Some(camera) = scanner.as_camera() {
         let frames = frame_source(&camera, "frames_dir", &config.frames_dir, poll_interval)?;
-        return Ok(Box::new(QrCodes::new(frames)));
+        return Ok(Box::new(match camera.source {
+            CameraSource::Spool => QrCodes::new(frames),
+            CameraSource::V4l2 | CameraSource::MjpegHttp => QrCodes::new(frames).facepay_only(),
+        }));
     }
     let device = scanner
         .device

@@ -1122,6 +1122,41 @@ mod tests {
     }
 
     #[test]
+    fn a_live_camera_scan_goes_on_past_a_code_that_is_not_facepay() {
+        let jpeg_of = |text: &str| {
+            let qr = paycode::qr::render_image(text).unwrap();
+            let rgb = image::DynamicImage::ImageLuma8(qr).to_rgb8();
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+                .encode_image(&rgb)
+                .unwrap();
+            jpeg
+        };
+        let poster = jpeg_of("https://example.com/summer-sale");
+        let (phone, code) = qr_jpeg();
+        assert!(code.starts_with(paycode::CODE_PREFIX));
+        let serve = move |_: usize, stream: &mut TcpStream| {
+            stream.write_all(HEAD)?;
+            stream.write_all(&part(&poster, true))?;
+            stream.write_all(&part(&phone, true))?;
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(())
+        };
+        let (url, _) = camera(2, serve);
+        // A live camera: the poster in view does not end the scan.
+        let mut live = QrCodes::new(Box::new(source(&url, 5_000))).facepay_only();
+        live.begin_session().unwrap();
+        assert_eq!(live.next_code(far()).unwrap(), Some(code));
+        // As a spool's frames are read: the first code, which the checkout declines.
+        let mut any = QrCodes::new(Box::new(source(&url, 5_000)));
+        any.begin_session().unwrap();
+        assert_eq!(
+            any.next_code(far()).unwrap().as_deref(),
+            Some("https://example.com/summer-sale")
+        );
+    }
+
+    #[test]
     fn urls_are_plain_http_with_optional_credentials() {
         let url =
             HttpUrl::parse("http://admin:s3cret@192.168.1.20:8080/axis-cgi/mjpg/video.cgi?fps=10")
