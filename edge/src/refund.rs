@@ -228,6 +228,22 @@ impl RefundDesk {
                 false,
             ),
         };
+        // "Not sent, nothing was refunded" speaks of this request only: after an earlier one of
+        // unknown outcome (its hub may have lost what it sent with its disk), still unknown.
+        let earlier = self.unsettled().contains(&refund.refund_id);
+        let (decision, known, from_hub) = match decision.reason() {
+            Some(DeclineReason::CloudUnreachable) if earlier => (
+                RefundDecision::declined(
+                    DeclineReason::CloudUnreachable,
+                    "the store cannot reach the cloud now; an earlier request for this refund \
+                     may have been made: send the same refund id again once the store is back \
+                     online",
+                ),
+                false,
+                false,
+            ),
+            _ => (decision, known, from_hub),
+        };
         let result = Self::result(&request, payment_id, decision, known);
         self.unsettled()
             .heard(&result.refund_id, result.status, from_hub);

@@ -20,7 +20,9 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use paycode::Wallet;
-use protocol::{synthetic::Rng, AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount};
+use protocol::{
+    synthetic::Rng, AccountKind, ChargeStatus, Currency, DeclineReason, OpenAccount, RefundStatus,
+};
 
 use crate::{
     charge, present_code, proxy::FaultProxy, store::StoreSite, CloudApi, Mosquitto, Service,
@@ -228,6 +230,33 @@ pub struct Op {
     pub outcome: Outcome,
 }
 
+/// What a terminal reported for one refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// The money went back (now or by an earlier request with its refund id).
+    Refunded,
+    /// Declined with a reason: this request moved nothing.
+    Declined(DeclineReason),
+    /// No definite answer: it may or may not have been made.
+    Unknown(String),
+}
+
+/// One refund request of the workload (a cashier asks again with the same refund id after an
+/// unknown outcome).
+#[derive(Debug, Clone)]
+pub struct RefundOp {
+    /// The payment refunded (`<store>:<order>`).
+    pub payment_id: String,
+    /// The refund id.
+    pub refund_id: String,
+    /// Amount.
+    pub amount_minor: i64,
+    /// When the answer came, ms since the epoch.
+    pub answered_ms: u64,
+    /// What the terminal said.
+    pub outcome: RefundOutcome,
+}
+
 /// The numbers of a run.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -267,6 +296,8 @@ pub struct Report {
     /// Cloud ledger flush failures injected that stopped the cloud (the rest met no write while
     /// they lasted).
     pub cloud_disk_faults_fired: usize,
+    /// Refund requests: refunded, declined, unknown.
+    pub refunds: (usize, usize, usize),
 }
 
 /// The soak's closing report: what ran, what it cost, and that every check held (a report is
@@ -317,6 +348,11 @@ impl std::fmt::Display for Report {
                     .map(|(reason, n)| format!("{reason} {n}"))
                     .collect()
             )
+        )?;
+        writeln!(
+            f,
+            "  refunds    {} refunded, {} declined, {} unknown (asked again with the same id)",
+            self.refunds.0, self.refunds.1, self.refunds.2
         )?;
         write!(
             f,
@@ -462,6 +498,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         cloud_disk_faults_fired: 0,
     }));
     let history = Arc::new(Mutex::new(Vec::<Op>::new()));
+    let refund_history = Arc::new(Mutex::new(Vec::<RefundOp>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let max_store_exposure = Arc::new(Mutex::new(0i64));
 
@@ -480,6 +517,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
     let mut workers = Vec::new();
     for (t, (store, edge, frames)) in terminals.into_iter().enumerate() {
         let (history, stop, wallets) = (history.clone(), stop.clone(), wallets.clone());
+        let refund_history = refund_history.clone();
         let seed = config.seed.wrapping_add(1 + t as u64);
         workers.push(std::thread::spawn(move || {
             let mut rng = Rng::new(seed);
@@ -487,6 +525,8 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
             // The last order whose outcome the cashier did not hear: charged again, half the
             // time, with the same amount or (a third of those) another.
             let mut unheard: Option<(String, usize, i64)> = None;
+            // The last refund whose outcome the cashier did not hear: refund id, order, amount.
+            let mut unrefunded: Option<(String, String, i64)> = None;
             while !stop.load(Ordering::Relaxed) {
                 let (order, customer, amount) = match unheard.take() {
                     Some((order, customer, amount)) if rng.below(2) == 0 => {
@@ -522,6 +562,46 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
                 };
                 if let Outcome::Unknown(_) = outcome {
                     unheard = Some((order.clone(), customer, amount));
+                }
+                // A customer brings something back: part of an approved order refunded, a
+                // quarter of the time; a refund of unknown outcome is asked again, same id.
+                let refund = match unrefunded.take() {
+                    Some(asked) if rng.below(2) == 0 => Some(asked),
+                    _ if matches!(outcome, Outcome::Ok { .. }) && rng.below(4) == 0 => Some((
+                        format!("{order}-r"),
+                        order.clone(),
+                        1 + rng.below(amount as u64) as i64,
+                    )),
+                    _ => None,
+                };
+                if let Some((refund_id, refunded_order, refund_amount)) = refund {
+                    let outcome = match crate::refund(
+                        edge,
+                        &refund_id,
+                        &refunded_order,
+                        refund_amount,
+                        "EUR",
+                    ) {
+                        Ok((_, r)) => match (r.status, r.reason) {
+                            (RefundStatus::Refunded, _) => RefundOutcome::Refunded,
+                            (RefundStatus::Declined, Some(reason)) => {
+                                RefundOutcome::Declined(reason)
+                            }
+                            _ => RefundOutcome::Unknown(r.detail),
+                        },
+                        Err(e) => RefundOutcome::Unknown(e.to_string()),
+                    };
+                    if let RefundOutcome::Unknown(_) = outcome {
+                        unrefunded =
+                            Some((refund_id.clone(), refunded_order.clone(), refund_amount));
+                    }
+                    refund_history.lock().unwrap().push(RefundOp {
+                        payment_id: format!("{store}:{refunded_order}"),
+                        refund_id,
+                        amount_minor: refund_amount,
+                        answered_ms: now_ms(),
+                        outcome,
+                    });
                 }
                 history.lock().unwrap().push(Op {
                     store: store.clone(),
@@ -612,6 +692,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
     let drain = healed.elapsed();
     let api = CloudApi::new(cloud_http);
     let history = history.lock().unwrap().clone();
+    let refund_history = refund_history.lock().unwrap().clone();
     let (losses, cloud_disk_faults_fired) = {
         let w = world.lock().unwrap();
         (w.losses.clone(), w.cloud_disk_faults_fired)
@@ -620,7 +701,7 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
     // cloud: give them the time that takes (the expiry is 20 s).
     let deadline = Instant::now() + Duration::from_secs(60);
     let checked = loop {
-        match check(&api, &history, config, &losses) {
+        match check(&api, (&history, &refund_history), config, &losses) {
             Ok(checked) => break Ok(checked),
             Err(e) if Instant::now() > deadline => break Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(1_000)),
@@ -670,6 +751,20 @@ fn run_steps(dir: &Path, config: &ChaosConfig, steps: &[Step]) -> anyhow::Result
         fault_kinds: steps.iter().map(|s| s.fault.kind()).collect(),
         lost_with_disk: checked.lost_with_disk,
         cloud_disk_faults_fired,
+        refunds: (
+            refund_history
+                .iter()
+                .filter(|r| r.outcome == RefundOutcome::Refunded)
+                .count(),
+            refund_history
+                .iter()
+                .filter(|r| matches!(r.outcome, RefundOutcome::Declined(_)))
+                .count(),
+            refund_history
+                .iter()
+                .filter(|r| matches!(r.outcome, RefundOutcome::Unknown(_)))
+                .count(),
+        ),
     })
 }
 
@@ -821,9 +916,12 @@ pub struct Checked {
 /// account it was invoked with; an order heard only declined is not paid; every unknown outcome
 /// is resolved against the ledger; nothing stays pending; every account holds what the history
 /// implies. What wiped journals cost is accepted only for the payments they held, and counted.
+/// Refunds: each refund id is made at most once, with the amount asked, to the account the
+/// payment charged, only for a payment the ledger holds, never more than it paid in all; one
+/// heard refunded is made, one heard declined last is not.
 pub fn check(
     api: &CloudApi,
-    history: &[Op],
+    (history, refund_history): (&[Op], &[RefundOp]),
     config: &ChaosConfig,
     losses: &DiskLosses,
 ) -> anyhow::Result<Checked> {
@@ -994,8 +1092,71 @@ pub fn check(
             }
         }
     }
+    // Refunds, against what the registers heard.
+    let mut asked: std::collections::BTreeMap<String, Vec<&RefundOp>> = Default::default();
+    for op in refund_history {
+        asked
+            .entry(format!("{}#refund:{}", op.payment_id, op.refund_id))
+            .or_default()
+            .push(op);
+    }
+    let mut refunded: HashMap<String, i64> = HashMap::new();
+    for t in transfers
+        .iter()
+        .filter(|t| t.transfer_id.contains("#refund:"))
+    {
+        let payment_id = t.transfer_id.split('#').next().unwrap_or_default();
+        let Some(ops) = asked.get(&t.transfer_id) else {
+            problems.push(format!(
+                "{} in the ledger was never asked for",
+                t.transfer_id
+            ));
+            continue;
+        };
+        if ops.iter().any(|o| o.amount_minor != t.amount_minor) {
+            problems.push(format!("{} made as {t:?}, asked as {ops:?}", t.transfer_id));
+        }
+        match live(payment_id).first() {
+            Some(paid) if paid.debit_account_id == t.credit_account_id => {
+                *refunded.entry(payment_id.to_owned()).or_default() += t.amount_minor;
+                *spent.entry(t.credit_account_id.clone()).or_default() -= t.amount_minor;
+                *received.entry(t.debit_account_id.clone()).or_default() -= t.amount_minor;
+            }
+            other => problems.push(format!(
+                "{} refunded to {} for a payment the ledger holds as {other:?}",
+                t.transfer_id, t.credit_account_id
+            )),
+        }
+    }
+    for (payment_id, total) in &refunded {
+        if let Some(paid) = live(payment_id).first() {
+            if *total > paid.amount_minor {
+                problems.push(format!(
+                    "{payment_id} paid {} and was refunded {total}",
+                    paid.amount_minor
+                ));
+            }
+        }
+    }
+    for (transfer_id, ops) in &asked {
+        let made = by_id.contains_key(transfer_id.as_str());
+        if ops.iter().any(|o| o.outcome == RefundOutcome::Refunded) && !made {
+            problems.push(format!(
+                "{transfer_id} heard refunded, not in the ledger ({ops:?})"
+            ));
+        }
+        let last = ops.iter().max_by_key(|o| o.answered_ms);
+        if last.is_some_and(|o| matches!(o.outcome, RefundOutcome::Declined(_))) && made {
+            problems.push(format!(
+                "{transfer_id} heard declined last, made in the ledger ({ops:?})"
+            ));
+        }
+    }
     // Every store payment in the ledger was invoked by the workload (or priming).
     for t in &transfers {
+        if t.transfer_id.contains("#refund:") {
+            continue;
+        }
         let base = t
             .transfer_id
             .trim_end_matches("#offline")
@@ -1075,6 +1236,7 @@ mod tests {
             fault_kinds: ["broker_cut", "cloud_kill"].into(),
             lost_with_disk: 0,
             cloud_disk_faults_fired: 1,
+            refunds: (8, 3, 1),
         };
         assert_eq!(
             report.to_string(),
@@ -1085,6 +1247,7 @@ mod tests {
   drain      journals empty at most 3.2 s after a fault healed
   exposure   most unreconciled offline: 2000 minor units of one account, 9500 of one store
   declines   cloud_unreachable 5, insufficient_funds 10
+  refunds    8 refunded, 3 declined, 1 unknown (asked again with the same id)
   disk loss  0 payments lost with wiped hub journals"
         );
         let quiet = Report {

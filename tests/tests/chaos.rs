@@ -58,6 +58,7 @@ fn payments_under_overlapping_faults_are_never_charged_after_declined_nor_lost()
     eprintln!("chaos: {report:?}");
     assert!(report.ok > 0, "some payments were approved: {report:?}");
     assert!(report.ok_offline > 0, "some offline: {report:?}");
+    assert!(report.refunds.0 > 0, "some refunds were made: {report:?}");
     assert!(
         report.failed + report.unknown > 0,
         "the faults were felt: {report:?}"

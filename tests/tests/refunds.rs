@@ -22,23 +22,46 @@ fn refund(site: &StoreSite, refund_id: &str, order: &str, amount: i64) -> (u16, 
     tests::refund(site.edges[0].0.http_addr, refund_id, order, amount, "EUR").unwrap()
 }
 
+/// Refunds, asked again with the same refund id (for up to 20 s) while `again` says of the
+/// answer.
+fn refund_until(
+    site: &StoreSite,
+    (refund_id, order, amount): (&str, &str, i64),
+    again: impl Fn(&RefundResult) -> bool,
+) -> (u16, RefundResult) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = refund(site, refund_id, order, amount);
+        if !again(&answer.1) || Instant::now() > deadline {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Refunds once the payment is final (the hub's confirmation reaches the cloud a moment after
-/// the approval): retried while the answer is `payment_not_settled`.
+/// the approval): asked again while the answer is `payment_not_settled`.
 fn refund_when_final(
     site: &StoreSite,
     refund_id: &str,
     order: &str,
     amount: i64,
 ) -> (u16, RefundResult) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let answer = refund(site, refund_id, order, amount);
-        if answer.1.reason != Some(DeclineReason::PaymentNotSettled) || Instant::now() > deadline {
-            return answer;
-        }
-        assert_eq!(answer.0, 409, "{answer:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    refund_until(site, (refund_id, order, amount), |r| {
+        r.reason == Some(DeclineReason::PaymentNotSettled)
+    })
+}
+
+/// Refunds once the terminal reaches its (restarted) hub.
+fn refund_once_reachable(
+    site: &StoreSite,
+    refund_id: &str,
+    order: &str,
+    amount: i64,
+) -> (u16, RefundResult) {
+    refund_until(site, (refund_id, order, amount), |r| {
+        r.reason == Some(DeclineReason::StoreSystemUnreachable)
+    })
 }
 
 #[test]
@@ -146,16 +169,7 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         .unwrap();
     site.uplink.heal();
     site.wait_connected(true, Duration::from_secs(20)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (status, waits) = loop {
-        let answer = refund(&site, "r-7", "off-1", 100);
-        if answer.1.reason != Some(DeclineReason::StoreSystemUnreachable)
-            || Instant::now() > deadline
-        {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (status, waits) = refund_once_reachable(&site, "r-7", "off-1", 100);
     assert_eq!(
         (status, waits.status, waits.reason),
         (
@@ -175,16 +189,7 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
         Duration::from_secs(30),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (_, after) = loop {
-        let answer = refund(&site, "r-7", "off-1", 100);
-        if answer.1.reason != Some(DeclineReason::StoreSystemUnreachable)
-            || Instant::now() > deadline
-        {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (_, after) = refund_once_reachable(&site, "r-7", "off-1", 100);
     assert_eq!(after.status, RefundStatus::Refunded, "{after:?}");
     assert_eq!(
         api.balance("alice").unwrap(),
@@ -337,14 +342,9 @@ fn a_refund_whose_answer_was_lost_is_never_told_declined_and_is_made_once() {
     // Healed: the same refund id learns the outcome, and the money moved once.
     site.uplink.heal();
     site.wait_connected(true, Duration::from_secs(20)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let made = loop {
-        let (_, answer) = refund(&site, "r-1", "o-1", 400);
-        if answer.status != RefundStatus::Unknown || Instant::now() > deadline {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (_, made) = refund_until(&site, ("r-1", "o-1", 400), |r| {
+        r.status == RefundStatus::Unknown
+    });
     assert_eq!(made.status, RefundStatus::Refunded, "{made:?}");
     assert_eq!(made.refunded_total_minor, Some(400));
     assert_eq!(api.balance("alice").unwrap(), 10_000 - 1_000 + 400);
