@@ -15,6 +15,10 @@ pub const MAX_LINE_BYTES: usize = 4096;
 /// device that never stops sending is read again by the next session).
 const MAX_DISCARD_BYTES: usize = 1024 * 1024;
 
+/// How long after a session starts the rest of a code cut by it may still arrive (a scanner
+/// sends a code of a few hundred bytes in one burst: about 0.2 s at 9600 baud).
+pub const LINE_TAIL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A source of payment codes. Implementations block, so they are only ever called from the
 /// scanner's dedicated thread.
 pub trait CodeSource: Send {
@@ -75,7 +79,9 @@ impl CodeSource for QrCodes {
         while let Some(frame) = self.frames.next_frame(deadline)? {
             // A frame may show several codes (a phone and a poster); the facepay one wins.
             let codes = paycode::qr::decode(&image::DynamicImage::ImageRgb8(frame).to_luma8());
-            let facepay = codes.iter().find(|c| c.starts_with(paycode::CODE_PREFIX));
+            let facepay = codes
+                .iter()
+                .find(|c| c.trim_start().starts_with(paycode::CODE_PREFIX));
             if let Some(code) = facepay.or(codes.first().filter(|_| !self.facepay_only)) {
                 return Ok(Some(code.clone()));
             }
@@ -159,9 +165,10 @@ pub struct LineCodes {
     device: Option<Box<dyn ByteDevice>>,
     lines: LineAssembler,
     pending: std::collections::VecDeque<u8>,
-    /// Whether what was dropped unread ended in the middle of a line: the rest of that line,
-    /// still on its way, is dropped too before a line is taken.
-    skip_to_line_end: bool,
+    /// What was dropped unread ended in the middle of a line: the rest of that line, still on
+    /// its way, is dropped too before a line is taken, if it comes before this time (a scanner
+    /// sends a code in one burst: a stray byte without a line end must not eat a later code).
+    skip_to_line_end: Option<Instant>,
     what: String,
 }
 
@@ -173,7 +180,7 @@ impl LineCodes {
             device: None,
             lines: LineAssembler::default(),
             pending: Default::default(),
-            skip_to_line_end: false,
+            skip_to_line_end: None,
             what: what.to_owned(),
         }
     }
@@ -188,10 +195,16 @@ impl LineCodes {
         self.lines.clear();
         let mut dropped = Vec::new();
         let result = self.drain_device(&mut dropped);
+        let tail_until = Instant::now() + LINE_TAIL;
         match dropped.last().copied().or(read_before) {
-            Some(byte) => self.skip_to_line_end = !matches!(byte, b'\n' | b'\r'),
+            Some(byte) => {
+                self.skip_to_line_end = (!matches!(byte, b'\n' | b'\r')).then_some(tail_until)
+            }
             // Nothing read: a line begun stays begun; a skip still waits for its line end.
-            None => self.skip_to_line_end |= mid_line,
+            None if mid_line && self.skip_to_line_end.is_none() => {
+                self.skip_to_line_end = Some(tail_until)
+            }
+            None => {}
         }
         result
     }
@@ -230,7 +243,7 @@ impl CodeSource for LineCodes {
         if self.device.is_none() {
             self.device = Some((self.open)()?);
             // A device opened again: what the old one was sending is gone with it.
-            self.skip_to_line_end = false;
+            self.skip_to_line_end = None;
         }
         Ok(())
     }
@@ -243,9 +256,18 @@ impl CodeSource for LineCodes {
     fn next_code(&mut self, deadline: Instant) -> Result<Option<String>, SourceError> {
         let mut chunk = Vec::new();
         loop {
+            if self
+                .skip_to_line_end
+                .is_some_and(|until| Instant::now() > until)
+            {
+                // No line end came in time: what follows is a new code.
+                self.skip_to_line_end = None;
+            }
             while let Some(byte) = self.pending.pop_front() {
-                if self.skip_to_line_end {
-                    self.skip_to_line_end = !matches!(byte, b'\n' | b'\r');
+                if self.skip_to_line_end.is_some() {
+                    if matches!(byte, b'\n' | b'\r') {
+                        self.skip_to_line_end = None;
+                    }
                     continue;
                 }
                 match self.lines.push(byte) {

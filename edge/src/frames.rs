@@ -66,6 +66,8 @@ pub struct StallWatch {
     stall_timeout: Duration,
     last_good: Instant,
     last_error: Option<String>,
+    /// A good frame was handed out: the time its caller spends on it is no stall.
+    handed_out: bool,
 }
 
 impl StallWatch {
@@ -76,6 +78,22 @@ impl StallWatch {
             stall_timeout,
             last_good: now,
             last_error: None,
+            handed_out: false,
+        }
+    }
+
+    /// A good frame is handed out at `now`; the stall timeout runs again from the source's next
+    /// read ([`StallWatch::reading`]), not while its caller looks at the frame.
+    pub fn handed_out(&mut self, now: Instant) {
+        self.restart(now);
+        self.handed_out = true;
+    }
+
+    /// The source is asked for a frame at `now`: after a frame handed out, the stall timeout
+    /// runs from here.
+    pub fn reading(&mut self, now: Instant) {
+        if std::mem::take(&mut self.handed_out) {
+            self.restart(now);
         }
     }
 
@@ -394,6 +412,27 @@ mod tests {
         assert_eq!(watch.next(at(2_100), at(2_100)), Next::TimeUp);
         assert!(matches!(
             watch.next(at(3_000), at(9_000)),
+            Next::Failed(SourceError::Stalled { .. })
+        ));
+    }
+
+    #[test]
+    fn the_time_a_caller_spends_on_a_frame_is_no_stall() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = StallWatch::new("camera /dev/video0", Duration::from_millis(200), start);
+        // A frame handed out at 100 ms, analysed for 500 ms (longer than the stall timeout):
+        // the next read starts a fresh stall timeout.
+        watch.handed_out(at(100));
+        watch.reading(at(600));
+        assert_eq!(
+            watch.next(at(600), at(5_000)),
+            Next::Read { until: at(800) }
+        );
+        // Without a frame handed out, reading does not hold off the stall.
+        watch.reading(at(900));
+        assert!(matches!(
+            watch.next(at(900), at(5_000)),
             Next::Failed(SourceError::Stalled { .. })
         ));
     }

@@ -172,7 +172,7 @@ mod tests {
         // A code still being sent when the next session begins: its first half is dropped
         // with what came before the session, its tail arrives in the session.
         scanner.write_all(b"FPAY1.previous.cust").unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(200));
         codes.begin_session().unwrap();
         scanner
             .write_all(b"omer.code\r\nFPAY1.this.customer\r\n")
@@ -184,12 +184,34 @@ mod tests {
         // Between sessions, whole codes only: nothing is skipped.
         codes.end_session();
         scanner.write_all(b"FPAY1.stale\n").unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(200));
         codes.begin_session().unwrap();
         scanner.write_all(b"FPAY1.next\n").unwrap();
         assert_eq!(
             codes.next_code(soon()).unwrap().as_deref(),
             Some("FPAY1.next")
+        );
+    }
+
+    #[test]
+    fn a_stray_byte_without_a_line_end_never_eats_a_later_code() {
+        let (mut scanner, tty) = pty();
+        let mut codes = scanner_codes(&tty);
+        codes.begin_session().unwrap();
+        codes.end_session();
+        // Line noise (a scanner powered up, a configuration reply) with no line end, dropped at
+        // the session's start; the customer scans after the tail of a cut code could come.
+        scanner.write_all(b"\x07").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        codes.begin_session().unwrap();
+        std::thread::sleep(crate::codes::LINE_TAIL + Duration::from_millis(200));
+        scanner.write_all(b"FPAY1.later\n").unwrap();
+        assert_eq!(
+            codes
+                .next_code(Instant::now() + Duration::from_secs(5))
+                .unwrap()
+                .as_deref(),
+            Some("FPAY1.later")
         );
     }
 

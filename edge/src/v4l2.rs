@@ -184,6 +184,7 @@ impl FrameSource for V4l2Source {
     }
 
     fn next_frame(&mut self, deadline: Instant) -> Result<Option<RgbImage>, SourceError> {
+        self.watch.reading(Instant::now());
         loop {
             let until = match self.watch.next(Instant::now(), deadline) {
                 Next::Read { until } => until,
@@ -216,7 +217,7 @@ impl FrameSource for V4l2Source {
             });
             match frame {
                 Ok(Ok(frame)) => {
-                    self.watch.restart(Instant::now());
+                    self.watch.handed_out(Instant::now());
                     return Ok(Some(frame));
                 }
                 // One bad frame (a USB hiccup): the next one may be whole. Only bad frames for
