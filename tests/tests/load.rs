@@ -2,10 +2,8 @@
 //! that it does not run beside the fleet tests (each starts a fleet of processes on the same
 //! cores; beside each other they starve the brokers' keep-alives).
 
-/// The load benchmark stays runnable: a short run of `facepay-load` (two stores, two instances,
-/// Mosquitto) charges, reports every tier's CPU, and passes its own books check (its exit code).
-#[test]
-fn the_load_benchmark_charges_reports_and_checks_its_books() {
+/// A short run of `facepay-load` with `more` arguments: its report, once its books check passed.
+fn load(more: &[&str]) -> serde_json::Value {
     let output = std::process::Command::new(tests::binary_path("facepay-load"))
         .args([
             "--stores",
@@ -20,13 +18,38 @@ fn the_load_benchmark_charges_reports_and_checks_its_books() {
             "3",
             "--json",
         ])
+        .args(more)
         .env("RUST_LOG", "error")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("books: every payment heard approved moved once"));
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The stages a report names, with their means.
+fn stages(report: &serde_json::Value) -> Vec<(String, f64)> {
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_owned(),
+                s["mean_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The load benchmark stays runnable: a short run of `facepay-load` (two stores, two instances,
+/// Mosquitto) charges, reports where the time goes and every tier's CPU, and passes its own
+/// books check (its exit code); so does a run with every store cut from the cloud (one after
+/// the other: two fleets at once would starve each other).
+#[test]
+fn the_load_benchmark_charges_reports_and_checks_its_books() {
+    let report = load(&[]);
     assert!(report["payments"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(
         report["payments"].as_u64(),
@@ -54,4 +77,20 @@ fn the_load_benchmark_charges_reports_and_checks_its_books() {
         .unwrap();
     assert!(cloud["cpu_seconds"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(cloud["processes"], 2);
+    let online = stages(&report);
+    assert_eq!(online.len(), 4, "{report}");
+    assert!(online.iter().all(|(_, ms)| *ms > 0.0), "{online:?}");
+    assert!(online[3].0.starts_with("cloud"), "{online:?}");
+
+    let offline = load(&["--offline"]);
+    assert_eq!(offline["offline"], true);
+    assert!(
+        offline["approved_offline"].as_u64().unwrap() > 0,
+        "{offline}"
+    );
+    assert_eq!(offline["approved_online"], 0, "{offline}");
+    let alone = stages(&offline);
+    assert_eq!(alone.len(), 3, "{offline}");
+    assert!(alone[2].0.starts_with("hub alone"), "{alone:?}");
+    assert!(alone.iter().all(|(_, ms)| *ms > 0.0), "{alone:?}");
 }

@@ -3,9 +3,12 @@
 //! sharing the database, and stores x terminals as real processes, every link TLS and mutually
 //! authenticated. Each terminal's register charges orders paid with fresh payment codes as fast
 //! as it hears answers, every terminal at once; the bench reports payments/s and p50/p99 from
-//! the register's request to its answer, what each tier spent in CPU per payment (the figures a
-//! fleet is sized by), then checks the books: every payment heard approved moved once, none
-//! heard declined moved, and the ledger balances.
+//! the register's request to its answer, where that time goes (each tier's mean decision time,
+//! from its own histograms: the terminal's, the hub's, the cloud's), what each tier spent in CPU
+//! per payment (the figures a fleet is sized by), then checks the books: every payment heard
+//! approved moved once, none heard declined moved, and the ledger balances. With `--offline`
+//! every store is cut from the cloud once warmed up: the hubs approve alone, and reconcile
+//! when the run ends.
 //!
 //! Run it in release: `cargo run --release --bin facepay-load -- --stores 4 --terminals 4`.
 
@@ -58,6 +61,10 @@ struct Cli {
     /// seconds.
     #[arg(long, default_value_t = 30.0)]
     model_seconds_per_payment: f64,
+    /// Cut every store from the cloud once every terminal was served online: the hubs approve
+    /// alone (the offline path), and reconcile once the link heals after the run.
+    #[arg(long)]
+    offline: bool,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -222,12 +229,99 @@ struct ModelLine {
     cores_at_peak: f64,
 }
 
+/// Where a payment's time goes, from each tier's decision histogram.
+#[derive(Serialize)]
+struct Stage {
+    stage: &'static str,
+    /// Mean over the run, milliseconds.
+    mean_ms: f64,
+}
+
+/// A histogram's sum and count over some processes, read from their `/metrics`.
+#[derive(Default, Clone, Copy)]
+struct Observed {
+    sum: f64,
+    count: f64,
+}
+
+impl Observed {
+    /// `name` (a histogram, every label value) added up over the processes at `addrs`.
+    fn read(addrs: &[std::net::SocketAddr], name: &str) -> Self {
+        let mut total = Observed::default();
+        for addr in addrs {
+            if let Ok(page) = tests::get_text(&format!("http://{addr}/metrics")) {
+                total.sum += tests::metric_sum(&page, &format!("{name}_sum")).unwrap_or(0.0);
+                total.count += tests::metric_sum(&page, &format!("{name}_count")).unwrap_or(0.0);
+            }
+        }
+        total
+    }
+
+    /// The mean of what was observed after `before`, milliseconds.
+    fn mean_ms_since(&self, before: &Observed) -> f64 {
+        let count = self.count - before.count;
+        if count <= 0.0 {
+            return 0.0;
+        }
+        (self.sum - before.sum) * 1000.0 / count
+    }
+}
+
+/// The processes whose decision histograms make the stages.
+struct StageSources {
+    edges: Vec<std::net::SocketAddr>,
+    hubs: Vec<std::net::SocketAddr>,
+    clouds: Vec<std::net::SocketAddr>,
+}
+
+impl StageSources {
+    fn read(&self) -> [Observed; 3] {
+        [
+            Observed::read(&self.edges, "facepay_edge_payment_decision_seconds"),
+            Observed::read(&self.hubs, "facepay_hub_payment_decision_seconds"),
+            Observed::read(&self.clouds, "facepay_cloud_payment_decision_seconds"),
+        ]
+    }
+}
+
+/// The stages, from the histograms read before and after the run and the register's mean.
+fn stages(before: &[Observed; 3], after: &[Observed; 3], register_mean_ms: f64) -> Vec<Stage> {
+    let [edge, hub, cloud] = [0, 1, 2].map(|i| after[i].mean_ms_since(&before[i]));
+    let mut out = vec![
+        Stage {
+            stage: "register HTTP and the scan (register's time less the terminal's decision)",
+            mean_ms: register_mean_ms - edge,
+        },
+        Stage {
+            stage: "terminal and Zenoh (the terminal's decision less the hub's)",
+            mean_ms: edge - hub,
+        },
+    ];
+    if cloud > 0.0 {
+        out.push(Stage {
+            stage: "hub, MQTT and broker (the hub's decision less the cloud's)",
+            mean_ms: hub - cloud,
+        });
+        out.push(Stage {
+            stage: "cloud: lane, payer check, ledger transaction and flush",
+            mean_ms: cloud,
+        });
+    } else {
+        out.push(Stage {
+            stage: "hub alone: offline rules, signing, journal flush",
+            mean_ms: hub,
+        });
+    }
+    out
+}
+
 #[derive(Serialize)]
 struct Report {
     stores: usize,
     terminals_per_store: usize,
     cloud_instances: usize,
     broker: BrokerKind,
+    offline: bool,
     seconds: f64,
     payments: usize,
     payments_per_second: f64,
@@ -238,6 +332,8 @@ struct Report {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    mean_ms: f64,
+    stages: Vec<Stage>,
     tiers: Vec<TierCost>,
     model_payments_per_second: f64,
     model: Vec<ModelLine>,
@@ -302,6 +398,9 @@ fn main() -> anyhow::Result<()> {
     for n in 1..=cli.instances {
         let (port, failover) = broker.for_client(n - 1);
         let mut extra = vec![
+            // Allowances large enough for a whole offline run (`--offline`).
+            "offline.store_allowance_minor=100000000".into(),
+            "offline.account_cap_minor=100000000".into(),
             "database.backend=\"postgres\"".into(),
             format!("database.url={url:?}"),
             format!("fleet.instance=\"{n}\""),
@@ -338,7 +437,11 @@ fn main() -> anyhow::Result<()> {
     let customers = cli.stores * cli.terminals;
     let mut sites = Vec::new();
     for (i, store) in stores.iter().enumerate() {
-        let (port, extra) = broker.for_client(i);
+        let (port, mut extra) = broker.for_client(i);
+        extra.extend([
+            "offline.payment_ceiling_minor=100000".to_string(),
+            "offline.store_ceiling_minor=100000000".to_string(),
+        ]);
         let site = StoreSite::start(dir.path(), store, port, cli.terminals, &extra)
             .with_context(|| format!("{store} starts"))?;
         api.set_hub_key(store, &site.hub_key())?;
@@ -390,6 +493,22 @@ fn main() -> anyhow::Result<()> {
         groups,
         postgres: postgres.pid().map_err(anyhow::Error::msg)?,
     };
+    if cli.offline {
+        for site in &sites {
+            site.uplink.cut();
+            site.wait_connected(false, Duration::from_secs(30))?;
+        }
+        eprintln!("every store cut from the cloud: the hubs approve alone");
+    }
+    let sources = StageSources {
+        edges: sites
+            .iter()
+            .flat_map(|s| s.edges.iter().map(|(e, _)| e.metrics_addr))
+            .collect(),
+        hubs: sites.iter().map(|s| s.hub.metrics_addr).collect(),
+        clouds: clouds.iter().map(|c| c.metrics_addr).collect(),
+    };
+    let observed_before = sources.read();
     let before = tiers.ticks();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(cli.seconds);
@@ -423,8 +542,15 @@ fn main() -> anyhow::Result<()> {
     })?;
     let elapsed = started.elapsed();
     let after = tiers.ticks();
+    let observed_after = sources.read();
     heard.extend(charged.into_inner().expect("not poisoned"));
-    let report = report(&cli, &heard, elapsed, &before, &after, &tiers);
+    let mut report = report(&cli, &heard, elapsed, &before, &after, &tiers);
+    report.stages = stages(&observed_before, &observed_after, report.mean_ms);
+    if cli.offline {
+        for site in &sites {
+            site.uplink.heal();
+        }
+    }
     print_report(&cli, &report)?;
     check_books(&api, &stores, &heard, &wallets, opening)?;
     eprintln!(
@@ -450,6 +576,8 @@ fn report(
     let payments = counted.len();
     let mut latencies: Vec<Duration> = counted.iter().map(|h| h.latency).collect();
     latencies.sort();
+    let mean_ms = latencies.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0
+        / latencies.len().max(1) as f64;
     let count = |f: &dyn Fn(&Heard) -> bool| counted.iter().filter(|h| f(h)).count();
     let per_second = ticks_per_second();
     let processes = |tier: &str| match tier {
@@ -489,6 +617,7 @@ fn report(
         terminals_per_store: cli.terminals,
         cloud_instances: cli.instances,
         broker: cli.broker,
+        offline: cli.offline,
         seconds: elapsed.as_secs_f64(),
         payments,
         payments_per_second: payments as f64 / elapsed.as_secs_f64(),
@@ -499,6 +628,8 @@ fn report(
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         max_ms: percentile(&latencies, 1.0),
+        mean_ms,
+        stages: Vec::new(),
         tiers: costs,
         model_payments_per_second: model_rate,
         model,
@@ -511,14 +642,19 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} stores x {} terminals, {} cloud instances, broker {}: {} payments in {:.1} s = {:.1} \
-         payments/s",
+        "{} stores x {} terminals, {} cloud instances, broker {}{}: {} payments in {:.1} s = \
+         {:.1} payments/s",
         report.stores,
         report.terminals_per_store,
         report.cloud_instances,
         match report.broker {
             BrokerKind::Nats => "NATS x3",
             BrokerKind::Mosquitto => "Mosquitto",
+        },
+        if report.offline {
+            ", every store cut from the cloud"
+        } else {
+            ""
         },
         report.payments,
         report.seconds,
@@ -535,6 +671,13 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
         report.declined,
         report.unknown
     );
+    println!(
+        "where the time goes (means; register {:.1} ms):",
+        report.mean_ms
+    );
+    for stage in &report.stages {
+        println!("  {:>7.2} ms  {}", stage.mean_ms, stage.stage);
+    }
     println!("| tier | processes | CPU s | CPU ms per payment |");
     println!("|---|---:|---:|---:|");
     for tier in &report.tiers {
@@ -559,7 +702,7 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
 
 /// The books after the run: every order heard approved moved its amount once, every other
 /// moved nothing, each store and customer holds what its registers heard, the ledger balances.
-/// Offline approvals are waited for until reconciled (30 s at most).
+/// Offline approvals are waited for until reconciled (120 s at most).
 fn check_books(
     api: &CloudApi,
     stores: &[String],
@@ -567,7 +710,7 @@ fn check_books(
     wallets: &[Vec<Wallet>],
     opening: i64,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match books_hold(api, stores, heard, wallets, opening) {
             Ok(()) => return Ok(()),
