@@ -64,17 +64,47 @@ fn refund_once_reachable(
     })
 }
 
-#[test]
-fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_ledger() {
+/// Mosquitto, the cloud, store-1 (its hub key registered) with one terminal, and alice with
+/// 10,000 minor units.
+struct Store {
+    _dir: tempfile::TempDir,
+    _broker: Mosquitto,
+    cloud: tests::Service,
+    api: CloudApi,
+    alice: Wallet,
+    site: StoreSite,
+}
+
+fn store() -> Store {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path()).unwrap();
     let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
     let api = CloudApi::new(cloud.http_addr);
     tests::open_account(&api, "store-1", AccountKind::Merchant, 0);
     let alice = tests::open_account(&api, "alice", AccountKind::Customer, 10_000).unwrap();
-    let mut site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
+    let site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
     api.set_hub_key("store-1", &site.hub_key()).unwrap();
     tests::wait_for_keys(site.hub_http(), 1, Duration::from_secs(20)).unwrap();
+    Store {
+        _dir: dir,
+        _broker: broker,
+        cloud,
+        api,
+        alice,
+        site,
+    }
+}
+
+#[test]
+fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_ledger() {
+    let Store {
+        _dir,
+        _broker,
+        cloud,
+        api,
+        alice,
+        mut site,
+    } = store();
 
     let paid = pay(&site, &alice, "o-1", 1_000);
     assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
@@ -304,14 +334,14 @@ fn refunds_are_made_once_online_within_what_was_paid_and_the_day_settles_to_the_
 
 #[test]
 fn a_refund_whose_answer_was_lost_is_never_told_declined_and_is_made_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path()).unwrap();
-    let cloud = start_cloud(&dir.path().join("cloud"), broker.port).unwrap();
-    let api = CloudApi::new(cloud.http_addr);
-    tests::open_account(&api, "store-1", AccountKind::Merchant, 0);
-    let alice = tests::open_account(&api, "alice", AccountKind::Customer, 10_000).unwrap();
-    let site = StoreSite::start(dir.path(), "store-1", broker.port, 1, &[]).unwrap();
-    tests::wait_for_keys(site.hub_http(), 1, Duration::from_secs(20)).unwrap();
+    let Store {
+        _dir,
+        _broker,
+        cloud: _cloud,
+        api,
+        alice,
+        site,
+    } = store();
     let paid = pay(&site, &alice, "o-1", 1_000);
     assert_eq!(paid.status, ChargeStatus::Approved, "{paid:?}");
     // Final once the hub's confirmation reached the cloud.

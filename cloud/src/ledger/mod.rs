@@ -1249,24 +1249,7 @@ mod tests {
         l.authorize("store-1", &pay("o1", "n1", 700)).unwrap();
         let void = attempt("o1", "n1");
         assert!(l.void("store-1", &void).unwrap());
-        let signer = paycode::hubsig::HubSigner::from_seed(&[5; 32]);
-        l.set_hub_key("store-1", &signer.public_key_b64()).unwrap();
-        let mut entry = protocol::OfflinePayment {
-            seq: 1,
-            payment_id: "store-1:o1".into(),
-            store_id: "store-1".into(),
-            terminal_id: "t1".into(),
-            order_id: "o1".into(),
-            account_id: "alice".into(),
-            nonce: "n1".into(),
-            amount_minor: 700,
-            currency: eur(),
-            approved_at_ms: 1,
-            allowance_version: l.current_grant("store-1", "alice"),
-            spent_code: None,
-            signature: String::new(),
-        };
-        signer.sign(&mut entry);
+        let entry = offline_entry(&l, "o1", "n1", 700);
         l.reconcile("store-1", &[entry]).unwrap();
         let retry = l.authorize("store-1", &pay("o1", "n2", 700)).unwrap();
         assert_eq!(
