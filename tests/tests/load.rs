@@ -2,8 +2,13 @@
 //! that it does not run beside the fleet tests (each starts a fleet of processes on the same
 //! cores; beside each other they starve the brokers' keep-alives).
 
+/// One fleet at a time: the tests of this binary run on threads of their own, and two fleets
+/// at once would starve each other.
+static ONE_FLEET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A short run of `facepay-load` with `more` arguments: its report, once its books check passed.
 fn load(more: &[&str]) -> serde_json::Value {
+    let _fleet = ONE_FLEET.lock().unwrap_or_else(|p| p.into_inner());
     let output = std::process::Command::new(tests::binary_path("facepay-load"))
         .args([
             "--stores",
@@ -93,4 +98,35 @@ fn the_load_benchmark_charges_reports_and_checks_its_books() {
     assert_eq!(alone.len(), 3, "{offline}");
     assert!(alone[2].0.starts_with("hub alone"), "{alone:?}");
     assert!(alone.iter().all(|(_, ms)| *ms > 0.0), "{alone:?}");
+}
+
+/// The face paths: customers enrolled over the cloud's enrollment API with photos of Labeled
+/// Faces in the Wild (the shared copy beside the repository), a verification at the camera and
+/// a charge with its token, every payment approved, the verification's time reported apart
+/// (with the hub's 1:N search for a face alone), and the books checked.
+#[test]
+fn the_load_benchmark_pays_by_face_and_by_code_and_face() {
+    for pay in ["face", "code-and-face"] {
+        let report = load(&["--pay", pay]);
+        assert_eq!(report["pay"], pay.replace('-', "_"), "{report}");
+        let payments = report["payments"].as_u64().unwrap();
+        assert!(payments > 0, "{report}");
+        assert_eq!(
+            report["approved_online"].as_u64(),
+            Some(payments),
+            "{report}"
+        );
+        let verification = report["verification_p50_ms"].as_f64().unwrap();
+        assert!(verification > 0.0, "{report}");
+        assert!(
+            report["p50_ms"].as_f64().unwrap() > verification,
+            "the register waits for the verification, then the charge: {report}"
+        );
+        let stages = stages(&report);
+        // A face alone is searched 1:N at the hub; a code names the account (1:1).
+        let (verification_stages, searched) = if pay == "face" { (2, true) } else { (1, false) };
+        assert_eq!(stages.len(), 4 + verification_stages, "{report}");
+        assert_eq!(stages[1].0.contains("1:N search"), searched, "{stages:?}");
+        assert!(stages.iter().all(|(_, ms)| *ms > 0.0), "{stages:?}");
+    }
 }

@@ -22,11 +22,14 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
 use paycode::Wallet;
-use protocol::{AccountKind, ChargeStatus};
+use protocol::{
+    AccountKind, ChargeResult, ChargeStatus, CreateCustomer, SecondFactorKind, VerifyReply,
+};
 use serde::Serialize;
 use tests::{
-    charge, ensure_identity, open_account, present_code, start_cloud_with, store::StoreSite,
-    Broker, CloudApi, Mosquitto, NatsCluster, Service,
+    charge, charge_with_token, ensure_identity, open_account, present_code, present_face,
+    start_cloud_with, store::StoreSite, Broker, CloudApi, EnrollApi, Mosquitto, NatsCluster,
+    Service,
 };
 
 #[derive(Parser)]
@@ -65,9 +68,32 @@ struct Cli {
     /// alone (the offline path), and reconcile once the link heals after the run.
     #[arg(long)]
     offline: bool,
+    /// How the customers pay: a fresh payment code before the scanner (`code`), the face at the
+    /// camera (`face`: a verification, then a charge with its token), or both (`code-and-face`).
+    #[arg(long, value_enum, default_value_t = Pay::Code)]
+    pay: Pay,
+    /// For `--pay face` and `code-and-face`: Labeled Faces in the Wild (one directory per
+    /// person). Each terminal's customer is enrolled with the first photo of a person of their
+    /// own (people whose photo the enrollment refuses are skipped) and shows that photo.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/lfw/lfw-deepfunneled"))]
+    faces: std::path::PathBuf,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Pay {
+    Code,
+    Face,
+    CodeAndFace,
+}
+
+/// A terminal's customer: the wallet its codes come from, and the photo its face is shown by.
+struct Customer {
+    wallet: Wallet,
+    photo: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -89,25 +115,110 @@ struct Heard {
     status: ChargeStatus,
     /// Approved offline (final answer).
     offline: bool,
-    /// From the register's request to its first answer.
+    /// From the register's first request (the verification's, when there is one) to the
+    /// charge's first answer.
     latency: Duration,
+    /// Of `latency`, the verification's (face paths).
+    verification: Option<Duration>,
+    /// Why the first answer declined (the verification's refusal, or the charge's decline).
+    reason: Option<String>,
     /// Charged while warming up (not counted in the figures, checked in the books).
     warming: bool,
 }
 
-/// Charges `order` at a terminal once its customer's fresh code is before the scanner, and
-/// asks again with the same order while the outcome is unknown, as a register must.
+/// Charges `order` at a terminal once its customer has shown what `pay` asks (a fresh code
+/// before the scanner, the face at the camera, or both, then a verification for the token),
+/// and asks again with the same order (and token) while the outcome is unknown, as a register
+/// must. A verification refused is heard as a declined payment.
 fn charge_order(
     (store, terminal): (usize, usize),
     (edge, frames): (&Service, &Path),
-    wallet: &Wallet,
+    (pay, customer): (Pay, &Customer),
     order: String,
     amount: i64,
     warming: bool,
 ) -> anyhow::Result<Heard> {
-    present_code(frames, wallet)?;
+    let heard = |(first, reason): (ChargeStatus, Option<String>),
+                 (status, offline),
+                 latency,
+                 verification| Heard {
+        store,
+        terminal,
+        order: order.clone(),
+        amount,
+        first,
+        status,
+        offline,
+        latency,
+        verification,
+        reason,
+        warming,
+    };
+    let reason_of = |reason: &Option<protocol::DeclineReason>| {
+        reason.as_ref().map(|r| {
+            serde_json::to_value(r)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("{r:?}"))
+        })
+    };
+    // The token of a verification, or what refused it.
+    let face = |method: &str| -> anyhow::Result<Result<String, VerifyReply>> {
+        let photo = customer
+            .photo
+            .as_deref()
+            .context("a face customer has a photo")?;
+        present_face(&frames.join("camera"), photo)?;
+        Ok(match tests::verify(edge.http_addr, method)?.1 {
+            VerifyReply::Verified { token, .. } => Ok(token),
+            refused => Err(refused),
+        })
+    };
     let asked = Instant::now();
-    let (_, first) = charge(edge.http_addr, &order, amount, "EUR")?;
+    let (token, verification) = match pay {
+        Pay::Code => {
+            present_code(frames, &customer.wallet)?;
+            (None, None)
+        }
+        Pay::Face | Pay::CodeAndFace => {
+            let method = if pay == Pay::Face {
+                "face"
+            } else {
+                present_code(frames, &customer.wallet)?;
+                "code_and_face"
+            };
+            let asked = Instant::now();
+            match face(method)? {
+                Ok(token) => (Some(token), Some(asked.elapsed())),
+                Err(refused) => {
+                    if warming {
+                        eprintln!(
+                            "store {store} till-{terminal}: verification refused: {refused:?}"
+                        );
+                    }
+                    let latency = asked.elapsed();
+                    let reason = match &refused {
+                        VerifyReply::Refused { reason, .. } => reason_of(&Some(*reason)),
+                        _ => Some("second_factor_required".into()),
+                    };
+                    let declined = (ChargeStatus::Declined, false);
+                    return Ok(heard(
+                        (ChargeStatus::Declined, reason),
+                        declined,
+                        latency,
+                        Some(latency),
+                    ));
+                }
+            }
+        }
+    };
+    let pay_now = || -> anyhow::Result<ChargeResult> {
+        Ok(match &token {
+            None => charge(edge.http_addr, &order, amount, "EUR")?.1,
+            Some(token) => charge_with_token(edge.http_addr, &order, amount, "EUR", token)?.1,
+        })
+    };
+    let first = pay_now()?;
     let latency = asked.elapsed();
     let mut last = first.clone();
     let give_up = Instant::now() + Duration::from_secs(30);
@@ -116,20 +227,100 @@ fn charge_order(
             bail!("{order} at store {store} till-{terminal} still unknown after 30 s: {last:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
-        present_code(frames, wallet)?;
-        last = charge(edge.http_addr, &order, amount, "EUR")?.1;
+        if token.is_none() {
+            present_code(frames, &customer.wallet)?;
+        }
+        last = pay_now()?;
     }
-    Ok(Heard {
-        store,
-        terminal,
-        order,
-        amount,
-        first: first.status,
-        status: last.status,
-        offline: last.offline,
+    Ok(heard(
+        (first.status, reason_of(&first.reason)),
+        (last.status, last.offline),
         latency,
-        warming,
-    })
+        verification,
+    ))
+}
+
+/// Each store's customers, one per terminal (`<store>-customer-<t>`), with `opening` in their
+/// accounts: opened with a wallet for code payments, or enrolled over the cloud's HTTPS
+/// enrollment API with a wallet and a face for the face paths (the next person of `--faces`
+/// whose photo the enrollment takes).
+fn customers(
+    cli: &Cli,
+    cloud: &Service,
+    api: &CloudApi,
+    stores: &[String],
+    opening: i64,
+) -> anyhow::Result<Vec<Vec<Customer>>> {
+    if cli.pay == Pay::Code {
+        return Ok(stores
+            .iter()
+            .map(|store| {
+                (0..cli.terminals)
+                    .map(|t| Customer {
+                        wallet: open_account(
+                            api,
+                            &format!("{store}-customer-{t}"),
+                            AccountKind::Customer,
+                            opening,
+                        )
+                        .expect("a customer gets a wallet"),
+                        photo: None,
+                    })
+                    .collect()
+            })
+            .collect());
+    }
+    let enroll = EnrollApi::new(
+        &cloud.ready["api"],
+        Path::new(&cloud.ready["ca"]),
+        Path::new(&cloud.ready["token"]),
+    )?;
+    let mut people = std::fs::read_dir(&cli.faces)
+        .with_context(|| format!("--faces {}", cli.faces.display()))?
+        .map(|e| Ok(e?.path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    people.sort();
+    let mut photos = people.into_iter().filter_map(|dir| {
+        let name = dir.file_name()?.to_str()?.to_owned();
+        Some(dir.join(format!("{name}_0001.jpg"))).filter(|p| p.is_file())
+    });
+    let mut all = Vec::new();
+    for store in stores {
+        let mut here = Vec::new();
+        for t in 0..cli.terminals {
+            let id = format!("{store}-customer-{t}");
+            let wallet = Wallet::generate(&id)?;
+            let (status, body) = enroll.create(&CreateCustomer {
+                customer_id: id.clone(),
+                name: format!("Load customer {id}"),
+                phone: "+49 30 1234 5678".into(),
+                pin: "4711".into(),
+                second_factor: SecondFactorKind::Pin,
+                home_store_id: store.as_str().into(),
+                currency: "EUR".into(),
+                initial_balance_minor: opening,
+                public_key: Some(wallet.public_key_b64()),
+            })?;
+            if status != 201 {
+                bail!("enrolling {id}: {status} {body}");
+            }
+            let photo = loop {
+                let photo = photos
+                    .next()
+                    .with_context(|| format!("--faces {}: out of people", cli.faces.display()))?;
+                let (status, _) = enroll.add_face(&id, &photo, &[])?;
+                if status == 201 {
+                    break photo;
+                }
+            };
+            here.push(Customer {
+                wallet,
+                photo: Some(photo),
+            });
+        }
+        all.push(here);
+    }
+    Ok(all)
 }
 
 /// CPU a tier's processes spent, in clock ticks (user + system, every thread).
@@ -275,17 +466,19 @@ struct StageSources {
 }
 
 impl StageSources {
-    fn read(&self) -> [Observed; 3] {
+    /// The terminals', hubs' and cloud's decision histograms, and the hubs' 1:N search.
+    fn read(&self) -> [Observed; 4] {
         [
             Observed::read(&self.edges, "facepay_edge_payment_decision_seconds"),
             Observed::read(&self.hubs, "facepay_hub_payment_decision_seconds"),
             Observed::read(&self.clouds, "facepay_cloud_payment_decision_seconds"),
+            Observed::read(&self.hubs, "facepay_hub_identify_seconds"),
         ]
     }
 }
 
 /// The stages, from the histograms read before and after the run and the register's mean.
-fn stages(before: &[Observed; 3], after: &[Observed; 3], register_mean_ms: f64) -> Vec<Stage> {
+fn stages(before: &[Observed; 4], after: &[Observed; 4], register_mean_ms: f64) -> Vec<Stage> {
     let [edge, hub, cloud] = [0, 1, 2].map(|i| after[i].mean_ms_since(&before[i]));
     let mut out = vec![
         Stage {
@@ -322,17 +515,24 @@ struct Report {
     cloud_instances: usize,
     broker: BrokerKind,
     offline: bool,
+    pay: Pay,
     seconds: f64,
     payments: usize,
     payments_per_second: f64,
     approved_online: usize,
     approved_offline: usize,
     declined: usize,
+    /// The first answers declined, by reason.
+    declines: BTreeMap<String, usize>,
     unknown: usize,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
     mean_ms: f64,
+    /// Of the register's time, the verification's (face paths; 0 for codes).
+    verification_p50_ms: f64,
+    verification_p99_ms: f64,
+    verification_mean_ms: f64,
     stages: Vec<Stage>,
     tiers: Vec<TierCost>,
     model_payments_per_second: f64,
@@ -418,22 +618,7 @@ fn main() -> anyhow::Result<()> {
     }
     // One customer per terminal, so that terminals do not queue on one account.
     let opening = 1_000_000_000;
-    let mut wallets: Vec<Vec<Wallet>> = Vec::new();
-    for store in &stores {
-        wallets.push(
-            (0..cli.terminals)
-                .map(|t| {
-                    open_account(
-                        &api,
-                        &format!("{store}-customer-{t}"),
-                        AccountKind::Customer,
-                        opening,
-                    )
-                    .expect("a customer gets a wallet")
-                })
-                .collect(),
-        );
-    }
+    let shoppers = customers(&cli, &clouds[0], &api, &stores, opening)?;
     let customers = cli.stores * cli.terminals;
     let mut sites = Vec::new();
     for (i, store) in stores.iter().enumerate() {
@@ -441,6 +626,11 @@ fn main() -> anyhow::Result<()> {
         extra.extend([
             "offline.payment_ceiling_minor=100000".to_string(),
             "offline.store_ceiling_minor=100000000".to_string(),
+            // A terminal holds at most 64 payment tokens open, and a token a charge was made
+            // with stays open until it expires (a register that missed the answer asks again
+            // with it): one terminal paying by face as fast as it can takes more than 64 in
+            // the default 120 s.
+            "identify.token_ttl_seconds=5".to_string(),
         ]);
         let site = StoreSite::start(dir.path(), store, port, cli.terminals, &extra)
             .with_context(|| format!("{store} starts"))?;
@@ -456,8 +646,14 @@ fn main() -> anyhow::Result<()> {
         for (t, (edge, frames)) in site.edges.iter().enumerate() {
             for n in 0.. {
                 let order = format!("warm-{t}-{n}");
-                let answer =
-                    charge_order((i, t), (edge, frames), &wallets[i][t], order, 100, true)?;
+                let answer = charge_order(
+                    (i, t),
+                    (edge, frames),
+                    (cli.pay, &shoppers[i][t]),
+                    order,
+                    100,
+                    true,
+                )?;
                 let served = answer.status == ChargeStatus::Approved && !answer.offline;
                 heard.push(answer);
                 if served {
@@ -519,7 +715,7 @@ fn main() -> anyhow::Result<()> {
             .enumerate()
             .flat_map(|(i, site)| site.edges.iter().enumerate().map(move |(t, e)| (i, t, e)))
             .map(|(i, t, (edge, frames))| {
-                let wallet = &wallets[i][t];
+                let customer = (cli.pay, &shoppers[i][t]);
                 let charged = &charged;
                 s.spawn(move || -> anyhow::Result<()> {
                     let mut n = 0u64;
@@ -528,7 +724,7 @@ fn main() -> anyhow::Result<()> {
                         let amount = 100 + (n % 900) as i64;
                         let order = format!("load-{t}-{n}");
                         let answer =
-                            charge_order((i, t), (edge, frames), wallet, order, amount, false)?;
+                            charge_order((i, t), (edge, frames), customer, order, amount, false)?;
                         charged.lock().expect("not poisoned").push(answer);
                     }
                     Ok(())
@@ -545,14 +741,49 @@ fn main() -> anyhow::Result<()> {
     let observed_after = sources.read();
     heard.extend(charged.into_inner().expect("not poisoned"));
     let mut report = report(&cli, &heard, elapsed, &before, &after, &tiers);
-    report.stages = stages(&observed_before, &observed_after, report.mean_ms);
+    report.stages = stages(
+        &observed_before,
+        &observed_after,
+        report.mean_ms - report.verification_mean_ms,
+    );
+    match cli.pay {
+        Pay::Code => {}
+        // The verification: the hub's 1:N search of its hot set, and the rest (the camera
+        // spool, the terminal's face pipeline, Zenoh, the hub's checks).
+        Pay::Face => {
+            let search_ms = observed_after[3].mean_ms_since(&observed_before[3]);
+            report.stages.splice(
+                0..0,
+                [
+                    Stage {
+                        stage: "verification: camera, the terminal's face pipeline, Zenoh, hub \
+                                checks (the register's verify time less the hub's search)",
+                        mean_ms: report.verification_mean_ms - search_ms,
+                    },
+                    Stage {
+                        stage: "verification: the hub's 1:N search of its hot set",
+                        mean_ms: search_ms,
+                    },
+                ],
+            );
+        }
+        // The code names the account: the hub compares the face with its templates (1:1).
+        Pay::CodeAndFace => report.stages.insert(
+            0,
+            Stage {
+                stage: "verification: camera and scan, the terminal's face pipeline, Zenoh, the \
+                        hub's code check and 1:1 comparison (the register's verify time)",
+                mean_ms: report.verification_mean_ms,
+            },
+        ),
+    }
     if cli.offline {
         for site in &sites {
             site.uplink.heal();
         }
     }
     print_report(&cli, &report)?;
-    check_books(&api, &stores, &heard, &wallets, opening)?;
+    check_books(&api, &stores, &heard, &shoppers, opening)?;
     eprintln!(
         "books: every payment heard approved moved once, none heard declined moved; balanced"
     );
@@ -576,8 +807,19 @@ fn report(
     let payments = counted.len();
     let mut latencies: Vec<Duration> = counted.iter().map(|h| h.latency).collect();
     latencies.sort();
-    let mean_ms = latencies.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0
-        / latencies.len().max(1) as f64;
+    let mean = |sorted: &[Duration]| {
+        sorted.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / sorted.len().max(1) as f64
+    };
+    let mean_ms = mean(&latencies);
+    let mut verifications: Vec<Duration> = counted.iter().filter_map(|h| h.verification).collect();
+    verifications.sort();
+    let verification = |q| {
+        if verifications.is_empty() {
+            0.0
+        } else {
+            percentile(&verifications, q)
+        }
+    };
     let count = |f: &dyn Fn(&Heard) -> bool| counted.iter().filter(|h| f(h)).count();
     let per_second = ticks_per_second();
     let processes = |tier: &str| match tier {
@@ -618,17 +860,29 @@ fn report(
         cloud_instances: cli.instances,
         broker: cli.broker,
         offline: cli.offline,
+        pay: cli.pay,
         seconds: elapsed.as_secs_f64(),
         payments,
         payments_per_second: payments as f64 / elapsed.as_secs_f64(),
         approved_online: count(&|h| h.first == ChargeStatus::Approved && !h.offline),
         approved_offline: count(&|h| h.first == ChargeStatus::Approved && h.offline),
         declined: count(&|h| h.first == ChargeStatus::Declined),
+        declines: counted
+            .iter()
+            .filter(|h| h.first == ChargeStatus::Declined)
+            .fold(BTreeMap::new(), |mut by, h| {
+                *by.entry(h.reason.clone().unwrap_or_else(|| "none given".into()))
+                    .or_default() += 1;
+                by
+            }),
         unknown: count(&|h| h.first == ChargeStatus::Unknown),
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         max_ms: percentile(&latencies, 1.0),
         mean_ms,
+        verification_p50_ms: verification(0.50),
+        verification_p99_ms: verification(0.99),
+        verification_mean_ms: mean(&verifications),
         stages: Vec::new(),
         tiers: costs,
         model_payments_per_second: model_rate,
@@ -642,8 +896,8 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} stores x {} terminals, {} cloud instances, broker {}{}: {} payments in {:.1} s = \
-         {:.1} payments/s",
+        "{} stores x {} terminals, {} cloud instances, broker {}{}, paid by {}: {} payments in \
+         {:.1} s = {:.1} payments/s",
         report.stores,
         report.terminals_per_store,
         report.cloud_instances,
@@ -655,6 +909,11 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
             ", every store cut from the cloud"
         } else {
             ""
+        },
+        match report.pay {
+            Pay::Code => "code",
+            Pay::Face => "face",
+            Pay::CodeAndFace => "code and face",
         },
         report.payments,
         report.seconds,
@@ -671,6 +930,15 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
         report.declined,
         report.unknown
     );
+    if !report.declines.is_empty() {
+        println!("declined by reason: {:?}", report.declines);
+    }
+    if report.pay != Pay::Code {
+        println!(
+            "of which the verification: p50 {:.1} ms, p99 {:.1} ms",
+            report.verification_p50_ms, report.verification_p99_ms
+        );
+    }
     println!(
         "where the time goes (means; register {:.1} ms):",
         report.mean_ms
@@ -707,12 +975,12 @@ fn check_books(
     api: &CloudApi,
     stores: &[String],
     heard: &[Heard],
-    wallets: &[Vec<Wallet>],
+    shoppers: &[Vec<Customer>],
     opening: i64,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match books_hold(api, stores, heard, wallets, opening) {
+        match books_hold(api, stores, heard, shoppers, opening) {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(500)),
@@ -724,7 +992,7 @@ fn books_hold(
     api: &CloudApi,
     stores: &[String],
     heard: &[Heard],
-    wallets: &[Vec<Wallet>],
+    shoppers: &[Vec<Customer>],
     opening: i64,
 ) -> anyhow::Result<()> {
     let mut moved: BTreeMap<String, i64> = BTreeMap::new();
@@ -748,7 +1016,7 @@ fn books_hold(
         *moved.entry(payment.to_owned()).or_default() += delta;
     }
     let mut per_store = vec![0i64; stores.len()];
-    let mut per_customer = vec![vec![0i64; wallets.first().map_or(0, Vec::len)]; stores.len()];
+    let mut per_customer = vec![vec![0i64; shoppers.first().map_or(0, Vec::len)]; stores.len()];
     for h in heard {
         let payment = format!("{}:{}", stores[h.store], h.order);
         let got = moved.get(&payment).copied().unwrap_or(0);
