@@ -162,35 +162,30 @@ fn charge_order(
                 .unwrap_or_else(|| format!("{r:?}"))
         })
     };
-    // The token of a verification, or what refused it.
-    let face = |method: &str| -> anyhow::Result<Result<String, VerifyReply>> {
+    // What the customer shows is before the scanner or camera when the register asks (as a
+    // fresh code always was): the time starts at the register's first request.
+    if pay != Pay::Face {
+        present_code(frames, &customer.wallet)?;
+    }
+    if pay != Pay::Code {
         let photo = customer
             .photo
             .as_deref()
             .context("a face customer has a photo")?;
         present_face(&frames.join("camera"), photo)?;
-        Ok(match tests::verify(edge.http_addr, method)?.1 {
-            VerifyReply::Verified { token, .. } => Ok(token),
-            refused => Err(refused),
-        })
-    };
+    }
     let asked = Instant::now();
     let (token, verification) = match pay {
-        Pay::Code => {
-            present_code(frames, &customer.wallet)?;
-            (None, None)
-        }
+        Pay::Code => (None, None),
         Pay::Face | Pay::CodeAndFace => {
             let method = if pay == Pay::Face {
                 "face"
             } else {
-                present_code(frames, &customer.wallet)?;
                 "code_and_face"
             };
-            let asked = Instant::now();
-            match face(method)? {
-                Ok(token) => (Some(token), Some(asked.elapsed())),
-                Err(refused) => {
+            match tests::verify(edge.http_addr, method)?.1 {
+                VerifyReply::Verified { token, .. } => (Some(token), Some(asked.elapsed())),
+                refused => {
                     if warming {
                         eprintln!(
                             "store {store} till-{terminal}: verification refused: {refused:?}"
