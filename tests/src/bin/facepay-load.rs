@@ -303,9 +303,13 @@ fn customers(
                 let photo = photos
                     .next()
                     .with_context(|| format!("--faces {}: out of people", cli.faces.display()))?;
-                let (status, _) = enroll.add_face(&id, &photo, &[])?;
-                if status == 201 {
-                    break photo;
+                // A photo the enrollment refuses (no single live face, a look-alike of
+                // someone enrolled) is skipped; a failing cloud stops the run.
+                let (status, body) = enroll.add_face(&id, &photo, &[])?;
+                match status {
+                    201 => break photo,
+                    400..=499 => continue,
+                    _ => bail!("enrolling {id}'s face {}: {status} {body}", photo.display()),
                 }
             };
             here.push(Customer {
