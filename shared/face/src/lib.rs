@@ -12,6 +12,7 @@ mod error;
 pub mod geometry;
 pub mod lfw;
 pub mod models;
+mod prelu;
 pub mod worker;
 
 use std::{path::Path, time::Instant};

@@ -115,7 +115,8 @@ impl SizedPlans {
 }
 
 fn plan_from_proto(proto: &pb::ModelProto, shape: [usize; 4]) -> Result<Plan, FaceError> {
-    tract_onnx::onnx()
+    // `PRelu` in one pass ([`crate::prelu`]), not tract's three.
+    crate::prelu::onnx()
         .model_for_proto_model(proto)
         .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
         .and_then(|m| m.into_optimized())
@@ -279,6 +280,30 @@ fn drop_unused_inputs(graph: &mut pb::GraphProto) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prelu_runs_as_one_operation_in_the_optimised_plans() {
+        // SFace holds 27 PReLUs, each MiniFASNet 33: each is one operation of the plan, and
+        // tract's three-operation expansion (its select) is gone.
+        for (model, shape, prelus) in [(SFACE, [1, 3, 112, 112], 27), (FAS_V2, [1, 3, 80, 80], 33)]
+        {
+            let bytes = read_checked(&default_models_dir(), model).unwrap();
+            let plan = load_plan(&bytes, shape).unwrap();
+            let names: Vec<String> = plan
+                .model()
+                .nodes()
+                .iter()
+                .map(|n| n.op().name().to_string())
+                .collect();
+            let fused = names.iter().filter(|n| n.as_str() == "PRelu").count();
+            assert_eq!(fused, prelus, "{} ops: {names:?}", model.file);
+            assert!(
+                !names.iter().any(|n| n == "Iff"),
+                "{} ops: {names:?}",
+                model.file
+            );
+        }
+    }
 
     #[test]
     fn tampered_model_is_refused() {
