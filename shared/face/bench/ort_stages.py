@@ -64,6 +64,7 @@ def detect(sess, rgb):
     scale = min(1.0, 320 / max(w, h))
     iw, ih = max(1, round(w * scale)), max(1, round(h * scale))
     pw, ph = -(-iw // 32) * 32, -(-ih // 32) * 32
+    pw = max(pw, ph)  # as facepay pads a portrait frame (src/detect.rs, input_size)
     small = np.asarray(Image.fromarray(rgb).resize((iw, ih), Image.BILINEAR), np.float32)
     blob = np.zeros((1, 3, ph, pw), np.float32)
     blob[0, :, :ih, :iw] = small[:, :, ::-1].transpose(2, 0, 1)

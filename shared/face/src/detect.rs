@@ -56,6 +56,41 @@ pub struct DetectorSettings {
 
 const STRIDES: [usize; 3] = [8, 16, 32];
 
+/// The detector's input for a frame: the frame scaled to `in_w` x `in_h`, then padded with zeros
+/// (right and bottom) to `pad_w` x `pad_h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSize {
+    /// The scaled frame's width.
+    pub in_w: usize,
+    /// The scaled frame's height.
+    pub in_h: usize,
+    /// The input's width.
+    pub pad_w: usize,
+    /// The input's height.
+    pub pad_h: usize,
+}
+
+/// The frame's longest side scaled to `max_side` (never up), padded to a multiple of 32 (the
+/// largest stride). A portrait frame is also padded as wide as it is tall: tract walks a
+/// depthwise convolution along its longest axis, and only along the rows is that walk
+/// vectorised, so YuNet ran 1.9x slower on a portrait input than on the same frame's landscape
+/// one (20 depthwise convolutions: 5.2 ms against 1.4). The square input costs a quarter more
+/// arithmetic and runs faster.
+pub fn input_size(width: u32, height: u32, max_side: u32) -> InputSize {
+    let (w, h) = (width as f32, height as f32);
+    let scale = (max_side as f32 / w.max(h)).min(1.0);
+    let in_w = ((w * scale).round() as usize).max(1);
+    let in_h = ((h * scale).round() as usize).max(1);
+    let pad_h = in_h.div_ceil(32) * 32;
+    let pad_w = (in_w.div_ceil(32) * 32).max(pad_h);
+    InputSize {
+        in_w,
+        in_h,
+        pad_w,
+        pad_h,
+    }
+}
+
 /// Runs YuNet on an image and returns faces, best first.
 pub fn detect(
     plans: &SizedPlans,
@@ -63,12 +98,12 @@ pub fn detect(
     settings: DetectorSettings,
 ) -> Result<Vec<Detection>, FaceError> {
     let (w, h) = (img.width() as f32, img.height() as f32);
-    let scale = (settings.input_max_side as f32 / w.max(h)).min(1.0);
-    let in_w = ((w * scale).round() as usize).max(1);
-    let in_h = ((h * scale).round() as usize).max(1);
-    // Strides go to 32: pad the input up to a multiple of it (zeros, bottom and right).
-    let pad_w = in_w.div_ceil(32) * 32;
-    let pad_h = in_h.div_ceil(32) * 32;
+    let InputSize {
+        in_w,
+        in_h,
+        pad_w,
+        pad_h,
+    } = input_size(img.width(), img.height(), settings.input_max_side);
     let data = crop_resize_nchw(
         img,
         Rect {
@@ -140,4 +175,27 @@ pub fn detect(
         }
     }
     Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_detector_input_is_never_taller_than_wide() {
+        // Landscape: the longest side at 320, each side padded to a multiple of 32.
+        let landscape = input_size(640, 480, 320);
+        assert_eq!((landscape.in_w, landscape.in_h), (320, 240));
+        assert_eq!((landscape.pad_w, landscape.pad_h), (320, 256));
+        // Portrait: the same scaling, padded as wide as tall.
+        let portrait = input_size(480, 640, 320);
+        assert_eq!((portrait.in_w, portrait.in_h), (240, 320));
+        assert_eq!((portrait.pad_w, portrait.pad_h), (320, 320));
+        // Small frames are not scaled up.
+        let small = input_size(100, 60, 320);
+        assert_eq!(
+            (small.in_w, small.in_h, small.pad_w, small.pad_h),
+            (100, 60, 128, 64)
+        );
+    }
 }

@@ -76,29 +76,35 @@ impl PreluOp {
         );
         let b = b.to_plain_array_view::<f32>()?;
         let mut a = a.to_plain_array_view_mut::<f32>()?;
-        // The usual case: one slope per channel (axis 1, `[1, C, 1, ...]`) on a contiguous
-        // tensor: each channel's plane is one run with one slope.
+        // The usual case: one slope per channel on a contiguous tensor. The slopes are 1 along
+        // every axis but one, the channel's (axis 1 of `[N, C, H, W]`, or axis 0 once tract has
+        // dropped a batch of one), or a single slope: each channel's plane is one run with one
+        // slope. The loop has no branch, so the compiler vectorises it.
         let shape = a.shape().to_vec();
-        let per_channel = shape.len() >= 2
-            && b.ndim() == shape.len()
-            && b.shape()[1] == shape[1]
-            && b.shape()
-                .iter()
-                .enumerate()
-                .all(|(axis, &n)| axis == 1 || n == 1);
-        if per_channel {
-            if let (Some(values), Some(slopes)) = (a.as_slice_mut(), b.as_slice()) {
-                let plane: usize = shape[2..].iter().product();
-                for (run, x) in values.chunks_exact_mut(plane.max(1)).enumerate() {
-                    let slope = slopes[run % shape[1]];
-                    for v in x {
-                        if *v < 0.0 {
-                            *v *= slope;
-                        }
-                    }
+        let slope_axis = (b.ndim() == shape.len())
+            .then(|| {
+                let mut wide = (0..shape.len()).filter(|&axis| b.shape()[axis] != 1);
+                match (wide.next(), wide.next()) {
+                    (None, _) => Some(None),
+                    (Some(axis), None) if b.shape()[axis] == shape[axis] => Some(Some(axis)),
+                    _ => None,
                 }
-                return Ok(());
+            })
+            .flatten();
+        if let (Some(axis), Some(values), Some(slopes)) =
+            (slope_axis, a.as_slice_mut(), b.as_slice())
+        {
+            let (run, cycle) = match axis {
+                Some(axis) => (shape[axis + 1..].iter().product::<usize>(), shape[axis]),
+                None => (values.len(), 1),
+            };
+            for (i, x) in values.chunks_exact_mut(run.max(1)).enumerate() {
+                let slope = slopes[i % cycle];
+                for v in x {
+                    *v = if *v < 0.0 { *v * slope } else { *v };
+                }
             }
+            return Ok(());
         }
         let b = b
             .broadcast(a.shape())
@@ -150,11 +156,20 @@ mod tests {
     /// and with slopes broadcast another way.
     #[test]
     fn one_pass_prelu_matches_the_definition() {
-        let x: Vec<f32> = (0..2 * 3 * 4 * 5)
-            .map(|i| (i as f32 - 57.0) / 7.0)
-            .collect();
-        let a = Tensor::from_shape(&[2, 3, 4, 5], &x).unwrap();
-        for slopes_shape in [vec![1, 3, 1, 1], vec![1, 1, 1, 5], vec![1, 1, 1, 1]] {
+        // Per channel with and without the batch axis (tract drops a batch of one), one slope
+        // per other axis, one slope for all, and slopes along two axes (the broadcast path).
+        for (shape, slopes_shape) in [
+            (vec![2, 3, 4, 5], vec![1, 3, 1, 1]),
+            (vec![3, 4, 5], vec![3, 1, 1]),
+            (vec![2, 3, 4, 5], vec![1, 1, 1, 5]),
+            (vec![2, 3, 4, 5], vec![1, 1, 4, 1]),
+            (vec![2, 3, 4, 5], vec![1, 1, 1, 1]),
+            (vec![2, 3, 4, 5], vec![1, 3, 4, 1]),
+        ] {
+            let x: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|i| (i as f32 - 57.0) / 7.0)
+                .collect();
+            let a = Tensor::from_shape(&shape, &x).unwrap();
             let n: usize = slopes_shape.iter().product();
             let slopes: Vec<f32> = (0..n).map(|i| 0.1 + i as f32 * 0.05).collect();
             let b = Tensor::from_shape(&slopes_shape, &slopes).unwrap();
