@@ -65,12 +65,107 @@ struct LeaseCache {
     held: Mutex<HashMap<String, Held>>,
     /// Stores another instance holds, until when (unless renewed): not asked about before then,
     /// so the instances that do not serve a store do not each run a transaction per request.
-    elsewhere: Mutex<HashMap<String, u64>>,
+    elsewhere: Mutex<HashMap<String, Elsewhere>>,
     ttl_ms: u64,
     clock: clock::SharedClock,
     /// The instance is stopping: no lease is taken or renewed any more (one renewed after the
     /// release would hold the store here, unserved, until it lapsed).
     stopping: std::sync::atomic::AtomicBool,
+    /// Releases heard from other instances so far: a lease asked for while one was heard may
+    /// have been answered with the view from before it.
+    releases: std::sync::atomic::AtomicU64,
+}
+
+/// How long an authorization left to another instance's lease is kept, to be served here if
+/// that instance releases the lease meanwhile. A stopping instance's release and the requests its
+/// hubs send next travel apart (other topics, maybe other broker nodes): one of them may arrive
+/// first, and the payment would otherwise go unanswered until the hub's own timeout (3 s by
+/// default), then be decided offline.
+const PASSED_KEPT_MS: u64 = 2_000;
+/// At most this many authorizations kept per store (the newest).
+const PASSED_KEPT_PER_STORE: usize = 64;
+
+/// A store another instance holds.
+#[derive(Debug, Default)]
+struct Elsewhere {
+    /// Until when (that instance's last renewal plus the lease's time), unless renewed.
+    until_ms: u64,
+    /// Requests left to that instance lately, with when they were passed on (ms).
+    passed: std::collections::VecDeque<(u64, HubRequest)>,
+}
+
+impl Elsewhere {
+    fn forget_before(&mut self, now_ms: u64) {
+        while self
+            .passed
+            .front()
+            .is_some_and(|(at, _)| at + PASSED_KEPT_MS <= now_ms)
+        {
+            self.passed.pop_front();
+        }
+    }
+}
+
+impl LeaseCache {
+    /// Leaves a request to the instance that holds its store's lease, keeping it a while if it
+    /// is an authorization; unless the store is not another's any more (a release came in
+    /// between): then `Err` gives it back, to be served here. Checked and kept under one lock
+    /// with [`LeaseCache::released`].
+    ///
+    /// The other instance may have served a kept authorization before it stopped, and a kept
+    /// one may be served after the store's newer requests: only authorizations are kept, since
+    /// the ledger decides each code's nonce once and records the decision, approval or decline,
+    /// so a repeat hears it again; one that comes after its void is declined (the void burned
+    /// the nonce), after its offline entry hears it is paid. A refund is not kept: a decline
+    /// writes nothing, so a refund declined before the release could be made by its repeat
+    /// after the register heard "declined". The hubs resend voids, posts and offline entries
+    /// until answered, and a sync or a search can wait for the hub to ask again.
+    fn pass(&self, request: HubRequest, now_ms: u64) -> Result<(), HubRequest> {
+        let mut elsewhere = self.elsewhere.lock().expect("not poisoned");
+        let Some(away) = elsewhere
+            .get_mut(request.store_id.as_str())
+            .filter(|away| away.until_ms > now_ms)
+        else {
+            return Err(request);
+        };
+        away.forget_before(now_ms);
+        if matches!(request.body, HubRequestBody::Authorize(_)) {
+            if away.passed.len() >= PASSED_KEPT_PER_STORE {
+                away.passed.pop_front();
+            }
+            away.passed.push_back((now_ms, request));
+        }
+        Ok(())
+    }
+
+    /// Another instance released `store_id`'s lease: it is asked for at the next request, and
+    /// the authorizations lately left to that instance are given back to be served here.
+    fn released(&self, store_id: &str, now_ms: u64) -> Vec<HubRequest> {
+        self.releases
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let away = self
+            .elsewhere
+            .lock()
+            .expect("not poisoned")
+            .remove(store_id);
+        away.map(|away| away.passed)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(at, _)| at + PASSED_KEPT_MS > now_ms)
+            .map(|(_, request)| request)
+            .collect()
+    }
+
+    /// Forgets the authorizations kept too long, and the stores whose view ran out.
+    fn forget_before(&self, now_ms: u64) {
+        self.elsewhere
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, away| {
+                away.forget_before(now_ms);
+                away.until_ms > now_ms || !away.passed.is_empty()
+            });
+    }
 }
 
 /// Whether this instance serves a store's request.
@@ -81,6 +176,8 @@ enum Serve {
     Held(Held),
     /// Another instance holds the lease: that one answers.
     Elsewhere,
+    /// Another instance released the lease while it was asked for: ask again.
+    AskAgain,
 }
 
 /// Whether this instance serves `store_id` now: a lease with at least half its time left is
@@ -95,7 +192,7 @@ async fn lease_for(serving: &Serving, store_id: &str) -> Serve {
         .lock()
         .expect("not poisoned")
         .get(store_id)
-        .is_some_and(|until| *until > now_ms)
+        .is_some_and(|away| away.until_ms > now_ms)
     {
         return Serve::Elsewhere;
     }
@@ -112,6 +209,7 @@ async fn renew(serving: &Serving, cache: &LeaseCache, store_id: &str) -> Serve {
     if cache.stopping.load(std::sync::atomic::Ordering::SeqCst) {
         return Serve::Elsewhere;
     }
+    let releases = cache.releases.load(std::sync::atomic::Ordering::SeqCst);
     match serving.ledger.send(AcquireLease(store_id.to_owned())).await {
         Ok(Ok(Ok(held))) => {
             cache
@@ -126,12 +224,17 @@ async fn renew(serving: &Serving, cache: &LeaseCache, store_id: &str) -> Serve {
             all.insert(store_id.to_owned(), held.clone());
             Serve::Held(held)
         }
+        Ok(Ok(Err(_))) if cache.releases.load(std::sync::atomic::Ordering::SeqCst) != releases => {
+            Serve::AskAgain
+        }
         Ok(Ok(Err(until_ms))) => {
             cache
                 .elsewhere
                 .lock()
                 .expect("not poisoned")
-                .insert(store_id.to_owned(), until_ms);
+                .entry(store_id.to_owned())
+                .or_default()
+                .until_ms = until_ms;
             if cache
                 .held
                 .lock()
@@ -351,6 +454,7 @@ impl HubLinkActor {
             ttl_ms,
             clock,
             stopping: Default::default(),
+            releases: Default::default(),
         });
         self
     }
@@ -538,8 +642,12 @@ impl Actor for HubLinkActor {
             });
         }
         ctx.run_interval(EXPIRY_INTERVAL, |actor, _| {
-            // Lanes that closed and finished are forgotten.
+            // Lanes that closed and finished are forgotten, and so are the authorizations kept
+            // for another instance's release.
             actor.lanes.retain(|_, l| !l.is_done());
+            if let Some(cache) = &actor.serving.leases {
+                cache.forget_before(cache.clock.now_ms());
+            }
             let ledger = actor.serving.ledger.clone();
             actix::spawn(async move {
                 match ledger.send(ExpirePending).await {
@@ -584,6 +692,32 @@ async fn is_store(serving: &Serving, store_id: &str) -> bool {
     merchant
 }
 
+/// The lease `request` is served under (none when this is the only instance), or nothing when
+/// another instance holds the store's lease and answers: the request is then kept a while, to
+/// be served here if that instance releases the lease ([`LeaseCache::pass`]).
+async fn leased(serving: &Serving, request: HubRequest) -> Option<(Option<Held>, HubRequest)> {
+    let mut request = request;
+    // At most three times: a release may come in between the look-up and the keeping, or
+    // while the lease is asked for.
+    for _ in 0..3 {
+        match lease_for(serving, &request.store_id).await {
+            Serve::Alone => return Some((None, request)),
+            Serve::Held(held) => return Some((Some(held), request)),
+            Serve::AskAgain => {}
+            Serve::Elsewhere => {
+                let cache = serving.leases.as_ref()?;
+                match cache.pass(request, cache.clock.now_ms()) {
+                    Ok(()) => return None,
+                    Err(back) => request = back,
+                }
+            }
+        }
+    }
+    // Not served here (this instance is stopping, or its ledger is busy): unanswered, as when
+    // the cloud is unreachable; the hub's timeout decides.
+    None
+}
+
 /// Serves one request and publishes the reply.
 async fn serve(serving: &Serving, request: HubRequest) {
     let started = Instant::now();
@@ -602,12 +736,11 @@ async fn serve(serving: &Serving, request: HubRequest) {
     }
     // Several instances hear every request; the holder of the store's lease answers it (a
     // lease is taken only for a real store).
-    let lease = match known {
-        false => None,
-        true => match lease_for(serving, &store_id).await {
-            Serve::Alone => None,
-            Serve::Held(held) => Some(held),
-            Serve::Elsewhere => return,
+    let (lease, request) = match known {
+        false => (None, request),
+        true => match leased(serving, request).await {
+            Some(found) => found,
+            None => return,
         },
     };
     let body = match request.body {
@@ -763,14 +896,33 @@ impl Handler<LinkEventMsg> for HubLinkActor {
                         &self.serving.leases,
                     ) {
                         (Ok(released), Some(cache)) => {
-                            let mut elsewhere = cache.elsewhere.lock().expect("not poisoned");
-                            for store_id in &released.store_ids {
-                                elsewhere.remove(store_id.as_str());
-                            }
+                            let now_ms = cache.clock.now_ms();
+                            let given_back: Vec<HubRequest> = released
+                                .store_ids
+                                .iter()
+                                .flat_map(|store_id| cache.released(store_id.as_str(), now_ms))
+                                .collect();
                             tracing::info!(
                                 stores = released.store_ids.len(),
+                                requests = given_back.len(),
                                 "another instance released its stores' leases"
                             );
+                            // Authorizations that came before the release and were left to
+                            // that instance are served here now, if this instance takes the
+                            // lease ([`LeaseCache::pass`]). Never answered `Busy`: another
+                            // instance may take the lease and answer.
+                            if !self.stopping {
+                                for request in given_back {
+                                    let store_id = request.store_id.to_string();
+                                    if let Err(why) = self.dispatch(request) {
+                                        tracing::warn!(
+                                            store_id,
+                                            why,
+                                            "an authorization given back by a release dropped"
+                                        );
+                                    }
+                                }
+                            }
                         }
                         (Ok(_), None) => {}
                         (Err(error), _) => {
@@ -936,6 +1088,116 @@ mod tests {
             .filter(|_| rates.allow("s1", Rated::Identity))
             .count();
         assert_eq!(identity, IDENTITY_BURST as usize, "its own bucket");
+    }
+
+    fn lease_cache() -> LeaseCache {
+        LeaseCache {
+            held: Mutex::default(),
+            elsewhere: Mutex::default(),
+            ttl_ms: 10_000,
+            clock: clock::ManualClock::new(0),
+            stopping: Default::default(),
+            releases: Default::default(),
+        }
+    }
+
+    fn held_elsewhere(cache: &LeaseCache, store: &str, until_ms: u64) {
+        cache
+            .elsewhere
+            .lock()
+            .unwrap()
+            .entry(store.into())
+            .or_default()
+            .until_ms = until_ms;
+    }
+
+    fn authorize(store: &str, request_id: u64) -> HubRequest {
+        HubRequest {
+            request_id,
+            store_id: store.into(),
+            body: HubRequestBody::Authorize(protocol::CloudAuthorize {
+                evidence: Default::default(),
+                payment_id: format!("{store}:o{request_id}").as_str().into(),
+                account_id: "alice".into(),
+                code_nonce: format!("{request_id:04x}").as_str().into(),
+                amount_minor: 100,
+                currency: protocol::Currency::parse("EUR").unwrap(),
+                terminal_id: "till-1".into(),
+                order_id: format!("o{request_id}").as_str().into(),
+                offline_reservation: Default::default(),
+                spent_code: None,
+            }),
+        }
+    }
+
+    /// Authorizations left to another instance come back when it releases the store's lease:
+    /// those of the last two seconds, of that store; nothing else is kept.
+    #[test]
+    fn authorizations_left_to_another_instance_come_back_when_it_releases_the_lease() {
+        let cache = lease_cache();
+        // Nobody else holds s1: nothing to leave it to.
+        assert_eq!(
+            cache.pass(authorize("s1", 1), 1_000),
+            Err(authorize("s1", 1))
+        );
+        held_elsewhere(&cache, "s1", 20_000);
+        held_elsewhere(&cache, "s2", 20_000);
+        cache.pass(authorize("s1", 2), 1_000).unwrap();
+        cache.pass(authorize("s1", 3), 4_000).unwrap();
+        cache.pass(authorize("s2", 4), 4_000).unwrap();
+        // Left to the holder, not kept: a sync, a refund, a second-factor report.
+        cache.pass(request("s1", 5), 4_100).unwrap();
+        let refund = HubRequest {
+            body: HubRequestBody::Refund(protocol::Refund {
+                refund_id: "r1".into(),
+                payment_id: "s1:o3".into(),
+                amount_minor: 100,
+                currency: protocol::Currency::parse("EUR").unwrap(),
+                terminal_id: "till-1".into(),
+                attestation: String::new(),
+            }),
+            ..request("s1", 6)
+        };
+        cache.pass(refund, 4_100).unwrap();
+        let factor = HubRequest {
+            body: HubRequestBody::SecondFactor(protocol::FactorReport {
+                failed: vec!["alice".into()],
+                passed: None,
+            }),
+            ..request("s1", 7)
+        };
+        cache.pass(factor, 4_100).unwrap();
+        // s1 released at 4.5 s: authorization 2 is too old; s2's stay with s2.
+        assert_eq!(cache.released("s1", 4_500), vec![authorize("s1", 3)]);
+        // s1 is nobody else's now: its next request is served here.
+        assert_eq!(
+            cache.pass(authorize("s1", 8), 4_600),
+            Err(authorize("s1", 8))
+        );
+        assert_eq!(cache.released("s1", 4_600), Vec::<HubRequest>::new());
+        // A lease seen running out is not another's either.
+        assert_eq!(
+            cache.pass(authorize("s2", 9), 20_000),
+            Err(authorize("s2", 9))
+        );
+        // At most PASSED_KEPT_PER_STORE, the newest.
+        for id in 0..PASSED_KEPT_PER_STORE as u64 + 10 {
+            cache.pass(authorize("s2", 100 + id), 5_000).unwrap();
+        }
+        let back = cache.released("s2", 5_000);
+        assert_eq!(back.len(), PASSED_KEPT_PER_STORE);
+        assert_eq!(back[0], authorize("s2", 110));
+        // What is kept is forgotten after two seconds, with the views that ran out.
+        held_elsewhere(&cache, "s3", 6_000);
+        held_elsewhere(&cache, "s4", 6_000);
+        cache.pass(authorize("s3", 1), 5_000).unwrap();
+        cache.forget_before(6_500);
+        assert!(cache.elsewhere.lock().unwrap().get("s4").is_none());
+        assert_eq!(cache.elsewhere.lock().unwrap()["s3"].passed.len(), 1);
+        cache.forget_before(7_000);
+        assert!(cache.elsewhere.lock().unwrap().is_empty());
+        // Every release heard is counted (a lease asked for meanwhile is asked again).
+        assert_eq!(cache.releases.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     fn request(store: &str, request_id: u64) -> HubRequest {

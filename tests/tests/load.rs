@@ -50,8 +50,8 @@ fn stages(report: &serde_json::Value) -> Vec<(String, f64)> {
 
 /// The load benchmark stays runnable: a short run of `facepay-load` (two stores, two instances,
 /// Mosquitto) charges, reports where the time goes and every tier's CPU, and passes its own
-/// books check (its exit code); so does a run with every store cut from the cloud (one after
-/// the other: two fleets at once would starve each other).
+/// books check (its exit code); so do a run with every store cut from the cloud and a paced run
+/// (one after the other: two fleets at once would starve each other).
 #[test]
 fn the_load_benchmark_charges_reports_and_checks_its_books() {
     let report = load(&[]);
@@ -98,6 +98,14 @@ fn the_load_benchmark_charges_reports_and_checks_its_books() {
     assert_eq!(alone.len(), 3, "{offline}");
     assert!(alone[2].0.starts_with("hub alone"), "{alone:?}");
     assert!(alone.iter().all(|(_, ms)| *ms > 0.0), "{alone:?}");
+
+    // Paced: each of the two registers starts a payment every second for 3 s, so at most
+    // three each (unpaced, a code payment takes tens of milliseconds: about a hundred).
+    let paced = load(&["--every-ms", "1000"]);
+    assert_eq!(paced["every_ms"], 1000, "{paced}");
+    let payments = paced["payments"].as_u64().unwrap();
+    assert!((2..=6).contains(&payments), "{paced}");
+    assert_eq!(paced["approved_online"], payments, "{paced}");
 }
 
 /// The face paths: customers enrolled over the cloud's enrollment API with photos of Labeled

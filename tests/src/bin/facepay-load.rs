@@ -54,6 +54,11 @@ struct Cli {
     /// Seconds every register keeps charging once every store is served online.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Each register starts a payment every this many milliseconds (the registers' starts spread
+    /// evenly over the interval), or at once when the last one took longer; 0: each starts the
+    /// next payment as soon as the last is answered, as fast as the fleet allows.
+    #[arg(long, default_value_t = 0)]
+    every_ms: u64,
     /// For the paper model: stores in the fleet to size.
     #[arg(long, default_value_t = 2000)]
     model_stores: usize,
@@ -435,16 +440,20 @@ struct Observed {
 }
 
 impl Observed {
-    /// `name` (a histogram, every label value) added up over the processes at `addrs`.
-    fn read(addrs: &[std::net::SocketAddr], name: &str) -> Self {
-        let mut total = Observed::default();
+    /// Each histogram of `names` (every label value) added up over the processes at `addrs`,
+    /// each process's page fetched once.
+    fn read<const N: usize>(addrs: &[std::net::SocketAddr], names: [&str; N]) -> [Self; N] {
+        let mut totals = [Observed::default(); N];
         for addr in addrs {
             if let Ok(page) = tests::get_text(&format!("http://{addr}/metrics")) {
-                total.sum += tests::metric_sum(&page, &format!("{name}_sum")).unwrap_or(0.0);
-                total.count += tests::metric_sum(&page, &format!("{name}_count")).unwrap_or(0.0);
+                for (total, name) in totals.iter_mut().zip(names) {
+                    total.sum += tests::metric_sum(&page, &format!("{name}_sum")).unwrap_or(0.0);
+                    total.count +=
+                        tests::metric_sum(&page, &format!("{name}_count")).unwrap_or(0.0);
+                }
             }
         }
-        total
+        totals
     }
 
     /// The mean of what was observed after `before`, milliseconds.
@@ -467,12 +476,16 @@ struct StageSources {
 impl StageSources {
     /// The terminals', hubs' and cloud's decision histograms, and the hubs' 1:N search.
     fn read(&self) -> [Observed; 4] {
-        [
-            Observed::read(&self.edges, "facepay_edge_payment_decision_seconds"),
-            Observed::read(&self.hubs, "facepay_hub_payment_decision_seconds"),
-            Observed::read(&self.clouds, "facepay_cloud_payment_decision_seconds"),
-            Observed::read(&self.hubs, "facepay_hub_identify_seconds"),
-        ]
+        let [edge] = Observed::read(&self.edges, ["facepay_edge_payment_decision_seconds"]);
+        let [hub, search] = Observed::read(
+            &self.hubs,
+            [
+                "facepay_hub_payment_decision_seconds",
+                "facepay_hub_identify_seconds",
+            ],
+        );
+        let [cloud] = Observed::read(&self.clouds, ["facepay_cloud_payment_decision_seconds"]);
+        [edge, hub, cloud, search]
     }
 }
 
@@ -515,6 +528,8 @@ struct Report {
     broker: BrokerKind,
     offline: bool,
     pay: Pay,
+    /// Each register's pace (0: as fast as answered).
+    every_ms: u64,
     seconds: f64,
     payments: usize,
     payments_per_second: f64,
@@ -709,16 +724,29 @@ fn main() -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(cli.seconds);
     let charged: Mutex<Vec<Heard>> = Mutex::default();
     std::thread::scope(|s| -> anyhow::Result<()> {
+        let every = Duration::from_millis(cli.every_ms);
+        let count = sites.iter().map(|site| site.edges.len()).sum::<usize>() as u32;
         let registers: Vec<_> = sites
             .iter()
             .enumerate()
             .flat_map(|(i, site)| site.edges.iter().enumerate().map(move |(t, e)| (i, t, e)))
-            .map(|(i, t, (edge, frames))| {
+            .enumerate()
+            .map(|(k, (i, t, (edge, frames)))| {
                 let customer = (cli.pay, &shoppers[i][t]);
                 let charged = &charged;
                 s.spawn(move || -> anyhow::Result<()> {
                     let mut n = 0u64;
+                    // Paced: this register's first payment a k-th of the interval in.
+                    let mut next = started + every * k as u32 / count;
                     while Instant::now() < deadline {
+                        if !every.is_zero() {
+                            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                            // The next one an interval later, or at once if this one is late.
+                            next = (next + every).max(Instant::now());
+                            if Instant::now() >= deadline {
+                                break;
+                            }
+                        }
                         n += 1;
                         let amount = 100 + (n % 900) as i64;
                         let order = format!("load-{t}-{n}");
@@ -860,6 +888,7 @@ fn report(
         broker: cli.broker,
         offline: cli.offline,
         pay: cli.pay,
+        every_ms: cli.every_ms,
         seconds: elapsed.as_secs_f64(),
         payments,
         payments_per_second: payments as f64 / elapsed.as_secs_f64(),
@@ -895,7 +924,7 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} stores x {} terminals, {} cloud instances, broker {}{}, paid by {}: {} payments in \
+        "{} stores x {} terminals, {} cloud instances, broker {}{}, paid by {}{}: {} payments in \
          {:.1} s = {:.1} payments/s",
         report.stores,
         report.terminals_per_store,
@@ -913,6 +942,10 @@ fn print_report(cli: &Cli, report: &Report) -> anyhow::Result<()> {
             Pay::Code => "code",
             Pay::Face => "face",
             Pay::CodeAndFace => "code and face",
+        },
+        match report.every_ms {
+            0 => String::new(),
+            ms => format!(", each register paying every {ms} ms"),
         },
         report.payments,
         report.seconds,
