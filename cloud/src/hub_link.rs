@@ -109,7 +109,7 @@ impl Elsewhere {
 impl LeaseCache {
     /// Leaves a request to the instance that holds its store's lease, keeping it a while if it
     /// is an authorization; unless the store is not another's any more (a release came in
-    /// between): then `Err` gives it back, to be served here. Checked and kept under one lock
+    /// between): then it is given back, to be served here. Checked and kept under one lock
     /// with [`LeaseCache::released`].
     ///
     /// The other instance may have served a kept authorization before it stopped, and a kept
@@ -120,13 +120,13 @@ impl LeaseCache {
     /// writes nothing, so a refund declined before the release could be made by its repeat
     /// after the register heard "declined". The hubs resend voids, posts and offline entries
     /// until answered, and a sync or a search can wait for the hub to ask again.
-    fn pass(&self, request: HubRequest, now_ms: u64) -> Result<(), HubRequest> {
+    fn pass(&self, request: HubRequest, now_ms: u64) -> Option<HubRequest> {
         let mut elsewhere = self.elsewhere.lock().expect("not poisoned");
         let Some(away) = elsewhere
             .get_mut(request.store_id.as_str())
             .filter(|away| away.until_ms > now_ms)
         else {
-            return Err(request);
+            return Some(request);
         };
         away.forget_before(now_ms);
         if matches!(request.body, HubRequestBody::Authorize(_)) {
@@ -135,7 +135,7 @@ impl LeaseCache {
             }
             away.passed.push_back((now_ms, request));
         }
-        Ok(())
+        None
     }
 
     /// Another instance released `store_id`'s lease: it is asked for at the next request, and
@@ -707,8 +707,8 @@ async fn leased(serving: &Serving, request: HubRequest) -> Option<(Option<Held>,
             Serve::Elsewhere => {
                 let cache = serving.leases.as_ref()?;
                 match cache.pass(request, cache.clock.now_ms()) {
-                    Ok(()) => return None,
-                    Err(back) => request = back,
+                    None => return None,
+                    Some(back) => request = back,
                 }
             }
         }
@@ -1138,15 +1138,15 @@ mod tests {
         // Nobody else holds s1: nothing to leave it to.
         assert_eq!(
             cache.pass(authorize("s1", 1), 1_000),
-            Err(authorize("s1", 1))
+            Some(authorize("s1", 1))
         );
         held_elsewhere(&cache, "s1", 20_000);
         held_elsewhere(&cache, "s2", 20_000);
-        cache.pass(authorize("s1", 2), 1_000).unwrap();
-        cache.pass(authorize("s1", 3), 4_000).unwrap();
-        cache.pass(authorize("s2", 4), 4_000).unwrap();
+        assert_eq!(cache.pass(authorize("s1", 2), 1_000), None);
+        assert_eq!(cache.pass(authorize("s1", 3), 4_000), None);
+        assert_eq!(cache.pass(authorize("s2", 4), 4_000), None);
         // Left to the holder, not kept: a sync, a refund, a second-factor report.
-        cache.pass(request("s1", 5), 4_100).unwrap();
+        assert_eq!(cache.pass(request("s1", 5), 4_100), None);
         let refund = HubRequest {
             body: HubRequestBody::Refund(protocol::Refund {
                 refund_id: "r1".into(),
@@ -1158,7 +1158,7 @@ mod tests {
             }),
             ..request("s1", 6)
         };
-        cache.pass(refund, 4_100).unwrap();
+        assert_eq!(cache.pass(refund, 4_100), None);
         let factor = HubRequest {
             body: HubRequestBody::SecondFactor(protocol::FactorReport {
                 failed: vec!["alice".into()],
@@ -1166,23 +1166,23 @@ mod tests {
             }),
             ..request("s1", 7)
         };
-        cache.pass(factor, 4_100).unwrap();
+        assert_eq!(cache.pass(factor, 4_100), None);
         // s1 released at 4.5 s: authorization 2 is too old; s2's stay with s2.
         assert_eq!(cache.released("s1", 4_500), vec![authorize("s1", 3)]);
         // s1 is nobody else's now: its next request is served here.
         assert_eq!(
             cache.pass(authorize("s1", 8), 4_600),
-            Err(authorize("s1", 8))
+            Some(authorize("s1", 8))
         );
         assert_eq!(cache.released("s1", 4_600), Vec::<HubRequest>::new());
         // A lease seen running out is not another's either.
         assert_eq!(
             cache.pass(authorize("s2", 9), 20_000),
-            Err(authorize("s2", 9))
+            Some(authorize("s2", 9))
         );
         // At most PASSED_KEPT_PER_STORE, the newest.
         for id in 0..PASSED_KEPT_PER_STORE as u64 + 10 {
-            cache.pass(authorize("s2", 100 + id), 5_000).unwrap();
+            assert_eq!(cache.pass(authorize("s2", 100 + id), 5_000), None);
         }
         let back = cache.released("s2", 5_000);
         assert_eq!(back.len(), PASSED_KEPT_PER_STORE);
@@ -1190,7 +1190,7 @@ mod tests {
         // What is kept is forgotten after two seconds, with the views that ran out.
         held_elsewhere(&cache, "s3", 6_000);
         held_elsewhere(&cache, "s4", 6_000);
-        cache.pass(authorize("s3", 1), 5_000).unwrap();
+        assert_eq!(cache.pass(authorize("s3", 1), 5_000), None);
         cache.forget_before(6_500);
         assert!(cache.elsewhere.lock().unwrap().get("s4").is_none());
         assert_eq!(cache.elsewhere.lock().unwrap()["s3"].passed.len(), 1);
