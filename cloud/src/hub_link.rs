@@ -90,7 +90,7 @@ const PASSED_KEPT_PER_STORE: usize = 64;
 struct Elsewhere {
     /// Until when (that instance's last renewal plus the lease's time), unless renewed.
     until_ms: u64,
-    /// Requests left to that instance lately, with when they were passed on (ms).
+    /// Authorizations left to that instance lately, with when they were passed on (ms).
     passed: std::collections::VecDeque<(u64, HubRequest)>,
 }
 
@@ -112,14 +112,20 @@ impl LeaseCache {
     /// between): then it is given back, to be served here. Checked and kept under one lock
     /// with [`LeaseCache::released`].
     ///
-    /// The other instance may have served a kept authorization before it stopped, and a kept
-    /// one may be served after the store's newer requests: only authorizations are kept, since
-    /// the ledger decides each code's nonce once and records the decision, approval or decline,
-    /// so a repeat hears it again; one that comes after its void is declined (the void burned
-    /// the nonce), after its offline entry hears it is paid. A refund is not kept: a decline
+    /// The other instance may have served a kept authorization before it stopped, a kept one
+    /// may be served after the store's newer requests, and after the hub gave up on it: only
+    /// authorizations are kept. The ledger decides a code's nonce once: a repeat hears the
+    /// recorded decision, or joins the payment still being decided without moving money again;
+    /// one that comes after its void is declined (the void burned the nonce). One served after
+    /// the hub gave up moves money only until the hub's void reaches the ledger (the hub sends
+    /// it until answered), as any late answer could before. A refund is not kept: a decline
     /// writes nothing, so a refund declined before the release could be made by its repeat
     /// after the register heard "declined". The hubs resend voids, posts and offline entries
     /// until answered, and a sync or a search can wait for the hub to ask again.
+    ///
+    /// Kept authorizations are served only on a release heard: when this instance takes the
+    /// lease otherwise (its view ran out first, or the holder died), they are dropped, as they
+    /// were before they were kept.
     fn pass(&self, request: HubRequest, now_ms: u64) -> Option<HubRequest> {
         let mut elsewhere = self.elsewhere.lock().expect("not poisoned");
         let Some(away) = elsewhere
@@ -713,8 +719,10 @@ async fn leased(serving: &Serving, request: HubRequest) -> Option<(Option<Held>,
             }
         }
     }
-    // Not served here (this instance is stopping, or its ledger is busy): unanswered, as when
-    // the cloud is unreachable; the hub's timeout decides.
+    // Not served here (this instance is stopping, its ledger is busy, or the lease changed
+    // hands again while asked for): unanswered, as when the cloud is unreachable; the hub's
+    // timeout decides.
+    tracing::debug!(store_id = %request.store_id, "request not served: no lease taken");
     None
 }
 
