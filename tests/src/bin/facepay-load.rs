@@ -740,7 +740,9 @@ fn main() -> anyhow::Result<()> {
                     let mut next = started + every * k as u32 / count;
                     while Instant::now() < deadline {
                         if !every.is_zero() {
-                            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                            std::thread::sleep(
+                                next.min(deadline).saturating_duration_since(Instant::now()),
+                            );
                             // The next one an interval later, or at once if this one is late.
                             next = (next + every).max(Instant::now());
                             if Instant::now() >= deadline {
