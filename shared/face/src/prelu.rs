@@ -79,7 +79,7 @@ impl PreluOp {
         // The usual case: one slope per channel on a contiguous tensor. The slopes are 1 along
         // every axis but one, the channel's (axis 1 of `[N, C, H, W]`, or axis 0 once tract has
         // dropped a batch of one), or a single slope: each channel's plane is one run with one
-        // slope. The loop has no branch, so the compiler vectorises it.
+        // slope. The loop body is a select, not a branch, so the compiler vectorises it.
         let shape = a.shape().to_vec();
         let slope_axis = (b.ndim() == shape.len())
             .then(|| {
