@@ -261,6 +261,18 @@ fn run_fleet(dir: &std::path::Path, mut broker: Broker) {
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
     };
+    // The instances that stay are connected to the broker: after the node's loss above one may
+    // still be reconnecting, and a store no connected instance hears is decided offline
+    // whatever the release says. The handover below is about the release.
+    for (name, cloud) in clouds.iter().filter(|(name, _)| **name != stopped) {
+        tests::wait_for_metric(
+            cloud.metrics_addr,
+            "facepay_cloud_broker_connected",
+            1.0,
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{name} connected again: {e:#}"));
+    }
     let status = clouds
         .get_mut(&stopped)
         .unwrap()
