@@ -81,23 +81,19 @@ impl PreluOp {
         // dropped a batch of one), or a single slope: each channel's plane is one run with one
         // slope. The loop body is a select, not a branch, so the compiler vectorises it.
         let shape = a.shape().to_vec();
-        let slope_axis = (b.ndim() == shape.len())
-            .then(|| {
-                let mut wide = (0..shape.len()).filter(|&axis| b.shape()[axis] != 1);
-                match (wide.next(), wide.next()) {
-                    (None, _) => Some(None),
-                    (Some(axis), None) if b.shape()[axis] == shape[axis] => Some(Some(axis)),
-                    _ => None,
-                }
-            })
-            .flatten();
-        if let (Some(axis), Some(values), Some(slopes)) =
-            (slope_axis, a.as_slice_mut(), b.as_slice())
+        let wide: TVec<usize> = (0..b.ndim()).filter(|&axis| b.shape()[axis] != 1).collect();
+        // (the length of a run with one slope, the slopes in turn)
+        let runs = match wide.as_slice() {
+            _ if b.ndim() != shape.len() => None,
+            [] => Some((shape.iter().product::<usize>(), 1)),
+            &[axis] if b.shape()[axis] == shape[axis] => {
+                Some((shape[axis + 1..].iter().product::<usize>(), shape[axis]))
+            }
+            _ => None,
+        };
+        if let (Some((run, cycle)), Some(values), Some(slopes)) =
+            (runs, a.as_slice_mut(), b.as_slice())
         {
-            let (run, cycle) = match axis {
-                Some(axis) => (shape[axis + 1..].iter().product::<usize>(), shape[axis]),
-                None => (values.len(), 1),
-            };
             for (i, x) in values.chunks_exact_mut(run.max(1)).enumerate() {
                 let slope = slopes[i % cycle];
                 for v in x {

@@ -842,13 +842,6 @@ fn report(
     let mean_ms = mean(&latencies);
     let mut verifications: Vec<Duration> = counted.iter().filter_map(|h| h.verification).collect();
     verifications.sort();
-    let verification = |q| {
-        if verifications.is_empty() {
-            0.0
-        } else {
-            percentile(&verifications, q)
-        }
-    };
     let count = |f: &dyn Fn(&Heard) -> bool| counted.iter().filter(|h| f(h)).count();
     let per_second = ticks_per_second();
     let processes = |tier: &str| match tier {
@@ -910,8 +903,8 @@ fn report(
         p99_ms: percentile(&latencies, 0.99),
         max_ms: percentile(&latencies, 1.0),
         mean_ms,
-        verification_p50_ms: verification(0.50),
-        verification_p99_ms: verification(0.99),
+        verification_p50_ms: percentile(&verifications, 0.50),
+        verification_p99_ms: percentile(&verifications, 0.99),
         verification_mean_ms: mean(&verifications),
         stages: Vec::new(),
         tiers: costs,
