@@ -135,7 +135,15 @@ impl LeaseCache {
             return Some(request);
         };
         away.forget_before(now_ms);
-        if matches!(request.body, HubRequestBody::Authorize(_)) {
+        // Only a well-formed one (its evidence within its bounds): a hub's malformed request
+        // would be refused by the holder anyway, and is not worth memory here.
+        let keep = match &request.body {
+            HubRequestBody::Authorize(authorize) => {
+                authorize.check_from(request.store_id.as_str()).is_ok()
+            }
+            _ => false,
+        };
+        if keep {
             if away.passed.len() >= PASSED_KEPT_PER_STORE {
                 away.passed.pop_front();
             }
@@ -1153,7 +1161,13 @@ mod tests {
         assert_eq!(cache.pass(authorize("s1", 2), 1_000), None);
         assert_eq!(cache.pass(authorize("s1", 3), 4_000), None);
         assert_eq!(cache.pass(authorize("s2", 4), 4_000), None);
-        // Left to the holder, not kept: a sync, a refund, a second-factor report.
+        // Left to the holder, not kept: an authorization not well formed (another store's
+        // payment id), a sync, a refund, a second-factor report.
+        let malformed = HubRequest {
+            store_id: "s1".into(),
+            ..authorize("s9", 10)
+        };
+        assert_eq!(cache.pass(malformed, 4_100), None);
         assert_eq!(cache.pass(request("s1", 5), 4_100), None);
         let refund = HubRequest {
             body: HubRequestBody::Refund(protocol::Refund {
